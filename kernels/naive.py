@@ -1,0 +1,35 @@
+"""The float64 oracle: the spec's function computed the obvious way, whole matrix at once.
+
+Used by tests (and by anyone checking a kernel); never by the planner. Dropout is
+not modelled: compare with ``dropout_p=0`` or through a fixed dropout mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .reference import add_term
+from .spec import AttentionSpec, Fill
+
+
+def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """``[B, Hq, Nq, Dv]`` in float64, from the spec's materialized masks."""
+    q, k, v = q.double(), k.double(), v.double()
+    k = k.repeat_interleave(spec.group_size, dim=1)  # [B, Hq, Nk, D]
+    v = v.repeat_interleave(spec.group_size, dim=1)
+    s = (q @ k.transpose(-1, -2)) * spec.scale  # [B, Hq, Nq, Nk]
+    if spec.softcap is not None:
+        s = torch.tanh(s / spec.softcap) * spec.softcap
+    keep, additive = spec.materialize()
+    for term in additive:
+        s = add_term(s, term, spec.dtype)
+    if keep is not None:
+        s = s.masked_fill(~keep, float("-inf"))
+    p = torch.softmax(s, dim=-1)
+    out = p @ v
+    empty_row = torch.isneginf(s).all(dim=-1, keepdim=True)
+    if spec.fill == Fill.SAFE:
+        out = torch.where(empty_row, torch.zeros_like(out), out)
+    elif spec.fill == Fill.FINITE:
+        out = torch.where(empty_row, v.mean(dim=2, keepdim=True).expand_as(out), out)
+    return out

@@ -1,0 +1,86 @@
+"""The kernel contract and the registry that the op and the planner look kernels up in.
+
+A kernel is one object that says what it can compute (``not_supported_reasons``),
+what it costs (``cost``, ``memory_bytes``) and computes it (``forward``,
+``backward``). Adding a kernel is one file that subclasses ``Kernel`` and one
+``register`` call.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .spec import AttentionSpec
+
+Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
+
+
+class Kernel:
+    """Base class of attention kernels. Subclasses set ``name`` and ``exact`` and override the rest."""
+
+    name: str = ""
+    exact: bool = True
+    #: one line for reports: what the kernel is
+    summary: str = ""
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        """Every reason this kernel cannot compute ``spec``; empty when it can."""
+        raise NotImplementedError
+
+    def memory_bytes(self, spec: AttentionSpec) -> int:
+        """Transient device memory of one forward beyond inputs and output (workspace)."""
+        raise NotImplementedError
+
+    def saved_bytes(self, spec: AttentionSpec) -> int:
+        """Memory kept for the backward beyond inputs and output (log-sum-exp by default)."""
+        return 4 * spec.batch * spec.q_heads * spec.q_len
+
+    def cost(self, spec: AttentionSpec) -> float:
+        """Estimated seconds for one forward; only compared between kernels."""
+        raise NotImplementedError
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32)``; ``seed`` drives dropout."""
+        raise NotImplementedError
+
+    def backward(
+        self,
+        grad_out: torch.Tensor,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        out: torch.Tensor,
+        lse: torch.Tensor,
+        spec: AttentionSpec,
+        seed: int,
+        needs_bias_grad: bool,
+        needs_mask_grad: bool,
+    ) -> Grads:
+        """Return ``(dq, dk, dv, dbias or None, dmask or None)``, dropout regenerated from ``seed``."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name}{'' if self.exact else ' (approximate)'}>"
+
+
+_KERNELS: dict[str, Kernel] = {}
+
+
+def register(kernel: Kernel) -> Kernel:
+    assert kernel.name and kernel.name not in _KERNELS, f"kernel name {kernel.name!r} missing or taken"
+    _KERNELS[kernel.name] = kernel
+    return kernel
+
+
+def get(name: str) -> Kernel:
+    try:
+        return _KERNELS[name]
+    except KeyError:
+        known = ", ".join(sorted(_KERNELS)) or "none"
+        raise ValueError(f"unknown attention kernel {name!r}: registered kernels are {known}") from None
+
+
+def all_kernels() -> list[Kernel]:
+    return list(_KERNELS.values())

@@ -1,0 +1,296 @@
+"""AttentionSpec: the one description of an attention call that passes hand to kernels.
+
+The function every spec describes, for query row i and key column j of one
+(batch b, query head h) pair, with kv head ``h // (Hq // Hkv)``:
+
+    s[i, j] = scale * <q[i], k[j]>
+    s[i, j] = softcap * tanh(s[i, j] / softcap)             if softcap
+    s[i, j] = s[i, j] + bias[b, h, i, j] + mask[b, h, i, j]  (additive terms, see below)
+    s[i, j] = fill                                           where a boolean term masks (i, j)
+    out[i]  = sum_j softmax_j(s[i, :]) * dropout[i, j] * v[j]
+
+The boolean terms are ``causal``, ``window``, ``key_padding``, ``document`` and a
+boolean ``mask``. Causal and window share one diagonal, chosen by ``align``::
+
+    top_left (SDPA's is_causal)          bottom_right (KV cache: the last query
+    query i sees keys 0..i               row sees the last key)
+                                         query i sees keys 0..i + Nk - Nq
+         k0 k1 k2 k3 k4                       k0 k1 k2 k3 k4
+    q0    x  .  .  .  .                  q0    x  x  x  .  .
+    q1    x  x  .  .  .                  q1    x  x  x  x  .
+    q2    x  x  x  .  .                  q2    x  x  x  x  x
+
+With ``window=Window(left, right)`` query i sees keys ``d - left .. d + right``
+where ``d = i + offset`` is its diagonal key; causal adds ``right = 0``.
+
+``fill`` says what a row whose keys are all masked produces, because the
+model being replaced decided that by its choice of fill value:
+
+* ``Fill.NEG_INF``: masked scores are ``-inf``; such rows are NaN (eager softmax).
+* ``Fill.FINITE``: masked scores are a finite minimum such as
+  ``torch.finfo(dtype).min``; such rows average every value uniformly.
+* ``Fill.SAFE``: ``-inf``, but such rows are 0 (SDPA's safe softmax).
+
+Rows with at least one visible key are identical under all three.
+
+An additive term of the same half dtype as q is added at that precision, as
+eager PyTorch adds a mask to half-precision scores: ``s + finfo(fp16).min``
+then saturates to the same value on every masked key, and a row masked
+entirely that way averages its values uniformly, exactly as in the original.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, replace
+
+import torch
+
+
+class Fill(str, enum.Enum):
+    NEG_INF = "-inf"
+    FINITE = "finite"
+    SAFE = "safe"
+
+
+class Align(str, enum.Enum):
+    TOP_LEFT = "top_left"
+    BOTTOM_RIGHT = "bottom_right"
+
+
+@dataclass(frozen=True)
+class Window:
+    """Keys ``d - left .. d + right`` around the diagonal key ``d``; ``None`` is unbounded."""
+
+    left: int | None
+    right: int | None
+
+    def __post_init__(self):
+        for name in ("left", "right"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 0):
+                raise ValueError(
+                    f"window {name}={value!r} is not allowed: use a non-negative int, or None for no bound"
+                )
+
+
+MASK_TERM_NAMES = ("causal", "window", "key_padding", "document", "bias", "dense", "softcap")
+
+
+@dataclass(frozen=True, eq=False)
+class AttentionSpec:
+    """Shapes, dtypes, scale and mask terms of one attention call.
+
+    Tensor-valued terms (``key_padding``, ``q_doc``/``kv_doc``, ``bias``, ``mask``)
+    may be real or fake tensors: planning needs only their metadata.
+
+    * ``key_padding``: bool ``[B, Nk]`` (True = keep) or integer ``[B]`` valid lengths.
+    * ``q_doc``/``kv_doc``: integer document ids ``[B or 1, Nq]`` / ``[B or 1, Nk]``;
+      a query sees only keys of its own document (block-diagonal attention).
+    * ``bias``: additive float tensor broadcastable to ``[B, Hq, Nq, Nk]``.
+    * ``mask``: bool (True = keep) or additive float, broadcastable likewise.
+    """
+
+    batch: int
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    v_head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+    scale: float
+    causal: bool = False
+    align: Align = Align.TOP_LEFT
+    window: Window | None = None
+    key_padding: torch.Tensor | None = None
+    q_doc: torch.Tensor | None = None
+    kv_doc: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+    softcap: float | None = None
+    dropout_p: float = 0.0
+    fill: Fill = Fill.NEG_INF
+    requires_grad: bool = False
+
+    @staticmethod
+    def from_tensors(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **terms) -> AttentionSpec:
+        """Spec for q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]``, v ``[B, Hkv, Nk, Dv]``."""
+        batch, q_heads, q_len, head_dim = q.shape
+        kv_heads, kv_len, v_head_dim = k.shape[1], k.shape[2], v.shape[3]
+        if terms.get("scale") is None:
+            terms["scale"] = 1.0 / math.sqrt(head_dim)
+        if "requires_grad" not in terms:
+            terms["requires_grad"] = any(
+                t is not None and t.requires_grad for t in (q, k, v, terms.get("bias"), terms.get("mask"))
+            )
+        return AttentionSpec(
+            batch=batch, q_heads=q_heads, kv_heads=kv_heads, q_len=q_len, kv_len=kv_len,
+            head_dim=head_dim, v_head_dim=v_head_dim, dtype=q.dtype, device=q.device, **terms,
+        )
+
+    def with_(self, **changes) -> AttentionSpec:
+        return replace(self, **changes)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first inconsistency between shapes and terms."""
+        if self.q_heads % self.kv_heads:
+            raise ValueError(
+                f"q has {self.q_heads} heads and k/v have {self.kv_heads}: the query head count must be a "
+                "multiple of the key/value head count (grouped-query attention)"
+            )
+        if self.dropout_p < 0.0 or self.dropout_p >= 1.0:
+            raise ValueError(f"dropout_p={self.dropout_p} must be in [0, 1)")
+        if self.softcap is not None and self.softcap <= 0:
+            raise ValueError(f"softcap={self.softcap} must be positive, or None for no cap")
+        full = (self.batch, self.q_heads, self.q_len, self.kv_len)
+        for name in ("bias", "mask"):
+            term = getattr(self, name)
+            if term is None:
+                continue
+            if term.dim() > 4 or any(
+                t not in (1, f) for t, f in zip(term.shape[::-1], full[::-1])
+            ):
+                raise ValueError(
+                    f"{name} of shape {tuple(term.shape)} does not broadcast to [B, Hq, Nq, Nk] = {full}"
+                )
+            if name == "bias" and not term.is_floating_point():
+                raise TypeError(f"bias must be a floating tensor, got {term.dtype}")
+        if self.key_padding is not None:
+            kp = self.key_padding
+            want = (self.batch, self.kv_len) if kp.dtype == torch.bool else (self.batch,)
+            if tuple(kp.shape) != want or kp.is_floating_point():
+                raise ValueError(
+                    f"key_padding_mask of shape {tuple(kp.shape)} and dtype {kp.dtype} is not allowed: give a "
+                    f"bool [B, Nk] = {list(want)} mask (True = keep) or integer lengths [B]"
+                )
+        if (self.q_doc is None) != (self.kv_doc is None):
+            raise ValueError("document ids need both q_doc and kv_doc (pass the same tensor twice for self-attention)")
+        if self.q_doc is not None:
+            for name, length in (("q_doc", self.q_len), ("kv_doc", self.kv_len)):
+                ids = getattr(self, name)
+                if ids.dim() != 2 or ids.shape[0] not in (1, self.batch) or ids.shape[1] != length:
+                    raise ValueError(
+                        f"{name} of shape {tuple(ids.shape)} must be [B or 1, {length}] integer document ids"
+                    )
+
+    # ----------------------------------------------------------- derived facts
+    @property
+    def group_size(self) -> int:
+        return self.q_heads // self.kv_heads
+
+    @property
+    def diagonal_offset(self) -> int:
+        """Key index on query 0's diagonal: 0 top-left, ``Nk - Nq`` bottom-right."""
+        return 0 if self.align == Align.TOP_LEFT else self.kv_len - self.q_len
+
+    def band(self) -> tuple[int | None, int | None]:
+        """Bounds ``(lo, hi)`` on ``j - i - offset`` from causal and window; None = unbounded."""
+        lo = hi = None
+        if self.window is not None:
+            lo = None if self.window.left is None else -self.window.left
+            hi = self.window.right
+        if self.causal:
+            hi = 0 if hi is None else min(hi, 0)
+        return lo, hi
+
+    @property
+    def mask_terms(self) -> tuple[str, ...]:
+        present = {
+            "causal": self.causal,
+            "window": self.window is not None,
+            "key_padding": self.key_padding is not None,
+            "document": self.q_doc is not None,
+            "bias": self.bias is not None,
+            "dense": self.mask is not None,
+            "softcap": self.softcap is not None,
+        }
+        return tuple(name for name in MASK_TERM_NAMES if present[name])
+
+    @property
+    def has_boolean_mask(self) -> bool:
+        bool_mask = self.mask is not None and self.mask.dtype == torch.bool
+        return self.causal or self.window is not None or self.key_padding is not None or (
+            self.q_doc is not None
+        ) or bool_mask
+
+    def signature(self) -> tuple:
+        """Hashable description without tensor values: for caches and planning."""
+
+        def meta(t):
+            return None if t is None else (tuple(t.shape), str(t.dtype))
+
+        return (
+            self.batch, self.q_heads, self.kv_heads, self.q_len, self.kv_len, self.head_dim,
+            self.v_head_dim, str(self.dtype), self.device.type, self.causal, self.align.value,
+            self.window, meta(self.key_padding), meta(self.q_doc), meta(self.bias), meta(self.mask),
+            self.softcap, self.dropout_p, self.fill.value, self.requires_grad,
+        )
+
+    # --------------------------------------------------------- materialization
+    def keep_tile(self, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor | None:
+        """Boolean keep mask of the boolean terms on rows ``q0:q1`` and keys ``k0:k1``.
+
+        Shape broadcastable to ``[B, Hq, q1 - q0, k1 - k0]``; ``None`` when nothing is masked.
+        """
+        device = self.device
+        keep = None
+
+        def conj(term):
+            nonlocal keep
+            keep = term if keep is None else keep & term
+
+        lo, hi = self.band()
+        if lo is not None or hi is not None:
+            rows = torch.arange(q0, q1, device=device)[:, None] + self.diagonal_offset
+            cols = torch.arange(k0, k1, device=device)[None, :]
+            rel = cols - rows  # [q, k]
+            band = torch.ones_like(rel, dtype=torch.bool)
+            if lo is not None:
+                band &= rel >= lo
+            if hi is not None:
+                band &= rel <= hi
+            conj(band[None, None])
+        if self.key_padding is not None:
+            conj(key_padding_keep(self.key_padding, self.kv_len)[:, k0:k1][:, None, None, :])
+        if self.q_doc is not None:
+            q_ids = self.q_doc[:, q0:q1]
+            kv_ids = self.kv_doc[:, k0:k1]
+            conj((q_ids[:, :, None] == kv_ids[:, None, :])[:, None])
+        if self.mask is not None and self.mask.dtype == torch.bool:
+            conj(_tile(self.mask, q0, q1, k0, k1))
+        return keep
+
+    def additive_tiles(self, q0: int, q1: int, k0: int, k1: int) -> list[torch.Tensor]:
+        """The additive terms (bias, float mask) sliced to the tile, in the order they are added."""
+        return [
+            _tile(term, q0, q1, k0, k1)
+            for term in (self.bias, self.mask)
+            if term is not None and term.dtype != torch.bool
+        ]
+
+    def materialize(self) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+        """Dense ``(keep, additive terms)`` over the whole call: the oracle for tests."""
+        return (
+            self.keep_tile(0, self.q_len, 0, self.kv_len),
+            self.additive_tiles(0, self.q_len, 0, self.kv_len),
+        )
+
+
+def key_padding_keep(key_padding: torch.Tensor, kv_len: int) -> torch.Tensor:
+    """Bool ``[B, Nk]`` keep mask from a bool mask or from integer lengths ``[B]``."""
+    if key_padding.dtype == torch.bool:
+        return key_padding
+    cols = torch.arange(kv_len, device=key_padding.device)
+    return cols[None, :] < key_padding[:, None]
+
+
+def _tile(term: torch.Tensor, q0: int, q1: int, k0: int, k1: int) -> torch.Tensor:
+    """Slice a term broadcastable to ``[B, H, Nq, Nk]`` to a tile, keeping broadcast dims."""
+    while term.dim() < 4:
+        term = term[None]
+    rows = slice(None) if term.shape[2] == 1 else slice(q0, q1)
+    cols = slice(None) if term.shape[3] == 1 else slice(k0, k1)
+    return term[:, :, rows, cols]

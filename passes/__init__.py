@@ -1,0 +1,1 @@
+"""attnopt's compiler passes: capture, detect, mask analysis, memory model, planning, rewrite."""
