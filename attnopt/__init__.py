@@ -1,8 +1,16 @@
-"""attnopt: find the attention in a PyTorch model and replace it with exact fused kernels."""
+"""attnopt: find the attention in a PyTorch model and replace it with exact fused kernels.
+
+    model = attnopt.optimize(model, max_mem="24GB", exact=True)
+    print(attnopt.explain(model, (x,)))
+    torch.compile(model, backend="attnopt")
+"""
 
 from attnopt import kernels, passes  # noqa: F401
 from attnopt import ops  # noqa: F401  (registers torch.ops.attnopt.*)
+from attnopt.api import explain, optimize
+from attnopt.config import Options, parse_bytes
 from attnopt.functional import attention
+from attnopt.report import Report, Site
 
-__all__ = ["attention"]
+__all__ = ["Options", "Report", "Site", "attention", "explain", "optimize", "parse_bytes"]
 __version__ = "0.1.0"

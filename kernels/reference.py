@@ -40,7 +40,7 @@ def chunk_sizes(spec: AttentionSpec) -> tuple[int, int]:
     """``(q_chunk, k_block)``, a pure function of the spec so forward and backward agree."""
     k_block = max(1, min(spec.kv_len, K_BLOCK))
     rows = TILE_ELEMENTS // max(1, spec.batch * spec.q_heads * k_block)
-    q_chunk = max(16, min(spec.q_len, rows))
+    q_chunk = max(1, min(spec.q_len, max(16, rows)))
     return q_chunk, k_block
 
 

@@ -79,14 +79,14 @@ def module_path(node: Node) -> str:
     """The module path that produced ``node`` (``h.0.attn``), or the node's name."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
-        return node.name
+        return "(top level)"
     path = list(stack.values())[-1][0]
     for prefix in ("L['self'].", "L['self']", "self."):
         if path.startswith(prefix):
             path = path[len(prefix):]
             break
     path = path.replace("._modules['", ".").replace("']", "").replace("['", ".")
-    return path or type(list(stack.values())[-1][1]).__name__
+    return path or "(top level)"
 
 
 def constant_value(node: Any) -> float | None:

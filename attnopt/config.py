@@ -1,0 +1,71 @@
+"""Typed options of ``optimize``, ``explain`` and the ``attnopt`` torch.compile backend."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, fields
+
+#: decimal units are powers of 1000, binary units ("iB") powers of 1024, as in SI / IEC
+UNITS = {
+    "b": 1, "": 1,
+    "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+    "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?|\.\d+)\s*([a-zA-Z]*)\s*$")
+
+
+def parse_bytes(value: int | str | None, *, name: str = "max_mem") -> int | None:
+    """Bytes from an int or a string like "24GB" (10^9 units) or "24GiB" (2^30 units)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise TypeError(
+            f"{name}={value!r} has type {type(value).__name__}: give bytes as an int or a string like '24GB'"
+        )
+    if isinstance(value, int):
+        number, unit = value, ""
+    else:
+        found = _SIZE.match(value)
+        if not found or found.group(2).lower() not in UNITS:
+            raise ValueError(
+                f"{name}={value!r} is not a memory size: use an int of bytes or a number with a unit, "
+                "e.g. '24GB' (10^9 bytes), '24GiB' (2^30 bytes), '512MB', '1.5TB'"
+            )
+        number, unit = float(found.group(1)), found.group(2).lower()
+    size = int(number * UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"{name}={value!r} must be a positive size")
+    return size
+
+
+COMPILERS = ("eager", "inductor")
+
+
+@dataclass(frozen=True)
+class Options:
+    """What the user asked for. ``compiler`` runs the rewritten graph: "eager" or "inductor"."""
+
+    max_mem: int | None = None
+    exact: bool = True
+    kernel: str | None = None
+    compiler: str = "eager"
+    dynamic: bool | None = None
+
+    @staticmethod
+    def build(*, default_compiler: str = "eager", **given) -> Options:
+        known = {f.name for f in fields(Options)}
+        unknown = sorted(set(given) - known)
+        if unknown:
+            raise TypeError(f"unknown attnopt option(s) {unknown}: known options are {sorted(known)}")
+        given.setdefault("compiler", default_compiler)
+        given["max_mem"] = parse_bytes(given.get("max_mem"))
+        if not isinstance(given.get("exact", True), bool):
+            raise TypeError(f"exact={given['exact']!r} must be True or False")
+        if given["compiler"] not in COMPILERS:
+            raise ValueError(f"compiler={given['compiler']!r} is not allowed: use one of {COMPILERS}")
+        kernel = given.get("kernel")
+        if kernel is not None:
+            from attnopt.kernels import registry
+
+            registry.get(kernel)
+        return Options(**given)

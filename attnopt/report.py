@@ -1,0 +1,98 @@
+"""Report: one row per attention site, what was found there and what was done with it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Site:
+    where: str  # module path of the attention (or the graph node's name)
+    node: str  # the anchor node (softmax or SDPA call) in its graph
+    graph: int  # which captured graph (graph breaks and recompiles add graphs)
+    replaced: bool
+    reason: str  # why this kernel was chosen, or why the site was left alone
+    kernel: str | None = None
+    exact: bool = True
+    causal: bool = False
+    mask_terms: tuple[str, ...] = ()
+    cross: bool = False
+    q_heads: int | None = None
+    kv_heads: int | None = None
+    q_len: int | None = None
+    kv_len: int | None = None
+    head_dim: int | None = None
+    dtype: str | None = None
+    bytes_before: int | None = None  # estimated attention memory of the original code
+    bytes_after: int | None = None  # estimated attention memory of the replacement
+    rejected_kernels: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (kernel, reasons) not chosen
+
+    @property
+    def found(self) -> str:
+        terms = list(self.mask_terms)
+        if self.cross:
+            terms.append("cross")
+        if self.q_heads and self.kv_heads and self.q_heads != self.kv_heads:
+            terms.append("gqa" if self.kv_heads > 1 else "mqa")
+        return "+".join(terms) or "full"
+
+
+@dataclass
+class Report:
+    sites: list[Site] = field(default_factory=list)
+    graphs: int = 0
+    dry_run: bool = False  # explain(): "replaced" means "would be replaced"
+
+    @property
+    def replaced(self) -> list[Site]:
+        return [s for s in self.sites if s.replaced]
+
+    @property
+    def left_alone(self) -> list[Site]:
+        return [s for s in self.sites if not s.replaced]
+
+    def to_dict(self) -> dict:
+        return {"graphs": self.graphs, "dry_run": self.dry_run, "sites": [asdict(s) for s in self.sites]}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    def __str__(self) -> str:
+        if not self.graphs:
+            return "attnopt report: no graph captured yet (the model has not been called)"
+        verb = "would be replaced (dry run)" if self.dry_run else "replaced"
+        head = f"attnopt: {len(self.replaced)} of {len(self.sites)} attention site(s) {verb} in {self.graphs} graph(s)"
+        if not self.sites:
+            return head
+        rows = [("#", "where", "node", "attention", "heads q/kv", "q x kv", "dtype", "kernel", "memory", "why")]
+        for i, s in enumerate(self.sites):
+            memory = ""
+            if s.bytes_before is not None and s.bytes_after is not None:
+                memory = f"{format_bytes(s.bytes_before)} -> {format_bytes(s.bytes_after)}"
+            kernel = (s.kernel or "-") if s.replaced else "left alone"
+            if s.replaced and not s.exact:
+                kernel += " (approx)"
+            rows.append((
+                str(i), s.where, s.node, s.found if s.q_len is not None else "?",
+                f"{s.q_heads}/{s.kv_heads}" if s.q_heads else "", f"{s.q_len} x {s.kv_len}" if s.q_len else "",
+                (s.dtype or "").replace("torch.", ""), kernel, memory, s.reason,
+            ))
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+        lines = [head]
+        for j, r in enumerate(rows):
+            lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 3)
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return f"Report({len(self.replaced)}/{len(self.sites)} sites replaced, {self.graphs} graphs)"
+
+
+def format_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
