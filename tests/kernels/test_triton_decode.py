@@ -1,0 +1,235 @@
+"""triton_decode against the float64 oracle: every mask term, dtype, fill and GQA layout it claims.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes;
+the ``gpu`` tests run real decode shapes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import attnopt.kernels.triton_decode as td
+from attnopt.kernels import get, naive_attention
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: ||out - ref|| / ||ref|| bounds: float32 dots, and half operands rounded once per product
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+KERNEL = get("triton_decode")
+
+
+def _inputs(batch, q_heads, kv_heads, q_len, kv_len, head_dim, dtype, device=DEVICE, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    q = rand(batch, q_heads, q_len, head_dim)  # [B, Hq, Nq, D]
+    k = rand(batch, kv_heads, kv_len, head_dim)  # [B, Hkv, Nk, D]
+    v = rand(batch, kv_heads, kv_len, head_dim)  # [B, Hkv, Nk, D]
+    return q, k, v
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """Relative error over rows the reference defines; NaN rows must match exactly."""
+    nan_ref = torch.isnan(ref)
+    assert torch.equal(torch.isnan(out), nan_ref), "NaN rows differ from the reference"
+    out, ref = out.double().masked_fill(nan_ref, 0), ref.masked_fill(nan_ref, 0)
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+
+
+def _check(q, k, v, spec: AttentionSpec, config: td.DecodeConfig | None = None):
+    assert KERNEL.not_supported_reasons(spec) == []
+    if config is None:
+        out, lse = KERNEL.forward(q, k, v, spec, seed=0)
+    else:
+        out, lse = td.decode_attention(q, k, v, spec, config)
+        out = td.apply_fill(out, lse, v, spec)
+    ref = naive_attention(q, k, v, spec)
+    assert out.shape == ref.shape and out.dtype == q.dtype and lse.dtype == torch.float32
+    err = _rel_err(out, ref)
+    assert err < TOLERANCE[q.dtype], f"relative error {err:.2e}"
+    return out, lse
+
+
+def _forced(spec: AttentionSpec, splits: int) -> td.DecodeConfig:
+    return td.choose_config(spec, num_splits=splits)
+
+
+# ----------------------------------------------------------------------------- CPU
+SHAPES = [  # (B, Hq, Hkv, Nq, Nk, D)
+    (2, 4, 2, 1, 37, 16),  # GQA 4/2, one token
+    (1, 4, 1, 3, 300, 80),  # MQA 4/1, speculative tokens, padded head dim
+    (2, 4, 2, 3, 1, 16),  # a single key
+]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_plain(shape, dtype):
+    b, hq, hkv, nq, nk, d = shape
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype)
+    _check(q, k, v, AttentionSpec.from_tensors(q, k, v))
+
+
+@pytest.mark.parametrize("splits", [1, 2, 3])
+def test_splits_merge(splits):
+    q, k, v = _inputs(2, 4, 2, 3, 300, 16, torch.float32)
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, align=Align.BOTTOM_RIGHT)
+    _check(q, k, v, spec, _forced(spec, splits))
+
+
+def test_lse_matches_reference():
+    q, k, v = _inputs(2, 4, 2, 3, 300, 16, torch.float32)
+    spec = AttentionSpec.from_tensors(q, k, v, window=Window(50, 0), align=Align.BOTTOM_RIGHT, causal=True)
+    _, lse = _check(q, k, v, spec, _forced(spec, 3))
+    _, ref_lse = get("reference").forward(q, k, v, spec, seed=0)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+
+
+def _term_cases(b, hq, nq, nk, dtype):
+    """(name, spec terms) for every mask term the kernel claims, alone and combined."""
+    gen = torch.Generator().manual_seed(1)
+    lengths = torch.tensor([nk, max(1, nk // 3)][:b])
+    prefix = torch.arange(nk)[None, :] < lengths[:, None]
+    holes = torch.rand(b, nk, generator=gen) > 0.3
+    holes[:, 0] = True
+    docs_kv = (torch.arange(nk) * 3 // max(nk, 1))[None].expand(b, nk)
+    docs_q = torch.full((b, nq), 2) if nk > 1 else torch.zeros(b, nq, dtype=torch.long)
+    bias_h = torch.randn(1, hq, 1, nk, generator=gen)  # ALiBi-like, broadcast over batch and rows
+    add_mask = torch.randn(b, 1, nq, nk, generator=gen).to(dtype)  # half when q is half: added at half
+    bool_mask = torch.rand(b, hq, nq, nk, generator=gen) > 0.4
+    bool_mask[..., 0] = True
+    to = lambda t: t.to(DEVICE)  # noqa: E731
+    return [
+        ("causal_top_left", dict(causal=True)),
+        ("causal_bottom_right", dict(causal=True, align=Align.BOTTOM_RIGHT)),
+        ("window", dict(window=Window(5, 2), align=Align.BOTTOM_RIGHT)),
+        ("window_causal", dict(window=Window(7, None), causal=True, align=Align.BOTTOM_RIGHT)),
+        ("lengths", dict(key_padding=to(lengths))),
+        ("bool_prefix", dict(key_padding=to(prefix))),
+        ("bool_holes", dict(key_padding=to(holes))),
+        ("documents", dict(q_doc=to(docs_q), kv_doc=to(docs_kv))),
+        ("bias", dict(bias=to(bias_h))),
+        ("additive_mask", dict(mask=to(add_mask))),
+        ("bool_mask", dict(mask=to(bool_mask))),
+        ("softcap_scale", dict(softcap=2.0, scale=0.7)),
+        ("all", dict(causal=True, align=Align.BOTTOM_RIGHT, key_padding=to(lengths), bias=to(bias_h),
+                     mask=to(bool_mask), softcap=5.0)),
+    ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", range(13))
+def test_mask_terms(case, dtype):
+    b, hq, hkv, nq, nk, d = 2, 4, 2, 3, 300, 16
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype, seed=case)
+    name, terms = _term_cases(b, hq, nq, nk, dtype)[case]
+    spec = AttentionSpec.from_tensors(q, k, v, **terms)
+    _check(q, k, v, spec, _forced(spec, 2))
+
+
+def test_mask_term_cases_count():
+    assert len(_term_cases(2, 4, 3, 300, torch.float32)) == 13
+
+
+@pytest.mark.parametrize("fill", list(Fill))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fully_masked_rows(fill, dtype):
+    """Batch 1 has no key (length 0); query 0 of batch 0 sees none through a bool mask."""
+    b, hq, hkv, nq, nk, d = 2, 4, 1, 3, 37, 80
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype)
+    keep = torch.ones(b, 1, nq, nk, dtype=torch.bool)
+    keep[0, :, 0] = False
+    spec = AttentionSpec.from_tensors(
+        q, k, v, key_padding=torch.tensor([nk, 0], device=DEVICE), mask=keep.to(DEVICE), fill=fill
+    )
+    out, lse = _check(q, k, v, spec)
+    assert torch.isneginf(lse[1]).all() and torch.isneginf(lse[0, :, 0]).all()
+    assert torch.isfinite(lse[0, :, 1:]).all()
+
+
+def test_finite_fill_through_additive_min():
+    """An fp16 ``finfo.min`` additive mask on every key averages v uniformly, as eager does."""
+    q, k, v = _inputs(1, 4, 2, 1, 37, 16, torch.float16)
+    mask = torch.zeros(1, 1, 1, 37, dtype=torch.float16)
+    mask[..., :] = torch.finfo(torch.float16).min
+    spec = AttentionSpec.from_tensors(q, k, v, mask=mask.to(DEVICE), fill=Fill.FINITE)
+    _check(q, k, v, spec)
+
+
+def test_functional_route():
+    import attnopt
+
+    q, k, v = _inputs(1, 4, 2, 1, 37, 16, torch.float32)
+    out = attnopt.attention(q, k, v, causal="bottom_right", kernel="triton_decode")
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, align=Align.BOTTOM_RIGHT)
+    assert _rel_err(out, naive_attention(q, k, v, spec)) < 1e-5
+
+
+def test_not_supported_reasons():
+    q, k, v = _inputs(1, 4, 2, 17, 37, 16, torch.float32)
+    reasons = KERNEL.not_supported_reasons(AttentionSpec.from_tensors(q, k, v, dropout_p=0.1))
+    assert any("17" in r for r in reasons) and any("dropout" in r for r in reasons)
+    q, k, v = _inputs(1, 4, 2, 1, 37, 512, torch.float32)
+    assert any("head_dim" in r for r in KERNEL.not_supported_reasons(AttentionSpec.from_tensors(q, k, v)))
+
+
+def test_not_supported_on_cpu_without_interpreter(monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    q, k, v = _inputs(1, 4, 2, 1, 37, 16, torch.float32, device="cpu")
+    reasons = KERNEL.not_supported_reasons(AttentionSpec.from_tensors(q, k, v))
+    assert any("CUDA" in r for r in reasons)
+    assert KERNEL.cost(AttentionSpec.from_tensors(q, k, v)) >= td.INTERPRETER_SECONDS
+
+
+def test_backward_delegates_to_reference():
+    q, k, v = _inputs(1, 4, 2, 1, 37, 16, torch.float32)
+    spec = AttentionSpec.from_tensors(q, k, v)
+    out, lse = KERNEL.forward(q, k, v, spec, seed=0)
+    grad = torch.randn_like(out)
+    ours = KERNEL.backward(grad, q, k, v, out, lse, spec, 0, False, False)
+    ref = get("reference").backward(grad, q, k, v, out, lse, spec, 0, False, False)
+    for a, r in zip(ours[:3], ref[:3]):
+        torch.testing.assert_close(a, r)
+
+
+def test_split_heuristic_fills_the_machine():
+    # B * Hkv = 64 programs of 32k keys: a whole number of waves on 132 SMs
+    splits = td.num_splits_for(programs=64, tiles=32768 // 64, sm_count=132)
+    waves = 64 * splits / (132 * td.PROGRAMS_PER_SM)
+    assert waves / math.ceil(waves) > 0.9
+    assert td.num_splits_for(programs=64, tiles=2, sm_count=132) == 1
+
+
+# ----------------------------------------------------------------------------- GPU
+GPU_CASES = [  # (B, Hq, Hkv, Nq, Nk, D, dtype, terms)
+    (8, 32, 8, 1, 32768, 128, torch.bfloat16, {}),
+    (4, 32, 8, 4, 20000, 80, torch.float16, dict(causal=True, align=Align.BOTTOM_RIGHT)),
+    (2, 16, 2, 1, 131072, 128, torch.bfloat16, dict(window=Window(4096, 0), causal=True, align=Align.BOTTOM_RIGHT)),
+    (4, 8, 1, 2, 50000, 256, torch.bfloat16, dict(key_padding="lengths", softcap=30.0)),
+    (2, 8, 8, 16, 4000, 96, torch.float32, dict(key_padding="bool", bias="alibi")),
+    (2, 64, 4, 8, 9000, 64, torch.float16, dict(mask="bool")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: f"B{c[0]}_H{c[1]}-{c[2]}_Nq{c[3]}_Nk{c[4]}_D{c[5]}")
+def test_gpu_decode_shapes(case):
+    b, hq, hkv, nq, nk, d, dtype, terms = case
+    q, k, v = _inputs(b, hq, hkv, nq, nk, d, dtype, device="cuda")
+    terms = dict(terms)
+    if terms.get("key_padding") == "lengths":
+        terms["key_padding"] = torch.randint(1, nk + 1, (b,), device="cuda")
+    elif terms.get("key_padding") == "bool":
+        terms["key_padding"] = torch.rand(b, nk, device="cuda") > 0.5
+    if terms.get("bias") == "alibi":
+        slopes = torch.rand(hq, device="cuda")
+        terms["bias"] = (slopes[:, None, None] * torch.arange(nk, device="cuda"))[None]  # [1, Hq, 1, Nk]
+    if terms.get("mask") == "bool":
+        terms["mask"] = torch.rand(b, 1, nq, nk, device="cuda") > 0.2
+    spec = AttentionSpec.from_tensors(q, k, v, **terms)
+    _check(q, k, v, spec)
