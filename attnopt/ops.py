@@ -61,7 +61,7 @@ def attention(
 def _attention_fake(q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left,
                     window_right, softcap, dropout_p, fill, kernel):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float32)
+    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
     seed = q.new_empty((1,), dtype=torch.int64)
     return out, lse, seed
 
@@ -82,8 +82,11 @@ def attention_backward(
     dq, dk, dv, dbias, dmask = _kernel_for(spec, kernel).backward(
         grad_out, q, k, v, out, lse, spec, int(seed.item()), needs_bias_grad, needs_mask_grad
     )
-    empty = q.new_empty((0,))
-    return dq, dk, dv, empty if dbias is None else dbias, empty if dmask is None else dmask
+    return (
+        dq, dk, dv,
+        q.new_empty((0,)) if dbias is None else dbias,
+        q.new_empty((0,)) if dmask is None else dmask,
+    )
 
 
 @attention_backward.register_fake

@@ -25,9 +25,12 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
         s = add_term(s, term, spec.dtype)
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
+    empty_row = torch.isneginf(s).all(dim=-1, keepdim=True)
+    if spec.fill != Fill.NEG_INF:
+        # a constant row keeps softmax finite, so gradients through torch.where stay finite
+        s = s.masked_fill(empty_row, 0.0)
     p = torch.softmax(s, dim=-1)
     out = p @ v
-    empty_row = torch.isneginf(s).all(dim=-1, keepdim=True)
     if spec.fill == Fill.SAFE:
         out = torch.where(empty_row, torch.zeros_like(out), out)
     elif spec.fill == Fill.FINITE:

@@ -14,8 +14,8 @@ denominator ``l`` and an unnormalized accumulator ``acc``:
 Key blocks that the mask terms prove empty for the whole chunk are skipped, so
 a causal or windowed call does proportionally less work. Arithmetic is float32
 for half inputs (float64 for float64 inputs). Rows with no visible key follow
-the spec's ``fill``. The backward recomputes one query chunk at a time under
-autograd, so it too stays O(N) in memory.
+the spec's ``fill``. The backward recomputes the probabilities of one query chunk at a time from
+the saved log-sum-exp, so it too stays O(N) in memory.
 """
 
 from __future__ import annotations
@@ -34,6 +34,11 @@ CPU_FLOPS = 5e10
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lse_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The log-sum-exp is float32, float64 for float64 inputs (the oracle's precision)."""
+    return _compute_dtype(dtype)
 
 
 def chunk_sizes(spec: AttentionSpec) -> tuple[int, int]:
@@ -92,51 +97,55 @@ class _Skipper:
         return False
 
 
-def _dropout_keep(shape, spec: AttentionSpec, seed: int, q0: int, k0: int, device) -> torch.Tensor:
-    """The tile's dropout keep mask, regenerated identically by the backward."""
-    gen = torch.Generator(device=device)
-    gen.manual_seed((seed * 1_000_003 + q0 * 65_537 + k0) % (1 << 63))
-    return torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
+def _scores(q_g, k_t, spec: AttentionSpec, q0: int, q1: int, k0: int, k1: int):
+    """Masked scores of one tile ``[B, Hkv, G, q, k]`` and the softcap's tanh (None without softcap)."""
+    s = (q_g @ k_t.transpose(-1, -2)) * spec.scale
+    tanh = None
+    if spec.softcap is not None:
+        tanh = torch.tanh(s / spec.softcap)
+        s = tanh * spec.softcap
+    for term in spec.additive_tiles(q0, q1, k0, k1):
+        s = add_term(s, _grouped(term, spec.kv_heads), spec.dtype)
+    keep = spec.keep_tile(q0, q1, k0, k1)
+    if keep is not None:
+        s = s.masked_fill(~_grouped(keep, spec.kv_heads), float("-inf"))
+    return s, tanh
 
 
-def _rows(
-    q_rows: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, q0: int, seed: int,
-    skipper: _Skipper,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention of query rows ``q0 : q0 + len`` against all keys: ``(out, lse)`` in compute dtype."""
-    cdtype = _compute_dtype(q_rows.dtype)
-    batch, q_heads, n_rows, head_dim = q_rows.shape
-    kv_heads, group = spec.kv_heads, spec.group_size
-    q1 = q0 + n_rows
+def _key_blocks(spec: AttentionSpec, skipper: _Skipper, q0: int, q1: int):
     _, k_block = chunk_sizes(spec)
-    q_g = q_rows.to(cdtype).reshape(batch, kv_heads, group, n_rows, head_dim)  # [B, Hkv, G, q, D]
-
-    m = q_g.new_full((batch, kv_heads, group, n_rows), float("-inf"))
-    l = q_g.new_zeros((batch, kv_heads, group, n_rows))
-    acc = q_g.new_zeros((batch, kv_heads, group, n_rows, spec.v_head_dim))
     for k0 in range(0, spec.kv_len, k_block):
         k1 = min(k0 + k_block, spec.kv_len)
-        if skipper.empty(q0, q1, k0, k1):
-            continue
+        if not skipper.empty(q0, q1, k0, k1):
+            yield k0, k1
+
+
+def _group_rows(x: torch.Tensor, spec: AttentionSpec, cdtype) -> torch.Tensor:
+    """``[B, Hq, q, D]`` -> ``[B, Hkv, G, q, D]`` in the compute dtype."""
+    b, _, n, d = x.shape
+    return x.to(cdtype).reshape(b, spec.kv_heads, spec.group_size, n, d)
+
+
+def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipper):
+    """Attention of query rows ``q0 : q0 + len`` against all keys: ``(out, lse)`` in compute dtype."""
+    cdtype = _compute_dtype(q_rows.dtype)
+    batch, q_heads, n_rows, _ = q_rows.shape
+    q1 = q0 + n_rows
+    q_g = _group_rows(q_rows, spec, cdtype)  # [B, Hkv, G, q, D]
+    m = q_g.new_full(q_g.shape[:-1], float("-inf"))  # [B, Hkv, G, q]
+    l = q_g.new_zeros(q_g.shape[:-1])
+    acc = q_g.new_zeros((*q_g.shape[:-1], spec.v_head_dim))
+    for k0, k1 in _key_blocks(spec, skipper, q0, q1):
         k_t = k[:, :, k0:k1].to(cdtype)[:, :, None]  # [B, Hkv, 1, k, D]
         v_t = v[:, :, k0:k1].to(cdtype)[:, :, None]  # [B, Hkv, 1, k, Dv]
-        s = (q_g @ k_t.transpose(-1, -2)) * spec.scale  # [B, Hkv, G, q, k]
-        if spec.softcap is not None:
-            s = torch.tanh(s / spec.softcap) * spec.softcap
-        for term in spec.additive_tiles(q0, q1, k0, k1):
-            s = add_term(s, _grouped(term, kv_heads), spec.dtype)
-        keep = spec.keep_tile(q0, q1, k0, k1)
-        if keep is not None:
-            s = s.masked_fill(~_grouped(keep, kv_heads), float("-inf"))
-        # the result does not depend on m, so no gradient needs to flow through it
-        m_new = torch.maximum(m, s.detach().amax(-1))
+        s, _ = _scores(q_g, k_t, spec, q0, q1, k0, k1)
+        m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
         p = torch.exp(s - m_safe[..., None])
         alpha = torch.exp(m - m_safe)
         l = l * alpha + p.sum(-1)
         if spec.dropout_p > 0.0:
-            drop = _dropout_keep(p.shape, spec, seed, q0, k0, p.device)
-            p = p * drop / (1.0 - spec.dropout_p)
+            p = p * _dropout_scale(p.shape, spec, seed, q0, k0, p.device)
         acc = acc * alpha[..., None] + p @ v_t
         m = m_new
 
@@ -149,6 +158,78 @@ def _rows(
         out.reshape(batch, q_heads, n_rows, spec.v_head_dim),
         lse.reshape(batch, q_heads, n_rows),
     )
+
+
+def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, skipper, grads):
+    """Accumulate this chunk's contribution to dk, dv, dbias, dmask into ``grads``; return dq rows.
+
+    Flash backward: with P = exp(s - lse) and D = rowsum(dO * O),
+    dV += P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = scale dS K, dK += scale dS^T Q.
+    Rows with no visible key reproduce the original's gradient: for an eager
+    ``-inf`` fill the NaN probabilities make dV NaN for every key of the head
+    (``masked_fill``'s backward zeroes dS, so dQ and dK stay finite); SDPA's
+    safe softmax contributes nothing; a finite fill adds dO / Nk to every dV
+    (a uniform average does not depend on the scores).
+    """
+    cdtype = _compute_dtype(q_rows.dtype)
+    q1 = q0 + q_rows.shape[2]
+    q_g = _group_rows(q_rows, spec, cdtype)
+    do_g = _group_rows(grad_rows, spec, cdtype)  # [B, Hkv, G, q, Dv]
+    o_g = _group_rows(out_rows, spec, cdtype)
+    lse = lse_rows.to(cdtype).reshape(q_g.shape[:-1])  # [B, Hkv, G, q]
+    empty_row = torch.isneginf(lse)
+    lse_safe = torch.where(empty_row, torch.zeros_like(lse), lse)
+    delta = (do_g * torch.where(empty_row[..., None], torch.zeros_like(o_g), o_g)).sum(-1)
+    dq = torch.zeros_like(q_g)
+    for k0, k1 in _key_blocks(spec, skipper, q0, q1):
+        k_t = k[:, :, k0:k1].to(cdtype)[:, :, None]
+        v_t = v[:, :, k0:k1].to(cdtype)[:, :, None]
+        s, tanh = _scores(q_g, k_t, spec, q0, q1, k0, k1)
+        p = torch.exp(s - lse_safe[..., None])  # [B, Hkv, G, q, k]
+        p = torch.where(empty_row[..., None], torch.zeros_like(p), p)
+        dp = do_g @ v_t.transpose(-1, -2)
+        if spec.dropout_p > 0.0:
+            z = _dropout_scale(p.shape, spec, seed, q0, k0, p.device)
+            grads["v"][:, :, k0:k1] += ((p * z).transpose(-1, -2) @ do_g).sum(2)
+            dp = dp * z
+        else:
+            grads["v"][:, :, k0:k1] += (p.transpose(-1, -2) @ do_g).sum(2)
+        ds = p * (dp - delta[..., None])  # gradient of the masked, biased scores
+        for name in ("bias", "mask"):
+            if name in grads:
+                _accumulate_term(grads[name], ds, q0, q1, k0, k1)
+        if tanh is not None:
+            ds = ds * (1.0 - tanh * tanh)
+        dq += (ds @ k_t) * spec.scale
+        grads["k"][:, :, k0:k1] += (ds.transpose(-1, -2) @ q_g).sum(2) * spec.scale
+    if spec.fill == Fill.NEG_INF and bool(empty_row.any()):
+        nan_heads = empty_row.any(-1).any(-1)  # [B, Hkv]
+        grads["v"][nan_heads] = float("nan")
+    if spec.fill == Fill.FINITE and bool(empty_row.any()):
+        uniform = torch.where(empty_row[..., None], do_g, torch.zeros_like(do_g)).sum((2, 3))  # [B, Hkv, Dv]
+        grads["v"] += uniform[:, :, None, :] / spec.kv_len
+    return dq.reshape(q_rows.shape)
+
+
+def _accumulate_term(total: torch.Tensor, ds: torch.Tensor, q0: int, q1: int, k0: int, k1: int) -> None:
+    """Add the score gradient of a tile to an additive term's gradient, summed over its broadcast dims."""
+    b, hkv, g, nq, nk = ds.shape
+    ds = ds.reshape(b, hkv * g, nq, nk)
+    target = total
+    while target.dim() < 4:
+        target = target[None]
+    rows = slice(None) if target.shape[2] == 1 else slice(q0, q1)
+    cols = slice(None) if target.shape[3] == 1 else slice(k0, k1)
+    dims = [d for d in range(4) if target.shape[d] == 1 and ds.shape[d] != 1]
+    target[:, :, rows, cols] += ds.sum(dims, keepdim=True) if dims else ds
+
+
+def _dropout_scale(shape, spec: AttentionSpec, seed: int, q0: int, k0: int, device) -> torch.Tensor:
+    """The tile's dropout multiplier (0 or 1 / (1 - p)), regenerated identically by the backward."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + q0 * 65_537 + k0) % (1 << 63))
+    keep = torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
+    return keep / (1.0 - spec.dropout_p)
 
 
 def _fill_empty_rows(out, empty_row, v, spec: AttentionSpec, cdtype) -> torch.Tensor:
@@ -186,7 +267,7 @@ class ReferenceKernel(Kernel):
         q_chunk, _ = chunk_sizes(spec)
         skipper = _Skipper(spec)
         out = q.new_empty((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
-        lse = q.new_empty((spec.batch, spec.q_heads, spec.q_len), dtype=torch.float32)
+        lse = q.new_empty((spec.batch, spec.q_heads, spec.q_len), dtype=lse_dtype(q.dtype))
         with torch.no_grad():
             for q0 in range(0, spec.q_len, q_chunk):
                 q1 = min(q0 + q_chunk, spec.q_len)
@@ -198,37 +279,23 @@ class ReferenceKernel(Kernel):
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         cdtype = _compute_dtype(q.dtype)
         q_chunk, _ = chunk_sizes(spec)
-        k_leaf = k.detach().requires_grad_()
-        v_leaf = v.detach().requires_grad_()
-        bias = spec.bias.detach().requires_grad_() if needs_bias_grad else spec.bias
-        mask = spec.mask.detach().requires_grad_() if needs_mask_grad else spec.mask
-        spec = spec.with_(bias=bias, mask=mask)
         skipper = _Skipper(spec)
-        leaves = [k_leaf, v_leaf] + [t for t, need in ((bias, needs_bias_grad), (mask, needs_mask_grad)) if need]
-        totals: list[torch.Tensor | None] = [None] * len(leaves)
+        grads = {"k": k.new_zeros(k.shape, dtype=cdtype), "v": v.new_zeros(v.shape, dtype=cdtype)}
+        if needs_bias_grad:
+            grads["bias"] = torch.zeros_like(spec.bias, dtype=cdtype)
+        if needs_mask_grad:
+            grads["mask"] = torch.zeros_like(spec.mask, dtype=cdtype)
         dq = torch.empty_like(q)
-        for q0 in range(0, spec.q_len, q_chunk):
-            q1 = min(q0 + q_chunk, spec.q_len)
-            with torch.enable_grad():
-                q_rows = q[:, :, q0:q1].detach().requires_grad_()
-                out_c, _ = _rows(q_rows, k_leaf, v_leaf, spec, q0, seed, skipper)
-                grads = torch.autograd.grad(
-                    out_c, [q_rows] + leaves, grad_out[:, :, q0:q1].to(cdtype), allow_unused=True
+        with torch.no_grad():
+            for q0 in range(0, spec.q_len, q_chunk):
+                q1 = min(q0 + q_chunk, spec.q_len)
+                dq[:, :, q0:q1] = _rows_backward(
+                    q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1],
+                    spec, q0, seed, skipper, grads,
                 )
-            dq[:, :, q0:q1] = _zeros_if_none(grads[0], q_rows)
-            for i, g in enumerate(grads[1:]):
-                if g is not None:
-                    totals[i] = g.to(cdtype) if totals[i] is None else totals[i] + g
-        totals = [_zeros_if_none(t, leaf) for t, leaf in zip(totals, leaves)]
-        dk, dv = totals[0].to(k.dtype), totals[1].to(v.dtype)
-        rest = iter(totals[2:])
-        dbias = next(rest).to(bias.dtype) if needs_bias_grad else None
-        dmask = next(rest).to(mask.dtype) if needs_mask_grad else None
-        return dq, dk, dv, dbias, dmask
-
-
-def _zeros_if_none(grad: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros_like(like) if grad is None else grad
+        dbias = grads["bias"].to(spec.bias.dtype) if needs_bias_grad else None
+        dmask = grads["mask"].to(spec.mask.dtype) if needs_mask_grad else None
+        return dq, grads["k"].to(k.dtype), grads["v"].to(v.dtype), dbias, dmask
 
 
 def _visible_fraction(spec: AttentionSpec) -> float:

@@ -42,7 +42,11 @@ class Kernel:
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, seed: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32)``; ``seed`` drives dropout."""
+        """Return ``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq])``; ``seed`` drives dropout.
+
+        ``lse`` is the natural-log log-sum-exp of each row's scores, float32
+        (float64 for float64 inputs), ``-inf`` for rows with no visible key.
+        """
         raise NotImplementedError
 
     def backward(

@@ -1,0 +1,161 @@
+"""Tile maps: which ``[block_m, block_n]`` tiles of the score matrix a mask leaves empty, partial or full.
+
+The mask terms say what is visible (``AttentionSpec.keep_tile``); a flash kernel
+needs the block structure of that meaning (as FlexAttention's ``BlockMask``):
+
+* **empty** tiles (every score masked) are never visited,
+* **partial** tiles are visited with the mask arithmetic (and mask loads),
+* **full** tiles (nothing masked) are visited with no mask arithmetic at all.
+
+The map is computed once per call with a few torch reductions over the terms
+(no host synchronisation), then compacted into per-row tile lists, the form
+the kernels loop over::
+
+    state [Bm, Hm, n_rows, n_cols]  int8: EMPTY 0, PARTIAL 1, FULL 2
+    count [Bm, Hm, n_rows]          int32: how many tiles of each kind in the row
+    index [Bm, Hm, n_rows, n_cols]  int32: their column indices, ascending, first ``count``
+
+``Bm``/``Hm`` are 1 when no term depends on the batch/head (broadcast by stride 0).
+The forward walks rows = query tiles; the dK/dV backward walks the transposed
+map (rows = key tiles).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .spec import AttentionSpec, key_padding_keep
+
+EMPTY, PARTIAL, FULL = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TileLists:
+    """Per-row lists of partial and full tiles (see the module docstring)."""
+
+    partial_count: torch.Tensor  # [Bm, Hm, n_rows] int32
+    partial_index: torch.Tensor  # [Bm, Hm, n_rows, n_cols] int32
+    full_count: torch.Tensor
+    full_index: torch.Tensor
+
+    @staticmethod
+    def from_state(state: torch.Tensor) -> TileLists:
+        def compact(kind):
+            hit = state == kind
+            # a stable sort of "not hit" puts the hit columns first, in ascending order
+            index = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
+            return hit.sum(-1, dtype=torch.int32).contiguous(), index.contiguous()
+
+        return TileLists(*compact(PARTIAL), *compact(FULL))
+
+    def strides(self) -> tuple[int, int, int, int, int, int]:
+        """(count b, h, row; index b, h, row) strides, 0 on broadcast dims."""
+        cnt, idx = self.partial_count, self.partial_index
+        cs = [0 if cnt.shape[d] == 1 else cnt.stride(d) for d in range(3)]
+        is_ = [0 if idx.shape[d] == 1 else idx.stride(d) for d in range(3)]
+        return (*cs, *is_)
+
+
+def needs_tile_map(spec: AttentionSpec) -> bool:
+    """Terms whose structure is data (not a band): bool key padding, documents, dense masks."""
+    bool_padding = spec.key_padding is not None and spec.key_padding.dtype == torch.bool
+    return bool_padding or spec.q_doc is not None or spec.mask is not None
+
+
+def tile_state(spec: AttentionSpec, block_m: int, block_n: int) -> torch.Tensor:
+    """``[Bm, Hm, ceil(Nq/block_m), ceil(Nk/block_n)]`` int8 tile states of all boolean terms.
+
+    Additive masks count too: a tile that is ``-inf`` everywhere is empty, one
+    that is 0 everywhere is full (it needs no load).
+    """
+    n_q, n_k, device = spec.q_len, spec.kv_len, spec.device
+    n_qt, n_kt = -(-n_q // block_m), -(-n_k // block_n)
+    state = _band_state(spec, block_m, block_n, n_qt, n_kt)  # [1, 1, n_qt, n_kt]
+    if spec.key_padding is not None:
+        keep = key_padding_keep(spec.key_padding, n_k).to(device)  # [B, Nk]
+        any_, all_ = _tile_any_all(keep[:, None, None, :], block_m, block_n)
+        state = torch.minimum(state, _state(any_, all_))
+    if spec.q_doc is not None:
+        state = torch.minimum(state, _document_state(spec, block_m, block_n))
+    if spec.mask is not None:
+        mask = spec.mask
+        while mask.dim() < 4:
+            mask = mask[None]
+        if mask.dtype == torch.bool:
+            visible, full = mask, mask
+        else:
+            visible, full = mask != float("-inf"), mask == 0
+        any_, _ = _tile_any_all(visible, block_m, block_n)
+        _, all_ = _tile_any_all(full, block_m, block_n)
+        state = torch.minimum(state, _state(any_, all_))
+    b_m = 1 if state.shape[0] == 1 else spec.batch
+    h_m = 1 if state.shape[1] == 1 else spec.q_heads
+    return state.expand(b_m, h_m, n_qt, n_kt).contiguous()
+
+
+def _state(any_: torch.Tensor, all_: torch.Tensor) -> torch.Tensor:
+    return torch.where(all_, FULL, torch.where(any_, PARTIAL, EMPTY)).to(torch.int8)
+
+
+def _band_state(spec: AttentionSpec, block_m: int, block_n: int, n_qt: int, n_kt: int) -> torch.Tensor:
+    """States from the causal/window band and the key bound, by interval arithmetic per tile."""
+    device = spec.device
+    q_first = torch.arange(n_qt, device=device) * block_m
+    q_last = torch.clamp(q_first + block_m, max=spec.q_len) - 1
+    k_first = torch.arange(n_kt, device=device) * block_n
+    k_end = k_first + block_n  # exclusive, may pass Nk
+    k_last = torch.clamp(k_end, max=spec.kv_len) - 1
+    inside = (k_end <= spec.kv_len)[None, :]  # [1, n_kt]
+    lo, hi = spec.band()
+    off = spec.diagonal_offset
+    # j - i - off over the tile spans [rel_min, rel_max] and takes every integer between
+    rel_min = k_first[None, :] - (q_last[:, None] + off)  # [n_qt, n_kt]
+    rel_max = k_last[None, :] - (q_first[:, None] + off)
+    empty = torch.zeros_like(rel_min, dtype=torch.bool)
+    full = inside.expand_as(empty)
+    if lo is not None:
+        empty = empty | (rel_max < lo)
+        full = full & (rel_min >= lo)
+    if hi is not None:
+        empty = empty | (rel_min > hi)
+        full = full & (rel_max <= hi)
+    return _state(~empty, full)[None, None]
+
+
+def _document_state(spec: AttentionSpec, block_m: int, block_n: int) -> torch.Tensor:
+    """Documents: a tile is empty when the id ranges of its rows and columns are disjoint,
+    full when both hold one and the same id."""
+    q_min, q_max = _tile_min_max(spec.q_doc, block_m)  # [Bd, n_qt]
+    k_min, k_max = _tile_min_max(spec.kv_doc, block_n)  # [Bd, n_kt]
+    empty = (q_max[:, :, None] < k_min[:, None, :]) | (k_max[:, None, :] < q_min[:, :, None])
+    full = (q_min == q_max)[:, :, None] & (k_min == k_max)[:, None, :] & (q_min[:, :, None] == k_min[:, None, :])
+    return _state(~empty, full)[:, None]
+
+
+def _tile_min_max(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    n = ids.shape[1]
+    pad = -n % block
+    # repeating the last id leaves every tile's range unchanged
+    padded = F.pad(ids[:, None].to(torch.int64), (0, pad), mode="replicate")[:, 0] if pad else ids.to(torch.int64)
+    tiles = padded.reshape(ids.shape[0], -1, block)
+    return tiles.amin(-1), tiles.amax(-1)
+
+
+def _tile_any_all(x: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile any / all of a bool ``[b, h, Nq or 1, Nk or 1]`` tensor; broadcast dims stay 1."""
+    x = x.to(torch.uint8)
+    b, h, n_q, n_k = x.shape
+    pad_q = 0 if n_q == 1 else -n_q % block_m
+    pad_k = 0 if n_k == 1 else -n_k % block_n
+    tq = 1 if n_q == 1 else block_m
+    tk = 1 if n_k == 1 else block_n
+
+    def reduce(pad_value, op):
+        y = F.pad(x, (0, pad_k, 0, pad_q), value=pad_value) if pad_q or pad_k else x
+        y = y.reshape(b, h, y.shape[2] // tq, tq, y.shape[3] // tk, tk)
+        return op(op(y, dim=5), dim=3).bool()
+
+    return reduce(0, torch.amax), reduce(1, torch.amin)

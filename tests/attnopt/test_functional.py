@@ -1,0 +1,104 @@
+"""attnopt.attention: argument semantics (against SDPA) and argument errors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import attnopt
+
+
+def qkv(b=2, hq=4, hkv=4, nq=9, nk=9, d=8, dtype=torch.float32, requires_grad=False):
+    q = torch.randn(b, hq, nq, d, dtype=dtype, requires_grad=requires_grad)
+    k = torch.randn(b, hkv, nk, d, dtype=dtype, requires_grad=requires_grad)
+    v = torch.randn(b, hkv, nk, d, dtype=dtype, requires_grad=requires_grad)
+    return q, k, v
+
+
+@pytest.mark.parametrize("causal", [False, True, "top_left"])
+def test_matches_sdpa(causal):
+    q, k, v = qkv(nq=7, nk=11)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=bool(causal))
+    torch.testing.assert_close(attnopt.attention(q, k, v, causal=causal), expected)
+
+
+def test_bottom_right_causal_is_a_kv_cache():
+    q, k, v = qkv(nq=3, nk=10)
+    keep = torch.ones(3, 10, dtype=torch.bool).tril(diagonal=7)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(attnopt.attention(q, k, v, causal="bottom_right"), expected)
+
+
+def test_gqa_matches_sdpa_enable_gqa():
+    q, k, v = qkv(hq=6, hkv=2)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    torch.testing.assert_close(attnopt.attention(q, k, v, causal=True), expected)
+
+
+def test_key_padding_and_additive_mask_and_window():
+    q, k, v = qkv(nq=12, nk=12)
+    pad = torch.ones(2, 12, dtype=torch.bool)
+    pad[1, 8:] = False
+    add = torch.randn(12, 12)
+    i, j = torch.arange(12)[:, None], torch.arange(12)[None, :]
+    window = (j >= i - 3) & (j <= i + 1)
+    dense = torch.where(window & pad[:, None, None, :], add, float("-inf"))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=dense)
+    out = attnopt.attention(q, k, v, window=(3, 1), key_padding_mask=pad, attn_mask=add)
+    torch.testing.assert_close(out, expected)
+
+
+def test_gradients_flow_to_q_k_v_and_bias():
+    q, k, v = qkv(requires_grad=True, dtype=torch.float64)
+    bias = torch.randn(1, 4, 9, 9, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v, b: attnopt.attention(q, k, v, bias=b, causal=True), (q, k, v, bias)
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        (dict(causal="sideways"), ValueError, "causal"),
+        (dict(window=(3,)), ValueError, "window"),
+        (dict(window=(-1, 0)), ValueError, "non-negative"),
+        (dict(attn_mask=torch.ones(9, 9, dtype=torch.int32)), TypeError, "attn_mask"),
+        (dict(attn_mask=torch.ones(3, 9, 9, 9)), ValueError, "broadcast"),
+        (dict(fill="zero"), ValueError, "fill"),
+        (dict(kernel="nope"), ValueError, "nope"),
+        (dict(dropout_p=1.5), ValueError, "dropout_p"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs, error, message):
+    q, k, v = qkv()
+    with pytest.raises(error, match=message):
+        attnopt.attention(q, k, v, **kwargs)
+
+
+def test_bad_tensors_are_named():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="multiple"):
+        attnopt.attention(q, k[:, :3], v[:, :3])
+    with pytest.raises(TypeError, match="int64"):
+        attnopt.attention(q.long(), k.long(), v.long())
+    with pytest.raises(ValueError, match=r"\[B, H, N, D\]"):
+        attnopt.attention(q[0], k[0], v[0])
+    with pytest.raises(TypeError, match="dtypes differ"):
+        attnopt.attention(q, k.double(), v)
+
+
+def test_op_is_opaque_to_compile_and_export():
+    q, k, v = qkv()
+
+    def f(q, k, v):
+        return attnopt.attention(q, k, v, causal=True) * 2
+
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), f(q, k, v))
+
+    class M(torch.nn.Module):
+        def forward(self, q, k, v):
+            return f(q, k, v)
+
+    exported = torch.export.export(M(), (q, k, v))
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.attnopt.attention.default in targets

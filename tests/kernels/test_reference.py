@@ -1,0 +1,195 @@
+"""The reference kernel equals the float64 oracle on any spec, forward and backward."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import attnopt
+from attnopt.kernels import reference
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+
+TOLERANCE = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+
+
+@contextmanager
+def small_tiles(k_block=8, tile_elements=256):
+    """Force many query chunks and key blocks so chunking and block skipping are exercised."""
+    saved = reference.K_BLOCK, reference.TILE_ELEMENTS
+    reference.K_BLOCK, reference.TILE_ELEMENTS = k_block, tile_elements
+    try:
+        yield
+    finally:
+        reference.K_BLOCK, reference.TILE_ELEMENTS = saved
+
+
+@st.composite
+def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+    """A random attention call: shapes, GQA, cross lengths, and any combination of mask terms."""
+    batch = draw(st.integers(1, 2))
+    kv_heads = draw(st.integers(1, 2))
+    group = draw(st.sampled_from([1, 2, 3]))
+    q_len = draw(st.integers(1, 33))
+    kv_len = draw(st.integers(1, 33))
+    head_dim = draw(st.sampled_from([4, 8, 16]))
+    v_dim = draw(st.sampled_from([head_dim, 6]))
+    dtype = draw(st.sampled_from(dtypes))
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen).to(dtype)
+
+    q = randn(batch, kv_heads * group, q_len, head_dim)
+    k = randn(batch, kv_heads, kv_len, head_dim)
+    v = randn(batch, kv_heads, kv_len, v_dim)
+    terms = dict(fill=draw(st.sampled_from(list(Fill))))
+    causal = draw(st.sampled_from([None, Align.TOP_LEFT, Align.BOTTOM_RIGHT]))
+    if causal is not None:
+        terms.update(causal=True, align=causal)
+    if draw(st.booleans()):
+        terms["window"] = Window(draw(st.one_of(st.none(), st.integers(0, 9))), draw(st.one_of(st.none(), st.integers(0, 9))))
+        terms.setdefault("align", draw(st.sampled_from(list(Align))))
+    if draw(st.booleans()):
+        if draw(st.booleans()):
+            terms["key_padding"] = torch.randint(0, kv_len + 1, (batch,), generator=gen)
+        else:
+            terms["key_padding"] = torch.rand(batch, kv_len, generator=gen) > 0.3
+    if draw(st.booleans()):
+        q_doc = torch.sort(torch.randint(0, 3, (batch, q_len), generator=gen)).values
+        terms["q_doc"] = q_doc
+        terms["kv_doc"] = q_doc if q_len == kv_len else torch.sort(torch.randint(0, 3, (batch, kv_len), generator=gen)).values
+    if draw(st.booleans()):
+        shape = draw(st.sampled_from([(batch, kv_heads * group, q_len, kv_len), (1, kv_heads * group, 1, kv_len), (q_len, kv_len)]))
+        terms["bias"] = randn(*shape)
+    mask_kind = draw(st.sampled_from([None, "bool", "additive"]))
+    if mask_kind == "bool":
+        terms["mask"] = torch.rand(batch, 1, q_len, kv_len, generator=gen) > 0.4
+    elif mask_kind == "additive":
+        terms["mask"] = randn(1, 1, q_len, kv_len)
+    if draw(st.booleans()):
+        terms["softcap"] = draw(st.sampled_from([1.0, 5.0]))
+    if draw(st.booleans()):
+        terms["scale"] = draw(st.sampled_from([0.1, 1.0]))
+    return q, k, v, AttentionSpec.from_tensors(q, k, v, **terms)
+
+
+def assert_matches_oracle(out, ref, dtype):
+    assert out.dtype == dtype
+    assert torch.equal(out.isnan(), ref.isnan()), "NaN rows differ from the oracle"
+    torch.testing.assert_close(out.double(), ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], equal_nan=True)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems())
+def test_forward_matches_float64_oracle(problem):
+    q, k, v, spec = problem
+    spec.validate()
+    with small_tiles():
+        out, lse = reference.ReferenceKernel().forward(q, k, v, spec, seed=0)
+    assert_matches_oracle(out, naive_attention(q, k, v, spec), q.dtype)
+    assert lse.shape == q.shape[:-1]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(dtypes=(torch.float64,)))
+def test_gradients_match_autograd_through_the_oracle(problem):
+    q, k, v, spec = problem
+    bias_needs_grad = spec.bias is not None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias = spec.bias.clone().requires_grad_() if bias_needs_grad else None
+    mask = spec.mask.clone().requires_grad_() if spec.mask is not None and spec.mask.is_floating_point() else spec.mask
+    oracle_spec = spec.with_(bias=bias, mask=mask)
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=torch.float64)
+    ref = naive_attention(*leaves, oracle_spec)
+    inputs = leaves + [t for t in (bias, mask) if t is not None and t.requires_grad]
+    expected = torch.autograd.grad(ref, inputs, grad_out, allow_unused=True)
+
+    kernel = reference.ReferenceKernel()
+    with small_tiles():
+        out, lse = kernel.forward(q, k, v, spec, seed=0)
+        got = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, bias_needs_grad, mask is not None and mask.is_floating_point())
+    got = [g for g in got if g is not None]
+    for name, g, e in zip(["dq", "dk", "dv", "dbias/dmask", "dmask"], got, expected):
+        e = torch.zeros_like(g) if e is None else e
+        torch.testing.assert_close(g, e, atol=1e-8, rtol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fill", list(Fill))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_fully_masked_rows_follow_the_fill(fill, dtype):
+    q, k, v = (torch.randn(2, 2, 6, 8, dtype=dtype) for _ in range(3))
+    padding = torch.tensor([[True] * 6, [False] * 6])  # batch 1 sees no key at all
+    out = attnopt.attention(q, k, v, key_padding_mask=padding, fill=fill.value, kernel="reference")
+    masked = out[1].float()
+    if fill == Fill.NEG_INF:
+        assert masked.isnan().all()
+    elif fill == Fill.SAFE:
+        assert (masked == 0).all()
+    else:
+        torch.testing.assert_close(masked, v[1].float().mean(1, keepdim=True).expand_as(masked), atol=TOLERANCE[dtype], rtol=0)
+    assert not out[0].isnan().any()
+
+
+def test_half_precision_additive_mask_saturates_like_eager():
+    """A fp16 finfo.min mask added to fp16 scores saturates: fully masked rows average uniformly."""
+    q, k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float16) * 3 for _ in range(3))
+    mask = torch.zeros(1, 1, 4, 4, dtype=torch.float16)
+    mask[..., 2, :] = torch.finfo(torch.float16).min
+    eager = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + mask, dim=-1) @ v
+    out = attnopt.attention(q, k, v, attn_mask=mask, kernel="reference")
+    torch.testing.assert_close(out, eager, atol=2e-3, rtol=0)
+
+
+def test_memory_stays_linear_in_sequence_length():
+    """The workspace is a few tiles: 4x the length does not grow it, where [Nq, Nk] grows 16x."""
+
+    def workspace(n):
+        q = torch.empty(1, 2, n, 16, device="meta")
+        return reference.ReferenceKernel().memory_bytes(AttentionSpec.from_tensors(q, q, q, causal=True))
+
+    assert workspace(4 * 8192) <= 1.1 * workspace(8192)
+    assert workspace(8192) < 8192 * 8192 * 2 * 4
+
+
+def test_causal_skips_blocks_above_the_diagonal():
+    q, k, v = (torch.randn(1, 1, 64, 8) for _ in range(3))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True)
+    with small_tiles(k_block=8, tile_elements=64):
+        skipper = reference._Skipper(spec)
+        visited = list(reference._key_blocks(spec, skipper, 0, 8))
+    assert visited == [(0, 8)]
+
+
+def test_dropout_backward_regenerates_the_forward_mask():
+    """The gradient of f(q, k, v) = kernel output with a fixed seed passes gradcheck."""
+    kernel = reference.ReferenceKernel()
+    q, k, v = (torch.randn(1, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, dropout_p=0.3)
+
+    class Fixed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = kernel.forward(q, k, v, spec, seed=1234)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, lse = ctx.saved_tensors
+            return kernel.backward(grad_out, q, k, v, out, lse, spec, 1234, False, False)[:3]
+
+    out = Fixed.apply(q, k, v)
+    no_drop = kernel.forward(q, k, v, spec.with_(dropout_p=0.0), seed=0)[0]
+    assert not torch.allclose(out, no_drop), "dropout had no effect"
+    assert torch.autograd.gradcheck(Fixed.apply, (q, k, v))
+
+
+def test_dropout_keeps_the_expected_mean():
+    q, k = torch.zeros(1, 1, 256, 4), torch.zeros(1, 1, 256, 4)
+    v = torch.ones(1, 1, 256, 4)
+    out = attnopt.attention(q, k, v, dropout_p=0.25, kernel="reference")
+    assert abs(out.mean().item() - 1.0) < 0.02
