@@ -28,6 +28,8 @@ from .spec import AttentionSpec, Fill, key_padding_keep
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
 K_BLOCK = 1024
+#: above this magnitude a float32 lse = m + log(l) resolves log(l) only to ~1e-4 or worse
+LSE_EXACT_LIMIT = 1e3
 #: a CPU core pair sustains a few tens of GFLOP/s in float32 matmul
 CPU_FLOPS = 5e10
 
@@ -160,6 +162,19 @@ def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipp
     )
 
 
+def _row_stats(q_g, k, spec: AttentionSpec, q0: int, q1: int, skipper: _Skipper):
+    """Row maximum ``m`` and ``l = sum exp(s - m)`` of a query chunk, visiting the same key blocks."""
+    m = q_g.new_full(q_g.shape[:-1], float("-inf"))
+    l = q_g.new_zeros(q_g.shape[:-1])
+    for k0, k1 in _key_blocks(spec, skipper, q0, q1):
+        s, _ = _scores(q_g, k[:, :, k0:k1].to(q_g.dtype)[:, :, None], spec, q0, q1, k0, k1)
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+        l = l * torch.exp(m - m_safe) + torch.exp(s - m_safe[..., None]).sum(-1)
+        m = m_new
+    return torch.where(torch.isinf(m), torch.zeros_like(m), m), l
+
+
 def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, skipper, grads):
     """Accumulate this chunk's contribution to dk, dv, dbias, dmask into ``grads``; return dq rows.
 
@@ -179,6 +194,14 @@ def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, 
     lse = lse_rows.to(cdtype).reshape(q_g.shape[:-1])  # [B, Hkv, G, q]
     empty_row = torch.isneginf(lse)
     lse_safe = torch.where(empty_row, torch.zeros_like(lse), lse)
+    if bool((lse_safe.abs() > LSE_EXACT_LIMIT).any()):
+        # a row whose scores all sit near a huge fill (s + finfo.min) has lost log(l) to rounding
+        # in lse = m + log(l): recompute its normalizer in the offset form (m, log l)
+        m, l = _row_stats(q_g, k, spec, q0, q1, skipper)
+        lse_safe = torch.where(l > 0, m + 0.0, torch.zeros_like(m))
+        log_l = torch.where(l > 0, torch.log(l), torch.zeros_like(l))
+    else:
+        log_l = None
     delta = (do_g * torch.where(empty_row[..., None], torch.zeros_like(o_g), o_g)).sum(-1)
     dq = torch.zeros_like(q_g)
     for k0, k1 in _key_blocks(spec, skipper, q0, q1):
@@ -186,6 +209,8 @@ def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, 
         v_t = v[:, :, k0:k1].to(cdtype)[:, :, None]
         s, tanh = _scores(q_g, k_t, spec, q0, q1, k0, k1)
         p = torch.exp(s - lse_safe[..., None])  # [B, Hkv, G, q, k]
+        if log_l is not None:
+            p = p * torch.exp(-log_l)[..., None]
         p = torch.where(empty_row[..., None], torch.zeros_like(p), p)
         dp = do_g @ v_t.transpose(-1, -2)
         if spec.dropout_p > 0.0:
