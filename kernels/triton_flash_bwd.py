@@ -27,7 +27,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .triton_flash_fwd import INTERPRET, LOG2E, _dropout_keep, _kv_tile_range, _scores
+from .triton_flash_fwd import INTERPRET, LOG2E, _dot, _dropout_keep, _kv_tile_range, _scores
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _tile_grads(
     DROPOUT: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Recompute one ``[BLOCK_M, BLOCK_N]`` tile: the (dropped) probabilities for dV and dS for dQ/dK."""
-    qk = tl.dot(q, tl.trans(k), input_precision=DOT_PREC)
+    qk = _dot(q, tl.trans(k), None, DOT_PREC)
     s, cap_grad = _scores(
         qk, rows[:, None], cols[None, :], b, h, Nq, Nk, kv_end, sm_scale, softcap,
         off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
@@ -96,7 +96,7 @@ def _tile_grads(
         q.dtype, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP,
     )
     p = tl.math.exp2(s - lse2[:, None])  # [BLOCK_M, BLOCK_N]
-    dp = tl.dot(do, tl.trans(v), input_precision=DOT_PREC)
+    dp = _dot(do, tl.trans(v), None, DOT_PREC)
     if DROPOUT:
         keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], Nq, Nk, dropout_p)
         p_drop = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -143,11 +143,11 @@ def _dkdv_inner(
                 bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn, mask_ptr, stride_mb, stride_mh, stride_mm,
                 stride_mn, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP, DROPOUT, DOT_PREC,
             )
-            dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=DOT_PREC)
+            dv = _dot(tl.trans(p_drop.to(do.dtype)), do, dv, DOT_PREC)
             ds = ds.to(q.dtype)
-            dk = tl.dot(tl.trans(ds), q, dk, input_precision=DOT_PREC)
+            dk = _dot(tl.trans(ds), q, dk, DOT_PREC)
             if ATOMIC_DQ:
-                dq = tl.dot(ds, k, input_precision=DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
+                dq = _dot(ds, k, None, DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
                 tl.atomic_add(DQ + dq_base + rows[:, None] * stride_dqm + offs_d[None, :], dq,
                               mask=(rows[:, None] < Nq) & (offs_d[None, :] < D))
     return dk, dv
@@ -179,7 +179,7 @@ _TUNE_KEY = ["Nq", "Nk", "BLOCK_D", "BLOCK_DV", "USE_MAP", "HAS_LO", "HAS_HI", "
 )
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, DQ, DK, DV, LSE2, DELTA,
+    Q, K, V, DO, DQ, DKEY, DVAL, LSE2, DELTA,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -265,10 +265,10 @@ def _attn_bwd_dkdv(
             )
     dk = dk * sm_scale
     ok = cols[:, None] < Nk
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=ok & (offs_d[None, :] < D))
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :],
-             dv.to(DV.dtype.element_ty), mask=ok & (offs_dv[None, :] < DV))
+    tl.store(DKEY + b * stride_dkb + hk * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :],
+             dk.to(DKEY.dtype.element_ty), mask=ok & (offs_d[None, :] < D))
+    tl.store(DVAL + b * stride_dvb + hk * stride_dvh + cols[:, None] * stride_dvn + offs_dv[None, :],
+             dv.to(DVAL.dtype.element_ty), mask=ok & (offs_dv[None, :] < DV))
 
 
 @triton.jit
@@ -302,7 +302,7 @@ def _dq_inner(
                 bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn, mask_ptr, stride_mb, stride_mh, stride_mm,
                 stride_mn, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP, DROPOUT, DOT_PREC,
             )
-            dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PREC)
+            dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
     return dq
 
 

@@ -42,6 +42,8 @@ LN2 = 0.6931471805599453  # ln 2
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 #: tile map granularity; kernel tiles divide it. The interpreter uses small tiles so tiny tests cross tiles.
 MAP_BLOCK = 32 if INTERPRET else 128
+#: the interpreter's tl.dot mishandles bfloat16 operands: it multiplies them in float32 instead
+UPCAST_BF16_DOT = tl.constexpr(INTERPRET)
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -51,6 +53,13 @@ def _add_term(s, term, DTYPE: tl.constexpr, HALF: tl.constexpr):
     if HALF:
         return (s.to(DTYPE) + term).to(tl.float32)
     return s + term.to(tl.float32)
+
+
+@triton.jit
+def _dot(a, b, acc, DOT_PREC: tl.constexpr):
+    if UPCAST_BF16_DOT and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(a, b, acc, input_precision=DOT_PREC)
 
 
 @triton.jit
@@ -176,7 +185,7 @@ def _fwd_inner(
                 kT = tl.load(kT_ptrs, mask=(cols[None, :] < Nk) & (offs_d[:, None] < D), other=0.0)
             else:
                 kT = tl.load(kT_ptrs)
-            qk = tl.dot(q, kT, input_precision=DOT_PREC)  # [BLOCK_M, BLOCK_N]
+            qk = _dot(q, kT, None, DOT_PREC)  # [BLOCK_M, BLOCK_N]
             s, _ = _scores(
                 qk, offs_m[:, None], cols[None, :], b, h, Nq, Nk, kv_end, sm_scale, softcap,
                 off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
@@ -198,7 +207,7 @@ def _fwd_inner(
                 v = tl.load(v_ptrs, mask=(cols[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)
             else:
                 v = tl.load(v_ptrs)
-            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PREC)
+            acc = _dot(p.to(v.dtype), v, acc, DOT_PREC)
             m_i = m_new
     return acc, l_i, m_i
 

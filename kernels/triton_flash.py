@@ -1,0 +1,290 @@
+"""``triton_flash``: exact flash attention in Triton, forward and backward, for every AttentionSpec term.
+
+The kernels are in ``triton_flash_fwd.py`` (algorithm, band/map modes, the
+shared score function) and ``triton_flash_bwd.py`` (dQ/dK/dV); the tile map of
+data-dependent masks is built by ``block_map.py``. This file turns a spec into
+kernel arguments, launches, and applies what the kernels leave to torch:
+
+* rows with no visible key come out of the kernel as 0 with ``lse = -inf``;
+  ``spec.fill`` then makes them NaN or the mean of v with one lazy
+  ``torch.where`` on ``lse`` (no host sync), and only when the spec can
+  produce such rows at all;
+* their gradient, as the replaced model's autograd gives it: nothing for a
+  safe fill, ``dV += dO / Nk`` for a finite fill, NaN dV for a ``-inf`` fill;
+* gradients of an additive bias or float mask (``needs_bias_grad`` /
+  ``needs_mask_grad``) are not computed by the Triton kernels: that backward
+  falls back to the exact reference kernel's backward.
+
+Key padding given as integer lengths runs in band mode (loop bounds per batch);
+a bool ``[B, Nk]`` mask goes through the tile map, where a prefix mask has one
+partial tile per row (the only one that loads the mask row), so it costs what
+lengths cost without a host sync to find out whether it is a prefix.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from . import registry
+from .block_map import TileLists, needs_tile_map, tile_state
+from .registry import Grads, Kernel, register
+from .spec import AttentionSpec, Fill
+from .triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
+from .triton_flash_fwd import MAP_BLOCK, _attn_fwd
+
+#: sustained bf16 flash-attention rate on an H100/H200, for the cost model
+GPU_FLOPS = 4.0e14
+LAUNCH_SECONDS = 5e-6
+#: the interpreter runs kernels in numpy: never the planner's choice
+INTERPRETER_COST = 1e9
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+MAX_HEAD_DIM = 256
+MAX_GRID_Y = 65535
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _block(d: int) -> int:
+    """Head dims are padded to a power of two (masked loads); tl.dot needs at least 16."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides4(t: torch.Tensor) -> list[int]:
+    """Strides of a term broadcastable to ``[B, H, Nq, Nk]``, 0 on broadcast (size-1) dims."""
+    while t.dim() < 4:
+        t = t[None]
+    return [0 if t.shape[d] == 1 else t.stride(d) for d in range(4)]
+
+
+def _additive_mode(term: torch.Tensor, dtype: torch.dtype) -> int:
+    """1: added in float32; 2: added in the half dtype, as eager adds a half term to half scores."""
+    return 2 if dtype in (torch.float16, torch.bfloat16) and term.dtype == dtype else 1
+
+
+def _term_args(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor) -> dict:
+    """Kernel arguments describing the mask terms (runtime values and constexpr switches)."""
+    lo, hi = spec.band()
+    args = dict(
+        sm_scale=spec.scale, softcap=1.0 if spec.softcap is None else spec.softcap,
+        off=spec.diagonal_offset, band_lo=0 if lo is None else lo, band_hi=0 if hi is None else hi,
+        HAS_LO=lo is not None, HAS_HI=hi is not None, SOFTCAP=spec.softcap is not None,
+        kp_ptr=q, stride_kpb=0, KP_MODE=0, qdoc_ptr=q, stride_qdb=0, kvdoc_ptr=q, stride_kdb=0, HAS_DOC=False,
+        bias_ptr=q, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, BIAS=0,
+        mask_ptr=q, stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0, MASK=0,
+        D=spec.head_dim, DV=spec.v_head_dim, BLOCK_D=_block(spec.head_dim), BLOCK_DV=_block(spec.v_head_dim),
+        DOT_PREC="tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
+        GROUP=spec.group_size, H=spec.q_heads, Nq=spec.q_len, Nk=spec.kv_len,
+    )
+    if spec.key_padding is not None:
+        kp = spec.key_padding
+        if kp.dtype == torch.bool:
+            kp = _last_dim_contiguous(kp).view(torch.uint8)
+            args.update(kp_ptr=kp, stride_kpb=kp.stride(0), KP_MODE=2)
+        else:
+            args.update(kp_ptr=kp, KP_MODE=1)
+    if spec.q_doc is not None:
+        q_doc, kv_doc = _last_dim_contiguous(spec.q_doc), _last_dim_contiguous(spec.kv_doc)
+        args.update(qdoc_ptr=q_doc, kvdoc_ptr=kv_doc, HAS_DOC=True,
+                    stride_qdb=0 if q_doc.shape[0] == 1 else q_doc.stride(0),
+                    stride_kdb=0 if kv_doc.shape[0] == 1 else kv_doc.stride(0))
+    if spec.bias is not None:
+        sb = _strides4(spec.bias)
+        args.update(bias_ptr=spec.bias, stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
+                    BIAS=_additive_mode(spec.bias, q.dtype))
+    if spec.mask is not None:
+        mask = spec.mask.view(torch.uint8) if spec.mask.dtype == torch.bool else spec.mask
+        sm = _strides4(mask)
+        args.update(mask_ptr=mask, stride_mb=sm[0], stride_mh=sm[1], stride_mm=sm[2], stride_mn=sm[3],
+                    MASK=3 if spec.mask.dtype == torch.bool else _additive_mode(spec.mask, q.dtype))
+    return args
+
+
+def _map_args(lists: TileLists | None, dummy: torch.Tensor) -> dict:
+    if lists is None:
+        return dict(part_cnt=dummy, part_idx=dummy, full_cnt=dummy, full_idx=dummy, stride_cb=0, stride_ch=0,
+                    stride_cm=0, stride_ib=0, stride_ih=0, stride_im=0, USE_MAP=False,
+                    MAP_M=MAP_BLOCK, MAP_N=MAP_BLOCK)
+    cb, ch, cm, ib, ih, im = lists.strides()
+    return dict(part_cnt=lists.partial_count, part_idx=lists.partial_index, full_cnt=lists.full_count,
+                full_idx=lists.full_index, stride_cb=cb, stride_ch=ch, stride_cm=cm, stride_ib=ib, stride_ih=ih,
+                stride_im=im, USE_MAP=True, MAP_M=MAP_BLOCK, MAP_N=MAP_BLOCK)
+
+
+def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
+    return dict(seed=int(seed) % (1 << 62), dropout_p=float(spec.dropout_p), DROPOUT=spec.dropout_p > 0.0)
+
+
+def may_have_empty_rows(spec: AttentionSpec) -> bool:
+    """False when the terms prove every query row sees at least one key (then no fill is needed)."""
+    if spec.kv_len == 0:
+        return True
+    if spec.key_padding is not None or spec.q_doc is not None or spec.mask is not None or spec.bias is not None:
+        return True  # data-dependent (a bias may hold -inf)
+    lo, hi = spec.band()
+    off = spec.diagonal_offset
+    # row i sees keys max(0, i + off + lo) .. min(Nk - 1, i + off + hi): row 0 and row Nq - 1 are the extremes
+    first_row_empty = hi is not None and off + hi < 0
+    last_row_empty = lo is not None and spec.q_len - 1 + off + lo > spec.kv_len - 1
+    return first_row_empty or last_row_empty
+
+
+def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    if spec.fill == Fill.SAFE or not may_have_empty_rows(spec):
+        return out
+    empty = torch.isneginf(lse)[..., None]  # [B, Hq, Nq, 1]
+    if spec.fill == Fill.NEG_INF:
+        return torch.where(empty, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+    # every score equals the same finite minimum: the softmax is uniform over all keys
+    mean_v = v.float().mean(dim=2).repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
+    return torch.where(empty, mean_v.to(out.dtype), out)
+
+
+def _empty_row_value_grads(dv, grad_out, lse, spec: AttentionSpec) -> torch.Tensor:
+    """dV of rows with no visible key: the model's own autograd through its fill."""
+    if spec.fill == Fill.SAFE or not may_have_empty_rows(spec):
+        return dv
+    empty = torch.isneginf(lse)  # [B, Hq, Nq]
+    b, hkv, g = spec.batch, spec.kv_heads, spec.group_size
+    if spec.fill == Fill.NEG_INF:
+        # softmax of an all -inf row is NaN, and P^T dO spreads it over every key of the kv head
+        nan_heads = empty.any(-1).reshape(b, hkv, g).any(-1)[:, :, None, None]
+        return torch.where(nan_heads, torch.full((), float("nan"), dtype=dv.dtype, device=dv.device), dv)
+    uniform = torch.where(empty[..., None], grad_out.float(), 0.0).sum(2)  # [B, Hq, Dv]
+    uniform = uniform.reshape(b, hkv, g, -1).sum(2)[:, :, None, :] / spec.kv_len  # [B, Hkv, 1, Dv]
+    return (dv.float() + uniform).to(dv.dtype)
+
+
+def _visible_fraction(spec: AttentionSpec) -> float:
+    from .reference import _visible_fraction as band_fraction
+
+    return band_fraction(spec)
+
+
+class TritonFlashKernel(Kernel):
+    """Flash attention (FlashAttention-2 algorithm) in Triton for every spec term; see module docs."""
+
+    name = "triton_flash"
+    exact = True
+    summary = "exact flash attention in Triton: tile skipping for causal/window/padding/documents/masks, GQA"
+
+    def __init__(self, deterministic: bool = False):
+        #: dQ without atomics (also on when torch.use_deterministic_algorithms is)
+        self.deterministic = deterministic
+
+    def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
+        reasons = []
+        if spec.device.type != "cuda" and not _interpreting():
+            reasons.append("needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
+        if spec.device.type == "cuda" and torch.cuda.is_available():
+            major, _ = torch.cuda.get_device_capability(spec.device)
+            if major < 8:
+                reasons.append(f"needs compute capability >= 8.0 (Ampere or newer), device has {major}.x")
+        if spec.dtype not in SUPPORTED_DTYPES:
+            reasons.append(f"dtype {spec.dtype} not supported: float16, bfloat16 or float32")
+        for name, d in (("head_dim", spec.head_dim), ("v_head_dim", spec.v_head_dim)):
+            if not 1 <= d <= MAX_HEAD_DIM:
+                reasons.append(f"{name}={d} not supported: 1..{MAX_HEAD_DIM}")
+        if spec.batch * spec.q_heads > MAX_GRID_Y:
+            reasons.append(f"batch * q_heads = {spec.batch * spec.q_heads} exceeds the grid limit {MAX_GRID_Y}")
+        for name in ("bias", "mask"):
+            term = getattr(spec, name)
+            if term is not None and term.dtype == torch.float64:
+                reasons.append(f"{name} of dtype float64 not supported: give it in float32 or the input dtype")
+        return reasons
+
+    def memory_bytes(self, spec: AttentionSpec) -> int:
+        if not needs_tile_map(spec):
+            return 0
+        tiles = -(-spec.q_len // MAP_BLOCK) * -(-spec.kv_len // MAP_BLOCK)
+        heads = spec.q_heads if spec.mask is not None and spec.mask.dim() >= 3 and spec.mask.shape[-3] > 1 else 1
+        # int8 state, two int32 index lists (+ the same transposed in the backward); a mask is scanned as uint8
+        scan = spec.mask.numel() * 2 if spec.mask is not None else 0
+        return spec.batch * heads * tiles * 9 + scan
+
+    def saved_bytes(self, spec: AttentionSpec) -> int:
+        return 4 * spec.batch * spec.q_heads * spec.q_len
+
+    def cost(self, spec: AttentionSpec) -> float:
+        if _interpreting() or spec.device.type != "cuda":
+            return INTERPRETER_COST
+        flops = 2.0 * spec.batch * spec.q_heads * spec.q_len * spec.kv_len * (spec.head_dim + spec.v_head_dim)
+        seconds = flops * _visible_fraction(spec) / GPU_FLOPS + LAUNCH_SECONDS
+        if spec.mask is not None:
+            seconds += spec.mask.numel() * spec.mask.element_size() / 3e12  # one scan to build the tile map
+        return seconds
+
+    # --------------------------------------------------------------------- forward
+    def forward(self, q, k, v, spec: AttentionSpec, seed: int):
+        q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        b, hq, nq = spec.batch, spec.q_heads, spec.q_len
+        out = q.new_empty((b, hq, nq, spec.v_head_dim))
+        lse = q.new_empty((b, hq, nq), dtype=torch.float32)
+        if out.numel() == 0 and lse.numel() == 0:
+            return out, lse
+        if spec.kv_len == 0:
+            out.zero_()
+            lse.fill_(float("-inf"))
+            return _fill_empty_rows(out, lse, v, spec), lse
+        lists = TileLists.from_state(tile_state(spec, MAP_BLOCK, MAP_BLOCK)) if needs_tile_map(spec) else None
+        grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        _attn_fwd[grid](
+            q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+            **_term_args(spec, q, k), **_dropout_args(spec, seed), **_map_args(lists, lse),
+        )
+        return _fill_empty_rows(out, lse, v, spec), lse
+
+    # --------------------------------------------------------------------- backward
+    def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
+        if needs_bias_grad or needs_mask_grad:
+            # dS summed over the term's broadcast dims is not in the Triton kernels yet: exact fallback
+            return registry.get("reference").backward(
+                grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad
+            )
+        q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+        b, hq, nq, nk = spec.batch, spec.q_heads, spec.q_len, spec.kv_len
+        dk = torch.zeros_like(k)
+        dv = torch.zeros_like(v)
+        if nq == 0 or nk == 0 or b * hq == 0:
+            return torch.zeros_like(q), dk, _empty_row_value_grads(dv, grad_out, lse, spec), None, None
+        lse = lse.float().contiguous()
+        delta = torch.empty_like(lse)
+        lse2 = torch.empty_like(lse)
+        block_dv = _block(spec.v_head_dim)
+        _attn_bwd_preprocess[(triton.cdiv(nq, 64), b * hq)](
+            out, grad_out, lse, delta, lse2, *out.stride()[:3], *grad_out.stride()[:3], nq, hq,
+            DV=spec.v_head_dim, BLOCK_DV=block_dv, BLOCK_M=64,
+        )
+        terms = {**_term_args(spec, q, k), **_dropout_args(spec, seed)}
+        state = tile_state(spec, MAP_BLOCK, MAP_BLOCK) if needs_tile_map(spec) else None
+        deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+        dq_acc = q.new_empty(q.shape) if deterministic else q.new_zeros(q.shape, dtype=torch.float32)
+        kv_lists = None if state is None else TileLists.from_state(state.transpose(-1, -2))
+        grid_kv = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * spec.kv_heads)  # noqa: E731
+        _attn_bwd_dkdv[grid_kv](
+            q, k, v, grad_out, dq_acc, dk, dv, lse2, delta,
+            *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
+            *dk.stride()[:3], *dv.stride()[:3],
+            **terms, **_map_args(kv_lists, lse), ATOMIC_DQ=not deterministic,
+        )
+        if deterministic:
+            q_lists = None if state is None else TileLists.from_state(state)
+            grid_q = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+            _attn_bwd_dq[grid_q](
+                q, k, v, grad_out, dq_acc, lse2, delta,
+                *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
+                **terms, **_map_args(q_lists, lse),
+            )
+        dq = dq_acc.to(q.dtype)
+        return dq, dk, _empty_row_value_grads(dv, grad_out, lse, spec), None, None
+
+
+register(TritonFlashKernel())
