@@ -6,7 +6,9 @@ read per second; the ceiling is a plain copy of the same number of bytes
 (counted as bytes read + written). SDPA runs twice per backend: on K/V repeated
 to 32 heads (what a model without ``enable_gqa`` does; it then reads 4x the
 bytes, and the ``KV TB/s`` column still counts the unrepeated K/V a decode
-needs) and with ``enable_gqa=True``.
+needs) and with ``enable_gqa=True``. Each call is timed eagerly (host launch
+overhead included) and as CUDA-graph replays (device time, as a serving loop
+runs decode).
 
     python benchmarks/decode.py            # markdown tables on stdout
     python benchmarks/decode.py --sweep    # also time tile / split configurations at Nk=32k
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +40,25 @@ SDPA_BACKENDS = {
 
 def bench_ms(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def graph_ms(fn) -> float | None:
+    """Median of CUDA-graph replays: device time without the host's launch overhead (as served)."""
+    try:
+        return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except RuntimeError:
+        return None
+
+
+def host_us_per_call(fn, calls: int = 200) -> float:
+    """Host time to enqueue one call, on a cache so short that the device keeps up."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / calls * 1e6
 
 
 def make_inputs(kv_len: int):
@@ -80,32 +102,68 @@ def rows_for(kv_len: int):
     copy_ms = bench_ms(lambda: dst.copy_(src))
     del src, dst
     spec = AttentionSpec.from_tensors(q, k, v)
-    rows = [("triton_decode", bench_ms(lambda: td.decode_attention(q, k, v, spec)), kv_bytes)]
+    ours = lambda: td.decode_attention(q, k, v, spec)  # noqa: E731
+    rows = [("triton_decode", bench_ms(ours), graph_ms(ours), kv_bytes)]
     for (name, backend), gqa in itertools.product(SDPA_BACKENDS.items(), (False, True)):
         label = f"{name} ({'enable_gqa' if gqa else 'repeated K/V'})"
         try:
-            ms = bench_ms(sdpa_runner(backend, q, k, v, gqa))
+            run = sdpa_runner(backend, q, k, v, gqa)
         except RuntimeError:
-            ms = None
-        rows.append((label, ms, kv_bytes if gqa else kv_bytes * Q_HEADS // KV_HEADS))
+            rows.append((label, None, None, 0))
+            continue
+        rows.append((label, bench_ms(run), graph_ms(run), kv_bytes if gqa else kv_bytes * Q_HEADS // KV_HEADS))
+        del run
         torch.cuda.empty_cache()
     return 2 * kv_bytes / (copy_ms * 1e-3) / 1e12, rows, kv_bytes, td.choose_config(spec)
 
 
 def print_table(kv_len: int) -> None:
     copy_tbs, rows, kv_bytes, config = rows_for(kv_len)
-    sdpa_best = min(ms for name, ms, _ in rows if name.startswith("SDPA") and ms is not None)
+    sdpa = [r for r in rows if r[0].startswith("SDPA") and r[1] is not None]
+    best_eager = min(r[1] for r in sdpa)
+    best_graph = min((r[2] for r in sdpa if r[2] is not None), default=None)
     print(f"\n### Nk = {kv_len} (K+V = {kv_bytes / 2**20:.0f} MiB; copy {copy_tbs:.2f} TB/s; "
           f"triton_decode splits={config.num_splits}, BLOCK_N={config.block_n})\n")
-    print("| kernel | time (us) | bytes read (MiB) | KV TB/s | vs copy | speed vs best SDPA |")
-    print("|---|---|---|---|---|---|")
-    for name, ms, read in rows:
-        if ms is None:
-            print(f"| {name} | refused | | | | |")
+    print("| kernel | bytes read (MiB) | eager (us) | KV TB/s | vs copy | vs best SDPA "
+          "| graph replay (us) | KV TB/s | vs copy | vs best SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, eager, graph, read in rows:
+        if eager is None:
+            print(f"| {name} | refused | | | | | | | | |")
             continue
-        kv_tbs = kv_bytes / (ms * 1e-3) / 1e12
-        print(f"| {name} | {ms * 1e3:.1f} | {read / 2**20:.0f} | {kv_tbs:.2f} | {kv_tbs / copy_tbs:.2f} "
-              f"| {sdpa_best / ms:.2f} |")
+        cells = [f"{read / 2**20:.0f}"]
+        for ms, best in ((eager, best_eager), (graph, best_graph)):
+            if ms is None:
+                cells += ["n/a"] * 4
+                continue
+            kv_tbs = kv_bytes / (ms * 1e-3) / 1e12
+            vs_best = f"{best / ms:.2f}" if best is not None else ""
+            cells += [f"{ms * 1e3:.1f}", f"{kv_tbs:.2f}", f"{kv_tbs / copy_tbs:.2f}", vs_best]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
+def print_host_overhead(kv_len: int = 64) -> None:
+    """Enqueue cost per call at a tiny cache, where the host, not the device, sets the pace."""
+    q, k, v = make_inputs(kv_len)
+    spec = AttentionSpec.from_tensors(q, k, v)
+    config = td.choose_config(spec)
+    parts = {
+        "triton_decode (choose_config + 1 launch)": lambda: td.decode_attention(q, k, v, spec),
+        "triton_decode, 2 splits (+ merge launch)": lambda: td.decode_attention(
+            q, k, v, spec, td.DecodeConfig(config.block_m, config.block_n, 2)),
+        "choose_config alone": lambda: td.choose_config(spec),
+        "torch.empty": lambda: torch.empty(16, device="cuda"),
+    }
+    for name in ("SDPA cuDNN", "SDPA flash"):
+        parts[f"{name} (enable_gqa)"] = lambda b=SDPA_BACKENDS[name]: sdpa_runner(b, q, k, v, True)()
+    print(f"\n### Host time per call, Nk = {kv_len} (us)\n")
+    print("| call | us |")
+    print("|---|---|")
+    for name, fn in parts.items():
+        try:
+            print(f"| {name} | {host_us_per_call(fn):.1f} |")
+        except RuntimeError:
+            print(f"| {name} | refused |")
 
 
 def sweep(kv_len: int = 32768) -> None:
@@ -148,6 +206,7 @@ def main() -> None:
         sweep()
     for kv_len in KV_LENS:
         print_table(kv_len)
+    print_host_overhead()
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ Rows with no visible key come out of the kernels as 0 with ``lse = -inf``;
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -254,6 +255,7 @@ def key_range(spec: AttentionSpec) -> tuple[int, int]:
     return begin, max(begin, stop)
 
 
+@functools.lru_cache(maxsize=None)
 def _sm_count(device: torch.device) -> int:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -275,15 +277,21 @@ def num_splits_for(programs: int, tiles: int, sm_count: int) -> int:
 
 def choose_config(spec: AttentionSpec, num_splits: int | None = None) -> DecodeConfig:
     """Tile sizes from the head dims, split count from Nk, B * Hkv and the SM count."""
-    rows = spec.group_size * spec.q_len
-    block_m = min(MAX_BLOCK_M, max(MIN_DOT_ROWS, triton.next_power_of_2(rows)))
-    wide = max(spec.head_dim, spec.v_head_dim) > 128
-    block_n = 32 if wide else 64
     begin, stop = key_range(spec)
-    tiles = triton.cdiv(stop - begin, block_n)
-    programs = spec.batch * spec.kv_heads * triton.cdiv(rows, block_m)
+    return _config_for(spec.batch * spec.kv_heads, spec.group_size * spec.q_len, spec.head_dim,
+                       spec.v_head_dim, stop - begin, _sm_count(spec.device), num_splits)
+
+
+@functools.lru_cache(maxsize=1024)
+def _config_for(heads: int, rows: int, head_dim: int, v_head_dim: int, keys: int, sm_count: int,
+                num_splits: int | None) -> DecodeConfig:
+    """``choose_config`` on plain numbers, cached: decode calls it once per generated token."""
+    block_m = min(MAX_BLOCK_M, max(MIN_DOT_ROWS, triton.next_power_of_2(rows)))
+    wide = max(head_dim, v_head_dim) > 128
+    block_n = 32 if wide else 64
+    tiles = triton.cdiv(keys, block_n)
     if num_splits is None:
-        num_splits = num_splits_for(programs, tiles, _sm_count(spec.device))
+        num_splits = num_splits_for(heads * triton.cdiv(rows, block_m), tiles, sm_count)
     return DecodeConfig(block_m=block_m, block_n=block_n, num_splits=max(1, min(num_splits, max(tiles, 1))),
                         num_warps=4, num_stages=2 if wide else 3)
 
@@ -352,7 +360,7 @@ def decode_attention(
         lse_dst = q.new_empty((batch, q_heads, q_len, splits), dtype=torch.float32)  # [B, Hq, Nq, S]
         o_strides, lse_strides = o_dst.stride(), lse_dst.stride()
 
-    dummy = q.new_empty((1,), dtype=torch.int32)
+    dummy = q  # stands in for absent optional tensors: never loaded (their constexpr flags are off)
     bias, bias_strides = _broadcast_term(spec.bias, spec, dummy)
     mask, mask_strides = _broadcast_term(spec.mask, spec, dummy)
     keep, keep_strides, kv_end = _key_padding_args(spec, dummy)

@@ -16,8 +16,9 @@ from attnopt.kernels import get, naive_attention
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-#: ||out - ref|| / ||ref|| bounds: float32 dots, and half operands rounded once per product
-TOLERANCE = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+#: ||out - ref|| / ||ref|| bounds: float32 scores carry |s| * 6e-8 of rounding (an ALiBi bias
+#: of a few thousand makes that 1e-4); half operands are rounded once per product
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
 KERNEL = get("triton_decode")
 
 
