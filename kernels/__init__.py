@@ -1,6 +1,13 @@
 """attnopt's runtime: the AttentionSpec contract, the kernel registry and the kernels."""
 
 from . import reference  # noqa: F401  (registers the reference kernel)
+
+try:
+    import triton  # noqa: F401
+except ImportError:  # the Triton kernels are optional: the reference kernel runs anywhere
+    triton = None
+if triton is not None:
+    from . import triton_decode  # noqa: F401
 from .naive import naive_attention
 from .registry import Kernel, all_kernels, get, register
 from .spec import Align, AttentionSpec, Fill, Window
