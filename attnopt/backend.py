@@ -21,7 +21,7 @@ def attnopt_backend(gm, example_inputs, options: dict | None = None):
 
 
 def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_run: bool = False):
-    gm = optimize_graph(gm, options, report, dry_run=dry_run)
+    gm = optimize_graph(gm, options, report, dry_run=dry_run, example_inputs=example_inputs)
     if dry_run:
         return gm.forward
     return run_compiler(gm, example_inputs, options)

@@ -1,15 +1,17 @@
 """Detection: find attention subgraphs in a dynamo FX graph.
 
 Two anchors. A **softmax** over the last dim: walk up from it to the score
-matmul ``q @ k^T`` through what does not change the math (casts, scale by
-multiply or divide, additive masks, ``masked_fill`` / ``where`` fills), and
-down to the value matmul ``probs @ v`` (through casts and dropout). An
-**SDPA call** is a site by itself.
+product ``q @ k^T`` (matmul, bmm, baddbmm or einsum, any layout) through what
+does not change the math (casts, scale by multiply or divide, softcap's
+``tanh(s / c) * c``, additive masks, ``masked_fill`` / ``where`` fills), and
+down to the value product ``probs @ v`` (through casts and dropout). An **SDPA
+call** is a site by itself.
 
 Each anchor yields a typed ``Match`` or a ``Rejection`` that names the reason
 and the node at fault, so a site left alone can be explained. A match is only
 made when the subgraph is closed: the scores and probabilities feed nothing
-but the next step of the attention.
+but the next step of the attention. The masks of a match are then classified
+by ``masks.analyze`` into AttentionSpec terms.
 """
 
 from __future__ import annotations
@@ -22,11 +24,9 @@ from torch.fx import Graph, Node
 
 from attnopt.kernels.spec import Fill
 
-from .graph import arg, constant_value, kind, shape_of, tensor_meta
-
-#: a finite fill at or below this masks a key: exp(fill - s) underflows to 0 in
-#: float32 for any score s above fill + 104, i.e. any real-world score
-MASKING_FILL = -1e4
+from . import masks
+from .graph import Constants, arg, kind, shape_of, tensor_meta
+from .layouts import LayoutError, Operand, Step, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
 
 
 @dataclass(frozen=True)
@@ -42,19 +42,25 @@ class BooleanTerm:
 class Match:
     anchor: Node
     kind: str  # "softmax" or "sdpa"
-    q: Node
-    k: Node
-    v: Node
+    q: Operand
+    k: Operand
+    v: Operand
     output: Node  # the node whose uses the replacement takes over
-    scale: float | None  # None: SDPA's default 1/sqrt(D)
-    additive: list[tuple[Node, float]] = field(default_factory=list)  # (term, multiplier)
-    booleans: list[BooleanTerm] = field(default_factory=list)
-    fill: Fill = Fill.NEG_INF
-    causal: bool = False
+    output_steps: tuple[Step, ...] = ()  # layout steps from the op's [B, H, Nq, Dv] to the output's
+    scale: float | None = 1.0  # None: SDPA's default 1/sqrt(D)
     softcap: float | None = None
     dropout_p: float = 0.0
+    causal: bool = False  # SDPA's is_causal
+    booleans: list[BooleanTerm] = field(default_factory=list)
+    additive: list[tuple[Node, float]] = field(default_factory=list)  # (term, multiplier)
+    masks: masks.MaskAnalysis | None = None
+    kv_group: int = 1  # K/V heads were repeated this many times in the original
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
-    intermediates: list[Node] = field(default_factory=list)  # [B, H, Nq, Nk] tensors eager materializes
+    intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
+
+    @property
+    def fill(self) -> Fill:
+        return self.masks.fill
 
 
 @dataclass(frozen=True)
@@ -70,22 +76,29 @@ class _Reject(Exception):
         self.reason, self.at = reason, at
 
 
-def find_sites(graph: Graph) -> list[Match | Rejection]:
-    """Every softmax and SDPA anchor of ``graph``, matched or rejected, in graph order."""
+def find_sites(graph: Graph, inputs: dict[Node, torch.Tensor] | None = None) -> list[Match | Rejection]:
+    """Every softmax and SDPA anchor of ``graph``, matched or rejected, in graph order.
+
+    ``inputs`` are real values of the graph's placeholders (the example inputs);
+    with them, masks built from buffers can be proven causal or windowed.
+    """
+    constants = Constants(graph, inputs)
     found: list[Match | Rejection] = []
     for node in list(graph.nodes):
         anchor_kind = kind(node)
         if anchor_kind not in ("softmax", "sdpa"):
             continue
         try:
-            found.append(_match_sdpa(node) if anchor_kind == "sdpa" else _match_softmax(node))
+            match = _match_sdpa(node, constants) if anchor_kind == "sdpa" else _match_softmax(node, constants)
+            _analyze_masks(match, constants)
+            found.append(match)
         except _Reject as r:
             found.append(Rejection(node, r.reason, r.at))
     return found
 
 
 # ------------------------------------------------------------------ softmax
-def _match_softmax(softmax: Node) -> Match:
+def _match_softmax(softmax: Node, constants: Constants) -> Match:
     scores_in = arg(softmax, 0, "input")
     dim = arg(softmax, 1, "dim")
     shape = shape_of(softmax)
@@ -93,19 +106,21 @@ def _match_softmax(softmax: Node) -> Match:
         raise _Reject("softmax input is not a tensor computed in the graph", softmax)
     if dim is None or dim not in (-1, len(shape) - 1):
         raise _Reject(f"softmax over dim {dim}, not the last (key) dim: not attention", softmax)
-    if len(shape) != 4:
-        raise _Reject(f"softmax over {len(shape)}-D scores; attention scores are [B, H, Nq, Nk]", softmax)
+    if len(shape) not in (3, 4):
+        raise _Reject(f"softmax over {len(shape)}-D scores; attention scores are [B, H, Nq, Nk] or [B*H, Nq, Nk]",
+                      softmax)
 
-    chain: list[Node] = [softmax]  # from softmax up to the score matmul
-    steps: list[tuple] = []  # forward-order ops applied to the raw scores, built in reverse
+    chain: list[Node] = [softmax]  # from softmax up to the score product
+    steps: list[tuple] = []  # ops applied to the raw scores, collected upwards
     node = scores_in
-    while kind(node) not in ("matmul",):
-        step, node = _score_step(node)
+    while kind(node) not in ("matmul", "einsum", "baddbmm"):
+        step, node = _score_step(node, constants)
         chain.append(step[-1])
         steps.append(step[:-1])
     score_mm = node
     chain.append(score_mm)
-    q, k = _split_score_matmul(score_mm)
+    q, k, product_steps = _split_score_product(score_mm, constants)
+    steps.extend(reversed(product_steps))
 
     down: list[Node] = []
     probs, dropout_p = softmax, 0.0
@@ -131,76 +146,120 @@ def _match_softmax(softmax: Node) -> Match:
             probs = user
             continue
         if user_kind == "matmul" and user.args[0] is probs:
+            v, output_steps = to_rank4(Operand(user.args[1])), ()
+            if len(shape) == 3:
+                output_steps = (("squeeze", (1,)),)
+            value_mm = user
+            break
+        if user_kind == "einsum" and len(user.args) == 3 and user.args[1] is probs:
+            try:
+                v, output_steps = value_einsum(user)
+            except LayoutError as err:
+                raise _Reject(str(err), user) from None
             value_mm = user
             break
         raise _Reject(f"probabilities go to {_describe(user)}, not to a product with values", user)
-    v = value_mm.args[1]
 
     for node in chain[1:]:
         if len(node.users) != 1:
             raise _Reject("attention scores are used outside the attention", node)
 
-    match = Match(anchor=softmax, kind="softmax", q=q, k=k, v=v, output=value_mm, scale=1.0)
+    match = Match(anchor=softmax, kind="softmax", q=q, k=k, v=v, output=value_mm, output_steps=output_steps,
+                  dropout_p=dropout_p)
     _interpret(match, list(reversed(steps)), softmax)
+    match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     _check_layout(match, score_mm)
-    match.internal = [*reversed(down), softmax, *chain[1:], score_mm.args[1]]
+    match.internal = [*reversed(down), softmax, *chain[1:]]
+    if kind(score_mm) == "matmul" and isinstance(score_mm.args[1], Node) and score_mm.args[1] is not match.k.node:
+        match.internal.append(score_mm.args[1])
     match.intermediates = [n for n in chain + down if shape_of(n) == shape]
     return match
 
 
-def _score_step(node: Node) -> tuple[tuple, Node]:
+def _score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
     """One op between the scores and the softmax: ``(step..., node), producer of the scores``."""
     k = kind(node)
-    if k == "cast":
+    if k in ("cast", "contiguous"):
         return ("cast", node), node.args[0]
     if k in ("mul", "div"):
         a, b = node.args[0], node.args[1]
-        tensor, number = (a, constant_value(b)) if isinstance(a, Node) else (b, constant_value(a))
-        if number is None or not isinstance(tensor, Node) or (k == "div" and tensor is not a):
-            raise _Reject(f"scores are scaled by {_describe_value(b if tensor is a else a)}, not a number", node)
-        return ("scale", number if k == "mul" else 1.0 / number, node), tensor
+        scores, other = (a, b) if _reaches_scores(a, constants) else (b, a)
+        number = constants.number(other)
+        if number is None or not isinstance(scores, Node) or (k == "div" and scores is not a):
+            raise _Reject(f"scores are scaled by {_describe_value(other)}, not a constant number", node)
+        return ("scale", number if k == "mul" else 1.0 / number, node), scores
     if k == "add":
         a, b = node.args[0], node.args[1]
-        if not (isinstance(a, Node) and isinstance(b, Node)):
+        alpha = node.kwargs.get("alpha", 1.0)
+        if not (isinstance(a, Node) and isinstance(b, Node)) or not isinstance(alpha, (int, float)):
             raise _Reject("a constant is added to the scores (softmax ignores it, but it is not a mask)", node)
-        scores, term = (a, b) if _reaches_scores(a) else (b, a)
-        if not _reaches_scores(scores):
-            raise _Reject("neither operand of the mask add leads to a score matmul", node)
-        return ("add", term, node), scores
+        if _reaches_scores(a, constants):
+            return ("add", b, float(alpha), node), a
+        if _reaches_scores(b, constants) and alpha == 1.0:
+            return ("add", a, 1.0, node), b
+        raise _Reject("neither operand of the mask add leads to a score product", node)
     if k == "masked_fill":
         scores, cond, value = node.args[0], node.args[1], arg(node, 2, "value")
-        return ("fill", BooleanTerm(cond, False, _fill_value(value, node)), node), scores
+        return ("fill", BooleanTerm(cond, False, _fill_value(value, node, constants)), node), scores
     if k == "where":
         cond, a, b = node.args[0], node.args[1], node.args[2]
-        if isinstance(a, Node) and _reaches_scores(a):
-            return ("fill", BooleanTerm(cond, True, _fill_value(b, node)), node), a
-        if isinstance(b, Node) and _reaches_scores(b):
-            return ("fill", BooleanTerm(cond, False, _fill_value(a, node)), node), b
+        if isinstance(a, Node) and _reaches_scores(a, constants):
+            return ("fill", BooleanTerm(cond, True, _fill_value(b, node, constants)), node), a
+        if isinstance(b, Node) and _reaches_scores(b, constants):
+            return ("fill", BooleanTerm(cond, False, _fill_value(a, node, constants)), node), b
         raise _Reject("torch.where between scores and softmax that selects no scores", node)
     if k == "tanh":
         return ("tanh", node), node.args[0]
-    raise _Reject(f"{_describe(node)} between the scores and the softmax is not modelled", node)
+    raise _Reject(f"no q @ k^T product above the softmax (reached {_describe(node)}): not attention", node)
 
 
-def _reaches_scores(node: Node) -> bool:
-    """Whether walking up through score steps from ``node`` reaches a matmul."""
-    seen = 0
-    while isinstance(node, Node) and seen < 64:
-        if kind(node) == "matmul":
+def _reaches_scores(node, constants: Constants) -> bool:
+    """Whether walking up through score steps from ``node`` reaches a score product."""
+    for _ in range(64):
+        if not isinstance(node, Node) or constants.is_constant(node):
+            return False
+        if kind(node) in ("matmul", "einsum", "baddbmm"):
             return True
         try:
-            _, node = _score_step(node)
+            _, node = _score_step(node, constants)
         except _Reject:
             return False
-        seen += 1
     return False
 
 
-def _fill_value(value, node: Node) -> float:
-    number = constant_value(value)
+def _fill_value(value, node: Node, constants: Constants) -> float:
+    number = constants.number(value)
     if number is None:
         raise _Reject(f"mask fill value {_describe_value(value)} is not a constant", node)
     return number
+
+
+def _split_score_product(node: Node, constants: Constants) -> tuple[Operand, Operand, list[tuple]]:
+    """``(q, k, steps)`` of the score product; ``steps`` are score steps it implies (baddbmm)."""
+    k = kind(node)
+    try:
+        if k == "einsum":
+            if len(node.args) != 3:
+                raise LayoutError("einsum scores need exactly two operands")
+            q, key = score_einsum(node)
+            return q, key, []
+        a, b = node.args[0], node.args[1]
+        extra: list[tuple] = []
+        if k == "baddbmm":
+            a, b = node.args[1], node.args[2]
+            beta, alpha = node.kwargs.get("beta", 1.0), node.kwargs.get("alpha", 1.0)
+            if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
+                raise LayoutError("baddbmm with traced beta / alpha")
+            extra.append(("scale", float(alpha)))
+            bias = node.args[0]
+            zero_bias = constants.is_constant(bias) and not bool(constants.value(bias).any())
+            if beta != 0.0 and not zero_bias:
+                extra.append(("add", bias, float(beta) / float(alpha)))
+        if not isinstance(a, Node) or not isinstance(b, Node):
+            raise LayoutError("score product with a constant operand")
+        return to_rank4(Operand(a)), to_rank4(untransposed(b)), extra
+    except LayoutError as err:
+        raise _Reject(str(err), node) from None
 
 
 def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
@@ -210,7 +269,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
     booleans: list[BooleanTerm] = []
     for step in steps:
         op = step[0]
-        if pending_tanh and op != "scale" and op != "cast":
+        if pending_tanh and op not in ("scale", "cast"):
             raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
         if op == "cast":
             continue
@@ -219,6 +278,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
             if c <= 0 or not math.isfinite(c):
                 raise _Reject(f"scores are scaled by {c}: only positive finite scales are attention", at)
             if pending_tanh:
+                # c * tanh(a * qk) is the spec's softcap c with scale a * c
                 softcap, scale, pending_tanh = c, scale * c, False
                 continue
             scale *= c
@@ -233,50 +293,30 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
                 raise _Reject(
                     "an additive mask follows a finite masked_fill: rows masked by both would not be exact", at
                 )
-            additive.append((step[1], 1.0))
+            additive.append((step[1], step[2]))
         elif op == "fill":
             booleans.append(step[1])
     if pending_tanh:
         raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
-    fills = {b.fill == float("-inf") for b in booleans}
-    for b in booleans:
-        if b.fill != float("-inf") and not b.fill <= MASKING_FILL:
-            raise _Reject(f"masked_fill value {b.fill:g} is too large to mask a key", b.cond)
-    if len(fills) > 1:
-        raise _Reject("the scores are filled with both -inf and a finite minimum", at)
     match.scale, match.softcap = scale, softcap
     match.additive, match.booleans = additive, booleans
-    match.fill = Fill.FINITE if fills == {False} else Fill.NEG_INF
 
 
-def _split_score_matmul(mm: Node) -> tuple[Node, Node]:
-    """``(q, k)`` of ``q @ k.transpose(-2, -1)``."""
-    a, b = mm.args[0], mm.args[1]
-    if not isinstance(a, Node) or not isinstance(b, Node):
-        raise _Reject("score matmul with a constant operand", mm)
-    ndim = len(shape_of(b) or ())
-    if kind(b) == "transpose":
-        dims = {d % ndim for d in b.args[1:3]} if ndim else set()
-        if dims == {ndim - 1, ndim - 2}:
-            return a, b.args[0]
-    raise _Reject(f"the key operand of the score matmul is {_describe(b)}, not k.transpose(-2, -1)", mm)
-
-
-def _check_layout(match: Match, score_mm: Node) -> None:
-    q, k, v = (shape_of(n) for n in (match.q, match.k, match.v))
+def _check_layout(match: Match, at: Node) -> None:
+    q, k, v = match.q.shape(), match.k.shape(), match.v.shape()
     if q is None or k is None or v is None or not (len(q) == len(k) == len(v) == 4):
-        raise _Reject("q, k, v are not [B, H, N, D] tensors", score_mm)
+        raise _Reject("q, k, v are not [B, H, N, D] tensors", at)
     if q[0] != k[0] or k[:3] != v[:3] or q[3] != k[3]:
-        raise _Reject(f"q {q}, k {k}, v {v} do not agree on batch, heads, keys or head dim", score_mm)
-    if q[1] != k[1]:
-        raise _Reject(f"q has {q[1]} heads and k {k[1]}: heads are not paired", score_mm)
-    dtypes = {tensor_meta(n).dtype for n in (match.q, match.k, match.v)}
+        raise _Reject(f"q {q}, k {k}, v {v} do not agree on batch, heads, keys or head dim", at)
+    if q[1] % k[1]:
+        raise _Reject(f"q has {q[1]} heads and k {k[1]}: heads are not grouped", at)
+    dtypes = {tensor_meta(op.node).dtype for op in (match.q, match.k, match.v)}
     if len(dtypes) != 1 or dtypes.pop() not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-        raise _Reject("q, k, v dtypes differ or are not floating point", score_mm)
+        raise _Reject("q, k, v dtypes differ or are not floating point", at)
 
 
 # ------------------------------------------------------------------ SDPA
-def _match_sdpa(node: Node) -> Match:
+def _match_sdpa(node: Node, constants: Constants) -> Match:
     q, k, v = node.args[0], arg(node, 1, "key"), arg(node, 2, "value")
     attn_mask = arg(node, 3, "attn_mask")
     dropout_p = arg(node, 4, "dropout_p", 0.0)
@@ -288,8 +328,9 @@ def _match_sdpa(node: Node) -> Match:
         if isinstance(value, Node):
             raise _Reject(f"SDPA {name} is computed in the graph, not a constant", node)
     match = Match(
-        anchor=node, kind="sdpa", q=q, k=k, v=v, output=node, scale=None if scale is None else float(scale),
-        fill=Fill.SAFE, causal=bool(is_causal), dropout_p=float(dropout_p), internal=[node],
+        anchor=node, kind="sdpa", q=Operand(q), k=Operand(k), v=Operand(v), output=node,
+        scale=None if scale is None else float(scale), causal=bool(is_causal), dropout_p=float(dropout_p),
+        internal=[node],
     )
     if attn_mask is not None:
         meta = tensor_meta(attn_mask)
@@ -304,7 +345,23 @@ def _match_sdpa(node: Node) -> Match:
         raise _Reject("SDPA on tensors that are not [B, H, N, D]", node)
     if qs[1] != ks[1] and not (enable_gqa and qs[1] % ks[1] == 0):
         raise _Reject(f"SDPA with {qs[1]} q heads and {ks[1]} kv heads without enable_gqa", node)
+    if qs[1] == ks[1]:
+        match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     return match
+
+
+def _analyze_masks(match: Match, constants: Constants) -> None:
+    # masks broadcast against the scores as the model wrote them: [B, H, Nq, Nk] or [B*H, Nq, Nk]
+    score_shape = shape_of(match.anchor) if match.kind == "softmax" else (*match.q.shape()[:-1], match.k.shape()[-2])
+    try:
+        match.masks = masks.analyze(
+            match.booleans, match.additive, sdpa=match.kind == "sdpa", score_shape=score_shape,
+            dtype=tensor_meta(match.q.node).dtype, constants=constants,
+        )
+    except masks.MaskError as err:
+        raise _Reject(str(err), match.anchor) from None
+    if match.kind == "sdpa" and match.causal and (match.masks.causal or match.masks.window):
+        raise _Reject("SDPA with both is_causal and a structural attn_mask", match.anchor)
 
 
 def _describe(node: Node) -> str:
@@ -314,3 +371,4 @@ def _describe(node: Node) -> str:
 
 def _describe_value(value) -> str:
     return _describe(value) if isinstance(value, Node) else repr(value)
+

@@ -4,72 +4,103 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch.fx import GraphModule
 
 from attnopt.config import Options
-from attnopt.report import Report, Site
+from attnopt.report import GraphMemory, Report, Site
 
 from . import plan
-from .detect import Match, Rejection, find_sites
-from .graph import module_path, shape_of
+from .detect import Rejection, find_sites
+from .graph import is_buffer, is_parameter, module_path
 from .memory import bytes_after, bytes_before
-from .rewrite import replace, spec_of
+from .rewrite import replace
 
 log = logging.getLogger("attnopt")
 
 
-def optimize_graph(gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False) -> GraphModule:
-    """Rewrite every attention site of ``gm`` that can be replaced exactly; record each in ``report``."""
+def optimize_graph(
+    gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
+) -> GraphModule:
+    """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
+
+    The kernels are planned for the whole graph at once, so that its estimated
+    peak memory fits ``options.max_mem`` (``plan.MemoryBudgetError`` when no
+    plan does). ``example_inputs`` (the real inputs the backend received) let
+    the planner measure approximate kernels' errors when ``exact=False``.
+    """
     graph_index = report.graphs
     report.graphs += 1
     report.dry_run = dry_run
-    for found in find_sites(gm.graph):
-        if isinstance(found, Rejection):
+    found = list(find_sites(gm.graph))
+    graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
+    planned = iter(graph_plan.sites)
+    for item in found:
+        if isinstance(item, Rejection):
             site = Site(
-                where=module_path(found.anchor), node=found.anchor.name, graph=graph_index, replaced=False,
-                reason=f"{found.reason} [at {found.at.name}]",
+                where=module_path(item.anchor), node=item.anchor.name, graph=graph_index, replaced=False,
+                reason=f"{item.reason} [at {item.at.name}]",
             )
         else:
-            site = _plan_and_replace(gm, found, options, graph_index, dry_run)
+            site = _plan_and_replace(gm, next(planned), graph_index, dry_run)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
         report.sites.append(site)
+    report.memory.append(GraphMemory(
+        graph_index, graph_plan.peak_before.bytes, graph_plan.peak_after.bytes, graph_plan.budget,
+        graph_plan.training,
+    ))
     if not dry_run:
         gm.graph.lint()
         gm.recompile()
     return gm
 
 
-def _plan_and_replace(gm: GraphModule, match: Match, options: Options, graph_index: int, dry_run: bool) -> Site:
-    spec = spec_of(match)
+def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool) -> Site:
+    match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
-        where=module_path(match.anchor), node=match.anchor.name, graph=graph_index, causal=spec.causal,
+        where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
         mask_terms=spec.mask_terms, cross=_cross(match),
         q_heads=spec.q_heads, kv_heads=spec.kv_heads, q_len=spec.q_len, kv_len=spec.kv_len,
         head_dim=spec.head_dim, dtype=str(spec.dtype), bytes_before=bytes_before(match, spec),
     )
-    try:
-        choice = plan.choose(spec, exact=options.exact, forced=options.kernel)
-    except plan.NoKernelError as err:
-        if options.kernel is not None:
-            raise
-        return Site(replaced=False, reason=str(err).splitlines()[0], **described)
+    if choice is None:
+        return Site(replaced=False, reason=site_plan.error, **described)
     if not dry_run:
         replace(gm.graph, match, choice.kernel)
+    chosen = choice.chosen
     return Site(
         replaced=True, reason=choice.reason,
         kernel=choice.kernel, exact=choice.exact, bytes_after=bytes_after(spec, choice.kernel),
-        rejected_kernels=tuple((c.kernel, c.reasons) for c in choice.rejected), **described,
+        rejected_kernels=tuple((c.kernel, c.reasons) for c in choice.rejected),
+        error=None if chosen.exact else chosen.error,
+        candidate_times=tuple((c.kernel, c.cost, c.measured) for c in choice.candidates if c.supported),
+        **described,
     )
 
 
-def _cross(match: Match) -> bool:
-    """Whether q and k come from different sequences: their token dims differ in provenance.
+def _cross(match) -> bool:
+    """Whether q comes from a sequence that k does not: cross-attention.
 
-    Without a provenance analysis, a site is cross-attention when the key length
-    differs from the query length; equal lengths are reported as self-attention.
+    Compares the graph inputs (not parameters or buffers) each depends on: in
+    self-attention, also with a KV cache, everything q depends on reaches k too.
     """
-    q, k = shape_of(match.q), shape_of(match.k)
-    return q is not None and k is not None and q[-2] != k[-2]
+    q_inputs, k_inputs = _data_inputs(match.q.node), _data_inputs(match.k.node)
+    return bool(q_inputs - k_inputs)
+
+
+def _data_inputs(node) -> frozenset:
+    seen, stack, found = set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if not is_buffer(n) and not is_parameter(n):
+                found.add(n)
+            continue
+        stack.extend(n.all_input_nodes)
+    return frozenset(found)
 
 
 def run_compiler(gm: GraphModule, example_inputs, options: Options):

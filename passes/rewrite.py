@@ -1,10 +1,11 @@
 """Rewrite: replace each matched attention subgraph with one ``torch.ops.attnopt.attention`` call.
 
-For a match the pass builds the op's inputs from the match's terms (boolean
-terms AND-ed into one keep mask, additive terms scaled and summed), inserts the
-call before the old value product, hands its uses over, and erases the
-attention's now-dead intermediates. The graph is linted and recompiled by the
-caller once all sites are done.
+For a match the pass builds the op's inputs from the analyzed mask terms
+(key padding rows, document ids, dense atoms AND-ed into one keep mask,
+additive terms scaled and summed), brings q, k, v to ``[B, H, N, D]`` views,
+inserts the call before the old value product, hands its uses over, and
+erases the attention's now-dead intermediates. The caller lints and
+recompiles the graph once all sites are done.
 """
 
 from __future__ import annotations
@@ -19,38 +20,60 @@ from attnopt.kernels.spec import AttentionSpec
 
 from .detect import Match
 from .graph import hint, shape_of, tensor_meta
+from .layouts import Operand, apply_steps
+
+
+def key_padding_rows(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """A key-padding atom shaped ``[B or 1, 1, .., Nk]`` as the ``[B, Nk]`` keep mask of the op."""
+    return mask.reshape(mask.shape[0], mask.shape[-1]).expand(q.shape[0], mask.shape[-1])
+
+
+def id_rows(ids: torch.Tensor) -> torch.Tensor:
+    """Document ids shaped ``[B or 1, 1, .., N, 1]`` or ``[.., 1, N]`` as ``[B or 1, N]``."""
+    return ids.reshape(ids.shape[0], -1)
 
 
 def spec_of(match: Match) -> AttentionSpec:
-    """The AttentionSpec of a match, on the fake tensors dynamo recorded (for planning and reports)."""
-    q, k, v = (tensor_meta(n) for n in (match.q, match.k, match.v))
-    keep = tensor_meta(match.booleans[0].cond) if match.booleans else None
-    additive = [tensor_meta(t) for t, _ in match.additive]
-    if keep is not None:
-        mask, bias = keep, (additive[0] if additive else None)
-    else:
-        mask, bias = (additive[0] if additive else None), (additive[1] if len(additive) > 1 else None)
-    head_dim = shape_of(match.q)[-1]
+    """The AttentionSpec of a match on meta tensors of the real shapes: for planning and reports."""
+    m = match.masks
+    q_shape, k_shape, v_shape = match.q.shape(), match.k.shape(), match.v.shape()
+    dtype = tensor_meta(match.q.node).dtype
+
+    def meta(shape, dt):
+        return torch.empty(shape, dtype=dt, device="meta")
+
+    batch, q_len, kv_len = q_shape[0], q_shape[2], k_shape[2]
+    dense = meta(_rank4(shape_of(m.dense[0].node), match), torch.bool) if m.dense else None
+    additive = [meta(_rank4(shape_of(t), match), tensor_meta(t).dtype) for t, _ in m.additive]
+    mask, bias = (dense, additive[0] if additive else None) if dense is not None else (
+        additive[0] if additive else None, additive[1] if len(additive) > 1 else None)
+    docs = m.documents
     spec = AttentionSpec.from_tensors(
-        _concrete(q), _concrete(k), _concrete(v),
-        scale=_scale(match, head_dim), causal=match.causal,
-        bias=None if bias is None else _concrete(bias), mask=None if mask is None else _concrete(mask),
-        softcap=match.softcap, dropout_p=match.dropout_p, fill=match.fill,
-        requires_grad=any(t.requires_grad for t in (q, k, v)),
+        meta(q_shape, dtype), meta(k_shape, dtype), meta(v_shape, dtype),
+        scale=_scale(match), causal=match.causal or m.causal, align=m.align, window=m.window,
+        key_padding=meta((batch, kv_len), torch.bool) if m.key_padding else None,
+        q_doc=meta((1, q_len), torch.long) if docs else None, kv_doc=meta((1, kv_len), torch.long) if docs else None,
+        bias=bias, mask=mask, softcap=match.softcap, dropout_p=match.dropout_p, fill=m.fill,
+        requires_grad=any(tensor_meta(op.node).requires_grad for op in (match.q, match.k, match.v)),
     )
-    return spec.with_(device=q.device)
+    return spec.with_(device=tensor_meta(match.q.node).device)
 
 
 def replace(graph: Graph, match: Match, kernel: str) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output."""
-    head_dim = shape_of(match.q)[-1]
+    m = match.masks
     with graph.inserting_before(match.output):
-        keep = None
-        for term in match.booleans:
-            cond = term.cond if term.keep_when_true else graph.call_function(torch.logical_not, (term.cond,))
-            keep = cond if keep is None else graph.call_function(torch.logical_and, (keep, cond))
+        q, k, v = (_view(graph, op) for op in (match.q, match.k, match.v))
+        key_padding = _all(graph, [
+            graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in m.key_padding
+        ])
+        q_doc = kv_doc = None
+        if m.documents is not None:
+            q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
+        keep = _all(graph, [_rank4_node(graph, _atom(graph, a), a.node, match) for a in m.dense])
         additive = [
-            t if m == 1.0 else graph.call_function(operator.mul, (t, m)) for t, m in match.additive
+            _rank4_node(graph, t if mult == 1.0 else graph.call_function(operator.mul, (t, mult)), t, match)
+            for t, mult in m.additive
         ]
         if keep is not None:
             mask, rest = keep, additive
@@ -59,17 +82,21 @@ def replace(graph: Graph, match: Match, kernel: str) -> Node:
         bias = None
         for term in rest:
             bias = term if bias is None else graph.call_function(operator.add, (bias, term))
+        window = m.window
         call = graph.call_function(
             torch.ops.attnopt.attention.default,
             (
-                match.q, match.k, match.v, None, None, None, bias, mask,
-                _scale(match, head_dim), match.causal, "top_left", None, None, match.softcap,
-                match.dropout_p, match.fill.value, kernel,
+                q, k, v, key_padding, q_doc, kv_doc, bias, mask,
+                _scale(match), match.causal or m.causal, m.align.value,
+                None if window is None else window.left, None if window is None else window.right,
+                match.softcap, match.dropout_p, m.fill.value, kernel,
             ),
         )
         out = graph.call_function(operator.getitem, (call, 0))
+        for name, args in match.output_steps:
+            out = graph.call_method(name, (out, *args))
         want = tensor_meta(match.output).dtype
-        if want != tensor_meta(match.q).dtype:
+        if want != tensor_meta(match.q.node).dtype:
             out = graph.call_method("to", (out, want))
     match.output.replace_all_uses_with(out)
     for node in dict.fromkeys([match.output, *match.internal]):
@@ -78,10 +105,39 @@ def replace(graph: Graph, match: Match, kernel: str) -> Node:
     return out
 
 
-def _scale(match: Match, head_dim: int) -> float:
-    return 1.0 / math.sqrt(head_dim) if match.scale is None else float(match.scale)
+def _view(graph: Graph, op: Operand) -> Node:
+    node = op.node
+    for name, args in op.steps:
+        node = graph.call_method(name, (node, *args))
+    return node
 
 
-def _concrete(t: torch.Tensor) -> torch.Tensor:
-    """A meta tensor of the fake tensor's concrete (hinted) shape: planning needs only metadata."""
-    return torch.empty([hint(s) for s in t.shape], dtype=t.dtype, device="meta")
+def _atom(graph: Graph, atom) -> Node:
+    return graph.call_function(torch.logical_not, (atom.node,)) if atom.negated else atom.node
+
+
+def _all(graph: Graph, nodes: list[Node]) -> Node | None:
+    result = None
+    for node in nodes:
+        result = node if result is None else graph.call_function(torch.logical_and, (result, node))
+    return result
+
+
+def _rank4(shape: tuple[int, ...], match: Match) -> tuple[int, ...]:
+    """A mask shape against [B*H, Nq, Nk] scores as a shape against the op's [B*H, 1, Nq, Nk]."""
+    if len(shape_of(match.anchor) or ()) == 3 and len(shape) == 3:
+        return apply_steps(shape, [("unsqueeze", (1,))])
+    return shape
+
+
+def _rank4_node(graph: Graph, node: Node, source: Node, match: Match) -> Node:
+    """``node`` (computed from ``source``) unsqueezed to broadcast against the op's 4-D scores."""
+    if len(shape_of(match.anchor) or ()) == 3 and len(shape_of(source) or ()) == 3:
+        return graph.call_method("unsqueeze", (node, 1))
+    return node
+
+
+def _scale(match: Match) -> float:
+    if match.scale is not None:
+        return float(match.scale)
+    return 1.0 / math.sqrt(hint(tensor_meta(match.q.node).shape[-1]))

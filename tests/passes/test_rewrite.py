@@ -101,8 +101,8 @@ def test_graph_breaks_give_one_graph_each():
 
 
 NEGATIVES = {
-    "classifier": (models.Classifier, "not attention|2-D|3-D"),
-    "router": (models.Router, "3-D|not attention"),
+    "classifier": (models.Classifier, "not attention"),
+    "router": (models.Router, "not attention"),
     "returns_weights": (models.ReturnsWeights, "used outside"),
     "softmax_over_queries": (models.SoftmaxOverQueries, "dim"),
     "changed_probabilities": (models.ChangedProbabilities, "used outside|not to a product"),

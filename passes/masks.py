@@ -1,0 +1,277 @@
+"""The mask algebra: what the masks feeding an attention site mean, as AttentionSpec terms.
+
+Input: the site's boolean terms (``masked_fill`` / ``where`` conditions, SDPA's
+bool mask) and additive terms, as detection found them. Output: a
+``MaskAnalysis`` of causal / window / key padding / document / dense terms.
+
+1. Additive masks that only ever add 0 or a fill are booleans in disguise:
+   ``where(c, 0, fill)``, ``where(c, fill, 0)``, ``(1 - b) * fill`` with ``b``
+   boolean. They become boolean terms when that is exact: a ``-inf`` fill
+   always; a finite fill only when it absorbs every score (``s + finfo.min`` is
+   ``finfo.min`` in float32 and bfloat16, not in float16).
+2. Each boolean term's keep condition is split into a conjunction of atoms
+   (through ``&``, ``~`` with De Morgan, ``expand``, bool casts).
+3. Each atom is classified:
+   * constant (built from aranges, shapes and buffers): evaluated for the
+     site's shape; a Toeplitz interval pattern (keep iff lo <= j - i <= hi)
+     becomes causal / window terms, all-true is dropped, anything else stays a
+     dense mask;
+   * shaped ``[B or 1, 1, ..., 1, Nk]``: it cannot depend on the query or the
+     head, so it is a key padding mask, whatever computes it at run time;
+   * ``a == b`` with ``a`` ``[.., Nq, 1]`` and ``b`` ``[.., 1, Nk]`` integer ids:
+     document (block-diagonal) masking;
+   * anything else: a dense mask, still exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Node
+
+from attnopt.kernels.spec import Align, Fill, Window
+
+from .graph import Constants, kind, shape_of, tensor_meta
+
+#: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
+MASKING_FILL = -1e4
+#: a fill at or below this absorbs any real score when added in float32 / bfloat16
+ABSORBING_FILL = -1e30
+
+
+@dataclass(frozen=True)
+class Atom:
+    node: Node
+    negated: bool  # keep where the node is False
+
+
+@dataclass
+class MaskAnalysis:
+    causal: bool = False
+    align: Align = Align.TOP_LEFT
+    window: Window | None = None
+    key_padding: list[Atom] = field(default_factory=list)
+    documents: tuple[Node, Node] | None = None
+    dense: list[Atom] = field(default_factory=list)
+    additive: list[tuple[Node, float]] = field(default_factory=list)
+    fill: Fill = Fill.NEG_INF
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def mask_terms(self) -> tuple[str, ...]:
+        terms = []
+        if self.causal:
+            terms.append("causal")
+        if self.window is not None:
+            terms.append("window")
+        if self.key_padding:
+            terms.append("key_padding")
+        if self.documents is not None:
+            terms.append("document")
+        if any(_needs_grad(t) for t, _ in self.additive):
+            terms.append("bias")
+        if self.dense or any(not _needs_grad(t) for t, _ in self.additive):
+            terms.append("dense")
+        return tuple(terms)
+
+
+class MaskError(Exception):
+    """The masks of a site cannot be expressed exactly; the message says why."""
+
+
+def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dtype: torch.dtype,
+            constants: Constants) -> MaskAnalysis:
+    """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms."""
+    result = MaskAnalysis()
+    terms = [(b.cond, b.keep_when_true, b.fill) for b in booleans]
+    for node, mult in additive:
+        converted = _as_boolean(node, mult, dtype, constants)
+        if converted is None:
+            result.additive.append((node, mult))
+        else:
+            terms.append(converted)
+    result.fill = _fill(terms, sdpa)
+    q_len, kv_len = score_shape[-2], score_shape[-1]
+    bands: list[tuple[int | None, int | None]] = []
+    for cond, keep_when_true, _ in terms:
+        for atom in _conjunction(cond, negated=not keep_when_true):
+            _classify(atom, result, bands, score_shape, constants)
+    if bands:
+        lo = max((b[0] for b in bands if b[0] is not None), default=None)
+        hi = min((b[1] for b in bands if b[1] is not None), default=None)
+        _set_band(result, lo, hi, q_len, kv_len)
+    return result
+
+
+# ----------------------------------------------------------------- additive -> boolean
+def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
+    """``(cond, keep_when_true, fill)`` when the additive term only adds 0 or an exact masking fill."""
+    k = kind(node)
+    if k == "where":
+        cond, a, b = node.args[0], node.args[1], node.args[2]
+        a, b = constants.number(a), constants.number(b)
+        if a == 0.0 and b is not None and _exact_fill(b * mult, dtype):
+            return cond, True, b * mult
+        if b == 0.0 and a is not None and _exact_fill(a * mult, dtype):
+            return cond, False, a * mult
+    if k == "mul":
+        x, y = node.args[0], node.args[1]
+        factor, other = (constants.number(y), x) if constants.number(y) is not None else (constants.number(x), y)
+        if factor is not None and _exact_fill(factor * mult, dtype) and kind(other) == "sub":
+            one, flag = other.args[0], other.args[1]
+            if constants.number(one) == 1.0 and _is_cast_of_bool(flag):
+                return flag, True, factor * mult
+    return None
+
+
+def _exact_fill(fill: float, dtype) -> bool:
+    if fill == float("-inf"):
+        return True
+    return fill <= ABSORBING_FILL and dtype in (torch.float32, torch.bfloat16, torch.float64)
+
+
+def _is_cast_of_bool(node) -> bool:
+    while isinstance(node, Node) and kind(node) in ("cast", "expand"):
+        meta = tensor_meta(node.args[0])
+        if meta is not None and meta.dtype == torch.bool:
+            return True
+        node = node.args[0]
+    return False
+
+
+def _fill(terms, sdpa: bool) -> Fill:
+    kinds = {math.isinf(fill) for _, _, fill in terms}
+    for _, _, fill in terms:
+        if not math.isinf(fill) and not fill <= MASKING_FILL:
+            raise MaskError(f"masked_fill value {fill:g} is too large to mask a key")
+    if len(kinds) > 1:
+        raise MaskError("the scores are filled with both -inf and a finite minimum")
+    if kinds == {False}:
+        return Fill.FINITE
+    return Fill.SAFE if sdpa else Fill.NEG_INF
+
+
+# ----------------------------------------------------------------- conjunctions
+def _conjunction(node, negated: bool) -> list[Atom]:
+    """Split ``node`` (or its negation) into atoms whose AND is the keep mask."""
+    k = kind(node)
+    if k in ("expand", "contiguous") or (k == "cast" and _bool_meta(node) and _bool_meta(node.args[0])):
+        return _conjunction(node.args[0], negated)
+    if k == "not":
+        return _conjunction(node.args[0], not negated)
+    if (k == "and" and not negated) or (k == "or" and negated):
+        return _conjunction(node.args[0], negated) + _conjunction(node.args[1], negated)
+    return [Atom(node, negated)]
+
+
+def _bool_meta(node) -> bool:
+    meta = tensor_meta(node)
+    return meta is not None and meta.dtype == torch.bool
+
+
+# ----------------------------------------------------------------- classification
+def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, constants: Constants) -> None:
+    node = atom.node
+    shape = shape_of(node)
+    if shape is None:
+        if constants.number(node) is not None:  # a scalar True/False
+            if bool(constants.number(node)) != atom.negated:
+                return
+        raise MaskError(f"mask atom {node.name} has no tensor shape")
+    rank = len(score_shape)
+    shape = (1,) * (rank - len(shape)) + tuple(shape)
+    if constants.is_constant(node):
+        value = constants.value(node)
+        if atom.negated:
+            value = ~value
+        value = value.reshape(shape)
+        if bool(value.all()):
+            return
+        band = _band_of(value, score_shape)
+        if band is not None:
+            bands.append(band)
+            return
+        result.dense.append(atom)
+        return
+    if _is_key_padding(shape, score_shape):
+        result.key_padding.append(atom)
+        return
+    docs = _documents(atom, score_shape)
+    if docs is not None and result.documents is None:
+        result.documents = docs
+        return
+    result.dense.append(atom)
+
+
+def _is_key_padding(shape, score_shape) -> bool:
+    return shape[-1] == score_shape[-1] and shape[0] in (1, score_shape[0]) and all(s == 1 for s in shape[1:-1])
+
+
+def _documents(atom: Atom, score_shape) -> tuple[Node, Node] | None:
+    node = atom.node
+    if atom.negated or kind(node) != "eq":
+        return None
+    a, b = node.args[0], node.args[1]
+    sa, sb = shape_of(a), shape_of(b)
+    if sa is None or sb is None:
+        return None
+    rank = len(score_shape)
+    sa, sb = (1,) * (rank - len(sa)) + sa, (1,) * (rank - len(sb)) + sb
+    q_len, kv_len = score_shape[-2], score_shape[-1]
+    ok = (
+        sa[-2:] == (q_len, 1) and sb[-2:] == (1, kv_len)
+        and all(s == 1 for s in sa[1:-2] + sb[1:-2])
+        and sa[0] in (1, score_shape[0]) and sb[0] in (1, score_shape[0])
+        and not tensor_meta(a).is_floating_point() and not tensor_meta(b).is_floating_point()
+    )
+    return (a, b) if ok else None
+
+
+def _band_of(value: torch.Tensor, score_shape) -> tuple[int | None, int | None] | None:
+    """``(lo, hi)`` with keep iff lo <= j - i <= hi (None unbounded), when ``value`` is such a band."""
+    q_len, kv_len = score_shape[-2], score_shape[-1]
+    if value.shape[-2:] != (q_len, kv_len):
+        return None
+    flat = value.reshape(-1, q_len, kv_len)
+    grid = flat[0]
+    if not bool((flat == grid).all()):
+        return None
+    if q_len > 1 and kv_len > 1 and not bool((grid[1:, 1:] == grid[:-1, :-1]).all()):
+        return None  # not constant along diagonals
+    # f(r) for r = j - i from -(q_len - 1) to kv_len - 1: first column upwards, then first row
+    f = torch.cat([grid[1:, 0].flip(0), grid[0]])
+    kept = torch.nonzero(f).flatten()
+    if kept.numel() == 0:
+        return None
+    first, last = int(kept[0]), int(kept[-1])
+    if last - first + 1 != kept.numel():
+        return None  # the kept diagonals are not one interval
+    lo = first - (q_len - 1)
+    hi = last - (q_len - 1)
+    return (None if first == 0 else lo), (None if last == f.numel() - 1 else hi)
+
+
+def _set_band(result: MaskAnalysis, lo: int | None, hi: int | None, q_len: int, kv_len: int) -> None:
+    """Express ``lo <= j - i <= hi`` as causal (with its alignment) and a window."""
+    if lo is not None and hi is not None and lo > hi:
+        raise MaskError("the structural masks keep no key at all")
+    offset = 0
+    if hi == 0:
+        result.causal = True
+    elif hi is not None and hi == kv_len - q_len:
+        result.causal, result.align, offset = True, Align.BOTTOM_RIGHT, kv_len - q_len
+    elif hi is not None and hi < 0:
+        raise MaskError(f"the band j - i <= {hi} excludes the diagonal: not expressible as causal or window")
+    left = None if lo is None else offset - lo
+    if left is not None and left < 0:
+        raise MaskError(f"the band j - i >= {lo} starts right of the diagonal: not expressible as a window")
+    right = None if result.causal or hi is None else hi
+    if left is not None or right is not None:
+        result.window = Window(left, right)
+
+
+def _needs_grad(node: Node) -> bool:
+    meta = tensor_meta(node)
+    return bool(meta is not None and meta.requires_grad)
