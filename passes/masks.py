@@ -33,7 +33,7 @@ from torch.fx import Node
 
 from attnopt.kernels.spec import Align, Fill, Window
 
-from .graph import Constants, kind, shape_of, tensor_meta
+from .graph import Constants, is_parameter, kind, shape_of, tensor_meta
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
 MASKING_FILL = -1e4
@@ -86,7 +86,9 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dty
     """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms."""
     result = MaskAnalysis()
     terms = [(b.cond, b.keep_when_true, b.fill) for b in booleans]
-    for node, mult in additive:
+    for node, mult in _summands(additive):
+        if constants.is_constant(node) and not bool(constants.value(node).any()):
+            continue  # adds zero (T5's cross-attention position bias)
         converted = _as_boolean(node, mult, dtype, constants)
         if converted is None:
             result.additive.append((node, mult))
@@ -106,6 +108,19 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dty
 
 
 # ----------------------------------------------------------------- additive -> boolean
+def _summands(additive):
+    """Split sums of additive terms (T5 adds its mask into its position bias) into their parts."""
+    out = []
+    stack = list(reversed(additive))
+    while stack:
+        node, mult = stack.pop()
+        if kind(node) == "add" and all(isinstance(a, Node) for a in node.args[:2]) and not node.kwargs:
+            stack.extend([(node.args[1], mult), (node.args[0], mult)])
+        else:
+            out.append((node, mult))
+    return out
+
+
 def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
     """``(cond, keep_when_true, fill)`` when the additive term only adds 0 or an exact masking fill."""
     k = kind(node)
@@ -273,5 +288,17 @@ def _set_band(result: MaskAnalysis, lo: int | None, hi: int | None, q_len: int, 
 
 
 def _needs_grad(node: Node) -> bool:
+    """Whether an additive term is learned (a bias computed from parameters), not a mask."""
     meta = tensor_meta(node)
-    return bool(meta is not None and meta.requires_grad)
+    if meta is not None and meta.requires_grad:
+        return True
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if is_parameter(n):
+            return True
+        stack.extend(n.all_input_nodes)
+    return False

@@ -32,7 +32,7 @@ def optimize_graph(
     graph_index = report.graphs
     report.graphs += 1
     report.dry_run = dry_run
-    found = list(find_sites(gm.graph))
+    found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs)))
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
     for item in found:
@@ -59,7 +59,8 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
-        mask_terms=spec.mask_terms, cross=_cross(match),
+        mask_terms=match.masks.mask_terms + (("softcap",) if spec.softcap is not None else ()),
+        cross=_cross(match),
         q_heads=spec.q_heads, kv_heads=spec.kv_heads, q_len=spec.q_len, kv_len=spec.kv_len,
         head_dim=spec.head_dim, dtype=str(spec.dtype), bytes_before=bytes_before(match, spec),
     )
@@ -76,6 +77,14 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
         candidate_times=tuple((c.kernel, c.cost, c.measured) for c in choice.candidates if c.supported),
         **described,
     )
+
+
+def _placeholder_values(gm: GraphModule, example_inputs) -> dict | None:
+    """The real example inputs by placeholder, so the mask analysis can evaluate buffer-built masks."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is None or len(example_inputs) != len(placeholders):
+        return None
+    return {n: x for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor)}
 
 
 def _cross(match) -> bool:
