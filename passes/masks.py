@@ -33,7 +33,7 @@ from torch.fx import Node
 
 from attnopt.kernels.spec import Align, Fill, Window
 
-from .graph import Constants, is_parameter, kind, shape_of, tensor_meta
+from .graph import Constants, arg, is_parameter, kind, shape_of, tensor_meta
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
 MASKING_FILL = -1e4
@@ -124,6 +124,13 @@ def _summands(additive):
 def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
     """``(cond, keep_when_true, fill)`` when the additive term only adds 0 or an exact masking fill."""
     k = kind(node)
+    if k == "cast":  # a cast keeps 0 and -inf (finite fills may round): see through it for -inf only
+        inner = _as_boolean(node.args[0], mult, dtype, constants)
+        return inner if inner is not None and inner[2] == float("-inf") else None
+    if k == "masked_fill" and _is_zeros(node.args[0], constants):
+        fill = constants.number(arg(node, 2, "value"))
+        if fill is not None and _exact_fill(fill * mult, dtype):
+            return node.args[1], False, fill * mult
     if k == "where":
         cond, a, b = node.args[0], node.args[1], node.args[2]
         a, b = constants.number(a), constants.number(b)
@@ -139,6 +146,14 @@ def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
             if constants.number(one) == 1.0 and _is_cast_of_bool(flag):
                 return flag, True, factor * mult
     return None
+
+
+def _is_zeros(node, constants: Constants) -> bool:
+    if isinstance(node, Node) and node.op == "call_function" and node.target in (torch.zeros_like, torch.zeros):
+        return True
+    if isinstance(node, Node) and node.op == "call_method" and node.target == "new_zeros":
+        return True
+    return isinstance(node, Node) and constants.is_constant(node) and not bool(constants.value(node).any())
 
 
 def _exact_fill(fill: float, dtype) -> bool:

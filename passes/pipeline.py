@@ -14,6 +14,7 @@ from . import plan
 from .detect import Rejection, find_sites
 from .graph import is_buffer, is_parameter, module_path
 from .memory import bytes_after, bytes_before
+from .modules import inline_multi_head_attention
 from .rewrite import replace
 
 log = logging.getLogger("attnopt")
@@ -32,6 +33,11 @@ def optimize_graph(
     graph_index = report.graphs
     report.graphs += 1
     report.dry_run = dry_run
+    # in a dry run the graph is edited but never recompiled: gm.forward still runs the original code
+    skipped = inline_multi_head_attention(gm.graph)
+    for item in skipped:
+        report.sites.append(Site(where=module_path(item.node), node=item.node.name, graph=graph_index,
+                                 replaced=False, reason=item.reason))
     found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs)))
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
