@@ -1,0 +1,42 @@
+"""OnnxReport: the sites of an export or fuse, plus the opset and the verified difference."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from attnopt.report import Report
+
+
+@dataclass
+class OnnxReport(Report):
+    opset: int | None = None
+    attention_nodes: int = 0  # Attention nodes in the resulting model
+    max_diff: float | None = None  # ONNX Runtime vs the source, when verified
+
+    def sanitize(self) -> None:
+        """Concrete ints where a dynamic-shape capture left symbolic sizes in the sites."""
+        self.sites = [
+            dataclasses.replace(s, **{
+                f.name: _concrete(getattr(s, f.name))
+                for f in dataclasses.fields(s) if isinstance(getattr(s, f.name), (torch.SymInt, torch.SymFloat))
+            })
+            for s in self.sites
+        ]
+
+    def to_dict(self) -> dict:
+        return {**super().to_dict(), "opset": self.opset, "attention_nodes": self.attention_nodes,
+                "max_diff": self.max_diff}
+
+    def __str__(self) -> str:
+        lines = [super().__str__(), f"ONNX opset {self.opset}: {self.attention_nodes} Attention node(s)"]
+        if self.max_diff is not None:
+            lines.append(f"ONNX Runtime vs source: max |difference| = {self.max_diff:.3g}")
+        return "\n".join(lines)
+
+
+def _concrete(value):
+    node = value.node
+    return type(node.hint)(node.hint) if node.has_hint() else None
