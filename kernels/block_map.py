@@ -85,11 +85,10 @@ def tile_state(spec: AttentionSpec, block_m: int, block_n: int) -> torch.Tensor:
         while mask.dim() < 4:
             mask = mask[None]
         if mask.dtype == torch.bool:
-            visible, full = mask, mask
+            any_, all_ = _tile_any_all(mask, block_m, block_n)
         else:
-            visible, full = mask != float("-inf"), mask == 0
-        any_, _ = _tile_any_all(visible, block_m, block_n)
-        _, all_ = _tile_any_all(full, block_m, block_n)
+            any_, _ = _tile_any_all(mask != float("-inf"), block_m, block_n)
+            _, all_ = _tile_any_all(mask == 0, block_m, block_n)
         state = torch.minimum(state, _state(any_, all_))
     b_m = 1 if state.shape[0] == 1 else spec.batch
     h_m = 1 if state.shape[1] == 1 else spec.q_heads

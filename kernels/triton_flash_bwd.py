@@ -124,32 +124,36 @@ def _dkdv_inner(
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for it in range(lo, hi, STEP):
-        for sub in tl.static_range(SUB):
-            if FROM_LIST:
-                m0 = tl.load(idx_ptr + it) * MAP_M + sub * BLOCK_M
-            else:
-                m0 = it
-            rows = m0 + offs_m
-            q = tl.load(Q + q_base + rows[:, None] * stride_qm + offs_d[None, :],
-                        mask=(rows[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
-            do = tl.load(DO + do_base + rows[:, None] * stride_dom + offs_dv[None, :],
-                         mask=(rows[:, None] < Nq) & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
-            lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + rows, mask=rows < Nq, other=float("inf"))
-            delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=rows < Nq, other=0.0)
-            p_drop, ds = _tile_grads(
-                q, do, k, v, rows, cols, lse2, delta, b, h, bh, Nq, Nk, kv_end, sm_scale, softcap, seed, dropout_p,
-                off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
-                bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn, mask_ptr, stride_mb, stride_mh, stride_mm,
-                stride_mn, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP, DROPOUT, DOT_PREC,
-            )
-            dv = _dot(tl.trans(p_drop.to(do.dtype)), do, dv, DOT_PREC)
-            ds = ds.to(q.dtype)
-            dk = _dot(tl.trans(ds), q, dk, DOT_PREC)
-            if ATOMIC_DQ:
-                dq = _dot(ds, k, None, DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
-                tl.atomic_add(DQ + dq_base + rows[:, None] * stride_dqm + offs_d[None, :], dq,
-                              mask=(rows[:, None] < Nq) & (offs_d[None, :] < D))
+    if FROM_LIST:  # the next listed tile is loaded one iteration ahead (pipelines)
+        tile = tl.load(idx_ptr + lo, mask=lo < hi, other=0) * MAP_M
+    for it in range(lo * SUB, hi * SUB, STEP):
+        if FROM_LIST:
+            m0 = tile + (it % SUB) * BLOCK_M
+        else:
+            m0 = it
+        rows = m0 + offs_m
+        q = tl.load(Q + q_base + rows[:, None] * stride_qm + offs_d[None, :],
+                    mask=(rows[:, None] < Nq) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_M, BLOCK_D]
+        do = tl.load(DO + do_base + rows[:, None] * stride_dom + offs_dv[None, :],
+                     mask=(rows[:, None] < Nq) & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_M, BLOCK_DV]
+        lse2 = tl.load(LSE2 + bh.to(tl.int64) * Nq + rows, mask=rows < Nq, other=float("inf"))
+        delta = tl.load(DELTA + bh.to(tl.int64) * Nq + rows, mask=rows < Nq, other=0.0)
+        p_drop, ds = _tile_grads(
+            q, do, k, v, rows, cols, lse2, delta, b, h, bh, Nq, Nk, kv_end, sm_scale, softcap, seed, dropout_p,
+            off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+            bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn, mask_ptr, stride_mb, stride_mh, stride_mm,
+            stride_mn, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP, DROPOUT, DOT_PREC,
+        )
+        dv = _dot(tl.trans(p_drop.to(do.dtype)), do, dv, DOT_PREC)
+        ds = ds.to(q.dtype)
+        dk = _dot(tl.trans(ds), q, dk, DOT_PREC)
+        if ATOMIC_DQ:
+            dq = _dot(ds, k, None, DOT_PREC) * sm_scale  # [BLOCK_M, BLOCK_D]
+            tl.atomic_add(DQ + dq_base + rows[:, None] * stride_dqm + offs_d[None, :], dq,
+                          mask=(rows[:, None] < Nq) & (offs_d[None, :] < D))
+        if FROM_LIST:
+            entry = (it + 1) // SUB
+            tile = tl.load(idx_ptr + entry, mask=entry < hi, other=0) * MAP_M
     return dk, dv
 
 
@@ -172,7 +176,7 @@ _TUNE_KEY = ["Nq", "Nk", "BLOCK_D", "BLOCK_DV", "USE_MAP", "HAS_LO", "HAS_HI", "
 
 
 @triton.autotune(
-    configs=_bwd_configs([(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3)]),
+    configs=_bwd_configs([(64, 128, 8, 2), (32, 128, 4, 3), (64, 64, 4, 3)]),
     key=_TUNE_KEY + ["ATOMIC_DQ"],
     prune_configs_by={"early_config_prune": _prune_bwd},
     reset_to_zero=["DQ"],
@@ -285,29 +289,33 @@ def _dq_inner(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for it in range(lo, hi, STEP):
-        for sub in tl.static_range(SUB):
-            if FROM_LIST:
-                n0 = tl.load(idx_ptr + it) * MAP_N + sub * BLOCK_N
-            else:
-                n0 = it
-            cols = n0 + offs_n
-            k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
-                        mask=(cols[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
-            v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :],
-                        mask=(cols[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-            _, ds = _tile_grads(
-                q, do, k, v, rows, cols, lse2, delta, b, h, bh, Nq, Nk, kv_end, sm_scale, softcap, seed, dropout_p,
-                off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
-                bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn, mask_ptr, stride_mb, stride_mh, stride_mm,
-                stride_mn, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP, DROPOUT, DOT_PREC,
-            )
-            dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
+    if FROM_LIST:  # the next listed tile is loaded one iteration ahead (pipelines)
+        tile = tl.load(idx_ptr + lo, mask=lo < hi, other=0) * MAP_N
+    for it in range(lo * SUB, hi * SUB, STEP):
+        if FROM_LIST:
+            n0 = tile + (it % SUB) * BLOCK_N
+        else:
+            n0 = it
+        cols = n0 + offs_n
+        k = tl.load(k_base + cols[:, None] * stride_kn + offs_d[None, :],
+                    mask=(cols[:, None] < Nk) & (offs_d[None, :] < D), other=0.0)  # [BLOCK_N, BLOCK_D]
+        v = tl.load(v_base + cols[:, None] * stride_vn + offs_dv[None, :],
+                    mask=(cols[:, None] < Nk) & (offs_dv[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
+        _, ds = _tile_grads(
+            q, do, k, v, rows, cols, lse2, delta, b, h, bh, Nq, Nk, kv_end, sm_scale, softcap, seed, dropout_p,
+            off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+            bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn, mask_ptr, stride_mb, stride_mh, stride_mm,
+            stride_mn, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP, DROPOUT, DOT_PREC,
+        )
+        dq = _dot(ds.to(k.dtype), k, dq, DOT_PREC)
+        if FROM_LIST:
+            entry = (it + 1) // SUB
+            tile = tl.load(idx_ptr + entry, mask=entry < hi, other=0) * MAP_N
     return dq
 
 
 @triton.autotune(
-    configs=_bwd_configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3)]),
+    configs=_bwd_configs([(128, 64, 8, 2), (64, 64, 4, 3)]),
     key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune_bwd},
 )

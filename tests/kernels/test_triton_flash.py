@@ -1,0 +1,290 @@
+"""triton_flash against the float64 oracle, for every term, dtype, layout and head dim it claims.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) on tiny shapes
+that still cross tiles (interpreter tiles are 16, tile maps 32); GPU tests
+(``-m gpu``) use realistic shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnopt
+from attnopt.kernels import triton_flash
+from attnopt.kernels.block_map import EMPTY, FULL, PARTIAL, tile_state
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.reference import add_term
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: max abs error on unit-variance inputs, scaled by max(1, |reference|) for gradients
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+DTYPES = list(TOL)
+
+
+def _doc_ids(b, n, g):
+    return torch.sort(torch.randint(0, 3, (b, n), generator=g), dim=1).values
+
+
+#: every mask term the kernel claims: name -> spec terms for (B, Hq, Nq, Nk, dtype)
+TERMS = {
+    "none": lambda b, h, nq, nk, dt, g: {},
+    "causal": lambda b, h, nq, nk, dt, g: {"causal": True},
+    "causal_bottom_right": lambda b, h, nq, nk, dt, g: {"causal": True, "align": Align.BOTTOM_RIGHT},
+    "window": lambda b, h, nq, nk, dt, g: {"window": Window(7, 3)},
+    "window_left_only": lambda b, h, nq, nk, dt, g: {"window": Window(None, 2), "align": Align.BOTTOM_RIGHT},
+    "window_causal": lambda b, h, nq, nk, dt, g: {"window": Window(20, None), "causal": True},
+    "key_lengths": lambda b, h, nq, nk, dt, g: {"key_padding": torch.randint(1, nk + 1, (b,), generator=g)},
+    "key_padding_bool": lambda b, h, nq, nk, dt, g: {"key_padding": torch.rand(b, nk, generator=g) > 0.3},
+    "key_padding_prefix": lambda b, h, nq, nk, dt, g: {
+        "key_padding": torch.arange(nk)[None, :] < torch.randint(1, nk + 1, (b, 1), generator=g)},
+    "document": lambda b, h, nq, nk, dt, g: {"q_doc": _doc_ids(b, nq, g), "kv_doc": _doc_ids(1, nk, g)},
+    "bias_broadcast": lambda b, h, nq, nk, dt, g: {"bias": torch.randn(h, 1, nk, generator=g)},
+    "bias_half": lambda b, h, nq, nk, dt, g: {"bias": torch.randn(b, 1, nq, nk, generator=g).to(dt)},
+    "mask_bool": lambda b, h, nq, nk, dt, g: {"mask": torch.rand(nq, nk, generator=g) > 0.4},
+    "mask_additive": lambda b, h, nq, nk, dt, g: {
+        "mask": torch.where(torch.rand(b, h, nq, nk, generator=g) > 0.3, 0.0, torch.finfo(dt).min).to(dt)},
+    "softcap_scale": lambda b, h, nq, nk, dt, g: {"softcap": 3.0, "scale": 0.3},
+}
+#: (B, Hq, Hkv, Nq, Nk): grouped-query self-attention, and cross attention with one kv head (MQA)
+LAYOUTS = {"gqa": (2, 4, 2, 64, 64), "cross": (1, 2, 1, 17, 64)}
+
+
+def make_inputs(layout, d, dtype, term, seed=0, fill=Fill.SAFE, dv=None, device=DEVICE):
+    g = torch.Generator().manual_seed(seed)
+    b, hq, hkv, nq, nk = layout
+    q = torch.randn(b, hq, nq, d, generator=g, dtype=torch.float32).to(dtype)
+    k = torch.randn(b, hkv, nk, d, generator=g, dtype=torch.float32).to(dtype)
+    v = torch.randn(b, hkv, nk, dv or d, generator=g, dtype=torch.float32).to(dtype)
+    g_terms = torch.Generator().manual_seed(seed + 1)  # the terms do not depend on the value width
+    terms = TERMS[term](b, hq, nq, nk, dtype, g_terms) if isinstance(term, str) else dict(term)
+    terms = {name: t.to(device) if isinstance(t, torch.Tensor) else t for name, t in terms.items()}
+    q, k, v = q.to(device), k.to(device), v.to(device)
+    return q, k, v, AttentionSpec.from_tensors(q, k, v, fill=fill, **terms)
+
+
+def grad_oracle(q, k, v, spec: AttentionSpec, drop: torch.Tensor | None = None) -> torch.Tensor:
+    """float64 attention written as the replaced model would be, so autograd gives its gradients:
+    an eager -inf fill (NaN rows), a finfo.min fill (uniform rows), SDPA's safe softmax (zero rows)."""
+    q, k, v = q.double(), k.double(), v.double()
+    k = k.repeat_interleave(spec.group_size, 1)
+    v = v.repeat_interleave(spec.group_size, 1)
+    s = (q @ k.transpose(-1, -2)) * spec.scale
+    if spec.softcap is not None:
+        s = torch.tanh(s / spec.softcap) * spec.softcap
+    keep, additive = spec.materialize()
+    for term in additive:
+        s = add_term(s, term.to(s.device), spec.dtype)
+    keep = torch.ones_like(s, dtype=torch.bool) if keep is None else keep.to(s.device).expand_as(s)
+    empty = (~keep).all(-1, keepdim=True)
+    if spec.fill == Fill.FINITE:
+        p = torch.softmax(s.masked_fill(~keep, torch.finfo(torch.float64).min), -1)
+    elif spec.fill == Fill.NEG_INF:
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
+    else:
+        p = torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
+    if drop is not None:
+        p = p * drop / (1.0 - spec.dropout_p)
+    return p @ v
+
+
+def run_kernel(q, k, v, spec, grad_out, seed=0, deterministic=False):
+    kernel = triton_flash.TritonFlashKernel(deterministic=deterministic)
+    out, lse = kernel.forward(q, k, v, spec, seed)
+    dq, dk, dv, _, _ = kernel.backward(grad_out, q, k, v, out, lse, spec, seed, False, False)
+    return out, lse, (dq, dk, dv)
+
+
+def assert_close(name, got, want, tol):
+    got, want = got.double().cpu(), want.double().cpu()
+    assert torch.equal(got.isnan(), want.isnan()), f"{name}: NaN positions differ"
+    scale = max(1.0, want.nan_to_num(0).abs().max().item())
+    err = (got - want).nan_to_num(0).abs().max().item()
+    assert err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol * scale:.3g}"
+
+
+def check_against_oracles(q, k, v, spec, tol, deterministic=False, seed=1):
+    grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed)).to(
+        q.dtype).to(q.device)
+    out, lse, grads = run_kernel(q, k, v, spec, grad_out, deterministic=deterministic)
+    assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
+    assert_close("out", out, naive_attention(q, k, v, spec), tol)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(grad_oracle(*leaves, spec), leaves, grad_out.double())
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(name, got, ref, tol * 4)
+
+
+# ------------------------------------------------------------------------------------ CPU (interpreter)
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("term", list(TERMS))
+def test_terms_dtypes_layouts(term, dtype, layout):
+    q, k, v, spec = make_inputs(LAYOUTS[layout], 16, dtype, term)
+    check_against_oracles(q, k, v, spec, TOL[dtype])
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize("term", ["none", "causal", "window", "document", "mask_bool", "bias_half"])
+def test_head_dim_80_padded(term, layout):
+    q, k, v, spec = make_inputs(LAYOUTS[layout], 80, torch.float16, term)
+    check_against_oracles(q, k, v, spec, TOL[torch.float16])
+
+
+@pytest.mark.parametrize("fill", list(Fill))
+@pytest.mark.parametrize("term", [
+    {"key_padding": torch.tensor([0, 9])},  # a batch with no key at all
+    {"causal": True, "align": Align.BOTTOM_RIGHT},  # Nq > Nk: the first rows see nothing
+    {"window": Window(2, 0), "key_padding": torch.rand(2, 17) > 0.5},
+    {"mask": torch.rand(2, 1, 40, 17) > 0.8},
+])
+def test_rows_without_keys_follow_fill(term, fill):
+    q, k, v, spec = make_inputs((2, 4, 2, 40, 17), 16, torch.float32, term, fill=fill)
+    assert triton_flash.may_have_empty_rows(spec)
+    check_against_oracles(q, k, v, spec, TOL[torch.float32])
+
+
+def test_no_empty_rows_proved_for_plain_bands():
+    q, k, v, spec = make_inputs((1, 2, 1, 17, 64), 16, torch.float32, {"causal": True})
+    assert not triton_flash.may_have_empty_rows(spec)
+    assert triton_flash.may_have_empty_rows(spec.with_(align=Align.BOTTOM_RIGHT, q_len=70))
+
+
+@pytest.mark.parametrize("term", ["causal", "document", "key_padding_bool"])
+def test_deterministic_dq_matches_and_repeats(term):
+    q, k, v, spec = make_inputs(LAYOUTS["gqa"], 16, torch.float32, term)
+    check_against_oracles(q, k, v, spec, TOL[torch.float32], deterministic=True)
+    grad_out = torch.randn_like(q)
+    first = run_kernel(q, k, v, spec, grad_out, deterministic=True)[2]
+    again = run_kernel(q, k, v, spec, grad_out, deterministic=True)[2]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+
+
+@pytest.mark.parametrize("term", ["none", "causal", "mask_bool"])
+def test_dropout_mask_regenerated_by_backward(term):
+    """With v = I the output row is the dropped probability row: read the Philox mask back out,
+    then check forward and gradients on random v against the oracle under that same mask."""
+    layout, p_drop, seed = (1, 2, 1, 17, 64), 0.25, 1234
+    q, k, eye, spec = make_inputs(layout, 16, torch.float32, term, dv=64)
+    eye = torch.eye(64, device=q.device)[None, None]
+    spec = spec.with_(dropout_p=p_drop)
+    kernel = triton_flash.TritonFlashKernel()
+    probs, _ = kernel.forward(q, k, eye, spec.with_(v_head_dim=64), seed)
+    drop = (probs != 0).double().cpu()
+    visible = naive_attention(q, k, eye, spec.with_(dropout_p=0.0, v_head_dim=64)).cpu() != 0
+    kept = drop[visible].mean().item()
+    assert abs(kept - (1 - p_drop)) < 0.06, kept
+
+    v = torch.randn(1, 1, 64, 16, device=q.device)
+    spec = spec.with_(v_head_dim=16)
+    grad_out = torch.randn(1, 2, 17, 16, device=q.device)
+    out, _, grads = run_kernel(q, k, v, spec, grad_out, seed=seed)
+    leaves = [t.detach().double().cpu().requires_grad_() for t in (q, k, v)]
+    cpu_spec = make_inputs(layout, 16, torch.float32, term, device="cpu")[3].with_(dropout_p=p_drop)
+    ref = grad_oracle(*leaves, cpu_spec, drop=drop)
+    assert_close("out", out, ref, 1e-4)
+    want = torch.autograd.grad(ref, leaves, grad_out.double().cpu())
+    for name, got, r in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(name, got, r, 4e-4)
+
+
+def test_tile_state_is_sound_against_brute_force():
+    g = torch.Generator().manual_seed(3)
+    b, h, nq, nk = 2, 3, 70, 45
+    q = torch.zeros(b, h, nq, 8)
+    k = torch.zeros(b, 1, nk, 8)
+    spec = AttentionSpec.from_tensors(
+        q, k, k, causal=True, align=Align.BOTTOM_RIGHT, window=Window(30, None),
+        key_padding=torch.rand(b, nk, generator=g) > 0.2, q_doc=_doc_ids(b, nq, g), kv_doc=_doc_ids(b, nk, g),
+        mask=torch.rand(1, h, nq, 1, generator=g) > 0.1,
+    )
+    state = tile_state(spec, 16, 8)
+    keep = spec.keep_tile(0, nq, 0, nk).expand(b, h, nq, nk)
+    for qt in range(state.shape[2]):
+        for kt in range(state.shape[3]):
+            tile = keep[:, :, qt * 16:(qt + 1) * 16, kt * 8:(kt + 1) * 8]
+            full = tile.flatten(2).all(-1) & ((kt + 1) * 8 <= nk)
+            want = torch.where(full, FULL, torch.where(tile.flatten(2).any(-1), PARTIAL, EMPTY))
+            got = state[:, :, qt, kt].expand(b, h).long()
+            # sound: never skips a visible score, never drops the mask on a masked one; full is exact,
+            # empty may be conservative (terms are classified one by one, then combined)
+            assert torch.equal(got == FULL, want == FULL), (qt, kt)
+            assert bool(((got != EMPTY) | (want == EMPTY)).all()), (qt, kt)
+
+
+def test_through_the_public_op_with_autograd():
+    q, k, v, spec = make_inputs(LAYOUTS["gqa"], 16, torch.float32, "window_causal")
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attnopt.attention(*leaves, causal=True, window=(20, None), kernel="triton_flash")
+    out.backward(torch.ones_like(out))
+    ref_leaves = [t.clone().double().requires_grad_() for t in (q, k, v)]
+    grad_oracle(*ref_leaves, spec).backward(torch.ones_like(out, dtype=torch.float64))
+    assert_close("out", out, naive_attention(q, k, v, spec), 1e-4)
+    for got, ref in zip(leaves, ref_leaves):
+        assert_close("grad", got.grad, ref.grad, 4e-4)
+
+
+def test_bias_grad_falls_back_to_the_exact_reference():
+    q, k, v, spec = make_inputs(LAYOUTS["cross"], 16, torch.float32, "bias_broadcast")
+    kernel = triton_flash.TritonFlashKernel()
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    dq, dk, dv, dbias, dmask = kernel.backward(torch.ones_like(out), q, k, v, out, lse, spec, 0, True, False)
+    assert dbias is not None and dbias.shape == spec.bias.shape and dmask is None
+
+
+def test_capabilities_are_honest(monkeypatch):
+    kernel = triton_flash.TritonFlashKernel()
+    spec = make_inputs(LAYOUTS["cross"], 16, torch.float32, "none", device="cpu")[3]
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert any("CUDA" in r for r in kernel.not_supported_reasons(spec))
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert kernel.not_supported_reasons(spec) == []
+    assert kernel.cost(spec) >= triton_flash.INTERPRETER_COST
+    assert any("float64" in r for r in kernel.not_supported_reasons(spec.with_(dtype=torch.float64)))
+    assert any("head_dim" in r for r in kernel.not_supported_reasons(spec.with_(head_dim=512)))
+    mask_spec = make_inputs(LAYOUTS["gqa"], 16, torch.float32, "mask_bool", device="cpu")[3]
+    assert kernel.memory_bytes(mask_spec) > 0 == kernel.memory_bytes(spec)
+
+
+# ------------------------------------------------------------------------------------ GPU
+MAP_TERMS = {"map_terms": lambda b, h, nq, nk, dt, g: {
+    **TERMS["document"](b, h, nq, nk, dt, g), **TERMS["key_padding_bool"](b, h, nq, nk, dt, g),
+    **TERMS["mask_bool"](b, h, nq, nk, dt, g)}}
+#: (terms, dtype, head dim, deterministic dQ): each distinct term set compiles its own kernels
+GPU_CASES = [
+    ("none", torch.bfloat16, 128, False), ("causal", torch.float16, 64, True),
+    ("window_causal", torch.bfloat16, 128, False), ("map_terms", torch.bfloat16, 128, False),
+    ("map_terms", torch.bfloat16, 128, True), ("none", torch.float32, 64, False),
+    ("softcap_scale", torch.bfloat16, 96, False),
+]
+
+
+@pytest.fixture
+def one_config(monkeypatch):
+    """Autotuning compiles every config of every term set: the tests need one."""
+    from attnopt.kernels import triton_flash_bwd, triton_flash_fwd
+
+    for tuner in (triton_flash_fwd._attn_fwd, triton_flash_bwd._attn_bwd_dkdv, triton_flash_bwd._attn_bwd_dq):
+        monkeypatch.setattr(tuner, "configs", tuner.configs[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("term,dtype,d,deterministic", GPU_CASES, ids=lambda x: str(x))
+def test_gpu_realistic(term, dtype, d, deterministic, one_config, monkeypatch):
+    monkeypatch.setitem(TERMS, "map_terms", MAP_TERMS["map_terms"])
+    q, k, v, spec = make_inputs((2, 8, 2, 1024, 2048), d, dtype, term, seed=5)
+    if term == "window_causal":
+        spec = spec.with_(window=Window(300, None), align=Align.BOTTOM_RIGHT)
+    tol = 3e-3 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else TOL[dtype]
+    check_against_oracles(q, k, v, spec, tol, deterministic=deterministic)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_matches_sdpa_at_4k():
+    q, k, v = (torch.randn(1, 16, 4096, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    ours = attnopt.attention(q, k, v, causal=True, kernel="triton_flash")
+    ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
+    assert (ours.float() - ref).abs().max().item() < 2e-2
