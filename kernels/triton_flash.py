@@ -12,8 +12,9 @@ kernel arguments, launches, and applies what the kernels leave to torch:
 * their gradient, as the replaced model's autograd gives it: nothing for a
   safe fill, ``dV += dO / Nk`` for a finite fill, NaN dV for a ``-inf`` fill;
 * gradients of an additive bias or float mask (``needs_bias_grad`` /
-  ``needs_mask_grad``) are not computed by the Triton kernels: that backward
-  falls back to the exact reference kernel's backward.
+  ``needs_mask_grad``), and the backward of ``Fill.FINITE_ADDED`` when rows
+  without keys can occur, are not computed by the Triton kernels: they fall
+  back to the exact reference kernel's backward.
 
 Key padding given as integer lengths runs in band mode (loop bounds per batch);
 a bool ``[B, Nk]`` mask goes through the tile map, where a prefix mask has one
@@ -29,7 +30,7 @@ import torch
 import triton
 
 from . import registry
-from .block_map import TileLists, needs_tile_map, tile_state
+from .block_map import TileLists, needs_tile_map, tile_lists
 from .registry import Grads, Kernel, register
 from .spec import AttentionSpec, Fill
 from .triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -234,7 +235,7 @@ class TritonFlashKernel(Kernel):
             out.zero_()
             lse.fill_(float("-inf"))
             return _fill_empty_rows(out, lse, v, spec), lse
-        lists = TileLists.from_state(tile_state(spec, MAP_BLOCK, MAP_BLOCK)) if needs_tile_map(spec) else None
+        lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if needs_tile_map(spec) else None
         grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _attn_fwd[grid](
             q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
@@ -244,8 +245,11 @@ class TritonFlashKernel(Kernel):
 
     # --------------------------------------------------------------------- backward
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
-        if needs_bias_grad or needs_mask_grad:
-            # dS summed over the term's broadcast dims is not in the Triton kernels yet: exact fallback
+        finite_added = getattr(Fill, "FINITE_ADDED", None)
+        uniform_grads = spec.fill == finite_added and may_have_empty_rows(spec)
+        if needs_bias_grad or needs_mask_grad or uniform_grads:
+            # not in the Triton kernels yet, exact fallback: dS summed over a term's broadcast dims, and
+            # the gradient of rows that a finite *added* minimum turned uniform (it reaches q and k)
             return registry.get("reference").backward(
                 grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad
             )
@@ -264,10 +268,10 @@ class TritonFlashKernel(Kernel):
             DV=spec.v_head_dim, BLOCK_DV=block_dv, BLOCK_M=64,
         )
         terms = {**_term_args(spec, q, k), **_dropout_args(spec, seed)}
-        state = tile_state(spec, MAP_BLOCK, MAP_BLOCK) if needs_tile_map(spec) else None
+        use_map = needs_tile_map(spec)
         deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
         dq_acc = q.new_empty(q.shape) if deterministic else q.new_zeros(q.shape, dtype=torch.float32)
-        kv_lists = None if state is None else TileLists.from_state(state.transpose(-1, -2))
+        kv_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK, transposed=True) if use_map else None
         grid_kv = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * spec.kv_heads)  # noqa: E731
         _attn_bwd_dkdv[grid_kv](
             q, k, v, grad_out, dq_acc, dk, dv, lse2, delta,
@@ -276,7 +280,7 @@ class TritonFlashKernel(Kernel):
             **terms, **_map_args(kv_lists, lse), ATOMIC_DQ=not deterministic,
         )
         if deterministic:
-            q_lists = None if state is None else TileLists.from_state(state)
+            q_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if use_map else None
             grid_q = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
             _attn_bwd_dq[grid_q](
                 q, k, v, grad_out, dq_acc, lse2, delta,

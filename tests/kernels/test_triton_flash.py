@@ -80,6 +80,8 @@ def grad_oracle(q, k, v, spec: AttentionSpec, drop: torch.Tensor | None = None) 
     empty = (~keep).all(-1, keepdim=True)
     if spec.fill == Fill.FINITE:
         p = torch.softmax(s.masked_fill(~keep, torch.finfo(torch.float64).min), -1)
+    elif spec.fill == getattr(Fill, "FINITE_ADDED", None):
+        p = torch.softmax(s + (~keep).double() * torch.finfo(torch.float64).min, -1)
     elif spec.fill == Fill.NEG_INF:
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
     else:
@@ -288,3 +290,15 @@ def test_gpu_matches_sdpa_at_4k():
     ours = attnopt.attention(q, k, v, causal=True, kernel="triton_flash")
     ref = torch.nn.functional.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True)
     assert (ours.float() - ref).abs().max().item() < 2e-2
+
+
+def test_tile_lists_cached_per_mask_tensor_and_version():
+    from attnopt.kernels.block_map import tile_lists
+
+    q, k, v, spec = make_inputs(LAYOUTS["gqa"], 16, torch.float32, "mask_bool")
+    first = tile_lists(spec, 32, 32)
+    assert tile_lists(spec, 32, 32) is first
+    spec.mask.zero_()  # in place: the version counter moves, the lists are rebuilt
+    rebuilt = tile_lists(spec, 32, 32)
+    assert rebuilt is not first and int(rebuilt.partial_count.sum() + rebuilt.full_count.sum()) == 0
+    check_against_oracles(q, k, v, spec.with_(fill=Fill.FINITE), TOL[torch.float32])
