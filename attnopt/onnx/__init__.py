@@ -7,6 +7,7 @@
 from . import verify
 from .emit import MIN_OPSET, WINDOW_OPSET
 from .export import export
+from .fuse import fuse
 from .report import OnnxReport
 
-__all__ = ["MIN_OPSET", "WINDOW_OPSET", "OnnxReport", "export", "verify"]
+__all__ = ["MIN_OPSET", "WINDOW_OPSET", "OnnxReport", "export", "fuse", "verify"]

@@ -183,7 +183,7 @@ def _dead_row_value(e: Emitter, v, fill: Fill, elem_type: int, q_heads: int, kv_
     """What a row with no visible key holds in the original: NaN, or the mean of the values."""
     if fill == Fill.NEG_INF:
         return e.constant(np.nan, elem_type)
-    assert fill == Fill.FINITE, fill
+    assert fill in (Fill.FINITE, Fill.FINITE_ADDED), fill  # both average the values on such rows
     i64 = onnx.TensorProto.INT64
     mean = e("ReduceMean", v, e.constant([2], i64), keepdims=1)  # [B, Hkv, 1, Dv]
     group = q_heads // kv_heads

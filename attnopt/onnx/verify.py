@@ -28,13 +28,16 @@ def _explain_load_error(model: onnx.ModelProto, message: str) -> str:
         return f"ONNX Runtime cannot load the model: {message.strip().splitlines()[0]}"
     op_type, version, name = found.groups()
     types = {vi.name: vi.type.tensor_type.elem_type for vi in (*model.graph.input, *model.graph.value_info)}
+    types.update({t.name: t.data_type for t in model.graph.initializer})
     node = next((n for n in model.graph.node if n.name == name), None)
-    dtype = "unknown dtype"
     if node is not None and node.input and node.input[0] in types:
-        dtype = onnx.TensorProto.DataType.Name(types[node.input[0]]).lower()
+        found_types = {types[node.input[0]]}
+    else:  # a node ONNX Runtime created by fusing: name the unusual types the model computes in
+        found_types = set(types.values()) & {onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
+    dtype = " / ".join(sorted(onnx.TensorProto.DataType.Name(t).lower() for t in found_types)) or "its input type"
     return (
-        f"ONNX Runtime's CPU provider has no kernel for {op_type} (opset {version}) on {dtype} inputs "
-        f"(node {name!r}); on CPU it runs Attention in float32 and float16: export or convert the model "
+        f"ONNX Runtime's CPU provider has no {op_type} (opset {version}) kernel for {dtype} "
+        f"(node {name!r}); on CPU, Attention runs in float32 and float16: export or convert the model "
         "to one of those"
     )
 

@@ -124,11 +124,11 @@ class Dropout(Block):
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaModel
 
     config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    return _eager(LlamaForCausalLM(config))
+    return _eager(LlamaModel(config))
 
 
 def tiny_bert():
@@ -156,8 +156,21 @@ def tiny_bart():
     return _eager(BartModel(config))
 
 
+class Outputs(nn.Module):
+    """A Hugging Face model returning only its first output tensor (no cache objects)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, decoder_input_ids=None):
+        extra = {} if decoder_input_ids is None else {"decoder_input_ids": decoder_input_ids}
+        out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra)
+        return out[0]
+
+
 def _eager(model):
     torch.manual_seed(0)
     model.config._attn_implementation = "eager"
     model.config.use_cache = False
-    return model.eval()
+    return Outputs(model).eval()

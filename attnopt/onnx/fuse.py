@@ -1,0 +1,193 @@
+"""``fuse``: replace decomposed attention in an existing ONNX graph with ``Attention`` nodes.
+
+Detection is attnopt's own: the ONNX graph is imported as an FX view
+(``view.import_onnx``), ``find_sites`` runs on it exactly as on a dynamo
+graph, and each match is mapped back to ONNX values. The replacement is built
+by the same ``emit_attention`` as the exporter's, placed where the value
+product was (its output name is kept, so consumers are unchanged), and the
+now-dead score chain is removed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import onnx
+
+from attnopt.kernels.spec import Align, Fill
+from attnopt.passes.detect import Match, Rejection, find_sites
+from attnopt.passes.graph import shape_of, tensor_meta
+from attnopt.report import Site
+
+from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
+from .report import OnnxReport
+from .view import OnnxView, import_onnx
+
+#: q/k/v element types the Attention operator takes
+ATTENTION_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+
+
+def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN_OPSET,
+         dims: dict[str, int] | None = None, verify: bool = False,
+         report: OnnxReport | None = None) -> onnx.ModelProto:
+    """A copy of the model with every attention site found replaced by one ``Attention`` node.
+
+    ``dims`` sets the sizes of symbolic input dims used to analyze (and, with
+    ``verify=True``, to run) the graph. Sites that are found but cannot be
+    replaced stay decomposed and are listed, with the reason, in ``report``.
+    """
+    check_opset(opset)
+    source = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(os.fspath(model_or_path))
+    report = OnnxReport() if report is None else report
+    report.opset, report.graphs = opset, report.graphs + 1
+    view = import_onnx(source, dims)
+    model = onnx.ModelProto()
+    model.CopyFrom(view.model)
+
+    replacements: dict[str, list[onnx.NodeProto]] = {}  # ONNX value of a site's output -> nodes producing it
+    taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    for found in find_sites(view.gm.graph):
+        anchor = view.onnx_name.get(found.anchor, found.anchor.name)
+        where = view.node_of[anchor].name or anchor if anchor in view.node_of else anchor
+        if isinstance(found, Rejection):
+            report.sites.append(Site(where=where, node=anchor, graph=0, replaced=False,
+                                     reason=f"{found.reason} [at {view.onnx_name.get(found.at, found.at.name)}]"))
+            continue
+        site, nodes = _replace(view, found, opset, where, anchor, taken)
+        report.sites.append(site)
+        if nodes:
+            replacements[view.onnx_name[found.output]] = nodes
+
+    _splice(model.graph, replacements)
+    _remove_dead(model.graph)
+    _set_opset(model, opset)
+    report.attention_nodes = sum(n.op_type == "Attention" for n in model.graph.node)
+    if verify:
+        from .verify import compare_onnx
+
+        report.max_diff = compare_onnx(source, model, dims=dims)
+    return model
+
+
+def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, taken: set[str]):
+    """The report row of ``match`` and the nodes computing its output (none when it stays decomposed)."""
+    m = match.masks
+    q_shape, k_shape, v_shape = match.q.shape(), match.k.shape(), match.v.shape()
+    q_meta = tensor_meta(match.q.node)
+    elem_type = TORCH_TO_ONNX.get(q_meta.dtype)
+    described = dict(
+        where=where, node=anchor, graph=0, causal=match.causal or m.causal, mask_terms=m.mask_terms,
+        cross=q_shape[2] != k_shape[2], q_heads=q_shape[1], kv_heads=k_shape[1], q_len=q_shape[2],
+        kv_len=k_shape[2], head_dim=q_shape[3], dtype=str(q_meta.dtype),
+    )
+    reason = None
+    if elem_type not in ATTENTION_TYPES:
+        reason = f"q/k/v are {q_meta.dtype}: the Attention operator takes float32, float16 or bfloat16"
+    elif match.dropout_p > 0.0:
+        reason = f"dropout p={match.dropout_p} in training mode: the Attention operator has no dropout"
+    if reason is not None:
+        return Site(replaced=False, reason=reason, **described), []
+
+    output = view.onnx_name[match.output]
+    e = NodeEmitter(f"attnopt/{output}", lambda name: name in taken)
+    name = view.onnx_name.__getitem__
+    q, k, v = (_operand(e, name(op.node), op.steps, len(shape_of(op.node))) for op in (match.q, match.k, match.v))
+    rank3 = len(shape_of(match.anchor) or ()) == 3
+
+    def rank4(value, source):
+        if rank3 and len(shape_of(source) or ()) == 3:
+            return e("Unsqueeze", value, e.constant([1], onnx.TensorProto.INT64))
+        return value
+
+    def atom(a):
+        return e("Not", name(a.node)) if a.negated else name(a.node)
+
+    keep = [rank4(atom(a), a.node) for a in [*m.key_padding, *m.dense]]
+    if m.documents is not None:
+        keep.append(e("Equal", name(m.documents[0]), name(m.documents[1])))
+    additive = []
+    for node, mult in m.additive:
+        term = name(node)
+        if view.dtypes.get(term, elem_type) != elem_type:
+            term = e("Cast", term, to=elem_type)
+        if mult != 1.0:
+            term = e("Mul", term, e.constant(float(mult), elem_type))
+        additive.append(rank4(term, node))
+    scale = match.scale if match.scale is not None else 1.0 / math.sqrt(q_shape[3])
+    y = emit_attention(
+        e, q, k, v, elem_type=elem_type, q_heads=q_shape[1], kv_heads=k_shape[1], v_head_dim=v_shape[3],
+        opset=opset, keep=keep, additive=additive,
+        band=Band(causal=match.causal or m.causal, window=m.window, align=Align(m.align)),
+        scale=scale, softcap=match.softcap, fill=Fill(m.fill),
+    )
+    y = _operand(e, y, match.output_steps, 4)
+    want = TORCH_TO_ONNX[tensor_meta(match.output).dtype]
+    if want != elem_type:
+        y = e("Cast", y, to=want)
+    assert e.nodes[-1].output[0] == y, "the last node emitted computes the site's output"
+    e.nodes[-1].output[0] = output
+    taken.update(o for n in e.nodes for o in n.output)
+    site = Site(replaced=True, reason="fused into one ONNX Attention node", kernel="onnx:Attention",
+                **described)
+    return site, e.nodes
+
+
+def _operand(e: NodeEmitter, value: str, steps, rank: int) -> str:
+    """Apply layout steps (``transpose``, ``permute``, ``unsqueeze``, ``squeeze``) to a rank-``rank`` value."""
+    i64 = onnx.TensorProto.INT64
+    for step, args in steps:
+        if step == "unsqueeze":
+            value = e("Unsqueeze", value, e.constant([int(args[0])], i64))
+            rank += 1
+        elif step == "squeeze":
+            value = e("Squeeze", value, e.constant([int(args[0])], i64))
+            rank -= 1
+        elif step == "permute":
+            value = e("Transpose", value, perm=[int(d) for d in args[0]])
+        elif step == "transpose":
+            perm = list(range(rank))
+            a, b = (d % rank for d in args)
+            perm[a], perm[b] = perm[b], perm[a]
+            value = e("Transpose", value, perm=perm)
+        else:
+            raise AssertionError(f"unknown layout step {step}")
+    return value
+
+
+def _splice(graph: onnx.GraphProto, replacements: dict[str, list[onnx.NodeProto]]) -> None:
+    """Put each site's nodes where its value product was, in place of that product."""
+    nodes = []
+    for node in graph.node:
+        site = next((replacements[o] for o in node.output if o in replacements), None)
+        nodes.extend(site if site is not None else [node])
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def _remove_dead(graph: onnx.GraphProto) -> None:
+    """Drop nodes (and initializers) whose outputs nothing uses any more."""
+    while True:
+        used = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        alive = [n for n in graph.node if any(o in used for o in n.output)]
+        if len(alive) == len(graph.node):
+            break
+        del graph.node[:]
+        graph.node.extend(alive)
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    inits = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    infos = [vi for vi in graph.value_info if vi.name in used]
+    del graph.value_info[:]
+    graph.value_info.extend(infos)
+
+
+def _set_opset(model: onnx.ModelProto, opset: int) -> None:
+    for entry in model.opset_import:
+        if entry.domain in ("", "ai.onnx"):
+            entry.version = max(entry.version, opset)
+            break
+    else:
+        model.opset_import.append(onnx.helper.make_opsetid("", opset))
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
