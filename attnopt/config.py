@@ -39,17 +39,30 @@ def parse_bytes(value: int | str | None, *, name: str = "max_mem") -> int | None
 
 
 COMPILERS = ("eager", "inductor")
+#: default accepted relative L2 error of an approximate kernel, ||approx - exact|| / ||exact||, per site
+DEFAULT_TOL = 0.05
 
 
 @dataclass(frozen=True)
 class Options:
-    """What the user asked for. ``compiler`` runs the rewritten graph: "eager" or "inductor"."""
+    """What the user asked for. ``compiler`` runs the rewritten graph: "eager" or "inductor".
+
+    ``tol``: with ``exact=False``, an approximate kernel is accepted for a site only when its
+    relative L2 error on the example inputs is below ``tol`` (default ``DEFAULT_TOL`` = 5%).
+    ``tune``: measure the candidate kernels on the GPU (cached on disk, see
+    ``attnopt.passes.tuning``); without a GPU, or with ``tune=False``, rank by the cost model.
+    ``cache_dir``: where tuning results live (default ``$ATTNOPT_CACHE_DIR`` or
+    ``~/.cache/attnopt/tuning``).
+    """
 
     max_mem: int | None = None
     exact: bool = True
     kernel: str | None = None
     compiler: str = "eager"
     dynamic: bool | None = None
+    tol: float = DEFAULT_TOL
+    tune: bool = True
+    cache_dir: str | None = None
 
     @staticmethod
     def build(*, default_compiler: str = "eager", **given) -> Options:
@@ -61,6 +74,11 @@ class Options:
         given["max_mem"] = parse_bytes(given.get("max_mem"))
         if not isinstance(given.get("exact", True), bool):
             raise TypeError(f"exact={given['exact']!r} must be True or False")
+        tol = given.get("tol", DEFAULT_TOL)
+        if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol < 1.0:
+            raise ValueError(f"tol={tol!r} is not allowed: give the accepted relative error as a float in (0, 1), e.g. 0.05")
+        if not isinstance(given.get("tune", True), bool):
+            raise TypeError(f"tune={given['tune']!r} must be True or False")
         if given["compiler"] not in COMPILERS:
             raise ValueError(f"compiler={given['compiler']!r} is not allowed: use one of {COMPILERS}")
         kernel = given.get("kernel")

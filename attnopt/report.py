@@ -27,6 +27,9 @@ class Site:
     bytes_before: int | None = None  # estimated attention memory of the original code
     bytes_after: int | None = None  # estimated attention memory of the replacement
     rejected_kernels: tuple[tuple[str, tuple[str, ...]], ...] = ()  # (kernel, reasons) not chosen
+    error: float | None = None  # measured relative error of an approximate kernel; None when exact
+    #: every supported candidate: (kernel, seconds, measured: True = timed on the device, False = cost model)
+    candidate_times: tuple[tuple[str, float, bool], ...] = ()
 
     @property
     def found(self) -> str:
@@ -38,11 +41,49 @@ class Site:
         return "+".join(terms) or "full"
 
 
+@dataclass(frozen=True)
+class GraphMemory:
+    """Estimated peak device memory of one captured graph, before and after the rewrite."""
+
+    graph: int
+    before: int
+    after: int
+    budget: int | None  # max_mem, when given
+    training: bool  # forward + backward estimated
+
+
 @dataclass
 class Report:
     sites: list[Site] = field(default_factory=list)
     graphs: int = 0
     dry_run: bool = False  # explain(): "replaced" means "would be replaced"
+    memory: list[GraphMemory] = field(default_factory=list)
+
+    @property
+    def approximate(self) -> list[Site]:
+        """Sites that run an approximate kernel (``exact=False``)."""
+        return [s for s in self.sites if s.replaced and not s.exact]
+
+    def details(self) -> str:
+        """Per site: each candidate's time, why the others were rejected; per graph: peak memory."""
+        lines = []
+        for g in self.memory:
+            budget = "" if g.budget is None else f" (max_mem {format_bytes(g.budget)})"
+            what = "forward+backward" if g.training else "forward"
+            lines.append(f"graph {g.graph}: estimated peak {what} {format_bytes(g.before)} -> {format_bytes(g.after)}"
+                         f"{budget}")
+        for i, s in enumerate(self.sites):
+            if not s.candidate_times and not s.rejected_kernels:
+                continue
+            chosen = s.kernel if s.replaced else "left alone"
+            approx = "" if s.exact or s.error is None else f", APPROXIMATE: relative error {s.error:.3g}"
+            lines.append(f"site {i} ({s.where}): {chosen}{approx}")
+            for name, seconds, measured in s.candidate_times:
+                mark = "*" if name == s.kernel else " "
+                lines.append(f"  {mark} {name:<22} {seconds * 1e3:10.3f} ms {'measured' if measured else 'estimated'}")
+            for name, reasons in s.rejected_kernels:
+                lines.append(f"  x {name:<22} rejected: {'; '.join(reasons)}")
+        return "\n".join(lines)
 
     @property
     def replaced(self) -> list[Site]:
@@ -53,7 +94,10 @@ class Report:
         return [s for s in self.sites if not s.replaced]
 
     def to_dict(self) -> dict:
-        return {"graphs": self.graphs, "dry_run": self.dry_run, "sites": [asdict(s) for s in self.sites]}
+        return {
+            "graphs": self.graphs, "dry_run": self.dry_run, "sites": [asdict(s) for s in self.sites],
+            "memory": [asdict(m) for m in self.memory],
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -84,7 +128,10 @@ class Report:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(r, widths)) + "  " + r[-1])
             if j == 0:
                 lines.append("  ".join("-" * w for w in widths) + "  " + "-" * 3)
-        return "\n".join(lines)
+        if self.approximate:
+            lines.append(f"APPROXIMATE sites (exact=False): {', '.join(s.where for s in self.approximate)}")
+        details = self.details()
+        return "\n".join(lines + ([details] if details else []))
 
     def __repr__(self) -> str:
         return f"Report({len(self.replaced)}/{len(self.sites)} sites replaced, {self.graphs} graphs)"

@@ -1,12 +1,49 @@
-"""Memory model of one attention site: what the original code and the replacement hold at their peak."""
+"""Memory model: per attention site, and the peak of a whole captured graph.
+
+Per site (``bytes_before`` / ``bytes_after``): what the original attention code
+and the replacement hold at their peak, for the report's memory column.
+
+Whole graph (``graph_peak``): a liveness analysis over the FX graph in
+execution order on the shapes dynamo recorded. Inputs, parameters and buffers
+are resident throughout. Every other node allocates its output when it runs
+(views share their base's storage) and frees it after its last use, unless
+it is a graph output or, when training, autograd saves it for the backward.
+An attention site contributes its kernel's transient workspace at the point it
+runs (or, in the original graph, its score-sized intermediates, which are
+ordinary nodes). The peak is the maximum over the points of the program.
+
+Training adds the backward: at its start the saved activations are alive;
+the backward then adds the parameters' gradients and, transiently, the
+gradient of the largest activation twice (its output and input gradients),
+plus the largest site's recomputation workspace.
+
+Which inputs autograd saves is a rule per op: products save their tensor
+operands, softmax its output, elementwise adds and views nothing, anything
+unknown saves its inputs (the conservative choice).
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch.fx import Graph, Node
 
 from attnopt.kernels import registry
 from attnopt.kernels.spec import AttentionSpec
 
 from .detect import Match
-from .graph import tensor_meta
+from .graph import hint, kind, tensor_meta
+
+#: ops whose output shares its input's storage
+ALIAS_OPS = frozenset({
+    "view", "reshape", "transpose", "permute", "expand", "unsqueeze", "squeeze", "t", "narrow", "select",
+    "split", "chunk", "unbind", "unflatten", "flatten", "view_as", "expand_as", "contiguous", "detach",
+    "getitem", "movedim", "as_strided", "type_as", "to", "float", "half", "bfloat16",
+})
+#: ops whose backward needs nothing of their inputs
+SAVES_NOTHING = frozenset({"add", "sub", "neg", "cat", "stack", "pad", "sum", "mean", "dropout", "iadd"})
+SAVES_OUTPUT = frozenset({"softmax", "exp", "tanh", "sigmoid", "log_softmax"})
 
 
 def _nbytes(node) -> int:
@@ -36,3 +73,193 @@ def bytes_before(match: Match, spec: AttentionSpec) -> int:
 def bytes_after(spec: AttentionSpec, kernel: str) -> int:
     k = registry.get(kernel)
     return k.memory_bytes(spec) + (k.saved_bytes(spec) if spec.requires_grad else 0)
+
+
+# ---------------------------------------------------------------- whole graph
+@dataclass(frozen=True)
+class SiteCost:
+    """How one attention site is costed in the graph's liveness.
+
+    ``removed``: nodes that no longer run (the replaced subgraph); ``inputs``:
+    what the replacement reads instead of ``output``'s original arguments
+    (None: the original node runs as written).
+    """
+
+    where: str
+    output: Node
+    workspace: int
+    saved: int = 0
+    removed: frozenset = frozenset()
+    inputs: tuple[Node, ...] | None = None
+
+
+def site_before(where: str, match: Match, spec: AttentionSpec) -> SiteCost:
+    """The original code: softmax sites are ordinary nodes; an SDPA call adds its own workspace."""
+    workspace = bytes_before(match, spec) if match.kind == "sdpa" else 0
+    return SiteCost(where, match.output, workspace)
+
+
+def site_after(where: str, match: Match, spec: AttentionSpec, kernel: str) -> SiteCost:
+    """The replacement: one op reading q, k, v and the mask terms, with the kernel's workspace."""
+    k = registry.get(kernel)
+    inputs = _input_nodes(match)
+    removed = frozenset(match.internal) - set(inputs) - {match.output}
+    saved = k.saved_bytes(spec) if spec.requires_grad else 0
+    return SiteCost(where, match.output, k.memory_bytes(spec), saved, removed, tuple(inputs))
+
+
+def _input_nodes(match: Match) -> tuple[Node, ...]:
+    """The graph nodes the replacement op reads: q, k, v and the mask terms' atoms."""
+    nodes = [getattr(op, "node", op) for op in (match.q, match.k, match.v)]
+    m = match.masks
+    if m is not None:
+        nodes += [a.node for a in m.key_padding] + list(m.documents or ()) + [a.node for a in m.dense]
+        nodes += [t for t, _ in m.additive]
+    return tuple(n for n in nodes if isinstance(n, Node))
+
+
+@dataclass(frozen=True)
+class Peak:
+    """Estimated peak device memory of one run of a graph."""
+
+    bytes: int
+    resident: int  # inputs, parameters and buffers
+    at: str  # the node (or "backward") where the peak is reached
+    site_bytes: dict[str, int] = field(default_factory=dict)  # per site: workspace + saved
+
+
+def _numel_bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return int(torch.Size([hint(s) for s in value.shape]).numel()) * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(_numel_bytes(v) for v in value)
+    return 0
+
+
+def _value(node: Node):
+    return node.meta.get("example_value", node.meta.get("val"))
+
+
+def _op_name(node: Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    if node.op == "call_function":
+        known = kind(node)
+        return known or getattr(node.target, "__name__", str(node.target))
+    if node.op == "call_module":
+        return "module"
+    return node.op
+
+
+def _saved_inputs(node: Node, args: list[Node]) -> list[Node]:
+    """The argument nodes autograd keeps for this op's backward."""
+    name = _op_name(node)
+    if name in ALIAS_OPS or name in SAVES_NOTHING:
+        return []
+    if name in SAVES_OUTPUT:
+        return [node]
+    if name in ("mul", "div"):
+        tensors = [a for a in args if tensor_meta(a) is not None]
+        return tensors if len(tensors) > 1 else []
+    return list(args)
+
+
+def graph_peak(graph: Graph, sites: list[SiteCost], *, training: bool) -> Peak:
+    """Peak bytes of one forward (and backward when ``training``) of ``graph`` with ``sites`` costed."""
+    by_output = {s.output: s for s in sites}
+    removed = set().union(*(s.removed for s in sites)) if sites else set()
+    nodes = [n for n in graph.nodes if n not in removed]
+    index = {n: i for i, n in enumerate(nodes)}
+
+    def args_of(node: Node) -> list[Node]:
+        site = by_output.get(node)
+        if site is not None and site.inputs is not None:
+            return list(site.inputs)
+        return [a for a in node.all_input_nodes if a not in removed]
+
+    base: dict[Node, Node] = {}  # node -> the node owning its storage
+    size: dict[Node, int] = {}
+    last_use: dict[Node, int] = {}
+    keep: set[Node] = set()
+    resident = 0
+    for node in nodes:
+        args = args_of(node)
+        if node.op in ("placeholder", "get_attr"):
+            resident += _numel_bytes(_value(node))
+            base[node] = node
+            keep.add(node)
+            continue
+        if node.op == "output":
+            for a in args:
+                keep.add(base.get(a, a))
+            continue
+        owner = None
+        if _op_name(node) in ALIAS_OPS and args and node not in by_output:
+            owner = base.get(args[0], args[0])
+            value_bytes = _numel_bytes(_value(node))
+            if _op_name(node) in ("contiguous", "to", "float", "half", "bfloat16", "type_as", "reshape"):
+                src = _value(args[0])
+                value = _value(node)
+                copies = isinstance(src, torch.Tensor) and isinstance(value, torch.Tensor) and (
+                    src.dtype != value.dtype or (not src.is_contiguous() and value.is_contiguous())
+                )
+                if copies:
+                    owner = None
+            if owner is not None and value_bytes == 0 and _value(node) is None:
+                owner = None
+        if owner is None:
+            base[node] = node
+            size[node] = _numel_bytes(_value(node))
+        else:
+            base[node] = owner
+        for a in args:
+            last_use[base.get(a, a)] = index[node]
+        if training and _requires_grad(node, args):
+            keep.update(base.get(a, a) for a in _saved_inputs(node, args))
+            if node in by_output:
+                keep.update(base.get(a, a) for a in args)
+                keep.add(node)
+
+    live = 0
+    peak, at = 0, "(inputs)"
+    frees: dict[int, list[Node]] = {}
+    for owner, i in last_use.items():
+        if owner in size and owner not in keep:
+            frees.setdefault(i, []).append(owner)
+    saved_extra = 0
+    for node in nodes:
+        if node in size:
+            live += size[node]
+            if node not in last_use and node not in keep:
+                frees.setdefault(index[node], []).append(node)
+        site = by_output.get(node)
+        transient = site.workspace if site is not None else 0
+        if site is not None and training:
+            saved_extra += site.saved
+            live += site.saved
+        if live + transient > peak:
+            peak, at = live + transient, node.name
+        for owner in frees.get(index[node], []):
+            live -= size[owner]
+    total = resident + peak
+    if training:
+        params = sum(_numel_bytes(_value(n)) for n in nodes if n.op in ("placeholder", "get_attr")
+                     and _is_param(_value(n)))
+        largest = max(size.values(), default=0)
+        recompute = max((s.workspace for s in sites), default=0)
+        backward = resident + live + params + 2 * largest + recompute
+        if backward > total:
+            total, at = backward, "backward"
+    site_bytes = {s.where: s.workspace + s.saved for s in sites}
+    return Peak(total, resident, at, site_bytes)
+
+
+def _is_param(value) -> bool:
+    return isinstance(value, torch.Tensor) and value.requires_grad
+
+
+def _requires_grad(node: Node, args: list[Node]) -> bool:
+    value = _value(node)
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    return any(isinstance(_value(a), torch.Tensor) and _value(a).requires_grad for a in args)

@@ -1,29 +1,54 @@
-"""The planner: for one AttentionSpec, pick the kernel to run and record why.
+"""The planner: for every attention site pick the kernel to run, within ``exact`` and ``max_mem``, and say why.
 
-Every registered kernel is a candidate. A candidate is rejected with reasons
-when it cannot compute the spec (its own ``not_supported_reasons``) or when the
-constraints forbid it (approximate while ``exact=True``). The survivors are
-ranked by the kernels' cost models; the cheapest wins.
+Per site (``candidates``): every registered kernel is a candidate. It is
+rejected with reasons when it cannot compute the spec (its own
+``not_supported_reasons``), when it is approximate and ``exact=True``, or when
+its error measured on the example inputs is not under ``tol``. The survivors
+are timed on the GPU (``tuning``, cached on disk) or, without one, ranked by
+their cost models.
+
+Per graph (``plan_graph``): start from the fastest exact kernel of every site
+and estimate the graph's peak memory (``memory.graph_peak``). While it is over
+``max_mem``, move the site with the largest footprint to its fastest
+candidate with a smaller one: first among exact kernels, then, only when
+``exact=False`` and no exact plan fits, among the accepted approximations.
+When nothing fits, ``MemoryBudgetError`` says what would.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
+
+from torch.fx import GraphModule
 
 from attnopt.kernels import registry
 from attnopt.kernels.spec import AttentionSpec
+
+from . import calibrate, memory, tuning
+from .detect import Match
+from .graph import module_path, tensor_meta
+from .rewrite import spec_of
 
 
 @dataclass(frozen=True)
 class Candidate:
     kernel: str
     reasons: tuple[str, ...]
-    cost: float | None
-    memory_bytes: int | None
+    cost: float | None  # seconds: measured when ``measured``, else the cost model's estimate
+    memory_bytes: int | None  # workspace of one forward
+    exact: bool = True
+    measured: bool = False
+    saved_bytes: int = 0  # kept for the backward (training only)
+    error: float | None = None  # measured relative error (approximate kernels)
 
     @property
     def supported(self) -> bool:
         return not self.reasons
+
+    @property
+    def footprint(self) -> int:
+        return (self.memory_bytes or 0) + self.saved_bytes
 
 
 @dataclass(frozen=True)
@@ -37,33 +62,228 @@ class Choice:
     def rejected(self) -> tuple[Candidate, ...]:
         return tuple(c for c in self.candidates if not c.supported)
 
+    @property
+    def chosen(self) -> Candidate:
+        return next(c for c in self.candidates if c.kernel == self.kernel)
+
 
 class NoKernelError(ValueError):
     """No registered kernel can compute a spec under the constraints."""
 
 
-def choose(spec: AttentionSpec, *, exact: bool = True, forced: str | None = None) -> Choice:
-    """The cheapest allowed kernel for ``spec``; ``forced`` names one and only checks it."""
+class MemoryBudgetError(ValueError):
+    """No plan's estimated peak memory fits ``max_mem``: the message says what would."""
+
+
+def candidates(
+    spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, tune: bool = False,
+    cache: tuning.TuningCache | None = None, errors: dict[str, float] | None = None, tol: float | None = None,
+) -> list[Candidate]:
+    """Every kernel (or only ``forced``) with its reasons, time and memory; supported ones first by time."""
     names = [forced] if forced is not None else [k.name for k in registry.all_kernels()]
-    candidates = []
+    found = []
     for name in names:
         kernel = registry.get(name)
         reasons = list(kernel.not_supported_reasons(spec))
-        if exact and not kernel.exact:
-            reasons.append("approximate kernel and exact=True")
-        cost = memory = None
+        error = (errors or {}).get(name)
+        if not kernel.exact and not reasons:
+            if exact:
+                reasons.append("approximate kernel and exact=True")
+            elif error is None:
+                reasons.append("approximate, and its error could not be measured (no example inputs)")
+            elif not error < tol:
+                reasons.append(f"measured relative error {error:.3g} is not under tol={tol:g}")
+        cost = mem = None
+        saved = 0
         if not reasons:
-            cost, memory = kernel.cost(spec), kernel.memory_bytes(spec)
-        candidates.append(Candidate(name, tuple(reasons), cost, memory))
-    allowed = sorted((c for c in candidates if c.supported), key=lambda c: c.cost)
+            cost, mem = kernel.cost(spec), kernel.memory_bytes(spec)
+            saved = kernel.saved_bytes(spec) if spec.requires_grad else 0
+        found.append(Candidate(name, tuple(reasons), cost, mem, kernel.exact, False, saved, error))
+    supported = [c for c in found if c.supported]
+    if cache is not None and tuning.enabled(spec, tune) and len(supported) > 1 and forced is None:
+        seconds = tuning.measured_seconds(spec, [c.kernel for c in supported], cache, label=str(spec.mask_terms))
+        found = [
+            Candidate(c.kernel, c.reasons, seconds[c.kernel], c.memory_bytes, c.exact, True, c.saved_bytes, c.error)
+            if c.supported and math.isfinite(seconds.get(c.kernel, math.inf)) else c
+            for c in found
+        ]
+    # stable: equal costs keep registration order
+    return sorted(found, key=lambda c: (not c.supported, c.cost if c.cost is not None else math.inf))
+
+
+def choose(spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, **options) -> Choice:
+    """The fastest allowed kernel for ``spec``; ``forced`` names one and only checks it."""
+    found = candidates(spec, exact=exact, forced=forced, **options)
+    allowed = [c for c in found if c.supported and (c.exact or not exact)]
+    exact_ones = [c for c in allowed if c.exact]
     if not allowed:
-        lines = "\n".join(f"  {c.kernel}: {'; '.join(c.reasons)}" for c in candidates)
+        lines = "\n".join(f"  {c.kernel}: {'; '.join(c.reasons)}" for c in found)
         raise NoKernelError(f"no attention kernel supports this call ({spec.mask_terms or 'no mask'}):\n{lines}")
-    best = allowed[0]
+    best = (exact_ones or allowed)[0]
+    return Choice(best.kernel, best.exact, _reason(best, allowed, forced), tuple(found))
+
+
+def _reason(best: Candidate, allowed: list[Candidate], forced: str | None, budget_note: str = "") -> str:
     if forced is not None:
-        reason = f"forced by kernel={forced!r}"
-    elif len(allowed) == 1:
-        reason = "only kernel supporting this call"
+        return f"forced by kernel={forced!r}"
+    if not best.exact:
+        return f"approximate (error {best.error:.3g}): no exact plan fits max_mem{budget_note}"
+    if len(allowed) == 1:
+        return "only kernel supporting this call" + budget_note
+    how = "measured" if best.measured else "estimated"
+    return f"lowest {how} time of {len(allowed)} supported kernels{budget_note}"
+
+
+# ------------------------------------------------------------------ whole graph
+@dataclass
+class SitePlan:
+    match: Match
+    spec: AttentionSpec
+    where: str
+    choice: Choice | None  # None: no kernel supports the site (left alone)
+    error: str | None = None
+
+
+@dataclass
+class GraphPlan:
+    sites: list[SitePlan]
+    training: bool
+    budget: int | None
+    peak_before: memory.Peak
+    peak_after: memory.Peak
+
+
+def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=None) -> GraphPlan:
+    """Choose a kernel for every match of ``gm`` so that the graph's estimated peak fits ``options.max_mem``."""
+    training = _training(gm)
+    cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
+    specs = [spec_of(m) for m in matches]
+    errors = _errors(gm, matches, specs, options, example_inputs)
+    sites = []
+    for match, spec, errs in zip(matches, specs, errors):
+        where = module_path(match.anchor)
+        try:
+            choice = choose(spec, exact=options.exact, forced=options.kernel, tune=options.tune, cache=cache,
+                            errors=errs, tol=options.tol)
+        except NoKernelError as err:
+            if options.kernel is not None:
+                raise
+            sites.append(SitePlan(match, spec, where, None, str(err).splitlines()[0]))
+            continue
+        sites.append(SitePlan(match, spec, where, choice))
+    before = memory.graph_peak(gm.graph, [memory.site_before(s.where, s.match, s.spec) for s in sites],
+                               training=training)
+    plan = GraphPlan(sites, training, options.max_mem, before, _peak(gm, sites, training))
+    if options.max_mem is not None and options.kernel is None:
+        _fit(gm, plan, exact_only=True)
+        if plan.peak_after.bytes > plan.budget and not options.exact:
+            _fit(gm, plan, exact_only=False)
+        if plan.peak_after.bytes > plan.budget:
+            raise MemoryBudgetError(_budget_message(gm, plan, options))
+    return plan
+
+
+def _training(gm: GraphModule) -> bool:
+    outputs = [n for n in gm.graph.nodes if n.op == "output"]
+    values = [tensor_meta(a) for o in outputs for a in o.all_input_nodes]
+    return any(v is not None and v.requires_grad for v in values)
+
+
+def _errors(gm, matches, specs, options, example_inputs) -> list[dict[str, float]]:
+    """Per site, the measured error of each approximate kernel that supports it (only with exact=False)."""
+    approx = [k for k in registry.all_kernels() if not k.exact]
+    empty = [{} for _ in matches]
+    if options.exact or example_inputs is None or not approx or not matches:
+        return empty
+    wanted = [[k.name for k in approx if not k.not_supported_reasons(s)] for s in specs]
+    if not any(wanted):
+        return empty
+    values = calibrate.capture_sites(gm, example_inputs)
+    return [{name: calibrate.site_error(name, site) for name in names} for names, site in zip(wanted, values)]
+
+
+def _peak(gm: GraphModule, sites: list[SitePlan], training: bool) -> memory.Peak:
+    costs = [
+        memory.site_after(s.where, s.match, s.spec, s.choice.kernel) if s.choice is not None
+        else memory.site_before(s.where, s.match, s.spec)
+        for s in sites
+    ]
+    return memory.graph_peak(gm.graph, costs, training=training)
+
+
+def _fit(gm: GraphModule, plan: GraphPlan, *, exact_only: bool) -> None:
+    """Move the largest-footprint site to a smaller candidate until the peak fits or nothing moves."""
+    while plan.peak_after.bytes > plan.budget:
+        movable = []
+        for i, s in enumerate(plan.sites):
+            if s.choice is None:
+                continue
+            current = s.choice.chosen
+            smaller = [
+                c for c in s.choice.candidates
+                if c.supported and c.footprint < current.footprint and (c.exact or not exact_only)
+            ]
+            if smaller:
+                movable.append((current.footprint, i, smaller[0]))  # candidates are sorted by time
+        if not movable:
+            return
+        _, i, to = max(movable, key=lambda m: m[0])
+        site = plan.sites[i]
+        allowed = [c for c in site.choice.candidates if c.supported and (c.exact or not exact_only)]
+        note = f" that fits max_mem ({memory_fmt(plan.budget)})"
+        reason = _reason(to, allowed, None, note)
+        site.choice = Choice(to.kernel, to.exact, reason, site.choice.candidates)
+        plan.peak_after = _peak(gm, plan.sites, plan.training)
+
+
+def memory_fmt(n: int) -> str:
+    from attnopt.report import format_bytes
+
+    return format_bytes(n)
+
+
+def _budget_message(gm: GraphModule, plan: GraphPlan, options) -> str:
+    peak = plan.peak_after
+    dominant = sorted(peak.site_bytes.items(), key=lambda kv: -kv[1])[:3]
+    sites = ", ".join(f"{where} ({memory_fmt(b)})" for where, b in dominant) or "none"
+    kind = "exact" if options.exact else "exact or accepted approximate"
+    over = peak.bytes - plan.budget
+    variable = max(1, peak.bytes - peak.resident)
+    fraction = max(0.0, (plan.budget - peak.resident) / variable)
+    lines = [
+        f"max_mem={memory_fmt(plan.budget)} cannot be met: the best {kind} plan needs an estimated "
+        f"{memory_fmt(peak.bytes)} at its peak ({peak.at}; {memory_fmt(over)} over; "
+        f"{'forward+backward' if plan.training else 'forward'}).",
+        f"  inputs, parameters and buffers: {memory_fmt(peak.resident)}; largest attention sites: {sites}.",
+        "  What would fit:",
+        f"  - a budget of at least {memory_fmt(peak.bytes)} (max_mem='{math.ceil(peak.bytes / 1e9 * 100) / 100}GB')",
+    ]
+    if fraction > 0:
+        lines.append(f"  - a shorter input: activations scale with the tokens, about {fraction:.2f}x this length")
     else:
-        reason = f"lowest estimated cost of {len(allowed)} supported kernels"
-    return Choice(best.kernel, registry.get(best.kernel).exact, reason, tuple(candidates))
+        lines.append("  - nothing shorter: the inputs and parameters alone exceed the budget")
+    if options.exact:
+        approx = _approximate_floor(gm, plan)
+        if approx is not None and approx < peak.bytes:
+            fits = "fits" if approx <= plan.budget else "does not fit either"
+            lines.append(f"  - exact=False: the smallest approximate plan needs about {memory_fmt(approx)} ({fits}; "
+                         "each approximation is accepted only if its measured error is under tol)")
+    return "\n".join(lines)
+
+
+def _approximate_floor(gm: GraphModule, plan: GraphPlan) -> int | None:
+    """The peak with every site on its smallest-footprint supported approximate kernel (error not measured)."""
+    trial = []
+    for s in plan.sites:
+        if s.choice is None:
+            trial.append(s)
+            continue
+        kernels = [k for k in registry.all_kernels() if not k.not_supported_reasons(s.spec)]
+        if not kernels:
+            trial.append(s)
+            continue
+        def footprint(k):
+            return k.memory_bytes(s.spec) + (k.saved_bytes(s.spec) if s.spec.requires_grad else 0)
+        best = min(kernels, key=footprint)
+        trial.append(SitePlan(s.match, s.spec, s.where, Choice(best.name, best.exact, "", ())))
+    return _peak(gm, trial, plan.training).bytes
