@@ -57,7 +57,7 @@ class Opaque:
 @dataclass
 class OnnxView:
     model: onnx.ModelProto
-    gm: GraphModule
+    gm: GraphModule | None  # set once the graph is built
     onnx_name: dict[Node, str] = field(default_factory=dict)  # FX node -> ONNX value it mirrors
     node_of: dict[str, onnx.NodeProto] = field(default_factory=dict)  # ONNX value -> its producer
     dtypes: dict[str, int] = field(default_factory=dict)  # ONNX value -> element type
@@ -73,7 +73,7 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
 
     root = torch.nn.Module()
     fx = Graph()
-    view = OnnxView(model=model, gm=GraphModule(root, fx))
+    view = OnnxView(model=model, gm=None)
     mode = FakeTensorMode()
     env: dict[str, Node] = {}
     const: set[str] = set(inits)
@@ -106,7 +106,7 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
         for out in n.output:
             view.node_of[out] = n
         present = [i for i in n.input if i]
-        if n.op_type == "Constant" or all(i in const for i in present) and n.op_type not in ("RandomNormalLike",):
+        if n.op_type == "Constant" or all(i in const for i in present):
             const.update(o for o in n.output if o)
             continue
         if n.op_type == "Shape" and n.input[0] in static:

@@ -114,6 +114,17 @@ class FillPadded(Block):
         return self.merge(scores.softmax(-1) @ v)
 
 
+class BottomRightCausal(Block):
+    """Causal with a KV-cache alignment: the last query sees the last key (rows die when Nq > Nk)."""
+
+    def forward(self, x, memory):
+        q, k, v = self.qkv(x, memory)
+        nq, nk = x.shape[1], memory.shape[1]
+        keep = torch.arange(nk)[None, :] <= torch.arange(nq)[:, None] + (nk - nq)
+        scores = (q @ k.transpose(-2, -1) * 0.3).masked_fill(~keep, float("-inf"))
+        return self.merge(scores.softmax(-1) @ v)
+
+
 class Dropout(Block):
     """Dropout on the probabilities (active in training mode)."""
 

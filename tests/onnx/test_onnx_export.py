@@ -104,6 +104,18 @@ def test_fully_masked_rows_keep_their_fill():
         assert np.isnan(sess_out[2]).all() == (fill == float("-inf"))
 
 
+@pytest.mark.parametrize("nq,nk", [(4, 7), (7, 4)])
+def test_bottom_right_causal_is_an_explicit_mask(nq, nk):
+    """ONNX's is_causal is top-left: a KV-cache-aligned band must not use it."""
+    model = om.BottomRightCausal().eval()
+    args = (torch.randn(2, nq, 32), torch.randn(2, nk, 32))
+    report = aonnx.OnnxReport()
+    proto = aonnx.export(model, args, report=report, verify=True)
+    assert report.sites[0].causal and report.attention_nodes == 1
+    assert {a.name: a.i for a in attention_nodes(proto)[0].attribute}.get("is_causal", 0) == 0
+    assert report.max_diff <= TOL  # NaN rows (Nq > Nk) in the same places
+
+
 def test_opset_below_23_is_refused():
     model, args, _ = cases()["sdpa_causal"]
     with pytest.raises(ValueError, match="opset 23"):
