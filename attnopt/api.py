@@ -34,7 +34,7 @@ def optimize(model: torch.nn.Module, *, max_mem: int | str | None = None, exact:
     optimized = copy.copy(model)
     backend = functools.partial(_backend, options=opts, report=report)
     forward = types.MethodType(type(model).forward, optimized)
-    optimized.forward = torch.compile(forward, backend=backend, dynamic=opts.dynamic)
+    optimized.forward = _own_errors(torch.compile(forward, backend=backend, dynamic=opts.dynamic))
     optimized.attnopt_report = report
     return optimized
 
@@ -46,8 +46,24 @@ def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, ex
     opts = Options.build(max_mem=max_mem, exact=exact, **options)
     report = Report()
     backend = functools.partial(_backend, options=opts, report=report, dry_run=True)
-    torch.compile(model, backend=backend)(*args, **(kwargs or {}))
+    _own_errors(torch.compile(model, backend=backend))(*args, **(kwargs or {}))
     return report
+
+
+def _own_errors(compiled):
+    """Raise attnopt's own errors (a budget no plan fits, bad options) as themselves, not wrapped by dynamo."""
+
+    @functools.wraps(compiled)
+    def call(*args, **kwargs):
+        try:
+            return compiled(*args, **kwargs)
+        except torch._dynamo.exc.BackendCompilerFailed as err:
+            inner = getattr(err, "inner_exception", None)
+            if isinstance(inner, (ValueError, TypeError, NotImplementedError)):
+                raise inner.with_traceback(None) from None
+            raise
+
+    return call
 
 
 def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: bool = False):

@@ -44,7 +44,8 @@ def attention(
       queries see keys of their own document only.
     * ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the masks.
     * ``fill``: what a row with no visible key gives: "safe" zero (as SDPA), "-inf"
-      NaN (as an eager softmax), "finite" the mean of v (as a ``finfo.min`` fill).
+      NaN (as an eager softmax), "finite" the mean of v (as a ``finfo.min`` fill),
+      "finite_added" the same mean with the gradient of an *added* ``finfo.min`` mask.
     * ``kernel``: a registered kernel name, or "auto" to let the planner choose.
     """
     _check_tensors(q, k, v)
@@ -60,7 +61,7 @@ def attention(
     try:
         fill = Fill(fill)
     except ValueError:
-        raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf' or 'finite'") from None
+        raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf', 'finite' or 'finite_added'") from None
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     spec = AttentionSpec.from_tensors(

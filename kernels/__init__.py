@@ -8,7 +8,7 @@ try:
 except ImportError:  # the Triton kernels are optional: the reference kernel runs anywhere
     triton = None
 if triton is not None:
-    from . import triton_decode  # noqa: F401
+    from . import triton_decode, triton_flash  # noqa: F401
 from .naive import naive_attention
 from .registry import Kernel, all_kernels, get, register
 from .spec import Align, AttentionSpec, Fill, Window

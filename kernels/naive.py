@@ -23,10 +23,14 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
     keep, additive = spec.materialize()
     for term in additive:
         s = add_term(s, term, spec.dtype)
+    unmasked = s
     if keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     empty_row = torch.isneginf(s).all(dim=-1, keepdim=True)
-    if spec.fill != Fill.NEG_INF:
+    if spec.fill == Fill.FINITE_ADDED:
+        # the added minimum absorbed the scores: value 0 (uniform), gradient passed through as by autograd
+        s = torch.where(empty_row, unmasked - unmasked.detach(), s)
+    elif spec.fill != Fill.NEG_INF:
         # a constant row keeps softmax finite, so gradients through torch.where stay finite
         s = s.masked_fill(empty_row, 0.0)
     p = torch.softmax(s, dim=-1)
@@ -35,4 +39,5 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
         out = torch.where(empty_row, torch.zeros_like(out), out)
     elif spec.fill == Fill.FINITE:
         out = torch.where(empty_row, v.mean(dim=2, keepdim=True).expand_as(out), out)
+    # Fill.FINITE_ADDED: p is already uniform on those rows, and its gradient flows as in the original
     return out

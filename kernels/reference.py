@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 
 from .registry import Grads, Kernel, register
-from .spec import AttentionSpec, Fill, key_padding_keep
+from .fills import empty_row_grads, fill_empty_rows
+from .spec import AttentionSpec, key_padding_keep
 
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
@@ -153,13 +154,11 @@ def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipp
 
     empty_row = l == 0
     out = acc / torch.where(empty_row, torch.ones_like(l), l)[..., None]
+    out = out.reshape(batch, q_heads, n_rows, spec.v_head_dim)
     if bool(empty_row.any()):
-        out = _fill_empty_rows(out, empty_row, v, spec, cdtype)
+        out = fill_empty_rows(out, empty_row.reshape(batch, q_heads, n_rows), v, spec)
     lse = m + torch.log(l)
-    return (
-        out.reshape(batch, q_heads, n_rows, spec.v_head_dim),
-        lse.reshape(batch, q_heads, n_rows),
-    )
+    return out, lse.reshape(batch, q_heads, n_rows)
 
 
 def _row_stats(q_g, k, spec: AttentionSpec, q0: int, q1: int, skipper: _Skipper):
@@ -180,11 +179,8 @@ def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, 
 
     Flash backward: with P = exp(s - lse) and D = rowsum(dO * O),
     dV += P^T dO, dP = dO V^T, dS = P * (dP - D), dQ = scale dS K, dK += scale dS^T Q.
-    Rows with no visible key reproduce the original's gradient: for an eager
-    ``-inf`` fill the NaN probabilities make dV NaN for every key of the head
-    (``masked_fill``'s backward zeroes dS, so dQ and dK stay finite); SDPA's
-    safe softmax contributes nothing; a finite fill adds dO / Nk to every dV
-    (a uniform average does not depend on the scores).
+    Rows with no visible key contribute nothing here; ``fills.empty_row_grads``
+    adds what the original's autograd gave them.
     """
     cdtype = _compute_dtype(q_rows.dtype)
     q1 = q0 + q_rows.shape[2]
@@ -227,12 +223,6 @@ def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, 
             ds = ds * (1.0 - tanh * tanh)
         dq += (ds @ k_t) * spec.scale
         grads["k"][:, :, k0:k1] += (ds.transpose(-1, -2) @ q_g).sum(2) * spec.scale
-    if spec.fill == Fill.NEG_INF and bool(empty_row.any()):
-        nan_heads = empty_row.any(-1).any(-1)  # [B, Hkv]
-        grads["v"][nan_heads] = float("nan")
-    if spec.fill == Fill.FINITE and bool(empty_row.any()):
-        uniform = torch.where(empty_row[..., None], do_g, torch.zeros_like(do_g)).sum((2, 3))  # [B, Hkv, Dv]
-        grads["v"] += uniform[:, :, None, :] / spec.kv_len
     return dq.reshape(q_rows.shape)
 
 
@@ -255,18 +245,6 @@ def _dropout_scale(shape, spec: AttentionSpec, seed: int, q0: int, k0: int, devi
     gen.manual_seed((seed * 1_000_003 + q0 * 65_537 + k0) % (1 << 63))
     keep = torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
     return keep / (1.0 - spec.dropout_p)
-
-
-def _fill_empty_rows(out, empty_row, v, spec: AttentionSpec, cdtype) -> torch.Tensor:
-    """Rows with no visible key: NaN, zero, or the uniform average, as the spec's fill says."""
-    if spec.fill == Fill.NEG_INF:
-        replacement = torch.full_like(out, float("nan"))
-    elif spec.fill == Fill.SAFE:
-        replacement = torch.zeros_like(out)
-    else:
-        # every score equals the same finite minimum: softmax is uniform over all keys
-        replacement = v.to(cdtype).mean(dim=2)[:, :, None, None, :].expand_as(out)
-    return torch.where(empty_row[..., None], replacement, out)
 
 
 class ReferenceKernel(Kernel):
@@ -318,6 +296,12 @@ class ReferenceKernel(Kernel):
                     q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1],
                     spec, q0, seed, skipper, grads,
                 )
+            empty = torch.isneginf(lse)
+            extra = empty_row_grads(q, k, v, grad_out, empty, spec, needs_bias_grad, needs_mask_grad)
+            for name, grad in zip(("q", "k", "v", "bias", "mask"), extra):
+                if grad is not None:
+                    target = dq if name == "q" else grads[name]
+                    target += grad.to(target.dtype)
         dbias = grads["bias"].to(spec.bias.dtype) if needs_bias_grad else None
         dmask = grads["mask"].to(spec.mask.dtype) if needs_mask_grad else None
         return dq, grads["k"].to(k.dtype), grads["v"].to(v.dtype), dbias, dmask

@@ -22,6 +22,9 @@ class Kernel:
     exact: bool = True
     #: one line for reports: what the kernel is
     summary: str = ""
+    #: devices the kernel is meant for (None: any). Elsewhere the planner uses it only when forced
+    #: by name: Triton kernels run on CPU tensors in Triton's interpreter, which is for tests.
+    devices: tuple[str, ...] | None = None
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Every reason this kernel cannot compute ``spec``; empty when it can."""

@@ -29,9 +29,13 @@ model being replaced decided that by its choice of fill value:
 * ``Fill.NEG_INF``: masked scores are ``-inf``; such rows are NaN (eager softmax).
 * ``Fill.FINITE``: masked scores are a finite minimum such as
   ``torch.finfo(dtype).min``; such rows average every value uniformly.
+* ``Fill.FINITE_ADDED``: the same forward, from a finite minimum *added* to
+  the scores (an additive ``finfo.min`` mask); the backward differs: autograd
+  sends such rows' gradient to q and k as through a uniform softmax.
 * ``Fill.SAFE``: ``-inf``, but such rows are 0 (SDPA's safe softmax).
 
-Rows with at least one visible key are identical under all three.
+Rows with at least one visible key are identical under all of them
+(kernels/fills.py implements the rows with none, for every kernel).
 
 An additive term of the same half dtype as q is added at that precision, as
 eager PyTorch adds a mask to half-precision scores: ``s + finfo(fp16).min``
@@ -51,6 +55,7 @@ import torch
 class Fill(str, enum.Enum):
     NEG_INF = "-inf"
     FINITE = "finite"
+    FINITE_ADDED = "finite_added"
     SAFE = "safe"
 
 

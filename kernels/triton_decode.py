@@ -422,6 +422,7 @@ class TritonDecodeKernel(Kernel):
     """
 
     name = "triton_decode"
+    devices = ("cuda",)
     exact = True
     summary = "Triton split-KV decode (flash-decoding): Nq <= 16 over a long KV cache, GQA packed per tile"
 

@@ -174,6 +174,7 @@ class TritonFlashKernel(Kernel):
     """Flash attention (FlashAttention-2 algorithm) in Triton for every spec term; see module docs."""
 
     name = "triton_flash"
+    devices = ("cuda",)
     exact = True
     summary = "exact flash attention in Triton: tile skipping for causal/window/padding/documents/masks, GQA"
 

@@ -25,7 +25,7 @@ from torch.fx import Graph, Node
 from attnopt.kernels.spec import Fill
 
 from . import masks
-from .graph import Constants, arg, kind, shape_of, tensor_meta
+from .graph import Constants, arg, constant_value, kind, shape_of, tensor_meta
 from .layouts import LayoutError, Operand, Step, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
 
 
@@ -50,11 +50,12 @@ class Match:
     scale: float | None = 1.0  # None: SDPA's default 1/sqrt(D)
     softcap: float | None = None
     dropout_p: float = 0.0
-    causal: bool = False  # SDPA's is_causal
+    causal: bool = False  # SDPA's is_causal (folded into ``masks`` by the analysis)
     booleans: list[BooleanTerm] = field(default_factory=list)
     additive: list[tuple[Node, float]] = field(default_factory=list)  # (term, multiplier)
     masks: masks.MaskAnalysis | None = None
     kv_group: int = 1  # K/V heads were repeated this many times in the original
+    nan_to_zero: bool = False  # the probabilities' NaN rows were set to 0 (ONNX exports of masked SDPA)
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
     intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
 
@@ -68,6 +69,13 @@ class Rejection:
     anchor: Node
     reason: str
     at: Node
+
+
+FUSED_LAYER_REASON = (
+    "PyTorch's fused inference fast path of nn.TransformerEncoderLayer / nn.MultiheadAttention (already a "
+    "fused attention kernel, opaque to attnopt); with gradients enabled or in training the layer runs "
+    "its regular path, which attnopt rewrites"
+)
 
 
 class _Reject(Exception):
@@ -86,6 +94,9 @@ def find_sites(graph: Graph, inputs: dict[Node, torch.Tensor] | None = None) -> 
     found: list[Match | Rejection] = []
     for node in list(graph.nodes):
         anchor_kind = kind(node)
+        if anchor_kind == "fused_layer":
+            found.append(Rejection(node, FUSED_LAYER_REASON, node))
+            continue
         if anchor_kind not in ("softmax", "sdpa"):
             continue
         try:
@@ -123,9 +134,14 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
     steps.extend(reversed(product_steps))
 
     down: list[Node] = []
-    probs, dropout_p = softmax, 0.0
+    probs, dropout_p, nan_to_zero = softmax, 0.0, False
     while True:
         users = list(probs.users)
+        zeroed = _nan_to_zero(probs, users)
+        if zeroed is not None:  # where(isnan(p), 0, p): fully masked rows become 0, as SDPA's safe softmax
+            down.extend([zeroed.args[0], zeroed])
+            probs, nan_to_zero = zeroed, True
+            continue
         if len(users) != 1:
             raise _Reject(
                 "attention probabilities are used outside the value product (e.g. returned attention weights)",
@@ -165,7 +181,7 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
             raise _Reject("attention scores are used outside the attention", node)
 
     match = Match(anchor=softmax, kind="softmax", q=q, k=k, v=v, output=value_mm, output_steps=output_steps,
-                  dropout_p=dropout_p)
+                  dropout_p=dropout_p, nan_to_zero=nan_to_zero)
     _interpret(match, list(reversed(steps)), softmax)
     match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     _check_layout(match, score_mm)
@@ -174,6 +190,19 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
         match.internal.append(score_mm.args[1])
     match.intermediates = [n for n in chain + down if shape_of(n) == shape]
     return match
+
+
+def _nan_to_zero(probs: Node, users: list[Node]) -> Node | None:
+    """The ``where(isnan(p), 0, p)`` node when ``probs``' only users are that pattern."""
+    if len(users) != 2:
+        return None
+    check = next((u for u in users if kind(u) == "isnan"), None)
+    select = next((u for u in users if kind(u) == "where"), None)
+    if check is None or select is None or list(check.users) != [select]:
+        return None
+    if select.args[0] is check and select.args[2] is probs and constant_value(select.args[1]) == 0.0:
+        return select
+    return None
 
 
 def _score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
@@ -356,12 +385,12 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
     try:
         match.masks = masks.analyze(
             match.booleans, match.additive, sdpa=match.kind == "sdpa", score_shape=score_shape,
-            dtype=tensor_meta(match.q.node).dtype, constants=constants,
+            dtype=tensor_meta(match.q.node).dtype, constants=constants, is_causal=match.causal,
         )
     except masks.MaskError as err:
         raise _Reject(str(err), match.anchor) from None
-    if match.kind == "sdpa" and match.causal and (match.masks.causal or match.masks.window):
-        raise _Reject("SDPA with both is_causal and a structural attn_mask", match.anchor)
+    if match.nan_to_zero and match.masks.fill == Fill.NEG_INF:
+        match.masks.fill = Fill.SAFE
 
 
 def _describe(node: Node) -> str:

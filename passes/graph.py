@@ -34,7 +34,8 @@ _FUNCTIONS: dict[Any, str] = {
     torch.logical_or: "or", operator.or_: "or", torch.bitwise_or: "or",
     operator.eq: "eq", torch.eq: "eq",
     torch.repeat_interleave: "repeat_interleave", torch.flatten: "flatten", torch.reshape: "reshape",
-    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem",
+    torch.unsqueeze: "unsqueeze", operator.getitem: "getitem", torch.isnan: "isnan",
+    torch._transformer_encoder_layer_fwd: "fused_layer", torch._native_multi_head_attention: "fused_layer",
 }
 
 _METHODS: dict[str, str] = {
@@ -48,7 +49,7 @@ _METHODS: dict[str, str] = {
     "logical_not": "not", "bitwise_not": "not", "logical_and": "and", "bitwise_and": "and",
     "logical_or": "or", "bitwise_or": "or", "eq": "eq",
     "expand": "expand", "expand_as": "expand", "view": "reshape", "reshape": "reshape", "flatten": "flatten",
-    "repeat_interleave": "repeat_interleave", "unsqueeze": "unsqueeze",
+    "repeat_interleave": "repeat_interleave", "unsqueeze": "unsqueeze", "isnan": "isnan",
 }
 
 

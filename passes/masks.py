@@ -82,22 +82,33 @@ class MaskError(Exception):
 
 
 def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dtype: torch.dtype,
-            constants: Constants) -> MaskAnalysis:
-    """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms."""
+            constants: Constants, is_causal: bool = False) -> MaskAnalysis:
+    """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms;
+    ``is_causal`` is SDPA's flag (top-left causal, combined with the masks)."""
     result = MaskAnalysis()
-    terms = [(b.cond, b.keep_when_true, b.fill) for b in booleans]
+    # (cond, keep_when_true, fill, added): added fills come from additive masks
+    terms = [(b.cond, b.keep_when_true, b.fill, False) for b in booleans]
+    bands: list[tuple[int | None, int | None]] = [(None, 0)] if is_causal else []
     for node, mult in _summands(additive):
-        if constants.is_constant(node) and not bool(constants.value(node).any()):
-            continue  # adds zero (T5's cross-attention position bias)
+        if constants.is_constant(node):
+            value = constants.value(node) * mult
+            if not bool(value.any()):
+                continue  # adds zero (T5's cross-attention position bias)
+            band = _constant_band(value, score_shape)
+            if band is not None:  # a constant 0 / -inf mask with band structure (a causal triu(1) of -inf)
+                bands.append(band)
+                terms.append((None, True, float("-inf"), True))
+                continue
         converted = _as_boolean(node, mult, dtype, constants)
         if converted is None:
             result.additive.append((node, mult))
         else:
-            terms.append(converted)
+            terms.append((*converted, True))
     result.fill = _fill(terms, sdpa)
     q_len, kv_len = score_shape[-2], score_shape[-1]
-    bands: list[tuple[int | None, int | None]] = []
-    for cond, keep_when_true, _ in terms:
+    for cond, keep_when_true, _, _ in terms:
+        if cond is None:  # already classified
+            continue
         for atom in _conjunction(cond, negated=not keep_when_true):
             _classify(atom, result, bands, score_shape, constants)
     if bands:
@@ -143,8 +154,9 @@ def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
         factor, other = (constants.number(y), x) if constants.number(y) is not None else (constants.number(x), y)
         if factor is not None and _exact_fill(factor * mult, dtype) and kind(other) == "sub":
             one, flag = other.args[0], other.args[1]
-            if constants.number(one) == 1.0 and _is_cast_of_bool(flag):
-                return flag, True, factor * mult
+            source = _bool_behind_cast(flag)
+            if constants.number(one) == 1.0 and source is not None:
+                return source, True, factor * mult
     return None
 
 
@@ -162,23 +174,31 @@ def _exact_fill(fill: float, dtype) -> bool:
     return fill <= ABSORBING_FILL and dtype in (torch.float32, torch.bfloat16, torch.float64)
 
 
-def _is_cast_of_bool(node) -> bool:
+def _bool_behind_cast(node) -> Node | None:
+    """The bool tensor that ``node`` casts to a number type (through expands), else None."""
     while isinstance(node, Node) and kind(node) in ("cast", "expand"):
         meta = tensor_meta(node.args[0])
         if meta is not None and meta.dtype == torch.bool:
-            return True
+            return node.args[0]
         node = node.args[0]
-    return False
+    return None
 
 
 def _fill(terms, sdpa: bool) -> Fill:
-    kinds = {math.isinf(fill) for _, _, fill in terms}
-    for _, _, fill in terms:
-        if not math.isinf(fill) and not fill <= MASKING_FILL:
+    """One fill for the site: what its rows with no visible key produce (see kernels/fills.py)."""
+    kinds = set()
+    for _, _, fill, added in terms:
+        if math.isinf(fill):
+            kinds.add("-inf")
+        elif fill <= MASKING_FILL:
+            kinds.add("added" if added else "replaced")
+        else:
             raise MaskError(f"masked_fill value {fill:g} is too large to mask a key")
     if len(kinds) > 1:
-        raise MaskError("the scores are filled with both -inf and a finite minimum")
-    if kinds == {False}:
+        raise MaskError(f"the scores are masked in different ways ({', '.join(sorted(kinds))} fills)")
+    if kinds == {"added"}:
+        return Fill.FINITE_ADDED
+    if kinds == {"replaced"}:
         return Fill.FINITE
     return Fill.SAFE if sdpa else Fill.NEG_INF
 
@@ -233,6 +253,15 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         result.documents = docs
         return
     result.dense.append(atom)
+
+
+def _constant_band(value: torch.Tensor, score_shape):
+    """The band of a constant additive mask whose entries are all 0 or -inf, else None."""
+    if not value.is_floating_point() or not bool(((value == 0) | torch.isneginf(value)).all()):
+        return None
+    rank = len(score_shape)
+    keep = (value == 0).reshape((1,) * (rank - value.dim()) + tuple(value.shape))
+    return _band_of(keep, score_shape)
 
 
 def _is_key_padding(shape, score_shape) -> bool:

@@ -48,7 +48,7 @@ SAVES_OUTPUT = frozenset({"softmax", "exp", "tanh", "sigmoid", "log_softmax"})
 
 def _nbytes(node) -> int:
     meta = tensor_meta(node)
-    return 0 if meta is None else meta.numel() * meta.element_size()
+    return 0 if meta is None else _numel_bytes(meta)
 
 
 def bytes_before(match: Match, spec: AttentionSpec) -> int:

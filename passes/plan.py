@@ -85,6 +85,9 @@ def candidates(
     for name in names:
         kernel = registry.get(name)
         reasons = list(kernel.not_supported_reasons(spec))
+        if forced is None and kernel.devices is not None and spec.device.type not in kernel.devices:
+            reasons.insert(0, f"meant for {'/'.join(kernel.devices)}; on {spec.device.type} only when forced "
+                              f"by name (kernel={name!r})")
         error = (errors or {}).get(name)
         if not kernel.exact and not reasons:
             if exact:

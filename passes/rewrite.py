@@ -50,7 +50,7 @@ def spec_of(match: Match) -> AttentionSpec:
     docs = m.documents
     spec = AttentionSpec.from_tensors(
         meta(q_shape, dtype), meta(k_shape, dtype), meta(v_shape, dtype),
-        scale=_scale(match), causal=match.causal or m.causal, align=m.align, window=m.window,
+        scale=_scale(match), causal=m.causal, align=m.align, window=m.window,
         key_padding=meta((batch, kv_len), torch.bool) if m.key_padding else None,
         q_doc=meta((1, q_len), torch.long) if docs else None, kv_doc=meta((1, kv_len), torch.long) if docs else None,
         bias=bias, mask=mask, softcap=match.softcap, dropout_p=match.dropout_p, fill=m.fill,
@@ -87,7 +87,7 @@ def replace(graph: Graph, match: Match, kernel: str) -> Node:
             torch.ops.attnopt.attention.default,
             (
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask,
-                _scale(match), match.causal or m.causal, m.align.value,
+                _scale(match), m.causal, m.align.value,
                 None if window is None else window.left, None if window is None else window.right,
                 match.softcap, match.dropout_p, m.fill.value, kernel,
             ),

