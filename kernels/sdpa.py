@@ -100,6 +100,10 @@ def sdpa_mask(spec: AttentionSpec) -> torch.Tensor | None:
     return mask
 
 
+#: CUDA backends found to refuse ``enable_gqa`` in this process
+_NO_NATIVE_GQA: set[str] = set()
+
+
 def _repeat_kv(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
     if spec.group_size == 1:
         return k, v
@@ -155,12 +159,18 @@ class SDPAKernel(Kernel):
 
     def attend(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """Differentiable SDPA on this backend, ``[B, Hq, Nq, Dv]``."""
-        k, v = _repeat_kv(k, v, spec)
         mask = sdpa_mask(spec)
         call = dict(attn_mask=mask, is_causal=_pure_causal(spec), scale=spec.scale)
         if self.backend is None:
+            k, v = _repeat_kv(k, v, spec)
             return F.scaled_dot_product_attention(q, k, v, **call)
         with sdpa_kernel([self.backend]):
+            if spec.group_size > 1 and self.name not in _NO_NATIVE_GQA:
+                try:  # read each K/V head once for its query-head group, no repeated copy
+                    return F.scaled_dot_product_attention(q, k, v, **call, enable_gqa=True)
+                except RuntimeError:  # this backend refuses GQA on this build: repeat from now on
+                    _NO_NATIVE_GQA.add(self.name)
+            k, v = _repeat_kv(k, v, spec)
             return F.scaled_dot_product_attention(q, k, v, **call)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):

@@ -99,10 +99,32 @@ def replace(graph: Graph, match: Match, kernel: str) -> Node:
         if want != tensor_meta(match.q.node).dtype:
             out = graph.call_method("to", (out, want))
     match.output.replace_all_uses_with(out)
+    freed: list[Node] = []
     for node in dict.fromkeys([match.output, *match.internal]):
         if node.graph is graph and not node.users:
+            freed.extend(node.all_input_nodes)
             graph.erase_node(node)
+    erase_dead(graph, freed)
     return out
+
+
+_IN_PLACE = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem})
+
+
+def erase_dead(graph: Graph, candidates: list[Node]) -> None:
+    """Erase nodes left without users by the rewrite (a causal mask the kernel no longer reads), and
+    then their inputs in turn; only pure computations: never placeholders, in-place ops or side effects."""
+    work = list(candidates)
+    while work:
+        node = work.pop()
+        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
+            continue
+        in_place = (node.op == "call_method" and node.target.endswith("_")) or node.target in _IN_PLACE
+        if in_place or node.is_impure():
+            continue
+        inputs = node.all_input_nodes
+        graph.erase_node(node)
+        work.extend(inputs)
 
 
 def _view(graph: Graph, op: Operand) -> Node:
