@@ -233,7 +233,7 @@ def graph_peak(graph: Graph, sites: list[SiteCost], *, training: bool) -> Peak:
             if node not in last_use and node not in keep:
                 frees.setdefault(index[node], []).append(node)
         site = by_output.get(node)
-        transient = site.workspace if site is not None else 0
+        transient = site.workspace if site is not None else _op_transient(node)
         if site is not None and training:
             saved_extra += site.saved
             live += site.saved
@@ -252,6 +252,24 @@ def graph_peak(graph: Graph, sites: list[SiteCost], *, training: bool) -> Peak:
             total, at = backward, "backward"
     site_bytes = {s.where: s.workspace + s.saved for s in sites}
     return Peak(total, resident, at, site_bytes)
+
+
+def _op_transient(node: Node) -> int:
+    """Scratch memory an op allocates and frees inside itself.
+
+    ``softmax(x, dtype=float32)`` converts ``x`` to float32 first (ATen's
+    ``softmax`` calls ``x.toType(dtype)``, except for float16 on CUDA, which has a
+    fused half-to-float kernel), so a float32 copy of the scores lives beside the
+    output while it runs.
+    """
+    if kind(node) != "softmax":
+        return 0
+    source, out = _value(node.args[0]) if node.args else None, _value(node)
+    if not (isinstance(source, torch.Tensor) and isinstance(out, torch.Tensor)) or source.dtype == out.dtype:
+        return 0
+    if source.dtype == torch.float16 and out.dtype == torch.float32 and source.device.type == "cuda":
+        return 0
+    return _numel_bytes(out)
 
 
 def _is_param(value) -> bool:
