@@ -72,17 +72,26 @@ class Report:
             what = "forward+backward" if g.training else "forward"
             lines.append(f"graph {g.graph}: estimated peak {what} {format_bytes(g.before)} -> {format_bytes(g.after)}"
                          f"{budget}")
+        blocks: list[tuple[list[int], list[str]]] = []  # sites with the same candidates share one block
         for i, s in enumerate(self.sites):
             if not s.candidate_times and not s.rejected_kernels:
                 continue
             chosen = s.kernel if s.replaced else "left alone"
             approx = "" if s.exact or s.error is None else f", APPROXIMATE: relative error {s.error:.3g}"
-            lines.append(f"site {i} ({s.where}): {chosen}{approx}")
+            body = [f"{chosen}{approx}"]
             for name, seconds, measured in s.candidate_times:
                 mark = "*" if name == s.kernel else " "
-                lines.append(f"  {mark} {name:<22} {seconds * 1e3:10.3f} ms {'measured' if measured else 'estimated'}")
+                body.append(f"  {mark} {name:<22} {seconds * 1e3:10.3f} ms {'measured' if measured else 'estimated'}")
             for name, reasons in s.rejected_kernels:
-                lines.append(f"  x {name:<22} rejected: {'; '.join(reasons)}")
+                body.append(f"  x {name:<22} rejected: {'; '.join(reasons)}")
+            if blocks and blocks[-1][1] == body:
+                blocks[-1][0].append(i)
+            else:
+                blocks.append(([i], body))
+        for indices, body in blocks:
+            label = f"site {indices[0]}" if len(indices) == 1 else f"sites {indices[0]}-{indices[-1]}"
+            lines.append(f"{label}: {body[0]}")
+            lines.extend(body[1:])
         return "\n".join(lines)
 
     @property
