@@ -193,13 +193,7 @@ class AttentionSpec:
 
     def band(self) -> tuple[int | None, int | None]:
         """Bounds ``(lo, hi)`` on ``j - i - offset`` from causal and window; None = unbounded."""
-        lo = hi = None
-        if self.window is not None:
-            lo = None if self.window.left is None else -self.window.left
-            hi = self.window.right
-        if self.causal:
-            hi = 0 if hi is None else min(hi, 0)
-        return lo, hi
+        return band_bounds(self.causal, self.window)
 
     @property
     def mask_terms(self) -> tuple[str, ...]:
@@ -282,6 +276,17 @@ class AttentionSpec:
             self.keep_tile(0, self.q_len, 0, self.kv_len),
             self.additive_tiles(0, self.q_len, 0, self.kv_len),
         )
+
+
+def band_bounds(causal: bool, window: Window | None) -> tuple[int | None, int | None]:
+    """Bounds ``(lo, hi)`` on ``j - i - offset`` kept by a causal flag and a window; None = unbounded."""
+    lo = hi = None
+    if window is not None:
+        lo = None if window.left is None else -window.left
+        hi = window.right
+    if causal:
+        hi = 0 if hi is None else min(hi, 0)
+    return lo, hi
 
 
 def key_padding_keep(key_padding: torch.Tensor, kv_len: int) -> torch.Tensor:

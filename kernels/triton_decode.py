@@ -46,6 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fills import fill_empty_rows
 from .registry import Grads, Kernel, get, register
 from .spec import AttentionSpec, Fill, key_padding_keep
 
@@ -398,18 +399,11 @@ def decode_attention(
 
 
 def apply_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Rows with no visible key (``lse == -inf``, out 0): NaN, 0 or the mean of v, as ``spec.fill`` says."""
+    """Rows with no visible key (``lse == -inf``, out 0) as ``spec.fill`` says (kernels/fills.py)."""
     can_be_empty = spec.has_boolean_mask or any(t is not None and t.dtype != torch.bool for t in (spec.bias, spec.mask))
     if not can_be_empty or spec.fill == Fill.SAFE:
         return out
-    empty = torch.isneginf(lse)[..., None]  # [B, Hq, Nq, 1]
-    if spec.fill == Fill.NEG_INF:
-        return out.masked_fill(empty, float("nan"))
-    if not bool(empty.any()):  # the mean reads all of V: only when a row needs it
-        return out
-    # every score is the same finite minimum: softmax is uniform over all keys
-    mean_v = v.float().mean(dim=2).repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
-    return torch.where(empty, mean_v.to(out.dtype), out)
+    return fill_empty_rows(out, torch.isneginf(lse), v, spec)
 
 
 class TritonDecodeKernel(Kernel):

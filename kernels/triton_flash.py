@@ -30,6 +30,7 @@ import torch
 import triton
 
 from . import registry
+from .fills import empty_row_grads, fill_empty_rows
 from .block_map import TileLists, needs_tile_map, tile_lists
 from .registry import Grads, Kernel, register
 from .spec import AttentionSpec, Fill
@@ -141,33 +142,15 @@ def may_have_empty_rows(spec: AttentionSpec) -> bool:
 def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     if spec.fill == Fill.SAFE or not may_have_empty_rows(spec):
         return out
-    empty = torch.isneginf(lse)[..., None]  # [B, Hq, Nq, 1]
-    if spec.fill == Fill.NEG_INF:
-        return torch.where(empty, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
-    # every score equals the same finite minimum: the softmax is uniform over all keys
-    mean_v = v.float().mean(dim=2).repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
-    return torch.where(empty, mean_v.to(out.dtype), out)
+    return fill_empty_rows(out, torch.isneginf(lse), v, spec)
 
 
-def _empty_row_value_grads(dv, grad_out, lse, spec: AttentionSpec) -> torch.Tensor:
-    """dV of rows with no visible key: the model's own autograd through its fill."""
-    if spec.fill == Fill.SAFE or not may_have_empty_rows(spec):
-        return dv
-    empty = torch.isneginf(lse)  # [B, Hq, Nq]
-    b, hkv, g = spec.batch, spec.kv_heads, spec.group_size
-    if spec.fill == Fill.NEG_INF:
-        # softmax of an all -inf row is NaN, and P^T dO spreads it over every key of the kv head
-        nan_heads = empty.any(-1).reshape(b, hkv, g).any(-1)[:, :, None, None]
-        return torch.where(nan_heads, torch.full((), float("nan"), dtype=dv.dtype, device=dv.device), dv)
-    uniform = torch.where(empty[..., None], grad_out.float(), 0.0).sum(2)  # [B, Hq, Dv]
-    uniform = uniform.reshape(b, hkv, g, -1).sum(2)[:, :, None, :] / spec.kv_len  # [B, Hkv, 1, Dv]
-    return (dv.float() + uniform).to(dv.dtype)
-
-
-def _visible_fraction(spec: AttentionSpec) -> float:
-    from .reference import _visible_fraction as band_fraction
-
-    return band_fraction(spec)
+def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec) -> Grads:
+    """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (kernels/fills.py)."""
+    if spec.fill != Fill.SAFE and may_have_empty_rows(spec):
+        extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec)
+        grads = [g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra[:3])]
+    return (*grads, None, None)
 
 
 class TritonFlashKernel(Kernel):
@@ -246,11 +229,8 @@ class TritonFlashKernel(Kernel):
 
     # --------------------------------------------------------------------- backward
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
-        finite_added = getattr(Fill, "FINITE_ADDED", None)
-        uniform_grads = spec.fill == finite_added and may_have_empty_rows(spec)
-        if needs_bias_grad or needs_mask_grad or uniform_grads:
-            # not in the Triton kernels yet, exact fallback: dS summed over a term's broadcast dims, and
-            # the gradient of rows that a finite *added* minimum turned uniform (it reaches q and k)
+        if needs_bias_grad or needs_mask_grad:
+            # not in the Triton kernels yet, exact fallback: dS summed over a term's broadcast dims
             return registry.get("reference").backward(
                 grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad
             )
@@ -259,7 +239,7 @@ class TritonFlashKernel(Kernel):
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         if nq == 0 or nk == 0 or b * hq == 0:
-            return torch.zeros_like(q), dk, _empty_row_value_grads(dv, grad_out, lse, spec), None, None
+            return _with_empty_rows((torch.zeros_like(q), dk, dv), q, k, v, grad_out, lse, spec)
         lse = lse.float().contiguous()
         delta = torch.empty_like(lse)
         lse2 = torch.empty_like(lse)
@@ -288,8 +268,7 @@ class TritonFlashKernel(Kernel):
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
                 **terms, **_map_args(q_lists, lse),
             )
-        dq = dq_acc.to(q.dtype)
-        return dq, dk, _empty_row_value_grads(dv, grad_out, lse, spec), None, None
+        return _with_empty_rows((dq_acc.to(q.dtype), dk, dv), q, k, v, grad_out, lse, spec)
 
 
 register(TritonFlashKernel())

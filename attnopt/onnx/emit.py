@@ -33,7 +33,7 @@ import numpy as np
 import onnx
 import torch
 
-from attnopt.kernels.spec import Align, Fill, Window
+from attnopt.kernels.spec import Align, Fill, Window, band_bounds
 
 #: the first opset with the Attention operator, and the one with window attributes
 MIN_OPSET = 23
@@ -70,13 +70,7 @@ class Band:
 
     def bounds(self) -> tuple[int | None, int | None]:
         """``(lo, hi)`` on ``j - i - offset``; None is unbounded."""
-        lo = hi = None
-        if self.window is not None:
-            lo = None if self.window.left is None else -self.window.left
-            hi = self.window.right
-        if self.causal:
-            hi = 0 if hi is None else min(hi, 0)
-        return lo, hi
+        return band_bounds(self.causal, self.window)
 
 
 def emit_attention(
