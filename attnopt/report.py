@@ -30,6 +30,7 @@ class Site:
     error: float | None = None  # measured relative error of an approximate kernel; None when exact
     #: every supported candidate: (kernel, seconds, measured: True = timed on the device, False = cost model)
     candidate_times: tuple[tuple[str, float, bool], ...] = ()
+    notes: tuple[str, ...] = ()  # what the analysis recognized beyond the mask terms (an ALiBi bias)
 
     @property
     def found(self) -> str:
@@ -78,7 +79,7 @@ class Report:
                 continue
             chosen = s.kernel if s.replaced else "left alone"
             approx = "" if s.exact or s.error is None else f", APPROXIMATE: relative error {s.error:.3g}"
-            body = [f"{chosen}{approx}"]
+            body = [f"{chosen}{approx}"] + [f"  note: {note}" for note in s.notes]
             for name, seconds, measured in s.candidate_times:
                 mark = "*" if name == s.kernel else " "
                 body.append(f"  {mark} {name:<22} {seconds * 1e3:10.3f} ms {'measured' if measured else 'estimated'}")

@@ -58,6 +58,7 @@ class MaskAnalysis:
     additive: list[tuple[Node, float]] = field(default_factory=list)
     fill: Fill = Fill.NEG_INF
     notes: list[str] = field(default_factory=list)
+    alibi: list[Node] = field(default_factory=list)  # additive terms that are ALiBi biases
 
     @property
     def mask_terms(self) -> tuple[str, ...]:
@@ -70,9 +71,10 @@ class MaskAnalysis:
             terms.append("key_padding")
         if self.documents is not None:
             terms.append("document")
-        if any(_needs_grad(t) for t, _ in self.additive):
+        biases = [t in self.alibi or _needs_grad(t) for t, _ in self.additive]
+        if any(biases):
             terms.append("bias")
-        if self.dense or any(not _needs_grad(t) for t, _ in self.additive):
+        if self.dense or not all(biases):
             terms.append("dense")
         return tuple(terms)
 
@@ -99,6 +101,11 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dty
                 bands.append(band)
                 terms.append((None, True, float("-inf"), True))
                 continue
+            slopes = alibi_slopes(value, score_shape)
+            if slopes is not None:
+                result.notes.append("ALiBi bias (per-head slopes x key distance): " + ", ".join(
+                    f"{s:.4g}" for s in slopes[:4]) + (" ..." if len(slopes) > 4 else ""))
+                result.alibi.append(node)
         converted = _as_boolean(node, mult, dtype, constants)
         if converted is None:
             result.additive.append((node, mult))
@@ -262,6 +269,31 @@ def _constant_band(value: torch.Tensor, score_shape):
     rank = len(score_shape)
     keep = (value == 0).reshape((1,) * (rank - value.dim()) + tuple(value.shape))
     return _band_of(keep, score_shape)
+
+
+def alibi_slopes(value: torch.Tensor, score_shape) -> list[float] | None:
+    """Per-head slopes ``m_h`` when a constant additive term is ALiBi: ``m_h * (j - i)`` (or
+    ``-m_h * |j - i|``, or ``m_h * j`` as BLOOM writes it, equal under the row softmax), else None."""
+    if not value.is_floating_point() or value.dim() < 3 or not bool(torch.isfinite(value).all()):
+        return None
+    q_len, kv_len = score_shape[-2], score_shape[-1]
+    if value.shape[-1] != kv_len or value.shape[-2] not in (1, q_len) or kv_len < 2:
+        return None
+    grid = value.reshape(-1, *value.shape[-3:]).double()  # [b, h, q or 1, k]
+    if not bool((grid == grid[:1]).all()):
+        return None
+    grid = grid[0]  # [h, rows, k]
+    rows = grid.shape[-2]
+    i = torch.arange(rows, dtype=torch.float64)[:, None]
+    j = torch.arange(kv_len, dtype=torch.float64)[None, :]
+    for distance in (j - i, -(j - i).abs(), j.expand(rows, kv_len)):
+        unit = distance[0, 1] - distance[0, 0]
+        slopes = (grid[:, 0, 1] - grid[:, 0, 0]) / unit  # [h]
+        expected = slopes[:, None, None] * distance[None]
+        offset = grid[:, :, :1] - expected[:, :, :1]  # a per-row constant is invisible to the softmax
+        if bool((slopes != 0).any()) and bool(torch.allclose(grid, expected + offset, rtol=1e-4, atol=1e-4)):
+            return [float(x) for x in slopes.abs()]
+    return None
 
 
 def _is_key_padding(shape, score_shape) -> bool:

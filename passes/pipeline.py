@@ -66,7 +66,7 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
         mask_terms=match.masks.mask_terms + (("softcap",) if spec.softcap is not None else ()),
-        cross=_cross(match),
+        cross=_cross(match), notes=tuple(match.masks.notes),
         q_heads=spec.q_heads, kv_heads=spec.kv_heads, q_len=spec.q_len, kv_len=spec.kv_len,
         head_dim=spec.head_dim, dtype=str(spec.dtype), bytes_before=bytes_before(match, spec),
     )

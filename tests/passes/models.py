@@ -303,3 +303,21 @@ class Mha(nn.Module):
             x, kv = x.transpose(0, 1), kv.transpose(0, 1)
         y = self.attn(x, kv, kv, key_padding_mask=padding if self.cross else None, need_weights=False)[0]
         return y if self.batch_first else y.transpose(0, 1)
+
+
+class Alibi(Heads):
+    """ALiBi: a per-head slope times the key distance, added to causal scores (a buffer of slopes)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("slopes", torch.tensor([2.0 ** (-8 * (h + 1) / 4) for h in range(4)]))
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        n = x.shape[1]
+        pos = torch.arange(n)
+        distance = (pos[None, :] - pos[:, None]).float()  # [Nq, Nk]: j - i
+        bias = self.slopes[:, None, None] * distance  # [H, Nq, Nk]
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5 + bias
+        scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
+        return self.merge(scores.softmax(-1) @ v)

@@ -103,6 +103,7 @@ CASES = {
     "cross_attention": Case(models.CrossAttention,
                             lambda: ((torch.randn(2, 12, 32), torch.randn(2, 9, 32), keep_mask()[:, :9]), {}),
                             ("cross", "key_padding")),
+    "alibi": Case(models.Alibi, x_only(), ("bias", "causal")),
     "sdpa_causal": Case(lambda: models.SDPAModel(mode="causal"), x_only(), ("causal",)),
     "sdpa_gqa": Case(lambda: models.SDPAModel(mode="gqa"), x_only(), ("gqa",), kv_heads=2),
     # torch.nn modules
@@ -182,6 +183,23 @@ def test_zoo(name):
         assert all(s.kv_heads == case.kv_heads for s in report.sites)
     assert torch.equal(got.isnan(), expected.isnan())
     torch.testing.assert_close(got, expected, atol=case.tol, rtol=case.tol, equal_nan=True)
+
+
+def test_alibi_is_recognized_and_named():
+    model = models.Alibi().eval()
+    optimized = attnopt.optimize(model)
+    optimized(torch.randn(2, 12, 32))
+    (site,) = optimized.attnopt_report.sites
+    assert site.mask_terms == ("causal", "bias")
+    assert any("ALiBi" in note for note in site.notes)
+    assert "ALiBi" in str(optimized.attnopt_report)
+
+
+def test_a_learned_bias_is_not_alibi():
+    model = models.PaddedEncoder().eval()
+    optimized = attnopt.optimize(model)
+    optimized(torch.randn(2, 12, 32), torch.ones(2, 12))
+    assert not any("ALiBi" in note for s in optimized.attnopt_report.sites for note in s.notes)
 
 
 def test_transformer_encoder_fast_path_is_reported_not_rewritten():
