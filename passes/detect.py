@@ -56,6 +56,7 @@ class Match:
     masks: masks.MaskAnalysis | None = None
     kv_group: int = 1  # K/V heads were repeated this many times in the original
     nan_to_zero: bool = False  # the probabilities' NaN rows were set to 0 (ONNX exports of masked SDPA)
+    add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype of the scores it was added to
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
     intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
 
@@ -222,10 +223,11 @@ def _score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
         alpha = node.kwargs.get("alpha", 1.0)
         if not (isinstance(a, Node) and isinstance(b, Node)) or not isinstance(alpha, (int, float)):
             raise _Reject("a constant is added to the scores (softmax ignores it, but it is not a mask)", node)
+        dtype = tensor_meta(node).dtype  # the precision eager added the mask at
         if _reaches_scores(a, constants):
-            return ("add", b, float(alpha), node), a
+            return ("add", b, float(alpha), dtype, node), a
         if _reaches_scores(b, constants) and alpha == 1.0:
-            return ("add", a, 1.0, node), b
+            return ("add", a, 1.0, dtype, node), b
         raise _Reject("neither operand of the mask add leads to a score product", node)
     if k == "masked_fill":
         scores, cond, value = node.args[0], node.args[1], arg(node, 2, "value")
@@ -283,7 +285,7 @@ def _split_score_product(node: Node, constants: Constants) -> tuple[Operand, Ope
             bias = node.args[0]
             zero_bias = constants.is_constant(bias) and not bool(constants.value(bias).any())
             if beta != 0.0 and not zero_bias:
-                extra.append(("add", bias, float(beta) / float(alpha)))
+                extra.append(("add", bias, float(beta) / float(alpha), tensor_meta(node).dtype))
         if not isinstance(a, Node) or not isinstance(b, Node):
             raise LayoutError("score product with a constant operand")
         return to_rank4(Operand(a)), to_rank4(untransposed(b)), extra
@@ -323,6 +325,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
                     "an additive mask follows a finite masked_fill: rows masked by both would not be exact", at
                 )
             additive.append((step[1], step[2]))
+            match.add_dtypes[step[1]] = step[3]
         elif op == "fill":
             booleans.append(step[1])
     if pending_tanh:
@@ -385,6 +388,7 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
     try:
         match.masks = masks.analyze(
             match.booleans, match.additive, sdpa=match.kind == "sdpa", score_shape=score_shape,
+            add_dtypes=match.add_dtypes,
             dtype=tensor_meta(match.q.node).dtype, constants=constants, is_causal=match.causal,
         )
     except masks.MaskError as err:

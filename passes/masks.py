@@ -59,6 +59,7 @@ class MaskAnalysis:
     fill: Fill = Fill.NEG_INF
     notes: list[str] = field(default_factory=list)
     alibi: list[Node] = field(default_factory=list)  # additive terms that are ALiBi biases
+    add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype eager added it to the scores at
 
     @property
     def mask_terms(self) -> tuple[str, ...]:
@@ -84,14 +85,14 @@ class MaskError(Exception):
 
 
 def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dtype: torch.dtype,
-            constants: Constants, is_causal: bool = False) -> MaskAnalysis:
+            constants: Constants, is_causal: bool = False, add_dtypes: dict | None = None) -> MaskAnalysis:
     """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms;
     ``is_causal`` is SDPA's flag (top-left causal, combined with the masks)."""
     result = MaskAnalysis()
     # (cond, keep_when_true, fill, added): added fills come from additive masks
     terms = [(b.cond, b.keep_when_true, b.fill, False) for b in booleans]
     bands: list[tuple[int | None, int | None]] = [(None, 0)] if is_causal else []
-    for node, mult in _summands(additive):
+    for node, mult, added_at in _summands(additive, add_dtypes or {}):
         if constants.is_constant(node):
             value = constants.value(node) * mult
             if not bool(value.any()):
@@ -109,6 +110,8 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dty
         converted = _as_boolean(node, mult, dtype, constants)
         if converted is None:
             result.additive.append((node, mult))
+            if added_at is not None:
+                result.add_dtypes[node] = added_at
         else:
             terms.append((*converted, True))
     result.fill = _fill(terms, sdpa)
@@ -126,16 +129,17 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dty
 
 
 # ----------------------------------------------------------------- additive -> boolean
-def _summands(additive):
-    """Split sums of additive terms (T5 adds its mask into its position bias) into their parts."""
+def _summands(additive, add_dtypes: dict):
+    """Split sums of additive terms (T5 adds its mask into its position bias) into their parts,
+    each with the dtype its sum was added to the scores at (None: unknown)."""
     out = []
-    stack = list(reversed(additive))
+    stack = [(node, mult, add_dtypes.get(node)) for node, mult in reversed(additive)]
     while stack:
-        node, mult = stack.pop()
+        node, mult, added_at = stack.pop()
         if kind(node) == "add" and all(isinstance(a, Node) for a in node.args[:2]) and not node.kwargs:
-            stack.extend([(node.args[1], mult), (node.args[0], mult)])
+            stack.extend([(node.args[1], mult, added_at), (node.args[0], mult, added_at)])
         else:
-            out.append((node, mult))
+            out.append((node, mult, added_at))
     return out
 
 

@@ -71,10 +71,8 @@ def replace(graph: Graph, match: Match, kernel: str) -> Node:
         if m.documents is not None:
             q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
         keep = _all(graph, [_rank4_node(graph, _atom(graph, a), a.node, match) for a in m.dense])
-        additive = [
-            _rank4_node(graph, t if mult == 1.0 else graph.call_function(operator.mul, (t, mult)), t, match)
-            for t, mult in m.additive
-        ]
+        additive = [_rank4_node(graph, _additive(graph, t, mult, m.add_dtypes.get(t)), t, match)
+                    for t, mult in m.additive]
         if keep is not None:
             mask, rest = keep, additive
         else:
@@ -117,7 +115,8 @@ def erase_dead(graph: Graph, candidates: list[Node]) -> None:
     work = list(candidates)
     while work:
         node = work.pop()
-        if node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
+        erased = getattr(node, "_erased", False)
+        if erased or node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
             continue
         in_place = (node.op == "call_method" and node.target.endswith("_")) or node.target in _IN_PLACE
         if in_place or node.is_impure():
@@ -125,6 +124,15 @@ def erase_dead(graph: Graph, candidates: list[Node]) -> None:
         inputs = node.all_input_nodes
         graph.erase_node(node)
         work.extend(inputs)
+
+
+def _additive(graph: Graph, term: Node, mult: float, added_at) -> Node:
+    """The additive term as the kernel must add it: scaled, and in the dtype eager added it at
+    (a float16 mask added to float32 scores is added in float32, and must not saturate)."""
+    node = term if mult == 1.0 else graph.call_function(operator.mul, (term, mult))
+    if added_at is not None and added_at != tensor_meta(term).dtype:
+        node = graph.call_method("to", (node, added_at))
+    return node
 
 
 def _view(graph: Graph, op: Operand) -> Node:

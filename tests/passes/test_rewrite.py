@@ -163,3 +163,26 @@ def test_forced_kernel_is_used():
     optimized = attnopt.optimize(model, kernel="reference")
     optimized(torch.randn(1, 8, 32))
     assert "forced" in optimized.attnopt_report.sites[0].reason
+
+
+class UpcastThenMask(torch.nn.Module):
+    """Scores upcast to float32 before a float16 mask is added: eager adds in float32 (no saturation)."""
+
+    def forward(self, q, k, v, mask):
+        s = (q @ k.transpose(-1, -2)).float() * 0.125
+        return torch.softmax(s + mask, -1).to(q.dtype) @ v
+
+
+def test_mask_is_added_at_the_precision_eager_added_it():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.float16) * 4 for _ in range(3))
+    mask = torch.zeros(1, 1, 6, 6, dtype=torch.float16)
+    mask[..., 2, :] = torch.finfo(torch.float16).min  # row 2 fully masked: in float32, softmax(s) survives
+    model = UpcastThenMask()
+    expected = model(q, k, v, mask)
+    optimized = attnopt.optimize(model)
+    got = optimized(q, k, v, mask)
+    assert optimized.attnopt_report.sites[0].replaced
+    torch.testing.assert_close(got, expected, atol=2e-2, rtol=1e-2)
+    uniform = v.float().mean(2)[:, :, None]
+    assert not torch.allclose(got[:, :, 2:3].float(), uniform, atol=1e-2)  # not the saturated (uniform) row
