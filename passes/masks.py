@@ -34,6 +34,7 @@ from torch.fx import Node
 from attnopt.kernels.spec import Align, Fill, Window
 
 from .graph import Constants, arg, is_parameter, kind, shape_of, tensor_meta
+from .symbolic import band_of_comparison
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
 MASKING_FILL = -1e4
@@ -243,6 +244,8 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         raise MaskError(f"mask atom {node.name} has no tensor shape")
     rank = len(score_shape)
     shape = (1,) * (rank - len(shape)) + tuple(shape)
+    if _all_ones(node) and not atom.negated:  # HF starts its mask as new_ones((), dtype=bool)
+        return
     if constants.is_constant(node):
         value = constants.value(node)
         if atom.negated:
@@ -255,6 +258,10 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
             bands.append(band)
             return
         result.dense.append(atom)
+        return
+    band = band_of_comparison(node, atom.negated, len(score_shape))  # index masks of symbolic size
+    if band is not None:
+        bands.append(band)
         return
     if _is_key_padding(shape, score_shape):
         result.key_padding.append(atom)
@@ -298,6 +305,13 @@ def alibi_slopes(value: torch.Tensor, score_shape) -> list[float] | None:
         if bool((slopes != 0).any()) and bool(torch.allclose(grid, expected + offset, rtol=1e-4, atol=1e-4)):
             return [float(x) for x in slopes.abs()]
     return None
+
+
+def _all_ones(node: Node) -> bool:
+    """``x.new_ones(...)`` / ``torch.ones(...)`` / ``torch.ones_like(x)``: True everywhere, whatever x is."""
+    if node.op == "call_method" and node.target == "new_ones":
+        return True
+    return node.op == "call_function" and node.target in (torch.ones, torch.ones_like)
 
 
 def _is_key_padding(shape, score_shape) -> bool:

@@ -289,3 +289,36 @@ def test_llama_training_gradients_on_cuda():
     assert all(s.replaced for s in optimized.attnopt_report.sites)
     for g, e in zip(got, expected):
         torch.testing.assert_close(g, e, atol=2e-4, rtol=2e-3)
+
+
+@pytest.mark.parametrize("name, terms", [("hf_llama", "causal+key_padding+gqa"),
+                                         ("hf_mistral", "causal+window+key_padding+gqa")])
+def test_dynamic_shapes_keep_the_mask_structure(name, terms):
+    """After a second length dynamo captures symbolic shapes; the masks are still read as bands."""
+    torch.manual_seed(0)
+    model = CASES[name].build().eval()
+    optimized = attnopt.optimize(model)
+    for n in (10, 13, 17):
+        ids = torch.randint(0, 100, (2, n))
+        mask = torch.ones(2, n, dtype=torch.long)
+        mask[1, :3] = 0
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(input_ids=ids, attention_mask=mask).logits,
+                                       model(input_ids=ids, attention_mask=mask).logits, atol=2e-5, rtol=2e-5)
+    report = optimized.attnopt_report
+    assert report.graphs == 2
+    assert [s.found for s in report.sites if s.graph == 1] == [terms, terms]
+
+
+def test_generate_with_a_kv_cache_is_unchanged():
+    torch.manual_seed(0)
+    model = CASES["hf_llama"].build().eval()
+    optimized = attnopt.optimize(model)
+    ids = torch.randint(0, 100, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        expected = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+        got = optimized.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False)
+    assert torch.equal(got, expected)
+    assert all(s.replaced for s in optimized.attnopt_report.sites)

@@ -1,0 +1,131 @@
+"""Index masks over symbolic shapes: ``arange`` comparisons read as bands without evaluating them.
+
+When dynamo captures a graph with dynamic shapes, a causal mask built as
+``arange(n)[None, :] <= arange(n)[:, None]`` has a symbolic size and cannot be
+evaluated for one length. This module reads such a mask as algebra instead:
+each ``arange``-derived tensor is an affine function of its positions,
+``c + sum_d a_d x_d`` (``c`` may be symbolic, e.g. a cache offset), and a
+comparison of two of them over the score's (query ``i``, key ``j``) positions is
+a band ``lo <= j - i <= hi``. Anything outside this small vocabulary is not a
+band, and the mask stays dense (exact either way).
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+from torch.fx import Node
+
+from .graph import arg, kind
+
+_COMPARISONS = {operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt",
+                torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt"}
+
+
+@dataclass(frozen=True)
+class Affine:
+    """``offset + sum(coeffs[d] * x_d)`` over a tensor's positions ``x_d`` (dims right-aligned)."""
+
+    coeffs: tuple[int, ...]  # one per dim
+    offset: object  # int or SymInt
+
+    def align(self, rank: int) -> tuple[int, ...]:
+        return (0,) * (rank - len(self.coeffs)) + self.coeffs
+
+
+def affine(node) -> Affine | None:
+    """The affine form of an arange-derived index tensor, or None."""
+    if not isinstance(node, Node):
+        return None
+    k = kind(node)
+    if node.op == "call_function" and node.target is torch.arange:
+        args = [a for a in node.args]
+        if len(args) == 1:
+            return Affine((1,), 0)
+        if len(args) == 2 and _scalar(args[0]) is not None:
+            return Affine((1,), _scalar(args[0]))
+        return None
+    if k in ("add", "sub") and len(node.args) == 2:
+        base, shift = node.args
+        if _scalar(shift) is None:
+            return None
+        inner = affine(base)
+        if inner is None:
+            return None
+        delta = _scalar(shift) if k == "add" else -_scalar(shift)
+        return Affine(inner.coeffs, inner.offset + delta)
+    if k == "cast" and node.target in ("to",) and not any(isinstance(a, torch.dtype) for a in node.args[1:]) \
+            and "dtype" not in node.kwargs:
+        return affine(node.args[0])  # a device move
+    if k == "getitem":
+        inner = affine(node.args[0])
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if inner is None or any(i is not None and i != slice(None) for i in index):
+            return None
+        coeffs, source = [], list(inner.coeffs)
+        for i in index:
+            coeffs.append(0 if i is None else source.pop(0))
+        return Affine(tuple(coeffs + source), inner.offset)
+    if k == "unsqueeze":
+        inner = affine(node.args[0])
+        dim = arg(node, 1, "dim")
+        if inner is None or not isinstance(dim, int):
+            return None
+        coeffs = list(inner.coeffs)
+        coeffs.insert(dim % (len(coeffs) + 1), 0)
+        return Affine(tuple(coeffs), inner.offset)
+    return None
+
+
+def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, object] | None:
+    """``(lo, hi)`` bounds on ``j - i`` (None unbounded, possibly symbolic) kept by a comparison atom."""
+    op = _COMPARISONS.get(node.target) if node.op == "call_function" else None
+    if op is None or len(node.args) != 2:
+        return None
+    a, b = affine(node.args[0]), affine(node.args[1])
+    if a is None or b is None:
+        return None
+    diff = [x - y for x, y in zip(a.align(rank), b.align(rank))]  # a - b = d_i * i + d_j * j + c
+    c = a.offset - b.offset
+    if any(diff[:-2]) or (diff[-2], diff[-1]) not in ((-1, 1), (1, -1)):
+        return None
+    if negated:
+        op = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le"}[op]
+    if diff[-1] == -1:  # (i - j) + c  op 0  ->  (j - i)  flipped-op  c
+        op = {"le": "ge", "lt": "gt", "ge": "le", "gt": "lt"}[op]
+        bound = c
+    else:  # (j - i) + c  op 0  ->  (j - i)  op  -c
+        bound = -c
+    bound = _static(bound)
+    if bound is None:  # a symbolic offset (a KV cache length): left dense, still exact
+        return None
+    if op == "le":
+        return None, bound
+    if op == "lt":
+        return None, bound - 1
+    if op == "ge":
+        return bound, None
+    return bound + 1, None
+
+
+def _static(x) -> int | None:
+    """An int for a constant, or for a symbolic expression that simplifies to one; else None."""
+    if isinstance(x, int):
+        return x
+    if isinstance(x, torch.SymInt):
+        return x.node.maybe_as_int()
+    return None
+
+
+def _scalar(x):
+    if isinstance(x, bool):
+        return None
+    if isinstance(x, (int, torch.SymInt)):
+        return x
+    if isinstance(x, Node):
+        value = x.meta.get("example_value")
+        if isinstance(value, (int, torch.SymInt)) and not isinstance(value, bool):
+            return value
+    return None
