@@ -129,6 +129,16 @@ def _group_rows(x: torch.Tensor, spec: AttentionSpec, cdtype) -> torch.Tensor:
     return x.to(cdtype).reshape(b, spec.kv_heads, spec.group_size, n, d)
 
 
+def _online_step(m, l, s):
+    """One key block of the online softmax: new ``(m, l)``, the block's ``exp(s - m)`` and the rescale
+    factor of what was accumulated before (all-masked rows keep ``m = -inf`` without NaNs)."""
+    m_new = torch.maximum(m, s.amax(-1))
+    m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
+    p = torch.exp(s - m_safe[..., None])
+    alpha = torch.exp(m - m_safe)
+    return m_new, l * alpha + p.sum(-1), p, alpha
+
+
 def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipper):
     """Attention of query rows ``q0 : q0 + len`` against all keys: ``(out, lse)`` in compute dtype."""
     cdtype = _compute_dtype(q_rows.dtype)
@@ -142,15 +152,10 @@ def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipp
         k_t = k[:, :, k0:k1].to(cdtype)[:, :, None]  # [B, Hkv, 1, k, D]
         v_t = v[:, :, k0:k1].to(cdtype)[:, :, None]  # [B, Hkv, 1, k, Dv]
         s, _ = _scores(q_g, k_t, spec, q0, q1, k0, k1)
-        m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        p = torch.exp(s - m_safe[..., None])
-        alpha = torch.exp(m - m_safe)
-        l = l * alpha + p.sum(-1)
+        m, l, p, alpha = _online_step(m, l, s)
         if spec.dropout_p > 0.0:
             p = p * _dropout_scale(p.shape, spec, seed, q0, k0, p.device)
         acc = acc * alpha[..., None] + p @ v_t
-        m = m_new
 
     empty_row = l == 0
     out = acc / torch.where(empty_row, torch.ones_like(l), l)[..., None]
@@ -167,10 +172,7 @@ def _row_stats(q_g, k, spec: AttentionSpec, q0: int, q1: int, skipper: _Skipper)
     l = q_g.new_zeros(q_g.shape[:-1])
     for k0, k1 in _key_blocks(spec, skipper, q0, q1):
         s, _ = _scores(q_g, k[:, :, k0:k1].to(q_g.dtype)[:, :, None], spec, q0, q1, k0, k1)
-        m_new = torch.maximum(m, s.amax(-1))
-        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-        l = l * torch.exp(m - m_safe) + torch.exp(s - m_safe[..., None]).sum(-1)
-        m = m_new
+        m, l, _, _ = _online_step(m, l, s)
     return torch.where(torch.isinf(m), torch.zeros_like(m), m), l
 
 
