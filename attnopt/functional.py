@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from attnopt import ops
+from attnopt import ops  # noqa: F401  (registers torch.ops.attnopt.attention)
 from attnopt.kernels import registry
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
 

@@ -266,7 +266,7 @@ class ReferenceKernel(Kernel):
 
     def cost(self, spec: AttentionSpec) -> float:
         flops = 2.0 * spec.batch * spec.q_heads * spec.q_len * spec.kv_len * (spec.head_dim + spec.v_head_dim)
-        return flops * _visible_fraction(spec) / CPU_FLOPS
+        return flops * spec.visible_fraction / CPU_FLOPS
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         q_chunk, _ = chunk_sizes(spec)
@@ -307,22 +307,6 @@ class ReferenceKernel(Kernel):
         dbias = grads["bias"].to(spec.bias.dtype) if needs_bias_grad else None
         dmask = grads["mask"].to(spec.mask.dtype) if needs_mask_grad else None
         return dq, grads["k"].to(k.dtype), grads["v"].to(v.dtype), dbias, dmask
-
-
-def _visible_fraction(spec: AttentionSpec) -> float:
-    """Fraction of the score matrix the band terms leave visible (1.0 without a band)."""
-    lo, hi = spec.band()
-    if lo is None and hi is None:
-        return 1.0
-    n_q, n_k, off = spec.q_len, spec.kv_len, spec.diagonal_offset
-    lo = -n_k - n_q if lo is None else lo
-    hi = n_k + n_q if hi is None else hi
-    # keys j with max(0, i+off+lo) <= j <= min(n_k-1, i+off+hi), summed over rows
-    rows = torch.arange(n_q, dtype=torch.float64)
-    first = torch.clamp(rows + off + lo, min=0)
-    last = torch.clamp(rows + off + hi, max=n_k - 1)
-    visible = torch.clamp(last - first + 1, min=0).sum().item()
-    return max(visible / (n_q * n_k), 1e-6)
 
 
 register(ReferenceKernel())

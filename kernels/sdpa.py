@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .approx_base import nan_lse, recompute_grads
-from .reference import CPU_FLOPS, _visible_fraction
+from .reference import CPU_FLOPS
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
 
@@ -154,7 +154,7 @@ class SDPAKernel(Kernel):
 
     def cost(self, spec: AttentionSpec) -> float:
         flops = 2.0 * spec.batch * spec.q_heads * spec.q_len * spec.kv_len * (spec.head_dim + spec.v_head_dim)
-        visible = _visible_fraction(spec) if _pure_causal(spec) else 1.0
+        visible = spec.visible_fraction if _pure_causal(spec) else 1.0
         return flops * visible / self.flops + mask_bytes(spec) / MASK_BANDWIDTH[self.device_type]
 
     def attend(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:

@@ -196,6 +196,22 @@ class AttentionSpec:
         return band_bounds(self.causal, self.window)
 
     @property
+    def visible_fraction(self) -> float:
+        """Fraction of the score matrix the band terms leave visible (1.0 without a band), for cost models."""
+        lo, hi = self.band()
+        if lo is None and hi is None:
+            return 1.0
+        n_q, n_k, off = self.q_len, self.kv_len, self.diagonal_offset
+        lo = -n_k - n_q if lo is None else lo
+        hi = n_k + n_q if hi is None else hi
+        # keys j with max(0, i+off+lo) <= j <= min(n_k-1, i+off+hi), summed over rows
+        rows = torch.arange(n_q, dtype=torch.float64)
+        first = torch.clamp(rows + off + lo, min=0)
+        last = torch.clamp(rows + off + hi, max=n_k - 1)
+        visible = torch.clamp(last - first + 1, min=0).sum().item()
+        return max(visible / (n_q * n_k), 1e-6)
+
+    @property
     def mask_terms(self) -> tuple[str, ...]:
         present = {
             "causal": self.causal,

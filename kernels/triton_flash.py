@@ -202,7 +202,7 @@ class TritonFlashKernel(Kernel):
         if _interpreting() or spec.device.type != "cuda":
             return INTERPRETER_COST
         flops = 2.0 * spec.batch * spec.q_heads * spec.q_len * spec.kv_len * (spec.head_dim + spec.v_head_dim)
-        seconds = flops * _visible_fraction(spec) / GPU_FLOPS + LAUNCH_SECONDS
+        seconds = flops * spec.visible_fraction / GPU_FLOPS + LAUNCH_SECONDS
         if spec.mask is not None:
             seconds += spec.mask.numel() * spec.mask.element_size() / 3e12  # one scan to build the tile map
         return seconds

@@ -290,7 +290,7 @@ def alibi_slopes(value: torch.Tensor, score_shape) -> list[float] | None:
     q_len, kv_len = score_shape[-2], score_shape[-1]
     if value.shape[-1] != kv_len or value.shape[-2] not in (1, q_len) or kv_len < 2:
         return None
-    grid = value.reshape(-1, *value.shape[-3:]).double()  # [b, h, q or 1, k]
+    grid = value.detach().reshape(-1, *value.shape[-3:]).cpu().double()  # [b, h, q or 1, k]
     if not bool((grid == grid[:1]).all()):
         return None
     grid = grid[0]  # [h, rows, k]

@@ -41,7 +41,7 @@ MODELS = {
 def test_export(name):
     factory, decoder, sites = MODELS[name]
     report = aonnx.OnnxReport()
-    proto = aonnx.export(factory(), hf_inputs(decoder), report=report, verify=True)
+    aonnx.export(factory(), hf_inputs(decoder), report=report, verify=True)
     assert report.attention_nodes == sites == len(report.replaced), str(report)
     assert report.max_diff <= TOL, str(report)
 
