@@ -9,6 +9,7 @@ collect what was found; sites are also logged on the ``attnopt`` logger.
 from __future__ import annotations
 
 from attnopt.config import Options
+from attnopt.passes import guards
 from attnopt.passes.pipeline import optimize_graph, run_compiler
 from attnopt.report import Report
 
@@ -21,7 +22,16 @@ def attnopt_backend(gm, example_inputs, options: dict | None = None):
 
 
 def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_run: bool = False):
-    gm = optimize_graph(gm, options, report, dry_run=dry_run, example_inputs=example_inputs)
     if dry_run:
-        return gm.forward
-    return run_compiler(gm, example_inputs, options)
+        return optimize_graph(gm, options, report, dry_run=True, example_inputs=example_inputs).forward
+    original = guards.clone(gm)
+
+    def build(graph_module, inputs, volatile=frozenset()):
+        rewritten = optimize_graph(graph_module, options, report, example_inputs=inputs, volatile=volatile)
+        run = run_compiler(rewritten, inputs, options)
+        return run, guards.guarded_inputs(rewritten, rewritten.meta["attnopt_reads"], inputs)
+
+    run, checks = build(gm, example_inputs)
+    if not checks:
+        return run
+    return guards.GuardedGraph(original, build, run, checks)

@@ -20,13 +20,14 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from attnopt.kernels.spec import Fill
 
 from . import masks
-from .graph import Constants, arg, constant_value, kind, shape_of, tensor_meta
-from .layouts import LayoutError, Operand, Step, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
+from .graph import ArgumentError, Constants, bind, constant_value, kind, shape_of, tensor_meta
+from .layouts import LayoutError, Operand, Step, apply_steps, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,7 @@ class Match:
     add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype of the scores it was added to
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
     intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
+    reads: tuple[Node, ...] = ()  # buffers whose captured values the proof used: guarded at run time
 
     @property
     def fill(self) -> Fill:
@@ -100,20 +102,28 @@ def find_sites(graph: Graph, inputs: dict[Node, torch.Tensor] | None = None) -> 
             continue
         if anchor_kind not in ("softmax", "sdpa"):
             continue
+        constants.begin()
         try:
             match = _match_sdpa(node, constants) if anchor_kind == "sdpa" else _match_softmax(node, constants)
             _analyze_masks(match, constants)
+            _check_read_order(match, constants)
+            match.reads = tuple(constants.used)
             found.append(match)
         except _Reject as r:
             found.append(Rejection(node, r.reason, r.at))
+        except ArgumentError as err:
+            found.append(Rejection(node, str(err), node))
     return found
 
 
 # ------------------------------------------------------------------ softmax
 def _match_softmax(softmax: Node, constants: Constants) -> Match:
-    scores_in = arg(softmax, 0, "input")
-    dim = arg(softmax, 1, "dim")
+    names = ("input", "dim", "_stacklevel", "dtype") if softmax.target is F.softmax else ("input", "dim", "dtype")
+    call = bind(softmax, names, {"dim": None, "dtype": None, "_stacklevel": 3})
+    scores_in, dim, dtype = call["input"], call["dim"], call["dtype"]
     shape = shape_of(softmax)
+    if dtype is not None and dtype not in (torch.float32, torch.float64):
+        raise _Reject(f"softmax in {dtype}: the kernels compute it in float32 or float64", softmax)
     if shape is None or not isinstance(scores_in, Node):
         raise _Reject("softmax input is not a tensor computed in the graph", softmax)
     if dim is None or dim not in (-1, len(shape) - 1):
@@ -132,7 +142,7 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
     score_mm = node
     chain.append(score_mm)
     q, k, product_steps = _split_score_product(score_mm, constants)
-    steps.extend(reversed(product_steps))
+    steps.extend(reversed(product_steps))  # ``steps`` is collected upwards; reversed into forward order below
 
     down: list[Node] = []
     probs, dropout_p, nan_to_zero = softmax, 0.0, False
@@ -155,20 +165,25 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
             probs = user
             continue
         if user_kind == "dropout":
-            p, training = arg(user, 1, "p", 0.5), arg(user, 2, "training", True)
+            if user.target is torch.dropout:
+                call = bind(user, ("input", "p", "train"))
+                p, training = call["p"], call["train"]
+            else:
+                call = bind(user, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
+                p, training = call["p"], call["training"]
             if not isinstance(p, (int, float)) or not isinstance(training, bool):
                 raise _Reject("dropout with a traced probability or training flag", user)
             dropout_p = float(p) if training else 0.0
             down.append(user)
             probs = user
             continue
-        if user_kind == "matmul" and user.args[0] is probs:
+        if user_kind == "matmul" and user.args[0] is probs and not user.kwargs:
             v, output_steps = to_rank4(Operand(user.args[1])), ()
             if len(shape) == 3:
                 output_steps = (("squeeze", (1,)),)
             value_mm = user
             break
-        if user_kind == "einsum" and len(user.args) == 3 and user.args[1] is probs:
+        if user_kind == "einsum" and len(user.args) == 3 and user.args[1] is probs and not user.kwargs:
             try:
                 v, output_steps = value_einsum(user)
             except LayoutError as err:
@@ -208,19 +223,33 @@ def _nan_to_zero(probs: Node, users: list[Node]) -> Node | None:
 
 def _score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
     """One op between the scores and the softmax: ``(step..., node), producer of the scores``."""
+    try:
+        return _read_score_step(node, constants)
+    except ArgumentError as err:
+        raise _Reject(str(err), node) from None
+
+
+def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
     k = kind(node)
-    if k in ("cast", "contiguous"):
+    if k == "contiguous":
+        bind(node, ("input", "memory_format"), {"memory_format": None})
+        return ("cast", node), node.args[0]
+    if k == "cast":
         return ("cast", node), node.args[0]
     if k in ("mul", "div"):
-        a, b = node.args[0], node.args[1]
+        call = bind(node, ("input", "other", "rounding_mode") if k == "div" else ("input", "other"),
+                    {"rounding_mode": None})
+        if call.get("rounding_mode") is not None:
+            raise _Reject(f"scores are divided with rounding_mode={call['rounding_mode']!r}: not a scale", node)
+        a, b = call["input"], call["other"]
         scores, other = (a, b) if _reaches_scores(a, constants) else (b, a)
         number = constants.number(other)
         if number is None or not isinstance(scores, Node) or (k == "div" and scores is not a):
             raise _Reject(f"scores are scaled by {_describe_value(other)}, not a constant number", node)
         return ("scale", number if k == "mul" else 1.0 / number, node), scores
     if k == "add":
-        a, b = node.args[0], node.args[1]
-        alpha = node.kwargs.get("alpha", 1.0)
+        call = bind(node, ("input", "other", "alpha"), {"alpha": 1.0})
+        a, b, alpha = call["input"], call["other"], call["alpha"]
         if not (isinstance(a, Node) and isinstance(b, Node)) or not isinstance(alpha, (int, float)):
             raise _Reject("a constant is added to the scores (softmax ignores it, but it is not a mask)", node)
         dtype = tensor_meta(node).dtype  # the precision eager added the mask at
@@ -230,16 +259,19 @@ def _score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
             return ("add", a, 1.0, dtype, node), b
         raise _Reject("neither operand of the mask add leads to a score product", node)
     if k == "masked_fill":
-        scores, cond, value = node.args[0], node.args[1], arg(node, 2, "value")
+        call = bind(node, ("input", "mask", "value"))
+        scores, cond, value = call["input"], call["mask"], call["value"]
         return ("fill", BooleanTerm(cond, False, _fill_value(value, node, constants)), node), scores
     if k == "where":
-        cond, a, b = node.args[0], node.args[1], node.args[2]
+        call = bind(node, ("condition", "input", "other"))
+        cond, a, b = call["condition"], call["input"], call["other"]
         if isinstance(a, Node) and _reaches_scores(a, constants):
             return ("fill", BooleanTerm(cond, True, _fill_value(b, node, constants)), node), a
         if isinstance(b, Node) and _reaches_scores(b, constants):
             return ("fill", BooleanTerm(cond, False, _fill_value(a, node, constants)), node), b
         raise _Reject("torch.where between scores and softmax that selects no scores", node)
     if k == "tanh":
+        bind(node, ("input",))
         return ("tanh", node), node.args[0]
     raise _Reject(f"no q @ k^T product above the softmax (reached {_describe(node)}): not attention", node)
 
@@ -266,30 +298,34 @@ def _fill_value(value, node: Node, constants: Constants) -> float:
 
 
 def _split_score_product(node: Node, constants: Constants) -> tuple[Operand, Operand, list[tuple]]:
-    """``(q, k, steps)`` of the score product; ``steps`` are score steps it implies (baddbmm)."""
+    """``(q, k, steps)`` of the score product; ``steps`` are score steps it implies (baddbmm), in forward order."""
     k = kind(node)
     try:
         if k == "einsum":
-            if len(node.args) != 3:
-                raise LayoutError("einsum scores need exactly two operands")
+            if len(node.args) != 3 or node.kwargs:
+                raise LayoutError("einsum scores need exactly two operands and no keyword arguments")
             q, key = score_einsum(node)
             return q, key, []
-        a, b = node.args[0], node.args[1]
         extra: list[tuple] = []
         if k == "baddbmm":
-            a, b = node.args[1], node.args[2]
-            beta, alpha = node.kwargs.get("beta", 1.0), node.kwargs.get("alpha", 1.0)
+            # beta * bias + alpha * (q @ kT) = alpha * (q @ kT + (beta / alpha) * bias)
+            call = bind(node, ("input", "batch1", "batch2", "beta", "alpha"), {"beta": 1.0, "alpha": 1.0})
+            a, b, bias, beta, alpha = call["batch1"], call["batch2"], call["input"], call["beta"], call["alpha"]
             if not isinstance(beta, (int, float)) or not isinstance(alpha, (int, float)):
                 raise LayoutError("baddbmm with traced beta / alpha")
-            extra.append(("scale", float(alpha)))
-            bias = node.args[0]
+            if alpha == 0:
+                raise LayoutError("baddbmm with alpha=0 has no score product")
             zero_bias = constants.is_constant(bias) and not bool(constants.value(bias).any())
             if beta != 0.0 and not zero_bias:
                 extra.append(("add", bias, float(beta) / float(alpha), tensor_meta(node).dtype))
+            extra.append(("scale", float(alpha)))
+        else:
+            call = bind(node, ("input", "other"))
+            a, b = call["input"], call["other"]
         if not isinstance(a, Node) or not isinstance(b, Node):
             raise LayoutError("score product with a constant operand")
         return to_rank4(Operand(a)), to_rank4(untransposed(b)), extra
-    except LayoutError as err:
+    except (LayoutError, ArgumentError) as err:
         raise _Reject(str(err), node) from None
 
 
@@ -312,6 +348,8 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
                 # c * tanh(a * qk) is the spec's softcap c with scale a * c
                 softcap, scale, pending_tanh = c, scale * c, False
                 continue
+            if softcap is not None:  # c * (m * tanh(a * qk)) is softcap m * c with scale a * m * c
+                softcap *= c
             scale *= c
             additive = [(t, m * c) for t, m in additive]
             booleans = [BooleanTerm(b.cond, b.keep_when_true, b.fill * c) for b in booleans]
@@ -349,16 +387,19 @@ def _check_layout(match: Match, at: Node) -> None:
 
 # ------------------------------------------------------------------ SDPA
 def _match_sdpa(node: Node, constants: Constants) -> Match:
-    q, k, v = node.args[0], arg(node, 1, "key"), arg(node, 2, "value")
-    attn_mask = arg(node, 3, "attn_mask")
-    dropout_p = arg(node, 4, "dropout_p", 0.0)
-    is_causal = arg(node, 5, "is_causal", False)
-    scale = arg(node, 6, "scale")
-    enable_gqa = node.kwargs.get("enable_gqa", False)
+    try:
+        call = bind(node, ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa"),
+                    {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None, "enable_gqa": False})
+    except ArgumentError as err:
+        raise _Reject(str(err), node) from None
+    q, k, v, attn_mask = call["query"], call["key"], call["value"], call["attn_mask"]
+    dropout_p, is_causal, scale, enable_gqa = call["dropout_p"], call["is_causal"], call["scale"], call["enable_gqa"]
     for name, value in (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale),
                         ("enable_gqa", enable_gqa)):
         if isinstance(value, Node):
             raise _Reject(f"SDPA {name} is computed in the graph, not a constant", node)
+    if scale is None and not isinstance(tensor_meta(q).shape[-1], int):
+        raise _Reject("SDPA's default scale 1/sqrt(D) with a dynamic head dim D", node)
     match = Match(
         anchor=node, kind="sdpa", q=Operand(q), k=Operand(k), v=Operand(v), output=node,
         scale=None if scale is None else float(scale), causal=bool(is_causal), dropout_p=float(dropout_p),
@@ -372,6 +413,8 @@ def _match_sdpa(node: Node, constants: Constants) -> Match:
             match.booleans = [BooleanTerm(attn_mask, True, float("-inf"))]
         else:
             match.additive = [(attn_mask, 1.0)]
+            # SDPA's kernels add a half-precision mask to float32 scores
+            match.add_dtypes[attn_mask] = torch.float64 if meta.dtype == torch.float64 else torch.float32
     qs, ks, vs = (shape_of(n) for n in (q, k, v))
     if qs is None or len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise _Reject("SDPA on tensors that are not [B, H, N, D]", node)
@@ -385,16 +428,61 @@ def _match_sdpa(node: Node, constants: Constants) -> Match:
 def _analyze_masks(match: Match, constants: Constants) -> None:
     # masks broadcast against the scores as the model wrote them: [B, H, Nq, Nk] or [B*H, Nq, Nk]
     score_shape = shape_of(match.anchor) if match.kind == "softmax" else (*match.q.shape()[:-1], match.k.shape()[-2])
+    sizes = (_symbolic_len(match.q), _symbolic_len(match.k))
     try:
         match.masks = masks.analyze(
             match.booleans, match.additive, sdpa=match.kind == "sdpa", score_shape=score_shape,
-            add_dtypes=match.add_dtypes,
+            add_dtypes=match.add_dtypes, sizes=sizes,
             dtype=tensor_meta(match.q.node).dtype, constants=constants, is_causal=match.causal,
         )
     except masks.MaskError as err:
         raise _Reject(str(err), match.anchor) from None
     if match.nan_to_zero and match.masks.fill == Fill.NEG_INF:
         match.masks.fill = Fill.SAFE
+    if match.dropout_p > 0.0 and match.masks.fill in (Fill.FINITE, Fill.FINITE_ADDED):
+        raise _Reject(f"dropout (p={match.dropout_p:g}) on rows with no visible key: the original drops out a "
+                      "uniform row, which the kernels' fill does not reproduce", match.anchor)
+
+
+def _symbolic_len(op: Operand):
+    """The sequence length (dim 2 of the [B, H, N, D] view) as the graph holds it: int or SymInt."""
+    return apply_steps(tuple(tensor_meta(op.node).shape), op.steps)[2]
+
+
+def _check_read_order(match: Match, constants: Constants) -> None:
+    """Reject a match whose op would read a tensor after an in-place write the original read before.
+
+    The op runs where the value product was; the original read q, k and the masks earlier (at the
+    score product, at the mask ops). A write in between (``k[:, :, 3] = k_new`` after ``q @ k.T``)
+    would be seen by the op and not by the original.
+    """
+    mutations = constants.mutations
+    inputs = [match.q.node, match.k.node, match.v.node]
+    m = match.masks
+    inputs += [a.node for a in m.key_padding + m.dense] + [t for t, _ in m.additive]
+    if m.documents is not None:
+        inputs += list(m.documents)
+    inputs = [n for n in dict.fromkeys(inputs) if isinstance(n, Node) and mutations.is_mutated(n)]
+    if not inputs:
+        return
+    feeding = _ancestors(match.output)
+    for node in inputs:
+        reads = [u for u in node.users if u in feeding or u is match.output]
+        first = min(reads, key=mutations.position.__getitem__, default=match.output)
+        if mutations.written_between(node, first, match.output):
+            raise _Reject(f"{node.name} is written in place between its use by the attention and the value "
+                          "product", node)
+
+
+def _ancestors(node: Node) -> set[Node]:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        for a in n.all_input_nodes:
+            if a not in seen:
+                seen.add(a)
+                stack.append(a)
+    return seen
 
 
 def _describe(node: Node) -> str:

@@ -93,6 +93,39 @@ def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
     return node.kwargs.get(name, default)
 
 
+class ArgumentError(Exception):
+    """A call passes an argument the matcher does not interpret; the message names it."""
+
+
+def bind(node: Node, names: tuple[str, ...], defaults: dict[str, Any] | None = None,
+         ignored: tuple[str, ...] = ()) -> dict[str, Any]:
+    """All arguments of a call by name: ``names`` in positional order (``self`` included for methods).
+
+    Every keyword must be one of ``names`` (or ``ignored``: keywords that do not change the value,
+    such as ``_stacklevel``); an argument the caller does not know how to read is an ``ArgumentError``,
+    never silently dropped.
+    """
+    if len(node.args) > len(names):
+        raise ArgumentError(f"{_target_name(node)} ({node.name}) has {len(node.args)} positional arguments")
+    bound = dict(defaults or {})
+    bound.update(zip(names, node.args))
+    for key, value in node.kwargs.items():
+        if key in ignored:
+            continue
+        if key not in names:
+            raise ArgumentError(f"{_target_name(node)} ({node.name}) has the argument {key}={value!r}, "
+                                f"which attnopt does not interpret")
+        bound[key] = value
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise ArgumentError(f"{_target_name(node)} ({node.name}) misses {', '.join(missing)}")
+    return bound
+
+
+def _target_name(node: Node) -> str:
+    return node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+
+
 def module_path(node: Node) -> str:
     """The module path that produced ``node`` (``h.0.attn``), or the node's name."""
     stack = node.meta.get("nn_module_stack")
@@ -116,7 +149,7 @@ def constant_value(node: Any) -> float | None:
 
 
 def is_buffer(node: Node) -> bool:
-    """Whether a placeholder is a module buffer that dynamo lifted to a graph input."""
+    """Whether a node is a module buffer: a ``get_attr`` or a placeholder dynamo lifted from ``_buffers``."""
     if node.op == "get_attr":
         return True
     return _lifted(node, "buffers")
@@ -128,37 +161,160 @@ def is_parameter(node: Node) -> bool:
 
 
 def _lifted(node: Node, kind_: str) -> bool:
+    # the source dynamo recorded (L['self']._modules['attn']._buffers['bias']), never the node's name:
+    # a user input may be called anything, `x_buffers_mask` included
     if node.op != "placeholder":
         return False
     source = getattr(node.meta.get("grapharg"), "source", None)
     name = source.name() if callable(getattr(source, "name", None)) else str(getattr(source, "name", ""))
-    return f"._{kind_}[" in name or f"_{kind_}_" in node.name
+    return f"._{kind_}[" in name
+
+
+# Ops the analysis may evaluate at capture time: pure and deterministic. Anything else (random draws,
+# in-place writes, I/O, ops this list does not know) is never run, and its result is not a constant.
+_PURE_FUNCTIONS = frozenset({
+    torch.arange, torch.ones, torch.zeros, torch.full,
+    torch.ones_like, torch.zeros_like, torch.full_like, torch.tril, torch.triu, torch.eye,
+    torch.logical_not, torch.logical_and, torch.logical_or, torch.logical_xor,
+    torch.bitwise_not, torch.bitwise_and, torch.bitwise_or, torch.bitwise_xor,
+    torch.eq, torch.ne, torch.le, torch.lt, torch.ge, torch.gt, torch.where, torch.masked_fill,
+    torch.abs, torch.neg, torch.add, torch.sub, torch.mul, torch.div, torch.clamp, torch.minimum, torch.maximum,
+    torch.pow, torch.exp, torch.log, torch.sqrt, torch.floor, torch.ceil,
+    torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten, torch.cat,
+    torch.stack, torch.outer, torch.cumsum, torch.tensor, torch.as_tensor,
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
+    operator.pow, operator.mod, operator.abs, operator.invert, operator.and_, operator.or_, operator.xor,
+    operator.eq, operator.ne, operator.le, operator.lt, operator.ge, operator.gt, operator.getitem,
+})
+_PURE_METHODS = frozenset({
+    "new_ones", "new_zeros", "new_full", "new_tensor", "tril", "triu", "logical_not", "logical_and",
+    "logical_or", "bitwise_not", "bitwise_and", "bitwise_or", "eq", "ne", "le", "lt", "ge", "gt",
+    "masked_fill", "abs", "neg", "add", "sub", "mul", "div", "clamp", "pow", "exp", "log", "sqrt",
+    "to", "float", "double", "half", "bfloat16", "bool", "int", "long", "type_as", "type",
+    "view", "reshape", "view_as", "reshape_as", "expand", "expand_as", "transpose", "permute", "unsqueeze",
+    "squeeze", "flatten", "contiguous", "repeat", "size", "dim", "cumsum", "all", "any", "sum",
+})
+
+#: ops whose result may share memory with their first argument (a write to one is a write to the other)
+_VIEW_FUNCTIONS = frozenset({
+    operator.getitem, torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze,
+    torch.flatten, torch.swapaxes, torch.narrow, torch.select, torch.diagonal, torch.as_strided,
+    torch.split, torch.chunk, torch.unbind, torch.movedim, torch.t,
+})
+_VIEW_METHODS = frozenset({
+    "view", "reshape", "view_as", "reshape_as", "expand", "expand_as", "transpose", "permute", "unsqueeze",
+    "squeeze", "flatten", "unflatten", "contiguous", "narrow", "select", "diagonal", "as_strided", "split",
+    "chunk", "unbind", "movedim", "swapaxes", "t", "detach", "to", "type_as", "type", "float", "double",
+    "half", "bfloat16", "bool", "int", "long",
+})
+_IN_PLACE_FUNCTIONS = frozenset({
+    operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+    operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+})
+
+
+def is_in_place(node: Node) -> bool:
+    """Whether ``node`` writes into its first argument (``x.masked_fill_``, ``x[i] = v``, ``x += y``, ``out=``)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _IN_PLACE_FUNCTIONS or "out" in node.kwargs:
+            return True
+        if getattr(node.target, "__module__", None) in ("_operator", "operator"):
+            return False  # operator.and_ / or_ are not in place
+        name = getattr(node.target, "__name__", "")
+        return name.endswith("_") and not name.startswith("_")  # torch.relu_, Tensor.add_
+    return False
+
+
+def _aliases(node: Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _VIEW_METHODS or is_in_place(node)
+    if node.op == "call_function":
+        return node.target in _VIEW_FUNCTIONS or is_in_place(node)
+    return False
+
+
+class Mutations:
+    """Which tensors of a graph are written in place, and where.
+
+    Nodes that may share memory (a tensor, its views, the result of an in-place op on it) form one
+    alias class; a class with an in-place write is *mutated*. A mutated tensor's value depends on
+    when it is read, so nothing in its class is a constant, and a rewrite that would read it later
+    than the original did must not happen.
+    """
+
+    def __init__(self, graph):
+        self.position = {n: i for i, n in enumerate(graph.nodes)}
+        self._root: dict[Node, Node] = {}
+        writes: list[Node] = []
+        for node in graph.nodes:
+            if _aliases(node) and node.args and isinstance(node.args[0], Node):
+                self._union(node, node.args[0])
+            if is_in_place(node) and node.args and isinstance(node.args[0], Node):
+                writes.append(node)
+        self.writes: dict[Node, list[int]] = {}  # alias root -> positions of in-place writes
+        for node in writes:
+            self.writes.setdefault(self._find(node.args[0]), []).append(self.position[node])
+
+    def _find(self, node: Node) -> Node:
+        root = node
+        while self._root.get(root, root) is not root:
+            root = self._root[root]
+        self._root[node] = root
+        return root
+
+    def _union(self, a: Node, b: Node) -> None:
+        ra, rb = self._find(a), self._find(b)
+        if ra is not rb:
+            self._root[ra] = rb
+
+    def is_mutated(self, node: Node) -> bool:
+        return self._find(node) in self.writes
+
+    def written_between(self, node: Node, start: Node, end: Node) -> bool:
+        """Whether ``node`` (or a tensor sharing its memory) is written after ``start`` and before ``end``."""
+        lo, hi = self.position.get(start, -1), self.position.get(end, len(self.position))
+        return any(lo < p < hi for p in self.writes.get(self._find(node), ()))
 
 
 class Constants:
     """Evaluates nodes that depend only on constants: literals, aranges, shapes and module buffers.
 
-    Module buffers (a causal ``tril`` buffer, rotary frequencies) count as
-    constants: attnopt assumes a model does not rewrite its registered buffers
-    between calls. ``inputs`` gives the real values of the graph's placeholders.
+    Every buffer value a proof reads is a fact that can change after capture (``load_state_dict``,
+    ``fill_``): ``used`` collects the buffers read since the last ``begin``, so the caller can guard
+    them. Buffers the graph itself writes, and anything computed from a tensor written in place, are
+    not constants. Only pure, deterministic ops (``_PURE_FUNCTIONS`` / ``_PURE_METHODS``) are
+    evaluated: nothing random, nothing in place, nothing with a side effect ever runs during analysis.
+    ``inputs`` gives the real values of the graph's placeholders.
     """
 
     def __init__(self, graph, inputs: dict[Node, torch.Tensor] | None):
         self.graph = graph
         self.inputs = inputs or {}
+        self.mutations = Mutations(graph)
         self._constant: dict[Node, bool] = {}
         self._values: dict[Node, Any] = {}
+        self._reads: dict[Node, frozenset] = {}  # node -> buffers its value was computed from
+        self.used: dict[Node, None] = {}
+
+    def begin(self) -> None:
+        """Start collecting the buffers read by one site's proof."""
+        self.used = {}
 
     def is_constant(self, node: Any) -> bool:
         if not isinstance(node, Node):
-            return not isinstance(node, torch.SymInt)
+            return not isinstance(node, (torch.SymInt, torch.SymFloat, torch.SymBool))
         if node in self._constant:
             return self._constant[node]
-        if node.op == "placeholder":
+        if self.mutations.is_mutated(node):
+            result = False
+        elif node.op == "placeholder":
             result = is_buffer(node) and node in self.inputs
         elif node.op == "get_attr":
             result = True
-        elif node.op in ("call_function", "call_method"):
+        elif node.op in ("call_function", "call_method") and _is_pure(node):
             result = _has_concrete_meta(node) and all(self.is_constant(a) for a in _flat_args(node))
         else:
             result = False
@@ -172,18 +328,23 @@ class Constants:
         if node not in self._values:
             if node.op == "placeholder":
                 self._values[node] = self.inputs[node]
+                self._reads[node] = frozenset((node,))
             elif node.op == "get_attr":
                 target = self.graph.owning_module
                 for part in node.target.split("."):
                     target = getattr(target, part)
                 self._values[node] = target
+                self._reads[node] = frozenset((node,)) if isinstance(target, torch.Tensor) else frozenset()
             else:
                 args = torch.fx.node.map_arg(node.args, self.value)
                 kwargs = torch.fx.node.map_arg(node.kwargs, self.value)
-                if node.op == "call_function":
-                    self._values[node] = node.target(*args, **kwargs)
-                else:
-                    self._values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                with torch.no_grad():
+                    if node.op == "call_function":
+                        self._values[node] = node.target(*args, **kwargs)
+                    else:
+                        self._values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                self._reads[node] = frozenset().union(*(self._reads.get(a, frozenset()) for a in node.all_input_nodes))
+        self.used.update(dict.fromkeys(self._reads[node]))
         return self._values[node]
 
     def number(self, x: Any) -> float | None:
@@ -195,6 +356,12 @@ class Constants:
         if meta is None or meta.numel() != 1:
             return None
         return float(self.value(x).reshape(()).item())
+
+
+def _is_pure(node: Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _PURE_METHODS
+    return node.target in _PURE_FUNCTIONS
 
 
 def _flat_args(node: Node) -> list:

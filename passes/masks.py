@@ -33,8 +33,8 @@ from torch.fx import Node
 
 from attnopt.kernels.spec import Align, Fill, Window
 
-from .graph import Constants, arg, is_parameter, kind, shape_of, tensor_meta
-from .symbolic import band_of_comparison
+from .graph import ArgumentError, Constants, bind, is_parameter, kind, shape_of, tensor_meta
+from .symbolic import band_of_comparison, static_int
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
 MASKING_FILL = -1e4
@@ -85,14 +85,18 @@ class MaskError(Exception):
     """The masks of a site cannot be expressed exactly; the message says why."""
 
 
-def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dtype: torch.dtype,
-            constants: Constants, is_causal: bool = False, add_dtypes: dict | None = None) -> MaskAnalysis:
+def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.dtype,
+            constants: Constants, is_causal: bool = False, add_dtypes: dict | None = None,
+            sizes: tuple | None = None) -> MaskAnalysis:
     """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms;
-    ``is_causal`` is SDPA's flag (top-left causal, combined with the masks)."""
+    ``is_causal`` is SDPA's flag (top-left causal, combined with the masks). ``score_shape`` holds
+    the captured sizes; ``sizes`` the ``(Nq, Nk)`` the graph accepts, symbolic under dynamic shapes:
+    a proof that depends on the lengths reads those, never the captured hints."""
     result = MaskAnalysis()
     # (cond, keep_when_true, fill, added): added fills come from additive masks
     terms = [(b.cond, b.keep_when_true, b.fill, False) for b in booleans]
     bands: list[tuple[int | None, int | None]] = [(None, 0)] if is_causal else []
+    convertible = []  # (node, mult, added_at, boolean term) of additive masks that only add 0 or a fill
     for node, mult, added_at in _summands(additive, add_dtypes or {}):
         if constants.is_constant(node):
             value = constants.value(node) * mult
@@ -114,9 +118,32 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple[int, ...], dty
             if added_at is not None:
                 result.add_dtypes[node] = added_at
         else:
-            terms.append((*converted, True))
-    result.fill = _fill(terms, sdpa)
-    q_len, kv_len = score_shape[-2], score_shape[-1]
+            convertible.append((node, mult, added_at, (*converted, True)))
+    # An added -inf is a boolean mask whatever else is added. An added finite fill is one only when it
+    # is the sole finite term added: two finfo.min masks overflow to -inf where both mask (or add
+    # 2 * fill), and another additive term may hold -inf, so a row masked by the fill averages only
+    # some keys. Then the fills stay additive terms, which the kernels add exactly as eager did.
+    finite = [c for c in convertible if not math.isinf(c[3][2])]
+    keep_finite = len(finite) == 1 and not result.additive
+    for node, mult, added_at, term in convertible:
+        if math.isinf(term[2]) or keep_finite:
+            terms.append(term)
+        else:
+            result.additive.append((node, mult))
+            if added_at is not None:
+                result.add_dtypes[node] = added_at
+    try:
+        result.fill = _fill(terms, sdpa, dtype, result.additive)
+    except MaskError:
+        if not (keep_finite and finite):
+            raise
+        # a finite added fill next to -inf or replaced fills: keep it additive (exact), fill from the rest
+        terms.remove(finite[0][3])
+        result.additive.append(finite[0][:2])
+        if finite[0][2] is not None:
+            result.add_dtypes[finite[0][0]] = finite[0][2]
+        result.fill = _fill(terms, sdpa, dtype, result.additive)
+    q_len, kv_len = sizes if sizes is not None else (score_shape[-2], score_shape[-1])
     for cond, keep_when_true, _, _ in terms:
         if cond is None:  # already classified
             continue
@@ -146,26 +173,39 @@ def _summands(additive, add_dtypes: dict):
 
 def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
     """``(cond, keep_when_true, fill)`` when the additive term only adds 0 or an exact masking fill."""
+    try:
+        return _read_as_boolean(node, mult, dtype, constants)
+    except ArgumentError:
+        return None  # an argument this reading does not interpret: the term stays additive (exact)
+
+
+def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants):
     k = kind(node)
+    if constants.mutations.is_mutated(node):
+        return None
     if k == "cast":  # a cast keeps 0 and -inf (finite fills may round): see through it for -inf only
         inner = _as_boolean(node.args[0], mult, dtype, constants)
         return inner if inner is not None and inner[2] == float("-inf") else None
-    if k == "masked_fill" and _is_zeros(node.args[0], constants):
-        fill = constants.number(arg(node, 2, "value"))
-        if fill is not None and _exact_fill(fill * mult, dtype):
-            return node.args[1], False, fill * mult
+    if k == "masked_fill":
+        call = bind(node, ("input", "mask", "value"))
+        if _is_zeros(call["input"], constants):
+            fill = constants.number(call["value"])
+            if fill is not None and _exact_fill(fill * mult, dtype):
+                return call["mask"], False, fill * mult
     if k == "where":
-        cond, a, b = node.args[0], node.args[1], node.args[2]
-        a, b = constants.number(a), constants.number(b)
+        call = bind(node, ("condition", "input", "other"))
+        cond, a, b = call["condition"], constants.number(call["input"]), constants.number(call["other"])
         if a == 0.0 and b is not None and _exact_fill(b * mult, dtype):
             return cond, True, b * mult
         if b == 0.0 and a is not None and _exact_fill(a * mult, dtype):
             return cond, False, a * mult
     if k == "mul":
-        x, y = node.args[0], node.args[1]
+        call = bind(node, ("input", "other"))
+        x, y = call["input"], call["other"]
         factor, other = (constants.number(y), x) if constants.number(y) is not None else (constants.number(x), y)
         if factor is not None and _exact_fill(factor * mult, dtype) and kind(other) == "sub":
-            one, flag = other.args[0], other.args[1]
+            sub = bind(other, ("input", "other"))  # an ``alpha`` is an ArgumentError: not read as 1 - b
+            one, flag = sub["input"], sub["other"]
             source = _bool_behind_cast(flag)
             if constants.number(one) == 1.0 and source is not None:
                 return source, True, factor * mult
@@ -173,7 +213,9 @@ def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
 
 
 def _is_zeros(node, constants: Constants) -> bool:
-    if isinstance(node, Node) and node.op == "call_function" and node.target in (torch.zeros_like, torch.zeros):
+    if not isinstance(node, Node) or constants.mutations.is_mutated(node):
+        return False  # zeros written in place afterwards (``m.masked_fill_(upper, -inf)``)
+    if node.op == "call_function" and node.target in (torch.zeros_like, torch.zeros):
         return True
     if isinstance(node, Node) and node.op == "call_method" and node.target == "new_zeros":
         return True
@@ -196,18 +238,32 @@ def _bool_behind_cast(node) -> Node | None:
     return None
 
 
-def _fill(terms, sdpa: bool) -> Fill:
+def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
     """One fill for the site: what its rows with no visible key produce (see kernels/fills.py)."""
-    kinds = set()
+    kinds, replaced = set(), set()
     for _, _, fill, added in terms:
         if math.isinf(fill):
             kinds.add("-inf")
         elif fill <= MASKING_FILL:
             kinds.add("added" if added else "replaced")
+            if not added:
+                replaced.add(fill)
         else:
             raise MaskError(f"masked_fill value {fill:g} is too large to mask a key")
     if len(kinds) > 1:
         raise MaskError(f"the scores are masked in different ways ({', '.join(sorted(kinds))} fills)")
+    if len(replaced) > 1:
+        raise MaskError("the scores are masked with different finite values (" + ", ".join(
+            f"{f:g}" for f in sorted(replaced)) + "): a row with no visible key averages only the keys "
+            "holding the largest, which the kernels do not reproduce")
+    if replaced:
+        fill = replaced.pop()
+        if not (fill <= ABSORBING_FILL or fill <= torch.finfo(dtype).min):
+            raise MaskError(f"masked_fill value {fill:g} is finite: masked keys still count in a row whose "
+                            "scores are near it (exact only for fills at or below -1e30 or the dtype's minimum)")
+        if any(not _needs_grad(t) for t, _ in additive):
+            raise MaskError("a finite masked_fill next to an additive mask: a row whose visible scores the "
+                            "mask pushes down to the fill would average the masked keys too")
     if kinds == {"added"}:
         return Fill.FINITE_ADDED
     if kinds == {"replaced"}:
@@ -244,7 +300,8 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         raise MaskError(f"mask atom {node.name} has no tensor shape")
     rank = len(score_shape)
     shape = (1,) * (rank - len(shape)) + tuple(shape)
-    if _all_ones(node) and not atom.negated:  # HF starts its mask as new_ones((), dtype=bool)
+    if _all_ones(node) and not atom.negated and not constants.mutations.is_mutated(node):
+        # HF starts its mask as new_ones((), dtype=bool); one written in place (``m.tril_()``) is not all ones
         return
     if constants.is_constant(node):
         value = constants.value(node)
@@ -315,7 +372,9 @@ def _all_ones(node: Node) -> bool:
 
 
 def _is_key_padding(shape, score_shape) -> bool:
-    return shape[-1] == score_shape[-1] and shape[0] in (1, score_shape[0]) and all(s == 1 for s in shape[1:-1])
+    # against [B*H, Nq, Nk] scores a leading dim of B*H is per head, not per batch row
+    batch_ok = shape[0] == 1 or (len(score_shape) == 4 and shape[0] == score_shape[0])
+    return shape[-1] == score_shape[-1] and batch_ok and all(s == 1 for s in shape[1:-1])
 
 
 def _documents(atom: Atom, score_shape) -> tuple[Node, Node] | None:
@@ -362,15 +421,19 @@ def _band_of(value: torch.Tensor, score_shape) -> tuple[int | None, int | None] 
     return (None if first == 0 else lo), (None if last == f.numel() - 1 else hi)
 
 
-def _set_band(result: MaskAnalysis, lo: int | None, hi: int | None, q_len: int, kv_len: int) -> None:
-    """Express ``lo <= j - i <= hi`` as causal (with its alignment) and a window."""
+def _set_band(result: MaskAnalysis, lo: int | None, hi: int | None, q_len, kv_len) -> None:
+    """Express ``lo <= j - i <= hi`` as causal (with its alignment) and a window.
+
+    ``q_len`` / ``kv_len`` may be symbolic: bottom-right alignment is only claimed when ``Nk - Nq``
+    is the same number for every shape the graph accepts, never from the captured sizes' hints.
+    """
     if lo is not None and hi is not None and lo > hi:
         raise MaskError("the structural masks keep no key at all")
     offset = 0
     if hi == 0:
         result.causal = True
-    elif hi is not None and hi == kv_len - q_len:
-        result.causal, result.align, offset = True, Align.BOTTOM_RIGHT, kv_len - q_len
+    elif hi is not None and hi > 0 and static_int(kv_len - q_len) == hi:
+        result.causal, result.align, offset = True, Align.BOTTOM_RIGHT, hi
     elif hi is not None and hi < 0:
         raise MaskError(f"the band j - i <= {hi} excludes the diagonal: not expressible as causal or window")
     left = None if lo is None else offset - lo

@@ -22,13 +22,17 @@ log = logging.getLogger("attnopt")
 
 def optimize_graph(
     gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
+    volatile: frozenset = frozenset(),
 ) -> GraphModule:
     """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
 
     The kernels are planned for the whole graph at once, so that its estimated
     peak memory fits ``options.max_mem`` (``plan.MemoryBudgetError`` when no
     plan does). ``example_inputs`` (the real inputs the backend received) let
-    the planner measure approximate kernels' errors when ``exact=False``.
+    the planner measure approximate kernels' errors when ``exact=False``, and
+    let the mask analysis read buffers (except the placeholder positions in
+    ``volatile``). The buffers the replaced sites' proofs read are left in
+    ``gm.meta["attnopt_reads"]``, to be guarded.
     """
     graph_index = report.graphs
     report.graphs += 1
@@ -38,9 +42,10 @@ def optimize_graph(
     for item in skipped:
         report.sites.append(Site(where=module_path(item.node), node=item.node.name, graph=graph_index,
                                  replaced=False, reason=item.reason))
-    found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs)))
+    found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs, volatile)))
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
+    reads: list = []
     for item in found:
         if isinstance(item, Rejection):
             site = Site(
@@ -48,13 +53,17 @@ def optimize_graph(
                 reason=f"{item.reason} [at {item.at.name}]",
             )
         else:
-            site = _plan_and_replace(gm, next(planned), graph_index, dry_run)
+            site_plan = next(planned)
+            site = _plan_and_replace(gm, site_plan, graph_index, dry_run)
+            if site.replaced:
+                reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
         report.sites.append(site)
     report.memory.append(GraphMemory(
         graph_index, graph_plan.peak_before.bytes, graph_plan.peak_after.bytes, graph_plan.budget,
         graph_plan.training,
     ))
+    gm.meta["attnopt_reads"] = list(dict.fromkeys(reads))
     if not dry_run:
         gm.graph.lint()
         gm.recompile()
@@ -85,12 +94,14 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     )
 
 
-def _placeholder_values(gm: GraphModule, example_inputs) -> dict | None:
-    """The real example inputs by placeholder, so the mask analysis can evaluate buffer-built masks."""
+def _placeholder_values(gm: GraphModule, example_inputs, volatile: frozenset = frozenset()) -> dict | None:
+    """The real example inputs by placeholder, so the mask analysis can evaluate buffer-built masks
+    (all but the ``volatile`` positions: buffers seen changing between calls)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if example_inputs is None or len(example_inputs) != len(placeholders):
         return None
-    return {n: x for n, x in zip(placeholders, example_inputs) if isinstance(x, torch.Tensor)}
+    return {n: x for i, (n, x) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(x, torch.Tensor) and i not in volatile}
 
 
 def _cross(match) -> bool:

@@ -19,18 +19,20 @@ from torch.fx import Graph, Node
 from attnopt.kernels.spec import AttentionSpec
 
 from .detect import Match
-from .graph import hint, shape_of, tensor_meta
+from .graph import shape_of, tensor_meta
 from .layouts import Operand, apply_steps
 
 
 def key_padding_rows(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
-    """A key-padding atom shaped ``[B or 1, 1, .., Nk]`` as the ``[B, Nk]`` keep mask of the op."""
-    return mask.reshape(mask.shape[0], mask.shape[-1]).expand(q.shape[0], mask.shape[-1])
+    """A key-padding atom shaped ``[B or 1, 1, .., Nk]`` (or ``[Nk]``) as the ``[B, Nk]`` keep mask of the op."""
+    rows = mask.reshape(-1, mask.shape[-1])  # [B or 1, Nk]: every dim but the first and last is 1
+    return rows.expand(q.shape[0], mask.shape[-1])
 
 
 def id_rows(ids: torch.Tensor) -> torch.Tensor:
-    """Document ids shaped ``[B or 1, 1, .., N, 1]`` or ``[.., 1, N]`` as ``[B or 1, N]``."""
-    return ids.reshape(ids.shape[0], -1)
+    """Document ids shaped ``[B or 1, 1, .., N, 1]`` or ``[.., 1, N]`` (or ``[N, 1]``, ``[1, N]``) as ``[B or 1, N]``."""
+    length = ids.shape[-2] * ids.shape[-1]  # one of the two is 1
+    return ids.reshape(-1, length)
 
 
 def spec_of(match: Match) -> AttentionSpec:
@@ -170,4 +172,6 @@ def _rank4_node(graph: Graph, node: Node, source: Node, match: Match) -> Node:
 def _scale(match: Match) -> float:
     if match.scale is not None:
         return float(match.scale)
-    return 1.0 / math.sqrt(hint(tensor_meta(match.q.node).shape[-1]))
+    head_dim = tensor_meta(match.q.node).shape[-1]
+    assert isinstance(head_dim, int), "detection rejects SDPA's default scale over a dynamic head dim"
+    return 1.0 / math.sqrt(head_dim)

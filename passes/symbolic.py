@@ -41,13 +41,8 @@ def affine(node) -> Affine | None:
         return None
     k = kind(node)
     if node.op == "call_function" and node.target is torch.arange:
-        args = [a for a in node.args]
-        if len(args) == 1:
-            return Affine((1,), 0)
-        if len(args) == 2 and _scalar(args[0]) is not None:
-            return Affine((1,), _scalar(args[0]))
-        return None
-    if k in ("add", "sub") and len(node.args) == 2:
+        return _arange(node)
+    if k in ("add", "sub") and len(node.args) == 2 and not node.kwargs:
         base, shift = node.args
         if _scalar(shift) is None:
             return None
@@ -56,9 +51,8 @@ def affine(node) -> Affine | None:
             return None
         delta = _scalar(shift) if k == "add" else -_scalar(shift)
         return Affine(inner.coeffs, inner.offset + delta)
-    if k == "cast" and node.target in ("to",) and not any(isinstance(a, torch.dtype) for a in node.args[1:]) \
-            and "dtype" not in node.kwargs:
-        return affine(node.args[0])  # a device move
+    if k == "cast" and _keeps_exact_integers(node):
+        return affine(node.args[0])  # a device move, or a cast that keeps every index exact
     if k == "getitem":
         inner = affine(node.args[0])
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
@@ -77,6 +71,42 @@ def affine(node) -> Affine | None:
         coeffs.insert(dim % (len(coeffs) + 1), 0)
         return Affine(tuple(coeffs), inner.offset)
     return None
+
+
+def _arange(node: Node) -> Affine | None:
+    """``torch.arange(end)`` / ``(start, end)`` / ``(start, end, step)`` in an integer dtype."""
+    names = ("start", "end", "step")
+    args = list(node.args)
+    if len(args) == 1:
+        args = [0, args[0]]
+    bound = dict(zip(names, args))
+    for key, value in node.kwargs.items():
+        if key in names:
+            bound[key] = value
+        elif key == "dtype":
+            if value is not None and (value.is_floating_point or value.is_complex):
+                return None  # float positions round (bfloat16 above 256)
+        elif key not in ("device", "layout", "pin_memory", "requires_grad"):
+            return None
+    if "end" not in bound:
+        return None
+    start, step = _scalar(bound.get("start", 0)), bound.get("step", 1)
+    meta = node.meta.get("example_value")
+    if start is None or not isinstance(step, int) or isinstance(step, bool) or step == 0:
+        return None
+    if isinstance(meta, torch.Tensor) and meta.dtype.is_floating_point:
+        return None
+    return Affine((step,), start)
+
+
+def _keeps_exact_integers(node: Node) -> bool:
+    """Whether a cast leaves an integer index tensor's values unchanged (same dtype, or a wider integer)."""
+    before, after = node.args[0].meta.get("example_value"), node.meta.get("example_value")
+    if not isinstance(before, torch.Tensor) or not isinstance(after, torch.Tensor):
+        return False
+    if before.dtype.is_floating_point or after.dtype.is_floating_point or after.dtype == torch.bool:
+        return False
+    return after.dtype.itemsize >= before.dtype.itemsize
 
 
 def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, object] | None:
@@ -98,7 +128,7 @@ def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, ob
         bound = c
     else:  # (j - i) + c  op 0  ->  (j - i)  op  -c
         bound = -c
-    bound = _static(bound)
+    bound = static_int(bound)
     if bound is None:  # a symbolic offset (a KV cache length): left dense, still exact
         return None
     if op == "le":
@@ -110,7 +140,7 @@ def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, ob
     return bound + 1, None
 
 
-def _static(x) -> int | None:
+def static_int(x) -> int | None:
     """An int for a constant, or for a symbolic expression that simplifies to one; else None."""
     if isinstance(x, int):
         return x
