@@ -10,10 +10,11 @@ from attnopt import ops  # noqa: F401  (registers torch.ops.attnopt.*)
 from attnopt.api import explain, optimize
 from attnopt.config import Options, parse_bytes
 from attnopt.functional import attention
-from attnopt.passes.plan import MemoryBudgetError
+from attnopt.passes.plan import MemoryBudgetError, NoKernelError
 from attnopt.report import Report, Site
 
 __all__ = [
-    "MemoryBudgetError", "Options", "Report", "Site", "attention", "explain", "optimize", "parse_bytes",
+    "MemoryBudgetError", "NoKernelError", "Options", "Report", "Site", "attention", "explain", "optimize",
+    "parse_bytes",
 ]
 __version__ = "0.1.0"

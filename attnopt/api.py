@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import functools
 import types
 
@@ -14,40 +13,117 @@ from attnopt.report import Report
 
 
 def optimize(model: torch.nn.Module, *, max_mem: int | str | None = None, exact: bool = True, **options):
-    """Return ``model`` with every attention it computes replaced by attnopt's kernels.
+    """Replace every attention ``model`` computes with attnopt's kernels, in place; return ``model``.
 
-    The result is a shallow copy of ``model`` (same class, same parameters and
-    buffers, same call signature) whose ``forward`` is captured by torch.compile
-    on first call; each captured graph is rewritten and then run as is
-    (``compiler="eager"``, the default: fast start) or through inductor
-    (``compiler="inductor"``). What was found is in ``result.attnopt_report``
-    after the first call.
+    Ownership is that of ``nn.Module.compile()``: there is one model. ``optimize`` sets
+    ``model.forward`` to the model's forward compiled by torch.compile with attnopt's backend
+    and returns the same object (same class, parameters, buffers and call signature; hooks
+    still run around the forward). Keep ``copy.deepcopy(model)`` from before the call where
+    the original code is still wanted. Each graph captured on a call is rewritten and run as
+    is (``compiler="eager"``, the default: fast start) or through inductor
+    (``compiler="inductor"``). What was found is in ``model.attnopt_report`` after the first call.
+
+    The options stay attached to the model:
+
+    * ``.eval()``, ``.train()``, ``.half()``, ``.to()``, ``load_state_dict`` act on it as on any
+      module; what the captured graphs depend on (dtype, device, training) recompiles them.
+    * ``copy.deepcopy(model)`` is an independent module optimized afresh with the same options:
+      its own compiled forward and report (empty until its first call), its own weights.
+    * ``pickle`` / ``torch.save(model)`` store the module and the options, not the compiled
+      code; loading it (``torch.load(..., weights_only=False)``, with attnopt importable)
+      optimizes it afresh, as ``deepcopy`` does. ``state_dict()`` holds the weights only.
 
     Options: ``max_mem`` (bytes, or "24GB" = 24·10^9 / "24GiB" = 24·2^30),
     ``exact`` (False allows approximate kernels), ``kernel`` (force one kernel by
-    name), ``compiler``, ``dynamic`` (passed to torch.compile).
+    name), ``compiler``, ``dynamic`` (passed to torch.compile), ``tol``, ``tune``, ``cache_dir``.
+    Calling ``optimize`` again replaces the previous options and report.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize takes a torch.nn.Module, got {type(model).__name__}")
-    opts = Options.build(max_mem=max_mem, exact=exact, **options)
-    report = Report()
-    optimized = copy.copy(model)
-    backend = functools.partial(_backend, options=opts, report=report)
-    forward = types.MethodType(type(model).forward, optimized)
-    optimized.forward = _own_errors(torch.compile(forward, backend=backend, dynamic=opts.dynamic))
-    optimized.attnopt_report = report
-    return optimized
+    _install(model, Options.build(max_mem=max_mem, exact=exact, **options), Report())
+    return model
 
 
 def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, exact: bool = True, **options) -> Report:
-    """Run ``model(*args, **kwargs)`` once and report what ``optimize`` would do; nothing is changed."""
+    """Run ``model(*args, **kwargs)`` once and report what ``optimize`` would do; nothing is changed:
+    the model keeps its forward, and buffers the forward writes (a step counter) are restored."""
     if not callable(model):
         raise TypeError(f"explain takes a module or function, got {type(model).__name__}")
     opts = Options.build(max_mem=max_mem, exact=exact, **options)
     report = Report()
     backend = functools.partial(_backend, options=opts, report=report, dry_run=True)
-    _own_errors(torch.compile(model, backend=backend))(*args, **(kwargs or {}))
+    # the forward runs once: whatever it writes into the module's buffers (a step counter) is put back
+    buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
+    try:
+        _own_errors(torch.compile(model, backend=backend))(*args, **(kwargs or {}))
+    finally:
+        with torch.no_grad():
+            for buffer, saved in buffers:
+                if not torch.equal(buffer, saved):
+                    buffer.copy_(saved)
     return report
+
+
+class _OptimizedForward:
+    """``model.forward`` after ``optimize``: the model's forward compiled with attnopt's backend.
+
+    Set on the instance, so the class is untouched and ``nn.Module.__call__`` still runs the hooks
+    around it (in eager mode, as before ``optimize``). Being part of the module's ``__dict__``, it
+    travels with ``deepcopy`` and pickle, options and report included, and its ``__reduce__``
+    optimizes the copy afresh: the compiled callable holds dynamo's caches, which are neither
+    copied nor pickled.
+    """
+
+    def __init__(self, module: torch.nn.Module, options: Options, report: Report, original=None):
+        self.module, self.options, self.report = module, options, report
+        #: an instance-level forward the user had set before ``optimize`` (None: the class's forward)
+        self.original = original
+        forward = types.MethodType(_own_code(type(module).forward), module) if original is None else original
+        backend = functools.partial(_backend, options=options, report=report)
+        self.compiled = _own_errors(torch.compile(forward, backend=backend, dynamic=options.dynamic))
+        # name, docstring and signature of the forward it replaces (inspect.signature follows __wrapped__)
+        functools.update_wrapper(self, types.MethodType(type(module).forward, module) if original is None else original)
+
+    def __call__(self, *args, **kwargs):
+        return self.compiled(*args, **kwargs)
+
+    def __reduce__(self):
+        return _reoptimize, (self.module, self.options, self.report, self.original)
+
+
+def _reoptimize(module: torch.nn.Module, options: Options, report: Report, original=None) -> _OptimizedForward:
+    """Unpickling or deep-copying an optimized module: optimize the copy afresh with the same options.
+
+    Runs while the copy's state is being rebuilt (its ``__dict__`` may still be empty); ``report``
+    is the copy's ``attnopt_report`` as that state will set it, emptied here so that it describes
+    the copy's own captures only.
+    """
+    report.__init__()
+    return _OptimizedForward(module, options, report, original)
+
+
+def _install(module: torch.nn.Module, options: Options, report: Report) -> None:
+    original = module.__dict__.get("forward")
+    if isinstance(original, _OptimizedForward):  # optimized again: start from what the first call replaced
+        original = original.original
+    module.forward = _OptimizedForward(module, options, report, original)
+    module.attnopt_report = report
+
+
+def _own_code(fn):
+    """``fn`` with a code object of its own, so that its dynamo cache belongs to one module.
+
+    Dynamo keeps compiled entries on the code object of the frame it compiles; a ``forward``
+    shared by every instance of a class would put all optimized instances (each with its own
+    backend) under one recompile limit, and past 8 the rest would silently run eager.
+    """
+    if not isinstance(fn, types.FunctionType):
+        return fn
+    own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    own.__kwdefaults__ = fn.__kwdefaults__
+    own.__qualname__, own.__module__ = fn.__qualname__, fn.__module__
+    own.__dict__.update(fn.__dict__)
+    return own
 
 
 def _own_errors(compiled):

@@ -4,13 +4,15 @@
     attnopt onnx export package.module:factory -o out.onnx --input 2x16xfloat32 [--verify]
 
 ``export`` imports ``factory`` (a callable returning an ``nn.Module``, or the
-module itself) and exports it on random inputs of the given shapes.
+module itself) and exports it on random inputs of the given shapes. Modules are
+found as ``python -m`` finds them: the current directory first, then ``sys.path``.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 import torch
@@ -22,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
 
     report = aonnx.OnnxReport()
     try:
+        _check_paths(args)
         if args.pipeline == "fuse":
             import onnx
 
@@ -44,6 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="attnopt", description="attnopt: attention compiler pass")
+    parser.add_argument("--version", action="version", version=_version())
     tools = parser.add_subparsers(dest="tool", required=True)
     onnx_cmd = tools.add_parser("onnx", help="ONNX pipelines: fuse attention in a graph, export a torch model")
     pipelines = onnx_cmd.add_subparsers(dest="pipeline", required=True)
@@ -74,11 +78,43 @@ def _dims(pairs: list[str]) -> dict[str, int]:
     return dims
 
 
+def _version() -> str:
+    from attnopt import __version__
+
+    return f"attnopt {__version__} (torch {torch.__version__})"
+
+
+def _check_paths(args) -> None:
+    """Missing input files and output folders as one-line errors, before any work."""
+    if args.pipeline == "fuse" and not os.path.isfile(args.model):
+        raise ValueError(f"input model {args.model!r} is not a file")
+    folder = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(folder):
+        raise ValueError(f"cannot write -o {args.output!r}: folder {folder!r} does not exist")
+
+
 def _load(target: str) -> torch.nn.Module:
     module_name, _, attribute = target.partition(":")
-    if not attribute:
+    if not module_name or not attribute:
         raise ValueError(f"model {target!r} is not 'package.module:attribute'")
-    obj = getattr(importlib.import_module(module_name), attribute)
+    # a console script's sys.path starts at its own folder; ``python -m`` puts the current directory first
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
+        importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name is not None and (module_name + ".").startswith(err.name + "."):
+            raise ValueError(f"no module named {err.name!r} in the current directory ({cwd}) or on sys.path "
+                             f"(model {target!r})") from None
+        raise ValueError(f"importing {module_name!r} failed: {err}") from None
+    obj = module
+    for part in attribute.split("."):
+        if not hasattr(obj, part):
+            where = getattr(module, "__file__", None) or module_name
+            raise ValueError(f"module {module_name!r} ({where}) has no attribute {attribute!r}")
+        obj = getattr(obj, part)
     model = obj if isinstance(obj, torch.nn.Module) else obj()
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"{target} gave a {type(model).__name__}, not a torch.nn.Module")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 
@@ -34,7 +35,8 @@ def attention(
 
     * ``causal``: False, True / "top_left" (query i sees keys 0..i, as SDPA's
       ``is_causal``) or "bottom_right" (query i sees keys 0..i + Nk - Nq, as with
-      a KV cache).
+      a KV cache; with Nq > Nk the first Nq - Nk queries see no key and get ``fill``,
+      with a warning).
     * ``window=(left, right)``: query i sees keys ``d - left .. d + right`` around
       its diagonal key ``d`` (aligned as ``causal`` says; top-left when not causal).
     * ``key_padding_mask``: bool ``[B, Nk]``, True = keep (or int lengths ``[B]``).
@@ -62,6 +64,8 @@ def attention(
         fill = Fill(fill)
     except ValueError:
         raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf', 'finite' or 'finite_added'") from None
+    if causal == "bottom_right" and q.shape[2] > k.shape[2]:
+        _warn_rows_before_first_key(q.shape[2], k.shape[2], fill)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     spec = AttentionSpec.from_tensors(
@@ -76,6 +80,32 @@ def attention(
         spec.softcap, spec.dropout_p, fill.value, kernel,
     )
     return out
+
+
+_FILL_GIVES = {
+    Fill.SAFE: "zeros", Fill.NEG_INF: "NaN", Fill.FINITE: "the mean of v over all keys",
+    Fill.FINITE_ADDED: "the mean of v over all keys",
+}
+#: (Nq, Nk, fill) already warned about: a model calls the same shape every step
+_WARNED_BOTTOM_RIGHT: set[tuple[int, int, Fill]] = set()
+
+
+def _warn_rows_before_first_key(q_len: int, kv_len: int, fill: Fill) -> None:
+    """Bottom-right causal with more queries than keys: the first ``Nq - Nk`` rows see no key at all."""
+    key = (int(q_len), int(kv_len), fill)
+    if key in _WARNED_BOTTOM_RIGHT:
+        return
+    _WARNED_BOTTOM_RIGHT.add(key)
+    empty = q_len - kv_len
+    rows = "row 0 sees" if empty == 1 else f"rows 0..{empty - 1} see"
+    warnings.warn(
+        f"attnopt.attention(causal='bottom_right') with Nq={q_len} > Nk={kv_len}: query {rows} no key "
+        f"(bottom-right alignment lets query i see keys 0..i + Nk - Nq = i - {empty}), so they get "
+        f"fill={fill.value!r}: {_FILL_GIVES[fill]}. If queries and keys start at the same position, use "
+        "causal=True (top-left).",
+        UserWarning,
+        stacklevel=3,
+    )
 
 
 def _check_tensors(q, k, v) -> None:

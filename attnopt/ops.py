@@ -7,16 +7,27 @@ backward is a second opaque op. Both dispatch to a named kernel from
 
 The forward returns ``(out, lse, seed)``: the log-sum-exp and the dropout seed
 are what a kernel's backward needs to recompute the probabilities.
+
+Every output is contiguous, in a dtype fixed by the inputs, whatever layout the
+kernel chose: inductor checks the real outputs' strides against the fake
+implementations' (``assert_size_stride``), and q/k/v are often strided views
+(``qkv.view(b, n, 3, h, d).permute(2, 0, 3, 1, 4)``).
+
+With ``create_graph=True`` (gradient penalties, double backward) the backward is
+computed by autograd through the oracle ``kernels.naive.naive_attention``, whose
+gradient the kernels' backward equals, so that it can be differentiated again.
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
 from torch import Tensor
 
 from attnopt.kernels import registry
+from attnopt.kernels.naive import naive_attention
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
 
 
@@ -30,6 +41,39 @@ def spec_from_args(
         q_doc=q_doc, kv_doc=kv_doc, bias=bias, mask=mask, softcap=softcap, dropout_p=dropout_p, fill=Fill(fill),
         requires_grad=False,
     )
+
+
+def _lse_dtype(q: Tensor) -> torch.dtype:
+    return torch.float64 if q.dtype == torch.float64 else torch.float32
+
+
+def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` as the fake implementations describe it: contiguous, in ``dtype`` (no copy when it already is)."""
+    return t.to(dtype).contiguous()
+
+
+@contextlib.contextmanager
+def _autograd_available():
+    """Let a kernel's backward use autograd (SDPA and Performer recompute their forward under it).
+
+    A custom op's implementation runs below the Autograd dispatch keys (torch excludes them for
+    the op's duration), where ``torch.enable_grad()`` alone records nothing. This lifts that
+    exclusion for the kernel call, as torch's own higher-order ops do around a nested autograd.
+    """
+    keys = torch._C.DispatchKey
+    autograd = torch._C.DispatchKeySet(keys.AutogradFunctionality) | torch._C.DispatchKeySet(keys.AutogradOther)
+    autograd = autograd | torch._C.DispatchKeySet(keys.AutogradNestedTensor)
+    include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
+    with torch._C._ForceDispatchKeyGuard(include, exclude - autograd):
+        yield
+
+
+def _without_autocast(device_type: str):
+    """Kernels compute in their inputs' dtypes (float32 accumulation), never in an enclosing autocast's:
+    under bfloat16 autocast a float32 finfo.min mask would be rounded to -inf inside the kernel."""
+    if torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _kernel_for(spec: AttentionSpec, kernel: str):
@@ -53,15 +97,16 @@ def attention(
         softcap, dropout_p, fill,
     )
     seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
-    out, lse = _kernel_for(spec, kernel).forward(q, k, v, spec, int(seed))
-    return out, lse, seed.to(q.device)
+    with _without_autocast(q.device.type):
+        out, lse = _kernel_for(spec, kernel).forward(q, k, v, spec, int(seed))
+    return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed.to(q.device)
 
 
 @attention.register_fake
 def _attention_fake(q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left,
                     window_right, softcap, dropout_p, fill, kernel):
     out = q.new_empty((*q.shape[:-1], v.shape[-1]))
-    lse = q.new_empty(q.shape[:-1], dtype=torch.float64 if q.dtype == torch.float64 else torch.float32)
+    lse = q.new_empty(q.shape[:-1], dtype=_lse_dtype(q))
     seed = q.new_empty((1,), dtype=torch.int64)
     return out, lse, seed
 
@@ -79,13 +124,14 @@ def attention_backward(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
     )
-    dq, dk, dv, dbias, dmask = _kernel_for(spec, kernel).backward(
-        grad_out, q, k, v, out, lse, spec, int(seed.item()), needs_bias_grad, needs_mask_grad
-    )
+    with _autograd_available(), _without_autocast(q.device.type):
+        dq, dk, dv, dbias, dmask = _kernel_for(spec, kernel).backward(
+            grad_out, q, k, v, out, lse, spec, int(seed.item()), needs_bias_grad, needs_mask_grad
+        )
     return (
-        dq, dk, dv,
-        q.new_empty((0,)) if dbias is None else dbias,
-        q.new_empty((0,)) if dmask is None else dmask,
+        _dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype),
+        q.new_empty((0,)) if dbias is None else _dense(dbias, bias.dtype),
+        q.new_empty((0,)) if dmask is None else _dense(dmask, mask.dtype),
     )
 
 
@@ -93,9 +139,9 @@ def attention_backward(
 def _attention_backward_fake(grad_out, q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, scale,
                              causal, align, window_left, window_right, softcap, dropout_p, fill, kernel,
                              needs_bias_grad, needs_mask_grad):
-    dbias = torch.empty_like(bias) if needs_bias_grad else q.new_empty((0,))
-    dmask = torch.empty_like(mask) if needs_mask_grad else q.new_empty((0,))
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dbias, dmask
+    dbias = bias.new_empty(bias.shape) if needs_bias_grad else q.new_empty((0,))
+    dmask = mask.new_empty(mask.shape) if needs_mask_grad else q.new_empty((0,))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dbias, dmask
 
 
 _TENSOR_INPUTS = 8  # q, k, v, key_padding, q_doc, kv_doc, bias, mask
@@ -112,16 +158,69 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed):
     q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, seed = ctx.saved_tensors
     needs_bias_grad = bias is not None and ctx.needs_input_grad[6]
     needs_mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[7]
-    dq, dk, dv, dbias, dmask = torch.ops.attnopt.attention_backward(
-        grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, *ctx.params,
-        needs_bias_grad, needs_mask_grad,
-    )
+    if torch.is_grad_enabled():  # the engine enables grad mode in a backward iff create_graph=True
+        dq, dk, dv, dbias, dmask = _differentiable_grads(ctx, grad_out, needs_bias_grad, needs_mask_grad)
+    else:
+        dq, dk, dv, dbias, dmask = torch.ops.attnopt.attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, *ctx.params,
+            needs_bias_grad, needs_mask_grad,
+        )
     return (
         dq, dk, dv, None, None, None,
         dbias if needs_bias_grad else None,
         dmask if needs_mask_grad else None,
         *([None] * len(ctx.params)),
     )
+
+
+def _differentiable_grads(ctx, grad_out, needs_bias_grad: bool, needs_mask_grad: bool):
+    """``(dq, dk, dv, dbias, dmask)`` as differentiable functions of q, k, v, the terms and grad_out.
+
+    For ``create_graph=True`` (gradient penalties, double backward). The kernels' backward is the
+    vector-Jacobian product of the oracle ``naive_attention`` (tests/kernels check it against
+    autograd through the oracle, fills included), so autograd through the oracle gives the same
+    first derivatives and exact higher ones. Like an eager double backward it materializes the
+    ``[B, H, Nq, Nk]`` scores, here in float64.
+    """
+    q, k, v, key_padding, q_doc, kv_doc, bias, mask, _out, _lse, _seed = ctx.saved_tensors
+    *spec_params, kernel = ctx.params
+    spec = spec_from_args(q, k, v, key_padding, q_doc, kv_doc, bias, mask, *spec_params)
+    function = _differentiable(spec, kernel)
+    # one view per argument keeps the way back to the saved tensor for the next derivative, and keeps
+    # q and k apart when they are the same tensor (self-attention on x, x, x)
+    q_, k_, v_ = (t.view_as(t) if t.requires_grad else t.detach().requires_grad_(True) for t in (q, k, v))
+    bias_ = bias.view_as(bias) if needs_bias_grad else bias
+    mask_ = mask.view_as(mask) if needs_mask_grad else mask
+    out = function(q_, k_, v_, spec.with_(bias=bias_, mask=mask_))
+    wrt = [q_, k_, v_] + [bias_] * needs_bias_grad + [mask_] * needs_mask_grad
+    grads = torch.autograd.grad(out, wrt, grad_out.to(out.dtype), create_graph=True, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, wrt)]
+    dq, dk, dv, *terms = grads
+    dbias = terms.pop(0) if needs_bias_grad else None
+    dmask = terms.pop(0) if needs_mask_grad else None
+    return dq, dk, dv, dbias, dmask
+
+
+def _differentiable(spec: AttentionSpec, kernel: str):
+    """The differentiable function whose vector-Jacobian product ``kernel``'s backward computes."""
+    if spec.dropout_p > 0.0:
+        raise NotImplementedError(
+            f"double backward (create_graph=True) through attention with dropout (p={spec.dropout_p}) is not "
+            "supported yet: the kernel's dropout mask cannot be regenerated through differentiable ops. Compute "
+            "gradient penalties with dropout off (model.eval(), or dropout p=0)"
+        )
+    if kernel == "auto":  # the run-time choice is an exact kernel (choose's default): no need to plan it again
+        return naive_attention
+    chosen = registry.get(kernel)
+    if chosen.exact:
+        return naive_attention
+    attend = getattr(chosen, "attend", None)  # approximate kernels with a differentiable forward
+    if attend is None:
+        raise NotImplementedError(
+            f"double backward (create_graph=True) through the approximate kernel {chosen.name!r} is not supported "
+            "yet: it has no differentiable forward. Optimize with exact=True for gradient penalties"
+        )
+    return attend
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)

@@ -169,7 +169,8 @@ class AttentionSpec:
             if tuple(kp.shape) != want or kp.is_floating_point():
                 raise ValueError(
                     f"key_padding_mask of shape {tuple(kp.shape)} and dtype {kp.dtype} is not allowed: give a "
-                    f"bool [B, Nk] = {list(want)} mask (True = keep) or integer lengths [B]"
+                    f"bool [B, Nk] = [{self.batch}, {self.kv_len}] mask (True = keep) or integer lengths "
+                    f"[B] = [{self.batch}]"
                 )
         if (self.q_doc is None) != (self.kv_doc is None):
             raise ValueError("document ids need both q_doc and kv_doc (pass the same tensor twice for self-attention)")

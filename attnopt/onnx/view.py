@@ -215,7 +215,8 @@ def _tensor(value) -> torch.Tensor:
     array = np.asarray(value)
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.uint16).astype(np.int32)).to(torch.int16).view(torch.bfloat16)
-    return torch.from_numpy(np.ascontiguousarray(array))
+    # initializers come back as read-only views of the protobuf's bytes: torch needs its own writable copy
+    return torch.from_numpy(np.require(array, requirements=("C", "W")))
 
 
 def _static_values(graph: onnx.GraphProto) -> set[str]:

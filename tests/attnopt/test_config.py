@@ -48,3 +48,22 @@ def test_unknown_kernel_is_named():
 def test_optimize_takes_modules_only():
     with pytest.raises(TypeError, match="nn.Module"):
         attnopt.optimize(lambda x: x)
+
+
+def test_no_kernel_error_is_exported():
+    from attnopt.passes import plan
+
+    assert attnopt.NoKernelError is plan.NoKernelError and "NoKernelError" in attnopt.__all__
+    assert issubclass(attnopt.NoKernelError, ValueError)
+
+
+def test_forcing_a_kernel_that_cannot_run_raises_no_kernel_error():
+    import torch
+    import torch.nn.functional as F
+
+    class Causal(torch.nn.Module):
+        def forward(self, q):
+            return F.scaled_dot_product_attention(q, q, q, is_causal=True)
+
+    with pytest.raises(attnopt.NoKernelError, match="sdpa_flash"):  # a CUDA kernel, on a CPU float32 call
+        attnopt.optimize(Causal(), kernel="sdpa_flash", tune=False)(torch.randn(1, 2, 8, 16))

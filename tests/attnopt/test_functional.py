@@ -1,5 +1,7 @@
 """attnopt.attention: argument semantics (against SDPA) and argument errors."""
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -102,3 +104,43 @@ def test_op_is_opaque_to_compile_and_export():
     exported = torch.export.export(M(), (q, k, v))
     targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
     assert torch.ops.attnopt.attention.default in targets
+
+
+def test_key_padding_mask_error_shows_the_full_expected_shape():
+    q, k, v = qkv(nq=5, nk=12)
+    with pytest.raises(ValueError, match=r"bool \[B, Nk\] = \[2, 12\] mask .* integer lengths \[B\] = \[2\]"):
+        attnopt.attention(q, k, v, key_padding_mask=torch.ones(2, 12))
+
+
+def test_bottom_right_with_more_queries_than_keys_warns_once_per_shape(monkeypatch):
+    from attnopt import functional
+
+    monkeypatch.setattr(functional, "_WARNED_BOTTOM_RIGHT", set())
+    q, k, v = qkv(nq=7, nk=4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attnopt.attention(q, k, v, causal="bottom_right")
+        attnopt.attention(q, k, v, causal="bottom_right")  # the same shape: already said
+    (warning,) = caught
+    assert warning.category is UserWarning and warning.filename == __file__
+    text = str(warning.message)
+    for needed in ("Nq=7 > Nk=4", "rows 0..2 see no key", "i - 3", "fill='safe': zeros", "causal=True"):
+        assert needed in text, text
+    assert torch.equal(out[:, :, :3], torch.zeros_like(out[:, :, :3]))
+    keep = torch.ones(7, 4, dtype=torch.bool).tril(diagonal=-3)
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=keep)
+    torch.testing.assert_close(out[:, :, 3:], expected[:, :, 3:])
+
+    with pytest.warns(UserWarning, match=r"row 0 sees no key .* fill='-inf': NaN"):
+        out = attnopt.attention(*qkv(nq=5, nk=4), causal="bottom_right", fill="-inf")
+    assert out[:, :, 0].isnan().all() and not out[:, :, 1:].isnan().any()
+    with pytest.warns(UserWarning, match="the mean of v"):
+        attnopt.attention(q, k, v, causal="bottom_right", fill="finite")  # another fill: another warning
+
+
+def test_no_warning_when_every_row_sees_a_key():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        attnopt.attention(*qkv(nq=4, nk=4), causal="bottom_right")
+        attnopt.attention(*qkv(nq=3, nk=10), causal="bottom_right")
+        attnopt.attention(*qkv(nq=9, nk=4), causal=True)
