@@ -27,7 +27,8 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
     original = guards.clone(gm)
 
     def build(graph_module, inputs, volatile=frozenset()):
-        rewritten = optimize_graph(graph_module, options, report, example_inputs=inputs, volatile=volatile)
+        rewritten = optimize_graph(graph_module, options, report, example_inputs=inputs, volatile=volatile,
+                                   runtime_branches=options.compiler == "eager")
         run = run_compiler(rewritten, inputs, options)
         return run, guards.guarded_inputs(rewritten, rewritten.meta["attnopt_reads"], inputs)
 

@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from attnopt.config import Options
 from attnopt.report import GraphMemory, Report, Site
 
-from . import plan
+from . import plan, tuning
 from .detect import Rejection, find_sites
 from .graph import is_buffer, is_parameter, module_path
 from .memory import bytes_after, bytes_before
@@ -22,7 +22,7 @@ log = logging.getLogger("attnopt")
 
 def optimize_graph(
     gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
-    volatile: frozenset = frozenset(),
+    volatile: frozenset = frozenset(), runtime_branches: bool = False,
 ) -> GraphModule:
     """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
 
@@ -32,7 +32,9 @@ def optimize_graph(
     the planner measure approximate kernels' errors when ``exact=False``, and
     let the mask analysis read buffers (except the placeholder positions in
     ``volatile``). The buffers the replaced sites' proofs read are left in
-    ``gm.meta["attnopt_reads"]``, to be guarded.
+    ``gm.meta["attnopt_reads"]``, to be guarded. ``runtime_branches`` (graphs
+    run as Python, not traced again) lets a site with key padding switch to a
+    faster kernel on batches whose padding keeps every key.
     """
     graph_index = report.graphs
     report.graphs += 1
@@ -54,7 +56,8 @@ def optimize_graph(
             )
         else:
             site_plan = next(planned)
-            site = _plan_and_replace(gm, site_plan, graph_index, dry_run)
+            unpadded = _unpadded_kernel(site_plan, options) if runtime_branches else None
+            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded)
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -70,7 +73,21 @@ def optimize_graph(
     return gm
 
 
-def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool) -> Site:
+def _unpadded_kernel(site_plan: plan.SitePlan, options: Options) -> str | None:
+    """The kernel for this site's calls whose key padding keeps every key, when it is not the planned one."""
+    choice, spec = site_plan.choice, site_plan.spec
+    if choice is None or spec.key_padding is None or options.kernel is not None or not choice.exact:
+        return None
+    try:
+        cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
+        variant = plan.choose(spec.with_(key_padding=None), exact=True, tune=options.tune, cache=cache)
+    except plan.NoKernelError:
+        return None
+    return variant.kernel if variant.kernel != choice.kernel else None
+
+
+def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
+                      unpadded_kernel: str | None = None) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -82,10 +99,13 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     if choice is None:
         return Site(replaced=False, reason=site_plan.error, **described)
     if not dry_run:
-        replace(gm.graph, match, choice.kernel)
+        replace(gm.graph, match, choice.kernel, unpadded_kernel)
     chosen = choice.chosen
+    reason = choice.reason
+    if unpadded_kernel is not None:
+        reason += f"; batches whose padding keeps every key run {unpadded_kernel}"
     return Site(
-        replaced=True, reason=choice.reason,
+        replaced=True, reason=reason,
         kernel=choice.kernel, exact=choice.exact, bytes_after=bytes_after(spec, choice.kernel),
         rejected_kernels=tuple((c.kernel, c.reasons) for c in choice.rejected),
         error=None if chosen.exact else chosen.error,

@@ -61,14 +61,35 @@ def spec_of(match: Match) -> AttentionSpec:
     return spec.with_(device=tensor_meta(match.q.node).device)
 
 
-def replace(graph: Graph, match: Match, kernel: str) -> Node:
-    """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output."""
+def all_kept(*keeps: torch.Tensor) -> bool:
+    """Whether key-padding masks keep every key: one host sync, shared by every site of a forward."""
+    if len(keeps) == 1:
+        return bool(keeps[0].all())
+    return bool(torch.stack([keep.all() for keep in keeps]).all())
+
+
+def attention_unless_unpadded(unpadded: bool, unpadded_kernel: str, *args):
+    """The op with its key padding, or, when the padding keeps every key, without it on ``unpadded_kernel``
+    (a batch with no padding runs HF's causal + key padding call as plain causal, on cuDNN say)."""
+    if unpadded:
+        args = (*args[:3], None, *args[4:-1], unpadded_kernel)
+    return torch.ops.attnopt.attention.default(*args)
+
+
+def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None) -> Node:
+    """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
+
+    With ``unpadded_kernel``, a call whose key padding keeps every key runs that kernel without the
+    padding term instead, decided at run time once per forward (one host sync for all sites that share
+    the padding mask); only for graphs run as Python (``compiler="eager"``).
+    """
     m = match.masks
     with graph.inserting_before(match.output):
         q, k, v = (_view(graph, op) for op in (match.q, match.k, match.v))
         key_padding = _all(graph, [
             graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in m.key_padding
         ])
+        unpadded = _all_kept_node(graph, m.key_padding) if unpadded_kernel is not None and m.key_padding else None
         q_doc = kv_doc = None
         if m.documents is not None:
             q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
@@ -83,15 +104,16 @@ def replace(graph: Graph, match: Match, kernel: str) -> Node:
         for term in rest:
             bias = term if bias is None else graph.call_function(operator.add, (bias, term))
         window = m.window
-        call = graph.call_function(
-            torch.ops.attnopt.attention.default,
-            (
-                q, k, v, key_padding, q_doc, kv_doc, bias, mask,
-                _scale(match), m.causal, m.align.value,
-                None if window is None else window.left, None if window is None else window.right,
-                match.softcap, match.dropout_p, m.fill.value, kernel,
-            ),
+        args = (
+            q, k, v, key_padding, q_doc, kv_doc, bias, mask,
+            _scale(match), m.causal, m.align.value,
+            None if window is None else window.left, None if window is None else window.right,
+            match.softcap, match.dropout_p, m.fill.value, kernel,
         )
+        if unpadded is None:
+            call = graph.call_function(torch.ops.attnopt.attention.default, args)
+        else:
+            call = graph.call_function(attention_unless_unpadded, (unpadded, unpadded_kernel, *args))
         out = graph.call_function(operator.getitem, (call, 0))
         for name, args in match.output_steps:
             out = graph.call_method(name, (out, *args))
@@ -135,6 +157,16 @@ def _additive(graph: Graph, term: Node, mult: float, added_at) -> Node:
     if added_at is not None and added_at != tensor_meta(term).dtype:
         node = graph.call_method("to", (node, added_at))
     return node
+
+
+def _all_kept_node(graph: Graph, atoms) -> Node:
+    """The ``all_kept`` node for these key-padding atoms: made once, before the first site that needs it,
+    and reused by the later sites (HF computes one padding mask for every layer)."""
+    cache = graph.__dict__.setdefault("_attnopt_all_kept", {})
+    key = tuple((a.node, a.negated) for a in atoms)
+    if key not in cache or cache[key].graph is not graph:
+        cache[key] = graph.call_function(all_kept, tuple(_atom(graph, a) for a in atoms))
+    return cache[key]
 
 
 def _view(graph: Graph, op: Operand) -> Node:

@@ -1,0 +1,73 @@
+"""Key padding that keeps every key: the site runs its unpadded kernel, decided once per forward.
+
+HF models pass ``attention_mask`` on every call, padded or not; with the mask all ones the call is
+plain causal attention, which the fastest backends take. The rewrite checks the padding once per
+forward (one host sync shared by every layer) and picks the planned kernel or the unpadded one.
+"""
+
+from __future__ import annotations
+
+import collections
+import copy
+
+import pytest
+import torch
+
+import attnopt
+from attnopt.kernels import registry
+from attnopt.passes import plan
+
+from .test_zoo import CASES
+
+transformers = pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def ran(monkeypatch):
+    """Kernel name -> number of forward calls; every site the analysis accepts is replaced."""
+    counts = collections.Counter()
+    for kernel in registry.all_kernels():
+        def forward(q, k, v, spec, seed, _kernel=kernel, _forward=kernel.forward):
+            counts[_kernel.name, spec.key_padding is not None] += 1
+            return _forward(q, k, v, spec, seed)
+        monkeypatch.setattr(kernel, "forward", forward)
+    monkeypatch.setattr(plan, "versus_original", lambda best, original, n=1: (True, "replaced for the test"))
+    return counts
+
+
+def test_unpadded_batches_run_the_unpadded_kernel(ran):
+    torch.manual_seed(0)
+    model = CASES["hf_llama"].build().eval()
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+    ids = torch.randint(0, 100, (2, 12))
+    for padded in (False, True, False):
+        mask = torch.ones(2, 12, dtype=torch.long)
+        if padded:
+            mask[1, :5] = 0  # rows 0-4 of batch 1 see no key
+        ran.clear()
+        with torch.no_grad():
+            expected = model(input_ids=ids, attention_mask=mask).logits
+            got = optimized(input_ids=ids, attention_mask=mask).logits
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+        sites = optimized.attnopt_report.sites
+        assert len(sites) == 2 and all(s.replaced for s in sites), str(optimized.attnopt_report)
+        unpadded = sites[0].reason.rsplit("run ", 1)[-1]
+        assert "padding keeps every key" in sites[0].reason, sites[0].reason
+        if padded:
+            assert ran == {(sites[0].kernel, True): 2}, ran
+        else:
+            assert ran == {(unpadded, False): 2}, ran
+
+
+def test_unpadded_branch_is_not_taken_by_inductor(ran):
+    """Graphs traced again (inductor, ONNX) keep one op call per site: no data-dependent branch."""
+    torch.manual_seed(0)
+    model = CASES["hf_llama"].build().eval()
+    report = attnopt.Report()
+    compiled = torch.compile(copy.deepcopy(model), backend="attnopt", options={"report": report, "tune": False})
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(input_ids=ids, attention_mask=mask).logits,
+                                   model(input_ids=ids, attention_mask=mask).logits, atol=2e-5, rtol=2e-5)
+    assert all(s.replaced and "padding keeps every key" not in s.reason for s in report.sites), str(report)
