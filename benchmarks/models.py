@@ -1,10 +1,11 @@
 """Whole models on the GPU: attnopt.optimize on Hugging Face eager attention, against eager and SDPA.
 
-    python benchmarks/models.py [--lengths 2048 8192 32768] [--out benchmarks/results/models.md]
+    python benchmarks/models.py [--lengths 2048 8192 32768] [--attention-mask ones|none] [--out ...]
 
 Llama-style: 8 layers, d_model 2048, 16 query / 4 kv heads, MLP 5632; Mistral-style: the same with
 sliding_window=4096. Random weights, bf16, batch 1, forward, no padding (the shapes of
-shared/ANCHORS.md's whole-model table). For each length: median forward time over timed repeats
+shared/ANCHORS.md's whole-model table); by default ``attention_mask`` is passed (all ones), as users
+call HF models. For each length: median forward time over timed repeats
 (CUDA events) and peak extra memory (torch.cuda.max_memory_allocated above the start), for
 eager attention, SDPA attention, and the eager model after attnopt.optimize. Correctness first:
 the optimized output is compared with SDPA's (and eager's where it fits) before timing.
@@ -13,6 +14,7 @@ the optimized output is compared with SDPA's (and eager's where it fits) before 
 from __future__ import annotations
 
 import argparse
+import copy
 import pathlib
 import statistics
 import warnings
@@ -64,15 +66,25 @@ def fmt(result) -> str:
     return f"{ms:.1f} ms, {peak / 2**20:.0f} MiB"
 
 
+def _kernels(site) -> str:
+    """The site's kernel, and the one its unpadded batches run (the all-ones attention_mask of this table)."""
+    marker = "padding keeps every key run "
+    if marker in site.reason:
+        return f"{site.kernel}, unpadded: {site.reason.split(marker, 1)[1].split(';')[0]}"
+    return site.kernel
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--models", nargs="+", default=["llama", "mistral"])
+    parser.add_argument("--attention-mask", choices=["ones", "none"], default="ones")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
+    passed = "attention_mask passed (all ones)" if args.attention_mask == "ones" else "no attention_mask"
     lines = [
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, batch 1, forward, no padding",
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, batch 1, forward, no padding, {passed}",
         "",
         "| model | N | eager | SDPA | attnopt (from eager) | attnopt vs SDPA | max abs diff vs SDPA | kernels |",
         "|---|---|---|---|---|---|---|---|",
@@ -81,21 +93,24 @@ def main():
     for kind in args.models:
         eager, sdpa = build(kind, "eager"), build(kind, "sdpa")
         sdpa.load_state_dict(eager.state_dict())
-        optimized = attnopt.optimize(eager, dynamic=False)
+        optimized = attnopt.optimize(copy.deepcopy(eager), dynamic=False)  # optimize() changes its model
         for n in args.lengths:
             ids = torch.randint(0, 32000, (1, n), device="cuda")
+            inputs = {"input_ids": ids}
+            if args.attention_mask == "ones":
+                inputs["attention_mask"] = torch.ones_like(ids)
             with torch.no_grad():
-                reference = sdpa(input_ids=ids).last_hidden_state
-                got = optimized(input_ids=ids).last_hidden_state
+                reference = sdpa(**inputs).last_hidden_state
+                got = optimized(**inputs).last_hidden_state
                 diff = (got.float() - reference.float()).abs().max().item()
                 results = {}
                 for name, model in (("eager", eager), ("sdpa", sdpa), ("attnopt", optimized)):
                     try:
-                        results[name] = timed(lambda model=model: model(input_ids=ids))
+                        results[name] = timed(lambda model=model: model(**inputs))
                     except torch.OutOfMemoryError:
                         results[name] = "out of memory"
                     torch.cuda.empty_cache()
-            kernels = sorted({s.kernel for s in optimized.attnopt_report.sites if s.q_len == n and s.replaced})
+            kernels = sorted({_kernels(s) for s in optimized.attnopt_report.sites if s.q_len == n and s.replaced})
             ratio = "-"
             if not isinstance(results["attnopt"], str) and not isinstance(results["sdpa"], str):
                 ratio = f"{results['sdpa'][0] / results['attnopt'][0]:.2f}x faster"

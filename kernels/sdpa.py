@@ -32,12 +32,24 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .approx_base import nan_lse, recompute_grads
-from .reference import CPU_FLOPS
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
 
 #: bytes per second of materializing / reading a mask, for the cost model
 MASK_BANDWIDTH = {"cpu": 1e10, "cuda": 3e12}
+# The CPU kernel's cost model, fitted on a 2-core machine (1.0 ns per score at D = 32, 2.0 ns at
+# D = 64). ATen's CPU flash attention keeps each score block in cache: a score costs its share of
+# the two products plus a small softmax step; only the mask it is given is built and read.
+#: FLOP/s of its block products
+CPU_SDPA_FLOPS = 1.2e11
+#: seconds of softmax work per score
+CPU_SDPA_SCORE_S = 5e-11
+#: writing a freshly allocated buffer above glibc's mmap threshold faults it in page by page
+CPU_FRESH_BYTES_PER_S, CPU_MMAP_THRESHOLD = 4e9, 32 << 20
+#: reading the mask once per query head: the heads of a batch re-read it from cache
+CPU_MASK_READ_BYTES_PER_S = 3e10
+#: ops that build the additive mask from the terms (keep tiles, fill, sum), and dispatch per op
+CPU_MASK_OPS, CPU_OP_S = 6, 5e-6
 
 
 def _pure_causal(spec: AttentionSpec) -> bool:
@@ -100,6 +112,16 @@ def sdpa_mask(spec: AttentionSpec) -> torch.Tensor | None:
     return mask
 
 
+def _nan_where_masked(out: torch.Tensor, mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor:
+    """NaN on rows an additive term masks entirely with ``-inf``, as the original's softmax gives
+    (SDPA's safe softmax gives 0); on the device, no sync. Boolean terms are covered by ``fill_reasons``."""
+    additive = any(t is not None and t.is_floating_point() for t in (spec.bias, spec.mask))
+    if mask is None or spec.fill != Fill.NEG_INF or not additive:
+        return out
+    empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # [b or 1, h or 1, Nq, 1]
+    return out.masked_fill(empty, float("nan"))
+
+
 #: CUDA backends found to refuse ``enable_gqa`` in this process
 _NO_NATIVE_GQA: set[str] = set()
 
@@ -138,6 +160,15 @@ class SDPAKernel(Kernel):
             reasons.append(f"dropout (p={spec.dropout_p}) not supported: the backward could not regenerate it")
         if needs_mask(spec) and not self.takes_mask:
             reasons.append(f"takes no attention mask; this call has {'+'.join(spec.mask_terms)} beyond top-left causal")
+        additive = [t.dtype for t in (spec.bias, spec.mask) if t is not None and t.is_floating_point()]
+        if additive and (spec.dtype in (torch.float16, torch.bfloat16) or additive[0].itemsize > spec.dtype.itemsize):
+            # a half term is one the original added in half precision; a wider one would be rounded to
+            # the queries' dtype (a float32 finfo.min becomes -inf in bfloat16): SDPA does neither
+            reasons.append(f"adds the {additive[0]} mask at another precision than the original did")
+        if additive and spec.requires_grad:
+            # measured on the CPU backend: rows a finite finfo.min mask fills entirely get other gradients
+            # than autograd gives the original (which differentiates the addition as the identity)
+            reasons.append("gradients through an additive mask are not the original's on rows it fills entirely")
         return reasons + fill_reasons(spec)
 
     def memory_bytes(self, spec: AttentionSpec) -> int:
@@ -153,13 +184,37 @@ class SDPAKernel(Kernel):
         return mask_bytes(spec) + repeated + workspace
 
     def cost(self, spec: AttentionSpec) -> float:
+        if self.device_type == "cpu":
+            return self._cpu_cost(spec)
         flops = 2.0 * spec.batch * spec.q_heads * spec.q_len * spec.kv_len * (spec.head_dim + spec.v_head_dim)
         visible = spec.visible_fraction if _pure_causal(spec) else 1.0
         return flops * visible / self.flops + mask_bytes(spec) / MASK_BANDWIDTH[self.device_type]
 
+    def _cpu_cost(self, spec: AttentionSpec) -> float:
+        """Scores visited (half of them under ``is_causal``: the kernel skips blocks above the diagonal),
+        plus building the additive mask and reading it once per query head."""
+        scores = spec.batch * spec.q_heads * spec.q_len * spec.kv_len
+        visible = spec.visible_fraction if _pure_causal(spec) else 1.0
+        per_score = 2.0 * (spec.head_dim + spec.v_head_dim) / self.flops + CPU_SDPA_SCORE_S
+        seconds = scores * visible * per_score + CPU_OP_S
+        built = mask_bytes(spec)
+        if built:
+            bandwidth = MASK_BANDWIDTH["cpu"]
+            seconds += 3 * built / bandwidth + scores * spec.dtype.itemsize / CPU_MASK_READ_BYTES_PER_S
+            seconds += CPU_MASK_OPS * CPU_OP_S
+            if built > CPU_MMAP_THRESHOLD:
+                seconds += built / CPU_FRESH_BYTES_PER_S
+        if spec.group_size > 1:
+            repeated = spec.batch * spec.q_heads * spec.kv_len * (spec.head_dim + spec.v_head_dim)
+            seconds += 2 * repeated * spec.dtype.itemsize / MASK_BANDWIDTH["cpu"]
+        return seconds
+
     def attend(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """Differentiable SDPA on this backend, ``[B, Hq, Nq, Dv]``."""
         mask = sdpa_mask(spec)
+        return _nan_where_masked(self._sdpa(q, k, v, spec, mask), mask, spec)
+
+    def _sdpa(self, q, k, v, spec: AttentionSpec, mask) -> torch.Tensor:
         call = dict(attn_mask=mask, is_causal=_pure_causal(spec), scale=spec.scale)
         if self.backend is None:
             k, v = _repeat_kv(k, v, spec)
@@ -176,11 +231,12 @@ class SDPAKernel(Kernel):
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         if self.device_type == "cpu":
             k, v = _repeat_kv(k, v, spec)
+            mask = sdpa_mask(spec)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k, v, 0.0, _pure_causal(spec), attn_mask=sdpa_mask(spec), scale=spec.scale
+                q, k, v, 0.0, _pure_causal(spec), attn_mask=mask, scale=spec.scale
             )
             want = torch.float64 if q.dtype == torch.float64 else torch.float32
-            return out, lse.to(want)
+            return _nan_where_masked(out, mask, spec), lse.to(want)
         with torch.no_grad():
             return self.attend(q, k, v, spec), nan_lse(q, spec)
 
@@ -189,7 +245,7 @@ class SDPAKernel(Kernel):
 
 
 _HALF = (torch.float16, torch.bfloat16)
-register(SDPAKernel("sdpa_cpu", None, "cpu", (torch.float32, torch.float64, *_HALF), 1 << 16, True, CPU_FLOPS,
+register(SDPAKernel("sdpa_cpu", None, "cpu", (torch.float32, torch.float64, *_HALF), 1 << 16, True, CPU_SDPA_FLOPS,
                     "PyTorch SDPA on CPU (ATen flash attention for CPU)"))
 register(SDPAKernel("sdpa_flash", SDPBackend.FLASH_ATTENTION, "cuda", _HALF, 256, False, 4.5e14,
                     "PyTorch SDPA, FlashAttention-2 backend (no mask beyond top-left causal)"))

@@ -1,0 +1,453 @@
+"""Differential tests: generated attention programs, ``attnopt.optimize`` against eager, call after call.
+
+Each example composes one small attention program from the spellings people
+write (issue 10, "a differential test suite that generates variants"; issue 19):
+
+* the score product: ``q @ k.T``, ``torch.matmul``, ``einsum``, ``bmm`` on
+  ``[B*H, N, D]``, ``baddbmm`` positional and BLOOM's keyword form, or SDPA;
+* the scale: ``s * c``, ``c * s``, ``s / (1/c)``, ``torch.div(s, 1/c)``, none;
+* a structural mask (causal, sliding window, an attention-sink edit, a module
+  buffer) built out of place or in place (``tril_``, ``triu_``, setitem) and a
+  key padding mask (bool, or HF's 0/1 float ``attention_mask``) with fully
+  padded batch rows;
+* each mask applied as a boolean (``masked_fill`` positional or keyword,
+  ``masked_fill_`` in place, ``where``) or as an additive term (``where(c, 0,
+  fill)``, ``(1 - keep) * fill``, zeros then ``masked_fill_``, zeros then a
+  boolean setitem), with fill ``-inf``, ``finfo.min``, ``-1e9`` or ``-1e4``;
+* casts (scores ``.float()`` then probabilities ``.to(q.dtype)``, or
+  ``softmax(dtype=float32)``), dropout with p = 0 in eval, three softmax and
+  three value-product spellings;
+* float32, bfloat16, and float32 under bfloat16 autocast.
+
+Every program is called three times; between calls the inputs change, the
+padding changes, a mask buffer may be mutated (``fill_``, setitem,
+``load_state_dict``, ``copy_``), and the sequence length may change so that
+dynamo recompiles with symbolic shapes. Each program is optimized by the
+planner's own choice (cost model), or with the reference kernel forced, so
+that every site the analysis accepts is replaced and its proof exercised (the
+planner may keep a small site's original code as faster), or with sdpa_cpu
+forced, which must compute the site exactly or decline (``NoKernelError``, as a
+forced kernel does). On every call the optimized program
+must agree with eager (see ``assert_agrees``); each site must be replaced or
+left alone with a reason.
+
+Cost: ``max_examples`` is small by default so the file runs in well under 90 s
+on 2 cores. Run more on demand::
+
+    ATTNOPT_DIFFERENTIAL_EXAMPLES=500 pytest tests/passes/test_differential.py
+
+Examples are derandomized and no example database is kept, so CI runs the same
+programs every time. Shrinking is off by default (each step recompiles, and a
+failure on today's code would otherwise take minutes); the failure message
+prints the whole program's choices, which are already small. Set
+``ATTNOPT_DIFFERENTIAL_SHRINK=1`` to shrink anyway.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import strategies as st
+
+import attnopt
+from attnopt.passes.plan import NoKernelError
+
+EXAMPLES = int(os.environ.get("ATTNOPT_DIFFERENTIAL_EXAMPLES", "0"))
+SHRINK = os.environ.get("ATTNOPT_DIFFERENTIAL_SHRINK", "") not in ("", "0")
+PHASES = (Phase.explicit, Phase.reuse, Phase.generate) + ((Phase.shrink,) if SHRINK else ())
+
+
+def suite_settings(default_examples: int):
+    return settings(
+        max_examples=EXAMPLES or default_examples, deadline=None, derandomize=True, database=None,
+        phases=PHASES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False,
+    )
+
+
+B, H, D, MAX_N = 2, 2, 8, 16
+FILLS = {"-inf": float("-inf"), "finfo.min": None, "-1e9": -1e9, "-1e4": -1e4}  # None: finfo(scores).min
+#: ``tune=False``: CPU timings would make the choice (and whether a wrong proof shows) depend on the load
+PLANS = {"cost model": dict(tune=False), "reference kernel": dict(tune=False, kernel="reference"),
+         "sdpa_cpu kernel": dict(tune=False, kernel="sdpa_cpu")}
+BOOLEAN_APPLY = ("masked_fill", "masked_fill_kw", "masked_fill_", "where")
+ADDITIVE_APPLY = ("add_where", "add_one_minus", "add_masked_fill_", "add_setitem")
+
+
+@dataclass(frozen=True)
+class Program:
+    """The choices that make one attention program (printed when an example fails)."""
+
+    dtype: str  # "float32" | "bfloat16" | "autocast" (float32 inputs, bfloat16 autocast around the forward)
+    score: str  # matmul | matmul_fn | einsum | bmm | baddbmm | baddbmm_kw | sdpa
+    scale: str  # mul | rmul | div | torch_div | none
+    upcast: str  # none | float (scores .float(), probabilities .to(q.dtype)) | softmax_dtype
+    structure: str  # none | causal_tril | causal_arange | window_arange | causal_tril_ | window_triu_ | sink_setitem | buffer
+    structure_apply: str
+    structure_fill: str
+    padding: str  # none | bool | hf_float
+    padding_apply: str
+    padding_fill: str
+    fully_padded: bool  # the last batch row has no key at all
+    dropout: str  # none | functional | module
+    softmax: str  # torch | functional | method
+    value: str  # matmul | matmul_fn | einsum
+    lengths: tuple[int, ...]  # N (= Nq = Nk) on each call
+    mutations: tuple[str, ...]  # the buffer change before each call: none | fill_true | setitem | load | copy_
+    plan: str  # "cost model" (the planner's choice) | "reference kernel" | "sdpa_cpu kernel" (forced)
+
+
+@st.composite
+def programs(draw, dtypes):
+    score = draw(st.sampled_from(["matmul", "matmul_fn", "einsum", "bmm", "baddbmm", "baddbmm_kw", "sdpa"]))
+    structure = draw(st.sampled_from(["none", "causal_tril", "causal_arange", "window_arange", "causal_tril_",
+                                      "window_triu_", "sink_setitem", "buffer"]))
+    padding = draw(st.sampled_from(["none", "bool", "hf_float"]))
+    apply = st.sampled_from(BOOLEAN_APPLY + ADDITIVE_APPLY)
+    structure_apply, padding_apply = draw(apply), draw(apply)
+    if padding == "hf_float":  # HF's (1 - attention_mask) * fill on a float 0/1 input: additive only
+        padding_apply = "add_one_minus"
+    structure_fill, padding_fill = draw(st.sampled_from(list(FILLS))), draw(st.sampled_from(list(FILLS)))
+    if padding_apply == "add_one_minus" and padding_fill == "-inf":
+        padding_fill = "finfo.min"  # (1 - keep) * -inf is NaN where kept: not a mask anyone writes
+    if structure_apply == "add_one_minus" and structure_fill == "-inf":
+        structure_fill = "finfo.min"
+    dynamic = draw(st.booleans())
+    lengths = draw(st.sampled_from([(8, 12, 10), (6, 9, 16), (12, 8, 14)])) if dynamic else (8, 8, 8)
+    mutations = ("none",) * 3
+    if structure == "buffer":
+        mutations = ("none", *draw(st.lists(st.sampled_from(["none", "fill_true", "setitem", "load", "copy_"]),
+                                            min_size=2, max_size=2)))
+    return Program(
+        dtype=draw(st.sampled_from(dtypes)), score=score,
+        scale=draw(st.sampled_from(["mul", "rmul", "div", "torch_div", "none"])),
+        upcast=draw(st.sampled_from(["none", "float", "softmax_dtype"])),
+        structure=structure, structure_apply=structure_apply, structure_fill=structure_fill,
+        padding=padding, padding_apply=padding_apply, padding_fill=padding_fill,
+        fully_padded=draw(st.booleans()),
+        dropout=draw(st.sampled_from(["none", "functional", "module"])),
+        softmax=draw(st.sampled_from(["torch", "functional", "method"])),
+        value=draw(st.sampled_from(["matmul", "matmul_fn", "einsum"])),
+        lengths=lengths, mutations=mutations, plan=draw(st.sampled_from(list(PLANS))),
+    )
+
+
+# ----------------------------------------------------------------- the program as a module
+def _fill(name: str, dtype: torch.dtype) -> float:
+    value = FILLS[name]
+    return torch.finfo(dtype).min if value is None else value
+
+
+def apply_mask(s: torch.Tensor, keep: torch.Tensor, how: str, fill_name: str) -> torch.Tensor:
+    """Mask the scores ``s`` where ``keep`` is False, spelled ``how``."""
+    fill = _fill(fill_name, s.dtype)
+    if how == "masked_fill":
+        return s.masked_fill(~keep, fill)
+    if how == "masked_fill_kw":
+        return s.masked_fill(mask=~keep, value=fill)
+    if how == "masked_fill_":
+        s.masked_fill_(~keep, fill)  # in place, the result not re-assigned
+        return s
+    if how == "where":
+        return torch.where(keep, s, fill)
+    # additive masks, in the scores' dtype (a float32 mask on bfloat16 scores would promote them)
+    if how == "add_where":
+        mask = torch.where(keep, torch.zeros((), dtype=s.dtype), fill)
+    elif how == "add_one_minus":
+        mask = (1 - keep.to(s.dtype)) * fill
+    elif how == "add_masked_fill_":
+        mask = torch.zeros(keep.shape, dtype=s.dtype)
+        mask.masked_fill_(~keep, fill)
+    elif how == "add_setitem":
+        mask = torch.zeros(keep.shape, dtype=s.dtype)
+        mask[~keep] = fill
+    else:
+        raise AssertionError(how)
+    return s + mask
+
+
+class Attention(nn.Module):
+    """One generated program. ``reference = True`` runs it in float64 (casts to float32 become float64)."""
+
+    def __init__(self, p: Program):
+        super().__init__()
+        self.p = p
+        self.reference = False
+        self.drop = nn.Dropout(0.0)
+        if p.structure == "buffer":
+            self.register_buffer("keep_buf", torch.ones(MAX_N, MAX_N, dtype=torch.bool).tril())
+
+    def forward(self, q, k, v, pad):
+        if self.p.dtype == "autocast" and not self.reference:
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return self.attention(q, k, v, pad)
+        return self.attention(q, k, v, pad)
+
+    def structure_keep(self, n: int) -> torch.Tensor | None:  # [N, N] bool
+        kind = self.p.structure
+        if kind == "none":
+            return None
+        if kind == "causal_tril":
+            return torch.ones(n, n, dtype=torch.bool).tril()
+        if kind == "causal_arange":
+            i = torch.arange(n)
+            return i[None, :] <= i[:, None]
+        if kind == "window_arange":
+            i = torch.arange(n)
+            dist = i[:, None] - i[None, :]
+            return (dist >= 0) & (dist < 3)
+        if kind == "causal_tril_":
+            m = torch.ones(n, n, dtype=torch.bool)
+            m.tril_()
+            return m
+        if kind == "window_triu_":
+            m = torch.ones(n, n, dtype=torch.bool).tril()
+            m.triu_(-2)
+            return m
+        if kind == "sink_setitem":
+            m = torch.ones(n, n, dtype=torch.bool).tril()
+            m[4:, :2] = False  # late queries lose the first two keys
+            return m
+        if kind == "buffer":
+            return self.keep_buf[:n, :n]
+        raise AssertionError(kind)
+
+    def padding_keep(self, pad) -> torch.Tensor | None:  # [B, 1, 1, Nk] bool
+        if self.p.padding == "bool":
+            return pad[:, None, None, :]
+        return None
+
+    def attention(self, q, k, v, pad):
+        p = self.p
+        b, h, n, d = q.shape
+        wide = torch.float64 if self.reference else torch.float32
+        c = 0.25  # a power of two: s * c, s / (1 / c) and torch.div(s, 1 / c) round alike
+
+        structure, padding = self.structure_keep(n), self.padding_keep(pad)
+        if p.score == "sdpa":
+            return self.sdpa(q, k, v, pad, structure, padding, c)
+
+        if p.score == "matmul":
+            s = q @ k.transpose(-1, -2)
+        elif p.score == "matmul_fn":
+            s = torch.matmul(q, k.transpose(-2, -1))
+        elif p.score == "einsum":
+            s = torch.einsum("bhqd,bhkd->bhqk", q, k)
+        else:  # [B*H, N, D] products
+            q3, k3 = q.reshape(b * h, n, d), k.reshape(b * h, n, d)
+            if p.score == "bmm":
+                s = torch.bmm(q3, k3.transpose(1, 2))
+            elif p.score == "baddbmm":
+                s = torch.baddbmm(torch.zeros(b * h, n, n, dtype=q.dtype), q3, k3.transpose(1, 2))
+            else:  # BLOOM's keywords; alpha scales the product, beta the (zero) base
+                s = torch.zeros(b * h, n, n, dtype=q.dtype).baddbmm(batch1=q3, batch2=k3.transpose(1, 2),
+                                                                    beta=1.0, alpha=0.5)
+            s = s.view(b, h, n, n)
+
+        if p.scale == "mul":
+            s = s * c
+        elif p.scale == "rmul":
+            s = c * s
+        elif p.scale == "div":
+            s = s / (1 / c)
+        elif p.scale == "torch_div":
+            s = torch.div(s, 1 / c)
+
+        if p.upcast == "float":
+            s = s.double() if self.reference else s.float()
+
+        if structure is not None:
+            s = apply_mask(s, structure, p.structure_apply, p.structure_fill)
+        if padding is not None:
+            s = apply_mask(s, padding, p.padding_apply, p.padding_fill)
+        elif p.padding == "hf_float":
+            s = s + (1.0 - pad[:, None, None, :].to(s.dtype)) * _fill(p.padding_fill, s.dtype)
+
+        if p.upcast == "softmax_dtype":
+            probs = F.softmax(s, dim=-1, dtype=wide).to(q.dtype)
+        elif p.softmax == "torch":
+            probs = torch.softmax(s, -1)
+        elif p.softmax == "functional":
+            probs = F.softmax(s, dim=-1)
+        else:
+            probs = s.softmax(-1)
+        if p.upcast == "float":
+            probs = probs.to(q.dtype)
+
+        if p.dropout == "functional":
+            probs = F.dropout(probs, p=0.0, training=self.training)
+        elif p.dropout == "module":
+            probs = self.drop(probs)
+
+        if p.value == "matmul":
+            return probs @ v
+        if p.value == "matmul_fn":
+            return torch.matmul(probs, v)
+        return torch.einsum("bhqk,bhkd->bhqd", probs, v)
+
+    def sdpa(self, q, k, v, pad, structure, padding, c):
+        p = self.p
+        keep = structure
+        if padding is not None:
+            keep = padding if keep is None else keep & padding
+        mask = None
+        if keep is not None and p.structure_apply in BOOLEAN_APPLY:
+            mask = keep
+        elif keep is not None:
+            mask = torch.where(keep, torch.zeros((), dtype=q.dtype), _fill(p.structure_fill, q.dtype))
+        if p.padding == "hf_float":
+            extra = (1.0 - pad[:, None, None, :].to(q.dtype)) * _fill(p.padding_fill, q.dtype)
+            if mask is None:
+                mask = extra
+            elif mask.dtype == torch.bool:
+                mask = torch.where(mask, extra, float("-inf"))
+            else:
+                mask = mask + extra
+        scale = None if p.scale == "none" else c
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale)
+
+
+# ----------------------------------------------------------------- calls and state changes
+def call_inputs(p: Program, i: int):
+    """The inputs of call ``i``: fresh q, k, v and padding (float32 or bfloat16)."""
+    n = p.lengths[i]
+    g = torch.Generator().manual_seed(1000 * i + n)
+    dtype = torch.bfloat16 if p.dtype == "bfloat16" else torch.float32
+    q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype) for _ in range(3))
+    keep = torch.ones(B, n, dtype=torch.bool)
+    keep[0, n - 1 - i:] = False  # right padding, longer on every call
+    if p.fully_padded:
+        keep[B - 1] = False
+    else:
+        keep[B - 1, : 2 + i] = False  # left padding: the first queries of a causal program see no key
+    pad = keep.to(dtype) if p.padding == "hf_float" else keep
+    return q, k, v, pad
+
+
+def mutate(module: Attention, how: str, i: int) -> None:
+    """Change the mask buffer in place before call ``i`` (the same change to eager and optimized)."""
+    if how == "none":
+        return
+    pattern = torch.rand(MAX_N, MAX_N, generator=torch.Generator().manual_seed(i)) < 0.6
+    if how == "fill_true":
+        module.keep_buf.fill_(True)
+    elif how == "setitem":
+        module.keep_buf[:, 0] = False
+        module.keep_buf[2:5] = True
+    elif how == "load":
+        module.load_state_dict({"keep_buf": pattern})
+    elif how == "copy_":
+        module.keep_buf.copy_(pattern.tril())
+    else:
+        raise AssertionError(how)
+
+
+def reference(eager: Attention, args) -> torch.Tensor:
+    """The same program in float64 on the same (exactly representable) inputs."""
+    eager.reference = True
+    try:
+        return eager(*(a.double() if a.is_floating_point() else a for a in args))
+    finally:
+        eager.reference = False
+
+
+def assert_agrees(got, expected, exact, *, atol: float, rtol: float, what: str) -> None:
+    """The optimized output agrees with eager's, row by row (a row is one query's softmax).
+
+    NaN exactly where eager has NaN. Then each row either equals eager's within
+    ``atol + rtol * |eager|``, or is at least as accurate as eager's: its error
+    against the float64 evaluation of the same program is at most twice eager's
+    error on that row plus ``atol + rtol * |exact|``. The second clause admits a
+    kernel that rounds differently from eager (bfloat16 scores added to a mask
+    at a different point, a -1e4 fill whose sum eager rounds in float32) and
+    nothing that changes what the row computes: a wrong mask, scale or fill
+    moves a row by O(1), far beyond both eager's rounding and the slack. In
+    float32 ``atol = rtol = 1e-5``; in bfloat16 ``atol = 1e-2`` and ``rtol =
+    2**-7`` (one bfloat16 ulp, about the rounding of the output itself).
+    """
+    assert got.dtype == expected.dtype and got.shape == expected.shape, (what, got.dtype, expected.dtype)
+    nan = expected.isnan()
+    assert torch.equal(got.isnan(), nan), f"{what}: NaN rows differ: eager {nan.any(-1).nonzero().tolist()}, " \
+                                          f"optimized {got.isnan().any(-1).nonzero().tolist()}"
+    got, expected, exact = got.double(), expected.double(), exact.double()
+    inf = torch.tensor(float("inf"), dtype=torch.float64)
+    near = ((got - expected).abs() <= atol + rtol * expected.abs()) | nan
+    err = torch.where(nan, 0.0, (got - exact).abs().nan_to_num(nan=inf))
+    eager_err = torch.where(nan, 0.0, (expected - exact).abs().nan_to_num(nan=inf))
+    slack = atol + rtol * exact.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
+    accurate = err.amax(-1) <= 2 * eager_err.amax(-1) + slack.amax(-1)
+    bad = ~(near.all(-1) | accurate)
+    if bad.any():
+        rows = bad.nonzero().tolist()
+        worst = (got - expected).abs().nan_to_num(nan=0.0).amax().item()
+        raise AssertionError(f"{what}: {len(rows)} rows differ from eager (first {rows[:4]}), max |diff| {worst:.4g}; "
+                             f"error vs float64 on the first: optimized {err[tuple(rows[0])].amax().item():.4g}, "
+                             f"eager {eager_err[tuple(rows[0])].amax().item():.4g}")
+
+
+def run_program(p: Program) -> None:
+    torch._dynamo.reset()  # a fresh cache per program: they share one forward, whose recompile limit would hit
+    eager = Attention(p).eval()
+    optimized = attnopt.optimize(copy.deepcopy(eager), **PLANS[p.plan])
+    optimized.eval()
+    half = p.dtype != "float32"
+    atol, rtol = (1e-2, 2.0**-7) if half else (1e-5, 1e-5)
+    for i in range(len(p.lengths)):
+        mutate(eager, p.mutations[i], i)
+        mutate(optimized, p.mutations[i], i)
+        args = call_inputs(p, i)
+        expected = eager(*args)
+        try:
+            got = optimized(*args)
+        except NoKernelError:
+            if PLANS[p.plan].get("kernel") in (None, "reference"):
+                raise
+            return  # the forced kernel declines this program: nothing to compare
+        sites = "; ".join(f"{s.node}: {s.kernel + ' ' + '+'.join(s.mask_terms) if s.replaced else s.reason}"
+                          for s in optimized.attnopt_report.sites)
+        assert_agrees(got, expected, reference(eager, args), atol=atol, rtol=rtol,
+                      what=f"{p}\ncall {i} (N={p.lengths[i]}); sites: {sites}")
+    report = optimized.attnopt_report
+    assert report.sites, f"{p}: no site in the report"
+    for site in report.sites:
+        assert site.replaced or site.reason, f"{p}: left alone without a reason: {site}"
+
+
+# ----------------------------------------------------------------- the tests
+def _program(**changes) -> Program:
+    """A plain program (scores * c, softmax, @ v, no mask) with ``changes``: the explicit examples below."""
+    base = dict(dtype="float32", score="matmul", scale="mul", upcast="none", structure="none",
+                structure_apply="masked_fill", structure_fill="-inf", padding="none", padding_apply="masked_fill",
+                padding_fill="-inf", fully_padded=False, dropout="none", softmax="torch", value="matmul",
+                lengths=(8, 8, 8), mutations=("none",) * 3, plan="reference kernel")
+    return Program(**{**base, **changes})
+
+
+# Programs the generated search found (minimized by hand), run on every CI pass:
+# two -inf additive masks built in place (a dense mask to the analysis) leave rows with no visible key;
+# eager gives NaN there, sdpa_cpu gives finite rows instead of declining
+NAN_ROWS_OF_TWO_NEG_INF_MASKS = _program(structure="causal_tril_", structure_apply="add_masked_fill_", padding="bool",
+                                         padding_apply="add_masked_fill_", plan="sdpa_cpu kernel")
+# bfloat16 autocast, scores upcast with .float(), a -1e4 additive mask: eager adds it in float32, where rows with
+# no visible key keep softmax(s); added at bfloat16 precision they become uniform
+AUTOCAST_FINITE_ADDITIVE_FILL = _program(dtype="autocast", upcast="float", padding="bool",
+                                         padding_apply="add_one_minus", padding_fill="-1e4", fully_padded=True)
+
+
+@suite_settings(default_examples=60)
+@given(programs(["float32"]))
+@example(NAN_ROWS_OF_TWO_NEG_INF_MASKS)
+def test_float32_programs_agree_with_eager(program):
+    run_program(program)
+
+
+@suite_settings(default_examples=40)
+@given(programs(["bfloat16", "autocast"]))
+@example(AUTOCAST_FINITE_ADDITIVE_FILL)
+def test_bfloat16_programs_agree_with_eager(program):
+    run_program(program)

@@ -1,0 +1,744 @@
+"""Soundness: ``attnopt.optimize(model)`` computes what ``model`` computes, on every call.
+
+One test (or a small parametrized group) per case of issue 10 (items 1-15) and
+issue 19 (items 1-5), each the smallest program that shows the bug. A test
+accepts either sound outcome: the site replaced exactly, or left alone with a
+reason. Where the case is about state (buffers changed between calls, a buffer
+the forward updates, random masks, dynamic lengths) the model is called several
+times with the state changed in between, and every call is compared.
+
+The eager model and the optimized one are independent copies (``optimize`` of a
+deepcopy), and every state change is applied to both, so the tests do not
+depend on whether ``optimize`` shares buffers with its argument.
+
+Each program is optimized under three plans (``PLANS``): the planner's own
+choice by its cost model; the reference kernel forced, so that a site the
+analysis accepts is always replaced and its proof always exercised (a planner
+that keeps the original because it estimates it faster would otherwise hide a
+wrong proof); and the sdpa_cpu kernel forced, whose own limits (fills, rows
+with no visible key) must then hold, or it must decline with ``NoKernelError``.
+``tune=False`` everywhere: timing on the CPU makes the choice, and so whether a
+wrong proof shows, depend on the machine's load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import attnopt
+from attnopt.passes.plan import NoKernelError
+
+FP32 = dict(atol=1e-5, rtol=1e-5)
+BF16 = dict(atol=3e-2, rtol=3e-2)
+MIN32 = torch.finfo(torch.float32).min
+NEG_INF = float("-inf")
+
+
+# ----------------------------------------------------------------- helpers
+def qkv(b=2, h=2, n=8, d=16, *, nk=None, dtype=torch.float32, scale=1.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nk = n if nk is None else nk
+    q = torch.randn(b, h, n, d, generator=g) * scale
+    k = torch.randn(b, h, nk, d, generator=g) * scale
+    v = torch.randn(b, h, nk, d, generator=g)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def assert_accounted(report):
+    """Every site is either replaced or left alone with a reason (the two sound outcomes)."""
+    assert report.sites, f"no attention site in the report:\n{report}"
+    for site in report.sites:
+        assert site.replaced or site.reason, f"left alone without a reason: {site}"
+
+
+def sites(report) -> str:
+    """The report's sites in one line each: what was done and why."""
+    return "; ".join(
+        f"{s.where}/{s.node}: " + (f"replaced by {s.kernel} as {'+'.join(s.mask_terms) or 'full'}" if s.replaced
+                                   else f"left alone ({s.reason})")
+        for s in report.sites
+    )
+
+
+def assert_same(got, expected, tol=FP32, what=""):
+    assert got.dtype == expected.dtype, f"{what}: dtype {got.dtype} != {expected.dtype}"
+    torch.testing.assert_close(got, expected, equal_nan=True, msg=lambda m: f"{what}\n{m}", **tol)
+
+
+#: how each program is optimized: the planner's choice (cost model), and two kernels forced
+PLANS = {"cost model": dict(tune=False), "reference kernel": dict(tune=False, kernel="reference"),
+         "sdpa_cpu kernel": dict(tune=False, kernel="sdpa_cpu")}
+
+
+@contextlib.contextmanager
+def forced_kernel_may_decline(plan: str):
+    """A forced kernel other than the reference may refuse a site it cannot compute (``NoKernelError``, as
+    ``kernel=`` documents): then there is nothing to compare. The reference kernel must take every site."""
+    try:
+        yield
+    except NoKernelError:
+        if PLANS[plan].get("kernel") in (None, "reference"):
+            raise
+
+
+def plans(model, **options):
+    """For each plan: a fresh eager copy of ``model`` and an optimized copy, with dynamo's caches cleared."""
+    initial = copy.deepcopy(model)
+    for name, plan in PLANS.items():
+        torch._dynamo.reset()
+        yield name, copy.deepcopy(initial), attnopt.optimize(copy.deepcopy(initial), **plan, **options)
+
+
+def check_calls(model, calls, *, tol=FP32, **options):
+    """Run ``calls`` (each ``(prepare, args)``) on ``model`` and on an optimized copy of it, under every plan.
+
+    ``prepare(module)`` (or None) changes state before the call; it is applied to
+    the eager model and to the optimized one alike. Returns ``{plan: (eager, optimized)}``
+    after the calls.
+    """
+    done = {}
+    for plan, eager, optimized in plans(model, **options):
+        with forced_kernel_may_decline(plan):
+            for i, (prepare, args) in enumerate(calls):
+                if prepare is not None:
+                    prepare(eager)
+                    prepare(optimized)
+                expected = eager(*args)
+                got = optimized(*args)
+                assert_same(got, expected, tol, f"{plan}, call {i}; sites: {sites(optimized.attnopt_report)}")
+            assert_accounted(optimized.attnopt_report)
+            done[plan] = eager, optimized
+    return done
+
+
+def same_inputs(args, n):
+    return [(None, args)] * n
+
+
+class Fn(nn.Module):
+    """A module around a plain attention function (optimize takes modules)."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+# ================================================================= issue 10
+# ----------------------------------------------------------------- 1. masks built in place
+def inplace_additive_masked_fill_(q, k, v):
+    n = q.shape[-2]
+    m = torch.zeros(n, n)
+    m.masked_fill_(torch.ones(n, n, dtype=torch.bool).triu(1), NEG_INF)  # not re-assigned
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m, -1) @ v
+
+
+def inplace_bool_tril_(q, k, v):
+    n = q.shape[-2]
+    m = torch.ones(n, n, dtype=torch.bool)
+    m.tril_()
+    return torch.softmax((q @ k.transpose(-1, -2) * 0.25).masked_fill(~m, NEG_INF), -1) @ v
+
+
+def inplace_bool_setitem(q, k, v):
+    n = q.shape[-2]
+    m = torch.ones(n, n, dtype=torch.bool)
+    m[:, 0] = False
+    return torch.softmax((q @ k.transpose(-1, -2) * 0.25).masked_fill(~m, NEG_INF), -1) @ v
+
+
+def inplace_additive_setitem(q, k, v):
+    n = q.shape[-2]
+    m = torch.zeros(n, n)
+    m[:, 0] = NEG_INF
+    return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + m, -1) @ v
+
+
+@pytest.mark.parametrize("fn", [inplace_additive_masked_fill_, inplace_bool_tril_, inplace_bool_setitem,
+                                inplace_additive_setitem], ids=lambda f: f.__name__)
+def test_01_masks_built_in_place(fn):
+    check_calls(Fn(fn), [(None, qkv(seed=0)), (None, qkv(seed=1))])
+
+
+# ----------------------------------------------------------------- 2. buffers baked in at capture
+class BoolMaskBuffer(nn.Module):
+    """A registered bool keep mask, as nanoGPT registers its tril ``bias``."""
+
+    def __init__(self, n=8):
+        super().__init__()
+        self.register_buffer("keep", torch.ones(n, n, dtype=torch.bool).tril())
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~self.keep[:n, :n], NEG_INF), -1) @ v
+
+
+def _load_band(module):
+    n = module.keep.shape[0]
+    i = torch.arange(n)
+    module.load_state_dict({"keep": (i[None, :] <= i[:, None]) & (i[:, None] - i[None, :] < 3)})
+
+
+def _fill_true(module):
+    module.keep.fill_(True)
+
+
+def _setitem(module):
+    module.keep[:, 0] = False  # the diagonal stays visible, except at row 0
+    module.keep[0, 0] = True
+
+
+@pytest.mark.parametrize("change", [_load_band, _fill_true, _setitem], ids=["load_state_dict", "fill_", "setitem"])
+def test_02_mask_buffer_changed_between_calls(change):
+    args = qkv()
+    check_calls(BoolMaskBuffer(), [(None, args), (change, args), (None, qkv(seed=3))])
+
+
+class ScaleBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(0.25))
+
+    def forward(self, q, k, v):
+        return torch.softmax(q @ k.transpose(-1, -2) * self.scale, -1) @ v
+
+
+class WindowBuffer(nn.Module):
+    """A sliding window whose size is a buffer, compared against aranges."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("window", torch.tensor(2))
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        i = torch.arange(n)
+        dist = i[:, None] - i[None, :]
+        keep = (dist >= 0) & (dist < self.window)
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+def test_02_scale_buffer_changed_between_calls():
+    args = qkv()
+    check_calls(ScaleBuffer(), [(None, args), (lambda m: m.scale.fill_(1.5), args),
+                                (lambda m: m.load_state_dict({"scale": torch.tensor(0.01)}), args)])
+
+
+def test_02_window_buffer_changed_between_calls():
+    args = qkv()
+    check_calls(WindowBuffer(), [(None, args), (lambda m: m.window.fill_(5), args),
+                                 (lambda m: m.window.fill_(1), args)])
+
+
+class ForwardUpdatesMask(nn.Module):
+    """The forward makes its (all-true) mask buffer causal in place before using it."""
+
+    def __init__(self, n=8):
+        super().__init__()
+        self.register_buffer("keep", torch.ones(n, n, dtype=torch.bool))
+
+    def forward(self, q, k, v):
+        self.keep.tril_()
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~self.keep, NEG_INF), -1) @ v
+
+
+class ForwardGrowsWindow(nn.Module):
+    """A counter buffer the forward advances, then uses as a sliding-window size."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("window", torch.tensor(1))
+
+    def forward(self, q, k, v):
+        self.window.add_(1)
+        n = q.shape[-2]
+        i = torch.arange(n)
+        dist = i[:, None] - i[None, :]
+        keep = (dist >= 0) & (dist < self.window)
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+@pytest.mark.parametrize("cls", [ForwardUpdatesMask, ForwardGrowsWindow], ids=lambda c: c.__name__)
+def test_02_buffer_updated_by_the_forward(cls):
+    for plan, (eager, optimized) in check_calls(cls(), same_inputs(qkv(), 4)).items():
+        for (name, a), (_, b) in zip(eager.named_buffers(), optimized.named_buffers()):
+            assert torch.equal(a, b), f"{plan}: buffer {name} {b} after 4 calls, eager's {a}"
+
+
+# ----------------------------------------------------------------- 3. an input named like a buffer
+class InputNamedLikeBuffer(nn.Module):
+    def forward(self, q, k, v, attn_buffers_mask):  # dynamo names the placeholder l_attn_buffers_mask_
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~attn_buffers_mask, NEG_INF), -1) @ v
+
+
+def test_03_user_input_named_like_a_buffer():
+    q, k, v = qkv()
+    causal = torch.ones(8, 8, dtype=torch.bool).tril()
+    other = torch.rand(8, 8, generator=torch.Generator().manual_seed(1)) < 0.5
+    other.fill_diagonal_(True)
+    check_calls(InputNamedLikeBuffer(), [(None, (q, k, v, causal)), (None, (q, k, v, other)),
+                                         (None, (q, k, v, causal))])
+
+
+# ----------------------------------------------------------------- 4. random masks
+class RandomMask(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        keep = causal | (torch.rand(()) < 0.5)  # either causal or full, drawn on every call
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+def test_04_random_masks_are_drawn_on_every_call():
+    args = qkv()
+    for plan, model, optimized in plans(RandomMask()):
+        outcomes = set()
+        with forced_kernel_may_decline(plan):
+            for seed in range(8):  # both draws occur among these seeds
+                torch.manual_seed(seed)
+                expected = model(*args)
+                outcomes.add(round(float(expected.sum()), 3))
+                torch.manual_seed(seed)
+                got = optimized(*args)
+                assert_same(got, expected, FP32, f"{plan}, seed {seed}; sites: {sites(optimized.attnopt_report)}")
+            assert len(outcomes) == 2, "the test should see both draws"
+            assert_accounted(optimized.attnopt_report)
+
+
+# ----------------------------------------------------------------- 5. in-place state feeding the scale
+class StepScale(nn.Module):
+    """``self.step += 1`` and the step scales the scores."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("step", torch.tensor(0.0))
+
+    def forward(self, q, k, v):
+        self.step += 1
+        s = q @ k.transpose(-1, -2) * (0.1 * self.step)
+        return torch.softmax(s, -1) @ v
+
+
+def test_05_forward_state_feeding_the_scale():
+    for plan, (eager, optimized) in check_calls(StepScale(), same_inputs(qkv(), 4)).items():
+        assert float(eager.step) == 4.0
+        assert torch.equal(optimized.step, eager.step), f"{plan}: step {optimized.step} after 4 calls, eager's 4"
+
+
+def test_05_explain_changes_no_state():
+    model = StepScale()
+    args = qkv()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    attnopt.explain(model, args, tune=False)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), f"explain changed {key}: {before[key]} -> {value}"
+
+
+# ----------------------------------------------------------------- 6. two additive finfo.min masks
+class TwoFinfoMinMasks(nn.Module):
+    """Causal and padding masks, each (1 - keep) * finfo.min, added one after the other (older HF)."""
+
+    def forward(self, q, k, v, keep):
+        n = q.shape[-2]
+        causal = torch.ones(n, n).tril()
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = s + (1.0 - causal) * MIN32
+        s = s + (1.0 - keep[:, None, None, :].float()) * MIN32
+        return torch.softmax(s, -1) @ v
+
+
+def test_06_two_additive_finfo_min_masks():
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, :3] = False  # left padding: rows 0-2 of batch 1 see no key, some keys masked twice
+    check_calls(TwoFinfoMinMasks(), [(None, (*qkv(), keep))])
+
+
+# ----------------------------------------------------------------- 7. a finite fill that does not absorb
+class SmallFillLargeScores(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        s = q @ k.transpose(-1, -2) * 1000.0  # scores of order 1e3-1e4: -1e4 is not "minus infinity"
+        return torch.softmax(s.masked_fill(~causal, -1e4), -1) @ v
+
+
+def test_07_finite_fill_that_competes_with_the_scores():
+    calls = []
+    for seed in (0, 1):
+        q, k, v = qkv(seed=seed)
+        # k = -q: each query's own key scores about -1000 * |q|^2 = -1.6e4, below the -1e4 fill, so in the
+        # first rows (few visible keys) eager's masked keys win the softmax
+        calls.append((None, (q, -q, v)))
+    check_calls(SmallFillLargeScores(), calls)
+
+
+# ----------------------------------------------------------------- 8. softcap then another multiply
+class SoftcapThenScale(nn.Module):
+    def forward(self, q, k, v):
+        s = q @ k.transpose(-1, -2)
+        s = torch.tanh(s / 5) * 5 * 2.0  # the 2 scales the capped value, not the input
+        return torch.softmax(s, -1) @ v
+
+
+def test_08_softcap_followed_by_a_multiply():
+    check_calls(SoftcapThenScale(), [(None, qkv(scale=2.0))])
+
+
+# ----------------------------------------------------------------- 9. baddbmm's alpha and beta
+class BaddbmmAlpha(nn.Module):
+    def forward(self, q, k, v, bias):  # [B*H, N, D], bias [B*H, N, N]
+        s = torch.baddbmm(bias, q, k.transpose(1, 2), beta=1, alpha=0.25)
+        return torch.bmm(torch.softmax(s, -1), v)
+
+
+class BaddbmmKeywords(nn.Module):
+    """BLOOM's spelling: every argument by keyword, beta != 1."""
+
+    def forward(self, q, k, v, bias):
+        s = bias.baddbmm(batch1=q, batch2=k.transpose(1, 2), beta=0.5, alpha=0.25)
+        return torch.bmm(torch.softmax(s, -1), v)
+
+
+@pytest.mark.parametrize("cls", [BaddbmmAlpha, BaddbmmKeywords], ids=lambda c: c.__name__)
+def test_09_baddbmm_alpha_beta(cls):
+    q, k, v = (t.reshape(4, 8, 16) for t in qkv())
+    bias = torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(5)) * 2
+    check_calls(cls(), [(None, (q, k, v, bias)), (None, (q, k, v, -bias))])
+
+
+# ----------------------------------------------------------------- 10. ignored keyword arguments
+class DivFloor(nn.Module):
+    def forward(self, q, k, v):
+        s = torch.div(q @ k.transpose(-1, -2), 0.5, rounding_mode="floor")
+        return torch.softmax(s, -1) @ v
+
+
+class SubAlpha(nn.Module):
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-1, -2) * 0.25
+        mask = torch.sub(1, keep[:, None, None, :].float(), alpha=0.5) * MIN32  # 1 - 0.5 * keep
+        return torch.softmax(s + mask, -1) @ v
+
+
+def test_10_div_rounding_mode():
+    check_calls(DivFloor(), [(None, qkv(scale=2.0))])
+
+
+def test_10_sub_alpha():
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, 5:] = False
+    check_calls(SubAlpha(), [(None, (*qkv(), keep))])
+
+
+# ----------------------------------------------------------------- 11. dynamic shapes: proofs from hints
+class StepTwoArange(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        qi = torch.arange(0, 2 * n, step=2)  # 0, 2, 4, ...: not the unit-step positions
+        kj = torch.arange(n)
+        keep = kj[None, :] <= qi[:, None]
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+def test_11_arange_step_under_dynamic_shapes():
+    calls = [(None, qkv(n=n, seed=n)) for n in (6, 8, 10, 12)]  # the second call recompiles with symbolic n
+    check_calls(StepTwoArange(), calls)
+
+
+class Bf16Positions(nn.Module):
+    """A causal window over positions cast to the queries' dtype: bf16 rounds integers above 256."""
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        pos = torch.arange(n).to(q)  # 257 -> 256, 259 -> 260, ...
+        keep = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - 3)
+        s = q @ k.transpose(-1, -2)
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+def test_11_bf16_positions_under_dynamic_shapes():
+    # N must pass 256 for bf16 to round the positions; q = 0 makes each row the mean of its visible values,
+    # so a key more or less in a 3-key window changes the output by O(1), far above bf16 rounding.
+    calls = []
+    for n in (270, 280, 290):
+        g = torch.Generator().manual_seed(n)
+        q = torch.zeros(1, 1, n, 8, dtype=torch.bfloat16)
+        k, v = (torch.randn(1, 1, n, 8, generator=g).to(torch.bfloat16) for _ in range(2))
+        calls.append((None, (q, k, v)))
+    check_calls(Bf16Positions(), calls, tol=BF16)
+
+
+class LookAhead(nn.Module):
+    """Each query sees every key up to three past its own index (kj <= qi + 3)."""
+
+    def forward(self, q, k, v):
+        qi = torch.arange(q.shape[-2])
+        kj = torch.arange(k.shape[-2])
+        keep = kj[None, :] <= qi[:, None] + 3
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+@pytest.mark.parametrize("dynamic,lengths", [(True, (8, 10, 12)), (None, (10, 8, 12))],
+                         ids=["dynamic=True", "recompiled"])
+def test_11_look_ahead_band_is_not_bottom_right_causal(dynamic, lengths):
+    # at Nq=5, Nk=8 the band kj <= qi + 3 coincides with bottom-right causal; at other Nk it does not
+    calls = [(None, qkv(n=5, nk=nk, seed=nk)) for nk in lengths]
+    check_calls(LookAhead(), calls, dynamic=dynamic)
+
+
+# ----------------------------------------------------------------- 12. SDPA's default scale, dynamic D
+class SDPADefaultScale(nn.Module):
+    def forward(self, q, k, v):
+        return F.scaled_dot_product_attention(q, k, v)
+
+
+@pytest.mark.parametrize("dynamic,dims", [(True, (16, 32, 8)), (None, (16, 32, 8, 24))],
+                         ids=["dynamic=True", "recompiled"])
+def test_12_sdpa_default_scale_with_dynamic_head_dim(dynamic, dims):
+    calls = [(None, qkv(d=d, seed=d, scale=2.0)) for d in dims]
+    check_calls(SDPADefaultScale(), calls, dynamic=dynamic)
+
+
+# ----------------------------------------------------------------- 13. K mutated between the products
+class KMutatedBetweenProducts(nn.Module):
+    def forward(self, q, k, v, k_new):
+        kc = k.clone()
+        s = q @ kc.transpose(-1, -2) * 0.25
+        kc[:, :, 3] = k_new  # after the scores: eager's probabilities used the old row
+        return torch.softmax(s, -1) @ kc  # the values are the mutated cache
+
+
+class KVMutatedBetweenProducts(nn.Module):
+    """The same with separate K and V caches: only K changes after the score product."""
+
+    def forward(self, q, k, v, k_new):
+        kc, vc = k.clone(), v.clone()
+        s = q @ kc.transpose(-1, -2) * 0.25
+        kc[:, :, 3] = k_new
+        return torch.softmax(s, -1) @ vc + kc.sum() * 0
+
+
+@pytest.mark.parametrize("cls", [KMutatedBetweenProducts, KVMutatedBetweenProducts], ids=lambda c: c.__name__)
+def test_13_k_mutated_between_score_and_value_product(cls):
+    q, k, v = qkv()
+    k_new = torch.randn(2, 2, 16, generator=torch.Generator().manual_seed(9)) * 3
+    check_calls(cls(), [(None, (q, k, v, k_new))])
+
+
+# ----------------------------------------------------------------- 14. dropout on fully-masked rows
+class DropoutFinfoMin(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.3)
+
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = s.masked_fill(~keep[:, None, None, :], MIN32)
+        return self.drop(torch.softmax(s, -1)) @ v
+
+
+def test_14_dropout_on_fully_masked_rows():
+    q, k, v = qkv(b=2, h=1, n=4, d=8)
+    keep = torch.ones(2, 4, dtype=torch.bool)
+    keep[1] = False  # batch 1: every row sees no key; finfo.min makes it the (dropped-out) uniform average
+    draws = 200
+    for plan, model, optimized in plans(DropoutFinfoMin().train()):
+        torch.manual_seed(0)
+        eager_rows = torch.stack([model(q, k, v, keep)[1] for _ in range(draws)])  # [draws, 1, 4, 8]
+        torch.manual_seed(0)
+        opt_rows = None
+        with forced_kernel_may_decline(plan):
+            opt_rows = torch.stack([optimized(q, k, v, keep)[1] for _ in range(draws)])
+        if opt_rows is None:
+            continue
+        assert_accounted(optimized.attnopt_report)
+        eager_std, opt_std = eager_rows.std(0).mean(), opt_rows.std(0).mean()
+        assert eager_std > 0.1, eager_std  # eager's empty rows vary with the dropout draw
+        # same distribution: the spread across draws and the mean (the uniform average of v) agree
+        assert 0.7 * eager_std < opt_std < 1.4 * eager_std, \
+            f"{plan}: std over draws: eager {eager_std:.3f}, optimized {opt_std:.3f}; {sites(optimized.attnopt_report)}"
+        torch.testing.assert_close(opt_rows.mean(0), eager_rows.mean(0), atol=0.15, rtol=0)
+
+
+# ----------------------------------------------------------------- 15. 1-D masks
+class KeyMask1D(nn.Module):
+    def forward(self, q, k, v, keep):  # keep: [Nk]
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+
+
+class Documents1D(nn.Module):
+    def forward(self, q, k, v, doc):  # doc: [N] document ids shared by the batch
+        same = doc[:, None] == doc[None, :]
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(~same, NEG_INF), -1) @ v
+
+
+def test_15_one_dimensional_key_mask():
+    keep = torch.tensor([True, True, False, True, True, True, False, False])
+    check_calls(KeyMask1D(), [(None, (*qkv(), keep)), (None, (*qkv(seed=1), ~keep | (torch.arange(8) == 0)))])
+
+
+@pytest.mark.parametrize("batch", [2, 1])
+def test_15_one_dimensional_document_ids(batch):
+    doc = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])
+    check_calls(Documents1D(), [(None, (*qkv(b=batch), doc)), (None, (*qkv(b=batch, seed=1), doc.flip(0)))])
+
+
+# ================================================================= issue 19
+# ----------------------------------------------------------------- 1. masked_fill with keyword arguments
+class MaskedFillKeywords(nn.Module):
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        m = torch.ones(n, n, dtype=torch.bool).tril()
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s.masked_fill(mask=~m, value=NEG_INF), -1) @ v
+
+
+def test_19_01_masked_fill_keyword_arguments():
+    done = check_calls(MaskedFillKeywords(), [(None, qkv())])
+    # the same op as masked_fill(~m, -inf): a causal site that the forced reference kernel must take
+    report = done["reference kernel"][1].attnopt_report
+    assert report.sites[0].replaced, sites(report)
+
+
+# ----------------------------------------------------------------- 2. two finite fills
+class TwoFiniteFills(nn.Module):
+    def forward(self, q, k, v, keep):
+        n = q.shape[-2]
+        causal = torch.ones(n, n, dtype=torch.bool).tril()
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = s.masked_fill(~keep[:, None, None, :], MIN32)  # padding
+        s = s.masked_fill(~causal, -1e9)  # causal
+        return torch.softmax(s, -1) @ v
+
+
+def test_19_02_two_masked_fills_with_different_finite_values():
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1, :3] = False  # left padding: rows 0-2 of batch 1 see no key
+    check_calls(TwoFiniteFills(), [(None, (*qkv(), keep))])
+
+
+# ----------------------------------------------------------------- 3. bf16 autocast, fp32 finfo.min mask
+class DenseAdditiveMask(nn.Module):
+    """HF's pre-built additive mask, [B, 1, 1, Nk] of 0 / finfo.min, passed in."""
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s + mask, -1) @ v
+
+
+class Dense3DAdditiveMask(nn.Module):
+    """The same mask reshaped to [B, 1, Nk] and unsqueezed inside the graph."""
+
+    def forward(self, q, k, v, mask):
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s + mask.reshape(mask.shape[0], 1, -1)[:, None], -1) @ v
+
+
+class Autocast(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, *args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.inner(*args)
+
+
+@pytest.mark.parametrize("cls", [DenseAdditiveMask, Dense3DAdditiveMask], ids=lambda c: c.__name__)
+def test_19_03_bf16_autocast_keeps_the_fp32_finfo_min_mask_finite(cls):
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1] = False  # every row of batch 1 sees no key: eager averages uniformly (finite), never NaN
+    mask = ((~keep).float() * MIN32)[:, None, None, :]  # [B, 1, 1, Nk]
+    for plan, (_, optimized) in check_calls(Autocast(cls()), [(None, (*qkv(), mask))], tol=BF16).items():
+        assert not optimized(*qkv(), mask).isnan().any(), plan
+
+
+# ----------------------------------------------------------------- 4. dynamic shapes hide a -inf mask
+class NegInfTriuPlusPadding(nn.Module):
+    def forward(self, q, k, v, keep):
+        n = q.shape[-2]
+        s = q @ k.transpose(-1, -2) * 0.25
+        s = s + torch.full((n, n), NEG_INF).triu(1)
+        s = s + (1.0 - keep[:, None, None, :].float()) * MIN32
+        return torch.softmax(s, -1) @ v
+
+
+def test_19_04_dynamic_shapes_keep_the_neg_inf_mask():
+    calls = []
+    for n in (8, 10, 12, 14):  # the second call recompiles with a symbolic n
+        keep = torch.ones(2, n, dtype=torch.bool)
+        keep[1, :3] = False  # left padding: rows 0-2 of batch 1 see no key
+        calls.append((None, (*qkv(n=n, seed=n), keep)))
+    check_calls(NegInfTriuPlusPadding(), calls)
+
+
+# ----------------------------------------------------------------- 5. SDPA bf16 with a bf16 additive mask
+class SDPAMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_19_05_sdpa_bf16_additive_mask_precision():
+    q, k, v = qkv(b=2, h=2, n=16, d=32, scale=4.0, dtype=torch.bfloat16)
+    mask = (torch.randn(2, 2, 16, 16, generator=torch.Generator().manual_seed(7)) * 4).to(torch.bfloat16)
+    exact = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask.double())
+    for plan, model, optimized in plans(SDPAMask()):
+        expected, got = model(q, k, v, mask), None
+        with forced_kernel_may_decline(plan):
+            got = optimized(q, k, v, mask)
+        if got is None:
+            continue
+        assert_accounted(optimized.attnopt_report)
+        eager_err = (expected.double() - exact).abs().max().item()
+        opt_err = (got.double() - exact).abs().max().item()
+        # both round to bf16 at the end; the replacement may not add more error than eager's own, up to 2x
+        # (different summation orders) plus a few bf16 ulps of the output
+        assert opt_err <= 2 * eager_err + 4e-3, \
+            f"{plan}: error vs float64: optimized {opt_err:.4g}, eager {eager_err:.4g}; {sites(optimized.attnopt_report)}"
+
+
+# ----------------------------------------------------------------- found since: gradients of an added finfo.min
+class AddedFinfoMinPadding(nn.Module):
+    """BERT-style ``(1 - keep) * finfo.min`` from a float 0/1 mask: a dense additive term."""
+
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-1, -2) * 0.25
+        return torch.softmax(s + (1.0 - keep[:, None, None, :]) * MIN32, -1) @ v
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa_cpu"])
+def test_gradients_through_an_added_finfo_min_on_fully_masked_rows(kernel):
+    """ATen's CPU SDPA backward gives other gradients than autograd of the original on rows an added
+    finfo.min fills entirely; a kernel must compute the original's gradients or decline."""
+    keep = torch.ones(2, 8)
+    keep[1] = 0.0  # every row of batch 1 is masked entirely: uniform, with autograd through the addition
+    q, k, v = (t.requires_grad_() for t in qkv())
+    expected = AddedFinfoMinPadding()(q, k, v, keep)
+    want = torch.autograd.grad(expected.square().sum(), (q, k, v))
+    try:
+        optimized = attnopt.optimize(AddedFinfoMinPadding(), kernel=kernel, tune=False)
+        got = optimized(q, k, v, keep)
+    except NoKernelError:
+        return
+    grads = torch.autograd.grad(got.square().sum(), (q, k, v))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    for g, w in zip(grads, want):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
