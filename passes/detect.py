@@ -380,9 +380,41 @@ def _check_layout(match: Match, at: Node) -> None:
         raise _Reject(f"q {q}, k {k}, v {v} do not agree on batch, heads, keys or head dim", at)
     if q[1] % k[1]:
         raise _Reject(f"q has {q[1]} heads and k {k[1]}: heads are not grouped", at)
-    dtypes = {tensor_meta(op.node).dtype for op in (match.q, match.k, match.v)}
-    if len(dtypes) != 1 or dtypes.pop() not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+    _unify_dtypes(match, tensor_meta(at).dtype, at)
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _unify_dtypes(match: Match, product_dtype: torch.dtype, at: Node) -> None:
+    """Bring q, k, v to one floating dtype, or reject.
+
+    * An upcast written before a product (``q.float() @ k.float().mT``) is read through: the kernels
+      accumulate half inputs in float32, as the float32 product of the same values does.
+    * Under autocast the products run in a half dtype their float32 inputs are not in: the op reads
+      q, k, v cast to it, exactly the rounding autocast applied to them.
+    """
+    ops = [_through_upcast(op) for op in (match.q, match.k, match.v)]
+    dtypes = {op.dtype() for op in ops}
+    if len(dtypes) != 1 and product_dtype in (torch.float16, torch.bfloat16) and dtypes <= set(_FLOATS):
+        ops = [op if op.dtype() == product_dtype else op.then(("to", (product_dtype,))) for op in ops]
+        dtypes = {product_dtype}
+    if len(dtypes) != 1 or dtypes.pop() not in _FLOATS:
         raise _Reject("q, k, v dtypes differ or are not floating point", at)
+    match.q, match.k, match.v = ops
+
+
+def _through_upcast(op: Operand) -> Operand:
+    """``op`` read from before a ``.float()`` / ``.to(torch.float32)`` of a narrower float tensor."""
+    node = op.node
+    if kind(node) != "cast" or not isinstance(node.args[0], Node):
+        return op
+    after, before = tensor_meta(node), tensor_meta(node.args[0])
+    if after is None or before is None or after.device != before.device or after.shape != before.shape:
+        return op
+    if not (before.is_floating_point() and after.is_floating_point() and after.dtype.itemsize > before.dtype.itemsize):
+        return op
+    return Operand(node.args[0], op.steps)
 
 
 # ------------------------------------------------------------------ SDPA
@@ -422,6 +454,7 @@ def _match_sdpa(node: Node, constants: Constants) -> Match:
         raise _Reject(f"SDPA with {qs[1]} q heads and {ks[1]} kv heads without enable_gqa", node)
     if qs[1] == ks[1]:
         match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
+    _unify_dtypes(match, tensor_meta(node).dtype, node)
     return match
 
 
@@ -433,7 +466,7 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
         match.masks = masks.analyze(
             match.booleans, match.additive, sdpa=match.kind == "sdpa", score_shape=score_shape,
             add_dtypes=match.add_dtypes, sizes=sizes,
-            dtype=tensor_meta(match.q.node).dtype, constants=constants, is_causal=match.causal,
+            dtype=match.q.dtype(), constants=constants, is_causal=match.causal,
         )
     except masks.MaskError as err:
         raise _Reject(str(err), match.anchor) from None

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from torch.fx import Node
 
-from .graph import arg, kind, shape_of
+from .graph import arg, kind, shape_of, tensor_meta
 
 Step = tuple[str, tuple]  # (tensor method, its arguments)
 
@@ -34,6 +34,14 @@ class Operand:
 
     def then(self, *steps: Step) -> Operand:
         return Operand(self.node, self.steps + steps)
+
+    def dtype(self):
+        """The dtype the op reads: the node's, or the last ``to`` step's."""
+        casts = [args[0] for name, args in self.steps if name == "to"]
+        if casts:
+            return casts[-1]
+        meta = tensor_meta(self.node)
+        return None if meta is None else meta.dtype
 
 
 class LayoutError(Exception):
@@ -52,6 +60,8 @@ def apply_steps(shape: tuple[int, ...], steps) -> tuple[int, ...]:
             del shape[args[0] % len(shape)]
         elif name == "permute":
             shape = [shape[d] for d in args[0]]
+        elif name == "to":  # a dtype cast keeps the shape
+            pass
         else:
             raise AssertionError(f"unknown layout step {name}")
     return tuple(shape)

@@ -39,7 +39,7 @@ def spec_of(match: Match) -> AttentionSpec:
     """The AttentionSpec of a match on meta tensors of the real shapes: for planning and reports."""
     m = match.masks
     q_shape, k_shape, v_shape = match.q.shape(), match.k.shape(), match.v.shape()
-    dtype = tensor_meta(match.q.node).dtype
+    dtype = match.q.dtype()
 
     def meta(shape, dt):
         return torch.empty(shape, dtype=dt, device="meta")
@@ -118,7 +118,7 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         for name, args in match.output_steps:
             out = graph.call_method(name, (out, *args))
         want = tensor_meta(match.output).dtype
-        if want != tensor_meta(match.q.node).dtype:
+        if want != match.q.dtype():
             out = graph.call_method("to", (out, want))
     match.output.replace_all_uses_with(out)
     freed: list[Node] = []
