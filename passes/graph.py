@@ -181,7 +181,7 @@ _PURE_FUNCTIONS = frozenset({
     torch.abs, torch.neg, torch.add, torch.sub, torch.mul, torch.div, torch.clamp, torch.minimum, torch.maximum,
     torch.pow, torch.exp, torch.log, torch.sqrt, torch.floor, torch.ceil,
     torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten, torch.cat,
-    torch.stack, torch.outer, torch.cumsum, torch.tensor, torch.as_tensor,
+    torch.stack, torch.outer, torch.cumsum, torch.tensor, torch.as_tensor, torch.clone,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
     operator.pow, operator.mod, operator.abs, operator.invert, operator.and_, operator.or_, operator.xor,
     operator.eq, operator.ne, operator.le, operator.lt, operator.ge, operator.gt, operator.getitem,
@@ -192,7 +192,7 @@ _PURE_METHODS = frozenset({
     "masked_fill", "abs", "neg", "add", "sub", "mul", "div", "clamp", "pow", "exp", "log", "sqrt",
     "to", "float", "double", "half", "bfloat16", "bool", "int", "long", "type_as", "type",
     "view", "reshape", "view_as", "reshape_as", "expand", "expand_as", "transpose", "permute", "unsqueeze",
-    "squeeze", "flatten", "contiguous", "repeat", "size", "dim", "cumsum", "all", "any", "sum",
+    "squeeze", "flatten", "contiguous", "repeat", "size", "dim", "cumsum", "all", "any", "sum", "clone", "detach",
 })
 
 #: ops whose result may share memory with their first argument (a write to one is a write to the other)
@@ -356,6 +356,19 @@ class Constants:
         if meta is None or meta.numel() != 1:
             return None
         return float(self.value(x).reshape(()).item())
+
+
+def erase_dead_copies(graph) -> int:
+    """Erase pure computations nothing reads (x-transformers keeps ``sim.clone()`` in its graph): a dead
+    copy of the scores is not a use of them. Returns how many nodes went."""
+    erased = 0
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op not in ("call_function", "call_method") or is_in_place(node):
+            continue
+        if _is_pure(node) and not node.is_impure():
+            graph.erase_node(node)
+            erased += 1
+    return erased
 
 
 def _is_pure(node: Node) -> bool:

@@ -12,7 +12,7 @@ from attnopt.report import GraphMemory, Report, Site
 
 from . import plan, tuning
 from .detect import Rejection, find_sites
-from .graph import is_buffer, is_parameter, module_path
+from .graph import erase_dead_copies, is_buffer, is_parameter, module_path
 from .memory import bytes_after, bytes_before
 from .modules import inline_multi_head_attention
 from .rewrite import replace
@@ -44,6 +44,7 @@ def optimize_graph(
     for item in skipped:
         report.sites.append(Site(where=module_path(item.node), node=item.node.name, graph=graph_index,
                                  replaced=False, reason=item.reason))
+    erase_dead_copies(gm.graph)
     found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs, volatile)))
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
