@@ -22,7 +22,7 @@ log = logging.getLogger("attnopt")
 
 def optimize_graph(
     gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
-    volatile: frozenset = frozenset(), runtime_branches: bool = False,
+    volatile: frozenset = frozenset(), runtime_branches: bool = False, subgraph: bool = False,
 ) -> GraphModule:
     """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
 
@@ -36,6 +36,7 @@ def optimize_graph(
     run as Python, not traced again) lets a site with key padding switch to a
     faster kernel on batches whose padding keeps every key.
     """
+    _optimize_checkpointed(gm, options, report, dry_run)
     graph_index = report.graphs
     report.graphs += 1
     report.dry_run = dry_run
@@ -58,7 +59,7 @@ def optimize_graph(
         else:
             site_plan = next(planned)
             unpadded = _unpadded_kernel(site_plan, options) if runtime_branches else None
-            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded)
+            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph)
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -72,6 +73,20 @@ def optimize_graph(
         gm.graph.lint()
         gm.recompile()
     return gm
+
+
+def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dry_run: bool) -> None:
+    """Rewrite the bodies of activation-checkpointed regions (``torch.utils.checkpoint``), which dynamo
+    captures as subgraphs of a higher-order op: the recomputation in the backward runs the rewritten
+    body too. Their buffers are not evaluated (no example values), so masks built from them stay dense."""
+    checkpoint = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not checkpoint or not node.args:
+            continue
+        body = node.args[0]
+        sub = getattr(gm, body.target, None) if isinstance(body, torch.fx.Node) and body.op == "get_attr" else None
+        if isinstance(sub, GraphModule):
+            optimize_graph(sub, options, report, dry_run=dry_run, subgraph=True)
 
 
 def _unpadded_kernel(site_plan: plan.SitePlan, options: Options) -> str | None:
@@ -88,12 +103,13 @@ def _unpadded_kernel(site_plan: plan.SitePlan, options: Options) -> str | None:
 
 
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
-                      unpadded_kernel: str | None = None) -> Site:
+                      unpadded_kernel: str | None = None, subgraph: bool = False) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
         mask_terms=match.masks.mask_terms + (("softcap",) if spec.softcap is not None else ()),
-        cross=_cross(match), notes=tuple(match.masks.notes),
+        # a checkpointed body's inputs are all placeholders (parameters too): cross is not told apart there
+        cross=not subgraph and _cross(match), notes=tuple(match.masks.notes),
         q_heads=spec.q_heads, kv_heads=spec.kv_heads, q_len=spec.q_len, kv_len=spec.kv_len,
         head_dim=spec.head_dim, dtype=str(spec.dtype), bytes_before=bytes_before(match, spec),
     )
