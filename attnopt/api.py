@@ -35,7 +35,8 @@ def optimize(model: torch.nn.Module, *, max_mem: int | str | None = None, exact:
 
     Options: ``max_mem`` (bytes, or "24GB" = 24·10^9 / "24GiB" = 24·2^30),
     ``exact`` (False allows approximate kernels), ``kernel`` (force one kernel by
-    name), ``compiler``, ``dynamic`` (passed to torch.compile), ``tol``, ``tune``, ``cache_dir``.
+    name), ``compiler``, ``dynamic`` (passed to torch.compile), ``tol``, ``tune``, ``cache_dir``,
+    ``keep_original`` (False replaces every supported site, even where the original code is faster).
     Calling ``optimize`` again replaces the previous options and report.
     """
     if not isinstance(model, torch.nn.Module):

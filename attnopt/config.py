@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, fields
 
@@ -38,6 +39,23 @@ def parse_bytes(value: int | str | None, *, name: str = "max_mem") -> int | None
     return size
 
 
+#: environment variable giving the default of ``tune`` ("0"/"1"): a test suite or CI job sets it once
+TUNE_ENV = "ATTNOPT_TUNE"
+_FALSE, _TRUE = ("0", "false", "no", "off"), ("1", "true", "yes", "on")
+
+
+def default_tune() -> bool:
+    """``tune`` when not given: ``$ATTNOPT_TUNE`` when set, else True."""
+    value = os.environ.get(TUNE_ENV)
+    if value is None or value.strip() == "":
+        return True
+    if value.strip().lower() in _FALSE:
+        return False
+    if value.strip().lower() in _TRUE:
+        return True
+    raise ValueError(f"{TUNE_ENV}={value!r} is not allowed: set it to 1 (measure the candidates) or 0 (cost model only)")
+
+
 COMPILERS = ("eager", "inductor")
 #: default accepted relative L2 error of an approximate kernel, ||approx - exact|| / ||exact||, per site
 DEFAULT_TOL = 0.05
@@ -49,8 +67,13 @@ class Options:
 
     ``tol``: with ``exact=False``, an approximate kernel is accepted for a site only when its
     relative L2 error on the example inputs is below ``tol`` (default ``DEFAULT_TOL`` = 5%).
-    ``tune``: measure the candidate kernels on the GPU (cached on disk, see
-    ``attnopt.passes.tuning``); without a GPU, or with ``tune=False``, rank by the cost model.
+    ``tune``: time each site's candidates, the kernels and the original code, on the CPU or the
+    GPU, within a small time budget on the first call (cached on disk per shape bucket, see
+    ``attnopt.passes.tuning``); with ``tune=False`` rank by the cost models. Default: True, or
+    ``$ATTNOPT_TUNE`` ("0" or "1") when set.
+    ``keep_original``: the original code of each site is a candidate (default): a site is replaced
+    only by a kernel faster than it beyond timing noise, or as fast and smaller. False replaces
+    every site some kernel supports, whatever its speed (to test rewrites, or to compare kernels).
     ``cache_dir``: where tuning results live (default ``$ATTNOPT_CACHE_DIR`` or
     ``~/.cache/attnopt/tuning``).
     """
@@ -63,6 +86,7 @@ class Options:
     tol: float = DEFAULT_TOL
     tune: bool = True
     cache_dir: str | None = None
+    keep_original: bool = True
 
     @staticmethod
     def build(*, default_compiler: str = "eager", **given) -> Options:
@@ -77,8 +101,12 @@ class Options:
         tol = given.get("tol", DEFAULT_TOL)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol < 1.0:
             raise ValueError(f"tol={tol!r} is not allowed: give the accepted relative error as a float in (0, 1), e.g. 0.05")
-        if not isinstance(given.get("tune", True), bool):
+        if "tune" not in given:
+            given["tune"] = default_tune()
+        if not isinstance(given["tune"], bool):
             raise TypeError(f"tune={given['tune']!r} must be True or False")
+        if not isinstance(given.get("keep_original", True), bool):
+            raise TypeError(f"keep_original={given['keep_original']!r} must be True or False")
         if given["compiler"] not in COMPILERS:
             raise ValueError(f"compiler={given['compiler']!r} is not allowed: use one of {COMPILERS}")
         kernel = given.get("kernel")

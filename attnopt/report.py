@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
+
+#: how a reason names the fill of rows with no visible key: kept for ``details(full=True)``
+_FILL_NAME = re.compile(r"\s*\((?:-inf|finite|finite_added|safe) fill\)")
 
 
 @dataclass(frozen=True)
@@ -65,14 +69,22 @@ class Report:
         """Sites that run an approximate kernel (``exact=False``)."""
         return [s for s in self.sites if s.replaced and not s.exact]
 
-    def details(self) -> str:
-        """Per site: each candidate's time, why the others were rejected; per graph: peak memory."""
+    def details(self, full: bool = False) -> str:
+        """Per site: each candidate's time, why the others were rejected; per graph: peak memory.
+
+        On a machine without CUDA, the kernels that only run on CUDA are named in
+        one line instead of being rejected site by site, and reasons are given in
+        plain words; ``full=True`` lists every kernel with every reason as the
+        planner wrote it (fill names included).
+        """
         lines = []
         for g in self.memory:
             budget = "" if g.budget is None else f" (max_mem {format_bytes(g.budget)})"
             what = "forward+backward" if g.training else "forward"
             lines.append(f"graph {g.graph}: estimated peak {what} {format_bytes(g.before)} -> {format_bytes(g.after)}"
                          f"{budget}")
+        unavailable = {} if full else _unavailable_kernels()
+        hidden: dict[str, str] = {}
         blocks: list[tuple[list[int], list[str]]] = []  # sites with the same candidates share one block
         for i, s in enumerate(self.sites):
             if not s.candidate_times and not s.rejected_kernels:
@@ -84,7 +96,11 @@ class Report:
                 mark = "*" if name == s.kernel else " "
                 body.append(f"  {mark} {name:<22} {seconds * 1e3:10.3f} ms {'measured' if measured else 'estimated'}")
             for name, reasons in s.rejected_kernels:
-                body.append(f"  x {name:<22} rejected: {'; '.join(reasons)}")
+                if name in unavailable:
+                    hidden[name] = unavailable[name]
+                    continue
+                said = reasons if full else tuple(_plain(r) for r in reasons)
+                body.append(f"  x {name:<22} rejected: {'; '.join(said)}")
             if blocks and blocks[-1][1] == body:
                 blocks[-1][0].append(i)
             else:
@@ -93,6 +109,10 @@ class Report:
             label = f"site {indices[0]}" if len(indices) == 1 else f"sites {indices[0]}-{indices[-1]}"
             lines.append(f"{label}: {body[0]}")
             lines.extend(body[1:])
+        if hidden:
+            devices = "/".join(sorted(set(hidden.values())))
+            lines.append(f"not run on this machine ({devices} only, none here): {', '.join(hidden)} "
+                         "(report.details(full=True) lists every kernel's reasons)")
         return "\n".join(lines)
 
     @property
@@ -145,6 +165,27 @@ class Report:
 
     def __repr__(self) -> str:
         return f"Report({len(self.replaced)}/{len(self.sites)} sites replaced, {self.graphs} graphs)"
+
+
+def _plain(reason: str) -> str:
+    """A rejection reason without the planner's names for fills: what would differ, in plain words."""
+    return _FILL_NAME.sub("", reason)
+
+
+def _unavailable_kernels() -> dict[str, str]:
+    """Kernel name -> the device it needs, for kernels that cannot run on this machine (CUDA ones without CUDA)."""
+    import torch
+
+    from attnopt.kernels import registry
+
+    if torch.cuda.is_available():
+        return {}
+    found = {}
+    for kernel in registry.all_kernels():
+        needs = kernel.devices or ((kernel.device_type,) if getattr(kernel, "device_type", None) else None)
+        if needs and "cpu" not in needs:
+            found[kernel.name] = "/".join(needs).upper()
+    return found
 
 
 def format_bytes(n: int) -> str:

@@ -11,10 +11,16 @@ denominator ``l`` and an unnormalized accumulator ``acc``:
     acc    = acc * exp(m - m_new) + exp(s - m_new) @ v_block
     out    = acc / l,   lse = m + log(l)
 
-Key blocks that the mask terms prove empty for the whole chunk are skipped, so
-a causal or windowed call does proportionally less work. Arithmetic is float32
-for half inputs (float64 for float64 inputs). Rows with no visible key follow
-the spec's ``fill``. The backward recomputes the probabilities of one query chunk at a time from
+Only the keys that the band terms (causal, window) and the key padding leave
+visible to some row of the chunk are visited: a causal chunk stops at its
+diagonal, a windowed chunk starts at its window's left edge, and a narrow band
+also narrows the query chunk (about the band's width), so a sliding window of
+width w costs about ``2 w`` keys per row, not ``N``. Within that range, blocks
+that the other terms prove empty (documents, a boolean mask) are skipped too,
+and tiles entirely inside the band are not masked at all. Tiles are updated in
+place: on a CPU each pass over a tile costs memory bandwidth, more than the
+products at small head dims. Arithmetic is float32 for half inputs (float64 for
+float64 inputs). Rows with no visible key follow the spec's ``fill``. The backward recomputes the probabilities of one query chunk at a time from
 the saved log-sum-exp, so it too stays O(N) in memory.
 """
 
@@ -29,10 +35,20 @@ from .spec import AttentionSpec, key_padding_keep
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
 K_BLOCK = 1024
+#: a banded call is cut into at least this many query chunks
+BAND_CHUNKS = 8
 #: above this magnitude a float32 lse = m + log(l) resolves log(l) only to ~1e-4 or worse
 LSE_EXACT_LIMIT = 1e3
 #: a CPU core pair sustains a few tens of GFLOP/s in float32 matmul
 CPU_FLOPS = 5e10
+# The cost model: a visited score costs its two products and ``TILE_PASSES`` elementwise passes
+# over the float32 tile (scale, max, exp, sum, ...; ``MASK_PASSES`` more to build and apply masks),
+# and each op one dispatch. Fitted on a 2-core CPU: 1.6-1.9 ns per visited score at D = 32 unmasked,
+# 3.3-3.7 ns with masks.
+TILE_PASSES, MASK_PASSES = 8, 6
+OPS_PER_TILE, OPS_PER_CHUNK = 16, 14
+#: (matmul FLOP/s, bytes/s of a pass over a tile, seconds of dispatch per op), by device type
+RATES = {"cpu": (1.2e11, 3e10, 5e-6), "cuda": (5e13, 2e12, 1e-5)}
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -44,11 +60,29 @@ def lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return _compute_dtype(dtype)
 
 
+def band_width(spec: AttentionSpec) -> int | None:
+    """Keys a row of the band sees at most (``hi - lo + 1``); None when the band is unbounded on a side."""
+    lo, hi = spec.band()
+    return None if lo is None or hi is None else max(0, hi - lo + 1)
+
+
 def chunk_sizes(spec: AttentionSpec) -> tuple[int, int]:
-    """``(q_chunk, k_block)``, a pure function of the spec so forward and backward agree."""
+    """``(q_chunk, k_block)``, a pure function of the spec so forward and backward agree.
+
+    A band narrows the query chunk: a chunk of ``c`` rows visits the keys of
+    all its rows, ``c + w - 1`` for ``w`` each row needs, so a causal call gets
+    at least ``BAND_CHUNKS`` chunks and a narrow band chunks of about its width.
+    """
     k_block = max(1, min(spec.kv_len, K_BLOCK))
     rows = TILE_ELEMENTS // max(1, spec.batch * spec.q_heads * k_block)
     q_chunk = max(1, min(spec.q_len, max(16, rows)))
+    lo, hi = spec.band()
+    if lo is not None or hi is not None:
+        # a chunk visits the keys of its last row's diagonal: eighths keep a causal chunk's waste ~6%
+        q_chunk = min(q_chunk, max(16, -(-spec.q_len // BAND_CHUNKS)))
+    width = band_width(spec)
+    if width is not None:
+        q_chunk = min(q_chunk, max(16, width))
     return q_chunk, k_block
 
 
@@ -68,7 +102,14 @@ def _grouped(term: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 
 class _Skipper:
-    """Proves key blocks empty for a query chunk from the mask terms' structure."""
+    """Which keys a query chunk must visit, from the mask terms' structure.
+
+    ``key_range``: the band terms and the key padding bound the visible keys of
+    rows ``q0:q1`` to one interval; nothing outside it is visited. ``empty``:
+    a block inside it that documents or a boolean mask prove empty.
+    ``unmasked``: a tile that no boolean term masks (inside the band, no other
+    boolean term), so its scores need no keep mask.
+    """
 
     def __init__(self, spec: AttentionSpec):
         self.spec = spec
@@ -78,6 +119,28 @@ class _Skipper:
             keep = key_padding_keep(spec.key_padding, spec.kv_len)
             cols = torch.arange(1, spec.kv_len + 1, device=keep.device)
             self.kv_end = int((keep * cols).amax()) if keep.numel() else 0
+        self.band_only = spec.key_padding is None and spec.q_doc is None and not (
+            spec.mask is not None and spec.mask.dtype == torch.bool
+        )
+
+    def key_range(self, q0: int, q1: int) -> tuple[int, int]:
+        """Keys ``[start, end)`` that some row of ``q0:q1`` may see: outside it the band or the padding masks all."""
+        off = self.spec.diagonal_offset
+        start, end = 0, self.kv_end
+        if self.lo is not None:
+            start = max(start, q0 + off + self.lo)
+        if self.hi is not None:
+            end = min(end, q1 - 1 + off + self.hi + 1)
+        return start, max(start, end)
+
+    def unmasked(self, q0: int, q1: int, k0: int, k1: int) -> bool:
+        """Whether no boolean term masks any entry of the tile."""
+        if not self.band_only:
+            return False
+        off = self.spec.diagonal_offset
+        inside_lo = self.lo is None or k0 - (q1 - 1 + off) >= self.lo
+        inside_hi = self.hi is None or (k1 - 1) - (q0 + off) <= self.hi
+        return inside_lo and inside_hi
 
     def empty(self, q0: int, q1: int, k0: int, k1: int) -> bool:
         spec = self.spec
@@ -100,27 +163,55 @@ class _Skipper:
         return False
 
 
-def _scores(q_g, k_t, spec: AttentionSpec, q0: int, q1: int, k0: int, k1: int):
-    """Masked scores of one tile ``[B, Hkv, G, q, k]`` and the softcap's tanh (None without softcap)."""
-    s = (q_g @ k_t.transpose(-1, -2)) * spec.scale
+def _scores(q_g, k_t, spec: AttentionSpec, skipper: _Skipper, q0: int, q1: int, k0: int, k1: int):
+    """Masked scores of one tile ``[B, Hkv, G, q, k]`` (a new tensor the caller may overwrite) and the
+    softcap's tanh (None without softcap)."""
+    s = q_g @ k_t.transpose(-1, -2)
+    s.mul_(spec.scale)
     tanh = None
     if spec.softcap is not None:
         tanh = torch.tanh(s / spec.softcap)
         s = tanh * spec.softcap
     for term in spec.additive_tiles(q0, q1, k0, k1):
-        s = add_term(s, _grouped(term, spec.kv_heads), spec.dtype)
-    keep = spec.keep_tile(q0, q1, k0, k1)
-    if keep is not None:
-        s = s.masked_fill(~_grouped(keep, spec.kv_heads), float("-inf"))
+        term = _grouped(term, spec.kv_heads)
+        if spec.dtype in (torch.float16, torch.bfloat16) and term.dtype == spec.dtype:
+            s = add_term(s, term, spec.dtype)
+        else:
+            s.add_(term.to(s.dtype))  # = add_term's full-precision case, without a new tile
+    if not skipper.unmasked(q0, q1, k0, k1):
+        keep = spec.keep_tile(q0, q1, k0, k1)
+        if keep is not None:
+            s.masked_fill_(~_grouped(keep, spec.kv_heads), float("-inf"))
     return s, tanh
 
 
 def _key_blocks(spec: AttentionSpec, skipper: _Skipper, q0: int, q1: int):
+    """Key blocks ``(k0, k1)`` query rows ``q0:q1`` visit: the range the band and padding leave, in blocks
+    of at most ``k_block``, less the blocks proven empty."""
     _, k_block = chunk_sizes(spec)
-    for k0 in range(0, spec.kv_len, k_block):
-        k1 = min(k0 + k_block, spec.kv_len)
+    start, end = skipper.key_range(q0, q1)
+    for k0 in range(start, end, k_block):
+        k1 = min(k0 + k_block, end)
         if not skipper.empty(q0, q1, k0, k1):
             yield k0, k1
+
+
+def visits(spec: AttentionSpec) -> tuple[int, int, int]:
+    """``(score elements, tiles, query chunks)`` the forward visits, from the band terms alone (the values of
+    key padding, documents and masks are not known when planning)."""
+    q_chunk, k_block = chunk_sizes(spec)
+    lo, hi = spec.band()
+    off = spec.diagonal_offset
+    elements = tiles = chunks = 0
+    for q0 in range(0, spec.q_len, q_chunk):
+        q1 = min(q0 + q_chunk, spec.q_len)
+        start = 0 if lo is None else max(0, q0 + off + lo)
+        end = spec.kv_len if hi is None else min(spec.kv_len, q1 - 1 + off + hi + 1)
+        chunks += 1
+        if end > start:
+            elements += (q1 - q0) * (end - start)
+            tiles += -(-(end - start) // k_block)
+    return elements * spec.batch * spec.q_heads, tiles, chunks
 
 
 def _group_rows(x: torch.Tensor, spec: AttentionSpec, cdtype) -> torch.Tensor:
@@ -130,11 +221,12 @@ def _group_rows(x: torch.Tensor, spec: AttentionSpec, cdtype) -> torch.Tensor:
 
 
 def _online_step(m, l, s):
-    """One key block of the online softmax: new ``(m, l)``, the block's ``exp(s - m)`` and the rescale
-    factor of what was accumulated before (all-masked rows keep ``m = -inf`` without NaNs)."""
+    """One key block of the online softmax: new ``(m, l)``, the block's ``exp(s - m)`` (computed in ``s``'s
+    storage) and the rescale factor of what was accumulated before (all-masked rows keep ``m = -inf``
+    without NaNs)."""
     m_new = torch.maximum(m, s.amax(-1))
     m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)
-    p = torch.exp(s - m_safe[..., None])
+    p = s.sub_(m_safe[..., None]).exp_()
     alpha = torch.exp(m - m_safe)
     return m_new, l * alpha + p.sum(-1), p, alpha
 
@@ -151,11 +243,11 @@ def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipp
     for k0, k1 in _key_blocks(spec, skipper, q0, q1):
         k_t = k[:, :, k0:k1].to(cdtype)[:, :, None]  # [B, Hkv, 1, k, D]
         v_t = v[:, :, k0:k1].to(cdtype)[:, :, None]  # [B, Hkv, 1, k, Dv]
-        s, _ = _scores(q_g, k_t, spec, q0, q1, k0, k1)
+        s, _ = _scores(q_g, k_t, spec, skipper, q0, q1, k0, k1)
         m, l, p, alpha = _online_step(m, l, s)
         if spec.dropout_p > 0.0:
-            p = p * _dropout_scale(p.shape, spec, seed, q0, k0, p.device)
-        acc = acc * alpha[..., None] + p @ v_t
+            p.mul_(_dropout_scale(p.shape, spec, seed, q0, k0, p.device))
+        acc.mul_(alpha[..., None]).add_(p @ v_t)
 
     empty_row = l == 0
     out = acc / torch.where(empty_row, torch.ones_like(l), l)[..., None]
@@ -171,7 +263,7 @@ def _row_stats(q_g, k, spec: AttentionSpec, q0: int, q1: int, skipper: _Skipper)
     m = q_g.new_full(q_g.shape[:-1], float("-inf"))
     l = q_g.new_zeros(q_g.shape[:-1])
     for k0, k1 in _key_blocks(spec, skipper, q0, q1):
-        s, _ = _scores(q_g, k[:, :, k0:k1].to(q_g.dtype)[:, :, None], spec, q0, q1, k0, k1)
+        s, _ = _scores(q_g, k[:, :, k0:k1].to(q_g.dtype)[:, :, None], spec, skipper, q0, q1, k0, k1)
         m, l, _, _ = _online_step(m, l, s)
     return torch.where(torch.isinf(m), torch.zeros_like(m), m), l
 
@@ -205,19 +297,19 @@ def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, 
     for k0, k1 in _key_blocks(spec, skipper, q0, q1):
         k_t = k[:, :, k0:k1].to(cdtype)[:, :, None]
         v_t = v[:, :, k0:k1].to(cdtype)[:, :, None]
-        s, tanh = _scores(q_g, k_t, spec, q0, q1, k0, k1)
-        p = torch.exp(s - lse_safe[..., None])  # [B, Hkv, G, q, k]
+        s, tanh = _scores(q_g, k_t, spec, skipper, q0, q1, k0, k1)
+        p = s.sub_(lse_safe[..., None]).exp_()  # [B, Hkv, G, q, k]
         if log_l is not None:
-            p = p * torch.exp(-log_l)[..., None]
-        p = torch.where(empty_row[..., None], torch.zeros_like(p), p)
+            p.mul_(torch.exp(-log_l)[..., None])
+        p.masked_fill_(empty_row[..., None], 0.0)
         dp = do_g @ v_t.transpose(-1, -2)
         if spec.dropout_p > 0.0:
             z = _dropout_scale(p.shape, spec, seed, q0, k0, p.device)
             grads["v"][:, :, k0:k1] += ((p * z).transpose(-1, -2) @ do_g).sum(2)
-            dp = dp * z
+            dp.mul_(z)
         else:
             grads["v"][:, :, k0:k1] += (p.transpose(-1, -2) @ do_g).sum(2)
-        ds = p * (dp - delta[..., None])  # gradient of the masked, biased scores
+        ds = dp.sub_(delta[..., None]).mul_(p)  # gradient of the masked, biased scores
         for name in ("bias", "mask"):
             if name in grads:
                 _accumulate_term(grads[name], ds, q0, q1, k0, k1)
@@ -261,12 +353,16 @@ class ReferenceKernel(Kernel):
         q_chunk, k_block = chunk_sizes(spec)
         tile = spec.batch * spec.q_heads * q_chunk * k_block * 4
         acc = spec.batch * spec.q_heads * q_chunk * (spec.v_head_dim + spec.head_dim + 2) * 4
-        # scores, probabilities, keep mask and a product live together at the peak
-        return 4 * tile + 2 * acc
+        # the scores, updated in place into the probabilities, a keep mask and the product's
+        # temporaries: measured at 1.2-2.7 tiles on the CPU
+        return 3 * tile + 2 * acc
 
     def cost(self, spec: AttentionSpec) -> float:
-        flops = 2.0 * spec.batch * spec.q_heads * spec.q_len * spec.kv_len * (spec.head_dim + spec.v_head_dim)
-        return flops * spec.visible_fraction / CPU_FLOPS
+        flops_rate, bytes_rate, op_s = RATES.get(spec.device.type, RATES["cpu"])
+        elements, tiles, chunks = visits(spec)
+        passes = TILE_PASSES + (MASK_PASSES if spec.mask_terms else 0)
+        per_element = 2.0 * (spec.head_dim + spec.v_head_dim) / flops_rate + passes * 4 / bytes_rate
+        return elements * per_element + (tiles * OPS_PER_TILE + chunks * OPS_PER_CHUNK) * op_s
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         q_chunk, _ = chunk_sizes(spec)

@@ -432,7 +432,7 @@ def _set_band(result: MaskAnalysis, lo: int | None, hi: int | None, q_len, kv_le
     offset = 0
     if hi == 0:
         result.causal = True
-    elif hi is not None and hi > 0 and static_int(kv_len - q_len) == hi:
+    elif hi is not None and static_int(kv_len - q_len) == hi:
         result.causal, result.align, offset = True, Align.BOTTOM_RIGHT, hi
     elif hi is not None and hi < 0:
         raise MaskError(f"the band j - i <= {hi} excludes the diagonal: not expressible as causal or window")

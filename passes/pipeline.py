@@ -58,7 +58,7 @@ def optimize_graph(
             )
         else:
             site_plan = next(planned)
-            unpadded = _unpadded_kernel(site_plan, options) if runtime_branches else None
+            unpadded = _unpadded_kernel(site_plan, options, graph_plan.timing) if runtime_branches else None
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph)
             if site.replaced:
                 reads.extend(site_plan.match.reads)
@@ -89,14 +89,14 @@ def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dr
             optimize_graph(sub, options, report, dry_run=dry_run, subgraph=True)
 
 
-def _unpadded_kernel(site_plan: plan.SitePlan, options: Options) -> str | None:
+def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
     """The kernel for this site's calls whose key padding keeps every key, when it is not the planned one."""
     choice, spec = site_plan.choice, site_plan.spec
     if choice is None or spec.key_padding is None or options.kernel is not None or not choice.exact:
         return None
     try:
         cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
-        variant = plan.choose(spec.with_(key_padding=None), exact=True, tune=options.tune, cache=cache)
+        variant = plan.choose(spec.with_(key_padding=None), exact=True, tune=options.tune, cache=cache, budget=timing)
     except plan.NoKernelError:
         return None
     return variant.kernel if variant.kernel != choice.kernel else None
@@ -114,7 +114,14 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
         head_dim=spec.head_dim, dtype=str(spec.dtype), bytes_before=bytes_before(match, spec),
     )
     if choice is None:
-        return Site(replaced=False, reason=site_plan.error, **described)
+        kept = site_plan.decision  # the comparison that kept the original, when there was one
+        return Site(
+            replaced=False, reason=site_plan.error,
+            rejected_kernels=() if kept is None else tuple((c.kernel, c.reasons) for c in kept.rejected),
+            candidate_times=() if kept is None else tuple(
+                (c.kernel, c.cost, c.measured) for c in kept.candidates if c.supported),
+            **described,
+        )
     if not dry_run:
         replace(gm.graph, match, choice.kernel, unpadded_kernel)
     chosen = choice.chosen

@@ -1,4 +1,4 @@
-"""Tuning: measure the candidate kernels of a site on the GPU once, and remember the result on disk.
+"""Tuning: time a site's candidates (its kernels and its original code) once, and remember the result on disk.
 
 Location: ``Options.cache_dir``, else ``$ATTNOPT_CACHE_DIR``, else
 ``~/.cache/attnopt/tuning/``. One JSON file per (device, library versions,
@@ -9,33 +9,83 @@ never see half a file: the last writer wins, and every writer measured the
 same thing. Reads take no lock; a file that does not parse is a miss and is
 rewritten by the next measurement.
 
-Measurement runs each kernel on random inputs of the site's shapes (masks all
+What is timed: each kernel on random inputs of the site's shapes (masks all
 "keep", additive terms zero: the timing of a kernel does not depend on the
 values except through tile skipping, which follows the spec's structure),
-forward only for inference, forward + backward when the site trains. Tunings
-longer than a second print a plain progress line on stderr.
+forward only for inference, forward + backward when the site trains. The
+original code is timed the same way through a stand-in built from the spec
+(``original_forward``), never by running the user's graph, which may have
+side effects: eager attention materializes its scores in the original dtype,
+an SDPA call is ``F.scaled_dot_product_attention`` as the original made it.
+
+Time budget: a measurement must not make the first call slow. On the CPU, where
+one attention at a long length can take seconds, a site family (one cache key)
+gets ``BUDGET_S`` seconds and a whole plan ``PLAN_BUDGET_S``. The candidates are
+timed at the real sequence lengths and head dims, but on as many of the
+``batch x kv-head`` rows as fit the budget (at least one), and the time is scaled
+to all rows: attention's work is linear in them. A candidate whose estimate does
+not fit what is left of the budget, or whose score-sized tensors would not fit
+``MAX_MEASURE_BYTES``, is not timed and keeps its estimate; the report marks each
+time as measured or estimated. A later run measures what an earlier one left out.
+The candidates run in interleaved rounds (one run of each in turn, medians of up to
+``REPEATS``), so a change in the machine's load touches all of them alike; on the
+CPU, where nothing compiles, the warm-up runs a small shape. CUDA has no budget:
+its warm-up at the real shape compiles and autotunes. Timings longer than
+``PROGRESS_AFTER_S`` print a plain progress line on stderr.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
+import math
 import os
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from attnopt.kernels import registry
-from attnopt.kernels.spec import AttentionSpec
+from attnopt.kernels.sdpa import needs_mask, sdpa_mask
+from attnopt.kernels.spec import AttentionSpec, Fill
+
+log = logging.getLogger("attnopt")
 
 CACHE_ENV = "ATTNOPT_CACHE_DIR"
-FORMAT = 1
+FORMAT = 2
+#: timed runs per candidate after one warm-up (fewer when the budget runs out)
 REPEATS = 5
-PROGRESS_AFTER_S = 1.0
+PROGRESS_AFTER_S = 0.5
+#: the candidate name of "keep the site as it was"
+ORIGINAL = "original"
+#: seconds of timing per site family, and per plan (all families), by device type; None: no limit
+BUDGET_S = {"cpu": 1.5, "cuda": None}
+PLAN_BUDGET_S = {"cpu": 4.0, "cuda": None}
+#: queries and keys of the CPU warm-up run
+WARMUP_LENGTH = 128
+#: the largest score-sized tensor a timing may allocate (the original materializes [B, H, Nq, Nk])
+MAX_MEASURE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
+
+# CPU cost model of eager attention, fitted on a 2-core CI-class machine (within ~30% of the measured
+# time from N = 1k to 4k; only ratios between candidates matter)
+#: float32 matmul FLOP/s of a score-sized product
+CPU_MATMUL_FLOPS = 1.2e11
+#: bytes/s of an elementwise pass over memory already mapped
+CPU_BYTES_PER_S = 2e10
+#: bytes/s of writing a freshly allocated tensor above the allocator's mmap threshold (page faults)
+CPU_FRESH_BYTES_PER_S = 4e9
+#: glibc returns allocations above this size to the system and faults them in again on the next use
+CPU_MMAP_THRESHOLD = 32 << 20
+#: seconds of dispatch per PyTorch op on the CPU
+CPU_OP_OVERHEAD_S = 5e-6
+#: GPU eager: HBM bytes/s and one launch per op
+CUDA_BYTES_PER_S = 3e12
+CUDA_OP_OVERHEAD_S = 8e-6
 
 
 def cache_dir(override: str | None = None) -> Path:
@@ -65,6 +115,8 @@ def _versions() -> str:
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda" and torch.cuda.is_available():
         return torch.cuda.get_device_name(device)
+    if device.type == "cpu":
+        return f"cpu-{torch.get_num_threads()}threads"
     return device.type
 
 
@@ -77,7 +129,7 @@ def cache_key(spec: AttentionSpec) -> str:
 
 @dataclass
 class TuningCache:
-    """Measured seconds per kernel name, one JSON file per key."""
+    """Measured seconds per candidate name, one JSON file per key."""
 
     root: Path
     hits: int = 0
@@ -87,14 +139,20 @@ class TuningCache:
         return self.root / f"{key}.json"
 
     def get(self, key: str) -> dict[str, float] | None:
+        times = self.read(key)
+        if times is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return times
+
+    def read(self, key: str) -> dict[str, float] | None:
+        """The file's seconds, without counting a hit or a miss; None when absent or unreadable."""
         try:
             data = json.loads(self.path(key).read_text())
-            times = {str(k): float(v) for k, v in data["seconds"].items()}
+            return {str(k): float(v) for k, v in data["seconds"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            self.misses += 1
             return None
-        self.hits += 1
-        return times
 
     def put(self, key: str, seconds: dict[str, float]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -108,34 +166,192 @@ class TuningCache:
             raise
 
 
+@dataclass
+class Budget:
+    """Seconds of timing left to one plan (all its site families); None: no limit."""
+
+    seconds: float | None
+    spent: float = 0.0
+
+    @staticmethod
+    def for_device(device: torch.device) -> Budget:
+        return Budget(PLAN_BUDGET_S.get(device.type))
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else max(0.0, self.seconds - self.spent)
+
+
+# ------------------------------------------------------------------ the original code
+@dataclass(frozen=True)
+class Original:
+    """The code a site would replace, as the planner times and sizes it.
+
+    ``kind``: "softmax" (eager: scores, masks, softmax, product, each a tensor) or
+    "sdpa" (one ``F.scaled_dot_product_attention`` call). ``memory_bytes``: its
+    attention memory as the memory model estimates it (``memory.bytes_before``).
+    """
+
+    kind: str
+    memory_bytes: int = 0
+
+    @property
+    def key(self) -> str:
+        """Its entry in a cache file, beside the kernels' names."""
+        return f"{ORIGINAL}:{self.kind}"
+
+
+def original_inputs(spec: AttentionSpec, kind: str) -> dict:
+    """The masks the original receives beside q, k, v, built outside the timed call as the original gets
+    them built: eager's ``keep`` and ``additive`` terms, or SDPA's ``attn_mask`` (None under ``is_causal``)."""
+    if kind == "sdpa":
+        return {"attn_mask": sdpa_mask(spec)}
+    keep, additive = spec.materialize()
+    return {"keep": keep, "additive": additive}
+
+
+def original_forward(q, k, v, spec: AttentionSpec, kind: str, inputs: dict) -> torch.Tensor:
+    """The original attention ``[B, Hq, Nq, Dv]``, computed the way the original code computes it."""
+    dropout_p = spec.dropout_p if spec.requires_grad else 0.0
+    if kind == "sdpa":
+        return F.scaled_dot_product_attention(
+            q, k, v, attn_mask=inputs["attn_mask"], is_causal=inputs["attn_mask"] is None and spec.causal,
+            scale=spec.scale, dropout_p=dropout_p, enable_gqa=spec.group_size > 1,
+        )
+    if spec.group_size > 1:  # eager attention repeats K/V heads (HF's repeat_kv)
+        k, v = k.repeat_interleave(spec.group_size, dim=1), v.repeat_interleave(spec.group_size, dim=1)
+    s = (q @ k.transpose(-1, -2)) * spec.scale  # [B, Hq, Nq, Nk]
+    if spec.softcap is not None:
+        s = torch.tanh(s / spec.softcap) * spec.softcap
+    if inputs["keep"] is not None:
+        fill = float("-inf") if spec.fill in (Fill.NEG_INF, Fill.SAFE) else torch.finfo(s.dtype).min
+        s = s.masked_fill(~inputs["keep"], fill)
+    for term in inputs["additive"]:
+        s = s + term
+    p = torch.softmax(s, dim=-1)
+    return (F.dropout(p, dropout_p) if dropout_p > 0.0 else p) @ v
+
+
+def original_estimate(spec: AttentionSpec, original: Original) -> float:
+    """Estimated seconds of the original code, on the kernels' cost scale.
+
+    An SDPA call costs what PyTorch's SDPA kernel for it costs. Eager attention
+    is memory-bound: each op writes a score-sized ``[B, Hq, Nq, Nk]`` tensor that
+    the next reads, and on a CPU a tensor above the allocator's mmap threshold
+    is faulted in page by page on every call, which costs more than the products.
+    """
+    if original.kind == "sdpa":
+        if spec.device.type == "cpu":
+            return registry.get("sdpa_cpu").cost(spec)
+        names = ("sdpa_efficient",) if needs_mask(spec) else ("sdpa_flash", "sdpa_efficient", "sdpa_cudnn")
+        return min(registry.get(n).cost(spec) for n in names)
+    elements = spec.batch * spec.q_heads * spec.q_len * spec.kv_len
+    size = elements * spec.dtype.itemsize
+    flops = 2.0 * elements * (spec.head_dim + spec.v_head_dim)
+    additive = sum(t is not None and t.dtype != torch.bool for t in (spec.bias, spec.mask))
+    # score-sized tensors written: product, scale, softcap (2), masked_fill, each additive term, softmax
+    written = 3 + 2 * (spec.softcap is not None) + spec.has_boolean_mask + additive
+    read = written + 2  # each is read by the next op; softmax reads its input twice
+    ops = written + 2
+    if spec.device.type == "cuda":
+        return (written + read) * size / CUDA_BYTES_PER_S + flops / 4e14 + ops * CUDA_OP_OVERHEAD_S
+    fresh = written * size / CPU_FRESH_BYTES_PER_S if size > CPU_MMAP_THRESHOLD else 0.0
+    return flops / CPU_MATMUL_FLOPS + (written + read) * size / CPU_BYTES_PER_S + fresh + ops * CPU_OP_OVERHEAD_S
+
+
+# ------------------------------------------------------------------ timing
 def example_tensors(spec: AttentionSpec, requires_grad: bool):
-    """Random q, k, v and neutral mask terms on the spec's device, for timing."""
+    """Random q, k, v and neutral mask terms (all "keep", additive zero) on the spec's device, for timing."""
     device, dtype = spec.device, spec.dtype
     q = torch.randn(spec.batch, spec.q_heads, spec.q_len, spec.head_dim, device=device, dtype=dtype)
     k = torch.randn(spec.batch, spec.kv_heads, spec.kv_len, spec.head_dim, device=device, dtype=dtype)
     v = torch.randn(spec.batch, spec.kv_heads, spec.kv_len, spec.v_head_dim, device=device, dtype=dtype)
 
     def neutral(term, fill):
-        if term is None:
-            return None
-        return torch.full(tuple(term.shape), fill, dtype=term.dtype, device=device)
+        return None if term is None else torch.full(tuple(term.shape), fill, dtype=term.dtype, device=device)
 
-    terms = dict(
-        key_padding=None if spec.key_padding is None else (
-            neutral(spec.key_padding, True) if spec.key_padding.dtype == torch.bool
-            else neutral(spec.key_padding, spec.kv_len)
-        ),
-        q_doc=neutral(spec.q_doc, 0), kv_doc=neutral(spec.kv_doc, 0), bias=neutral(spec.bias, 0),
-        mask=None if spec.mask is None else neutral(spec.mask, True if spec.mask.dtype == torch.bool else 0),
+    kp, mask = spec.key_padding, spec.mask
+    real = spec.with_(
+        device=device, q_doc=neutral(spec.q_doc, 0), kv_doc=neutral(spec.kv_doc, 0), bias=neutral(spec.bias, 0),
+        key_padding=neutral(kp, True if kp is not None and kp.dtype == torch.bool else spec.kv_len),
+        mask=neutral(mask, True if mask is not None and mask.dtype == torch.bool else 0),
     )
-    real = spec.with_(device=device, **terms)
     if requires_grad:
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     return q, k, v, real
 
 
-def time_kernel(name: str, spec: AttentionSpec) -> float:
-    """Median seconds of one forward (+ backward when the spec trains) of kernel ``name``."""
+def rows(spec: AttentionSpec) -> int:
+    """The ``batch x kv-head`` rows of a call: its work is linear in them."""
+    return spec.batch * spec.kv_heads
+
+
+def sliced(spec: AttentionSpec, n_rows: int) -> AttentionSpec:
+    """The spec on its first ``n_rows`` ``batch x kv-head`` rows (each kv head with its query-head group)."""
+    if n_rows >= rows(spec):
+        return spec
+    kv_heads = min(spec.kv_heads, n_rows)
+    batch = max(1, n_rows // spec.kv_heads)
+    q_heads = kv_heads * spec.group_size
+
+    def cut(term, batch_dim: int | None, head_dim: int | None):
+        if term is None:
+            return None
+        shape = list(term.shape)
+        if batch_dim is not None and len(shape) >= -batch_dim and shape[batch_dim] == spec.batch > 1:
+            shape[batch_dim] = batch
+        if head_dim is not None and len(shape) >= -head_dim and shape[head_dim] == spec.q_heads > 1:
+            shape[head_dim] = q_heads
+        return torch.empty(shape, dtype=term.dtype, device="meta")
+
+    kp = spec.key_padding
+    return spec.with_(
+        batch=batch, q_heads=q_heads, kv_heads=kv_heads,
+        key_padding=None if kp is None else cut(kp, -kp.dim(), None),
+        q_doc=cut(spec.q_doc, -2, None), kv_doc=cut(spec.kv_doc, -2, None),
+        bias=cut(spec.bias, -4, -3), mask=cut(spec.mask, -4, -3),
+    )
+
+
+def shrunk(spec: AttentionSpec, length: int = WARMUP_LENGTH) -> AttentionSpec:
+    """The spec on one row and at most ``length`` queries and keys: a warm-up that runs the same code."""
+    spec = sliced(spec, 1)
+    n_q, n_k = min(spec.q_len, length), min(spec.kv_len, length)
+
+    def cut(term, dims: dict[int, int]):
+        if term is None:
+            return None
+        shape = list(term.shape)
+        for dim, new in dims.items():
+            if len(shape) >= -dim and shape[dim] > 1:
+                shape[dim] = new
+        return torch.empty(shape, dtype=term.dtype, device="meta")
+
+    kp = spec.key_padding
+    if kp is not None and kp.dtype == torch.bool:  # integer lengths [B] need no cut
+        kp = cut(kp, {-1: n_k})
+    return spec.with_(
+        q_len=n_q, kv_len=n_k, key_padding=kp, q_doc=cut(spec.q_doc, {-1: n_q}), kv_doc=cut(spec.kv_doc, {-1: n_k}),
+        bias=cut(spec.bias, {-2: n_q, -1: n_k}), mask=cut(spec.mask, {-2: n_q, -1: n_k}),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _runner(name: str, spec: AttentionSpec, original: Original | None):
+    """A callable running one forward (+ backward when the spec trains) of candidate ``name`` on ``spec``."""
+    if name == ORIGINAL:
+        q, k, v, real = example_tensors(spec, requires_grad=spec.requires_grad)
+        inputs = original_inputs(real, original.kind)
+
+        def once():
+            out = original_forward(q, k, v, real, original.kind, inputs)
+            if spec.requires_grad:
+                out.backward(torch.ones_like(out))
+
+        return once
     kernel = registry.get(name)
     q, k, v, real = example_tensors(spec, requires_grad=False)
 
@@ -144,55 +360,185 @@ def time_kernel(name: str, spec: AttentionSpec) -> float:
         if spec.requires_grad:
             kernel.backward(torch.ones_like(out), q, k, v, out, lse, real, 0, False, False)
 
-    once()  # compile / warm up
-    times = []
-    for _ in range(REPEATS):
-        torch.cuda.synchronize(spec.device)
-        start = time.perf_counter()
-        once()
-        torch.cuda.synchronize(spec.device)
-        times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return once
+
+
+def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.inf, repeats: int = REPEATS,
+                    progress: Progress | None = None, warmups: dict | None = None) -> dict[str, float]:
+    """Median seconds of each callable in ``runs``, timed in interleaved rounds.
+
+    Each runs once to warm up (compilation, first touch), then up to
+    ``repeats`` rounds run every candidate once in turn, so a change in the
+    machine's load touches all of them alike. A candidate is dropped when its
+    next run would pass ``deadline`` (a ``time.perf_counter()`` value); one
+    with no timed run is left out of the result. ``warmups``: a cheaper call
+    per candidate to warm up with (on the CPU nothing compiles, so a small
+    shape initializes as well as the real one); the first round then runs
+    every candidate whatever the deadline, as the caller sized it to fit.
+    """
+    last: dict[str, float] = {}
+    for name, once in (warmups if warmups is not None else runs).items():
+        if warmups is not None or time.perf_counter() < deadline:
+            _sync(device)
+            start = time.perf_counter()
+            once()
+            _sync(device)
+            last[name] = time.perf_counter() - start
+        if progress is not None:
+            progress.step(f"{name} (warm-up)")
+    times: dict[str, list[float]] = {name: [] for name in last}
+    for round_index in range(repeats):
+        for name in list(last):
+            checked = round_index > 0 or warmups is None
+            if checked and time.perf_counter() + last[name] > deadline:
+                del last[name]
+                continue
+            start = time.perf_counter()
+            runs[name]()
+            _sync(device)
+            last[name] = time.perf_counter() - start
+            times[name].append(last[name])
+        if progress is not None:
+            progress.step("")
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items() if t}
+
+
+def time_kernel(name: str, spec: AttentionSpec) -> float:
+    """Median seconds of one forward (+ backward when the spec trains) of kernel ``name`` at the full shape."""
+    return time_candidates({name: _runner(name, spec, None)}, spec.device)[name]
 
 
 class Progress:
-    """A plain-text progress line on stderr, shown once a tuning has run for more than a second."""
+    """A plain-text progress line on stderr once a timing has run for more than ``PROGRESS_AFTER_S``.
+
+    On a terminal the line is redrawn as candidates finish; in a log it is written once, at the end.
+    """
 
     def __init__(self, total: int, label: str):
-        self.total, self.label, self.start, self.done = total, label, time.perf_counter(), 0
+        self.total, self.label, self.start, self.done, self.shown = total, label, time.perf_counter(), 0, False
+        self.live = sys.stderr.isatty()
 
     def step(self, what: str) -> None:
-        self.done += 1
-        if time.perf_counter() - self.start > PROGRESS_AFTER_S:
-            bar = "#" * (20 * self.done // self.total)
-            sys.stderr.write(f"\rattnopt tuning {self.label} [{bar:<20}] {self.done}/{self.total} {what:<20}")
-            if self.done == self.total:
-                sys.stderr.write("\n")
-            sys.stderr.flush()
+        self.done = min(self.total, self.done + 1)
+        elapsed = time.perf_counter() - self.start
+        if not self.shown and elapsed <= PROGRESS_AFTER_S:
+            return
+        finished = self.done == self.total
+        if self.live:
+            self.shown = True
+            bar = "#" * (20 * self.done // max(1, self.total))
+            sys.stderr.write(f"\rattnopt timing {self.label} [{bar:<20}] {self.done}/{self.total} {what:<20}")
+        elif finished:
+            sys.stderr.write(f"attnopt timing {self.label}: {elapsed:.1f} s (once per shape, then cached)")
+        if finished:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
-def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "") -> dict[str, float]:
-    """Seconds per candidate kernel on ``spec``'s shapes: from the cache, else measured and stored.
+@dataclass
+class Plan:
+    """Which candidates to time on how many rows, within the budget."""
 
-    A kernel that fails when run is left out (the planner then keeps its estimate).
+    n_rows: int
+    timed: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+
+
+def _original_bytes_per_row(spec: AttentionSpec) -> float:
+    """Bytes the eager stand-in holds at once per row: a score-sized input, output and float32 copy."""
+    return 3 * spec.group_size * spec.q_len * spec.kv_len * max(4, spec.dtype.itemsize)
+
+
+def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: float) -> Plan:
+    """The rows to time on, so that every candidate's runs fit ``budget_s`` by their estimates.
+
+    Candidates are taken cheapest estimate first (the original first of all:
+    it is the baseline); one whose estimate no longer fits is skipped. The
+    original is also skipped when even one row of its scores would not fit
+    ``MAX_MEASURE_BYTES``; the rows are then sized for the kernels alone.
+    """
+    total_rows = rows(spec)
+    per_row = max(sum(estimates.values()), 1e-9) * (1 + REPEATS) / total_rows
+    n_rows = total_rows if math.isinf(budget_s) else max(1, min(total_rows, int(budget_s / per_row)))
+    cap = MAX_MEASURE_BYTES.get(spec.device.type, MAX_MEASURE_BYTES["cpu"])
+    fitting = int(cap // max(_original_bytes_per_row(spec), 1))
+    if ORIGINAL in estimates and fitting >= 1:
+        n_rows = min(n_rows, fitting)
+    plan = Plan(n_rows)
+    left = budget_s
+    for name in sorted(estimates, key=lambda n: (n != ORIGINAL, estimates[n])):
+        cost = estimates[name] * n_rows / total_rows * (1 + min(REPEATS, 2))
+        if (name == ORIGINAL and fitting < 1) or cost > left:
+            plan.skipped.append(name)
+            continue
+        plan.timed.append(name)
+        left -= cost
+    return plan
+
+
+def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "",
+                     original: Original | None = None, estimates: dict[str, float] | None = None,
+                     budget: Budget | None = None) -> dict[str, float]:
+    """Seconds per candidate on ``spec``'s shapes: from the cache, else measured within the budget and stored.
+
+    ``names`` are kernel names and, with ``original``, ``ORIGINAL``. The result
+    holds only what was measured (now or before): a candidate that fails when
+    run, or that the budget leaves out, is missing (the planner keeps its
+    estimate).
     """
     key = cache_key(spec)
-    cached = cache.get(key)
-    if cached is not None and all(n in cached for n in names):
-        return {n: cached[n] for n in names}
-    seconds = dict(cached or {})
-    progress = Progress(len(names), label)
-    for name in names:
-        if name not in seconds:
+    entry = {n: (original.key if n == ORIGINAL else n) for n in names}
+    cached = cache.get(key) or {}
+    todo = [n for n in names if entry[n] not in cached]
+    if todo:
+        device_budget = BUDGET_S.get(spec.device.type)
+        left = budget.left() if budget is not None else math.inf
+        family = min(left, math.inf if device_budget is None else device_budget)
+        guesses = {n: (estimates or {}).get(n, 0.0) for n in todo}
+        plan = plan_timing(spec, guesses, family)
+        small = sliced(spec, plan.n_rows)
+        scale = rows(spec) / rows(small)
+        start = time.perf_counter()
+        runs, warmups, found = {}, {}, {}
+        for name in plan.timed:
             try:
-                seconds[name] = time_kernel(name, spec)
+                runs[name] = _runner(name, small, original)
+                if spec.device.type == "cpu":
+                    warmups[name] = _runner(name, shrunk(small), original)
             except (RuntimeError, ValueError, NotImplementedError):
-                seconds[name] = float("inf")
-        progress.step(name)
-    cache.put(key, seconds)
-    return {n: seconds[n] for n in names}
+                found[entry[name]] = math.inf  # cannot run this call: never time it again
+        progress = Progress(len(runs) + REPEATS, label)
+        with torch.no_grad() if not spec.requires_grad else torch.enable_grad():
+            try:
+                seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
+                                          warmups=warmups or None)
+            except (RuntimeError, ValueError, NotImplementedError):
+                seconds = _one_by_one(runs, spec.device, start + family)
+        found.update({entry[name]: t * scale for name, t in seconds.items()})
+        if budget is not None:
+            budget.spent += time.perf_counter() - start
+        if found:
+            cached = {**(cache.read(key) or {}), **found}  # what another process stored meanwhile, too
+            try:
+                cache.put(key, cached)
+            except OSError as err:  # a read-only or full disk costs re-measuring next time, not the call
+                log.warning("attnopt: tuning results not cached in %s: %s", cache.root, err)
+    return {n: cached[entry[n]] for n in names if entry[n] in cached}
+
+
+def _one_by_one(runs: dict, device: torch.device, deadline: float) -> dict[str, float]:
+    """Time each candidate alone (after one of them failed in the interleaved rounds); a failing one is inf."""
+    found = {}
+    for name, once in runs.items():
+        try:
+            found.update(time_candidates({name: once}, device, deadline=deadline))
+        except (RuntimeError, ValueError, NotImplementedError):
+            found[name] = math.inf
+    return found
 
 
 def enabled(spec: AttentionSpec, tune: bool) -> bool:
-    """Tuning runs on CUDA devices only, when asked for."""
-    return tune and spec.device.type == "cuda" and torch.cuda.is_available()
+    """Tuning runs on the CPU and on CUDA devices, when asked for."""
+    if not tune:
+        return False
+    return spec.device.type == "cpu" or (spec.device.type == "cuda" and torch.cuda.is_available())

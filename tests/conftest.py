@@ -10,6 +10,27 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from attnopt.config import Options  # noqa: E402
+
+# The suite is deterministic and writes no tuning cache: candidates are ranked by the cost models.
+os.environ.setdefault("ATTNOPT_TUNE", "0")
+
+
+@pytest.fixture(autouse=True)
+def _replace_supported_sites(request, monkeypatch):
+    """Most tests are about the rewrite, on shapes where the original code is faster: they see every
+    supported site replaced (``keep_original=False``). Tests of the planner's keep-the-original policy
+    are marked ``keeps_original`` and get the defaults."""
+    if request.node.get_closest_marker("keeps_original") is not None:
+        return
+    build = Options.build
+
+    def replacing(**given):
+        given.setdefault("keep_original", False)
+        return build(**given)
+
+    monkeypatch.setattr(Options, "build", staticmethod(replacing))
+
 
 @pytest.fixture(autouse=True)
 def _fresh_dynamo():

@@ -74,6 +74,7 @@ def _timed(monkeypatch, seconds: dict[str, float]):
 SMALL = 256
 
 
+@pytest.mark.keeps_original
 def test_site_left_alone_when_the_original_is_measured_fastest(x, monkeypatch, tmp_path):
     _timed(monkeypatch, {"original": 1e-3, "sdpa_cpu": 3e-3, "reference": 5e-3})
     model = SharpCausal().eval()
@@ -86,6 +87,7 @@ def test_site_left_alone_when_the_original_is_measured_fastest(x, monkeypatch, t
     assert mem.after == mem.before
 
 
+@pytest.mark.keeps_original
 def test_site_replaced_when_a_kernel_is_measured_faster(x, monkeypatch, tmp_path):
     _timed(monkeypatch, {"original": 10e-3, "sdpa_cpu": 1e-3, "reference": 2e-3})
     model = SharpCausal().eval()
@@ -111,6 +113,7 @@ def test_keep_original_false_replaces_every_supported_site(x, monkeypatch, tmp_p
     assert site.replaced and site.kernel == "sdpa_cpu" and "original" not in site.reason, str(report)
 
 
+@pytest.mark.keeps_original
 def test_max_mem_forces_a_slower_exact_plan_and_says_so(x, monkeypatch, tmp_path):
     _timed(monkeypatch, {"original": 1e-3, "sdpa_cpu": 3e-3, "reference": 5e-3})
     model = SharpCausal().eval()
@@ -133,21 +136,32 @@ def test_the_original_is_estimated_when_tuning_is_off():
     assert sdpa_site.kernel == tuning.ORIGINAL and sdpa_site.reason.startswith("original"), sdpa_site.reason
 
 
-def test_cost_models_rank_the_cpu_kernels_as_measured():
-    """sdpa_cpu is several times faster than reference on CPU (issue 11: 1256 vs 3821 ms), banded or not;
-    a narrow window is where reference's band skipping wins."""
+@pytest.mark.parametrize("shape,terms,measured", [
+    # (shape, mask terms, measured reference / sdpa_cpu time on the 2-core CPU, unloaded, medians of 5)
+    ((1, 4, 4096, 32), dict(causal=True), 72 / 35),
+    ((1, 4, 4096, 32), dict(), 109 / 62),
+    ((2, 8, 1024, 32), dict(causal=True, mask=(2, 1, 1, 1024)), 35 / 26),
+    ((1, 4, 2048, 64), dict(causal=True, mask=(1, 1, 1, 2048)), 31 / 47),
+    ((1, 4, 8192, 32), dict(causal=True, window=128), 42 / 708),
+])
+def test_cost_models_rank_the_cpu_kernels_as_measured(shape, terms, measured):
+    """Issue 11: the estimates had reference 85.9 ms against sdpa_cpu 176 ms where 3821 / 1256 ms was measured.
+    Each pair is now ranked as measured, and eager attention is estimated slower than both."""
     from attnopt.kernels import registry
     from attnopt.kernels.spec import Window
 
-    ref, sdpa = registry.get("reference"), registry.get("sdpa_cpu")
-    for shape, terms in [((2, 8, 1024, 32), dict(causal=True)), ((1, 4, 8192, 32), dict(causal=True)),
-                         ((2, 8, 2048, 32), dict(causal=True, mask=torch.empty(2, 1, 1, 2048, device="meta")))]:
-        q = torch.empty(*shape, device="meta")
-        spec = AttentionSpec.from_tensors(q, q, q, **terms).with_(device=torch.device("cpu"))
-        assert sdpa.cost(spec) * 1.5 < ref.cost(spec), (shape, sdpa.cost(spec), ref.cost(spec))
-    q = torch.empty(1, 4, 8192, 32, device="meta")
-    window = AttentionSpec.from_tensors(q, q, q, causal=True, window=Window(128, 0)).with_(device=torch.device("cpu"))
-    assert ref.cost(window) * 2 < sdpa.cost(window)
+    terms = dict(terms)
+    if "mask" in terms:
+        terms["mask"] = torch.empty(terms["mask"], device="meta")
+    if "window" in terms:
+        terms["window"] = Window(terms["window"], 0)
+    q = torch.empty(*shape, device="meta")
+    spec = AttentionSpec.from_tensors(q, q, q, **terms).with_(device=torch.device("cpu"))
+    estimated = registry.get("reference").cost(spec) / registry.get("sdpa_cpu").cost(spec)
+    assert (estimated > 1) == (measured > 1), (estimated, measured)
+    assert 0.5 < estimated / measured < 3, (estimated, measured)
+    eager = tuning.original_estimate(spec, tuning.Original("softmax"))
+    assert eager > registry.get("sdpa_cpu").cost(spec) and eager > registry.get("reference").cost(spec)
 
 
 # ------------------------------------------------------------------ max_mem and exact

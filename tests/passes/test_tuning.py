@@ -1,40 +1,53 @@
-"""The tuning cache: miss, hit, corrupt file, location override; tuning is off without a GPU."""
+"""Tuning: the cache (miss, hit, corrupt file, location), CPU timing within a budget, the original's stand-in."""
 
 import json
+import math
 
 import pytest
 import torch
 
 from attnopt.kernels import AttentionSpec
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.spec import Fill, Window
 from attnopt.passes import tuning
+from attnopt.passes.plan import candidates
 
 
-def _spec(n=128):
-    q = torch.empty(1, 2, n, 16, device="meta")
-    return AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cuda"))
+def _spec(n=128, batch=1):
+    q = torch.empty(batch, 2, n, 16, device="meta")
+    return AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cpu"))
+
+
+def _fake_timer(calls, seconds=1e-3):
+    def time_candidates(runs, device, **kwargs):
+        calls.extend(runs)
+        return {name: seconds for name in runs}
+
+    return time_candidates
 
 
 def test_miss_then_hit_and_buckets(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(tuning, "time_kernel", lambda name, spec: calls.append(name) or 1e-3)
+    monkeypatch.setattr(tuning, "time_candidates", _fake_timer(calls))
     cache = tuning.TuningCache(tmp_path)
-    first = tuning.measured_seconds(_spec(), ["a", "b"], cache)
-    assert first == {"a": 1e-3, "b": 1e-3} and calls == ["a", "b"] and cache.misses == 1
-    again = tuning.measured_seconds(_spec(100), ["a", "b"], cache)  # 100 buckets with 128
-    assert again == first and calls == ["a", "b"] and cache.hits == 1
-    tuning.measured_seconds(_spec(100), ["a", "c"], cache)  # a new kernel is measured, the rest kept
-    assert calls == ["a", "b", "c"]
+    first = tuning.measured_seconds(_spec(), ["reference", "sdpa_cpu"], cache)
+    assert first == {"reference": 1e-3, "sdpa_cpu": 1e-3} and calls == ["reference", "sdpa_cpu"]
+    assert cache.misses == 1
+    again = tuning.measured_seconds(_spec(100), ["reference", "sdpa_cpu"], cache)  # 100 buckets with 128
+    assert again == first and calls == ["reference", "sdpa_cpu"] and cache.hits == 1
+    tuning.measured_seconds(_spec(100), ["reference", tuning.ORIGINAL], cache, original=tuning.Original("softmax"))
+    assert calls == ["reference", "sdpa_cpu", tuning.ORIGINAL]  # only what is new is measured
     assert tuning.cache_key(_spec(300)) != tuning.cache_key(_spec(128))
 
 
 def test_corrupt_file_is_a_miss_and_is_rewritten(tmp_path, monkeypatch):
-    monkeypatch.setattr(tuning, "time_kernel", lambda name, spec: 2e-3)
+    monkeypatch.setattr(tuning, "time_candidates", _fake_timer([], 2e-3))
     cache = tuning.TuningCache(tmp_path)
     path = cache.path(tuning.cache_key(_spec()))
     path.write_text("{not json")
-    assert tuning.measured_seconds(_spec(), ["a"], cache) == {"a": 2e-3}
+    assert tuning.measured_seconds(_spec(), ["reference"], cache) == {"reference": 2e-3}
     assert cache.misses == 1
-    assert json.loads(path.read_text())["seconds"] == {"a": 2e-3}
+    assert json.loads(path.read_text())["seconds"] == {"reference": 2e-3}
     assert not list(tmp_path.glob("*.tmp"))  # atomic writes leave no temporaries
 
 
@@ -46,21 +59,128 @@ def test_location_override(tmp_path, monkeypatch):
     assert tuning.cache_dir().parts[-3:] == (".cache", "attnopt", "tuning")
 
 
-def test_off_on_cpu():
+def test_on_when_asked_on_cpu_too():
     q = torch.randn(1, 2, 8, 16)
-    assert not tuning.enabled(AttentionSpec.from_tensors(q, q, q), True)
+    spec = AttentionSpec.from_tensors(q, q, q)
+    assert tuning.enabled(spec, True) and not tuning.enabled(spec, False)
+
+
+def test_cpu_candidates_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    spec = _spec(64)
+    cache = tuning.TuningCache(tmp_path)
+    original = tuning.Original("softmax", 1 << 20)
+    found = candidates(spec, tune=True, cache=cache, original=original)
+    timed = [c for c in found if c.supported]
+    assert {c.kernel for c in timed} == {"reference", "sdpa_cpu", tuning.ORIGINAL}
+    assert all(c.measured and c.cost > 0 and c.estimate is not None for c in timed), found
+
+    def no_timing(*args, **kwargs):
+        raise AssertionError("measured again")
+
+    monkeypatch.setattr(tuning, "time_candidates", no_timing)
+    again = candidates(spec, tune=True, cache=cache, original=original)
+    assert cache.hits >= 1
+    assert {c.kernel: c.cost for c in again if c.supported} == {c.kernel: c.cost for c in timed}
+
+
+def test_the_budget_leaves_what_does_not_fit_to_the_estimates():
+    q = torch.empty(4, 4, 2048, 32, device="meta")
+    spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cpu"))
+    plan = tuning.plan_timing(spec, {tuning.ORIGINAL: 100.0, "sdpa_cpu": 1e-3, "reference": 2e-3}, 1.5)
+    assert plan.n_rows == 1  # the smallest slice: one batch x kv-head row
+    assert plan.skipped == [tuning.ORIGINAL] and plan.timed == ["sdpa_cpu", "reference"]
+    roomy = tuning.plan_timing(spec, {tuning.ORIGINAL: 0.1, "sdpa_cpu": 0.01}, 1.5)
+    assert roomy.timed == [tuning.ORIGINAL, "sdpa_cpu"] and 1 < roomy.n_rows <= tuning.rows(spec)
+    long = torch.empty(1, 4, 32768, 32, device="meta")  # one row of eager scores: 3 x 4 GiB
+    spec = AttentionSpec.from_tensors(long, long, long, causal=True).with_(device=torch.device("cpu"))
+    too_big = tuning.plan_timing(spec, {tuning.ORIGINAL: 1e-3, "sdpa_cpu": 1e-3}, 1.5)
+    assert too_big.skipped == [tuning.ORIGINAL] and too_big.timed == ["sdpa_cpu"] and too_big.n_rows == 4
+
+
+def test_timing_stops_at_the_deadline():
+    import time
+
+    runs = {"slow": lambda: time.sleep(0.05), "fast": lambda: None}
+    start = time.perf_counter()
+    got = tuning.time_candidates(runs, torch.device("cpu"), deadline=start + 0.12)
+    assert time.perf_counter() - start < 0.3
+    assert "fast" in got and got.get("slow", 0.05) >= 0.04
+
+
+def test_a_slice_of_rows_keeps_every_term_consistent():
+    q = torch.empty(3, 8, 64, 16, device="meta")
+    kv = torch.empty(3, 2, 64, 16, device="meta")
+    spec = AttentionSpec.from_tensors(
+        q, kv, kv, key_padding=torch.empty(3, 64, dtype=torch.bool, device="meta"),
+        bias=torch.empty(3, 8, 64, 64, device="meta"), mask=torch.empty(1, 1, 64, 64, device="meta"),
+    )
+    assert tuning.rows(spec) == 6
+    one = tuning.sliced(spec, 1)
+    assert (one.batch, one.q_heads, one.kv_heads) == (1, 4, 1) and tuning.rows(one) == 1
+    assert tuple(one.key_padding.shape) == (1, 64) and tuple(one.bias.shape) == (1, 4, 64, 64)
+    assert tuple(one.mask.shape) == (1, 1, 64, 64)
+    one.validate()
+    four = tuning.sliced(spec, 4)
+    assert (four.batch, four.kv_heads) == (2, 2) and tuning.rows(four) == 4
+    four.validate()
+    small = tuning.shrunk(spec, 16)
+    assert (small.q_len, small.kv_len) == (16, 16) and tuple(small.bias.shape) == (1, 4, 16, 16)
+    small.validate()
+
+
+@pytest.mark.parametrize("kind", ["softmax", "sdpa"])
+@pytest.mark.parametrize("terms", [dict(causal=True), dict(causal=True, window=Window(3, 0)), dict(bias=True), {}])
+def test_the_original_stand_in_computes_the_attention(kind, terms):
+    torch.manual_seed(0)
+    terms = dict(terms)
+    q = torch.randn(2, 4, 12, 8)
+    k, v = torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    if terms.pop("bias", False):
+        terms["bias"] = torch.randn(1, 4, 12, 12)
+    spec = AttentionSpec.from_tensors(q, k, v, fill=Fill.NEG_INF, **terms)
+    out = tuning.original_forward(q, k, v, spec, kind, tuning.original_inputs(spec, kind))
+    torch.testing.assert_close(out.double(), naive_attention(q, k, v, spec), atol=1e-5, rtol=1e-5)
+
+
+def test_the_original_is_estimated_slower_where_it_materializes_big_scores():
+    q = torch.empty(2, 8, 2048, 32, device="meta")
+    spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cpu"))
+    eager = tuning.original_estimate(spec, tuning.Original("softmax"))
+    sdpa = tuning.original_estimate(spec, tuning.Original("sdpa"))
+    assert math.isfinite(eager) and eager > 3 * sdpa
+
+
+def test_progress_line_on_stderr(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(tuning, "PROGRESS_AFTER_S", 0.0)
+    tuning.measured_seconds(_spec(32), ["reference", "sdpa_cpu"], tuning.TuningCache(tmp_path), label="causal 1x2x32x32")
+    err = capsys.readouterr().err
+    assert "attnopt timing causal 1x2x32x32" in err and err.endswith("\n")
 
 
 @pytest.mark.gpu
 def test_tuning_measures_on_gpu(tmp_path, capsys):
-    from attnopt.passes.plan import candidates
-
     q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
     spec = AttentionSpec.from_tensors(q, q, q, causal=True)
     cache = tuning.TuningCache(tmp_path)
-    found = candidates(spec, tune=True, cache=cache)
+    original = tuning.Original("softmax", 0)
+    found = candidates(spec, tune=True, cache=cache, original=original)
     timed = [c for c in found if c.supported]
     assert len(timed) > 1 and all(c.measured for c in timed), found
     print({c.kernel: c.cost for c in timed})
-    again = candidates(spec, tune=True, cache=cache)
-    assert cache.hits == 1 and [c.cost for c in again if c.supported] == [c.cost for c in timed]
+    again = candidates(spec, tune=True, cache=cache, original=original)
+    assert cache.hits >= 1 and [c.cost for c in again if c.supported] == [c.cost for c in timed]
+
+
+@pytest.mark.keeps_original
+def test_the_default_of_tune_comes_from_the_environment(monkeypatch):
+    from attnopt.config import TUNE_ENV, Options
+
+    monkeypatch.delenv(TUNE_ENV, raising=False)
+    assert Options.build().tune and Options.build().keep_original
+    monkeypatch.setenv(TUNE_ENV, "0")
+    assert not Options.build().tune and Options.build(tune=True).tune
+    monkeypatch.setenv(TUNE_ENV, "maybe")
+    with pytest.raises(ValueError, match="ATTNOPT_TUNE"):
+        Options.build()
+    with pytest.raises(TypeError, match="keep_original"):
+        Options.build(tune=False, keep_original="no")
