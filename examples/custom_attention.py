@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> Result:
     max_diff = (got.float() - expected.float()).abs().max().item()
     replaced = len(report.replaced)
     if replaced < len(report.sites):
-        print(f"{len(report.sites) - replaced} site(s) kept as written: no kernel was faster here (see 'why')")
+        print(f"{len(report.sites) - replaced} site(s) kept as written: no kernel was faster here (see 'why'); "
+              "--replace-all replaces them anyway")
     print(f"max |attnopt - original| = {max_diff:.2e}")
     print(f"forward, {args.batch} x {args.length} tokens (median of {args.repeat}):")
     for name, m in runs.items():

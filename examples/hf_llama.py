@@ -15,7 +15,8 @@ difference, forward time and peak memory (eager, SDPA, attnopt), and greedy
 ``generate()`` against the same weights with ``attn_implementation="sdpa"``: the
 same tokens, and tokens/s. attnopt replaces a site only with a kernel it measured
 faster than the code as written: at the tiny default size on a CPU it keeps the
-original code, and says so.
+original code, and says so (``--replace-all`` replaces every site a kernel supports,
+to see the kernels at work at any size).
 """
 
 from __future__ import annotations
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> Result:
         print(f"attnopt runs its kernels at {replaced} of {len(report.sites)} sites (all graphs: prefill and decode).")
     else:
         print(f"attnopt kept the original code at all {len(report.sites)} sites: at this size on this machine no "
-              "kernel was faster than the code as written (see 'why'). Scale up to see it replace them, e.g. "
-              "--device cuda --size 1b --dtype bfloat16 --length 4096.")
+              "kernel was faster than the code as written (see 'why'). Scale up to see it replace them (e.g. "
+              "--device cuda --size 1b --dtype bfloat16 --length 4096), or force them with --replace-all.")
     print(f"logits: max |attnopt - original| = {max_diff:.2e} at every position, padding included "
           f"(SDPA model vs original: {sdpa_diff:.2e} on the real tokens)")
     print(f"{'forward, ' + str(args.length) + ' tokens':<24}" + "".join(f"{name:>22}" for name in forward))

@@ -27,7 +27,9 @@ measured error is then far above ``tol``, and the planner refuses them.
 On a CPU, "fits" is the planner's estimate (``passes/memory.py``: liveness over the
 captured graph plus each kernel's workspace); the measured peak of tensor memory
 (PyTorch profiler) is printed beside it. On CUDA the measured peak is
-``torch.cuda.max_memory_allocated``.
+``torch.cuda.max_memory_allocated``. The model run as written measures above its
+estimate: Python holds a variable's old value until the new one is assigned, where
+the captured graph frees each tensor after its last use.
 """
 
 from __future__ import annotations
@@ -136,7 +138,10 @@ def main(argv: list[str] | None = None) -> Result:
         # 1. a budget the code as written does not meet; an exact plan does
         print(f"== 1. max_mem={format_bytes(budget)} (one layer's scores: {format_bytes(scores_bytes)}), exact")
         exact = attnopt.optimize(copy.deepcopy(model), max_mem=budget, **tuning)
-        got = exact(ids)
+        try:
+            got = exact(ids)
+        except attnopt.MemoryBudgetError as err:
+            raise SystemExit(f"MemoryBudgetError: {err}\n(step 1 wants a --max-mem that an exact plan meets)") from None
         report = exact.attnopt_report
         print(report)
         (graph,) = report.memory
@@ -148,7 +153,7 @@ def main(argv: list[str] | None = None) -> Result:
 
         # 2. a budget no exact plan meets: what exact=False buys
         tight = attnopt.parse_bytes(args.tight_mem) if args.tight_mem else int(0.8 * graph.after)
-        print(f"\n== 2. max_mem={format_bytes(tight)}, exact=True")
+        print(f"\n== 2a. max_mem={format_bytes(tight)}, exact=True")
         exact_error = None
         try:
             attnopt.optimize(copy.deepcopy(model), max_mem=tight, **tuning)(ids)
@@ -156,7 +161,7 @@ def main(argv: list[str] | None = None) -> Result:
         except attnopt.MemoryBudgetError as err:
             exact_error = str(err)
             print(f"MemoryBudgetError: {err}")
-        print(f"\n== 2. max_mem={format_bytes(tight)}, exact=False, tol={args.tol}")
+        print(f"\n== 2b. max_mem={format_bytes(tight)}, exact=False, tol={args.tol}")
         approx = attnopt.optimize(copy.deepcopy(model), max_mem=tight, exact=False, tol=args.tol, **tuning)
         approx_kernels = approx_after = output_error = None
         site_errors: list[float | None] = []

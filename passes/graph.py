@@ -50,6 +50,10 @@ _METHODS: dict[str, str] = {
     "logical_or": "or", "bitwise_or": "or", "eq": "eq",
     "expand": "expand", "expand_as": "expand", "view": "reshape", "reshape": "reshape", "flatten": "flatten",
     "repeat_interleave": "repeat_interleave", "unsqueeze": "unsqueeze", "isnan": "isnan",
+    # operators some dynamo versions record as Tensor methods (torch 2.11: ``a == b`` is ``a.__eq__(b)``);
+    # only those whose operands keep their order (``__rsub__`` is ``other - self``: not listed)
+    "__eq__": "eq", "__and__": "and", "__or__": "or", "__invert__": "not", "__mul__": "mul",
+    "__truediv__": "div", "__add__": "add", "__sub__": "sub", "__matmul__": "matmul", "__getitem__": "getitem",
 }
 
 
@@ -193,6 +197,9 @@ _PURE_METHODS = frozenset({
     "to", "float", "double", "half", "bfloat16", "bool", "int", "long", "type_as", "type",
     "view", "reshape", "view_as", "reshape_as", "expand", "expand_as", "transpose", "permute", "unsqueeze",
     "squeeze", "flatten", "contiguous", "repeat", "size", "dim", "cumsum", "all", "any", "sum", "clone", "detach",
+    "__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__and__", "__or__", "__xor__", "__invert__",
+    "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__neg__",
+    "__getitem__", "__abs__", "__pow__", "__floordiv__", "__mod__",
 })
 
 #: ops whose result may share memory with their first argument (a write to one is a write to the other)
@@ -202,6 +209,7 @@ _VIEW_FUNCTIONS = frozenset({
     torch.split, torch.chunk, torch.unbind, torch.movedim, torch.t,
 })
 _VIEW_METHODS = frozenset({
+    "__getitem__",
     "view", "reshape", "view_as", "reshape_as", "expand", "expand_as", "transpose", "permute", "unsqueeze",
     "squeeze", "flatten", "unflatten", "contiguous", "narrow", "select", "diagonal", "as_strided", "split",
     "chunk", "unbind", "movedim", "swapaxes", "t", "detach", "to", "type_as", "type", "float", "double",
@@ -214,9 +222,17 @@ _IN_PLACE_FUNCTIONS = frozenset({
 })
 
 
+_IN_PLACE_DUNDERS = frozenset({
+    "__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__", "__imod__", "__ipow__",
+    "__iand__", "__ior__", "__ixor__", "__ilshift__", "__irshift__", "__imatmul__",
+})
+
+
 def is_in_place(node: Node) -> bool:
     """Whether ``node`` writes into its first argument (``x.masked_fill_``, ``x[i] = v``, ``x += y``, ``out=``)."""
     if node.op == "call_method":
+        if node.target in _IN_PLACE_DUNDERS:
+            return True
         return node.target.endswith("_") and not node.target.startswith("_")
     if node.op == "call_function":
         if node.target in _IN_PLACE_FUNCTIONS or "out" in node.kwargs:

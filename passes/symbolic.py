@@ -24,6 +24,10 @@ _COMPARISONS = {operator.le: "le", operator.lt: "lt", operator.ge: "ge", operato
                 torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt"}
 
 
+_METHOD_COMPARISONS = {"__le__": "le", "__lt__": "lt", "__ge__": "ge", "__gt__": "gt",
+                       "le": "le", "lt": "lt", "ge": "ge", "gt": "gt"}
+
+
 @dataclass(frozen=True)
 class Affine:
     """``offset + sum(coeffs[d] * x_d)`` over a tensor's positions ``x_d`` (dims right-aligned)."""
@@ -111,7 +115,10 @@ def _keeps_exact_integers(node: Node) -> bool:
 
 def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, object] | None:
     """``(lo, hi)`` bounds on ``j - i`` (None unbounded, possibly symbolic) kept by a comparison atom."""
-    op = _COMPARISONS.get(node.target) if node.op == "call_function" else None
+    if node.op == "call_function":
+        op = _COMPARISONS.get(node.target)
+    else:  # ``a <= b`` recorded as ``a.__le__(b)`` (torch 2.11), or ``a.le(b)``
+        op = _METHOD_COMPARISONS.get(node.target) if node.op == "call_method" else None
     if op is None or len(node.args) != 2:
         return None
     a, b = affine(node.args[0]), affine(node.args[1])
