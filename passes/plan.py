@@ -211,7 +211,8 @@ def _reason(best: Candidate, allowed: list[Candidate], forced: str | None, budge
     if forced is not None:
         return f"forced by kernel={forced!r}"
     if not best.exact:
-        return f"approximate (error {best.error:.3g}): no exact plan fits max_mem{budget_note}"
+        return f"approximate (error {best.error:.3g}): the fastest plan{budget_note or ' that fits max_mem'}, " \
+               "and no exact plan fits"
     if len(allowed) == 1:
         return "only kernel supporting this call" + budget_note
     how = "measured" if best.measured else "estimated"
