@@ -317,6 +317,8 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         result.dense.append(atom)
         return
     band = band_of_comparison(node, atom.negated, len(score_shape))  # index masks of symbolic size
+    if band is None:
+        band = _band_of_sliced_constant(node, atom.negated, constants)
     if band is not None:
         bands.append(band)
         return
@@ -328,6 +330,59 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         result.documents = docs
         return
     result.dense.append(atom)
+
+
+def _band_of_sliced_constant(node: Node, negated: bool, constants: Constants):
+    """The band of a mask that is a top-left slice of a constant, ``bias[:, :, :t, :t] == 0``, when the
+    slice has a symbolic size (a graph captured with dynamic shapes).
+
+    Every top-left ``[a, b]`` block of a matrix that is constant along its diagonals keeps the same
+    diagonals, so the band proven on the whole constant holds for every ``t``. The chain from the
+    slice to ``node`` must be elementwise ops with constant scalars; the slice must start at 0 with
+    step 1 in the last two dims and take everything before them.
+    """
+    chain = []
+    while not (kind(node) == "getitem" and isinstance(node.args[0], Node) and constants.is_constant(node.args[0])):
+        inputs = node.all_input_nodes
+        if len(inputs) != 1 or node.op not in ("call_function", "call_method") or not _elementwise(node):
+            return None
+        chain.append(node)
+        node = inputs[0]
+    source, index = node.args[0], node.args[1]
+    index = index if isinstance(index, tuple) else (index,)
+    full = constants.value(source)
+    if not isinstance(full, torch.Tensor) or full.dim() < 2 or len(index) != full.dim():
+        return None
+    if not all(i == slice(None) for i in index[:-2]) or not all(_from_start(i) for i in index[-2:]):
+        return None
+    value = full
+    for op in reversed(chain):
+        args = torch.fx.node.map_arg(op.args, lambda a: value if a is op.all_input_nodes[0] else a)
+        if op.op == "call_function":
+            value = op.target(*args, **op.kwargs)
+        else:
+            value = getattr(args[0], op.target)(*args[1:], **op.kwargs)
+    if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.shape[-2:] != full.shape[-2:]:
+        return None
+    keep = ~value if negated else value
+    return _band_of(keep, tuple(keep.shape))
+
+
+_ELEMENTWISE = frozenset({"eq", "not", "cast"})
+_ELEMENTWISE_OPS = frozenset({"__ne__", "ne", "__lt__", "lt", "__le__", "le", "__gt__", "gt", "__ge__", "ge"})
+
+
+def _elementwise(node: Node) -> bool:
+    """An elementwise op of one tensor and constant scalars (``x == 0``, ``~x``, ``x.bool()``)."""
+    others = [a for a in (*node.args[1:], *node.kwargs.values()) if not isinstance(a, (int, float, bool, torch.dtype))]
+    if others:
+        return False
+    target = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return kind(node) in _ELEMENTWISE or target in _ELEMENTWISE_OPS
+
+
+def _from_start(index) -> bool:
+    return isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1)
 
 
 def _constant_band(value: torch.Tensor, score_shape):
