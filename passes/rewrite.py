@@ -19,7 +19,7 @@ from torch.fx import Graph, Node
 from attnopt.kernels.spec import AttentionSpec
 
 from .detect import Match
-from .graph import shape_of, tensor_meta
+from .graph import is_in_place, shape_of, tensor_meta
 from .layouts import Operand, apply_steps
 
 
@@ -133,9 +133,6 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
     return out
 
 
-_IN_PLACE = frozenset({operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.setitem})
-
-
 def erase_dead(graph: Graph, candidates: list[Node]) -> None:
     """Erase nodes left without users by the rewrite (a causal mask the kernel no longer reads), and
     then their inputs in turn; only pure computations: never placeholders, in-place ops or side effects."""
@@ -145,8 +142,7 @@ def erase_dead(graph: Graph, candidates: list[Node]) -> None:
         erased = getattr(node, "_erased", False)
         if erased or node.graph is not graph or node.users or node.op not in ("call_function", "call_method"):
             continue
-        in_place = (node.op == "call_method" and node.target.endswith("_")) or node.target in _IN_PLACE
-        if in_place or node.is_impure():
+        if is_in_place(node) or node.is_impure():
             continue
         inputs = node.all_input_nodes
         graph.erase_node(node)

@@ -253,21 +253,16 @@ class ForwardUpdatesMask(nn.Module):
         return torch.softmax(s.masked_fill(~self.keep, NEG_INF), -1) @ v
 
 
-class ForwardGrowsWindow(nn.Module):
+class ForwardGrowsWindow(WindowBuffer):
     """A counter buffer the forward advances, then uses as a sliding-window size."""
 
     def __init__(self):
         super().__init__()
-        self.register_buffer("window", torch.tensor(1))
+        self.window.fill_(1)
 
     def forward(self, q, k, v):
         self.window.add_(1)
-        n = q.shape[-2]
-        i = torch.arange(n)
-        dist = i[:, None] - i[None, :]
-        keep = (dist >= 0) & (dist < self.window)
-        s = q @ k.transpose(-1, -2) * 0.25
-        return torch.softmax(s.masked_fill(~keep, NEG_INF), -1) @ v
+        return super().forward(q, k, v)
 
 
 @pytest.mark.parametrize("cls", [ForwardUpdatesMask, ForwardGrowsWindow], ids=lambda c: c.__name__)
