@@ -86,3 +86,26 @@ def test_autocast_products_read_the_cast_inputs(sdpa):
     model = Autocast(sdpa)
     x = torch.randn(2, 8, 16)
     _check(model, (x,), (x.double(),))
+
+
+class UpcastRouter(nn.Module):
+    """A mixture-of-experts router in float32 on half activations: a softmax over products, not attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(16, 4, bias=False)
+
+    def forward(self, x):
+        logits = x.float() @ self.gate.weight.float().t()  # [B, N, experts]
+        weights, experts = torch.softmax(logits, -1).topk(2, dim=-1)
+        return weights.to(x.dtype), experts
+
+
+def test_upcast_router_is_left_alone():
+    model = UpcastRouter().to(torch.bfloat16)
+    x = torch.randn(2, 8, 16, dtype=torch.bfloat16)
+    expected = model(x)
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+    for got, want in zip(optimized(x), expected):
+        torch.testing.assert_close(got, want)
+    assert not any(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
