@@ -29,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             import onnx
 
             model = aonnx.fuse(args.model, opset=args.opset, dims=_dims(args.dim), verify=args.verify, report=report)
+            if not report.attention_nodes:
+                raise ValueError(_nothing_fused(args.model, report))
             onnx.save(model, args.output)
         else:
             module = _load(args.model)
@@ -66,6 +68,13 @@ def _parser() -> argparse.ArgumentParser:
         sub.add_argument("--tolerance", type=float, default=1e-4, help="largest difference --verify accepts")
         sub.add_argument("--json", action="store_true", help="print the report as JSON")
     return parser
+
+
+def _nothing_fused(path: str, report) -> str:
+    if not report.sites:
+        return f"nothing to fuse in {path!r}: no softmax attention (softmax of a query-key product) was found"
+    reasons = "; ".join(dict.fromkeys(s.reason for s in report.sites if s.reason))
+    return f"nothing fused in {path!r}: {len(report.sites)} attention site(s) left alone ({reasons})"
 
 
 def _dims(pairs: list[str]) -> dict[str, int]:

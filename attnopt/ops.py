@@ -25,6 +25,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_dispatch_mode
 
 from attnopt.kernels import registry
 from attnopt.kernels.naive import naive_attention
@@ -224,3 +225,44 @@ def _differentiable(spec: AttentionSpec, kernel: str):
 
 
 attention.register_autograd(_backward, setup_context=_setup_context)
+
+def _plain(t: Tensor | None) -> bool:
+    return t is None or (type(t) is Tensor and not t.requires_grad)
+
+
+def run_attention(
+    q: Tensor, k: Tensor, v: Tensor,
+    key_padding: Optional[Tensor], q_doc: Optional[Tensor], kv_doc: Optional[Tensor],
+    bias: Optional[Tensor], mask: Optional[Tensor],
+    scale: float, causal: bool, align: str, window_left: Optional[int], window_right: Optional[int],
+    softcap: Optional[float], dropout_p: float, fill: str, kernel: str,
+) -> tuple[Tensor]:
+    """What a graph run as Python (``compiler="eager"``) calls in place of ``attnopt::attention``.
+
+    An inference call (no gradient asked, no dropout, plain tensors, nothing tracing) goes straight to
+    the kernel chosen at rewrite time: the custom op's dispatch, its autograd wrapper and the contiguous
+    copies its fake implementation promises are host work per call that such a call does not need.
+    Anything else (training, tracing, tensor subclasses) takes the op. Only the output is returned: the
+    graph reads nothing else.
+    """
+    lean = (
+        dropout_p == 0.0 and kernel != "auto" and not torch.compiler.is_compiling()
+        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
+        and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and _plain(bias) and _plain(mask)
+        and _get_dispatch_mode() is None and not torch._C._functorch.is_functorch_wrapped_tensor(q)
+    )
+    if not lean:
+        return (torch.ops.attnopt.attention.default(
+            q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
+            softcap, dropout_p, fill, kernel,
+        )[0],)
+    spec = spec_from_args(
+        q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
+        softcap, dropout_p, fill,
+    )
+    chosen = registry.get(kernel)
+    if torch.is_autocast_enabled(q.device.type):
+        with torch.autocast(q.device.type, enabled=False):
+            return (chosen.forward(q, k, v, spec, 0)[0],)
+    return (chosen.forward(q, k, v, spec, 0)[0],)
+

@@ -1,20 +1,28 @@
-"""Whole models on the GPU: attnopt.optimize on Hugging Face eager attention, against eager and SDPA.
+"""Whole models on the GPU: attnopt against eager, SDPA, torch.compile and FlexAttention.
 
-    python benchmarks/models.py [--lengths 2048 8192 32768] [--attention-mask ones|none] [--out ...]
+    python benchmarks/models.py [--lengths 2048 8192 32768] [--attention-mask ones|padded|none]
+                                [--peers eager sdpa sdpa_compile flex attnopt attnopt_compile] [--out ...]
 
 Llama-style: 8 layers, d_model 2048, 16 query / 4 kv heads, MLP 5632; Mistral-style: the same with
-sliding_window=4096. Random weights, bf16, batch 1, forward, no padding (the shapes of
-shared/ANCHORS.md's whole-model table); by default ``attention_mask`` is passed (all ones), as users
-call HF models. For each length: median forward time over timed repeats
-(CUDA events) and peak extra memory (torch.cuda.max_memory_allocated above the start), for
-eager attention, SDPA attention, and the eager model after attnopt.optimize. Correctness first:
-the optimized output is compared with SDPA's (and eager's where it fits) before timing.
+sliding_window=4096. Random weights, bf16, forward. ``--attention-mask ones`` (default): batch 1 with
+an all-ones ``attention_mask``, as users call HF models (the shapes of shared/ANCHORS.md's whole-model
+table); ``padded``: batch 2, the second row left-padded by a quarter of its length (a generate()
+prefill); ``none``: no mask. Peers, each the same weights:
+
+* ``eager``, ``sdpa``, ``flex``: transformers' ``attn_implementation`` (flex: FlexAttention, which
+  transformers compiles itself);
+* ``sdpa_compile``: the SDPA model under ``torch.compile``;
+* ``attnopt``: the eager model after ``attnopt.optimize`` (default ``compiler="eager"``);
+* ``attnopt_compile``: the eager model under ``torch.compile(backend="attnopt")``.
+
+For each length: median forward time over timed repeats (CUDA events) and peak extra memory
+(torch.cuda.max_memory_allocated above the start). Correctness first: every output is compared with
+SDPA's on the real (unpadded) tokens before timing; the table prints the largest difference.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 import pathlib
 import statistics
 import warnings
@@ -74,53 +82,101 @@ def _kernels(site) -> str:
     return site.kernel
 
 
+PEERS = ("eager", "sdpa", "sdpa_compile", "flex", "attnopt", "attnopt_compile")
+
+
+def make_peer(name: str, kind: str, weights: dict):
+    """The model ``name`` runs, with ``weights``; None when this transformers has no such attention."""
+    if name in ("eager", "sdpa", "flex"):
+        try:
+            model = build(kind, {"flex": "flex_attention"}.get(name, name))
+        except (ValueError, ImportError) as error:  # an attention implementation this install lacks
+            print(f"{name}: not available ({error})", flush=True)
+            return None
+        model.load_state_dict(weights)
+        return model
+    if name == "sdpa_compile":
+        model = build(kind, "sdpa")
+        model.load_state_dict(weights)
+        return torch.compile(model, dynamic=False)
+    model = build(kind, "eager")
+    model.load_state_dict(weights)
+    if name == "attnopt":
+        return attnopt.optimize(model, dynamic=False)
+    return torch.compile(model, backend="attnopt", dynamic=False)
+
+
+def inputs_for(mode: str, n: int) -> tuple[dict, torch.Tensor]:
+    """(model inputs, bool [B, N] of the real tokens)."""
+    batch = 2 if mode == "padded" else 1
+    ids = torch.randint(0, 32000, (batch, n), device="cuda")
+    real = torch.ones(batch, n, dtype=torch.bool, device="cuda")
+    if mode == "padded":
+        real[1, : n // 4] = False
+    inputs = {"input_ids": ids}
+    if mode != "none":
+        inputs["attention_mask"] = real.long()
+    return inputs, real
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
     parser.add_argument("--models", nargs="+", default=["llama", "mistral"])
-    parser.add_argument("--attention-mask", choices=["ones", "none"], default="ones")
+    parser.add_argument("--attention-mask", choices=["ones", "padded", "none"], default="ones")
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     torch.manual_seed(0)
-    passed = "attention_mask passed (all ones)" if args.attention_mask == "ones" else "no attention_mask"
+    peers = [p for p in PEERS if p in args.peers]
+    described = {"ones": "batch 1, attention_mask passed (all ones)", "none": "batch 1, no attention_mask",
+                 "padded": "batch 2, attention_mask with the second row left-padded by N/4"}[args.attention_mask]
     lines = [
-        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, batch 1, forward, no padding, {passed}",
+        f"{torch.cuda.get_device_name()}, torch {torch.__version__}; bf16, forward, {described}. "
+        "Each cell: median time, peak extra memory; ratios are SDPA's time over the peer's (above 1: faster).",
         "",
-        "| model | N | eager | SDPA | attnopt (from eager) | attnopt vs SDPA | max abs diff vs SDPA | kernels |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | N | " + " | ".join(peers) + " | attnopt vs SDPA | attnopt vs best peer | max abs diff vs SDPA | kernels |",
+        "|---|---|" + "---|" * len(peers) + "---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     for kind in args.models:
-        eager, sdpa = build(kind, "eager"), build(kind, "sdpa")
-        sdpa.load_state_dict(eager.state_dict())
-        optimized = attnopt.optimize(copy.deepcopy(eager), dynamic=False)  # optimize() changes its model
+        weights = build(kind, "eager").state_dict()
+        models = {name: make_peer(name, kind, weights) for name in peers}
         for n in args.lengths:
-            ids = torch.randint(0, 32000, (1, n), device="cuda")
-            inputs = {"input_ids": ids}
-            if args.attention_mask == "ones":
-                inputs["attention_mask"] = torch.ones_like(ids)
+            inputs, real = inputs_for(args.attention_mask, n)
+            results, diffs = {}, {}
             with torch.no_grad():
-                reference = sdpa(**inputs).last_hidden_state
-                got = optimized(**inputs).last_hidden_state
-                diff = (got.float() - reference.float()).abs().max().item()
-                results = {}
-                for name, model in (("eager", eager), ("sdpa", sdpa), ("attnopt", optimized)):
+                reference = models["sdpa"](**inputs).last_hidden_state if models.get("sdpa") else None
+                for name, model in models.items():
+                    if model is None:
+                        results[name] = "n/a"
+                        continue
                     try:
+                        out = model(**inputs).last_hidden_state
+                        if reference is not None:
+                            diffs[name] = (out.float() - reference.float())[real].abs().max().item()
+                        del out
                         results[name] = timed(lambda model=model: model(**inputs))
                     except torch.OutOfMemoryError:
                         results[name] = "out of memory"
                     torch.cuda.empty_cache()
-            kernels = sorted({_kernels(s) for s in optimized.attnopt_report.sites if s.q_len == n and s.replaced})
-            ratio = "-"
-            if not isinstance(results["attnopt"], str) and not isinstance(results["sdpa"], str):
-                ratio = f"{results['sdpa'][0] / results['attnopt'][0]:.2f}x faster"
+            timing = {k: r[0] for k, r in results.items() if not isinstance(r, str)}
+            ours = timing.get("attnopt")
+            vs_sdpa = f"{timing['sdpa'] / ours:.2f}x" if ours and "sdpa" in timing else "-"
+            others = {k: t for k, t in timing.items() if not k.startswith("attnopt") and k != "eager"}
+            best = min(others, key=others.get) if others else None
+            vs_best = f"{others[best] / ours:.2f}x ({best})" if ours and best else "-"
+            site_list = getattr(models.get("attnopt"), "attnopt_report", None)
+            kernels = sorted({_kernels(s) for s in site_list.sites if s.q_len == n and s.replaced}) if site_list else []
+            diff = max(diffs.get("attnopt", 0.0), diffs.get("attnopt_compile", 0.0))
             lines.append(
-                f"| {kind} | {n} | {fmt(results['eager'])} | {fmt(results['sdpa'])} | {fmt(results['attnopt'])} "
-                f"| {ratio} | {diff:.3g} | {', '.join(kernels)} |"
+                f"| {kind} | {n} | " + " | ".join(fmt(results[p]) for p in peers)
+                + f" | {vs_sdpa} | {vs_best} | {diff:.3g} | {', '.join(kernels)} |"
             )
             print(lines[-1], flush=True)
-        print(optimized.attnopt_report, flush=True)
-        del eager, sdpa, optimized
+        if models.get("attnopt") is not None:
+            print(models["attnopt"].attnopt_report, flush=True)
+        del models
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

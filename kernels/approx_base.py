@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import torch
 
-from .registry import Grads
-from .spec import AttentionSpec
+from . import registry
+from .registry import Grads, Kernel
+from .spec import AttentionSpec, key_padding_keep
 
 
 def recompute_grads(
@@ -56,3 +57,104 @@ def nan_lse(q: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
 def tensor_reasons(spec: AttentionSpec, *, allowed: tuple[str, ...]) -> list[str]:
     """One reason per mask term of ``spec`` that is not in ``allowed``."""
     return [f"mask term {term!r} not supported" for term in spec.mask_terms if term not in allowed]
+
+
+# ------------------------------------------------------------------ settings
+class Approximate(Kernel):
+    """An approximate kernel family: its settings (window, features...) are hyperparameters.
+
+    The registered instance runs the family's default settings under its own
+    name. ``configured(**settings)`` is the same family with other settings,
+    registered under a name that states them (``approx_local_global[window=256,n_global=16]``)
+    so that a rewritten graph's op call names the whole decision. ``search_space``
+    is the grid a calibration tries for one call, in order of increasing cost.
+    """
+
+    exact = False
+    family: str = ""
+
+    def settings(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def search_space(self, spec: AttentionSpec) -> list[dict[str, int]]:
+        return [self.settings()]
+
+    def with_settings(self, **settings) -> Approximate:
+        return type(self)(**{**self.settings(), **settings})
+
+    @property
+    def variant(self) -> bool:
+        """Whether this instance was configured by a calibration (not the family's default)."""
+        return self.name != self.family
+
+    def describe(self) -> str:
+        return ", ".join(f"{k}={v}" for k, v in self.settings().items())
+
+
+def variant_name(family: str, settings: dict[str, int]) -> str:
+    return f"{family}[{','.join(f'{k}={v}' for k, v in settings.items())}]"
+
+
+def configured(kernel: Approximate, **settings) -> Approximate:
+    """``kernel``'s family with ``settings``, registered (once) under a name that states them."""
+    default = registry.get(kernel.family)
+    wanted = {**default.settings(), **kernel.settings(), **settings}
+    if wanted == default.settings():
+        return default
+    name = variant_name(kernel.family, wanted)
+    try:
+        return registry.get(name)
+    except ValueError:
+        made = default.with_settings(**wanted)
+        made.name = name
+        return registry.register(made)
+
+
+# ------------------------------------------------------------------ mask terms on gathered keys
+def terms_at(spec: AttentionSpec, rows: torch.Tensor, cols: torch.Tensor):
+    """The spec's mask terms on gathered positions: query ``rows [nb, c]`` against key ``cols [nb, K]``.
+
+    Returns ``(keep, additive)``: a bool tensor broadcastable to ``[B, Hq, nb, c, K]``
+    (None when nothing masks) and the additive terms, each broadcastable likewise.
+    Positions must be in range (callers clamp and mask the padding themselves).
+    """
+    keep = None
+
+    def conj(term):
+        nonlocal keep
+        keep = term if keep is None else keep & term
+
+    lo, hi = spec.band()
+    if lo is not None or hi is not None:
+        rel = cols[:, None, :] - rows[:, :, None] - spec.diagonal_offset  # [nb, c, K]
+        band = torch.ones_like(rel, dtype=torch.bool)
+        if lo is not None:
+            band &= rel >= lo
+        if hi is not None:
+            band &= rel <= hi
+        conj(band[None, None])
+    if spec.key_padding is not None:
+        kept = key_padding_keep(spec.key_padding, spec.kv_len)  # [B, Nk]
+        conj(kept[:, cols][:, None, :, None, :])  # [B, 1, nb, 1, K]
+    if spec.q_doc is not None:
+        same = spec.q_doc[:, rows][:, :, :, None] == spec.kv_doc[:, cols][:, :, None, :]  # [B|1, nb, c, K]
+        conj(same[:, None])
+    additive = []
+    for term in (spec.bias, spec.mask):
+        if term is None:
+            continue
+        gathered = _gather(term, rows, cols)
+        if term.dtype == torch.bool:
+            conj(gathered)
+        else:
+            additive.append(gathered)
+    return keep, additive
+
+
+def _gather(term: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    """A term broadcastable to ``[B, H, Nq, Nk]`` at (rows, cols): ``[B|1, H|1, nb, c, K]``."""
+    while term.dim() < 4:
+        term = term[None]
+    r = rows if term.shape[2] > 1 else torch.zeros_like(rows)
+    c = cols if term.shape[3] > 1 else torch.zeros_like(cols)
+    return term[:, :, r[:, :, None], c[:, None, :]]

@@ -39,9 +39,8 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         return torch.where(empty[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.NEG_INF:
         return torch.where(empty[..., None], torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
-    if not bool(empty.any()):  # the mean reads all of V: only when a row needs it
-        return out
-    # every score is the same finite minimum: softmax is uniform over all keys
+    # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
+    # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
     mean_v = v.float().mean(dim=2).repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
     return torch.where(empty[..., None], mean_v.to(out.dtype), out)
 

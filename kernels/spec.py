@@ -196,6 +196,25 @@ class AttentionSpec:
         """Bounds ``(lo, hi)`` on ``j - i - offset`` from causal and window; None = unbounded."""
         return band_bounds(self.causal, self.window)
 
+    def rows_may_be_empty(self, *, additive: bool = True) -> bool:
+        """False when the terms prove every query row sees at least one key (no fill is then needed).
+
+        With ``additive=False`` only the boolean terms count; an additive term can also mask a
+        whole row, with ``-inf``, since its values are data.
+        """
+        if self.kv_len == 0 or self.key_padding is not None or self.q_doc is not None:
+            return True
+        if self.mask is not None and (additive or self.mask.dtype == torch.bool):
+            return True
+        if additive and self.bias is not None:
+            return True
+        lo, hi = self.band()
+        off = self.diagonal_offset
+        # row i sees keys max(0, i + off + lo) .. min(Nk - 1, i + off + hi): rows 0 and Nq - 1 are the extremes
+        first_row_empty = hi is not None and off + hi < 0
+        last_row_empty = lo is not None and self.q_len - 1 + off + lo > self.kv_len - 1
+        return first_row_empty or last_row_empty
+
     @property
     def visible_fraction(self) -> float:
         """Fraction of the score matrix the band terms leave visible (1.0 without a band), for cost models."""

@@ -125,29 +125,15 @@ def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
     return dict(seed=int(seed) % (1 << 62), dropout_p=float(spec.dropout_p), DROPOUT=spec.dropout_p > 0.0)
 
 
-def may_have_empty_rows(spec: AttentionSpec) -> bool:
-    """False when the terms prove every query row sees at least one key (then no fill is needed)."""
-    if spec.kv_len == 0:
-        return True
-    if spec.key_padding is not None or spec.q_doc is not None or spec.mask is not None or spec.bias is not None:
-        return True  # data-dependent (a bias may hold -inf)
-    lo, hi = spec.band()
-    off = spec.diagonal_offset
-    # row i sees keys max(0, i + off + lo) .. min(Nk - 1, i + off + hi): row 0 and row Nq - 1 are the extremes
-    first_row_empty = hi is not None and off + hi < 0
-    last_row_empty = lo is not None and spec.q_len - 1 + off + lo > spec.kv_len - 1
-    return first_row_empty or last_row_empty
-
-
 def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    if spec.fill == Fill.SAFE or not may_have_empty_rows(spec):
+    if spec.fill == Fill.SAFE or not spec.rows_may_be_empty():
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec)
 
 
 def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec) -> Grads:
     """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (kernels/fills.py)."""
-    if spec.fill != Fill.SAFE and may_have_empty_rows(spec):
+    if spec.fill != Fill.SAFE and spec.rows_may_be_empty():
         extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec)
         grads = [g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra[:3])]
     return (*grads, None, None)

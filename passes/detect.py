@@ -28,6 +28,7 @@ from attnopt.kernels.spec import Fill
 from . import masks
 from .graph import ArgumentError, Constants, bind, constant_value, kind, shape_of, tensor_meta
 from .layouts import LayoutError, Operand, Step, apply_steps, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
+from .symbolic import static_int
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,7 @@ class Match:
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
     intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
     reads: tuple[Node, ...] = ()  # buffers whose captured values the proof used: guarded at run time
+    frame: tuple | None = None  # [B, H, Nq, Nk] of scores the site views as [B*H, Nq, Nk] and back
 
     @property
     def fill(self) -> Fill:
@@ -96,7 +98,7 @@ def find_sites(graph: Graph, inputs: dict[Node, torch.Tensor] | None = None) -> 
     constants = Constants(graph, inputs)
     found: list[Match | Rejection] = []
     for node in list(graph.nodes):
-        anchor_kind = kind(node)
+        anchor_kind = _anchor_kind(node)
         if anchor_kind == "fused_layer":
             found.append(Rejection(node, FUSED_LAYER_REASON, node))
             continue
@@ -116,11 +118,110 @@ def find_sites(graph: Graph, inputs: dict[Node, torch.Tensor] | None = None) -> 
     return found
 
 
+# ------------------------------------------------------------------ softmax spellings
+_SAFE_SOFTMAX = (torch.ops.aten._safe_softmax, torch.ops.aten._safe_softmax.default)
+_PRODUCTS = ("matmul", "einsum", "baddbmm")
+
+
+@dataclass(frozen=True)
+class _Softmax:
+    """A softmax as written: ``F.softmax``, ``aten._safe_softmax`` or ``exp(s - max(s)) / sum(...)``."""
+
+    scores: Node
+    dim: object
+    dtype: torch.dtype | None
+    internal: tuple[Node, ...] = ()  # the decomposition's nodes below the anchor, erase order
+    readers: tuple[Node, ...] = ()  # the nodes that read the scores
+    safe: bool = False  # rows of -inf only are 0, not NaN (SDPA's safe softmax)
+
+
+def _anchor_kind(node: Node) -> str | None:
+    if node.op == "call_function" and node.target in _SAFE_SOFTMAX:
+        return "softmax"
+    k = kind(node)
+    if k == "div" and _decomposed_softmax(node) is not None:
+        return "softmax"
+    return k
+
+
+def _read_softmax(node: Node) -> _Softmax:
+    if node.op == "call_function" and node.target in _SAFE_SOFTMAX:
+        call = bind(node, ("input", "dim", "dtype"), {"dtype": None})
+        return _Softmax(call["input"], call["dim"], call["dtype"], readers=(node,), safe=True)
+    decomposed = _decomposed_softmax(node)
+    if decomposed is not None:
+        return decomposed
+    names = ("input", "dim", "_stacklevel", "dtype") if node.target is F.softmax else ("input", "dim", "dtype")
+    call = bind(node, names, {"dim": None, "dtype": None, "_stacklevel": 3})
+    return _Softmax(call["input"], call["dim"], call["dtype"], readers=(node,))
+
+
+def _decomposed_softmax(div: Node) -> _Softmax | None:
+    """``e / e.sum(d, keepdim=True)`` with ``e = exp(s - s.amax(d, keepdim=True))`` (or ``s.max(d, keepdim=True)[0]``,
+    detached or not), each intermediate read only by the next: the same function as ``softmax(s, d)``,
+    NaN on rows of -inf included."""
+    try:
+        return _read_decomposed(div)
+    except ArgumentError:
+        return None
+
+
+def _read_decomposed(div: Node) -> _Softmax | None:
+    if len(div.args) != 2 or div.kwargs:
+        return None
+    e, total = div.args
+    if not (_is_call(total, "sum") and _is_call(e, "exp")) or set(e.users) != {div, total} or len(total.users) != 1:
+        return None
+    summed = bind(total, ("input", "dim", "keepdim", "dtype"), {"keepdim": False, "dtype": None})
+    bind(e, ("input",))
+    x = e.args[0]
+    if summed["input"] is not e or summed["keepdim"] is not True or summed["dtype"] is not None:
+        return None
+    if kind(x) != "sub" or len(x.users) != 1:
+        return None
+    sub = bind(x, ("input", "other", "alpha"), {"alpha": 1})
+    scores, top = sub["input"], sub["other"]
+    if sub["alpha"] != 1 or not isinstance(scores, Node) or not isinstance(top, Node) or len(top.users) != 1:
+        return None
+    internal = [total, e, x]
+    if _is_call(top, "detach") and len(top.args) == 1 and not top.kwargs:
+        internal.append(top)
+        top = top.args[0]
+        if len(top.users) != 1:
+            return None
+    if _is_call(top, "amax"):
+        reduce, reader = top, top
+    elif kind(top) == "getitem" and top.args[1] == 0 and _is_call(top.args[0], "max") and len(top.args[0].users) == 1:
+        internal.append(top)
+        reduce, reader = top.args[0], top.args[0]
+    else:
+        return None
+    internal.append(reduce)
+    call = bind(reduce, ("input", "dim", "keepdim"), {"keepdim": False})
+    rank = len(shape_of(scores) or ())
+    dims = {d % rank if isinstance(d, int) and rank else None for d in (summed["dim"], call["dim"])}
+    dims |= {d[0] % rank for d in (summed["dim"], call["dim"]) if isinstance(d, (tuple, list)) and len(d) == 1}
+    dims.discard(None)
+    if call["input"] is not scores or call["keepdim"] is not True or dims != {rank - 1}:
+        return None
+    if any(isinstance(d, (tuple, list)) and len(d) != 1 for d in (summed["dim"], call["dim"])):
+        return None
+    return _Softmax(scores, -1, None, internal=tuple(internal), readers=(x, reader))
+
+
+def _is_call(node, name: str) -> bool:
+    """``torch.<name>(x, ...)`` or ``x.<name>(...)``."""
+    if not isinstance(node, Node):
+        return False
+    if node.op == "call_method":
+        return node.target == name
+    return node.op == "call_function" and node.target is getattr(torch, name, None)
+
+
 # ------------------------------------------------------------------ softmax
 def _match_softmax(softmax: Node, constants: Constants) -> Match:
-    names = ("input", "dim", "_stacklevel", "dtype") if softmax.target is F.softmax else ("input", "dim", "dtype")
-    call = bind(softmax, names, {"dim": None, "dtype": None, "_stacklevel": 3})
-    scores_in, dim, dtype = call["input"], call["dim"], call["dtype"]
+    sm = _read_softmax(softmax)
+    scores_in, dim, dtype = sm.scores, sm.dim, sm.dtype
     shape = shape_of(softmax)
     if dtype is not None and dtype not in (torch.float32, torch.float64):
         raise _Reject(f"softmax in {dtype}: the kernels compute it in float32 or float64", softmax)
@@ -135,17 +236,16 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
     chain: list[Node] = [softmax]  # from softmax up to the score product
     steps: list[tuple] = []  # ops applied to the raw scores, collected upwards
     node = scores_in
-    while kind(node) not in ("matmul", "einsum", "baddbmm"):
+    while kind(node) not in _PRODUCTS:
         step, node = _score_step(node, constants)
         chain.append(step[-1])
         steps.append(step[:-1])
     score_mm = node
     chain.append(score_mm)
-    q, k, product_steps = _split_score_product(score_mm, constants)
-    steps.extend(reversed(product_steps))  # ``steps`` is collected upwards; reversed into forward order below
+    views = [step for step in steps if step[0] == "view"]
 
     down: list[Node] = []
-    probs, dropout_p, nan_to_zero = softmax, 0.0, False
+    probs, dropout_p, nan_to_zero = softmax, 0.0, sm.safe
     while True:
         users = list(probs.users)
         zeroed = _nan_to_zero(probs, users)
@@ -177,35 +277,125 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
             down.append(user)
             probs = user
             continue
-        if user_kind == "matmul" and user.args[0] is probs and not user.kwargs:
-            v, output_steps = to_rank4(Operand(user.args[1])), ()
-            if len(shape) == 3:
-                output_steps = (("squeeze", (1,)),)
-            value_mm = user
-            break
-        if user_kind == "einsum" and len(user.args) == 3 and user.args[1] is probs and not user.kwargs:
-            try:
-                v, output_steps = value_einsum(user)
-            except LayoutError as err:
-                raise _Reject(str(err), user) from None
+        if user_kind == "reshape":
+            views.append(_score_view(user, probs))
+            down.append(user)
+            probs = user
+            continue
+        if (user_kind == "matmul" and user.args[0] is probs and not user.kwargs) or (
+                user_kind == "einsum" and len(user.args) == 3 and user.args[1] is probs and not user.kwargs):
             value_mm = user
             break
         raise _Reject(f"probabilities go to {_describe(user)}, not to a product with values", user)
 
+    heads = _frame_heads(views, softmax)
+    q, k, product_steps = _split_score_product(score_mm, constants, heads)
+    steps.extend(reversed(product_steps))  # ``steps`` is collected upwards; reversed into forward order below
+    if kind(value_mm) == "matmul":
+        v, output_steps = _in_frame(Operand(value_mm.args[1]), heads), ()
+        if len(shape_of(probs) or ()) == 3:
+            output_steps = (("squeeze", (1,)),) if heads is None else (("flatten", (0, 1)),)
+    else:
+        try:
+            v, output_steps = value_einsum(value_mm)
+        except LayoutError as err:
+            raise _Reject(str(err), value_mm) from None
+        if heads is not None and len(shape_of(probs) or ()) == 3:
+            raise _Reject("an einsum over [B*H, Nq, Nk] probabilities the site also views as [B, H, Nq, Nk]",
+                          value_mm)
+
     for node in chain[1:]:
-        if len(node.users) != 1:
+        outside = set(node.users) != set(sm.readers) if node is scores_in else len(node.users) != 1
+        if outside:
             raise _Reject("attention scores are used outside the attention", node)
 
     match = Match(anchor=softmax, kind="softmax", q=q, k=k, v=v, output=value_mm, output_steps=output_steps,
                   dropout_p=dropout_p, nan_to_zero=nan_to_zero)
+    if heads is not None:
+        _check_terms_in_frame(chain, len(shape), softmax)
     _interpret(match, list(reversed(steps)), softmax)
     match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     _check_layout(match, score_mm)
-    match.internal = [*reversed(down), softmax, *chain[1:]]
+    if heads is not None:
+        q_shape, k_shape = match.q.shape(), match.k.shape()
+        match.frame = (*q_shape[:3], k_shape[2])
+    match.internal = [*reversed(down), softmax, *sm.internal, *chain[1:]]
     if kind(score_mm) == "matmul" and isinstance(score_mm.args[1], Node) and score_mm.args[1] is not match.k.node:
         match.internal.append(score_mm.args[1])
-    match.intermediates = [n for n in chain + down if shape_of(n) == shape]
+    size = math.prod(shape)
+    match.intermediates = [n for n in [*chain, *sm.internal, *down]
+                           if kind(n) != "reshape" and math.prod(shape_of(n) or (0,)) == size]
     return match
+
+
+# ------------------------------------------------------------------ scores viewed as [B*H, N, N] and back
+def _score_view(node: Node, scores: Node) -> tuple:
+    """A view of the scores between ``[B*H, Nq, Nk]`` and ``[B, H, Nq, Nk]`` (or one that keeps the shape),
+    as the step ``("view", H or None)``. The output shape dynamo recorded says what the view does."""
+    before, after = tensor_meta(scores), tensor_meta(node)
+    flat = [a for a in (*node.args[1:], *node.kwargs.values())]
+    flat = [x for a in flat for x in (a if isinstance(a, (tuple, list)) else (a,))]
+    if node.op == "call_function" and node.target is not torch.reshape:
+        raise _Reject(f"scores reshaped by {_describe(node)}", node)
+    if set(node.kwargs) - {"shape", "size"} or node.args[0] is not scores or before is None or after is None or any(
+            not isinstance(a, (int, Node)) or isinstance(a, bool) for a in flat) or before.dtype != after.dtype:
+        raise _Reject(f"{_describe(node)} of the scores is not a view of their shape", node)
+    b, a = tuple(before.shape), tuple(after.shape)
+    if len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b)):
+        return ("view", None, node)
+    wide, narrow = (a, b) if len(a) == 4 and len(b) == 3 else (b, a) if len(a) == 3 and len(b) == 4 else (None, None)
+    heads = static_int(wide[1]) if wide is not None else None
+    if wide is None or heads is None or not all(_same_size(x, y) for x, y in zip(wide[2:], narrow[1:])) or not (
+            _same_size(narrow[0], wide[0] * heads)):
+        raise _Reject(f"scores viewed from {_shape_text(b)} to {_shape_text(a)}: only [B*H, Nq, Nk] <-> "
+                      "[B, H, Nq, Nk] views are read (a per-window view needs the mask viewed with them; "
+                      "not supported yet)", node)
+    return ("view", heads, node)
+
+
+def _same_size(x, y) -> bool:
+    return static_int(x - y) == 0 if not (isinstance(x, int) and isinstance(y, int)) else x == y
+
+
+def _shape_text(shape) -> str:
+    return "[" + ", ".join(str(s) for s in shape) + "]"
+
+
+def _frame_heads(views: list[tuple], at: Node) -> int | None:
+    """H of the site's [B, H, Nq, Nk] frame when its scores are viewed between 3 and 4 dims, else None."""
+    heads = {step[1] for step in views if step[1] is not None}
+    if len(heads) > 1:
+        raise _Reject(f"the scores are viewed with different head counts {sorted(heads)}", at)
+    return heads.pop() if heads else None
+
+
+def _in_frame(op: Operand, heads: int | None) -> Operand:
+    """A product operand in [B, H, N, D]: ``[B*H, N, D]`` ones split by the frame's H (or H = 1 without one)."""
+    if heads is None or len(op.shape() or ()) != 3:
+        return to_rank4(op)
+    return op.then(("unflatten", (0, (-1, heads))))
+
+
+def _check_terms_in_frame(chain: list[Node], anchor_rank: int, at: Node) -> None:
+    """Masks of a site whose scores change rank must mean the same against the op's [B, H, Nq, Nk] scores.
+
+    A term added to ``[B*H, Nq, Nk]`` scores with a leading dim that is not 1 is per (batch, head), and a
+    3-D term next to 3-D probabilities is unsqueezed at dim 1 by the rewrite: both only when that dim is 1.
+    """
+    for node, scores in zip(chain[1:-1], chain[2:]):
+        if kind(node) not in ("add", "masked_fill", "where"):
+            continue
+        rank = len(shape_of(node) or ())
+        for term in node.all_input_nodes:
+            if term is scores:
+                continue
+            term_shape = shape_of(term) or ()
+            per_head = len(term_shape) >= 3 and term_shape[-3] != 1
+            if per_head and (rank == 3 or (anchor_rank == 3 and len(term_shape) == 3)):
+                raise _Reject(f"a mask of shape {_shape_text(term_shape)} on scores viewed between [B*H, Nq, Nk] "
+                              "and [B, H, Nq, Nk]: per (batch, head) masks across the view are not supported yet",
+                              node)
+
 
 
 def _nan_to_zero(probs: Node, users: list[Node]) -> Node | None:
@@ -253,6 +443,7 @@ def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
         if not (isinstance(a, Node) and isinstance(b, Node)) or not isinstance(alpha, (int, float)):
             raise _Reject("a constant is added to the scores (softmax ignores it, but it is not a mask)", node)
         dtype = tensor_meta(node).dtype  # the precision eager added the mask at
+        _check_keeps_shape(node, a if _reaches_scores(a, constants) else b)
         if _reaches_scores(a, constants):
             return ("add", b, float(alpha), dtype, node), a
         if _reaches_scores(b, constants) and alpha == 1.0:
@@ -261,10 +452,12 @@ def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
     if k == "masked_fill":
         call = bind(node, ("input", "mask", "value"))
         scores, cond, value = call["input"], call["mask"], call["value"]
+        _check_keeps_shape(node, scores)
         return ("fill", BooleanTerm(cond, False, _fill_value(value, node, constants)), node), scores
     if k == "where":
         call = bind(node, ("condition", "input", "other"))
         cond, a, b = call["condition"], call["input"], call["other"]
+        _check_keeps_shape(node, a if isinstance(a, Node) and _reaches_scores(a, constants) else b)
         if isinstance(a, Node) and _reaches_scores(a, constants):
             return ("fill", BooleanTerm(cond, True, _fill_value(b, node, constants)), node), a
         if isinstance(b, Node) and _reaches_scores(b, constants):
@@ -273,6 +466,8 @@ def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
     if k == "tanh":
         bind(node, ("input",))
         return ("tanh", node), node.args[0]
+    if k == "reshape" and node.args and isinstance(node.args[0], Node):
+        return _score_view(node, node.args[0]), node.args[0]
     raise _Reject(f"no q @ k^T product above the softmax (reached {_describe(node)}): not attention", node)
 
 
@@ -281,13 +476,20 @@ def _reaches_scores(node, constants: Constants) -> bool:
     for _ in range(64):
         if not isinstance(node, Node) or constants.is_constant(node):
             return False
-        if kind(node) in ("matmul", "einsum", "baddbmm"):
+        if kind(node) in _PRODUCTS:
             return True
         try:
             _, node = _score_step(node, constants)
         except _Reject:
             return False
     return False
+
+
+def _check_keeps_shape(node: Node, scores) -> None:
+    """A mask step must not broadcast the scores to a larger shape (the op's output would not match)."""
+    if isinstance(scores, Node) and shape_of(scores) is not None and shape_of(node) != shape_of(scores):
+        raise _Reject(f"the mask broadcasts the scores from {_shape_text(shape_of(scores))} to "
+                      f"{_shape_text(shape_of(node))}", node)
 
 
 def _fill_value(value, node: Node, constants: Constants) -> float:
@@ -297,13 +499,16 @@ def _fill_value(value, node: Node, constants: Constants) -> float:
     return number
 
 
-def _split_score_product(node: Node, constants: Constants) -> tuple[Operand, Operand, list[tuple]]:
+def _split_score_product(node: Node, constants: Constants, heads: int | None = None
+                         ) -> tuple[Operand, Operand, list[tuple]]:
     """``(q, k, steps)`` of the score product; ``steps`` are score steps it implies (baddbmm), in forward order."""
     k = kind(node)
     try:
         if k == "einsum":
             if len(node.args) != 3 or node.kwargs:
                 raise LayoutError("einsum scores need exactly two operands and no keyword arguments")
+            if heads is not None and len(shape_of(node) or ()) == 3:
+                raise LayoutError("einsum [B*H, Nq, Nk] scores the site also views as [B, H, Nq, Nk]")
             q, key = score_einsum(node)
             return q, key, []
         extra: list[tuple] = []
@@ -316,6 +521,11 @@ def _split_score_product(node: Node, constants: Constants) -> tuple[Operand, Ope
             if alpha == 0:
                 raise LayoutError("baddbmm with alpha=0 has no score product")
             zero_bias = constants.is_constant(bias) and not bool(constants.value(bias).any())
+            bias_shape = shape_of(bias) or ()
+            if beta != 0.0 and not zero_bias and heads is not None and len(bias_shape) >= 3 and bias_shape[-3] != 1:
+                raise LayoutError(f"baddbmm adds a term of shape {_shape_text(bias_shape)} to [B*H, Nq, Nk] scores the "
+                                  "site views as [B, H, Nq, Nk]: per (batch, head) masks across the view are not "
+                                  "supported yet")
             if beta != 0.0 and not zero_bias:
                 extra.append(("add", bias, float(beta) / float(alpha), tensor_meta(node).dtype))
             extra.append(("scale", float(alpha)))
@@ -324,7 +534,7 @@ def _split_score_product(node: Node, constants: Constants) -> tuple[Operand, Ope
             a, b = call["input"], call["other"]
         if not isinstance(a, Node) or not isinstance(b, Node):
             raise LayoutError("score product with a constant operand")
-        return to_rank4(Operand(a)), to_rank4(untransposed(b)), extra
+        return _in_frame(Operand(a), heads), _in_frame(untransposed(b), heads), extra
     except (LayoutError, ArgumentError) as err:
         raise _Reject(str(err), node) from None
 
@@ -336,9 +546,9 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
     booleans: list[BooleanTerm] = []
     for step in steps:
         op = step[0]
-        if pending_tanh and op not in ("scale", "cast"):
+        if pending_tanh and op not in ("scale", "cast", "view"):
             raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
-        if op == "cast":
+        if op in ("cast", "view"):
             continue
         if op == "scale":
             c = step[1]
@@ -460,7 +670,12 @@ def _match_sdpa(node: Node, constants: Constants) -> Match:
 
 def _analyze_masks(match: Match, constants: Constants) -> None:
     # masks broadcast against the scores as the model wrote them: [B, H, Nq, Nk] or [B*H, Nq, Nk]
-    score_shape = shape_of(match.anchor) if match.kind == "softmax" else (*match.q.shape()[:-1], match.k.shape()[-2])
+    if match.frame is not None:
+        score_shape = match.frame
+    elif match.kind == "softmax":
+        score_shape = shape_of(match.anchor)
+    else:
+        score_shape = (*match.q.shape()[:-1], match.k.shape()[-2])
     sizes = (_symbolic_len(match.q), _symbolic_len(match.k))
     try:
         match.masks = masks.analyze(

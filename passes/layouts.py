@@ -1,7 +1,7 @@
 """Layouts: bring q, k, v of a detected site to ``[B, H, N, D]``, and fold GQA repeats away.
 
 An ``Operand`` is a graph node plus the view steps the rewrite applies to it
-(``transpose``, ``unsqueeze``, ``permute``), so that a score product written
+(``transpose``, ``unsqueeze``, ``permute``, ``unflatten`` of a ``[B*H]`` dim), so that a score product written
 as ``q @ k.mT``, ``torch.bmm`` on ``[B*H, N, D]``, or an ``einsum`` in any
 layout all reach the kernel as ``[B, H, N, D]`` views, without copies.
 
@@ -14,6 +14,7 @@ exactly what those repeats compute.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from torch.fx import Node
@@ -62,6 +63,14 @@ def apply_steps(shape: tuple[int, ...], steps) -> tuple[int, ...]:
             shape = [shape[d] for d in args[0]]
         elif name == "to":  # a dtype cast keeps the shape
             pass
+        elif name == "unflatten":  # (dim, sizes) with at most one -1
+            dim, sizes = args[0] % len(shape), list(args[1])
+            known = math.prod(s for s in sizes if s != -1)
+            sizes = [shape[dim] // known if s == -1 else s for s in sizes]
+            shape[dim:dim + 1] = sizes
+        elif name == "flatten":  # (start, end)
+            start, end = (d % len(shape) for d in args)
+            shape[start:end + 1] = [math.prod(shape[start:end + 1])]
         else:
             raise AssertionError(f"unknown layout step {name}")
     return tuple(shape)

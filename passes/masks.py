@@ -46,6 +46,14 @@ ABSORBING_FILL = -1e30
 class Atom:
     node: Node
     negated: bool  # keep where the node is False
+    # size-1 dims the mask inserted above the atom (``keep[:, None]``), innermost first, each as
+    # (rank, dim): right-align the shape to ``rank``, then insert a dim at ``dim`` (never in the last two)
+    lifts: tuple[tuple[int, int], ...] = ()
+
+    def shape(self) -> tuple | None:
+        """The atom's shape as the scores see it: its own, with the inserted dims."""
+        shape = shape_of(self.node)
+        return None if shape is None else lifted_shape(shape, self.lifts)
 
 
 @dataclass
@@ -60,6 +68,9 @@ class MaskAnalysis:
     fill: Fill = Fill.NEG_INF
     notes: list[str] = field(default_factory=list)
     alibi: list[Node] = field(default_factory=list)  # additive terms that are ALiBi biases
+    # additive terms that only add 0 or a finite masking value the kernels must add as written (-10000,
+    # float16's finfo.min): term -> the structure of where it masks (("key_padding",), ("causal",), ...)
+    finite_masks: dict = field(default_factory=dict)
     add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype eager added it to the scores at
 
     @property
@@ -73,10 +84,15 @@ class MaskAnalysis:
             terms.append("key_padding")
         if self.documents is not None:
             terms.append("document")
+        structured = [n for t, _ in self.additive for n in self.finite_masks.get(t, ())]
+        for name in ("causal", "window", "key_padding"):
+            if name in structured and name not in terms:
+                terms.append(name)
         biases = [t in self.alibi or _needs_grad(t) for t, _ in self.additive]
         if any(biases):
             terms.append("bias")
-        if self.dense or not all(biases):
+        plain = [not b and t not in self.finite_masks for b, (t, _) in zip(biases, self.additive)]
+        if self.dense or any(plain):
             terms.append("dense")
         return tuple(terms)
 
@@ -114,6 +130,7 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
                 result.alibi.append(node)
         converted = _as_boolean(node, mult, dtype, constants)
         if converted is None:
+            _label_finite_mask(node, mult, result, score_shape, constants)
             result.additive.append((node, mult))
             if added_at is not None:
                 result.add_dtypes[node] = added_at
@@ -133,7 +150,7 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
             if added_at is not None:
                 result.add_dtypes[node] = added_at
     try:
-        result.fill = _fill(terms, sdpa, dtype, result.additive)
+        result.fill = _fill(terms, sdpa, dtype, _unbounded(result.additive, constants))
     except MaskError:
         if not (keep_finite and finite):
             raise
@@ -142,12 +159,16 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
         result.additive.append(finite[0][:2])
         if finite[0][2] is not None:
             result.add_dtypes[finite[0][0]] = finite[0][2]
-        result.fill = _fill(terms, sdpa, dtype, result.additive)
+        result.fill = _fill(terms, sdpa, dtype, _unbounded(result.additive, constants))
     q_len, kv_len = sizes if sizes is not None else (score_shape[-2], score_shape[-1])
     for cond, keep_when_true, _, _ in terms:
         if cond is None:  # already classified
             continue
-        for atom in _conjunction(cond, negated=not keep_when_true):
+        atoms = _conjunction(cond, negated=not keep_when_true)
+        if _lifted_dense(atoms, result, score_shape, constants):
+            # a dense atom is passed to the kernels as its node: it must broadcast as the scores do
+            atoms = _conjunction(cond, negated=not keep_when_true, lift=False)
+        for atom in atoms:
             _classify(atom, result, bands, score_shape, constants)
     if bands:
         lo = max((b[0] for b in bands if b[0] is not None), default=None)
@@ -179,7 +200,9 @@ def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
         return None  # an argument this reading does not interpret: the term stays additive (exact)
 
 
-def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants):
+def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants, accept=None):
+    """``accept(fill)``: whether a fill value is taken (default: an exact fill at ``dtype``)."""
+    accept = accept or (lambda fill: _exact_fill(fill, dtype))
     k = kind(node)
     if constants.mutations.is_mutated(node):
         return None
@@ -190,26 +213,73 @@ def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants):
         call = bind(node, ("input", "mask", "value"))
         if _is_zeros(call["input"], constants):
             fill = constants.number(call["value"])
-            if fill is not None and _exact_fill(fill * mult, dtype):
+            if fill is not None and accept(fill * mult):
                 return call["mask"], False, fill * mult
     if k == "where":
         call = bind(node, ("condition", "input", "other"))
         cond, a, b = call["condition"], constants.number(call["input"]), constants.number(call["other"])
-        if a == 0.0 and b is not None and _exact_fill(b * mult, dtype):
+        if a == 0.0 and b is not None and accept(b * mult):
             return cond, True, b * mult
-        if b == 0.0 and a is not None and _exact_fill(a * mult, dtype):
+        if b == 0.0 and a is not None and accept(a * mult):
             return cond, False, a * mult
     if k == "mul":
         call = bind(node, ("input", "other"))
         x, y = call["input"], call["other"]
         factor, other = (constants.number(y), x) if constants.number(y) is not None else (constants.number(x), y)
-        if factor is not None and _exact_fill(factor * mult, dtype) and kind(other) == "sub":
+        if factor is not None and accept(factor * mult) and kind(other) == "sub":
             sub = bind(other, ("input", "other"))  # an ``alpha`` is an ArgumentError: not read as 1 - b
             one, flag = sub["input"], sub["other"]
             source = _bool_behind_cast(flag)
             if constants.number(one) == 1.0 and source is not None:
                 return source, True, factor * mult
     return None
+
+
+def _label_finite_mask(node: Node, mult: float, result: MaskAnalysis, score_shape, constants: Constants) -> None:
+    """Name where an additive term that stays additive masks, when it has a structure.
+
+    The term only adds 0 or one finite masking value (-10000, float16's finfo.min) that does not absorb
+    every score, or it is a per-key float tensor (a padding mask given as 0 / -inf): the kernels add it
+    exactly as written, and the report names it by its structure (key padding, causal, window) instead
+    of ``dense``. Only the label changes, never the arithmetic.
+    """
+    if _needs_grad(node) or constants.mutations.is_mutated(node):
+        return
+    scratch, bands = MaskAnalysis(), []
+    try:
+        read = _read_as_boolean(node, mult, None, constants, accept=lambda fill: True)
+        if read is not None:
+            cond, keep_when_true, fill = read
+            if fill > MASKING_FILL:
+                return  # a bias of two values (Swin's -100), not a mask
+            for atom in _conjunction(cond, negated=not keep_when_true):
+                _classify(atom, scratch, bands, score_shape, constants)
+            how = f"adds {fill:g} where it masks"
+        elif constants.is_constant(node):
+            value = constants.value(node) * mult
+            band = _constant_band(value, score_shape, fills_ok=True)
+            if band is None:
+                return
+            bands.append(band)
+            how = f"adds {float(value.min()):g} where it masks"
+        elif _is_key_padding((1,) * (len(score_shape) - len(shape_of(node) or ())) + (shape_of(node) or ()),
+                             score_shape) and tensor_meta(node).is_floating_point():
+            scratch.key_padding.append(Atom(node, False))
+            how = "a per-key float mask"
+        else:
+            return
+        if bands:
+            lo = max((b[0] for b in bands if b[0] is not None), default=None)
+            hi = min((b[1] for b in bands if b[1] is not None), default=None)
+            _set_band(scratch, lo, hi, score_shape[-2], score_shape[-1])
+    except (ArgumentError, MaskError):
+        return
+    if scratch.dense or scratch.documents is not None:
+        return
+    names = tuple(n for n in scratch.mask_terms if n in ("causal", "window", "key_padding"))
+    if names:
+        result.finite_masks[node] = names
+        result.notes.append(f"{'+'.join(names)} as an additive mask ({how}), added as written")
 
 
 def _is_zeros(node, constants: Constants) -> bool:
@@ -238,6 +308,21 @@ def _bool_behind_cast(node) -> Node | None:
     return None
 
 
+def _unbounded(additive, constants: Constants) -> list:
+    """The additive terms that may push a visible score down to a finite fill: all but constants whose
+    values are finite and above any masking value (ALiBi's slope x distance, a constant relative bias).
+    Visible keys then stay far above a fill replaced after them, whose keys get exactly 0."""
+    out = []
+    for node, mult in additive:
+        if constants.is_constant(node) and not constants.mutations.is_mutated(node):
+            value = constants.value(node) * mult
+            if (isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isfinite(value).all())
+                    and float(value.min()) > MASKING_FILL):
+                continue
+        out.append((node, mult))
+    return out
+
+
 def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
     """One fill for the site: what its rows with no visible key produce (see kernels/fills.py)."""
     kinds, replaced = set(), set()
@@ -261,7 +346,7 @@ def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
         if not (fill <= ABSORBING_FILL or fill <= torch.finfo(dtype).min):
             raise MaskError(f"masked_fill value {fill:g} is finite: masked keys still count in a row whose "
                             "scores are near it (exact only for fills at or below -1e30 or the dtype's minimum)")
-        if any(not _needs_grad(t) for t, _ in additive):
+        if any(not _needs_grad(t) for t, _ in additive):  # ``additive``: the terms of unknown range
             raise MaskError("a finite masked_fill next to an additive mask: a row whose visible scores the "
                             "mask pushes down to the fill would average the masked keys too")
     if kinds == {"added"}:
@@ -272,16 +357,65 @@ def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
 
 
 # ----------------------------------------------------------------- conjunctions
-def _conjunction(node, negated: bool) -> list[Atom]:
-    """Split ``node`` (or its negation) into atoms whose AND is the keep mask."""
+def _conjunction(node, negated: bool, lifts: tuple = (), lift: bool = True) -> list[Atom]:
+    """Split ``node`` (or its negation) into atoms whose AND is the keep mask.
+
+    With ``lift``, ``keep[:, None]`` of a conjunction is split too (packed documents write
+    ``(same_doc & causal)[:, None]``): its atoms remember the inserted dims.
+    """
     k = kind(node)
     if k in ("expand", "contiguous") or (k == "cast" and _bool_meta(node) and _bool_meta(node.args[0])):
-        return _conjunction(node.args[0], negated)
+        return _conjunction(node.args[0], negated, lifts, lift)
     if k == "not":
-        return _conjunction(node.args[0], not negated)
+        return _conjunction(node.args[0], not negated, lifts, lift)
     if (k == "and" and not negated) or (k == "or" and negated):
-        return _conjunction(node.args[0], negated) + _conjunction(node.args[1], negated)
-    return [Atom(node, negated)]
+        return (_conjunction(node.args[0], negated, lifts, lift)
+                + _conjunction(node.args[1], negated, lifts, lift))
+    inserted = _inserted_dims(node) if lift else None
+    if inserted is not None:
+        return _conjunction(node.args[0], negated, inserted + lifts, lift)
+    return [Atom(node, negated, lifts)]
+
+
+def _inserted_dims(node) -> tuple[tuple[int, int], ...] | None:
+    """``x[:, None]``-style indexing of a bool tensor that only inserts dims before its last two, as lifts."""
+    if kind(node) != "getitem" or len(node.args) != 2 or node.kwargs or not _bool_meta(node):
+        return None
+    source, index = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    shape = shape_of(source)
+    if shape is None or any(i is not None and i != slice(None) for i in index):
+        return None
+    if sum(i is not None for i in index) > len(shape) or None not in index:
+        return None
+    lifts, rank, pos = [], len(shape), 0
+    for i in index:
+        if i is None:
+            lifts.append((rank, pos))
+            rank += 1
+        pos += 1
+    if any(dim >= rank - 2 for _, dim in lifts):
+        return None
+    return tuple(lifts)
+
+
+def lifted_shape(shape: tuple, lifts) -> tuple:
+    """``shape`` with the dims ``lifts`` insert (see ``Atom.lifts``)."""
+    shape = tuple(shape)
+    for rank, dim in lifts:
+        shape = (1,) * (rank - len(shape)) + shape
+        shape = shape[:dim] + (1,) + shape[dim:]
+    return shape
+
+
+def _lifted_dense(atoms: list[Atom], result: MaskAnalysis, score_shape, constants: Constants) -> bool:
+    """Whether an atom with inserted dims would be a dense mask (the kernels read only bands, key padding
+    and document ids through inserted dims)."""
+    scratch = MaskAnalysis(documents=result.documents)
+    for atom in atoms:
+        if atom.lifts:
+            _classify(atom, scratch, [], score_shape, constants)
+    return bool(scratch.dense)
 
 
 def _bool_meta(node) -> bool:
@@ -292,7 +426,7 @@ def _bool_meta(node) -> bool:
 # ----------------------------------------------------------------- classification
 def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, constants: Constants) -> None:
     node = atom.node
-    shape = shape_of(node)
+    shape = atom.shape()
     if shape is None:
         if constants.number(node) is not None:  # a scalar True/False
             if bool(constants.number(node)) != atom.negated:
@@ -385,9 +519,16 @@ def _from_start(index) -> bool:
     return isinstance(index, slice) and index.start in (None, 0) and index.step in (None, 1)
 
 
-def _constant_band(value: torch.Tensor, score_shape):
-    """The band of a constant additive mask whose entries are all 0 or -inf, else None."""
-    if not value.is_floating_point() or not bool(((value == 0) | torch.isneginf(value)).all()):
+def _constant_band(value: torch.Tensor, score_shape, fills_ok: bool = False):
+    """The band of a constant additive mask whose entries are all 0 or -inf (``fills_ok``: or all 0 or one
+    masking value), else None."""
+    if not value.is_floating_point():
+        return None
+    masked = torch.isneginf(value)
+    if fills_ok and not bool(masked.any()):
+        low = value.min()
+        masked = value == low if float(low) <= MASKING_FILL else masked
+    if not bool(((value == 0) | masked).all()):
         return None
     rank = len(score_shape)
     keep = (value == 0).reshape((1,) * (rank - value.dim()) + tuple(value.shape))
@@ -434,12 +575,14 @@ def _is_key_padding(shape, score_shape) -> bool:
 
 def _documents(atom: Atom, score_shape) -> tuple[Node, Node] | None:
     node = atom.node
-    if atom.negated or kind(node) != "eq":
+    if atom.negated or kind(node) != "eq" or len(node.args) != 2 or node.kwargs:
         return None
     a, b = node.args[0], node.args[1]
-    sa, sb = shape_of(a), shape_of(b)
+    sa, sb, rank = shape_of(a), shape_of(b), len(shape_of(node) or ())
     if sa is None or sb is None:
         return None
+    # the ids as the scores see them: right-aligned in the comparison, then the mask's inserted dims
+    sa, sb = (lifted_shape((1,) * (rank - len(s)) + s, atom.lifts) for s in (sa, sb))
     rank = len(score_shape)
     sa, sb = (1,) * (rank - len(sa)) + sa, (1,) * (rank - len(sb)) + sb
     q_len, kv_len = score_shape[-2], score_shape[-1]

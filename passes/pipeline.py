@@ -23,6 +23,7 @@ log = logging.getLogger("attnopt")
 def optimize_graph(
     gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
     volatile: frozenset = frozenset(), runtime_branches: bool = False, subgraph: bool = False,
+    keep: dict[str, str] | None = None,
 ) -> GraphModule:
     """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
 
@@ -40,6 +41,7 @@ def optimize_graph(
     graph_index = report.graphs
     report.graphs += 1
     report.dry_run = dry_run
+    earlier = list(report.sites)  # the model's previous graphs: approximations already warned about
     # in a dry run the graph is edited but never recompiled: gm.forward still runs the original code
     skipped = inline_multi_head_attention(gm.graph)
     for item in skipped:
@@ -47,6 +49,9 @@ def optimize_graph(
                                  replaced=False, reason=item.reason))
     erase_dead_copies(gm.graph)
     found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs, volatile)))
+    # ``keep`` (anchor node name -> reason): sites to leave as they are (verify restores those that differed)
+    found = [Rejection(f.anchor, keep[f.anchor.name], f.anchor)
+             if keep and not isinstance(f, Rejection) and f.anchor.name in keep else f for f in found]
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
     reads: list = []
@@ -59,7 +64,7 @@ def optimize_graph(
         else:
             site_plan = next(planned)
             unpadded = _unpadded_kernel(site_plan, options, graph_plan.timing) if runtime_branches else None
-            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph)
+            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches)
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -69,6 +74,8 @@ def optimize_graph(
         graph_plan.training,
     ))
     gm.meta["attnopt_reads"] = list(dict.fromkeys(reads))
+    if not dry_run:
+        plan.warn_approximations(graph_plan, earlier)
     if not dry_run:
         gm.graph.lint()
         gm.recompile()
@@ -90,7 +97,8 @@ def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dr
 
 
 def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
-    """The kernel for this site's calls whose key padding keeps every key, when it is not the planned one."""
+    """The kernel for this site's calls whose key padding keeps every key, when those calls run faster
+    another way than the planned one (another kernel, or the same without the padding term)."""
     choice, spec = site_plan.choice, site_plan.spec
     if choice is None or spec.key_padding is None or options.kernel is not None or not choice.exact:
         return None
@@ -99,11 +107,17 @@ def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) ->
         variant = plan.choose(spec.with_(key_padding=None), exact=True, tune=options.tune, cache=cache, budget=timing)
     except plan.NoKernelError:
         return None
-    return variant.kernel if variant.kernel != choice.kernel else None
+    if variant.kernel != choice.kernel:
+        return variant.kernel
+    # the same kernel may still run faster without the padding term (SDPA then needs no dense mask)
+    padded, unpadded = choice.chosen.cost, variant.chosen.cost
+    if padded is not None and unpadded is not None and unpadded < padded * (1.0 - plan.NOISE):
+        return variant.kernel
+    return None
 
 
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
-                      unpadded_kernel: str | None = None, subgraph: bool = False) -> Site:
+                      unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -123,7 +137,7 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
             **described,
         )
     if not dry_run:
-        replace(gm.graph, match, choice.kernel, unpadded_kernel)
+        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:
@@ -153,9 +167,11 @@ def _cross(match) -> bool:
 
     Compares the graph inputs (not parameters or buffers) each depends on: in
     self-attention, also with a KV cache, everything q depends on reaches k too.
+    Queries from parameters alone (DETR's object queries) against keys from an
+    input are cross-attention too.
     """
     q_inputs, k_inputs = _data_inputs(match.q.node), _data_inputs(match.k.node)
-    return bool(q_inputs - k_inputs)
+    return bool(q_inputs - k_inputs) or (not q_inputs and bool(k_inputs))
 
 
 def _data_inputs(node) -> frozenset:

@@ -32,8 +32,12 @@ why; ``SitePlan.decision`` keeps the comparison that decided it.
 from __future__ import annotations
 
 import math
+import time
+import warnings
 from dataclasses import dataclass, field, replace
+from itertools import zip_longest
 
+import torch
 from torch.fx import GraphModule
 
 from attnopt.kernels import registry
@@ -41,7 +45,7 @@ from attnopt.kernels.spec import AttentionSpec
 
 from . import calibrate, memory, tuning
 from .detect import Match
-from .graph import module_path, tensor_meta
+from .graph import hint, module_path, tensor_meta
 from .rewrite import spec_of
 from .tuning import ORIGINAL
 
@@ -102,14 +106,16 @@ class MemoryBudgetError(ValueError):
 
 def candidates(
     spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, tune: bool = False,
-    cache: tuning.TuningCache | None = None, errors: dict[str, float] | None = None, tol: float | None = None,
-    original: tuning.Original | None = None, budget: tuning.Budget | None = None,
+    cache: tuning.TuningCache | None = None, original: tuning.Original | None = None,
+    budget: tuning.Budget | None = None,
 ) -> list[Candidate]:
     """Every kernel (or only ``forced``), and the ``original`` code when given, with reasons, time and memory.
 
+    Approximate kernels are not chosen site by site: with ``exact=False`` the whole graph's plan is
+    (``approximate``), by the error of the model's output; here they carry that reason, unless forced.
     Supported candidates come first, measured ones before estimated ones, each by time.
     """
-    names = [forced] if forced is not None else [k.name for k in registry.all_kernels()]
+    names = [forced] if forced is not None else [k.name for k in registry.all_kernels() if not _variant(k)]
     found = []
     for name in names:
         kernel = registry.get(name)
@@ -117,20 +123,17 @@ def candidates(
         if forced is None and kernel.devices is not None and spec.device.type not in kernel.devices:
             reasons.insert(0, f"meant for {'/'.join(kernel.devices)}; on {spec.device.type} only when forced "
                               f"by name (kernel={name!r})")
-        error = (errors or {}).get(name)
         if not kernel.exact and not reasons:
             if exact:
                 reasons.append("approximate kernel and exact=True")
-            elif error is None:
-                reasons.append("approximate, and its error could not be measured (no example inputs)")
-            elif not error < tol:
-                reasons.append(f"measured relative error {error:.3g} is not under tol={tol:g}")
+            elif forced is None:
+                reasons.append("approximate: chosen for the whole graph by the error of its output, not per site")
         cost = mem = None
         saved = 0
         if not reasons:
             cost, mem = kernel.cost(spec), kernel.memory_bytes(spec)
             saved = kernel.saved_bytes(spec) if spec.requires_grad else 0
-        found.append(Candidate(name, tuple(reasons), cost, mem, kernel.exact, False, saved, error, cost))
+        found.append(Candidate(name, tuple(reasons), cost, mem, kernel.exact, False, saved, None, cost))
     if original is not None and forced is None:
         estimate = tuning.original_estimate(spec, original)
         found.append(Candidate(ORIGINAL, (), estimate, original.memory_bytes, estimate=estimate))
@@ -160,20 +163,21 @@ def choose(spec: AttentionSpec, *, exact: bool = True, forced: str | None = None
     kernel is faster (see the module docstring); ``forced`` names one kernel and only checks it."""
     found = candidates(spec, exact=exact, forced=forced, original=original, **options)
     kernels = [c for c in found if not c.original]
-    allowed = [c for c in kernels if c.supported and (c.exact or not exact)]
-    exact_ones = [c for c in allowed if c.exact]
+    allowed = [c for c in kernels if c.supported]
     if not allowed:
         lines = "\n".join(f"  {c.kernel}: {'; '.join(c.reasons)}" for c in kernels)
         raise NoKernelError(f"no attention kernel supports this call ({spec.mask_terms or 'no mask'}):\n{lines}")
-    best = (exact_ones or allowed)[0]
+    best = allowed[0]
     kept = next((c for c in found if c.original), None)
     if kept is None or forced is not None:
         return Choice(best.kernel, best.exact, _reason(best, allowed, forced), tuple(found))
-    if not best.exact:
-        reason = "original kept: no exact kernel supports this call (approximations only when max_mem needs one)"
-        return Choice(ORIGINAL, True, reason, tuple(found))
     replaces, reason = versus_original(best, kept, len(allowed))
     return Choice(best.kernel if replaces else ORIGINAL, True, reason, tuple(found))
+
+
+def _variant(kernel) -> bool:
+    """A calibration's configured copy of an approximate family (listed once, as its family)."""
+    return getattr(kernel, "variant", False)
 
 
 def _times(kernel: Candidate, original: Candidate) -> tuple[float, float, str]:
@@ -210,9 +214,6 @@ def format_seconds(seconds: float) -> str:
 def _reason(best: Candidate, allowed: list[Candidate], forced: str | None, budget_note: str = "") -> str:
     if forced is not None:
         return f"forced by kernel={forced!r}"
-    if not best.exact:
-        return f"approximate (error {best.error:.3g}): the fastest plan{budget_note or ' that fits max_mem'}, " \
-               "and no exact plan fits"
     if len(allowed) == 1:
         return "only kernel supporting this call" + budget_note
     how = "measured" if best.measured else "estimated"
@@ -243,6 +244,19 @@ class SitePlan:
         return self.decision.reason if self.decision.kernel == ORIGINAL else None
 
 
+@dataclass(frozen=True)
+class Approximation:
+    """What ``exact=False`` chose for one graph, and what it measured on the example inputs."""
+
+    output_error: float  # relative error of the graph's outputs with the chosen plan
+    tol: float
+    seconds: float  # the sites' time under the chosen plan
+    exact_seconds: float  # the same sites' time under the exact plan
+    how: str  # "measured" or "estimated"
+    runs: int  # whole-graph runs the search made
+    sites: tuple[tuple[str, str, float], ...]  # (where, kernel with its settings, that site's own error)
+
+
 @dataclass
 class GraphPlan:
     sites: list[SitePlan]
@@ -252,24 +266,30 @@ class GraphPlan:
     peak_after: memory.Peak
     #: what is left of the first call's timing budget: pass it to any further ``choose`` for this graph
     timing: tuning.Budget | None = None
+    #: the approximate plan in use, when ``exact=False`` found one
+    approximation: Approximation | None = None
 
 
 def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=None) -> GraphPlan:
-    """Choose a kernel for every match of ``gm`` so that the graph's estimated peak fits ``options.max_mem``."""
+    """Choose a kernel for every match of ``gm`` so that the graph's estimated peak fits ``options.max_mem``.
+
+    The exact plan first (each site's fastest exact candidate, the original included; then ``max_mem``);
+    with ``exact=False`` and the example inputs, ``approximate`` may then replace it by a faster plan
+    whose output error is under ``tol``.
+    """
     training = _training(gm)
     cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
     specs = [spec_of(m) for m in matches]
-    errors = _errors(gm, matches, specs, options, example_inputs)
     budget = tuning.Budget.for_device(specs[0].device) if specs else None
     sites = []
-    for match, spec, errs in zip(matches, specs, errors):
+    for match, spec in zip(matches, specs):
         where = module_path(match.anchor)
         original = None
         if options.kernel is None and options.keep_original:
             original = tuning.Original(match.kind, memory.bytes_before(match, spec))
         try:
             choice = choose(spec, exact=options.exact, forced=options.kernel, tune=options.tune, cache=cache,
-                            errors=errs, tol=options.tol, original=original, budget=budget)
+                            original=original, budget=budget)
         except NoKernelError as err:
             if options.kernel is not None:
                 raise
@@ -279,12 +299,14 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     before = memory.graph_peak(gm.graph, [memory.site_before(s.where, s.match, s.spec) for s in sites],
                                training=training)
     plan = GraphPlan(sites, training, options.max_mem, before, _peak(gm, sites, training), budget)
-    if options.max_mem is not None and options.kernel is None:
-        _fit(gm, plan, exact_only=True)
-        if plan.peak_after.bytes > plan.budget and not options.exact:
-            _fit(gm, plan, exact_only=False)
-        if plan.peak_after.bytes > plan.budget:
-            raise MemoryBudgetError(_budget_message(gm, plan, options))
+    fitting = options.max_mem is not None and options.kernel is None
+    if fitting:
+        _fit(gm, plan)
+    if not options.exact and options.kernel is None and example_inputs is not None and sites:
+        shape_bucket_guard(matches)
+        approximate(gm, plan, options, example_inputs)
+    if fitting and plan.peak_after.bytes > plan.budget:
+        raise MemoryBudgetError(_budget_message(gm, plan, options))
     return plan
 
 
@@ -292,19 +314,6 @@ def _training(gm: GraphModule) -> bool:
     outputs = [n for n in gm.graph.nodes if n.op == "output"]
     values = [tensor_meta(a) for o in outputs for a in o.all_input_nodes]
     return any(v is not None and v.requires_grad for v in values)
-
-
-def _errors(gm, matches, specs, options, example_inputs) -> list[dict[str, float]]:
-    """Per site, the measured error of each approximate kernel that supports it (only with exact=False)."""
-    approx = [k for k in registry.all_kernels() if not k.exact]
-    empty = [{} for _ in matches]
-    if options.exact or example_inputs is None or not approx or not matches:
-        return empty
-    wanted = [[k.name for k in approx if not k.not_supported_reasons(s)] for s in specs]
-    if not any(wanted):
-        return empty
-    values = calibrate.capture_sites(gm, example_inputs)
-    return [{name: calibrate.site_error(name, site) for name in names} for names, site in zip(wanted, values)]
 
 
 def _peak(gm: GraphModule, sites: list[SitePlan], training: bool) -> memory.Peak:
@@ -316,37 +325,34 @@ def _peak(gm: GraphModule, sites: list[SitePlan], training: bool) -> memory.Peak
     return memory.graph_peak(gm.graph, costs, training=training)
 
 
-def _fit(gm: GraphModule, plan: GraphPlan, *, exact_only: bool) -> None:
-    """Move the largest-footprint site to a smaller candidate until the peak fits or nothing moves."""
+def _fit(gm: GraphModule, plan: GraphPlan) -> None:
+    """Move the largest-footprint site to a smaller exact candidate until the peak fits or nothing moves."""
     while plan.peak_after.bytes > plan.budget:
         movable = []
         for i, s in enumerate(plan.sites):
             if s.decision is None:
                 continue
             current = s.decision.chosen
-            smaller = [
-                c for c in s.decision.candidates
-                if c.supported and c.footprint < current.footprint and (c.exact or not exact_only)
-            ]
+            smaller = [c for c in s.decision.candidates if c.supported and c.exact and c.footprint < current.footprint]
             if smaller:
                 movable.append((current.footprint, i, smaller[0]))  # candidates are sorted by time
         if not movable:
             return
         _, i, to = max(movable, key=lambda m: m[0])
         site = plan.sites[i]
-        site.decision = Choice(to.kernel, to.exact, _fit_reason(to, site.decision, plan.budget, exact_only),
+        site.decision = Choice(to.kernel, to.exact, _fit_reason(to, site.decision, plan.budget),
                                site.decision.candidates)
         plan.peak_after = _peak(gm, plan.sites, plan.training)
 
 
-def _fit_reason(to: Candidate, decision: Choice, budget: int, exact_only: bool) -> str:
+def _fit_reason(to: Candidate, decision: Choice, budget: int) -> str:
     """Why ``max_mem`` moved a site to ``to``: said plainly when ``to`` is slower than the original."""
     note = f" that fits max_mem ({memory_fmt(budget)})"
-    allowed = [c for c in decision.candidates if c.supported and not c.original and (c.exact or not exact_only)]
+    allowed = [c for c in decision.candidates if c.supported and not c.original and c.exact]
     if to.original:
         return f"original: the fastest plan{note}"
     kept = next((c for c in decision.candidates if c.original), None)
-    if kept is not None and to.exact:
+    if kept is not None:
         t_kernel, t_original, how = _times(to, kept)
         if t_kernel > t_original:
             return (f"max_mem ({memory_fmt(budget)}) forces a slower plan: {to.kernel} {how} "
@@ -396,7 +402,7 @@ def _approximate_floor(gm: GraphModule, plan: GraphPlan) -> int | None:
         if s.decision is None:
             trial.append(s)
             continue
-        kernels = [k for k in registry.all_kernels() if not k.not_supported_reasons(s.spec)]
+        kernels = [k for k in registry.all_kernels() if not _variant(k) and not k.not_supported_reasons(s.spec)]
         if not kernels:
             trial.append(s)
             continue
@@ -405,3 +411,199 @@ def _approximate_floor(gm: GraphModule, plan: GraphPlan) -> int | None:
         best = min(kernels, key=footprint)
         trial.append(SitePlan(s.match, s.spec, s.where, Choice(best.name, best.exact, "", ())))
     return _peak(gm, trial, plan.training).bytes
+
+
+# ------------------------------------------------------------------ exact=False: approximate plans
+#: seconds of calibration per graph (the exact run, the sites' errors, whole-graph runs), by device type
+CALIBRATION_BUDGET_S = {"cpu": 20.0, "cuda": 10.0}
+#: whole-graph runs of candidate plans, at most
+MAX_PLAN_RUNS = 4
+#: sequence lengths up to this share one shape bucket; above it, each power of two is one. Below it no
+#: approximation is proposed (long sequences only: at short ones the exact kernels' fixed costs dominate)
+MIN_BUCKET = 1024
+
+
+class ApproximationWarning(UserWarning):
+    """``exact=False`` made a model compute an approximation of its attention."""
+
+
+def approximate(gm: GraphModule, plan: GraphPlan, options, example_inputs) -> None:
+    """Replace ``plan``'s exact plan by the fastest approximate one whose output error is under ``options.tol``.
+
+    Candidates are the settings each approximate family proposes for a site
+    (``search_space``) that its cost model says can beat the site's exact plan
+    (or, when the exact plan is over ``max_mem``, that are smaller): long
+    sequences only, as the cost of a window or of random features is linear in
+    N. The graph runs once exactly on the example inputs; each candidate is run
+    on its site's captured inputs (its own error: whether the attention is local,
+    or diffuse enough for random features) within ``CALIBRATION_BUDGET_S``;
+    whole-graph runs of the plans these errors suggest (``calibrate.search``)
+    measure the output error. An approximate plan replaces the exact one only
+    when it is faster by more than ``NOISE`` (or the exact plan does not fit).
+    """
+    started = time.perf_counter()
+    deadline = started + CALIBRATION_BUDGET_S.get(plan.sites[0].spec.device.type, CALIBRATION_BUDGET_S["cpu"])
+    over_budget = plan.budget is not None and plan.peak_after.bytes > plan.budget
+    proposals = [_proposals(s, over_budget) for s in plan.sites]
+    if not any(proposals):
+        return
+    exact_kernels = [_exact_kernel(s) for s in plan.sites]
+    calibration = calibrate.Calibration(gm, example_inputs, exact_kernels)
+    options_by_site: list[list[calibrate.Option]] = []
+    measured_everything = options.tune
+    evaluated: list[dict[str, Candidate]] = []
+    for i, (s, proposed) in enumerate(zip(plan.sites, proposals)):
+        exact_cost = _cost(s.decision.chosen, options.tune) if s.decision is not None else 0.0
+        measured_everything &= s.decision is None or s.decision.chosen.measured
+        site_options = [calibrate.Option(None, exact_cost)]
+        found = {}
+        share = (deadline - time.perf_counter()) / 2 / max(1, len(plan.sites) - i)
+        site_deadline = time.perf_counter() + share
+        for kernel in proposed:
+            guess = kernel.cost(s.spec) * (2 if options.tune else 1)
+            # the site's cheapest proposal is always tried: a loaded machine still gets a plan to compare
+            if calibration.sites[i] is None or (found and time.perf_counter() + guess > site_deadline):
+                continue
+            error, seconds = calibration.site_error(i, kernel.name)
+            if options.tune:
+                seconds = min(seconds, calibration.site_error(i, kernel.name)[1])  # warm
+            cost = seconds if options.tune else kernel.cost(s.spec)
+            found[kernel.name] = Candidate(
+                kernel.name, (), cost, kernel.memory_bytes(s.spec), False, options.tune,
+                kernel.saved_bytes(s.spec) if s.spec.requires_grad else 0, error, kernel.cost(s.spec))
+            if math.isfinite(error) and (cost * (1 + NOISE) < exact_cost or over_budget):
+                site_options.append(calibrate.Option(kernel.name, cost, error))
+        options_by_site.append(site_options)
+        evaluated.append(found)
+    plans = [p for p in calibrate.plans_by_speed(options_by_site)[1:] if _fits(gm, plan, p)]
+    chosen, errors = calibrate.search(
+        plans, lambda p: calibration.output_error([o.kernel for o in p]), options.tol,
+        max_runs=MAX_PLAN_RUNS, deadline=deadline,
+    )
+    exact_seconds = sum(site[0].seconds for site in options_by_site)
+    if chosen is None:
+        _note_calibrated(plan, evaluated, "no plan of them has its output error under tol")
+        return
+    picked = plans[chosen]
+    seconds = sum(o.seconds for o in picked)
+    if not over_budget and seconds * (1 + NOISE) >= exact_seconds:
+        _note_calibrated(plan, evaluated, "the exact plan is as fast")
+        return
+    how = "measured" if measured_everything else "estimated"
+    approximation = Approximation(
+        errors[chosen], options.tol, seconds, exact_seconds, how, len(errors),
+        tuple((s.where, o.kernel, o.error) for s, o in zip(plan.sites, picked) if o.kernel is not None),
+    )
+    budget = f", fits max_mem ({memory_fmt(plan.budget)})" if plan.budget is not None else ""
+    for s, o, found in zip(plan.sites, picked, evaluated):
+        if o.kernel is None:
+            _note_calibrated_site(s, found, "not in the fastest plan whose output error is under tol")
+            continue
+        kernel = registry.get(o.kernel)
+        reason = (f"approximate, {kernel.family} ({kernel.describe()}): the model's output error "
+                  f"{approximation.output_error:.3g} < tol={options.tol:g} on the example inputs "
+                  f"(this site alone: {o.error:.3g}); the plan is {how} {exact_seconds / seconds:.1f}x faster than "
+                  f"the exact one ({format_seconds(seconds)} vs {format_seconds(exact_seconds)} "
+                  f"for its attention){budget}")
+        others = tuple(c for c in s.decision.candidates if c.kernel not in found)
+        s.decision = Choice(o.kernel, False, reason, others + tuple(found.values()))
+    plan.approximation = approximation
+    plan.peak_after = _peak(gm, plan.sites, plan.training)
+
+
+def _proposals(s: SitePlan, over_budget: bool) -> list:
+    """The approximate kernels (family x settings) worth calibrating for site ``s``, families interleaved."""
+    from attnopt.kernels.approx_base import Approximate, configured
+
+    if s.decision is None or (s.spec.kv_len < MIN_BUCKET and not over_budget):
+        return []
+    current = s.decision.chosen
+    by_family = []
+    for family in registry.all_kernels():
+        if not isinstance(family, Approximate) or family.variant or family.not_supported_reasons(s.spec):
+            continue
+        kernels = [configured(family, **settings) for settings in family.search_space(s.spec)]
+        wins = [k for k in kernels if k.cost(s.spec) * (1 + NOISE) < current.estimate
+                or (over_budget and k.memory_bytes(s.spec) < current.footprint)]
+        by_family.append(sorted(wins, key=lambda k: k.cost(s.spec)))
+    # each family's cheapest settings first, the families' k-th settings in order of cost
+    return [k for rank in zip_longest(*by_family)
+            for k in sorted((k for k in rank if k is not None), key=lambda k: k.cost(s.spec))]
+
+
+def _exact_kernel(s: SitePlan) -> str | None:
+    """The exact kernel a site runs during calibration: its plan's, or its fastest exact one (for the original)."""
+    if s.decision is None:
+        return None
+    if not s.decision.chosen.original:
+        return s.decision.kernel
+    return next(c.kernel for c in s.decision.candidates if c.supported and c.exact and not c.original)
+
+
+def _cost(c: Candidate, tune: bool) -> float:
+    return c.cost if tune and c.measured else c.estimate
+
+
+def _fits(gm: GraphModule, plan: GraphPlan, options: tuple) -> bool:
+    if plan.budget is None:
+        return True
+    trial = [s if o.kernel is None else SitePlan(s.match, s.spec, s.where, Choice(o.kernel, False, "", ()))
+             for s, o in zip(plan.sites, options)]
+    return _peak(gm, trial, plan.training).bytes <= plan.budget
+
+
+def _note_calibrated(plan: GraphPlan, evaluated: list[dict[str, Candidate]], why: str) -> None:
+    for s, found in zip(plan.sites, evaluated):
+        _note_calibrated_site(s, found, why)
+
+
+def _note_calibrated_site(s: SitePlan, found: dict[str, Candidate], why: str) -> None:
+    """List the settings calibrated for a site that stays exact, each with its own error and why not."""
+    if s.decision is None or not found:
+        return
+    noted = tuple(replace(c, reasons=(f"calibrated: this site's error {c.error:.3g}; {why}",)) for c in found.values())
+    s.decision = replace(s.decision, candidates=s.decision.candidates + noted)
+
+
+def shape_bucket_guard(matches: list[Match]) -> None:
+    """Under dynamic shapes, keep this graph to the shape bucket of its example inputs' sequence lengths.
+
+    An approximation's error depends on the length, so a plan is calibrated for one
+    bucket (lengths up to ``MIN_BUCKET``, then each power of two): comparing the
+    symbolic lengths with the bucket's bounds records guards, and dynamo compiles
+    the graph again, calibrated again, for a length outside it.
+    """
+    for match in matches:
+        for operand in (match.q, match.k):
+            value = tensor_meta(operand.node)
+            length = None if value is None or value.dim() < 3 else value.shape[-2]
+            if not isinstance(length, torch.SymInt):
+                continue
+            n = hint(length)
+            upper = MIN_BUCKET if n <= MIN_BUCKET else 1 << (n - 1).bit_length()
+            lower = 0 if upper == MIN_BUCKET else upper // 2
+            bool(length <= upper)
+            bool(length > lower)
+
+
+def warn_approximations(plan: GraphPlan, earlier: list) -> None:
+    """One ``ApproximationWarning`` naming the approximate sites of ``plan``, settings and output error.
+
+    ``earlier``: the report's sites from the model's previous graphs; sites already approximate there
+    with the same kernel are not warned about again, so a model warns once for what it approximates.
+    """
+    found = plan.approximation
+    if found is None:
+        return
+    seen = {(s.where, s.kernel) for s in earlier if s.replaced and not s.exact}
+    new = [(where, kernel, error) for where, kernel, error in found.sites if (where, kernel) not in seen]
+    if not new:
+        return
+    sites = "; ".join(f"{where}: {registry.get(kernel).family} ({registry.get(kernel).describe()}), "
+                      f"site error {error:.3g}" for where, kernel, error in new)
+    warnings.warn(
+        f"attnopt: exact=False runs approximate attention at {len(new)} site(s): {sites}. Relative error of the "
+        f"output on the example inputs: {found.output_error:.3g} (tol={found.tol:g}); the attention is {found.how} "
+        f"{found.exact_seconds / found.seconds:.1f}x faster than exact. exact=True keeps the model's function.",
+        ApproximationWarning, stacklevel=2,
+    )

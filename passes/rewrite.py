@@ -17,6 +17,7 @@ import torch
 from torch.fx import Graph, Node
 
 from attnopt.kernels.spec import AttentionSpec
+from attnopt.ops import run_attention
 
 from .detect import Match
 from .graph import is_in_place, shape_of, tensor_meta
@@ -72,20 +73,23 @@ def all_kept(*keeps: torch.Tensor) -> bool:
 
 
 def attention_unless_unpadded(unpadded: bool, unpadded_kernel: str, *args):
-    """The op with its key padding, or, when the padding keeps every key, without it on ``unpadded_kernel``
+    """The call with its key padding, or, when the padding keeps every key, without it on ``unpadded_kernel``
     (a batch with no padding runs HF's causal + key padding call as plain causal, on cuDNN say)."""
     if unpadded:
         args = (*args[:3], None, *args[4:-1], unpadded_kernel)
-    return torch.ops.attnopt.attention.default(*args)
+    return run_attention(*args)
 
 
-def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None) -> Node:
+def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
 
-    With ``unpadded_kernel``, a call whose key padding keeps every key runs that kernel without the
-    padding term instead, decided at run time once per forward (one host sync for all sites that share
-    the padding mask); only for graphs run as Python (``compiler="eager"``).
+    ``lean`` (graphs run as Python, ``compiler="eager"``): the node calls ``attnopt.ops.run_attention``,
+    which sends inference calls straight to the kernel and the others to the op. With
+    ``unpadded_kernel`` (lean graphs only), a call whose key padding keeps every key runs that kernel
+    without the padding term instead, decided at run time once per forward (one host sync for all sites
+    that share the padding mask).
     """
+    assert lean or unpadded_kernel is None, "run-time branches are for graphs run as Python"
     m = match.masks
     with graph.inserting_before(match.output):
         q, k, v = (_view(graph, op) for op in (match.q, match.k, match.v))
@@ -114,7 +118,7 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
             match.softcap, match.dropout_p, m.fill.value, kernel,
         )
         if unpadded is None:
-            call = graph.call_function(torch.ops.attnopt.attention.default, args)
+            call = graph.call_function(run_attention if lean else torch.ops.attnopt.attention.default, args)
         else:
             call = graph.call_function(attention_unless_unpadded, (unpadded, unpadded_kernel, *args))
         out = graph.call_function(operator.getitem, (call, 0))

@@ -190,11 +190,16 @@ def _dead_row_value(e: Emitter, v, fill: Fill, elem_type: int, q_heads: int, kv_
 
 # ----------------------------------------------------------------- emitters
 class NodeEmitter:
-    """Builds NodeProtos with fresh value names (the ``fuse`` pipeline)."""
+    """Builds NodeProtos with fresh value names (the ``fuse`` pipeline).
 
-    def __init__(self, prefix: str, taken: Callable[[str], bool]):
+    Emitters given one ``shared`` dict build each distinct node once: a second site asking for the same
+    op on the same values (the mask of every layer, its row-alive bits) gets the first one's output.
+    """
+
+    def __init__(self, prefix: str, taken: Callable[[str], bool], shared: dict[bytes, str] | None = None):
         self.prefix, self.taken = prefix, taken
         self.nodes: list[onnx.NodeProto] = []
+        self.shared = {} if shared is None else shared
         self._count = 0
 
     def fresh(self) -> str:
@@ -205,10 +210,15 @@ class NodeEmitter:
                 return name
 
     def __call__(self, op_type: str, *inputs, **attributes):
-        out = self.fresh()
         names = [("" if x is None else x) for x in inputs]
-        self.nodes.append(onnx.helper.make_node(op_type, names, [out], name=out, **attributes))
-        return out
+        node = onnx.helper.make_node(op_type, names, [""], **attributes)
+        key = node.SerializeToString()
+        if key in self.shared:
+            return self.shared[key]
+        node.output[0] = node.name = self.fresh()
+        self.nodes.append(node)
+        self.shared[key] = node.output[0]
+        return node.output[0]
 
     def constant(self, value, elem_type: int):
         dims = [len(value)] if isinstance(value, list) else []

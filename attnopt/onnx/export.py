@@ -56,6 +56,7 @@ def export(
         verbose=False, report=False,
     )
     proto = program.model_proto
+    _broadcast_rotary_caches(proto.graph)
     report.attention_nodes = sum(n.op_type == "Attention" for n in proto.graph.node)
     if f is not None:
         onnx.save(proto, os.fspath(f))
@@ -64,6 +65,34 @@ def export(
 
         report.max_diff = compare_torch(model, proto, args, kwargs)
     return proto
+
+
+def _broadcast_rotary_caches(graph: onnx.GraphProto) -> None:
+    """Expand the cos/sin caches of ``RotaryEmbedding`` nodes without position ids to the batch of ``x``.
+
+    The exporter's rotary fusion passes caches computed for one row of positions (``[1, N, D/2]``, HF's
+    ``position_ids`` of batch 1); ONNX Runtime requires their batch to equal the input's. Expanding is
+    exact: every row uses the same positions.
+    """
+    nodes, count = [], 0
+    for node in graph.node:
+        if node.op_type == "RotaryEmbedding" and node.domain in ("", "ai.onnx") and len(
+                [i for i in node.input if i]) == 3:
+            count += 1
+            prefix = f"attnopt/rotary{count}"
+            batch = onnx.helper.make_node("Shape", [node.input[0]], [f"{prefix}/batch"], start=0, end=1)
+            nodes.append(batch)
+            for slot in (1, 2):
+                rest = onnx.helper.make_node("Shape", [node.input[slot]], [f"{prefix}/{slot}/rest"], start=1)
+                target = onnx.helper.make_node("Concat", [batch.output[0], rest.output[0]],
+                                               [f"{prefix}/{slot}/shape"], axis=0)
+                expanded = onnx.helper.make_node("Expand", [node.input[slot], target.output[0]],
+                                                 [f"{prefix}/{slot}/cache"])
+                nodes.extend([rest, target, expanded])
+                node.input[slot] = expanded.output[0]
+        nodes.append(node)
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.fx.GraphModule:

@@ -10,14 +10,19 @@ now-dead score chain is removed.
 
 from __future__ import annotations
 
+import heapq
 import math
 import os
 
 import onnx
+import onnx.version_converter
+import torch
+from torch.fx import Node as FxNode
 
 from attnopt.kernels.spec import Align, Fill
 from attnopt.passes.detect import Match, Rejection, find_sites
 from attnopt.passes.graph import shape_of, tensor_meta
+from attnopt.passes.layouts import apply_steps
 from attnopt.report import Site
 
 from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
@@ -38,15 +43,17 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     replaced stay decomposed and are listed, with the reason, in ``report``.
     """
     check_opset(opset)
-    source = model_or_path if isinstance(model_or_path, onnx.ModelProto) else onnx.load(os.fspath(model_or_path))
+    source = model_or_path if isinstance(model_or_path, onnx.ModelProto) else _load(model_or_path)
     report = OnnxReport() if report is None else report
     report.opset, report.graphs = opset, report.graphs + 1
+    source = at_opset(source, opset)
     view = import_onnx(source, dims)
     model = onnx.ModelProto()
     model.CopyFrom(view.model)
 
     replacements: dict[str, list[onnx.NodeProto]] = {}  # ONNX value of a site's output -> nodes producing it
     taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
+    shared: dict[bytes, str] = {}  # mask work built once per graph, whichever site asks first
     for found in find_sites(view.gm.graph):
         anchor = view.onnx_name.get(found.anchor, found.anchor.name)
         where = view.node_of[anchor].name or anchor if anchor in view.node_of else anchor
@@ -54,13 +61,14 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
             report.sites.append(Site(where=where, node=anchor, graph=0, replaced=False,
                                      reason=f"{found.reason} [at {view.onnx_name.get(found.at, found.at.name)}]"))
             continue
-        site, nodes = _replace(view, found, opset, where, anchor, taken)
+        site, nodes = _replace(view, found, opset, where, anchor, taken, shared)
         report.sites.append(site)
         if nodes:
             replacements[view.onnx_name[found.output]] = nodes
 
     _splice(model.graph, replacements)
     _remove_dead(model.graph)
+    _sort(model.graph)  # a site may use mask work placed with a later site
     _set_opset(model, opset)
     report.attention_nodes = sum(n.op_type == "Attention" for n in model.graph.node)
     if verify:
@@ -70,7 +78,18 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     return model
 
 
-def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, taken: set[str]):
+def _load(path) -> onnx.ModelProto:
+    try:
+        return onnx.load(os.fspath(path))
+    except FileNotFoundError:
+        raise ValueError(f"input model {os.fspath(path)!r} is not a file") from None
+    except Exception as err:  # protobuf's DecodeError and friends
+        raise ValueError(f"cannot read {os.fspath(path)!r} as an ONNX model ({type(err).__name__}: "
+                         f"{str(err).strip()[:80]})") from None
+
+
+def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, taken: set[str],
+             shared: dict[bytes, str]):
     """The report row of ``match`` and the nodes computing its output (none when it stays decomposed)."""
     m = match.masks
     q_shape, k_shape, v_shape = match.q.shape(), match.k.shape(), match.v.shape()
@@ -86,11 +105,14 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
         reason = f"q/k/v are {q_meta.dtype}: the Attention operator takes float32, float16 or bfloat16"
     elif match.dropout_p > 0.0:
         reason = f"dropout p={match.dropout_p} in training mode: the Attention operator has no dropout"
+    elif (m.causal or m.window is not None) and not _band_spans_scores(match):
+        reason = ("the causal/window band is read from index ranges whose lengths are not provably the "
+                  "query and key lengths (a range of length 1 broadcasts to every position)")
     if reason is not None:
         return Site(replaced=False, reason=reason, **described), []
 
     output = view.onnx_name[match.output]
-    e = NodeEmitter(f"attnopt/{output}", lambda name: name in taken)
+    e = NodeEmitter(f"attnopt/{output}", lambda name: name in taken, shared)
     name = view.onnx_name.__getitem__
     q, k, v = (_operand(e, name(op.node), op.steps, len(shape_of(op.node))) for op in (match.q, match.k, match.v))
     rank3 = len(shape_of(match.anchor) or ()) == 3
@@ -126,11 +148,51 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
     if want != elem_type:
         y = e("Cast", y, to=want)
     assert e.nodes[-1].output[0] == y, "the last node emitted computes the site's output"
+    del e.shared[next(k for k, v in e.shared.items() if v == y)]  # renamed: no longer reusable by that name
     e.nodes[-1].output[0] = output
     taken.update(o for n in e.nodes for o in n.output)
     site = Site(replaced=True, reason="fused into one ONNX Attention node", kernel="onnx:Attention",
                 **described)
     return site, e.nodes
+
+
+def _band_spans_scores(match: Match) -> bool:
+    """Whether every mask term built from ``Range`` positions spans the scores' ``[Nq, Nk]``, symbolically.
+
+    The mask algebra reads ``Range(0, n)`` as the position along the axis it sits on; that holds when
+    ``n`` is that axis' length for every input, not when a length-1 range broadcasts. A term's inferred
+    shape keeps a range's symbolic length unless it was broadcast against a different one.
+    """
+    nq, nk = _length(match.q), _length(match.k)
+    for term in [b.cond for b in match.booleans] + [node for node, _ in match.additive]:
+        if not _reads_positions(term):
+            continue
+        meta = tensor_meta(term)
+        if meta is None or meta.dim() < 2 or not (_same(meta.shape[-2], nq) and _same(meta.shape[-1], nk)):
+            return False
+    return True
+
+
+def _length(op) -> object:
+    return apply_steps(tuple(tensor_meta(op.node).shape), op.steps)[2]
+
+
+def _same(a, b) -> bool:
+    difference = a - b
+    return (difference if isinstance(difference, int) else difference.node.maybe_as_int()) == 0
+
+
+def _reads_positions(node) -> bool:
+    seen, stack = set(), [node]
+    while stack:
+        n = stack.pop()
+        if n in seen or not isinstance(n, FxNode):
+            continue
+        seen.add(n)
+        if n.op == "call_function" and n.target is torch.arange:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
 
 
 def _operand(e: NodeEmitter, value: str, steps, rank: int) -> str:
@@ -165,6 +227,40 @@ def _splice(graph: onnx.GraphProto, replacements: dict[str, list[onnx.NodeProto]
     graph.node.extend(nodes)
 
 
+def _sort(graph: onnx.GraphProto) -> None:
+    """Order the nodes so that each follows its inputs' producers, keeping the given order where it can."""
+    nodes = list(graph.node)
+    producer = {o: i for i, n in enumerate(nodes) for o in n.output if o}
+    waits = [{producer[x] for x in _reads(n) if x in producer} - {i} for i, n in enumerate(nodes)]
+    users: dict[int, list[int]] = {}
+    for i, deps in enumerate(waits):
+        for d in deps:
+            users.setdefault(d, []).append(i)
+    ready = [i for i, deps in enumerate(waits) if not deps]
+    heapq.heapify(ready)
+    order = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(nodes[i])
+        for u in users.get(i, ()):
+            waits[u].discard(i)
+            if not waits[u]:
+                heapq.heappush(ready, u)
+    assert len(order) == len(nodes), "the fused graph has a cycle"
+    del graph.node[:]
+    graph.node.extend(order)
+
+
+def _reads(node: onnx.NodeProto) -> set[str]:
+    """The values a node reads, those its subgraphs (If / Loop bodies) read from outside included."""
+    names = set(node.input)
+    for attribute in node.attribute:
+        for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+            for inner in sub.node:
+                names |= _reads(inner)
+    return names
+
+
 def _remove_dead(graph: onnx.GraphProto) -> None:
     """Drop nodes (and initializers) whose outputs nothing uses any more."""
     while True:
@@ -181,6 +277,26 @@ def _remove_dead(graph: onnx.GraphProto) -> None:
     infos = [vi for vi in graph.value_info if vi.name in used]
     del graph.value_info[:]
     graph.value_info.extend(infos)
+
+
+def default_opset(model: onnx.ModelProto) -> int:
+    return next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
+
+
+def at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """``model`` with its standard ops converted to ``opset`` (a graph mixing opsets does not load:
+    ``ReduceMean`` takes its axes as an input from opset 18)."""
+    current = default_opset(model)
+    if current > opset:
+        raise ValueError(f"the model is at opset {current}, above opset={opset}: pass opset={current} or higher")
+    if current == opset:
+        return model
+    try:
+        return onnx.version_converter.convert_version(model, opset)
+    except Exception as err:  # the converter raises its own error types
+        message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ValueError(f"cannot convert the model from opset {current} to {opset} ({message}); convert it "
+                         f"with onnx.version_converter or re-export it at opset {opset}") from err
 
 
 def _set_opset(model: onnx.ModelProto, opset: int) -> None:

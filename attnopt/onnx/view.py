@@ -30,6 +30,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx import Graph, GraphModule, Node
 
 from .emit import ONNX_TO_TORCH
+from .shapes import SymbolicShapes
 
 #: sizes for symbolic dims: the batch dim, then distinct sizes so that unrelated dims never coincide
 BATCH_HINT = 2
@@ -67,22 +68,27 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
     """The FX view of ``model``'s main graph; ``dims`` sets sizes of symbolic input dims."""
     model = onnx.shape_inference.infer_shapes(model)
     graph = model.graph
-    values = _example_values(model, dims)
+    sizes = input_dims(model, dims)
+    values = _example_values(model, sizes)
     inits = {t.name for t in graph.initializer}
     static = _static_values(graph)
 
     root = torch.nn.Module()
     fx = Graph()
     view = OnnxView(model=model, gm=None)
-    mode = FakeTensorMode()
+    shapes = SymbolicShapes(model, sizes)
+    mode = FakeTensorMode(shape_env=shapes.env)
     env: dict[str, Node] = {}
     const: set[str] = set(inits)
+
+    def shape(name: str) -> tuple:
+        return shapes.shape(name, tuple(values[name].shape))
 
     def meta(node: Node, name: str) -> Node:
         value = values.get(name)
         if value is not None:
             with mode:
-                node.meta["example_value"] = torch.empty(value.shape, dtype=value.dtype)
+                node.meta["example_value"] = torch.empty(shape(name), dtype=value.dtype)
         view.onnx_name[node] = name
         return node
 
@@ -95,7 +101,8 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
 
     def number_or_node(name: str):
         value = values[name]
-        if name in const and value.numel() == 1:
+        # a one-element bool stays a tensor: the mask algebra reads masks as tensors (HF's new_ones start)
+        if name in const and value.numel() == 1 and value.dtype != torch.bool:
             return value.reshape(()).item()
         return constant_node(name) if name in const else env[name]
 
@@ -118,7 +125,10 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
         args = [number_or_node(i) if i else None for i in n.input]
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         out_name = n.output[0]
-        if n.op_type in _BINARY:
+        if n.op_type in _BINARY and _always_true(n.op_type, args):
+            # ``position >= 0`` (HF's vmapped masks): true everywhere, the way the algebra reads new_ones
+            node = fx.call_method("new_ones", (args[0], tuple(values[out_name].shape)), {"dtype": torch.bool})
+        elif n.op_type in _BINARY:
             node = fx.call_function(_BINARY[n.op_type], tuple(args[:2]))
         elif n.op_type in _UNARY:
             node = fx.call_function(_UNARY[n.op_type], (args[0],))
@@ -136,15 +146,18 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
         elif n.op_type in ("Reshape", "Expand") and isinstance(args[0], Node):
             method = "reshape" if n.op_type == "Reshape" else "expand"
             node = fx.call_method(method, (args[0], *values[out_name].shape))
+        elif n.op_type == "Range" and _integer_steps(args, values[out_name]):
+            # positions 0..n-1 of a symbolic length: the mask algebra reads comparisons of them as bands
+            node = fx.call_function(torch.arange, tuple(args))
         elif n.op_type == "Unsqueeze" and isinstance(args[0], Node) and n.input[1] in const:
             node = args[0]
             rank = len(values[out_name].shape)
             for axis in sorted(int(a) % rank for a in values[n.input[1]].reshape(-1).tolist()):
                 node = fx.call_method("unsqueeze", (node, axis))
                 with mode:
-                    shape = list(node.args[0].meta["example_value"].shape)
-                    shape.insert(axis, 1)
-                    node.meta["example_value"] = torch.empty(shape, dtype=values[out_name].dtype)
+                    unsqueezed = list(node.args[0].meta["example_value"].shape)
+                    unsqueezed.insert(axis, 1)
+                    node.meta["example_value"] = torch.empty(unsqueezed, dtype=values[out_name].dtype)
         elif n.op_type == "Einsum" and len(args) == 2:
             node = fx.call_function(torch.einsum, (attrs["equation"].decode(), *args))
         else:
@@ -162,6 +175,32 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
     return view
 
 
+def _always_true(op_type: str, args: list) -> bool:
+    """``x >= c`` / ``x > c`` where ``x`` holds positions of an increasing ``Range`` that starts above ``c``."""
+    if op_type not in ("GreaterOrEqual", "Greater") or isinstance(args[1], (bool, Node)):
+        return False
+    start = _range_start(args[0])
+    return start is not None and (start >= args[1] if op_type == "GreaterOrEqual" else start > args[1])
+
+
+def _range_start(node) -> int | None:
+    """The smallest value of a tensor that only rearranges an increasing integer ``Range``'s values."""
+    while isinstance(node, Node) and node.op == "call_method" and node.target in ("unsqueeze", "reshape", "expand"):
+        node = node.args[0]
+    if isinstance(node, Node) and node.op == "call_function" and node.target is torch.arange and node.args[2] > 0:
+        return node.args[0]
+    return None
+
+
+def _integer_steps(args: list, value: torch.Tensor) -> bool:
+    """``Range(start, limit, delta)`` with constant integer start and delta, producing integers."""
+    start, _, delta = args
+    return (
+        not value.is_floating_point() and isinstance(start, int) and isinstance(delta, int)
+        and not isinstance(start, bool) and delta != 0
+    )
+
+
 def input_dims(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> dict[str, int]:
     """A size for every symbolic input dim: ``dims`` where given, else distinct hints."""
     sizes = dict(dims or {})
@@ -173,11 +212,10 @@ def input_dims(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> di
     return sizes
 
 
-def _example_values(model: onnx.ModelProto, dims: dict[str, int] | None) -> dict[str, torch.Tensor]:
-    """Every value of the graph on random inputs of the hinted sizes (ONNX Runtime, all values as outputs)."""
+def _example_values(model: onnx.ModelProto, sizes: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Every value of the graph on random inputs of the given sizes (ONNX Runtime, all values as outputs)."""
     import onnxruntime as ort
 
-    sizes = input_dims(model, dims)
     rng = np.random.default_rng(0)
     inits = {t.name for t in model.graph.initializer}
     feeds = {}

@@ -73,8 +73,6 @@ def test_train_packed_loss_curve_equals_the_original(packed):
     assert packed.max_loss_diff < 1e-5
 
 
-@pytest.mark.xfail(strict=True, reason="the [B, N, N] document mask unsqueezed to [B, 1, N, N] is read as a dense "
-                                       "mask, not as documents and causal (reported with the examples)")
 def test_train_packed_mask_is_read_as_causal_documents(packed):
     assert packed.found == ["causal+document"] * 2
 

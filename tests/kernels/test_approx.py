@@ -102,3 +102,85 @@ def test_honest_reasons():
     assert any("self-attention" in r for r in get("approx_bigbird").not_supported_reasons(cross))
     for name in APPROX:
         assert not get(name).exact
+
+
+# ------------------------------------------------------------------ scaling, padding, settings
+@pytest.mark.parametrize("name", ["approx_local_global", "approx_bigbird"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_gathered_keys_per_row_do_not_grow_with_n(name, causal):
+    """O(N * w): every block of queries gathers the same number of keys at N = 1k and 16k, and the cost
+    model doubles (within the fixed per-call part) when N doubles."""
+    kernel = get(name)
+    widths = []
+    for n in (1024, 16384):
+        q = torch.empty(1, 2, n, 32, device="meta")
+        spec = AttentionSpec.from_tensors(q, q, q, causal=causal).with_(device=torch.device("cpu"))
+        sparse = kernel.layouts(spec, torch.device("cpu"))[0]
+        widths.append(sparse.cols.shape[1])
+        assert sparse.rows.numel() < n + sparse.rows.shape[1]
+    assert widths[0] == widths[1]
+    costs = []
+    for n in (8192, 16384):
+        q = torch.empty(1, 2, n, 32, device="meta")
+        costs.append(kernel.cost(AttentionSpec.from_tensors(q, q, q).with_(device=torch.device("cpu"))))
+    assert 1.8 < costs[1] / costs[0] < 2.2
+
+
+def test_local_global_keeps_key_padding_and_documents_exactly():
+    """The spec's own terms are evaluated on the gathered keys: with a window covering the sequence the
+    kernel equals exact attention under padding and document masks."""
+    q, k, v = _qkv(n=130)
+    keep = torch.ones(2, 130, dtype=torch.bool)
+    keep[0, 100:] = False
+    docs = (torch.arange(130) >= 70).long()[None]
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, q_doc=docs, kv_doc=docs)
+    ref, _ = get("reference").forward(q, k, v, spec, 0)
+    out, _ = LocalGlobalKernel(window=130, n_global=2).forward(q, k, v, spec, 0)
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_performer_key_padding_ignores_padded_keys(causal):
+    q, k, v = _qkv(n=256, scale=0.2)
+    keep = torch.ones(2, 256, dtype=torch.bool)
+    keep[1, 200:] = False
+    spec = AttentionSpec.from_tensors(q, k, v, causal=causal, key_padding=keep)
+    assert get("approx_performer").not_supported_reasons(spec) == []
+    ref, _ = get("reference").forward(q, k, v, spec, 0)
+    kernel = PerformerKernel(n_features=256)
+    out, _ = kernel.forward(q, k, v, spec, 0)
+    assert ((out - ref).norm() / ref.norm()) < 0.05
+    k2, v2 = k.clone(), v.clone()
+    k2[1, :, 200:] += 5.0
+    v2[1, :, 200:] -= 3.0
+    torch.testing.assert_close(kernel.forward(q, k2, v2, spec, 0)[0], out)
+
+
+def test_performer_features_are_redrawn_per_call_seed_deterministically():
+    q, k, v = _qkv(n=64, scale=0.5)
+    spec = AttentionSpec.from_tensors(q, k, v)
+    kernel = PerformerKernel(n_features=64)
+    first, again, other = (kernel.forward(q, k, v, spec, s)[0] for s in (0, 0, 1))
+    assert torch.equal(first, again) and not torch.equal(first, other)
+
+
+def test_performer_error_falls_with_more_features():
+    q, k, v = _qkv(n=256, scale=0.5)
+    spec = AttentionSpec.from_tensors(q, k, v)
+    ref, _ = get("reference").forward(q, k, v, spec, 0)
+    errors = [((PerformerKernel(n_features=m).forward(q, k, v, spec, 0)[0] - ref).norm() / ref.norm()).item()
+              for m in (16, 256)]
+    assert errors[1] < errors[0] / 2 and errors[1] < 0.25, errors
+
+
+def test_settings_are_registered_under_names_that_state_them():
+    from attnopt.kernels.approx_base import configured
+    from attnopt.passes.plan import candidates
+
+    kernel = configured(get("approx_local_global"), window=64, n_global=1)
+    assert kernel.name == "approx_local_global[window=64,n_global=1]" and get(kernel.name) is kernel
+    assert (kernel.window, kernel.n_global) == (64, 1) and kernel.family == "approx_local_global"
+    assert configured(get("approx_local_global"), window=64, n_global=1) is kernel
+    q, k, v = _qkv()
+    names = [c.kernel for c in candidates(AttentionSpec.from_tensors(q, k, v), exact=False)]
+    assert "approx_local_global" in names and kernel.name not in names  # listed once, as the family

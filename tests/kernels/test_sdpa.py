@@ -42,13 +42,62 @@ def test_cpu_matches_reference_forward_and_backward(term):
         torch.testing.assert_close(got, ref_grad, atol=1e-4, rtol=1e-4)
 
 
+def _left_padded(batch: int, n: int, device="cpu") -> torch.Tensor:
+    """Bool keep ``[B, N]``: row 0 unpadded, row 1 with its first 3/4 padded, further rows random."""
+    keep = torch.ones(batch, n, dtype=torch.bool, device=device)
+    keep[1, : 3 * n // 4] = False
+    return keep
+
+
+ROWS_WITHOUT_KEYS = {
+    "lengths": {"key_padding": torch.tensor([64, 0])},  # the second batch row sees no key at all
+    "left_padding_causal": {"key_padding": _left_padded(2, 64), "causal": True},  # its first rows see none
+    "window_padding": {"key_padding": _left_padded(2, 64), "causal": True, "window": Window(4, 0)},
+}
+
+
+def _check_rows_without_keys(name: str, case: str, fill: Fill, device: str, dtype: torch.dtype, tol: float):
+    q, k, v = _qkv(device, dtype)
+    terms = {t: (x.to(device) if isinstance(x, torch.Tensor) else x) for t, x in ROWS_WITHOUT_KEYS[case].items()}
+    spec = AttentionSpec.from_tensors(q, k, v, **terms, fill=fill, requires_grad=True)
+    kernel = get(name)
+    assert kernel.not_supported_reasons(spec) == []
+    # the oracle: the reference kernel in float64 (its fills are checked against eager in test_reference.py)
+    q64, k64, v64 = (t.double() for t in (q, k, v))
+    spec64 = spec.with_(dtype=torch.float64)
+    ref, ref_lse = get("reference").forward(q64, k64, v64, spec64, 0)
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    assert torch.isnan(out).equal(torch.isnan(ref)), "NaN rows differ"
+    torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, equal_nan=True)
+    assert torch.isneginf(lse).equal(torch.isneginf(ref_lse))
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
+    grads = kernel.backward(g, q, k, v, out, lse, spec, 0, False, False)
+    want = get("reference").backward(g.double(), q64, k64, v64, ref, ref_lse, spec64, 0, False, False)
+    for got, ref_grad in zip(grads[:3], want[:3]):
+        torch.testing.assert_close(got.double(), ref_grad, atol=3 * tol, rtol=3 * tol, equal_nan=True)
+
+
+@pytest.mark.parametrize("fill", list(Fill))
+@pytest.mark.parametrize("case", list(ROWS_WITHOUT_KEYS))
+def test_rows_without_keys(case, fill):
+    """Rows the boolean terms leave no key in: NaN, 0 or the uniform average, and their gradients."""
+    _check_rows_without_keys("sdpa_cpu", case, fill, "cpu", torch.float32, 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fill", list(Fill))
+@pytest.mark.parametrize("case", list(ROWS_WITHOUT_KEYS))
+def test_cuda_rows_without_keys(case, fill):
+    _check_rows_without_keys("sdpa_efficient", case, fill, "cuda", torch.bfloat16, 3e-2)
+
+
 def test_reasons():
     q, k, v = _qkv()
     cpu = get("sdpa_cpu")
     assert any("softcap" in r for r in cpu.not_supported_reasons(AttentionSpec.from_tensors(q, k, v, softcap=20.0)))
-    padded = AttentionSpec.from_tensors(q, k, v, key_padding=torch.tensor([64, 0]))  # -inf fill: NaN rows
-    assert any("rows with no visible key" in r for r in cpu.not_supported_reasons(padded))
-    assert cpu.not_supported_reasons(padded.with_(fill=Fill.SAFE)) == []
+    padded = AttentionSpec.from_tensors(q, k, v, key_padding=torch.tensor([64, 0]))
+    for fill in Fill:  # rows with no visible key are given the original's values (test_rows_without_keys)
+        assert cpu.not_supported_reasons(padded.with_(fill=fill)) == []
     # top-left causal with Nq <= Nk never empties a row: exact under any fill
     assert cpu.not_supported_reasons(AttentionSpec.from_tensors(q, k, v, causal=True)) == []
     assert any("dropout" in r for r in cpu.not_supported_reasons(AttentionSpec.from_tensors(q, k, v, dropout_p=0.1)))

@@ -143,14 +143,14 @@ def test_head_dim_80_padded(term, layout):
 ])
 def test_rows_without_keys_follow_fill(term, fill):
     q, k, v, spec = make_inputs((2, 4, 2, 40, 17), 16, torch.float32, term, fill=fill)
-    assert triton_flash.may_have_empty_rows(spec)
+    assert spec.rows_may_be_empty()
     check_against_oracles(q, k, v, spec, TOL[torch.float32])
 
 
 def test_no_empty_rows_proved_for_plain_bands():
     q, k, v, spec = make_inputs((1, 2, 1, 17, 64), 16, torch.float32, {"causal": True})
-    assert not triton_flash.may_have_empty_rows(spec)
-    assert triton_flash.may_have_empty_rows(spec.with_(align=Align.BOTTOM_RIGHT, q_len=70))
+    assert not spec.rows_may_be_empty()
+    assert spec.with_(align=Align.BOTTOM_RIGHT, q_len=70).rows_may_be_empty()
 
 
 @pytest.mark.parametrize("term", ["causal", "document", "key_padding_bool"])

@@ -126,3 +126,32 @@ def test_initializers_are_copied_not_shared_read_only():
     assert t.data_ptr() != frozen.ctypes.data and torch.equal(t, torch.arange(6.0).view(2, 3))
     writable = np.ones(3, dtype=np.float32)
     assert _tensor(writable).data_ptr() == writable.ctypes.data  # no copy when none is needed
+
+
+def _one_error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    (line,) = captured.err.strip().splitlines()
+    assert line.startswith("attnopt: error: ") and "Traceback" not in captured.err
+    return line
+
+
+def test_nothing_to_fuse_is_one_line(tmp_path, capsys):
+    source, out = tmp_path / "mlp.onnx", tmp_path / "out.onnx"
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Softmax(-1)).eval()
+    onnx.save(torch.onnx.export(model, (torch.randn(2, 8),), dynamo=True, opset_version=18).model_proto, source)
+    capsys.readouterr()
+    assert main(["onnx", "fuse", str(source), "-o", str(out)]) == 2
+    assert re.search(r"nothing (to fuse|fused) in .*softmax", _one_error_line(capsys))
+    assert not out.exists()
+
+
+def test_unsupported_opset_and_unreadable_file_are_one_line(tmp_path, capsys):
+    source = tmp_path / "m.onnx"
+    source.write_bytes(b"not a protobuf")
+    assert main(["onnx", "fuse", str(source), "-o", str(tmp_path / "o.onnx")]) == 2
+    assert "cannot read" in _one_error_line(capsys)
+    model = om.SDPABlock("causal").eval()
+    onnx.save(torch.onnx.export(model, (torch.randn(2, 5, 32),), dynamo=True, opset_version=18).model_proto, source)
+    capsys.readouterr()
+    assert main(["onnx", "fuse", str(source), "-o", str(tmp_path / "o.onnx"), "--opset", "18"]) == 2
+    assert "opset 23" in _one_error_line(capsys)
