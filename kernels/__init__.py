@@ -1,7 +1,7 @@
 """attnopt's runtime: the AttentionSpec contract, the kernel registry and the kernels."""
 
 from . import reference  # noqa: F401  (registers the reference kernel)
-from . import approx_bigbird, approx_local_global, approx_performer, sdpa  # noqa: F401  (register themselves)
+from . import approx_bigbird, approx_local_global, approx_performer, flex, sdpa  # noqa: F401  (register themselves)
 
 try:
     import triton  # noqa: F401

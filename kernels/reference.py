@@ -11,9 +11,10 @@ denominator ``l`` and an unnormalized accumulator ``acc``:
     acc    = acc * exp(m - m_new) + exp(s - m_new) @ v_block
     out    = acc / l,   lse = m + log(l)
 
-Only the keys that the band terms (causal, window) and the key padding leave
-visible to some row of the chunk are visited: a causal chunk stops at its
-diagonal, a windowed chunk starts at its window's left edge, and a narrow band
+Only the keys that the band terms (causal, window), the key padding and the
+documents leave visible to some row of the chunk are visited: a causal chunk
+stops at its diagonal, a windowed chunk starts at its window's left edge, a
+chunk of packed documents spans its documents' keys, and a narrow band
 also narrows the query chunk (about the band's width), so a sliding window of
 width w costs about ``2 w`` keys per row, not ``N``. Within that range, blocks
 that the other terms prove empty (documents, a boolean mask) are skipped too,
@@ -124,14 +125,27 @@ class _Skipper:
         )
 
     def key_range(self, q0: int, q1: int) -> tuple[int, int]:
-        """Keys ``[start, end)`` that some row of ``q0:q1`` may see: outside it the band or the padding masks all."""
+        """Keys ``[start, end)`` that some row of ``q0:q1`` may see: outside it the band, the padding or the
+        documents mask all."""
         off = self.spec.diagonal_offset
         start, end = 0, self.kv_end
         if self.lo is not None:
             start = max(start, q0 + off + self.lo)
         if self.hi is not None:
             end = min(end, q1 - 1 + off + self.hi + 1)
+        if self.spec.q_doc is not None and end > start:
+            first, last = self._document_keys(q0, q1)
+            start, end = max(start, first), min(end, last)
         return start, max(start, end)
+
+    def _document_keys(self, q0: int, q1: int) -> tuple[int, int]:
+        """The first and one past the last key whose document id lies within the ids of rows ``q0:q1``
+        (in any batch): a key outside them shares no document with any of those rows. O(Nk) per chunk."""
+        q_ids = self.spec.q_doc[:, q0:q1]  # [Bd, q]
+        kv_ids = self.spec.kv_doc  # [Bd, Nk]
+        inside = (kv_ids >= q_ids.amin(1, keepdim=True)) & (kv_ids <= q_ids.amax(1, keepdim=True))
+        keys = inside.any(0).nonzero()
+        return (0, 0) if keys.numel() == 0 else (int(keys[0]), int(keys[-1]) + 1)
 
     def unmasked(self, q0: int, q1: int, k0: int, k1: int) -> bool:
         """Whether no boolean term masks any entry of the tile."""
@@ -351,7 +365,10 @@ class ReferenceKernel(Kernel):
 
     def memory_bytes(self, spec: AttentionSpec) -> int:
         q_chunk, k_block = chunk_sizes(spec)
-        tile = spec.batch * spec.q_heads * q_chunk * k_block * 4
+        width = band_width(spec)
+        # a chunk of a band of width w sees at most q_chunk + w - 1 keys: its tiles are no wider
+        keys = k_block if width is None else max(1, min(k_block, q_chunk + width - 1))
+        tile = spec.batch * spec.q_heads * q_chunk * keys * 4
         acc = spec.batch * spec.q_heads * q_chunk * (spec.v_head_dim + spec.head_dim + 2) * 4
         # the scores, updated in place into the probabilities, a keep mask and the product's
         # temporaries: measured at 1.2-2.7 tiles on the CPU

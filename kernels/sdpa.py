@@ -147,6 +147,8 @@ def _only(backend: SDPBackend):
             put(enabled)
 
 
+#: CUDA backends asked whether they take a mask in this process, and their answers
+_MASK_PROBES: dict[str, bool] = {}
 #: CUDA backends found to refuse ``enable_gqa`` in this process
 _NO_NATIVE_GQA: set[str] = set()
 
@@ -163,7 +165,7 @@ class SDPAKernel(Kernel):
     exact = True
 
     def __init__(self, name: str, backend: SDPBackend | None, device: str, dtypes: tuple, max_head_dim: int,
-                 takes_mask: bool, flops: float, summary: str):
+                 takes_mask: bool | str, flops: float, summary: str):
         self.name, self.backend, self.device_type, self.dtypes = name, backend, device, dtypes
         self.max_head_dim, self.takes_mask, self.flops, self.summary = max_head_dim, takes_mask, flops, summary
 
@@ -183,7 +185,7 @@ class SDPAKernel(Kernel):
             reasons.append(f"softcap={spec.softcap} not supported by SDPA")
         if spec.dropout_p > 0.0:
             reasons.append(f"dropout (p={spec.dropout_p}) not supported: the backward could not regenerate it")
-        if needs_mask(spec) and not self.takes_mask:
+        if needs_mask(spec) and not self._takes_mask(spec):
             reasons.append(f"takes no attention mask; this call has {'+'.join(spec.mask_terms)} beyond top-left causal")
         additive = [t.dtype for t in (spec.bias, spec.mask) if t is not None and t.is_floating_point()]
         if additive and (spec.dtype in (torch.float16, torch.bfloat16) or additive[0].itemsize > spec.dtype.itemsize):
@@ -195,6 +197,25 @@ class SDPAKernel(Kernel):
             # than autograd gives the original (which differentiates the addition as the identity)
             reasons.append("gradients through an additive mask are not the original's on rows it fills entirely")
         return reasons
+
+    def _takes_mask(self, spec: AttentionSpec) -> bool:
+        """cuDNN takes an additive mask from some cuDNN versions on: asked once per process, with a tiny
+        call (a refusal is SDPA's "No available kernel")."""
+        if self.takes_mask != "probe" or not torch.cuda.is_available():  # without a device: "no CUDA device"
+            return bool(self.takes_mask)
+        if self.name not in _MASK_PROBES:
+            try:
+                q = torch.ones(1, 1, 8, 64, dtype=torch.bfloat16, device=spec.device)
+                mask = torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16, device=spec.device)
+            except (RuntimeError, AssertionError):  # no such device here (a plan made for another machine)
+                return True
+            try:
+                with _only(self.backend):
+                    F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+                _MASK_PROBES[self.name] = True
+            except RuntimeError:
+                _MASK_PROBES[self.name] = False
+        return _MASK_PROBES[self.name]
 
     def memory_bytes(self, spec: AttentionSpec) -> int:
         repeated = 0
@@ -295,5 +316,5 @@ register(SDPAKernel("sdpa_flash", SDPBackend.FLASH_ATTENTION, "cuda", _HALF, 256
                     "PyTorch SDPA, FlashAttention-2 backend (no mask beyond top-left causal)"))
 register(SDPAKernel("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION, "cuda", (torch.float32, *_HALF), 256, True,
                     2.5e14, "PyTorch SDPA, memory-efficient (xformers) backend, additive mask"))
-register(SDPAKernel("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION, "cuda", _HALF, 128, False, 5e14,
-                    "PyTorch SDPA, cuDNN backend (no mask beyond top-left causal)"))
+register(SDPAKernel("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION, "cuda", _HALF, 128, "probe", 5e14,
+                    "PyTorch SDPA, cuDNN backend (additive mask where this cuDNN takes one)"))

@@ -229,23 +229,30 @@ def test_band_skipping_equals_the_unskipped_result_and_visits_fewer_blocks(windo
     q = torch.randn(2, 4, 200, 8, dtype=torch.float64)
     k, v = (torch.randn(2, 2, 230, 8, dtype=torch.float64) for _ in range(2))
     spec = AttentionSpec.from_tensors(q, k, v, window=Window(*window), align=align, fill=Fill.SAFE)
-    grad_out = torch.randn(2, 4, 200, 8, dtype=torch.float64)
-    kernel = reference.ReferenceKernel()
     with small_tiles(k_block=32, tile_elements=2 * 4 * 32 * 32):
-        out, lse = kernel.forward(q, k, v, spec, seed=0)
-        grads = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)
-        skipped = _visited(spec)
-        with monkeypatch.context() as m:
-            m.setattr(reference, "_Skipper", _NoSkipping)
-            full_out, full_lse = kernel.forward(q, k, v, spec, seed=0)
-            full_grads = kernel.backward(grad_out, q, k, v, full_out, full_lse, spec, 0, False, False)
-            unskipped = _visited(spec)
+        skipped, unskipped = _skipping_changes_nothing(q, k, v, spec, monkeypatch)
+    assert skipped[0] < unskipped[0] and skipped[1] < unskipped[1], (skipped, unskipped)
+
+
+def _skipping_changes_nothing(q, k, v, spec: AttentionSpec, monkeypatch) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Forward and backward with the skipping and without it (every key visited) agree, and equal the oracle.
+    Returns what each visited (``_visited``)."""
+    grad_out = torch.randn(*q.shape[:-1], v.shape[-1], dtype=q.dtype)
+    kernel = reference.ReferenceKernel()
+    out, lse = kernel.forward(q, k, v, spec, seed=0)
+    grads = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)
+    skipped = _visited(spec)
+    with monkeypatch.context() as m:
+        m.setattr(reference, "_Skipper", _NoSkipping)
+        full_out, full_lse = kernel.forward(q, k, v, spec, seed=0)
+        full_grads = kernel.backward(grad_out, q, k, v, full_out, full_lse, spec, 0, False, False)
+        unskipped = _visited(spec)
     torch.testing.assert_close(out, full_out, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(lse, full_lse, atol=1e-12, rtol=1e-12)
     for got, want in zip(grads[:3], full_grads[:3]):
         torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
     torch.testing.assert_close(out, naive_attention(q, k, v, spec), atol=1e-10, rtol=1e-10)
-    assert skipped[0] < unskipped[0] and skipped[1] < unskipped[1], (skipped, unskipped)
+    return skipped, unskipped
 
 
 def test_a_narrow_window_visits_about_twice_its_width_per_row():
@@ -266,3 +273,27 @@ def test_causal_visits_about_half_the_scores():
     spec = AttentionSpec.from_tensors(q, q, q, causal=True)
     _, entries = _visited(spec)
     assert entries < 0.6 * 4096 * 4096, entries / 4096**2
+
+
+def test_packed_documents_visit_their_own_keys_only(monkeypatch):
+    """Packed documents (sorted ids) bound each chunk's keys to its documents' span: same result, fewer keys."""
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 300, 8, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([[40, 100, 60, 100], [150, 50, 90, 10]])
+    doc = torch.stack([torch.repeat_interleave(torch.arange(4), row) for row in lengths])  # [2, 300]
+    spec = AttentionSpec.from_tensors(q, k, v, q_doc=doc, kv_doc=doc, fill=Fill.FINITE)
+    with small_tiles(k_block=64, tile_elements=2 * 2 * 32 * 64):
+        bounded, unbounded = _skipping_changes_nothing(q, k, v, spec, monkeypatch)
+    assert bounded[1] < 0.6 * unbounded[1], (bounded, unbounded)
+
+
+def test_memory_estimate_follows_the_band():
+    """A narrow window's tiles are about twice its width wide, not a whole key block."""
+    q = torch.empty(1, 8, 8192, 64, device="meta")
+    kernel = reference.ReferenceKernel()
+    causal = AttentionSpec.from_tensors(q, q, q, causal=True)
+    window = causal.with_(window=Window(127, 0))
+    q_chunk, k_block = reference.chunk_sizes(window)
+    tile, rows = 8 * q_chunk * (q_chunk + 127) * 4, 8 * q_chunk * (64 + 64 + 2) * 4  # a score tile, row state
+    assert 3 * tile <= kernel.memory_bytes(window) <= 3 * tile + 2 * rows
+    assert kernel.memory_bytes(window) < kernel.memory_bytes(causal) / 2

@@ -88,7 +88,8 @@ def test_rows_without_keys(case, fill):
 @pytest.mark.parametrize("fill", list(Fill))
 @pytest.mark.parametrize("case", list(ROWS_WITHOUT_KEYS))
 def test_cuda_rows_without_keys(case, fill):
-    _check_rows_without_keys("sdpa_efficient", case, fill, "cuda", torch.bfloat16, 3e-2)
+    for name in ("sdpa_efficient", "sdpa_cudnn"):
+        _check_rows_without_keys(name, case, fill, "cuda", torch.bfloat16, 3e-2)
 
 
 def test_reasons():
