@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import re
 import types
 
 import torch
+from torch._dynamo import eval_frame
 
 from attnopt.backend import compile_with
 from attnopt.config import Options
-from attnopt.report import Report
+from attnopt.report import Fallback, Report
 
 
 def optimize(model: torch.nn.Module, *, max_mem: int | str | None = None, exact: bool = True, **options):
@@ -35,9 +38,16 @@ def optimize(model: torch.nn.Module, *, max_mem: int | str | None = None, exact:
 
     Options: ``max_mem`` (bytes, or "24GB" = 24·10^9 / "24GiB" = 24·2^30),
     ``exact`` (False allows approximate kernels), ``kernel`` (force one kernel by
-    name), ``compiler``, ``dynamic`` (passed to torch.compile), ``tol``, ``tune``, ``cache_dir``,
-    ``keep_original`` (False replaces every supported site, even where the original code is faster).
+    name), ``compiler``, ``mode`` (inductor's, with ``compiler="inductor"``), ``dynamic`` (passed to
+    torch.compile), ``tol``, ``tune``, ``cache_dir``, ``keep_original`` (False replaces every supported
+    site, even where the original code is faster), ``verify`` (compare each graph's rewrite with the
+    original on its first inputs; see ``attnopt.Options``).
     Calling ``optimize`` again replaces the previous options and report.
+
+    Every optimized model is captured on its own, however many are optimized in one process. When
+    part of the forward runs without attnopt (dynamo runs a frame eagerly, or a graph break splits
+    an attention), ``model.attnopt_report`` says where and why and an ``attnopt.AttnoptWarning`` is
+    raised, once for each place.
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"optimize takes a torch.nn.Module, got {type(model).__name__}")
@@ -56,7 +66,7 @@ def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, ex
     # the forward runs once: whatever it writes into the module's buffers (a step counter) is put back
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     try:
-        _own_errors(torch.compile(model, backend=backend))(*args, **(kwargs or {}))
+        _watched(torch.compile(model, backend=backend, **_ISOLATED), report)(*args, **(kwargs or {}))
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:
@@ -81,7 +91,7 @@ class _OptimizedForward:
         self.original = original
         forward = types.MethodType(_own_code(type(module).forward), module) if original is None else original
         backend = functools.partial(_backend, options=options, report=report)
-        self.compiled = _own_errors(torch.compile(forward, backend=backend, dynamic=options.dynamic))
+        self.compiled = _watched(torch.compile(forward, backend=backend, dynamic=options.dynamic, **_ISOLATED), report)
         # name, docstring and signature of the forward it replaces (inspect.signature follows __wrapped__)
         functools.update_wrapper(self, types.MethodType(type(module).forward, module) if original is None else original)
 
@@ -111,6 +121,43 @@ def _install(module: torch.nn.Module, options: Options, report: Report) -> None:
     module.attnopt_report = report
 
 
+#: each torch.compile of a model keeps its own compiled entries (torch >= 2.13): the frames a graph break
+#: resumes in, shared by every instance of a class, then count against one model's recompile limit only
+_ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.signature(torch.compile).parameters else {}
+
+#: where dynamo lists, during a call, the frames it declines to compile (None: a torch without it)
+_TLS = eval_frame.dynamo_tls if hasattr(getattr(eval_frame, "dynamo_tls", None), "skip_reasons") else None
+#: dynamo's skip reasons (``eval_frame.add_skip_reason``) meaning a frame of the model runs eagerly
+_EAGER = {
+    "compilation failed with a custom frame execution strategy": (
+        "dynamo reached its recompile limit (torch._dynamo.config.recompile_limit = {limit}) for this code: "
+        "calls that none of its compiled versions accepts (a new dtype, device, train/eval state or "
+        "shape) now run it eagerly, unoptimized; avoid the recompiles (dynamic=True where shapes "
+        "change) or raise the limit"
+    ),
+    "an error was suppressed during compilation": (
+        "dynamo could not compile this frame (a graph break it cannot resume from, e.g. inside a loop or "
+        "a with-block) and runs it eagerly: attention computed in it is not optimized; "
+        "TORCH_LOGS=graph_breaks shows the break"
+    ),
+}
+_SKIP = re.compile(r"^(?P<name>\S+) \((?P<file>.+):(?P<line>\d+)\): (?P<reason>.*)$", re.DOTALL)
+
+
+def _note_eager_frames(skipped: list[str], report: Report) -> None:
+    """Record in ``report`` (warning once) each frame dynamo declined to compile during a call, when that
+    frame runs the user's code eagerly (frames of torch itself and frames without tensors are skipped by design)."""
+    for entry in skipped:
+        found = _SKIP.match(entry)
+        if found is None:
+            continue
+        reason = found["reason"]
+        why = _EAGER.get(reason)  # not "no ops traced" and the like: frames with nothing to optimize
+        if why is not None:
+            report.add_fallback(Fallback(f"{found['name']} ({found['file']}:{found['line']})",
+                                         why.format(limit=torch._dynamo.config.recompile_limit)))
+
+
 def _own_code(fn):
     """``fn`` with a code object of its own, so that its dynamo cache belongs to one module.
 
@@ -127,20 +174,35 @@ def _own_code(fn):
     return own
 
 
-def _own_errors(compiled):
-    """Raise attnopt's own errors (a budget no plan fits, bad options) as themselves, not wrapped by dynamo."""
+def _watched(compiled, report: Report):
+    """``compiled`` as the user calls it: attnopt's own errors (a budget no plan fits, bad options) raised as
+    themselves, not wrapped by dynamo; the frames dynamo runs eagerly during a call recorded in ``report``."""
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
+        if _TLS is None:
+            return _raising_own_errors(compiled, args, kwargs)
+        outer, _TLS.skip_reasons = _TLS.skip_reasons, []  # empty after the call once the model is warm
         try:
-            return compiled(*args, **kwargs)
-        except torch._dynamo.exc.BackendCompilerFailed as err:
-            inner = getattr(err, "inner_exception", None)
-            if isinstance(inner, (ValueError, TypeError, NotImplementedError)):
-                raise inner.with_traceback(None) from None
-            raise
+            return _raising_own_errors(compiled, args, kwargs)
+        finally:
+            skipped, _TLS.skip_reasons = _TLS.skip_reasons, outer
+            if skipped:
+                _note_eager_frames(skipped, report)
+                if outer is not None:
+                    outer.extend(skipped)
 
     return call
+
+
+def _raising_own_errors(compiled, args, kwargs):
+    try:
+        return compiled(*args, **kwargs)
+    except torch._dynamo.exc.BackendCompilerFailed as err:
+        inner = getattr(err, "inner_exception", None)
+        if isinstance(inner, (ValueError, TypeError, NotImplementedError)):
+            raise inner.with_traceback(None) from None
+        raise
 
 
 def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: bool = False):

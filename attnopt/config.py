@@ -57,6 +57,8 @@ def default_tune() -> bool:
 
 
 COMPILERS = ("eager", "inductor")
+#: inductor's modes (``torch.compile(mode=...)``), for ``compiler="inductor"``
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 #: default accepted relative L2 error of an approximate kernel, ||approx - exact|| / ||exact||, per site
 DEFAULT_TOL = 0.05
 
@@ -76,6 +78,13 @@ class Options:
     every site some kernel supports, whatever its speed (to test rewrites, or to compare kernels).
     ``cache_dir``: where tuning results live (default ``$ATTNOPT_CACHE_DIR`` or
     ``~/.cache/attnopt/tuning``).
+    ``mode``: inductor's mode for the rewritten graph (``compiler="inductor"`` only), as in
+    ``torch.compile(mode=...)``: "default", "reduce-overhead" (CUDA graphs), "max-autotune",
+    "max-autotune-no-cudagraphs".
+    ``verify``: on each graph's first call, run the original and the rewritten graph on the same
+    inputs and compare their outputs; a site whose replacement changes them is restored to its
+    original code, with a warning naming it. A safety net, off by default (it costs two extra runs
+    of the graph on its first call, more when a site differs).
     """
 
     max_mem: int | None = None
@@ -87,6 +96,8 @@ class Options:
     tune: bool = True
     cache_dir: str | None = None
     keep_original: bool = True
+    mode: str | None = None
+    verify: bool = False
 
     @staticmethod
     def build(*, default_compiler: str = "eager", **given) -> Options:
@@ -96,19 +107,27 @@ class Options:
             raise TypeError(f"unknown attnopt option(s) {unknown}: known options are {sorted(known)}")
         given.setdefault("compiler", default_compiler)
         given["max_mem"] = parse_bytes(given.get("max_mem"))
-        if not isinstance(given.get("exact", True), bool):
-            raise TypeError(f"exact={given['exact']!r} must be True or False")
         tol = given.get("tol", DEFAULT_TOL)
         if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0.0 < tol < 1.0:
             raise ValueError(f"tol={tol!r} is not allowed: give the accepted relative error as a float in (0, 1), e.g. 0.05")
         if "tune" not in given:
             given["tune"] = default_tune()
-        if not isinstance(given["tune"], bool):
-            raise TypeError(f"tune={given['tune']!r} must be True or False")
-        if not isinstance(given.get("keep_original", True), bool):
-            raise TypeError(f"keep_original={given['keep_original']!r} must be True or False")
+        for flag in ("exact", "tune", "keep_original", "verify"):
+            if not isinstance(given.get(flag, False), bool):
+                raise TypeError(f"{flag}={given[flag]!r} must be True or False")
+        if given.get("dynamic") is not None and not isinstance(given["dynamic"], bool):
+            raise TypeError(f"dynamic={given['dynamic']!r} must be True, False or None (as in torch.compile)")
         if given["compiler"] not in COMPILERS:
             raise ValueError(f"compiler={given['compiler']!r} is not allowed: use one of {COMPILERS}")
+        mode = given.get("mode")
+        if mode is not None and mode not in MODES:
+            raise ValueError(f"mode={mode!r} is not allowed: use one of {MODES} (inductor's modes)")
+        if mode is not None and given["compiler"] != "inductor":
+            raise ValueError(f"mode={mode!r} is a mode of inductor: pass compiler='inductor' with it, or leave "
+                             f"mode out with compiler={given['compiler']!r}")
+        for name in ("kernel", "cache_dir"):
+            if given.get(name) is not None and not isinstance(given[name], (str, os.PathLike)):
+                raise TypeError(f"{name}={given[name]!r} has type {type(given[name]).__name__}: give a string")
         kernel = given.get("kernel")
         if kernel is not None:
             from attnopt.kernels import registry

@@ -187,13 +187,3 @@ def _data_inputs(node) -> frozenset:
             continue
         stack.extend(n.all_input_nodes)
     return frozenset(found)
-
-
-def run_compiler(gm: GraphModule, example_inputs, options: Options):
-    """The callable that runs a rewritten graph: the graph itself, or inductor's compilation of it."""
-    if options.compiler == "inductor":
-        from torch._inductor.compile_fx import compile_fx
-
-        return compile_fx(gm, example_inputs)
-    return gm.forward
-
