@@ -12,11 +12,11 @@ from attnopt.api import explain, optimize
 from attnopt.backend import Backend, report_of
 from attnopt.config import Options, parse_bytes
 from attnopt.functional import attention
-from attnopt.passes.plan import MemoryBudgetError, NoKernelError
+from attnopt.passes.plan import ApproximationWarning, MemoryBudgetError, NoKernelError
 from attnopt.report import AttnoptWarning, Fallback, Report, Site
 
 __all__ = [
-    "AttnoptWarning", "Backend", "Fallback", "MemoryBudgetError", "NoKernelError", "Options", "Report", "Site",
+    "ApproximationWarning", "AttnoptWarning", "Backend", "Fallback", "MemoryBudgetError", "NoKernelError", "Options", "Report", "Site",
     "attention", "explain", "optimize", "parse_bytes", "report_of",
 ]
 __version__ = "0.1.0"

@@ -266,7 +266,7 @@ def _candidates_block(s: Site, full: bool, unavailable: dict[str, str], hidden: 
     if not s.candidate_times and not s.rejected_kernels:
         return []
     chosen = s.kernel if s.replaced else "left alone"
-    approx = "" if s.exact or s.error is None else f", APPROXIMATE: relative error {s.error:.3g}"
+    approx = "" if s.exact or s.error is None else f", APPROXIMATE: this site's own error {s.error:.3g} on the calibration input (the model's output error is in the reason)"
     body = [f"{chosen}{approx}"] + [f"  note: {note}" for note in s.notes]
     for name, seconds, measured in s.candidate_times:
         mark = "*" if name == s.kernel else " "

@@ -1,6 +1,6 @@
 """Long context under a memory budget: too big for ``max_mem`` as written, fits after ``optimize(max_mem=...)``.
 
-    python examples/long_context.py                      # CPU, 1024 tokens, a few seconds
+    python examples/long_context.py                      # CPU, 2048 tokens, under a minute
     python examples/long_context.py --device cuda --dtype bfloat16 --length 32768 --dim 1024 --heads 16 --layers 4
 
 The model is a small decoder with hand-written attention: causal, with Gemma-2's
@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
-    parser.add_argument("--length", type=int, default=1024)
+    parser.add_argument("--length", type=int, default=2048)
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--dim", type=int, default=128)
     parser.add_argument("--heads", type=int, default=4)

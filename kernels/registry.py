@@ -8,6 +8,8 @@ what it costs (``cost``, ``memory_bytes``) and computes it (``forward``,
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from .spec import AttentionSpec
@@ -82,11 +84,32 @@ def register(kernel: Kernel) -> Kernel:
 
 
 def get(name: str) -> Kernel:
-    try:
-        return _KERNELS[name]
-    except KeyError:
+    kernel = _KERNELS.get(name) or _configured(name)
+    if kernel is None:
         known = ", ".join(sorted(_KERNELS)) or "none"
-        raise ValueError(f"unknown attention kernel {name!r}: registered kernels are {known}") from None
+        raise ValueError(f"unknown attention kernel {name!r}: registered kernels are {known}")
+    return kernel
+
+
+def _configured(name: str) -> Kernel | None:
+    """A kernel named ``family[key=value,...]`` (an approximate kernel's calibrated settings, as graphs
+    name it), made from its registered family: the name alone rebuilds it in a fresh process."""
+    match = re.fullmatch(r"(\w+)\[([^\]]*)\]", name)
+    family = _KERNELS.get(match.group(1)) if match else None
+    if family is None or not hasattr(family, "with_settings"):
+        return None
+    settings = {}
+    for item in match.group(2).split(","):
+        key, _, value = item.partition("=")
+        if not key or not value.lstrip("-").isdigit():
+            return None
+        settings[key] = int(value)
+    try:
+        made = family.with_settings(**settings)
+    except TypeError:  # a setting this family does not have
+        return None
+    made.name = name
+    return register(made)
 
 
 def all_kernels() -> list[Kernel]:

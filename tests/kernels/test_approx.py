@@ -184,3 +184,16 @@ def test_settings_are_registered_under_names_that_state_them():
     q, k, v = _qkv()
     names = [c.kernel for c in candidates(AttentionSpec.from_tensors(q, k, v), exact=False)]
     assert "approx_local_global" in names and kernel.name not in names  # listed once, as the family
+
+
+def test_calibrated_variant_rebuilt_from_its_name():
+    """A graph names an approximate kernel with its settings; a fresh registry rebuilds it from the name."""
+    from attnopt.kernels import registry
+
+    name = "approx_local_global[window=96,n_global=3]"
+    registry._KERNELS.pop(name, None)
+    kernel = registry.get(name)
+    assert kernel.name == name and kernel.settings() == {"window": 96, "n_global": 3}
+    for bad in ("approx_local_global[depth=2]", "approx_local_global[window=x]", "reference[window=4]"):
+        with pytest.raises(ValueError, match="unknown attention kernel"):
+            registry.get(bad)
