@@ -11,10 +11,17 @@ causal ``masked_fill(-inf)`` eager attention) with random bf16 weights, so the
 benchmark does not depend on the HF eager-attention detection.
 
     python benchmarks/memory_budget.py > benchmarks/results/memory_budget.md
+
+``--cpu`` checks the memory model on the CPU instead (float32, ``tune=False``),
+at 2k and 8k tokens: the peak of tensor memory one call allocates
+(``attnopt.measure.cpu_peak_bytes``) plus what is resident (weights and
+inputs), for eager and for the optimized model, after its first call and on
+that first call (capture and rewrite included).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -97,6 +104,34 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
+def cpu_main():
+    from attnopt.measure import cpu_peak_bytes
+
+    torch.manual_seed(0)
+    print(f"## CPU (not GPU): estimate vs measured peak (float32, batch 1, {torch.get_num_threads()} threads, "
+          f"torch {torch.__version__})\n")
+    print("| model | tokens | kernel | eager est. | eager measured | est/measured | optimized est. | "
+          "optimized measured | est/measured | first call measured |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    cfg = dict(dim=256, heads=4, kv_heads=2, layers=2, vocab=1000)
+    model = Llama(**cfg).eval()
+    for n in (2048, 8192):
+        ids = torch.randint(0, cfg["vocab"], (1, n))
+        resident = model_bytes(model) + ids.numel() * ids.element_size()
+        with torch.no_grad():
+            eager = cpu_peak_bytes(lambda: model(ids)) + resident
+            optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+            first = cpu_peak_bytes(lambda: optimized(ids)) + resident
+            after = cpu_peak_bytes(lambda: optimized(ids)) + resident
+        mems = optimized.attnopt_report.memory
+        before_est, after_est = max(m.before for m in mems), max(m.after for m in mems)
+        kernel = optimized.attnopt_report.sites[0].kernel if optimized.attnopt_report.sites else "-"
+        print(f"| llama-{cfg['layers']}L-{cfg['dim']}d | {n} | {kernel} | {format_bytes(before_est)} | "
+              f"{format_bytes(eager)} | {before_est / eager:.2f} | {format_bytes(after_est)} | {format_bytes(after)} | "
+              f"{after_est / after:.2f} | {format_bytes(first)} |", flush=True)
+        torch._dynamo.reset()
+
+
 def main():
     torch.manual_seed(0)
     print(f"# max_mem on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
@@ -110,7 +145,7 @@ def main():
         for n in (2048, 8192):
             ids = torch.randint(0, 32000, (1, n), device="cuda")
             eager = peak_of(lambda: model(ids))
-            optimized = attnopt.optimize(model, tune=False)
+            optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
             peak_of(lambda: optimized(ids))  # capture, plan and rewrite on the first call
             after = peak_of(lambda: optimized(ids))
             mems = optimized.attnopt_report.memory
@@ -148,4 +183,6 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    cpu_main() if "--cpu" in sys.argv[1:] else main()

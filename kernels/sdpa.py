@@ -80,6 +80,26 @@ def mask_bytes(spec: AttentionSpec) -> int:
     return batch * heads * spec.q_len * spec.kv_len * (1 + spec.dtype.itemsize)
 
 
+def mask_workspace_bytes(spec: AttentionSpec) -> int:
+    """Peak bytes of building SDPA's mask (``mask_and_empty_rows``): keep, keep | empty rows, ~keep and the
+    additive mask, of the terms' broadcast shape; a band first makes ``keep_tile``'s int64 [Nq, Nk] offsets."""
+    if not needs_mask(spec):
+        return 0
+    lo, hi = spec.band()
+    banded = lo is not None or hi is not None
+    dims = [spec.batch if (spec.key_padding is not None or spec.q_doc is not None) else 1, 1,
+            spec.q_len if (banded or spec.q_doc is not None) else 1, spec.kv_len]
+    for term in (spec.bias, spec.mask):
+        if term is not None:
+            shape = (1,) * (4 - term.dim()) + tuple(term.shape)
+            for i, (full, size) in enumerate(zip((spec.batch, spec.q_heads, spec.q_len, spec.kv_len), shape)):
+                if size != 1:
+                    dims[i] = full
+    built = dims[0] * dims[1] * dims[2] * dims[3] * (3 + spec.dtype.itemsize)
+    band = spec.q_len * spec.kv_len * (8 + 1 + 1) if banded else 0
+    return max(built, band)
+
+
 def sdpa_mask(spec: AttentionSpec) -> torch.Tensor | None:
     """The spec's terms as one additive mask in the query dtype, ``-inf`` where masked."""
     return mask_and_empty_rows(spec)[0]
@@ -227,7 +247,7 @@ class SDPAKernel(Kernel):
             q_split = 256 if spec.q_len >= 768 else 64 if spec.q_len >= 192 else 32
             kv_split = min(512, max(1, spec.kv_len))
             workspace = torch.get_num_threads() * q_split * (kv_split * 3 + spec.v_head_dim) * 4
-        return mask_bytes(spec) + repeated + workspace
+        return mask_workspace_bytes(spec) + repeated + workspace
 
     def cost(self, spec: AttentionSpec) -> float:
         if self.device_type == "cpu":

@@ -17,7 +17,7 @@ by ``masks.analyze`` into AttentionSpec terms.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +38,7 @@ class BooleanTerm:
     cond: Node
     keep_when_true: bool  # where(cond, s, fill) keeps on True; masked_fill(cond, fill) masks on True
     fill: float  # after any later scaling
+    local: tuple | None = None  # shape of the scores it masks, when a view of the site's scores
 
 
 @dataclass
@@ -59,6 +60,7 @@ class Match:
     kv_group: int = 1  # K/V heads were repeated this many times in the original
     nan_to_zero: bool = False  # the probabilities' NaN rows were set to 0 (ONNX exports of masked SDPA)
     add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype of the scores it was added to
+    add_locals: dict = field(default_factory=dict)  # additive term -> shape of the scores it was added to
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
     intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
     reads: tuple[Node, ...] = ()  # buffers whose captured values the proof used: guarded at run time
@@ -239,7 +241,7 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
     while kind(node) not in _PRODUCTS:
         step, node = _score_step(node, constants)
         chain.append(step[-1])
-        steps.append(step[:-1])
+        steps.append(step)  # the last item is the node: the shape of the scores there is the step's frame
     score_mm = node
     chain.append(score_mm)
     views = [step for step in steps if step[0] == "view"]
@@ -311,8 +313,6 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
 
     match = Match(anchor=softmax, kind="softmax", q=q, k=k, v=v, output=value_mm, output_steps=output_steps,
                   dropout_p=dropout_p, nan_to_zero=nan_to_zero)
-    if heads is not None:
-        _check_terms_in_frame(chain, len(shape), softmax)
     _interpret(match, list(reversed(steps)), softmax)
     match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     _check_layout(match, score_mm)
@@ -343,14 +343,24 @@ def _score_view(node: Node, scores: Node) -> tuple:
     b, a = tuple(before.shape), tuple(after.shape)
     if len(a) == len(b) and all(_same_size(x, y) for x, y in zip(a, b)):
         return ("view", None, node)
+    windows = static_int(a[1]) if len(a) == 5 else None
+    if windows is None and len(a) == 5 and len(flat) == 5 and isinstance(flat[1], int) and not isinstance(flat[1], bool):
+        windows = flat[1]  # the size as written: a symbolic shape may not show it (``s // (s // 4)``)
+    if (windows is not None and _splits_batch(a, b)) or _splits_batch(b, a):
+        return ("view", None, node)  # [B, H, Nq, Nk] <-> [B/W, W, H, Nq, Nk] (Swin's windows), W static
     wide, narrow = (a, b) if len(a) == 4 and len(b) == 3 else (b, a) if len(a) == 3 and len(b) == 4 else (None, None)
     heads = static_int(wide[1]) if wide is not None else None
     if wide is None or heads is None or not all(_same_size(x, y) for x, y in zip(wide[2:], narrow[1:])) or not (
             _same_size(narrow[0], wide[0] * heads)):
         raise _Reject(f"scores viewed from {_shape_text(b)} to {_shape_text(a)}: only [B*H, Nq, Nk] <-> "
-                      "[B, H, Nq, Nk] views are read (a per-window view needs the mask viewed with them; "
-                      "not supported yet)", node)
+                      "[B, H, Nq, Nk] and [B, H, Nq, Nk] <-> [B/W, W, H, Nq, Nk] (per-window) views are read", node)
     return ("view", heads, node)
+
+
+def _splits_batch(wide: tuple, narrow: tuple) -> bool:
+    """Whether ``wide`` is ``narrow`` [B, H, Nq, Nk] with its batch split as [B/W, W]: the same trailing
+    dims (a view keeps the element count, so the first two multiply to B)."""
+    return len(wide) == 5 and len(narrow) == 4 and all(_same_size(x, y) for x, y in zip(wide[2:], narrow[1:]))
 
 
 def _same_size(x, y) -> bool:
@@ -374,28 +384,6 @@ def _in_frame(op: Operand, heads: int | None) -> Operand:
     if heads is None or len(op.shape() or ()) != 3:
         return to_rank4(op)
     return op.then(("unflatten", (0, (-1, heads))))
-
-
-def _check_terms_in_frame(chain: list[Node], anchor_rank: int, at: Node) -> None:
-    """Masks of a site whose scores change rank must mean the same against the op's [B, H, Nq, Nk] scores.
-
-    A term added to ``[B*H, Nq, Nk]`` scores with a leading dim that is not 1 is per (batch, head), and a
-    3-D term next to 3-D probabilities is unsqueezed at dim 1 by the rewrite: both only when that dim is 1.
-    """
-    for node, scores in zip(chain[1:-1], chain[2:]):
-        if kind(node) not in ("add", "masked_fill", "where"):
-            continue
-        rank = len(shape_of(node) or ())
-        for term in node.all_input_nodes:
-            if term is scores:
-                continue
-            term_shape = shape_of(term) or ()
-            per_head = len(term_shape) >= 3 and term_shape[-3] != 1
-            if per_head and (rank == 3 or (anchor_rank == 3 and len(term_shape) == 3)):
-                raise _Reject(f"a mask of shape {_shape_text(term_shape)} on scores viewed between [B*H, Nq, Nk] "
-                              "and [B, H, Nq, Nk]: per (batch, head) masks across the view are not supported yet",
-                              node)
-
 
 
 def _nan_to_zero(probs: Node, users: list[Node]) -> Node | None:
@@ -521,14 +509,9 @@ def _split_score_product(node: Node, constants: Constants, heads: int | None = N
             if alpha == 0:
                 raise LayoutError("baddbmm with alpha=0 has no score product")
             zero_bias = constants.is_constant(bias) and not bool(constants.value(bias).any())
-            bias_shape = shape_of(bias) or ()
-            if beta != 0.0 and not zero_bias and heads is not None and len(bias_shape) >= 3 and bias_shape[-3] != 1:
-                raise LayoutError(f"baddbmm adds a term of shape {_shape_text(bias_shape)} to [B*H, Nq, Nk] scores the "
-                                  "site views as [B, H, Nq, Nk]: per (batch, head) masks across the view are not "
-                                  "supported yet")
             if beta != 0.0 and not zero_bias:
-                extra.append(("add", bias, float(beta) / float(alpha), tensor_meta(node).dtype))
-            extra.append(("scale", float(alpha)))
+                extra.append(("add", bias, float(beta) / float(alpha), tensor_meta(node).dtype, node))
+            extra.append(("scale", float(alpha), node))
         else:
             call = bind(node, ("input", "other"))
             a, b = call["input"], call["other"]
@@ -562,7 +545,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
                 softcap *= c
             scale *= c
             additive = [(t, m * c) for t, m in additive]
-            booleans = [BooleanTerm(b.cond, b.keep_when_true, b.fill * c) for b in booleans]
+            booleans = [replace(b, fill=b.fill * c) for b in booleans]
         elif op == "tanh":
             if additive or booleans or softcap is not None:
                 raise _Reject("tanh applied after masking: not a softcap", at)
@@ -570,12 +553,16 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
         elif op == "add":
             if any(b.fill != float("-inf") for b in booleans):
                 raise _Reject(
-                    "an additive mask follows a finite masked_fill: rows masked by both would not be exact", at
+                    "an additive mask follows a finite masked_fill (GPT-2's where(causal, s, finfo.min) + mask): "
+                    "a row with no key visible to both averages the keys masked by only one of them, and its "
+                    "gradient reaches only the keys the fill kept; no kernel computes that yet, the site runs as "
+                    "written", at
                 )
             additive.append((step[1], step[2]))
             match.add_dtypes[step[1]] = step[3]
+            match.add_locals[step[1]] = shape_of(step[-1])
         elif op == "fill":
-            booleans.append(step[1])
+            booleans.append(replace(step[1], local=shape_of(step[-1])))
     if pending_tanh:
         raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
     match.scale, match.softcap = scale, softcap
@@ -680,7 +667,7 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
     try:
         match.masks = masks.analyze(
             match.booleans, match.additive, sdpa=match.kind == "sdpa", score_shape=score_shape,
-            add_dtypes=match.add_dtypes, sizes=sizes,
+            add_dtypes=match.add_dtypes, add_locals=match.add_locals, sizes=sizes,
             dtype=match.q.dtype(), constants=constants, is_causal=match.causal,
         )
     except masks.MaskError as err:

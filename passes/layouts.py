@@ -10,6 +10,11 @@ GQA: K/V repeated for each query head of a group, by
 ``repeat_kv``), ``expand(...).flatten(1, 2)`` or ``repeat_interleave(G, dim=1)``,
 are read from the un-repeated tensor: query head h uses kv head ``h // G``,
 exactly what those repeats compute.
+
+Mask terms get view steps too (``frame_steps``): a term added to scores viewed as
+``[B*H, Nq, Nk]`` (BLOOM's ALiBi, DeBERTa's relative terms) is split by the frame's
+``H``; a term added to scores viewed as ``[B/W, W, H, Nq, Nk]`` (Swin's per-window
+mask) is expanded over the ``B/W`` images and folded into the frame's batch.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import torch
 from torch.fx import Node
 
 from .graph import arg, kind, shape_of, tensor_meta
@@ -71,9 +77,54 @@ def apply_steps(shape: tuple[int, ...], steps) -> tuple[int, ...]:
         elif name == "flatten":  # (start, end)
             start, end = (d % len(shape) for d in args)
             shape[start:end + 1] = [math.prod(shape[start:end + 1])]
+        elif name == "fold_windows":  # (windows, frame batch): [b or 1, w or 1, ..] -> [frame batch or 1, ..]
+            shape[0:2] = [1 if shape[0] == shape[1] == 1 else args[1]]
         else:
             raise AssertionError(f"unknown layout step {name}")
     return tuple(shape)
+
+
+def fold_windows(term: torch.Tensor, windows: int, batch: int) -> torch.Tensor:
+    """A term ``[B/W or 1, W or 1, ..]`` added to scores viewed as ``[B/W, W, H, Nq, Nk]``, as a term of the
+    ``[B, H, Nq, Nk]`` scores they are a view of: frame row ``b * W + w`` reads the term at ``(b, w)``."""
+    if term.shape[0] == term.shape[1] == 1:
+        return term[0]
+    return term.expand(batch // windows, windows, *term.shape[2:]).flatten(0, 1)  # [B, ..]: a copy
+
+
+def run_steps(x: torch.Tensor, steps) -> torch.Tensor:
+    """``steps`` applied to a tensor (a constant the mask algebra reads in the op's frame)."""
+    for name, args in steps:
+        x = fold_windows(x, *args) if name == "fold_windows" else getattr(x, name)(*args)
+    return x
+
+
+def frame_steps(term: tuple, local: tuple, frame: tuple) -> tuple[Step, ...]:
+    """Steps that bring a term broadcast against scores of shape ``local`` to the scores' ``frame``
+    ``[B, H, Nq, Nk]`` (or ``[B*H, Nq, Nk]``), of which ``local`` is a view; () when right-aligned
+    broadcasting already means the same.
+
+    * ``local`` ``[B*H, Nq, Nk]``: a 3-D term with a leading dim of ``B*H`` is per (batch, head):
+      ``unflatten(0, (-1, H))``.
+    * ``local`` ``[B/W, W, H, Nq, Nk]``: a term with a leading ``B/W`` or ``W`` is folded into the batch.
+    """
+    if len(local) == len(frame):
+        if tuple(local) != tuple(frame):
+            raise LayoutError(f"a mask term is added to scores of shape {list(local)}, not a view of the "
+                              f"attention's {list(frame)}")
+        return ()
+    if len(local) == 3 and len(frame) == 4 and local[0] == frame[0] * frame[1] and tuple(local[1:]) == tuple(frame[2:]):
+        if len(term) < 3 or term[-3] == 1:
+            return ()
+        return (("unflatten", (0, (-1, frame[1]))),)
+    if len(local) == 5 and len(frame) == 4 and local[0] * local[1] == frame[0] and tuple(local[2:]) == tuple(frame[1:]):
+        padded = (1,) * (5 - len(term)) + tuple(term)
+        if len(term) <= 3 or padded[:2] == (1, 1) and len(term) == 4:
+            return ()
+        lift = tuple(("unsqueeze", (0,)) for _ in range(5 - len(term)))
+        return (*lift, ("fold_windows", (local[1], frame[0])))
+    raise LayoutError(f"a mask term is added to scores of shape {list(local)}, which the site does not read as a "
+                      f"view of its {list(frame)} scores")
 
 
 def swaps_last_two(node: Node) -> bool:

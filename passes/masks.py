@@ -26,7 +26,7 @@ bool mask) and additive terms, as detection found them. Output: a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch.fx import Node
@@ -34,6 +34,7 @@ from torch.fx import Node
 from attnopt.kernels.spec import Align, Fill, Window
 
 from .graph import ArgumentError, Constants, bind, is_parameter, kind, shape_of, tensor_meta
+from .layouts import LayoutError, apply_steps, frame_steps, run_steps
 from .symbolic import band_of_comparison, static_int
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
@@ -49,11 +50,13 @@ class Atom:
     # size-1 dims the mask inserted above the atom (``keep[:, None]``), innermost first, each as
     # (rank, dim): right-align the shape to ``rank``, then insert a dim at ``dim`` (never in the last two)
     lifts: tuple[tuple[int, int], ...] = ()
+    # layout steps from the view of the scores it masks to the site's scores (``layouts.frame_steps``)
+    steps: tuple = ()
 
     def shape(self) -> tuple | None:
-        """The atom's shape as the scores see it: its own, with the inserted dims."""
+        """The atom's shape as the scores see it: its own, with the inserted dims and the layout steps."""
         shape = shape_of(self.node)
-        return None if shape is None else lifted_shape(shape, self.lifts)
+        return None if shape is None else apply_steps(lifted_shape(shape, self.lifts), self.steps)
 
 
 @dataclass
@@ -72,6 +75,13 @@ class MaskAnalysis:
     # float16's finfo.min): term -> the structure of where it masks (("key_padding",), ("causal",), ...)
     finite_masks: dict = field(default_factory=dict)
     add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype eager added it to the scores at
+    # additive term -> layout steps from the view of the scores it was added to (``layouts.frame_steps``)
+    term_steps: dict = field(default_factory=dict)
+
+    @property
+    def viewed(self) -> bool:
+        """Whether a term is read through layout steps (added to a view of the site's scores)."""
+        return any(self.term_steps.values()) or any(a.steps for a in self.dense)
 
     @property
     def mask_terms(self) -> tuple[str, ...]:
@@ -103,49 +113,70 @@ class MaskError(Exception):
 
 def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.dtype,
             constants: Constants, is_causal: bool = False, add_dtypes: dict | None = None,
-            sizes: tuple | None = None) -> MaskAnalysis:
-    """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill) terms;
+            add_locals: dict | None = None, sizes: tuple | None = None) -> MaskAnalysis:
+    """Classify the site's masks. ``booleans`` are (cond, keep_when_true, fill, local) terms;
     ``is_causal`` is SDPA's flag (top-left causal, combined with the masks). ``score_shape`` holds
     the captured sizes; ``sizes`` the ``(Nq, Nk)`` the graph accepts, symbolic under dynamic shapes:
-    a proof that depends on the lengths reads those, never the captured hints."""
+    a proof that depends on the lengths reads those, never the captured hints. A term applied to a
+    view of the scores (``local``, ``add_locals``) is read through the layout steps to ``score_shape``."""
     result = MaskAnalysis()
-    # (cond, keep_when_true, fill, added): added fills come from additive masks
-    terms = [(b.cond, b.keep_when_true, b.fill, False) for b in booleans]
+
+    def steps_of(node, local) -> tuple:
+        if local is None:
+            return ()
+        try:
+            return frame_steps(shape_of(node) or (), local, score_shape)
+        except LayoutError as err:
+            raise MaskError(str(err)) from None
+
+    # (cond, keep_when_true, fill, added, local): added fills come from additive masks; ``local`` is the
+    # shape of the view of the scores the term masks, when it is not ``score_shape``
+    terms = [(b.cond, b.keep_when_true, b.fill, False, _other_view(b.local, score_shape)) for b in booleans]
     bands: list[tuple[int | None, int | None]] = [(None, 0)] if is_causal else []
     convertible = []  # (node, mult, added_at, boolean term) of additive masks that only add 0 or a fill
-    for node, mult, added_at in _summands(additive, add_dtypes or {}):
+    for node, mult, added_at, local in _summands(additive, add_dtypes or {}, add_locals or {}):
+        steps = steps_of(node, local)
         if constants.is_constant(node):
-            value = constants.value(node) * mult
+            value = run_steps(constants.value(node) * mult, steps)
             if not bool(value.any()):
                 continue  # adds zero (T5's cross-attention position bias)
             band = _constant_band(value, score_shape)
             if band is not None:  # a constant 0 / -inf mask with band structure (a causal triu(1) of -inf)
                 bands.append(band)
-                terms.append((None, True, float("-inf"), True))
+                terms.append((None, True, float("-inf"), True, None))
                 continue
             slopes = alibi_slopes(value, score_shape)
             if slopes is not None:
                 result.notes.append("ALiBi bias (per-head slopes x key distance): " + ", ".join(
                     f"{s:.4g}" for s in slopes[:4]) + (" ..." if len(slopes) > 4 else ""))
                 result.alibi.append(node)
-        converted = _as_boolean(node, mult, dtype, constants)
+        if steps:  # read through a view: added as written, in the site's frame
+            if result.term_steps.get(node, steps) != steps:
+                raise MaskError(f"{node.name} is added to two views of the scores")
+            result.term_steps[node] = steps
+            converted = None
+        else:
+            converted = _as_boolean(node, mult, dtype, constants)
         if converted is None:
-            _label_finite_mask(node, mult, result, score_shape, constants)
+            if not steps:
+                _label_finite_mask(node, mult, result, score_shape, constants)
             result.additive.append((node, mult))
             if added_at is not None:
                 result.add_dtypes[node] = added_at
         else:
-            convertible.append((node, mult, added_at, (*converted, True)))
+            convertible.append((node, mult, added_at, (*converted, True, None)))
     # An added -inf is a boolean mask whatever else is added. An added finite fill is one only when it
     # is the sole finite term added: two finfo.min masks overflow to -inf where both mask (or add
     # 2 * fill), and another additive term may hold -inf, so a row masked by the fill averages only
     # some keys. Then the fills stay additive terms, which the kernels add exactly as eager did.
     finite = [c for c in convertible if not math.isinf(c[3][2])]
-    keep_finite = len(finite) == 1 and not result.additive
+    # Constant additive terms bounded far above the fill (ALiBi) cannot: the fill absorbs them too.
+    keep_finite = len(finite) == 1 and not _unbounded(result.additive, constants)
     for node, mult, added_at, term in convertible:
         if math.isinf(term[2]) or keep_finite:
             terms.append(term)
         else:
+            _label_finite_mask(node, mult, result, score_shape, constants)
             result.additive.append((node, mult))
             if added_at is not None:
                 result.add_dtypes[node] = added_at
@@ -161,15 +192,15 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
             result.add_dtypes[finite[0][0]] = finite[0][2]
         result.fill = _fill(terms, sdpa, dtype, _unbounded(result.additive, constants))
     q_len, kv_len = sizes if sizes is not None else (score_shape[-2], score_shape[-1])
-    for cond, keep_when_true, _, _ in terms:
+    for cond, keep_when_true, _, _, local in terms:
         if cond is None:  # already classified
             continue
-        atoms = _conjunction(cond, negated=not keep_when_true)
+        atoms = _conjunction(cond, negated=not keep_when_true, lift=local is None)
         if _lifted_dense(atoms, result, score_shape, constants):
             # a dense atom is passed to the kernels as its node: it must broadcast as the scores do
             atoms = _conjunction(cond, negated=not keep_when_true, lift=False)
         for atom in atoms:
-            _classify(atom, result, bands, score_shape, constants)
+            _classify(replace(atom, steps=steps_of(atom.node, local)), result, bands, score_shape, constants)
     if bands:
         lo = max((b[0] for b in bands if b[0] is not None), default=None)
         hi = min((b[1] for b in bands if b[1] is not None), default=None)
@@ -178,18 +209,24 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
 
 
 # ----------------------------------------------------------------- additive -> boolean
-def _summands(additive, add_dtypes: dict):
+def _summands(additive, add_dtypes: dict, add_locals: dict):
     """Split sums of additive terms (T5 adds its mask into its position bias) into their parts,
-    each with the dtype its sum was added to the scores at (None: unknown)."""
+    each with the dtype its sum was added to the scores at (None: unknown) and the shape of the
+    scores it was added to (None: the site's). Each part broadcasts against those scores as the sum did."""
     out = []
-    stack = [(node, mult, add_dtypes.get(node)) for node, mult in reversed(additive)]
+    stack = [(node, mult, add_dtypes.get(node), add_locals.get(node)) for node, mult in reversed(additive)]
     while stack:
-        node, mult, added_at = stack.pop()
+        node, mult, added_at, local = stack.pop()
         if kind(node) == "add" and all(isinstance(a, Node) for a in node.args[:2]) and not node.kwargs:
-            stack.extend([(node.args[1], mult, added_at), (node.args[0], mult, added_at)])
+            stack.extend([(node.args[1], mult, added_at, local), (node.args[0], mult, added_at, local)])
         else:
-            out.append((node, mult, added_at))
+            out.append((node, mult, added_at, local))
     return out
+
+
+def _other_view(local, score_shape) -> tuple | None:
+    """``local`` when it is a view of the scores of another rank, else None (the scores themselves)."""
+    return None if local is None or len(local) == len(score_shape) else tuple(local)
 
 
 def _as_boolean(node: Node, mult: float, dtype, constants: Constants):
@@ -326,7 +363,7 @@ def _unbounded(additive, constants: Constants) -> list:
 def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
     """One fill for the site: what its rows with no visible key produce (see kernels/fills.py)."""
     kinds, replaced = set(), set()
-    for _, _, fill, added in terms:
+    for _, _, fill, added, _ in terms:
         if math.isinf(fill):
             kinds.add("-inf")
         elif fill <= MASKING_FILL:
@@ -441,13 +478,16 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         value = constants.value(node)
         if atom.negated:
             value = ~value
-        value = value.reshape(shape)
+        value = run_steps(value.reshape(lifted_shape(value.shape, atom.lifts)), atom.steps).reshape(shape)
         if bool(value.all()):
             return
         band = _band_of(value, score_shape)
         if band is not None:
             bands.append(band)
             return
+        result.dense.append(atom)
+        return
+    if atom.steps:  # read through a view of the scores: passed to the kernels as it is, in their frame
         result.dense.append(atom)
         return
     band = band_of_comparison(node, atom.negated, len(score_shape))  # index masks of symbolic size

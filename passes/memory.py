@@ -12,6 +12,12 @@ An attention site contributes its kernel's transient workspace at the point it
 runs (or, in the original graph, its score-sized intermediates, which are
 ordinary nodes). The peak is the maximum over the points of the program.
 
+A replaced site is costed as the rewrite leaves the graph: the op reads q, k,
+v and the mask terms' atoms, the tensors the rewrite prepares from those
+terms are part of its workspace, and every node the rewrite erases (the
+subgraph, and then what only it read: a dense mask, ``~tril``, repeated K/V)
+is gone from the program (``erased``).
+
 Training adds the backward: at its start the saved activations are alive;
 the backward then adds the parameters' gradients and, transiently, the
 gradient of the largest activation twice (its output and input gradients),
@@ -33,7 +39,7 @@ from attnopt.kernels import registry
 from attnopt.kernels.spec import AttentionSpec
 
 from .detect import Match
-from .graph import hint, kind, tensor_meta
+from .graph import hint, is_in_place, kind, tensor_meta
 
 #: ops whose output shares its input's storage
 ALIAS_OPS = frozenset({
@@ -49,6 +55,11 @@ SAVES_OUTPUT = frozenset({"softmax", "exp", "tanh", "sigmoid", "log_softmax"})
 def _nbytes(node) -> int:
     meta = tensor_meta(node)
     return 0 if meta is None else _numel_bytes(meta)
+
+
+def _numel(node) -> int:
+    meta = tensor_meta(node)
+    return 0 if meta is None else int(torch.Size([hint(s) for s in meta.shape]).numel())
 
 
 def bytes_before(match: Match, spec: AttentionSpec) -> int:
@@ -92,6 +103,10 @@ class SiteCost:
     removed: frozenset = frozenset()
     inputs: tuple[Node, ...] | None = None
 
+    @property
+    def replaced(self) -> bool:
+        return self.inputs is not None
+
 
 def site_before(where: str, match: Match, spec: AttentionSpec) -> SiteCost:
     """The original code: softmax sites are ordinary nodes; an SDPA call adds its own workspace."""
@@ -105,7 +120,34 @@ def site_after(where: str, match: Match, spec: AttentionSpec, kernel: str) -> Si
     inputs = _input_nodes(match)
     removed = frozenset(match.internal) - set(inputs) - {match.output}
     saved = k.saved_bytes(spec) if spec.requires_grad else 0
-    return SiteCost(where, match.output, k.memory_bytes(spec), saved, removed, tuple(inputs))
+    workspace = k.memory_bytes(spec) + prepared_bytes(match)
+    return SiteCost(where, match.output, workspace, saved, removed, tuple(inputs))
+
+
+def prepared_bytes(match: Match) -> int:
+    """The tensors the rewrite computes from the mask terms before the op, alive while it runs.
+
+    A negated atom is inverted (``logical_not``), several dense atoms are
+    AND-ed into one keep mask, an additive term is scaled or cast to the dtype
+    eager added it at, and the terms beyond the first are summed. Key-padding
+    rows are views.
+    """
+    m = match.masks
+    if m is None:
+        return 0
+    total = sum(_nbytes(a.node) for a in (*m.key_padding, *m.dense) if a.negated)
+    dense = [_numel(a.node) for a in m.dense]
+    if len(dense) > 1:
+        total += (len(dense) - 1) * max(dense)  # each AND makes a bool of the broadcast size
+    for term, mult in m.additive:
+        meta = tensor_meta(term)
+        added_at = m.add_dtypes.get(term)
+        if meta is not None and (mult != 1.0 or (added_at is not None and added_at != meta.dtype)):
+            total += _numel(term) * (added_at or meta.dtype).itemsize
+    rest = m.additive[1:] if not m.dense else m.additive
+    if len(rest) > 1:
+        total += (len(rest) - 1) * max(_nbytes(t) for t, _ in rest)
+    return total
 
 
 def _input_nodes(match: Match) -> tuple[Node, ...]:
@@ -164,10 +206,54 @@ def _saved_inputs(node: Node, args: list[Node]) -> list[Node]:
     return list(args)
 
 
+def erased(sites: list[SiteCost]) -> set[Node]:
+    """The nodes the rewrite of the replaced ``sites`` erases (``rewrite.replace`` and ``erase_dead``).
+
+    Each replaced site's subgraph goes, and then, in turn, every pure
+    computation left without users: what only the attention read (a dense
+    ``[1, 1, N, N]`` mask, ``~tril``, the scores and probabilities, repeated
+    keys and values). A node something else still reads stays: the
+    replacement's own inputs, a mask shared with a site kept as it was.
+    """
+    replaced = [s for s in sites if s.replaced]
+    outputs = {s.output for s in replaced}
+    internal = set().union(*(s.removed for s in replaced)) if replaced else set()
+    users: dict[Node, set[Node]] = {}
+
+    def users_of(node: Node) -> set[Node]:
+        if node not in users:
+            users[node] = set(node.users)
+        return users[node]
+
+    work: list[Node] = []
+    for s in replaced:  # the site's output node stands for the op that replaces it, reading ``inputs``
+        for a in s.output.all_input_nodes:
+            users_of(a).discard(s.output)
+            work.append(a)
+        for a in s.inputs:
+            users_of(a).add(s.output)
+    work.extend(internal)
+    dead: set[Node] = set()
+    while work:
+        node = work.pop()
+        if node in dead or node in outputs or users_of(node) or node.op not in ("call_function", "call_method"):
+            continue
+        if node not in internal and (is_in_place(node) or node.is_impure()):
+            continue
+        dead.add(node)
+        for a in node.all_input_nodes:
+            users_of(a).discard(node)
+            work.append(a)
+    return dead
+
+
 def graph_peak(graph: Graph, sites: list[SiteCost], *, training: bool) -> Peak:
-    """Peak bytes of one forward (and backward when ``training``) of ``graph`` with ``sites`` costed."""
+    """Peak bytes of one forward (and backward when ``training``) of ``graph`` with ``sites`` costed.
+
+    The graph is costed as the rewrite leaves it: without the nodes it erases (``erased``).
+    """
     by_output = {s.output: s for s in sites}
-    removed = set().union(*(s.removed for s in sites)) if sites else set()
+    removed = erased(sites)
     nodes = [n for n in graph.nodes if n not in removed]
     index = {n: i for i, n in enumerate(nodes)}
 

@@ -2,7 +2,8 @@
 
 For a match the pass builds the op's inputs from the analyzed mask terms
 (key padding rows, document ids, dense atoms AND-ed into one keep mask,
-additive terms scaled and summed), brings q, k, v to ``[B, H, N, D]`` views,
+additive terms scaled and summed), brings q, k, v to ``[B, H, N, D]`` views
+and the terms added to a view of the scores to the op's ``[B, H, Nq, Nk]`` frame,
 inserts the call before the old value product, hands its uses over, and
 erases the attention's now-dead intermediates. The caller lints and
 recompiles the graph once all sites are done.
@@ -21,7 +22,7 @@ from attnopt.ops import run_attention
 
 from .detect import Match
 from .graph import is_in_place, shape_of, tensor_meta
-from .layouts import Operand, apply_steps
+from .layouts import Operand, apply_steps, fold_windows
 
 
 def key_padding_rows(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -46,8 +47,9 @@ def spec_of(match: Match) -> AttentionSpec:
         return torch.empty(shape, dtype=dt, device="meta")
 
     batch, q_len, kv_len = q_shape[0], q_shape[2], k_shape[2]
-    dense = meta(_rank4(shape_of(m.dense[0].node), match), torch.bool) if m.dense else None
-    additive = [meta(_rank4(shape_of(t), match), tensor_meta(t).dtype) for t, _ in m.additive]
+    dense = meta(_rank4(m.dense[0].shape(), match), torch.bool) if m.dense else None
+    additive = [meta(_rank4(apply_steps(shape_of(t), m.term_steps.get(t, ())), match), tensor_meta(t).dtype)
+                for t, _ in m.additive]
     mask, bias = (dense, additive[0] if additive else None) if dense is not None else (
         additive[0] if additive else None, additive[1] if len(additive) > 1 else None)
     docs = m.documents
@@ -100,9 +102,9 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         q_doc = kv_doc = None
         if m.documents is not None:
             q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
-        keep = _all(graph, [_rank4_node(graph, _atom(graph, a), a.node, match) for a in m.dense])
-        additive = [_rank4_node(graph, _additive(graph, t, mult, m.add_dtypes.get(t)), t, match)
-                    for t, mult in m.additive]
+        keep = _all(graph, [_in_frame(graph, _atom(graph, a), shape_of(a.node), a.steps, q, match) for a in m.dense])
+        additive = [_in_frame(graph, _additive(graph, t, mult, m.add_dtypes.get(t)), shape_of(t),
+                              m.term_steps.get(t, ()), q, match) for t, mult in m.additive]
         if keep is not None:
             mask, rest = keep, additive
         else:
@@ -190,16 +192,28 @@ def _all(graph: Graph, nodes: list[Node]) -> Node | None:
     return result
 
 
+def _flat_heads(match: Match) -> bool:
+    """Whether the site's scores are [B*H, Nq, Nk] throughout: the op reads them as [B*H, 1, Nq, Nk]."""
+    return match.frame is None and len(shape_of(match.anchor) or ()) == 3
+
+
 def _rank4(shape: tuple[int, ...], match: Match) -> tuple[int, ...]:
     """A mask shape against [B*H, Nq, Nk] scores as a shape against the op's [B*H, 1, Nq, Nk]."""
-    if len(shape_of(match.anchor) or ()) == 3 and len(shape) == 3:
+    if _flat_heads(match) and len(shape) == 3:
         return apply_steps(shape, [("unsqueeze", (1,))])
     return shape
 
 
-def _rank4_node(graph: Graph, node: Node, source: Node, match: Match) -> Node:
-    """``node`` (computed from ``source``) unsqueezed to broadcast against the op's 4-D scores."""
-    if len(shape_of(match.anchor) or ()) == 3 and len(shape_of(source) or ()) == 3:
+def _in_frame(graph: Graph, node: Node, shape: tuple, steps, q: Node, match: Match) -> Node:
+    """A term ``node`` of ``shape`` brought to broadcast against the op's 4-D scores: its layout steps
+    (a fold of windows reads the batch from ``q``), or unsqueezed against [B*H, 1, Nq, Nk]."""
+    for name, args in steps:
+        if name == "fold_windows":
+            batch = graph.call_method("size", (q, 0))
+            node = graph.call_function(fold_windows, (node, args[0], batch))
+        else:
+            node = graph.call_method(name, (node, *args))
+    if not steps and _flat_heads(match) and len(shape or ()) == 3:
         return graph.call_method("unsqueeze", (node, 1))
     return node
 

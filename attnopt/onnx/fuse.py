@@ -108,6 +108,8 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
     elif any(step in ("unflatten", "flatten") for step, _ in
              [s for op in (match.q, match.k, match.v) for s in op.steps] + list(match.output_steps)):
         reason = "scores viewed between [B*H, N, N] and [B, H, N, N] are not fused in ONNX yet"
+    elif m.viewed:
+        reason = "mask terms added to a view of the scores ([B*H] or per-window) are not fused in ONNX yet"
     elif (m.causal or m.window is not None) and not _band_spans_scores(match):
         reason = ("the causal/window band is read from index ranges whose lengths are not provably the "
                   "query and key lengths (a range of length 1 broadcasts to every position)")

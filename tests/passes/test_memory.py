@@ -1,5 +1,6 @@
-import copy
 """The whole-graph memory model: estimates against measured CPU peaks, before and after the rewrite."""
+
+import copy
 
 import pytest
 import torch

@@ -137,8 +137,9 @@ CASES = {
                      d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, attn_implementation="eager"),
                   seq2seq_tokens, (), sites=6, tol=1e-4,
                   # the padding and causal masks are added into a learned position bias that could hold -inf:
-                  # they stay an additive (dense) term, so rows masked entirely are averaged exactly as eager does
-                  per_site=["bias+dense"] * 2 + ["bias+dense", "key_padding+cross"] * 2),
+                  # they stay added terms (rows masked entirely are averaged exactly as eager does), named by
+                  # their structure
+                  per_site=["key_padding+bias"] * 2 + ["causal+bias", "key_padding+cross"] * 2),
     "hf_bart": Case(hf(transformers.BartConfig, transformers.BartForConditionalGeneration, vocab_size=100, d_model=64,
                        encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
                        encoder_ffn_dim=128, decoder_ffn_dim=128, max_position_embeddings=64,

@@ -1,0 +1,73 @@
+"""Context-parallel attention on the gloo backend: each spawned rank holds its rows of the sequence and
+must get exactly its rows of the one-process result (outputs and gradients, every fill)."""
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import cp_workers
+from attnopt.distributed import SequenceLayout
+from attnopt.distributed.context import block_band
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+
+def _spawn(world: int, names: list[str], tmp_path) -> None:
+    mp.spawn(cp_workers.run_cases, args=(world, str(tmp_path / "rendezvous"), names, [0]), nprocs=world)
+
+
+def test_two_ranks_every_case(tmp_path):
+    _spawn(2, list(cp_workers.CASES), tmp_path)
+
+
+@pytest.mark.slow
+def test_four_ranks(tmp_path):
+    _spawn(4, ["causal", "window", "documents", "padded_finite_added", "op_entries"], tmp_path)
+
+
+def test_layout_balances_causal_work():
+    layout = SequenceLayout(16, 4, load_balance=True)
+    assert layout.segments(0) == ((0, 2), (14, 16))
+    assert layout.segments(3) == ((6, 8), (8, 10))
+    assert sorted(layout.global_order().tolist()) == list(range(16))
+    # every rank's causal work (visible query-key pairs) is the same
+    work = [sum(b * (b + 1) // 2 - a * (a + 1) // 2 for a, b in layout.segments(r)) for r in range(4)]
+    assert len(set(work)) == 1, work
+
+
+def test_layout_rejects_uneven_sequences():
+    with pytest.raises(ValueError, match="cannot be cut into 8 equal chunks"):
+        SequenceLayout(12, 4, load_balance=True)
+
+
+@pytest.mark.parametrize("lo, hi", [(None, 0), (-3, 0), (-2, 2), (None, None), (-5, None), (0, 3)])
+@pytest.mark.parametrize("d", [-9, -4, -1, 0, 2, 5, 11])
+@pytest.mark.parametrize("nq, nk", [(4, 4), (3, 6), (6, 3)])
+def test_block_band_is_the_band_restricted_to_the_block(lo, hi, d, nq, nk):
+    """The causal/window terms (or dense mask) chosen for a block keep exactly the band's entries."""
+    rel = torch.arange(nk)[None, :] - torch.arange(nq)[:, None] - d  # j - i - d
+    want = torch.ones(nq, nk, dtype=torch.bool)
+    if lo is not None:
+        want &= rel >= lo
+    if hi is not None:
+        want &= rel <= hi
+    band = block_band(lo, hi, d, nq, nk)
+    if band is None:
+        assert not want.any()
+        return
+    causal, align, left, right, mask = band
+    if mask is not None:
+        assert (left, right, causal) == (None, None, False)
+        got = mask[0, 0]
+    else:
+        offset = 0 if align == "top_left" else nk - nq
+        diag = torch.arange(nk)[None, :] - torch.arange(nq)[:, None] - offset
+        got = torch.ones(nq, nk, dtype=torch.bool)
+        if left is not None:
+            got &= diag >= -left
+        if right is not None:
+            got &= diag <= right
+        if causal:
+            got &= diag <= 0
+    assert torch.equal(got, want)
