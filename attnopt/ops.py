@@ -21,6 +21,7 @@ gradient the kernels' backward equals, so that it can be differentiated again.
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Optional
 
 import torch
@@ -85,6 +86,12 @@ def _kernel_for(spec: AttentionSpec, kernel: str):
     return registry.get(kernel)
 
 
+def _context_parallel():
+    """The entered ``attnopt.distributed.ContextParallel`` scope, or None (not imported: no scope)."""
+    scope = sys.modules.get("attnopt.distributed.scope")
+    return None if scope is None else scope.active()
+
+
 @torch.library.custom_op("attnopt::attention", mutates_args=())
 def attention(
     q: Tensor, k: Tensor, v: Tensor,
@@ -93,6 +100,10 @@ def attention(
     scale: float, causal: bool, align: str, window_left: Optional[int], window_right: Optional[int],
     softcap: Optional[float], dropout_p: float, fill: str, kernel: str,
 ) -> tuple[Tensor, Tensor, Tensor]:
+    cp = _context_parallel()
+    if cp is not None:  # the sequence is sharded over ranks: this rank's queries against every rank's keys
+        return cp.op_forward(q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left,
+                             window_right, softcap, dropout_p, fill, kernel)
     spec = spec_from_args(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
@@ -121,6 +132,11 @@ def attention_backward(
     softcap: Optional[float], dropout_p: float, fill: str, kernel: str,
     needs_bias_grad: bool, needs_mask_grad: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    cp = _context_parallel()
+    if cp is not None:
+        return cp.op_backward(grad_out, q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, scale,
+                              causal, align, window_left, window_right, softcap, dropout_p, fill, kernel,
+                              needs_bias_grad, needs_mask_grad)
     spec = spec_from_args(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
@@ -183,6 +199,10 @@ def _differentiable_grads(ctx, grad_out, needs_bias_grad: bool, needs_mask_grad:
     first derivatives and exact higher ones. Like an eager double backward it materializes the
     ``[B, H, Nq, Nk]`` scores, here in float64.
     """
+    if _context_parallel() is not None:
+        raise NotImplementedError(
+            "double backward (create_graph=True) of context-parallel attention is not supported yet: compute "
+            "gradient penalties outside the ContextParallel scope")
     q, k, v, key_padding, q_doc, kv_doc, bias, mask, _out, _lse, _seed = ctx.saved_tensors
     *spec_params, kernel = ctx.params
     spec = spec_from_args(q, k, v, key_padding, q_doc, kv_doc, bias, mask, *spec_params)
@@ -246,7 +266,7 @@ def run_attention(
     graph reads nothing else.
     """
     lean = (
-        dropout_p == 0.0 and kernel != "auto" and not torch.compiler.is_compiling()
+        dropout_p == 0.0 and kernel != "auto" and not torch.compiler.is_compiling() and _context_parallel() is None
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
         and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and _plain(bias) and _plain(mask)
         and _get_dispatch_mode() is None and not torch._C._functorch.is_functorch_wrapped_tensor(q)

@@ -450,6 +450,25 @@ def context_parallel_attention(
     return (out, lse) if return_lse else out
 
 
+#: kernels whose backward differentiates with the ``out`` and ``lse`` it is given: a block's gradient is then
+#: the one its rows have in the merged softmax (SDPA and Flex recompute their own block's softmax instead)
+BLOCKWISE_BACKWARD = ("reference", "triton_flash")
+
+
+def block_kernel(kernel: str, q) -> str:
+    """The kernel the blocks run: ``kernel`` when its backward takes the merged statistics, else the
+    device's such kernel (the planner's choice for one process may be an SDPA backend)."""
+    if kernel in BLOCKWISE_BACKWARD:
+        return kernel
+    if q.is_cuda:
+        try:
+            registry.get("triton_flash")
+            return "triton_flash"
+        except ValueError:  # no Triton on this install
+            pass
+    return "reference"
+
+
 def make_plan(q, k, mesh, *, causal: bool, align: Align, window: Window | None, key_padding, q_doc, kv_doc,
               scale: float, softcap: float | None, fill: Fill, kernel: str, load_balance: bool, strategy: str) -> _Plan:
     """The plan of one call on this rank's rows (collectives: the global key padding and document ids)."""
@@ -460,6 +479,7 @@ def make_plan(q, k, mesh, *, causal: bool, align: Align, window: Window | None, 
         strategy = "all_gather" if k.shape[1] < q.shape[1] else "ring"
     q_layout = SequenceLayout.of_local(q.shape[2], world, load_balance)
     kv_layout = SequenceLayout.of_local(k.shape[2], world, load_balance)
+    kernel = block_kernel(kernel, q)
     return _Plan(
         group=group, rank=rank, world=world, q_layout=q_layout, kv_layout=kv_layout, scale=float(scale),
         band=band_bounds(causal, window),

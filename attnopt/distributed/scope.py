@@ -17,6 +17,8 @@ rank's positions: ``cp.positions(n)``.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
@@ -27,12 +29,22 @@ from .layout import SequenceLayout, gather_sequence, local_shard
 
 #: the ContextParallel scopes entered and not yet left, innermost last (one per process: autograd runs a
 #: CUDA backward on its own threads, which must see the scope too)
-_ACTIVE: list[ContextParallel] = []
+_ACTIVE: list[ContextParallel | None] = []
 
 
 def active() -> ContextParallel | None:
-    """The innermost entered ``ContextParallel``, or None."""
+    """The innermost entered ``ContextParallel``, or None (also while a scope computes its blocks)."""
     return _ACTIVE[-1] if _ACTIVE else None
+
+
+@contextlib.contextmanager
+def _blocks():
+    """While a scope computes its blocks with the op itself, the op is plain single-process attention."""
+    _ACTIVE.append(None)
+    try:
+        yield
+    finally:
+        _ACTIVE.pop()
 
 
 class ContextParallel:
@@ -99,7 +111,8 @@ class ContextParallel:
         """What ``torch.ops.attnopt.attention`` computes in this scope: ``(out, lse, seed)`` of this rank's rows."""
         plan = self._plan(q, k, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left,
                           window_right, softcap, dropout_p, fill, kernel)
-        out, lse, _, _ = _forward(plan, q, k, v)
+        with _blocks():
+            out, lse, _, _ = _forward(plan, q, k, v)
         return out, lse, torch.zeros(1, dtype=torch.int64, device=q.device)
 
     def op_backward(self, grad_out, q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, scale, causal,
@@ -109,6 +122,7 @@ class ContextParallel:
         plan = self._plan(q, k, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left,
                           window_right, softcap, dropout_p, fill, kernel)
         visible = torch.where(torch.isneginf(lse)[..., None], torch.zeros((), dtype=out.dtype), out)
-        mean_v = _global_mean_v(plan, v) if plan.fill in (Fill.FINITE, Fill.FINITE_ADDED) else None
-        dq, dk, dv = _backward(plan, grad_out, q, k, v, visible, lse, mean_v)
+        with _blocks():
+            mean_v = _global_mean_v(plan, v) if plan.fill in (Fill.FINITE, Fill.FINITE_ADDED) else None
+            dq, dk, dv = _backward(plan, grad_out, q, k, v, visible, lse, mean_v)
         return dq, dk, dv, q.new_empty((0,)), q.new_empty((0,))

@@ -151,3 +151,52 @@ def run_cases(rank: int, world: int, rendezvous: str, names: list[str], seeds: l
                 _check(CASES[name], mesh, seed)
     finally:
         dist.destroy_process_group()
+
+
+class _CausalSelfAttention(torch.nn.Module):
+    """Hand-written causal self-attention with its mask built from the (local) length, in float64."""
+
+    def __init__(self, dim: int = 32, heads: int = 4):
+        super().__init__()
+        self.heads = heads
+        self.qkv = torch.nn.Linear(dim, 3 * dim, dtype=torch.float64)
+        self.out = torch.nn.Linear(dim, dim, dtype=torch.float64)
+
+    def forward(self, x):  # x [B, N, C]
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        probs = torch.softmax(scores.masked_fill(~causal, float("-inf")), dim=-1)
+        return self.out((probs @ v).transpose(1, 2).reshape(b, n, c))
+
+
+def run_optimized_model(rank: int, world: int, rendezvous: str) -> None:
+    """An optimized model run inside ``ContextParallel`` on this rank's positions gives the rows and (summed
+    over ranks) the parameter gradients of the whole sequence in one process."""
+    import copy
+
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,), mesh_dim_names=("cp",))
+        torch.manual_seed(0)
+        model = _CausalSelfAttention()
+        x = torch.randn(2, 16, 32, dtype=torch.float64)
+        grad = torch.randn(2, 16, 32, dtype=torch.float64)
+        expected = model(x)
+        expected_grads = torch.autograd.grad(expected, list(model.parameters()), grad)
+
+        optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+        cp = ContextParallel(mesh, load_balance=True)
+        with cp:
+            out = optimized(cp.shard(x, 1))
+            grads = torch.autograd.grad(out, list(optimized.parameters()), cp.shard(grad, 1))
+        report = optimized.attnopt_report
+        assert [s.replaced for s in report.sites] == [True] and report.sites[0].causal, str(report)
+        torch.testing.assert_close(out, cp.shard(expected, 1), rtol=1e-10, atol=1e-10)
+        for got, want in zip(grads, expected_grads):
+            got = got.clone()
+            dist.all_reduce(got)  # each rank's rows give a part of every parameter's gradient
+            torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    finally:
+        dist.destroy_process_group()

@@ -71,3 +71,8 @@ def test_block_band_is_the_band_restricted_to_the_block(lo, hi, d, nq, nk):
         if causal:
             got &= diag <= 0
     assert torch.equal(got, want)
+
+
+def test_optimized_model_inside_the_scope(tmp_path):
+    """optimize() composes with ContextParallel: the rewritten site runs context-parallel, exactly."""
+    mp.spawn(cp_workers.run_optimized_model, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
