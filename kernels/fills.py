@@ -41,7 +41,8 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         return torch.where(empty[..., None], torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
     # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
-    mean_v = v.float().mean(dim=2).repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
+    mean_v = v.to(_compute_dtype(v.dtype)).mean(dim=2)  # [B, Hkv, Dv], float64 for float64 inputs
+    mean_v = mean_v.repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
     return torch.where(empty[..., None], mean_v.to(out.dtype), out)
 
 
