@@ -41,6 +41,17 @@ class BooleanTerm:
     local: tuple | None = None  # shape of the scores it masks, when a view of the site's scores
 
 
+#: the dropout probability sites are planned with when the graph reads it at run time: any value > 0 selects
+#: kernels that support dropout, which also compute p = 0
+PLANNED_DROPOUT = 0.5
+
+
+def _is_float_scalar(node: Node) -> bool:
+    """Whether ``node`` produces a Python float at run time (``p.item()`` of a 0-d float input, say)."""
+    value = node.meta.get("example_value")
+    return isinstance(value, (float, torch.SymFloat))
+
+
 @dataclass
 class Match:
     anchor: Node
@@ -53,6 +64,9 @@ class Match:
     scale: float | None = 1.0  # None: SDPA's default 1/sqrt(D)
     softcap: float | None = None
     dropout_p: float = 0.0
+    # a probability the graph reads at run time (dynamo makes a changed ``Dropout.p`` an input): passed to the
+    # op per call; ``dropout_p`` is then the value planned with (kernels that support dropout)
+    dropout_node: Node | None = None
     causal: bool = False  # SDPA's is_causal (folded into ``masks`` by the analysis)
     booleans: list[BooleanTerm] = field(default_factory=list)
     additive: list[tuple[Node, float]] = field(default_factory=list)  # (term, multiplier)
@@ -248,6 +262,7 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
 
     down: list[Node] = []
     probs, dropout_p, nan_to_zero = softmax, 0.0, sm.safe
+    dropout_node = None
     while True:
         users = list(probs.users)
         zeroed = _nan_to_zero(probs, users)
@@ -273,9 +288,12 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
             else:
                 call = bind(user, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
                 p, training = call["p"], call["training"]
-            if not isinstance(p, (int, float)) or not isinstance(training, bool):
+            if isinstance(p, Node) and training is True and _is_float_scalar(p):
+                dropout_p, dropout_node = PLANNED_DROPOUT, p
+            elif not isinstance(p, (int, float)) or not isinstance(training, bool):
                 raise _Reject("dropout with a traced probability or training flag", user)
-            dropout_p = float(p) if training else 0.0
+            else:
+                dropout_p = float(p) if training else 0.0
             down.append(user)
             probs = user
             continue
@@ -312,7 +330,7 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
             raise _Reject("attention scores are used outside the attention", node)
 
     match = Match(anchor=softmax, kind="softmax", q=q, k=k, v=v, output=value_mm, output_steps=output_steps,
-                  dropout_p=dropout_p, nan_to_zero=nan_to_zero)
+                  dropout_p=dropout_p, dropout_node=dropout_node, nan_to_zero=nan_to_zero)
     _interpret(match, list(reversed(steps)), softmax)
     match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     _check_layout(match, score_mm)

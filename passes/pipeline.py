@@ -52,6 +52,10 @@ def optimize_graph(
     # ``keep`` (anchor node name -> reason): sites to leave as they are (verify restores those that differed)
     found = [Rejection(f.anchor, keep[f.anchor.name], f.anchor)
              if keep and not isinstance(f, Rejection) and f.anchor.name in keep else f for f in found]
+    if not runtime_branches:  # a compiled graph would take the probability as a symbolic float
+        found = [Rejection(f.anchor, "dropout whose probability the graph reads at run time (a changed Dropout.p) "
+                           "is replaced only in graphs run as Python (compiler='eager')", f.dropout_node)
+                 if not isinstance(f, Rejection) and f.dropout_node is not None else f for f in found]
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
     reads: list = []

@@ -117,7 +117,7 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
             q, k, v, key_padding, q_doc, kv_doc, bias, mask,
             _scale(match), m.causal, m.align.value,
             None if window is None else window.left, None if window is None else window.right,
-            match.softcap, match.dropout_p, m.fill.value, kernel,
+            match.softcap, match.dropout_p if match.dropout_node is None else match.dropout_node, m.fill.value, kernel,
         )
         if unpadded is None:
             call = graph.call_function(run_attention if lean else torch.ops.attnopt.attention.default, args)

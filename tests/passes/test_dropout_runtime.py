@@ -1,0 +1,75 @@
+"""A dropout probability changed after the first call: dynamo then reads ``Dropout.p`` as a graph input, and
+the site is still replaced, with p passed to the op on every call (not left alone, not baked in)."""
+
+import torch
+import torch.nn as nn
+
+import attnopt
+import attnopt.ops
+
+
+class DropoutAttention(nn.Module):
+    def __init__(self, p: float = 0.1):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)
+        probs = self.drop(torch.softmax(q @ k.transpose(-1, -2) * 8**-0.5, dim=-1))
+        return (probs @ v).transpose(1, 2).reshape(b, n, 16)
+
+
+def test_a_changed_dropout_probability_reaches_the_op(monkeypatch):
+    seen = []
+    spec_from_args = attnopt.ops.spec_from_args
+
+    def recording(*args):
+        spec = spec_from_args(*args)
+        seen.append(spec.dropout_p)
+        return spec
+
+    monkeypatch.setattr(attnopt.ops, "spec_from_args", recording)
+    torch.manual_seed(0)
+    model = DropoutAttention().train()
+    reference = DropoutAttention().train()
+    reference.load_state_dict(model.state_dict())
+    optimized = attnopt.optimize(model, tune=False)
+    x = torch.randn(2, 6, 16)
+    optimized(x)
+    assert [s.replaced for s in optimized.attnopt_report.sites] == [True]
+    assert seen[-1] == 0.1
+    for p in (0.2, 0.35, 0.05):  # dynamo now reads p at run time
+        model.drop.p = p
+        optimized(x)
+        assert seen[-1] == p
+    sites = optimized.attnopt_report.sites
+    assert len(sites) >= 2 and all(s.replaced for s in sites), str(optimized.attnopt_report)
+    # p = 0 in training drops nothing: the output (and gradient) is the original's exactly
+    model.drop.p = reference.drop.p = 0.0
+    x.requires_grad_(True)
+    got = optimized(x)
+    want = reference(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               atol=1e-5, rtol=1e-5)
+    assert seen[-1] == 0.0
+
+
+def test_dropout_statistics_follow_the_run_time_probability():
+    """With p read at run time the kernel drops about a fraction p (scaled by 1/(1-p)) of each row's weight."""
+    torch.manual_seed(0)
+    model = DropoutAttention(p=0.1).train()
+    optimized = attnopt.optimize(model, tune=False)
+    x = torch.randn(4, 64, 16)
+    optimized(x)
+    model.drop.p = 0.5
+    outs = torch.stack([optimized(x) for _ in range(40)])
+    with torch.no_grad():
+        model.eval()
+        mean_expected = DropoutAttention.forward(model, x)  # dropout off: the expectation of the dropped output
+    # the mean over draws approaches the no-dropout output; with p = 0.5 single draws differ from it
+    assert (outs.mean(0) - mean_expected).abs().mean() < 0.25 * (outs[0] - mean_expected).abs().mean()
+    assert (outs[0] - mean_expected).abs().max() > 1e-3
