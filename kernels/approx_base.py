@@ -16,7 +16,7 @@ import torch
 
 from . import registry
 from .registry import Grads, Kernel
-from .spec import AttentionSpec, key_padding_keep
+from .spec import AttentionSpec, band_keep, key_padding_keep
 
 
 def recompute_grads(
@@ -127,12 +127,7 @@ def terms_at(spec: AttentionSpec, rows: torch.Tensor, cols: torch.Tensor):
     lo, hi = spec.band()
     if lo is not None or hi is not None:
         rel = cols[:, None, :] - rows[:, :, None] - spec.diagonal_offset  # [nb, c, K]
-        band = torch.ones_like(rel, dtype=torch.bool)
-        if lo is not None:
-            band &= rel >= lo
-        if hi is not None:
-            band &= rel <= hi
-        conj(band[None, None])
+        conj(band_keep(rel, lo, hi)[None, None])
     if spec.key_padding is not None:
         kept = key_padding_keep(spec.key_padding, spec.kv_len)  # [B, Nk]
         conj(kept[:, cols][:, None, :, None, :])  # [B, 1, nb, 1, K]

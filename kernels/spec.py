@@ -281,13 +281,7 @@ class AttentionSpec:
         if lo is not None or hi is not None:
             rows = torch.arange(q0, q1, device=device)[:, None] + self.diagonal_offset
             cols = torch.arange(k0, k1, device=device)[None, :]
-            rel = cols - rows  # [q, k]
-            band = torch.ones_like(rel, dtype=torch.bool)
-            if lo is not None:
-                band &= rel >= lo
-            if hi is not None:
-                band &= rel <= hi
-            conj(band[None, None])
+            conj(band_keep(cols - rows, lo, hi)[None, None])  # [q, k]
         if self.key_padding is not None:
             conj(key_padding_keep(self.key_padding, self.kv_len)[:, k0:k1][:, None, None, :])
         if self.q_doc is not None:
@@ -323,6 +317,16 @@ def band_bounds(causal: bool, window: Window | None) -> tuple[int | None, int | 
     if causal:
         hi = 0 if hi is None else min(hi, 0)
     return lo, hi
+
+
+def band_keep(rel: torch.Tensor, lo: int | None, hi: int | None) -> torch.Tensor:
+    """Bool: key offsets ``rel = j - i - offset`` within the band ``lo .. hi`` (None: unbounded)."""
+    band = torch.ones_like(rel, dtype=torch.bool)
+    if lo is not None:
+        band &= rel >= lo
+    if hi is not None:
+        band &= rel <= hi
+    return band
 
 
 def key_padding_keep(key_padding: torch.Tensor, kv_len: int) -> torch.Tensor:
