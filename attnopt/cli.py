@@ -1,6 +1,6 @@
 """``attnopt`` command line: ONNX pipelines for scripts.
 
-    attnopt onnx fuse in.onnx -o out.onnx [--opset 23] [--verify] [--dim batch=2 ...]
+    attnopt onnx fuse in.onnx -o out.onnx [--opset 23] [--verify] [--pack-qkv] [--dim batch=2 ...]
     attnopt onnx export package.module:factory -o out.onnx --input 2x16xfloat32 [--verify]
 
 ``export`` imports ``factory`` (a callable returning an ``nn.Module``, or the
@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.pipeline == "fuse":
             import onnx
 
-            model = aonnx.fuse(args.model, opset=args.opset, dims=_dims(args.dim), verify=args.verify, report=report)
+            model = aonnx.fuse(args.model, opset=args.opset, dims=_dims(args.dim), verify=args.verify,
+                               pack_qkv=args.pack_qkv, report=report)
             if not report.attention_nodes:
                 raise ValueError(_nothing_fused(args.model, report))
             onnx.save(model, args.output)
@@ -55,6 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     pipelines = onnx_cmd.add_subparsers(dest="pipeline", required=True)
     fuse = pipelines.add_parser("fuse", help="replace decomposed attention in an ONNX file with Attention nodes")
     fuse.add_argument("model", help="input .onnx file")
+    fuse.add_argument("--pack-qkv", action="store_true",
+                      help="also merge the q/k/v projections of one input into one MatMul")
     fuse.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                       help="size of a symbolic input dim for analysis and --verify (repeatable)")
     export = pipelines.add_parser("export", help="export a torch model with Attention nodes")

@@ -1,6 +1,6 @@
 """ONNX fusers side by side: attnopt.onnx.fuse, ONNX Runtime's optimizer and onnxscript's ORT fusions.
 
-    python benchmarks/onnx.py [--length 512] [--llama-length 2048] [--repeat 7] [--out benchmarks/results/onnx.md]
+    python benchmarks/onnx.py [--length 512] [--llama-length 2048] [--repeat 21] [--out benchmarks/results/onnx.md]
 
 Models: small random Hugging Face configs (2 layers, d 64, 4 heads, eager attention), exported the way
 users export them, with dynamic batch and sequence: ``torch.onnx.export(dynamo=True)`` at opset 18,
@@ -8,6 +8,7 @@ or the TorchScript exporter at opset 17 where torch.export cannot trace the mode
 goes through:
 
 * ``attnopt``: ``attnopt.onnx.fuse`` (standard ``Attention`` nodes, opset 23);
+* ``attnopt+pack``: the same with ``pack_qkv=True`` (q/k/v projections of one input as one MatMul);
 * ``ort``: ``onnxruntime.transformers.optimizer.optimize_model`` with the model's ``model_type``
   (contrib ``Attention`` / ``MultiHeadAttention`` nodes); Llama has no model type there;
 * ``onnxscript``: ``onnxscript.rewriter.ort_fusions.optimize_for_ort``.
@@ -17,12 +18,15 @@ on batch 4 x 16 with rows unpadded, left-padded, right-padded and fully padded, 
 and over real tokens only (``inf``: NaN where the unfused graph has none, or the other way); the
 median time of one forward pass (batch 1, ``--length`` tokens, ONNX Runtime CPU, one thread),
 measured in interleaved rounds (one call of each graph in turn), and its ratio to the unfused graph.
+Times are CPU time of the calling thread (with one intra-op thread ONNX Runtime runs every kernel on
+it), so that time the process spends descheduled on a loaded machine does not count.
 """
 
 from __future__ import annotations
 
 import argparse
 import io
+import os
 import pathlib
 import platform
 import statistics
@@ -153,11 +157,11 @@ def export(name: str) -> onnx.ModelProto:
 
 
 # ----------------------------------------------------------------- fusers
-def fuse_attnopt(source):
+def fuse_attnopt(source, pack_qkv=False):
     import attnopt.onnx as aonnx
 
     report = aonnx.OnnxReport()
-    fused = aonnx.fuse(source, report=report)
+    fused = aonnx.fuse(source, report=report, pack_qkv=pack_qkv)
     return fused, report.attention_nodes
 
 
@@ -227,9 +231,9 @@ def timings(sessions: dict, kind: str, length: int, repeat: int) -> dict[str, fl
     times = {name: [] for name in sessions}
     for _ in range(repeat):
         for name, sess in sessions.items():
-            start = time.perf_counter()
+            start = time.thread_time()
             sess.run(None, bound[name])
-            times[name].append(time.perf_counter() - start)
+            times[name].append(time.thread_time() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -244,7 +248,9 @@ def run(name: str, length: int, llama_length: int, repeat: int) -> list[dict]:
     aonnx.fuse(source, report=report)
     sites = len(report.sites)
     graphs = {"unfused": (source, None)}
-    for label, fuser in (("attnopt", lambda: fuse_attnopt(source)), ("ort", lambda: fuse_ort(source, model_type)),
+    for label, fuser in (("attnopt", lambda: fuse_attnopt(source)),
+                         ("attnopt+pack", lambda: fuse_attnopt(source, pack_qkv=True)),
+                         ("ort", lambda: fuse_ort(source, model_type)),
                          ("onnxscript", lambda: fuse_onnxscript(source))):
         start = time.perf_counter()
         try:
@@ -296,21 +302,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--length", type=int, default=512)
     parser.add_argument("--llama-length", type=int, default=2048)
-    parser.add_argument("--repeat", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=21)
     parser.add_argument("--models", nargs="*", default=list(MODELS))
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
-    rows = []
+    rows, load = [], [os.getloadavg()[0]]
     for name in args.models:
         print(f"{name} ...", file=sys.stderr, flush=True)
         rows.extend(run(name, args.length, args.llama_length, args.repeat))
+        load.append(os.getloadavg()[0])
     import onnxruntime
     import onnxscript
 
     header = (f"# ONNX fusers side by side\n\n`python benchmarks/onnx.py --length {args.length} --repeat {args.repeat}`"
               f"  \ntorch {torch.__version__}, onnxruntime {onnxruntime.__version__}, onnxscript "
               f"{onnxscript.__version__}, {platform.processor() or platform.machine()}, ONNX Runtime CPU, one thread; "
-              "times are medians of interleaved rounds, batch 1.\n\n")
+              "times are medians of interleaved rounds, batch 1, in CPU time of the calling thread.  \n"
+              f"Load average (1 min) during the run: {min(load):.1f} to {max(load):.1f} on {os.cpu_count()} "
+              "cores.\n\n")
     text = header + table(rows, args.length) + "\n"
     print(text)
     if args.out is not None:

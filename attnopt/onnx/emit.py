@@ -9,19 +9,30 @@ ONNX ``Attention`` (opset 23) differs from AttentionSpec in three places, each
 handled here rather than silently changing outputs:
 
 * ``is_causal`` is top-left without a past cache. A bottom-right band
-  (``Nk - Nq`` offset) becomes an explicit mask built from ``Range``s; sliding
-  windows are attributes from opset 25 and an explicit mask below it.
+  (``Nk - Nq`` offset) becomes an explicit mask built from ``Range``s unless
+  ``Nq == Nk`` is known (the two alignments then agree); sliding windows are
+  attributes from opset 25 and an explicit mask below it.
 * ONNX Runtime needs a mask whose last two dims are ``[Nq, Nk]``: key padding
-  ``[B, 1, 1, Nk]`` is expanded.
-* A query row with no visible key is a zero row in ONNX (``Fill.SAFE``).
+  ``[B, 1, 1, Nk]`` is expanded. It also turns a bool mask into an additive one
+  on every call, so the mask is handed over as floats (0 / -inf), built once
+  from values every site shares (the lengths come from the graph inputs where
+  the caller can read them there).
+* A query row with no visible key is a zero row in ONNX Runtime (``Fill.SAFE``).
   Under ``Fill.NEG_INF`` the original row is NaN and under ``Fill.FINITE`` the
-  mean of the values, so those rows are patched with a ``Where`` on the row's
-  "any key visible" bit; the band then joins the explicit mask, because a row
-  dies only when the conjunction of all terms hides every key. An additive
-  mask whose row is the dtype's lowest value everywhere (``(1 - m) *
-  finfo.min`` on a fully padded sequence) averages the values in PyTorch but
-  is a zero row in ONNX Runtime: patched the same way. (A row mixing that
-  lowest value with ``-inf`` is not patched: it averages only its finite keys.)
+  mean of the values. A row dies only when the conjunction of all terms hides
+  every key, so its "any key visible" bit needs the band: with a causal band
+  over key padding it is a running count of kept keys (row i sees a key iff
+  one of keys 0..i is kept, and ``is_causal`` stays an attribute), otherwise
+  a reduction over the joined mask. Under a finite fill in float32 with no
+  band attribute, the mask itself holds one finite value on every key of a
+  dead row, so the operator averages the values there and no site patches
+  its output (``is_causal`` would hide the keys ahead again, with ONNX
+  Runtime's own marker, which zeroes the row). Otherwise dead rows are patched
+  with a ``Where`` on that bit. An additive mask whose row is the dtype's
+  lowest value everywhere (``(1 - m) * finfo.min`` on a fully padded
+  sequence) averages the values in PyTorch but is a zero row in ONNX Runtime:
+  patched the same way. (A row mixing that lowest value with ``-inf`` is not
+  patched: it averages only its finite keys.)
 """
 
 from __future__ import annotations
@@ -34,6 +45,11 @@ import onnx
 import torch
 
 from attnopt.kernels.spec import Align, Fill, Window, band_bounds
+
+#: a float32 mask value that scores of any sane size (below 1e31) cannot move: a row holding only it
+#: averages the values, as the original's finite fill does. It is one step above the lowest float32,
+#: which ONNX Runtime reads as its own "masked" marker and turns such a row into zeros.
+AVERAGING_FILL = float(np.nextafter(np.finfo(np.float32).min, np.float32(0)))
 
 #: the first opset with the Attention operator, and the one with window attributes
 MIN_OPSET = 23
@@ -76,34 +92,77 @@ class Band:
 def emit_attention(
     e: Emitter, q, k, v, *, elem_type: int, q_heads: int, kv_heads: int, v_head_dim: int, opset: int,
     keep: list, additive: list, band: Band, scale: float, softcap: float | None, fill: Fill,
+    lengths: tuple | None = None, square: bool = False, keep_by_key: bool = False, heads_merged: bool = False,
+    mask_spans_scores: bool = False,
 ):
     """``Y [B, Hq, Nq, Dv]`` for q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D/Dv]``.
 
+    With ``heads_merged``, q, k and v come as ``[B, N, H * D]`` (the projections' own layout): the
+    operator reads the heads with strides, so no transpose is needed on the way in, and the one on the
+    way out meets the consumer's inverse transpose, which ONNX Runtime cancels.
+
     ``keep``: bool values broadcastable to ``[B, Hq, Nq, Nk]`` (True = visible);
     ``additive``: float values of q's type, added in order.
+    ``lengths``: 1-D int64 values ``[Nq]`` and ``[Nk]`` (default: read from q and k; a caller that
+    reads them from the graph inputs lets every site share the mask built from them);
+    ``square``: ``Nq == Nk`` holds for every input (the two band alignments then agree);
+    ``keep_by_key``: every ``keep`` term has rank >= 2 and size 1 along the query axis;
+    ``mask_spans_scores``: some term already has the trailing dims ``[Nq, Nk]`` (no ``Expand`` needed).
     """
     check_opset(opset)
-    keep = list(keep)
+    if square and band.align == Align.BOTTOM_RIGHT:
+        band = Band(causal=band.causal, window=band.window, align=Align.TOP_LEFT)
+    if lengths is None:
+        axis = 1 if heads_merged else 2
+        lengths = (e("Shape", q, start=axis, end=axis + 1), e("Shape", k, start=axis, end=axis + 1))
+    # causal over padding that hides whole keys: row i keeps a key iff one of keys 0..i is kept, which
+    # a running count over the keys answers with the band left an attribute
+    count_alive = (
+        fill != Fill.SAFE and bool(keep) and keep_by_key and square and band.causal and band.window is None
+        and band.align == Align.TOP_LEFT
+    )
     band_as_attributes = (
         band.present and band.align == Align.TOP_LEFT and (band.window is None or opset >= WINDOW_OPSET)
         # a row dies only when all terms together hide every key: the band must then join the mask
-        and (fill == Fill.SAFE or (not keep and band.window is None))
+        and (fill == Fill.SAFE or (not keep and band.window is None) or count_alive)
     )
-    if band.present and not band_as_attributes:
-        keep.append(_band_mask(e, q, k, band))
-    rows_can_die = fill != Fill.SAFE and bool(keep)
+    # a finite fill averages the values on a row with no visible key: the mask itself can say so, with
+    # one finite value on every key of such a row (-inf on hidden keys elsewhere), where the mask holds
+    # the band too (a causal attribute hides the keys ahead again, with ONNX Runtime's own marker)
+    fold = (
+        fill in (Fill.FINITE, Fill.FINITE_ADDED) and elem_type == onnx.TensorProto.FLOAT and not additive
+        and not band_as_attributes
+    )
+    band_joined = band.present and not band_as_attributes
+    rows_can_die = fill != Fill.SAFE and (bool(keep) or band_joined)
 
+    i64 = onnx.TensorProto.INT64
     keep_all = None
     for term in keep:
         keep_all = term if keep_all is None else e("And", keep_all, term)
+    alive = None  # [.., Nq or 1, 1]: the row sees a key
+    if rows_can_die and count_alive:
+        seen = e("CumSum", e("Cast", keep_all, to=onnx.TensorProto.INT32), e.constant(-1, i64))  # [.., 1, Nk]
+        alive = e("Greater", e("Unsqueeze", seen, e.constant([-1], i64)), e.constant(0, onnx.TensorProto.INT32))
+        alive = e("Squeeze", alive, e.constant([-3], i64))  # [.., Nk, 1], and Nk is Nq
+    if band_joined:
+        band_keep = _band_mask(e, lengths, band)
+        keep_all = band_keep if keep_all is None else e("And", keep_all, band_keep)
+    if rows_can_die and alive is None:
+        alive = e("ReduceMax", keep_all, e.constant([-1], i64), keepdims=1)
     added = None
     for term in additive:
         added = term if added is None else e("Add", added, term)
-    mask = keep_all
-    if added is not None:
-        mask = added if keep_all is None else e("Where", keep_all, added, e.constant(-np.inf, elem_type))
-    if mask is not None:
-        mask = e("Expand", mask, _score_shape(e, q, k))
+    # ONNX Runtime turns a bool mask into an additive one on every call: built once here, as floats
+    mask = added
+    if keep_all is not None:
+        visible = e.constant(0.0, elem_type) if added is None else added
+        hidden = e.constant(-np.inf, elem_type)
+        if rows_can_die and fold:
+            hidden = e("Where", alive, hidden, e.constant(AVERAGING_FILL, elem_type))
+        mask = e("Where", keep_all, visible, hidden)
+    if mask is not None and not (mask_spans_scores or band_joined):  # a joined band is [Nq, Nk]
+        mask = e("Expand", mask, e("Concat", e.constant([1, 1], i64), *lengths, axis=0))  # [.., Nq, Nk]
 
     attributes: dict[str, Any] = {"scale": float(scale)}
     if softcap is not None:
@@ -115,11 +174,18 @@ def emit_attention(
         else:
             attributes["left_window_size"] = -1 if lo is None else -lo
             attributes["right_window_size"] = -1 if hi is None else hi
+    if heads_merged:
+        attributes.update(q_num_heads=q_heads, kv_num_heads=kv_heads)
     inputs = [q, k, v] + ([mask] if mask is not None else [])
+    v_bhsd = v
+    if heads_merged:  # the dead-row patch reads v as [B, Hkv, Nk, Dv] (dropped as dead when unused)
+        v_bhsd = e("Transpose", _split_heads(e, v, kv_heads, v_head_dim), perm=[0, 2, 1, 3])
     y = e("Attention", *inputs, **attributes)
+    if heads_merged:
+        y = e("Transpose", _split_heads(e, y, q_heads, v_head_dim), perm=[0, 2, 1, 3])
+    v = v_bhsd
 
-    if rows_can_die:
-        alive = e("ReduceMax", keep_all, e.constant([-1], onnx.TensorProto.INT64), keepdims=1)  # [.., Nq, 1]
+    if rows_can_die and not fold:
         y = e("Where", alive, y, _dead_row_value(e, v, fill, elem_type, q_heads, kv_heads, v_head_dim))
     if added is not None and keep_all is None:
         row_max = e("ReduceMax", added, e.constant([-1], onnx.TensorProto.INT64), keepdims=1)
@@ -142,21 +208,15 @@ def _lowest(elem_type: int) -> float:
     return float(torch.finfo(dtype).min)
 
 
-def _dim(e: Emitter, x, axis: int):
-    """Scalar int64 size of ``x`` along ``axis``."""
-    return e("Squeeze", e("Shape", x, start=axis, end=axis + 1), e.constant([0], onnx.TensorProto.INT64))
+def _split_heads(e: Emitter, x, heads: int, head_dim: int):
+    """``[B, N, H * D]`` as ``[B, N, H, D]``."""
+    return e("Reshape", x, e.constant([0, 0, heads, head_dim], onnx.TensorProto.INT64))
 
 
-def _score_shape(e: Emitter, q, k):
-    """``[1, 1, Nq, Nk]``: what a mask is expanded to (ONNX Runtime needs both trailing dims)."""
-    return e("Concat", e.constant([1, 1], onnx.TensorProto.INT64), e("Shape", q, start=2, end=3),
-             e("Shape", k, start=2, end=3), axis=0)
-
-
-def _band_mask(e: Emitter, q, k, band: Band):
+def _band_mask(e: Emitter, lengths: tuple, band: Band):
     """Bool ``[Nq, Nk]``: ``lo <= j - i - offset <= hi``, offset 0 (top-left) or ``Nk - Nq``."""
     i64 = onnx.TensorProto.INT64
-    nq, nk = _dim(e, q, 2), _dim(e, k, 2)
+    nq, nk = (e("Squeeze", n, e.constant([0], i64)) for n in lengths)
     zero, one = e.constant(0, i64), e.constant(1, i64)
     rows = e("Range", zero, nq, one)
     if band.align == Align.BOTTOM_RIGHT:

@@ -96,11 +96,17 @@ def _broadcast_rotary_caches(graph: onnx.GraphProto) -> None:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.fx.GraphModule:
-    """One dynamo graph of ``model`` with the model's calling convention and fake-tensor metadata."""
+    """One dynamo graph of ``model`` with the model's calling convention and fake-tensor metadata.
+
+    Convolution backends are off while tracing, as torch.export has them: choosing one reads the batch
+    size (oneDNN below 16), and that choice would become a guard bounding a dynamic batch dim.
+    """
     try:
-        return torch._dynamo.export(
-            model, dynamic_shapes=dynamic_shapes, assume_static_by_default=True,
-        )(*args, **kwargs).graph_module
+        with (torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False),
+              torch.backends.cudnn.flags(enabled=False)):
+            return torch._dynamo.export(
+                model, dynamic_shapes=dynamic_shapes, assume_static_by_default=True,
+            )(*args, **kwargs).graph_module
     except torch._dynamo.exc.UserError as err:
         raise ValueError(f"the model cannot be captured as one graph for export: {err}") from err
 
@@ -142,11 +148,12 @@ def translation(opset: int):
             else:
                 additive.append(term if term.dtype == q.dtype else e("Cast", term, to=int(q.dtype)))
         window = None if window_left is None and window_right is None else Window(window_left, window_right)
+        keep_by_key = q_doc is None and all(t is None or t.dtype != onnx.TensorProto.BOOL for t in (bias, mask))
         y = emit_attention(
             e, q, k, v, elem_type=int(q.dtype), q_heads=int(q.shape[1]), kv_heads=int(k.shape[1]),
             v_head_dim=int(v.shape[3]), opset=opset, keep=keep, additive=additive,
             band=Band(causal=bool(causal), window=window, align=Align(align)), scale=scale, softcap=softcap,
-            fill=Fill(fill),
+            fill=Fill(fill), keep_by_key=keep_by_key,
         )
         # the rewritten graphs use only the output; lse and seed are placeholders (NaN, 0) for the op's arity
         lse_type = onnx.TensorProto.DOUBLE if q.dtype == onnx.TensorProto.DOUBLE else onnx.TensorProto.FLOAT

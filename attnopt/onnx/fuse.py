@@ -26,6 +26,7 @@ from attnopt.passes.layouts import apply_steps
 from attnopt.report import Site
 
 from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
+from .pack import pack_projections
 from .report import OnnxReport
 from .view import OnnxView, import_onnx
 
@@ -34,13 +35,15 @@ ATTENTION_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.Tensor
 
 
 def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN_OPSET,
-         dims: dict[str, int] | None = None, verify: bool = False,
+         dims: dict[str, int] | None = None, verify: bool = False, pack_qkv: bool = False,
          report: OnnxReport | None = None) -> onnx.ModelProto:
     """A copy of the model with every attention site found replaced by one ``Attention`` node.
 
     ``dims`` sets the sizes of symbolic input dims used to analyze (and, with
     ``verify=True``, to run) the graph. Sites that are found but cannot be
     replaced stay decomposed and are listed, with the reason, in ``report``.
+    ``pack_qkv=True`` also merges the projections of a fused site's q, k and v
+    that read the same input into one ``MatMul`` and a ``Split`` (``pack.py``).
     """
     check_opset(opset)
     source = model_or_path if isinstance(model_or_path, onnx.ModelProto) else _load(model_or_path)
@@ -54,6 +57,7 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     replacements: dict[str, list[onnx.NodeProto]] = {}  # ONNX value of a site's output -> nodes producing it
     taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
     shared: dict[bytes, str] = {}  # mask work built once per graph, whichever site asks first
+    operands: list[tuple[str, ...]] = []  # q, k and v of each replaced site
     for found in find_sites(view.gm.graph):
         anchor = view.onnx_name.get(found.anchor, found.anchor.name)
         where = view.node_of[anchor].name or anchor if anchor in view.node_of else anchor
@@ -65,8 +69,11 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
         report.sites.append(site)
         if nodes:
             replacements[view.onnx_name[found.output]] = nodes
+            operands.append(tuple(view.onnx_name[op.node] for op in (found.q, found.k, found.v)))
 
     _splice(model.graph, replacements)
+    if pack_qkv:
+        report.packed = pack_projections(model.graph, operands, taken)
     _remove_dead(model.graph)
     _sort(model.graph)  # a site may use mask work placed with a later site
     _set_opset(model, opset)
@@ -119,7 +126,12 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
     output = view.onnx_name[match.output]
     e = NodeEmitter(f"attnopt/{output}", lambda name: name in taken, shared)
     name = view.onnx_name.__getitem__
-    q, k, v = (_operand(e, name(op.node), op.steps, len(shape_of(op.node))) for op in (match.q, match.k, match.v))
+    merged = [_heads_merged(op, heads) for op, heads in ((match.q, q_shape[1]), (match.k, k_shape[1]),
+                                                         (match.v, v_shape[1]))]
+    if None in merged:
+        q, k, v = (_operand(e, name(op.node), op.steps, len(shape_of(op.node))) for op in (match.q, match.k, match.v))
+    else:
+        q, k, v = (name(node) for node in merged)
     rank3 = len(shape_of(match.anchor) or ()) == 3
 
     def rank4(value, source):
@@ -142,11 +154,24 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
             term = e("Mul", term, e.constant(float(mult), elem_type))
         additive.append(rank4(term, node))
     scale = match.scale if match.scale is not None else 1.0 / math.sqrt(q_shape[3])
+    nq, nk = _length(match.q), _length(match.k)
+    lengths = tuple(_length_value(e, view, n) for n in (nq, nk))
+    keep_by_key = not m.dense and m.documents is None and all(
+        (meta := tensor_meta(a.node)) is not None and meta.dim() >= 2 and _same(meta.shape[-2], 1)
+        for a in m.key_padding
+    )
+    mask_spans_scores = any(
+        (meta := tensor_meta(node)) is not None and meta.dim() >= 2
+        and _same(meta.shape[-2], nq) and _same(meta.shape[-1], nk)
+        for node in [a.node for a in [*m.key_padding, *m.dense]] + [node for node, _ in m.additive]
+    )
     y = emit_attention(
         e, q, k, v, elem_type=elem_type, q_heads=q_shape[1], kv_heads=k_shape[1], v_head_dim=v_shape[3],
         opset=opset, keep=keep, additive=additive,
         band=Band(causal=match.causal or m.causal, window=m.window, align=Align(m.align)),
         scale=scale, softcap=match.softcap, fill=Fill(m.fill),
+        lengths=None if None in lengths else lengths, square=_same(nq, nk), keep_by_key=keep_by_key,
+        heads_merged=None not in merged, mask_spans_scores=mask_spans_scores,
     )
     y = _operand(e, y, match.output_steps, 4)
     want = TORCH_TO_ONNX[tensor_meta(match.output).dtype]
@@ -180,6 +205,49 @@ def _band_spans_scores(match: Match) -> bool:
 
 def _length(op) -> object:
     return apply_steps(tuple(tensor_meta(op.node).shape), op.steps)[2]
+
+
+def _heads_merged(op, heads: int) -> FxNode | None:
+    """The ``[B, N, H * D]`` value an operand ``[B, H, N, D]`` is a reshape and transpose of, if it is one."""
+    perm, node = [0, 1, 2, 3], op.node
+    if len(shape_of(node) or ()) != 4:
+        return None
+    for step, args in reversed(op.steps):
+        if step == "permute":
+            perm = [int(args[0][i]) for i in perm]
+        elif step == "transpose":
+            swap = list(range(4))
+            a, b = (int(d) % 4 for d in args)
+            swap[a], swap[b] = swap[b], swap[a]
+            perm = [swap[i] for i in perm]
+        else:
+            return None
+    while node.op == "call_method" and node.target == "permute" and len(node.args) == 5:
+        perm = [int(node.args[1 + i]) for i in perm]
+        node = node.args[0]
+    if perm != [0, 2, 1, 3] or node.op != "call_method" or node.target != "reshape":
+        return None
+    source = node.args[0]
+    split, merged = shape_of(node), shape_of(source) if isinstance(source, FxNode) else None
+    if split is None or merged is None or len(split) != 4 or len(merged) != 3:
+        return None
+    if not (_same(split[2], heads) and all(_same(a, b) for a, b in zip(merged, (split[0], split[1],
+                                                                                 split[2] * split[3])))):
+        return None
+    return source
+
+
+def _length_value(e: NodeEmitter, view: OnnxView, size) -> str | None:
+    """``[size]`` as a 1-D int64 value read from a graph input (or a constant), so that every site of
+    that length shares it and the mask work built from it; None where no input has that dim."""
+    static = size if isinstance(size, int) else size.node.maybe_as_int()
+    if static is not None:
+        return e.constant([static], onnx.TensorProto.INT64)
+    source = view.dim_sources.get(size.node.expr)
+    if source is None:
+        return None
+    name, axis = source
+    return e("Shape", name, start=axis, end=axis + 1)
 
 
 def _same(a, b) -> bool:

@@ -15,6 +15,7 @@ class OnnxReport(Report):
     opset: int | None = None
     attention_nodes: int = 0  # Attention nodes in the resulting model
     max_diff: float | None = None  # ONNX Runtime vs the source, when verified
+    packed: int = 0  # q/k/v projection groups merged into one MatMul (fuse's pack_qkv)
 
     def sanitize(self) -> None:
         """Concrete ints where a dynamic-shape capture left symbolic sizes in the sites."""
@@ -28,10 +29,12 @@ class OnnxReport(Report):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "opset": self.opset, "attention_nodes": self.attention_nodes,
-                "max_diff": self.max_diff}
+                "max_diff": self.max_diff, "packed": self.packed}
 
     def __str__(self) -> str:
         lines = [super().__str__(), f"ONNX opset {self.opset}: {self.attention_nodes} Attention node(s)"]
+        if self.packed:
+            lines.append(f"{self.packed} group(s) of q/k/v projections packed into one MatMul")
         if self.max_diff is not None:
             lines.append(f"ONNX Runtime vs source: max |difference| = {self.max_diff:.3g}")
         return "\n".join(lines)

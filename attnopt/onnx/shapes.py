@@ -16,7 +16,9 @@ and a mask built from ``Range(0, seq)`` keeps its symbolic length.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import tempfile
 
 import onnx
 import sympy
@@ -94,7 +96,9 @@ def inferred_dims(model: onnx.ModelProto) -> dict[str, list[Dim]]:
     level = logger.level
     logger.setLevel(logging.ERROR)  # unresolved broadcasts are logged: they stay unknown here
     try:
-        inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
+        # where inference stays incomplete it saves the model to the working directory before raising
+        with tempfile.TemporaryDirectory() as scratch, contextlib.chdir(scratch):
+            inferred = SymbolicShapeInference.infer_shapes(model, auto_merge=False, guess_output_rank=False)
     except Exception:  # an op it does not know: ONNX's own inference (``model`` holds its value_info)
         inferred = model
     finally:

@@ -62,6 +62,7 @@ class OnnxView:
     onnx_name: dict[Node, str] = field(default_factory=dict)  # FX node -> ONNX value it mirrors
     node_of: dict[str, onnx.NodeProto] = field(default_factory=dict)  # ONNX value -> its producer
     dtypes: dict[str, int] = field(default_factory=dict)  # ONNX value -> element type
+    dim_sources: dict = field(default_factory=dict)  # symbol of an input dim -> (graph input, axis)
 
 
 def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> OnnxView:
@@ -78,6 +79,10 @@ def import_onnx(model: onnx.ModelProto, dims: dict[str, int] | None = None) -> O
     view = OnnxView(model=model, gm=None)
     shapes = SymbolicShapes(model, sizes)
     mode = FakeTensorMode(shape_env=shapes.env)
+    for inp in graph.input:
+        for axis, d in enumerate(inp.type.tensor_type.shape.dim):
+            if d.dim_param and inp.name not in inits:
+                view.dim_sources.setdefault(shapes.symbols[d.dim_param], (inp.name, axis))
     env: dict[str, Node] = {}
     const: set[str] = set(inits)
 

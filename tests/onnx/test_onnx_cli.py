@@ -25,9 +25,10 @@ def test_fuse_verify(tmp_path, capsys):
     x, mask = torch.randn(2, 6, 32), torch.ones(2, 6)
     onnx.save(torch.onnx.export(model, (x, mask), dynamo=True, opset_version=18).model_proto, source)
     capsys.readouterr()  # the exporter's progress lines
-    assert main(["onnx", "fuse", str(source), "-o", str(out), "--verify", "--json"]) == 0
+    assert main(["onnx", "fuse", str(source), "-o", str(out), "--verify", "--pack-qkv", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["attention_nodes"] == 1 and report["max_diff"] <= 1e-5
+    assert report["packed"] == 1  # q and the k/v projection read the same x
     assert [n.op_type for n in onnx.load(out).graph.node].count("Attention") == 1
 
 

@@ -6,6 +6,7 @@ right-padded and fully padded; causal and padding structure must be recognised w
 symbolic.
 """
 
+import functools
 import io
 import warnings
 
@@ -13,6 +14,8 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnopt.onnx as aonnx
 from attnopt.onnx.fuse import default_opset
@@ -111,3 +114,104 @@ def test_mask_work_is_built_once_per_graph():
     fused = aonnx.fuse(hd.export_dynamic("bert", "torchscript"))
     emitted = [n.op_type for n in fused.graph.node if n.name.startswith("attnopt/")]
     assert emitted.count("Attention") == 2 and emitted.count("ReduceMax") == 1, emitted
+
+
+def _emitted(fused, op_type):
+    return [n for n in fused.graph.node if n.name.startswith("attnopt/") and n.op_type == op_type]
+
+
+@pytest.mark.parametrize("name,exporter", [("gpt2", "dynamo"), ("llama", "torchscript")])
+def test_causal_with_padding_keeps_the_band_an_attribute(name, exporter):
+    """Causal + padding at a finite fill: ``is_causal`` stays an attribute, the mask is the padding alone
+    (built once, as floats), and a row's "any key visible" bit is a running count over the padding."""
+    source = hd.export_dynamic(name, exporter)
+    fused = aonnx.fuse(source)
+    attention = _emitted(fused, "Attention")
+    assert len(attention) == 2 and all(onnx.helper.get_node_attr_value(n, "is_causal") == 1 for n in attention)
+    assert len({n.input[3] for n in attention}) == 1  # one mask for both layers
+    assert len(_emitted(fused, "CumSum")) == 1
+    assert not _emitted(fused, "Range") and not _emitted(fused, "ReduceMax")  # no [Nq, Nk] band, no row reduction
+    original, changed = session(source), session(fused)
+    feeds = hd.padded_feeds("text", 4, 9)  # left padding: the first rows of row 1 see no key
+    assert max_difference(changed.run(None, feeds), original.run(None, feeds)) <= TOL
+
+
+def test_projections_feed_the_operator_without_transposes():
+    """BERT's q, k and v are reshapes and transposes of [B, N, H * D] projections: those are the inputs."""
+    fused = aonnx.fuse(hd.export_dynamic("bert", "dynamo"))
+    attention = _emitted(fused, "Attention")
+    assert len(attention) == 2
+    assert all(onnx.helper.get_node_attr_value(n, "q_num_heads") == 4 for n in attention)
+    producers = {o: n for n in fused.graph.node for o in n.output}
+    assert all(producers[i].op_type == "Add" for n in attention for i in n.input[:3])  # the projections' bias adds
+
+
+def test_padding_only_rows_without_keys_need_no_patch():
+    """Padding empties whole sequences: the shared float mask makes the operator average their values, so
+    no site reduces v or selects rows after the operator; fully padded sequences still match."""
+    source = hd.export_dynamic("bert", "dynamo")
+    fused = aonnx.fuse(source)
+    assert not _emitted(fused, "ReduceMean") and len(_emitted(fused, "Where")) == 2  # both in the one mask
+    original, changed = session(source), session(fused)
+    feeds = hd.padded_feeds("text", 4, 9)
+    assert not feeds["attention_mask"][3].any()
+    assert max_difference(changed.run(None, feeds), original.run(None, feeds)) <= TOL
+
+
+#: (model, exporter) -> (groups packed, MatMuls removed)
+PACKED = {("bert", "dynamo"): (2, 4), ("bart", "dynamo"): (3, 5), ("llama", "torchscript"): (2, 4)}
+
+
+@pytest.mark.parametrize("name,exporter", list(PACKED))
+def test_pack_qkv_merges_projections_of_one_input(name, exporter):
+    """Self-attention packs q, k and v; BART's cross attention packs k and v only (q reads the decoder)."""
+    groups, removed = PACKED[name, exporter]
+    source = hd.export_dynamic(name, exporter)
+    report = aonnx.OnnxReport()
+    fused = aonnx.fuse(source, pack_qkv=True, report=report)
+    plain = aonnx.fuse(source)
+    count = lambda proto, op: sum(n.op_type == op for n in proto.graph.node)  # noqa: E731
+    assert report.packed == groups == count(fused, "Split") - count(plain, "Split"), str(report)
+    assert count(plain, "MatMul") - count(fused, "MatMul") == removed
+    onnx.checker.check_model(fused)
+    original, changed = session(source), session(fused)
+    kind = hd.MODELS[name][1]
+    for batch, seq in SHAPES:
+        feeds = hd.padded_feeds(kind, batch, seq)
+        assert max_difference(changed.run(None, feeds), original.run(None, feeds)) <= TOL
+
+
+def test_pack_qkv_leaves_projections_of_different_inputs():
+    """Cross attention with one k/v projection: q reads x, k and v read memory: nothing to pack."""
+    model, args, _ = _cross_case()
+    f = io.BytesIO()
+    torch.onnx.export(model, args, f, dynamo=False, opset_version=17, input_names=["x", "memory", "memory_mask"])
+    source = onnx.load_from_string(f.getvalue())
+    report = aonnx.OnnxReport()
+    fused = aonnx.fuse(source, pack_qkv=True, report=report)
+    assert report.packed == 0 and len(report.replaced) == 1, str(report)
+    assert [n.op_type for n in fused.graph.node] == [n.op_type for n in aonnx.fuse(source).graph.node]
+
+
+def _cross_case():
+    torch.manual_seed(0)
+    x, memory = torch.randn(2, 5, 32), torch.randn(2, 7, 32)
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[1, :3] = False
+    return om.CrossWithBias().eval(), (x, memory, mask), None
+
+
+@functools.lru_cache(maxsize=None)
+def _gpt2_sessions():
+    source = hd.export_dynamic("gpt2", "dynamo")
+    return session(source), session(aonnx.fuse(source))
+
+
+@settings(max_examples=12, deadline=None)
+@given(st.lists(st.lists(st.booleans(), min_size=8, max_size=8), min_size=1, max_size=3))
+def test_causal_padding_rows_without_keys_at_any_padding(rows):
+    """Any padding pattern (holes, left, right, none kept): rows whose kept keys all lie ahead are patched."""
+    original, changed = _gpt2_sessions()
+    mask = np.array(rows, dtype=np.int64)
+    feeds = {"input_ids": np.random.default_rng(0).integers(0, 64, mask.shape), "attention_mask": mask}
+    assert max_difference(changed.run(None, feeds), original.run(None, feeds)) <= TOL

@@ -127,3 +127,32 @@ def test_training_dropout_is_refused():
     model = om.Dropout().train()
     with pytest.raises(ValueError, match="model.eval"):
         aonnx.export(model, args)
+
+
+class FeaturesOnly(torch.nn.Module):
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_features):
+        return self.encoder(input_features)[0]
+
+
+def test_convolution_front_end_keeps_batch_dynamic():
+    """A Whisper-like encoder (conv front end): the batch dim stays unbounded (no guard from the choice of
+    convolution backend, which reads the batch size while tracing), 1 and 17 rows both run."""
+    from transformers import WhisperConfig
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    config = WhisperConfig(vocab_size=64, d_model=32, encoder_layers=1, encoder_attention_heads=4, decoder_layers=1,
+                           decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, num_mel_bins=8,
+                           max_source_positions=16, max_target_positions=16)
+    config._attn_implementation = "eager"
+    torch.manual_seed(0)
+    encoder = FeaturesOnly(WhisperEncoder(config)).eval()
+    report = aonnx.OnnxReport()
+    proto = aonnx.export(encoder, (torch.randn(2, 8, 32),), dynamic_shapes={"input_features": {0: Dim("batch")}},
+                         report=report)
+    assert report.attention_nodes == 1, str(report)
+    for batch in (1, 17):
+        assert compare_torch(encoder, proto, (torch.randn(batch, 8, 32),)) <= TOL
