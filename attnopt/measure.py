@@ -120,3 +120,24 @@ def compare(fns: dict, *, device: str | torch.device = "cpu", repeat: int = 5, w
                 torch.cuda.synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: Measurement(sorted(t)[len(t) // 2] if t else math.nan, peaks[name]) for name, t in times.items()}
+
+
+def add_planner_flags(parser, *, replace_all: bool = True) -> None:
+    """The examples' planner flags: ``--no-tune`` and (unless asked not to) ``--replace-all``."""
+    parser.add_argument("--no-tune", action="store_true",
+                        help="rank kernels by their cost models instead of timing them on the first call")
+    if replace_all:
+        parser.add_argument("--replace-all", action="store_true",
+                            help="replace every site a kernel supports, even where the code as written is faster "
+                                 "(keep_original=False): the kernels at work at tiny sizes")
+
+
+def planner_options(args) -> dict:
+    """``optimize()`` / backend options from ``add_planner_flags``'s flags. Without ``--no-tune`` the
+    candidates are timed on the first call, unless ``$ATTNOPT_TUNE=0``."""
+    options = {}
+    if hasattr(args, "replace_all"):
+        options["keep_original"] = not args.replace_all
+    if args.no_tune:
+        options["tune"] = False
+    return options

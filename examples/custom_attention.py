@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.measure import compare
+from attnopt.measure import add_planner_flags, compare, planner_options
 from attnopt.report import format_bytes
 
 
@@ -95,20 +95,14 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--window", type=int, default=128)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs (medians)")
-    parser.add_argument("--no-tune", action="store_true",
-                        help="rank kernels by their cost models instead of timing them on the first call")
-    parser.add_argument("--replace-all", action="store_true",
-                        help="replace every site a kernel supports, even where the code as written is faster "
-                             "(keep_original=False): the kernels at work at tiny sizes")
+    add_planner_flags(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     model = Model(layers=args.layers, window=args.window).to(device, dtype).eval()
     ids = torch.randint(0, 256, (args.batch, args.length), device=device)
-    planner = dict(keep_original=not args.replace_all)
-    if args.no_tune:  # default: time the candidates on the first call, unless $ATTNOPT_TUNE=0
-        planner["tune"] = False
+    planner = planner_options(args)
 
     with torch.no_grad():
         original = copy.deepcopy(model)

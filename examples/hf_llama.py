@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 import attnopt
-from attnopt.measure import compare
+from attnopt.measure import add_planner_flags, compare, planner_options
 from attnopt.report import format_bytes
 
 SIZES = {
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--new-tokens", type=int, default=8)
     parser.add_argument("--repeat", type=int, default=3, help="timed runs (medians)")
-    parser.add_argument("--no-tune", action="store_true",
-                        help="rank kernels by their cost models instead of timing them on the first call")
-    parser.add_argument("--replace-all", action="store_true",
-                        help="replace every site a kernel supports, even where the code as written is faster "
-                             "(keep_original=False): the kernels at work at tiny sizes")
+    add_planner_flags(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -94,9 +90,7 @@ def main(argv: list[str] | None = None) -> Result:
     ids, mask = prompts(model.config.vocab_size, args.batch, args.length, device)
     inputs = dict(input_ids=ids, attention_mask=mask)
     gen = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=0)
-    planner = dict(keep_original=not args.replace_all)
-    if args.no_tune:  # default: time the candidates on the first call, unless $ATTNOPT_TUNE=0
-        planner["tune"] = False
+    planner = planner_options(args)
 
     with torch.no_grad():
         # 1. a dry run: every attention site, what it is, and what optimize() would do with it

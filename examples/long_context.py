@@ -44,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.measure import compare
+from attnopt.measure import add_planner_flags, compare, planner_options
 from attnopt.report import format_bytes
 
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--tight-mem", default=None, help="step 2's budget (default: 0.8x step 1's exact plan)")
     parser.add_argument("--tol", type=float, default=0.05, help="relative error an approximation may have")
     parser.add_argument("--repeat", type=int, default=3, help="timed runs (medians)")
-    parser.add_argument("--no-tune", action="store_true",
-                        help="rank kernels by their cost models instead of timing them on the first call")
+    add_planner_flags(parser, replace_all=False)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> Result:
     ids = torch.randint(0, 256, (args.batch, args.length), device=device)
     scores_bytes = args.batch * args.heads * args.length**2 * dtype.itemsize
     budget = attnopt.parse_bytes(args.max_mem) if args.max_mem else scores_bytes
-    tuning = {"tune": False} if args.no_tune else {}  # default: time the candidates, unless $ATTNOPT_TUNE=0
+    tuning = planner_options(args)
     where = "the planner's estimate on CPU" if device.type == "cpu" else "estimated"
 
     with torch.no_grad():

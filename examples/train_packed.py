@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import attnopt
-from attnopt.measure import compare
+from attnopt.measure import add_planner_flags, compare, planner_options
 from attnopt.report import format_bytes
 
 
@@ -129,11 +129,7 @@ def main(argv: list[str] | None = None) -> Result:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--repeat", type=int, default=3, help="timed training steps (medians)")
-    parser.add_argument("--no-tune", action="store_true",
-                        help="rank kernels by their cost models instead of timing them on the first call")
-    parser.add_argument("--replace-all", action="store_true",
-                        help="replace every site a kernel supports, even where the code as written is faster "
-                             "(keep_original=False): the kernels at work at tiny sizes")
+    add_planner_flags(parser)
     args = parser.parse_args(argv)
 
     torch.manual_seed(0)
@@ -141,9 +137,7 @@ def main(argv: list[str] | None = None) -> Result:
     model = PackedLM(args.vocab, args.dim, args.heads, args.layers).to(device, dtype).train()
     original = copy.deepcopy(model)  # the same initial weights, trained as written
     report = attnopt.Report()
-    options = {"report": report, "compiler": args.compiler, "keep_original": not args.replace_all}
-    if args.no_tune:  # default: time the candidates on the first call, unless $ATTNOPT_TUNE=0
-        options["tune"] = False
+    options = {"report": report, "compiler": args.compiler, **planner_options(args)}
     compiled = torch.compile(model, backend="attnopt", options=options)
 
     before = train(original, args, device)
