@@ -108,10 +108,28 @@ def attention(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
     )
-    seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64) if dropout_p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    seed = _draw_seed(dropout_p)
     with _without_autocast(q.device.type):
-        out, lse = _kernel_for(spec, kernel).forward(q, k, v, spec, int(seed))
-    return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed.to(q.device)
+        out, lse = _kernel_for(spec, kernel).forward(q, k, v, spec, seed)
+    # made on the device: a CUDA graph may capture this op, and capture forbids host-to-device copies
+    seed_tensor = q.new_zeros((1,), dtype=torch.int64)
+    if seed:
+        seed_tensor.fill_(seed)
+    return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
+
+
+def _draw_seed(dropout_p: float) -> int:
+    """The dropout seed of one call, from torch's CPU generator (``torch.manual_seed`` reproduces it); 0 without
+    dropout. With dropout under CUDA graph capture it would be frozen into every replay: refused."""
+    if dropout_p == 0.0:
+        return 0
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise RuntimeError(
+            f"attention dropout (p={dropout_p}) cannot be captured in a CUDA graph: its seed is drawn on the host "
+            "for every call, and a replay would repeat one dropout mask. Capture the model in eval mode (dropout "
+            "off), or compile it without CUDA graphs (mode='default' or 'max-autotune-no-cudagraphs')"
+        )
+    return int(torch.randint(1, 1 << 62, (1,), dtype=torch.int64))
 
 
 @attention.register_fake
@@ -143,7 +161,8 @@ def attention_backward(
     )
     with _autograd_available(), _without_autocast(q.device.type):
         dq, dk, dv, dbias, dmask = _kernel_for(spec, kernel).backward(
-            grad_out, q, k, v, out, lse, spec, int(seed.item()), needs_bias_grad, needs_mask_grad
+            grad_out, q, k, v, out, lse, spec, int(seed.item()) if dropout_p > 0.0 else 0, needs_bias_grad,
+            needs_mask_grad
         )
     return (
         _dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype),
@@ -250,6 +269,31 @@ def _plain(t: Tensor | None) -> bool:
     return t is None or (type(t) is Tensor and not t.requires_grad)
 
 
+#: AttentionSpecs without their tensor terms, per static arguments and shapes: an inference call builds none
+_SPECS: dict = {}
+_SPEC_CACHE_SIZE = 512
+_TERMS = ("key_padding", "q_doc", "kv_doc", "bias", "mask")
+
+
+def _lean_spec(q, k, v, terms, static) -> AttentionSpec:
+    """The call's spec from a cached template: its shapes and static arguments are looked up, only the
+    tensor terms are set (the template is never handed out with tensors of an earlier call)."""
+    key = (q.shape, k.shape, v.shape, q.dtype, q.device, static, tuple(t is None for t in terms))
+    template = _SPECS.get(key)
+    if template is None:
+        if len(_SPECS) >= _SPEC_CACHE_SIZE:
+            _SPECS.clear()
+        template = _SPECS[key] = spec_from_args(q, k, v, *(None,) * len(terms), *static)
+    if all(t is None for t in terms):
+        return template
+    spec = object.__new__(AttentionSpec)
+    fields = spec.__dict__
+    fields.update(template.__dict__)
+    for name, term in zip(_TERMS, terms):
+        fields[name] = term
+    return spec
+
+
 def run_attention(
     q: Tensor, k: Tensor, v: Tensor,
     key_padding: Optional[Tensor], q_doc: Optional[Tensor], kv_doc: Optional[Tensor],
@@ -260,29 +304,27 @@ def run_attention(
     """What a graph run as Python (``compiler="eager"``) calls in place of ``attnopt::attention``.
 
     An inference call (no gradient asked, no dropout, plain tensors, nothing tracing) goes straight to
-    the kernel chosen at rewrite time: the custom op's dispatch, its autograd wrapper and the contiguous
-    copies its fake implementation promises are host work per call that such a call does not need.
+    the kernel chosen at rewrite time, through ``Kernel.infer``: the custom op's dispatch, its autograd
+    wrapper, the contiguous copies its fake implementation promises and the log-sum-exp are host work
+    per call that such a call does not need, and its spec comes from a template cached per shape.
     Anything else (training, tracing, tensor subclasses) takes the op. Only the output is returned: the
     graph reads nothing else.
     """
     lean = (
-        dropout_p == 0.0 and kernel != "auto" and not torch.compiler.is_compiling() and _context_parallel() is None
+        dropout_p == 0.0 and kernel != "auto" and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
         and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor and _plain(bias) and _plain(mask)
-        and _get_dispatch_mode() is None and not torch._C._functorch.is_functorch_wrapped_tensor(q)
+        and _plain(bias) and _plain(mask) and not torch.compiler.is_compiling() and _get_dispatch_mode() is None
+        and not torch._C._functorch.is_functorch_wrapped_tensor(q) and _context_parallel() is None
     )
     if not lean:
         return (torch.ops.attnopt.attention.default(
             q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
             softcap, dropout_p, fill, kernel,
         )[0],)
-    spec = spec_from_args(
-        q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
-        softcap, dropout_p, fill,
-    )
+    static = (scale, causal, align, window_left, window_right, softcap, dropout_p, fill)
+    spec = _lean_spec(q, k, v, (key_padding, q_doc, kv_doc, bias, mask), static)
     chosen = registry.get(kernel)
     if torch.is_autocast_enabled(q.device.type):
         with torch.autocast(q.device.type, enabled=False):
-            return (chosen.forward(q, k, v, spec, 0)[0],)
-    return (chosen.forward(q, k, v, spec, 0)[0],)
-
+            return (chosen.infer(q, k, v, spec),)
+    return (chosen.infer(q, k, v, spec),)

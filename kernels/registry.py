@@ -54,6 +54,11 @@ class Kernel:
         """
         raise NotImplementedError
 
+    def infer(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """The output of ``forward`` without dropout, for an inference call that needs nothing else (no
+        log-sum-exp); kernels override it where that saves host work per call."""
+        return self.forward(q, k, v, spec, 0)[0]
+
     def backward(
         self,
         grad_out: torch.Tensor,

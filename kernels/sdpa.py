@@ -317,6 +317,17 @@ class SDPAKernel(Kernel):
         rows = _full_rows(empty, spec)
         return fill_empty_rows(out, rows, v, spec), lse.masked_fill(rows, float("-inf"))
 
+    def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
+        """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec
+        needs none."""
+        if self.device_type == "cpu":
+            return self.forward(q, k, v, spec, 0)[0]
+        if not needs_mask(spec):
+            return self._sdpa(q, k, v, spec, None)
+        mask, empty = mask_and_empty_rows(spec)
+        out = _nan_where_masked(self._sdpa(q, k, v, spec, mask), mask, spec)
+        return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
+
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         grads = recompute_grads(self.attend, grad_out, q, k, v, spec, needs_bias_grad, needs_mask_grad)
         if spec.fill == Fill.SAFE or not spec.rows_may_be_empty(additive=False):

@@ -95,10 +95,10 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
     m = match.masks
     with graph.inserting_before(match.output):
         q, k, v = (_view(graph, op) for op in (match.q, match.k, match.v))
-        key_padding = _all(graph, [
-            graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in m.key_padding
-        ])
-        unpadded = _all_kept_node(graph, m.key_padding) if unpadded_kernel is not None and m.key_padding else None
+        key_padding = _key_padding_node(graph, m.key_padding, q, match.output) if m.key_padding else None
+        unpadded = None
+        if unpadded_kernel is not None and m.key_padding:
+            unpadded = _all_kept_node(graph, m.key_padding, match.output)
         q_doc = kv_doc = None
         if m.documents is not None:
             q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
@@ -164,14 +164,30 @@ def _additive(graph: Graph, term: Node, mult: float, added_at) -> Node:
     return node
 
 
-def _all_kept_node(graph: Graph, atoms) -> Node:
-    """The ``all_kept`` node for these key-padding atoms: made once, before the first site that needs it,
-    and reused by the later sites (HF computes one padding mask for every layer)."""
-    cache = graph.__dict__.setdefault("_attnopt_all_kept", {})
+def _shared(graph: Graph, kind: str, key, before: Node, make) -> Node:
+    """A node made once by ``make()`` at the first site that needs it and reused by the later sites whose
+    insertion point it precedes (HF computes one padding mask for every layer)."""
+    cache = graph.__dict__.setdefault(f"_attnopt_{kind}", {})
+    node = cache.get(key)
+    if node is None or node.graph is not graph or getattr(node, "_erased", False) or not node < before:
+        node = cache[key] = make()
+    return node
+
+
+def _all_kept_node(graph: Graph, atoms, before: Node) -> Node:
+    """The ``all_kept`` node for these key-padding atoms: one host sync per forward for every layer."""
     key = tuple((a.node, a.negated) for a in atoms)
-    if key not in cache or cache[key].graph is not graph:
-        cache[key] = graph.call_function(all_kept, tuple(_atom(graph, a) for a in atoms))
-    return cache[key]
+    return _shared(graph, "all_kept", key, before,
+                   lambda: graph.call_function(all_kept, tuple(_atom(graph, a) for a in atoms)))
+
+
+def _key_padding_node(graph: Graph, atoms, q: Node, before: Node) -> Node:
+    """The op's ``[B, Nk]`` key padding for these atoms, shared by the sites of one batch size: the layers
+    then hand their kernels one and the same tensor, and a kernel's per-mask work (the Triton kernels'
+    tile lists) is done once per forward."""
+    key = (tuple((a.node, a.negated) for a in atoms), str((shape_of(q) or (None,))[0]))
+    return _shared(graph, "key_padding", key, before, lambda: _all(
+        graph, [graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in atoms]))
 
 
 def _view(graph: Graph, op: Operand) -> Node:

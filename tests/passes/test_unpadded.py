@@ -90,3 +90,30 @@ def test_unpadded_batches_on_cuda(ran):
             got = optimized(input_ids=ids, attention_mask=mask).logits.float()
         torch.testing.assert_close(got, expected, atol=5e-2, rtol=5e-2)
         assert all(with_padding == padded for _, with_padding in ran), ran
+
+
+def test_layers_share_one_key_padding_tensor(monkeypatch):
+    """Every layer's call gets the same key-padding tensor object in one forward, so per-mask work that
+    kernels cache by tensor (the Triton kernels' tile lists) is done once per forward, not once per layer."""
+    seen = []
+    kernel = registry.get("reference")
+    original_forward = kernel.forward
+
+    def forward(q, k, v, spec, seed):
+        seen.append(spec.key_padding)
+        return original_forward(q, k, v, spec, seed)
+
+    monkeypatch.setattr(kernel, "forward", forward)
+    monkeypatch.setattr(plan, "versus_original", lambda best, original, n=1: (True, "replaced for the test"))
+    torch.manual_seed(0)
+    model = CASES["hf_llama"].build().eval()
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False, kernel="reference")
+    ids = torch.randint(0, 100, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        seen.clear()
+        got = optimized(input_ids=ids, attention_mask=mask).logits
+        expected = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+    assert len(seen) == 2 and seen[0] is not None and seen[1] is seen[0]

@@ -1,0 +1,90 @@
+"""CUDA graphs and static caches: an optimized model is captured and replayed like the original.
+
+A captured graph replays the same kernels on new data, so nothing an attention call does may
+copy from the host, synchronize, or draw a host-side random number while it is captured.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import attnopt
+
+transformers = pytest.importorskip("transformers")
+
+
+def _llama(**extra):
+    config = transformers.LlamaConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=256, attn_implementation="eager", **extra)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config).eval()
+
+
+def test_op_seed_is_on_the_device_and_read_only_with_dropout():
+    q, k, v = (torch.randn(1, 2, 8, 16, dtype=torch.float64) for _ in range(3))
+    call = lambda p: torch.ops.attnopt.attention(  # noqa: E731
+        q, k, v, None, None, None, None, None, 0.25, True, "top_left", None, None, None, p, "-inf", "reference")
+    out, _, seed = call(0.0)
+    assert seed.device == q.device and seed.dtype == torch.int64 and int(seed) == 0
+    torch.manual_seed(3)
+    dropped, _, seed_a = call(0.5)
+    torch.manual_seed(3)
+    again, _, seed_b = call(0.5)
+    assert int(seed_a) != 0 and int(seed_a) == int(seed_b)
+    torch.testing.assert_close(dropped, again)  # the seed drawn from torch's generator reproduces the mask
+    assert not torch.allclose(dropped, out)
+
+
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_generate_gives_the_original_tokens(cache):
+    """HF generate() with its default dynamic cache and with a static cache, left-padded batch."""
+    model = _llama()
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    ids = torch.randint(0, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=6, min_new_tokens=6, do_sample=False,
+               pad_token_id=0)
+    if cache == "static":
+        gen["cache_implementation"] = "static"
+    with torch.no_grad():
+        expected = model.generate(**gen)
+        got = optimized.generate(**gen)
+    assert torch.equal(got, expected)
+    assert optimized.attnopt_report.sites and all(s.replaced for s in optimized.attnopt_report.sites), str(
+        optimized.attnopt_report)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("padded", [False, True])
+def test_torch_cuda_graph_captures_an_optimized_model(padded):
+    """``torch.cuda.graph`` captures the optimized forward (warmed up first, as CUDA graphs need), and its
+    replays on new inputs equal the original model's outputs."""
+    model = _llama().to("cuda", torch.float16)
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    ids = torch.randint(0, 128, (2, 32), device="cuda")
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :9] = 0
+    static = dict(input_ids=ids.clone(), attention_mask=mask.clone())
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            optimized(**static)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        captured = optimized(**static).logits
+    for _ in range(3):
+        new_ids = torch.randint(0, 128, ids.shape, device="cuda")
+        static["input_ids"].copy_(new_ids)
+        graph.replay()
+        with torch.no_grad():
+            expected = model(input_ids=new_ids, attention_mask=mask).logits
+        real = mask.bool()[:, :, None].expand_as(expected)
+        torch.testing.assert_close(captured[real], expected[real], atol=2e-2, rtol=2e-2)
