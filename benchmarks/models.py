@@ -47,9 +47,11 @@ def build(kind: str, attn: str):
     return model.to("cuda", torch.bfloat16).eval()
 
 
-def timed(fn, repeat: int = 5) -> tuple[float, int]:
-    """(median ms, peak extra bytes) of ``fn()`` after one warm-up call."""
-    fn()
+def timed(fn, repeat: int = 5, warmup: int = 3) -> tuple[float, int]:
+    """(median ms, peak extra bytes) of ``fn()`` after ``warmup`` calls (compiled peers finish compiling and
+    autotuning over their first calls)."""
+    for _ in range(warmup):
+        fn()
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

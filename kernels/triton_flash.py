@@ -72,6 +72,12 @@ def _additive_mode(term: torch.Tensor, dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.float16, torch.bfloat16) and term.dtype == dtype else 1
 
 
+def tune_bucket(n: int) -> int:
+    """The length the autotuners key on: the next power of two (at least 128). Keyed on exact lengths, a
+    model whose length changes every call (generation, variable batches) would re-tune every call."""
+    return max(128, 1 << max(n - 1, 0).bit_length())
+
+
 def _term_args(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor) -> dict:
     """Kernel arguments describing the mask terms (runtime values and constexpr switches)."""
     lo, hi = spec.band()
@@ -85,6 +91,7 @@ def _term_args(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor) -> dict:
         D=spec.head_dim, DV=spec.v_head_dim, BLOCK_D=_block(spec.head_dim), BLOCK_DV=_block(spec.v_head_dim),
         DOT_PREC="tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
         GROUP=spec.group_size, H=spec.q_heads, Nq=spec.q_len, Nk=spec.kv_len,
+        NQ_TUNE=tune_bucket(spec.q_len), NK_TUNE=tune_bucket(spec.kv_len),
     )
     if spec.key_padding is not None:
         kp = spec.key_padding

@@ -171,8 +171,8 @@ def _prune_bwd(configs, named_args, **kwargs):
     return kept or [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
 
 
-_TUNE_KEY = ["Nq", "Nk", "BLOCK_D", "BLOCK_DV", "USE_MAP", "HAS_LO", "HAS_HI", "KP_MODE", "HAS_DOC", "BIAS", "MASK",
-             "SOFTCAP", "DROPOUT"]
+_TUNE_KEY = ["NQ_TUNE", "NK_TUNE", "BLOCK_D", "BLOCK_DV", "USE_MAP", "HAS_LO", "HAS_HI", "KP_MODE", "HAS_DOC",
+             "BIAS", "MASK", "SOFTCAP", "DROPOUT"]
 
 
 @triton.autotune(
@@ -187,7 +187,7 @@ def _attn_bwd_dkdv(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-    Nq, Nk, H, GROUP, sm_scale, softcap, seed, dropout_p,
+    Nq, Nk, NQ_TUNE, NK_TUNE, H, GROUP, sm_scale, softcap, seed, dropout_p,
     off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
     bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
@@ -324,7 +324,7 @@ def _attn_bwd_dq(
     Q, K, V, DO, DQ, LSE2, DELTA,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
-    Nq, Nk, H, GROUP, sm_scale, softcap, seed, dropout_p,
+    Nq, Nk, NQ_TUNE, NK_TUNE, H, GROUP, sm_scale, softcap, seed, dropout_p,
     off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
     bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,

@@ -236,8 +236,8 @@ def _prune_fwd(configs, named_args, **kwargs):
 
 @triton.autotune(
     configs=_fwd_configs(),
-    key=["Nq", "Nk", "BLOCK_D", "BLOCK_DV", "USE_MAP", "HAS_LO", "HAS_HI", "KP_MODE", "HAS_DOC", "BIAS", "MASK",
-         "SOFTCAP", "DROPOUT"],
+    key=["NQ_TUNE", "NK_TUNE", "BLOCK_D", "BLOCK_DV", "USE_MAP", "HAS_LO", "HAS_HI", "KP_MODE", "HAS_DOC", "BIAS",
+         "MASK", "SOFTCAP", "DROPOUT"],
     prune_configs_by={"early_config_prune": _prune_fwd},
 )
 @triton.jit
@@ -245,7 +245,7 @@ def _attn_fwd(
     Q, K, V, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-    Nq, Nk, H, GROUP, sm_scale, softcap, seed, dropout_p,
+    Nq, Nk, NQ_TUNE, NK_TUNE, H, GROUP, sm_scale, softcap, seed, dropout_p,
     off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
     bias_ptr, stride_bb, stride_bh, stride_bm, stride_bn,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,

@@ -302,3 +302,16 @@ def test_tile_lists_cached_per_mask_tensor_and_version():
     rebuilt = tile_lists(spec, 32, 32)
     assert rebuilt is not first and int(rebuilt.partial_count.sum() + rebuilt.full_count.sum()) == 0
     check_against_oracles(q, k, v, spec.with_(fill=Fill.FINITE), TOL[torch.float32])
+
+
+def test_autotuners_key_on_length_buckets():
+    """The autotuners key on power-of-two length buckets: a length that changes every call (generation,
+    variable batches) reuses the tuned configuration instead of benchmarking again."""
+    from attnopt.kernels.triton_flash import tune_bucket
+    from attnopt.kernels.triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq
+    from attnopt.kernels.triton_flash_fwd import _attn_fwd
+
+    assert [tune_bucket(n) for n in (0, 1, 127, 128, 129, 1000, 1024, 1025, 32768)] == [
+        128, 128, 128, 128, 256, 1024, 1024, 2048, 32768]
+    for kernel in (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq):
+        assert "Nq" not in kernel.keys and "Nk" not in kernel.keys and {"NQ_TUNE", "NK_TUNE"} <= set(kernel.keys)
