@@ -72,6 +72,27 @@ def _additive_mode(term: torch.Tensor, dtype: torch.dtype) -> int:
     return 2 if dtype in (torch.float16, torch.bfloat16) and term.dtype == dtype else 1
 
 
+#: (kernel, its tuning key, argument dtypes) -> the configuration its autotuner chose
+_TUNED: dict = {}
+
+
+def _launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel, with the autotuner's choice remembered.
+
+    After the first call of a key the configuration is passed straight to the compiled function: the
+    autotuner's own per-call bookkeeping (a dict over every argument, each name looked up in a list)
+    costs tens of microseconds of host time per launch, more than a decode step's kernel.
+    """
+    dtypes = tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
+    key = (kernel, tuple(kwargs[name] for name in kernel.keys), dtypes)
+    config = _TUNED.get(key)
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        _TUNED[key] = kernel.best_config
+    else:
+        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+
+
 def tune_bucket(n: int) -> int:
     """The length the autotuners key on: the next power of two (at least 128). Keyed on exact lengths, a
     model whose length changes every call (generation, variable batches) would re-tune every call."""
@@ -214,8 +235,8 @@ class TritonFlashKernel(Kernel):
             return _fill_empty_rows(out, lse, v, spec), lse
         lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if needs_tile_map(spec) else None
         grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-        _attn_fwd[grid](
-            q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        _launch(
+            _attn_fwd, grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             **_term_args(spec, q, k), **_dropout_args(spec, seed), **_map_args(lists, lse),
         )
         return _fill_empty_rows(out, lse, v, spec), lse
@@ -247,8 +268,8 @@ class TritonFlashKernel(Kernel):
         dq_acc = q.new_empty(q.shape) if deterministic else q.new_zeros(q.shape, dtype=torch.float32)
         kv_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK, transposed=True) if use_map else None
         grid_kv = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * spec.kv_heads)  # noqa: E731
-        _attn_bwd_dkdv[grid_kv](
-            q, k, v, grad_out, dq_acc, dk, dv, lse2, delta,
+        _launch(
+            _attn_bwd_dkdv, grid_kv, q, k, v, grad_out, dq_acc, dk, dv, lse2, delta,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3],
             **terms, **_map_args(kv_lists, lse), ATOMIC_DQ=not deterministic,
@@ -256,8 +277,8 @@ class TritonFlashKernel(Kernel):
         if deterministic:
             q_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if use_map else None
             grid_q = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
-            _attn_bwd_dq[grid_q](
-                q, k, v, grad_out, dq_acc, lse2, delta,
+            _launch(
+                _attn_bwd_dq, grid_q, q, k, v, grad_out, dq_acc, lse2, delta,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
                 **terms, **_map_args(q_lists, lse),
             )
