@@ -104,26 +104,27 @@ def providers_dense(q, k, v, causal):
         out[name] = lambda name=name: sdpa(name, q, k, v, is_causal=causal)
     out["flex"] = lambda: flex()(q, k, v, block_mask=block_mask)
     if q.requires_grad:
-        out["det"] = lambda: deterministic(lambda: attnopt.attention(q, k, v, causal=causal, kernel="triton_flash"))
+        out["atomic"] = lambda: atomic_dq(lambda: attnopt.attention(q, k, v, causal=causal, kernel="triton_flash"))
     return out
 
 
-def deterministic(fn):
-    """triton_flash with its deterministic dQ kernel (no atomics) instead of atomic dQ accumulation."""
+def atomic_dq(fn):
+    """triton_flash with dQ accumulated by float32 atomics in the dK/dV kernel (an option; the default is the
+    dQ kernel, no atomics)."""
     from attnopt.kernels import get
 
     kernel = get("triton_flash")
-    kernel.deterministic = True
+    kernel.atomic_dq = True
     try:
         return fn()
     finally:
-        kernel.deterministic = False
+        kernel.atomic_dq = False
 
 
 def run_dense(cases, lines):
     lines.append("")
     lines.append("| D | N | causal | pass | triton_flash | cuDNN | FA2 | mem-eff | Flex | vs cuDNN | vs Flex "
-                 "| triton_flash deterministic dQ |")
+                 "| triton_flash atomic dQ |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for d, n, causal, mode in cases:
         h, b = 2048 // d, 16384 // n
@@ -143,7 +144,7 @@ def run_dense(cases, lines):
         row = (f"| {d} | {n} | {'yes' if causal else 'no'} | {mode} | "
                + " | ".join(f"{rate[p]:.0f}" for p in ("triton_flash", "cudnn", "fa2", "mem_eff", "flex"))
                + f" | {rate['triton_flash'] / rate['cudnn']:.2f} | {rate['triton_flash'] / rate['flex']:.2f} | "
-               + (f"{rate['det']:.0f} ({rate['det'] / rate['cudnn']:.2f}x cuDNN) |" if "det" in rate else "- |"))
+               + (f"{rate['atomic']:.0f} ({rate['atomic'] / rate['cudnn']:.2f}x cuDNN) |" if "atomic" in rate else "- |"))
         print(row, flush=True)
         lines.append(row)
         save(lines)

@@ -175,9 +175,11 @@ class TritonFlashKernel(Kernel):
     exact = True
     summary = "exact flash attention in Triton: tile skipping for causal/window/padding/documents/masks, GQA"
 
-    def __init__(self, deterministic: bool = False):
-        #: dQ without atomics (also on when torch.use_deterministic_algorithms is)
-        self.deterministic = deterministic
+    def __init__(self, atomic_dq: bool = False):
+        #: accumulate dQ with float32 atomics in the dK/dV kernel instead of the dQ kernel (order-dependent,
+        #: never under torch.use_deterministic_algorithms). Measured on an H200 (bf16, D=64/128, N=4k,
+        #: benchmarks/results/kernel_configs.md) it is 2-3x slower than the dQ kernel, so it is off by default
+        self.atomic_dq = atomic_dq
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         reasons = []
@@ -264,7 +266,7 @@ class TritonFlashKernel(Kernel):
         )
         terms = {**_term_args(spec, q, k), **_dropout_args(spec, seed)}
         use_map = needs_tile_map(spec)
-        deterministic = self.deterministic or torch.are_deterministic_algorithms_enabled()
+        deterministic = not self.atomic_dq or torch.are_deterministic_algorithms_enabled()
         dq_acc = q.new_empty(q.shape) if deterministic else q.new_zeros(q.shape, dtype=torch.float32)
         kv_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK, transposed=True) if use_map else None
         grid_kv = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * spec.kv_heads)  # noqa: E731

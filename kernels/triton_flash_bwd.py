@@ -12,9 +12,10 @@ With ``P = exp(s - lse)`` recomputed from the forward's log-sum-exp and
 ``_attn_bwd_dkdv``: one program per ``[BLOCK_N]`` key tile of one (batch, kv head);
 it loops over the group's query heads and their visible query tiles, so dK/dV
 of a GQA kv head are summed in registers (no atomics, no repeated K/V). dQ is
-either accumulated there with float32 atomics (fast, order-dependent), or, when
-deterministic, computed by ``_attn_bwd_dq``: one program per query tile looping
-over its kv tiles, like the forward (two more matrix products, no atomics).
+computed by ``_attn_bwd_dq``: one program per query tile looping over its kv
+tiles, like the forward (two more matrix products, no atomics, deterministic),
+or, as an option, accumulated in the dK/dV kernel with float32 atomics (2-3x
+slower on an H200: the atomics contend; benchmarks/results/kernel_configs.md).
 
 Visited tiles follow the forward's rules, transposed for dK/dV: band mode
 computes the query-tile range of a key tile from the band, map mode walks the
@@ -315,7 +316,7 @@ def _dq_inner(
 
 
 @triton.autotune(
-    configs=_bwd_configs([(128, 64, 8, 2), (64, 64, 4, 3)]),
+    configs=_bwd_configs([(128, 64, 8, 2), (64, 64, 4, 3), (128, 128, 8, 2)]),
     key=_TUNE_KEY,
     prune_configs_by={"early_config_prune": _prune_bwd},
 )

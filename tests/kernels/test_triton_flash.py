@@ -91,8 +91,8 @@ def grad_oracle(q, k, v, spec: AttentionSpec, drop: torch.Tensor | None = None) 
     return p @ v
 
 
-def run_kernel(q, k, v, spec, grad_out, seed=0, deterministic=False):
-    kernel = triton_flash.TritonFlashKernel(deterministic=deterministic)
+def run_kernel(q, k, v, spec, grad_out, seed=0, atomic_dq=False):
+    kernel = triton_flash.TritonFlashKernel(atomic_dq=atomic_dq)
     out, lse = kernel.forward(q, k, v, spec, seed)
     dq, dk, dv, _, _ = kernel.backward(grad_out, q, k, v, out, lse, spec, seed, False, False)
     return out, lse, (dq, dk, dv)
@@ -106,10 +106,10 @@ def assert_close(name, got, want, tol):
     assert err <= tol * scale, f"{name}: max abs error {err:.3g} > {tol * scale:.3g}"
 
 
-def check_against_oracles(q, k, v, spec, tol, deterministic=False, seed=1):
+def check_against_oracles(q, k, v, spec, tol, atomic_dq=False, seed=1):
     grad_out = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=torch.Generator().manual_seed(seed)).to(
         q.dtype).to(q.device)
-    out, lse, grads = run_kernel(q, k, v, spec, grad_out, deterministic=deterministic)
+    out, lse, grads = run_kernel(q, k, v, spec, grad_out, atomic_dq=atomic_dq)
     assert lse.dtype == torch.float32 and lse.shape == q.shape[:-1]
     assert_close("out", out, naive_attention(q, k, v, spec), tol)
     leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
@@ -154,12 +154,13 @@ def test_no_empty_rows_proved_for_plain_bands():
 
 
 @pytest.mark.parametrize("term", ["causal", "document", "key_padding_bool"])
-def test_deterministic_dq_matches_and_repeats(term):
+def test_atomic_dq_option_matches_and_default_repeats(term):
+    """The default dQ kernel repeats bit for bit; the atomic-dQ option gives the same gradients."""
     q, k, v, spec = make_inputs(LAYOUTS["gqa"], 16, torch.float32, term)
-    check_against_oracles(q, k, v, spec, TOL[torch.float32], deterministic=True)
+    check_against_oracles(q, k, v, spec, TOL[torch.float32], atomic_dq=True)
     grad_out = torch.randn_like(q)
-    first = run_kernel(q, k, v, spec, grad_out, deterministic=True)[2]
-    again = run_kernel(q, k, v, spec, grad_out, deterministic=True)[2]
+    first = run_kernel(q, k, v, spec, grad_out)[2]
+    again = run_kernel(q, k, v, spec, grad_out)[2]
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
@@ -253,7 +254,7 @@ def test_capabilities_are_honest(monkeypatch):
 MAP_TERMS = {"map_terms": lambda b, h, nq, nk, dt, g: {
     **TERMS["document"](b, h, nq, nk, dt, g), **TERMS["key_padding_bool"](b, h, nq, nk, dt, g),
     **TERMS["mask_bool"](b, h, nq, nk, dt, g)}}
-#: (terms, dtype, head dim, deterministic dQ): each distinct term set compiles its own kernels
+#: (terms, dtype, head dim, atomic dQ): each distinct term set compiles its own kernels
 GPU_CASES = [
     ("none", torch.bfloat16, 128, False), ("causal", torch.float16, 64, True),
     ("window_causal", torch.bfloat16, 128, False), ("map_terms", torch.bfloat16, 128, False),
@@ -273,14 +274,14 @@ def one_config(monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("term,dtype,d,deterministic", GPU_CASES, ids=lambda x: str(x))
-def test_gpu_realistic(term, dtype, d, deterministic, one_config, monkeypatch):
+@pytest.mark.parametrize("term,dtype,d,atomic_dq", GPU_CASES, ids=lambda x: str(x))
+def test_gpu_realistic(term, dtype, d, atomic_dq, one_config, monkeypatch):
     monkeypatch.setitem(TERMS, "map_terms", MAP_TERMS["map_terms"])
     q, k, v, spec = make_inputs((2, 8, 2, 1024, 2048), d, dtype, term, seed=5)
     if term == "window_causal":
         spec = spec.with_(window=Window(300, None), align=Align.BOTTOM_RIGHT)
     tol = 3e-3 if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 else TOL[dtype]
-    check_against_oracles(q, k, v, spec, tol, deterministic=deterministic)
+    check_against_oracles(q, k, v, spec, tol, atomic_dq=atomic_dq)
 
 
 @pytest.mark.gpu
