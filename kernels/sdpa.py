@@ -61,8 +61,18 @@ def _pure_causal(spec: AttentionSpec) -> bool:
     return spec.causal and spec.align == Align.TOP_LEFT and set(spec.mask_terms) == {"causal"}
 
 
+def _band_only_hiding_nothing(spec: AttentionSpec) -> bool:
+    """Causal/window as the only terms, hiding no key from any row: SDPA then needs no mask at all."""
+    return set(spec.mask_terms) <= {"causal", "window"} and spec.band_hides_nothing()
+
+
 def needs_mask(spec: AttentionSpec) -> bool:
-    return bool(spec.mask_terms) and not _pure_causal(spec)
+    return bool(spec.mask_terms) and not _pure_causal(spec) and not _band_only_hiding_nothing(spec)
+
+
+def _is_causal(spec: AttentionSpec) -> bool:
+    """SDPA's ``is_causal`` for the spec (off when the band hides nothing)."""
+    return _pure_causal(spec) and not spec.band_hides_nothing()
 
 
 def mask_bytes(spec: AttentionSpec) -> int:
@@ -285,7 +295,7 @@ class SDPAKernel(Kernel):
         return _nan_where_masked(out, mask, spec)
 
     def _sdpa(self, q, k, v, spec: AttentionSpec, mask) -> torch.Tensor:
-        call = dict(attn_mask=mask, is_causal=_pure_causal(spec), scale=spec.scale)
+        call = dict(attn_mask=mask, is_causal=_is_causal(spec), scale=spec.scale)
         if self.backend is None:
             k, v = _repeat_kv(k, v, spec)
             return F.scaled_dot_product_attention(q, k, v, **call)
@@ -303,7 +313,7 @@ class SDPAKernel(Kernel):
             k_all, v_all = _repeat_kv(k, v, spec)
             mask, empty = mask_and_empty_rows(spec)
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k_all, v_all, 0.0, _pure_causal(spec), attn_mask=mask, scale=spec.scale
+                q, k_all, v_all, 0.0, _is_causal(spec), attn_mask=mask, scale=spec.scale
             )
             lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
             out = _nan_where_masked(out, mask, spec)

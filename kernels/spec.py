@@ -215,6 +215,18 @@ class AttentionSpec:
         last_row_empty = lo is not None and self.q_len - 1 + off + lo > self.kv_len - 1
         return first_row_empty or last_row_empty
 
+    def band_hides_nothing(self) -> bool:
+        """Whether causal and window leave every key visible to every row (a decode step's one query row
+        under bottom-right causal): they then mask nothing, and a kernel may drop them."""
+        lo, hi = self.band()
+        if self.q_len == 0 or self.kv_len == 0:
+            return lo is None and hi is None
+        # row i sees keys i + off + lo .. i + off + hi: row 0 must reach the last key, the last row key 0
+        off = self.diagonal_offset
+        reaches_last = hi is None or off + hi >= self.kv_len - 1
+        reaches_first = lo is None or self.q_len - 1 + off + lo <= 0
+        return reaches_last and reaches_first
+
     @property
     def visible_fraction(self) -> float:
         """Fraction of the score matrix the band terms leave visible (1.0 without a band), for cost models."""

@@ -129,3 +129,33 @@ def test_cuda_backends(name, term):
     want = get("reference").backward(g, q.detach(), k.detach(), v.detach(), ref, ref_lse, spec, 0, False, False)
     for got, ref_grad in zip(grads[:3], want[:3]):
         torch.testing.assert_close(got.float(), ref_grad.float(), atol=6e-2, rtol=6e-2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("nq,terms,hides_nothing,masked", [
+    (1, {"causal": True, "align": "bottom_right"}, True, False),  # a decode step sees the whole cache
+    (1, {"causal": True, "align": "bottom_right", "window": Window(40, 0)}, False, True),  # a shorter window
+    (1, {"causal": True, "align": "bottom_right", "window": Window(63, 0)}, True, False),
+    (2, {"causal": True, "align": "bottom_right"}, False, True),  # the first of two rows misses the last key
+    (1, {"causal": True}, False, False),  # top-left: row 0 sees key 0 only, SDPA's is_causal
+])
+def test_a_band_that_hides_nothing_needs_no_mask(device, nq, terms, hides_nothing, masked):
+    """Bottom-right causal over one query row masks nothing: SDPA runs it with no mask and no is_causal
+    (on CUDA the mask-less flash backend takes it), and the output is still the reference's."""
+    from attnopt.kernels.sdpa import needs_mask
+    from attnopt.kernels.spec import Align
+
+    terms = {**terms, "align": Align(terms.get("align", "top_left"))}
+    q, k, v = _qkv(device, torch.float32 if device == "cpu" else torch.float16, nq=nq)
+    spec = AttentionSpec.from_tensors(q, k, v, **terms)
+    assert spec.band_hides_nothing() == hides_nothing
+    assert needs_mask(spec) == masked
+    expected = get("reference").forward(q.double(), k.double(), v.double(), spec.with_(dtype=torch.float64), 0)[0]
+    names = ["sdpa_cpu"] if device == "cpu" else ["sdpa_flash", "sdpa_efficient", "sdpa_cudnn"]
+    for name in names:
+        kernel = get(name)
+        if kernel.not_supported_reasons(spec):
+            assert name == "sdpa_flash" and masked, kernel.not_supported_reasons(spec)
+            continue
+        for out in (kernel.forward(q, k, v, spec, 0)[0], kernel.infer(q, k, v, spec)):
+            torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
