@@ -20,6 +20,9 @@ bool mask) and additive terms, as detection found them. Output: a
      head, so it is a key padding mask, whatever computes it at run time;
    * ``a == b`` with ``a`` ``[.., Nq, 1]`` and ``b`` ``[.., 1, Nk]`` integer ids:
      document (block-diagonal) masking;
+   * a comparison of positions next to documents numbered from those positions
+     (Hugging Face's packed rows, ``pos[kv] <= pos[q]``): the same comparison of
+     indices within each document, so causal / window terms;
    * anything else: a dense mask, still exact.
 """
 
@@ -35,7 +38,7 @@ from attnopt.kernels.spec import Align, Fill, Window
 
 from .graph import ArgumentError, Constants, bind, is_parameter, kind, shape_of, tensor_meta
 from .layouts import LayoutError, apply_steps, frame_steps, run_steps
-from .symbolic import band_of_comparison, static_int
+from .symbolic import Affine, band_of_comparison, document_positions, read_of, static_int, unshifted
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
 MASKING_FILL = -1e4
@@ -66,6 +69,7 @@ class MaskAnalysis:
     window: Window | None = None
     key_padding: list[Atom] = field(default_factory=list)
     documents: tuple[Node, Node] | None = None
+    document_atom: Atom | None = None  # the atom the documents were read from
     dense: list[Atom] = field(default_factory=list)
     additive: list[tuple[Node, float]] = field(default_factory=list)
     fill: Fill = Fill.NEG_INF
@@ -199,8 +203,8 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
         if _lifted_dense(atoms, result, score_shape, constants):
             # a dense atom is passed to the kernels as its node: it must broadcast as the scores do
             atoms = _conjunction(cond, negated=not keep_when_true, lift=False)
-        for atom in atoms:
-            _classify(replace(atom, steps=steps_of(atom.node, local)), result, bands, score_shape, constants)
+        atoms = [replace(atom, steps=steps_of(atom.node, local)) for atom in atoms]
+        _classify_all(atoms, result, bands, score_shape, constants)
     if bands:
         lo = max((b[0] for b in bands if b[0] is not None), default=None)
         hi = min((b[1] for b in bands if b[1] is not None), default=None)
@@ -436,23 +440,21 @@ def _inserted_dims(node) -> tuple[tuple[int, int], ...] | None:
     return tuple(lifts)
 
 
-def lifted_shape(shape: tuple, lifts) -> tuple:
-    """``shape`` with the dims ``lifts`` insert (see ``Atom.lifts``)."""
+def lifted_shape(shape: tuple, lifts, fill: int = 1) -> tuple:
+    """``shape`` with the dims ``lifts`` insert (see ``Atom.lifts``), each of size ``fill``."""
     shape = tuple(shape)
     for rank, dim in lifts:
-        shape = (1,) * (rank - len(shape)) + shape
-        shape = shape[:dim] + (1,) + shape[dim:]
+        shape = (fill,) * (rank - len(shape)) + shape
+        shape = shape[:dim] + (fill,) + shape[dim:]
     return shape
 
 
 def _lifted_dense(atoms: list[Atom], result: MaskAnalysis, score_shape, constants: Constants) -> bool:
     """Whether an atom with inserted dims would be a dense mask (the kernels read only bands, key padding
     and document ids through inserted dims)."""
-    scratch = MaskAnalysis(documents=result.documents)
-    for atom in atoms:
-        if atom.lifts:
-            _classify(atom, scratch, [], score_shape, constants)
-    return bool(scratch.dense)
+    scratch = MaskAnalysis(documents=result.documents, document_atom=result.document_atom)
+    _classify_all(atoms, scratch, [], score_shape, constants)
+    return any(atom.lifts for atom in scratch.dense)
 
 
 def _bool_meta(node) -> bool:
@@ -461,6 +463,12 @@ def _bool_meta(node) -> bool:
 
 
 # ----------------------------------------------------------------- classification
+def _classify_all(atoms: list[Atom], result: MaskAnalysis, bands: list, score_shape, constants: Constants) -> None:
+    """Classify a conjunction's atoms, document ids first: a comparison of positions is read within them."""
+    for atom in sorted(atoms, key=lambda a: _documents(a, score_shape) is None):
+        _classify(atom, result, bands, score_shape, constants)
+
+
 def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, constants: Constants) -> None:
     node = atom.node
     shape = atom.shape()
@@ -493,6 +501,8 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
     band = band_of_comparison(node, atom.negated, len(score_shape))  # index masks of symbolic size
     if band is None:
         band = _band_of_sliced_constant(node, atom.negated, constants)
+    if band is None:
+        band = _band_within_documents(atom, result, len(score_shape), constants)
     if band is not None:
         bands.append(band)
         return
@@ -501,7 +511,7 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         return
     docs = _documents(atom, score_shape)
     if docs is not None and result.documents is None:
-        result.documents = docs
+        result.documents, result.document_atom = docs, atom
         return
     result.dense.append(atom)
 
@@ -633,6 +643,57 @@ def _documents(atom: Atom, score_shape) -> tuple[Node, Node] | None:
         and not tensor_meta(a).is_floating_point() and not tensor_meta(b).is_floating_point()
     )
     return (a, b) if ok else None
+
+
+def _band_within_documents(atom: Atom, result: MaskAnalysis, rank: int, constants: Constants):
+    """The band of a comparison of positions read within the site's documents (HF's packed rows), else None.
+
+    When the document ids are numbered from positions, ``cumsum(diff(pos) != 1)``, two tokens of a row
+    that share an id have ``pos[u] - pos[w] == u - w`` (``symbolic.document_positions``). Where the
+    document term keeps a pair, ``pos[row, u] + a <op> pos[row, w] + b`` is then ``u + a <op> w + b``:
+    HF's causal ``pos[kv] <= pos[q]`` is ``kv <= q``. Both sides must read those positions (a position
+    against an index proves nothing), at the rows the ids are read at and at the query / key indices
+    they are read at, which must not be negative (``pos[-1]`` is the last column).
+    """
+    node, anchor = atom.node, result.document_atom
+    if anchor is None or atom.lifts != anchor.lifts or len(node.args) != 2 or node.kwargs:
+        return None
+    mutated = constants.mutations.is_mutated
+    ids = [read_of(n) for n in result.documents]
+    if None in ids or any(mutated(r.source) for r in ids):
+        return None
+    sources = {_unexpanded(document_positions(r.source, mutated)) for r in ids}
+    if len(sources) != 1 or None in sources:
+        return None
+
+    def in_scores(form: Affine, of: Node) -> tuple:  # (coefficients over the scores' dims, offset)
+        coeffs = lifted_shape(form.align(len(shape_of(of) or ())), atom.lifts, fill=0)
+        return (0,) * (rank - len(coeffs)) + coeffs, static_int(form.offset)
+
+    rows = {tuple(in_scores(c, anchor.node) for c in r.coords[:-1]) for r in ids}
+    columns = {in_scores(r.coords[-1], anchor.node) for r in ids}
+    if len(rows) != 1 or any(offset is None for _, offset in next(iter(rows))):
+        return None  # one row per batch entry, the same for both ids (symbolic offsets could differ)
+    if any(offset is None or offset < 0 or min(coeffs) < 0 for coeffs, offset in columns):
+        return None
+    columns_of = {}
+    for operand in node.args:
+        read_node = unshifted(operand)
+        read = read_of(read_node)
+        if read is None or _unexpanded(read.source) not in sources:
+            return None
+        if (tuple(in_scores(c, node) for c in read.coords[:-1]) not in rows
+                or in_scores(read.coords[-1], node) not in columns):
+            return None
+        columns_of[read_node] = read.coords[-1]
+    return band_of_comparison(node, atom.negated, rank, leaf=columns_of.get)
+
+
+def _unexpanded(node):
+    """The tensor ``node`` expands (``pos.expand(B, -1)``: every element is one of its own), or ``node``."""
+    while kind(node) == "expand" and node.target == "expand" and len(shape_of(node)) == len(shape_of(node.args[0])):
+        node = node.args[0]
+    return node
 
 
 def _band_of(value: torch.Tensor, score_shape) -> tuple[int | None, int | None] | None:

@@ -8,6 +8,12 @@ each ``arange``-derived tensor is an affine function of its positions,
 comparison of two of them over the score's (query ``i``, key ``j``) positions is
 a band ``lo <= j - i <= hi``. Anything outside this small vocabulary is not a
 band, and the mask stays dense (exact either way).
+
+Packed rows compare positions instead of indices: Hugging Face numbers the
+documents of a row ``cumsum(diff(pos) != 1)`` and masks ``pos[kv] <= pos[q]``
+within them. ``read_of`` and ``document_positions`` name the pieces, so that the
+mask algebra can read such a comparison as one of indices where the document
+term holds (``band_of_comparison``'s ``leaf``).
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .graph import arg, kind
+from .graph import ArgumentError, arg, bind, kind
 
 _COMPARISONS = {operator.le: "le", operator.lt: "lt", operator.ge: "ge", operator.gt: "gt",
                 torch.le: "le", torch.lt: "lt", torch.ge: "ge", torch.gt: "gt"}
@@ -39,10 +45,13 @@ class Affine:
         return (0,) * (rank - len(self.coeffs)) + self.coeffs
 
 
-def affine(node) -> Affine | None:
-    """The affine form of an arange-derived index tensor, or None."""
+def affine(node, leaf=None) -> Affine | None:
+    """The affine form of an arange-derived index tensor, or None. ``leaf(node)`` may give the form
+    of a node this vocabulary does not know (an Affine, or None)."""
     if not isinstance(node, Node):
         return None
+    if leaf is not None and (found := leaf(node)) is not None:
+        return found
     k = kind(node)
     if node.op == "call_function" and node.target is torch.arange:
         return _arange(node)
@@ -50,15 +59,15 @@ def affine(node) -> Affine | None:
         base, shift = node.args
         if _scalar(shift) is None:
             return None
-        inner = affine(base)
+        inner = affine(base, leaf)
         if inner is None:
             return None
         delta = _scalar(shift) if k == "add" else -_scalar(shift)
         return Affine(inner.coeffs, inner.offset + delta)
     if k == "cast" and _keeps_exact_integers(node):
-        return affine(node.args[0])  # a device move, or a cast that keeps every index exact
+        return affine(node.args[0], leaf)  # a device move, or a cast that keeps every index exact
     if k == "getitem":
-        inner = affine(node.args[0])
+        inner = affine(node.args[0], leaf)
         index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
         if inner is None or any(i is not None and i != slice(None) for i in index):
             return None
@@ -67,7 +76,7 @@ def affine(node) -> Affine | None:
             coeffs.append(0 if i is None else source.pop(0))
         return Affine(tuple(coeffs + source), inner.offset)
     if k == "unsqueeze":
-        inner = affine(node.args[0])
+        inner = affine(node.args[0], leaf)
         dim = arg(node, 1, "dim")
         if inner is None or not isinstance(dim, int):
             return None
@@ -103,6 +112,13 @@ def _arange(node: Node) -> Affine | None:
     return Affine((step,), start)
 
 
+def unshifted(node):
+    """``x`` for ``x + c`` / ``x - c`` with scalars ``c`` (any number of them), as ``affine`` reads them."""
+    while kind(node) in ("add", "sub") and len(node.args) == 2 and not node.kwargs and _scalar(node.args[1]) is not None:
+        node = node.args[0]
+    return node
+
+
 def _keeps_exact_integers(node: Node) -> bool:
     """Whether a cast leaves an integer index tensor's values unchanged (same dtype, or a wider integer)."""
     before, after = node.args[0].meta.get("example_value"), node.meta.get("example_value")
@@ -113,15 +129,16 @@ def _keeps_exact_integers(node: Node) -> bool:
     return after.dtype.itemsize >= before.dtype.itemsize
 
 
-def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, object] | None:
-    """``(lo, hi)`` bounds on ``j - i`` (None unbounded, possibly symbolic) kept by a comparison atom."""
+def band_of_comparison(node: Node, negated: bool, rank: int, leaf=None) -> tuple[object, object] | None:
+    """``(lo, hi)`` bounds on ``j - i`` (None unbounded, possibly symbolic) kept by a comparison atom.
+    ``leaf``: see ``affine``."""
     if node.op == "call_function":
         op = _COMPARISONS.get(node.target)
     else:  # ``a <= b`` recorded as ``a.__le__(b)`` (torch 2.11), or ``a.le(b)``
         op = _METHOD_COMPARISONS.get(node.target) if node.op == "call_method" else None
     if op is None or len(node.args) != 2:
         return None
-    a, b = affine(node.args[0]), affine(node.args[1])
+    a, b = affine(node.args[0], leaf), affine(node.args[1], leaf)
     if a is None or b is None:
         return None
     diff = [x - y for x, y in zip(a.align(rank), b.align(rank))]  # a - b = d_i * i + d_j * j + c
@@ -145,6 +162,102 @@ def band_of_comparison(node: Node, negated: bool, rank: int) -> tuple[object, ob
     if op == "ge":
         return bound, None
     return bound + 1, None
+
+
+@dataclass(frozen=True)
+class Read:
+    """A tensor read elementwise from ``source``: element ``x`` is ``source[coords[0](x), coords[1](x), ..]``,
+    each coordinate an affine form over the read's positions (dims right-aligned)."""
+
+    source: Node
+    coords: tuple[Affine, ...]  # one per dim of ``source``
+
+
+def read_of(node) -> Read | None:
+    """``node`` as a Read: ``src[i, j]`` with arange-derived index tensors (HF's mask functions gather
+    ``pos[batch_idx, q_idx]``), or a view ``src[:, None, :, None]``; else None."""
+    if kind(node) != "getitem" or len(node.args) != 2 or node.kwargs or not isinstance(node.args[0], Node):
+        return None
+    source, index = node.args
+    index = index if isinstance(index, tuple) else (index,)
+    source_meta, meta = source.meta.get("example_value"), node.meta.get("example_value")
+    if not isinstance(source_meta, torch.Tensor) or not isinstance(meta, torch.Tensor):
+        return None
+    if all(isinstance(i, Node) for i in index) and len(index) == source_meta.dim():
+        coords = tuple(affine(i) for i in index)  # the result broadcasts the index tensors, right-aligned
+        return None if None in coords else Read(source, coords)
+    if not all(i is None or i == slice(None) for i in index) or len(index) - index.count(None) > source_meta.dim():
+        return None
+    rank, coords, position = meta.dim(), [], 0
+    for i in (*index, *[slice(None)] * (source_meta.dim() + index.count(None) - len(index))):
+        if i is not None:  # this source dim is output dim ``position``
+            coords.append(Affine(tuple(int(d == position) for d in range(rank)), 0))
+        position += 1
+    return Read(source, tuple(coords))
+
+
+def document_positions(ids, mutated=lambda node: False) -> Node | None:
+    """``pos`` when ``ids`` numbers the documents of packed rows from their positions as Hugging Face does,
+    ``cumsum(diff(pos, prepend=<one column>) != 1, -1)``, else None.
+
+    Two tokens of a row then share an id only when every step from one to the other adds exactly 1 to
+    the position, so ``pos[u] - pos[w] == u - w`` for any two of them (one exception, not guarded: a
+    step from the largest int64 to the smallest also counts as 1, positions near 2**63). ``pos`` must
+    be int64 and the cumsum's dtype int64 (a narrower one could wrap and merge two documents); none of
+    the chain may be written in place (``mutated``).
+    """
+    if not isinstance(ids, Node):
+        return None
+    try:
+        if not ((ids.op == "call_method" and ids.target == "cumsum")
+                or (ids.op == "call_function" and ids.target is torch.cumsum)):
+            return None
+        call = bind(ids, ("input", "dim", "dtype"), {"dtype": None})
+        flags = call["input"]
+        if call["dtype"] not in (None, torch.int64) or not _is_last_dim(ids, call["dim"]) or not isinstance(flags, Node):
+            return None
+        steps = _not_one(flags)
+        if steps is None or steps.op != "call_function" or steps.target is not torch.diff:
+            return None
+        call = bind(steps, ("input", "n", "dim", "prepend", "append"),
+                    {"n": 1, "dim": -1, "prepend": None, "append": None})
+    except ArgumentError:
+        return None
+    pos, first = call["input"], _meta(call["prepend"])
+    if call["n"] != 1 or call["append"] is not None or not _is_last_dim(steps, call["dim"]):
+        return None
+    pos_meta = _meta(pos)
+    if pos_meta is None or first is None or pos_meta.dtype != torch.int64 or first.dim() != pos_meta.dim():
+        return None
+    if any(mutated(n) for n in (ids, flags, steps, pos)):
+        return None
+    # one prepended column: the diff (so the ids) then index the positions as ``pos`` does
+    return pos if static_int(first.shape[-1]) == 1 else None
+
+
+_NOT_EQUAL = (operator.ne, torch.ne)
+
+
+def _not_one(flags: Node) -> Node | None:
+    """``x`` when ``flags`` is ``x != 1``, else None."""
+    if not ((flags.op == "call_function" and flags.target in _NOT_EQUAL)
+            or (flags.op == "call_method" and flags.target in ("ne", "__ne__"))):
+        return None
+    call = bind(flags, ("input", "other"))
+    x, y = call["input"], call["other"]
+    one = y if isinstance(x, Node) else x
+    x = x if isinstance(x, Node) else y
+    return x if isinstance(x, Node) and type(one) in (int, float) and one == 1 else None
+
+
+def _is_last_dim(node: Node, dim) -> bool:
+    meta = node.meta.get("example_value")
+    return isinstance(meta, torch.Tensor) and isinstance(dim, int) and dim in (-1, meta.dim() - 1)
+
+
+def _meta(x) -> torch.Tensor | None:
+    value = x.meta.get("example_value") if isinstance(x, Node) else None
+    return value if isinstance(value, torch.Tensor) else None
 
 
 def static_int(x) -> int | None:
