@@ -66,7 +66,7 @@ def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, ex
     # the forward runs once: whatever it writes into the module's buffers (a step counter) is put back
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     try:
-        _watched(torch.compile(model, backend=backend, **_ISOLATED), report)(*args, **(kwargs or {}))
+        _watched(torch.compile(model, backend=backend, dynamic=opts.dynamic, **_ISOLATED), report)(*args, **(kwargs or {}))
     finally:
         with torch.no_grad():
             for buffer, saved in buffers:

@@ -21,13 +21,16 @@ from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
+from torch._guards import TracingContext
 from torch.fx import Graph, Node
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_bool, statically_known_true
 
 from attnopt.kernels.spec import Fill
 
 from . import masks
-from .graph import ArgumentError, Constants, bind, constant_value, kind, shape_of, tensor_meta
-from .layouts import LayoutError, Operand, Step, apply_steps, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
+from .graph import (ArgumentError, Constants, bind, constant_value, hint, kind, same_sizes, shape_of, sizes_of,
+                    static_number, tensor_meta)
+from .layouts import LayoutError, Operand, Step, fold_gqa, score_einsum, to_rank4, untransposed, value_einsum
 from .symbolic import static_int
 
 
@@ -78,6 +81,9 @@ class Match:
     internal: list[Node] = field(default_factory=list)  # erased after the rewrite, in this order
     intermediates: list[Node] = field(default_factory=list)  # [.., Nq, Nk] tensors eager materializes
     reads: tuple[Node, ...] = ()  # buffers whose captured values the proof used: guarded at run time
+    # facts about symbolic sizes and scalars the proof used beyond what the shape environment proves (a captured
+    # scale, heads divisible into groups): guarded once the site matches, so dynamo recompiles when one fails
+    assumed: tuple[torch.SymBool, ...] = ()
     frame: tuple | None = None  # [B, H, Nq, Nk] of scores the site views as [B*H, Nq, Nk] and back
 
     @property
@@ -126,12 +132,25 @@ def find_sites(graph: Graph, inputs: dict[Node, torch.Tensor] | None = None) -> 
             _analyze_masks(match, constants)
             _check_read_order(match, constants)
             match.reads = tuple(constants.used)
+            _guard(match.assumed, node)
             found.append(match)
         except _Reject as r:
             found.append(Rejection(node, r.reason, r.at))
         except ArgumentError as err:
             found.append(Rejection(node, str(err), node))
     return found
+
+
+def _guard(facts: tuple[torch.SymBool, ...], at: Node) -> None:
+    """Guard the facts a match assumed that the shape environment does not prove, so that dynamo recompiles
+    the graph when one stops holding. Guards reach dynamo only while it captures the graph (its backend
+    runs): elsewhere (an exported graph, an ONNX model) an unproven fact leaves the site alone."""
+    pending = [fact for fact in facts if not statically_known_true(fact)]
+    if pending and TracingContext.try_get() is None:
+        raise _Reject(f"the match assumes {', '.join(str(f) for f in pending)} of symbolic values, which is guarded "
+                      "only while torch.compile captures the graph", at)
+    for fact in pending:
+        guard_bool(fact)
 
 
 # ------------------------------------------------------------------ softmax spellings
@@ -439,21 +458,27 @@ def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
             raise _Reject(f"scores are divided with rounding_mode={call['rounding_mode']!r}: not a scale", node)
         a, b = call["input"], call["other"]
         scores, other = (a, b) if _reaches_scores(a, constants) else (b, a)
-        number = constants.number(other)
-        if number is None or not isinstance(scores, Node) or (k == "div" and scores is not a):
+        if not isinstance(scores, Node) or (k == "div" and scores is not a):
             raise _Reject(f"scores are scaled by {_describe_value(other)}, not a constant number", node)
-        return ("scale", number if k == "mul" else 1.0 / number, node), scores
+        number, facts = _scale_factor(other, node, constants)
+        return ("scale", number if k == "mul" else 1.0 / number, facts, node), scores
     if k == "add":
         call = bind(node, ("input", "other", "alpha"), {"alpha": 1.0})
         a, b, alpha = call["input"], call["other"], call["alpha"]
         if not (isinstance(a, Node) and isinstance(b, Node)) or not isinstance(alpha, (int, float)):
             raise _Reject("a constant is added to the scores (softmax ignores it, but it is not a mask)", node)
         dtype = tensor_meta(node).dtype  # the precision eager added the mask at
-        _check_keeps_shape(node, a if _reaches_scores(a, constants) else b)
-        if _reaches_scores(a, constants):
+        stopped = {x: _unreached(x, constants) for x in (a, b)}
+        if stopped[a] is None:
+            _check_keeps_shape(node, a)
             return ("add", b, float(alpha), dtype, node), a
-        if _reaches_scores(b, constants) and alpha == 1.0:
+        if stopped[b] is None and alpha == 1.0:
+            _check_keeps_shape(node, b)
             return ("add", a, 1.0, dtype, node), b
+        # the operand shaped as the sum is the scores whose walk stopped above: that is the reason
+        for x in (a, b):
+            if stopped[x] is not None and same_sizes(sizes_of(x), sizes_of(node)):
+                raise stopped[x]
         raise _Reject("neither operand of the mask add leads to a score product", node)
     if k == "masked_fill":
         call = bind(node, ("input", "mask", "value"))
@@ -479,20 +504,64 @@ def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
 
 def _reaches_scores(node, constants: Constants) -> bool:
     """Whether walking up through score steps from ``node`` reaches a score product."""
+    return _unreached(node, constants) is None
+
+
+def _unreached(node, constants: Constants) -> _Reject | None:
+    """None when walking up through score steps from ``node`` reaches a score product, else where and why
+    the walk stopped."""
+    start = node
     for _ in range(64):
         if not isinstance(node, Node) or constants.is_constant(node):
-            return False
+            return _Reject(f"{_describe_value(node)} is a constant, not scores", start)
         if kind(node) in _PRODUCTS:
-            return True
+            return None
         try:
             _, node = _score_step(node, constants)
-        except _Reject:
-            return False
-    return False
+        except _Reject as stop:
+            return stop
+    return _Reject("no score product within 64 steps above the softmax", start)
+
+
+def _scale_factor(value, node: Node, constants: Constants) -> tuple[float, tuple[torch.SymBool, ...]]:
+    """``(number, facts)``: the number scaling the scores, and what to guard for it (see ``_captured``).
+
+    Under dynamic shapes dynamo passes a float attribute (HF's ``self.scaling``) as a graph input read by
+    ``.item()``, and a scale computed from a size (``q.size(-1) ** -0.5``) is a symbolic expression.
+    """
+    number = constants.number(value)
+    if number is not None:
+        return number, ()
+    symbol = value.meta.get("example_value") if isinstance(value, Node) else value
+    if not isinstance(symbol, (torch.SymInt, torch.SymFloat)):
+        raise _Reject(f"scores are scaled by {_describe_value(value)}, not a constant number", node)
+    captured = _captured(symbol)
+    if captured is None:
+        raise _Reject(f"scores are scaled by {_describe_value(value)} = {symbol}, a number known only at run time "
+                      "(read from a tensor the graph computes): the op takes its scale as a constant", node)
+    return float(captured[0]), captured[1]
+
+
+def _captured(symbol) -> tuple[int | float, tuple[torch.SymBool, ...]] | None:
+    """The value of a symbolic scalar, and the facts to guard for using it: none when the shape environment
+    reduces it to a number; ``symbol == value`` when it was captured from the inputs (guarded once the site
+    matches: dynamo recompiles when it changes, as torch's own compilers specialize a float an op reads as a
+    Python number). None when it is known only at run time (``.item()`` of a tensor the graph computes)."""
+    static = static_number(symbol)
+    if static is not None:
+        return static, ()
+    if not symbol.node.has_hint() or free_unbacked_symbols(symbol.node.expr):
+        return None
+    value = symbol.node.hint
+    return value, (symbol == value,)
 
 
 def _check_keeps_shape(node: Node, scores) -> None:
-    """A mask step must not broadcast the scores to a larger shape (the op's output would not match)."""
+    """A mask step must not broadcast the scores to a larger shape (the op's output would not match).
+
+    The step's output shape is the broadcast of its operands', so comparing it with the scores' on the
+    capture's sizes is a proof for every size of a dynamo graph: where a mask's size and the scores' are
+    different symbols, dynamo guarded them equal to broadcast them (or the sizes differ here too)."""
     if isinstance(scores, Node) and shape_of(scores) is not None and shape_of(node) != shape_of(scores):
         raise _Reject(f"the mask broadcasts the scores from {_shape_text(shape_of(scores))} to "
                       f"{_shape_text(shape_of(node))}", node)
@@ -529,7 +598,7 @@ def _split_score_product(node: Node, constants: Constants, heads: int | None = N
             zero_bias = constants.is_constant(bias) and not bool(constants.value(bias).any())
             if beta != 0.0 and not zero_bias:
                 extra.append(("add", bias, float(beta) / float(alpha), tensor_meta(node).dtype, node))
-            extra.append(("scale", float(alpha), node))
+            extra.append(("scale", float(alpha), (), node))
         else:
             call = bind(node, ("input", "other"))
             a, b = call["input"], call["other"]
@@ -543,6 +612,7 @@ def _split_score_product(node: Node, constants: Constants, heads: int | None = N
 def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
     """Fold the forward-order score steps into scale, softcap, additive and boolean terms."""
     scale, softcap, pending_tanh = 1.0, None, False
+    assumed: list[torch.SymBool] = []
     additive: list[tuple[Node, float]] = []
     booleans: list[BooleanTerm] = []
     for step in steps:
@@ -553,6 +623,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
             continue
         if op == "scale":
             c = step[1]
+            assumed.extend(step[2])
             if c <= 0 or not math.isfinite(c):
                 raise _Reject(f"scores are scaled by {c}: only positive finite scales are attention", at)
             if pending_tanh:
@@ -583,7 +654,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
             booleans.append(replace(step[1], local=shape_of(step[-1])))
     if pending_tanh:
         raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
-    match.scale, match.softcap = scale, softcap
+    match.scale, match.softcap, match.assumed = scale, softcap, tuple(assumed)
     match.additive, match.booleans = additive, booleans
 
 
@@ -591,11 +662,30 @@ def _check_layout(match: Match, at: Node) -> None:
     q, k, v = match.q.shape(), match.k.shape(), match.v.shape()
     if q is None or k is None or v is None or not (len(q) == len(k) == len(v) == 4):
         raise _Reject("q, k, v are not [B, H, N, D] tensors", at)
+    # sizes hint-equal here are equal for every size of a dynamo graph: q, k and v meet in the products, whose
+    # batch broadcast and contractions dynamo guarded (the group of heads is the one fact it did not check)
     if q[0] != k[0] or k[:3] != v[:3] or q[3] != k[3]:
         raise _Reject(f"q {q}, k {k}, v {v} do not agree on batch, heads, keys or head dim", at)
-    if q[1] % k[1]:
-        raise _Reject(f"q has {q[1]} heads and k {k[1]}: heads are not grouped", at)
+    match.assumed += _grouped(match.q.sizes()[1], match.k.sizes()[1], at)
     _unify_dtypes(match, tensor_meta(at).dtype, at)
+
+
+def _grouped(q_heads, kv_heads, at: Node) -> tuple[torch.SymBool, ...]:
+    """Each kv head serves a whole group of query heads (``q_heads % kv_heads == 0``): proven, or a fact to
+    guard where head counts are symbolic (attention on graph inputs under ``dynamic=True``). A graph analyzed
+    outside a dynamo capture (an ONNX model's view) has no guards: its example sizes decide, as for its
+    other sizes."""
+    if same_sizes((q_heads,), (kv_heads,)):
+        return ()
+    remainder = q_heads % kv_heads
+    known = static_number(remainder)
+    if known is None:
+        known = hint(remainder)
+        if known == 0 and TracingContext.try_get() is not None:
+            return (remainder == 0,)
+    if known:
+        raise _Reject(f"q has {q_heads} heads and k {kv_heads}: heads are not grouped", at)
+    return ()
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -641,16 +731,22 @@ def _match_sdpa(node: Node, constants: Constants) -> Match:
         raise _Reject(str(err), node) from None
     q, k, v, attn_mask = call["query"], call["key"], call["value"], call["attn_mask"]
     dropout_p, is_causal, scale, enable_gqa = call["dropout_p"], call["is_causal"], call["scale"], call["enable_gqa"]
-    for name, value in (("dropout_p", dropout_p), ("is_causal", is_causal), ("scale", scale),
-                        ("enable_gqa", enable_gqa)):
+    for name, value in (("dropout_p", dropout_p), ("is_causal", is_causal), ("enable_gqa", enable_gqa)):
         if isinstance(value, Node):
             raise _Reject(f"SDPA {name} is computed in the graph, not a constant", node)
-    if scale is None and not isinstance(tensor_meta(q).shape[-1], int):
-        raise _Reject("SDPA's default scale 1/sqrt(D) with a dynamic head dim D", node)
+    assumed = ()
+    if isinstance(scale, Node):  # a float attribute under dynamic shapes (HF's scale=self.scaling)
+        scale, assumed = _scale_factor(scale, node, constants)
+    width = tensor_meta(q).shape[-1]
+    if scale is None and not isinstance(width, int):  # SDPA's default 1/sqrt(D) with a symbolic head dim D
+        captured = _captured(width)
+        if captured is None:
+            raise _Reject(f"SDPA's default scale 1/sqrt(D) with a head dim D = {width} known only at run time", node)
+        scale, assumed = 1.0 / math.sqrt(captured[0]), captured[1]
     match = Match(
         anchor=node, kind="sdpa", q=Operand(q), k=Operand(k), v=Operand(v), output=node,
         scale=None if scale is None else float(scale), causal=bool(is_causal), dropout_p=float(dropout_p),
-        internal=[node],
+        internal=[node], assumed=assumed,
     )
     if attn_mask is not None:
         meta = tensor_meta(attn_mask)
@@ -662,12 +758,13 @@ def _match_sdpa(node: Node, constants: Constants) -> Match:
             match.additive = [(attn_mask, 1.0)]
             # SDPA's kernels add a half-precision mask to float32 scores
             match.add_dtypes[attn_mask] = torch.float64 if meta.dtype == torch.float64 else torch.float32
-    qs, ks, vs = (shape_of(n) for n in (q, k, v))
+    qs, ks, vs = (sizes_of(n) for n in (q, k, v))
     if qs is None or len(qs) != 4 or len(ks) != 4 or len(vs) != 4:
         raise _Reject("SDPA on tensors that are not [B, H, N, D]", node)
-    if qs[1] != ks[1] and not (enable_gqa and qs[1] % ks[1] == 0):
+    match.assumed += _grouped(qs[1], ks[1], node)
+    if not same_sizes(qs[1:2], ks[1:2]) and not enable_gqa:
         raise _Reject(f"SDPA with {qs[1]} q heads and {ks[1]} kv heads without enable_gqa", node)
-    if qs[1] == ks[1]:
+    if same_sizes(qs[1:2], ks[1:2]):
         match.k, match.v, match.kv_group = fold_gqa(match.k, match.v)
     _unify_dtypes(match, tensor_meta(node).dtype, node)
     return match
@@ -699,7 +796,7 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
 
 def _symbolic_len(op: Operand):
     """The sequence length (dim 2 of the [B, H, N, D] view) as the graph holds it: int or SymInt."""
-    return apply_steps(tuple(tensor_meta(op.node).shape), op.steps)[2]
+    return op.sizes()[2]
 
 
 def _check_read_order(match: Match, constants: Constants) -> None:

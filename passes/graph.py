@@ -15,6 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 _FUNCTIONS: dict[Any, str] = {
     operator.matmul: "matmul", torch.matmul: "matmul", torch.bmm: "matmul",
@@ -88,6 +89,42 @@ def hint(size) -> int:
 def shape_of(node: Any) -> tuple[int, ...] | None:
     meta = tensor_meta(node)
     return None if meta is None else tuple(hint(s) for s in meta.shape)
+
+
+def sizes_of(node: Any) -> tuple | None:
+    """The shape dynamo recorded for ``node`` as it holds it: ints, and SymInts where shapes are dynamic."""
+    meta = tensor_meta(node)
+    return None if meta is None else tuple(meta.shape)
+
+
+def same_size(x, y) -> bool:
+    """Whether two sizes (ints or SymInts) are equal for every value of their symbols that the shape
+    environment allows: what dynamo already guarded (its replacements and guards), never a size hint."""
+    if isinstance(x, int) and isinstance(y, int):
+        return x == y
+    return statically_known_true(x == y)
+
+
+def same_sizes(a, b) -> bool:
+    """``same_size`` of every dim: two shapes provably equal."""
+    return a is not None and b is not None and len(a) == len(b) and all(same_size(x, y) for x, y in zip(a, b))
+
+
+def static_number(x) -> int | float | None:
+    """A Python number for a literal, or for a symbolic scalar whose expression the shape environment
+    reduces to a number (its symbols replaced by values dynamo guarded); else None.
+
+    The number is the scalar's hint where it has one: Python computed it from the inputs' values as eager
+    does (``math.sqrt(64) ** -1`` rounds as eager rounds it, where a symbolic evaluation may differ in the
+    last bit)."""
+    if isinstance(x, (bool, torch.SymBool)):
+        return None
+    if isinstance(x, (int, float)):
+        return x
+    if isinstance(x, (torch.SymInt, torch.SymFloat)) and x.node.expr.is_number:
+        value = x.node.hint if x.node.has_hint() else x.node.expr
+        return int(value) if isinstance(x, torch.SymInt) else float(value)
+    return None
 
 
 def arg(node: Node, index: int, name: str, default: Any = None) -> Any:
@@ -185,7 +222,7 @@ _PURE_FUNCTIONS = frozenset({
     torch.abs, torch.neg, torch.add, torch.sub, torch.mul, torch.div, torch.clamp, torch.minimum, torch.maximum,
     torch.pow, torch.exp, torch.log, torch.sqrt, torch.floor, torch.ceil,
     torch.reshape, torch.transpose, torch.permute, torch.unsqueeze, torch.squeeze, torch.flatten, torch.cat,
-    torch.stack, torch.outer, torch.cumsum, torch.tensor, torch.as_tensor, torch.clone,
+    torch.stack, torch.outer, torch.cumsum, torch.diff, torch.tensor, torch.as_tensor, torch.clone,
     operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv, operator.neg,
     operator.pow, operator.mod, operator.abs, operator.invert, operator.and_, operator.or_, operator.xor,
     operator.eq, operator.ne, operator.le, operator.lt, operator.ge, operator.gt, operator.getitem,

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch.fx import Node
 
-from .graph import arg, kind, shape_of, tensor_meta
+from .graph import arg, kind, same_size, same_sizes, shape_of, sizes_of, static_number, tensor_meta
 
 Step = tuple[str, tuple]  # (tensor method, its arguments)
 
@@ -38,6 +38,11 @@ class Operand:
     def shape(self) -> tuple[int, ...] | None:
         shape = shape_of(self.node)
         return None if shape is None else apply_steps(shape, self.steps)
+
+    def sizes(self) -> tuple | None:
+        """The shape the op reads, symbolic where the graph's is (``shape()`` holds the size hints)."""
+        sizes = sizes_of(self.node)
+        return None if sizes is None else apply_steps(sizes, self.steps)
 
     def then(self, *steps: Step) -> Operand:
         return Operand(self.node, self.steps + steps)
@@ -224,14 +229,19 @@ def value_einsum(node: Node) -> tuple[Operand, tuple[Step, ...]]:
 
 # ----------------------------------------------------------------- GQA
 def repeated_heads(node: Node) -> tuple[Node, int] | None:
-    """``(source [B, Hkv, N, D], group)`` when ``node`` repeats each kv head ``group`` times in place."""
-    shape = shape_of(node)
+    """``(source [B, Hkv, N, D], group)`` when ``node`` repeats each kv head ``group`` times in place.
+
+    Sizes are compared as the graph holds them: under dynamic shapes the reshape must be the repeat's
+    for every size the shape environment allows (``[B, Hkv, G, N, D]`` to ``[B, Hkv*G, N, D]``), not only
+    for the sizes of the capture; the group is a static number.
+    """
+    shape = sizes_of(node)
     if shape is None or len(shape) != 4:
         return None
     k = kind(node)
     if k == "repeat_interleave":
         repeats, dim = arg(node, 1, "repeats"), arg(node, 2, "dim")
-        if isinstance(repeats, int) and dim in (1, -3):
+        if isinstance(repeats, int) and not isinstance(repeats, bool) and dim in (1, -3):
             return node.args[0], repeats
         return None
     if k == "flatten":
@@ -246,8 +256,8 @@ def repeated_heads(node: Node) -> tuple[Node, int] | None:
     if kind(expanded) != "expand":
         return None
     unsqueezed = expanded.args[0]
-    e_shape, u_shape = shape_of(expanded), shape_of(unsqueezed)
-    if e_shape is None or u_shape is None or len(e_shape) != 5 or len(u_shape) != 5 or u_shape[2] != 1:
+    e_shape, u_shape = sizes_of(expanded), sizes_of(unsqueezed)
+    if e_shape is None or u_shape is None or len(e_shape) != 5 or len(u_shape) != 5 or not same_size(u_shape[2], 1):
         return None
     if kind(unsqueezed) == "getitem":
         index = unsqueezed.args[1]
@@ -261,7 +271,10 @@ def repeated_heads(node: Node) -> tuple[Node, int] | None:
     else:
         return None
     b, h_kv, group, n, d = e_shape
-    if tuple(shape) != (b, h_kv * group, n, d) or shape_of(source) != (b, h_kv, n, d):
+    group = static_number(group)
+    if not isinstance(group, int) or not same_sizes(shape, (b, h_kv * group, n, d)):
+        return None
+    if not same_sizes(sizes_of(source), (b, h_kv, n, d)):
         return None
     return source, group
 

@@ -218,8 +218,6 @@ def test_dynamic_true_compiles_once(route):
     assert report.graphs == 1 and report.sites[0].replaced and report.sites[0].causal, str(report)
 
 
-@pytest.mark.xfail(strict=True, reason="with dynamic=True dynamo passes a float attribute (the scale) as a "
-                                       "tensor read by .item(): detection leaves the site alone")
 def test_dynamic_true_with_a_scale_attribute():
     model = _model()
     compiled = torch.compile(_model(), backend="attnopt", dynamic=True, options={"compiler": "eager"})
