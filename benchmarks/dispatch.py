@@ -61,7 +61,7 @@ def _direct(name: str, q, k, v, spec, args):
     if backend is None:
         kernel = registry.get(name)
         return lambda: kernel.forward(q, k, v, spec, 0)
-    causal = args[9] and args[10] == "top_left"
+    causal = args[9] and args[10] == "top_left" and not spec.band_hides_nothing()
 
     def call():  # the backend selection stays outside the timed call, as in a model that sets it once
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=args[8], enable_gqa=True)
@@ -82,7 +82,7 @@ def rows(device: torch.device, dtype: torch.dtype) -> list[tuple]:
                 continue
             direct = _direct(name, q, k, v, spec, args)
             if isinstance(direct, tuple):
-                if not causal or align == "top_left":
+                if not causal or align == "top_left" or spec.band_hides_nothing():
                     with sdpa_kernel([direct[1]]):
                         direct_us = per_call_us(direct[0], device)
                 else:  # SDPA's is_causal is top-left: no direct call computes this spec

@@ -45,15 +45,16 @@ def _ms(cell: str) -> float | None:
 
 
 def bars(tables) -> list[tuple[str, str, float]]:
-    """``[(group, label, SDPA time / attnopt time)]`` for rows where both ran."""
-    found = []
+    """``[(group, label, SDPA time / attnopt time)]`` for rows where both ran, grouped, then by model and length.
+    The file lists the newest run first: a row measured again keeps its newest value."""
+    found = {}
     for caption, rows in tables:
         group = "left-padded batch" if "padded" in caption else "attention_mask all ones"
         for row in rows:
             sdpa, ours = _ms(row.get("sdpa") or row.get("SDPA")), _ms(row.get("attnopt") or row.get("attnopt (from eager)"))
             if sdpa and ours:
-                found.append((group, f"{row['model']} {int(row['N']) // 1024}k", sdpa / ours))
-    return found
+                found.setdefault((group != "attention_mask all ones", row["model"], int(row["N"])), (group, sdpa / ours))
+    return [(group, f"{model} {n // 1024}k", ratio) for (_, model, n), (group, ratio) in sorted(found.items())]
 
 
 def svg(found: list[tuple[str, str, float]], title: str) -> str:

@@ -231,7 +231,7 @@ def test_inductor_modes_on_cuda(mode):
     """CUDA graphs (reduce-overhead) replay the rewritten op; outputs stay those of the original model."""
     model = _model().cuda().half()
     compiled = torch.compile(model, backend="attnopt", mode=mode)
-    for n in (64, 64, 64, 96, 96):  # replays, then a new length
+    for n in (32, 32, 32, 48, 48):  # replays, then a new length (the tril buffer holds 64)
         x = _x(2, n).cuda().half()
         torch.testing.assert_close(compiled(x).clone(), model(x), atol=2e-3, rtol=2e-3)
     report = attnopt.report_of(compiled)
