@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import re
@@ -85,24 +86,28 @@ class _OptimizedForward:
     copied nor pickled.
     """
 
-    def __init__(self, module: torch.nn.Module, options: Options, report: Report, original=None):
-        self.module, self.options, self.report = module, options, report
+    def __init__(self, module: torch.nn.Module, options: Options, report: Report, original=None, prefix: str = ""):
+        self.module, self.options, self.report, self.prefix = module, options, report, prefix
         #: an instance-level forward the user had set before ``optimize`` (None: the class's forward)
         self.original = original
         forward = types.MethodType(_own_code(type(module).forward), module) if original is None else original
-        backend = functools.partial(_backend, options=options, report=report)
+        self.plain = forward
+        backend = functools.partial(_backend, options=options, report=report, prefix=prefix)
         self.compiled = _watched(torch.compile(forward, backend=backend, dynamic=options.dynamic, **_ISOLATED), report)
         # name, docstring and signature of the forward it replaces (inspect.signature follows __wrapped__)
         functools.update_wrapper(self, types.MethodType(type(module).forward, module) if original is None else original)
 
     def __call__(self, *args, **kwargs):
+        if torch.compiler.is_compiling():  # traced as part of an enclosing optimized forward: its graph
+            return self.plain(*args, **kwargs)
         return self.compiled(*args, **kwargs)
 
     def __reduce__(self):
-        return _reoptimize, (self.module, self.options, self.report, self.original)
+        return _reoptimize, (self.module, self.options, self.report, self.original, self.prefix)
 
 
-def _reoptimize(module: torch.nn.Module, options: Options, report: Report, original=None) -> _OptimizedForward:
+def _reoptimize(module: torch.nn.Module, options: Options, report: Report, original=None,
+                prefix: str = "") -> _OptimizedForward:
     """Unpickling or deep-copying an optimized module: optimize the copy afresh with the same options.
 
     Runs while the copy's state is being rebuilt (its ``__dict__`` may still be empty); ``report``
@@ -110,15 +115,32 @@ def _reoptimize(module: torch.nn.Module, options: Options, report: Report, origi
     the copy's own captures only.
     """
     report.__init__()
-    return _OptimizedForward(module, options, report, original)
+    return _OptimizedForward(module, options, report, original, prefix)
 
 
 def _install(module: torch.nn.Module, options: Options, report: Report) -> None:
-    original = module.__dict__.get("forward")
-    if isinstance(original, _OptimizedForward):  # optimized again: start from what the first call replaced
-        original = original.original
-    module.forward = _OptimizedForward(module, options, report, original)
+    for name, part in (("", module), *_called_apart(module)):
+        original = part.__dict__.get("forward")
+        if isinstance(original, _OptimizedForward):  # optimized again: start from what the first call replaced
+            original = original.original
+        part.forward = _OptimizedForward(part, options, report, original, f"{name}." if name else "")
     module.attnopt_report = report
+
+
+def _called_apart(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
+    """Submodules that callers run on their own, not only through ``module``'s forward: a Hugging Face
+    encoder-decoder's encoder, which ``generate()`` calls once before decoding. Each gets its own
+    optimized forward (same options, same report); inside ``module``'s forward it is traced as plain code."""
+    get_encoder = getattr(type(module), "get_encoder", None)
+    if get_encoder is None:
+        return []
+    try:
+        encoder = module.get_encoder()
+    except Exception:  # a model whose get_encoder needs more than the model (or has no encoder): nothing apart
+        return []
+    if not isinstance(encoder, torch.nn.Module) or encoder is module:
+        return []
+    return [(name, sub) for name, sub in module.named_modules() if sub is encoder][:1]
 
 
 #: each torch.compile of a model keeps its own compiled entries (torch >= 2.13): the frames a graph break
@@ -205,5 +227,9 @@ def _raising_own_errors(compiled, args, kwargs):
         raise
 
 
-def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: bool = False):
-    return compile_with(gm, example_inputs, options, report, dry_run=dry_run)
+def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: bool = False, prefix: str = ""):
+    first = len(report.sites)
+    compiled = compile_with(gm, example_inputs, options, report, dry_run=dry_run)
+    if prefix:  # a submodule optimized apart: its sites named from the model's root
+        report.sites[first:] = [dataclasses.replace(s, where=prefix + s.where) for s in report.sites[first:]]
+    return compiled
