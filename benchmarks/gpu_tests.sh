@@ -5,6 +5,8 @@
 #
 #     bash benchmarks/gpu_tests.sh
 set -u
+python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" || {
+  echo "gpu_tests.sh: no CUDA device here; the GPU tests run on a CUDA machine"; exit 2; }
 out=${OUT:-/tmp}
 export PYTHONPATH=${PYTHONPATH:-.}
 opts="-q -p no:logging -p no:warnings -m gpu"
