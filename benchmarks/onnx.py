@@ -9,6 +9,8 @@ goes through:
 
 * ``attnopt``: ``attnopt.onnx.fuse`` (standard ``Attention`` nodes, opset 23);
 * ``attnopt+pack``: the same with ``pack_qkv=True`` (q/k/v projections of one input as one MatMul);
+* ``attnopt-ort``: ``target="onnxruntime"``: ONNX Runtime's ``com.microsoft.MultiHeadAttention`` where
+  it is exact (``attnopt/onnx/contrib.py``), the standard operator elsewhere;
 * ``ort``: ``onnxruntime.transformers.optimizer.optimize_model`` with the model's ``model_type``
   (contrib ``Attention`` / ``MultiHeadAttention`` nodes); Llama has no model type there;
 * ``onnxscript``: ``onnxscript.rewriter.ort_fusions.optimize_for_ort``.
@@ -157,11 +159,11 @@ def export(name: str) -> onnx.ModelProto:
 
 
 # ----------------------------------------------------------------- fusers
-def fuse_attnopt(source, pack_qkv=False):
+def fuse_attnopt(source, pack_qkv=False, target="onnx"):
     import attnopt.onnx as aonnx
 
     report = aonnx.OnnxReport()
-    fused = aonnx.fuse(source, report=report, pack_qkv=pack_qkv)
+    fused = aonnx.fuse(source, report=report, pack_qkv=pack_qkv, target=target)
     return fused, report.attention_nodes
 
 
@@ -250,6 +252,7 @@ def run(name: str, length: int, llama_length: int, repeat: int) -> list[dict]:
     graphs = {"unfused": (source, None)}
     for label, fuser in (("attnopt", lambda: fuse_attnopt(source)),
                          ("attnopt+pack", lambda: fuse_attnopt(source, pack_qkv=True)),
+                         ("attnopt-ort", lambda: fuse_attnopt(source, target="onnxruntime")),
                          ("ort", lambda: fuse_ort(source, model_type)),
                          ("onnxscript", lambda: fuse_onnxscript(source))):
         start = time.perf_counter()

@@ -269,9 +269,9 @@ class NodeEmitter:
             if not self.taken(name):
                 return name
 
-    def __call__(self, op_type: str, *inputs, **attributes):
+    def __call__(self, op_type: str, *inputs, domain: str = "", **attributes):
         names = [("" if x is None else x) for x in inputs]
-        node = onnx.helper.make_node(op_type, names, [""], **attributes)
+        node = onnx.helper.make_node(op_type, names, [""], domain=domain or None, **attributes)
         key = node.SerializeToString()
         if key in self.shared:
             return self.shared[key]

@@ -25,6 +25,7 @@ from attnopt.passes.graph import shape_of, tensor_meta
 from attnopt.passes.layouts import apply_steps
 from attnopt.report import Site
 
+from .contrib import DOMAIN, DOMAIN_VERSION, TARGETS, ContribSite, contrib_reasons, emit_multi_head_attention
 from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
 from .pack import pack_projections
 from .report import OnnxReport
@@ -32,11 +33,13 @@ from .view import OnnxView, import_onnx
 
 #: q/k/v element types the Attention operator takes
 ATTENTION_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+#: the operators a fused site becomes
+ATTENTION_OPS = ("Attention", "MultiHeadAttention")
 
 
 def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN_OPSET,
          dims: dict[str, int] | None = None, verify: bool = False, pack_qkv: bool = False,
-         report: OnnxReport | None = None) -> onnx.ModelProto:
+         target: str = "onnx", report: OnnxReport | None = None) -> onnx.ModelProto:
     """A copy of the model with every attention site found replaced by one ``Attention`` node.
 
     ``dims`` sets the sizes of symbolic input dims used to analyze (and, with
@@ -44,8 +47,14 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     replaced stay decomposed and are listed, with the reason, in ``report``.
     ``pack_qkv=True`` also merges the projections of a fused site's q, k and v
     that read the same input into one ``MatMul`` and a ``Split`` (``pack.py``).
+    ``target="onnxruntime"`` emits ONNX Runtime's ``com.microsoft.MultiHeadAttention`` where it
+    computes the site's function exactly, and the standard operator elsewhere (``contrib.py``); the
+    report names the operator of each site and, for the standard one, why.
     """
     check_opset(opset)
+    if target not in TARGETS:
+        raise ValueError(f"target={target!r} is not one of {', '.join(map(repr, TARGETS))}: pass \"onnx\" for "
+                         "the standard Attention operator or \"onnxruntime\" for ONNX Runtime's where exact")
     source = model_or_path if isinstance(model_or_path, onnx.ModelProto) else _load(model_or_path)
     report = OnnxReport() if report is None else report
     report.opset, report.graphs = opset, report.graphs + 1
@@ -65,7 +74,7 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
             report.sites.append(Site(where=where, node=anchor, graph=0, replaced=False,
                                      reason=f"{found.reason} [at {view.onnx_name.get(found.at, found.at.name)}]"))
             continue
-        site, nodes = _replace(view, found, opset, where, anchor, taken, shared)
+        site, nodes = _replace(view, found, opset, where, anchor, taken, shared, target)
         report.sites.append(site)
         if nodes:
             replacements[view.onnx_name[found.output]] = nodes
@@ -77,7 +86,7 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     _remove_dead(model.graph)
     _sort(model.graph)  # a site may use mask work placed with a later site
     _set_opset(model, opset)
-    report.attention_nodes = sum(n.op_type == "Attention" for n in model.graph.node)
+    report.attention_nodes = sum(n.op_type in ATTENTION_OPS for n in model.graph.node)
     if verify:
         from .verify import compare_onnx
 
@@ -96,7 +105,7 @@ def _load(path) -> onnx.ModelProto:
 
 
 def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, taken: set[str],
-             shared: dict[bytes, str]):
+             shared: dict[bytes, str], target: str = "onnx"):
     """The report row of ``match`` and the nodes computing its output (none when it stays decomposed)."""
     m = match.masks
     q_shape, k_shape, v_shape = match.q.shape(), match.k.shape(), match.v.shape()
@@ -165,14 +174,30 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
         and _same(meta.shape[-2], nq) and _same(meta.shape[-1], nk)
         for node in [a.node for a in [*m.key_padding, *m.dense]] + [node for node, _ in m.additive]
     )
-    y = emit_attention(
-        e, q, k, v, elem_type=elem_type, q_heads=q_shape[1], kv_heads=k_shape[1], v_head_dim=v_shape[3],
-        opset=opset, keep=keep, additive=additive,
-        band=Band(causal=match.causal or m.causal, window=m.window, align=Align(m.align)),
-        scale=scale, softcap=match.softcap, fill=Fill(m.fill),
-        lengths=None if None in lengths else lengths, square=_same(nq, nk), keep_by_key=keep_by_key,
-        heads_merged=None not in merged, mask_spans_scores=mask_spans_scores,
+    band = Band(causal=match.causal or m.causal, window=m.window, align=Align(m.align))
+    contrib = ContribSite(
+        elem_type=elem_type, q_heads=q_shape[1], kv_heads=k_shape[1], head_dim=q_shape[3], v_head_dim=v_shape[3],
+        heads_merged=None not in merged, band=band, square=_same(nq, nk), key_padding=bool(m.key_padding),
+        dense=not keep_by_key or not all(_by_batch_and_key(a.node) for a in m.key_padding),
+        additive=bool(additive), softcap=match.softcap is not None, fill=Fill(m.fill),
     )
+    declined = contrib_reasons(contrib) if target == "onnxruntime" else []
+    if target == "onnxruntime" and not declined:
+        key_length = lengths[1] if lengths[1] is not None else e("Shape", k, start=1, end=2)  # k: [B, Nk, H * D]
+        y = emit_multi_head_attention(e, q, k, v, site=contrib, keep=keep, batch=e("Shape", q, start=0, end=1),
+                                      key_length=key_length, scale=scale)
+        kernel, how = f"onnx:{DOMAIN}.MultiHeadAttention", f"fused into one {DOMAIN}.MultiHeadAttention node"
+    else:
+        y = emit_attention(
+            e, q, k, v, elem_type=elem_type, q_heads=q_shape[1], kv_heads=k_shape[1], v_head_dim=v_shape[3],
+            opset=opset, keep=keep, additive=additive, band=band,
+            scale=scale, softcap=match.softcap, fill=Fill(m.fill),
+            lengths=None if None in lengths else lengths, square=_same(nq, nk), keep_by_key=keep_by_key,
+            heads_merged=None not in merged, mask_spans_scores=mask_spans_scores,
+        )
+        kernel, how = "onnx:Attention", "fused into one ONNX Attention node"
+        if target == "onnxruntime":
+            how += f" ({DOMAIN}.MultiHeadAttention would not be exact: {'; '.join(declined)})"
     y = _operand(e, y, match.output_steps, 4)
     want = TORCH_TO_ONNX[tensor_meta(match.output).dtype]
     if want != elem_type:
@@ -181,8 +206,7 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
     del e.shared[next(k for k, v in e.shared.items() if v == y)]  # renamed: no longer reusable by that name
     e.nodes[-1].output[0] = output
     taken.update(o for n in e.nodes for o in n.output)
-    site = Site(replaced=True, reason="fused into one ONNX Attention node", kernel="onnx:Attention",
-                **described)
+    site = Site(replaced=True, reason=how, kernel=kernel, **described)
     return site, e.nodes
 
 
@@ -201,6 +225,13 @@ def _band_spans_scores(match: Match) -> bool:
         if meta is None or meta.dim() < 2 or not (_same(meta.shape[-2], nq) and _same(meta.shape[-1], nk)):
             return False
     return True
+
+
+def _by_batch_and_key(node) -> bool:
+    """Whether a key-padding term, read against the scores' ``[B, H, Nq, Nk]``, has size 1 along heads
+    and queries (its batch size, when it has one, is then q's or 1)."""
+    meta = tensor_meta(node)
+    return meta is not None and 2 <= meta.dim() <= 4 and all(_same(d, 1) for d in meta.shape[-3:-1])
 
 
 def _length(op) -> object:
@@ -379,4 +410,7 @@ def _set_opset(model: onnx.ModelProto, opset: int) -> None:
             break
     else:
         model.opset_import.append(onnx.helper.make_opsetid("", opset))
-    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(list(model.opset_import)))
+    if any(n.domain == DOMAIN for n in model.graph.node) and all(e.domain != DOMAIN for e in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    model.ir_version = max(model.ir_version, onnx.helper.find_min_ir_version_for(
+        list(model.opset_import), ignore_unknown=True))
