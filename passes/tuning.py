@@ -30,7 +30,9 @@ time as measured or estimated. A later run measures what an earlier one left out
 The candidates run in interleaved rounds (one run of each in turn, medians of up to
 ``REPEATS``), so a change in the machine's load touches all of them alike; on the
 CPU, where nothing compiles, the warm-up runs a small shape. CUDA has no budget:
-its warm-up at the real shape compiles and autotunes. Timings longer than
+its warm-up at the real shape compiles and autotunes. A CPU timing whose rounds spread widely
+(``NOISY_SPREAD``: the machine was busy) is used but marked in its file, and the next process that needs
+it measures it again, so one busy moment does not decide a shape for good. Timings longer than
 ``PROGRESS_AFTER_S`` print a plain progress line on stderr.
 """
 
@@ -68,6 +70,10 @@ BUDGET_S = {"cpu": 1.5, "cuda": None}
 PLAN_BUDGET_S = {"cpu": 4.0, "cuda": None}
 #: queries and keys of the CPU warm-up run
 WARMUP_LENGTH = 128
+#: a CPU timing whose rounds spread more than this (second slowest over fastest run of one candidate, runs
+#: of at least NOISY_MIN_S) was taken on a busy machine: it is used, and measured again by the next process
+#: that needs it. One slow round is jitter; microsecond runs always spread and decide little
+NOISY_SPREAD, NOISY_MIN_S = 1.5, 1e-3
 #: the largest score-sized tensor a timing may allocate (the original materializes [B, H, Nq, Nk])
 MAX_MEASURE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 
@@ -146,6 +152,13 @@ class TuningCache:
             self.hits += 1
         return times
 
+    def is_noisy(self, key: str) -> bool:
+        """Whether the file's timings were taken on a busy machine (``put(..., noisy=True)``)."""
+        try:
+            return bool(json.loads(self.path(key).read_text()).get("noisy", False))
+        except (OSError, ValueError, AttributeError):
+            return False
+
     def read(self, key: str) -> dict[str, float] | None:
         """The file's seconds, without counting a hit or a miss; None when absent or unreadable."""
         try:
@@ -154,12 +167,12 @@ class TuningCache:
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
 
-    def put(self, key: str, seconds: dict[str, float]) -> None:
+    def put(self, key: str, seconds: dict[str, float], noisy: bool = False) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=self.root, prefix=f".{key}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                json.dump({"format": FORMAT, "seconds": seconds}, f)
+                json.dump({"format": FORMAT, "seconds": seconds, **({"noisy": True} if noisy else {})}, f)
             os.replace(tmp, self.path(key))
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -364,7 +377,8 @@ def _runner(name: str, spec: AttentionSpec, original: Original | None):
 
 
 def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.inf, repeats: int = REPEATS,
-                    progress: Progress | None = None, warmups: dict | None = None) -> dict[str, float]:
+                    progress: Progress | None = None, warmups: dict | None = None,
+                    spread: dict | None = None) -> dict[str, float]:
     """Median seconds of each callable in ``runs``, timed in interleaved rounds.
 
     Each runs once to warm up (compilation, first touch), then up to
@@ -374,7 +388,9 @@ def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.
     with no timed run is left out of the result. ``warmups``: a cheaper call
     per candidate to warm up with (on the CPU nothing compiles, so a small
     shape initializes as well as the real one); the first round then runs
-    every candidate whatever the deadline, as the caller sized it to fit.
+    every candidate whatever the deadline, as the caller sized it to fit. ``spread``, when given, receives
+    each candidate's second slowest over fastest timed run (candidates timed at least three times, each run
+    at least ``NOISY_MIN_S``).
     """
     last: dict[str, float] = {}
     for name, once in (warmups if warmups is not None else runs).items():
@@ -400,6 +416,9 @@ def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.
             times[name].append(last[name])
         if progress is not None:
             progress.step("")
+    if spread is not None:
+        spread.update({name: sorted(t)[-2] / min(t) for name, t in times.items()
+                       if len(t) >= 3 and min(t) >= NOISY_MIN_S})
     return {name: sorted(t)[len(t) // 2] for name, t in times.items() if t}
 
 
@@ -489,7 +508,9 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
     key = cache_key(spec)
     entry = {n: (original.key if n == ORIGINAL else n) for n in names}
     cached = cache.get(key) or {}
-    todo = [n for n in names if entry[n] not in cached]
+    cpu = spec.device.type == "cpu"
+    # a CPU timing taken on a busy machine decides nothing for good: this process measures it again
+    todo = list(names) if cpu and cached and cache.is_noisy(key) else [n for n in names if entry[n] not in cached]
     if todo:
         device_budget = BUDGET_S.get(spec.device.type)
         left = budget.left() if budget is not None else math.inf
@@ -508,10 +529,11 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
             except (RuntimeError, ValueError, NotImplementedError):
                 found[entry[name]] = math.inf  # cannot run this call: never time it again
         progress = Progress(len(runs) + REPEATS, label)
+        spread: dict[str, float] = {}
         with torch.no_grad() if not spec.requires_grad else torch.enable_grad():
             try:
                 seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
-                                          warmups=warmups or None)
+                                          warmups=warmups or None, spread=spread)
             except (RuntimeError, ValueError, NotImplementedError):
                 seconds = _one_by_one(runs, spec.device, start + family)
         found.update({entry[name]: t * scale for name, t in seconds.items()})
@@ -519,8 +541,12 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
             budget.spent += time.perf_counter() - start
         if found:
             cached = {**(cache.read(key) or {}), **found}  # what another process stored meanwhile, too
+            noisy = cpu and any(ratio > NOISY_SPREAD for ratio in spread.values())
+            if noisy:
+                log.info("attnopt: timings of %s spread up to %.1fx between runs (a busy machine): used now, "
+                         "measured again next time", label or key, max(spread.values()))
             try:
-                cache.put(key, cached)
+                cache.put(key, cached, noisy=noisy)
             except OSError as err:  # a read-only or full disk costs re-measuring next time, not the call
                 log.warning("attnopt: tuning results not cached in %s: %s", cache.root, err)
     return {n: cached[entry[n]] for n in names if entry[n] in cached}

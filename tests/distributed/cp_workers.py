@@ -16,6 +16,7 @@ from torch.distributed.device_mesh import init_device_mesh  # noqa: E402
 
 import attnopt  # noqa: E402
 from attnopt.distributed import ContextParallel, SequenceLayout, context_parallel_attention, local_shard  # noqa: E402
+from ranks import finish_rank  # noqa: E402
 
 
 @dataclass
@@ -149,8 +150,10 @@ def run_cases(rank: int, world: int, rendezvous: str, names: list[str], seeds: l
         for name in names:
             for seed in seeds:
                 _check(CASES[name], mesh, seed)
+        dist.barrier()  # every rank done with its collectives before any tears the group down
     finally:
         dist.destroy_process_group()
+    finish_rank()
 
 
 class _CausalSelfAttention(torch.nn.Module):
@@ -198,5 +201,7 @@ def run_optimized_model(rank: int, world: int, rendezvous: str) -> None:
             got = got.clone()
             dist.all_reduce(got)  # each rank's rows give a part of every parameter's gradient
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    finish_rank()

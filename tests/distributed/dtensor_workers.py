@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tenso
 
 import attnopt  # noqa: E402
 import attnopt.distributed  # noqa: E402,F401  (the sharding rules)
+from ranks import finish_rank  # noqa: E402
 
 
 def _op(q, k, v, key_padding, bias, fill):
@@ -123,5 +124,7 @@ def run_all(rank: int, world: int, rendezvous: str) -> None:
         _check_parallel_model(mesh, fsdp=False)
         torch._dynamo.reset()
         _check_parallel_model(mesh, fsdp=True)
+        dist.barrier()  # both ranks done with every collective before either tears the group down
     finally:
         dist.destroy_process_group()
+    finish_rank()

@@ -184,3 +184,42 @@ def test_the_default_of_tune_comes_from_the_environment(monkeypatch):
         Options.build()
     with pytest.raises(TypeError, match="keep_original"):
         Options.build(tune=False, keep_original="no")
+
+
+def test_noisy_cpu_timing_is_measured_again(tmp_path, monkeypatch):
+    """A CPU timing whose rounds spread widely (a busy machine) is used, but the next process measures it
+    again; a quiet one is read from the cache from then on."""
+    calls = []
+    rounds = iter([({"original": 1e-3, "sdpa_cpu": 2e-3}, 3.0), ({"original": 2e-3, "sdpa_cpu": 1e-3}, 1.1)])
+
+    def time_candidates(runs, device, spread=None, **kwargs):
+        calls.append(sorted(runs))
+        seconds, ratio = next(rounds)
+        spread.update({name: ratio for name in runs})
+        return {name: seconds[name] for name in runs}
+
+    monkeypatch.setattr(tuning, "time_candidates", time_candidates)
+    cache = tuning.TuningCache(tmp_path)
+    names, original = [tuning.ORIGINAL, "sdpa_cpu"], tuning.Original("softmax")
+    key = tuning.cache_key(_spec())
+    first = tuning.measured_seconds(_spec(), names, cache, original=original)
+    assert first == {tuning.ORIGINAL: 1e-3, "sdpa_cpu": 2e-3} and cache.is_noisy(key)
+    second = tuning.measured_seconds(_spec(), names, cache, original=original)
+    assert second == {tuning.ORIGINAL: 2e-3, "sdpa_cpu": 1e-3} and not cache.is_noisy(key)
+    third = tuning.measured_seconds(_spec(), names, cache, original=original)
+    assert third == second and len(calls) == 2
+
+
+def test_time_candidates_reports_the_spread_of_its_rounds():
+    import time
+
+    delays = iter([0.0, 0.002, 0.012, 0.002, 0.012, 0.002])  # warm-up, then two slow rounds of five
+
+    def uneven():
+        time.sleep(next(delays))
+
+    spread = {}
+    tuning.time_candidates({"uneven": uneven, "even": lambda: time.sleep(0.002),
+                            "tiny": lambda: None}, torch.device("cpu"), spread=spread)
+    assert spread["uneven"] > tuning.NOISY_SPREAD > spread["even"] >= 1.0
+    assert "tiny" not in spread  # microsecond runs: jitter, not a busy machine
