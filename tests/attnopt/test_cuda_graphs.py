@@ -94,3 +94,34 @@ def test_torch_cuda_graph_captures_an_optimized_model(padded):
         real = mask.bool()[:, :, None].expand_as(expected)
         got, want = captured[real].float(), expected[real].float()
         assert ((got - want).norm() / want.norm()).item() < 2e-2  # bfloat16 rounding of another kernel
+
+
+#: graph calls that copy from the host or read a value back: none may run while a CUDA graph is captured
+_CAPTURE_BREAKERS = {torch.tensor, torch.as_tensor, "item", "tolist", "cpu", "numpy"}
+
+
+def test_rewritten_hf_graph_has_nothing_a_capture_forbids(monkeypatch):
+    """The property the CUDA-graph test needs, checked on any machine: after the rewrite, an HF Llama
+    forward (bfloat16, ``use_cache=False``) makes no tensor from host data and reads nothing back (on CUDA,
+    HF's eager mask is made with ``torch.tensor(0.0, device=...)``; the rewrite erases that mask)."""
+    from attnopt import backend
+
+    graphs = []
+    original_optimize = backend.optimize_graph
+
+    def keep(gm, *args, **kwargs):
+        out = original_optimize(gm, *args, **kwargs)
+        graphs.append([n.target for n in out.graph.nodes if n.op in ("call_function", "call_method")])
+        return out
+
+    monkeypatch.setattr(backend, "optimize_graph", keep)
+    model = _llama().to(torch.bfloat16)
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    ids = torch.randint(0, 128, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    with torch.no_grad():
+        optimized(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert graphs and all(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
+    found = [target for target in graphs[-1] if target in _CAPTURE_BREAKERS]
+    assert not found, found
