@@ -88,6 +88,8 @@ def main() -> None:
             f"| {cache} | {new / sdpa_s:.1f} | {new / ours_s:.1f} | {sdpa_s / ours_s:.2f}x | "
             f"{bool(torch.equal(ours_tokens, sdpa_tokens))} | {bool(torch.equal(ours_tokens, eager_tokens))} |")
         print(lines[-1], flush=True)
+        if args.out:  # after every row: a run cut short by its time limit keeps what it measured
+            args.out.write_text("\n".join(lines) + "\n")
     print(optimized.attnopt_report, flush=True)
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")

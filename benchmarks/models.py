@@ -176,6 +176,8 @@ def main():
                 + f" | {vs_sdpa} | {vs_best} | {diff:.3g} | {', '.join(kernels)} |"
             )
             print(lines[-1], flush=True)
+            if args.out:  # after every row: a run cut short by its time limit keeps what it measured
+                args.out.write_text("\n".join(lines) + "\n")
         if models.get("attnopt") is not None:
             print(models["attnopt"].attnopt_report, flush=True)
         del models
