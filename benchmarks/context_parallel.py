@@ -3,8 +3,8 @@
     torchrun --nproc-per-node 2 benchmarks/context_parallel.py [--lengths 65536 131072] [--out FILE]
     torchrun --nproc-per-node 2 benchmarks/context_parallel.py --device cpu --tiny    # checks the script (gloo)
 
-The model is hand-written Llama (RMSNorm, rotary from explicit positions, GQA by repeating K/V, SwiGLU,
-causal ``masked_fill(-inf)`` eager attention), bf16 on CUDA, random weights; one step is forward and
+The model is ``memory_budget.py``'s hand-written Llama block (RMSNorm, rotary, GQA by repeating K/V,
+SwiGLU, causal ``masked_fill(-inf)`` eager attention) with rotary from explicit positions, bf16 on CUDA, random weights; one step is forward and
 backward of ``(hidden * g).sum()``. Each rank holds its rows of the sequence (two mirrored chunks per
 rank: even causal work). Columns, each at every length:
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
 import os
 import pathlib
 import statistics
@@ -38,18 +37,12 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import attnopt
 from attnopt.distributed import ContextParallel
+from memory_budget import Block, rotate  # the hand-written Llama block (eager causal attention)
 
 
-class Block(nn.Module):
-    def __init__(self, dim: int, heads: int, kv_heads: int, sdpa: bool):
-        super().__init__()
-        self.heads, self.kv_heads, self.head_dim, self.sdpa = heads, kv_heads, dim // heads, sdpa
-        self.norm1, self.norm2 = nn.RMSNorm(dim), nn.RMSNorm(dim)
-        self.q = nn.Linear(dim, dim, bias=False)
-        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim, bias=False)
-        self.o = nn.Linear(dim, dim, bias=False)
-        self.up = nn.Linear(dim, 4 * dim, bias=False)
-        self.down = nn.Linear(2 * dim, dim, bias=False)
+class SdpaBlock(Block):
+    """``memory_budget.Block`` with its attention through ``F.scaled_dot_product_attention`` (the peer that
+    PyTorch's ring attention takes)."""
 
     def attention(self, x, cos, sin):
         b, n, c = x.shape
@@ -57,25 +50,9 @@ class Block(nn.Module):
         k, v = self.kv(x).view(b, n, 2, self.kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
         group = self.heads // self.kv_heads
-        k = k[:, :, None].expand(b, self.kv_heads, group, n, self.head_dim).reshape(b, self.heads, n, self.head_dim)
-        v = v[:, :, None].expand(b, self.kv_heads, group, n, self.head_dim).reshape(b, self.heads, n, self.head_dim)
-        if self.sdpa:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
-            s = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-            out = F.softmax(s.masked_fill(~causal, float("-inf")), dim=-1) @ v
+        k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.o(out.transpose(1, 2).reshape(b, n, c))
-
-    def forward(self, x, cos, sin):
-        x = x + self.attention(self.norm1(x), cos, sin)
-        gate, up = self.up(self.norm2(x)).chunk(2, dim=-1)
-        return x + self.down(F.silu(gate) * up)
-
-
-def rotate(x, cos, sin):
-    a, b = x.chunk(2, dim=-1)
-    return torch.cat([a * cos - b * sin, a * sin + b * cos], dim=-1)
 
 
 class Llama(nn.Module):
@@ -84,7 +61,7 @@ class Llama(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int, layers: int, vocab: int = 32000, sdpa: bool = False):
         super().__init__()
         self.embed = nn.Embedding(vocab, dim)
-        self.blocks = nn.ModuleList(Block(dim, heads, kv_heads, sdpa) for _ in range(layers))
+        self.blocks = nn.ModuleList((SdpaBlock if sdpa else Block)(dim, heads, kv_heads) for _ in range(layers))
         self.norm = nn.RMSNorm(dim)
         self.head_dim = dim // heads
 
