@@ -125,3 +125,16 @@ def test_rewritten_hf_graph_has_nothing_a_capture_forbids(monkeypatch):
     assert graphs and all(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
     found = [target for target in graphs[-1] if target in _CAPTURE_BREAKERS]
     assert not found, found
+
+
+def test_dropout_under_capture_is_refused_with_the_fix(monkeypatch):
+    """Dropout draws its seed on the host each call: captured, every replay would repeat one mask. The op
+    refuses and says what to do instead (checked here by pretending a capture is under way)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    q = torch.randn(1, 2, 8, 16)
+    call = lambda p: torch.ops.attnopt.attention(  # noqa: E731
+        q, q, q, None, None, None, None, None, 0.25, True, "top_left", None, None, None, p, "-inf", "reference")
+    with pytest.raises(RuntimeError, match=r"cannot be captured in a CUDA graph.*eval mode"):
+        call(0.1)
+    call(0.0)  # without dropout nothing is drawn: capture is fine
