@@ -28,8 +28,6 @@ SDPA on the same backend under autograd (``approx_base.recompute_grads``), so
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
@@ -58,16 +56,25 @@ CPU_MASK_OPS, CPU_OP_S = 6, 5e-6
 
 def _pure_causal(spec: AttentionSpec) -> bool:
     """Top-left causal and nothing else that masks: SDPA's ``is_causal=True``."""
-    return spec.causal and spec.align == Align.TOP_LEFT and set(spec.mask_terms) == {"causal"}
+    return spec.causal and spec.align == Align.TOP_LEFT and spec.window is None and _band_terms_only(spec)
+
+
+def _band_terms_only(spec: AttentionSpec) -> bool:
+    """No term but causal and window (``mask_terms`` within them): read field by field, since an
+    inference call asks it every time."""
+    return (spec.key_padding is None and spec.q_doc is None and spec.bias is None and spec.mask is None
+            and spec.softcap is None)
 
 
 def _band_only_hiding_nothing(spec: AttentionSpec) -> bool:
     """Causal/window as the only terms, hiding no key from any row: SDPA then needs no mask at all."""
-    return set(spec.mask_terms) <= {"causal", "window"} and spec.band_hides_nothing()
+    return _band_terms_only(spec) and spec.band_hides_nothing()
 
 
 def needs_mask(spec: AttentionSpec) -> bool:
-    return bool(spec.mask_terms) and not _pure_causal(spec) and not _band_only_hiding_nothing(spec)
+    if not (spec.causal or spec.window is not None) and _band_terms_only(spec):
+        return False  # no term at all
+    return not _pure_causal(spec) and not _band_only_hiding_nothing(spec)
 
 
 def _is_causal(spec: AttentionSpec) -> bool:
@@ -142,8 +149,9 @@ def _full_rows(empty: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
 def _nan_where_masked(out: torch.Tensor, mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor:
     """NaN on rows an additive term masks entirely with ``-inf``, as the original's softmax gives
     (SDPA's safe softmax gives 0); on the device, no sync. Boolean terms are covered by ``fill_reasons``."""
-    additive = any(t is not None and t.is_floating_point() for t in (spec.bias, spec.mask))
-    if mask is None or spec.fill != Fill.NEG_INF or not additive:
+    if mask is None or spec.fill != Fill.NEG_INF:
+        return out
+    if not any(t is not None and t.is_floating_point() for t in (spec.bias, spec.mask)):
         return out
     empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # [b or 1, h or 1, Nq, 1]
     return out.masked_fill(empty, float("nan"))
@@ -162,19 +170,54 @@ def _backend_switches() -> dict:
 
 
 _SWITCHES = _backend_switches()
+_IS_ENABLED = tuple(get for get, _ in _SWITCHES.values())
+_SET_ENABLED = tuple(put for _, put in _SWITCHES.values())
 
 
-@contextlib.contextmanager
-def _only(backend: SDPBackend):
-    """``sdpa_kernel([backend])`` with the switches resolved once: it runs on every call of a site."""
-    saved = [(put, get()) for get, put in _SWITCHES.values()]
-    for other, (_, put) in _SWITCHES.items():
-        put(other == backend)
+def _only(backend: SDPBackend) -> tuple[bool, ...]:
+    """The switch states of ``sdpa_kernel([backend])``, in ``_SWITCHES`` order."""
+    return tuple(other == backend for other in _SWITCHES)
+
+
+def _pinned(states: tuple[bool, ...], q, k, v, mask, is_causal: bool, scale, gqa: bool = False) -> torch.Tensor:
+    """SDPA with the backend switches set to ``states`` (``_only``) for the call and restored after it:
+    ``sdpa_kernel`` without its context manager, since a site runs this on every call. Nothing is
+    switched when the switches already are so."""
+    saved = tuple(get() for get in _IS_ENABLED)
+    if saved == states:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
+    for put, enabled in zip(_SET_ENABLED, states):
+        put(enabled)
     try:
-        yield
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
+                                              enable_gqa=gqa)
     finally:
-        for put, enabled in saved:
+        for put, enabled in zip(_SET_ENABLED, saved):
             put(enabled)
+
+
+#: ATen's CPU flash attention through its generated binding (``torch.ops.aten`` parses the schema per call)
+_flash_attention_cpu = torch._scaled_dot_product_flash_attention_for_cpu
+
+#: whether ATen's CPU flash attention reads grouped K/V heads itself, once asked (``_cpu_flash_reads_groups``)
+_CPU_GROUPS: list[bool] = []
+
+
+def _cpu_flash_reads_groups() -> bool:
+    """Whether ``_flash_attention_cpu`` takes fewer K/V heads than query heads and reads each query head's
+    group (recent torch does, with the same arithmetic as on repeated heads): then the forward repeats
+    nothing. Asked once per process, with a tiny call compared against repeated heads."""
+    if not _CPU_GROUPS:
+        g = torch.Generator().manual_seed(0)
+        q, k, v = (torch.randn(1, h, 3, 4, generator=g) for h in (4, 2, 2))  # query heads 0, 1 read kv head 0
+        try:
+            grouped = _flash_attention_cpu(q, k, v, 0.0, False)[0]
+            repeated = _flash_attention_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 0.0, False)[0]
+            _CPU_GROUPS.append(bool(torch.equal(grouped, repeated)))
+        except RuntimeError:
+            _CPU_GROUPS.append(False)
+    return _CPU_GROUPS[0]
 
 
 #: CUDA backends asked whether they take a mask in this process, and their answers
@@ -198,6 +241,8 @@ class SDPAKernel(Kernel):
                  takes_mask: bool | str, flops: float, summary: str):
         self.name, self.backend, self.device_type, self.dtypes = name, backend, device, dtypes
         self.max_head_dim, self.takes_mask, self.flops, self.summary = max_head_dim, takes_mask, flops, summary
+        #: the backend switch states that pin this kernel's backend
+        self.switches = None if backend is None else _only(backend)
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         reasons = []
@@ -215,6 +260,11 @@ class SDPAKernel(Kernel):
             reasons.append(f"softcap={spec.softcap} not supported by SDPA")
         if spec.dropout_p > 0.0:
             reasons.append(f"dropout (p={spec.dropout_p}) not supported: the backward could not regenerate it")
+        if self.backend == SDPBackend.FLASH_ATTENTION and _is_causal(spec) and spec.q_len != spec.kv_len:
+            # measured on an H200 (torch 2.11): "Flash attention does not support the is_causal flag when
+            # seqlen_q != seqlen_k", and no other backend is allowed in its place
+            reasons.append(f"top-left causal over {spec.q_len} queries and {spec.kv_len} keys: flash takes "
+                           "is_causal only for equal lengths")
         if needs_mask(spec) and not self._takes_mask(spec):
             reasons.append(f"takes no attention mask; this call has {'+'.join(spec.mask_terms)} beyond top-left causal")
         additive = [t.dtype for t in (spec.bias, spec.mask) if t is not None and t.is_floating_point()]
@@ -240,8 +290,7 @@ class SDPAKernel(Kernel):
             except (RuntimeError, AssertionError):  # no such device here (a plan made for another machine)
                 return True
             try:
-                with _only(self.backend):
-                    F.scaled_dot_product_attention(q, q, q, attn_mask=mask)
+                _pinned(_only(self.backend), q, q, q, mask, False, None)
                 _MASK_PROBES[self.name] = True
             except RuntimeError:
                 _MASK_PROBES[self.name] = False
@@ -295,27 +344,26 @@ class SDPAKernel(Kernel):
         return _nan_where_masked(out, mask, spec)
 
     def _sdpa(self, q, k, v, spec: AttentionSpec, mask) -> torch.Tensor:
-        call = dict(attn_mask=mask, is_causal=_is_causal(spec), scale=spec.scale)
+        causal = _is_causal(spec)
         if self.backend is None:
             k, v = _repeat_kv(k, v, spec)
-            return F.scaled_dot_product_attention(q, k, v, **call)
-        with _only(self.backend):
-            if spec.group_size > 1 and self.name not in _NO_NATIVE_GQA:
-                try:  # read each K/V head once for its query-head group, no repeated copy
-                    return F.scaled_dot_product_attention(q, k, v, **call, enable_gqa=True)
-                except RuntimeError:  # this backend refuses GQA on this build: repeat from now on
-                    _NO_NATIVE_GQA.add(self.name)
-            k, v = _repeat_kv(k, v, spec)
-            return F.scaled_dot_product_attention(q, k, v, **call)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale)
+        if spec.group_size > 1 and self.name not in _NO_NATIVE_GQA:
+            try:  # read each K/V head once for its query-head group, no repeated copy
+                return _pinned(self.switches, q, k, v, mask, causal, spec.scale, gqa=True)
+            except RuntimeError:  # this backend refuses GQA on this build: repeat from now on
+                _NO_NATIVE_GQA.add(self.name)
+        k, v = _repeat_kv(k, v, spec)
+        return _pinned(self.switches, q, k, v, mask, causal, spec.scale)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         if self.device_type == "cpu":
-            k_all, v_all = _repeat_kv(k, v, spec)
+            k_all, v_all = (k, v) if spec.group_size == 1 or _cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
             mask, empty = mask_and_empty_rows(spec)
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                q, k_all, v_all, 0.0, _is_causal(spec), attn_mask=mask, scale=spec.scale
-            )
-            lse = lse.to(torch.float64 if q.dtype == torch.float64 else torch.float32)
+            out, lse = _flash_attention_cpu(q, k_all, v_all, 0.0, _is_causal(spec), attn_mask=mask, scale=spec.scale)
+            lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+            if lse.dtype != lse_dtype:
+                lse = lse.to(lse_dtype)
             out = _nan_where_masked(out, mask, spec)
         else:
             with torch.no_grad():
@@ -329,7 +377,7 @@ class SDPAKernel(Kernel):
 
     def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec
-        needs none."""
+        needs none. On the CPU the log-sum-exp comes free with the output: ``forward`` it is."""
         if self.device_type == "cpu":
             return self.forward(q, k, v, spec, 0)[0]
         if not needs_mask(spec):
