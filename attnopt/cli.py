@@ -29,7 +29,8 @@ def main(argv: list[str] | None = None) -> int:
             import onnx
 
             model = aonnx.fuse(args.model, opset=args.opset, dims=_dims(args.dim), verify=args.verify,
-                               pack_qkv=args.pack_qkv, target=args.target, report=report)
+                               pack_qkv=args.pack_qkv, target=args.target,
+                               runtime_fusions=False if args.no_runtime_fusions else None, report=report)
             if not report.attention_nodes:
                 raise ValueError(_nothing_fused(args.model, report))
             onnx.save(model, args.output)
@@ -59,8 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     fuse.add_argument("--pack-qkv", action="store_true",
                       help="also merge the q/k/v projections of one input into one MatMul")
     fuse.add_argument("--target", choices=("onnx", "onnxruntime"), default="onnx",
-                      help="onnxruntime: ONNX Runtime's com.microsoft.MultiHeadAttention where exact "
-                           "(the standard Attention elsewhere); the graph then runs on ONNX Runtime only")
+                      help="onnxruntime: ONNX Runtime's com.microsoft.Attention / MultiHeadAttention where exact "
+                           "(the standard Attention elsewhere) and its exact Gelu, BiasGelu and RMS-norm fusions; "
+                           "the graph then runs on ONNX Runtime only")
+    fuse.add_argument("--no-runtime-fusions", action="store_true",
+                      help="with --target onnxruntime: fuse attention only, leave the rest of the graph")
     fuse.add_argument("--dim", action="append", default=[], metavar="NAME=SIZE",
                       help="size of a symbolic input dim for analysis and --verify (repeatable)")
     export = pipelines.add_parser("export", help="export a torch model with Attention nodes")

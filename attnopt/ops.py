@@ -16,6 +16,12 @@ implementations' (``assert_size_stride``), and q/k/v are often strided views
 With ``create_graph=True`` (gradient penalties, double backward) the backward is
 computed by autograd through the oracle ``kernels.naive.naive_attention``, whose
 gradient the kernels' backward equals, so that it can be differentiated again.
+
+A graph run as Python (``compiler="eager"``) calls a ``SiteCall`` per site
+instead: the op's static arguments and kernel resolved at rewrite time. Its
+inference calls run the kernel directly on a call plan made once per call shape;
+the others call the op, which stays what autograd, torch.compile, export and
+the ONNX exporter see.
 """
 
 from __future__ import annotations
@@ -70,10 +76,14 @@ def _autograd_available():
         yield
 
 
+#: whether any autocast is on: the common answer (no) without parsing a device string per call
+_any_autocast = torch._C._is_any_autocast_enabled
+
+
 def _without_autocast(device_type: str):
     """Kernels compute in their inputs' dtypes (float32 accumulation), never in an enclosing autocast's:
     under bfloat16 autocast a float32 finfo.min mask would be rounded to -inf inside the kernel."""
-    if torch.is_autocast_enabled(device_type):
+    if _any_autocast() and torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
 
@@ -265,66 +275,146 @@ def _differentiable(spec: AttentionSpec, kernel: str):
 
 attention.register_autograd(_backward, setup_context=_setup_context)
 
-def _plain(t: Tensor | None) -> bool:
-    return t is None or (type(t) is Tensor and not t.requires_grad)
+
+_is_compiling = torch.compiler.is_compiling  # the function dynamo folds to True while it traces
+_functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-#: AttentionSpecs without their tensor terms, per static arguments and shapes: an inference call builds none
-_SPECS: dict = {}
-_SPEC_CACHE_SIZE = 512
-_TERMS = ("key_padding", "q_doc", "kv_doc", "bias", "mask")
+def _inference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]) -> bool:
+    """Whether a call can skip the op and run its kernel directly: plain tensors, no gradient asked, nothing
+    tracing it (dynamo, a dispatch mode such as fake tensors, functorch transforms), no context-parallel scope."""
+    if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
+        return False
+    if (bias is not None and type(bias) is not Tensor) or (mask is not None and type(mask) is not Tensor):
+        return False
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or bias is not None and bias.requires_grad
+                                    or mask is not None and mask.requires_grad):
+        return False
+    return (not _is_compiling() and _get_dispatch_mode() is None and not _functorch_wrapped(q)
+            and _context_parallel() is None)
 
 
-def _lean_spec(q, k, v, terms, static) -> AttentionSpec:
-    """The call's spec from a cached template: its shapes and static arguments are looked up, only the
-    tensor terms are set (the template is never handed out with tensors of an earlier call)."""
-    key = (q.shape, k.shape, v.shape, q.dtype, q.device, static, tuple(t is None for t in terms))
-    template = _SPECS.get(key)
-    if template is None:
-        if len(_SPECS) >= _SPEC_CACHE_SIZE:
-            _SPECS.clear()
-        template = _SPECS[key] = spec_from_args(q, k, v, *(None,) * len(terms), *static)
-    if all(t is None for t in terms):
-        return template
+def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
+    """``template`` (a spec without tensor terms) with this call's terms, copied field by field: no
+    dataclass construction, no validation per call (the call plan validated the terms of its first call)."""
     spec = object.__new__(AttentionSpec)
     fields = spec.__dict__
     fields.update(template.__dict__)
-    for name, term in zip(_TERMS, terms):
-        fields[name] = term
+    fields["key_padding"], fields["q_doc"], fields["kv_doc"], fields["bias"], fields["mask"] = (
+        key_padding, q_doc, kv_doc, bias, mask)
     return spec
 
 
-def run_attention(
-    q: Tensor, k: Tensor, v: Tensor,
-    key_padding: Optional[Tensor], q_doc: Optional[Tensor], kv_doc: Optional[Tensor],
-    bias: Optional[Tensor], mask: Optional[Tensor],
-    scale: float, causal: bool, align: str, window_left: Optional[int], window_right: Optional[int],
-    softcap: Optional[float], dropout_p: float, fill: str, kernel: str,
-) -> tuple[Tensor]:
-    """What a graph run as Python (``compiler="eager"``) calls in place of ``attnopt::attention``.
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
-    An inference call (no gradient asked, no dropout, plain tensors, nothing tracing) goes straight to
-    the kernel chosen at rewrite time, through ``Kernel.infer``: the custom op's dispatch, its autograd
-    wrapper, the contiguous copies its fake implementation promises and the log-sum-exp are host work
-    per call that such a call does not need, and its spec comes from a template cached per shape.
-    Anything else (training, tracing, tensor subclasses) takes the op. Only the output is returned: the
-    graph reads nothing else.
+
+def _with_shapes(template: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> AttentionSpec:
+    """``template`` with the shapes, dtype and device of q ``[B, Hq, Nq, D]``, k ``[B, Hkv, Nk, D]`` and
+    v ``[B, Hkv, Nk, Dv]``, as ``AttentionSpec.from_tensors`` reads them, copied field by field: a call
+    plan for a new shape (every call of a decoder whose cache grows) costs no dataclass construction."""
+    spec = object.__new__(AttentionSpec)
+    fields = spec.__dict__
+    fields.update(template.__dict__)
+    fields["batch"], fields["q_heads"], fields["q_len"], fields["head_dim"] = q.shape
+    fields["kv_heads"], fields["kv_len"], fields["v_head_dim"] = k.shape[1], k.shape[2], v.shape[3]
+    fields["dtype"], fields["device"] = q.dtype, q.device
+    return spec
+
+
+def _check_static(kernel: str, scale, causal, align: str, window_left, window_right, softcap, fill: str) -> None:
+    """What ``spec_from_args`` would refuse in a site's static arguments, refused once when the call is built."""
+    if not isinstance(kernel, str):
+        raise TypeError(f"kernel={kernel!r} must be a registered kernel's name (a str), or 'auto'")
+    if not _number(scale) or not isinstance(causal, bool):
+        raise TypeError(f"scale={scale!r} must be a number and causal={causal!r} a bool")
+    if align not in {a.value for a in Align}:
+        raise ValueError(f"align={align!r} is not allowed: use one of {', '.join(a.value for a in Align)}")
+    if fill not in {f.value for f in Fill}:
+        raise ValueError(f"fill={fill!r} is not allowed: use one of {', '.join(f.value for f in Fill)}")
+    if softcap is not None and not (_number(softcap) and softcap > 0):
+        raise ValueError(f"softcap={softcap!r} must be a positive number, or None for no cap")
+    Window(window_left, window_right)  # refuses negative or non-int bounds with their names
+
+
+class SiteCall:
+    """One replaced site's call, resolved when the graph is rewritten: what a graph run as Python
+    (``compiler="eager"``) calls in place of ``attnopt::attention``.
+
+    It holds the op's non-tensor arguments, checked once, and the kernel object, looked up once.
+    Calling it with the site's tensors and dropout probability (a graph may read that at run time)
+    returns ``(out,)``, the op's first output: the graph reads nothing else.
+
+    An inference call (no gradient asked, no dropout, plain tensors, nothing tracing) runs the kernel
+    directly: per call shape, a spec template (without tensor terms) is made and checked, and the
+    kernel prepares its call (``Kernel.prepare``) once; each call then only adds its tensor terms to
+    the template, when it has any. No op dispatch, no autograd wrapper, no contiguous copies or
+    log-sum-exp that nothing reads, no spec construction, no lookup. Anything else (training, dynamo
+    or export tracing, fake tensors, functorch transforms, tensor subclasses, a context-parallel
+    scope, kernel ``"auto"``) calls ``attnopt::attention`` with the same arguments, so that autograd,
+    tracers and exporters see the op.
     """
-    lean = (
-        dropout_p == 0.0 and kernel != "auto" and type(q) is Tensor and type(k) is Tensor and type(v) is Tensor
-        and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad))
-        and _plain(bias) and _plain(mask) and not torch.compiler.is_compiling() and _get_dispatch_mode() is None
-        and not torch._C._functorch.is_functorch_wrapped_tensor(q) and _context_parallel() is None
-    )
-    if not lean:
-        return (torch.ops.attnopt.attention.default(
-            q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
-            softcap, dropout_p, fill, kernel,
-        )[0],)
-    static = (scale, causal, align, window_left, window_right, softcap, dropout_p, fill)
-    spec = _lean_spec(q, k, v, (key_padding, q_doc, kv_doc, bias, mask), static)
-    chosen = registry.get(kernel)
-    if torch.is_autocast_enabled(q.device.type):
-        with torch.autocast(q.device.type, enabled=False):
-            return (chosen.infer(q, k, v, spec),)
-    return (chosen.infer(q, k, v, spec),)
+
+    #: the name of the call in the graph's generated code
+    __name__ = "attention"
+    #: call plans kept per site: a model whose key length grows every call (decoding with a growing
+    #: cache) makes one per call, so the oldest are dropped together past this count
+    MAX_SHAPES = 64
+
+    def __init__(self, kernel: str, scale: float, causal: bool, align: str, window_left: Optional[int],
+                 window_right: Optional[int], softcap: Optional[float], fill: str):
+        _check_static(kernel, scale, causal, align, window_left, window_right, softcap, fill)
+        self.kernel_name = kernel
+        #: None for "auto": the planner chooses per call, in the op
+        self.kernel = None if kernel == "auto" else registry.get(kernel)
+        self.static = (float(scale), causal, align, window_left, window_right,
+                       None if softcap is None else float(softcap))
+        self.fill = fill
+        #: (shapes, dtype, device, which terms are absent) -> (spec template, prepared call, no terms)
+        self._plans: dict[tuple, tuple] = {}
+        #: the spec template of the first call, made by ``spec_from_args``; the others are copies of it
+        self._first: AttentionSpec | None = None
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], q_doc: Optional[Tensor],
+                 kv_doc: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
+                 dropout_p: float = 0.0) -> tuple[Tensor]:
+        if dropout_p != 0.0 or self.kernel is None or not _inference(q, k, v, bias, mask):
+            return (torch.ops.attnopt.attention.default(
+                q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
+            )[0],)
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device,
+               key_padding is None, q_doc is None, kv_doc is None, bias is None, mask is None)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(key, q, k, v, key_padding, q_doc, kv_doc, bias, mask)
+        spec, run, bare = plan
+        if not bare:
+            spec = _with_terms(spec, key_padding, q_doc, kv_doc, bias, mask)
+        if _any_autocast() and torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return (run(q, k, v, spec),)
+        return (run(q, k, v, spec),)
+
+    def _plan(self, key: tuple, q, k, v, key_padding, q_doc, kv_doc, bias, mask) -> tuple:
+        """The call plan for calls like this one: its spec without tensor terms (no tensor of this call
+        kept), the kernel's prepared call, and whether there are no terms to add per call."""
+        if self._first is None:
+            template = self._first = spec_from_args(q, k, v, None, None, None, None, None, *self.static, 0.0, self.fill)
+        else:
+            template = _with_shapes(self._first, q, k, v)
+        bare = all(key[5:])
+        spec = template if bare else _with_terms(template, key_padding, q_doc, kv_doc, bias, mask)
+        spec.validate()
+        if len(self._plans) >= self.MAX_SHAPES:
+            self._plans.clear()
+        plan = self._plans[key] = (template, self.kernel.prepare(spec), bare)
+        return plan
+
+    def __repr__(self) -> str:
+        scale, causal, align, left, right, softcap = self.static
+        banded = causal or left is not None or right is not None
+        terms = [f"scale={scale:g}", "causal" if causal else "", align if banded else "",
+                 "" if left is None and right is None else f"window=({left}, {right})",
+                 "" if softcap is None else f"softcap={softcap:g}", f"fill={self.fill}"]
+        return f"<attention on {self.kernel_name}: {' '.join(t for t in terms if t)}>"

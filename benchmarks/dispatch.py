@@ -1,112 +1,174 @@
 """Host time per attention call: what attnopt adds over launching the chosen kernel directly.
 
-Each site of an optimized model (``compiler="eager"``) calls ``attnopt.ops.run_attention``: an
-inference call goes straight to the kernel chosen at rewrite time, a training call through the
-``attnopt::attention`` custom op (its autograd wrapper and dispatch). On shapes so small that the
-device keeps up with the host, the time per call is host time. Columns, per kernel:
+Each site of an optimized model (``compiler="eager"``) calls the ``attnopt.ops.SiteCall`` that the
+rewrite made for it: an inference call goes straight to the kernel chosen at rewrite time, a
+training call through the ``attnopt::attention`` custom op (its autograd wrapper and dispatch). On
+shapes so small that the kernel takes a few microseconds (and, on a GPU, the device keeps up with the
+host), the time per call is host time. Columns, per kernel:
 
 * ``direct``: the kernel itself: ``F.scaled_dot_product_attention`` with the backend already
-  selected (SDPA kernels), ``kernel.forward`` with a prebuilt spec (Triton and CPU kernels);
-* ``site``: ``run_attention`` under ``torch.no_grad()``, what an optimized model runs in inference;
+  selected (SDPA kernels), ``kernel.forward`` with a prebuilt spec (the others);
+* ``site``: the site's call under ``torch.no_grad()``, what an optimized model runs in inference;
 * ``op``: ``torch.ops.attnopt.attention``, what a training step or a compiled graph runs;
 * ``site - direct``: the host work attnopt adds per inference call (target: at most 15 us).
 
     python benchmarks/dispatch.py                   # CUDA when available, else CPU
-    python benchmarks/dispatch.py --out benchmarks/results/dispatch.md
+    python benchmarks/dispatch.py --device cpu --out benchmarks/results/dispatch_cpu.md
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import platform
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import registry
-from attnopt.ops import run_attention, spec_from_args
+from attnopt.ops import SiteCall, spec_from_args
 
+#: SDPA kernels and the backend their direct call pins (None: whatever SDPA picks on the CPU)
 SDPA_BACKENDS = {
+    "sdpa_cpu": None,
     "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
 KERNELS = {"cuda": ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton_flash", "triton_decode", "flex"),
            "cpu": ("sdpa_cpu", "reference")}
-#: (name, q/kv heads, query length, key length, causal, align): a prefill tile and a decode step
-CASES = (("prefill causal", (4, 4), 64, 64, True, "top_left"),
-         ("decode GQA", (8, 2), 1, 256, True, "bottom_right"))
 
 
-def per_call_us(fn, device: torch.device, calls: int = 1000, repeats: int = 5) -> float:
-    """Median over ``repeats`` of the mean wall time of ``calls`` back-to-back calls."""
-    for _ in range(50):
-        fn()
-    times = []
+@dataclass(frozen=True)
+class Case:
+    name: str
+    q_heads: int
+    kv_heads: int
+    q_len: int
+    kv_len: int
+    head_dim: int
+    causal: bool
+    align: str
+
+
+#: a prefill tile and a decode step per device: on the CPU tiny enough that the kernel is a few us
+CASES = {
+    "cuda": (Case("prefill causal", 4, 4, 64, 64, 64, True, "top_left"),
+             Case("decode GQA", 8, 2, 1, 256, 64, True, "bottom_right")),
+    "cpu": (Case("prefill causal", 2, 2, 16, 16, 16, True, "top_left"),
+            Case("decode GQA", 4, 2, 1, 64, 16, True, "bottom_right")),
+}
+DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
+
+
+def per_call_us(calls_of: dict, device: torch.device, calls: int = 1000, repeats: int = 5,
+                contexts: dict | None = None) -> dict:
+    """``{name: microseconds}``: per callable, the median over ``repeats`` of the mean wall time of ``calls``
+    back-to-back calls. The callables take turns in each repeat, so that load from elsewhere on the
+    machine slows them alike. ``contexts``: per name, a context manager factory entered around its
+    timed calls (outside the timing)."""
+    contexts = contexts or {}
+    for name, fn in calls_of.items():
+        with contexts.get(name, contextlib.nullcontext)():
+            for _ in range(50):
+                fn()
+    # on the CPU everything runs on this thread: its CPU time leaves out the time other processes take
+    clock = time.perf_counter if device.type == "cuda" else time.thread_time
+    times = {name: [] for name in calls_of}
     for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) / calls * 1e6)
-    return sorted(times)[len(times) // 2]
+        for name, fn in calls_of.items():
+            with contexts.get(name, contextlib.nullcontext)():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = clock()
+                for _ in range(calls):
+                    fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append((clock() - start) / calls * 1e6)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
-def _direct(name: str, q, k, v, spec, args):
-    backend = SDPA_BACKENDS.get(name)
-    if backend is None:
+def direct_call(name: str, q, k, v, spec):
+    """The kernel without attnopt, and the SDPA backend to select around the timed calls (once, as a model
+    does): SDPA as a model calls it, or the kernel's ``forward`` on a prebuilt spec. None where no direct
+    SDPA call computes the spec (SDPA's ``is_causal`` is top-left)."""
+    if name not in SDPA_BACKENDS:
         kernel = registry.get(name)
-        return lambda: kernel.forward(q, k, v, spec, 0)
-    causal = args[9] and args[10] == "top_left" and not spec.band_hides_nothing()
+        return (lambda: kernel.forward(q, k, v, spec, 0)), None
+    hides_nothing = spec.band_hides_nothing()
+    if spec.causal and spec.align.value != "top_left" and not hides_nothing:
+        return None, None
+    causal = spec.causal and not hides_nothing
 
-    def call():  # the backend selection stays outside the timed call, as in a model that sets it once
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=args[8], enable_gqa=True)
-    return call, backend
+    def call():
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale, enable_gqa=True)
+
+    return call, SDPA_BACKENDS[name]
 
 
-def rows(device: torch.device, dtype: torch.dtype) -> list[tuple]:
+def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5) -> list[tuple]:
     table = []
-    for case, (hq, hkv), nq, nk, causal, align in CASES:
+    for case in CASES[device.type]:
         g = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn(1, hq, nq, 64, generator=g).to(device, dtype)
-        k, v = (torch.randn(1, hkv, nk, 64, generator=g).to(device, dtype) for _ in range(2))
-        args = (q, k, v, None, None, None, None, None, 0.125, causal, align, None, None, None, 0.0, "-inf")
-        spec = spec_from_args(*args)
+        q = torch.randn(1, case.q_heads, case.q_len, case.head_dim, generator=g).to(device, dtype)
+        k, v = (torch.randn(1, case.kv_heads, case.kv_len, case.head_dim, generator=g).to(device, dtype)
+                for _ in range(2))
+        scale = case.head_dim ** -0.5
+        static = (scale, case.causal, case.align, None, None, None)
+        tensors = (q, k, v, None, None, None, None, None)
+        spec = spec_from_args(*tensors, *static, 0.0, "-inf")
         for name in KERNELS[device.type]:
-            kernel = registry.get(name)
-            if kernel.not_supported_reasons(spec):
+            if registry.get(name).not_supported_reasons(spec):
                 continue
-            direct = _direct(name, q, k, v, spec, args)
-            if isinstance(direct, tuple):
-                if not causal or align == "top_left" or spec.band_hides_nothing():
-                    with sdpa_kernel([direct[1]]):
-                        direct_us = per_call_us(direct[0], device)
-                else:  # SDPA's is_causal is top-left: no direct call computes this spec
-                    direct_us = float("nan")
-            else:
-                direct_us = per_call_us(direct, device)
+            site = SiteCall(name, *static, "-inf")  # as the rewrite makes it
+            direct, backend = direct_call(name, q, k, v, spec)
+            calls_of = {
+                "site": lambda: site(*tensors, 0.0),
+                "op": lambda: torch.ops.attnopt.attention.default(*tensors, *static, 0.0, "-inf", name),
+            }
+            contexts = {}
+            if direct is not None:
+                calls_of["direct"] = direct
+            if backend is not None:  # selected around the direct calls only: the site selects its own
+                contexts["direct"] = lambda: sdpa_kernel([backend])
             with torch.no_grad():
-                site_us = per_call_us(lambda: run_attention(*args, name), device)
-                op_us = per_call_us(lambda: torch.ops.attnopt.attention.default(*args, name), device)
-            table.append((case, name, direct_us, site_us, op_us, site_us - direct_us))
+                us = per_call_us(calls_of, device, calls, repeats, contexts)
+            direct_us = us.get("direct", float("nan"))
+            table.append((case.name, name, direct_us, us["site"], us["op"], us["site"] - direct_us))
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: host time, not the kernel's parallelism, is measured)")
+    parser.add_argument("--calls", type=int, default=1000, help="calls per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--out", help="also write the markdown table to this file")
     args = parser.parse_args()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
-    lines = [f"{name}, torch {torch.__version__}, {dtype}; host microseconds per call, medians of 5 x 1000 calls",
-             "", "| case | kernel | direct | site (inference) | op (training / compiled) | site - direct |",
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device here; use --device cpu")
+    if args.threads < 1 or args.calls < 1 or args.repeats < 1:
+        parser.error(f"--threads {args.threads}, --calls {args.calls}, --repeats {args.repeats}: each must be >= 1")
+    torch.set_num_threads(args.threads)
+    dtype = DTYPES[device.type]
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name()
+    else:
+        name = f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
+    shapes = "; ".join(f"{c.name}: B=1, H={c.q_heads}/{c.kv_heads}, Nq={c.q_len}, Nk={c.kv_len}, D={c.head_dim}"
+                       for c in CASES[device.type])
+    lines = [f"{name}, torch {torch.__version__}, {dtype}; host microseconds per call, medians of "
+             f"{args.repeats} x {args.calls} calls", "", f"Shapes: {shapes}.", "",
+             "| case | kernel | direct | site (inference) | op (training / compiled) | site - direct |",
              "|---|---|---|---|---|---|"]
-    for case, kernel, direct, site, op, extra in rows(device, dtype):
+    for case, kernel, direct, site, op, extra in rows(device, dtype, args.calls, args.repeats):
         lines.append(f"| {case} | {kernel} | {direct:.1f} | {site:.1f} | {op:.1f} | {extra:+.1f} |")
     text = "\n".join(lines)
     print(text)

@@ -229,17 +229,17 @@ def main() -> None:
                  for w in workloads}
     del reference_run
     results = {}
+    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    model = "tiny two-layer Llama, float32" if args.tiny else "Llama-style, 8 layers, d 2048, 16/4 heads, MLP 5632, bf16"
     for peer in peers:
         torch._dynamo.reset()  # each peer compiles its own graphs, within dynamo's recompile limit
         results[peer] = run_peer(peer, workloads, weights, reference, args, config, dtype)
-    device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
-    model = "tiny two-layer Llama, float32" if args.tiny else "Llama-style, 8 layers, d 2048, 16/4 heads, MLP 5632, bf16"
-    lines = [f"{device}, torch {torch.__version__}; {model}; batch 1; forward + backward + AdamW step, median of "
-             f"{args.repeat} after 2 warm-up steps. Peak MiB: above weights, gradients and AdamW state.", "",
-             *table(workloads, peers, results)]
+        lines = [f"{device}, torch {torch.__version__}; {model}; batch 1; forward + backward + AdamW step, median "
+                 f"of {args.repeat} after 2 warm-up steps. Peak MiB: above weights, gradients and AdamW state.", "",
+                 *table(workloads, list(results), results)]
+        if args.out:  # after every peer: a run cut short keeps what it measured
+            args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,13 @@ then give such rows what the model being replaced gave (``spec.fill``):
   the addition as the identity, so q, k and an additive bias receive the
   gradient of a softmax that is uniform over all keys:
   ``dS_j = (dO . v_j - dO . mean(v)) / Nk``.
+* ``Fill.FINITE_REPLACED_ADDED`` — the band replaced by ``finfo.min``, the key
+  padding adding it: on a row with no visible key the band's keys and the kept
+  keys are disjoint, and each scores ``finfo.min`` (the keys masked by both are
+  ``-inf``). The softmax is uniform over their union ``U``: out = mean of v over
+  ``U`` (NaN when ``U`` is empty); dV gets ``dO / |U|`` on ``U``; the scores get
+  ``dS_j = (dO . v_j - mean_U(dO . v)) / |U|`` on the band's keys only, since
+  ``where`` sends nothing to the scores it replaced.
 
 Rows are rare (left padding), so the backward corrections are computed for
 those rows only, against all keys, with PyTorch ops.
@@ -24,7 +31,9 @@ from __future__ import annotations
 
 import torch
 
-from .spec import AttentionSpec, Fill
+import torch.nn.functional as F
+
+from .spec import AttentionSpec, Fill, band_keep, key_padding_keep
 
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
 
@@ -33,12 +42,16 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """``out [B, Hq, Nq, Dv]`` with rows where ``empty [B, Hq, Nq]`` replaced as ``spec.fill`` says."""
+def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                    first_row: int = 0) -> torch.Tensor:
+    """``out [B, Hq, n, Dv]`` with rows where ``empty [B, Hq, n]`` replaced as ``spec.fill`` says: query rows
+    ``first_row .. first_row + n - 1`` of the spec (a kernel that works on row chunks passes each chunk)."""
     if spec.fill == Fill.SAFE:
         return torch.where(empty[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.NEG_INF:
         return torch.where(empty[..., None], torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+    if spec.fill == Fill.FINITE_REPLACED_ADDED:
+        return torch.where(empty[..., None], _mean_over_union(v, spec, first_row, out.shape[2]).to(out.dtype), out)
     # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
     # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
     mean_v = v.to(_compute_dtype(v.dtype)).mean(dim=2)  # [B, Hkv, Dv], float64 for float64 inputs
@@ -61,6 +74,8 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         nan_heads = empty.reshape(b, hkv, g, -1).any(-1).any(-1)[:, :, None, None]  # [B, Hkv, 1, 1]
         dv = torch.where(nan_heads, float("nan"), torch.zeros(v.shape, dtype=_compute_dtype(v.dtype), device=v.device))
         return None, None, dv, None, None
+    if spec.fill == Fill.FINITE_REPLACED_ADDED:
+        return _union_softmax_grads(q, k, v, grad_out, empty, spec)
     rows_do = torch.where(empty[..., None], grad_out.to(_compute_dtype(grad_out.dtype)), 0.0)  # [B, Hq, Nq, Dv]
     uniform = rows_do.sum(2).reshape(b, hkv, g, -1).sum(2)[:, :, None, :] / spec.kv_len  # [B, Hkv, 1, Dv]
     dv = uniform.expand(b, hkv, spec.kv_len, spec.v_head_dim)
@@ -88,13 +103,7 @@ def _uniform_softmax_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_
             grad = torch.zeros(term.shape, dtype=cdtype, device=ds.device)
             _scatter_rows(grad, ds, bi, hi, ii)
         term_grads.append(grad)
-    if spec.softcap is not None:
-        raw = (k_rows @ q_rows[:, :, None]).squeeze(-1) * spec.scale  # [R, Nk]
-        ds = ds * (1.0 - torch.tanh(raw / spec.softcap) ** 2)
-    dq = torch.zeros(q.shape, dtype=cdtype, device=q.device)
-    dq[bi, hi, ii] = (ds[:, None, :] @ k_rows).squeeze(1) * spec.scale
-    dk = torch.zeros(k.shape, dtype=cdtype, device=k.device)
-    dk.index_put_((bi, kv_head), ds[:, :, None] * q_rows[:, None, :] * spec.scale, accumulate=True)
+    dq, dk = _score_grads(q, k, ds, q_rows, k_rows, (bi, hi, ii, kv_head), spec)
     return dq, dk, *term_grads
 
 
@@ -104,3 +113,71 @@ def _scatter_rows(total: torch.Tensor, ds: torch.Tensor, bi, hi, ii) -> None:
     index = tuple(idx if view.shape[d] > 1 else torch.zeros_like(idx) for d, idx in enumerate((bi, hi, ii)))
     rows = ds if view.shape[3] > 1 else ds.sum(-1, keepdim=True)
     view.index_put_(index, rows, accumulate=True)
+
+
+def _kept_keys(spec: AttentionSpec, device) -> torch.Tensor:
+    """``[B or 1, Nk]``: the keys the added mask keeps (all without key padding)."""
+    if spec.q_doc is not None or spec.bias is not None or spec.mask is not None:
+        raise NotImplementedError(f"fill={spec.fill.value!r} with {'+'.join(spec.mask_terms)} is not supported yet: "
+                                  "it takes a band and key padding only")
+    if spec.key_padding is None:
+        return torch.ones(1, spec.kv_len, dtype=torch.bool, device=device)
+    return key_padding_keep(spec.key_padding, spec.kv_len)
+
+
+def _band_ends(spec: AttentionSpec, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """First and one past the last key of the band of each query row in ``rows``, clamped to ``[0, Nk]``."""
+    lo, hi = spec.band()
+    diagonal = rows + spec.diagonal_offset
+    start = torch.zeros_like(rows) if lo is None else (diagonal + lo).clamp(0, spec.kv_len)
+    end = torch.full_like(rows, spec.kv_len) if hi is None else (diagonal + hi + 1).clamp(0, spec.kv_len)
+    return start, torch.maximum(start, end)
+
+
+def _mean_over_union(v: torch.Tensor, spec: AttentionSpec, first_row: int, n_rows: int) -> torch.Tensor:
+    """``[B, Hq, n_rows, Dv]``: for query rows ``first_row ..``, each row's mean of v over its band's keys and
+    the kept keys, counted as disjoint (they are on the rows that see no key). O(Nk Dv) per head with prefix
+    sums in float64, so a difference of two sums keeps the rounding of one; no host sync."""
+    values = v.to(torch.float64)  # [B, Hkv, Nk, Dv]
+    kept = _kept_keys(spec, v.device).expand(spec.batch, spec.kv_len)  # [B, Nk]
+    kept_sum = torch.einsum("bn,bhnd->bhd", kept.to(values.dtype), values)[:, :, None]  # [B, Hkv, 1, Dv]
+    kept_count = kept.sum(-1)[:, None, None, None]  # [B, 1, 1, 1]
+    prefix = F.pad(values.cumsum(2), (0, 0, 1, 0))  # [B, Hkv, Nk + 1, Dv], prefix[j] = v[0] + .. + v[j - 1]
+    start, end = _band_ends(spec, torch.arange(first_row, first_row + n_rows, device=v.device))  # [n_rows]
+    band_sum = prefix[:, :, end] - prefix[:, :, start]  # [B, Hkv, Nq, Dv]
+    mean = (band_sum + kept_sum) / ((end - start)[:, None] + kept_count)  # 0 / 0 = NaN: every key masked twice
+    return mean.repeat_interleave(spec.group_size, dim=1)  # [B, Hq, Nq, Dv]
+
+
+def _union_softmax_grads(q, k, v, grad_out, empty, spec: AttentionSpec):
+    """dq, dk, dv of rows with no visible key under ``Fill.FINITE_REPLACED_ADDED``, and no term gradients."""
+    cdtype = _compute_dtype(q.dtype)
+    bi, hi, ii = torch.nonzero(empty, as_tuple=True)  # the empty rows
+    kv_head = hi // spec.group_size
+    lo, top = spec.band()
+    keys = torch.arange(spec.kv_len, device=q.device)
+    band = band_keep(keys[None, :] - (ii + spec.diagonal_offset)[:, None], lo, top)  # [R, Nk]
+    union = band | _kept_keys(spec, q.device).expand(spec.batch, spec.kv_len)[bi]  # [R, Nk], disjoint here
+    p = union.to(cdtype) / union.sum(-1, keepdim=True)  # uniform over the union; NaN rows where it is empty
+    k_rows, v_rows = k[bi, kv_head].to(cdtype), v[bi, kv_head].to(cdtype)  # [R, Nk, D], [R, Nk, Dv]
+    q_rows, do = q[bi, hi, ii].to(cdtype), grad_out[bi, hi, ii].to(cdtype)  # [R, D], [R, Dv]
+    dv = torch.zeros(v.shape, dtype=cdtype, device=v.device)
+    dv.index_put_((bi, kv_head), p[:, :, None] * do[:, None, :], accumulate=True)
+    dp = (v_rows @ do[:, :, None]).squeeze(-1)  # [R, Nk]
+    dt = p * (dp - (p * dp).sum(-1, keepdim=True))  # gradient of the masked scores
+    ds = torch.where(band, dt, torch.zeros((), dtype=cdtype, device=dt.device))  # where's backward
+    dq, dk = _score_grads(q, k, ds, q_rows, k_rows, (bi, hi, ii, kv_head), spec)
+    return dq, dk, dv, None, None
+
+
+def _score_grads(q, k, ds, q_rows, k_rows, index, spec: AttentionSpec):
+    """dq, dk from the gradient ``ds [R, Nk]`` of rows ``index = (b, h, i, kv head)`` of the scores after softcap."""
+    bi, hi, ii, kv_head = index
+    if spec.softcap is not None:
+        raw = (k_rows @ q_rows[:, :, None]).squeeze(-1) * spec.scale  # [R, Nk]
+        ds = ds * (1.0 - torch.tanh(raw / spec.softcap) ** 2)
+    dq = torch.zeros(q.shape, dtype=ds.dtype, device=q.device)
+    dq[bi, hi, ii] = (ds[:, None, :] @ k_rows).squeeze(1) * spec.scale
+    dk = torch.zeros(k.shape, dtype=ds.dtype, device=k.device)
+    dk.index_put_((bi, kv_head), ds[:, :, None] * q_rows[:, None, :] * spec.scale, accumulate=True)
+    return dq, dk

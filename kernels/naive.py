@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .reference import add_term
-from .spec import AttentionSpec, Fill
+from .spec import AttentionSpec, Fill, band_keep, key_padding_keep
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
@@ -30,6 +30,16 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
     if spec.fill == Fill.FINITE_ADDED:
         # the added minimum absorbed the scores: value 0 (uniform), gradient passed through as by autograd
         s = torch.where(empty_row, unmasked - unmasked.detach(), s)
+    elif spec.fill == Fill.FINITE_REPLACED_ADDED:
+        # an empty row's keys: kept by the band, so masked by the added padding only (the minimum absorbed the
+        # score, whose gradient passes); kept by the padding, so replaced by the band (a constant); or both
+        rel = torch.arange(spec.kv_len)[None, :] - torch.arange(spec.q_len)[:, None] - spec.diagonal_offset
+        band = band_keep(rel.to(s.device), *spec.band())  # [Nq, Nk]
+        kept = (torch.ones((), dtype=torch.bool, device=s.device) if spec.key_padding is None
+                else key_padding_keep(spec.key_padding, spec.kv_len).to(s.device)[:, None, None, :])
+        once = torch.where(band, unmasked - unmasked.detach(),
+                           torch.where(kept, torch.zeros((), dtype=s.dtype, device=s.device), float("-inf")))
+        s = torch.where(empty_row, once, s)
     elif spec.fill != Fill.NEG_INF:
         # a constant row keeps softmax finite, so gradients through torch.where stay finite
         s = s.masked_fill(empty_row, 0.0)

@@ -267,7 +267,7 @@ def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipp
     out = acc / torch.where(empty_row, torch.ones_like(l), l)[..., None]
     out = out.reshape(batch, q_heads, n_rows, spec.v_head_dim)
     if bool(empty_row.any()):
-        out = fill_empty_rows(out, empty_row.reshape(batch, q_heads, n_rows), v, spec)
+        out = fill_empty_rows(out, empty_row.reshape(batch, q_heads, n_rows), v, spec, q0)
     lse = m + torch.log(l)
     return out, lse.reshape(batch, q_heads, n_rows)
 

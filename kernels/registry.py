@@ -9,6 +9,7 @@ what it costs (``cost``, ``memory_bytes``) and computes it (``forward``,
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 import torch
 
@@ -58,6 +59,14 @@ class Kernel:
         """The output of ``forward`` without dropout, for an inference call that needs nothing else (no
         log-sum-exp); kernels override it where that saves host work per call."""
         return self.forward(q, k, v, spec, 0)[0]
+
+    def prepare(self, spec: AttentionSpec) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor, AttentionSpec],
+                                                       torch.Tensor]:
+        """``infer`` for calls of ``spec``'s shapes and terms, with what the spec alone decides resolved once:
+        a site calls ``prepare`` once per call shape and the result on every call with that shape (and
+        ``spec``, or a spec that differs only in its tensor terms' values). Kernels override it where
+        deciding per call costs host time (mask handling, launch configuration); the default is ``infer``."""
+        return self.infer
 
     def backward(
         self,

@@ -174,16 +174,16 @@ _IS_ENABLED = tuple(get for get, _ in _SWITCHES.values())
 _SET_ENABLED = tuple(put for _, put in _SWITCHES.values())
 
 
-def _only(backend: SDPBackend) -> tuple[bool, ...]:
+def _only(backend: SDPBackend) -> list[bool]:
     """The switch states of ``sdpa_kernel([backend])``, in ``_SWITCHES`` order."""
-    return tuple(other == backend for other in _SWITCHES)
+    return [other == backend for other in _SWITCHES]
 
 
-def _pinned(states: tuple[bool, ...], q, k, v, mask, is_causal: bool, scale, gqa: bool = False) -> torch.Tensor:
+def _pinned(states: list[bool], q, k, v, mask, is_causal: bool, scale, gqa: bool = False) -> torch.Tensor:
     """SDPA with the backend switches set to ``states`` (``_only``) for the call and restored after it:
     ``sdpa_kernel`` without its context manager, since a site runs this on every call. Nothing is
     switched when the switches already are so."""
-    saved = tuple(get() for get in _IS_ENABLED)
+    saved = [get() for get in _IS_ENABLED]
     if saved == states:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale,
                                               enable_gqa=gqa)
@@ -338,13 +338,12 @@ class SDPAKernel(Kernel):
         """Differentiable SDPA on this backend, ``[B, Hq, Nq, Dv]``; rows with no visible key are 0
         (``fills.py`` gives them the original's values)."""
         mask, empty = mask_and_empty_rows(spec)
-        out = self._sdpa(q, k, v, spec, mask)
+        out = self._sdpa(q, k, v, spec, mask, _is_causal(spec))
         if empty is not None:
             out = out.masked_fill(empty, 0.0)
         return _nan_where_masked(out, mask, spec)
 
-    def _sdpa(self, q, k, v, spec: AttentionSpec, mask) -> torch.Tensor:
-        causal = _is_causal(spec)
+    def _sdpa(self, q, k, v, spec: AttentionSpec, mask, causal: bool) -> torch.Tensor:
         if self.backend is None:
             k, v = _repeat_kv(k, v, spec)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale)
@@ -368,7 +367,7 @@ class SDPAKernel(Kernel):
         else:
             with torch.no_grad():
                 mask, empty = mask_and_empty_rows(spec)
-                out, lse = self._sdpa(q, k, v, spec, mask), nan_lse(q, spec)
+                out, lse = self._sdpa(q, k, v, spec, mask, _is_causal(spec)), nan_lse(q, spec)
                 out = _nan_where_masked(out, mask, spec)
         if empty is None:
             return out, lse
@@ -381,10 +380,18 @@ class SDPAKernel(Kernel):
         if self.device_type == "cpu":
             return self.forward(q, k, v, spec, 0)[0]
         if not needs_mask(spec):
-            return self._sdpa(q, k, v, spec, None)
+            return self._sdpa(q, k, v, spec, None, _is_causal(spec))
         mask, empty = mask_and_empty_rows(spec)
-        out = _nan_where_masked(self._sdpa(q, k, v, spec, mask), mask, spec)
+        out = _nan_where_masked(self._sdpa(q, k, v, spec, mask, _is_causal(spec)), mask, spec)
         return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
+
+    def prepare(self, spec: AttentionSpec):
+        """``infer`` with the spec's decisions taken once: on CUDA a call that needs no mask goes straight to
+        the pinned backend, ``is_causal`` decided. (On the CPU ``infer`` is already little more than that.)"""
+        if self.device_type == "cpu" or needs_mask(spec):
+            return self.infer
+        causal = _is_causal(spec)
+        return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         grads = recompute_grads(self.attend, grad_out, q, k, v, spec, needs_bias_grad, needs_mask_grad)

@@ -33,6 +33,15 @@ model being replaced decided that by its choice of fill value:
   the scores (an additive ``finfo.min`` mask); the backward differs: autograd
   sends such rows' gradient to q and k as through a uniform softmax.
 * ``Fill.SAFE``: ``-inf``, but such rows are 0 (SDPA's safe softmax).
+* ``Fill.FINITE_REPLACED_ADDED``: two finite masks of the same ``m = finfo.min``,
+  GPT-2's ``where(causal, s, m) + padding``: the band terms (causal, window)
+  *replace* the scores they mask by ``m``, then the key padding *adds* ``m``.
+  A key masked by one of the two scores ``m``, by both ``m + m = -inf``, so a
+  row with no visible key averages v over the keys masked by exactly one, and
+  is NaN when both mask every key. Its gradient reaches q and k only through
+  the keys the band keeps (``where`` sends none to the scores it replaced).
+  Without a band every key is replaced, without key padding none is added (the
+  uniform row of ``FINITE``); documents and masks with it are not supported yet.
 
 Rows with at least one visible key are identical under all of them
 (kernels/fills.py implements the rows with none, for every kernel).
@@ -57,6 +66,7 @@ class Fill(str, enum.Enum):
     FINITE = "finite"
     FINITE_ADDED = "finite_added"
     SAFE = "safe"
+    FINITE_REPLACED_ADDED = "finite_replaced_added"
 
 
 class Align(str, enum.Enum):

@@ -83,14 +83,16 @@ def _launch(kernel, grid, *args, **kwargs) -> None:
     autotuner's own per-call bookkeeping (a dict over every argument, each name looked up in a list)
     costs tens of microseconds of host time per launch, more than a decode step's kernel.
     """
-    dtypes = tuple(a.dtype for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
-    key = (kernel, tuple(kwargs[name] for name in kernel.keys), dtypes)
+    # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs' matters
+    # (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
+    key = (kernel, tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
     config = _TUNED.get(key)
     if config is None:
         kernel[grid](*args, **kwargs)
-        _TUNED[key] = kernel.best_config
+        _TUNED[key] = kernel.best_config.all_kwargs()
     else:
-        kernel.fn[grid](*args, **kwargs, **config.all_kwargs())
+        kwargs.update(config)
+        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs)
 
 
 def tune_bucket(n: int) -> int:

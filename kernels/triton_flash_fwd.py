@@ -84,27 +84,31 @@ def _scores(
 
     ``BIAS``/``MASK``: 0 none, 1 float32-added, 2 added in ``DTYPE`` (half); ``MASK`` 3 is boolean.
     """
-    if SOFTCAP:
-        t = _tanh(qk * (sm_scale / softcap))
-        s = t * softcap
-        cap_grad = 1.0 - t * t
-    else:
-        s = qk * sm_scale
-        cap_grad = 1.0
     in_bounds = (i < Nq) & (j < Nk)
-    if BIAS != 0:
-        bias = tl.load(bias_ptr + b * stride_bb + h * stride_bh + i * stride_bm + j * stride_bn, mask=in_bounds,
-                       other=0.0)
-        s = _add_term(s, bias, DTYPE, BIAS == 2)
-    if MASK == 1 or MASK == 2:
-        if MASKED:
-            add = tl.load(mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm + j * stride_mn,
-                          mask=in_bounds, other=0.0)
-            s = _add_term(s, add, DTYPE, MASK == 2)
-        elif MASK == 2:
-            # a full tile of an additive half mask is all zeros, but eager still rounds s to half
-            s = s.to(DTYPE).to(tl.float32)
-    s = s * LOG2E
+    cap_grad = 1.0
+    if not SOFTCAP and BIAS == 0 and MASK != 1 and MASK != 2:
+        # nothing is added in natural units: one multiply by a scalar folded once per tile
+        s = qk * (sm_scale * LOG2E)
+    else:
+        if SOFTCAP:
+            t = _tanh(qk * (sm_scale / softcap))
+            s = t * softcap
+            cap_grad = 1.0 - t * t
+        else:
+            s = qk * sm_scale
+        if BIAS != 0:
+            bias = tl.load(bias_ptr + b * stride_bb + h * stride_bh + i * stride_bm + j * stride_bn,
+                           mask=in_bounds, other=0.0)
+            s = _add_term(s, bias, DTYPE, BIAS == 2)
+        if MASK == 1 or MASK == 2:
+            if MASKED:
+                add = tl.load(mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm + j * stride_mn,
+                              mask=in_bounds, other=0.0)
+                s = _add_term(s, add, DTYPE, MASK == 2)
+            elif MASK == 2:
+                # a full tile of an additive half mask is all zeros, but eager still rounds s to half
+                s = s.to(DTYPE).to(tl.float32)
+        s = s * LOG2E
     if MASKED:
         keep = j < kv_end
         if HAS_LO:
@@ -196,8 +200,11 @@ def _fwd_inner(
             q.dtype, MASKED, HAS_LO, HAS_HI, KP_ROW, HAS_DOC, BIAS, MASK, SOFTCAP,
         )
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        # a row masked so far has m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED or BIAS != 0:
+            # a row masked so far has m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:  # every score of an unmasked tile without a bias (which may hold -inf) is finite
+            m_use = m_new
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)

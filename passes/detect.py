@@ -42,6 +42,8 @@ class BooleanTerm:
     keep_when_true: bool  # where(cond, s, fill) keeps on True; masked_fill(cond, fill) masks on True
     fill: float  # after any later scaling
     local: tuple | None = None  # shape of the scores it masks, when a view of the site's scores
+    before_add: bool = False  # a finite fill that an additive term follows (it replaced scores the term adds to)
+    filled_at: torch.dtype | None = None  # dtype of the scores it fills (the precision the fill is stored at)
 
 
 #: the dropout probability sites are planned with when the graph reads it at run time: any value > 0 selects
@@ -254,6 +256,20 @@ def _is_call(node, name: str) -> bool:
 
 
 # ------------------------------------------------------------------ softmax
+def _refuse_narrowed_softmax(score_mm: Node, scores_in: Node, dtype, softmax: Node) -> None:
+    """A softmax computed in a narrower dtype than the score product (float64 scores, ``dtype=torch.float32``)
+    rounds the scores first, and turns a float64 ``finfo.min`` fill into ``-inf`` (NaN rows where a float64
+    kernel averages): not the function the kernels compute in the product's dtype."""
+    product, given = tensor_meta(score_mm), tensor_meta(scores_in)
+    if product is None or given is None:
+        return
+    computed = dtype if dtype is not None else given.dtype
+    if computed.is_floating_point and torch.finfo(computed).bits < torch.finfo(product.dtype).bits:
+        raise _Reject(f"softmax in {computed} on {product.dtype} scores rounds them first (a {product.dtype} "
+                      f"finfo.min fill becomes -inf): left as written; compute the softmax in {product.dtype}",
+                      softmax)
+
+
 def _match_softmax(softmax: Node, constants: Constants) -> Match:
     sm = _read_softmax(softmax)
     scores_in, dim, dtype = sm.scores, sm.dim, sm.dtype
@@ -277,6 +293,7 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
         steps.append(step)  # the last item is the node: the shape of the scores there is the step's frame
     score_mm = node
     chain.append(score_mm)
+    _refuse_narrowed_softmax(score_mm, scores_in, dtype, softmax)
     views = [step for step in steps if step[0] == "view"]
 
     down: list[Node] = []
@@ -640,18 +657,15 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
                 raise _Reject("tanh applied after masking: not a softcap", at)
             pending_tanh = True
         elif op == "add":
-            if any(b.fill != float("-inf") for b in booleans):
-                raise _Reject(
-                    "an additive mask follows a finite masked_fill (GPT-2's where(causal, s, finfo.min) + mask): "
-                    "a row with no key visible to both averages the keys masked by only one of them, and its "
-                    "gradient reaches only the keys the fill kept; no kernel computes that yet, the site runs as "
-                    "written", at
-                )
+            # a finite fill an additive term follows (GPT-2's where(causal, s, finfo.min) + mask): the analysis
+            # decides whether the two compose into a fill the kernels reproduce
+            booleans = [replace(b, before_add=True) if math.isfinite(b.fill) else b for b in booleans]
             additive.append((step[1], step[2]))
             match.add_dtypes[step[1]] = step[3]
             match.add_locals[step[1]] = shape_of(step[-1])
         elif op == "fill":
-            booleans.append(replace(step[1], local=shape_of(step[-1])))
+            meta = tensor_meta(step[-1])
+            booleans.append(replace(step[1], local=shape_of(step[-1]), filled_at=None if meta is None else meta.dtype))
     if pending_tanh:
         raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
     match.scale, match.softcap, match.assumed = scale, softcap, tuple(assumed)
@@ -789,7 +803,7 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
         raise _Reject(str(err), match.anchor) from None
     if match.nan_to_zero and match.masks.fill == Fill.NEG_INF:
         match.masks.fill = Fill.SAFE
-    if match.dropout_p > 0.0 and match.masks.fill in (Fill.FINITE, Fill.FINITE_ADDED):
+    if match.dropout_p > 0.0 and match.masks.fill in (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED):
         raise _Reject(f"dropout (p={match.dropout_p:g}) on rows with no visible key: the original drops out a "
                       "uniform row, which the kernels' fill does not reproduce", match.anchor)
 

@@ -36,7 +36,7 @@ from torch.fx import Node
 
 from attnopt.kernels.spec import Align, Fill, Window
 
-from .graph import ArgumentError, Constants, bind, is_parameter, kind, shape_of, tensor_meta
+from .graph import ArgumentError, Constants, bind, is_in_place, is_parameter, kind, shape_of, tensor_meta
 from .layouts import LayoutError, apply_steps, frame_steps, run_steps
 from .symbolic import Affine, band_of_comparison, document_positions, read_of, static_int, unshifted
 
@@ -81,6 +81,8 @@ class MaskAnalysis:
     add_dtypes: dict = field(default_factory=dict)  # additive term -> dtype eager added it to the scores at
     # additive term -> layout steps from the view of the scores it was added to (``layouts.frame_steps``)
     term_steps: dict = field(default_factory=dict)
+    # dense atoms passed as written whose structure has a name (DeBERTa's key x query padding product)
+    dense_labels: dict = field(default_factory=dict)
 
     @property
     def viewed(self) -> bool:
@@ -99,6 +101,7 @@ class MaskAnalysis:
         if self.documents is not None:
             terms.append("document")
         structured = [n for t, _ in self.additive for n in self.finite_masks.get(t, ())]
+        structured += [n for a in self.dense for n in self.dense_labels.get(a.node, ())]
         for name in ("causal", "window", "key_padding"):
             if name in structured and name not in terms:
                 terms.append(name)
@@ -106,7 +109,7 @@ class MaskAnalysis:
         if any(biases):
             terms.append("bias")
         plain = [not b and t not in self.finite_masks for b, (t, _) in zip(biases, self.additive)]
-        if self.dense or any(plain):
+        if any(a.node not in self.dense_labels for a in self.dense) or any(plain):
             terms.append("dense")
         return tuple(terms)
 
@@ -123,6 +126,9 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
     the captured sizes; ``sizes`` the ``(Nq, Nk)`` the graph accepts, symbolic under dynamic shapes:
     a proof that depends on the lengths reads those, never the captured hints. A term applied to a
     view of the scores (``local``, ``add_locals``) is read through the layout steps to ``score_shape``."""
+    if any(b.before_add for b in booleans):
+        return _replaced_then_added(booleans, additive, score_shape=score_shape, dtype=dtype, constants=constants,
+                                    add_dtypes=add_dtypes or {}, add_locals=add_locals or {}, sizes=sizes)
     result = MaskAnalysis()
 
     def steps_of(node, local) -> tuple:
@@ -154,6 +160,9 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
                 result.notes.append("ALiBi bias (per-head slopes x key distance): " + ", ".join(
                     f"{s:.4g}" for s in slopes[:4]) + (" ..." if len(slopes) > 4 else ""))
                 result.alibi.append(node)
+        elif _run_time_alibi(node, steps, score_shape, constants):
+            result.notes.append("ALiBi bias (per-head slopes x key positions computed at run time), added as written")
+            result.alibi.append(node)
         if steps:  # read through a view: added as written, in the site's frame
             if result.term_steps.get(node, steps) != steps:
                 raise MaskError(f"{node.name} is added to two views of the scores")
@@ -199,16 +208,71 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
     for cond, keep_when_true, _, _, local in terms:
         if cond is None:  # already classified
             continue
-        atoms = _conjunction(cond, negated=not keep_when_true, lift=local is None)
+        atoms = _conjunction(cond, negated=not keep_when_true, lift=local is None, constants=constants)
         if _lifted_dense(atoms, result, score_shape, constants):
             # a dense atom is passed to the kernels as its node: it must broadcast as the scores do
-            atoms = _conjunction(cond, negated=not keep_when_true, lift=False)
+            atoms = _conjunction(cond, negated=not keep_when_true, lift=False, constants=constants)
         atoms = [replace(atom, steps=steps_of(atom.node, local)) for atom in atoms]
         _classify_all(atoms, result, bands, score_shape, constants)
     if bands:
         lo = max((b[0] for b in bands if b[0] is not None), default=None)
         hi = min((b[1] for b in bands if b[1] is not None), default=None)
         _set_band(result, lo, hi, q_len, kv_len)
+    return result
+
+
+# ----------------------------------------------------------------- a replaced fill, then an added one
+def _replaced_then_added(booleans, additive, *, score_shape, dtype, constants: Constants, add_dtypes: dict,
+                         add_locals: dict, sizes) -> MaskAnalysis:
+    """GPT-2's ``where(band, s, m) + padding`` with ``m = finfo.min``: ``Fill.FINITE_REPLACED_ADDED``.
+
+    Exact when the replaced fill is a band (causal, window) of ``m``, and every additive term adds 0 or the
+    same ``m`` where a key padding masks, at a precision where ``m`` absorbs any score (``s + m == m``)
+    and ``m + m`` overflows to ``-inf``: float32, bfloat16, float64. Otherwise a MaskError says what differs.
+    """
+    fills = {b.fill for b in booleans}
+    if not all(b.before_add for b in booleans) or len(fills) != 1:
+        raise MaskError("finite fills before and after an additive mask, or of different values: a row with no "
+                        "visible key averages the keys holding the largest sum of fills, which the kernels do not "
+                        "reproduce")
+    fill = fills.pop()
+    added_at = {add_dtypes.get(node) or dtype for node, _ in additive}
+    at = added_at.pop() if len(added_at) == 1 else None
+    if at == torch.float16:
+        raise MaskError("where(band, s, finfo.min) then an added float16 mask: in float16 s + finfo.min rounds to a "
+                        "multiple of 32 that depends on s, so a row the mask hides entirely is not the uniform average "
+                        "the kernels compute; compute the scores in float32 (.float() before the masks) or in bfloat16")
+    stored = {b.filled_at for b in booleans}
+    if at not in (torch.float32, torch.bfloat16, torch.float64) or stored != {at} or fill != torch.finfo(at).min:
+        raise MaskError(f"where(band, s, {fill:g}) on {'/'.join(str(d) for d in stored)} scores then a mask added at "
+                        f"{at}: exact only for a fill of finfo.min of the dtype both run at, which absorbs every score "
+                        "and doubles to -inf where both mask; use torch.finfo(scores.dtype).min for both")
+    result = analyze([replace(b, before_add=False) for b in booleans], [], sdpa=False, score_shape=score_shape,
+                     dtype=dtype, constants=constants, sizes=sizes)
+    if result.key_padding or result.documents is not None or result.dense or not (result.causal or result.window):
+        raise MaskError(f"where(cond, s, finfo.min) then an added mask, with a cond of {'+'.join(result.mask_terms)}:"
+                        " the kernels reproduce a causal or sliding-window cond only")
+    for node, mult, _, local in _summands(additive, {}, add_locals):
+        try:
+            read = _read_as_boolean(node, mult, None, constants, accept=lambda value: value == fill)
+        except ArgumentError:
+            read = None
+        if read is None or _other_view(local, score_shape) is not None:
+            raise MaskError(f"where(band, s, finfo.min) then {node.name} added: its values are data (or it is added "
+                            "to another view of the scores), and a row that both hide entirely averages the keys "
+                            "hidden by only one of them, which depends on those values; build the padding mask "
+                            "from a bool tensor, where(keep, 0, finfo.min) or (1 - keep.to(dtype)) * finfo.min")
+        cond, keep_when_true, _ = read
+        padding, bands = MaskAnalysis(), []
+        _classify_all(_conjunction(cond, negated=not keep_when_true, constants=constants), padding, bands, score_shape,
+                      constants)
+        if bands or padding.documents is not None or padding.dense or not padding.key_padding:
+            raise MaskError(f"where(band, s, finfo.min) then {node.name} added, which masks more than keys "
+                            "(a mask per query or per head): the kernels reproduce key padding only")
+        result.key_padding.extend(padding.key_padding)
+    result.fill = Fill.FINITE_REPLACED_ADDED
+    result.notes.append("the band replaced by finfo.min, then key padding adding it: a row with no visible key "
+                        "averages the keys hidden by only one of the two, as the original")
     return result
 
 
@@ -221,7 +285,10 @@ def _summands(additive, add_dtypes: dict, add_locals: dict):
     stack = [(node, mult, add_dtypes.get(node), add_locals.get(node)) for node, mult in reversed(additive)]
     while stack:
         node, mult, added_at, local = stack.pop()
-        if kind(node) == "add" and all(isinstance(a, Node) for a in node.args[:2]) and not node.kwargs:
+        # an in-place add (``score += p2c``, DeBERTa) stays whole: its first operand holds the sum once the
+        # add has run, so reading the operands again would count the second one twice
+        if (kind(node) == "add" and all(isinstance(a, Node) for a in node.args[:2]) and not node.kwargs
+                and not is_in_place(node)):
             stack.extend([(node.args[1], mult, added_at, local), (node.args[0], mult, added_at, local)])
         else:
             out.append((node, mult, added_at, local))
@@ -247,7 +314,13 @@ def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants, accep
     k = kind(node)
     if constants.mutations.is_mutated(node):
         return None
-    if k == "cast":  # a cast keeps 0 and -inf (finite fills may round): see through it for -inf only
+    if k == "cast":  # a float cast keeps 0, -inf and the fills it represents exactly (others round)
+        before, after = tensor_meta(node.args[0]), tensor_meta(node)
+        if before is not None and after is not None and before.is_floating_point() and after.is_floating_point():
+            inner = _read_as_boolean(node.args[0], 1.0, dtype, constants, accept=lambda fill: True)
+            if inner is None or float(torch.tensor(inner[2], dtype=after.dtype)) != inner[2]:
+                return None
+            return (inner[0], inner[1], inner[2] * mult) if accept(inner[2] * mult) else None
         inner = _as_boolean(node.args[0], mult, dtype, constants)
         return inner if inner is not None and inner[2] == float("-inf") else None
     if k == "masked_fill":
@@ -293,7 +366,7 @@ def _label_finite_mask(node: Node, mult: float, result: MaskAnalysis, score_shap
             cond, keep_when_true, fill = read
             if fill > MASKING_FILL:
                 return  # a bias of two values (Swin's -100), not a mask
-            for atom in _conjunction(cond, negated=not keep_when_true):
+            for atom in _conjunction(cond, negated=not keep_when_true, constants=constants):
                 _classify(atom, scratch, bands, score_shape, constants)
             how = f"adds {fill:g} where it masks"
         elif constants.is_constant(node):
@@ -398,24 +471,47 @@ def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
 
 
 # ----------------------------------------------------------------- conjunctions
-def _conjunction(node, negated: bool, lifts: tuple = (), lift: bool = True) -> list[Atom]:
+def _conjunction(node, negated: bool, lifts: tuple = (), lift: bool = True, constants: Constants | None = None
+                 ) -> list[Atom]:
     """Split ``node`` (or its negation) into atoms whose AND is the keep mask.
 
     With ``lift``, ``keep[:, None]`` of a conjunction is split too (packed documents write
-    ``(same_doc & causal)[:, None]``): its atoms remember the inserted dims.
+    ``(same_doc & causal)[:, None]``): its atoms remember the inserted dims. With ``constants``, a bool cast
+    of ``where(c, a, b)`` of two numbers is read as ``c`` or ``~c`` (MPT casts its 0 / finfo.min mask back).
     """
+    def split(n, neg, lf=lifts):
+        return _conjunction(n, neg, lf, lift, constants)
+
     k = kind(node)
     if k in ("expand", "contiguous") or (k == "cast" and _bool_meta(node) and _bool_meta(node.args[0])):
-        return _conjunction(node.args[0], negated, lifts, lift)
+        return split(node.args[0], negated)
+    if k == "cast" and _bool_meta(node) and constants is not None:
+        selected = _selected_truth(node.args[0], constants)
+        if selected is not None:
+            return split(selected[0], negated != selected[1])
     if k == "not":
-        return _conjunction(node.args[0], not negated, lifts, lift)
+        return split(node.args[0], not negated)
     if (k == "and" and not negated) or (k == "or" and negated):
-        return (_conjunction(node.args[0], negated, lifts, lift)
-                + _conjunction(node.args[1], negated, lifts, lift))
+        return split(node.args[0], negated) + split(node.args[1], negated)
     inserted = _inserted_dims(node) if lift else None
     if inserted is not None:
-        return _conjunction(node.args[0], negated, inserted + lifts, lift)
+        return split(node.args[0], negated, inserted + lifts)
     return [Atom(node, negated, lifts)]
+
+
+def _selected_truth(node, constants: Constants) -> tuple[Node, bool] | None:
+    """``(c, flipped)`` when ``node`` is ``where(c, a, b)`` of two numbers of different truth: its truth is
+    ``c`` (``a`` nonzero), or ``~c`` (``flipped``, ``b`` nonzero)."""
+    if kind(node) != "where" or constants.mutations.is_mutated(node):
+        return None
+    try:
+        call = bind(node, ("condition", "input", "other"))
+    except ArgumentError:
+        return None
+    a, b = constants.number(call["input"]), constants.number(call["other"])
+    if a is None or b is None or bool(a) == bool(b) or not _bool_meta(call["condition"]):
+        return None
+    return call["condition"], not bool(a)
 
 
 def _inserted_dims(node) -> tuple[tuple[int, int], ...] | None:
@@ -514,6 +610,34 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         result.documents, result.document_atom = docs, atom
         return
     result.dense.append(atom)
+    _label_padding_product(atom, result, score_shape)
+
+
+def _label_padding_product(atom: Atom, result: MaskAnalysis, score_shape) -> None:
+    """Name a dense atom that is the truth of a product of integer key and query padding masks, DeBERTa's
+    ``(mask[:, None, None, :] * mask[:, None, :, None]).bool()``: key padding, and rows of padded queries
+    that see no key. The kernels still read the atom as written (its arithmetic is the mask's), so only the
+    report changes."""
+    node = atom.node
+    if atom.negated or atom.lifts or atom.steps or kind(node) != "cast" or not _bool_meta(node):
+        return
+    product = node.args[0]
+    if kind(product) != "mul" or len(product.args) != 2 or product.kwargs:
+        return
+    rank, q_len, kv_len = len(score_shape), score_shape[-2], score_shape[-1]
+    shapes = []
+    for factor in product.args:
+        meta = tensor_meta(factor) if isinstance(factor, Node) else None
+        if meta is None or meta.is_floating_point() or meta.is_complex() or len(meta.shape) > rank:
+            return
+        shapes.append((1,) * (rank - len(meta.shape)) + tuple(meta.shape))
+    keys = [_is_key_padding(shape, score_shape) for shape in shapes]
+    queries = [shape[-2:] == (q_len, 1) and all(d == 1 for d in shape[1:-2]) and shape[0] in (1, score_shape[0])
+               and q_len != 1 for shape in shapes]
+    if any(keys) and all(k or q for k, q in zip(keys, queries)) and kv_len != 1:
+        result.dense_labels[node] = ("key_padding",)
+        rows = " and the padded queries' rows (no visible key)" if any(queries) else ""
+        result.notes.append(f"key padding{rows} as the product {product.name}, read as the mask it is written as")
 
 
 def _band_of_sliced_constant(node: Node, negated: bool, constants: Constants):
@@ -608,6 +732,30 @@ def alibi_slopes(value: torch.Tensor, score_shape) -> list[float] | None:
         if bool((slopes != 0).any()) and bool(torch.allclose(grid, expected + offset, rtol=1e-4, atol=1e-4)):
             return [float(x) for x in slopes.abs()]
     return None
+
+
+def _run_time_alibi(node: Node, steps, score_shape, constants: Constants) -> bool:
+    """Whether an additive term is per-head constant slopes times integer key positions computed at run time
+    (BLOOM's ``slopes[:, None] * ((mask.cumsum(-1) - 1) * mask)``): as the scores see it ``[B or 1, H, 1, Nk]``,
+    a product of a constant with one value per head and an integer tensor without heads. Only the label."""
+    shape = shape_of(node)
+    if shape is None or len(score_shape) != 4 or _needs_grad(node):
+        return False
+    seen = (1,) * (4 - len(apply_steps(shape, steps))) + tuple(apply_steps(shape, steps))
+    heads = score_shape[1]
+    if seen[1:3] != (heads, 1) or seen[3] != score_shape[3] or not isinstance(heads, int) or heads < 2:
+        return False
+    while kind(node) in ("cast", "reshape") and isinstance(node.args[0], Node):
+        node = node.args[0]
+    if kind(node) != "mul" or len(node.args) != 2 or node.kwargs or not all(isinstance(a, Node) for a in node.args):
+        return False
+    slopes, positions = node.args if constants.is_constant(node.args[0]) else node.args[::-1]
+    if not constants.is_constant(slopes) or constants.is_constant(positions):
+        return False
+    value, meta = constants.value(slopes), tensor_meta(positions)
+    return (isinstance(value, torch.Tensor) and value.numel() == heads and value.is_floating_point()
+            and bool(torch.isfinite(value).all()) and meta is not None and not meta.is_floating_point()
+            and meta.dtype != torch.bool and math.prod(shape_of(positions) or (0,)) * heads == math.prod(shape))
 
 
 def _all_ones(node: Node) -> bool:

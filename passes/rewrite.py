@@ -18,7 +18,7 @@ import torch
 from torch.fx import Graph, Node
 
 from attnopt.kernels.spec import AttentionSpec
-from attnopt.ops import run_attention
+from attnopt.ops import SiteCall
 
 from .detect import Match
 from .graph import is_in_place, shape_of, tensor_meta
@@ -74,22 +74,34 @@ def all_kept(*keeps: torch.Tensor) -> bool:
     return bool(torch.stack([keep.all() for keep in keeps]).all())
 
 
-def attention_unless_unpadded(unpadded: bool, unpadded_kernel: str, *args):
-    """The call with its key padding, or, when the padding keeps every key, without it on ``unpadded_kernel``
-    (a batch with no padding runs HF's causal + key padding call as plain causal, on cuDNN say)."""
-    if unpadded:
-        args = (*args[:3], None, *args[4:-1], unpadded_kernel)
-    return run_attention(*args)
+class UnlessUnpadded:
+    """A site's call with its key padding, or, when the padding keeps every key, its call without it
+    (a batch with no padding runs HF's causal + key padding call as plain causal, on cuDNN say).
+    Called with ``all_kept``'s answer and the site's arguments; both calls are resolved at rewrite time."""
+
+    #: the name of the call in the graph's generated code
+    __name__ = "attention_unless_unpadded"
+
+    def __init__(self, padded: SiteCall, unpadded: SiteCall):
+        self.padded, self.unpadded = padded, unpadded
+
+    def __call__(self, unpadded: bool, q, k, v, key_padding, q_doc, kv_doc, bias, mask, dropout_p=0.0):
+        if unpadded:
+            return self.unpadded(q, k, v, None, q_doc, kv_doc, bias, mask, dropout_p)
+        return self.padded(q, k, v, key_padding, q_doc, kv_doc, bias, mask, dropout_p)
+
+    def __repr__(self) -> str:
+        return f"<{self.padded!r}, or {self.unpadded!r} when the padding keeps every key>"
 
 
 def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
 
-    ``lean`` (graphs run as Python, ``compiler="eager"``): the node calls ``attnopt.ops.run_attention``,
-    which sends inference calls straight to the kernel and the others to the op. With
-    ``unpadded_kernel`` (lean graphs only), a call whose key padding keeps every key runs that kernel
-    without the padding term instead, decided at run time once per forward (one host sync for all sites
-    that share the padding mask).
+    ``lean`` (graphs run as Python, ``compiler="eager"``): the node calls an ``attnopt.ops.SiteCall`` made
+    here, which holds the static arguments and the kernel, sends inference calls straight to the kernel
+    and the others to the op. With ``unpadded_kernel`` (lean graphs only), a call whose key padding keeps
+    every key runs that kernel without the padding term instead, decided at run time once per forward
+    (one host sync for all sites that share the padding mask).
     """
     assert lean or unpadded_kernel is None, "run-time branches are for graphs run as Python"
     m = match.masks
@@ -113,16 +125,19 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         for term in rest:
             bias = term if bias is None else graph.call_function(operator.add, (bias, term))
         window = m.window
-        args = (
-            q, k, v, key_padding, q_doc, kv_doc, bias, mask,
-            _scale(match), m.causal, m.align.value,
-            None if window is None else window.left, None if window is None else window.right,
-            match.softcap, match.dropout_p if match.dropout_node is None else match.dropout_node, m.fill.value, kernel,
-        )
-        if unpadded is None:
-            call = graph.call_function(run_attention if lean else torch.ops.attnopt.attention.default, args)
+        tensors = (q, k, v, key_padding, q_doc, kv_doc, bias, mask)
+        dropout = match.dropout_p if match.dropout_node is None else match.dropout_node
+        static = (_scale(match), m.causal, m.align.value, None if window is None else window.left,
+                  None if window is None else window.right, match.softcap)
+        if not lean:
+            call = graph.call_function(torch.ops.attnopt.attention.default,
+                                       (*tensors, *static, dropout, m.fill.value, kernel))
+        elif unpadded is None:
+            call = graph.call_function(SiteCall(kernel, *static, m.fill.value), (*tensors, dropout))
         else:
-            call = graph.call_function(attention_unless_unpadded, (unpadded, unpadded_kernel, *args))
+            branch = UnlessUnpadded(SiteCall(kernel, *static, m.fill.value),
+                                    SiteCall(unpadded_kernel, *static, m.fill.value))
+            call = graph.call_function(branch, (unpadded, *tensors, dropout))
         out = graph.call_function(operator.getitem, (call, 0))
         for name, args in match.output_steps:
             out = graph.call_method(name, (out, *args))

@@ -472,6 +472,11 @@ def block_kernel(kernel: str, q) -> str:
 def make_plan(q, k, mesh, *, causal: bool, align: Align, window: Window | None, key_padding, q_doc, kv_doc,
               scale: float, softcap: float | None, fill: Fill, kernel: str, load_balance: bool, strategy: str) -> _Plan:
     """The plan of one call on this rank's rows (collectives: the global key padding and document ids)."""
+    if fill == Fill.FINITE_REPLACED_ADDED:
+        raise NotImplementedError(
+            "context-parallel attention with fill='finite_replaced_added' (a band replaced by finfo.min, then "
+            "key padding added) is not supported yet: run this attention outside the ContextParallel scope"
+        )
     group, rank, world = _mesh_group(mesh)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not allowed: use one of {STRATEGIES}")

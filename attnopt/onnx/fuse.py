@@ -10,6 +10,7 @@ now-dead score chain is removed.
 
 from __future__ import annotations
 
+import dataclasses
 import heapq
 import math
 import os
@@ -25,21 +26,31 @@ from attnopt.passes.graph import shape_of, tensor_meta
 from attnopt.passes.layouts import apply_steps
 from attnopt.report import Site
 
-from .contrib import DOMAIN, DOMAIN_VERSION, TARGETS, ContribSite, contrib_reasons, emit_multi_head_attention
+from .contrib import (
+    DOMAIN,
+    DOMAIN_VERSION,
+    TARGETS,
+    ContribSite,
+    absorb_projections,
+    contrib_reasons,
+    emit_multi_head_attention,
+)
 from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
 from .pack import pack_projections
 from .report import OnnxReport
+from .runtime_fusions import fuse_for_onnxruntime
 from .view import OnnxView, import_onnx
 
 #: q/k/v element types the Attention operator takes
 ATTENTION_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
 #: the operators a fused site becomes
-ATTENTION_OPS = ("Attention", "MultiHeadAttention")
+ATTENTION_OPS = ("Attention", "MultiHeadAttention")  # standard or com.microsoft Attention
 
 
 def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN_OPSET,
          dims: dict[str, int] | None = None, verify: bool = False, pack_qkv: bool = False,
-         target: str = "onnx", report: OnnxReport | None = None) -> onnx.ModelProto:
+         target: str = "onnx", runtime_fusions: bool | None = None,
+         report: OnnxReport | None = None) -> onnx.ModelProto:
     """A copy of the model with every attention site found replaced by one ``Attention`` node.
 
     ``dims`` sets the sizes of symbolic input dims used to analyze (and, with
@@ -48,13 +59,24 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     ``pack_qkv=True`` also merges the projections of a fused site's q, k and v
     that read the same input into one ``MatMul`` and a ``Split`` (``pack.py``).
     ``target="onnxruntime"`` emits ONNX Runtime's ``com.microsoft.MultiHeadAttention`` where it
-    computes the site's function exactly, and the standard operator elsewhere (``contrib.py``); the
-    report names the operator of each site and, for the standard one, why.
+    computes the site's function exactly (``com.microsoft.Attention``, projections included, where q,
+    k and v are projections of one input), and the standard operator elsewhere (``contrib.py``); the
+    report names the operator of each site and, for the standard one, why. With that target the rest
+    of the graph also goes through onnxscript's ONNX Runtime fusions that are exact and measured faster
+    (Gelu, BiasGelu, RMS normalization: ``runtime_fusions.py``); ``runtime_fusions=False`` leaves it as
+    it was.
     """
     check_opset(opset)
     if target not in TARGETS:
         raise ValueError(f"target={target!r} is not one of {', '.join(map(repr, TARGETS))}: pass \"onnx\" for "
                          "the standard Attention operator or \"onnxruntime\" for ONNX Runtime's where exact")
+    if runtime_fusions is None:
+        runtime_fusions = target == "onnxruntime"
+    elif not isinstance(runtime_fusions, bool):
+        raise TypeError(f"runtime_fusions={runtime_fusions!r} is not a bool: pass True, False or leave it out")
+    elif runtime_fusions and target != "onnxruntime":
+        raise ValueError("runtime_fusions=True emits ONNX Runtime's own operators, which target=\"onnx\" "
+                         "(standard operators only) rules out: pass target=\"onnxruntime\" with it")
     source = model_or_path if isinstance(model_or_path, onnx.ModelProto) else _load(model_or_path)
     report = OnnxReport() if report is None else report
     report.opset, report.graphs = opset, report.graphs + 1
@@ -66,7 +88,8 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     replacements: dict[str, list[onnx.NodeProto]] = {}  # ONNX value of a site's output -> nodes producing it
     taken = {o for n in model.graph.node for o in n.output} | {i.name for i in model.graph.input}
     shared: dict[bytes, str] = {}  # mask work built once per graph, whichever site asks first
-    operands: list[tuple[str, ...]] = []  # q, k and v of each replaced site
+    operands: list[tuple[str, ...]] = []  # q, k and v as each replaced site's attention node reads them
+    contrib_sites: dict[str, int] = {}  # MultiHeadAttention node -> its row in report.sites
     for found in find_sites(view.gm.graph):
         anchor = view.onnx_name.get(found.anchor, found.anchor.name)
         where = view.node_of[anchor].name or anchor if anchor in view.node_of else anchor
@@ -76,16 +99,26 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
             continue
         site, nodes = _replace(view, found, opset, where, anchor, taken, shared, target)
         report.sites.append(site)
+        contrib_sites.update((n.name, len(report.sites) - 1) for n in nodes if n.op_type == "MultiHeadAttention")
         if nodes:
             replacements[view.onnx_name[found.output]] = nodes
-            operands.append(tuple(view.onnx_name[op.node] for op in (found.q, found.k, found.v)))
+            operands.append(tuple(next(n for n in nodes if n.op_type in ATTENTION_OPS).input[:3]))
 
     _splice(model.graph, replacements)
+    _remove_dead(model.graph)  # the decomposed chains no longer read q, k and v
+    for name in absorb_projections(model.graph, taken, _rows_of(view)):
+        row = contrib_sites[name]
+        report.sites[row] = dataclasses.replace(
+            report.sites[row], kernel=f"onnx:{DOMAIN}.Attention",
+            reason=f"fused with its q/k/v projections into one {DOMAIN}.Attention node")
+    _remove_dead(model.graph)  # the projections now computed inside com.microsoft.Attention nodes
     if pack_qkv:
         report.packed = pack_projections(model.graph, operands, taken)
     _remove_dead(model.graph)
     _sort(model.graph)  # a site may use mask work placed with a later site
     _set_opset(model, opset)
+    if runtime_fusions:
+        model, report.runtime_fusions = fuse_for_onnxruntime(model)
     report.attention_nodes = sum(n.op_type in ATTENTION_OPS for n in model.graph.node)
     if verify:
         from .verify import compare_onnx
@@ -126,6 +159,9 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
         reason = "scores viewed between [B*H, N, N] and [B, H, N, N] are not fused in ONNX yet"
     elif m.viewed:
         reason = "mask terms added to a view of the scores ([B*H] or per-window) are not fused in ONNX yet"
+    elif Fill(m.fill) == Fill.FINITE_REPLACED_ADDED:
+        reason = ("a band replaced by finfo.min, then key padding added (GPT-2's masks): rows that see no key "
+                  "average the keys masked once, which the Attention operator's mask cannot say; not fused yet")
     elif (m.causal or m.window is not None) and not _band_spans_scores(match):
         reason = ("the causal/window band is read from index ranges whose lengths are not provably the "
                   "query and key lengths (a range of length 1 broadcasts to every position)")
@@ -208,6 +244,20 @@ def _replace(view: OnnxView, match: Match, opset: int, where: str, anchor: str, 
     taken.update(o for n in e.nodes for o in n.output)
     site = Site(replaced=True, reason=how, kernel=kernel, **described)
     return site, e.nodes
+
+
+def _rows_of(view: OnnxView):
+    """``same_rows(x, y, width)``: whether x is ``[B, N, width]`` and y ``[B, N, ..]``, symbolically."""
+    fx_node = {name: node for node, name in view.onnx_name.items()}
+
+    def same_rows(x: str, y: str, width: int) -> bool:
+        shapes = [shape_of(fx_node[v]) if v in fx_node else None for v in (x, y)]
+        if any(s is None or len(s) != 3 for s in shapes):
+            return False
+        (b, n, e), (b2, n2, _) = shapes
+        return _same(b, b2) and _same(n, n2) and _same(e, width)
+
+    return same_rows
 
 
 def _band_spans_scores(match: Match) -> bool:

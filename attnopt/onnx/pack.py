@@ -40,18 +40,11 @@ def pack_projections(graph: onnx.GraphProto, operands: list[tuple[str, ...]], ta
     Returns the number of packed groups. Projections of one input that no site shares (cross
     attention's q) stay alone; a group needs two or more.
     """
-    producer = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[onnx.NodeProto]] = {}
-    for n in graph.node:
-        for i in n.input:
-            consumers.setdefault(i, []).append(n)
-    inits = {t.name: t for t in graph.initializer}
-    outputs = {o.name for o in graph.output}
-
+    producer, consumers, inits, outputs = graph_index(graph)
     groups: list[list[Projection]] = []
     done: set[str] = set()
     for values in operands:
-        found = [_projection(_nearest_matmul(v, producer), consumers, inits, outputs) for v in values]
+        found = [projection(_nearest_matmul(v, producer), consumers, inits, outputs) for v in values]
         by_input: dict[str, list[Projection]] = {}
         for p in found:
             if p is not None and p.matmul.output[0] not in done:
@@ -66,6 +59,16 @@ def pack_projections(graph: onnx.GraphProto, operands: list[tuple[str, ...]], ta
     for group in groups:
         _pack(graph, group, taken)
     return len(groups)
+
+
+def graph_index(graph: onnx.GraphProto):
+    """``(producer, consumers, initializers, graph outputs)``, each by value name."""
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    return producer, consumers, {t.name: t for t in graph.initializer}, {o.name for o in graph.output}
 
 
 def _nearest_matmul(value: str, producer: dict[str, onnx.NodeProto]) -> onnx.NodeProto | None:
@@ -85,7 +88,8 @@ def _nearest_matmul(value: str, producer: dict[str, onnx.NodeProto]) -> onnx.Nod
     return None
 
 
-def _projection(matmul, consumers, inits, outputs) -> Projection | None:
+def projection(matmul, consumers, inits, outputs) -> Projection | None:
+    """``matmul`` as ``x @ weight (+ bias)`` with constant operands; None when it is not one."""
     if matmul is None or matmul.input[1] not in inits or matmul.input[0] in inits:
         return None
     weight = numpy_helper.to_array(inits[matmul.input[1]])

@@ -16,6 +16,8 @@ class OnnxReport(Report):
     attention_nodes: int = 0  # Attention nodes in the resulting model
     max_diff: float | None = None  # ONNX Runtime vs the source, when verified
     packed: int = 0  # q/k/v projection groups merged into one MatMul (fuse's pack_qkv)
+    #: nodes fused by each of onnxscript's ONNX Runtime rule sets (fuse's target="onnxruntime")
+    runtime_fusions: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def sanitize(self) -> None:
         """Concrete ints where a dynamic-shape capture left symbolic sizes in the sites."""
@@ -29,12 +31,15 @@ class OnnxReport(Report):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "opset": self.opset, "attention_nodes": self.attention_nodes,
-                "max_diff": self.max_diff, "packed": self.packed}
+                "max_diff": self.max_diff, "packed": self.packed, "runtime_fusions": dict(self.runtime_fusions)}
 
     def __str__(self) -> str:
         lines = [super().__str__(), f"ONNX opset {self.opset}: {self.attention_nodes} Attention node(s)"]
         if self.packed:
             lines.append(f"{self.packed} group(s) of q/k/v projections packed into one MatMul")
+        if self.runtime_fusions:
+            done = ", ".join(f"{name} x{count}" for name, count in self.runtime_fusions.items() if count)
+            lines.append(f"ONNX Runtime fusions: {done or 'none matched'}")
         if self.max_diff is not None:
             lines.append(f"ONNX Runtime vs source: max |difference| = {self.max_diff:.3g}")
         return "\n".join(lines)

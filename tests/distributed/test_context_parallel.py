@@ -76,3 +76,16 @@ def test_block_band_is_the_band_restricted_to_the_block(lo, hi, d, nq, nk):
 def test_optimized_model_inside_the_scope(tmp_path):
     """optimize() composes with ContextParallel: the rewritten site runs context-parallel, exactly."""
     mp.spawn(cp_workers.run_optimized_model, args=(2, str(tmp_path / "rendezvous")), nprocs=2)
+
+
+def test_a_replaced_then_added_fill_is_refused_with_the_way_out():
+    """GPT-2's fill (a band replaced by finfo.min, then padding added) has no sharded form yet: the plan
+    says so before any collective, rather than computing another function."""
+    from attnopt.distributed.context import make_plan
+    from attnopt.kernels.spec import Align, Fill
+
+    q = torch.randn(1, 2, 8, 4)
+    with pytest.raises(NotImplementedError, match="outside the ContextParallel scope"):
+        make_plan(q, q, None, causal=True, align=Align.TOP_LEFT, window=None, key_padding=None, q_doc=None,
+                  kv_doc=None, scale=0.5, softcap=None, fill=Fill.FINITE_REPLACED_ADDED, kernel="reference",
+                  load_balance=True, strategy="auto")

@@ -46,7 +46,8 @@ def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     q = randn(batch, kv_heads * group, q_len, head_dim)
     k = randn(batch, kv_heads, kv_len, head_dim)
     v = randn(batch, kv_heads, kv_len, v_dim)
-    terms = dict(fill=draw(st.sampled_from(list(Fill))))
+    # Fill.FINITE_REPLACED_ADDED is made of a band and key padding only: tests/passes/test_detect_round4.py
+    terms = dict(fill=draw(st.sampled_from([f for f in Fill if f != Fill.FINITE_REPLACED_ADDED])))
     causal = draw(st.sampled_from([None, Align.TOP_LEFT, Align.BOTTOM_RIGHT]))
     if causal is not None:
         terms.update(causal=True, align=causal)

@@ -91,4 +91,4 @@ def test_window_rejects_negative_bounds():
 
 
 def test_fill_values_are_stable_strings():
-    assert {f.value for f in Fill} == {"-inf", "finite", "finite_added", "safe"}
+    assert {f.value for f in Fill} == {"-inf", "finite", "finite_added", "safe", "finite_replaced_added"}

@@ -114,6 +114,19 @@ class FillPadded(Block):
         return self.merge(scores.softmax(-1) @ v)
 
 
+class CausalFillThenPadding(Block):
+    """GPT-2 eager: ``where(causal, s, finfo.min)``, then ``+ (1 - keep) * finfo.min``."""
+
+    def forward(self, x, keep):
+        q, k, v = self.qkv(x)
+        n, low = x.shape[1], torch.finfo(x.dtype).min
+        scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        scores = torch.where(causal, scores, torch.full([], low, dtype=x.dtype))
+        scores = scores + (1.0 - keep[:, None, None, :].to(x.dtype)) * low
+        return self.merge(scores.softmax(-1) @ v)
+
+
 class BottomRightCausal(Block):
     """Causal with a KV-cache alignment: the last query sees the last key (rows die when Nq > Nk)."""
 

@@ -156,3 +156,22 @@ def test_unsupported_opset_and_unreadable_file_are_one_line(tmp_path, capsys):
     capsys.readouterr()
     assert main(["onnx", "fuse", str(source), "-o", str(tmp_path / "o.onnx"), "--opset", "18"]) == 2
     assert "opset 23" in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("flags,expected", [([], None), (["--no-runtime-fusions"], False)])
+def test_fuse_passes_the_runtime_fusions_switch(tmp_path, capsys, monkeypatch, flags, expected):
+    import attnopt.onnx as aonnx
+
+    source, out = tmp_path / "in.onnx", tmp_path / "out.onnx"
+    onnx.save(torch.onnx.export(om.CausalPaddedGQA().eval(), (torch.randn(2, 6, 32), torch.ones(2, 6)),
+                                dynamo=True, opset_version=18).model_proto, source)
+    seen = {}
+    real = aonnx.fuse
+
+    def spy(*args, **kwargs):
+        seen.update(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(aonnx, "fuse", spy)
+    assert main(["onnx", "fuse", str(source), "-o", str(out), "--target", "onnxruntime", *flags]) == 0
+    assert seen["runtime_fusions"] is expected and seen["target"] == "onnxruntime"

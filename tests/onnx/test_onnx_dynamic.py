@@ -28,8 +28,7 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore")
 
-TOL = 1e-5
-SHAPES = ((1, 6), (4, 9))  # (batch, seq)
+TOL, SHAPES = hd.TOL, hd.SHAPES  # (batch, seq)
 
 #: (model, exporter) -> (sites, mask terms every site shows)
 CASES = {

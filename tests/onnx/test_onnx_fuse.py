@@ -103,3 +103,19 @@ def test_dims_of_a_model_with_unnamed_inputs():
     model, args, _ = cases()["sdpa_causal"]
     assert aonnx.fuse(plain_export(om.SDPABlock("causal"), args, {"x": {0: Dim("B"), 1: Dim("N")}}),
                       dims={"B": 1, "N": 4}, verify=True) is not None
+
+
+def test_a_band_replaced_then_padding_added_is_left_alone_with_the_reason():
+    """GPT-2's masks (``where(causal, s, finfo.min) + (1 - keep) * finfo.min``): a row whose causal keys are
+    all padded averages the keys masked once, which the Attention operator's mask cannot express. The site
+    stays as exported, says why, and the graph still computes the original."""
+    torch.manual_seed(0)
+    model = om.CausalFillThenPadding().eval()
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[1, :5] = False  # left padding: the first rows of batch 1 see only padded keys
+    source = plain_export(model, (torch.randn(2, 12, 32), keep))
+    report = aonnx.OnnxReport()
+    fused = aonnx.fuse(source, report=report, verify=True)
+    assert len(report.sites) == 1 and not report.replaced, str(report)
+    assert "masked once" in report.sites[0].reason
+    assert not ops(fused, "Attention") and ops(fused, "Softmax")

@@ -1,4 +1,5 @@
-"""fuse(..., target="onnxruntime"): com.microsoft.MultiHeadAttention where exact, the standard op elsewhere.
+"""fuse(..., target="onnxruntime"): com.microsoft.MultiHeadAttention where exact (com.microsoft.Attention
+when q/k/v are projections of one input), the standard op elsewhere.
 
 Fused graphs must equal the unfused ones in ONNX Runtime at two shapes, on rows that are unpadded,
 left-padded, right-padded and fully padded (a fully padded row averages the values in the original);
@@ -22,40 +23,45 @@ pytest.importorskip("transformers")
 pytest.importorskip("onnxruntime")
 warnings.filterwarnings("ignore")
 
-TOL = 1e-5
-SHAPES = ((1, 6), (4, 9))  # (batch, seq)
+TOL, SHAPES = hd.TOL, hd.SHAPES  # (batch, seq)
 MHA = "onnx:com.microsoft.MultiHeadAttention"
+PACKED = "onnx:com.microsoft.Attention"  # the q/k/v projections inside
+STANDARD = "onnx:Attention"
 
-#: (model, exporter) -> (sites as MultiHeadAttention, sites left to the standard op and why)
+#: (model, exporter) -> ({kernel: sites}, why the standard op's sites keep it)
 CASES = {
-    ("bert", "dynamo"): (2, 0, None),
-    ("gpt2", "dynamo"): (2, 0, None),
-    ("bart", "dynamo"): (3, 0, None),
-    ("vit", "dynamo"): (2, 0, None),
-    ("llama", "dynamo"): (0, 2, "grouped-query"),
-    ("t5", "torchscript"): (0, 3, "not [B, N, H * D] projections"),
+    ("bert", "dynamo"): ({PACKED: 2}, None),
+    ("gpt2", "dynamo"): ({PACKED: 2}, None),  # one Gemm split in three (c_attn)
+    ("bart", "dynamo"): ({PACKED: 2, MHA: 1}, None),  # cross attention: q and k/v read different inputs
+    ("vit", "dynamo"): ({PACKED: 2}, None),
+    ("llama", "dynamo"): ({STANDARD: 2}, "grouped-query"),
+    ("t5", "torchscript"): ({STANDARD: 3}, "not [B, N, H * D] projections"),
 }
 
 
-def ops(proto, op_type):
-    return [n for n in proto.graph.node if n.op_type == op_type]
+def ops(proto, op_type, domain=""):
+    return [n for n in proto.graph.node if n.op_type == op_type and n.domain == domain]
 
 
 @pytest.mark.parametrize("name,exporter", list(CASES))
 def test_target_fuses_exactly_and_names_the_op(name, exporter):
-    contrib, standard, why = CASES[name, exporter]
+    kernels, why = CASES[name, exporter]
     source = hd.export_dynamic(name, exporter)
     report = aonnx.OnnxReport()
-    fused = aonnx.fuse(source, report=report, target="onnxruntime")
-    assert [s.kernel for s in report.sites].count(MHA) == contrib == len(ops(fused, "MultiHeadAttention")), str(report)
-    assert [s.kernel for s in report.sites].count("onnx:Attention") == standard == len(ops(fused, "Attention"))
-    assert report.attention_nodes == contrib + standard == len(report.replaced)
-    assert not ops(fused, "Softmax")
+    fused = aonnx.fuse(source, report=report, target="onnxruntime", runtime_fusions=False)
+    assert {k: [s.kernel for s in report.sites].count(k) for k in kernels} == kernels, str(report)
+    assert len(ops(fused, "Attention", "com.microsoft")) == kernels.get(PACKED, 0)
+    assert len(ops(fused, "MultiHeadAttention", "com.microsoft")) == kernels.get(MHA, 0)
+    assert len(ops(fused, "Attention")) == kernels.get(STANDARD, 0)
+    assert report.attention_nodes == sum(kernels.values()) == len(report.replaced)
+    assert not ops(fused, "Softmax") and not report.runtime_fusions
     for site in report.sites:
-        assert ("MultiHeadAttention node" in site.reason) == (site.kernel == MHA), site.reason
-        if site.kernel != MHA:
+        assert (site.kernel == STANDARD) == ("ONNX Attention node" in site.reason), site.reason
+        if site.kernel == STANDARD:
             assert why in site.reason, site.reason
-    if contrib:
+    if PACKED in kernels:  # the projections run inside the operator
+        assert len(ops(fused, "MatMul") + ops(fused, "Gemm")) < len(ops(source, "MatMul") + ops(source, "Gemm"))
+    if set(kernels) - {STANDARD}:
         assert any(o.domain == "com.microsoft" for o in fused.opset_import)
     original, changed = session(source), session(fused)
     kind = hd.MODELS[name][1]
@@ -72,7 +78,7 @@ def test_target_fuses_exactly_and_names_the_op(name, exporter):
 def test_causal_padding_on_random_masks(batch, seq, seed):
     """GPT-2 (causal over key padding, unidirectional + a [B, Nk] mask): any padding pattern, holes too."""
     source = hd.export_dynamic("gpt2", "dynamo")
-    fused = aonnx.fuse(source, target="onnxruntime")
+    fused = aonnx.fuse(source, target="onnxruntime", runtime_fusions=False)
     rng = np.random.default_rng(seed)
     mask = (rng.random((batch, seq)) < rng.random()).astype(np.int64)
     feeds = {"input_ids": rng.integers(0, 64, (batch, seq)), "attention_mask": mask}
@@ -114,7 +120,7 @@ def test_fill_decides(fill, contrib):
     source = _export(SeparateProjections(fill), (x, keep))
     report = aonnx.OnnxReport()
     fused = aonnx.fuse(source, report=report, target="onnxruntime")
-    assert (report.sites[0].kernel == MHA) == contrib, str(report)
+    assert (report.sites[0].kernel == PACKED) == contrib, str(report)
     if not contrib:
         assert "NaN in the original" in report.sites[0].reason
     feeds = {i.name: t.numpy() for i, t in zip(session(source).get_inputs(), (x, keep))}
@@ -131,8 +137,8 @@ def test_masks_it_cannot_express_keep_the_standard_op(name, why):
     source = _export(model, args)
     report = aonnx.OnnxReport()
     fused = aonnx.fuse(source, report=report, target="onnxruntime")
-    assert [s.kernel for s in report.sites] == ["onnx:Attention"] and why in report.sites[0].reason, str(report)
-    assert not ops(fused, "MultiHeadAttention")
+    assert [s.kernel for s in report.sites] == [STANDARD] and why in report.sites[0].reason, str(report)
+    assert not ops(fused, "MultiHeadAttention", "com.microsoft") and not ops(fused, "Attention", "com.microsoft")
     feeds = {i.name: t.numpy() for i, t in zip(session(source).get_inputs(), args)}
     assert max_difference(session(fused).run(None, feeds), session(source).run(None, feeds)) <= TOL
 
@@ -140,7 +146,7 @@ def test_masks_it_cannot_express_keep_the_standard_op(name, why):
 def test_default_target_is_the_standard_op():
     x, keep = _padded()
     fused = aonnx.fuse(_export(SeparateProjections(torch.finfo(torch.float32).min), (x, keep)))
-    assert len(ops(fused, "Attention")) == 1 and not ops(fused, "MultiHeadAttention")
+    assert len(ops(fused, "Attention")) == 1 and not ops(fused, "Attention", "com.microsoft")
     assert all(o.domain != "com.microsoft" for o in fused.opset_import)
 
 

@@ -737,3 +737,46 @@ def test_gradients_through_an_added_finfo_min_on_fully_masked_rows(kernel):
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     for g, w in zip(grads, want):
         torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------- found since: a bias summed in place
+class BiasSummedInPlace(nn.Module):
+    """DeBERTa's relative terms: ``score = 0 + c2p; score += p2c`` (the first summand written in place),
+    then ``q @ k^T * s + score``. Its parts must not be read again after the in-place add, or ``p2c`` counts
+    twice."""
+
+    def forward(self, q, k, v, c2p, p2c):
+        score = 0 + c2p
+        score += p2c
+        return torch.softmax(q @ k.transpose(-1, -2) * 0.25 + score, -1) @ v
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_a_bias_summed_in_place_counts_each_term_once(train):
+    q, k, v = qkv()
+    g = torch.Generator().manual_seed(3)
+    c2p, p2c = (torch.randn(2, 2, 8, 8, generator=g) * 3 for _ in range(2))
+    if train:
+        q.requires_grad_()
+    done = check_calls(BiasSummedInPlace(), same_inputs((q, k, v, c2p, p2c), 2))
+    for plan, (_, optimized) in done.items():
+        assert any(s.replaced for s in optimized.attnopt_report.sites), f"{plan}: {sites(optimized.attnopt_report)}"
+
+
+class SoftmaxNarrowerThanScores(nn.Module):
+    """BLOOM in float64: ``softmax(s, dtype=torch.float32)`` of float64 scores rounds them, and its float64
+    ``finfo.min`` fill becomes -inf (NaN rows), unlike a float64 kernel."""
+
+    def forward(self, q, k, v, keep):
+        s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~keep[:, None, None, :], torch.finfo(q.dtype).min)
+        return torch.softmax(s, -1, dtype=torch.float32).to(q.dtype) @ v
+
+
+def test_a_softmax_narrower_than_its_scores_is_left_alone():
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1] = False  # every key of batch 1 padded: NaN in the original, through the float32 softmax
+    q, k, v = qkv(dtype=torch.float64)
+    done = check_calls(SoftmaxNarrowerThanScores(), same_inputs((q, k, v, keep), 1))
+    for plan, (_, optimized) in done.items():
+        site = optimized.attnopt_report.sites[0]
+        assert not site.replaced and "rounds them first" in site.reason, f"{plan}: {sites(optimized.attnopt_report)}"

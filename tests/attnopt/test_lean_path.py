@@ -1,0 +1,380 @@
+"""The lean call path of a replaced site (``attnopt.ops.SiteCall``): what it computes, what it skips.
+
+An inference call runs the kernel chosen at rewrite time directly, on a call plan made once per call
+shape; everything else takes the ``attnopt::attention`` op. These tests check that the two paths give
+the same output (and the float64 oracle's) for every fill and mask term, that nothing is rebuilt or
+looked up per call, and that each call that needs the op still gets it.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.nn.attention import SDPBackend
+
+import attnopt
+import attnopt.ops as ops
+from attnopt.kernels import registry
+from attnopt.kernels import sdpa as sdpa_module
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.registry import Kernel
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+from attnopt.ops import SiteCall, spec_from_args
+
+NO_TERMS = (None, None, None, None, None)
+#: the fills of any combination of terms
+FILLS = [f.value for f in (Fill.NEG_INF, Fill.FINITE, Fill.FINITE_ADDED, Fill.SAFE)]
+
+
+# ------------------------------------------------------------------ same output as the op, and the oracle
+
+
+@st.composite
+def calls(draw):
+    """A call of every term and fill a CPU kernel takes: static arguments and tensors (rows without keys
+    included: left padding, a fully padded batch row, documents, boolean and additive masks)."""
+    dtype = draw(st.sampled_from([torch.float32, torch.float64, torch.bfloat16]))
+    b, hkv, group = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2]))
+    nq, nk, d = draw(st.integers(1, 9)), draw(st.integers(1, 9)), draw(st.sampled_from([4, 8]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    q = torch.randn(b, hkv * group, nq, d, generator=g).to(dtype)
+    k, v = (torch.randn(b, hkv, nk, d, generator=g).to(dtype) for _ in range(2))
+    causal = draw(st.booleans())
+    align = draw(st.sampled_from(["top_left", "bottom_right"]))
+    left, right = (draw(st.none() | st.integers(0, 4)) for _ in range(2))
+    key_padding = q_doc = kv_doc = bias = mask = None
+    if draw(st.booleans()):
+        key_padding = torch.rand(b, nk, generator=g) > 0.4
+        key_padding[0, : draw(st.integers(0, nk))] = False  # left padding, up to a batch row with no key
+    if draw(st.booleans()):
+        q_doc = torch.sort(torch.randint(0, 3, (1, nq), generator=g)).values
+        kv_doc = torch.sort(torch.randint(0, 3, (1, nk), generator=g)).values
+    kind = draw(st.sampled_from(["none", "bool", "finfo_min", "-inf", "bias"]))
+    if kind == "bool":
+        mask = torch.rand(1, 1, nq, nk, generator=g) > 0.3
+    elif kind in ("finfo_min", "-inf"):
+        masked = torch.rand(b, 1, nq, nk, generator=g) < 0.7
+        mask = torch.zeros(masked.shape, dtype=dtype).masked_fill(
+            masked, torch.finfo(dtype).min if kind == "finfo_min" else float("-inf"))
+    elif kind == "bias":
+        bias = torch.randn(1, hkv * group, nq, nk, generator=g).to(dtype)
+    softcap = draw(st.none() | st.just(5.0))
+    # an additive -inf makes a row NaN in the original whatever fill its boolean terms have
+    fill = "-inf" if kind == "-inf" else draw(st.sampled_from(FILLS))
+    static = (d ** -0.5, causal, align, left, right, softcap)
+    return (q, k, v, key_padding, q_doc, kv_doc, bias, mask), static, fill
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_cpu", "reference"])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=calls())
+def test_inference_gives_the_training_path_output_and_the_oracle(kernel, call):
+    tensors, static, fill = call
+    spec = spec_from_args(*tensors, *static, 0.0, fill)
+    if registry.get(kernel).not_supported_reasons(spec):
+        return  # the planner never hands this call to this kernel
+    site = SiteCall(kernel, *static, fill)
+    with torch.no_grad():
+        lean = site(*tensors, 0.0)[0]
+        lean_again = site(*tensors, 0.0)[0]  # from the call plan the first call made
+    q, k, v, *terms = tensors
+    trained = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    op = site(*trained, *terms, 0.0)[0]  # grad asked: the op, with autograd
+    assert op.grad_fn is not None and lean.grad_fn is None
+    torch.testing.assert_close(lean, op.detach(), atol=0, rtol=0, equal_nan=True)
+    torch.testing.assert_close(lean_again, lean, atol=0, rtol=0, equal_nan=True)
+    tol = {torch.float64: 1e-10, torch.float32: 2e-5, torch.bfloat16: 3e-2}[q.dtype]
+    want = naive_attention(q, k, v, spec)
+    assert torch.isnan(lean).equal(torch.isnan(want)), "rows without keys differ"
+    torch.testing.assert_close(lean.double(), want, atol=tol, rtol=tol, equal_nan=True)
+
+
+def test_fast_mask_decisions_match_their_definition_in_mask_terms():
+    """``needs_mask`` and ``is_causal`` read the spec field by field (they run per call); their
+    definition is in terms of ``mask_terms``: the two agree on every combination of terms."""
+    meta = torch.empty(1, 2, 5, 8, device="meta")
+
+    def definition(spec: AttentionSpec) -> tuple[bool, bool]:
+        terms = set(spec.mask_terms)
+        pure = spec.causal and spec.align == Align.TOP_LEFT and terms == {"causal"}
+        hides_nothing = terms <= {"causal", "window"} and spec.band_hides_nothing()
+        return bool(terms) and not pure and not hides_nothing, pure and not spec.band_hides_nothing()
+
+    seen = set()
+    for nq, nk in ((5, 8), (1, 8), (8, 1), (5, 5)):
+        q, k = meta[:, :, :nq], meta[:, :, :nk]
+        for causal in (False, True):
+            for align in Align:
+                for window in (None, Window(2, 0), Window(None, 1), Window(20, 20)):
+                    for extra in ({}, {"key_padding": torch.ones(1, nk, dtype=torch.bool)},
+                                  {"bias": torch.zeros(1, 1, nq, nk)}, {"softcap": 3.0},
+                                  {"mask": torch.ones(1, 1, nq, nk, dtype=torch.bool)}):
+                        spec = AttentionSpec.from_tensors(q, k, k, causal=causal, align=align, window=window,
+                                                          **extra)
+                        fast = (sdpa_module.needs_mask(spec), sdpa_module._is_causal(spec))
+                        assert fast == definition(spec), spec
+                        seen.add(fast)
+    assert seen == {(False, False), (True, False), (False, True)}  # every outcome was reached
+
+
+def test_cpu_kernel_reads_grouped_heads_as_repeated_heads():
+    """Where ATen's CPU flash attention reads K/V groups itself, the forward repeats nothing; the output is
+    the one over repeated heads, bit for bit."""
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, 8, 5, 16, generator=g)
+    k, v = (torch.randn(2, 2, 7, 16, generator=g) for _ in range(2))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, align=Align.BOTTOM_RIGHT)
+    kernel = registry.get("sdpa_cpu")
+    grouped = kernel.infer(q, k, v, spec)
+    repeated = kernel.infer(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), spec.with_(kv_heads=8))
+    assert torch.equal(grouped, repeated)
+    torch.testing.assert_close(grouped.double(), naive_attention(q, k, v, spec), atol=2e-5, rtol=2e-5)
+
+
+def test_cuda_kernels_python_path_on_cpu_tensors():
+    """The CUDA SDPA kernels' inference path (``prepare``, the pinned backend, native GQA, the mask and fills
+    when terms need them), run here on CPU tensors with the one backend SDPA has on both devices."""
+    kernel = sdpa_module.SDPAKernel("flash_pinned", SDPBackend.FLASH_ATTENTION, "cuda", (torch.float32,), 256, True,
+                                    1e12, "")
+    g = torch.Generator().manual_seed(4)
+    q = torch.randn(2, 4, 6, 16, generator=g)
+    k, v = (torch.randn(2, 2, 6, 16, generator=g) for _ in range(2))
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, :4] = False  # rows 0-3 of batch row 1 see no key under causal
+    enabled = [get() for get in sdpa_module._IS_ENABLED]
+    for terms in ({}, {"key_padding": keep, "fill": Fill.FINITE}):
+        spec = AttentionSpec.from_tensors(q, k, v, causal=True, **terms)
+        run = kernel.prepare(spec)
+        got = run(q, k, v, spec)
+        torch.testing.assert_close(got.double(), naive_attention(q, k, v, spec), atol=2e-5, rtol=2e-5)
+        assert torch.equal(got, kernel.infer(q, k, v, spec))
+    assert [get() for get in sdpa_module._IS_ENABLED] == enabled  # the switches are as they were
+
+
+@pytest.mark.filterwarnings("ignore:Flash attention")
+def test_pinned_backend_switches_are_restored_after_an_error():
+    enabled = [get() for get in sdpa_module._IS_ENABLED]
+    q = torch.randn(1, 1, 4, 8)
+    with pytest.raises(RuntimeError):
+        sdpa_module._pinned(sdpa_module._only(SDPBackend.FLASH_ATTENTION), q, q[..., :4], q, None, False, None)
+    assert [get() for get in sdpa_module._IS_ENABLED] == enabled
+
+
+# ------------------------------------------------------------------ nothing rebuilt or looked up per call
+
+
+class _Probe(Kernel):
+    """A kernel that records how it is called: ``forward`` (the op's way), ``infer`` and ``prepare``."""
+
+    name = "lean_probe"
+    summary = "records its calls"
+
+    def __init__(self):
+        self.calls: list[str] = []
+        self.autocast_seen: list[bool] = []
+
+    def not_supported_reasons(self, spec):
+        return []
+
+    def forward(self, q, k, v, spec, seed):
+        self.calls.append("forward")
+        out = naive_attention(q, k, v, spec).to(q.dtype)
+        return out, torch.zeros(q.shape[:-1])
+
+    def infer(self, q, k, v, spec):
+        self.calls.append("infer")
+        self.autocast_seen.append(torch.is_autocast_enabled("cpu"))
+        return naive_attention(q, k, v, spec).to(q.dtype)
+
+    def prepare(self, spec):
+        self.calls.append("prepare")
+        return self.infer
+
+
+@pytest.fixture
+def probe(monkeypatch):
+    kernel = _Probe()
+    monkeypatch.setitem(registry._KERNELS, kernel.name, kernel)
+    return kernel
+
+
+def _qkv(b=2, h=2, n=6, d=8, requires_grad=False):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, h, n, d, generator=g).requires_grad_(requires_grad) for _ in range(3)]
+
+
+def test_no_spec_built_and_no_lookup_per_call(probe, monkeypatch):
+    built, looked_up = [], []
+    from_tensors, get = AttentionSpec.from_tensors, registry.get
+    monkeypatch.setattr(AttentionSpec, "from_tensors", staticmethod(lambda *a, **kw: built.append(1) or
+                                                                    from_tensors(*a, **kw)))
+    monkeypatch.setattr(registry, "get", lambda name: looked_up.append(name) or get(name))
+    site = SiteCall(probe.name, 0.25, True, "top_left", None, None, None, "-inf")
+    assert looked_up == [probe.name]  # once, when the call is built
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    with torch.no_grad():
+        for n in (6, 6, 6, 4, 6, 4):
+            q, k, v = _qkv(n=n)
+            site(q, k, v, *NO_TERMS, 0.0)
+            site(q, k, v, keep[:, :n], None, None, None, None, 0.0)
+    assert len(built) == 1  # the first call's spec; the other call shapes' are copies of it
+    assert probe.calls.count("prepare") == 4 and probe.calls.count("infer") == 12  # one plan per shape and terms
+    assert "forward" not in probe.calls and looked_up == [probe.name]
+    monkeypatch.undo()
+    for (q_shape, k_shape, v_shape, *_), (template, _, _) in site._plans.items():
+        q, k, v = (torch.empty(shape) for shape in (q_shape, k_shape, v_shape))
+        want = spec_from_args(q, k, v, *NO_TERMS, 0.25, True, "top_left", None, None, None, 0.0, "-inf")
+        assert vars(template) == vars(want)
+
+
+def test_plans_keep_no_tensor_of_a_call_and_are_bounded(probe):
+    site = SiteCall(probe.name, 0.25, False, "top_left", None, None, None, "-inf")
+    q, k, v = _qkv()
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    gone = weakref.ref(keep)
+    with torch.no_grad():
+        site(q, k, v, keep, None, None, None, None, 0.0)
+    del keep
+    gc.collect()
+    assert gone() is None, "a call plan kept the call's key padding alive"
+    with torch.no_grad():
+        for n in range(1, SiteCall.MAX_SHAPES + 10):
+            site(*_qkv(b=1, h=1, n=n, d=4), *NO_TERMS, 0.0)
+    assert 0 < len(site._plans) <= SiteCall.MAX_SHAPES
+
+
+@pytest.mark.parametrize("case", ["grad", "dropout", "auto", "fake", "functorch"])
+def test_calls_that_need_the_op_get_it(probe, case, monkeypatch):
+    site = SiteCall("auto" if case == "auto" else probe.name, 0.25, True, "top_left", None, None, None, "-inf")
+    if case == "auto":
+        monkeypatch.setattr("attnopt.passes.plan.choose", lambda spec: type("Choice", (), {"kernel": probe.name}))
+    q, k, v = _qkv(requires_grad=case == "grad")
+    dropout = 0.1 if case == "dropout" else 0.0
+    if case == "fake":
+        from torch._subclasses.fake_tensor import FakeTensorMode
+
+        with FakeTensorMode() as mode:
+            q, k, v = (mode.from_tensor(t) for t in (q, k, v))
+            out = site(q, k, v, *NO_TERMS, dropout)[0]
+        assert out.shape == q.shape and probe.calls == []  # the op's fake implementation ran
+        return
+    if case == "functorch":
+        out = torch.vmap(lambda q_: site(q_, k, v, *NO_TERMS, 0.0)[0])(q[None])[0]
+    else:
+        out = site(q, k, v, *NO_TERMS, dropout)[0]
+    assert "forward" in probe.calls and "infer" not in probe.calls, probe.calls
+    assert out.shape == q.shape
+    if case == "grad":
+        assert out.grad_fn is not None
+
+
+def test_context_parallel_scope_gets_the_op(probe, monkeypatch):
+    seen = []
+
+    class Scope:
+        def op_forward(self, q, *args):
+            seen.append(args[-1])  # the kernel's name, with every other argument of the op
+            return q.clone(), q.new_zeros(q.shape[:-1]), q.new_zeros((1,), dtype=torch.int64)
+
+    monkeypatch.setattr(ops, "_context_parallel", lambda: Scope())
+    q, k, v = _qkv()
+    with torch.no_grad():
+        SiteCall(probe.name, 0.25, True, "top_left", None, None, None, "-inf")(q, k, v, *NO_TERMS, 0.0)
+    assert seen == [probe.name] and probe.calls == []
+
+
+def test_kernel_runs_outside_autocast(probe):
+    q, k, v = _qkv()
+    site = SiteCall(probe.name, 0.25, True, "top_left", None, None, None, "-inf")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = site(q, k, v, *NO_TERMS, 0.0)[0]
+    assert probe.autocast_seen == [False] and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("bad, error", [
+    ({"align": "diagonal"}, "align='diagonal' is not allowed"),
+    ({"fill": "zero"}, "fill='zero' is not allowed"),
+    ({"window_left": -1}, "window left=-1 is not allowed"),
+    ({"softcap": 0.0}, "softcap=0.0 must be a positive number"),
+    ({"scale": "1"}, "scale='1' must be a number"),
+    ({"kernel": "no_such_kernel"}, "unknown attention kernel 'no_such_kernel'"),
+])
+def test_bad_static_arguments_are_refused_when_the_call_is_built(bad, error):
+    args = dict(kernel="reference", scale=0.25, causal=True, align="top_left", window_left=None,
+                window_right=None, softcap=None, fill="-inf")
+    args.update(bad)
+    with pytest.raises((ValueError, TypeError), match=error):
+        SiteCall(**args)
+
+
+def test_terms_are_validated_once_per_call_plan(probe):
+    site = SiteCall(probe.name, 0.25, True, "top_left", None, None, None, "-inf")
+    q, k, v = _qkv()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"key_padding_mask of shape \(2, 5\)"):
+        site(q, k, v, torch.ones(2, 5, dtype=torch.bool), None, None, None, None, 0.0)
+    assert probe.calls == []
+
+
+# ------------------------------------------------------------------ in an optimized model
+
+
+class _Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x, keep):  # keep: [B, N] bool key padding
+        b, n, _ = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, 2, 8).permute(2, 0, 3, 1, 4)  # [B, H, N, D] each
+        scores = q @ k.transpose(-1, -2) / 8 ** 0.5
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        scores = scores.masked_fill(~(causal & keep[:, None, None, :]), torch.finfo(x.dtype).min)
+        return F.softmax(scores, dim=-1) @ v
+
+
+def test_optimized_model_calls_its_kernel_through_the_plan_it_was_given(monkeypatch):
+    torch.manual_seed(0)
+    model = _Attention().eval()
+    optimized = attnopt.optimize(model, kernel="sdpa_cpu", tune=False)
+    x = torch.randn(2, 5, 16)
+    keep = torch.ones(2, 5, dtype=torch.bool)
+    keep[1, :3] = False  # rows 0-2 of batch row 1 see no key: the finfo.min fill averages v there
+    with torch.no_grad():
+        expected = model(x, keep)
+        torch.testing.assert_close(optimized(x, keep), expected, atol=1e-5, rtol=1e-5)
+        built = []
+        from_tensors = AttentionSpec.from_tensors
+        monkeypatch.setattr(AttentionSpec, "from_tensors", staticmethod(lambda *a, **kw: built.append(1) or
+                                                                        from_tensors(*a, **kw)))
+        monkeypatch.setattr(registry, "get", lambda name: pytest.fail(f"kernel {name} looked up per call"))
+        for _ in range(3):
+            torch.testing.assert_close(optimized(x, keep), expected, atol=1e-5, rtol=1e-5)
+    assert built == [], "a spec was built per call"
+    assert [s.replaced for s in optimized.attnopt_report.sites] == [True]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+@pytest.mark.parametrize("fill", ["-inf", "finite", "safe"])
+def test_cuda_inference_gives_the_op_output(kernel, fill):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 8, 64, 64, generator=g).to("cuda", torch.bfloat16)
+    k, v = (torch.randn(2, 2, 64, 64, generator=g).to("cuda", torch.bfloat16) for _ in range(2))
+    keep = torch.ones(2, 64, dtype=torch.bool, device="cuda")
+    keep[1, :40] = False
+    for key_padding in (None, keep):
+        tensors = (q, k, v, key_padding, None, None, None, None)
+        static = (0.125, True, "top_left", None, None, None)
+        if registry.get(kernel).not_supported_reasons(spec_from_args(*tensors, *static, 0.0, fill)):
+            continue
+        with torch.no_grad():
+            lean = SiteCall(kernel, *static, fill)(*tensors, 0.0)[0]
+            op = torch.ops.attnopt.attention(*tensors, *static, 0.0, fill, kernel)[0]
+        torch.testing.assert_close(lean, op, atol=0, rtol=0, equal_nan=True)
