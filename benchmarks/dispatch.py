@@ -103,9 +103,14 @@ def direct_call(name: str, q, k, v, spec):
     if spec.causal and spec.align.value != "top_left" and not hides_nothing:
         return None, None
     causal = spec.causal and not hides_nothing
+    gqa = spec.group_size > 1
+    if gqa and name == "sdpa_efficient":  # its fused kernel takes equal head counts only (torch 2.11):
+        # the model's own repeat_kv, made once here so that only SDPA is timed
+        k, v = (t.repeat_interleave(spec.group_size, dim=1) for t in (k, v))
+        gqa = False
 
     def call():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale, enable_gqa=gqa)
 
     return call, SDPA_BACKENDS[name]
 
