@@ -68,6 +68,8 @@ ORIGINAL = "original"
 #: seconds of timing per site family, and per plan (all families), by device type; None: no limit
 BUDGET_S = {"cpu": 1.5, "cuda": None}
 PLAN_BUDGET_S = {"cpu": 4.0, "cuda": None}
+#: a kernel estimated this many times slower than the fastest candidate is not timed (``plan_timing``)
+FAR_SLOWER = 20.0
 #: queries and keys of the CPU warm-up run
 WARMUP_LENGTH = 128
 #: a CPU timing whose rounds spread more than this (second slowest over fastest run of one candidate, runs
@@ -468,13 +470,19 @@ def _original_bytes_per_row(spec: AttentionSpec) -> float:
     return 3 * spec.group_size * spec.q_len * spec.kv_len * max(4, spec.dtype.itemsize)
 
 
-def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: float) -> Plan:
+def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: float,
+                fastest: float | None = None) -> Plan:
     """The rows to time on, so that every candidate's runs fit ``budget_s`` by their estimates.
 
     Candidates are taken cheapest estimate first (the original first of all:
     it is the baseline); one whose estimate no longer fits is skipped. The
     original is also skipped when even one row of its scores would not fit
-    ``MAX_MEASURE_BYTES``; the rows are then sized for the kernels alone.
+    ``MAX_MEASURE_BYTES``; the rows are then sized for the kernels alone. On a
+    GPU, where the budget is unlimited, a kernel estimated ``FAR_SLOWER`` times
+    the fastest kernel's estimate (``fastest``, over every candidate of the
+    site, timed before or not) is skipped too: no GPU estimate is that far off,
+    and timing it (the reference kernel: minutes for a long training call)
+    would hold up the first call. The CPU's own budget bounds its timing.
     """
     total_rows = rows(spec)
     per_row = max(sum(estimates.values()), 1e-9) * (1 + REPEATS) / total_rows
@@ -485,9 +493,13 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
         n_rows = min(n_rows, fitting)
     plan = Plan(n_rows)
     left = budget_s
+    kernels = [e for n, e in estimates.items() if n != ORIGINAL and e > 0]
+    fastest = fastest if fastest is not None else min(kernels, default=None)
     for name in sorted(estimates, key=lambda n: (n != ORIGINAL, estimates[n])):
         cost = estimates[name] * n_rows / total_rows * (1 + min(REPEATS, 2))
-        if (name == ORIGINAL and fitting < 1) or cost > left:
+        far = (name != ORIGINAL and spec.device.type == "cuda" and fastest is not None and fastest > 0
+               and estimates[name] > FAR_SLOWER * fastest)
+        if (name == ORIGINAL and fitting < 1) or cost > left or far:
             plan.skipped.append(name)
             continue
         plan.timed.append(name)
@@ -516,7 +528,8 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
         left = budget.left() if budget is not None else math.inf
         family = min(left, math.inf if device_budget is None else device_budget)
         guesses = {n: (estimates or {}).get(n, 0.0) for n in todo}
-        plan = plan_timing(spec, guesses, family)
+        known = [(estimates or {}).get(n, 0.0) for n in names if n != ORIGINAL]
+        plan = plan_timing(spec, guesses, family, fastest=min([e for e in known if e > 0], default=None))
         small = sliced(spec, plan.n_rows)
         scale = rows(spec) / rows(small)
         start = time.perf_counter()

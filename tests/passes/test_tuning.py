@@ -223,3 +223,19 @@ def test_time_candidates_reports_the_spread_of_its_rounds():
                             "tiny": lambda: None}, torch.device("cpu"), spread=spread)
     assert spread["uneven"] > tuning.NOISY_SPREAD > spread["even"] >= 1.0
     assert "tiny" not in spread  # microsecond runs: jitter, not a busy machine
+
+
+def test_a_gpu_kernel_estimated_far_slower_is_not_timed():
+    """The reference kernel on a GPU is some 60x the fast kernels by estimate (measured ~30x): timing it at a
+    long training shape would cost minutes of the first call. The original is always timed: it is the baseline."""
+    q = torch.empty(1, 16, 16384, 128, device="meta")
+    spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cuda"))
+    estimates = {tuning.ORIGINAL: 0.5, "triton_flash": 2e-3, "flex": 3e-3, "reference": 0.18}
+    plan = tuning.plan_timing(spec, estimates, math.inf)
+    assert plan.timed == [tuning.ORIGINAL, "triton_flash", "flex"] and plan.skipped == ["reference"]
+    # the fastest kernel counts even when its timing is already cached (only the reference left to time)
+    later = tuning.plan_timing(spec, {"reference": 0.18}, math.inf, fastest=2e-3)
+    assert later.timed == [] and later.skipped == ["reference"]
+    # on the CPU the budget decides, not the ratio
+    cpu = tuning.plan_timing(spec.with_(device=torch.device("cpu")), {"sdpa_cpu": 1e-6, "reference": 1e-4}, math.inf)
+    assert cpu.timed == ["sdpa_cpu", "reference"]
