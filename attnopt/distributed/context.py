@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -427,7 +427,8 @@ def context_parallel_attention(
     (``[B or 1, n]``, or a ``(q_ids, kv_ids)`` pair) are this rank's rows too; integer key padding
     lengths ``[B]`` count global positions. ``fill`` is what a row seeing no key at all gives (see
     ``attnopt.attention``). ``strategy``: "ring" passes K/V blocks rank to rank, "all_gather"
-    gathers them at once, "auto" gathers for grouped-query K/V (fewer heads than q), else rings.
+    gathers them at once, "auto" gathers grouped-query K/V (fewer heads than q) when every rank needs
+    every block, else rings (``auto_strategy``).
     With ``return_lse`` the result is ``(out, lse)``, lse ``[B, Hq, nq]`` over all keys.
     """
     _check_tensors(q, k, v)
@@ -480,12 +481,10 @@ def make_plan(q, k, mesh, *, causal: bool, align: Align, window: Window | None, 
     group, rank, world = _mesh_group(mesh)
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy={strategy!r} is not allowed: use one of {STRATEGIES}")
-    if strategy == "auto":
-        strategy = "all_gather" if k.shape[1] < q.shape[1] else "ring"
     q_layout = SequenceLayout.of_local(q.shape[2], world, load_balance)
     kv_layout = SequenceLayout.of_local(k.shape[2], world, load_balance)
     kernel = block_kernel(kernel, q)
-    return _Plan(
+    plan = _Plan(
         group=group, rank=rank, world=world, q_layout=q_layout, kv_layout=kv_layout, scale=float(scale),
         band=band_bounds(causal, window),
         offset=kv_layout.length - q_layout.length if align == Align.BOTTOM_RIGHT else 0,
@@ -494,6 +493,15 @@ def make_plan(q, k, mesh, *, causal: bool, align: Align, window: Window | None, 
         q_doc=_global_ids(q_doc, "q", q.shape[2], q_layout, group),
         kv_doc=_global_ids(kv_doc, "kv", k.shape[2], kv_layout, group), device=q.device,
     )
+    return plan if strategy != "auto" else replace(plan, strategy=auto_strategy(plan, k.shape[1] < q.shape[1]))
+
+
+def auto_strategy(plan: _Plan, grouped: bool) -> str:
+    """``"all_gather"`` when K/V are grouped (smaller than q) and every rank needs every other rank's block:
+    then both move the same bytes and one collective beats P - 1 exchanges. Otherwise ``"ring"``, whose
+    exchanges skip the blocks no query of the receiving rank sees (a window over many ranks needs only
+    its neighbours' blocks). The same on every rank: ``needs`` is computed from global facts."""
+    return "all_gather" if grouped and bool(plan.needs.all()) else "ring"
 
 
 def _mesh_group(mesh):

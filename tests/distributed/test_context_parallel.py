@@ -89,3 +89,22 @@ def test_a_replaced_then_added_fill_is_refused_with_the_way_out():
         make_plan(q, q, None, causal=True, align=Align.TOP_LEFT, window=None, key_padding=None, q_doc=None,
                   kv_doc=None, scale=0.5, softcap=None, fill=Fill.FINITE_REPLACED_ADDED, kernel="reference",
                   load_balance=True, strategy="auto")
+
+
+@pytest.mark.parametrize("window,world,load_balance,expected", [
+    (None, 4, True, "all_gather"),  # causal, balanced: every rank sees a block of every other rank
+    ((64, 0), 4, False, "ring"),  # a 64-key window over 4 x 256 positions: only the left neighbour's block
+    (None, 2, False, "ring"),  # causal, contiguous halves: rank 0 needs nothing of rank 1
+])
+def test_auto_strategy_gathers_only_when_every_block_is_needed(window, world, load_balance, expected):
+    from attnopt.distributed.context import _Plan, auto_strategy
+    from attnopt.kernels.spec import Fill, Window, band_bounds
+
+    layout = SequenceLayout(256 * world, world, load_balance)
+    plan = _Plan(group=None, rank=0, world=world, q_layout=layout, kv_layout=layout, scale=1.0,
+                 band=band_bounds(True, None if window is None else Window(*window)), offset=0, softcap=None,
+                 fill=Fill.SAFE, kernel="reference", strategy="auto", key_padding=None, q_doc=None, kv_doc=None,
+                 device=torch.device("cpu"))
+    needs = plan.needs
+    assert auto_strategy(plan, grouped=True) == ("all_gather" if bool(needs.all()) else "ring") == expected, needs
+    assert auto_strategy(plan, grouped=False) == "ring"  # as many kv heads as q heads: K/V blocks are large
