@@ -239,3 +239,26 @@ def test_a_gpu_kernel_estimated_far_slower_is_not_timed():
     # on the CPU the budget decides, not the ratio
     cpu = tuning.plan_timing(spec.with_(device=torch.device("cpu")), {"sdpa_cpu": 1e-6, "reference": 1e-4}, math.inf)
     assert cpu.timed == ["sdpa_cpu", "reference"]
+
+
+def test_an_inference_call_is_timed_through_the_prepared_call(monkeypatch):
+    """A replaced site's inference calls run ``Kernel.prepare``'s call (``SiteCall``), not ``forward``: the
+    planner times that, or a decode step would be charged bookkeeping it never runs."""
+    from attnopt.kernels import registry
+
+    kernel = registry.get("sdpa_cpu")
+    calls = []
+    real_prepare = kernel.prepare
+
+    def prepare(spec):
+        run = real_prepare(spec)
+        return lambda *args: calls.append("prepared") or run(*args)
+
+    monkeypatch.setattr(kernel, "prepare", prepare)
+    inference = _spec(32)
+    tuning._runner("sdpa_cpu", inference, None)()
+    assert calls == ["prepared"]
+    calls.clear()  # a training call runs forward and backward through the op: nothing prepared
+    tuning._runner("sdpa_cpu", inference.with_(requires_grad=True), None)()
+    tuning._runner("sdpa_cpu", inference.with_(dropout_p=0.1), None)()
+    assert calls == []
