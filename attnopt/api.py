@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import inspect
@@ -11,7 +12,7 @@ import types
 import torch
 from torch._dynamo import eval_frame
 
-from attnopt.backend import compile_with
+from attnopt.backend import Backend, compile_with
 from attnopt.config import Options
 from attnopt.report import Fallback, Report
 
@@ -125,6 +126,29 @@ def _install(module: torch.nn.Module, options: Options, report: Report) -> None:
             original = original.original
         part.forward = _OptimizedForward(part, options, report, original, f"{name}." if name else "")
     module.attnopt_report = report
+    _generate_compiles_with_attnopt(module, options, report)
+
+
+def _generate_compiles_with_attnopt(module: torch.nn.Module, options: Options, report: Report) -> None:
+    """Hugging Face ``generate()`` compiles the decode step itself for compilable caches (a static cache on
+    a GPU: ``torch.compile(model.__call__, backend="inductor", mode="reduce-overhead")``). Traced inside that
+    compilation the optimized forward is its plain code, so the decode step would run the attention as
+    written. Its compile configuration gets attnopt's backend instead: the same inductor compilation, with
+    the rewrite (``compiler="inductor"``, the model's other options, its report). A backend the user chose
+    is left alone."""
+    config = getattr(module, "generation_config", None)
+    if config is None or not hasattr(config, "compile_config"):
+        return
+    from transformers import CompileConfig
+
+    current = config.compile_config
+    if current is not None and not (current.backend == "inductor" or isinstance(current.backend, Backend)):
+        return
+    given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    given.update(compiler="inductor", mode=None)  # the mode is the compile configuration's own
+    attnopt_config = copy.copy(current) if current is not None else CompileConfig()
+    attnopt_config.backend = Backend(report=report, **given)
+    config.compile_config = attnopt_config
 
 
 def _called_apart(module: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:

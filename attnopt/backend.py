@@ -54,6 +54,11 @@ class Backend:
             opts = Options.build(**{**_given(opts), **(options or {}), **({"mode": mode} if mode else {})})
         return compile_with(gm, example_inputs, opts, self.report)
 
+    def __deepcopy__(self, memo) -> Backend:
+        """The same backend: what holds it (transformers deep-copies its generation config on every
+        ``generate()`` call) keeps compiling into the same report."""
+        return self
+
     def __repr__(self) -> str:
         return f"attnopt.Backend({self.options})"
 

@@ -138,3 +138,34 @@ def test_dropout_under_capture_is_refused_with_the_fix(monkeypatch):
     with pytest.raises(RuntimeError, match=r"cannot be captured in a CUDA graph.*eval mode"):
         call(0.1)
     call(0.0)  # without dropout nothing is drawn: capture is fine
+
+
+def test_generate_compiles_its_decode_step_with_attnopt():
+    """generate() compiles the decode step itself for a static cache (on a GPU by default; here forced on the
+    CPU): the optimized model's compile configuration carries attnopt's backend, so that compilation rewrites
+    the attention too, and the tokens stay the original's."""
+    model = _llama()
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    config = optimized.generation_config.compile_config
+    assert isinstance(config.backend, attnopt.Backend) and config.backend.report is optimized.attnopt_report
+    assert config.backend.options.compiler == "inductor" and config.mode == "reduce-overhead"
+    config._compile_all_devices = True  # transformers' switch to compile on the CPU too
+    ids = torch.randint(0, 128, (2, 10))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+               pad_token_id=0, cache_implementation="static")
+    with torch.no_grad():
+        expected = model.generate(**gen)
+        got = optimized.generate(**gen)
+    assert torch.equal(got, expected)
+    assert hasattr(optimized, "_compiled_call"), "generate() did not compile the decode step"
+    decode = [s for s in optimized.attnopt_report.sites if s.q_len == 1]
+    assert decode and all(s.replaced or s.reason for s in decode), str(optimized.attnopt_report)
+
+
+def test_a_compile_backend_the_user_chose_is_kept():
+    model = _llama()
+    model.generation_config.compile_config = transformers.CompileConfig(backend="aot_eager")
+    attnopt.optimize(model)
+    assert model.generation_config.compile_config.backend == "aot_eager"
