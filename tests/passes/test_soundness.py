@@ -780,3 +780,22 @@ def test_a_softmax_narrower_than_its_scores_is_left_alone():
     for plan, (_, optimized) in done.items():
         site = optimized.attnopt_report.sites[0]
         assert not site.replaced and "rounds them first" in site.reason, f"{plan}: {sites(optimized.attnopt_report)}"
+
+
+class MaskScaledInPlace(nn.Module):
+    """A padding mask built in place (``m -= 1; m.mul_(-min)``) and added in place to the scores: read as
+    written (the value after the writes), never by re-applying its parts."""
+
+    def forward(self, q, k, v, keep):
+        m = keep[:, None, None, :].float()
+        m -= 1.0
+        m.mul_(-MIN32)
+        s = q @ k.transpose(-1, -2) * 0.25
+        s += m
+        return torch.softmax(s, -1) @ v
+
+
+def test_a_mask_scaled_in_place_is_read_once():
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[0, :3], keep[1] = False, False  # left padding, and a batch row with no key (uniform rows)
+    check_calls(MaskScaledInPlace(), same_inputs((*qkv(), keep), 2))
