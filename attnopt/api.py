@@ -12,7 +12,7 @@ import types
 import torch
 from torch._dynamo import eval_frame
 
-from attnopt.backend import Backend, compile_with
+from attnopt.backend import Backend, _given, compile_with
 from attnopt.config import Options
 from attnopt.report import Fallback, Report
 
@@ -144,7 +144,7 @@ def _generate_compiles_with_attnopt(module: torch.nn.Module, options: Options, r
     current = config.compile_config
     if current is not None and not (current.backend == "inductor" or isinstance(current.backend, Backend)):
         return
-    given = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+    given = _given(options)
     given.update(compiler="inductor", mode=None)  # the mode is the compile configuration's own
     attnopt_config = copy.copy(current) if current is not None else CompileConfig()
     attnopt_config.backend = Backend(report=report, **given)

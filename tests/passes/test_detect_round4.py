@@ -287,3 +287,28 @@ def test_real_padding_mask_gradients(build, dtype):
         assert (g is None) == (e is None), name
         if g is not None:
             assert float((g - e).abs().max()) <= tol * scale, name
+
+
+class CausalRouter(torch.nn.Module):
+    """Not attention: a causal ``where`` then an added padding mask on a router's logits (no q @ k^T), whose
+    softmax weights a sum over experts."""
+
+    def __init__(self, n=12, experts=12):
+        super().__init__()
+        self.gate = torch.nn.Linear(32, experts)
+        self.register_buffer("allowed", torch.ones(n, experts, dtype=torch.bool).tril())
+
+    def forward(self, x, keep, values):
+        low = torch.finfo(x.dtype).min
+        logits = torch.where(self.allowed, self.gate(x), torch.full([], low, dtype=x.dtype))
+        logits = logits + (1.0 - keep[:, None, :].to(x.dtype)) * low
+        return logits.softmax(-1) @ values
+
+
+def test_a_router_with_the_same_masks_is_not_attention():
+    torch.manual_seed(0)
+    model = CausalRouter().eval()
+    x, keep, values = torch.randn(2, 12, 32), padded_rows(2, 12), torch.randn(2, 12, 16)
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    torch.testing.assert_close(optimized(x, keep, values), model(x, keep, values), equal_nan=True)
+    assert not any(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
