@@ -268,6 +268,7 @@ class FlexKernel(Kernel):
     exact = True
     #: on the CPU only by name: see the module docstring
     devices = ("cuda",)
+    compiles = True
     summary = "PyTorch FlexAttention (compiled), the spec's terms as mask_mod/score_mod, block-sparse"
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:

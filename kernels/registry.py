@@ -28,6 +28,9 @@ class Kernel:
     #: devices the kernel is meant for (None: any). Elsewhere the planner uses it only when forced
     #: by name: Triton kernels run on CPU tensors in Triton's interpreter, which is for tests.
     devices: tuple[str, ...] | None = None
+    #: compiles its code on first use per shape family (seconds for a forward, minutes with its backward):
+    #: the planner times it for training only where its estimate leads (``passes/tuning.py``)
+    compiles: bool = False
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Every reason this kernel cannot compute ``spec``; empty when it can."""

@@ -96,6 +96,10 @@ class Choice:
         return next(c for c in self.candidates if c.kernel == self.kernel)
 
 
+#: the reason of a candidate that raised when run for timing (``tuning.measured_seconds`` logs the error)
+FAILED_WHEN_TIMED = "failed when run on these shapes (its error was logged as a warning when timed)"
+
+
 class NoKernelError(ValueError):
     """No registered kernel can compute a spec under the constraints."""
 
@@ -145,7 +149,8 @@ def candidates(
         )
         found = [
             replace(c, cost=seconds[c.kernel], measured=True)
-            if c.supported and math.isfinite(seconds.get(c.kernel, math.inf)) else c
+            if c.supported and math.isfinite(seconds.get(c.kernel, math.inf)) else
+            replace(c, reasons=(FAILED_WHEN_TIMED,)) if c.supported and c.kernel in seconds and c.kernel != ORIGINAL else c
             for c in found
         ]
     # stable: equal costs keep registration order

@@ -68,8 +68,14 @@ ORIGINAL = "original"
 #: seconds of timing per site family, and per plan (all families), by device type; None: no limit
 BUDGET_S = {"cpu": 1.5, "cuda": None}
 PLAN_BUDGET_S = {"cpu": 4.0, "cuda": None}
-#: a kernel estimated this many times slower than the fastest candidate is not timed (``plan_timing``)
-FAR_SLOWER = 20.0
+#: a kernel estimated this many times slower than the fastest candidate, and above FAR_SLOWER_MIN_S, is not
+#: timed (``plan_timing``). The floor: estimates leave out host time, so a microsecond-sized call (a decode step:
+#: SDPA estimated at 0.3 us, the decode kernel at 8 us, measured 0.4 ms against tens of us) is always timed
+FAR_SLOWER, FAR_SLOWER_MIN_S = 20.0, 1e-3
+#: a kernel that compiles its code on first use (``Kernel.compiles``: FlexAttention) is timed for a training
+#: call on a GPU only when its estimate is within this factor of the fastest kernel that does not compile:
+#: compiling its backward takes one to several minutes, more than the timing of all the others
+COMPILED_LEAD = 1.25
 #: queries and keys of the CPU warm-up run
 WARMUP_LENGTH = 128
 #: a CPU timing whose rounds spread more than this (second slowest over fastest run of one candidate, runs
@@ -477,7 +483,7 @@ def _original_bytes_per_row(spec: AttentionSpec) -> float:
 
 
 def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: float,
-                fastest: float | None = None) -> Plan:
+                fastest: float | None = None, fastest_plain: float | None = None) -> Plan:
     """The rows to time on, so that every candidate's runs fit ``budget_s`` by their estimates.
 
     Candidates are taken cheapest estimate first (the original first of all:
@@ -485,10 +491,13 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     original is also skipped when even one row of its scores would not fit
     ``MAX_MEASURE_BYTES``; the rows are then sized for the kernels alone. On a
     GPU, where the budget is unlimited, a kernel estimated ``FAR_SLOWER`` times
-    the fastest kernel's estimate (``fastest``, over every candidate of the
+    (and ``FAR_SLOWER_MIN_S`` over) the fastest kernel's estimate (``fastest``, over every candidate of the
     site, timed before or not) is skipped too: no GPU estimate is that far off,
     and timing it (the reference kernel: minutes for a long training call)
-    would hold up the first call. The CPU's own budget bounds its timing.
+    would hold up the first call. For a training call on a GPU, a kernel that
+    compiles on first use is skipped unless its estimate is within
+    ``COMPILED_LEAD`` of ``fastest_plain`` (the fastest kernel that does not
+    compile, likewise over every candidate). The CPU's own budget bounds its timing.
     """
     total_rows = rows(spec)
     per_row = max(sum(estimates.values()), 1e-9) * (1 + REPEATS) / total_rows
@@ -501,16 +510,26 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     left = budget_s
     kernels = [e for n, e in estimates.items() if n != ORIGINAL and e > 0]
     fastest = fastest if fastest is not None else min(kernels, default=None)
+    if fastest_plain is None:
+        fastest_plain = min([e for n, e in estimates.items() if n != ORIGINAL and e > 0 and not _compiles(n)],
+                            default=None)
+    gpu = spec.device.type == "cuda"
     for name in sorted(estimates, key=lambda n: (n != ORIGINAL, estimates[n])):
         cost = estimates[name] * n_rows / total_rows * (1 + min(REPEATS, 2))
-        far = (name != ORIGINAL and spec.device.type == "cuda" and fastest is not None and fastest > 0
-               and estimates[name] > FAR_SLOWER * fastest)
+        far = (name != ORIGINAL and gpu and fastest is not None and fastest > 0
+               and estimates[name] > max(FAR_SLOWER * fastest, FAR_SLOWER_MIN_S))
+        far = far or (gpu and spec.requires_grad and _compiles(name) and fastest_plain is not None
+                      and estimates[name] > COMPILED_LEAD * fastest_plain)
         if (name == ORIGINAL and fitting < 1) or cost > left or far:
             plan.skipped.append(name)
             continue
         plan.timed.append(name)
         left -= cost
     return plan
+
+
+def _compiles(name: str) -> bool:
+    return name != ORIGINAL and registry.get(name).compiles
 
 
 def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "",
@@ -534,8 +553,10 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
         left = budget.left() if budget is not None else math.inf
         family = min(left, math.inf if device_budget is None else device_budget)
         guesses = {n: (estimates or {}).get(n, 0.0) for n in todo}
-        known = [(estimates or {}).get(n, 0.0) for n in names if n != ORIGINAL]
-        plan = plan_timing(spec, guesses, family, fastest=min([e for e in known if e > 0], default=None))
+        known = {n: (estimates or {}).get(n, 0.0) for n in names if n != ORIGINAL}
+        plan = plan_timing(spec, guesses, family, fastest=min([e for e in known.values() if e > 0], default=None),
+                           fastest_plain=min([e for n, e in known.items() if e > 0 and not _compiles(n)],
+                                             default=None))
         small = sliced(spec, plan.n_rows)
         scale = rows(spec) / rows(small)
         start = time.perf_counter()
@@ -545,7 +566,8 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
                 runs[name] = _runner(name, small, original)
                 if spec.device.type == "cpu":
                     warmups[name] = _runner(name, shrunk(small), original)
-            except (RuntimeError, ValueError, NotImplementedError):
+            except (RuntimeError, ValueError, NotImplementedError) as err:
+                _failed(name, label or key, err)
                 found[entry[name]] = math.inf  # cannot run this call: never time it again
         progress = Progress(len(runs) + REPEATS, label)
         spread: dict[str, float] = {}
@@ -554,7 +576,7 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
                 seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
                                           warmups=warmups or None, spread=spread)
             except (RuntimeError, ValueError, NotImplementedError):
-                seconds = _one_by_one(runs, spec.device, start + family)
+                seconds = _one_by_one(runs, spec.device, start + family, label or key)
         found.update({entry[name]: t * scale for name, t in seconds.items()})
         if budget is not None:
             budget.spent += time.perf_counter() - start
@@ -571,15 +593,23 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
     return {n: cached[entry[n]] for n in names if entry[n] in cached}
 
 
-def _one_by_one(runs: dict, device: torch.device, deadline: float) -> dict[str, float]:
+def _one_by_one(runs: dict, device: torch.device, deadline: float, label: str) -> dict[str, float]:
     """Time each candidate alone (after one of them failed in the interleaved rounds); a failing one is inf."""
     found = {}
     for name, once in runs.items():
         try:
             found.update(time_candidates({name: once}, device, deadline=deadline))
-        except (RuntimeError, ValueError, NotImplementedError):
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            _failed(name, label, err)
             found[name] = math.inf
     return found
+
+
+def _failed(name: str, label: str, err: Exception) -> None:
+    """A candidate that raised when run for timing is never chosen for these shapes: say why, once."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    log.warning("attnopt: %s failed when timed on %s (%s: %s); it is not used for these shapes",
+                name, label, type(err).__name__, first[:300])
 
 
 def enabled(spec: AttentionSpec, tune: bool) -> bool:

@@ -37,6 +37,7 @@ from .contrib import (
 )
 from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
 from .pack import pack_projections
+from .position_bias import rewrite_position_biases
 from .report import OnnxReport
 from .runtime_fusions import fuse_for_onnxruntime
 from .view import OnnxView, import_onnx
@@ -64,7 +65,8 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     report names the operator of each site and, for the standard one, why. With that target the rest
     of the graph also goes through onnxscript's ONNX Runtime fusions that are exact and measured faster
     (Gelu, BiasGelu, RMS normalization: ``runtime_fusions.py``); ``runtime_fusions=False`` leaves it as
-    it was.
+    it was. A relative position bias that provably depends on ``j - i`` alone (T5's buckets) is computed
+    once per offset, not once per query/key pair (``position_bias.py``).
     """
     check_opset(opset)
     if target not in TARGETS:
@@ -114,6 +116,7 @@ def fuse(model_or_path: onnx.ModelProto | str | os.PathLike, *, opset: int = MIN
     _remove_dead(model.graph)  # the projections now computed inside com.microsoft.Attention nodes
     if pack_qkv:
         report.packed = pack_projections(model.graph, operands, taken)
+    report.position_biases = rewrite_position_biases(model)  # T5's bucketed bias computed once per offset
     _remove_dead(model.graph)
     _sort(model.graph)  # a site may use mask work placed with a later site
     _set_opset(model, opset)

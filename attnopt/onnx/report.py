@@ -16,6 +16,8 @@ class OnnxReport(Report):
     attention_nodes: int = 0  # Attention nodes in the resulting model
     max_diff: float | None = None  # ONNX Runtime vs the source, when verified
     packed: int = 0  # q/k/v projection groups merged into one MatMul (fuse's pack_qkv)
+    #: relative position biases computed once per offset, by the value each gives (fuse's position_bias.py)
+    position_biases: list[str] = dataclasses.field(default_factory=list)
     #: nodes fused by each of onnxscript's ONNX Runtime rule sets (fuse's target="onnxruntime")
     runtime_fusions: dict[str, int] = dataclasses.field(default_factory=dict)
 
@@ -31,12 +33,16 @@ class OnnxReport(Report):
 
     def to_dict(self) -> dict:
         return {**super().to_dict(), "opset": self.opset, "attention_nodes": self.attention_nodes,
-                "max_diff": self.max_diff, "packed": self.packed, "runtime_fusions": dict(self.runtime_fusions)}
+                "max_diff": self.max_diff, "packed": self.packed, "runtime_fusions": dict(self.runtime_fusions),
+                "position_biases": list(self.position_biases)}
 
     def __str__(self) -> str:
         lines = [super().__str__(), f"ONNX opset {self.opset}: {self.attention_nodes} Attention node(s)"]
         if self.packed:
             lines.append(f"{self.packed} group(s) of q/k/v projections packed into one MatMul")
+        if self.position_biases:
+            lines.append(f"{len(self.position_biases)} relative position bias(es) computed once per offset "
+                         "(Nq + Nk - 1 buckets gathered, not Nq * Nk)")
         if self.runtime_fusions:
             done = ", ".join(f"{name} x{count}" for name, count in self.runtime_fusions.items() if count)
             lines.append(f"ONNX Runtime fusions: {done or 'none matched'}")
