@@ -37,7 +37,7 @@ from .contrib import (
 )
 from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
 from .pack import pack_projections
-from .position_bias import rewrite_position_biases
+from .position_bias import read_in_bodies, rewrite_position_biases
 from .report import OnnxReport
 from .runtime_fusions import fuse_for_onnxruntime
 from .view import OnnxView, import_onnx
@@ -419,15 +419,15 @@ def _reads(node: onnx.NodeProto) -> set[str]:
 
 
 def _remove_dead(graph: onnx.GraphProto) -> None:
-    """Drop nodes (and initializers) whose outputs nothing uses any more."""
+    """Drop nodes (and initializers) whose outputs nothing uses any more, reads inside ``If`` / ``Loop`` /
+    ``Scan`` bodies included (a body reads the outer graph's values by name, not as node inputs)."""
     while True:
-        used = {o.name for o in graph.output} | {i for n in graph.node for i in n.input}
+        used = {o.name for o in graph.output} | {i for n in graph.node for i in n.input} | read_in_bodies(graph)
         alive = [n for n in graph.node if any(o in used for o in n.output)]
         if len(alive) == len(graph.node):
             break
         del graph.node[:]
         graph.node.extend(alive)
-    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
     inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(inits)

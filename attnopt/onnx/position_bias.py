@@ -342,7 +342,7 @@ def _toeplitz(e: NodeEmitter, rows: str, rank: int, nq: str, nk: str, m: str) ->
 
 def _drop_unread(graph: onnx.GraphProto, candidates: set[str]) -> None:
     """Remove the nodes whose first output is in ``candidates`` and that nothing reads any more."""
-    in_bodies = _read_in_bodies(graph)
+    in_bodies = read_in_bodies(graph)
     while True:
         read = {o.name for o in graph.output} | {i for n in graph.node for i in n.input} | in_bodies
         kept = [n for n in graph.node if n.output[0] not in candidates or any(o in read for o in n.output)]
@@ -352,10 +352,10 @@ def _drop_unread(graph: onnx.GraphProto, candidates: set[str]) -> None:
         graph.node.extend(kept)
 
 
-def _read_in_bodies(graph: onnx.GraphProto) -> set[str]:
+def read_in_bodies(graph: onnx.GraphProto) -> set[str]:
     """The values read inside the graph's ``If`` / ``Loop`` / ``Scan`` bodies, at any depth."""
     bodies = [b for n in graph.node for a in n.attribute for b in ([a.g] if a.HasField("g") else a.graphs)]
-    return {i for b in bodies for n in b.node for i in n.input}.union(*map(_read_in_bodies, bodies))
+    return {i for b in bodies for n in b.node for i in n.input}.union(*map(read_in_bodies, bodies))
 
 
 def _attribute(node: onnx.NodeProto, name: str, default):

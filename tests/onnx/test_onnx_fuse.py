@@ -119,3 +119,35 @@ def test_a_band_replaced_then_padding_added_is_left_alone_with_the_reason():
     assert len(report.sites) == 1 and not report.replaced, str(report)
     assert "masked once" in report.sites[0].reason
     assert not ops(fused, "Attention") and ops(fused, "Softmax")
+
+
+def test_a_value_read_only_inside_an_if_body_is_kept():
+    """``If`` / ``Loop`` bodies read outer values by name: the clean-up after fusing keeps their producers
+    (and initializers), or the graph would not load."""
+    import sys
+
+    import numpy as np
+    from onnx import TensorProto, helper
+
+    from attnopt.onnx.verify import session
+
+    remove_dead = sys.modules["attnopt.onnx.fuse"]._remove_dead
+    then_body = helper.make_graph([helper.make_node("Add", ["r", "w"], ["t"])], "then", [],
+                                  [helper.make_tensor_value_info("t", TensorProto.FLOAT, [2])])
+    else_body = helper.make_graph([helper.make_node("Identity", ["x"], ["e"])], "else", [],
+                                  [helper.make_tensor_value_info("e", TensorProto.FLOAT, [2])])
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Neg", ["x"], ["unused"]),
+         helper.make_node("If", ["c"], ["y"], then_branch=then_body, else_branch=else_body)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]),
+              helper.make_tensor_value_info("c", TensorProto.BOOL, [])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
+        initializer=[helper.make_tensor("w", TensorProto.FLOAT, [2], [1.0, 2.0])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    remove_dead(model.graph)
+    assert [n.op_type for n in model.graph.node] == ["Relu", "If"]  # the unread Neg goes, Relu stays
+    assert [t.name for t in model.graph.initializer] == ["w"]
+    onnx.checker.check_model(model, full_check=True)
+    x = np.array([-1.0, 3.0], dtype=np.float32)
+    y, = session(model).run(None, {"x": x, "c": np.array(True)})
+    np.testing.assert_array_equal(y, np.maximum(x, 0) + [1.0, 2.0])
