@@ -97,7 +97,8 @@ class Choice:
 
 
 #: the reason of a candidate that raised when run for timing (``tuning.measured_seconds`` logs the error)
-FAILED_WHEN_TIMED = "failed when run on these shapes (its error was logged as a warning when timed)"
+FAILED_WHEN_TIMED = ("failed when run on these shapes (the warning logged when it was timed says why; the tuning "
+                     "cache keeps the failure: empty it to try again)")
 
 
 class NoKernelError(ValueError):
