@@ -47,6 +47,8 @@ CHECKED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o
            "model.layers.{last}.self_attn.v_proj.weight")
 FULL = dict(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=8,
             num_attention_heads=16, num_key_value_heads=4)
+#: a gradient difference above this share of SDPA's largest gradient is not bf16 rounding (peers: 0.01-0.03)
+WRONG_GRAD = 0.1
 TINY = dict(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2)
 
@@ -194,6 +196,8 @@ def table(workloads: list[Workload], peers: list[str], results: dict) -> list[st
             vs_sdpa = f"{times['sdpa'] / ms:.2f}x" if "sdpa" in times else "-"
             vs_best = f"{others[best] / ms:.2f}x ({best})" if best else "-"
             diffs = [f"{cell[k]:.3g}" if k in cell else "-" for k in ("loss_diff", "grad_diff")]
+            if cell.get("grad_diff", 0.0) > WRONG_GRAD:
+                diffs[1] = f"**{diffs[1]} (wrong)**"
             lines.append(f"| {workload.name} | {peer} | {ms:.1f} | {workload.n / ms * 1e3:,.0f} | {peak} | {vs_sdpa} "
                          f"| {vs_best} | {diffs[0]} | {diffs[1]} | {'; '.join(cell.get('sites', []))} |")
     return lines
