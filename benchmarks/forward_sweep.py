@@ -1,0 +1,391 @@
+"""Every variant of the experimental band forward (``kernels/triton_flash_tma.py``), checked then timed, in one run.
+
+    python benchmarks/forward_sweep.py --out benchmarks/results/forward_sweep.md          # on the GPU, < 8 min
+    python benchmarks/forward_sweep.py --device cpu --tiny --out /tmp/forward_sweep.md   # the interpreter
+
+For each case (bf16; B*N = 16k tokens; D 64 and 128 at N = 4k, 16k and 1k, causal and not, GQA 32/8 causal
+at 4k, a causal sliding window of 1024 at 8k) every variant of ``triton_flash_tma.candidate_variants``,
+then SDPA cuDNN, SDPA flash, compiled FlexAttention (``create_block_mask`` for causal and window) and the
+current ``triton_flash`` are first compared with a float64 reference (output and log-sum-exp); a variant
+that disagrees is not timed, its error is printed. Then each is timed (``triton.testing.do_bench``
+medians) and one markdown table goes to ``--out`` (rewritten after every case, so a run cut short still
+leaves its rows): milliseconds, cuDNN's and Flex's time divided by the row's (above 1: faster than the
+peer), the errors, and the fastest correct variant of each case marked.
+
+Before the first case, worker processes compile every variant for every case family on small inputs
+(``--workers``): Triton caches the binaries on disk, so the timed process only loads them. Cases run in
+order of importance and stop when ``--budget`` seconds have passed.
+
+``--transposed`` gives every implementation q/k/v as HF hands them to attnopt (``[B, N, H, D]`` tensors
+seen as ``[B, H, N, D]``) instead of contiguous ones.
+
+``--device cpu --tiny`` runs the same script on tiny shapes with 16-row tiles under TRITON_INTERPRET=1
+(set here when not set): a check of the script, not a measurement. On the CPU, SDPA's math backend
+stands in for cuDNN and FlexAttention runs eagerly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import multiprocessing
+import os
+import pathlib
+import statistics
+import sys
+import time
+
+
+def _device_argument() -> str:
+    """``--device`` read before argparse runs: the interpreter must be chosen before triton is imported."""
+    argv = sys.argv[1:]
+    for i, arg in enumerate(argv):
+        if arg == "--device" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith("--device="):
+            return arg.split("=", 1)[1]
+    return "cuda"
+
+
+if _device_argument() == "cpu":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from attnopt.kernels import get, naive_attention  # noqa: E402
+from attnopt.kernels import triton_flash_tma as tma  # noqa: E402
+from attnopt.kernels.spec import AttentionSpec, Window  # noqa: E402
+
+DTYPE = torch.bfloat16
+#: a result is correct when max |out - ref| <= OUT_TOL * max |ref| and max |lse - ref| <= LSE_TOL * max(1, |ref|)
+OUT_TOL = 2e-2
+LSE_TOL = 1e-3
+#: rows of the float64 reference computed at once
+REF_CHUNK = 1024
+#: sequence length of the compile-ahead inputs (a multiple of 16, as every case's, so Triton specializes alike)
+WARM_LEN = 256
+TINY_TILES = [(16, 16, 4, 1)]
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    d: int
+    n: int
+    batch: int
+    q_heads: int
+    kv_heads: int
+    causal: bool
+    window: int | None = None  # keys i - window + 1 .. i (with causal)
+
+    @property
+    def name(self) -> str:
+        n = f"{self.n // 1024}k" if self.n % 1024 == 0 else str(self.n)
+        kind = f"window {self.window}" if self.window else ("causal" if self.causal else "full")
+        heads = f" GQA {self.q_heads}/{self.kv_heads}" if self.q_heads != self.kv_heads else ""
+        return f"D{self.d} N{n} {kind}{heads}"
+
+    def terms(self) -> dict:
+        return {"causal": self.causal, "window": None if self.window is None else Window(self.window - 1, 0)}
+
+
+def gpu_cases() -> list[Case]:
+    """Most important first (issue 12's targets are at N >= 4k)."""
+    dense = [Case(d, n, 16384 // n, 16, 16, causal) for n in (4096, 16384) for d in (128, 64) for causal in (True, False)]
+    structured = [Case(128, 4096, 4, 32, 8, True), Case(128, 8192, 2, 16, 16, True, 1024),
+                  Case(64, 8192, 2, 16, 16, True, 1024)]
+    short = [Case(d, 1024, 16, 16, 16, causal) for d in (128, 64) for causal in (True, False)]
+    return dense + structured + short
+
+
+def tiny_cases() -> list[Case]:
+    return [Case(32, 48, 2, 2, 2, True), Case(32, 48, 2, 2, 2, False), Case(16, 32, 2, 2, 2, True),
+            Case(32, 48, 1, 4, 2, True), Case(32, 64, 1, 2, 2, True, 16)]
+
+
+def variants_of(case: Case, tiny: bool) -> list[tma.Variant]:
+    return tma.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+
+
+def inputs(case: Case, device: str, n: int | None = None, seed: int = 0, transposed: bool = False):
+    """q, k, v ``[B, H, N, D]``: contiguous, or (``transposed``) views of ``[B, N, H, D]`` as HF passes them."""
+    n = case.n if n is None else n
+    g = torch.Generator(device=device).manual_seed(seed)
+
+    def randn(heads):
+        shape = (case.batch, n, heads, case.d) if transposed else (case.batch, heads, n, case.d)
+        t = torch.randn(shape, generator=g, device=device, dtype=DTYPE)
+        return t.transpose(1, 2) if transposed else t
+
+    q, k, v = randn(case.q_heads), randn(case.kv_heads), randn(case.kv_heads)
+    return q, k, v, AttentionSpec.from_tensors(q, k, v, **case.terms())
+
+
+# ----------------------------------------------------------------------------- reference and checks
+def reference(q, k, v, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 ``(out, lse)``, ``REF_CHUNK`` query rows of one head at a time (the whole float64 score
+    tensor of a 16k case is 32 GiB)."""
+    out = torch.zeros(q.shape[:-1] + (v.shape[-1],), dtype=torch.float64, device=q.device)
+    lse = torch.empty(q.shape[:-1], dtype=torch.float64, device=q.device)
+    for h in range(spec.q_heads):
+        k_h = k[:, h // spec.group_size].double()  # [B, Nk, D]
+        v_h = v[:, h // spec.group_size].double()
+        for r0 in range(0, spec.q_len, REF_CHUNK):
+            r1 = min(r0 + REF_CHUNK, spec.q_len)
+            s = (q[:, h, r0:r1].double() @ k_h.transpose(-1, -2)) * spec.scale  # [B, rows, Nk]
+            keep = spec.keep_tile(r0, r1, 0, spec.kv_len)
+            if keep is not None:
+                s = s.masked_fill(~keep[:, 0], float("-inf"))
+            lse[:, h, r0:r1] = torch.logsumexp(s, dim=-1)
+            out[:, h, r0:r1] = torch.softmax(s, dim=-1).nan_to_num(0.0) @ v_h
+    return out, lse
+
+
+def errors(out, lse, ref_out, ref_lse) -> tuple[float, float | None, bool]:
+    """(max |out - ref| / max |ref|, max |lse - ref| or None, correct?)"""
+    scale = ref_out.abs().max().item()
+    out_err = (out.double() - ref_out).abs().max().item() / max(scale, 1e-30)
+    ok = out_err <= OUT_TOL
+    lse_err = None
+    if lse is not None:
+        lse_err = (lse.double() - ref_lse).nan_to_num(0.0, 0.0, 0.0).abs().max().item()
+        same_empty = torch.equal(lse.isneginf(), ref_lse.isneginf())
+        ok = ok and same_empty and lse_err <= LSE_TOL * max(1.0, ref_lse.nan_to_num(0.0, 0.0, 0.0).abs().max().item())
+    return out_err, lse_err, ok
+
+
+def bench(fn, device: str) -> float:
+    """Median milliseconds."""
+    if device == "cuda":
+        return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+# ----------------------------------------------------------------------------- peers
+def flex(device: str):
+    """Compiled FlexAttention on the GPU (as ``benchmarks/kernels.py`` compiles it); eager on the CPU."""
+    if device == "cuda":
+        from kernels import flex as compiled_flex  # benchmarks/kernels.py (this script's folder)
+
+        return compiled_flex()
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return flex_attention
+
+
+def peers(case: Case, q, k, v, spec: AttentionSpec, device: str) -> dict:
+    """name -> (call returning (out, lse or None), context it is called and timed in)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    gqa = case.q_heads != case.kv_heads
+    kw: dict = {"enable_gqa": gqa}
+    w = case.window
+
+    def band_mod(b, h, q_idx, kv_idx):
+        keep = q_idx >= kv_idx
+        return keep & (q_idx - kv_idx < w) if w else keep
+
+    if w:
+        i = torch.arange(case.n, device=device)
+        kw["attn_mask"] = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)  # [N, N]
+    else:
+        kw["is_causal"] = case.causal
+    block_mask = create_block_mask(band_mod, None, None, case.n, case.n, device=device) if case.causal else None
+    flex_fn = flex(device)
+    cudnn = SDPBackend.CUDNN_ATTENTION if device == "cuda" else SDPBackend.MATH
+    kernel = get("triton_flash")
+    return {
+        "SDPA cuDNN" if device == "cuda" else "SDPA math (cuDNN's stand-in on cpu)": (
+            lambda: (F.scaled_dot_product_attention(q, k, v, **kw), None), lambda: sdpa_kernel(cudnn)),
+        "SDPA flash": (lambda: (F.scaled_dot_product_attention(q, k, v, **kw), None),
+                       lambda: sdpa_kernel(SDPBackend.FLASH_ATTENTION)),
+        "Flex" if device == "cuda" else "Flex (eager on cpu)": (
+            lambda: (flex_fn(q, k, v, block_mask=block_mask, enable_gqa=gqa), None), contextlib.nullcontext),
+        "triton_flash": (lambda: kernel.forward(q, k, v, spec, 0), contextlib.nullcontext),
+    }
+
+
+# ----------------------------------------------------------------------------- compile ahead
+#: set in a compile-ahead worker whose CUDA context an earlier job broke (an illegal access poisons it)
+_context_lost = False
+
+
+def _warm(job) -> tuple[tuple, str | None]:
+    """Run one variant on small inputs of a case's family (compiles it into Triton's disk cache). The run
+    is also a canary: a variant that faults here is not run by the timed process, whose CUDA context a
+    fault would break for every later row. Returns the job and its error, or None."""
+    global _context_lost
+    case, variant, device = job
+    if _context_lost:
+        return job, None  # not known to fail: the timed process compiles and checks it itself
+    try:
+        q, k, v, spec = inputs(case, device, n=WARM_LEN if device == "cuda" else case.n)
+        with torch.no_grad():
+            tma.forward(q, k, v, spec, variant=variant)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return job, None
+    except Exception as exc:  # reported by the timed process
+        if device == "cuda":
+            try:
+                torch.cuda.synchronize()
+            except Exception:
+                _context_lost = True
+        return job, f"{type(exc).__name__}: {exc}"
+
+
+def _family(case: Case) -> Case:
+    """What the compiled code depends on: head dim, group (1 is specialized), band; not the lengths."""
+    return dataclasses.replace(case, n=WARM_LEN, batch=1)
+
+
+def compile_ahead(cases, tiny, device, workers, timeout) -> dict:
+    """Compile every (family, variant) in ``workers`` processes; returns {(family, variant): error}."""
+    jobs = list({(_family(c), v, device): None for c in cases for v in variants_of(c, tiny)})
+    if workers <= 0 or not jobs:
+        return {}
+    failed, deadline = {}, time.time() + timeout
+    print(f"compiling {len(jobs)} (case family, variant) pairs in {workers} processes", flush=True)
+    try:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            results = pool.imap_unordered(_warm, jobs)
+            for _ in jobs:
+                (family, variant, _), error = results.next(timeout=max(deadline - time.time(), 1))
+                if error:
+                    failed[(family, variant)] = error
+                    print(f"  compile failed: {family.name} {variant.name}: {error[:200]}", flush=True)
+    except multiprocessing.TimeoutError:
+        print(f"  compiling ahead stopped after {timeout:.0f} s; the rest compiles when first run", flush=True)
+    except Exception as exc:  # the pool itself failed: the timed process compiles everything on first use
+        print(f"  compiling ahead failed ({type(exc).__name__}: {exc}); continuing without it", flush=True)
+    return failed
+
+
+# ----------------------------------------------------------------------------- the sweep
+@dataclasses.dataclass
+class Row:
+    impl: str
+    ms: float | None = None
+    out_err: float | None = None
+    lse_err: float | None = None
+    note: str = ""
+    variant: bool = False
+    ok: bool = False
+
+
+def run_one(name, fn, context, ref, device, variant: bool) -> Row:
+    row = Row(name, variant=variant)
+    try:
+        with context(), torch.no_grad():
+            out, lse = fn()
+            row.out_err, row.lse_err, row.ok = errors(out, lse, *ref)
+            del out, lse
+            if not row.ok:
+                row.note = "WRONG: " + ("not timed" if variant else "timed anyway")
+            if row.ok or not variant:
+                row.ms = bench(fn, device)
+    except Exception as exc:  # a variant this GPU cannot build, a backend that refuses the case
+        row.note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+    return row
+
+
+def sweep_case(case: Case, tiny: bool, device: str, compile_errors: dict, transposed: bool) -> list[Row]:
+    q, k, v, spec = inputs(case, device, transposed=transposed)
+    ref = reference(q, k, v, spec)
+    if tiny:  # the chunked reference is itself checked against the whole-matrix oracle
+        assert torch.allclose(ref[0], naive_attention(q, k, v, spec), atol=1e-9), "chunked reference is wrong"
+    rows = [run_one(name, fn, ctx, ref, device, False) for name, (fn, ctx) in peers(case, q, k, v, spec, device).items()]
+    for variant in variants_of(case, tiny):
+        error = compile_errors.get((_family(case), variant))
+        reasons = tma.unsupported_reasons(q, k, v, spec, variant)
+        if error or reasons:
+            rows.append(Row(variant.name, note=error or "; ".join(reasons), variant=True))
+            continue
+        fn = lambda variant=variant: tma.forward(q, k, v, spec, variant=variant)  # noqa: E731
+        rows.append(run_one(variant.name, fn, contextlib.nullcontext, ref, device, True))
+    for row in rows:
+        print(f"  {row.impl}: {fmt(row.ms)} ms, err {fmt(row.out_err, '.1e')} {row.note}", flush=True)
+    return rows
+
+
+def fmt(x, spec=".3f"):
+    return "" if x is None else format(x, spec)
+
+
+def table(results: dict, skipped: list[Case]) -> list[str]:
+    lines = ["| case | implementation | ms | vs cuDNN | vs Flex | out rel err | lse err | note |",
+             "|---|---|---|---|---|---|---|---|"]
+    summary = ["| case | best variant | ms | vs cuDNN | vs Flex | triton_flash vs cuDNN | triton_flash vs Flex |",
+               "|---|---|---|---|---|---|---|"]
+    for case, rows in results.items():
+        cudnn = next((r.ms for r in rows if r.impl.startswith("SDPA cuDNN") or r.impl.startswith("SDPA math")), None)
+        flex_ms = next((r.ms for r in rows if r.impl.startswith("Flex")), None)
+
+        def ratio(peer, ms):
+            return "" if peer is None or ms is None else f"{peer / ms:.2f}"
+
+        timed = [r for r in rows if r.variant and r.ok and r.ms is not None]
+        best = min(timed, key=lambda r: r.ms) if timed else None
+        for r in rows:
+            name = f"**{r.impl}** (best)" if r is best else r.impl
+            lines.append(f"| {case.name} | {name} | {fmt(r.ms)} | {ratio(cudnn, r.ms)} | {ratio(flex_ms, r.ms)} "
+                         f"| {fmt(r.out_err, '.1e')} | {fmt(r.lse_err, '.1e')} | {r.note.replace('|', '/')} |")
+        ours = next((r for r in rows if r.impl == "triton_flash"), None)
+        summary.append(f"| {case.name} | {best.impl if best else 'none correct'} | {fmt(best.ms if best else None)} "
+                       f"| {ratio(cudnn, best.ms if best else None)} | {ratio(flex_ms, best.ms if best else None)} "
+                       f"| {ratio(cudnn, ours.ms if ours else None)} | {ratio(flex_ms, ours.ms if ours else None)} |")
+    out = lines + ["", "Best correct variant per case:", ""] + summary
+    if skipped:
+        out += ["", "Not run (time budget): " + ", ".join(c.name for c in skipped)]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny shapes and 16-row tiles (for the interpreter)")
+    parser.add_argument("--budget", type=float, default=450.0, help="seconds after which no new case starts")
+    parser.add_argument("--workers", type=int, default=None, help="compile-ahead processes (0: none)")
+    parser.add_argument("--cases", default="", help="run only cases whose name contains this text")
+    parser.add_argument("--transposed", action="store_true",
+                        help="inputs as HF hands them over: [B, N, H, D] tensors seen as [B, H, N, D]")
+    args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("forward_sweep: no CUDA device here; use --device cpu --tiny to check the script")
+    start = time.time()
+    cases = [c for c in (tiny_cases() if args.tiny else gpu_cases()) if args.cases in c.name]
+    workers = args.workers if args.workers is not None else (2 if args.tiny else min(8, os.cpu_count() or 1))
+    compile_errors = compile_ahead(cases, args.tiny, args.device, workers, timeout=args.budget / 3)
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (TRITON_INTERPRET=1)"
+    layout = "[B, N, H, D] seen as [B, H, N, D]" if args.transposed else "contiguous [B, H, N, D]"
+    head = [f"{device_name}, torch {torch.__version__}, triton {triton.__version__}; bf16, {layout}, B*N = "
+            f"{cases[0].batch * cases[0].n if cases else 0} tokens; milliseconds (medians); 'vs X' = X's time / "
+            f"this row's time (above 1: faster than X); correct = max |out - ref| <= {OUT_TOL} max |ref| and "
+            f"|lse - ref| <= {LSE_TOL} max(1, |ref|) against float64", ""]
+    results, skipped = {}, []
+    for case in cases:
+        if time.time() - start > args.budget:
+            skipped.append(case)
+            continue
+        print(f"{case.name} ({time.time() - start:.0f} s)", flush=True)
+        results[case] = sweep_case(case, args.tiny, args.device, compile_errors, args.transposed)
+        if args.out:
+            args.out.write_text("\n".join(head + table(results, skipped)) + "\n")
+    lines = head + table(results, skipped)
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

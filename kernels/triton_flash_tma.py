@@ -1,0 +1,326 @@
+"""An experimental Hopper forward for band specs (no term, causal, window, GQA), with its variants as switches.
+
+Not registered as a kernel: ``benchmarks/forward_sweep.py`` checks and times every variant against
+``triton_flash`` and the peers first, and only a variant measured faster earns a place in the planner.
+Same algorithm and result as ``triton_flash_fwd.py`` in band mode (FlashAttention-2, scores in log2
+units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then ``spec.fill``); what a
+``Variant`` changes is how the tiles move:
+
+* ``descriptors``: K and V (and Q and O when a program holds one head) are read through device-side
+  tensor descriptors (``tl.make_tensor_descriptor``: TMA loads on Hopper, rows past the end read as 0,
+  stores clipped). Each program builds its own, so any ``[B, H, N, D]`` strides with a contiguous last
+  dim work (HF's transposed views of ``[B, N, H, D]``), given 16-byte aligned bases and strides. Triton
+  writes the descriptors to a global scratch buffer it asks ``triton.set_allocator``'s function for.
+  Off: pointer loads, masked only on the band's edge tiles.
+* ``warp_specialize``: the kv loops are ``tl.range(..., warp_specialize=True)``: producer warps issue
+  the loads while consumer warps compute. On Hopper Triton does this only for descriptor loads and at
+  least 4 warps.
+* ``pack_gqa``: one program holds the ``G = Hq / Hkv`` query heads of a kv head for ``BLOCK_M / G``
+  query positions; its ``BLOCK_M`` rows are (position, head) pairs, position-major::
+
+      row r  ->  position m0 + r // G,  query head h0 + r % G
+
+  so each K/V tile is read once per group instead of once per query head. ``G`` must be a power of two
+  that divides ``BLOCK_M``.
+* ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the tile shape and launch configuration.
+
+Per kv tile (``s`` in log2 units, ``qk_scale = scale * log2(e)`` folded into one multiply)::
+
+    s = qk_scale * q @ k^T            (-inf outside the band, on edge tiles only)
+    m_new = max(m, rowmax(s));  p = exp2(s - m_new);  alpha = exp2(m - m_new)
+    acc = acc * alpha + p @ v
+    l = l * alpha + rowsum(p);  m = m_new          (after the second dot: fewer live registers across it)
+
+The kv tiles of a query tile are split as in ``triton_flash_fwd._kv_tile_range``: a masked leading edge,
+a fully visible middle without mask arithmetic, a masked trailing edge.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import AttentionSpec
+from .triton_flash import MAX_GRID_Y, _fill_empty_rows, _interpreting, _last_dim_contiguous
+from .triton_flash_fwd import LN2, LOG2E, _dot, _kv_tile_range
+
+#: what this Triton offers (written for 3.6; each feature has a path without it)
+HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
+HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+DTYPES = (torch.float16, torch.bfloat16)
+HEAD_DIMS = (16, 32, 64, 128, 256)
+#: a descriptor's base address and every stride but the last must be multiples of 16 bytes (TMA)
+DESCRIPTOR_ALIGN = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to run the kernel; see the module docs for what each switch does."""
+
+    descriptors: bool = False
+    warp_specialize: bool = False
+    pack_gqa: bool = False
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 4
+    num_stages: int = 3
+
+    @property
+    def name(self) -> str:
+        parts = ["desc" if self.descriptors else "ptr"]
+        if self.warp_specialize:
+            parts.append("ws")
+        if self.pack_gqa:
+            parts.append("pack")
+        return "+".join(parts) + f" {self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+def as_variant(variant: Variant | dict) -> Variant:
+    """A ``Variant`` from itself or from a dict of its fields."""
+    if isinstance(variant, Variant):
+        return variant
+    if not isinstance(variant, dict):
+        raise TypeError(f"variant must be a Variant or a dict of its fields, got {type(variant).__name__}")
+    fields = {f.name for f in dataclasses.fields(Variant)}
+    unknown = sorted(set(variant) - fields)
+    if unknown:
+        raise TypeError(f"variant keys {unknown} are not Variant fields: use some of {sorted(fields)}")
+    return Variant(**variant)
+
+
+def candidate_variants(head_dim: int, group_size: int = 1,
+                       tiles: list[tuple[int, int, int, int]] | None = None) -> list[Variant]:
+    """The variants the sweep and the GPU tests run: each switch on and off (packing only for GQA) over
+    ``tiles`` ``(block_m, block_n, num_warps, num_stages)``, by default the ones for ``head_dim`` on a
+    Hopper SM: 8 warps only on 128-row tiles, so each warp group still owns 64 rows (one wgmma's
+    height). Among them are FlexAttention's H100 defaults (128x128, 4 warps at D = 64; 128x64, 8 warps
+    at D = 128) and the best tiles of ``triton_flash`` in ``benchmarks/results/kernel_configs.md``."""
+    if tiles is None and head_dim <= 64:
+        tiles = [(128, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3)]
+    elif tiles is None:
+        tiles = [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)]
+    out = []
+    for bm, bn, w, s in tiles:
+        out.append(Variant(False, False, False, bm, bn, w, s))
+        if HAS_DESCRIPTORS:
+            out.append(Variant(True, False, False, bm, bn, w, s))
+            if HAS_WARP_SPECIALIZE:
+                out.append(Variant(True, True, False, bm, bn, w, s))
+    if group_size > 1 and not group_size & (group_size - 1):
+        out += [dataclasses.replace(v, pack_gqa=True) for v in out if v.block_m % group_size == 0]
+    return out
+
+
+def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                        variant: Variant) -> list[str]:
+    """Every reason ``forward`` cannot run ``variant`` on these inputs; empty when it can."""
+    reasons = []
+    if spec.device.type != "cuda" and not _interpreting():
+        reasons.append("needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
+    others = [t for t in spec.mask_terms if t not in ("causal", "window")]
+    if others or spec.dropout_p > 0.0:
+        reasons.append(f"terms {others + (['dropout'] if spec.dropout_p > 0 else [])} not supported: this "
+                       "forward runs band specs only (causal, window); use triton_flash")
+    if spec.dtype not in DTYPES:
+        reasons.append(f"dtype {spec.dtype} not supported: float16 or bfloat16")
+    for name, d in (("head_dim", spec.head_dim), ("v_head_dim", spec.v_head_dim)):
+        if d not in HEAD_DIMS:
+            reasons.append(f"{name}={d} not supported: one of {HEAD_DIMS}")
+    if not spec.scale > 0:
+        reasons.append(f"scale={spec.scale} not supported: the row maximum is taken before scaling, so it "
+                       "must be positive")
+    for name, size in (("block_m", variant.block_m), ("block_n", variant.block_n)):
+        if size < 16 or size & (size - 1):
+            reasons.append(f"{name}={size} must be a power of two >= 16 (tl.dot tiles)")
+    if variant.num_warps not in (1, 2, 4, 8, 16):
+        reasons.append(f"num_warps={variant.num_warps} must be a power of two up to 16")
+    if variant.num_stages < 1:
+        reasons.append(f"num_stages={variant.num_stages} must be at least 1")
+    group = spec.group_size
+    if variant.pack_gqa and group > 1 and (group & (group - 1) or variant.block_m % group):
+        reasons.append(f"pack_gqa needs the group size ({group} query heads per kv head) to be a power of two "
+                       f"dividing block_m={variant.block_m}: use pack_gqa=False")
+    pack = group if variant.pack_gqa else 1
+    if spec.batch * spec.q_heads // pack > MAX_GRID_Y:
+        reasons.append(f"batch * q_heads / packed heads = {spec.batch * spec.q_heads // pack} exceeds the grid "
+                       f"limit {MAX_GRID_Y}")
+    if variant.warp_specialize:
+        if not HAS_WARP_SPECIALIZE:
+            reasons.append(f"warp_specialize needs tl.range(warp_specialize=...), not in triton {triton.__version__}")
+        if not variant.descriptors:
+            reasons.append("warp_specialize needs descriptors=True (Hopper specializes descriptor loads only)")
+        if variant.num_warps < 4:
+            reasons.append(f"warp_specialize needs num_warps >= 4, got {variant.num_warps}")
+    if variant.descriptors:
+        if not HAS_DESCRIPTORS:
+            reasons.append(f"descriptors need tl.make_tensor_descriptor and triton.set_allocator, not in triton "
+                           f"{triton.__version__}")
+        for name, t in (("q", q), ("k", k), ("v", v)):
+            if t.stride(-1) != 1 or t.data_ptr() % DESCRIPTOR_ALIGN or any(
+                    s * t.element_size() % DESCRIPTOR_ALIGN for s in t.stride()[:-1]):
+                reasons.append(f"{name} with strides {tuple(t.stride())} at address {t.data_ptr():#x} cannot be "
+                               f"read through a descriptor (base and strides must be {DESCRIPTOR_ALIGN}-byte "
+                               "aligned, last dim contiguous): use descriptors=False or a contiguous copy")
+    return reasons
+
+
+# ----------------------------------------------------------------------------- kernel
+@triton.jit
+def _load_rows(src, n0, rows, n_rows, stride, COLS: tl.constexpr, DESC: tl.constexpr, MASKED: tl.constexpr):
+    """Rows ``n0 + rows`` of one head's ``[n_rows, COLS]`` matrix: a descriptor block (0 past the end) or a
+    pointer load masked on edge tiles only."""
+    if DESC:
+        return src.load([n0, 0])
+    ptrs = src + (n0 + rows)[:, None] * stride + tl.arange(0, COLS)[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=(n0 + rows)[:, None] < n_rows, other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _band_inner(
+    acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, pos, Nk, qk_scale, off, band_lo, band_hi,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    """Online softmax over the kv tiles starting at ``lo, lo + BLOCK_N, ..`` below ``hi``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        k = _load_rows(k_src, n0, offs_n, Nk, stride_kn, D, DESC, MASKED)  # [BLOCK_N, D]
+        qk = _dot(q, tl.trans(k), None, "tf32")  # [BLOCK_M, BLOCK_N]
+        if MASKED:
+            cols = n0 + offs_n
+            rel = cols[None, :] - pos[:, None] - off  # j - i - offset
+            keep = cols[None, :] < Nk
+            if HAS_LO:
+                keep = keep & (rel >= band_lo)
+            if HAS_HI:
+                keep = keep & (rel <= band_hi)
+            s = tl.where(keep, qk * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row with nothing visible so far has m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.math.exp2(s - m_use[:, None])
+        else:
+            # every score is finite; scale > 0, so the row maximum can be scaled after the reduction
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            m_use = m_new
+            p = tl.math.exp2(qk * qk_scale - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_ij = tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
+        acc = _dot(p.to(v.dtype), v, acc, "tf32")
+        l_i = l_i * alpha + l_ij
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _band_fwd(
+    Q, K, V, O, LSE,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+    stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+    Nq, Nk, H, GROUP, qk_scale, off, band_lo, band_hi,
+    D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PACK: tl.constexpr,
+    DESC: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query positions per program
+    # heavy (late, causal) query tiles first: fewer idle SMs at the tail
+    pid_m = tl.cdiv(Nq, BLOCK_Q) - 1 - tl.program_id(0)
+    slots = H // PACK
+    b = (tl.program_id(1) // slots).to(tl.int64)
+    h0 = (tl.program_id(1) % slots) * PACK  # first query head of the program
+    kvh = h0 // GROUP
+    m0 = pid_m * BLOCK_Q
+    rows = tl.arange(0, BLOCK_M)
+    pos = m0 + rows // PACK  # [BLOCK_M] query position of each row
+    head = h0 + rows % PACK  # [BLOCK_M] query head of each row
+    offs_d = tl.arange(0, D)
+    offs_dv = tl.arange(0, DV)
+    row_ok = pos < Nq
+
+    if DESC and PACK == 1:
+        q_desc = tl.make_tensor_descriptor(Q + b * stride_qb + h0 * stride_qh, [Nq, D], [stride_qm, 1], [BLOCK_M, D])
+        q = q_desc.load([m0, 0])  # [BLOCK_M, D]
+    else:
+        q_ptrs = Q + b * stride_qb + head[:, None] * stride_qh + pos[:, None] * stride_qm + offs_d[None, :]
+        q = tl.load(q_ptrs, mask=row_ok[:, None], other=0.0)  # [BLOCK_M, D]
+    k_head = K + b * stride_kb + kvh * stride_kh
+    v_head = V + b * stride_vb + kvh * stride_vh
+    if DESC:
+        k_src = tl.make_tensor_descriptor(k_head, [Nk, D], [stride_kn, 1], [BLOCK_N, D])
+        v_src = tl.make_tensor_descriptor(v_head, [Nk, DV], [stride_vn, 1], [BLOCK_N, DV])
+    else:
+        k_src = k_head
+        v_src = v_head
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
+    start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_Q, BLOCK_N, HAS_LO, HAS_HI)
+    acc, l_i, m_i = _band_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start, full_lo, pos, Nk,
+                                qk_scale, off, band_lo, band_hi, D, DV, BLOCK_N, True, HAS_LO, HAS_HI, DESC, WARP_SPEC)
+    acc, l_i, m_i = _band_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, full_lo, full_hi, pos, Nk,
+                                qk_scale, off, band_lo, band_hi, D, DV, BLOCK_N, False, HAS_LO, HAS_HI, DESC,
+                                WARP_SPEC)
+    acc, l_i, m_i = _band_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, full_hi, end, pos, Nk,
+                                qk_scale, off, band_lo, band_hi, D, DV, BLOCK_N, True, HAS_LO, HAS_HI, DESC, WARP_SPEC)
+
+    empty = l_i == 0.0
+    out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
+    lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(tl.where(empty, 1.0, l_i))) * LN2)
+    if DESC and PACK == 1:
+        o_desc = tl.make_tensor_descriptor(O + b * stride_ob + h0 * stride_oh, [Nq, DV], [stride_om, 1],
+                                           [BLOCK_M, DV])
+        o_desc.store([m0, 0], out)
+    else:
+        o_ptrs = O + b * stride_ob + head[:, None] * stride_oh + pos[:, None] * stride_om + offs_dv[None, :]
+        tl.store(o_ptrs, out, mask=row_ok[:, None])
+    tl.store(LSE + (b * H + head) * Nq + pos, lse, mask=row_ok)
+
+
+# ----------------------------------------------------------------------------- launcher
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global memory for the descriptors a launch builds on the device (Triton asks for it per launch)."""
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *,
+            variant: Variant | dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32, natural log)`` for q ``[B, Hq, Nq, D]``, k/v
+    ``[B, Hkv, Nk, D/Dv]`` in any strides, as ``triton_flash``'s forward returns them.
+
+    Raises ValueError listing every reason when the spec or the variant cannot run here
+    (``unsupported_reasons``)."""
+    variant = as_variant(variant)
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    reasons = unsupported_reasons(q, k, v, spec, variant)
+    if reasons:
+        raise ValueError(f"{variant.name} cannot run this spec: " + "; ".join(reasons))
+    b, hq, nq = spec.batch, spec.q_heads, spec.q_len
+    if spec.kv_len == 0 or b * hq * nq == 0:  # no key anywhere (or no row): every row is empty
+        out = q.new_zeros((b, hq, nq, spec.v_head_dim))
+        lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
+        return _fill_empty_rows(out, lse, v, spec), lse
+    out = q.new_empty((b, hq, nq, spec.v_head_dim))
+    lse = q.new_empty((b, hq, nq), dtype=torch.float32)
+    if variant.descriptors and q.is_cuda:
+        triton.set_allocator(_scratch)
+    pack = spec.group_size if variant.pack_gqa else 1
+    lo, hi = spec.band()
+    grid = (triton.cdiv(nq, variant.block_m // pack), b * hq // pack)
+    _band_fwd[grid](
+        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
+        nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
+        0 if lo is None else lo, 0 if hi is None else hi,
+        D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None, HAS_HI=hi is not None, PACK=pack,
+        DESC=variant.descriptors, WARP_SPEC=variant.warp_specialize, BLOCK_M=variant.block_m,
+        BLOCK_N=variant.block_n, num_warps=variant.num_warps, num_stages=variant.num_stages,
+    )
+    return _fill_empty_rows(out, lse, v, spec), lse

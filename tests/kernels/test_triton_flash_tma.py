@@ -1,0 +1,203 @@
+"""The experimental band forward (``triton_flash_tma``) against the float64 oracle, for every variant.
+
+On CPU the kernel runs under TRITON_INTERPRET=1 (tests/conftest.py) with 16-row tiles on shapes that
+cross tiles and end mid-tile; the interpreter runs descriptor loads too, and ignores warp specialization
+(which changes the schedule, not the arithmetic), so those variants are checked here for their results
+only. GPU tests (``-m gpu``) run every candidate variant at N = 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnopt.kernels import triton_flash_tma as tma
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+#: max abs error of out on unit-variance inputs, scaled by max(1, |reference|)
+TOL = {torch.float16: 2e-3, torch.bfloat16: 2e-2}
+#: the switch combinations; tiles of 16 so the tiny shapes below cross several
+SWITCHES = {
+    "ptr": tma.Variant(block_m=16, block_n=16),
+    "desc": tma.Variant(descriptors=True, block_m=16, block_n=16),
+    "desc_ws": tma.Variant(descriptors=True, warp_specialize=True, block_m=16, block_n=16),
+    "ptr_pack": tma.Variant(pack_gqa=True, block_m=16, block_n=16),
+    "desc_pack": tma.Variant(descriptors=True, pack_gqa=True, block_m=16, block_n=16),
+    "desc_ws_pack": tma.Variant(descriptors=True, warp_specialize=True, pack_gqa=True, block_m=16, block_n=16),
+}
+#: name -> (B, Hq, Hkv, Nq, Nk, spec terms): each band family, Nq != Nk both ways, GQA 4/2 and 8/2
+CASES = {
+    "none_gqa8_2": (1, 8, 2, 37, 50, {}),
+    "causal_top_left_nq_lt_nk": (2, 4, 2, 21, 50, {"causal": True}),
+    "causal_bottom_right_nq_gt_nk": (1, 8, 2, 50, 21, {"causal": True, "align": Align.BOTTOM_RIGHT}),
+    "window": (2, 4, 2, 45, 45, {"window": Window(7, 3)}),
+    "window_causal_bottom_right": (1, 8, 2, 30, 45, {"window": Window(9, None), "causal": True,
+                                                     "align": Align.BOTTOM_RIGHT}),
+}
+
+
+def make_inputs(b, hq, hkv, nq, nk, d, dtype, terms, *, transposed=True, seed=0, fill=Fill.SAFE, device=DEVICE):
+    """q/k/v as HF hands them over: ``[B, N, H, D]`` tensors seen as ``[B, H, N, D]`` (or contiguous)."""
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(h, n):
+        if transposed:
+            return torch.randn(b, n, h, d, generator=g).to(dtype).to(device).transpose(1, 2)
+        return torch.randn(b, h, n, d, generator=g).to(dtype).to(device)
+
+    q, k, v = randn(hq, nq), randn(hkv, nk), randn(hkv, nk)
+    return q, k, v, AttentionSpec.from_tensors(q, k, v, fill=fill, **terms)
+
+
+def oracle_lse(q, k, spec: AttentionSpec) -> torch.Tensor:
+    """float64 natural-log log-sum-exp of each row's visible scores; -inf where none is visible."""
+    k = k.double().repeat_interleave(spec.group_size, dim=1)
+    s = (q.double() @ k.transpose(-1, -2)) * spec.scale  # [B, Hq, Nq, Nk]
+    keep = spec.materialize()[0]
+    if keep is not None:
+        s = s.masked_fill(~keep.to(s.device), float("-inf"))
+    return torch.logsumexp(s, dim=-1)
+
+
+def check(q, k, v, spec, variant, tol):
+    out, lse = tma.forward(q, k, v, spec, variant=variant)
+    assert out.shape == (spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim) and out.dtype == q.dtype
+    assert lse.shape == out.shape[:-1] and lse.dtype == torch.float32
+    want = naive_attention(q, k, v, spec).cpu()
+    got = out.double().cpu()
+    assert torch.equal(got.isnan(), want.isnan()), "NaN rows differ"
+    err = (got - want).nan_to_num(0).abs().max().item()
+    assert err <= tol * max(1.0, want.nan_to_num(0).abs().max().item()), f"out: max abs error {err:.3g}"
+    want_lse = oracle_lse(q, k, spec).cpu()
+    assert torch.equal(lse.isneginf().cpu(), want_lse.isneginf()), "rows without keys differ"
+    lse_err = (lse.double().cpu() - want_lse).nan_to_num(0, 0, 0).abs().max().item()
+    assert lse_err <= 1e-3 * max(1.0, want_lse.nan_to_num(0, 0, 0).abs().max().item()), f"lse: error {lse_err:.3g}"
+    return out, lse
+
+
+# ------------------------------------------------------------------------------------ CPU (interpreter)
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("switches", list(SWITCHES))
+def test_variants_match_oracle(switches, case):
+    b, hq, hkv, nq, nk, terms = CASES[case]
+    dtype = torch.bfloat16 if "ptr" in switches else torch.float16
+    q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, dtype, terms)
+    assert not q.is_contiguous() and q.stride(-1) == 1
+    check(q, k, v, spec, SWITCHES[switches], TOL[dtype])
+
+
+@pytest.mark.parametrize("fill", [Fill.NEG_INF, Fill.SAFE, Fill.FINITE])
+def test_rows_without_keys_follow_fill(fill):
+    """Bottom-right causal with Nq > Nk: the first Nq - Nk rows see no key (out 0 and lse -inf from the
+    kernel, then the fill: NaN, 0, or the mean of v)."""
+    q, k, v, spec = make_inputs(1, 4, 2, 40, 17, 16, torch.float16, {"causal": True, "align": Align.BOTTOM_RIGHT},
+                                fill=fill)
+    assert spec.rows_may_be_empty()
+    _, lse = check(q, k, v, spec, SWITCHES["desc_pack"], TOL[torch.float16])
+    assert lse[:, :, :23].isneginf().all() and lse[:, :, 23:].isfinite().all()
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    switches=st.sampled_from(list(SWITCHES)), group=st.sampled_from([1, 2, 4]), nq=st.integers(1, 40),
+    nk=st.integers(1, 40), d=st.sampled_from([16, 32]), dtype=st.sampled_from([torch.float16, torch.bfloat16]),
+    band=st.sampled_from(["none", "causal", "window", "window_left"]), bottom_right=st.booleans(),
+    transposed=st.booleans(), block_n=st.sampled_from([16, 32]),
+)
+def test_random_band_specs(switches, group, nq, nk, d, dtype, band, bottom_right, transposed, block_n):
+    terms = {"none": {}, "causal": {"causal": True}, "window": {"window": Window(5, 2)},
+             "window_left": {"window": Window(3, None)}}[band]
+    terms["align"] = Align.BOTTOM_RIGHT if bottom_right else Align.TOP_LEFT
+    q, k, v, spec = make_inputs(1, 2 * group, 2, nq, nk, d, dtype, terms, transposed=transposed)
+    variant = dataclasses.replace(SWITCHES[switches], block_n=block_n)
+    check(q, k, v, spec, variant, TOL[dtype])
+
+
+def test_unsupported_specs_and_variants_are_refused():
+    q, k, v, spec = make_inputs(1, 6, 2, 16, 16, 16, torch.float16, {})
+    with pytest.raises(ValueError, match="band specs only"):
+        tma.forward(q, k, v, spec.with_(key_padding=torch.tensor([3])), variant={})
+    with pytest.raises(ValueError, match="warp_specialize needs descriptors"):
+        tma.forward(q, k, v, spec, variant={"warp_specialize": True})
+    with pytest.raises(ValueError, match="group size"):  # 3 query heads per kv head cannot be packed
+        tma.forward(q, k, v, spec, variant={"pack_gqa": True, "block_m": 16})
+    with pytest.raises(ValueError, match="block_n=24"):
+        tma.forward(q, k, v, spec, variant={"block_n": 24})
+    with pytest.raises(ValueError, match="dtype torch.float32"):
+        q32, k32, v32 = (t.float() for t in (q, k, v))
+        tma.forward(q32, k32, v32, AttentionSpec.from_tensors(q32, k32, v32), variant={})
+    with pytest.raises(TypeError, match="block_size"):
+        tma.forward(q, k, v, spec, variant={"block_size": 64})
+    # a view starting 2 bytes into its storage: fine for pointers, not for a descriptor
+    wide = torch.randn(1, 6, 16, 24, device=DEVICE).half()
+    shifted = wide[..., 1:17]
+    assert tma.unsupported_reasons(shifted, k, v, spec, tma.Variant(block_m=16, block_n=16)) == []
+    with pytest.raises(ValueError, match="cannot be read through a descriptor"):
+        tma.forward(shifted, k, v, spec, variant=tma.Variant(descriptors=True))
+
+
+@pytest.mark.parametrize("fill", [Fill.SAFE, Fill.NEG_INF])
+def test_no_keys_at_all(fill):
+    q, k, v, spec = make_inputs(1, 4, 2, 5, 0, 16, torch.float16, {"causal": True, "align": Align.BOTTOM_RIGHT},
+                                fill=fill)
+    out, lse = tma.forward(q, k, v, spec, variant=SWITCHES["desc_pack"])
+    assert out.shape == (1, 4, 5, 16) and lse.isneginf().all()
+    assert (out == 0).all() if fill == Fill.SAFE else out.isnan().all()
+
+
+def test_candidate_variants_cover_every_switch():
+    variants = tma.candidate_variants(128, group_size=4)
+    assert {(v.descriptors, v.warp_specialize, v.pack_gqa) for v in variants} == {
+        (False, False, False), (True, False, False), (True, True, False),
+        (False, False, True), (True, False, True), (True, True, True)}
+    assert not any(v.pack_gqa for v in tma.candidate_variants(64, group_size=1))
+    assert all(v.num_warps < 8 or v.block_m * v.block_n >= 128 * 64 for v in variants)
+
+
+# ------------------------------------------------------------------------------------ GPU
+def _check_all(q, k, v, spec, variants, tol):
+    """Every variant checked; one failure message listing each variant that failed, with its error."""
+    failures = []
+    for variant in variants:
+        try:
+            check(q, k, v, spec, variant, tol)
+        except Exception as exc:  # a variant Triton cannot build for this GPU fails with its error
+            failures.append(f"{variant.name}: {type(exc).__name__}: {str(exc)[:300]}")
+    assert not failures, "\n".join(failures)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_every_variant_at_1k(d):
+    """Every candidate variant at N = 1024, causal (masked edge and unmasked middle loops): GQA 8/2 in
+    HF's transposed layout, bf16, against float64. About 25 compilations per head dim."""
+    q, k, v, spec = make_inputs(2, 8, 2, 1024, 1024, d, torch.bfloat16, {"causal": True})
+    _check_all(q, k, v, spec, tma.candidate_variants(d, spec.group_size), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+def test_gpu_every_switch_at_1k_full(d):
+    q, k, v, spec = make_inputs(2, 8, 2, 1024, 1024, d, torch.bfloat16, {})
+    _check_all(q, k, v, spec, tma.candidate_variants(d, spec.group_size, [(128, 64, 4, 3)]), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("terms", [
+    {"causal": True, "window": Window(255, 0)},
+    {"causal": True, "align": Align.BOTTOM_RIGHT},  # Nq < Nk below: a KV-cache prefill
+    {"window": Window(100, 37), "align": Align.BOTTOM_RIGHT},
+], ids=["window_causal", "causal_bottom_right", "window_two_sided"])
+def test_gpu_bands_and_lengths_not_multiples_of_tiles(terms):
+    """Windows and bottom-right bands, lengths that end mid-tile, fp16: each switch once (128x64 tiles)."""
+    q, k, v, spec = make_inputs(1, 8, 2, 300, 1000, 128, torch.float16, terms)
+    _check_all(q, k, v, spec, tma.candidate_variants(128, spec.group_size, [(128, 64, 4, 3)]), TOL[torch.float16])
