@@ -101,10 +101,41 @@ class _OptimizedForward:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # traced as part of an enclosing optimized forward: its graph
             return self.plain(*args, **kwargs)
-        return self.compiled(*args, **kwargs)
+        out = self.compiled(*args, **kwargs)
+        _mark_static_caches((*args, *kwargs.values()))
+        return out
 
     def __reduce__(self):
         return _reoptimize, (self.module, self.options, self.report, self.original, self.prefix)
+
+
+#: tensors of a Hugging Face cache layer that its eager first call marks as static addresses (``StaticLayer``
+#: and the layers built like it, ``transformers/cache_utils.py``), by attribute: one tensor, or a list of them
+_STATIC_CACHE_TENSORS = ("keys", "values", "cumulative_length", "indexer_keys", "indexer_cumulative_length",
+                         "conv_states", "recurrent_states")
+
+
+def _mark_static_caches(values) -> None:
+    """Mark the tensors of compilable Hugging Face cache layers as static addresses, as their eager first call
+    does.
+
+    A static cache allocates its tensors on its first ``update`` and marks them with
+    ``torch._dynamo.mark_static_address`` unless dynamo is tracing. Inside an optimized forward that first
+    call (the prefill) is traced, so the marks are skipped, and the decode step that ``generate()`` compiles
+    with CUDA graphs then finds its cache "mutated inputs" and runs without them. A mark only tells
+    cudagraphs that the address stays fixed (it re-records if it moves); values are untouched.
+    """
+    for value in values:
+        caches = [value, getattr(value, "self_attention_cache", None), getattr(value, "cross_attention_cache", None)]
+        for cache in caches:
+            for layer in getattr(cache, "layers", None) or ():
+                if not (getattr(layer, "is_compileable", False) and getattr(layer, "is_initialized", False)):
+                    continue
+                for name in _STATIC_CACHE_TENSORS:
+                    found = getattr(layer, name, None)
+                    for tensor in found if isinstance(found, (list, tuple)) else (found,):
+                        if isinstance(tensor, torch.Tensor) and not hasattr(tensor, "_dynamo_static_input_type"):
+                            torch._dynamo.mark_static_address(tensor)
 
 
 def _reoptimize(module: torch.nn.Module, options: Options, report: Report, original=None,

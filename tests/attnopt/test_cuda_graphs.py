@@ -169,3 +169,26 @@ def test_a_compile_backend_the_user_chose_is_kept():
     model.generation_config.compile_config = transformers.CompileConfig(backend="aot_eager")
     attnopt.optimize(model)
     assert model.generation_config.compile_config.backend == "aot_eager"
+
+
+def test_a_static_cache_filled_by_an_optimized_prefill_keeps_its_static_addresses():
+    """A static cache allocates and marks its tensors (``mark_static_address``) on its first update, unless
+    dynamo is tracing it. In an optimized model that first update is traced, so attnopt marks them after the
+    call, as the eager model does: without the marks the decode step ``generate()`` compiles with CUDA graphs
+    finds the cache's in-place updates on non-static inputs and runs without graphs."""
+    model = _llama()
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    ids = torch.randint(0, 128, (2, 10))
+    marks = {}
+    for name, run in (("eager", model), ("optimized", optimized)):
+        cache = transformers.StaticCache(config=model.config, max_cache_len=32)
+        with torch.no_grad():
+            run(input_ids=ids, past_key_values=cache, use_cache=True)
+        marks[name] = [getattr(t, "_dynamo_static_input_type", None)
+                       for layer in cache.layers for t in (layer.keys, layer.values, layer.cumulative_length)]
+    assert marks["eager"] == ["unguarded"] * 6 and marks["optimized"] == marks["eager"]
+    # a dynamic cache's tensors are reallocated every step: never marked
+    cache = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        optimized(input_ids=ids, past_key_values=cache, use_cache=True)
+    assert not any(hasattr(layer.keys, "_dynamo_static_input_type") for layer in cache.layers)
