@@ -82,6 +82,10 @@ WARMUP_LENGTH = 128
 #: of at least NOISY_MIN_S) was taken on a busy machine: it is used, and measured again by the next process
 #: that needs it. One slow round is jitter; microsecond runs always spread and decide little
 NOISY_SPREAD, NOISY_MIN_S = 1.5, 1e-3
+#: on a GPU a call shorter than BURST_BELOW_S is timed as a burst of BURST_CALLS calls before one
+#: synchronization: in a model such calls overlap with the next launch, so what one costs there is its host
+#: time or its GPU time, whichever is longer, not both plus a synchronization (a decode step: tens of us)
+BURST_BELOW_S, BURST_CALLS = 1e-3, 8
 #: the largest score-sized tensor a timing may allocate (the original materializes [B, H, Nq, Nk])
 MAX_MEASURE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 
@@ -397,7 +401,9 @@ def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.
 
     Each runs once to warm up (compilation, first touch), then up to
     ``repeats`` rounds run every candidate once in turn, so a change in the
-    machine's load touches all of them alike. A candidate is dropped when its
+    machine's load touches all of them alike. On a GPU a call shorter than
+    ``BURST_BELOW_S`` runs ``BURST_CALLS`` times per round before one
+    synchronization, and counts the average. A candidate is dropped when its
     next run would pass ``deadline`` (a ``time.perf_counter()`` value); one
     with no timed run is left out of the result. ``warmups``: a cheaper call
     per candidate to warm up with (on the CPU nothing compiles, so a small
@@ -417,16 +423,19 @@ def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.
         if progress is not None:
             progress.step(f"{name} (warm-up)")
     times: dict[str, list[float]] = {name: [] for name in last}
+    burst = {name: BURST_CALLS if device.type == "cuda" and t < BURST_BELOW_S else 1 for name, t in last.items()}
     for round_index in range(repeats):
         for name in list(last):
             checked = round_index > 0 or warmups is None
-            if checked and time.perf_counter() + last[name] > deadline:
+            if checked and time.perf_counter() + last[name] * burst[name] > deadline:
                 del last[name]
                 continue
+            once = runs[name]
             start = time.perf_counter()
-            runs[name]()
+            for _ in range(burst[name]):
+                once()
             _sync(device)
-            last[name] = time.perf_counter() - start
+            last[name] = (time.perf_counter() - start) / burst[name]
             times[name].append(last[name])
         if progress is not None:
             progress.step("")

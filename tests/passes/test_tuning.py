@@ -2,6 +2,7 @@
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -98,8 +99,6 @@ def test_the_budget_leaves_what_does_not_fit_to_the_estimates():
 
 
 def test_timing_stops_at_the_deadline():
-    import time
-
     runs = {"slow": lambda: time.sleep(0.05), "fast": lambda: None}
     start = time.perf_counter()
     got = tuning.time_candidates(runs, torch.device("cpu"), deadline=start + 0.12)
@@ -218,8 +217,6 @@ def test_noisy_cpu_timing_is_measured_again(tmp_path, monkeypatch):
 
 
 def test_time_candidates_reports_the_spread_of_its_rounds():
-    import time
-
     delays = iter([0.0, 0.002, 0.012, 0.002, 0.012, 0.002])  # warm-up, then two slow rounds of five
 
     def uneven():
@@ -310,3 +307,24 @@ def test_a_candidate_failing_when_timed_is_reported_with_its_error(tmp_path, mon
     assert not failed.supported and failed.reasons == (FAILED_WHEN_TIMED,)
     assert "reference failed when timed" in caplog.text and "out of resources: shared memory" in caplog.text
     assert any(c.supported and c.measured for c in found)
+
+
+def test_short_gpu_calls_are_timed_in_bursts(monkeypatch):
+    """A decode-sized call on a GPU overlaps with the next launch in a model: it is timed as a burst of calls
+    before one synchronization. A long call, and every CPU call, is timed alone."""
+    monkeypatch.setattr(tuning, "_sync", lambda device: None)
+    calls = {"short": 0, "long": 0}
+
+    def short():
+        calls["short"] += 1
+
+    def long():
+        calls["long"] += 1
+        time.sleep(2 * tuning.BURST_BELOW_S)
+
+    seconds = tuning.time_candidates({"short": short, "long": long}, torch.device("cuda"), repeats=3)
+    assert calls["short"] == 1 + 3 * tuning.BURST_CALLS and calls["long"] == 1 + 3
+    assert seconds["long"] >= 2 * tuning.BURST_BELOW_S > seconds["short"]
+    calls["short"] = 0
+    tuning.time_candidates({"short": short}, torch.device("cpu"), repeats=3)
+    assert calls["short"] == 1 + 3
