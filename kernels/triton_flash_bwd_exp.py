@@ -1,0 +1,339 @@
+"""An experimental Hopper backward for band specs (no term, causal, window, GQA), with its variants as switches.
+
+Not registered as a kernel: ``benchmarks/backward_sweep.py`` checks and times every variant against
+``triton_flash``'s backward and the peers first, and only a variant measured faster earns a place in the
+planner. Same function as ``triton_flash_bwd.py`` in band mode, from the forward's ``(out, lse)``; three
+launches::
+
+    delta = rowsum(dO * O),  lse2 = lse * log2(e)      (triton_flash_bwd's pre-pass; +inf on empty rows)
+
+    dK/dV kernel, one program per [BLOCK_N1] key tile of one (batch, kv head), walking the query tiles of
+    its band, transposed so that no accumulator changes layout (s^T, not s, is computed):
+        p^T  = exp2(qk_scale * k @ q^T - lse2)         [BLOCK_N1, BLOCK_M1]
+        dV  += p^T @ dO
+        ds^T = p^T * (v @ dO^T - delta)
+        dK  += ds^T @ q                                (times scale once, at the end)
+
+    dQ kernel, one program per [BLOCK_M2] query tile, walking the key tiles of its band (no atomics:
+    deterministic):
+        p  = exp2(qk_scale * q @ k^T - lse2)
+        dQ += (p * (dO @ v^T - delta)) @ k             (times scale once, at the end)
+
+The scale is folded with log2(e) into one multiply-add before ``exp2`` (the inputs are not rescaled, so the
+result is the same function, not a rounded copy of it). Rows with no visible key have ``lse = -inf``:
+``p = 0`` on them, and ``spec.fill``'s gradient is added afterwards as ``triton_flash`` adds it.
+
+What a ``Variant`` changes:
+
+* ``block_m1, block_n1`` (dK/dV kernel) and ``block_m2, block_n2`` (dQ kernel): tile shapes;
+  ``num_warps``, ``num_stages``: launch configuration of both.
+* ``split``: each tile range is cut into a masked leading edge, a fully visible middle without mask
+  arithmetic, and a masked trailing edge (``_q_tile_range`` / ``_kv_tile_range``). Off: one loop, every
+  tile masked.
+* ``gqa_in_program``: a dK/dV program walks every query head of its kv head's group and sums in registers,
+  so dK/dV need no reduction. Off: one program per query head writes float32 dK/dV per query head and
+  torch sums each group (more programs, more memory traffic; only differs from on for GQA).
+* ``descriptors``: q and dO (dK/dV kernel) and k and v (dQ kernel) are read through device-side tensor
+  descriptors (TMA on Hopper; rows past the end read as 0). Off: pointer loads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import triton
+import triton.language as tl
+
+from .spec import AttentionSpec
+from .triton_flash import _block, _last_dim_contiguous, _with_empty_rows
+from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
+from .triton_flash_fwd import LOG2E, _dot, _kv_tile_range
+from .triton_flash_tma import DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, _load_rows, _scratch
+from .triton_flash_tma import Variant as ForwardVariant
+from .triton_flash_tma import unsupported_reasons as forward_reasons
+
+#: rows per program of the delta pre-pass
+PRE_BLOCK = 64
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way to run the backward; see the module docs for what each switch does."""
+
+    block_m1: int = 64
+    block_n1: int = 128
+    block_m2: int = 128
+    block_n2: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    split: bool = True
+    gqa_in_program: bool = True
+    descriptors: bool = False
+
+    @property
+    def name(self) -> str:
+        parts = ["desc" if self.descriptors else "ptr"]
+        if not self.split:
+            parts.append("nosplit")
+        if not self.gqa_in_program:
+            parts.append("perhead")
+        return (f"{'+'.join(parts)} kv{self.block_m1}x{self.block_n1} q{self.block_m2}x{self.block_n2} "
+                f"w{self.num_warps} s{self.num_stages}")
+
+
+def _as_variant(variant: Variant | dict) -> Variant:
+    if isinstance(variant, dict):
+        unknown = sorted(set(variant) - {f.name for f in dataclasses.fields(Variant)})
+        if unknown:
+            raise TypeError(f"variant keys {unknown} are not fields of the backward's Variant: use some of "
+                            f"{[f.name for f in dataclasses.fields(Variant)]}")
+        variant = Variant(**variant)
+    if not isinstance(variant, Variant):
+        raise TypeError(f"variant must be a triton_flash_bwd_exp.Variant or a dict of its fields, got "
+                        f"{type(variant).__name__}")
+    return variant
+
+
+def candidate_variants(head_dim: int, group_size: int = 1,
+                       tiles: list[tuple[int, int, int, int, int, int]] | None = None) -> list[Variant]:
+    """The variants the sweep and the GPU tests run: ``tiles`` ``(block_m1, block_n1, block_m2, block_n2,
+    num_warps, num_stages)``, by default Flex's H100 backward (64x128 key tiles walking 64-row query tiles,
+    8 warps, 3 stages at D = 128), the Triton tutorial's (32x128 / 128x32 at 4 warps, 5 stages) and a few
+    between; then each switch off once on the first tiles, descriptors on where Triton has them, and
+    per-head dK/dV for GQA."""
+    if tiles is None and head_dim <= 64:
+        tiles = [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 4, 3), (32, 128, 128, 32, 4, 5),
+                 (64, 64, 64, 64, 4, 3), (128, 128, 128, 128, 8, 2)]
+    elif tiles is None:
+        tiles = [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 8, 3), (32, 128, 128, 32, 4, 5),
+                 (64, 64, 64, 64, 4, 3), (64, 128, 128, 64, 8, 2)]
+    out = [Variant(*t) for t in tiles]
+    first = out[0]
+    out.append(dataclasses.replace(first, split=False))
+    if HAS_DESCRIPTORS:
+        out += [dataclasses.replace(v, descriptors=True) for v in out[:2]]
+    if group_size > 1:
+        out.append(dataclasses.replace(first, gqa_in_program=False))
+    return out
+
+
+def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                        spec: AttentionSpec, variant: Variant) -> list[str]:
+    """Every reason ``backward`` cannot run ``variant`` on these inputs; empty when it can. The spec's
+    (device, band terms, dtypes, head dims, descriptor alignment of q/k/v) are the forward experiment's."""
+    reasons = forward_reasons(q, k, v, spec, ForwardVariant(descriptors=variant.descriptors))
+    tiles = {name: getattr(variant, name) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
+    bad = [f"{name}={size}" for name, size in tiles.items() if size < 16 or size & (size - 1)]
+    if bad:
+        reasons.append(f"{', '.join(bad)}: tiles must be powers of two >= 16 (tl.dot tiles)")
+    if variant.num_warps not in (1, 2, 4, 8, 16) or variant.num_stages < 1:
+        reasons.append(f"num_warps={variant.num_warps}, num_stages={variant.num_stages}: warps must be a power of "
+                       "two up to 16 and stages at least 1")
+    if variant.descriptors and (grad_out.data_ptr() % DESCRIPTOR_ALIGN or any(
+            s * grad_out.element_size() % DESCRIPTOR_ALIGN for s in grad_out.stride()[:-1])):
+        reasons.append(f"grad_out with strides {tuple(grad_out.stride())} cannot be read through a descriptor "
+                       f"(base and strides must be {DESCRIPTOR_ALIGN}-byte aligned): use descriptors=False")
+    return reasons
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _band_keep(i, j, Nk, off, band_lo, band_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
+    """Whether query ``i`` sees key ``j`` (broadcast shapes, either orientation): an existing key within
+    ``band_lo <= j - i - off <= band_hi``."""
+    keep = j < Nk
+    if HAS_LO:
+        keep &= j - i - off >= band_lo
+    if HAS_HI:
+        keep &= j - i - off <= band_hi
+    return keep
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, cols, Nq, Nk,
+                qk_scale, off, band_lo, band_hi, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DESC: tl.constexpr):
+    """dK, dV of one key tile over the query tiles ``lo, lo + BLOCK_M, ..`` below ``hi`` of one query head."""
+    offs_m = tl.arange(0, BLOCK_M)
+    for m0 in tl.range(lo, hi, BLOCK_M):
+        m0 = tl.multiple_of(m0, BLOCK_M)
+        rows = m0 + offs_m
+        # q/dO rows past Nq read as 0 and their lse2 as +inf: p = 0 there without a mask
+        q = _load_rows(q_src, m0, offs_m, Nq, stride_qm, D, DESC, True)  # [BLOCK_M, D]
+        lse2 = tl.load(LSE2 + row0 + rows, mask=rows < Nq, other=float("inf"))
+        qk_t = _dot(k, tl.trans(q), None, "tf32")  # [BLOCK_N, BLOCK_M]
+        p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
+        if MASKED:
+            p_t = tl.where(_band_keep(rows[None, :], cols[:, None], Nk, off, band_lo, band_hi, HAS_LO, HAS_HI),
+                           p_t, 0.0)
+        do = _load_rows(do_src, m0, offs_m, Nq, stride_dom, DV, DESC, True)  # [BLOCK_M, DV]
+        dv = _dot(p_t.to(do.dtype), do, dv, "tf32")
+        delta = tl.load(DELTA + row0 + rows, mask=rows < Nq, other=0.0)
+        dp_t = _dot(v, tl.trans(do), None, "tf32")  # [BLOCK_N, BLOCK_M]
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _dot(ds_t.to(q.dtype), q, dk, "tf32")
+    return dk, dv
+
+
+@triton.jit
+def _band_bwd_dkdv(
+    Q, K, V, DO, DKEY, DVAL, LSE2, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    n0 = tl.program_id(0) * BLOCK_N
+    slots = H // HEADS  # output heads: kv heads when a program walks a group, else query heads
+    b = (tl.program_id(1) // slots).to(tl.int64)
+    slot = tl.program_id(1) % slots
+    h0 = slot * HEADS  # first query head of the program
+    kvh = h0 // GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    cols = n0 + offs_n
+    k = _load_rows(K + b * stride_kb + kvh * stride_kh, n0, offs_n, Nk, stride_kn, D, False, True)  # [BLOCK_N, D]
+    v = _load_rows(V + b * stride_vb + kvh * stride_vh, n0, offs_n, Nk, stride_vn, DV, False, True)  # [BLOCK_N, DV]
+    dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    start, full_lo, full_hi, end = _q_tile_range(n0, Nk, Nq, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI)
+    if not SPLIT:
+        full_lo = start
+        full_hi = start
+    for g in range(HEADS):
+        h = h0 + g
+        row0 = (b * H + h) * Nq
+        q_src = Q + b * stride_qb + h * stride_qh
+        do_src = DO + b * stride_dob + h * stride_doh
+        if DESC:  # TMA loads; rows past Nq read as 0
+            q_src = tl.make_tensor_descriptor(q_src, [Nq, D], [stride_qm, 1], [BLOCK_M, D])
+            do_src = tl.make_tensor_descriptor(do_src, [Nq, DV], [stride_dom, 1], [BLOCK_M, DV])
+        for part in tl.static_range(3):  # masked edge, visible middle, masked edge
+            lo = start if part == 0 else (full_lo if part == 1 else full_hi)
+            hi = full_lo if part == 0 else (full_hi if part == 1 else end)
+            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi,
+                                 cols, Nq, Nk, qk_scale, off, band_lo, band_hi, D, DV, BLOCK_M, part != 1,
+                                 HAS_LO, HAS_HI, DESC)
+    ok = cols[:, None] < Nk
+    out_k = DKEY + b * stride_dkb + slot * stride_dkh + cols[:, None] * stride_dkn + tl.arange(0, D)[None, :]
+    tl.store(out_k, (dk * sm_scale).to(DKEY.dtype.element_ty), mask=ok)
+    out_v = DVAL + b * stride_dvb + slot * stride_dvh + cols[:, None] * stride_dvn + tl.arange(0, DV)[None, :]
+    tl.store(out_v, dv.to(DVAL.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, rows, Nk, qk_scale, off,
+              band_lo, band_hi, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DESC: tl.constexpr):
+    """dQ of one query tile over the key tiles ``lo, lo + BLOCK_N, ..`` below ``hi``."""
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in tl.range(lo, hi, BLOCK_N):
+        n0 = tl.multiple_of(n0, BLOCK_N)
+        k = _load_rows(k_src, n0, offs_n, Nk, stride_kn, D, DESC, MASKED)  # [BLOCK_N, D]
+        qk = _dot(q, tl.trans(k), None, "tf32")  # [BLOCK_M, BLOCK_N]
+        p = tl.math.exp2(qk * qk_scale - lse2[:, None])
+        if MASKED:
+            p = tl.where(_band_keep(rows[:, None], (n0 + offs_n)[None, :], Nk, off, band_lo, band_hi, HAS_LO, HAS_HI),
+                         p, 0.0)
+        v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
+        dp = _dot(do, tl.trans(v), None, "tf32")  # [BLOCK_M, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        dq = _dot(ds.to(k.dtype), k, dq, "tf32")
+    return dq
+
+
+@triton.jit
+def _band_bwd_dq(
+    Q, K, V, DO, DQ, LSE2, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # heavy (late, causal) query tiles first: fewer idle SMs at the tail
+    m0 = (tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+    b = (tl.program_id(1) // H).to(tl.int64)
+    h = tl.program_id(1) % H
+    kvh = h // GROUP
+    offs_m = tl.arange(0, BLOCK_M)
+    rows = m0 + offs_m
+    row0 = (b * H + h) * Nq
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, offs_m, Nq, stride_qm, D, False, True)  # [BLOCK_M, D]
+    do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, offs_m, Nq, stride_dom, DV, False, True)
+    lse2 = tl.load(LSE2 + row0 + rows, mask=rows < Nq, other=float("inf"))  # rows past Nq: p = 0
+    delta = tl.load(DELTA + row0 + rows, mask=rows < Nq, other=0.0)
+    k_src = K + b * stride_kb + kvh * stride_kh
+    v_src = V + b * stride_vb + kvh * stride_vh
+    if DESC:  # TMA loads; rows past Nk read as 0
+        k_src = tl.make_tensor_descriptor(k_src, [Nk, D], [stride_kn, 1], [BLOCK_N, D])
+        v_src = tl.make_tensor_descriptor(v_src, [Nk, DV], [stride_vn, 1], [BLOCK_N, DV])
+    dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
+    start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI)
+    if not SPLIT:
+        full_lo = start
+        full_hi = start
+    for part in tl.static_range(3):  # masked edge, visible middle, masked edge
+        lo = start if part == 0 else (full_lo if part == 1 else full_hi)
+        hi = full_lo if part == 0 else (full_hi if part == 1 else end)
+        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, rows, Nk, qk_scale, off,
+                       band_lo, band_hi, D, DV, BLOCK_N, part != 1, HAS_LO, HAS_HI, DESC)
+    out = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + tl.arange(0, D)[None, :]
+    tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < Nq)[:, None])
+
+
+# ----------------------------------------------------------------------------- launcher
+def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+             lse: torch.Tensor, spec: AttentionSpec, *, variant: Variant | dict
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, dv)`` shaped and typed as q, k, v, for q ``[B, Hq, Nq, D]``, k/v ``[B, Hkv, Nk, D/Dv]``,
+    out and grad_out ``[B, Hq, Nq, Dv]`` in any strides, and ``lse [B, Hq, Nq]`` float32 (natural log,
+    ``-inf`` on rows with no visible key) as ``triton_flash``'s forward returns them.
+
+    Raises ValueError listing every reason when the spec or the variant cannot run here
+    (``unsupported_reasons``)."""
+    variant = _as_variant(variant)
+    q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
+    reasons = unsupported_reasons(grad_out, q, k, v, spec, variant)
+    if reasons:
+        raise ValueError(f"{variant.name} cannot run this spec: " + "; ".join(reasons))
+    b, hq, hkv, nq, nk = spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len
+    if nq == 0 or nk == 0 or b * hq == 0:
+        grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))
+        return _with_empty_rows(grads, q, k, v, grad_out, lse, spec)[:3]
+    lse = lse.float().contiguous()
+    delta = torch.empty_like(lse)
+    lse2 = torch.empty_like(lse)
+    _attn_bwd_preprocess[(triton.cdiv(nq, PRE_BLOCK), b * hq)](
+        out, grad_out, lse, delta, lse2, *out.stride()[:3], *grad_out.stride()[:3], nq, hq,
+        DV=spec.v_head_dim, BLOCK_DV=_block(spec.v_head_dim), BLOCK_M=PRE_BLOCK,
+    )
+    if variant.descriptors and q.is_cuda:
+        triton.set_allocator(_scratch)
+    lo, hi = spec.band()
+    band = dict(Nq=nq, Nk=nk, H=hq, GROUP=spec.group_size, sm_scale=spec.scale,
+                qk_scale=spec.scale * LOG2E.value, off=spec.diagonal_offset, band_lo=0 if lo is None else lo,
+                band_hi=0 if hi is None else hi, D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None,
+                HAS_HI=hi is not None, SPLIT=variant.split, DESC=variant.descriptors,
+                num_warps=variant.num_warps, num_stages=variant.num_stages)
+    heads = spec.group_size if variant.gqa_in_program else 1
+    if heads == spec.group_size:  # one program per kv head: dK/dV written in place
+        dk, dv = torch.empty_like(k), torch.empty_like(v)
+    else:  # one program per query head: float32 [B, Hq, Nk, D] summed over each group below
+        dk = k.new_empty((b, hq, nk, spec.head_dim), dtype=torch.float32)
+        dv = v.new_empty((b, hq, nk, spec.v_head_dim), dtype=torch.float32)
+    _band_bwd_dkdv[(triton.cdiv(nk, variant.block_n1), b * hq // heads)](
+        q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, HEADS=heads,
+        BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
+    )
+    if heads != spec.group_size:
+        dk = dk.view(b, hkv, spec.group_size, nk, spec.head_dim).sum(2).to(k.dtype)
+        dv = dv.view(b, hkv, spec.group_size, nk, spec.v_head_dim).sum(2).to(v.dtype)
+    dq = torch.empty_like(q)
+    _band_bwd_dq[(triton.cdiv(nq, variant.block_m2), b * hq)](
+        q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+        *grad_out.stride()[:3], *dq.stride()[:3], **band, BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
+    )
+    return _with_empty_rows((dq, dk, dv), q, k, v, grad_out, lse, spec)[:3]

@@ -1,0 +1,208 @@
+"""The experimental band backward (``triton_flash_bwd_exp``) against float64 autograd, for every variant.
+
+On CPU the kernels run under TRITON_INTERPRET=1 (tests/conftest.py) with 16-row tiles on shapes that
+cross tiles and end mid-tile; the interpreter runs descriptor loads too. The forward is
+``triton_flash``'s, whose ``(out, lse)`` the backward takes. GPU tests (``-m gpu``) run every candidate
+variant at N = 1024.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attnopt.kernels import get
+from attnopt.kernels import triton_flash_bwd_exp as bwd
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.spec import Align, Fill, Window
+from test_triton_flash_tma import CASES, DEVICE, make_inputs
+
+#: max abs error of a gradient, scaled by max(1, |reference|)
+TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
+TILES16 = dict(block_m1=16, block_n1=16, block_m2=16, block_n2=16, num_warps=4, num_stages=1)
+#: each switch on and off once; 16-row tiles (32 for one kernel) so the tiny shapes below cross several
+SWITCHES = {
+    "ptr": bwd.Variant(**TILES16),
+    "nosplit": bwd.Variant(**TILES16, split=False),
+    "perhead": bwd.Variant(**TILES16, gqa_in_program=False),
+    "desc": bwd.Variant(**TILES16, descriptors=True),
+    "desc_perhead_wide": bwd.Variant(**{**TILES16, "block_n1": 32, "block_m2": 32}, descriptors=True,
+                                     gqa_in_program=False),
+}
+
+
+def reference_grads(q, k, v, grad_out, spec):
+    """float64 ``(dq, dk, dv)`` by autograd through the oracle."""
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out = naive_attention(q64, k64, v64, spec)
+    out.backward(grad_out.double())
+    return q64.grad, k64.grad, v64.grad
+
+
+def forward_and_reference(q, k, v, spec, seed=1):
+    """``(out, lse)`` of triton_flash's forward, a random grad_out, and the float64 gradients."""
+    out, lse = get("triton_flash").forward(q, k, v, spec, 0)
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=g).to(q.dtype).to(q.device)
+    return out, lse, grad_out, reference_grads(q, k, v, grad_out, spec)
+
+
+def check(q, k, v, spec, variant, tol, forward=None):
+    out, lse, grad_out, reference = forward or forward_and_reference(q, k, v, spec)
+    grads = bwd.backward(grad_out, q, k, v, out, lse, spec, variant=variant)
+    for name, got, want, t in zip("qkv", grads, reference, (q, k, v)):
+        assert got.shape == t.shape and got.dtype == t.dtype, f"d{name}: {got.shape} {got.dtype}"
+        got = got.double()
+        assert torch.equal(got.isnan(), want.isnan()), f"d{name}: NaN entries differ"
+        err = (got - want).nan_to_num(0).abs().max().item()
+        scale = max(1.0, want.nan_to_num(0).abs().max().item())
+        assert err <= tol * scale, f"d{name}: max abs error {err:.3g} (scale {scale:.3g})"
+    return grads
+
+
+# ------------------------------------------------------------------------------------ CPU (interpreter)
+@pytest.mark.parametrize(("switches", "case"), [(s, c) for s in SWITCHES for c in CASES])
+def test_variants_match_autograd(switches, case):
+    """Each band family with Nq != Nk both ways and GQA 4/2, 8/2, in HF's transposed layout; bf16 for
+    the pointer variants, fp16 for the rest."""
+    *shape, terms = CASES[case]
+    dtype = torch.float16 if SWITCHES[switches].descriptors else torch.bfloat16
+    q, k, v, spec = make_inputs(*shape, 16, dtype, terms)
+    assert q.stride(-1) == 1 and not q.is_contiguous()
+    check(q, k, v, spec, SWITCHES[switches], TOL[dtype])
+
+
+@pytest.mark.parametrize("fill", [Fill.NEG_INF, Fill.SAFE, Fill.FINITE, Fill.FINITE_ADDED])
+def test_rows_without_keys_follow_fill(fill):
+    """Bottom-right causal with Nq > Nk: the first Nq - Nk rows see no key. Their gradient is the fill's:
+    none (safe), dO / Nk into dV (finite), that plus a uniform softmax's dq/dk (finite added), NaN dV
+    (-inf)."""
+    q, k, v, spec = make_inputs(1, 4, 2, 40, 17, 16, torch.float16, {"causal": True, "align": Align.BOTTOM_RIGHT},
+                                fill=fill)
+    assert spec.rows_may_be_empty()
+    dq, dk, dv = check(q, k, v, spec, SWITCHES["perhead"], TOL[torch.float16])
+    assert dv.isnan().all() if fill == Fill.NEG_INF else dv.isfinite().all()
+    assert (dq[:, :, :23] == 0).all() == (fill != Fill.FINITE_ADDED)
+
+
+#: band families of the random specs: keyword terms of AttentionSpec
+BANDS = [{}, {"causal": True}, {"window": Window(5, 2)}, {"window": Window(3, None)},
+         {"window": Window(4, None), "causal": True}]
+
+
+@st.composite
+def band_problems(draw):
+    """(q, k, v, spec, variant): 1..40 rows and keys, any band and alignment, GQA groups 1/2/4, either
+    layout, every switch, 16- or 32-row query tiles in the dK/dV kernel."""
+    terms = dict(draw(st.sampled_from(BANDS)), align=draw(st.sampled_from(list(Align))))
+    dtype = draw(st.sampled_from([torch.float16, torch.bfloat16]))
+    shape = (1, 2 * draw(st.sampled_from([1, 2, 4])), 2, draw(st.integers(1, 40)), draw(st.integers(1, 40)),
+             draw(st.sampled_from([16, 32])), dtype)
+    q, k, v, spec = make_inputs(*shape, terms, transposed=draw(st.booleans()), fill=Fill.FINITE)
+    variant = dataclasses.replace(SWITCHES[draw(st.sampled_from(list(SWITCHES)))],
+                                  block_m1=draw(st.sampled_from([16, 32])))
+    return q, k, v, spec, variant
+
+
+@settings(max_examples=12, deadline=None)
+@given(problem=band_problems())
+def test_random_band_specs(problem):
+    q, k, v, spec, variant = problem
+    check(q, k, v, spec, variant, TOL[spec.dtype])
+
+
+def test_unsupported_specs_and_variants_are_refused():
+    q, k, v, spec = make_inputs(1, 6, 2, 16, 16, 16, torch.float16, {})
+    out, lse = get("triton_flash").forward(q, k, v, spec, 0)
+
+    def run(variant, spec=spec, q=q, grad_out=out):
+        return bwd.backward(grad_out, q, k, v, out, lse, spec, variant=variant)
+
+    with pytest.raises(ValueError, match="band specs only"):
+        run({}, spec.with_(key_padding=torch.tensor([3])))
+    with pytest.raises(ValueError, match="block_n2=24"):
+        run({"block_n2": 24})
+    with pytest.raises(ValueError, match="num_warps=3"):
+        run({"num_warps": 3})
+    with pytest.raises(TypeError, match="block_size"):
+        run({"block_size": 64})
+    with pytest.raises(TypeError, match="Variant or a dict"):
+        run(("ptr",))
+    # a view starting 2 bytes into its storage: fine for pointers, not for a descriptor
+    shifted = torch.randn(1, 6, 16, 24, device=DEVICE).half()[..., 1:17]
+    assert bwd.unsupported_reasons(shifted, q, k, v, spec, SWITCHES["ptr"]) == []
+    with pytest.raises(ValueError, match="grad_out with strides"):
+        run(SWITCHES["desc"], grad_out=shifted)
+    with pytest.raises(ValueError, match="q with strides"):
+        run(SWITCHES["desc"], q=shifted)
+
+
+@pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE])
+def test_no_keys_at_all(fill):
+    q, k, v, spec = make_inputs(1, 4, 2, 5, 0, 16, torch.float16, {"causal": True, "align": Align.BOTTOM_RIGHT},
+                                fill=fill)
+    out, lse = get("triton_flash").forward(q, k, v, spec, 0)
+    dq, dk, dv = bwd.backward(torch.ones_like(out), q, k, v, out, lse, spec, variant=SWITCHES["ptr"])
+    assert dq.shape == q.shape and (dq == 0).all() and dk.numel() == 0 and dv.numel() == 0
+
+
+def test_candidate_variants_cover_every_switch():
+    variants = bwd.candidate_variants(128, group_size=4)
+    assert {v.split for v in variants} == {True, False}
+    assert {v.gqa_in_program for v in variants} == {True, False}
+    assert {v.descriptors for v in variants} == ({False, True} if bwd.HAS_DESCRIPTORS else {False})
+    assert all(v.gqa_in_program for v in bwd.candidate_variants(64, group_size=1))
+    assert len({v.name for v in variants}) == len(variants)
+
+
+# ------------------------------------------------------------------------------------ GPU
+def _check_all(q, k, v, spec, variants, tol):
+    """Every variant checked; one failure message listing each variant that failed, with its error."""
+    failures, forward = [], forward_and_reference(q, k, v, spec)
+    for variant in variants:
+        try:
+            check(q, k, v, spec, variant, tol, forward)
+        except Exception as exc:  # a variant Triton cannot build for this GPU fails with its error
+            failures.append(f"{variant.name}: {type(exc).__name__}: {str(exc)[:300]}")
+    assert not failures, "\n".join(failures)
+
+
+#: the default variant's tiles: (block_m1, block_n1, block_m2, block_n2, num_warps, num_stages)
+DEFAULT_TILES = dataclasses.astuple(bwd.Variant())[:6]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize(("d", "causal"), [(64, True), (128, True), (64, False), (128, False)])
+def test_gpu_at_1k(d, causal):
+    """N = 1024, GQA 8/2 in HF's transposed layout, bf16, against float64. Causal (masked edge and visible
+    middle loops): every candidate variant, about 20 compilations per head dim; no band: every switch on
+    the default tiles."""
+    q, k, v, spec = make_inputs(2, 8, 2, 1024, 1024, d, torch.bfloat16, {"causal": causal})
+    variants = bwd.candidate_variants(d, spec.group_size, None if causal else [DEFAULT_TILES])
+    _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
+
+
+#: name -> (Nq, Nk, terms): windows and bottom-right bands on lengths that end mid-tile
+GPU_BANDS = {
+    "window_causal": (1000, 1000, {"causal": True, "window": Window(255, 0)}),
+    "causal_bottom_right_empty_rows": (1000, 300, {"causal": True, "align": Align.BOTTOM_RIGHT}),
+    "window_two_sided": (300, 1000, {"window": Window(100, 37), "align": Align.BOTTOM_RIGHT}),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("band", list(GPU_BANDS))
+def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
+    """fp16, the default tiles with each switch off once (split, dK/dV per GQA group, descriptors when
+    present); rows without keys get the safe fill's zero gradient."""
+    nq, nk, terms = GPU_BANDS[band]
+    q, k, v, spec = make_inputs(1, 8, 2, nq, nk, 128, torch.float16, terms)
+    variants = [bwd.Variant(), bwd.Variant(split=False, gqa_in_program=False),
+                bwd.Variant(descriptors=bwd.HAS_DESCRIPTORS)]
+    _check_all(q, k, v, spec, variants, TOL[torch.float16])
