@@ -195,6 +195,11 @@ def emit_attention(
     return y
 
 
+def default_opset(model: onnx.ModelProto) -> int:
+    """The version of the standard operator set ``model`` imports (1 when it names none)."""
+    return next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
+
+
 def check_opset(opset: int) -> None:
     if not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(

@@ -35,7 +35,7 @@ from .contrib import (
     contrib_reasons,
     emit_multi_head_attention,
 )
-from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, emit_attention
+from .emit import MIN_OPSET, TORCH_TO_ONNX, Band, NodeEmitter, check_opset, default_opset, emit_attention
 from .pack import pack_projections
 from .position_bias import read_in_bodies, rewrite_position_biases
 from .report import OnnxReport
@@ -434,10 +434,6 @@ def _remove_dead(graph: onnx.GraphProto) -> None:
     infos = [vi for vi in graph.value_info if vi.name in used]
     del graph.value_info[:]
     graph.value_info.extend(infos)
-
-
-def default_opset(model: onnx.ModelProto) -> int:
-    return next((e.version for e in model.opset_import if e.domain in ("", "ai.onnx")), 1)
 
 
 def at_opset(model: onnx.ModelProto, opset: int) -> onnx.ModelProto:

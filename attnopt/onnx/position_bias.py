@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from .emit import NodeEmitter
+from .emit import NodeEmitter, default_opset
 from .pack import graph_index
 
 #: ops whose every output element is computed from the same element of each input
@@ -99,7 +99,7 @@ def rewrite_position_biases(model: onnx.ModelProto) -> list[str]:
     """
     if not isinstance(model, onnx.ModelProto):
         raise TypeError(f"model is a {type(model).__name__}, not an onnx.ModelProto: load it with onnx.load first")
-    if _opset(model) < MIN_OPSET:
+    if default_opset(model) < MIN_OPSET:
         return []
     graph = model.graph
     biases = [b for b in find_position_biases(graph).values() if isinstance(b, BucketBias)]
@@ -361,7 +361,3 @@ def read_in_bodies(graph: onnx.GraphProto) -> set[str]:
 def _attribute(node: onnx.NodeProto, name: str, default):
     found = next((a for a in node.attribute if a.name == name), None)
     return default if found is None else onnx.helper.get_attribute_value(found)
-
-
-def _opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
