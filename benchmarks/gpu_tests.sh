@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU test (marked `gpu`) in five processes side by side on one CUDA machine: about 8 minutes on an
-# H200 instead of 16 one after the other. Prints one summary line per group for
+# Every GPU test (marked `gpu`) in eight processes side by side on one CUDA machine: bounded by the slowest group
+# instead of the sum. Prints one summary line per group for
 # benchmarks/results/gpu_tests.md; full logs under ${OUT:-/tmp}/gpu_tests_*.txt.
 #
 #     bash benchmarks/gpu_tests.sh
@@ -9,13 +9,16 @@ python3 -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 
   echo "gpu_tests.sh: no CUDA device here; the GPU tests run on a CUDA machine"; exit 2; }
 out=${OUT:-/tmp}
 export PYTHONPATH=${PYTHONPATH:-.}
-opts="-q -p no:logging -p no:warnings -m gpu"
+opts="-q -p no:logging -p no:warnings -m gpu --durations=8"
 groups=(
   "tests/kernels --ignore=tests/kernels/test_flex.py --ignore=tests/kernels/test_triton_flash_tma.py --ignore=tests/kernels/test_triton_flash_bwd_exp.py tests/passes/test_tuning.py"
-  "tests/kernels/test_flex.py tests/attnopt tests/passes/test_packed.py tests/passes/test_dynamic_detect.py tests/passes/test_training_steps.py"
+  "tests/kernels/test_flex.py"
+  "tests/attnopt tests/passes/test_packed.py tests/passes/test_dynamic_detect.py tests/passes/test_training_steps.py"
   "tests/passes/test_zoo.py"
-  "tests/passes/test_gpu_masks.py tests/passes/test_unpadded.py"
-  "tests/kernels/test_triton_flash_tma.py tests/kernels/test_triton_flash_bwd_exp.py"
+  "tests/passes/test_gpu_masks.py"
+  "tests/passes/test_unpadded.py"
+  "tests/kernels/test_triton_flash_tma.py"
+  "tests/kernels/test_triton_flash_bwd_exp.py"
 )
 for i in "${!groups[@]}"; do
   (timeout 580 python3 -m pytest $opts ${groups[$i]} > "$out/gpu_tests_$i.txt" 2>&1; echo "rc $?" >> "$out/gpu_tests_$i.txt") &

@@ -28,8 +28,12 @@ def recompute_grads(
     spec: AttentionSpec,
     needs_bias_grad: bool,
     needs_mask_grad: bool,
+    grad_like_out: bool = False,
 ) -> Grads:
-    """``(dq, dk, dv, dbias, dmask)`` of ``forward(q, k, v, spec)`` by autograd on a recomputation."""
+    """``(dq, dk, dv, dbias, dmask)`` of ``forward(q, k, v, spec)`` by autograd on a recomputation.
+
+    ``grad_like_out``: hand autograd the output's gradient in the recomputed output's strides (a copy when
+    they differ), for backends whose backward assumes it."""
     leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
     terms = {}
     if needs_bias_grad:
@@ -39,7 +43,10 @@ def recompute_grads(
     with torch.enable_grad():
         out = forward(*leaves, spec.with_(**terms) if terms else spec)
         inputs = leaves + list(terms.values())
-        grads = torch.autograd.grad(out, inputs, grad_out.to(out.dtype), allow_unused=True)
+        grad_out = grad_out.to(out.dtype)
+        if grad_like_out and grad_out.stride() != out.stride():
+            grad_out = torch.empty_like(out).copy_(grad_out)
+        grads = torch.autograd.grad(out, inputs, grad_out, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
     dq, dk, dv = grads[:3]
     rest = iter(grads[3:])

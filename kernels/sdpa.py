@@ -272,14 +272,6 @@ class SDPAKernel(Kernel):
             # a half term is one the original added in half precision; a wider one would be rounded to
             # the queries' dtype (a float32 finfo.min becomes -inf in bfloat16): SDPA does neither
             reasons.append(f"adds the {additive[0]} mask at another precision than the original did")
-        if self.backend == SDPBackend.CUDNN_ATTENTION and spec.requires_grad:
-            # measured on an H200 (torch 2.11): a Llama training step (16/4 heads, D 128, N 4096, bf16) with its
-            # attention on this backend had the original's loss but gradients off by 1.6x SDPA's largest;
-            # SDPA's other backends and the original agree to bf16 rounding (benchmarks/results/train_step.md).
-            # Inference keeps it; the GPU test tests/kernels/test_sdpa.py::test_training_gradients_of_hf_layouts
-            # says which layouts are wrong
-            reasons.append("training: cuDNN's backward gave wrong gradients in a measured training step "
-                           "(forward only)")
         if additive and spec.requires_grad:
             # measured on the CPU backend: rows a finite finfo.min mask fills entirely get other gradients
             # than autograd gives the original (which differentiates the addition as the identity)
@@ -402,7 +394,11 @@ class SDPAKernel(Kernel):
         return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
-        grads = recompute_grads(self.attend, grad_out, q, k, v, spec, needs_bias_grad, needs_mask_grad)
+        # cuDNN's backward (H200, torch 2.11) gave wrong gradients when the output's gradient came in other
+        # strides than the output (a contiguous gradient for HF's transposed output: a Llama training step
+        # off by 1.6x its largest gradient); it gets one in the output's strides
+        grads = recompute_grads(self.attend, grad_out, q, k, v, spec, needs_bias_grad, needs_mask_grad,
+                                grad_like_out=self.backend == SDPBackend.CUDNN_ATTENTION)
         if spec.fill == Fill.SAFE or not spec.rows_may_be_empty(additive=False):
             return grads
         empty = mask_and_empty_rows(spec)[1]

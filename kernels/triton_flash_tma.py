@@ -108,10 +108,10 @@ def candidate_variants(head_dim: int, group_size: int = 1,
         out.append(Variant(False, False, False, bm, bn, w, s))
         if HAS_DESCRIPTORS:
             out.append(Variant(True, False, False, bm, bn, w, s))
-            if HAS_WARP_SPECIALIZE:
-                out.append(Variant(True, True, False, bm, bn, w, s))
     if group_size > 1 and not group_size & (group_size - 1):
-        out += [dataclasses.replace(v, pack_gqa=True) for v in out if v.block_m % group_size == 0]
+        # descriptors with packed heads on 128x128 tiles, 8 warps, 2 stages crash ptxas (-11, triton 3.6, sm_90)
+        out += [dataclasses.replace(v, pack_gqa=True) for v in out if v.block_m % group_size == 0
+                and not (v.descriptors and (v.block_m, v.block_n, v.num_warps, v.num_stages) == (128, 128, 8, 2))]
     return out
 
 
@@ -149,6 +149,11 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
         reasons.append(f"batch * q_heads / packed heads = {spec.batch * spec.q_heads // pack} exceeds the grid "
                        f"limit {MAX_GRID_Y}")
     if variant.warp_specialize:
+        if q.is_cuda:
+            # measured on an H200 (triton 3.6): every warp-specialized variant of this kernel stops in
+            # Triton's pass manager ("PassManager::run failed"); the interpreter ignores the switch
+            reasons.append("warp_specialize: this kernel does not compile with it (triton's pass manager fails on "
+                           "sm_90 with triton 3.6): use warp_specialize=False")
         if not HAS_WARP_SPECIALIZE:
             reasons.append(f"warp_specialize needs tl.range(warp_specialize=...), not in triton {triton.__version__}")
         if not variant.descriptors:
@@ -173,12 +178,17 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
 def _load_rows(src, n0, rows, n_rows, stride, COLS: tl.constexpr, DESC: tl.constexpr, MASKED: tl.constexpr):
     """Rows ``n0 + rows`` of one head's ``[n_rows, COLS]`` matrix: a descriptor block (0 past the end) or a
     pointer load masked on edge tiles only."""
+    # one return at the end: the compiler still generates code after a return in a constexpr branch (the
+    # interpreter does not), and pointer arithmetic on a descriptor does not compile
     if DESC:
-        return src.load([n0, 0])
-    ptrs = src + (n0 + rows)[:, None] * stride + tl.arange(0, COLS)[None, :]
-    if MASKED:
-        return tl.load(ptrs, mask=(n0 + rows)[:, None] < n_rows, other=0.0)
-    return tl.load(ptrs)
+        block = src.load([n0, 0])
+    else:
+        ptrs = src + (n0 + rows)[:, None] * stride + tl.arange(0, COLS)[None, :]
+        if MASKED:
+            block = tl.load(ptrs, mask=(n0 + rows)[:, None] < n_rows, other=0.0)
+        else:
+            block = tl.load(ptrs)
+    return block
 
 
 @triton.jit

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from attnopt.kernels import AttentionSpec, Fill, Window, get
+from attnopt.kernels.approx_base import recompute_grads
 from attnopt.kernels.naive import naive_attention
 
 
@@ -56,10 +57,11 @@ ROWS_WITHOUT_KEYS = {
 }
 
 
-def _check_rows_without_keys(name: str, case: str, fill: Fill, device: str, dtype: torch.dtype, tol: float):
+def _check_rows_without_keys(name: str, case: str, fill: Fill, device: str, dtype: torch.dtype, tol: float,
+                             train: bool = True):
     q, k, v = _qkv(device, dtype)
     terms = {t: (x.to(device) if isinstance(x, torch.Tensor) else x) for t, x in ROWS_WITHOUT_KEYS[case].items()}
-    spec = AttentionSpec.from_tensors(q, k, v, **terms, fill=fill, requires_grad=True)
+    spec = AttentionSpec.from_tensors(q, k, v, **terms, fill=fill, requires_grad=train)
     kernel = get(name)
     assert kernel.not_supported_reasons(spec) == []
     # the oracle: the reference kernel in float64 (its fills are checked against eager in test_reference.py)
@@ -70,6 +72,8 @@ def _check_rows_without_keys(name: str, case: str, fill: Fill, device: str, dtyp
     assert torch.isnan(out).equal(torch.isnan(ref)), "NaN rows differ"
     torch.testing.assert_close(out.double(), ref, atol=tol, rtol=tol, equal_nan=True)
     assert torch.isneginf(lse).equal(torch.isneginf(ref_lse))
+    if not train:
+        return
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(device, dtype)
     grads = kernel.backward(g, q, k, v, out, lse, spec, 0, False, False)
     want = get("reference").backward(g.double(), q64, k64, v64, ref, ref_lse, spec64, 0, False, False)
@@ -165,26 +169,45 @@ def test_a_band_that_hides_nothing_needs_no_mask(device, nq, terms, hides_nothin
             torch.testing.assert_close(out.double(), expected, atol=2e-3, rtol=2e-3)
 
 
-def test_cudnn_is_kept_out_of_training_calls():
-    """Its backward gave a Llama training step wrong gradients on an H200: cuDNN serves inference only."""
-    q, k, v = _qkv("cpu", torch.bfloat16)
-    cudnn = get("sdpa_cudnn")
-    trained = AttentionSpec.from_tensors(q, k, v, causal=True, requires_grad=True)
-    inference = AttentionSpec.from_tensors(q, k, v, causal=True)
-    assert any(r.startswith("training: cuDNN") for r in cudnn.not_supported_reasons(trained))
-    assert not any(r.startswith("training") for r in cudnn.not_supported_reasons(inference))
-    assert not any(r.startswith("training") for r in get("sdpa_flash").not_supported_reasons(trained))
+def test_cudnn_gets_the_output_gradient_in_the_outputs_strides():
+    """cuDNN's backward gave wrong gradients for a gradient in other strides than the output (H200, torch
+    2.11): its recomputation hands autograd a copy in the output's strides; the other backends take it as
+    it comes. cuDNN then serves training calls too."""
+    seen = []
+
+    class Spy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            seen.append(g.stride())
+            return g
+
+    def attend(q, k, v, spec):  # an output in HF's layout: a transposed view of [B, N, H, D]
+        return Spy.apply(q.transpose(1, 2).contiguous()).transpose(1, 2)
+
+    q, k, v = _qkv()
+    spec = AttentionSpec.from_tensors(q, k, v, requires_grad=True)
+    grad = torch.randn(q.shape)  # contiguous: other strides than the output's
+    for like_out in (False, True):
+        dq = recompute_grads(attend, grad, q, k, v, spec, False, False, grad_like_out=like_out)[0]
+        torch.testing.assert_close(dq, grad)
+    # inside the transposed view: the gradient as given, then one in the output's (BNHD-contiguous) strides
+    assert seen == [grad.transpose(1, 2).stride(), q.transpose(1, 2).contiguous().stride()]
+    trained = AttentionSpec.from_tensors(*(t.bfloat16() for t in (q, k, v)), causal=True, requires_grad=True)
+    assert not any(r.startswith("training") for r in get("sdpa_cudnn").not_supported_reasons(trained))
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient", "triton_flash",
-                                  pytest.param("sdpa_cudnn", marks=pytest.mark.xfail(
-                                      reason="a Llama training step on cuDNN had wrong gradients (H200, torch 2.11)"))])
+@pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient", "triton_flash", "sdpa_cudnn"])
 @pytest.mark.parametrize("heads", [(8, 2), (8, 8)])
 @pytest.mark.parametrize("grad_layout", ["bnhd", "contiguous"])
 def test_training_gradients_of_hf_layouts(name, heads, grad_layout):
     """The layouts of a Hugging Face attention layer: q, k, v transposed views of ``[B, N, H, D]`` projections,
-    the output's gradient a transposed view too; D 128, N 1024, causal, bf16, against float64."""
+    the output's gradient a transposed view too or contiguous (where cuDNN's backward, given it as it came,
+    was wrong); D 128, N 1024, causal, bf16, against float64."""
     hq, hkv = heads
     g = torch.Generator().manual_seed(1)
     b, n, d = 2, 1024, 128

@@ -9,6 +9,7 @@ only. GPU tests (``-m gpu``) run every candidate variant at N = 1024.
 from __future__ import annotations
 
 import dataclasses
+import types
 
 import pytest
 import torch
@@ -153,11 +154,22 @@ def test_no_keys_at_all(fill):
 
 def test_candidate_variants_cover_every_switch():
     variants = tma.candidate_variants(128, group_size=4)
+    # warp specialization is left out: it does not compile for this kernel on sm_90 (test below)
     assert {(v.descriptors, v.warp_specialize, v.pack_gqa) for v in variants} == {
-        (False, False, False), (True, False, False), (True, True, False),
-        (False, False, True), (True, False, True), (True, True, True)}
+        (False, False, False), (True, False, False), (False, False, True), (True, False, True)}
     assert not any(v.pack_gqa for v in tma.candidate_variants(64, group_size=1))
     assert all(v.num_warps < 8 or v.block_m * v.block_n >= 128 * 64 for v in variants)
+
+
+def test_warp_specialize_is_refused_on_cuda():
+    """Every warp-specialized variant failed in Triton's pass manager on an H200 (triton 3.6): on a CUDA
+    tensor the switch is refused with that reason before a launch; the interpreter runs it (ignoring it)."""
+    q, k, v, spec = make_inputs(1, 2, 2, 16, 16, 16, torch.float16, {"causal": True}, device="cpu")
+    assert tma.unsupported_reasons(q, k, v, spec, SWITCHES["desc_ws"]) == []
+    on_cuda = [types.SimpleNamespace(is_cuda=True, stride=t.stride, data_ptr=lambda: 0, element_size=t.element_size)
+               for t in (q, k, v)]
+    assert any("pass manager" in r for r in tma.unsupported_reasons(*on_cuda, spec, SWITCHES["desc_ws"]))
+    assert tma.unsupported_reasons(*on_cuda, spec, SWITCHES["desc"]) == []
 
 
 # ------------------------------------------------------------------------------------ GPU
