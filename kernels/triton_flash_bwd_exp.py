@@ -1,8 +1,9 @@
-"""An experimental Hopper backward for band specs (no term, causal, window, GQA), with its variants as switches.
+"""A Hopper backward for band specs (no term, causal, window, GQA), with its variants as switches.
 
-Not registered as a kernel: ``benchmarks/backward_sweep.py`` checks and times every variant against
-``triton_flash``'s backward and the peers first, and only a variant measured faster earns a place in the
-planner. Same function as ``triton_flash_bwd.py`` in band mode, from the forward's ``(out, lse)``; three
+Not a kernel of its own: ``benchmarks/backward_sweep.py`` checks and times every variant against
+``triton_flash``'s general backward and the peers, and ``triton_flash``'s backward runs the variant measured
+fastest (``MEASURED_VARIANTS``: causal or no band, head dims 64 and 128, half precision) wherever one was
+measured; other specs keep the general backward. Same function as ``triton_flash_bwd.py`` in band mode, from the forward's ``(out, lse)``; three
 launches::
 
     delta = rowsum(dO * O),  lse2 = lse * log2(e)      (triton_flash_bwd's pre-pass; +inf on empty rows)
@@ -298,6 +299,36 @@ def backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.
     reasons = unsupported_reasons(grad_out, q, k, v, spec, variant)
     if reasons:
         raise ValueError(f"{variant.name} cannot run this spec: " + "; ".join(reasons))
+    return run_backward(grad_out, q, k, v, out, lse, spec, variant)
+
+
+#: the measured fastest variant by (head dim, causal), for ``triton_flash``'s backward: H200, bf16, B*N = 16k,
+#: N 4k and 16k, forward + backward (benchmarks/results/backward_sweep.md). 128: kv64x128 q128x64 w8 s3
+#: everywhere (0.72-0.79x cuDNN, 0.98-1.03x Flex; triton_flash's own backward 0.53-0.70x cuDNN); 64 causal:
+#: kv64x128 q64x128 w4 s3 (1.08-1.10x Flex); 64 without a band: kv64x64 q64x64 w4 s3 (1.07-1.13x Flex)
+MEASURED_VARIANTS = {
+    (128, True): Variant(),
+    (128, False): Variant(),
+    (64, True): Variant(block_m1=64, block_n1=128, block_m2=64, block_n2=128, num_warps=4),
+    (64, False): Variant(block_m1=64, block_n1=64, block_m2=64, block_n2=64, num_warps=4),
+}
+
+
+def measured_variant(spec: AttentionSpec) -> Variant | None:
+    """The measured variant for this spec, or None where none was measured: only causal (either alignment)
+    or no band, head dims 64 and 128, float16/bfloat16; windows, other head dims and float32 are not
+    measured yet."""
+    if spec.window is not None or spec.dtype not in (torch.float16, torch.bfloat16) or (
+            spec.v_head_dim != spec.head_dim):
+        return None
+    return MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
+
+
+def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                 lse: torch.Tensor, spec: AttentionSpec, variant: Variant
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``backward`` on inputs its caller has already checked (``unsupported_reasons`` empty, last dims
+    contiguous)."""
     b, hq, hkv, nq, nk = spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len
     if nq == 0 or nk == 0 or b * hq == 0:
         grads = (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v))

@@ -170,6 +170,35 @@ def test_atomic_dq_option_matches_and_default_repeats(term):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
 
 
+@pytest.mark.parametrize("d,dtype,terms,fill", [
+    (64, torch.float16, {"causal": True}, Fill.SAFE),
+    (128, torch.bfloat16, {}, Fill.SAFE),
+    (64, torch.bfloat16, {"causal": True, "align": Align.BOTTOM_RIGHT}, Fill.NEG_INF),  # Nq > Nk: empty rows
+], ids=["d64_causal", "d128_none", "d64_bottom_right_empty_rows"])
+def test_measured_band_backward_serves_its_specs(d, dtype, terms, fill, monkeypatch):
+    """Causal or no band at D 64/128 in half precision: the backward is the band backward's measured variant
+    (benchmarks/results/backward_sweep.md), with the original's gradients, GQA and rows without keys."""
+    calls = []
+    run = triton_flash.band_bwd.run_backward
+    monkeypatch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: calls.append(a[-1]) or run(*a))
+    nq = 40 if terms.get("align") is None else 48
+    q, k, v, spec = make_inputs((1, 4, 2, nq, 40), d, dtype, terms, fill=fill)
+    check_against_oracles(q, k, v, spec, TOL[dtype])
+    assert calls == [triton_flash.band_bwd.MEASURED_VARIANTS[(d, bool(terms.get("causal")))]]
+
+
+@pytest.mark.parametrize("case", ["window", "key_padding", "float32", "head_dim_32", "atomic_dq"])
+def test_general_backward_keeps_the_specs_not_measured(case, monkeypatch):
+    """Windows, other terms, float32, other head dims and the atomic-dQ option keep the general backward."""
+    monkeypatch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: pytest.fail("band backward used"))
+    d = 32 if case == "head_dim_32" else 64
+    dtype = torch.float32 if case == "float32" else torch.float16
+    terms = {"window": {"causal": True, "window": Window(8, 0)},
+             "key_padding": {"key_padding": torch.tensor([40, 25])}}.get(case, {"causal": True})
+    q, k, v, spec = make_inputs((2, 4, 2, 40, 40), d, dtype, terms)
+    check_against_oracles(q, k, v, spec, TOL[dtype], atomic_dq=case == "atomic_dq")
+
+
 @pytest.mark.parametrize("term", ["none", "causal", "mask_bool"])
 def test_dropout_mask_regenerated_by_backward(term):
     """With v = I the output row is the dropped probability row: read the Philox mask back out,
@@ -266,6 +295,8 @@ GPU_CASES = [
     ("window_causal", torch.bfloat16, 128, False), ("map_terms", torch.bfloat16, 128, False),
     ("map_terms", torch.bfloat16, 128, True), ("none", torch.float32, 64, False),
     ("softcap_scale", torch.bfloat16, 96, False),
+    # the band backward's measured variants (causal or no band, D 64/128, half precision)
+    ("causal", torch.bfloat16, 64, False), ("causal", torch.float16, 128, False),
 ]
 
 
