@@ -6,8 +6,9 @@
 The cases are ``forward_sweep.py``'s (bf16; B*N = 16k tokens, 16 heads; D 64 and 128 at N = 4k, 16k and
 1k, causal and not, GQA 32/8 causal at 4k, a causal sliding window of 1024 at 8k). For each, every variant
 of ``triton_flash_bwd_exp.candidate_variants`` (fed ``triton_flash``'s forward ``(out, lse)``), then SDPA
-cuDNN, SDPA flash, compiled FlexAttention and the current ``triton_flash`` backward (its default dQ kernel,
-deterministic, and its float32-atomic dQ) first give dq/dk/dv for one random dO, compared with a float64
+cuDNN, SDPA flash, compiled FlexAttention and the current ``triton_flash`` backward (as registered: a measured
+band variant where ``MEASURED_VARIANTS`` has one, else the general backward's dQ kernel; and the general
+backward with its float32-atomic dQ) first give dq/dk/dv for one random dO, compared with a float64
 reference; a variant that disagrees is not timed, its error is printed. Then each is timed
 (``triton.testing.do_bench`` medians): forward + backward (the variants with ``triton_flash``'s forward)
 and the backward alone (from a saved forward). One markdown table goes to ``--out``, rewritten after every
@@ -101,6 +102,11 @@ def grad_errors(grads, ref) -> tuple[list[float], bool]:
 
 
 # ----------------------------------------------------------------------------- implementations
+# the backward-alone call reuses one forward's graph (retain_graph=True), which a compiled backward with
+# donated buffers refuses ("compiled with non-empty donated buffers"): compiled Flex is built without them
+torch._functorch.config.donated_buffer = False
+
+
 def autograd_calls(case: Case, q, k, v, grad_out, spec: AttentionSpec, device: str) -> dict:
     """name -> (prepare, context): the peers through autograd; ``prepare()`` runs the forward whose graph
     the backward-alone call reuses and returns (fwd+bwd call, bwd-alone call), each giving (dq, dk, dv)."""
@@ -235,7 +241,7 @@ def sweep_case(case: Case, tiny: bool, device: str, compile_errors: dict, transp
     rows = []
     for name, (prepare, context) in autograd_calls(case, q, k, v, grad_out, spec, device).items():
         rows.append(run_one(name, prepare, context, ref, device, False))
-    for name, kernel in (("triton_flash (dQ kernel, deterministic)", TritonFlashKernel()),
+    for name, kernel in (("triton_flash (as registered, deterministic)", TritonFlashKernel()),
                          ("triton_flash (atomic dQ)", TritonFlashKernel(atomic_dq=True))):
         prepare = functools.partial(kernel_calls, q, k, v, grad_out, spec, triton_flash_backward(kernel, spec),
                                     forward)
