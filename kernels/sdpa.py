@@ -199,22 +199,31 @@ def _pinned(states: list[bool], q, k, v, mask, is_causal: bool, scale, gqa: bool
 
 #: ATen's CPU flash attention through its generated binding (``torch.ops.aten`` parses the schema per call)
 _flash_attention_cpu = torch._scaled_dot_product_flash_attention_for_cpu
+#: its backward from the saved output and log-sum-exp (no binding of its own: the overload, resolved once)
+_flash_attention_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
 
 #: whether ATen's CPU flash attention reads grouped K/V heads itself, once asked (``_cpu_flash_reads_groups``)
 _CPU_GROUPS: list[bool] = []
 
 
 def _cpu_flash_reads_groups() -> bool:
-    """Whether ``_flash_attention_cpu`` takes fewer K/V heads than query heads and reads each query head's
-    group (recent torch does, with the same arithmetic as on repeated heads): then the forward repeats
-    nothing. Asked once per process, with a tiny call compared against repeated heads."""
+    """Whether ``_flash_attention_cpu`` and its backward take fewer K/V heads than query heads and read each
+    query head's group (recent torch does, with the same arithmetic as on repeated heads, summing dK/dV over
+    the group): then nothing is repeated. Asked once per process, with a tiny call compared against
+    repeated heads."""
     if not _CPU_GROUPS:
         g = torch.Generator().manual_seed(0)
         q, k, v = (torch.randn(1, h, 3, 4, generator=g) for h in (4, 2, 2))  # query heads 0, 1 read kv head 0
+        k2, v2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
         try:
-            grouped = _flash_attention_cpu(q, k, v, 0.0, False)[0]
-            repeated = _flash_attention_cpu(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1), 0.0, False)[0]
-            _CPU_GROUPS.append(bool(torch.equal(grouped, repeated)))
+            out, lse = _flash_attention_cpu(q, k, v, 0.0, False)
+            grad = torch.randn(out.shape, generator=g)
+            grouped = _flash_attention_cpu_backward(grad, q, k, v, out, lse, 0.0, False)
+            repeated = _flash_attention_cpu_backward(grad, q, k2, v2, out, lse, 0.0, False)
+            same = torch.equal(out, _flash_attention_cpu(q, k2, v2, 0.0, False)[0]) and all(
+                torch.allclose(a, b.view(a.shape[0], a.shape[1], -1, *a.shape[2:]).sum(2) if a.shape != b.shape
+                               else b, atol=1e-6) for a, b in zip(grouped, repeated))
+            _CPU_GROUPS.append(bool(same))
         except RuntimeError:
             _CPU_GROUPS.append(False)
     return _CPU_GROUPS[0]
@@ -394,6 +403,10 @@ class SDPAKernel(Kernel):
         return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
+        if self.device_type == "cpu" and not (needs_bias_grad or needs_mask_grad or spec.rows_may_be_empty()):
+            # ATen's own backward from the forward's output and log-sum-exp, which are SDPA's as it gave them
+            # when no row can be empty (nothing filled): no second forward
+            return (*self._cpu_backward(grad_out, q, k, v, out, lse, spec), None, None)
         # cuDNN's backward (H200, torch 2.11) gave wrong gradients when the output's gradient came in other
         # strides than the output (a contiguous gradient for HF's transposed output: a Llama training step
         # off by 1.6x its largest gradient); it gets one in the output's strides
@@ -407,6 +420,19 @@ class SDPAKernel(Kernel):
         extra = empty_row_grads(q, k, v, grad_out, _full_rows(empty, spec), spec, needs_bias_grad, needs_mask_grad)
         # a term's extra gradient exists only where its gradient was asked for
         return tuple(g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra))
+
+
+    def _cpu_backward(self, grad_out, q, k, v, out, lse, spec):
+        grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
+        k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
+        mask = mask_and_empty_rows(spec)[0]
+        dq, dk, dv = _flash_attention_cpu_backward(grad_out.to(out.dtype), q, k_all, v_all, out, lse, 0.0,
+                                                   _is_causal(spec), attn_mask=mask, scale=spec.scale)
+        if not grouped:  # each kv head's gradient is the sum over its query-head group
+            b, hkv, g, nk = spec.batch, spec.kv_heads, spec.group_size, spec.kv_len
+            dk = dk.view(b, hkv, g, nk, dk.shape[-1]).sum(2)
+            dv = dv.view(b, hkv, g, nk, dv.shape[-1]).sum(2)
+        return dq, dk, dv
 
 
 _HALF = (torch.float16, torch.bfloat16)
