@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU test (marked `gpu`) in ten processes side by side on one CUDA machine: bounded by the slowest group
+# Every GPU test (marked `gpu`) in twelve processes side by side on one CUDA machine: bounded by the slowest group
 # instead of the sum. Prints one summary line per group for
 # benchmarks/results/gpu_tests.md; full logs under ${OUT:-/tmp}/gpu_tests_*.txt.
 #
@@ -16,8 +16,10 @@ groups=(
   "tests/attnopt tests/passes/test_packed.py tests/passes/test_dynamic_detect.py tests/passes/test_training_steps.py"
   "tests/passes/test_zoo.py"
   "tests/passes/test_gpu_masks.py -k test_mask_family_on_cuda"
-  "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and (alibi or sliding_window or softcap or documents or dense_bool)'"
-  "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and not (alibi or sliding_window or softcap or documents or dense_bool)'"
+  "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and auto and (alibi or sliding_window or softcap or documents or dense_bool)'"
+  "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and auto and not (alibi or sliding_window or softcap or documents or dense_bool)'"
+  "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and triton_flash and (alibi or sliding_window or softcap or documents or dense_bool)'"
+  "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and triton_flash and not (alibi or sliding_window or softcap or documents or dense_bool)'"
   "tests/passes/test_unpadded.py"
   "tests/kernels/test_triton_flash_tma.py"
   "tests/kernels/test_triton_flash_bwd_exp.py"
