@@ -102,8 +102,7 @@ def _context_parallel():
     return None if scope is None else scope.active()
 
 
-@torch.library.custom_op("attnopt::attention", mutates_args=())
-def attention(
+def _attention_impl(
     q: Tensor, k: Tensor, v: Tensor,
     key_padding: Optional[Tensor], q_doc: Optional[Tensor], kv_doc: Optional[Tensor],
     bias: Optional[Tensor], mask: Optional[Tensor],
@@ -126,6 +125,10 @@ def attention(
     if seed:
         seed_tensor.fill_(seed)
     return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
+
+
+#: ``attnopt::attention``: the body above as an opaque op that autograd, tracers and exporters see
+attention = torch.library.custom_op("attnopt::attention", mutates_args=())(_attention_impl)
 
 
 def _draw_seed(dropout_p: float) -> int:
@@ -151,8 +154,7 @@ def _attention_fake(q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, caus
     return out, lse, seed
 
 
-@torch.library.custom_op("attnopt::attention_backward", mutates_args=())
-def attention_backward(
+def _attention_backward_impl(
     grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
     key_padding: Optional[Tensor], q_doc: Optional[Tensor], kv_doc: Optional[Tensor],
     bias: Optional[Tensor], mask: Optional[Tensor],
@@ -181,6 +183,11 @@ def attention_backward(
     )
 
 
+#: ``attnopt::attention_backward``: the body above as an opaque op (what a traced backward records)
+attention_backward = torch.library.custom_op("attnopt::attention_backward", mutates_args=())(
+    _attention_backward_impl)
+
+
 @attention_backward.register_fake
 def _attention_backward_fake(grad_out, q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, scale,
                              causal, align, window_left, window_right, softcap, dropout_p, fill, kernel,
@@ -200,14 +207,16 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_seed):
+def _backward(ctx, grad_out, _grad_lse, _grad_seed, run=None):
+    """The op's gradients; ``run`` is the backward's body when it may skip the backward op's dispatch
+    (``_EagerAttention``), else the op."""
     q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, seed = ctx.saved_tensors
     needs_bias_grad = bias is not None and ctx.needs_input_grad[6]
     needs_mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[7]
     if torch.is_grad_enabled():  # the engine enables grad mode in a backward iff create_graph=True
         dq, dk, dv, dbias, dmask = _differentiable_grads(ctx, grad_out, needs_bias_grad, needs_mask_grad)
     else:
-        dq, dk, dv, dbias, dmask = torch.ops.attnopt.attention_backward(
+        dq, dk, dv, dbias, dmask = (run or torch.ops.attnopt.attention_backward)(
             grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, *ctx.params,
             needs_bias_grad, needs_mask_grad,
         )
@@ -280,19 +289,41 @@ _is_compiling = torch.compiler.is_compiling  # the function dynamo folds to True
 _functorch_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
-def _inference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]) -> bool:
-    """Whether a call can skip the op and run its kernel directly: plain tensors, no gradient asked, nothing
-    tracing it (dynamo, a dispatch mode such as fake tensors, functorch transforms), no context-parallel scope."""
+def _plain(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]) -> bool:
+    """Whether a call may skip the op's dispatch: plain tensors, nothing tracing it (dynamo, a dispatch mode
+    such as fake tensors, functorch transforms), no context-parallel scope."""
     if type(q) is not Tensor or type(k) is not Tensor or type(v) is not Tensor:
         return False
     if (bias is not None and type(bias) is not Tensor) or (mask is not None and type(mask) is not Tensor):
         return False
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
-                                    or bias is not None and bias.requires_grad
-                                    or mask is not None and mask.requires_grad):
-        return False
     return (not _is_compiling() and _get_dispatch_mode() is None and not _functorch_wrapped(q)
             and _context_parallel() is None)
+
+
+def _wants_grad(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                        or bias is not None and bias.requires_grad
+                                        or mask is not None and mask.requires_grad)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """``attnopt::attention`` with its registered autograd, for a plain call under autograd in a graph run
+    as Python: the same body (``_attention_impl``), the same ``_setup_context`` and ``_backward``, without
+    the custom ops' dispatch and argument binding per call (about 110 us of host time per training call
+    on a CPU, ``benchmarks/dispatch.py``)."""
+
+    @staticmethod
+    def forward(ctx, *inputs):
+        output = _attention_impl(*inputs)
+        _setup_context(ctx, inputs, output)
+        ctx.mark_non_differentiable(output[1], output[2])
+        return output
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_lse, grad_seed):
+        # a backward traced (compiled autograd) or under a dispatch mode records the backward op
+        direct = not _is_compiling() and _get_dispatch_mode() is None and type(grad_out) is Tensor
+        return _backward(ctx, grad_out, grad_lse, grad_seed, _attention_backward_impl if direct else None)
 
 
 def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
@@ -350,10 +381,11 @@ class SiteCall:
     directly: per call shape, a spec template (without tensor terms) is made and checked, and the
     kernel prepares its call (``Kernel.prepare``) once; each call then only adds its tensor terms to
     the template, when it has any. No op dispatch, no autograd wrapper, no contiguous copies or
-    log-sum-exp that nothing reads, no spec construction, no lookup. Anything else (training, dynamo
-    or export tracing, fake tensors, functorch transforms, tensor subclasses, a context-parallel
-    scope, kernel ``"auto"``) calls ``attnopt::attention`` with the same arguments, so that autograd,
-    tracers and exporters see the op.
+    log-sum-exp that nothing reads, no spec construction, no lookup. A plain call under autograd
+    (training) runs the op's body and its registered autograd as an ``autograd.Function``
+    (``_EagerAttention``), without the op's dispatch. Anything else (dynamo or export tracing, fake
+    tensors, functorch transforms, tensor subclasses, a context-parallel scope, kernel ``"auto"``)
+    calls ``attnopt::attention`` with the same arguments, so that tracers and exporters see the op.
     """
 
     #: the name of the call in the graph's generated code
@@ -379,7 +411,12 @@ class SiteCall:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], q_doc: Optional[Tensor],
                  kv_doc: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                  dropout_p: float = 0.0) -> tuple[Tensor]:
-        if dropout_p != 0.0 or self.kernel is None or not _inference(q, k, v, bias, mask):
+        plain = self.kernel is not None and _plain(q, k, v, bias, mask)
+        if plain and _wants_grad(q, k, v, bias, mask):  # training in a graph run as Python
+            return (_EagerAttention.apply(
+                q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
+            )[0],)
+        if dropout_p != 0.0 or not plain:
             return (torch.ops.attnopt.attention.default(
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
             )[0],)

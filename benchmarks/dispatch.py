@@ -2,7 +2,7 @@
 
 Each site of an optimized model (``compiler="eager"``) calls the ``attnopt.ops.SiteCall`` that the
 rewrite made for it: an inference call goes straight to the kernel chosen at rewrite time, a
-training call through the ``attnopt::attention`` custom op (its autograd wrapper and dispatch). On
+training call runs the ``attnopt::attention`` op's body and autograd without its dispatch. On
 shapes so small that the kernel takes a few microseconds (and, on a GPU, the device keeps up with the
 host), the time per call is host time. Columns, per kernel:
 
@@ -11,6 +11,12 @@ host), the time per call is host time. Columns, per kernel:
 * ``site``: the site's call under ``torch.no_grad()``, what an optimized model runs in inference;
 * ``op``: ``torch.ops.attnopt.attention``, what a training step or a compiled graph runs;
 * ``site - direct``: the host work attnopt adds per inference call (target: at most 15 us).
+
+A second table times one training call, forward and backward (the output's gradient given, no
+optimizer): ``direct`` is SDPA under autograd with the backend selected (SDPA kernels) or
+``kernel.forward`` then ``kernel.backward`` on a prebuilt spec (the others); ``site`` the site's call
+under autograd (the op's body and autograd as an ``autograd.Function``, without the op's dispatch);
+``op`` the ``attnopt::attention`` op under autograd, what a compiled graph's training step runs.
 
     python benchmarks/dispatch.py                   # CUDA when available, else CPU
     python benchmarks/dispatch.py --device cpu --out benchmarks/results/dispatch_cpu.md
@@ -115,15 +121,19 @@ def direct_call(name: str, q, k, v, spec):
     return call, SDPA_BACKENDS[name]
 
 
+def case_inputs(case: Case, device: torch.device, dtype: torch.dtype):
+    """q, k, v of a case (random, batch 1), a generator to draw more from, and the op's static arguments."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q = torch.randn(1, case.q_heads, case.q_len, case.head_dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(1, case.kv_heads, case.kv_len, case.head_dim, generator=g).to(device, dtype)
+            for _ in range(2))
+    return q, k, v, g, (case.head_dim ** -0.5, case.causal, case.align, None, None, None)
+
+
 def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5) -> list[tuple]:
     table = []
     for case in CASES[device.type]:
-        g = torch.Generator(device="cpu").manual_seed(0)
-        q = torch.randn(1, case.q_heads, case.q_len, case.head_dim, generator=g).to(device, dtype)
-        k, v = (torch.randn(1, case.kv_heads, case.kv_len, case.head_dim, generator=g).to(device, dtype)
-                for _ in range(2))
-        scale = case.head_dim ** -0.5
-        static = (scale, case.causal, case.align, None, None, None)
+        q, k, v, _, static = case_inputs(case, device, dtype)
         tensors = (q, k, v, None, None, None, None, None)
         spec = spec_from_args(*tensors, *static, 0.0, "-inf")
         for name in KERNELS[device.type]:
@@ -144,6 +154,42 @@ def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: i
                 us = per_call_us(calls_of, device, calls, repeats, contexts)
             direct_us = us.get("direct", float("nan"))
             table.append((case.name, name, direct_us, us["site"], us["op"], us["site"] - direct_us))
+    return table
+
+
+def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5) -> list[tuple]:
+    """Per case and kernel: (case, kernel, direct, site, op) microseconds of one forward + backward."""
+    table = []
+    for case in CASES[device.type]:
+        q, k, v, g, static = case_inputs(case, device, dtype)
+        q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+        grad = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(device, dtype)
+        spec = spec_from_args(q, k, v, *([None] * 5), *static, 0.0, "-inf").with_(requires_grad=True)
+        for name in KERNELS[device.type]:
+            kernel = registry.get(name)
+            if kernel.not_supported_reasons(spec):
+                continue
+            site = SiteCall(name, *static, "-inf")
+            direct, backend = direct_call(name, q, k, v, spec)
+            if name in SDPA_BACKENDS and direct is not None:
+                sdpa_call = direct
+                direct = lambda: torch.autograd.backward(sdpa_call(), grad)  # noqa: E731
+            elif name not in SDPA_BACKENDS:
+                def direct(kernel=kernel):
+                    out, lse = kernel.forward(q.detach(), k.detach(), v.detach(), spec, 0)
+                    return kernel.backward(grad, q.detach(), k.detach(), v.detach(), out, lse, spec, 0, False, False)
+            calls_of = {
+                "site": lambda: torch.autograd.backward(site(q, k, v, *([None] * 5), 0.0)[0], grad),
+                "op": lambda: torch.autograd.backward(torch.ops.attnopt.attention.default(
+                    q, k, v, *([None] * 5), *static, 0.0, "-inf", name)[0], grad),
+            }
+            contexts = {}
+            if direct is not None:
+                calls_of["direct"] = direct
+            if backend is not None:
+                contexts["direct"] = lambda: sdpa_kernel([backend])
+            us = per_call_us(calls_of, device, calls, repeats, contexts)
+            table.append((case.name, name, us.get("direct", float("nan")), us["site"], us["op"]))
     return table
 
 
@@ -175,6 +221,10 @@ def main() -> None:
              "|---|---|---|---|---|---|"]
     for case, kernel, direct, site, op, extra in rows(device, dtype, args.calls, args.repeats):
         lines.append(f"| {case} | {kernel} | {direct:.1f} | {site:.1f} | {op:.1f} | {extra:+.1f} |")
+    lines += ["", "One training call, forward + backward (host microseconds, same method):", "",
+              "| case | kernel | direct | site (training) | op (training) | site - direct |", "|---|---|---|---|---|---|"]
+    for case, kernel, direct, site, op in training_rows(device, dtype, max(1, args.calls // 4), args.repeats):
+        lines.append(f"| {case} | {kernel} | {direct:.1f} | {site:.1f} | {op:.1f} | {site - direct:+.1f} |")
     text = "\n".join(lines)
     print(text)
     if args.out:

@@ -96,6 +96,61 @@ def test_inference_gives_the_training_path_output_and_the_oracle(kernel, call):
     torch.testing.assert_close(lean.double(), want, atol=tol, rtol=tol, equal_nan=True)
 
 
+@pytest.mark.parametrize("kernel", ["sdpa_cpu", "reference"])
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(call=calls(), dropout=st.sampled_from([0.0, 0.3]))
+def test_training_call_skips_the_op_dispatch_with_the_ops_gradients(kernel, call, dropout):
+    """Under autograd a site runs the op's body and autograd as an ``autograd.Function``: output and
+    gradients (q, k, v, an additive term) bit for bit the op's, dropout included (same seed)."""
+    tensors, static, fill = call
+    spec = spec_from_args(*tensors, *static, dropout, fill)
+    if registry.get(kernel).not_supported_reasons(spec):
+        return
+    q, k, v, key_padding, q_doc, kv_doc, bias, mask = tensors
+    trained = bias if bias is not None else mask if mask is not None and mask.is_floating_point() else None
+
+    def run(call_op):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        term = None if trained is None else trained.clone().requires_grad_(True)
+        terms = [key_padding, q_doc, kv_doc, term if bias is not None else None,
+                 term if bias is None and term is not None else mask]
+        torch.manual_seed(7)
+        out = call_op(*leaves, *terms)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+        wrt = leaves + ([term] if term is not None else [])
+        return out, torch.autograd.grad(out, wrt, grad, allow_unused=True)
+
+    site = SiteCall(kernel, *static, fill)
+    out, grads = run(lambda *a: site(*a, dropout)[0])
+    assert type(out.grad_fn).__name__.startswith("_EagerAttention")
+    want, want_grads = run(lambda *a: torch.ops.attnopt.attention.default(*a, *static, dropout, fill, kernel)[0])
+    torch.testing.assert_close(out, want, atol=0, rtol=0, equal_nan=True)
+    for g, w in zip(grads, want_grads):
+        assert (g is None) == (w is None)
+        if g is not None:
+            torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
+
+
+def test_training_call_second_derivatives_are_the_ops():
+    """create_graph=True through a site's training call: the gradient penalty's gradients equal the op's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = torch.tensor([[True] * 5, [False] * 2 + [True] * 3])
+    static = (0.5, True, "bottom_right", None, None, None)
+    site = SiteCall("reference", *static, "finite_added")
+
+    def second(call_op):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        first = torch.autograd.grad(call_op(*leaves).square().sum(), leaves, create_graph=True)
+        return torch.autograd.grad(sum(x.square().sum() for x in first), leaves)
+
+    got = second(lambda q, k, v: site(q, k, v, keep, None, None, None, None, 0.0)[0])
+    want = second(lambda q, k, v: torch.ops.attnopt.attention.default(
+        q, k, v, keep, None, None, None, None, *static, 0.0, "finite_added", "reference")[0])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+
+
 def test_fast_mask_decisions_match_their_definition_in_mask_terms():
     """``needs_mask`` and ``is_causal`` read the spec field by field (they run per call); their
     definition is in terms of ``mask_terms``: the two agree on every combination of terms."""
