@@ -306,6 +306,11 @@ def _wants_grad(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: O
                                         or mask is not None and mask.requires_grad)
 
 
+#: devices whose training calls take ``_EagerAttention``: CUDA joins once the GPU tests have run this path
+#: (tests/passes/test_training_steps.py, tests/attnopt and tests/passes/test_gpu_masks.py with -m gpu)
+EAGER_TRAINING_DEVICES = ("cpu",)
+
+
 class _EagerAttention(torch.autograd.Function):
     """``attnopt::attention`` with its registered autograd, for a plain call under autograd in a graph run
     as Python: the same body (``_attention_impl``), the same ``_setup_context`` and ``_backward``, without
@@ -382,8 +387,8 @@ class SiteCall:
     kernel prepares its call (``Kernel.prepare``) once; each call then only adds its tensor terms to
     the template, when it has any. No op dispatch, no autograd wrapper, no contiguous copies or
     log-sum-exp that nothing reads, no spec construction, no lookup. A plain call under autograd
-    (training) runs the op's body and its registered autograd as an ``autograd.Function``
-    (``_EagerAttention``), without the op's dispatch. Anything else (dynamo or export tracing, fake
+    (training) on a device of ``EAGER_TRAINING_DEVICES`` runs the op's body and its registered autograd
+    as an ``autograd.Function`` (``_EagerAttention``), without the op's dispatch. Anything else (dynamo or export tracing, fake
     tensors, functorch transforms, tensor subclasses, a context-parallel scope, kernel ``"auto"``)
     calls ``attnopt::attention`` with the same arguments, so that tracers and exporters see the op.
     """
@@ -412,7 +417,8 @@ class SiteCall:
                  kv_doc: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                  dropout_p: float = 0.0) -> tuple[Tensor]:
         plain = self.kernel is not None and _plain(q, k, v, bias, mask)
-        if plain and _wants_grad(q, k, v, bias, mask):  # training in a graph run as Python
+        if plain and q.device.type in EAGER_TRAINING_DEVICES and _wants_grad(q, k, v, bias, mask):
+            # training in a graph run as Python
             return (_EagerAttention.apply(
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
             )[0],)

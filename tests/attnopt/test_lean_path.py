@@ -131,6 +131,34 @@ def test_training_call_skips_the_op_dispatch_with_the_ops_gradients(kernel, call
             torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton_flash", "reference"])
+def test_training_call_on_cuda_gives_the_ops_gradients(kernel, monkeypatch):
+    """The ``autograd.Function`` path on CUDA (``EAGER_TRAINING_DEVICES`` opened for the test), HF's
+    transposed layouts, GQA 8/2, causal, bf16: output and gradients equal the op's (kernels whose backward
+    accumulates in another order agree to rounding)."""
+    monkeypatch.setattr(ops, "EAGER_TRAINING_DEVICES", ("cpu", "cuda"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 256, h, 64, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for h in (8, 2, 2))
+    grad = torch.randn(2, 8, 256, 64, generator=g).to("cuda", torch.bfloat16)
+    static = (0.125, True, "top_left", None, None, None)
+    site = SiteCall(kernel, *static, "-inf")
+
+    def run(call_op):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+        out = call_op(*leaves)
+        return out, torch.autograd.grad(out, leaves, grad)
+
+    out, grads = run(lambda q, k, v: site(q, k, v, *NO_TERMS, 0.0)[0])
+    assert type(out.grad_fn).__name__.startswith("_EagerAttention")
+    want, want_grads = run(lambda q, k, v: torch.ops.attnopt.attention.default(
+        q, k, v, *NO_TERMS, *static, 0.0, "-inf", kernel)[0])
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    for x, w in zip(grads, want_grads):
+        torch.testing.assert_close(x.float(), w.float(), atol=2e-2 * w.abs().max().item(), rtol=0)
+
+
 def test_training_call_second_derivatives_are_the_ops():
     """create_graph=True through a site's training call: the gradient penalty's gradients equal the op's."""
     g = torch.Generator().manual_seed(0)
