@@ -403,10 +403,10 @@ class SDPAKernel(Kernel):
         return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
-        if self.device_type == "cpu" and not (needs_bias_grad or needs_mask_grad or spec.rows_may_be_empty()):
-            # ATen's own backward from the forward's output and log-sum-exp, which are SDPA's as it gave them
-            # when no row can be empty (nothing filled): no second forward
-            return (*self._cpu_backward(grad_out, q, k, v, out, lse, spec), None, None)
+        if self.device_type == "cpu" and not (needs_bias_grad or needs_mask_grad) and _boolean_terms_only(spec):
+            # ATen's own backward from the forward's output and log-sum-exp (SDPA's, on every row a key is
+            # visible in): no second forward
+            return self._cpu_backward(grad_out, q, k, v, out, lse, spec)
         # cuDNN's backward (H200, torch 2.11) gave wrong gradients when the output's gradient came in other
         # strides than the output (a contiguous gradient for HF's transposed output: a Llama training step
         # off by 1.6x its largest gradient); it gets one in the output's strides
@@ -414,25 +414,48 @@ class SDPAKernel(Kernel):
                                 grad_like_out=self.backend == SDPBackend.CUDNN_ATTENTION)
         if spec.fill == Fill.SAFE or not spec.rows_may_be_empty(additive=False):
             return grads
-        empty = mask_and_empty_rows(spec)[1]
-        if empty is None:
-            return grads
-        extra = empty_row_grads(q, k, v, grad_out, _full_rows(empty, spec), spec, needs_bias_grad, needs_mask_grad)
-        # a term's extra gradient exists only where its gradient was asked for
-        return tuple(g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra))
+        return _with_fill_grads(grads, mask_and_empty_rows(spec)[1], q, k, v, grad_out, spec, needs_bias_grad,
+                                needs_mask_grad)
 
 
-    def _cpu_backward(self, grad_out, q, k, v, out, lse, spec):
+    def _cpu_backward(self, grad_out, q, k, v, out, lse, spec) -> Grads:
         grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
         k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
-        mask = mask_and_empty_rows(spec)[0]
-        dq, dk, dv = _flash_attention_cpu_backward(grad_out.to(out.dtype), q, k_all, v_all, out, lse, 0.0,
-                                                   _is_causal(spec), attn_mask=mask, scale=spec.scale)
+        mask, empty = mask_and_empty_rows(spec)
+        grad = grad_out.to(out.dtype)
+        if empty is not None:
+            # a row without keys was filled after SDPA: it passes no gradient to SDPA (its gradient is the
+            # fill's, added below), so its output gradient is 0 there, and log-sum-exp +inf makes its
+            # probabilities exactly 0 (no inf - inf)
+            rows = _full_rows(empty, spec)
+            grad, out = grad.masked_fill(rows[..., None], 0.0), out.masked_fill(rows[..., None], 0.0)
+            lse = lse.masked_fill(rows, float("inf"))
+        dq, dk, dv = _flash_attention_cpu_backward(grad, q, k_all, v_all, out, lse, 0.0, _is_causal(spec),
+                                                   attn_mask=mask, scale=spec.scale)
         if not grouped:  # each kv head's gradient is the sum over its query-head group
             b, hkv, g, nk = spec.batch, spec.kv_heads, spec.group_size, spec.kv_len
             dk = dk.view(b, hkv, g, nk, dk.shape[-1]).sum(2)
             dv = dv.view(b, hkv, g, nk, dv.shape[-1]).sum(2)
-        return dq, dk, dv
+        grads = (dq, dk, dv, None, None)
+        if empty is None or spec.fill == Fill.SAFE:
+            return grads
+        return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False)
+
+
+def _boolean_terms_only(spec: AttentionSpec) -> bool:
+    """No additive term: every row SDPA computes is the original's or one a boolean term empties (filled)."""
+    return spec.bias is None and (spec.mask is None or spec.mask.dtype == torch.bool)
+
+
+def _with_fill_grads(grads: Grads, empty, q, k, v, grad_out, spec: AttentionSpec, needs_bias_grad: bool,
+                     needs_mask_grad: bool) -> Grads:
+    """``grads`` plus the gradients the fill gives rows without keys (``fills.py``); ``empty`` as
+    ``mask_and_empty_rows`` gives it, None when there are none."""
+    if empty is None:
+        return grads
+    extra = empty_row_grads(q, k, v, grad_out, _full_rows(empty, spec), spec, needs_bias_grad, needs_mask_grad)
+    # a term's extra gradient exists only where its gradient was asked for
+    return tuple(g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra))
 
 
 _HALF = (torch.float16, torch.bfloat16)
