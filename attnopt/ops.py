@@ -117,9 +117,14 @@ def _attention_impl(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
     )
-    seed = _draw_seed(dropout_p)
+    return _run_forward(q, k, v, spec, _kernel_for(spec, kernel))
+
+
+def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's outputs ``(out, lse, seed)`` from its spec and kernel object."""
+    seed = _draw_seed(spec.dropout_p)
     with _without_autocast(q.device.type):
-        out, lse = _kernel_for(spec, kernel).forward(q, k, v, spec, seed)
+        out, lse = kernel.forward(q, k, v, spec, seed)
     # made on the device: a CUDA graph may capture this op, and capture forbids host-to-device copies
     seed_tensor = q.new_zeros((1,), dtype=torch.int64)
     if seed:
@@ -171,9 +176,17 @@ def _attention_backward_impl(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
     )
+    return _run_backward(grad_out, q, k, v, out, lse, seed, spec, _kernel_for(spec, kernel), needs_bias_grad,
+                         needs_mask_grad)
+
+
+def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+                  spec: AttentionSpec, kernel, needs_bias_grad: bool, needs_mask_grad: bool):
+    """The backward op's outputs ``(dq, dk, dv, dbias, dmask)`` from the call's spec and kernel object."""
+    bias, mask = spec.bias, spec.mask
     with _autograd_available(), _without_autocast(q.device.type):
-        dq, dk, dv, dbias, dmask = _kernel_for(spec, kernel).backward(
-            grad_out, q, k, v, out, lse, spec, int(seed.item()) if dropout_p > 0.0 else 0, needs_bias_grad,
+        dq, dk, dv, dbias, dmask = kernel.backward(
+            grad_out, q, k, v, out, lse, spec, int(seed.item()) if spec.dropout_p > 0.0 else 0, needs_bias_grad,
             needs_mask_grad
         )
     return (
@@ -207,12 +220,14 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_seed, run=None):
+def _backward(ctx, grad_out, _grad_lse, _grad_seed, run=None, needs_input_grad=None):
     """The op's gradients; ``run`` is the backward's body when it may skip the backward op's dispatch
-    (``_EagerAttention``), else the op."""
+    (``_EagerAttention``), else the op; ``needs_input_grad``: the op's inputs' flags when ``ctx`` is not
+    the op's."""
     q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, seed = ctx.saved_tensors
-    needs_bias_grad = bias is not None and ctx.needs_input_grad[6]
-    needs_mask_grad = mask is not None and mask.is_floating_point() and ctx.needs_input_grad[7]
+    needs_input_grad = ctx.needs_input_grad if needs_input_grad is None else needs_input_grad
+    needs_bias_grad = bias is not None and needs_input_grad[6]
+    needs_mask_grad = mask is not None and mask.is_floating_point() and needs_input_grad[7]
     if torch.is_grad_enabled():  # the engine enables grad mode in a backward iff create_graph=True
         dq, dk, dv, dbias, dmask = _differentiable_grads(ctx, grad_out, needs_bias_grad, needs_mask_grad)
     else:
@@ -318,9 +333,12 @@ class _EagerAttention(torch.autograd.Function):
     on a CPU, ``benchmarks/dispatch.py``)."""
 
     @staticmethod
-    def forward(ctx, *inputs):
-        output = _attention_impl(*inputs)
+    def forward(ctx, spec: AttentionSpec, kernel, *inputs):
+        """``inputs``: the op's; ``spec``: the one ``spec_from_args`` makes of them (the site's call plan's),
+        ``kernel``: the kernel object."""
+        output = _run_forward(*inputs[:3], spec, kernel)
         _setup_context(ctx, inputs, output)
+        ctx.spec, ctx.kernel = spec, kernel
         ctx.mark_non_differentiable(output[1], output[2])
         return output
 
@@ -328,7 +346,14 @@ class _EagerAttention(torch.autograd.Function):
     def backward(ctx, grad_out, grad_lse, grad_seed):
         # a backward traced (compiled autograd) or under a dispatch mode records the backward op
         direct = not _is_compiling() and _get_dispatch_mode() is None and type(grad_out) is Tensor
-        return _backward(ctx, grad_out, grad_lse, grad_seed, _attention_backward_impl if direct else None)
+        run = None
+        if direct:
+            def run(grad_out, q, k, v, out, lse, seed, *terms_and_params):
+                needs_bias_grad, needs_mask_grad = terms_and_params[-2:]
+                return _run_backward(grad_out, q, k, v, out, lse, seed, ctx.spec, ctx.kernel, needs_bias_grad,
+                                     needs_mask_grad)
+        # the spec and the kernel come first among this function's inputs: the op's follow
+        return (None, None, *_backward(ctx, grad_out, grad_lse, grad_seed, run, ctx.needs_input_grad[2:]))
 
 
 def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
@@ -340,6 +365,14 @@ def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask)
     fields["key_padding"], fields["q_doc"], fields["kv_doc"], fields["bias"], fields["mask"] = (
         key_padding, q_doc, kv_doc, bias, mask)
     return spec
+
+
+def _with_fields(spec: AttentionSpec, **fields) -> AttentionSpec:
+    """``spec`` with ``fields`` replaced, copied field by field (no dataclass construction)."""
+    new = object.__new__(AttentionSpec)
+    new.__dict__.update(spec.__dict__)
+    new.__dict__.update(fields)
+    return new
 
 
 def _number(value) -> bool:
@@ -417,27 +450,35 @@ class SiteCall:
                  kv_doc: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                  dropout_p: float = 0.0) -> tuple[Tensor]:
         plain = self.kernel is not None and _plain(q, k, v, bias, mask)
-        if plain and q.device.type in EAGER_TRAINING_DEVICES and _wants_grad(q, k, v, bias, mask):
-            # training in a graph run as Python
+        if (plain and q.device.type in EAGER_TRAINING_DEVICES and 0.0 <= dropout_p < 1.0
+                and _wants_grad(q, k, v, bias, mask)):  # training in a graph run as Python
+            spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
+            if dropout_p != 0.0:
+                spec = _with_fields(spec, dropout_p=float(dropout_p))
             return (_EagerAttention.apply(
-                q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
+                spec, self.kernel, q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p,
+                self.fill, self.kernel_name,
             )[0],)
         if dropout_p != 0.0 or not plain:
             return (torch.ops.attnopt.attention.default(
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
             )[0],)
+        spec, run = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)
+        if _any_autocast() and torch.is_autocast_enabled(q.device.type):
+            with torch.autocast(q.device.type, enabled=False):
+                return (run(q, k, v, spec),)
+        return (run(q, k, v, spec),)
+
+    def _spec(self, q, k, v, key_padding, q_doc, kv_doc, bias, mask) -> tuple:
+        """``(spec, prepared call)`` of this call from its call plan (made on the first call like it): the
+        spec ``spec_from_args`` would make, without dropout."""
         key = (q.shape, k.shape, v.shape, q.dtype, q.device,
                key_padding is None, q_doc is None, kv_doc is None, bias is None, mask is None)
         plan = self._plans.get(key)
         if plan is None:
             plan = self._plan(key, q, k, v, key_padding, q_doc, kv_doc, bias, mask)
         spec, run, bare = plan
-        if not bare:
-            spec = _with_terms(spec, key_padding, q_doc, kv_doc, bias, mask)
-        if _any_autocast() and torch.is_autocast_enabled(q.device.type):
-            with torch.autocast(q.device.type, enabled=False):
-                return (run(q, k, v, spec),)
-        return (run(q, k, v, spec),)
+        return (spec if bare else _with_terms(spec, key_padding, q_doc, kv_doc, bias, mask)), run
 
     def _plan(self, key: tuple, q, k, v, key_padding, q_doc, kv_doc, bias, mask) -> tuple:
         """The call plan for calls like this one: its spec without tensor terms (no tensor of this call
