@@ -68,12 +68,14 @@ def _autograd_available():
     the op's duration), where ``torch.enable_grad()`` alone records nothing. This lifts that
     exclusion for the kernel call, as torch's own higher-order ops do around a nested autograd.
     """
-    keys = torch._C.DispatchKey
-    autograd = torch._C.DispatchKeySet(keys.AutogradFunctionality) | torch._C.DispatchKeySet(keys.AutogradOther)
-    autograd = autograd | torch._C.DispatchKeySet(keys.AutogradNestedTensor)
     include, exclude = torch._C._dispatch_tls_local_include_set(), torch._C._dispatch_tls_local_exclude_set()
-    with torch._C._ForceDispatchKeyGuard(include, exclude - autograd):
+    with torch._C._ForceDispatchKeyGuard(include, exclude - _AUTOGRAD_KEYS):
         yield
+
+
+_AUTOGRAD_KEYS = (torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradFunctionality)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradOther)
+                  | torch._C.DispatchKeySet(torch._C.DispatchKey.AutogradNestedTensor))
 
 
 #: whether any autocast is on: the common answer (no) without parsing a device string per call
