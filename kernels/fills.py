@@ -45,8 +45,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                     first_row: int = 0) -> torch.Tensor:
     """``out [B, Hq, n, Dv]`` with rows where ``empty [B, Hq, n]`` replaced as ``spec.fill`` says: query rows
-    ``first_row .. first_row + n - 1`` of the spec (a kernel that works on row chunks passes each chunk)."""
-    if spec.fill == Fill.SAFE:
+    ``first_row .. first_row + n - 1`` of the spec (a kernel that works on row chunks passes each chunk).
+
+    With no key at all (``Nk = 0``) every row is 0 whatever the fill: the original's ``softmax(s) @ v`` sums
+    over no key."""
+    if spec.fill == Fill.SAFE or spec.kv_len == 0:
         return torch.where(empty[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.NEG_INF:
         return torch.where(empty[..., None], torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
@@ -67,7 +70,7 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
 
     Add them to a kernel's gradients, which count such rows as contributing nothing.
     """
-    if spec.fill == Fill.SAFE or not bool(empty.any()):
+    if spec.fill == Fill.SAFE or spec.kv_len == 0 or not bool(empty.any()):  # Nk = 0: rows of constant 0
         return None, None, None, None, None
     b, hkv, g = spec.batch, spec.kv_heads, spec.group_size
     if spec.fill == Fill.NEG_INF:

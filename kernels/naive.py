@@ -45,6 +45,8 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
         s = s.masked_fill(empty_row, 0.0)
     p = torch.softmax(s, dim=-1)
     out = p @ v
+    if spec.kv_len == 0:  # no key at all: the original's sum over no key is 0, whatever it fills masked scores with
+        return out
     if spec.fill == Fill.SAFE:
         out = torch.where(empty_row, torch.zeros_like(out), out)
     elif spec.fill == Fill.FINITE:

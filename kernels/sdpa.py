@@ -367,6 +367,8 @@ class SDPAKernel(Kernel):
         return _pinned(self.switches, q, k, v, mask, causal, spec.scale)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
+        if spec.q_len == 0 or spec.kv_len == 0:
+            return _no_rows_or_keys(q, spec)
         if self.device_type == "cpu":
             k_all, v_all = (k, v) if spec.group_size == 1 or _cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
             mask, empty = mask_and_empty_rows(spec)
@@ -388,7 +390,7 @@ class SDPAKernel(Kernel):
     def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec
         needs none. On the CPU the log-sum-exp comes free with the output: ``forward`` it is."""
-        if self.device_type == "cpu":
+        if self.device_type == "cpu" or spec.q_len == 0 or spec.kv_len == 0:
             return self.forward(q, k, v, spec, 0)[0]
         if not needs_mask(spec):
             return self._sdpa(q, k, v, spec, None, _is_causal(spec))
@@ -399,12 +401,16 @@ class SDPAKernel(Kernel):
     def prepare(self, spec: AttentionSpec):
         """``infer`` with the spec's decisions taken once: on CUDA a call that needs no mask goes straight to
         the pinned backend, ``is_causal`` decided. (On the CPU ``infer`` is already little more than that.)"""
-        if self.device_type == "cpu" or needs_mask(spec):
+        if self.device_type == "cpu" or needs_mask(spec) or spec.q_len == 0 or spec.kv_len == 0:
             return self.infer
         causal = _is_causal(spec)
         return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
+        if spec.q_len == 0 or spec.kv_len == 0:  # the output is constant (0) or empty: no gradient flows
+            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                    torch.zeros_like(spec.bias) if needs_bias_grad else None,
+                    torch.zeros_like(spec.mask) if needs_mask_grad else None)
         if self.device_type == "cpu" and not (needs_bias_grad or needs_mask_grad) and _boolean_terms_only(spec):
             # ATen's own backward from the forward's output and log-sum-exp (SDPA's, on every row a key is
             # visible in): no second forward
@@ -442,6 +448,14 @@ class SDPAKernel(Kernel):
         if empty is None or spec.fill == Fill.SAFE:
             return grads
         return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False)
+
+
+def _no_rows_or_keys(q: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` without calling SDPA when Nq or Nk is 0 (ATen's CPU flash attention stops the process
+    with a division by zero there): no row, or rows of 0 (the original's sum over no key) with lse -inf."""
+    out = q.new_zeros((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return out, torch.full((spec.batch, spec.q_heads, spec.q_len), float("-inf"), dtype=lse_dtype, device=q.device)
 
 
 def _boolean_terms_only(spec: AttentionSpec) -> bool:

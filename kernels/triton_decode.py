@@ -348,8 +348,11 @@ def decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, config: DecodeConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32)``; empty rows are 0 / -inf (no fill applied)."""
-    config = config or choose_config(spec)
     batch, q_heads, q_len, dv = spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim
+    if q_len == 0 or spec.kv_len == 0 or batch * q_heads == 0:  # no row, or no key: nothing to launch
+        return (q.new_zeros((batch, q_heads, q_len, dv)),
+                torch.full((batch, q_heads, q_len), float("-inf"), dtype=torch.float32, device=q.device))
+    config = config or choose_config(spec)
     out = q.new_empty((batch, q_heads, q_len, dv))  # [B, Hq, Nq, Dv]
     lse = q.new_empty((batch, q_heads, q_len), dtype=torch.float32)  # [B, Hq, Nq]
     splits = config.num_splits

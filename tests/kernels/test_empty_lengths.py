@@ -1,0 +1,74 @@
+"""Calls with no query row or no key (Nq = 0 or Nk = 0), as a dynamic-shape model may make them: every exact
+kernel that takes the call gives what the original gives, and none stops the process."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from attnopt.kernels import AttentionSpec, Fill, registry
+
+#: how the original writes each fill: the masked scores' value, and whether it is added instead of put
+FILL_VALUES = {Fill.NEG_INF: float("-inf"), Fill.FINITE: torch.finfo(torch.float32).min,
+               Fill.FINITE_ADDED: torch.finfo(torch.float32).min, Fill.SAFE: float("-inf")}
+
+
+def _original(q, k, v, keep, fill: Fill):
+    """The replaced model's attention: scores, key padding written with the fill, softmax, ``@ v``."""
+    k, v = (t.repeat_interleave(q.shape[1] // k.shape[1], dim=1) for t in (k, v))
+    s = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    masked = ~keep[:, None, None, :]
+    if fill == Fill.FINITE_ADDED:
+        s = s + masked.to(s.dtype) * FILL_VALUES[fill]
+    else:
+        s = s.masked_fill(masked, FILL_VALUES[fill])
+    if fill == Fill.SAFE:  # SDPA's safe softmax
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
+    return torch.softmax(s, dim=-1) @ v
+
+
+def _cases():
+    for nq, nk in ((5, 0), (0, 5), (0, 0)):
+        for fill in FILL_VALUES:
+            for kernel in registry.all_kernels():
+                if kernel.exact:
+                    yield pytest.param(kernel.name, nq, nk, fill, id=f"{kernel.name}-q{nq}-k{nk}-{fill.value}")
+
+
+@pytest.mark.parametrize("name,nq,nk,fill", list(_cases()))
+def test_empty_lengths_give_the_originals_output_and_gradients(name, nq, nk, fill):
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, nq, 16, generator=g)
+    k, v = (torch.randn(2, 2, nk, 16, generator=g) for _ in range(2))
+    keep = torch.ones(2, nk, dtype=torch.bool)
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=fill, requires_grad=True)
+    kernel = registry.get(name)
+    if kernel.not_supported_reasons(spec):
+        pytest.skip("; ".join(kernel.not_supported_reasons(spec)))
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    want = _original(*leaves, keep, fill)
+    assert out.shape == want.shape and not out.isnan().any()
+    torch.testing.assert_close(out, want.detach(), atol=0, rtol=0)
+    grad = torch.randn(want.shape, generator=g)
+    got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
+    want_grads = torch.autograd.grad(want, leaves, grad, allow_unused=True)
+    for x, w, t in zip(got, want_grads, (q, k, v)):
+        assert x.shape == t.shape
+        torch.testing.assert_close(x, torch.zeros_like(t) if w is None else w, atol=0, rtol=0)
+
+
+def test_cpu_sdpa_on_empty_lengths_does_not_stop_the_process():
+    """ATen's CPU flash attention divides by zero on Nq = 0 or Nk = 0 (SIGFPE): the kernel never calls it there."""
+    code = ("import torch\nfrom attnopt.kernels import AttentionSpec, get\n"
+            "for nq, nk in ((0, 4), (4, 0), (0, 0)):\n"
+            "    q, k, v = torch.randn(1, 2, nq, 8), torch.randn(1, 2, nk, 8), torch.randn(1, 2, nk, 8)\n"
+            "    spec = AttentionSpec.from_tensors(q, k, v, causal=True, requires_grad=True)\n"
+            "    kernel = get('sdpa_cpu')\n"
+            "    out, lse = kernel.forward(q, k, v, spec, 0)\n"
+            "    kernel.infer(q, k, v, spec)\n"
+            "    kernel.backward(torch.ones_like(out), q, k, v, out, lse, spec, 0, False, False)\n"
+            "print('done')\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "done" in result.stdout, (result.returncode, result.stderr[-2000:])
