@@ -28,35 +28,60 @@ def _original(q, k, v, keep, fill: Fill):
     return torch.softmax(s, dim=-1) @ v
 
 
-def _cases():
+def _takes(kernel, device: str, dtype: torch.dtype) -> bool:
+    """Whether ``kernel`` takes a training call like the test's on ``device`` (asked on a 1-row call)."""
+    q, k, v = (torch.zeros(2, h, 1, 16, dtype=dtype, device=device) for h in (4, 2, 2))
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=torch.ones(2, 1, dtype=torch.bool, device=device),
+                                      fill=Fill.NEG_INF, requires_grad=True)
+    return not kernel.not_supported_reasons(spec)
+
+
+def _cases(kernels):
     for nq, nk in ((5, 0), (0, 5), (0, 0)):
         for fill in FILL_VALUES:
-            for kernel in registry.all_kernels():
-                if kernel.exact:
-                    yield pytest.param(kernel.name, nq, nk, fill, id=f"{kernel.name}-q{nq}-k{nk}-{fill.value}")
+            for name in kernels:
+                yield pytest.param(name, nq, nk, fill, id=f"{name}-q{nq}-k{nk}-{fill.value}")
 
 
-@pytest.mark.parametrize("name,nq,nk,fill", list(_cases()))
-def test_empty_lengths_give_the_originals_output_and_gradients(name, nq, nk, fill):
+#: the exact kernels that train on this machine's CPU (the CUDA ones: the GPU test below)
+CPU_KERNELS = [k.name for k in registry.all_kernels() if k.exact and _takes(k, "cpu", torch.float32)]
+
+
+def _check(name, nq, nk, fill, device, dtype):
     g = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 4, nq, 16, generator=g)
-    k, v = (torch.randn(2, 2, nk, 16, generator=g) for _ in range(2))
-    keep = torch.ones(2, nk, dtype=torch.bool)
+    q = torch.randn(2, 4, nq, 16, generator=g).to(device, dtype)
+    k, v = (torch.randn(2, 2, nk, 16, generator=g).to(device, dtype) for _ in range(2))
+    keep = torch.ones(2, nk, dtype=torch.bool, device=device)
     spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=fill, requires_grad=True)
     kernel = registry.get(name)
     if kernel.not_supported_reasons(spec):
-        pytest.skip("; ".join(kernel.not_supported_reasons(spec)))
+        return False
     out, lse = kernel.forward(q, k, v, spec, 0)
     leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
     want = _original(*leaves, keep, fill)
     assert out.shape == want.shape and not out.isnan().any()
     torch.testing.assert_close(out, want.detach(), atol=0, rtol=0)
-    grad = torch.randn(want.shape, generator=g)
+    grad = torch.randn(want.shape, generator=g).to(device, dtype)
     got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
     want_grads = torch.autograd.grad(want, leaves, grad, allow_unused=True)
     for x, w, t in zip(got, want_grads, (q, k, v)):
         assert x.shape == t.shape
         torch.testing.assert_close(x, torch.zeros_like(t) if w is None else w, atol=0, rtol=0)
+    return True
+
+
+@pytest.mark.parametrize("name,nq,nk,fill", list(_cases(CPU_KERNELS)))
+def test_empty_lengths_give_the_originals_output_and_gradients(name, nq, nk, fill):
+    assert _check(name, nq, nk, fill, "cpu", torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name,nq,nk,fill", list(_cases([k.name for k in registry.all_kernels() if k.exact])))
+def test_empty_lengths_on_cuda(name, nq, nk, fill):
+    """The same on CUDA in bfloat16, for every exact kernel that takes the call there."""
+    if not _check(name, nq, nk, fill, "cuda", torch.bfloat16):
+        pytest.skip(f"{name} does not take this call on CUDA")
 
 
 def test_cpu_sdpa_on_empty_lengths_does_not_stop_the_process():
