@@ -361,12 +361,7 @@ class _EagerAttention(torch.autograd.Function):
 def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
     """``template`` (a spec without tensor terms) with this call's terms, copied field by field: no
     dataclass construction, no validation per call (the call plan validated the terms of its first call)."""
-    spec = object.__new__(AttentionSpec)
-    fields = spec.__dict__
-    fields.update(template.__dict__)
-    fields["key_padding"], fields["q_doc"], fields["kv_doc"], fields["bias"], fields["mask"] = (
-        key_padding, q_doc, kv_doc, bias, mask)
-    return spec
+    return _with_fields(template, key_padding=key_padding, q_doc=q_doc, kv_doc=kv_doc, bias=bias, mask=mask)
 
 
 def _with_fields(spec: AttentionSpec, **fields) -> AttentionSpec:

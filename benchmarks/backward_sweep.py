@@ -39,10 +39,10 @@ import pathlib
 import time
 
 import forward_sweep
-from forward_sweep import REF_CHUNK, WARM_LEN, Case, _family, bench, fmt, gpu_cases, inputs, peers, tiny_cases
+from forward_sweep import (REF_CHUNK, WARM_LEN, Case, _family, bench, fmt, gpu_cases, inputs, peers,
+                           run_within_budget, sweep_setting, tiny_cases)
 
 import torch  # noqa: E402  (after forward_sweep, which chooses the interpreter before triton is imported)
-import triton  # noqa: E402
 
 from attnopt.kernels import get, naive_attention  # noqa: E402
 from attnopt.kernels import triton_flash_bwd_exp as bwd  # noqa: E402
@@ -320,24 +320,10 @@ def main() -> None:
     cases = [c for c in (tiny_cases() if args.tiny else gpu_cases()) if args.cases in c.name]
     workers = (2 if args.tiny else min(8, os.cpu_count() or 1)) if args.workers is None else args.workers
     compile_errors = compile_ahead(cases, args.tiny, args.device, workers, timeout=args.budget / 3)
-    where = (f"{torch.cuda.get_device_name()}" if args.device == "cuda" else "cpu (TRITON_INTERPRET=1)") + (
-        f", torch {torch.__version__}, triton {triton.__version__}")
-    layout = "[B, N, H, D] seen as [B, H, N, D]" if args.transposed else "contiguous [B, H, N, D]"
-    head = [f"{where}; bf16, {layout}, B*N = {cases[0].batch * cases[0].n if cases else 0} tokens; milliseconds "
-            f"(medians); 'vs X' = X's time / this row's time (above 1: faster than X); correct = max |dx - ref| <= "
-            f"{GRAD_TOL} max |ref| for dq, dk and dv against float64; the Triton rows' forward: {args.forward}", ""]
-    results, skipped = {}, []
-    for case in cases:
-        if time.time() - start > args.budget:
-            skipped.append(case)
-        else:
-            print(f"{case.name} ({time.time() - start:.0f} s)", flush=True)
-            results[case] = sweep_case(case, args.tiny, args.device, compile_errors, args.transposed, args.forward)
-        if args.out:
-            args.out.write_text("\n".join(head + table(results, skipped)) + "\n")
-    print("\n".join(head + table(results, skipped)))
-    print(f"total {time.time() - start:.0f} s")
-
+    head = [f"{sweep_setting(args, cases)}; correct = max |dx - ref| <= {GRAD_TOL} max |ref| for dq, dk and dv "
+            f"against float64; the Triton rows' forward: {args.forward}", ""]
+    run_within_budget(cases, start, args.budget, lambda case: sweep_case(
+        case, args.tiny, args.device, compile_errors, args.transposed, args.forward), head, table, args.out)
 
 if __name__ == "__main__":
     main()

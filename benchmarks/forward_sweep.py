@@ -365,25 +365,34 @@ def main() -> None:
     cases = [c for c in (tiny_cases() if args.tiny else gpu_cases()) if args.cases in c.name]
     workers = args.workers if args.workers is not None else (2 if args.tiny else min(8, os.cpu_count() or 1))
     compile_errors = compile_ahead(cases, args.tiny, args.device, workers, timeout=args.budget / 3)
-    device_name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (TRITON_INTERPRET=1)"
-    layout = "[B, N, H, D] seen as [B, H, N, D]" if args.transposed else "contiguous [B, H, N, D]"
-    head = [f"{device_name}, torch {torch.__version__}, triton {triton.__version__}; bf16, {layout}, B*N = "
-            f"{cases[0].batch * cases[0].n if cases else 0} tokens; milliseconds (medians); 'vs X' = X's time / "
-            f"this row's time (above 1: faster than X); correct = max |out - ref| <= {OUT_TOL} max |ref| and "
+    head = [f"{sweep_setting(args, cases)}; correct = max |out - ref| <= {OUT_TOL} max |ref| and "
             f"|lse - ref| <= {LSE_TOL} max(1, |ref|) against float64", ""]
+    run_within_budget(cases, start, args.budget, lambda case: sweep_case(
+        case, args.tiny, args.device, compile_errors, args.transposed), head, table, args.out)
+
+
+def sweep_setting(args, cases) -> str:
+    """The table's first words: machine, versions, dtype, layout, tokens, unit, what a ratio means."""
+    machine = torch.cuda.get_device_name() if args.device == "cuda" else "cpu (TRITON_INTERPRET=1)"
+    layout = "[B, N, H, D] seen as [B, H, N, D]" if args.transposed else "contiguous [B, H, N, D]"
+    return (f"{machine}, torch {torch.__version__}, triton {triton.__version__}; bf16, {layout}, B*N = "
+            f"{cases[0].batch * cases[0].n if cases else 0} tokens; milliseconds (medians); 'vs X' = X's time / "
+            "this row's time (above 1: faster than X)")
+
+
+def run_within_budget(cases, start: float, budget: float, sweep, head: list[str], table, out) -> None:
+    """``sweep(case)`` for the cases in order until ``budget`` seconds after ``start`` (later ones are listed as
+    not run); ``head + table(results, skipped)`` is written to ``out`` after every case, and printed at the end."""
     results, skipped = {}, []
     for case in cases:
-        if time.time() - start > args.budget:
+        if time.time() - start > budget:
             skipped.append(case)
-            continue
-        print(f"{case.name} ({time.time() - start:.0f} s)", flush=True)
-        results[case] = sweep_case(case, args.tiny, args.device, compile_errors, args.transposed)
-        if args.out:
-            args.out.write_text("\n".join(head + table(results, skipped)) + "\n")
-    lines = head + table(results, skipped)
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+        else:
+            print(f"{case.name} ({time.time() - start:.0f} s)", flush=True)
+            results[case] = sweep(case)
+        if out:
+            out.write_text("\n".join(head + table(results, skipped)) + "\n")
+    print("\n".join(head + table(results, skipped)))
     print(f"total {time.time() - start:.0f} s")
 
 
