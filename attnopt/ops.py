@@ -325,7 +325,7 @@ def _wants_grad(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: O
 
 #: devices whose training calls take ``_EagerAttention``: CUDA joins once the GPU tests have run this path
 #: (tests/passes/test_training_steps.py, tests/attnopt and tests/passes/test_gpu_masks.py with -m gpu)
-EAGER_TRAINING_DEVICES = ("cpu",)
+EAGER_TRAINING_DEVICES = ("cpu", "cuda")
 
 
 class _EagerAttention(torch.autograd.Function):
@@ -447,8 +447,9 @@ class SiteCall:
                  kv_doc: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                  dropout_p: float = 0.0) -> tuple[Tensor]:
         plain = self.kernel is not None and _plain(q, k, v, bias, mask)
-        if (plain and q.device.type in EAGER_TRAINING_DEVICES and 0.0 <= dropout_p < 1.0
-                and _wants_grad(q, k, v, bias, mask)):  # training in a graph run as Python
+        training = plain and _wants_grad(q, k, v, bias, mask)
+        if training and q.device.type in EAGER_TRAINING_DEVICES and 0.0 <= dropout_p < 1.0:
+            # training in a graph run as Python
             spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
             if dropout_p != 0.0:
                 spec = _with_fields(spec, dropout_p=float(dropout_p))
@@ -456,7 +457,7 @@ class SiteCall:
                 spec, self.kernel, q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p,
                 self.fill, self.kernel_name,
             )[0],)
-        if dropout_p != 0.0 or not plain:
+        if dropout_p != 0.0 or not plain or training:
             return (torch.ops.attnopt.attention.default(
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
             )[0],)

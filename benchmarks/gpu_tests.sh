@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU test (marked `gpu`) in twelve processes side by side on one CUDA machine: bounded by the slowest group
 # instead of the sum. Prints one summary line per group for
-# benchmarks/results/gpu_tests.md; full logs under ${OUT:-/tmp}/gpu_tests_*.txt.
+# benchmarks/results/gpu_tests.md; the full logs, one after another, in ${OUT:-/tmp}/gpu_tests.txt.
 #
 #     bash benchmarks/gpu_tests.sh
 set -u
@@ -25,7 +25,7 @@ groups=(
   "tests/kernels/test_triton_flash_bwd_exp.py"
 )
 for i in "${!groups[@]}"; do
-  (eval "timeout 580 python3 -m pytest $opts ${groups[$i]}" > "$out/gpu_tests_$i.txt" 2>&1; echo "rc $?" >> "$out/gpu_tests_$i.txt") &
+  (eval "timeout 540 python3 -m pytest $opts ${groups[$i]}" > "$out/gpu_tests_$i.txt" 2>&1; echo "rc $?" >> "$out/gpu_tests_$i.txt") &
 done
 wait
 status=0
@@ -34,4 +34,5 @@ for i in "${!groups[@]}"; do
   grep -E '^FAILED|^ERROR' "$out/gpu_tests_$i.txt" | head -20
   grep -q '^rc 0$' "$out/gpu_tests_$i.txt" || status=1
 done
+for i in "${!groups[@]}"; do echo "=== ${groups[$i]}"; cat "$out/gpu_tests_$i.txt"; rm "$out/gpu_tests_$i.txt"; done > "$out/gpu_tests.txt"
 exit $status

@@ -42,6 +42,25 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def no_rows_or_keys(spec: AttentionSpec) -> bool:
+    """Whether the call has no query row or no key (Nq = 0, Nk = 0, or no batch row or head): its output is
+    empty or 0 on every row whatever the fill (``softmax(s) @ v`` sums over no key), and no kernel is run."""
+    return spec.q_len == 0 or spec.kv_len == 0 or spec.batch * spec.q_heads == 0
+
+
+def output_without_rows_or_keys(q: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, lse)`` of a call ``no_rows_or_keys`` holds for: rows of 0 (or none), lse -inf."""
+    out = q.new_zeros((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
+    return out, torch.full(out.shape[:-1], float("-inf"), dtype=_compute_dtype(q.dtype), device=q.device)
+
+
+def grads_without_rows_or_keys(q, k, v, spec: AttentionSpec, needs_bias_grad: bool, needs_mask_grad: bool):
+    """``(dq, dk, dv, dbias, dmask)`` of such a call: its output is constant (0) or empty, so all are 0."""
+    return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+            torch.zeros_like(spec.bias) if needs_bias_grad else None,
+            torch.zeros_like(spec.mask) if needs_mask_grad else None)
+
+
 def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                     first_row: int = 0) -> torch.Tensor:
     """``out [B, Hq, n, Dv]`` with rows where ``empty [B, Hq, n]`` replaced as ``spec.fill`` says: query rows

@@ -55,7 +55,8 @@ import torch
 from . import registry
 from .approx_base import nan_lse, recompute_grads
 from .block_map import tile_lists
-from .fills import empty_row_grads, fill_empty_rows
+from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
+                    output_without_rows_or_keys)
 from .registry import Grads, Kernel, register
 from .spec import AttentionSpec, Fill, Window
 
@@ -339,11 +340,8 @@ class FlexKernel(Kernel):
 
     # --------------------------------------------------------------------- forward
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
-        empty_call = spec.q_len == 0 or spec.batch * spec.q_heads == 0
-        if empty_call or spec.kv_len == 0:
-            out = q.new_zeros((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
-            lse = torch.full(out.shape[:-1], float("-inf"), dtype=torch.float32, device=q.device)
-            return (out if empty_call else fill_empty_rows(out, torch.isneginf(lse), v, spec)), lse
+        if no_rows_or_keys(spec):
+            return output_without_rows_or_keys(q, spec)
         if spec.device.type == "cpu":
             return self._cpu_forward(q, k, v, spec)
         with torch.no_grad():
@@ -366,6 +364,8 @@ class FlexKernel(Kernel):
 
     # --------------------------------------------------------------------- backward
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
+        if no_rows_or_keys(spec):  # FlexAttention compiles no call without keys or rows
+            return grads_without_rows_or_keys(q, k, v, spec, needs_bias_grad, needs_mask_grad)
         if needs_bias_grad or needs_mask_grad:
             # an additive term's gradient (dS summed over its broadcast dims): the exact reference backward
             return registry.get("reference").backward(

@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from .approx_base import nan_lse, recompute_grads
-from .fills import empty_row_grads, fill_empty_rows
+from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
+                    output_without_rows_or_keys)
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
 
@@ -232,7 +233,7 @@ def _cpu_flash_reads_groups() -> bool:
 
 
 #: CUDA backends asked whether they take a mask in this process, and their answers
-_MASK_PROBES: dict[str, bool] = {}
+_MASK_PROBES: dict[str, str] = {}
 #: CUDA backends found to refuse ``enable_gqa`` in this process
 _NO_NATIVE_GQA: set[str] = set()
 
@@ -277,7 +278,9 @@ class SDPAKernel(Kernel):
             reasons.append(f"top-left causal over {spec.q_len} queries and {spec.kv_len} keys: flash takes "
                            "is_causal only for equal lengths")
         if needs_mask(spec) and not self._takes_mask(spec):
-            reasons.append(f"takes no attention mask; this call has {'+'.join(spec.mask_terms)} beyond top-left causal")
+            refusal = f" (asked with a tiny call: {_MASK_PROBES[self.name]})" if _MASK_PROBES.get(self.name) else ""
+            reasons.append(f"takes no attention mask{refusal}; this call has {'+'.join(spec.mask_terms)} beyond "
+                           "top-left causal")
         additive = [t.dtype for t in (spec.bias, spec.mask) if t is not None and t.is_floating_point()]
         if additive and (spec.dtype in (torch.float16, torch.bfloat16) or additive[0].itemsize > spec.dtype.itemsize):
             # a half term is one the original added in half precision; a wider one would be rounded to
@@ -295,17 +298,20 @@ class SDPAKernel(Kernel):
         if self.takes_mask != "probe" or not torch.cuda.is_available():  # without a device: "no CUDA device"
             return bool(self.takes_mask)
         if self.name not in _MASK_PROBES:
+            # asked on a CUDA device whatever the spec's: a CPU spec (another kernel's candidate) must not
+            # record a refusal for the process
+            device = spec.device if spec.device.type == "cuda" else torch.device("cuda")
             try:
-                q = torch.ones(1, 1, 8, 64, dtype=torch.bfloat16, device=spec.device)
-                mask = torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16, device=spec.device)
+                q = torch.ones(1, 1, 8, 64, dtype=torch.bfloat16, device=device)
+                mask = torch.zeros(1, 1, 8, 8, dtype=torch.bfloat16, device=device)
             except (RuntimeError, AssertionError):  # no such device here (a plan made for another machine)
                 return True
             try:
                 _pinned(_only(self.backend), q, q, q, mask, False, None)
-                _MASK_PROBES[self.name] = True
-            except RuntimeError:
-                _MASK_PROBES[self.name] = False
-        return _MASK_PROBES[self.name]
+                _MASK_PROBES[self.name] = ""
+            except RuntimeError as err:  # the refusal, kept for the reason it gives
+                _MASK_PROBES[self.name] = " ".join(str(err).split())[:300] or type(err).__name__
+        return not _MASK_PROBES[self.name]
 
     def memory_bytes(self, spec: AttentionSpec) -> int:
         repeated = 0
@@ -367,8 +373,8 @@ class SDPAKernel(Kernel):
         return _pinned(self.switches, q, k, v, mask, causal, spec.scale)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
-        if spec.q_len == 0 or spec.kv_len == 0:
-            return _no_rows_or_keys(q, spec)
+        if no_rows_or_keys(spec):
+            return output_without_rows_or_keys(q, spec)
         if self.device_type == "cpu":
             k_all, v_all = (k, v) if spec.group_size == 1 or _cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
             mask, empty = mask_and_empty_rows(spec)
@@ -390,7 +396,7 @@ class SDPAKernel(Kernel):
     def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec
         needs none. On the CPU the log-sum-exp comes free with the output: ``forward`` it is."""
-        if self.device_type == "cpu" or spec.q_len == 0 or spec.kv_len == 0:
+        if self.device_type == "cpu" or no_rows_or_keys(spec):
             return self.forward(q, k, v, spec, 0)[0]
         if not needs_mask(spec):
             return self._sdpa(q, k, v, spec, None, _is_causal(spec))
@@ -401,16 +407,14 @@ class SDPAKernel(Kernel):
     def prepare(self, spec: AttentionSpec):
         """``infer`` with the spec's decisions taken once: on CUDA a call that needs no mask goes straight to
         the pinned backend, ``is_causal`` decided. (On the CPU ``infer`` is already little more than that.)"""
-        if self.device_type == "cpu" or needs_mask(spec) or spec.q_len == 0 or spec.kv_len == 0:
+        if self.device_type == "cpu" or needs_mask(spec) or no_rows_or_keys(spec):
             return self.infer
         causal = _is_causal(spec)
         return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
-        if spec.q_len == 0 or spec.kv_len == 0:  # the output is constant (0) or empty: no gradient flows
-            return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
-                    torch.zeros_like(spec.bias) if needs_bias_grad else None,
-                    torch.zeros_like(spec.mask) if needs_mask_grad else None)
+        if no_rows_or_keys(spec):
+            return grads_without_rows_or_keys(q, k, v, spec, needs_bias_grad, needs_mask_grad)
         if self.device_type == "cpu" and not (needs_bias_grad or needs_mask_grad) and _boolean_terms_only(spec):
             # ATen's own backward from the forward's output and log-sum-exp (SDPA's, on every row a key is
             # visible in): no second forward
@@ -448,14 +452,6 @@ class SDPAKernel(Kernel):
         if empty is None or spec.fill == Fill.SAFE:
             return grads
         return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False)
-
-
-def _no_rows_or_keys(q: torch.Tensor, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out, lse)`` without calling SDPA when Nq or Nk is 0 (ATen's CPU flash attention stops the process
-    with a division by zero there): no row, or rows of 0 (the original's sum over no key) with lse -inf."""
-    out = q.new_zeros((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
-    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    return out, torch.full((spec.batch, spec.q_heads, spec.q_len), float("-inf"), dtype=lse_dtype, device=q.device)
 
 
 def _boolean_terms_only(spec: AttentionSpec) -> bool:

@@ -131,6 +131,28 @@ def test_training_call_skips_the_op_dispatch_with_the_ops_gradients(kernel, call
             torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
 
 
+def test_training_call_on_a_device_without_the_eager_path_runs_the_op(monkeypatch):
+    """A training call on a device outside ``EAGER_TRAINING_DEVICES`` goes through the op with its autograd,
+    never the inference path (which records no graph): gradients equal the eager path's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 6, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    static = (8 ** -0.5, True, "top_left", None, None, None)
+    site = SiteCall("reference", *static, "-inf")
+
+    def grads():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = site(*leaves, *NO_TERMS, 0.0)[0]
+        return out, torch.autograd.grad(out.square().sum(), leaves)
+
+    eager_out, eager_grads = grads()
+    monkeypatch.setattr(ops, "EAGER_TRAINING_DEVICES", ())
+    out, op_grads = grads()
+    assert type(out.grad_fn).__name__ != type(eager_out.grad_fn).__name__  # the op's autograd node
+    torch.testing.assert_close(out, eager_out, atol=0, rtol=0)
+    for x, w in zip(op_grads, eager_grads):
+        torch.testing.assert_close(x, w, atol=0, rtol=0)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("kernel", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton_flash", "reference"])

@@ -302,3 +302,20 @@ def test_training_gradients_of_hf_layouts(name, heads, grad_layout):
     for name_, x, ref in zip("qkv", got, want):
         err = (x.double() - ref).abs().max() / ref.abs().max()
         assert err < 2e-2, f"d{name_}: largest error {err:.3g} of the largest gradient"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cudnn_mask_probe_is_asked_on_the_gpu_whatever_the_spec(monkeypatch):
+    """Whether cuDNN takes a mask is asked once per process: a CPU spec asked first (as a test or a plan for
+    another device does) must not record a refusal that every later CUDA call inherits."""
+    from attnopt.kernels import sdpa
+
+    monkeypatch.setattr(sdpa, "_MASK_PROBES", {})
+    cudnn = get("sdpa_cudnn")
+    for device, dtype in (("cpu", torch.float32), ("cuda", torch.bfloat16)):
+        q, k, v = _qkv(device, dtype)
+        spec = AttentionSpec.from_tensors(q, k, v, key_padding=_left_padded(2, 64, device), fill=Fill.SAFE)
+        reasons = cudnn.not_supported_reasons(spec)
+    assert reasons == [], reasons
+    assert sdpa._MASK_PROBES == {"sdpa_cudnn": ""}
