@@ -23,9 +23,12 @@ exactly when it computes the spec's function:
 ``lse``: the CPU kernel returns it (``aten._scaled_dot_product_flash_attention_for_cpu``),
 and its backward runs ATen's CPU flash backward from the saved output and ``lse``
 when every term is boolean (rows without keys: no gradient into SDPA, their fill's
-added). With an additive term, and on CUDA, where the public API returns no
-``lse`` (NaN there), the backward re-runs SDPA on the same backend under autograd
-(``approx_base.recompute_grads``).
+added). On CUDA, cuDNN and flash run ATen's own forward and backward pair
+(``_scaled_dot_product_cudnn_attention`` / ``_scaled_dot_product_flash_attention``
+and their ``_backward``) for every call that needs no mask (no term, or top-left
+causal): the backward reads the forward's output and ``lse``. Any other call, and
+every call on the memory-efficient backend, returns no ``lse`` (NaN there) and its
+backward re-runs SDPA on the same backend under autograd (``approx_base.recompute_grads``).
 """
 
 from __future__ import annotations
@@ -244,6 +247,44 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
     return k.repeat_interleave(spec.group_size, dim=1), v.repeat_interleave(spec.group_size, dim=1)
 
 
+def _aten_forward(backend: SDPBackend, q, k, v, causal: bool, scale: float):
+    """``(out, lse [B, H, Nq] float32)`` of ATen's cuDNN or flash forward without mask or dropout."""
+    if backend == SDPBackend.CUDNN_ATTENTION:
+        out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+            q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
+        return out, lse.squeeze(-1)  # cuDNN's is [B, H, Nq, 1]
+    return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
+
+
+def _in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
+    """``t`` with its dims laid out in memory in the order of ``ref``'s strides (a copy only when not already)."""
+    order = sorted(range(ref.dim()), key=lambda dim: ref.stride(dim), reverse=True)
+    strides, step = [0] * t.dim(), 1
+    for dim in reversed(order):
+        strides[dim], step = step, step * t.shape[dim]
+    if list(t.stride()) == strides:
+        return t
+    laid = torch.empty([t.shape[dim] for dim in order], dtype=t.dtype, device=t.device)
+    return laid.permute([order.index(dim) for dim in range(t.dim())]).copy_(t)
+
+
+#: per device, the random state the ATen backwards take (read only with dropout, which these calls have not)
+_NO_RANDOM_STATE: dict[torch.device, torch.Tensor] = {}
+
+
+def _aten_backward(backend: SDPBackend, grad, q, k, v, out, lse, causal: bool, scale: float):
+    """``(dq, dk, dv)`` of ``_aten_forward``'s call from its output and ``lse``."""
+    state = _NO_RANDOM_STATE.get(q.device)
+    if state is None:
+        state = _NO_RANDOM_STATE.setdefault(q.device, torch.zeros((), dtype=torch.int64, device=q.device))
+    nq, nk = q.shape[2], k.shape[2]
+    if backend == SDPBackend.CUDNN_ATTENTION:
+        return torch.ops.aten._scaled_dot_product_cudnn_attention_backward(
+            grad, q, k, v, out, lse.unsqueeze(-1), state, state, None, None, None, nq, nk, 0.0, causal, scale=scale)
+    return torch.ops.aten._scaled_dot_product_flash_attention_backward(
+        grad, q, k, v, out, lse, None, None, nq, nk, 0.0, causal, state, state, scale=scale)
+
+
 class SDPAKernel(Kernel):
     """One SDPA backend; ``backend`` None is the CPU kernel (whatever SDPA picks on CPU)."""
 
@@ -383,6 +424,9 @@ class SDPAKernel(Kernel):
             if lse.dtype != lse_dtype:
                 lse = lse.to(lse_dtype)
             out = _nan_where_masked(out, mask, spec)
+        elif self._saves_lse(spec):
+            with torch.no_grad():
+                return self._aten_forward(q, k, v, spec)
         else:
             with torch.no_grad():
                 mask, empty = mask_and_empty_rows(spec)
@@ -419,6 +463,8 @@ class SDPAKernel(Kernel):
             # ATen's own backward from the forward's output and log-sum-exp (SDPA's, on every row a key is
             # visible in): no second forward
             return self._cpu_backward(grad_out, q, k, v, out, lse, spec)
+        if self._saves_lse(spec):
+            return self._aten_backward(grad_out, q, k, v, out, lse, spec)
         # cuDNN's backward (H200, torch 2.11) gave wrong gradients when the output's gradient came in other
         # strides than the output (a contiguous gradient for HF's transposed output: a Llama training step
         # off by 1.6x its largest gradient); it gets one in the output's strides
@@ -429,6 +475,41 @@ class SDPAKernel(Kernel):
         return _with_fill_grads(grads, mask_and_empty_rows(spec)[1], q, k, v, grad_out, spec, needs_bias_grad,
                                 needs_mask_grad)
 
+
+    def _saves_lse(self, spec: AttentionSpec) -> bool:
+        """Whether the forward runs ATen's cuDNN or flash forward and the backward reads its ``lse``: a CUDA
+        call that needs no mask (no row can then be empty), no dropout, one head dim that ATen takes as is."""
+        return (self.device_type == "cuda" and self.backend in (SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION)
+                and not needs_mask(spec) and spec.dropout_p == 0.0 and spec.head_dim == spec.v_head_dim
+                and spec.head_dim % 8 == 0)
+
+    def _grouped(self, k, v, spec: AttentionSpec):
+        """``(k, v, repeated)``: K/V as the ATen call reads them (flash, or a cuDNN that refused groups, reads
+        them repeated per query head)."""
+        if spec.group_size == 1 or (self.backend == SDPBackend.CUDNN_ATTENTION and self.name not in _NO_NATIVE_GQA):
+            return k, v, False
+        return (*_repeat_kv(k, v, spec), True)
+
+    def _aten_forward(self, q, k, v, spec: AttentionSpec):
+        k_read, v_read, _ = self._grouped(k, v, spec)
+        try:
+            return _aten_forward(self.backend, q, k_read, v_read, _is_causal(spec), spec.scale)
+        except RuntimeError:
+            if k_read is not k or spec.group_size == 1:
+                raise
+            _NO_NATIVE_GQA.add(self.name)  # this cuDNN refuses groups: repeat from now on
+            return self._aten_forward(q, k, v, spec)
+
+    def _aten_backward(self, grad_out, q, k, v, out, lse, spec: AttentionSpec) -> Grads:
+        k_read, v_read, repeated = self._grouped(k, v, spec)
+        # measured on an H200 (torch 2.11): cuDNN's backward is wrong unless the output and its gradient are
+        # in the layout its forward made (the queries'), as a dense saved output or a contiguous gradient are not
+        out = _in_layout_of(out, q)
+        grad = _in_layout_of(grad_out.to(out.dtype), out)
+        dq, dk, dv = _aten_backward(self.backend, grad, q, k_read, v_read, out, lse, _is_causal(spec), spec.scale)
+        if repeated:  # each kv head's gradient is the sum over its query-head group
+            dk, dv = (t.unflatten(1, (spec.kv_heads, spec.group_size)).sum(2) for t in (dk, dv))
+        return dq, dk, dv, None, None
 
     def _cpu_backward(self, grad_out, q, k, v, out, lse, spec) -> Grads:
         grouped = spec.group_size == 1 or _cpu_flash_reads_groups()

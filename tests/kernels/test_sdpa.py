@@ -281,10 +281,12 @@ def test_cudnn_gets_the_output_gradient_in_the_outputs_strides():
 @pytest.mark.parametrize("name", ["sdpa_flash", "sdpa_efficient", "triton_flash", "sdpa_cudnn"])
 @pytest.mark.parametrize("heads", [(8, 2), (8, 8)])
 @pytest.mark.parametrize("grad_layout", ["bnhd", "contiguous"])
-def test_training_gradients_of_hf_layouts(name, heads, grad_layout):
+@pytest.mark.parametrize("out_layout", ["kernel", "dense"])
+def test_training_gradients_of_hf_layouts(name, heads, grad_layout, out_layout):
     """The layouts of a Hugging Face attention layer: q, k, v transposed views of ``[B, N, H, D]`` projections,
     the output's gradient a transposed view too or contiguous (where cuDNN's backward, given it as it came,
-    was wrong); D 128, N 1024, causal, bf16, against float64."""
+    was wrong), the saved output as the kernel made it or dense (as the op saves it); D 128, N 1024, causal,
+    bf16, against float64."""
     hq, hkv = heads
     g = torch.Generator().manual_seed(1)
     b, n, d = 2, 1024, 128
@@ -293,6 +295,8 @@ def test_training_gradients_of_hf_layouts(name, heads, grad_layout):
     spec = AttentionSpec.from_tensors(q, k, v, causal=True, requires_grad=True)
     kernel = get(name)
     out, lse = kernel.forward(q, k, v, spec, 0)
+    if out_layout == "dense":
+        out = out.contiguous()
     grad = torch.randn(b, n, hq, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
     if grad_layout == "contiguous":
         grad = grad.contiguous()
@@ -319,3 +323,45 @@ def test_cudnn_mask_probe_is_asked_on_the_gpu_whatever_the_spec(monkeypatch):
         reasons = cudnn.not_supported_reasons(spec)
     assert reasons == [], reasons
     assert sdpa._MASK_PROBES == {"sdpa_cudnn": ""}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sdpa_cudnn", "sdpa_flash"])
+@pytest.mark.parametrize("heads,d,nq,nk,causal", [((8, 2), 128, 512, 512, True), ((4, 4), 64, 384, 384, True),
+                                                  ((8, 2), 64, 200, 700, False), ((6, 3), 128, 1, 300, False),
+                                                  ((4, 1), 128, 300, 300, False)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_backward_reads_the_saved_forward(name, heads, d, nq, nk, causal, dtype, monkeypatch):
+    """cuDNN and flash on a call without mask: the forward's log-sum-exp is the float64 one (natural log),
+    and the backward runs ATen's backward from the saved output, never a second forward; outputs and
+    gradients against float64."""
+    from attnopt.kernels import sdpa
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the backward recomputed the forward")
+
+    monkeypatch.setattr(sdpa, "recompute_grads", no_recompute)
+    hq, hkv = heads
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(2, nq, hq, d, generator=g).to("cuda", dtype).transpose(1, 2)
+    k, v = (torch.randn(2, nk, hkv, d, generator=g).to("cuda", dtype).transpose(1, 2) for _ in range(2))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=causal, requires_grad=True)
+    kernel = get(name)
+    assert kernel.not_supported_reasons(spec) == []
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    grad = torch.randn(out.shape, generator=g).to("cuda", dtype)
+    got = kernel.backward(grad, q, k, v, out.contiguous(), lse.contiguous(), spec, 0, False, False)[:3]
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    want = naive_attention(*leaves, spec)
+    want_grads = torch.autograd.grad(want, leaves, grad.double())
+    torch.testing.assert_close(out.double(), want.detach(), atol=2e-2, rtol=2e-2)
+    kk = leaves[1].detach().repeat_interleave(hq // hkv, dim=1)
+    scores = (leaves[0].detach() @ kk.transpose(-1, -2)) * spec.scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(nq, nk, dtype=torch.bool, device="cuda").triu(1), float("-inf"))
+    torch.testing.assert_close(lse.double(), scores.logsumexp(-1), atol=2e-2, rtol=1e-3)
+    for name_, x, ref in zip("qkv", got, want_grads):
+        assert x.shape == ref.shape and x.dtype == dtype, name_
+        err = (x.double() - ref).abs().max() / ref.abs().max()
+        assert err < 2e-2, f"d{name_}: largest error {err:.3g} of the largest gradient"
