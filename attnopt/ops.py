@@ -122,8 +122,11 @@ def _attention_impl(
     return _run_forward(q, k, v, spec, _kernel_for(spec, kernel))
 
 
-def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, Tensor]:
-    """The op's outputs ``(out, lse, seed)`` from its spec and kernel object."""
+def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
+                 dense: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's outputs ``(out, lse, seed)`` from its spec and kernel object. ``dense``: the output contiguous,
+    as the op's fake implementation describes it; else as the kernel made it (SDPA's is laid out like the
+    queries, so that an HF layer's ``transpose(1, 2).reshape`` is a view, not a copy that a training step keeps)."""
     seed = _draw_seed(spec.dropout_p)
     with _without_autocast(q.device.type):
         out, lse = kernel.forward(q, k, v, spec, seed)
@@ -131,7 +134,7 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -
     seed_tensor = q.new_zeros((1,), dtype=torch.int64)
     if seed:
         seed_tensor.fill_(seed)
-    return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
+    return (_dense(out, q.dtype) if dense else out.to(q.dtype)), _dense(lse, _lse_dtype(q)), seed_tensor
 
 
 #: ``attnopt::attention``: the body above as an opaque op that autograd, tracers and exporters see
@@ -338,7 +341,7 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, spec: AttentionSpec, kernel, *inputs):
         """``inputs``: the op's; ``spec``: the one ``spec_from_args`` makes of them (the site's call plan's),
         ``kernel``: the kernel object."""
-        output = _run_forward(*inputs[:3], spec, kernel)
+        output = _run_forward(*inputs[:3], spec, kernel, dense=False)  # traced by nothing: no fake to match
         _setup_context(ctx, inputs, output)
         ctx.spec, ctx.kernel = spec, kernel
         ctx.mark_non_differentiable(output[1], output[2])

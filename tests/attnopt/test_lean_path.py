@@ -483,3 +483,24 @@ def test_cuda_inference_gives_the_op_output(kernel, fill):
             lean = SiteCall(kernel, *static, fill)(*tensors, 0.0)[0]
             op = torch.ops.attnopt.attention(*tensors, *static, 0.0, fill, kernel)[0]
         torch.testing.assert_close(lean, op, atol=0, rtol=0, equal_nan=True)
+
+
+def test_training_call_keeps_the_kernels_output_layout():
+    """HF's layer reads the output as ``transpose(1, 2).reshape(B, N, H * D)``. SDPA's output is laid out like
+    the queries, so that is a view; a training call hands it on as the kernel made it (the op, whose fake
+    describes a contiguous output, makes it contiguous, and the reshape then copies what a step keeps)."""
+    g = torch.Generator().manual_seed(0)
+    b, n, hq, hkv, d = 2, 16, 4, 2, 8
+    q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for h in (hq, hkv, hkv))
+    static = (d ** -0.5, True, "top_left", None, None, None)
+    out = SiteCall("sdpa_cpu", *static, "-inf")(q, k, v, *NO_TERMS, 0.0)[0]
+    assert type(out.grad_fn).__name__.startswith("_EagerAttention")
+    merged = out.transpose(1, 2).reshape(b, n, hq * d)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None  # a view, no copy
+    op = torch.ops.attnopt.attention.default(q, k, v, *NO_TERMS, *static, 0.0, "-inf", "sdpa_cpu")[0]
+    assert op.is_contiguous()
+    torch.testing.assert_close(out, op, atol=0, rtol=0)
+    grads = torch.autograd.grad(merged.square().sum(), (q, k, v))
+    want = torch.autograd.grad(op.transpose(1, 2).reshape(b, n, hq * d).square().sum(), (q, k, v))
+    for x, w in zip(grads, want):
+        torch.testing.assert_close(x, w, atol=1e-6, rtol=1e-6)
