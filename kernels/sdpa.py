@@ -463,7 +463,8 @@ class SDPAKernel(Kernel):
             # ATen's own backward from the forward's output and log-sum-exp (SDPA's, on every row a key is
             # visible in): no second forward
             return self._cpu_backward(grad_out, q, k, v, out, lse, spec)
-        if self._saves_lse(spec):
+        if self._saves_lse(spec) and not torch.are_deterministic_algorithms_enabled():
+            # under torch.use_deterministic_algorithms the public call below decides, as SDPA's checks do
             return self._aten_backward(grad_out, q, k, v, out, lse, spec)
         # cuDNN's backward (H200, torch 2.11) gave wrong gradients when the output's gradient came in other
         # strides than the output (a contiguous gradient for HF's transposed output: a Llama training step
