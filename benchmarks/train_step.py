@@ -139,14 +139,15 @@ def out_of_memory(error: BaseException) -> bool:
 
 
 def run_peer(name: str, workloads: list[Workload], weights: dict, reference: dict, args, config: dict,
-             dtype: torch.dtype) -> dict:
-    """Correctness, then timing, of one peer on every workload: workload -> cell."""
-    cells = {}
+             dtype: torch.dtype, cells: dict, measured=lambda: None) -> dict:
+    """Correctness, then timing, of one peer on every workload: fills ``cells`` (workload -> cell), calling
+    ``measured()`` after each."""
     try:
         run, model = make_peer(name, weights, config, args.device, dtype)
     except (ValueError, ImportError) as error:  # an attention implementation this install lacks
         print(f"{name}: not available ({error})", flush=True)
-        return {w: {"error": "n/a"} for w in workloads}
+        cells.update({w: {"error": "n/a"} for w in workloads})
+        return cells
     names = [n.format(last=config["num_hidden_layers"] - 1) for n in CHECKED]
     sites: dict = {}  # (length, packed) -> attnopt's sites of the graph that shape captured
     for workload in workloads:
@@ -169,6 +170,7 @@ def run_peer(name: str, workloads: list[Workload], weights: dict, reference: dic
             sites[key] = [s for s in attnopt.report_of(run).sites if s.graph not in known] or sites.get(key, [])
             cell["sites"] = sorted({f"{s.found}: {s.kernel or 'left alone'}" for s in sites[key]})
         cells[workload] = cell
+        measured()
         print(f"{name}, {workload.name}: " + ", ".join(f"{k}={v}" for k, v in cell.items()), flush=True)
         if args.device == "cuda":
             torch.cuda.empty_cache()
@@ -183,7 +185,7 @@ def table(workloads: list[Workload], peers: list[str], results: dict) -> list[st
              "| grad diff vs SDPA | attnopt sites |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for workload in workloads:
-        cells = {p: results[p][workload] for p in peers}
+        cells = {p: results[p][workload] for p in peers if workload in results[p]}  # a run cut short: what it has
         times = {p: c["ms"] for p, c in cells.items() if "ms" in c}
         others = {p: t for p, t in times.items() if not p.startswith("attnopt") and p != "eager"}
         best = min(others, key=others.get) if others else None
@@ -235,15 +237,20 @@ def main() -> None:
     results = {}
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     model = "tiny two-layer Llama, float32" if args.tiny else "Llama-style, 8 layers, d 2048, 16/4 heads, MLP 5632, bf16"
+    def lines() -> list[str]:
+        return [f"{device}, torch {torch.__version__}; {model}; batch 1; forward + backward + AdamW step, median "
+                f"of {args.repeat} after 2 warm-up steps. Peak MiB: above weights, gradients and AdamW state.", "",
+                *table(workloads, list(results), results)]
+
+    def measured() -> None:
+        if args.out:  # after every cell: a run cut short keeps what it measured
+            args.out.write_text("\n".join(lines()) + "\n")
+
     for peer in peers:
         torch._dynamo.reset()  # each peer compiles its own graphs, within dynamo's recompile limit
-        results[peer] = run_peer(peer, workloads, weights, reference, args, config, dtype)
-        lines = [f"{device}, torch {torch.__version__}; {model}; batch 1; forward + backward + AdamW step, median "
-                 f"of {args.repeat} after 2 warm-up steps. Peak MiB: above weights, gradients and AdamW state.", "",
-                 *table(workloads, list(results), results)]
-        if args.out:  # after every peer: a run cut short keeps what it measured
-            args.out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines), flush=True)
+        results[peer] = {}
+        run_peer(peer, workloads, weights, reference, args, config, dtype, results[peer], measured)
+    print("\n".join(lines()), flush=True)
 
 
 if __name__ == "__main__":
