@@ -25,9 +25,9 @@ def test_a_changed_dropout_probability_reaches_the_op(monkeypatch):
     seen = []
     run_forward = attnopt.ops._run_forward
 
-    def recording(q, k, v, spec, kernel):  # what the kernel is handed, through the op or a site's training call
+    def recording(q, k, v, spec, kernel, **options):  # what the kernel is handed, through the op or a site's training call
         seen.append(spec.dropout_p)
-        return run_forward(q, k, v, spec, kernel)
+        return run_forward(q, k, v, spec, kernel, **options)
 
     monkeypatch.setattr(attnopt.ops, "_run_forward", recording)
     torch.manual_seed(0)
