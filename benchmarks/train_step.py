@@ -2,7 +2,7 @@
 
     python benchmarks/train_step.py [--causal 4096 16384] [--packed 16384] [--documents 4 16 64]
                                     [--peers eager sdpa sdpa_compile flex attnopt attnopt_compile]
-                                    [--repeat 3] [--device cuda|cpu] [--tiny] [--out FILE]
+                                    [--repeat 3] [--device cuda|cpu] [--tiny] [--out FILE] [--stacks-every S]
 
 One training step is forward, backward and an AdamW step of a Llama-style ``LlamaForCausalLM``
 (8 layers, d_model 2048, 16 query / 4 kv heads, MLP 5632, vocabulary 32000; random weights, bf16 on
@@ -22,7 +22,8 @@ model under ``torch.compile``), ``attnopt`` (the eager model after ``attnopt.opt
 Correctness first: for each workload every peer computes the loss and the gradients of a few weights
 from the initial weights, compared with SDPA's before any timing (loss difference, largest gradient
 difference relative to SDPA's largest gradient). Then the median step time over ``--repeat`` steps after
-two warm-up steps (compiled peers compile there), tokens per second, and the peak memory a step
+two warm-up steps (compiled peers compile there), tokens per second, the first call's seconds (the
+correctness call: capture, planning and compiling for attnopt and the compiled peers), and the peak memory a step
 allocates above what persists between steps (weights, gradients, AdamW state; CUDA only). A cell that
 runs out of memory says so. ``--device cpu --tiny`` runs a two-layer model on short rows end to end
 (a check of the script, not a measurement).
@@ -31,6 +32,8 @@ runs out of memory says so. ``--device cpu --tiny`` runs a two-layer model on sh
 from __future__ import annotations
 
 import argparse
+import faulthandler
+import logging
 import pathlib
 import statistics
 import time
@@ -155,7 +158,9 @@ def run_peer(name: str, workloads: list[Workload], weights: dict, reference: dic
         cell: dict = {}
         try:
             model.load_state_dict(weights)  # every peer starts each workload from the same weights
+            start = time.perf_counter()
             loss, grads = loss_and_grads(run, model, inputs, names)
+            cell["first_s"] = time.perf_counter() - start  # capture, planning and compiling, for the compiled
             ref_loss, ref_grads = reference[workload]
             cell["loss_diff"] = abs(loss - ref_loss)
             cell["grad_diff"] = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
@@ -182,8 +187,8 @@ def run_peer(name: str, workloads: list[Workload], weights: dict, reference: dic
 def table(workloads: list[Workload], peers: list[str], results: dict) -> list[str]:
     """One row per workload and peer; ratios are the other's time over the peer's (above 1: faster)."""
     lines = ["| workload | peer | ms / step | tokens/s | peak MiB | vs SDPA | vs best peer | loss diff vs SDPA "
-             "| grad diff vs SDPA | attnopt sites |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| grad diff vs SDPA | first call s | attnopt sites |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for workload in workloads:
         cells = {p: results[p][workload] for p in peers if workload in results[p]}  # a run cut short: what it has
         times = {p: c["ms"] for p, c in cells.items() if "ms" in c}
@@ -191,7 +196,7 @@ def table(workloads: list[Workload], peers: list[str], results: dict) -> list[st
         best = min(others, key=others.get) if others else None
         for peer, cell in cells.items():
             if "ms" not in cell:
-                lines.append(f"| {workload.name} | {peer} | {cell['error']} | | | | | | | |")
+                lines.append(f"| {workload.name} | {peer} | {cell['error']} | | | | | | | | |")
                 continue
             ms = cell["ms"]
             peak = "-" if cell["peak"] is None else f"{cell['peak'] / 2**20:.0f}"
@@ -201,7 +206,8 @@ def table(workloads: list[Workload], peers: list[str], results: dict) -> list[st
             if cell.get("grad_diff", 0.0) > WRONG_GRAD:
                 diffs[1] = f"**{diffs[1]} (wrong)**"
             lines.append(f"| {workload.name} | {peer} | {ms:.1f} | {workload.n / ms * 1e3:,.0f} | {peak} | {vs_sdpa} "
-                         f"| {vs_best} | {diffs[0]} | {diffs[1]} | {'; '.join(cell.get('sites', []))} |")
+                         f"| {vs_best} | {diffs[0]} | {diffs[1]} | {cell.get('first_s', 0.0):.1f} "
+                         f"| {'; '.join(cell.get('sites', []))} |")
     return lines
 
 
@@ -215,7 +221,13 @@ def main() -> None:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model on short rows (checks the script)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--stacks-every", type=float, default=None, metavar="S",
+                        help="print every thread's Python stack on stderr each S seconds (where a long call waits)")
     args = parser.parse_args()
+    if args.stacks_every:
+        faulthandler.dump_traceback_later(args.stacks_every, repeat=True)
+    logging.basicConfig(format="%(asctime)s %(message)s")
+    logging.getLogger("attnopt").setLevel(logging.INFO)  # each timing's warm-up as it starts: where a first call waits
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda needs a GPU; use --device cpu --tiny to check the script")
     config = TINY if args.tiny else FULL

@@ -33,7 +33,8 @@ CPU, where nothing compiles, the warm-up runs a small shape. CUDA has no budget:
 its warm-up at the real shape compiles and autotunes. A CPU timing whose rounds spread widely
 (``NOISY_SPREAD``: the machine was busy) is used but marked in its file, and the next process that needs
 it measures it again, so one busy moment does not decide a shape for good. Timings longer than
-``PROGRESS_AFTER_S`` print a plain progress line on stderr.
+``PROGRESS_AFTER_S`` print a plain progress line on stderr; in a log, a warm-up of ``SLOW_WARMUP_S`` or more
+(a compile) gets a line of its own, and the ``attnopt`` logger at INFO names each warm-up as it starts.
 """
 
 from __future__ import annotations
@@ -63,6 +64,8 @@ FORMAT = 2
 #: timed runs per candidate after one warm-up (fewer when the budget runs out)
 REPEATS = 5
 PROGRESS_AFTER_S = 0.5
+#: a candidate's warm-up this long is named on its own line in a log (where the progress line is written once)
+SLOW_WARMUP_S = 5.0
 #: the candidate name of "keep the site as it was"
 ORIGINAL = "original"
 #: seconds of timing per site family, and per plan (all families), by device type; None: no limit
@@ -415,11 +418,14 @@ def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.
     last: dict[str, float] = {}
     for name, once in (warmups if warmups is not None else runs).items():
         if warmups is not None or time.perf_counter() < deadline:
+            log.info("attnopt: timing %s: %s warm-up", progress.label if progress else "", name)
             _sync(device)
             start = time.perf_counter()
             once()
             _sync(device)
             last[name] = time.perf_counter() - start
+            if progress is not None:
+                progress.warmed(name, last[name])
         if progress is not None:
             progress.step(f"{name} (warm-up)")
     times: dict[str, list[float]] = {name: [] for name in last}
@@ -459,6 +465,12 @@ class Progress:
     def __init__(self, total: int, label: str):
         self.total, self.label, self.start, self.done, self.shown = total, label, time.perf_counter(), 0, False
         self.live = sys.stderr.isatty()
+
+    def warmed(self, name: str, seconds: float) -> None:
+        """In a log, a warm-up that took ``SLOW_WARMUP_S`` or more (a compile, an autotune) gets a line of its own."""
+        if not self.live and seconds >= SLOW_WARMUP_S:
+            sys.stderr.write(f"attnopt timing {self.label}: {name} warmed up in {seconds:.1f} s (compiling)\n")
+            sys.stderr.flush()
 
     def step(self, what: str) -> None:
         self.done = min(self.total, self.done + 1)

@@ -156,6 +156,16 @@ def test_progress_line_on_stderr(tmp_path, monkeypatch, capsys):
     assert "attnopt timing causal 1x2x32x32" in err and err.endswith("\n")
 
 
+def test_a_slow_warm_up_is_named_in_a_log(tmp_path, monkeypatch, capsys, caplog):
+    monkeypatch.setattr(tuning, "SLOW_WARMUP_S", 0.0)
+    with caplog.at_level("INFO", logger="attnopt"):
+        tuning.measured_seconds(_spec(32), ["reference", "sdpa_cpu"], tuning.TuningCache(tmp_path), label="lbl")
+    err = capsys.readouterr().err  # pytest's capture is not a terminal: the log form
+    assert "attnopt timing lbl: reference warmed up in" in err and "attnopt timing lbl: sdpa_cpu warmed up in" in err
+    started = [r.getMessage() for r in caplog.records if "warm-up" in r.getMessage()]
+    assert sorted(started) == ["attnopt: timing lbl: reference warm-up", "attnopt: timing lbl: sdpa_cpu warm-up"]
+
+
 @pytest.mark.gpu
 def test_tuning_measures_on_gpu(tmp_path, capsys):
     q = torch.randn(1, 8, 4096, 64, device="cuda", dtype=torch.bfloat16)
