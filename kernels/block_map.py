@@ -22,14 +22,13 @@ map (rows = key tiles).
 
 from __future__ import annotations
 
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .spec import AttentionSpec, key_padding_keep
+from .term_cache import TermCache
 
 EMPTY, PARTIAL, FULL = 0, 1, 2
 #: tile lists of the last few mask tensors seen (a model's layers share one mask)
@@ -68,31 +67,19 @@ def tile_lists(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool
 
     Building them takes some 50 small torch launches, more host time than the
     kernel itself at moderate sizes. A cache hit needs the very same tensor
-    objects (held by weak reference) at the same version counter, so an
-    in-place change of a mask, or a new mask at a recycled address, rebuilds.
+    objects at the same version counter (``term_cache``), so an in-place change
+    of a mask, or a new mask at a recycled address, rebuilds.
     """
     tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.mask) if t is not None]
-    build = lambda: TileLists.from_state(  # noqa: E731
+    static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset, str(spec.device),
+              block_m, block_n, transposed)
+    return _CACHE.get(tensors, static, lambda: TileLists.from_state(
         tile_state(spec, block_m, block_n).transpose(-1, -2) if transposed else tile_state(spec, block_m, block_n)
-    )
-    try:
-        versions = tuple(t._version for t in tensors)
-    except RuntimeError:  # inference-mode tensors have no version counter: never cache
-        return build()
-    key = (tuple(id(t) for t in tensors), versions, spec.batch, spec.q_heads, spec.q_len, spec.kv_len,
-           spec.band(), spec.diagonal_offset, str(spec.device), block_m, block_n, transposed)
-    hit = _CACHE.get(key)
-    if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
-        _CACHE.move_to_end(key)
-        return hit[1]
-    lists = build()
-    _CACHE[key] = ([weakref.ref(t) for t in tensors], lists)
-    while len(_CACHE) > CACHE_SIZE:
-        _CACHE.popitem(last=False)
-    return lists
+    ))
 
 
-_CACHE: OrderedDict = OrderedDict()
+#: the tile lists are small: a band's alone are kept too
+_CACHE = TermCache(CACHE_SIZE, without_terms=True)
 
 
 def needs_tile_map(spec: AttentionSpec) -> bool:

@@ -42,6 +42,7 @@ from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys
                     output_without_rows_or_keys)
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
+from .term_cache import TermCache
 
 #: bytes per second of materializing / reading a mask, for the cost model
 MASK_BANDWIDTH = {"cpu": 1e10, "cuda": 3e12}
@@ -123,6 +124,12 @@ def mask_workspace_bytes(spec: AttentionSpec) -> int:
     return max(built, band)
 
 
+#: masks up to this size are built once per term tensors (``mask_and_empty_rows``)
+CACHED_MASK_BYTES = 32 << 20
+#: the masks of the last few term tensors: a model's layers share one, a batch of models a few
+_MASKS = TermCache(4, without_terms=False)
+
+
 def sdpa_mask(spec: AttentionSpec) -> torch.Tensor | None:
     """The spec's terms as one additive mask in the query dtype, ``-inf`` where masked."""
     return mask_and_empty_rows(spec)[0]
@@ -132,9 +139,23 @@ def mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch
     """SDPA's additive mask and the rows the boolean terms leave no key in (``[b or 1, h or 1, Nq, 1]``,
     None when the terms prove there are none). Those rows are left open in the mask: SDPA then computes
     finite values there, which the kernel replaces, instead of a backend-dependent 0 or NaN that would
-    reach the backward."""
+    reach the backward.
+
+    Built once per term tensors (``term_cache``): the layers of a forward share their padding or document
+    tensor, and a backward that recomputes finds its forward's mask. Masks above ``CACHED_MASK_BYTES`` are
+    built per call: kept across layers they would raise the peak, where their building is small beside
+    the attention they feed. The result is shared: callers never change it in place."""
     if not needs_mask(spec):
         return None, None
+    if mask_bytes(spec) > CACHED_MASK_BYTES:
+        return _mask_and_empty_rows(spec)
+    tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask) if t is not None]
+    static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset, spec.dtype,
+              str(spec.device))
+    return _MASKS.get(tensors, static, lambda: _mask_and_empty_rows(spec))
+
+
+def _mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     keep, additive = spec.materialize()
     mask = torch.zeros((), dtype=spec.dtype, device=spec.device)
     for term in additive:

@@ -1,0 +1,71 @@
+"""What a call builds from its term tensors (key padding, documents, masks), kept while those tensors live.
+
+The layers of a forward share one padding or document tensor, so what is built
+from it (a tile map, SDPA's additive mask) can be built once per forward rather
+than once per layer. A hit needs the very same tensor objects at the same
+version counters, so an in-place change of a term, or a new tensor at a
+recycled address, rebuilds. An entry is dropped as soon as one of its tensors
+is freed: it never outlives the forward (and backward) that made it.
+
+Nothing is kept for tensors without a version counter (inference mode, where an
+in-place change would go unseen), for tensors that require grad (the result
+would carry one graph's autograd history into another), or while torch.compile
+traces (the tensors are then fakes of the real ones).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import OrderedDict
+from typing import Callable, Hashable, Sequence, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+class TermCache:
+    """At most ``size`` results, keyed by term tensors (by identity and version) and a hashable ``static`` part.
+
+    ``without_terms``: whether a result built from no tensor at all (a band alone) is kept too; such an
+    entry has nothing to release it, so only small results should be.
+    """
+
+    def __init__(self, size: int, *, without_terms: bool):
+        self.size, self.without_terms = size, without_terms
+        self._entries: OrderedDict = OrderedDict()
+
+    def get(self, tensors: Sequence[torch.Tensor], static: Hashable, build: Callable[[], T]) -> T:
+        """``build()``, or what it gave for these tensors and ``static`` before."""
+        key = self._key(tensors, static)
+        if key is None:
+            return build()
+        hit = self._entries.get(key)
+        if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+            self._entries.move_to_end(key)
+            return hit[1]
+        value = build()
+        entries = self._entries
+        # each tensor's death drops the entry (its id may then be reused by an unrelated tensor)
+        refs = [weakref.ref(t, lambda _, key=key: entries.pop(key, None)) for t in tensors]
+        entries[key] = (refs, value)
+        while len(entries) > self.size:
+            entries.popitem(last=False)
+        return value
+
+    def _key(self, tensors: Sequence[torch.Tensor], static: Hashable):
+        if not tensors and not self.without_terms:
+            return None
+        if torch.compiler.is_compiling() or any(t.requires_grad for t in tensors):
+            return None
+        try:
+            versions = tuple(t._version for t in tensors)
+        except RuntimeError:  # inference-mode tensors have no version counter
+            return None
+        return tuple(id(t) for t in tensors), versions, static
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def clear(self) -> None:
+        self._entries.clear()

@@ -1,0 +1,131 @@
+"""What is built from a call's term tensors is built once per tensor, rebuilt when it changes, freed with it."""
+
+import gc
+import warnings
+
+import pytest
+import torch
+
+import attnopt
+from attnopt.kernels import AttentionSpec, get, sdpa
+from attnopt.kernels.naive import naive_attention
+from attnopt.kernels.spec import Fill
+from attnopt.kernels.term_cache import TermCache
+
+transformers = pytest.importorskip("transformers")
+
+
+def _qkv(n=16, b=2):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(b, 2, n, 8, generator=g) for _ in range(3)]
+
+
+def _padded(n=16):
+    keep = torch.ones(2, n, dtype=torch.bool)
+    keep[1, : n // 2] = False  # left padding
+    return keep
+
+
+@pytest.fixture
+def builds(monkeypatch):
+    """The number of masks ``sdpa`` materializes."""
+    count = []
+    build = sdpa._mask_and_empty_rows
+    monkeypatch.setattr(sdpa, "_mask_and_empty_rows", lambda spec: count.append(1) or build(spec))
+    sdpa._MASKS.clear()
+    yield count
+    sdpa._MASKS.clear()
+
+
+def test_layers_sharing_a_padding_tensor_build_one_mask(builds):
+    q, k, v = _qkv()
+    keep = _padded()
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=Fill.SAFE)
+    kernel = get("sdpa_cpu")
+    first = kernel.forward(q, k, v, spec, 0)[0]
+    for _ in range(3):  # three more "layers" of the same forward
+        torch.testing.assert_close(kernel.forward(q, k, v, spec.with_(), 0)[0], first)
+    assert len(builds) == 1
+    torch.testing.assert_close(first.double(), naive_attention(q, k, v, spec), atol=1e-5, rtol=1e-5)
+
+
+def test_an_in_place_change_of_the_padding_rebuilds_the_mask(builds):
+    q, k, v = _qkv()
+    keep = _padded()
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=Fill.SAFE)
+    kernel = get("sdpa_cpu")
+    before = kernel.forward(q, k, v, spec, 0)[0]
+    keep[0, :3] = False  # the same tensor object, new contents
+    after = kernel.forward(q, k, v, spec, 0)[0]
+    assert len(builds) == 2
+    torch.testing.assert_close(after.double(), naive_attention(q, k, v, spec), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(before, after)
+
+
+def test_the_mask_is_freed_with_its_padding_tensor(builds):
+    q, k, v = _qkv()
+    keep = _padded()
+    mask, _ = sdpa.mask_and_empty_rows(AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep))
+    assert len(sdpa._MASKS) == 1
+    alive = torch.utils.weak.WeakTensorKeyDictionary()
+    alive[mask] = True
+    del keep, mask
+    gc.collect()
+    assert len(sdpa._MASKS) == 0 and len(alive) == 0
+
+
+@pytest.mark.parametrize("case", ["requires_grad", "inference_mode", "too_big", "band_only"])
+def test_masks_not_kept(case, builds, monkeypatch):
+    q, k, v = _qkv()
+    terms = {"causal": True, "key_padding": _padded()}
+    if case == "requires_grad":
+        terms = {"bias": torch.randn(1, 2, 16, 16, requires_grad=True)}
+    elif case == "too_big":
+        monkeypatch.setattr(sdpa, "CACHED_MASK_BYTES", 16)
+    elif case == "band_only":  # nothing to free a kept mask with: a band's mask is built per call
+        terms = {"causal": True, "window": attnopt.kernels.Window(4, 0)}
+    if case == "inference_mode":
+        with torch.inference_mode():
+            terms["key_padding"] = _padded()
+            q, k, v = _qkv()
+            spec = AttentionSpec.from_tensors(q, k, v, **terms)
+            first, second = sdpa.mask_and_empty_rows(spec)[0], sdpa.mask_and_empty_rows(spec)[0]
+    else:
+        spec = AttentionSpec.from_tensors(q, k, v, **terms)
+        first, second = sdpa.mask_and_empty_rows(spec)[0], sdpa.mask_and_empty_rows(spec)[0]
+    assert first is not second and len(builds) == 2 and len(sdpa._MASKS) == 0
+    torch.testing.assert_close(first, second)
+
+
+def test_a_recycled_address_is_not_a_hit():
+    cache = TermCache(4, without_terms=False)
+    for value in range(5):  # each tensor dies before the next is made, often at the same address
+        term = torch.full((3,), value)
+        assert cache.get([term], "s", term.clone).tolist() == [value] * 3
+        del term
+    assert len(cache) == 0
+
+
+def test_a_padded_hf_model_builds_one_mask_per_forward(builds):
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                      attn_implementation="eager")
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.LlamaModel(config).eval()
+    ids = torch.randint(0, 100, (2, 24))
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :6] = 0
+    with torch.no_grad():
+        want = model(input_ids=ids, attention_mask=mask).last_hidden_state
+        optimized = attnopt.optimize(model, kernel="sdpa_cpu")
+        optimized(input_ids=ids, attention_mask=mask)  # capture and rewrite
+        assert len(attnopt.report_of(optimized).replaced) == 4
+        builds.clear()
+        for _ in range(2):
+            got = optimized(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert len(builds) == 2  # one per forward, for its four layers
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep[:, :, None].expand_as(got)], want[keep[:, :, None].expand_as(want)],
+                               atol=1e-5, rtol=1e-5)
