@@ -37,10 +37,15 @@ def builds(monkeypatch):
     sdpa._MASKS.clear()
 
 
-def test_layers_sharing_a_padding_tensor_build_one_mask(builds):
+def _padded_call():
+    """(q, k, v, the padding tensor, the spec) of a causal call with a left-padded batch row."""
     q, k, v = _qkv()
     keep = _padded()
-    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=Fill.SAFE)
+    return q, k, v, keep, AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=Fill.SAFE)
+
+
+def test_layers_sharing_a_padding_tensor_build_one_mask(builds):
+    q, k, v, _, spec = _padded_call()
     kernel = get("sdpa_cpu")
     first = kernel.forward(q, k, v, spec, 0)[0]
     for _ in range(3):  # three more "layers" of the same forward
@@ -50,9 +55,7 @@ def test_layers_sharing_a_padding_tensor_build_one_mask(builds):
 
 
 def test_an_in_place_change_of_the_padding_rebuilds_the_mask(builds):
-    q, k, v = _qkv()
-    keep = _padded()
-    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=Fill.SAFE)
+    q, k, v, keep, spec = _padded_call()
     kernel = get("sdpa_cpu")
     before = kernel.forward(q, k, v, spec, 0)[0]
     keep[0, :3] = False  # the same tensor object, new contents
