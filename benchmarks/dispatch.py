@@ -12,6 +12,10 @@ host), the time per call is host time. Columns, per kernel:
 * ``op``: ``torch.ops.attnopt.attention``, what a training step or a compiled graph runs;
 * ``site - direct``: the host work attnopt adds per inference call (target: at most 15 us).
 
+On CUDA, ``triton_flash`` is timed twice: through Triton's own launch, and as ``triton_flash (bound
+launch)`` with the compiled kernel's launcher bound once per call signature (``kernels/launch.py``,
+``ATTNOPT_BOUND_LAUNCH=1``).
+
 A second table times one training call, forward and backward (the output's gradient given, no
 optimizer): ``direct`` is SDPA under autograd with the backend selected (SDPA kernels) or
 ``kernel.forward`` then ``kernel.backward`` on a prebuilt spec (the others); ``site`` the site's call
@@ -34,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from attnopt.kernels import registry
+from attnopt.kernels import launch, registry
 from attnopt.ops import SiteCall, spec_from_args
 
 #: SDPA kernels and the backend their direct call pins (None: whatever SDPA picks on the CPU)
@@ -44,6 +48,8 @@ SDPA_BACKENDS = {
     "sdpa_flash": SDPBackend.FLASH_ATTENTION,
     "sdpa_efficient": SDPBackend.EFFICIENT_ATTENTION,
 }
+#: the bound launch's setting as this process started (``ATTNOPT_BOUND_LAUNCH``), restored after the rows
+BOUND_DEFAULT = launch.BOUND
 KERNELS = {"cuda": ("sdpa_cudnn", "sdpa_flash", "sdpa_efficient", "triton_flash", "triton_decode", "flex"),
            "cpu": ("sdpa_cpu", "reference")}
 
@@ -136,9 +142,10 @@ def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: i
         q, k, v, _, static = case_inputs(case, device, dtype)
         tensors = (q, k, v, None, None, None, None, None)
         spec = spec_from_args(*tensors, *static, 0.0, "-inf")
-        for name in KERNELS[device.type]:
+        for name, bound in variants(device):
             if registry.get(name).not_supported_reasons(spec):
                 continue
+            launch.BOUND = bound
             site = SiteCall(name, *static, "-inf")  # as the rewrite makes it
             direct, backend = direct_call(name, q, k, v, spec)
             calls_of = {
@@ -153,8 +160,17 @@ def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: i
             with torch.no_grad():
                 us = per_call_us(calls_of, device, calls, repeats, contexts)
             direct_us = us.get("direct", float("nan"))
-            table.append((case.name, name, direct_us, us["site"], us["op"], us["site"] - direct_us))
+            label = f"{name} (bound launch)" if bound else name
+            table.append((case.name, label, direct_us, us["site"], us["op"], us["site"] - direct_us))
+    launch.BOUND = BOUND_DEFAULT
     return table
+
+
+def variants(device: torch.device) -> list[tuple[str, bool]]:
+    """(kernel, bound launch) pairs: ``triton_flash`` twice on CUDA, through Triton's launch and bound
+    (``kernels/launch.py``)."""
+    return [(name, bound) for name in KERNELS[device.type]
+            for bound in ((False, True) if name == "triton_flash" else (False,))]
 
 
 def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5) -> list[tuple]:

@@ -25,6 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import get
 from attnopt.kernels import triton_flash as tf
+from attnopt.kernels.launch import forget as forget_tuning
 from attnopt.kernels.spec import AttentionSpec
 
 #: (head dim, length, causal, q heads, kv heads)
@@ -73,7 +74,7 @@ def main() -> None:
         ms, err = {}, {}
         for name, fwd in versions.items():
             tf._attn_fwd = fwd
-            tf._TUNED.clear()
+            forget_tuning()
             try:
                 err[name] = (kernel.forward(q, k, v, spec, 0)[0].float() - ref.float()).abs().max().item()
                 ms[name] = bench(lambda: kernel.forward(q, k, v, spec, 0))

@@ -20,7 +20,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from attnopt.kernels import get
-from attnopt.kernels import triton_flash as tf
+from attnopt.kernels.launch import forget as forget_tuning
 from attnopt.kernels.spec import AttentionSpec
 from attnopt.kernels.triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq
 from attnopt.kernels.triton_flash_fwd import _attn_fwd
@@ -37,7 +37,7 @@ def only(autotuned, shape):
     bm, bn, w, s = shape
     autotuned.configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)]
     autotuned.cache.clear()
-    tf._TUNED.clear()
+    forget_tuning()
 
 
 def bench(fn) -> float:
@@ -81,7 +81,7 @@ def main() -> None:
             print(lines[-1], flush=True)
         _attn_fwd.configs = saved[_attn_fwd]
         _attn_fwd.cache.clear()
-        tf._TUNED.clear()
+        forget_tuning()
         out, lse = kernel.forward(q, k, v, spec, 0)
         for name, autotuned, shapes, det in (("dk/dv + atomic dQ", _attn_bwd_dkdv, DKDV, False),
                                              ("dQ (deterministic)", _attn_bwd_dq, DQ, True)):
@@ -98,7 +98,7 @@ def main() -> None:
                 print(lines[-1], flush=True)
             autotuned.configs = saved[autotuned]
             autotuned.cache.clear()
-            tf._TUNED.clear()
+            forget_tuning()
         kernel.atomic_dq = False
         lines.append("")
         if args.out:

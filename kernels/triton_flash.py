@@ -32,6 +32,7 @@ import triton
 from . import registry
 from .fills import empty_row_grads, fill_empty_rows
 from .block_map import TileLists, needs_tile_map, tile_lists
+from .launch import launch as _launch
 from .registry import Grads, Kernel, register
 from .spec import AttentionSpec, Fill
 from .triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
@@ -70,29 +71,6 @@ def _strides4(t: torch.Tensor) -> list[int]:
 def _additive_mode(term: torch.Tensor, dtype: torch.dtype) -> int:
     """1: added in float32; 2: added in the half dtype, as eager adds a half term to half scores."""
     return 2 if dtype in (torch.float16, torch.bfloat16) and term.dtype == dtype else 1
-
-
-#: (kernel, its tuning key, argument dtypes) -> the configuration its autotuner chose
-_TUNED: dict = {}
-
-
-def _launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel, with the autotuner's choice remembered.
-
-    After the first call of a key the configuration is passed straight to the compiled function: the
-    autotuner's own per-call bookkeeping (a dict over every argument, each name looked up in a list)
-    costs tens of microseconds of host time per launch, more than a decode step's kernel.
-    """
-    # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs' matters
-    # (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
-    key = (kernel, tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
-    config = _TUNED.get(key)
-    if config is None:
-        kernel[grid](*args, **kwargs)
-        _TUNED[key] = kernel.best_config.all_kwargs()
-    else:
-        kwargs.update(config)
-        kernel.fn.run(*args, grid=grid, warmup=False, **kwargs)
 
 
 def tune_bucket(n: int) -> int:

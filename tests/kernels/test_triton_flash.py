@@ -353,3 +353,40 @@ def test_autotuners_key_on_length_buckets():
         128, 128, 128, 128, 256, 1024, 1024, 2048, 32768]
     for kernel in (_attn_fwd, _attn_bwd_dkdv, _attn_bwd_dq):
         assert "Nq" not in kernel.keys and "Nk" not in kernel.keys and {"NQ_TUNE", "NK_TUNE"} <= set(kernel.keys)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_bound_launch_gives_tritons_results(monkeypatch):
+    """``launch.BOUND``: every call after a signature's first goes to the compiled kernel's launcher directly.
+    Forward and backward, bitwise the results of Triton's own launch path, across new specializations:
+    lengths (16 divides or not, 1), a misaligned query tensor, dtypes, mask terms, GQA; and the bindings
+    were made (the launch convention of this Triton was recognized, not refused)."""
+    from attnopt.kernels import launch
+
+    kernel = attnopt.kernels.get("triton_flash")
+    cases = [((2, 8, 2, 256, 256), torch.bfloat16, "causal"), ((2, 8, 2, 255, 257), torch.bfloat16, "causal"),
+             ((1, 4, 4, 1, 300), torch.float16, "none"), ((2, 8, 2, 128, 128), torch.float16, "map_terms")]
+    monkeypatch.setitem(TERMS, "map_terms", MAP_TERMS["map_terms"])
+
+    def run(q, k, v, spec):
+        out, lse = kernel.forward(q, k, v, spec, 0)
+        grads = kernel.backward(torch.ones_like(out), q, k, v, out, lse, spec.with_(requires_grad=True), 0, False,
+                                False)
+        return [out, lse, *grads[:3]]
+
+    for misaligned in (False, True):
+        for layout, dtype, term in cases:
+            q, k, v, spec = make_inputs(layout, 64, dtype, term, seed=3, device="cuda")
+            if misaligned:  # the same values 2 elements past a 16-byte boundary
+                q = torch.empty(q.numel() + 2, dtype=dtype, device="cuda")[2:].view(q.shape).copy_(q)
+                assert q.data_ptr() % 16 != 0
+            launch.forget()
+            monkeypatch.setattr(launch, "BOUND", False)
+            want = [run(q, k, v, spec) for _ in range(2)][-1]
+            monkeypatch.setattr(launch, "BOUND", True)
+            got = [run(q, k, v, spec) for _ in range(3)][-1]  # bind (Triton's path, watched), then bound
+            assert not launch._UNBINDABLE, "Triton's launch convention was not recognized"
+            assert launch._BOUND, "nothing was bound"
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)

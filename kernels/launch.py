@@ -1,0 +1,207 @@
+"""Launching an autotuned Triton kernel with little host time: the tuned configuration remembered, and
+(when ``BOUND`` is on) the compiled kernel called through its launcher, bound once per call signature.
+
+``kernel[grid](*args)`` spends tens of microseconds of host time before the GPU sees anything: the
+autotuner's bookkeeping, then Triton's binder, which specializes each of some 56 arguments again on
+every call. A decode step's kernel takes less GPU time than that.
+
+``launch`` remembers the autotuner's choice per tuning key (after its first call the configuration goes
+straight to the JIT function). With ``BOUND`` it goes further: per *call signature* (each argument's
+type; a tensor's dtype and 16-byte alignment; every other argument's value) it keeps the compiled kernel
+and the order in which Triton hands the arguments to its launcher, and later calls of that signature
+call the launcher directly. The signature is finer than Triton's own specialization (which keys integers
+by divisibility by 16 and equality to 1, not by value, and floats not at all), so a bound kernel is always
+the one Triton would have picked; a length seen for the first time goes through Triton's path once.
+
+How Triton passes arguments to its launcher differs between versions (all of them, or only the
+non-constexpr ones). It is not guessed: the first call of a signature goes through Triton's own path
+while the launcher is watched, and the arguments it received are compared with the call's, each tensor
+by identity. A kernel whose launch does not match either way, or that runs with Triton's launch hooks
+(profilers) set, keeps Triton's path. Under the interpreter (``TRITON_INTERPRET=1``) nothing compiles
+and nothing is bound.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+from collections import OrderedDict
+
+import torch
+
+log = logging.getLogger("attnopt")
+
+#: call the compiled kernel through its bound launcher (``ATTNOPT_BOUND_LAUNCH=1``); off until measured on
+#: every GPU configuration the tests cover
+BOUND = os.environ.get("ATTNOPT_BOUND_LAUNCH") == "1"
+#: bound call signatures kept (lengths that change every call would otherwise grow it without end)
+SIGNATURES = 256
+
+#: (kernel, its tuning key, argument dtypes) -> the configuration its autotuner chose
+_TUNED: dict = {}
+#: (kernel, call signature) -> _Bound
+_BOUND: OrderedDict = OrderedDict()
+#: JIT functions whose launch could not be bound (why, once in the log)
+_UNBINDABLE: set = set()
+
+
+class _Bound:
+    """A compiled kernel, how its launcher takes the arguments, and the configuration's meta-parameters."""
+
+    __slots__ = ("run", "compiled", "order", "config")
+
+    def __init__(self, run, compiled, order: list[int], config: dict):
+        # the compiled kernel is held: its module stays loaded while the launcher may call its function
+        self.run, self.compiled, self.order, self.config = run, compiled, order, config
+
+
+def launch(kernel, grid, *args, **kwargs) -> None:
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel (``triton.autotune`` around ``triton.jit``)."""
+    # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs' matters
+    # (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
+    key = (kernel, tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
+    config = _TUNED.get(key)
+    if config is None:
+        kernel[grid](*args, **kwargs)
+        _TUNED[key] = kernel.best_config.all_kwargs()
+        return
+    kwargs.update(config)
+    fn = kernel.fn
+    if not BOUND or fn in _UNBINDABLE or _interpreted():
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    names = _params(fn)[0]
+    try:
+        values = [*args, *[kwargs[name] for name in names[len(args):]]]
+    except KeyError as missing:  # a parameter left to its default: Triton's binder fills it in
+        _unbindable(fn, f"parameter {missing} is not passed")
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    driver = _driver()
+    device = driver.get_current_device()  # Triton keeps compiled kernels per device
+    # a tensor's dtype and 16-byte alignment (what Triton specializes a pointer on), anything else as it is
+    signature = (fn, device, tuple(map(type, values)),
+                 *[(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values])
+    bound = _BOUND.get(signature)
+    if bound is None:
+        _bind(fn, grid, args, kwargs, values, signature, config)  # launches through Triton
+        return
+    _BOUND.move_to_end(signature)
+    if _hooks():
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+        return
+    g = grid(bound.config) if callable(grid) else grid
+    compiled = bound.compiled
+    bound.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, driver.get_current_stream(device),
+              compiled.function, compiled.packed_metadata, None, None, None, *[values[i] for i in bound.order])
+
+
+def _bind(fn, grid, args, kwargs, values, signature, config) -> None:
+    """Triton's own launch of this call, with its launcher watched: what it receives decides the binding."""
+    compiled = fn.run(*args, grid=grid, warmup=True, **kwargs)
+    seen: list = []
+    holder, attr = _launcher_slot(compiled)
+    inner = getattr(holder, attr)
+
+    def watch(*launch_args):
+        seen.append(launch_args)
+        return inner(*launch_args)
+
+    setattr(holder, attr, watch)
+    try:
+        fn.run(*args, grid=grid, warmup=False, **kwargs)
+    finally:
+        setattr(holder, attr, inner)
+    why = None
+    if getattr(fn, "pre_run_hooks", None):
+        why = "it has pre-run hooks, which Triton runs on every launch"
+    elif len(seen) != 1:
+        why = f"its launcher was called {len(seen)} times for one launch"
+    else:
+        order = _order(seen[0], values, fn, compiled)
+        if isinstance(order, str):
+            why = order
+        else:
+            _BOUND[signature] = _Bound(inner, compiled, order, config)
+            while len(_BOUND) > SIGNATURES:
+                _BOUND.popitem(last=False)
+    if why is not None:
+        _unbindable(fn, why)
+
+
+def _unbindable(fn, why: str) -> None:
+    _UNBINDABLE.add(fn)
+    log.info("attnopt: %s keeps Triton's launch path: %s", getattr(fn, "__name__", fn), why)
+
+
+def _order(launch_args: tuple, values: list, fn, compiled) -> list[int] | str:
+    """Indices into ``values`` of the arguments Triton handed its launcher after the fixed prefix
+    ``(grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook)``;
+    or why the launch does not fit that form."""
+    prefix = 9
+    if len(launch_args) < prefix or launch_args[4] != compiled.function:
+        return "its launcher's arguments do not start with (grid, stream, function, ...)"
+    if launch_args[7] is not None or launch_args[8] is not None:
+        return "launch hooks are set"
+    tail = launch_args[prefix:]
+    every = list(range(len(values)))
+    runtime = [i for i in every if i not in _params(fn)[1]]
+    for order in (every, runtime):
+        if len(order) == len(tail) and all(_same(tail[j], values[i]) for j, i in enumerate(order)):
+            return order
+    return f"it passed {len(tail)} arguments, neither all {len(every)} nor the {len(runtime)} non-constexpr ones in order"
+
+
+def _same(passed, value) -> bool:
+    if isinstance(value, torch.Tensor) or isinstance(passed, torch.Tensor):
+        return passed is value
+    return type(passed) is type(value) and passed == value
+
+
+def _launcher_slot(compiled) -> tuple[object, str]:
+    """Where the compiled kernel keeps its launcher: ``run`` itself, or the ``_run`` behind a ``run`` property
+    (newer Triton). Reading ``run`` first loads the kernel, as a launch would."""
+    compiled.run  # noqa: B018  (loads the module and makes the launcher)
+    if isinstance(inspect.getattr_static(type(compiled), "run", None), property):
+        return compiled, "_run"
+    return compiled, "run"
+
+
+@functools.cache
+def _params(fn) -> tuple[list[str], frozenset[int]]:
+    """The JIT function's parameter names, in order, and the indices of its constexpr parameters."""
+    return [p.name for p in fn.params], frozenset(i for i, p in enumerate(fn.params) if p.is_constexpr)
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _driver():
+    from triton.runtime import driver
+
+    return driver.active
+
+
+def _hooks() -> bool:
+    """Whether Triton's launch hooks (a profiler's) are set: they then get Triton's own launch path."""
+    import triton
+
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        runtime = knobs.runtime
+        return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+    from triton.compiler import CompiledKernel
+
+    return (getattr(CompiledKernel, "launch_enter_hook", None) is not None
+            or getattr(CompiledKernel, "launch_exit_hook", None) is not None)
+
+
+def forget() -> None:
+    """Drop every remembered configuration and bound launch: the next call of each kernel tunes again (after
+    its autotune configurations were changed)."""
+    _TUNED.clear()
+    _BOUND.clear()
+    _UNBINDABLE.clear()

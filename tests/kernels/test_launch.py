@@ -1,0 +1,198 @@
+"""The bound Triton launch: replays exactly what Triton hands its launcher, rebinds when a call's
+specialization changes, and keeps Triton's path whenever it cannot tell.
+
+Triton's compiled kernels need a GPU; here a stand-in JIT function launches the way Triton does (a
+launcher called with ``(grid x, y, z, stream, function, metadata, launch metadata, hooks, *arguments)``),
+in each of the two conventions Triton versions use. The GPU test runs the real kernels both ways.
+"""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from attnopt.kernels import launch
+
+
+class _Param:
+    def __init__(self, name, is_constexpr):
+        self.name, self.is_constexpr = name, is_constexpr
+
+
+class _Compiled:
+    """A compiled kernel whose launcher sits behind a ``run`` property (newer Triton) or is ``run`` itself."""
+
+    def __init__(self, property_slot: bool, record: list):
+        self.function, self.packed_metadata = object(), object()
+        launcher = lambda *a: record.append(a)  # noqa: E731
+        if property_slot:
+            self._run = launcher
+        else:
+            self.__dict__["run"] = launcher
+
+
+class _PropertyCompiled(_Compiled):
+    @property
+    def run(self):
+        return self._run
+
+
+class _JIT:
+    """Triton's JIT function as far as ``launch`` sees it: params, and run() with the launch convention."""
+
+    PARAMS = [("Q", False), ("Nq", False), ("scale", False), ("flag", False), ("BLOCK_M", True), ("D", True)]
+
+    def __init__(self, all_args: bool, property_slot: bool):
+        self.params = [_Param(n, c) for n, c in self.PARAMS]
+        self.all_args, self.property_slot = all_args, property_slot
+        self.compiled: dict = {}
+        self.launched: list = []  # what the launcher received, from any path
+        self.triton_launches = 0
+
+    def key(self, values):
+        """Triton's specialization: pointers by dtype and alignment, integers by 1 and divisibility by 16."""
+        def special(v):
+            if isinstance(v, torch.Tensor):
+                return v.dtype, v.data_ptr() % 16 == 0
+            return (int, v == 1, v % 16 == 0) if type(v) is int else type(v) if type(v) is float else v
+        return tuple(v if p.is_constexpr else special(v) for p, v in zip(self.params, values))
+
+    def run(self, *args, grid, warmup, **kwargs):
+        values = [*args, *[kwargs[p.name] for p in self.params[len(args):]]]
+        kind = _PropertyCompiled if self.property_slot else _Compiled
+        compiled = self.compiled.setdefault(self.key(values), kind(self.property_slot, self.launched))
+        if warmup:
+            return compiled
+        self.triton_launches += 1
+        g = grid(kwargs) if callable(grid) else grid
+        tail = values if self.all_args else [v for p, v in zip(self.params, values) if not p.is_constexpr]
+        compiled.run(g[0], g[1], 1, 7, compiled.function, compiled.packed_metadata, None, None, None, *tail)
+        return compiled
+
+
+class _Autotuned:
+    keys = ["D"]
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.best_config = SimpleNamespace(all_kwargs=lambda: {"BLOCK_M": 64, "num_warps": 4})
+
+    def __getitem__(self, grid):
+        return lambda *args, **kwargs: self.fn.run(*args, grid=grid, warmup=False, **{**kwargs, "BLOCK_M": 64})
+
+
+@pytest.fixture
+def bound(monkeypatch):
+    monkeypatch.setattr(launch, "BOUND", True)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(launch, "_driver", lambda: SimpleNamespace(get_current_device=lambda: 0,
+                                                                   get_current_stream=lambda device: 7))
+    monkeypatch.setattr(launch, "_hooks", lambda: False)
+    launch.forget()
+    yield
+    launch.forget()
+
+
+def _call(kernel, q, n=64, scale=0.125, flag=True, d=32):
+    launch.launch(kernel, lambda meta: (n // meta["BLOCK_M"], 2), q, n, scale=scale, flag=flag, D=d)
+
+
+@pytest.mark.parametrize("property_slot", [True, False], ids=["run_property", "run_attribute"])
+@pytest.mark.parametrize("all_args", [True, False], ids=["all_arguments", "runtime_arguments"])
+def test_a_bound_call_hands_the_launcher_what_triton_would(bound, all_args, property_slot):
+    fn = _JIT(all_args, property_slot)
+    kernel = _Autotuned(fn)
+    q = torch.zeros(64)
+    _call(kernel, q)  # tunes
+    _call(kernel, q)  # Triton's path, watched: binds
+    assert fn.triton_launches == 2
+    _call(kernel, q)
+    assert fn.triton_launches == 2, "the bound call went through Triton's binder"
+    watched, first = fn.launched[-2:]
+    assert first[:6] == watched[:6] and first[9:] == watched[9:]
+    _call(kernel, q, scale=0.5)  # a new value: Triton's path once more, then bound
+    _call(kernel, q, scale=0.5)
+    assert fn.triton_launches == 3
+    second = fn.launched[-1]
+    assert second[9:] == ((q, 64, 0.5, True, 64, 32) if all_args else (q, 64, 0.5, True))
+    assert second[:4] == (1, 2, 1, 7)  # the grid from the configuration's BLOCK_M, the current stream
+
+
+@pytest.mark.parametrize("change", ["misaligned", "divisibility", "one", "dtype", "constexpr", "bool", "type", "device"])
+def test_a_new_specialization_goes_through_triton_again(bound, change, monkeypatch):
+    fn = _JIT(True, True)
+    kernel = _Autotuned(fn)
+    q = torch.zeros(64)
+    for _ in range(3):
+        _call(kernel, q)
+    assert fn.triton_launches == 2
+    other = dict(q=q, n=64, flag=True, d=32)
+    if change == "misaligned":
+        other["q"] = torch.zeros(65)[1:]  # 4 bytes past a 16-byte boundary
+        assert other["q"].data_ptr() % 16 != 0
+    elif change == "divisibility":
+        other["n"] = 65
+    elif change == "one":
+        other["n"] = 1
+    elif change == "dtype":
+        other["q"] = torch.zeros(64, dtype=torch.float16)
+    elif change == "constexpr":
+        other["d"] = 64  # also a new tuning key: tuned first
+        _call(kernel, q, d=64)
+    elif change == "bool":
+        other["flag"] = False
+    elif change == "device":  # Triton keeps its compiled kernels per current device
+        monkeypatch.setattr(launch, "_driver", lambda: SimpleNamespace(get_current_device=lambda: 1,
+                                                                       get_current_stream=lambda device: 9))
+    else:  # 1 == True, but Triton types them apart (i32 against i1)
+        other["flag"] = 1
+    launches = fn.triton_launches
+    _call(kernel, other["q"], n=other["n"], flag=other["flag"], d=other["d"])
+    assert fn.triton_launches == launches + 1
+    assert fn.launched[-1][9] is other["q"]
+
+
+def test_a_launch_that_does_not_match_keeps_tritons_path(bound, monkeypatch, caplog):
+    fn = _JIT(True, True)
+
+    def reordered(*args, grid, warmup, **kwargs):  # a launcher convention this module does not know
+        compiled = _JIT.run(fn, *args, grid=grid, warmup=True, **kwargs)
+        if warmup:
+            return compiled
+        fn.triton_launches += 1
+        compiled.run(1, 2, 1, 7, compiled.function, compiled.packed_metadata, None, None, None, kwargs["D"], *args)
+        return compiled
+
+    monkeypatch.setattr(fn, "run", reordered)
+    kernel = _Autotuned(fn)
+    q = torch.zeros(64)
+    with caplog.at_level("INFO", logger="attnopt"):
+        for _ in range(4):
+            _call(kernel, q)
+    assert fn.triton_launches == 4 and fn in launch._UNBINDABLE
+    assert "keeps Triton's launch path" in caplog.text
+
+
+def test_hooks_and_the_switch_keep_tritons_path(bound, monkeypatch):
+    fn = _JIT(True, True)
+    kernel = _Autotuned(fn)
+    q = torch.zeros(64)
+    for _ in range(2):
+        _call(kernel, q)
+    monkeypatch.setattr(launch, "_hooks", lambda: True)  # a profiler's launch hooks
+    _call(kernel, q)
+    assert fn.triton_launches == 3
+    monkeypatch.setattr(launch, "_hooks", lambda: False)
+    monkeypatch.setattr(launch, "BOUND", False)
+    _call(kernel, q)
+    assert fn.triton_launches == 4
+
+
+def test_signatures_kept_are_bounded(bound, monkeypatch):
+    monkeypatch.setattr(launch, "SIGNATURES", 3)
+    fn = _JIT(True, True)
+    kernel = _Autotuned(fn)
+    _call(kernel, torch.zeros(64))
+    for d in range(8):  # a tensor per dtype: a new signature each
+        _call(kernel, torch.zeros(64, dtype=[torch.float32, torch.float16, torch.bfloat16, torch.float64][d % 4]))
+    assert len(launch._BOUND) == 3
