@@ -186,14 +186,20 @@ def _attention_backward_impl(
 
 
 def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
-                  spec: AttentionSpec, kernel, needs_bias_grad: bool, needs_mask_grad: bool):
-    """The backward op's outputs ``(dq, dk, dv, dbias, dmask)`` from the call's spec and kernel object."""
+                  spec: AttentionSpec, kernel, needs_bias_grad: bool, needs_mask_grad: bool, dense: bool = True):
+    """The backward op's outputs ``(dq, dk, dv, dbias, dmask)`` from the call's spec and kernel object.
+    ``dense``: as the backward op's fake implementation describes them (contiguous; an empty tensor for a
+    gradient not asked for); else the gradients as the kernel made them (SDPA's laid out like q, k and v, so
+    the backward of an HF layer's transpose and view copies nothing) and None for one not asked for."""
     bias, mask = spec.bias, spec.mask
-    with _autograd_available(), _without_autocast(q.device.type):
+    with _autograd_available() if dense else contextlib.nullcontext(), _without_autocast(q.device.type):
         dq, dk, dv, dbias, dmask = kernel.backward(
             grad_out, q, k, v, out, lse, spec, int(seed.item()) if spec.dropout_p > 0.0 else 0, needs_bias_grad,
             needs_mask_grad
         )
+    if not dense:
+        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype),
+                None if dmask is None else dmask.to(mask.dtype))
     return (
         _dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype),
         q.new_empty((0,)) if dbias is None else _dense(dbias, bias.dtype),
@@ -236,9 +242,11 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed, run=None, needs_input_grad=N
     if torch.is_grad_enabled():  # the engine enables grad mode in a backward iff create_graph=True
         dq, dk, dv, dbias, dmask = _differentiable_grads(ctx, grad_out, needs_bias_grad, needs_mask_grad)
     else:
+        # the op takes its output's gradient contiguous, as its fake implementation says; the direct body
+        # (``run``) takes it as autograd hands it, laid out like the output the kernel made
         dq, dk, dv, dbias, dmask = (run or torch.ops.attnopt.attention_backward)(
-            grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, *ctx.params,
-            needs_bias_grad, needs_mask_grad,
+            grad_out if run is not None else grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc,
+            kv_doc, bias, mask, *ctx.params, needs_bias_grad, needs_mask_grad,
         )
     return (
         dq, dk, dv, None, None, None,
@@ -355,8 +363,9 @@ class _EagerAttention(torch.autograd.Function):
         if direct:
             def run(grad_out, q, k, v, out, lse, seed, *terms_and_params):
                 needs_bias_grad, needs_mask_grad = terms_and_params[-2:]
+                # outside the op: autograd is not excluded, and no fake implementation describes the gradients
                 return _run_backward(grad_out, q, k, v, out, lse, seed, ctx.spec, ctx.kernel, needs_bias_grad,
-                                     needs_mask_grad)
+                                     needs_mask_grad, dense=False)
         # the spec and the kernel come first among this function's inputs: the op's follow
         return (None, None, *_backward(ctx, grad_out, grad_lse, grad_seed, run, ctx.needs_input_grad[2:]))
 

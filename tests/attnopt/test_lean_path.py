@@ -485,6 +485,38 @@ def test_cuda_inference_gives_the_op_output(kernel, fill):
         torch.testing.assert_close(lean, op, atol=0, rtol=0, equal_nan=True)
 
 
+def test_training_call_backward_keeps_the_kernels_layouts(monkeypatch):
+    """The backward of a training call hands the kernel the output's gradient as autograd gives it (laid out
+    like the output the kernel made, as cuDNN's backward wants it) and hands on the kernel's gradients as
+    it made them: no contiguous copy of either, which HF's transpose and view backward would copy back.
+    The op's backward, which its fake implementation describes, still makes both contiguous."""
+    g = torch.Generator().manual_seed(1)
+    b, n, hq, hkv, d = 2, 16, 4, 2, 8
+    q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2).requires_grad_(True) for h in (hq, hkv, hkv))
+    static = (d ** -0.5, True, "top_left", None, None, None)
+    kernel = registry.get("sdpa_cpu")
+    seen = {}
+    backward = type(kernel).backward
+
+    def recorded(self, grad_out, *args):
+        grads = backward(self, grad_out, *args)
+        seen["grad_out"], seen["grads"] = grad_out, grads[:3]
+        return grads
+
+    monkeypatch.setattr(type(kernel), "backward", recorded)
+    out = SiteCall("sdpa_cpu", *static, "-inf")(q, k, v, *NO_TERMS, 0.0)[0]
+    merged = out.transpose(1, 2).reshape(b, n, hq * d)
+    grads = torch.autograd.grad(merged.square().sum(), (q, k, v))
+    assert seen["grad_out"].stride() == out.stride() and not seen["grad_out"].is_contiguous()
+    for got, made in zip(grads, seen["grads"]):
+        assert got.data_ptr() == made.data_ptr()  # the kernel's own tensor, not a copy
+    op = torch.ops.attnopt.attention.default(q, k, v, *NO_TERMS, *static, 0.0, "-inf", "sdpa_cpu")[0]
+    want = torch.autograd.grad(op.transpose(1, 2).reshape(b, n, hq * d).square().sum(), (q, k, v))
+    assert seen["grad_out"].is_contiguous()  # the op's backward
+    for x, w in zip(grads, want):
+        torch.testing.assert_close(x, w, atol=1e-6, rtol=1e-6)
+
+
 def test_training_call_keeps_the_kernels_output_layout():
     """HF's layer reads the output as ``transpose(1, 2).reshape(B, N, H * D)``. SDPA's output is laid out like
     the queries, so that is a view; a training call hands it on as the kernel made it (the op, whose fake
