@@ -141,8 +141,9 @@ def _order(launch_args: tuple, values: list, fn, compiled) -> list[int] | str:
     ``(grid x, y, z, stream, function, packed metadata, launch metadata, enter hook, exit hook)``;
     or why the launch does not fit that form."""
     prefix = 9
-    if len(launch_args) < prefix or launch_args[4] != compiled.function:
-        return "its launcher's arguments do not start with (grid, stream, function, ...)"
+    if (len(launch_args) < prefix or launch_args[4] != compiled.function
+            or launch_args[5] is not compiled.packed_metadata):
+        return "its launcher's arguments do not start with (grid, stream, function, packed metadata, ...)"
     if launch_args[7] is not None or launch_args[8] is not None:
         return "launch hooks are set"
     tail = launch_args[prefix:]
