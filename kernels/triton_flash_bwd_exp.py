@@ -1,4 +1,5 @@
-"""A Hopper backward for band specs (no term, causal, window, GQA), with its variants as switches.
+"""A Hopper backward for band specs (no term, causal, window, GQA) and for key padding and documents on top of
+them, with its variants as switches.
 
 Not a kernel of its own: ``benchmarks/backward_sweep.py`` checks and times every variant against
 ``triton_flash``'s general backward and the peers, and ``triton_flash``'s backward runs the variant measured
@@ -19,6 +20,11 @@ launches::
     deterministic):
         p  = exp2(qk_scale * q @ k^T - lse2)
         dQ += (p * (dO @ v^T - delta)) @ k             (times scale once, at the end)
+
+Key padding (lengths or a boolean row) and documents walk tile lists instead of the band's tile range
+(``block_map.tile_lists`` at each kernel's own tile shape, transposed for the dK/dV kernel): the partial tiles
+with the mask arithmetic (``triton_flash_fwd._visible``, the forward's), the full tiles without it, the
+empty ones never. Packed documents of a few thousand tokens thus cost what their causal blocks cost.
 
 The scale is folded with log2(e) into one multiply-add before ``exp2`` (the inputs are not rescaled, so the
 result is the same function, not a rounded copy of it). Rows with no visible key have ``lse = -inf``:
@@ -46,16 +52,19 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_map import tile_lists
 from .spec import AttentionSpec
-from .triton_flash import _block, _last_dim_contiguous, _with_empty_rows
+from .triton_flash import _block, _last_dim_contiguous, _map_args, _term_args, _with_empty_rows
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
-from .triton_flash_fwd import LOG2E, _dot, _kv_tile_range
+from .triton_flash_fwd import LOG2E, _dot, _kv_tile_range, _visible
 from .triton_flash_tma import DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, _load_rows, _scratch
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
 #: rows per program of the delta pre-pass
 PRE_BLOCK = 64
+#: ``triton_flash``'s kernel arguments of the terms this backward runs through tile lists
+MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +132,9 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                         spec: AttentionSpec, variant: Variant) -> list[str]:
     """Every reason ``backward`` cannot run ``variant`` on these inputs; empty when it can. The spec's
     (device, band terms, dtypes, head dims, descriptor alignment of q/k/v) are the forward experiment's."""
-    reasons = forward_reasons(q, k, v, spec, ForwardVariant(descriptors=variant.descriptors))
+    # key padding and documents are this backward's own (tile lists); the rest is the forward experiment's
+    band_part = spec.with_(key_padding=None, q_doc=None, kv_doc=None)
+    reasons = forward_reasons(q, k, v, band_part, ForwardVariant(descriptors=variant.descriptors))
     tiles = {name: getattr(variant, name) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     bad = [f"{name}={size}" for name, size in tiles.items() if size < 16 or size & (size - 1)]
     if bad:
@@ -140,24 +151,19 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _band_keep(i, j, Nk, off, band_lo, band_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr):
-    """Whether query ``i`` sees key ``j`` (broadcast shapes, either orientation): an existing key within
-    ``band_lo <= j - i - off <= band_hi``."""
-    keep = j < Nk
-    if HAS_LO:
-        keep &= j - i - off >= band_lo
-    if HAS_HI:
-        keep &= j - i - off <= band_hi
-    return keep
-
-
-@triton.jit
-def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, cols, Nq, Nk,
-                qk_scale, off, band_lo, band_hi, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DESC: tl.constexpr):
-    """dK, dV of one key tile over the query tiles ``lo, lo + BLOCK_M, ..`` below ``hi`` of one query head."""
+def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, idx_ptr, b, cols,
+                Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
+                kvdoc_ptr, stride_kdb, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                MASKED: tl.constexpr, FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, DESC: tl.constexpr):
+    """dK, dV of one key tile over query tiles of one query head: rows ``lo, lo + BLOCK_M, ..`` below ``hi``,
+    or (``FROM_LIST``) the query tiles listed at ``idx_ptr[lo:hi]``."""
     offs_m = tl.arange(0, BLOCK_M)
-    for m0 in tl.range(lo, hi, BLOCK_M):
+    for it in tl.range(lo, hi, 1 if FROM_LIST else BLOCK_M):
+        if FROM_LIST:
+            m0 = tl.load(idx_ptr + it) * BLOCK_M
+        else:
+            m0 = it
         m0 = tl.multiple_of(m0, BLOCK_M)
         rows = m0 + offs_m
         # q/dO rows past Nq read as 0 and their lse2 as +inf: p = 0 there without a mask
@@ -166,8 +172,9 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, strid
         qk_t = _dot(k, tl.trans(q), None, "tf32")  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
-            p_t = tl.where(_band_keep(rows[None, :], cols[:, None], Nk, off, band_lo, band_hi, HAS_LO, HAS_HI),
-                           p_t, 0.0)
+            keep = _visible(rows[None, :], cols[:, None], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr,
+                            stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
+            p_t = tl.where(keep, p_t, 0.0)
         do = _load_rows(do_src, m0, offs_m, Nq, stride_dom, DV, DESC, True)  # [BLOCK_M, DV]
         dv = _dot(p_t.to(do.dtype), do, dv, "tf32")
         delta = tl.load(DELTA + row0 + rows, mask=rows < Nq, other=0.0)
@@ -183,7 +190,10 @@ def _band_bwd_dkdv(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, USE_MAP: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -198,6 +208,9 @@ def _band_bwd_dkdv(
     v = _load_rows(V + b * stride_vb + kvh * stride_vh, n0, offs_n, Nk, stride_vn, DV, False, True)  # [BLOCK_N, DV]
     dk = tl.zeros([BLOCK_N, D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, DV], dtype=tl.float32)
+    kv_end = Nk
+    if KP_MODE == 1:  # integer key lengths
+        kv_end = tl.minimum(tl.load(kp_ptr + b).to(tl.int32), Nk)
     start, full_lo, full_hi, end = _q_tile_range(n0, Nk, Nq, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI)
     if not SPLIT:
         full_lo = start
@@ -210,12 +223,25 @@ def _band_bwd_dkdv(
         if DESC:  # TMA loads; rows past Nq read as 0
             q_src = tl.make_tensor_descriptor(q_src, [Nq, D], [stride_qm, 1], [BLOCK_M, D])
             do_src = tl.make_tensor_descriptor(do_src, [Nq, DV], [stride_dom, 1], [BLOCK_M, DV])
-        for part in tl.static_range(3):  # masked edge, visible middle, masked edge
-            lo = start if part == 0 else (full_lo if part == 1 else full_hi)
-            hi = full_lo if part == 0 else (full_hi if part == 1 else end)
-            dk, dv = _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi,
-                                 cols, Nq, Nk, qk_scale, off, band_lo, band_hi, D, DV, BLOCK_M, part != 1,
-                                 HAS_LO, HAS_HI, DESC)
+        if USE_MAP:  # the key tile's row of the transposed tile map: partial query tiles, then full ones
+            row = b * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
+            lists = b * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
+            for part in tl.static_range(2):
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, 0,
+                    tl.load((part_cnt if part == 0 else full_cnt) + row), (part_idx if part == 0 else full_idx) + lists,
+                    b, cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
+                    stride_qdb, kvdoc_ptr, stride_kdb, D, DV, BLOCK_M, part == 0, True, HAS_LO, HAS_HI,
+                    KP_MODE == 2, HAS_DOC, DESC)
+        else:
+            for part in tl.static_range(3):  # masked edge, visible middle, masked edge
+                lo = start if part == 0 else (full_lo if part == 1 else full_hi)
+                hi = full_lo if part == 0 else (full_hi if part == 1 else end)
+                dk, dv = _dkdv_inner(
+                    dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, part_idx, b,
+                    cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
+                    stride_qdb, kvdoc_ptr, stride_kdb, D, DV, BLOCK_M, part != 1, False, HAS_LO, HAS_HI, False,
+                    False, DESC)
     ok = cols[:, None] < Nk
     out_k = DKEY + b * stride_dkb + slot * stride_dkh + cols[:, None] * stride_dkn + tl.arange(0, D)[None, :]
     tl.store(out_k, (dk * sm_scale).to(DKEY.dtype.element_ty), mask=ok)
@@ -224,19 +250,27 @@ def _band_bwd_dkdv(
 
 
 @triton.jit
-def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, rows, Nk, qk_scale, off,
-              band_lo, band_hi, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DESC: tl.constexpr):
-    """dQ of one query tile over the key tiles ``lo, lo + BLOCK_N, ..`` below ``hi``."""
+def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, idx_ptr, b, rows, Nq, Nk, kv_end,
+              qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
+              FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_ROW: tl.constexpr,
+              HAS_DOC: tl.constexpr, DESC: tl.constexpr):
+    """dQ of one query tile over the key tiles ``lo, lo + BLOCK_N, ..`` below ``hi``, or (``FROM_LIST``) the key
+    tiles listed at ``idx_ptr[lo:hi]``."""
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in tl.range(lo, hi, BLOCK_N):
+    for it in tl.range(lo, hi, 1 if FROM_LIST else BLOCK_N):
+        if FROM_LIST:
+            n0 = tl.load(idx_ptr + it) * BLOCK_N
+        else:
+            n0 = it
         n0 = tl.multiple_of(n0, BLOCK_N)
         k = _load_rows(k_src, n0, offs_n, Nk, stride_kn, D, DESC, MASKED)  # [BLOCK_N, D]
         qk = _dot(q, tl.trans(k), None, "tf32")  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
-            p = tl.where(_band_keep(rows[:, None], (n0 + offs_n)[None, :], Nk, off, band_lo, band_hi, HAS_LO, HAS_HI),
-                         p, 0.0)
+            keep = _visible(rows[:, None], (n0 + offs_n)[None, :], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr,
+                            stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
+            p = tl.where(keep, p, 0.0)
         v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
         dp = _dot(do, tl.trans(v), None, "tf32")  # [BLOCK_M, BLOCK_N]
         ds = p * (dp - delta[:, None])
@@ -250,11 +284,15 @@ def _band_bwd_dq(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, USE_MAP: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # heavy (late, causal) query tiles first: fewer idle SMs at the tail
-    m0 = (tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)) * BLOCK_M
+    m_tile = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
+    m0 = m_tile * BLOCK_M
     b = (tl.program_id(1) // H).to(tl.int64)
     h = tl.program_id(1) % H
     kvh = h // GROUP
@@ -270,16 +308,32 @@ def _band_bwd_dq(
     if DESC:  # TMA loads; rows past Nk read as 0
         k_src = tl.make_tensor_descriptor(k_src, [Nk, D], [stride_kn, 1], [BLOCK_N, D])
         v_src = tl.make_tensor_descriptor(v_src, [Nk, DV], [stride_vn, 1], [BLOCK_N, DV])
+    kv_end = Nk
+    if KP_MODE == 1:  # integer key lengths
+        kv_end = tl.minimum(tl.load(kp_ptr + b).to(tl.int32), Nk)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO, HAS_HI)
-    if not SPLIT:
-        full_lo = start
-        full_hi = start
-    for part in tl.static_range(3):  # masked edge, visible middle, masked edge
-        lo = start if part == 0 else (full_lo if part == 1 else full_hi)
-        hi = full_lo if part == 0 else (full_hi if part == 1 else end)
-        dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, rows, Nk, qk_scale, off,
-                       band_lo, band_hi, D, DV, BLOCK_N, part != 1, HAS_LO, HAS_HI, DESC)
+    if USE_MAP:  # the query tile's row of the tile map: partial key tiles, then full ones
+        row = b * stride_cb + h * stride_ch + m_tile * stride_cm
+        lists = b * stride_ib + h * stride_ih + m_tile * stride_im
+        for part in tl.static_range(2):
+            dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, 0,
+                           tl.load((part_cnt if part == 0 else full_cnt) + row),
+                           (part_idx if part == 0 else full_idx) + lists, b, rows, Nq, Nk, kv_end, qk_scale, off,
+                           band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, D, DV,
+                           BLOCK_N, part == 0, True, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, DESC)
+    else:
+        start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO,
+                                                      HAS_HI)
+        if not SPLIT:
+            full_lo = start
+            full_hi = start
+        for part in tl.static_range(3):  # masked edge, visible middle, masked edge
+            lo = start if part == 0 else (full_lo if part == 1 else full_hi)
+            hi = full_lo if part == 0 else (full_hi if part == 1 else end)
+            dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, part_idx, b, rows,
+                           Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
+                           stride_qdb, kvdoc_ptr, stride_kdb, D, DV, BLOCK_N, part != 1, False, HAS_LO, HAS_HI,
+                           False, False, DESC)
     out = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + tl.arange(0, D)[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < Nq)[:, None])
 
@@ -317,7 +371,7 @@ MEASURED_VARIANTS = {
 def measured_variant(spec: AttentionSpec) -> Variant | None:
     """The measured variant for this spec, or None where none was measured: only causal (either alignment)
     or no band, head dims 64 and 128, float16/bfloat16; windows, other head dims and float32 are not
-    measured yet."""
+    measured yet. Key padding and documents take their band's variant (the same loops over listed tiles)."""
     if spec.window is not None or spec.dtype not in (torch.float16, torch.bfloat16) or (
             spec.v_head_dim != spec.head_dim):
         return None
@@ -348,6 +402,11 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                 band_hi=0 if hi is None else hi, D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None,
                 HAS_HI=hi is not None, SPLIT=variant.split, DESC=variant.descriptors,
                 num_warps=variant.num_warps, num_stages=variant.num_stages)
+    band.update((key, value) for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS)
+    # key padding and documents: tile lists at each kernel's own tiles (cached per term tensors across layers)
+    use_map = spec.key_padding is not None or spec.q_doc is not None
+    kv_lists = tile_lists(spec, variant.block_m1, variant.block_n1, transposed=True) if use_map else None
+    q_lists = tile_lists(spec, variant.block_m2, variant.block_n2) if use_map else None
     heads = spec.group_size if variant.gqa_in_program else 1
     if heads == spec.group_size:  # one program per kv head: dK/dV written in place
         dk, dv = torch.empty_like(k), torch.empty_like(v)
@@ -356,8 +415,8 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dv = v.new_empty((b, hq, nk, spec.v_head_dim), dtype=torch.float32)
     _band_bwd_dkdv[(triton.cdiv(nk, variant.block_n1), b * hq // heads)](
         q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, HEADS=heads,
-        BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
+        *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **_list_args(kv_lists, lse),
+        HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
     )
     if heads != spec.group_size:
         dk = dk.view(b, hkv, spec.group_size, nk, spec.head_dim).sum(2).to(k.dtype)
@@ -365,6 +424,12 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     dq = torch.empty_like(q)
     _band_bwd_dq[(triton.cdiv(nq, variant.block_m2), b * hq)](
         q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *grad_out.stride()[:3], *dq.stride()[:3], **band, BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
+        *grad_out.stride()[:3], *dq.stride()[:3], **band, **_list_args(q_lists, lse),
+        BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
     )
     return _with_empty_rows((dq, dk, dv), q, k, v, grad_out, lse, spec)[:3]
+
+
+def _list_args(lists, dummy: torch.Tensor) -> dict:
+    """``triton_flash``'s tile-list arguments, less its map granularity: these lists are at the kernel's tiles."""
+    return {key: value for key, value in _map_args(lists, dummy).items() if key not in ("MAP_M", "MAP_N")}

@@ -70,6 +70,26 @@ def _tanh(x):
 
 
 @triton.jit
+def _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr,
+             stride_kdb, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr):
+    """Whether query ``i`` sees key ``j`` (broadcast index shapes, either orientation) under the structural
+    terms: a key before ``kv_end`` (integer key lengths), inside the band ``band_lo <= j - i - off <= band_hi``,
+    kept by the boolean key-padding row, and in the query's document."""
+    keep = j < kv_end
+    if HAS_LO:
+        keep = keep & (j - i - off >= band_lo)
+    if HAS_HI:
+        keep = keep & (j - i - off <= band_hi)
+    if KP_ROW:
+        keep = keep & (tl.load(kp_ptr + b * stride_kpb + j, mask=j < Nk, other=0) != 0)
+    if HAS_DOC:
+        q_id = tl.load(qdoc_ptr + b * stride_qdb + i, mask=i < Nq, other=-1)
+        k_id = tl.load(kvdoc_ptr + b * stride_kdb + j, mask=j < Nk, other=-2)
+        keep = keep & (q_id == k_id)
+    return keep
+
+
+@triton.jit
 def _scores(
     qk, i, j, b, h, Nq, Nk, kv_end, sm_scale, softcap,
     off, band_lo, band_hi, kp_ptr, stride_kpb,
@@ -110,17 +130,8 @@ def _scores(
                 s = s.to(DTYPE).to(tl.float32)
         s = s * LOG2E
     if MASKED:
-        keep = j < kv_end
-        if HAS_LO:
-            keep = keep & (j - i - off >= band_lo)
-        if HAS_HI:
-            keep = keep & (j - i - off <= band_hi)
-        if KP_ROW:
-            keep = keep & (tl.load(kp_ptr + b * stride_kpb + j, mask=j < Nk, other=0) != 0)
-        if HAS_DOC:
-            q_id = tl.load(qdoc_ptr + b * stride_qdb + i, mask=i < Nq, other=-1)
-            k_id = tl.load(kvdoc_ptr + b * stride_kdb + j, mask=j < Nk, other=-2)
-            keep = keep & (q_id == k_id)
+        keep = _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
+                        kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
         if MASK == 3:
             keep = keep & (tl.load(mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm + j * stride_mn,
                                    mask=in_bounds, other=0) != 0)

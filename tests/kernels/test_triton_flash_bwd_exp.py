@@ -115,6 +115,77 @@ def test_random_band_specs(problem):
     check(q, k, v, spec, variant, TOL[spec.dtype])
 
 
+def _documents(b: int, n: int, g: torch.Generator, count: int) -> torch.Tensor:
+    """``[b, n]`` non-decreasing document ids, ``count`` documents of random lengths per row (HF's packing)."""
+    rows = []
+    for _ in range(b):
+        cuts = torch.randperm(n - 1, generator=g)[: count - 1] + 1
+        rows.append(torch.zeros(n, dtype=torch.int64).index_fill_(0, cuts, 1).cumsum(0))
+    return torch.stack(rows)
+
+
+#: name -> (B, Hq, Hkv, Nq, Nk, terms(g)): the terms this backward walks through tile lists
+MAP_CASES = {
+    "documents_causal_gqa": (2, 8, 2, 45, 45, lambda g: dict(causal=True, **_doc_pair(2, 45, g, 4))),
+    "documents_no_band": (1, 4, 2, 37, 37, lambda g: _doc_pair(1, 37, g, 3)),
+    "documents_shuffled_ids": (1, 4, 1, 40, 40, lambda g: {"q_doc": (ids := torch.randint(0, 3, (1, 40),
+                                                                                          generator=g)),
+                                                            "kv_doc": ids, "causal": True}),
+    "key_padding_bool_causal": (2, 4, 2, 40, 40, lambda g: dict(causal=True, key_padding=torch.rand(2, 40,
+                                                                                                     generator=g) > 0.3)),
+    "key_padding_lengths": (3, 4, 2, 21, 50, lambda g: dict(key_padding=torch.tensor([50, 17, 33]))),
+    "key_padding_left_padded_causal": (2, 4, 2, 40, 40, lambda g: dict(
+        causal=True, key_padding=torch.arange(40)[None, :] >= torch.tensor([[0], [13]]))),
+    "window_documents": (1, 4, 2, 48, 48, lambda g: dict(causal=True, window=Window(9, 0),
+                                                         **_doc_pair(1, 48, g, 2))),
+}
+
+
+def _doc_pair(b, n, g, count):
+    ids = _documents(b, n, g, count)
+    return {"q_doc": ids, "kv_doc": ids}
+
+
+@pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE_ADDED])
+@pytest.mark.parametrize("case", list(MAP_CASES))
+def test_tile_list_terms_match_autograd(case, fill):
+    """Key padding (a boolean row, left padding, lengths) and documents (HF's packed ids, and ids in any order)
+    over causal, no band and a window, GQA, in HF's layout: float64 gradients, including rows that see no key
+    (fully padded and left-padded rows under either fill)."""
+    b, hq, hkv, nq, nk, terms = MAP_CASES[case]
+    g = torch.Generator().manual_seed(3)
+    q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(g), fill=fill)
+    for name in ("key_padding", "q_doc", "kv_doc"):
+        if getattr(spec, name) is not None:
+            spec = spec.with_(**{name: getattr(spec, name).to(DEVICE)})
+    variant = dataclasses.replace(SWITCHES["ptr"], block_n1=32) if hq // hkv == 4 else SWITCHES["perhead"]
+    assert not bwd.unsupported_reasons(q, q, k, v, spec, variant)
+    check(q, k, v, spec, variant, TOL[torch.float16])
+
+
+@st.composite
+def document_problems(draw):
+    """(q, k, v, spec, variant): 1..48 tokens in 1..6 documents (ids per batch row), causal or not, key
+    padding on top or not, GQA 1/2/4, 16- or 32-row tiles in either kernel."""
+    n = draw(st.integers(1, 48))
+    b = draw(st.sampled_from([1, 2]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    terms = dict(_doc_pair(b, n, g, min(n, draw(st.integers(1, 6)))), causal=draw(st.booleans()))
+    if draw(st.booleans()):
+        terms["key_padding"] = torch.rand(b, n, generator=g) > 0.2
+    q, k, v, spec = make_inputs(b, 2 * draw(st.sampled_from([1, 2, 4])), 2, n, n, 16, torch.bfloat16, terms,
+                                transposed=draw(st.booleans()), fill=Fill.FINITE)
+    tiles = {name: draw(st.sampled_from([16, 32])) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
+    return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles)
+
+
+@settings(max_examples=10, deadline=None)
+@given(problem=document_problems())
+def test_random_document_specs(problem):
+    q, k, v, spec, variant = problem
+    check(q, k, v, spec, variant, TOL[spec.dtype])
+
+
 def test_unsupported_specs_and_variants_are_refused():
     q, k, v, spec = make_inputs(1, 6, 2, 16, 16, 16, torch.float16, {})
     out, lse = get("triton_flash").forward(q, k, v, spec, 0)
@@ -123,7 +194,9 @@ def test_unsupported_specs_and_variants_are_refused():
         return bwd.backward(grad_out, q, k, v, out, lse, spec, variant=variant)
 
     with pytest.raises(ValueError, match="band specs only"):
-        run({}, spec.with_(key_padding=torch.tensor([3])))
+        run({}, spec.with_(softcap=30.0))
+    with pytest.raises(ValueError, match="band specs only"):
+        run({}, spec.with_(key_padding=torch.tensor([3]), softcap=30.0))
     with pytest.raises(ValueError, match="block_n2=24"):
         run({"block_n2": 24})
     with pytest.raises(ValueError, match="num_warps=3"):

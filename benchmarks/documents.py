@@ -1,0 +1,149 @@
+"""Packed-document attention, one layer of the training benchmark: attnopt's ``triton_flash`` against FlexAttention.
+
+    python benchmarks/documents.py [--length 16384] [--documents 4 16 64] [--heads 16 4] [--head-dim 128]
+                                   [--out FILE]
+
+The attention of ``benchmarks/train_step.py``'s packed workload (one row of N tokens holding k documents of
+random lengths, causal within each document, GQA), forward and forward + backward, bf16, medians of
+``triton.testing.do_bench``. Peers in the same run:
+
+* ``flex``: compiled FlexAttention with a ``create_block_mask`` of ``causal & same document`` (built once,
+  outside the timing, as a training loop reuses it across layers) and ``enable_gqa``;
+* ``sdpa_efficient``: SDPA's memory-efficient backend with the dense boolean document mask, which is what
+  an SDPA model is given (the key/value heads repeated: SDPA's fused kernels take no GQA with a mask);
+* ``triton_flash (general bwd)``: attnopt's previous backward for these specs (per-element term loads),
+  as a check on what the tile-list band backward changed.
+
+attnopt's tile lists are cached per document-id tensor (``kernels/term_cache.py``) as Flex's block mask is
+reused, so neither build is in the timings. Every row is first checked against Flex's output and gradients.
+Ratios above 1 mean attnopt is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import pathlib
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import attnopt
+from attnopt.kernels import triton_flash
+
+DTYPE = torch.bfloat16
+
+
+def document_ids(n: int, documents: int, seed: int) -> torch.Tensor:
+    """``[1, n]`` ids of ``documents`` contiguous documents of random lengths (train_step.py's layout)."""
+    generator = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(n - 1, generator=generator)[: documents - 1] + 1
+    return torch.zeros(n, dtype=torch.int64).index_fill_(0, cuts, 1).cumsum(0)[None].cuda()
+
+
+def timed(fn, inputs, backward: bool) -> float:
+    if not backward:
+        with torch.no_grad():
+            return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+    grad = torch.randn_like(fn())
+
+    def step():
+        fn().backward(grad)
+
+    return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
+
+
+def outputs_and_grads(fn, inputs, grad):
+    for t in inputs:
+        t.grad = None
+    out = fn()
+    out.backward(grad)
+    return [out.detach().float()] + [t.grad.float() for t in inputs]
+
+
+@contextlib.contextmanager
+def general_backward(on: bool):
+    """While on: triton_flash's general backward (no band variant) for these specs."""
+    saved = triton_flash.band_bwd.measured_variant
+    if on:
+        triton_flash.band_bwd.measured_variant = lambda spec: None
+    try:
+        yield
+    finally:
+        triton_flash.band_bwd.measured_variant = saved
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--documents", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--heads", type=int, nargs=2, default=[16, 4], metavar=("Q", "KV"))
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--out", type=pathlib.Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        parser.error("needs a CUDA GPU")
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    torch._dynamo.config.recompile_limit = 64
+    flex = torch.compile(flex_attention, dynamic=False)
+    n, (hq, hkv), d = args.length, args.heads, args.head_dim
+    lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; B=1, heads "
+             f"{hq}/{hkv}, N={n}, D={d}, {DTYPE}, causal within documents; ms (do_bench medians)", "",
+             "| documents | pass | triton_flash | triton_flash (general bwd) | flex | sdpa_efficient (dense mask) "
+             "| vs flex | vs sdpa |", "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(lines), flush=True)
+    torch.manual_seed(0)
+    for count in args.documents:
+        doc = document_ids(n, count, seed=n * 1000 + count)
+        ids = doc[0]
+
+        def mask_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (ids[q_idx] == ids[kv_idx])
+
+        block_mask = create_block_mask(mask_mod, None, None, n, n)
+        dense = ((ids[:, None] == ids[None, :]) & torch.ones(n, n, dtype=torch.bool, device="cuda").tril())
+        q = torch.randn(1, hq, n, d, device="cuda", dtype=DTYPE, requires_grad=True)
+        k, v = (torch.randn(1, hkv, n, d, device="cuda", dtype=DTYPE, requires_grad=True) for _ in range(2))
+        inputs = (q, k, v)
+        providers = {
+            "triton_flash": lambda: attnopt.attention(q, k, v, causal=True, document_ids=doc, kernel="triton_flash"),
+            "general": lambda: attnopt.attention(q, k, v, causal=True, document_ids=doc, kernel="triton_flash"),
+            "flex": lambda: flex(q, k, v, block_mask=block_mask, enable_gqa=hq != hkv),
+            "sdpa": lambda: _sdpa(q, k, v, dense, hq // hkv),
+        }
+        grad = torch.randn(1, hq, n, d, device="cuda", dtype=DTYPE)
+        want = outputs_and_grads(providers["flex"], inputs, grad)
+        for name in ("triton_flash", "general"):
+            with general_backward(name == "general"):
+                got = outputs_and_grads(providers[name], inputs, grad)
+            errors = [(g - w).abs().max().item() / max(1.0, w.abs().max().item()) for g, w in zip(got, want)]
+            print(f"  check {name}, {count} documents: out/dq/dk/dv max error vs flex "
+                  f"{', '.join(f'{e:.2e}' for e in errors)}", flush=True)
+            if max(errors) > 5e-2:
+                raise SystemExit(f"{name} disagrees with flex on {count} documents: {errors}")
+        for backward in (False, True):
+            ms = {}
+            for name, fn in providers.items():
+                with general_backward(name == "general"):
+                    ms[name] = timed(fn, inputs, backward)
+            row = (f"| {count} | {'fwd+bwd' if backward else 'fwd'} | {ms['triton_flash']:.3f} | "
+                   f"{ms['general']:.3f} | {ms['flex']:.3f} | {ms['sdpa']:.3f} | "
+                   f"{ms['flex'] / ms['triton_flash']:.2f}x | {ms['sdpa'] / ms['triton_flash']:.2f}x |")
+            lines.append(row)
+            print(row, flush=True)
+        torch.cuda.empty_cache()
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n")
+
+
+def _sdpa(q, k, v, dense, group):
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return F.scaled_dot_product_attention(q, k.repeat_interleave(group, 1), v.repeat_interleave(group, 1),
+                                              attn_mask=dense)
+
+
+if __name__ == "__main__":
+    main()
