@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, nargs=2, default=[16, 4], metavar=("Q", "KV"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--profile", action="store_true",
+                        help="also print torch.profiler's table of one triton_flash forward + backward per count")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("needs a CUDA GPU")
@@ -124,6 +126,8 @@ def main() -> None:
                   f"{', '.join(f'{e:.2e}' for e in errors)}", flush=True)
             if max(errors) > 5e-2:
                 raise SystemExit(f"{name} disagrees with flex on {count} documents: {errors}")
+        if args.profile:
+            profile(providers["triton_flash"], grad, count)
         for backward in (False, True):
             ms = {}
             for name, fn in providers.items():
@@ -137,6 +141,22 @@ def main() -> None:
         torch.cuda.empty_cache()
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
+
+
+def profile(fn, grad, count: int) -> None:
+    """Kernels and host ops of three forward + backward calls: where the time goes besides the kernels."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    fn().backward(grad)
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            fn().backward(grad)
+        torch.cuda.synchronize()
+    print(f"profile, {count} documents, 3 calls:")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60))
 
 
 def _sdpa(q, k, v, dense, group):

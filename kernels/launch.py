@@ -58,17 +58,25 @@ class _Bound:
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:
-    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel (``triton.autotune`` around ``triton.jit``)."""
-    # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs' matters
-    # (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
-    key = (kernel, tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
-    config = _TUNED.get(key)
-    if config is None:
-        kernel[grid](*args, **kwargs)
-        _TUNED[key] = kernel.best_config.all_kwargs()
-        return
-    kwargs.update(config)
-    fn = kernel.fn
+    """``kernel[grid](*args, **kwargs)`` for an autotuned kernel (``triton.autotune`` around ``triton.jit``) or a
+    plain ``triton.jit`` function (its launch options, such as ``num_warps``, among the keyword arguments)."""
+    fn = getattr(kernel, "fn", None)
+    if fn is None or not hasattr(kernel, "keys"):  # a JIT function: the options given are its configuration
+        if not BOUND or kernel in _UNBINDABLE or _interpreted():
+            kernel[grid](*args, **kwargs)
+            return
+        fn = kernel
+        config = {name: value for name, value in kwargs.items() if name not in _param_names(fn)}
+    else:
+        # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs'
+        # matters (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
+        key = (kernel, tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
+        config = _TUNED.get(key)
+        if config is None:
+            kernel[grid](*args, **kwargs)
+            _TUNED[key] = kernel.best_config.all_kwargs()
+            return
+        kwargs.update(config)
     if not BOUND or fn in _UNBINDABLE or _interpreted():
         fn.run(*args, grid=grid, warmup=False, **kwargs)
         return
@@ -82,7 +90,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     driver = _driver()
     device = driver.get_current_device()  # Triton keeps compiled kernels per device
     # a tensor's dtype and 16-byte alignment (what Triton specializes a pointer on), anything else as it is
-    signature = (fn, device, tuple(map(type, values)),
+    signature = (fn, device, tuple(map(type, values)), tuple(sorted(config.items())),
                  *[(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values])
     bound = _BOUND.get(signature)
     if bound is None:
@@ -144,7 +152,7 @@ def _order(launch_args: tuple, values: list, fn, compiled) -> list[int] | str:
     if (len(launch_args) < prefix or launch_args[4] != compiled.function
             or launch_args[5] is not compiled.packed_metadata):
         return "its launcher's arguments do not start with (grid, stream, function, packed metadata, ...)"
-    if launch_args[7] is not None or launch_args[8] is not None:
+    if not (_no_hook(launch_args[7]) and _no_hook(launch_args[8])):
         return "launch hooks are set"
     tail = launch_args[prefix:]
     every = list(range(len(values)))
@@ -176,6 +184,11 @@ def _params(fn) -> tuple[list[str], frozenset[int]]:
     return [p.name for p in fn.params], frozenset(i for i, p in enumerate(fn.params) if p.is_constexpr)
 
 
+@functools.cache
+def _param_names(fn) -> frozenset[str]:
+    return frozenset(_params(fn)[0])
+
+
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -193,11 +206,17 @@ def _hooks() -> bool:
     knobs = getattr(triton, "knobs", None)
     if knobs is not None:
         runtime = knobs.runtime
-        return runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None
+        return not (_no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook))
     from triton.compiler import CompiledKernel
 
-    return (getattr(CompiledKernel, "launch_enter_hook", None) is not None
-            or getattr(CompiledKernel, "launch_exit_hook", None) is not None)
+    return not (_no_hook(getattr(CompiledKernel, "launch_enter_hook", None))
+                and _no_hook(getattr(CompiledKernel, "launch_exit_hook", None)))
+
+
+def _no_hook(hook) -> bool:
+    """No launch hook: None (older Triton), or an empty chain of hooks (Triton 3.6 passes its ``HookChain``
+    objects on every launch, empty unless a profiler added to them). A bound launch passes None for either."""
+    return hook is None or (type(hook).__name__ == "HookChain" and not getattr(hook, "calls", True))
 
 
 def forget() -> None:

@@ -244,7 +244,8 @@ class TritonFlashKernel(Kernel):
         delta = torch.empty_like(lse)
         lse2 = torch.empty_like(lse)
         block_dv = _block(spec.v_head_dim)
-        _attn_bwd_preprocess[(triton.cdiv(nq, 64), b * hq)](
+        _launch(
+            _attn_bwd_preprocess, (triton.cdiv(nq, 64), b * hq),
             out, grad_out, lse, delta, lse2, *out.stride()[:3], *grad_out.stride()[:3], nq, hq,
             DV=spec.v_head_dim, BLOCK_DV=block_dv, BLOCK_M=64,
         )

@@ -48,6 +48,7 @@ class _JIT:
         self.compiled: dict = {}
         self.launched: list = []  # what the launcher received, from any path
         self.triton_launches = 0
+        self.hooks = (None, None)  # older Triton; 3.6 passes two (empty) HookChains
 
     def key(self, values):
         """Triton's specialization: pointers by dtype and alignment, integers by 1 and divisibility by 16."""
@@ -66,8 +67,15 @@ class _JIT:
         self.triton_launches += 1
         g = grid(kwargs) if callable(grid) else grid
         tail = values if self.all_args else [v for p, v in zip(self.params, values) if not p.is_constexpr]
-        compiled.run(g[0], g[1], 1, 7, compiled.function, compiled.packed_metadata, None, None, None, *tail)
+        compiled.run(g[0], g[1], 1, 7, compiled.function, compiled.packed_metadata, None, *self.hooks, *tail)
         return compiled
+
+
+class HookChain:
+    """Triton 3.6's launch hooks: a chain passed on every launch, empty unless a profiler added a hook."""
+
+    def __init__(self, *calls):
+        self.calls = list(calls)
 
 
 class _Autotuned:
@@ -97,10 +105,13 @@ def _call(kernel, q, n=64, scale=0.125, flag=True, d=32):
     launch.launch(kernel, lambda meta: (n // meta["BLOCK_M"], 2), q, n, scale=scale, flag=flag, D=d)
 
 
+@pytest.mark.parametrize("hooks", ["none", "empty_chains"])
 @pytest.mark.parametrize("property_slot", [True, False], ids=["run_property", "run_attribute"])
 @pytest.mark.parametrize("all_args", [True, False], ids=["all_arguments", "runtime_arguments"])
-def test_a_bound_call_hands_the_launcher_what_triton_would(bound, all_args, property_slot):
+def test_a_bound_call_hands_the_launcher_what_triton_would(bound, all_args, property_slot, hooks):
     fn = _JIT(all_args, property_slot)
+    if hooks == "empty_chains":
+        fn.hooks = (HookChain(), HookChain())
     kernel = _Autotuned(fn)
     q = torch.zeros(64)
     _call(kernel, q)  # tunes
@@ -196,3 +207,15 @@ def test_signatures_kept_are_bounded(bound, monkeypatch):
     for d in range(8):  # a tensor per dtype: a new signature each
         _call(kernel, torch.zeros(64, dtype=[torch.float32, torch.float16, torch.bfloat16, torch.float64][d % 4]))
     assert len(launch._BOUND) == 3
+
+
+def test_a_hook_in_the_chain_keeps_tritons_path(bound):
+    """A profiler's hook added to Triton 3.6's chain: its launches are Triton's, so the hook runs."""
+    fn = _JIT(True, True)
+    fn.hooks = (HookChain(print), HookChain())
+    kernel = _Autotuned(fn)
+    q = torch.zeros(64)
+    for _ in range(4):
+        _call(kernel, q)
+    assert fn.triton_launches == 4 and fn in launch._UNBINDABLE
+    assert launch._no_hook(None) and launch._no_hook(HookChain()) and not launch._no_hook(HookChain(print))

@@ -279,3 +279,30 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
     variants = [bwd.Variant(), bwd.Variant(split=False, gqa_in_program=False),
                 bwd.Variant(descriptors=bwd.HAS_DESCRIPTORS)]
     _check_all(q, k, v, spec, variants, TOL[torch.float16])
+
+
+#: name -> (B, N, terms(g)): the tile-list terms at lengths that end mid-tile
+GPU_LISTED = {
+    "documents_causal": (1, 1000, lambda g: dict(causal=True, **_doc_pair(1, 1000, g, 7))),
+    "documents_two_rows": (2, 777, lambda g: _doc_pair(2, 777, g, 3)),
+    "left_padding_causal": (2, 1000, lambda g: dict(causal=True, key_padding=torch.arange(1000)[None, :] >=
+                                                    torch.tensor([[0], [300]]))),
+    "key_lengths": (2, 1000, lambda g: dict(key_padding=torch.tensor([1000, 513]))),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(GPU_LISTED))
+def test_gpu_tile_list_terms(case):
+    """Documents and key padding through the tile lists, GQA 8/2, bf16, against float64: the measured tiles of
+    D = 64 and 128, with descriptors when present and dK/dV per query head."""
+    b, n, terms = GPU_LISTED[case]
+    for d in (64, 128):
+        q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
+                                    fill=Fill.FINITE_ADDED)
+        spec = spec.with_(**{name: getattr(spec, name).cuda() for name in ("key_padding", "q_doc", "kv_doc")
+                             if getattr(spec, name) is not None})
+        measured = bwd.MEASURED_VARIANTS[(d, bool(spec.causal))]
+        variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False)]
+        _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
