@@ -7,7 +7,7 @@ import warnings
 
 import torch
 
-from attnopt import ops  # noqa: F401  (registers torch.ops.attnopt.attention)
+from attnopt import ops  # (also registers torch.ops.attnopt.attention)
 from attnopt.kernels import registry
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
 
@@ -74,12 +74,18 @@ def attention(
         softcap=None if softcap is None else float(softcap), dropout_p=float(dropout_p), fill=fill,
     )
     spec.validate()
-    out, _, _ = torch.ops.attnopt.attention(
-        q, k, v, key_padding_mask, q_doc, kv_doc, bias, attn_mask, spec.scale, spec.causal, align.value,
-        None if window_term is None else window_term.left, None if window_term is None else window_term.right,
-        spec.softcap, spec.dropout_p, fill.value, kernel,
-    )
-    return out
+    args = (q, k, v, key_padding_mask, q_doc, kv_doc, bias, attn_mask, spec.scale, spec.causal, align.value,
+            None if window_term is None else window_term.left, None if window_term is None else window_term.right,
+            spec.softcap, spec.dropout_p, fill.value, kernel)
+    if kernel != "auto" and ops._plain(q, k, v, bias, attn_mask):
+        # a plain eager call of a named kernel: the op's body without its dispatch and per-call argument
+        # binding (what an optimized model's sites run, attnopt/ops.py: SiteCall); tracers see the op
+        chosen = registry.get(kernel)
+        if not ops._wants_grad(q, k, v, bias, attn_mask):
+            return ops._run_forward(q, k, v, spec, chosen)[0]
+        if q.device.type in ops.EAGER_TRAINING_DEVICES:
+            return ops._EagerAttention.apply(spec, chosen, *args)[0]
+    return torch.ops.attnopt.attention(*args)[0]
 
 
 _FILL_GIVES = {

@@ -31,7 +31,7 @@ import torch
 
 from .registry import Grads, Kernel, register
 from .fills import empty_row_grads, fill_empty_rows
-from .spec import AttentionSpec, key_padding_keep
+from .spec import AttentionSpec, Fill, key_padding_keep
 
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
@@ -411,12 +411,13 @@ class ReferenceKernel(Kernel):
                     q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1],
                     spec, q0, seed, skipper, grads,
                 )
-            empty = torch.isneginf(lse)
-            extra = empty_row_grads(q, k, v, grad_out, empty, spec, needs_bias_grad, needs_mask_grad)
-            for name, grad in zip(("q", "k", "v", "bias", "mask"), extra):
-                if grad is not None:
-                    target = dq if name == "q" else grads[name]
-                    target += grad.to(target.dtype)
+            if spec.fill != Fill.SAFE and spec.rows_may_be_empty():  # else no row is empty: nothing to look for
+                extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, needs_bias_grad,
+                                        needs_mask_grad)
+                for name, grad in zip(("q", "k", "v", "bias", "mask"), extra):
+                    if grad is not None:
+                        target = dq if name == "q" else grads[name]
+                        target += grad.to(target.dtype)
         dbias = grads["bias"].to(spec.bias.dtype) if needs_bias_grad else None
         dmask = grads["mask"].to(spec.mask.dtype) if needs_mask_grad else None
         return dq, grads["k"].to(k.dtype), grads["v"].to(v.dtype), dbias, dmask

@@ -212,7 +212,9 @@ class AttentionSpec:
         With ``additive=False`` only the boolean terms count; an additive term can also mask a
         whole row, with ``-inf``, since its values are data.
         """
-        if self.kv_len == 0 or self.key_padding is not None or self.q_doc is not None:
+        if self.kv_len == 0 or self.key_padding is not None:
+            return True
+        if self.q_doc is not None and not self._own_document_visible():
             return True
         if self.mask is not None and (additive or self.mask.dtype == torch.bool):
             return True
@@ -224,6 +226,17 @@ class AttentionSpec:
         first_row_empty = hi is not None and off + hi < 0
         last_row_empty = lo is not None and self.q_len - 1 + off + lo > self.kv_len - 1
         return first_row_empty or last_row_empty
+
+    def _own_document_visible(self) -> bool:
+        """Self-attention over documents where every query sees its own key: the query and key ids are the same
+        memory (two views of one id tensor, as a packed model's ``ids[:, :, None] == ids[:, None, :]`` gives
+        them), so query i and key i share a document, and the band keeps the diagonal. Read from this call's
+        tensors (their addresses and layouts, no values), so it holds for the call whose spec this is."""
+        if not _same_memory(self.q_doc, self.kv_doc):
+            return False
+        lo, hi = self.band()
+        diagonal = -self.diagonal_offset  # j - i - offset at j = i
+        return (lo is None or lo <= diagonal) and (hi is None or diagonal <= hi)
 
     def band_hides_nothing(self) -> bool:
         """Whether causal and window leave every key visible to every row (a decode step's one query row
@@ -328,6 +341,18 @@ class AttentionSpec:
             self.keep_tile(0, self.q_len, 0, self.kv_len),
             self.additive_tiles(0, self.q_len, 0, self.kv_len),
         )
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether ``a`` and ``b`` read the same elements: one address, dtype, shape and (over dims longer than 1)
+    strides. Tensors without memory of their own (meta, fake, other subclasses) never qualify."""
+    if a is b:
+        return type(a) is torch.Tensor and a.device.type != "meta"
+    if type(a) is not torch.Tensor or type(b) is not torch.Tensor or a.device.type == "meta" or a.device != b.device:
+        return False
+    if a.dtype != b.dtype or a.shape != b.shape or a.numel() == 0 or a.data_ptr() != b.data_ptr():
+        return False
+    return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
 
 
 def band_bounds(causal: bool, window: Window | None) -> tuple[int | None, int | None]:

@@ -70,6 +70,8 @@ class MaskAnalysis:
     key_padding: list[Atom] = field(default_factory=list)
     documents: tuple[Node, Node] | None = None
     document_atom: Atom | None = None  # the atom the documents were read from
+    # the query and key ids are one vector (``_same_documents``): the kernels get one tensor for both
+    documents_same: bool = False
     dense: list[Atom] = field(default_factory=list)
     additive: list[tuple[Node, float]] = field(default_factory=list)
     fill: Fill = Fill.NEG_INF
@@ -608,6 +610,7 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
     docs = _documents(atom, score_shape)
     if docs is not None and result.documents is None:
         result.documents, result.document_atom = docs, atom
+        result.documents_same = _same_documents(atom, docs, score_shape, constants)
         return
     result.dense.append(atom)
     _label_padding_product(atom, result, score_shape)
@@ -793,6 +796,43 @@ def _documents(atom: Atom, score_shape) -> tuple[Node, Node] | None:
     return (a, b) if ok else None
 
 
+def _in_scores(form: Affine, of: Node, lifts, rank: int) -> tuple:
+    """``(coefficients over the scores' dims, static offset or None)`` of an index form over the positions of
+    ``of`` (or of a tensor ``of`` broadcasts, right-aligned), seen through the atom's inserted dims ``lifts``."""
+    coeffs = lifted_shape(form.align(len(shape_of(of) or ())), lifts, fill=0)
+    return (0,) * (rank - len(coeffs)) + coeffs, static_int(form.offset)
+
+
+def _same_documents(atom: Atom, docs: tuple[Node, Node], score_shape, constants: Constants) -> bool:
+    """Whether the query ids and the key ids are one vector: both read one tensor that nothing writes in place,
+    at the same rows, the query ids at ``f(i)`` of the query index and the key ids at ``f(j)`` of the key index
+    with the same ``f``, over as many queries as keys. A packed model's ``ids[b, q_idx] == ids[b, kv_idx]``
+    and a hand-written ``doc[:, :, None] == doc[:, None, :]`` are. Structure only: no value is read."""
+    q_len, kv_len = score_shape[-2], score_shape[-1]
+    if not _same_size(q_len, kv_len):
+        return False
+    reads = [read_of(n) for n in docs]
+    if None in reads or reads[0].source is not reads[1].source or constants.mutations.is_mutated(reads[0].source):
+        return False
+    rank = len(score_shape)
+    for form_q, form_k in zip(reads[0].coords, reads[1].coords):
+        (q, q_offset), (k, k_offset) = (_in_scores(f, atom.node, atom.lifts, rank) for f in (form_q, form_k))
+        if q_offset is None or q_offset != k_offset or q[:-2] != k[:-2]:
+            return False
+        if q[-1] != 0 or k[-2] != 0 or q[-2] != k[-1]:  # f over the own index only, the same for both
+            return False
+    return True
+
+
+def _same_size(a, b) -> bool:
+    """Two sizes known to be equal without a guard: equal ints, or one symbolic expression."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    if isinstance(a, torch.SymInt) and isinstance(b, torch.SymInt):
+        return a.node.expr == b.node.expr
+    return False
+
+
 def _band_within_documents(atom: Atom, result: MaskAnalysis, rank: int, constants: Constants):
     """The band of a comparison of positions read within the site's documents (HF's packed rows), else None.
 
@@ -814,9 +854,8 @@ def _band_within_documents(atom: Atom, result: MaskAnalysis, rank: int, constant
     if len(sources) != 1 or None in sources:
         return None
 
-    def in_scores(form: Affine, of: Node) -> tuple:  # (coefficients over the scores' dims, offset)
-        coeffs = lifted_shape(form.align(len(shape_of(of) or ())), atom.lifts, fill=0)
-        return (0,) * (rank - len(coeffs)) + coeffs, static_int(form.offset)
+    def in_scores(form: Affine, of: Node) -> tuple:
+        return _in_scores(form, of, atom.lifts, rank)
 
     rows = {tuple(in_scores(c, anchor.node) for c in r.coords[:-1]) for r in ids}
     columns = {in_scores(r.coords[-1], anchor.node) for r in ids}

@@ -112,7 +112,9 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         if unpadded_kernel is not None and m.key_padding:
             unpadded = _all_kept_node(graph, m.key_padding, match.output)
         q_doc = kv_doc = None
-        if m.documents is not None:
+        if m.documents_same:  # one vector (passes/masks.py): one tensor, so a call proves each row sees a key
+            q_doc = kv_doc = graph.call_function(id_rows, (m.documents[0],))
+        elif m.documents is not None:
             q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
         keep = _all(graph, [_in_frame(graph, _atom(graph, a), shape_of(a.node), a.steps, q, match) for a in m.dense])
         additive = [_in_frame(graph, _additive(graph, t, mult, m.add_dtypes.get(t)), shape_of(t),

@@ -536,3 +536,41 @@ def test_training_call_keeps_the_kernels_output_layout():
     want = torch.autograd.grad(op.transpose(1, 2).reshape(b, n, hq * d).square().sum(), (q, k, v))
     for x, w in zip(grads, want):
         torch.testing.assert_close(x, w, atol=1e-6, rtol=1e-6)
+
+
+# ------------------------------------------------------------------ the functional API's plain calls
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa_cpu"])
+@pytest.mark.parametrize("terms", ["causal_padding", "documents_gqa"])
+def test_functional_plain_calls_skip_the_op_with_its_results(kernel, terms):
+    """``attnopt.attention`` with a named kernel on plain tensors: inference runs the kernel, a call under
+    autograd runs ``_EagerAttention``; outputs and gradients are the op's, bit for bit. With kernel "auto" (the
+    planner chooses per call) the op still runs."""
+    g = torch.Generator().manual_seed(0)
+    hkv = 2 if terms == "documents_gqa" else 4
+    q = torch.randn(2, 4, 12, 8, generator=g)
+    k, v = torch.randn(2, hkv, 12, 8, generator=g), torch.randn(2, hkv, 12, 8, generator=g)
+    extra = ({"causal": True, "key_padding_mask": torch.tensor([[True] * 12, [False] * 4 + [True] * 8])}
+             if terms == "causal_padding" else
+             {"document_ids": torch.tensor([[0] * 5 + [1] * 7, [0] * 12])})
+    spec = AttentionSpec.from_tensors(q, k, v, causal=extra.get("causal", False),
+                                      key_padding=extra.get("key_padding_mask"),
+                                      q_doc=extra.get("document_ids"), kv_doc=extra.get("document_ids"))
+    op_args = (spec.key_padding, spec.q_doc, spec.kv_doc, None, None, spec.scale, spec.causal, "top_left", None,
+               None, None, 0.0, "safe", kernel)
+    with torch.no_grad():
+        out = attnopt.attention(q, k, v, kernel=kernel, **extra)
+        assert torch.equal(out, torch.ops.attnopt.attention(q, k, v, *op_args)[0])
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = attnopt.attention(*leaves, kernel=kernel, **extra)
+    assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+    grad = torch.randn(out.shape, generator=g)
+    got = torch.autograd.grad(out, leaves, grad)
+    op_leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    op_out = torch.ops.attnopt.attention(*op_leaves, *op_args)[0]
+    assert "attnopt_attention" in type(op_out.grad_fn).__name__
+    assert torch.equal(out, op_out)
+    assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(op_out, op_leaves, grad)))
+    auto = attnopt.attention(*leaves, kernel="auto", **extra)
+    assert "attnopt_attention" in type(auto.grad_fn).__name__

@@ -92,3 +92,33 @@ def test_window_rejects_negative_bounds():
 
 def test_fill_values_are_stable_strings():
     assert {f.value for f in Fill} == {"-inf", "finite", "finite_added", "safe", "finite_replaced_added"}
+
+
+def test_rows_of_self_attention_documents_are_never_empty():
+    """Query and key document ids that are the same memory (views of one id tensor, as a packed model's mask
+    gives them) with the diagonal in the band: every row sees its own key, no fill is needed. Equal ids in
+    other memory, other layouts, key padding, a mask, or a band without the diagonal keep the fill."""
+    ids = torch.tensor([[0, 0, 1, 1, 1, 2], [0, 1, 1, 1, 2, 2]])
+    q = torch.randn(2, 2, 6, 4)
+    as_rows = ids[:, :, None].reshape(2, 6), ids[:, None, :].reshape(2, 6)  # two views: one address
+    assert as_rows[0] is not as_rows[1]
+
+    def spec(q_doc, kv_doc, **terms):
+        return AttentionSpec.from_tensors(q, q, q, q_doc=q_doc, kv_doc=kv_doc, fill=Fill.FINITE_ADDED, **terms)
+
+    for terms in ({}, {"causal": True}, {"causal": True, "align": Align.BOTTOM_RIGHT},
+                  {"causal": True, "window": Window(2, 0)}, {"window": Window(1, 3)}):
+        assert not spec(*as_rows, **terms).rows_may_be_empty(), terms
+        assert not spec(ids, ids, **terms).rows_may_be_empty(), terms
+        assert spec(ids, ids.clone(), **terms).rows_may_be_empty(), terms  # equal values, other memory
+    assert spec(ids, ids, key_padding=torch.ones(2, 6, dtype=torch.bool)).rows_may_be_empty()
+    assert spec(ids, ids, mask=torch.ones(6, 6, dtype=torch.bool)).rows_may_be_empty()
+    assert spec(ids, ids, bias=torch.zeros(6, 6)).rows_may_be_empty()
+    assert not spec(ids, ids, bias=torch.zeros(6, 6)).rows_may_be_empty(additive=False)
+    wide = torch.tensor([[0, 0, 1, 1, 1, 2, 2]])
+    assert spec(wide[:, :6], wide[:, 1:]).rows_may_be_empty()  # same shape, shifted by one: not the same ids
+    flat = torch.tensor([0, 0, 0, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+    rows, strided = flat.view(2, 6), flat.as_strided((2, 6), (1, 2))  # one address, other elements
+    assert spec(rows, strided).rows_may_be_empty()
+    meta = torch.empty(2, 6, dtype=torch.int64, device="meta")
+    assert spec(meta, meta).rows_may_be_empty()  # no memory: nothing is read

@@ -20,6 +20,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import attnopt
+from attnopt.kernels import reference, registry, sdpa, triton_flash
 
 transformers = pytest.importorskip("transformers")
 
@@ -363,3 +364,92 @@ def test_numbering_written_in_place_is_not_read():
     ids = next(n for n in reversed(graph.nodes) if n.op != "output")
     assert document_positions(ids, Mutations(graph).is_mutated) is None
     assert document_positions(ids) is not None  # the chain itself matches: only the write rules it out
+
+
+@pytest.mark.parametrize("kernel", ["sdpa_cpu", "reference"])
+def test_packed_sites_prove_every_row_sees_a_key(kernel, monkeypatch):
+    """HF's packed mask compares one id tensor with itself: the sites get the query and key ids as views of one
+    tensor, so a call proves that every row sees its own key, and the kernels skip the fill's work for rows
+    without keys (in the backward a host sync per layer). The same outputs and gradients as the original."""
+    model = llama().train()
+    original = copy.deepcopy(model)
+    optimized = attnopt.optimize(model, kernel=kernel)
+    ids, pos = torch.randint(0, 100, (1, N)), positions([5, 11, 8])
+    call(optimized, ids, pos, labels=ids)  # captures and plans
+    assert [site.kernel for site in optimized.attnopt_report.sites] == [kernel] * 2
+    proofs = []
+    chosen = registry.get(kernel)
+    forward = chosen.forward
+    monkeypatch.setattr(chosen, "forward", lambda q, k, v, spec, seed: (
+        proofs.append(not spec.rows_may_be_empty()), forward(q, k, v, spec, seed))[1])
+    for module in (reference, sdpa, triton_flash):  # each holds its own name of the shared helper
+        monkeypatch.setattr(module, "empty_row_grads", lambda *a, **k: pytest.fail("rows without keys looked for"))
+    loss = call(optimized, ids, pos, labels=ids).loss
+    got = torch.autograd.grad(loss, list(model.parameters()))
+    expected_loss = call(original, ids, pos, labels=ids).loss
+    expected = torch.autograd.grad(expected_loss, list(original.parameters()))
+    assert proofs == [True, True]
+    torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+class ClonedDocuments(Heads):
+    """The key ids are a copy of the query ids: equal values, but two tensors (nothing is read to compare)."""
+
+    def forward(self, x, cu_seqlens):
+        i = torch.arange(x.shape[1])
+        doc = torch.searchsorted(cu_seqlens[1:], i, right=True)
+        return self.attend(x, (doc[:, None] == doc.clone()[None, :]) & (i[None, :] <= i[:, None]))
+
+
+class ShiftedDocuments(Heads):
+    """Query i has the id at i, key j the id at j + 1 of one tensor: rows can see no key (NaN in the original)."""
+
+    def forward(self, x, ids):
+        i = torch.arange(x.shape[1])
+        return self.attend(x, ids[i][:, None] == ids[i + 1][None, :])
+
+
+class RewrittenDocuments(Heads):
+    """The ids are written in place between the query read and the key read: the two reads differ."""
+
+    def forward(self, x, ids):
+        i = torch.arange(x.shape[1])
+        q_ids = ids[i]
+        ids.mul_(2)
+        return self.attend(x, q_ids[:, None] == ids[i][None, :])
+
+
+ONE_VECTOR = {  # model, inputs of two calls, whether the query and key ids are proven one vector
+    "searchsorted": (SearchsortedDocuments, [(cu(5, 11, 8),), (cu(1, 20, 3),)], True),
+    "repeat_interleave": (RepeatedDocuments, [(torch.tensor([5, 11, 8]),), (torch.tensor([20, 4, 0]),)], True),
+    "diff": (DiffDocuments, [(positions([5, 11, 8], [24]),), (jumpy(),)], True),
+    "cloned": (ClonedDocuments, [(cu(5, 11, 8),), (cu(1, 20, 3),)], False),
+    "shifted": (ShiftedDocuments, [(torch.tensor([0] * 5 + [1] * 20),), (torch.arange(N + 1) % 3,)], False),
+    "rewritten": (RewrittenDocuments, [(torch.tensor([0] * 5 + [1] * 20),), (torch.tensor([1] * 25),)], False),
+}
+
+
+@pytest.mark.parametrize("name", list(ONE_VECTOR))
+def test_query_and_key_ids_proven_one_vector(name, monkeypatch):
+    """A document term whose query and key ids read one tensor at the same positions reaches the kernel as one
+    tensor (the call then proves every row sees its own key); copies, shifted reads and ids written in place
+    between the reads stay two, and rows without keys keep the original's fill (NaN)."""
+    cls, calls, same = ONE_VECTOR[name]
+    torch.manual_seed(0)
+    model = cls().eval()
+    original = copy.deepcopy(model)
+    optimized = attnopt.optimize(model, kernel="reference", tune=False)
+    kernel = registry.get("reference")
+    forward, seen = kernel.forward, []
+    monkeypatch.setattr(kernel, "forward", lambda q, k, v, spec, seed: (
+        seen.append((spec.q_doc is spec.kv_doc, spec.rows_may_be_empty())), forward(q, k, v, spec, seed))[1])
+    for extra in calls:
+        x = torch.randn(2, N, 32)
+        with torch.no_grad():
+            expected = original(x, *[t.clone() for t in extra])
+            got = optimized(x, *[t.clone() for t in extra])
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
+    assert "document" in found(optimized)[0], str(optimized.attnopt_report)
+    assert seen and all(s == (same, not same) for s in seen), seen
