@@ -32,6 +32,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import attnopt
 from attnopt.kernels import triton_flash
+from attnopt.kernels import triton_flash_bwd_exp as bwd
 
 DTYPE = torch.bfloat16
 
@@ -63,16 +64,36 @@ def outputs_and_grads(fn, inputs, grad):
     return [out.detach().float()] + [t.grad.float() for t in inputs]
 
 
+#: tile-list backward variants ``--variants`` times beside the measured one: smaller key tiles (more programs
+#: for short documents), one program per query head, and the D = 64 tiles
+DOC_VARIANTS = [
+    bwd.Variant(block_m1=64, block_n1=64, block_m2=64, block_n2=64, num_warps=4),
+    bwd.Variant(block_m1=32, block_n1=64, block_m2=64, block_n2=32, num_warps=4, num_stages=3),
+    bwd.Variant(gqa_in_program=False),
+    bwd.Variant(block_m1=64, block_n1=64, block_m2=64, block_n2=64, num_warps=4, gqa_in_program=False),
+    bwd.Variant(block_m1=64, block_n1=128, block_m2=64, block_n2=128, num_warps=4),
+]
+
+
 @contextlib.contextmanager
-def general_backward(on: bool):
-    """While on: triton_flash's general backward (no band variant) for these specs."""
+def backward_variant(variant):
+    """While entered: triton_flash's backward for these specs runs ``variant`` (a ``bwd.Variant``), its general
+    backward (``"general"``), or the measured variant (None)."""
     saved = triton_flash.band_bwd.measured_variant
-    if on:
-        triton_flash.band_bwd.measured_variant = lambda spec: None
+    if variant is not None:
+        triton_flash.band_bwd.measured_variant = lambda spec: None if variant == "general" else variant
     try:
         yield
     finally:
         triton_flash.band_bwd.measured_variant = saved
+
+
+def check(name: str, count: int, got, want) -> None:
+    errors = [(g - w).abs().max().item() / max(1.0, w.abs().max().item()) for g, w in zip(got, want)]
+    print(f"  check {name}, {count} documents: out/dq/dk/dv max error vs flex "
+          f"{', '.join(f'{e:.2e}' for e in errors)}", flush=True)
+    if max(errors) > 5e-2:
+        raise SystemExit(f"{name} disagrees with flex on {count} documents: {errors}")
 
 
 def main() -> None:
@@ -82,6 +103,8 @@ def main() -> None:
     parser.add_argument("--heads", type=int, nargs=2, default=[16, 4], metavar=("Q", "KV"))
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--variants", action="store_true",
+                        help="also time forward + backward with the backward variants of DOC_VARIANTS")
     parser.add_argument("--profile", action="store_true",
                         help="also print torch.profiler's table of one triton_flash forward + backward per count")
     args = parser.parse_args()
@@ -98,6 +121,7 @@ def main() -> None:
              "| vs flex | vs sdpa |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     torch.manual_seed(0)
+    flex_ms, variant_rows = {}, []  # flex_ms: the last (forward + backward) Flex time per count
     for count in args.documents:
         doc = document_ids(n, count, seed=n * 1000 + count)
         ids = doc[0]
@@ -119,26 +143,32 @@ def main() -> None:
         grad = torch.randn(1, hq, n, d, device="cuda", dtype=DTYPE)
         want = outputs_and_grads(providers["flex"], inputs, grad)
         for name in ("triton_flash", "general"):
-            with general_backward(name == "general"):
-                got = outputs_and_grads(providers[name], inputs, grad)
-            errors = [(g - w).abs().max().item() / max(1.0, w.abs().max().item()) for g, w in zip(got, want)]
-            print(f"  check {name}, {count} documents: out/dq/dk/dv max error vs flex "
-                  f"{', '.join(f'{e:.2e}' for e in errors)}", flush=True)
-            if max(errors) > 5e-2:
-                raise SystemExit(f"{name} disagrees with flex on {count} documents: {errors}")
+            with backward_variant("general" if name == "general" else None):
+                check(name, count, outputs_and_grads(providers[name], inputs, grad), want)
         if args.profile:
             profile(providers["triton_flash"], grad, count)
         for backward in (False, True):
             ms = {}
             for name, fn in providers.items():
-                with general_backward(name == "general"):
+                with backward_variant("general" if name == "general" else None):
                     ms[name] = timed(fn, inputs, backward)
+            flex_ms[count] = ms["flex"]
             row = (f"| {count} | {'fwd+bwd' if backward else 'fwd'} | {ms['triton_flash']:.3f} | "
                    f"{ms['general']:.3f} | {ms['flex']:.3f} | {ms['sdpa']:.3f} | "
                    f"{ms['flex'] / ms['triton_flash']:.2f}x | {ms['sdpa'] / ms['triton_flash']:.2f}x |")
             lines.append(row)
             print(row, flush=True)
+        if args.variants:
+            for variant in DOC_VARIANTS:
+                with backward_variant(variant):
+                    check(variant.name, count, outputs_and_grads(providers["triton_flash"], inputs, grad), want)
+                    ms = timed(providers["triton_flash"], inputs, True)
+                variant_rows.append(f"| {count} | {variant.name} | {ms:.3f} | {flex_ms[count] / ms:.2f}x |")
+                print(variant_rows[-1], flush=True)
         torch.cuda.empty_cache()
+    if variant_rows:
+        lines += ["", "Forward + backward with other tile-list backward variants (`--variants`):", "",
+                  "| documents | backward variant | ms | vs flex |", "|---|---|---|---|", *variant_rows]
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
 
