@@ -812,16 +812,46 @@ def _same_documents(atom: Atom, docs: tuple[Node, Node], score_shape, constants:
     if not _same_size(q_len, kv_len):
         return False
     reads = [read_of(n) for n in docs]
-    if None in reads or reads[0].source is not reads[1].source or constants.mutations.is_mutated(reads[0].source):
+    mutated = constants.mutations.is_mutated
+    if None in reads or reads[0].source is not reads[1].source or mutated(reads[0].source):
         return False
-    rank = len(score_shape)
+    # the index tensors are read where each read runs: none of what they are computed from may be written
+    if any(_written_in_place(index, mutated) for node in docs for index in _index_nodes(node)):
+        return False
+    rank, eq_rank = len(score_shape), len(shape_of(atom.node) or ())
+    # each read's size along the scores' dims: a coefficient along a dim of size 1 reads position 0 only
+    sizes = []
+    for node in docs:
+        shape = lifted_shape((1,) * (eq_rank - len(shape_of(node))) + tuple(shape_of(node)), atom.lifts)
+        sizes.append((1,) * (rank - len(shape)) + shape)
     for form_q, form_k in zip(reads[0].coords, reads[1].coords):
         (q, q_offset), (k, k_offset) = (_in_scores(f, atom.node, atom.lifts, rank) for f in (form_q, form_k))
+        q, k = (tuple(0 if n == 1 else c for c, n in zip(coeffs, size)) for coeffs, size in zip((q, k), sizes))
         if q_offset is None or q_offset != k_offset or q[:-2] != k[:-2]:
             return False
         if q[-1] != 0 or k[-2] != 0 or q[-2] != k[-1]:  # f over the own index only, the same for both
             return False
     return True
+
+
+def _index_nodes(read: Node) -> list[Node]:
+    """The index tensors of a read ``src[i, j]`` (none for a view ``src[:, None]``)."""
+    index = read.args[1]
+    return [i for i in (index if isinstance(index, tuple) else (index,)) if isinstance(i, Node)]
+
+
+def _written_in_place(node: Node, mutated) -> bool:
+    """Whether ``node`` or anything it is computed from is written in place somewhere in the graph."""
+    seen, todo = set(), [node]
+    while todo:
+        current = todo.pop()
+        if current in seen:
+            continue
+        seen.add(current)
+        if mutated(current):
+            return True
+        todo.extend(current.all_input_nodes)
+    return False
 
 
 def _same_size(a, b) -> bool:

@@ -394,6 +394,14 @@ def test_packed_sites_prove_every_row_sees_a_key(kernel, monkeypatch):
         torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
 
 
+class IndexedDocuments(Heads):
+    """The ids gathered at index tensors, ``ids[i[:, None]] == ids[i[None, :]]``: one vector."""
+
+    def forward(self, x, ids):
+        i = torch.arange(x.shape[1])
+        return self.attend(x, ids[i[:, None]] == ids[i[None, :]])
+
+
 class ClonedDocuments(Heads):
     """The key ids are a copy of the query ids: equal values, but two tensors (nothing is read to compare)."""
 
@@ -408,7 +416,7 @@ class ShiftedDocuments(Heads):
 
     def forward(self, x, ids):
         i = torch.arange(x.shape[1])
-        return self.attend(x, ids[i][:, None] == ids[i + 1][None, :])
+        return self.attend(x, ids[i[:, None]] == ids[(i + 1)[None, :]])
 
 
 class RewrittenDocuments(Heads):
@@ -416,17 +424,43 @@ class RewrittenDocuments(Heads):
 
     def forward(self, x, ids):
         i = torch.arange(x.shape[1])
-        q_ids = ids[i]
+        q_ids = ids[i[:, None]]
         ids.mul_(2)
-        return self.attend(x, q_ids[:, None] == ids[i][None, :])
+        return self.attend(x, q_ids == ids[i[None, :]])
+
+
+class FirstRowQueryDocuments(Heads):
+    """The query ids of every batch row are row 0's, the key ids each row's own: the same columns, not the same
+    rows (a read along a broadcast dim of size 1 reads row 0 only)."""
+
+    def forward(self, x, ids):
+        i, rows = torch.arange(x.shape[1]), torch.arange(x.shape[0])
+        q_ids = ids[torch.arange(1)[:, None, None], i[None, :, None]]  # [1, N, 1]
+        kv_ids = ids[rows[:, None, None], i[None, None, :]]  # [B, 1, N]
+        return self.attend(x, (q_ids == kv_ids)[:, None])
+
+
+class RewrittenIndex(Heads):
+    """The key ids are read with the index written in place after the query read: ``ids[i - 1]``, not
+    ``ids[i]``, though the graph reads one index node twice."""
+
+    def forward(self, x, ids):
+        i = torch.arange(x.shape[1])
+        q_ids = ids[i[:, None]]
+        i.sub_(1)
+        return self.attend(x, q_ids == ids[i[None, :]])
 
 
 ONE_VECTOR = {  # model, inputs of two calls, whether the query and key ids are proven one vector
     "searchsorted": (SearchsortedDocuments, [(cu(5, 11, 8),), (cu(1, 20, 3),)], True),
     "repeat_interleave": (RepeatedDocuments, [(torch.tensor([5, 11, 8]),), (torch.tensor([20, 4, 0]),)], True),
     "diff": (DiffDocuments, [(positions([5, 11, 8], [24]),), (jumpy(),)], True),
+    "indexed": (IndexedDocuments, [(torch.tensor([0] * 5 + [1] * 19),), (torch.arange(N) % 3,)], True),
     "cloned": (ClonedDocuments, [(cu(5, 11, 8),), (cu(1, 20, 3),)], False),
     "shifted": (ShiftedDocuments, [(torch.tensor([0] * 5 + [1] * 20),), (torch.arange(N + 1) % 3,)], False),
+    "first_row_queries": (FirstRowQueryDocuments, [(torch.tensor([[0] * 12 + [1] * 12, [0] * 6 + [1] * 18]),),
+                                                   (torch.tensor([[0] * 24, [1] * 24]),)], False),
+    "rewritten_index": (RewrittenIndex, [(torch.tensor([0] * 5 + [1] * 19),), (torch.arange(N) % 3,)], False),
     "rewritten": (RewrittenDocuments, [(torch.tensor([0] * 5 + [1] * 20),), (torch.tensor([1] * 25),)], False),
 }
 
