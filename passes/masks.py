@@ -842,13 +842,18 @@ def _index_nodes(read: Node) -> list[Node]:
 
 def _written_in_place(node: Node, mutated) -> bool:
     """Whether ``node`` or anything it is computed from is written in place somewhere in the graph."""
+    return _any_upstream(node, mutated)
+
+
+def _any_upstream(node: Node, test) -> bool:
+    """Whether ``test`` holds for ``node`` or for any node it is computed from."""
     seen, todo = set(), [node]
     while todo:
         current = todo.pop()
         if current in seen:
             continue
         seen.add(current)
-        if mutated(current):
+        if test(current):
             return True
         todo.extend(current.all_input_nodes)
     return False
@@ -965,13 +970,4 @@ def _needs_grad(node: Node) -> bool:
     meta = tensor_meta(node)
     if meta is not None and meta.requires_grad:
         return True
-    seen, stack = set(), [node]
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if is_parameter(n):
-            return True
-        stack.extend(n.all_input_nodes)
-    return False
+    return _any_upstream(node, is_parameter)
