@@ -283,7 +283,7 @@ def test_an_inference_call_is_timed_through_the_prepared_call(monkeypatch):
 
 def test_a_compiling_kernel_is_timed_for_training_on_a_gpu_only_where_it_leads():
     """FlexAttention compiles its backward on first use (minutes at long lengths): a training call on a GPU
-    times it only when its estimate is within COMPILED_LEAD of the fastest kernel that does not compile."""
+    times it only when its estimate is COMPILED_LEAD below the fastest kernel that does not compile."""
     q = torch.empty(1, 16, 4096, 128, device="meta")
     spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cuda"), requires_grad=True)
     assert registry.get("flex").compiles and not registry.get("triton_flash").compiles
@@ -291,6 +291,9 @@ def test_a_compiling_kernel_is_timed_for_training_on_a_gpu_only_where_it_leads()
     assert behind.timed == [tuning.ORIGINAL, "sdpa_flash"] and behind.skipped == ["flex"]
     leads = tuning.plan_timing(spec, {tuning.ORIGINAL: 0.5, "triton_flash": 4e-3, "flex": 1e-3}, math.inf)
     assert leads.timed == [tuning.ORIGINAL, "flex", "triton_flash"]
+    # estimated a little ahead is not enough to pay for the compile (packed documents: 3.3 ms against 2.75 ms)
+    close = tuning.plan_timing(spec, {tuning.ORIGINAL: 0.5, "triton_flash": 2.75e-3, "flex": 2.4e-3}, math.inf)
+    assert close.timed == [tuning.ORIGINAL, "triton_flash"] and close.skipped == ["flex"]
     # the fastest plain kernel counts when its timing is cached already
     later = tuning.plan_timing(spec, {"flex": 2e-3}, math.inf, fastest_plain=1e-3)
     assert later.skipped == ["flex"]
