@@ -12,9 +12,9 @@ host), the time per call is host time. Columns, per kernel:
 * ``op``: ``torch.ops.attnopt.attention``, what a training step or a compiled graph runs;
 * ``site - direct``: the host work attnopt adds per inference call (target: at most 15 us).
 
-On CUDA, ``triton_flash`` is timed twice: through Triton's own launch, and as ``triton_flash (bound
-launch)`` with the compiled kernel's launcher bound once per call signature (``kernels/launch.py``,
-``ATTNOPT_BOUND_LAUNCH=1``).
+On CUDA, the Triton kernels are timed twice, in both tables: through Triton's own launch, and as
+``... (bound launch)`` with the compiled kernel's launcher bound once per call signature
+(``kernels/launch.py``, ``ATTNOPT_BOUND_LAUNCH=1``). ``--kernels`` keeps some kernels' rows only.
 
 A second table times one training call, forward and backward (the output's gradient given, no
 optimizer): ``direct`` is SDPA under autograd with the backend selected (SDPA kernels) or
@@ -24,6 +24,7 @@ under autograd (the op's body and autograd as an ``autograd.Function``, without 
 
     python benchmarks/dispatch.py                   # CUDA when available, else CPU
     python benchmarks/dispatch.py --device cpu --out benchmarks/results/dispatch_cpu.md
+    python benchmarks/dispatch.py --kernels sdpa_cudnn triton_flash triton_decode --calls 300 --repeats 3
 """
 
 from __future__ import annotations
@@ -136,13 +137,14 @@ def case_inputs(case: Case, device: torch.device, dtype: torch.dtype):
     return q, k, v, g, (case.head_dim ** -0.5, case.causal, case.align, None, None, None)
 
 
-def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5) -> list[tuple]:
+def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5,
+         kernels: tuple[str, ...] | None = None) -> list[tuple]:
     table = []
     for case in CASES[device.type]:
         q, k, v, _, static = case_inputs(case, device, dtype)
         tensors = (q, k, v, None, None, None, None, None)
         spec = spec_from_args(*tensors, *static, 0.0, "-inf")
-        for name, bound in variants(device):
+        for name, bound in variants(device, kernels):
             if registry.get(name).not_supported_reasons(spec):
                 continue
             launch.BOUND = bound
@@ -166,14 +168,15 @@ def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: i
     return table
 
 
-def variants(device: torch.device) -> list[tuple[str, bool]]:
-    """(kernel, bound launch) pairs: ``triton_flash`` twice on CUDA, through Triton's launch and bound
-    (``kernels/launch.py``)."""
-    return [(name, bound) for name in KERNELS[device.type]
-            for bound in ((False, True) if name == "triton_flash" else (False,))]
+def variants(device: torch.device, kernels: tuple[str, ...] | None = None) -> list[tuple[str, bool]]:
+    """(kernel, bound launch) pairs of ``kernels`` (default: all of the device's): the Triton kernels twice on
+    CUDA, through Triton's launch and bound (``kernels/launch.py``)."""
+    return [(name, bound) for name in KERNELS[device.type] if kernels is None or name in kernels
+            for bound in ((False, True) if device.type == "cuda" and name.startswith("triton") else (False,))]
 
 
-def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5) -> list[tuple]:
+def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5,
+                  kernels: tuple[str, ...] | None = None) -> list[tuple]:
     """Per case and kernel: (case, kernel, direct, site, op) microseconds of one forward + backward."""
     table = []
     for case in CASES[device.type]:
@@ -181,10 +184,11 @@ def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, r
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         grad = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(device, dtype)
         spec = spec_from_args(q, k, v, *([None] * 5), *static, 0.0, "-inf").with_(requires_grad=True)
-        for name in KERNELS[device.type]:
+        for name, bound in variants(device, kernels):
             kernel = registry.get(name)
             if kernel.not_supported_reasons(spec):
                 continue
+            launch.BOUND = bound
             site = SiteCall(name, *static, "-inf")
             direct, backend = direct_call(name, q, k, v, spec)
             if name in SDPA_BACKENDS and direct is not None:
@@ -205,7 +209,9 @@ def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, r
             if backend is not None:
                 contexts["direct"] = lambda: sdpa_kernel([backend])
             us = per_call_us(calls_of, device, calls, repeats, contexts)
-            table.append((case.name, name, us.get("direct", float("nan")), us["site"], us["op"]))
+            label = f"{name} (bound launch)" if bound else name
+            table.append((case.name, label, us.get("direct", float("nan")), us["site"], us["op"]))
+    launch.BOUND = BOUND_DEFAULT
     return table
 
 
@@ -217,12 +223,17 @@ def main() -> None:
     parser.add_argument("--calls", type=int, default=1000, help="calls per timed repeat")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--kernels", nargs="+", metavar="NAME", help="only these kernels' rows (default: all)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device here; use --device cpu")
     if args.threads < 1 or args.calls < 1 or args.repeats < 1:
         parser.error(f"--threads {args.threads}, --calls {args.calls}, --repeats {args.repeats}: each must be >= 1")
+    unknown = sorted(set(args.kernels or ()) - set(KERNELS[device.type]))
+    if unknown:
+        parser.error(f"--kernels {unknown}: not timed on {device.type}; choose from {list(KERNELS[device.type])}")
+    kernels = tuple(args.kernels) if args.kernels else None
     torch.set_num_threads(args.threads)
     dtype = DTYPES[device.type]
     if device.type == "cuda":
@@ -235,11 +246,11 @@ def main() -> None:
              f"{args.repeats} x {args.calls} calls", "", f"Shapes: {shapes}.", "",
              "| case | kernel | direct | site (inference) | op (training / compiled) | site - direct |",
              "|---|---|---|---|---|---|"]
-    for case, kernel, direct, site, op, extra in rows(device, dtype, args.calls, args.repeats):
+    for case, kernel, direct, site, op, extra in rows(device, dtype, args.calls, args.repeats, kernels):
         lines.append(f"| {case} | {kernel} | {direct:.1f} | {site:.1f} | {op:.1f} | {extra:+.1f} |")
     lines += ["", "One training call, forward + backward (host microseconds, same method):", "",
               "| case | kernel | direct | site (training) | op (training) | site - direct |", "|---|---|---|---|---|---|"]
-    for case, kernel, direct, site, op in training_rows(device, dtype, max(1, args.calls // 4), args.repeats):
+    for case, kernel, direct, site, op in training_rows(device, dtype, max(1, args.calls // 4), args.repeats, kernels):
         lines.append(f"| {case} | {kernel} | {direct:.1f} | {site:.1f} | {op:.1f} | {site - direct:+.1f} |")
     text = "\n".join(lines)
     print(text)

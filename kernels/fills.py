@@ -69,16 +69,25 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
     With no key at all (``Nk = 0``) every row is 0 whatever the fill: the original's ``softmax(s) @ v`` sums
     over no key."""
     if spec.fill == Fill.SAFE or spec.kv_len == 0:
-        return torch.where(empty[..., None], torch.zeros((), dtype=out.dtype, device=out.device), out)
+        return _where_empty(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.NEG_INF:
-        return torch.where(empty[..., None], torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
+        return _where_empty(empty, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.FINITE_REPLACED_ADDED:
-        return torch.where(empty[..., None], _mean_over_union(v, spec, first_row, out.shape[2]).to(out.dtype), out)
+        return _where_empty(empty, _mean_over_union(v, spec, first_row, out.shape[2]).to(out.dtype), out)
     # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
     # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
     mean_v = v.to(_compute_dtype(v.dtype)).mean(dim=2)  # [B, Hkv, Dv], float64 for float64 inputs
     mean_v = mean_v.repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
-    return torch.where(empty[..., None], mean_v.to(out.dtype), out)
+    return _where_empty(empty, mean_v.to(out.dtype), out)
+
+
+def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``value`` on the rows of ``out`` that ``empty`` marks, ``out`` elsewhere, in ``out``'s memory layout (a
+    kernel's output laid out like the queries stays so: an HF layer's reshape of it is a view). Under autograd
+    (a kernel's differentiable recomputation), where ``out=`` is not allowed, torch's own layout."""
+    if torch.is_grad_enabled() and (out.requires_grad or value.requires_grad):
+        return torch.where(empty[..., None], value, out)
+    return torch.where(empty[..., None], value, out, out=torch.empty_like(out))
 
 
 def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_grad: bool = False,

@@ -58,7 +58,7 @@ from .block_map import tile_lists
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
                     output_without_rows_or_keys)
 from .registry import Grads, Kernel, register
-from .spec import AttentionSpec, Fill, Window
+from .spec import AttentionSpec, Window
 
 try:
     from torch.nn.attention import flex_attention as _flex_module
@@ -351,7 +351,7 @@ class FlexKernel(Kernel):
     def _cpu_forward(self, q, k, v, spec: AttentionSpec):
         """Without a log-sum-exp (torch's CPU kernel gives none): a column of ones finds the rows that see a key."""
         with torch.no_grad():
-            if spec.fill == Fill.SAFE or not spec.rows_may_be_empty():
+            if not spec.rows_need_fill():
                 out = attend(q, k, v, spec, with_lse=False)  # an empty row is 0: the safe fill itself
                 return out, nan_lse(q, spec)
             ones = v.new_ones((*v.shape[:-1], 1))
@@ -371,7 +371,7 @@ class FlexKernel(Kernel):
             return registry.get("reference").backward(
                 grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad
             )
-        may_be_empty = spec.fill != Fill.SAFE and spec.rows_may_be_empty()
+        may_be_empty = spec.rows_need_fill()
         empty = torch.isneginf(lse)
         # an empty row's gradient is the fill's alone (below), whatever FlexAttention makes of it
         visible_grad = grad_out.masked_fill(empty[..., None], 0.0) if may_be_empty else grad_out
@@ -415,8 +415,8 @@ def _attend_out(q, k, v, spec: AttentionSpec):
 
 
 def _filled(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """``out`` with the rows that see no key as ``spec.fill`` says (no host sync)."""
-    if not spec.rows_may_be_empty():
+    """``out`` with the rows that see no key as ``spec.fill`` says (no host sync; FlexAttention's 0 is the safe fill)."""
+    if not spec.rows_need_fill():
         return out
     return fill_empty_rows(out, empty, v, spec)
 

@@ -31,7 +31,7 @@ import torch
 
 from .registry import Grads, Kernel, register
 from .fills import empty_row_grads, fill_empty_rows
-from .spec import AttentionSpec, Fill, key_padding_keep
+from .spec import AttentionSpec, key_padding_keep
 
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
@@ -411,7 +411,7 @@ class ReferenceKernel(Kernel):
                     q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1],
                     spec, q0, seed, skipper, grads,
                 )
-            if spec.fill != Fill.SAFE and spec.rows_may_be_empty():  # else no row is empty: nothing to look for
+            if spec.rows_need_fill():  # else no row is empty or its output is 0: nothing to look for
                 extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, needs_bias_grad,
                                         needs_mask_grad)
                 for name, grad in zip(("q", "k", "v", "bias", "mask"), extra):

@@ -40,6 +40,7 @@ from torch.nn.attention import SDPBackend
 from .approx_base import nan_lse, recompute_grads
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
                     output_without_rows_or_keys)
+from .layout import in_layout_of
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
 from .term_cache import TermCache
@@ -275,18 +276,6 @@ def _aten_forward(backend: SDPBackend, q, k, v, causal: bool, scale: float):
             q, k, v, None, True, 0.0, causal, False, scale=scale)[:2]
         return out, lse.squeeze(-1)  # cuDNN's is [B, H, Nq, 1]
     return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)[:2]
-
-
-def _in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """``t`` with its dims laid out in memory in the order of ``ref``'s strides (a copy only when not already)."""
-    order = sorted(range(ref.dim()), key=lambda dim: ref.stride(dim), reverse=True)
-    strides, step = [0] * t.dim(), 1
-    for dim in reversed(order):
-        strides[dim], step = step, step * t.shape[dim]
-    if list(t.stride()) == strides:
-        return t
-    laid = torch.empty([t.shape[dim] for dim in order], dtype=t.dtype, device=t.device)
-    return laid.permute([order.index(dim) for dim in range(t.dim())]).copy_(t)
 
 
 #: per device, the random state the ATen backwards take (read only with dropout, which these calls have not)
@@ -526,8 +515,8 @@ class SDPAKernel(Kernel):
         k_read, v_read, repeated = self._grouped(k, v, spec)
         # measured on an H200 (torch 2.11): cuDNN's backward is wrong unless the output and its gradient are
         # in the layout its forward made (the queries'), as a dense saved output or a contiguous gradient are not
-        out = _in_layout_of(out, q)
-        grad = _in_layout_of(grad_out.to(out.dtype), out)
+        out = in_layout_of(out, q)
+        grad = in_layout_of(grad_out.to(out.dtype), out)
         dq, dk, dv = _aten_backward(self.backend, grad, q, k_read, v_read, out, lse, _is_causal(spec), spec.scale)
         if repeated:  # each kv head's gradient is the sum over its query-head group
             dk, dv = (t.unflatten(1, (spec.kv_heads, spec.group_size)).sum(2) for t in (dk, dv))

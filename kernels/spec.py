@@ -227,6 +227,11 @@ class AttentionSpec:
         last_row_empty = lo is not None and self.q_len - 1 + off + lo > self.kv_len - 1
         return first_row_empty or last_row_empty
 
+    def rows_need_fill(self) -> bool:
+        """Whether rows with no visible key may exist and get a value of their own (their fill is not SAFE's 0, which
+        the kernels give such rows): only then does a kernel look for them and patch their output and gradients."""
+        return self.fill != Fill.SAFE and self.rows_may_be_empty()
+
     def _own_document_visible(self) -> bool:
         """Self-attention over documents where every query sees its own key: the query and key ids are the same
         memory (two views of one id tensor, as a packed model's ``ids[:, :, None] == ids[:, None, :]`` gives

@@ -31,10 +31,11 @@ import triton
 
 from . import registry
 from .fills import empty_row_grads, fill_empty_rows
+from .layout import empty_in_layout_of
 from .block_map import TileLists, needs_tile_map, tile_lists
 from .launch import launch as _launch
 from .registry import Grads, Kernel, register
-from .spec import AttentionSpec, Fill
+from .spec import AttentionSpec
 from .triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_flash_fwd import MAP_BLOCK, _attn_fwd
 
@@ -134,14 +135,14 @@ def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
 
 
 def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    if spec.fill == Fill.SAFE or not spec.rows_may_be_empty():
+    if not spec.rows_need_fill():
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec)
 
 
 def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec) -> Grads:
     """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (kernels/fills.py)."""
-    if spec.fill != Fill.SAFE and spec.rows_may_be_empty():
+    if spec.rows_need_fill():
         extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec)
         grads = [g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra[:3])]
     return (*grads, None, None)
@@ -207,7 +208,7 @@ class TritonFlashKernel(Kernel):
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         b, hq, nq = spec.batch, spec.q_heads, spec.q_len
-        out = q.new_empty((b, hq, nq, spec.v_head_dim))
+        out = empty_in_layout_of((b, hq, nq, spec.v_head_dim), q)  # an HF layer's reshape of it is then a view
         lse = q.new_empty((b, hq, nq), dtype=torch.float32)
         if out.numel() == 0 and lse.numel() == 0:
             return out, lse

@@ -272,6 +272,34 @@ def test_through_the_public_op_with_autograd():
         assert_close("grad", got.grad, ref.grad, 4e-4)
 
 
+@pytest.mark.parametrize("term", ["causal", "document", "key_padding_bool"])
+def test_output_laid_out_like_hugging_face_queries(term):
+    """q, k, v as a Hugging Face layer passes them (``[B, H, N, D]`` views of ``[B, N, H, D]`` projections):
+    the output is made in the queries' layout, so the layer's ``transpose(1, 2).reshape`` is a view and a
+    training step keeps no copy of it beside the saved output; values and gradients against float64, with
+    the output's gradient in that layout as it then arrives."""
+    b, hq, hkv, n, d = 2, 4, 2, 40, 16
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to(DEVICE).transpose(1, 2) for h in (hq, hkv, hkv))
+    terms = TERMS[term](b, hq, n, n, torch.float32, torch.Generator().manual_seed(4))
+    if term == "document":
+        terms["kv_doc"] = terms["q_doc"]
+    spec = AttentionSpec.from_tensors(q, k, v, **{name: t.to(DEVICE) if isinstance(t, torch.Tensor) else t
+                                                 for name, t in terms.items()})
+    grad_out = torch.randn(b, n, hq, d, generator=g).to(DEVICE).transpose(1, 2)
+    out, lse, grads = run_kernel(q, k, v, spec, grad_out)
+    merged = out.transpose(1, 2).reshape(b, n, hq * d)
+    assert merged.data_ptr() == out.data_ptr() and merged._base is not None, "the layer's reshape copied"
+    assert_close("out", out, naive_attention(q, k, v, spec), 1e-4)
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(grad_oracle(*leaves, spec), leaves, grad_out.double())
+    for name, got, ref in zip(("dq", "dk", "dv"), grads, want):
+        assert_close(name, got, ref, 4e-4)
+    # queries already contiguous in [B, H, N, D]: the output is too
+    out, _ = triton_flash.TritonFlashKernel().forward(q.contiguous(), k, v, spec, 0)
+    assert out.is_contiguous()
+
+
 def test_bias_grad_falls_back_to_the_exact_reference():
     q, k, v, spec = make_inputs(LAYOUTS["cross"], 16, torch.float32, "bias_broadcast")
     kernel = triton_flash.TritonFlashKernel()

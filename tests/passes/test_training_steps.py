@@ -152,3 +152,33 @@ def test_steps_match_the_original_on_cuda(case):
         for g, e in zip(mine, theirs):
             assert ((g.float() - e.float()).norm() / e.float().norm().clamp_min(1e-12)).item() < tol * 3
     assert all(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
+
+
+@pytest.mark.parametrize("with_padding", [False, True])
+def test_output_projection_reads_the_kernels_output_without_a_copy(with_padding):
+    """A training step keeps the output projection's input for its backward. With the kernel's output laid out
+    like the queries, the layer's ``transpose(1, 2).reshape`` is a view of the output attention saved anyway,
+    not a copy of it (one ``[N, hidden]`` tensor per layer). The gradients stay the original's."""
+    from .test_dynamic_detect import tiny_llama, tokens
+
+    model = tiny_llama().train()
+    optimized = attnopt.optimize(copy.deepcopy(model), kernel="triton_flash")
+    inputs = tokens(2, 40)
+    if not with_padding:
+        inputs["attention_mask"] = torch.ones_like(inputs["attention_mask"])
+    seen = []
+    hooks = [layer.self_attn.o_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+             for layer in optimized.layers]
+    out = optimized(**inputs).last_hidden_state
+    for hook in hooks:
+        hook.remove()
+    assert len(seen) == len(optimized.layers)
+    assert all(x._base is not None and x._base.transpose(1, 2).is_contiguous() for x in seen), \
+        "the output projection's input is a copy of the attention output"
+    want = model(**inputs).last_hidden_state
+    keep = inputs["attention_mask"].bool()  # padded query rows: the original's own arbitrary values
+    torch.testing.assert_close(out[keep], want[keep], atol=1e-4, rtol=1e-4)
+    out[keep].square().sum().backward()
+    want[keep].square().sum().backward()
+    for (name, a), b in zip(optimized.named_parameters(), model.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-4, rtol=1e-3, msg=name)
