@@ -14,7 +14,7 @@ host), the time per call is host time. Columns, per kernel:
 
 On CUDA, the Triton kernels are timed twice, in both tables: through Triton's own launch, and as
 ``... (bound launch)`` with the compiled kernel's launcher bound once per call signature
-(``kernels/launch.py``, ``ATTNOPT_BOUND_LAUNCH=1``). ``--kernels`` keeps some kernels' rows only.
+(``kernels/launch.py``, on unless ``ATTNOPT_BOUND_LAUNCH=0``). ``--kernels`` keeps some kernels' rows only.
 
 A second table times one training call, forward and backward (the output's gradient given, no
 optimizer): ``direct`` is SDPA under autograd with the backend selected (SDPA kernels) or

@@ -219,3 +219,18 @@ def test_a_hook_in_the_chain_keeps_tritons_path(bound):
         _call(kernel, q)
     assert fn.triton_launches == 4 and fn in launch._UNBINDABLE
     assert launch._no_hook(None) and launch._no_hook(HookChain()) and not launch._no_hook(HookChain(print))
+
+
+@pytest.mark.parametrize("setting, bound", [(None, True), ("1", True), ("0", False)])
+def test_bound_launch_is_on_unless_turned_off(setting, bound):
+    """On by default (the GPU suite passed with it); ``ATTNOPT_BOUND_LAUNCH=0`` keeps Triton's own launch."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "ATTNOPT_BOUND_LAUNCH"}
+    if setting is not None:
+        env["ATTNOPT_BOUND_LAUNCH"] = setting
+    code = "from attnopt.kernels import launch; print(launch.BOUND)"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(bound)
