@@ -17,6 +17,10 @@ random lengths, causal within each document, GQA), forward and forward + backwar
 attnopt's tile lists are cached per document-id tensor (``kernels/term_cache.py``) as Flex's block mask is
 reused, so neither build is in the timings. Every row is first checked against Flex's output and gradients.
 Ratios above 1 mean attnopt is faster.
+
+A second table gives the host time of one forward + backward: ``HOST_CALLS`` calls issued back to back and
+synchronized once, the wall time divided by the calls. A call whose host time is near its ``do_bench`` time
+is bound by the host (its launches, its Python, or a synchronization inside it), not by its kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import pathlib
+import time
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +59,25 @@ def timed(fn, inputs, backward: bool) -> float:
         fn().backward(grad)
 
     return triton.testing.do_bench(step, warmup=25, rep=100, grad_to_none=list(inputs), return_mode="median")
+
+
+#: forward + backward calls issued back to back for the host-time table (few enough that the launch queue,
+#: about a thousand launches deep, does not fill and make the host wait on the GPU)
+HOST_CALLS = 20
+
+
+def host_ms(fn, inputs, grad) -> float:
+    """Wall milliseconds per forward + backward over ``HOST_CALLS`` calls with one synchronization at the end."""
+    fn().backward(grad)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(HOST_CALLS):
+        for t in inputs:
+            t.grad = None
+        fn().backward(grad)
+    issued = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return issued * 1e3 / HOST_CALLS
 
 
 def outputs_and_grads(fn, inputs, grad):
@@ -121,7 +145,7 @@ def main() -> None:
              "| vs flex | vs sdpa |", "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     torch.manual_seed(0)
-    flex_ms, variant_rows = {}, []  # flex_ms: the last (forward + backward) Flex time per count
+    flex_ms, variant_rows, host_rows = {}, [], []  # flex_ms: the last (forward + backward) Flex time per count
     for count in args.documents:
         doc = document_ids(n, count, seed=n * 1000 + count)
         ids = doc[0]
@@ -158,6 +182,10 @@ def main() -> None:
                    f"{ms['flex'] / ms['triton_flash']:.2f}x | {ms['sdpa'] / ms['triton_flash']:.2f}x |")
             lines.append(row)
             print(row, flush=True)
+        hosts = {name: host_ms(providers[name], inputs, grad) for name in ("triton_flash", "flex")}
+        host_rows.append(f"| {count} | {hosts['triton_flash']:.3f} | {ms['triton_flash']:.3f} | {hosts['flex']:.3f} "
+                         f"| {ms['flex']:.3f} |")
+        print(host_rows[-1], flush=True)
         if args.variants:
             for variant in DOC_VARIANTS:
                 with backward_variant(variant):
@@ -166,6 +194,10 @@ def main() -> None:
                 variant_rows.append(f"| {count} | {variant.name} | {ms:.3f} | {flex_ms[count] / ms:.2f}x |")
                 print(variant_rows[-1], flush=True)
         torch.cuda.empty_cache()
+    lines += ["", f"Host time of one forward + backward ({HOST_CALLS} calls issued, then one synchronization), "
+              "beside its do_bench time:", "",
+              "| documents | triton_flash host ms | triton_flash ms | flex host ms | flex ms |", "|---|---|---|---|---|",
+              *host_rows]
     if variant_rows:
         lines += ["", "Forward + backward with other tile-list backward variants (`--variants`):", "",
                   "| documents | backward variant | ms | vs flex |", "|---|---|---|---|", *variant_rows]
