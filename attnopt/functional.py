@@ -84,7 +84,7 @@ def attention(
         if not ops._wants_grad(q, k, v, bias, attn_mask):
             return ops._run_forward(q, k, v, spec, chosen)[0]
         if q.device.type in ops.EAGER_TRAINING_DEVICES:
-            return ops._EagerAttention.apply(spec, chosen, *args)[0]
+            return ops._eager_training(spec, chosen, args)
     return torch.ops.attnopt.attention(*args)[0]
 
 

@@ -60,6 +60,11 @@ def _dense(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t.to(dtype).contiguous()
 
 
+def _cast(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype``; no call at all when it already is (a training call would make six that do nothing)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @contextlib.contextmanager
 def _autograd_available():
     """Let a kernel's backward use autograd (SDPA and Performer recompute their forward under it).
@@ -134,7 +139,11 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
     seed_tensor = q.new_zeros((1,), dtype=torch.int64)
     if seed:
         seed_tensor.fill_(seed)
-    return (_dense(out, q.dtype) if dense else out.to(q.dtype)), _dense(lse, _lse_dtype(q)), seed_tensor
+    if dense:
+        return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
+    # the log-sum-exp goes to this kernel's own backward only: as the kernel made it (the CPU kernel's is a
+    # transposed view, which a contiguous copy per call would cost host time for)
+    return _cast(out, q.dtype), _cast(lse, _lse_dtype(q)), seed_tensor
 
 
 #: ``attnopt::attention``: the body above as an opaque op that autograd, tracers and exporters see
@@ -198,8 +207,8 @@ def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
             needs_mask_grad
         )
     if not dense:
-        return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None if dbias is None else dbias.to(bias.dtype),
-                None if dmask is None else dmask.to(mask.dtype))
+        return (_cast(dq, q.dtype), _cast(dk, k.dtype), _cast(dv, v.dtype),
+                None if dbias is None else _cast(dbias, bias.dtype), None if dmask is None else _cast(dmask, mask.dtype))
     return (
         _dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype),
         q.new_empty((0,)) if dbias is None else _dense(dbias, bias.dtype),
@@ -343,14 +352,17 @@ class _EagerAttention(torch.autograd.Function):
     """``attnopt::attention`` with its registered autograd, for a plain call under autograd in a graph run
     as Python: the same body (``_attention_impl``), the same ``_setup_context`` and ``_backward``, without
     the custom ops' dispatch and argument binding per call (about 110 us of host time per training call
-    on a CPU, ``benchmarks/dispatch.py``)."""
+    on a CPU, ``benchmarks/dispatch.py``). Only the tensors a gradient can flow to are the function's
+    inputs (``apply`` handles each input per call); the rest of the op's arguments come as one tuple."""
 
     @staticmethod
-    def forward(ctx, spec: AttentionSpec, kernel, *inputs):
-        """``inputs``: the op's; ``spec``: the one ``spec_from_args`` makes of them (the site's call plan's),
-        ``kernel``: the kernel object."""
-        output = _run_forward(*inputs[:3], spec, kernel, dense=False)  # traced by nothing: no fake to match
-        _setup_context(ctx, inputs, output)
+    def forward(ctx, call: tuple, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
+        """``call``: ``(spec, kernel, key_padding, q_doc, kv_doc, params)``, with ``spec`` the one
+        ``spec_from_args`` makes of the op's arguments (the site's call plan's), ``kernel`` the kernel object
+        and ``params`` the op's arguments after its tensors."""
+        spec, kernel, key_padding, q_doc, kv_doc, params = call
+        output = _run_forward(q, k, v, spec, kernel, dense=False)  # traced by nothing: no fake to match
+        _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), output)
         ctx.spec, ctx.kernel = spec, kernel
         ctx.mark_non_differentiable(output[1], output[2])
         return output
@@ -366,8 +378,19 @@ class _EagerAttention(torch.autograd.Function):
                 # outside the op: autograd is not excluded, and no fake implementation describes the gradients
                 return _run_backward(grad_out, q, k, v, out, lse, seed, ctx.spec, ctx.kernel, needs_bias_grad,
                                      needs_mask_grad, dense=False)
-        # the spec and the kernel come first among this function's inputs: the op's follow
-        return (None, None, *_backward(ctx, grad_out, grad_lse, grad_seed, run, ctx.needs_input_grad[2:]))
+        _, wants_q, wants_k, wants_v, wants_bias, wants_mask = ctx.needs_input_grad
+        # the op's inputs' flags: key padding and document ids take no gradient
+        flags = (wants_q, wants_k, wants_v, False, False, False, wants_bias, wants_mask)
+        dq, dk, dv, _, _, _, dbias, dmask = _backward(ctx, grad_out, grad_lse, grad_seed, run, flags)[:8]
+        return None, dq, dk, dv, dbias, dmask
+
+
+def _eager_training(spec: AttentionSpec, kernel, args: tuple) -> Tensor:
+    """The op's output for ``args`` (its 17 arguments) through ``_EagerAttention``: what a plain call under
+    autograd runs in a graph run as Python, and ``attnopt.attention`` on plain tensors."""
+    q, k, v, key_padding, q_doc, kv_doc, bias, mask = args[:_TENSOR_INPUTS]
+    call = (spec, kernel, key_padding, q_doc, kv_doc, args[_TENSOR_INPUTS:])
+    return _EagerAttention.apply(call, q, k, v, bias, mask)[0]
 
 
 def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
@@ -465,10 +488,8 @@ class SiteCall:
             spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
             if dropout_p != 0.0:
                 spec = _with_fields(spec, dropout_p=float(dropout_p))
-            return (_EagerAttention.apply(
-                spec, self.kernel, q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p,
-                self.fill, self.kernel_name,
-            )[0],)
+            return (_eager_training(spec, self.kernel, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static,
+                                                        dropout_p, self.fill, self.kernel_name)),)
         if dropout_p != 0.0 or not plain or training:
             return (torch.ops.attnopt.attention.default(
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,

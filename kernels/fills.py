@@ -25,6 +25,14 @@ then give such rows what the model being replaced gave (``spec.fill``):
 
 Rows are rare (left padding), so the backward corrections are computed for
 those rows only, against all keys, with PyTorch ops.
+
+With dropout (``spec.dropout_p > 0``) the original drops out the uniform row of
+a finite fill like any other: ``out = sum_j z_j v_j / |U|`` over the keys ``U``
+the row is uniform over, ``z_j`` 0 or ``1 / (1 - p)``. The fills draw ``z`` for
+those rows only, as a function of the call's seed and the (batch, head, row,
+key) index alone (``_dropout_keep``), so that the backward regenerates it
+whatever row chunks the forward took; the gradients are those of the same
+dropped-out row. Such calls look for empty rows with one host sync.
 """
 
 from __future__ import annotations
@@ -36,6 +44,10 @@ import torch.nn.functional as F
 from .spec import AttentionSpec, Fill, band_keep, key_padding_keep
 
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
+#: fills whose rows are a (uniform) softmax that dropout then drops out, as any other row
+DROPPED_FILLS = (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED)
+#: empty rows handled at once by the dropout fills: bounds their ``[rows, Nk]`` working tensors
+ROW_CHUNK = 1024
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -62,12 +74,15 @@ def grads_without_rows_or_keys(q, k, v, spec: AttentionSpec, needs_bias_grad: bo
 
 
 def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
-                    first_row: int = 0) -> torch.Tensor:
+                    first_row: int = 0, seed: int = 0) -> torch.Tensor:
     """``out [B, Hq, n, Dv]`` with rows where ``empty [B, Hq, n]`` replaced as ``spec.fill`` says: query rows
     ``first_row .. first_row + n - 1`` of the spec (a kernel that works on row chunks passes each chunk).
+    ``seed``: the call's dropout seed, which a finite fill with dropout draws its row's dropout from.
 
     With no key at all (``Nk = 0``) every row is 0 whatever the fill: the original's ``softmax(s) @ v`` sums
     over no key."""
+    if spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS and spec.kv_len > 0:
+        return _dropped_uniform_rows(out, empty, v, spec, first_row, seed)
     if spec.fill == Fill.SAFE or spec.kv_len == 0:
         return _where_empty(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.NEG_INF:
@@ -91,15 +106,17 @@ def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) ->
 
 
 def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_grad: bool = False,
-                    needs_mask_grad: bool = False):
+                    needs_mask_grad: bool = False, seed: int = 0):
     """Gradient contributions of rows with no visible key: ``(dq, dk, dv, dbias, dmask)``, each or None.
 
-    In float32 (float64 for float64 inputs).
+    In float32 (float64 for float64 inputs). ``seed``: the forward's, for a finite fill with dropout.
 
     Add them to a kernel's gradients, which count such rows as contributing nothing.
     """
     if spec.fill == Fill.SAFE or spec.kv_len == 0 or not bool(empty.any()):  # Nk = 0: rows of constant 0
         return None, None, None, None, None
+    if spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS:
+        return _dropped_row_grads(q, k, v, grad_out, empty, spec, seed, needs_bias_grad, needs_mask_grad)
     b, hkv, g = spec.batch, spec.kv_heads, spec.group_size
     if spec.fill == Fill.NEG_INF:
         nan_heads = empty.reshape(b, hkv, g, -1).any(-1).any(-1)[:, :, None, None]  # [B, Hkv, 1, 1]
@@ -212,3 +229,108 @@ def _score_grads(q, k, ds, q_rows, k_rows, index, spec: AttentionSpec):
     dk = torch.zeros(k.shape, dtype=ds.dtype, device=k.device)
     dk.index_put_((bi, kv_head), ds[:, :, None] * q_rows[:, None, :] * spec.scale, accumulate=True)
     return dq, dk
+
+
+# ----------------------------------------------------------------------------- dropout on filled rows
+#: splitmix64's increment and finalizer multipliers, as signed int64 (torch's integer products wrap)
+_GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def _shifted(x: torch.Tensor, bits: int) -> torch.Tensor:
+    """``x >> bits`` as an unsigned shift of int64 bits (torch's ``>>`` copies the sign bit in)."""
+    return (x >> bits) & ((1 << (64 - bits)) - 1)
+
+
+def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, rows: torch.Tensor,
+                  dtype: torch.dtype) -> torch.Tensor:
+    """``[r, Nk]`` dropout multipliers (0 or ``1 / (1 - p)``) of query rows ``rows`` (absolute) of heads ``heads`` in
+    batch row ``b``: uniform draws that are a function of ``seed`` and the (b, h, i, j) index alone."""
+    if seed == 0:
+        raise ValueError("a finite fill with dropout needs the call's dropout seed (0 means no dropout was drawn)")
+    row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # [r]
+    keys = torch.arange(spec.kv_len, device=rows.device)
+    x = (row_index[:, None] * spec.kv_len + keys[None, :]) * _GOLDEN + (seed & ((1 << 62) - 1))
+    x = (x ^ _shifted(x, 30)) * _MIX1
+    x = (x ^ _shifted(x, 27)) * _MIX2
+    x = x ^ _shifted(x, 31)
+    uniform = (x & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
+    return (uniform >= spec.dropout_p).to(dtype) / (1.0 - spec.dropout_p)
+
+
+def _row_groups(empty: torch.Tensor, spec: AttentionSpec):
+    """The rows ``empty [B, Hq, n]`` marks, as ``(b, kv head, heads [r], rows [r])`` groups of at most
+    ``ROW_CHUNK`` rows that read one key/value head. One host sync."""
+    bi, hi, ii = torch.nonzero(empty, as_tuple=True)  # (b, h, i) order: a (b, kv head) group is consecutive
+    group = bi * spec.kv_heads + hi // spec.group_size
+    groups, counts = torch.unique_consecutive(group, return_counts=True)
+    start = 0
+    for value, count in zip(groups.tolist(), counts.tolist()):
+        b, kv = divmod(value, spec.kv_heads)
+        for first in range(start, start + count, ROW_CHUNK):
+            last = min(first + ROW_CHUNK, start + count)
+            yield b, kv, hi[first:last], ii[first:last]
+        start += count
+
+
+def _uniform_weights(spec: AttentionSpec, b: int, rows: torch.Tensor, dtype: torch.dtype):
+    """``(weights [r, Nk], band [r, Nk] or None)`` of empty query rows ``rows`` (absolute) of batch row ``b``:
+    the uniform softmax the fill stands for, and (replaced band + added padding) the keys whose scores the
+    band's ``where`` passes a gradient to."""
+    if spec.fill != Fill.FINITE_REPLACED_ADDED:
+        return torch.full((rows.numel(), spec.kv_len), 1.0 / spec.kv_len, dtype=dtype, device=rows.device), None
+    lo, top = spec.band()
+    keys = torch.arange(spec.kv_len, device=rows.device)
+    band = band_keep(keys[None, :] - (rows + spec.diagonal_offset)[:, None], lo, top)  # [r, Nk]
+    kept = _kept_keys(spec, rows.device)
+    union = band | kept[min(b, kept.shape[0] - 1)][None, :]  # disjoint on a row with no visible key
+    return union.to(dtype) / union.sum(-1, keepdim=True), band  # 0 / 0 = NaN: every key masked twice
+
+
+def _dropped_uniform_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                          first_row: int, seed: int) -> torch.Tensor:
+    """``fill_empty_rows`` for a finite fill with dropout: each empty row's uniform softmax dropped out, times v."""
+    if not bool(empty.any()):  # one host sync; most calls have no such row
+        return out
+    cdtype = _compute_dtype(v.dtype)
+    filled = torch.empty_like(out).copy_(out)  # out's layout kept
+    for b, kv, heads, rows in _row_groups(empty, spec):
+        weights, _ = _uniform_weights(spec, b, rows + first_row, cdtype)
+        weights = weights * _dropout_keep(spec, seed, b, heads, rows + first_row, cdtype)
+        filled[b, heads, rows] = (weights @ v[b, kv].to(cdtype)).to(out.dtype)
+    return filled
+
+
+def _dropped_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int, needs_bias_grad: bool,
+                       needs_mask_grad: bool):
+    """``empty_row_grads`` for a finite fill with dropout: the gradients of each empty row's dropped-out
+    uniform softmax (``P = 1 / |U|`` on its keys ``U``, ``z`` the dropout multipliers): dV gets ``P z dO``; the
+    scores (added fills only) ``dS = P (dP - sum(P dP))`` with ``dP = z (dO . v)``."""
+    cdtype = _compute_dtype(q.dtype)
+    dv = torch.zeros(v.shape, dtype=cdtype, device=v.device)
+    scores = spec.fill != Fill.FINITE  # a replaced fill sends the scores nothing (masked_fill's backward)
+    dq = torch.zeros(q.shape, dtype=cdtype, device=q.device) if scores else None
+    dk = torch.zeros(k.shape, dtype=cdtype, device=k.device) if scores else None
+    added = spec.fill == Fill.FINITE_ADDED  # only an added fill's terms receive the scores' gradient
+    term_grads = [torch.zeros(term.shape, dtype=cdtype, device=q.device) if added and needed else None
+                  for term, needed in ((spec.bias, needs_bias_grad), (spec.mask, needs_mask_grad))]
+    for b, kv, heads, rows in _row_groups(empty, spec):
+        weights, band = _uniform_weights(spec, b, rows, cdtype)
+        keep = _dropout_keep(spec, seed, b, heads, rows, cdtype)
+        do = grad_out[b, heads, rows].to(cdtype)  # [r, Dv]
+        values = v[b, kv].to(cdtype)  # [Nk, Dv]
+        dv[b, kv] += (weights * keep).T @ do
+        if not scores:
+            continue
+        dp = keep * (do @ values.T)  # [r, Nk]
+        ds = weights * (dp - (weights * dp).sum(-1, keepdim=True))
+        if band is not None:
+            ds = torch.where(band, ds, torch.zeros((), dtype=cdtype, device=ds.device))
+        keys, queries = k[b, kv].to(cdtype), q[b, heads, rows].to(cdtype)  # [Nk, D], [r, D]
+        for grad in term_grads:
+            if grad is not None:
+                _scatter_rows(grad, ds, torch.full_like(rows, b), heads, rows)
+        if spec.softcap is not None:
+            ds = ds * (1.0 - torch.tanh((queries @ keys.T) * spec.scale / spec.softcap) ** 2)
+        dq.index_put_((torch.full_like(rows, b), heads, rows), (ds @ keys) * spec.scale, accumulate=True)
+        dk[b, kv] += (ds.T @ queries) * spec.scale
+    return dq, dk, dv, *term_grads

@@ -267,7 +267,7 @@ def _rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipp
     out = acc / torch.where(empty_row, torch.ones_like(l), l)[..., None]
     out = out.reshape(batch, q_heads, n_rows, spec.v_head_dim)
     if bool(empty_row.any()):
-        out = fill_empty_rows(out, empty_row.reshape(batch, q_heads, n_rows), v, spec, q0)
+        out = fill_empty_rows(out, empty_row.reshape(batch, q_heads, n_rows), v, spec, q0, seed)
     lse = m + torch.log(l)
     return out, lse.reshape(batch, q_heads, n_rows)
 
@@ -413,7 +413,7 @@ class ReferenceKernel(Kernel):
                 )
             if spec.rows_need_fill():  # else no row is empty or its output is 0: nothing to look for
                 extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, needs_bias_grad,
-                                        needs_mask_grad)
+                                        needs_mask_grad, seed)
                 for name, grad in zip(("q", "k", "v", "bias", "mask"), extra):
                     if grad is not None:
                         target = dq if name == "q" else grads[name]

@@ -526,7 +526,7 @@ class SDPAKernel(Kernel):
         grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
         k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
         mask, empty = mask_and_empty_rows(spec)
-        grad = grad_out.to(out.dtype)
+        grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
         if empty is not None:
             # a row without keys was filled after SDPA: it passes no gradient to SDPA (its gradient is the
             # fill's, added below), so its output gradient is 0 there, and log-sum-exp +inf makes its

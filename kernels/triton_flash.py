@@ -134,16 +134,18 @@ def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
     return dict(seed=int(seed) % (1 << 62), dropout_p=float(spec.dropout_p), DROPOUT=spec.dropout_p > 0.0)
 
 
-def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                     seed: int = 0) -> torch.Tensor:
     if not spec.rows_need_fill():
         return out
-    return fill_empty_rows(out, torch.isneginf(lse), v, spec)
+    return fill_empty_rows(out, torch.isneginf(lse), v, spec, seed=seed)
 
 
-def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec) -> Grads:
-    """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (kernels/fills.py)."""
+def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec, seed: int = 0) -> Grads:
+    """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (kernels/fills.py); ``seed``:
+    the call's dropout seed."""
     if spec.rows_need_fill():
-        extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec)
+        extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, seed=seed)
         grads = [g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra[:3])]
     return (*grads, None, None)
 
@@ -215,14 +217,14 @@ class TritonFlashKernel(Kernel):
         if spec.kv_len == 0:
             out.zero_()
             lse.fill_(float("-inf"))
-            return _fill_empty_rows(out, lse, v, spec), lse
+            return _fill_empty_rows(out, lse, v, spec, seed), lse
         lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if needs_tile_map(spec) else None
         grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _launch(
             _attn_fwd, grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             **_term_args(spec, q, k), **_dropout_args(spec, seed), **_map_args(lists, lse),
         )
-        return _fill_empty_rows(out, lse, v, spec), lse
+        return _fill_empty_rows(out, lse, v, spec, seed), lse
 
     # --------------------------------------------------------------------- backward
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
@@ -240,7 +242,7 @@ class TritonFlashKernel(Kernel):
         dk = torch.zeros_like(k)
         dv = torch.zeros_like(v)
         if nq == 0 or nk == 0 or b * hq == 0:
-            return _with_empty_rows((torch.zeros_like(q), dk, dv), q, k, v, grad_out, lse, spec)
+            return _with_empty_rows((torch.zeros_like(q), dk, dv), q, k, v, grad_out, lse, spec, seed)
         lse = lse.float().contiguous()
         delta = torch.empty_like(lse)
         lse2 = torch.empty_like(lse)
@@ -270,7 +272,7 @@ class TritonFlashKernel(Kernel):
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
                 **terms, **_map_args(q_lists, lse),
             )
-        return _with_empty_rows((dq_acc.to(q.dtype), dk, dv), q, k, v, grad_out, lse, spec)
+        return _with_empty_rows((dq_acc.to(q.dtype), dk, dv), q, k, v, grad_out, lse, spec, seed)
 
 
 register(TritonFlashKernel())

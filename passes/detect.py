@@ -803,9 +803,6 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
         raise _Reject(str(err), match.anchor) from None
     if match.nan_to_zero and match.masks.fill == Fill.NEG_INF:
         match.masks.fill = Fill.SAFE
-    if match.dropout_p > 0.0 and match.masks.fill in (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED):
-        raise _Reject(f"dropout (p={match.dropout_p:g}) on rows with no visible key: the original drops out a "
-                      "uniform row, which the kernels' fill does not reproduce", match.anchor)
 
 
 def _symbolic_len(op: Operand):

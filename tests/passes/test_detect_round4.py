@@ -148,7 +148,10 @@ def test_a_replaced_fill_then_an_added_mask_that_is_not_exact_is_left_alone(spel
     assert reason in the_site(report, replaced=False).reason
 
 
-def test_dropout_after_a_replaced_then_added_fill_is_left_alone():
+def test_dropout_after_a_replaced_then_added_fill_keeps_the_originals_distribution():
+    """The rows of batch row 1 before its first kept key see no key: the original drops out their uniform
+    softmax over the band's keys and the kept keys. The replaced site does the same (kernels/fills.py): over
+    many draws those rows spread and average as the original's do."""
     class Dropped(FillThenAdd):
         def forward(self, x, keep):
             q, k, v = self.split(x)
@@ -156,9 +159,22 @@ def test_dropout_after_a_replaced_then_added_fill_is_left_alone():
             scores = torch.where(self.bias, q @ k.transpose(-2, -1), low) + (1.0 - keep[:, None, None, :].float()) * low
             return self.merge(torch.nn.functional.dropout(scores.softmax(-1), 0.3, self.training) @ v)
 
+    torch.manual_seed(0)
     model = Dropped().train()
-    attnopt.optimize(model)(torch.randn(3, 12, 32), padded_rows())
-    assert "dropout" in the_site(model.attnopt_report, replaced=False).reason
+    original = copy.deepcopy(model)
+    x, keep = torch.randn(3, 12, 32), padded_rows()
+    optimized = attnopt.optimize(model, kernel="reference")
+    draws = 300
+    with torch.no_grad():
+        got = torch.stack([optimized(x, keep)[1, :5] for _ in range(draws)])  # the rows without a key
+        want = torch.stack([original(x, keep)[1, :5] for _ in range(draws)])
+    site = the_site(optimized.attnopt_report)
+    assert site.replaced and site.mask_terms == ("causal", "key_padding"), site
+    got_std, want_std = got.std(0).mean(), want.std(0).mean()
+    assert want_std > 0.05, want_std  # the original's rows vary with the draw
+    assert 0.8 * want_std < got_std < 1.25 * want_std, (got_std, want_std)
+    spread = ((got.var(0) + want.var(0)) / draws).sqrt()  # of the difference of the two means, per element
+    assert ((got.mean(0) - want.mean(0)).abs() <= 5 * spread + 1e-4).all()  # 5 sigma over 160 elements
 
 
 # ------------------------------------------------------------------ the fill in the kernels, against autograd

@@ -1,0 +1,165 @@
+"""Finite fills under dropout: a row with no visible key is the original's uniform softmax, dropped out.
+
+The original computes ``dropout(softmax(s + m)) @ v`` with a finite minimum ``m``: on a row where every
+key is masked the softmax is uniform over the keys ``m`` reached, and dropout drops it out like any other
+row. The kernels that take dropout (``reference``, ``triton_flash``) give such rows that function with
+the multipliers ``fills._dropout_keep`` draws: these tests check the output and every gradient against
+autograd through the original's arithmetic in float64 with the same multipliers, that the draws depend
+on the seed only (not on the kernel's row chunks), and that forward and backward agree (gradcheck).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from attnopt.kernels import fills, reference, registry
+from attnopt.kernels.spec import AttentionSpec, Fill
+
+#: the kernels with dropout; triton_flash runs in Triton's interpreter on CPU (tests/conftest.py)
+KERNELS = ["reference", "triton_flash"]
+P = 0.3
+SEED = 987654321
+
+
+def _keep_all_rows(spec: AttentionSpec, seed: int) -> torch.Tensor:
+    """``[B, Hq, Nq, Nk]`` dropout multipliers of every row, as the fills draw them."""
+    heads = torch.arange(spec.q_heads, device=spec.device).repeat_interleave(spec.q_len)
+    rows = torch.arange(spec.q_len, device=spec.device).repeat(spec.q_heads)
+    return torch.stack([fills._dropout_keep(spec, seed, b, heads, rows, torch.float64)
+                        .reshape(spec.q_heads, spec.q_len, spec.kv_len) for b in range(spec.batch)])
+
+
+def _original(q, k, v, keep, band, fill: Fill, multipliers, scale):
+    """The written model in float64: scores, the fill as the model wrote it, softmax, dropout (given
+    multipliers), values. ``keep [B, Nk]``: key padding; ``band [Nq, Nk]`` or None."""
+    low = torch.finfo(torch.float32).min
+    group = q.shape[1] // k.shape[1]
+    s = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    padding = ~keep[:, None, None, :]
+    if fill == Fill.FINITE:
+        s = s.masked_fill(padding, low)
+    elif fill == Fill.FINITE_ADDED:
+        s = s + padding.to(s.dtype) * low
+    else:  # FINITE_REPLACED_ADDED: the band replaced, the padding added
+        s = torch.where(band, s, torch.tensor(low, dtype=s.dtype)) + padding.to(s.dtype) * low
+    return (s.softmax(-1) * multipliers) @ v.repeat_interleave(group, 1)
+
+
+CASES = [(Fill.FINITE, False), (Fill.FINITE_ADDED, False), (Fill.FINITE_REPLACED_ADDED, True)]
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fill,causal", CASES, ids=[f.value for f, _ in CASES])
+def test_rows_without_keys_are_the_originals_dropped_out_uniform_row(kernel, fill, causal):
+    """Every row empty (batch rows whose keys are all padded, or a causal band with left padding past it):
+    the whole output is the fill, so it and all gradients equal the original's with the same dropout."""
+    _check_rows_without_keys(kernel, fill, causal, "cpu", torch.float64 if kernel == "reference" else torch.float32)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("fill,causal", CASES, ids=[f.value for f, _ in CASES])
+def test_rows_without_keys_on_cuda(kernel, fill, causal):
+    _check_rows_without_keys(kernel, fill, causal, "cuda", torch.float32)
+
+
+def _check_rows_without_keys(kernel: str, fill: Fill, causal: bool, device: str, dtype: torch.dtype) -> None:
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, n, d = 2, 4, 2, 20 if device == "cpu" else 300, 16
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=dtype).to(device) for h in (hq, hkv, hkv))
+    grad = torch.randn(b, hq, n, d, generator=g, dtype=dtype).to(device)
+    # left padding past every row (causal): each row's band holds padded keys only
+    keep = torch.zeros(b, n, dtype=torch.bool, device=device)
+    band = torch.ones(n, n, dtype=torch.bool, device=device).tril() if causal else None
+    spec = AttentionSpec.from_tensors(q, k, v, scale=0.25, causal=causal, key_padding=keep, dropout_p=P, fill=fill)
+    chosen = registry.get(kernel)
+    out, lse = chosen.forward(q, k, v, spec, SEED)
+    got = chosen.backward(grad, q, k, v, out, lse, spec, SEED, False, False)[:3]
+
+    leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    want = _original(*leaves, keep, band, fill, _keep_all_rows(spec, SEED), spec.scale)
+    expected = torch.autograd.grad(want, leaves, grad.double())
+    tol = 1e-10 if dtype == torch.float64 else 2e-5 if device == "cpu" else 1e-4  # TF32 products on a GPU
+    torch.testing.assert_close(out.double(), want.detach(), atol=tol, rtol=tol)
+    for name, got_grad, want_grad in zip(("dq", "dk", "dv"), got, expected):
+        torch.testing.assert_close(got_grad.double(), want_grad, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+    if fill == Fill.FINITE:  # masked_fill's backward sends the replaced scores nothing
+        assert got[0].abs().max() == 0 and got[1].abs().max() == 0
+    else:
+        assert got[0].abs().max() > 0, "the added fill passes a gradient to q"
+    dropped = _keep_all_rows(spec, SEED) == 0
+    assert 0.2 < dropped.double().mean() < 0.4, "about p of the uniform row is dropped"
+
+
+@pytest.mark.parametrize("fill", [Fill.FINITE, Fill.FINITE_ADDED])
+def test_mixed_rows_pass_gradcheck_with_their_seed(fill):
+    """Some batch rows see keys (the kernel's own dropout), one sees none (the fill's). With the seed fixed, the
+    rows that see keys are a differentiable function whose gradient the backward gives (gradcheck); the empty
+    batch row is the original's dropped-out uniform row, gradients included. (An added fill's row is constant
+    in q and k up to rounding while the original's autograd, which the kernels follow, differentiates the
+    addition as the identity: gradcheck cannot see that gradient, the float64 original does.)"""
+    kernel = reference.ReferenceKernel()
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(3, 2, 6, 4, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    keep = torch.rand(3, 6, generator=g) > 0.4
+    keep[0, 0], keep[2, 0], keep[1] = True, True, False
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, dropout_p=P, fill=fill)
+
+    class Fixed(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, q, k, v):
+            out, lse = kernel.forward(q, k, v, spec, seed=SEED)
+            ctx.save_for_backward(q, k, v, out, lse)
+            return out
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            q, k, v, out, lse = ctx.saved_tensors
+            return kernel.backward(grad_out, q, k, v, out, lse, spec, SEED, False, False)[:3]
+
+    out = Fixed.apply(q, k, v)
+    undropped = kernel.forward(q, k, v, spec.with_(dropout_p=0.0), seed=0)[0]
+    assert not torch.allclose(out[1], undropped[1]), "the empty batch row is dropped out"
+    seeing = [0, 2] if fill == Fill.FINITE_ADDED else [0, 1, 2]
+    assert torch.autograd.gradcheck(lambda *t: Fixed.apply(*t)[seeing], (q, k, v))
+
+    grad = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    grad[[0, 2]] = 0.0  # the empty batch row's gradients only
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    want = _original(*leaves, keep, None, fill, _keep_all_rows(spec, SEED), spec.scale)
+    torch.testing.assert_close(out[1], want[1].detach(), atol=1e-12, rtol=1e-10)
+    for name, got_grad, want_grad in zip(("dq", "dk", "dv"), got, torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(got_grad[1], want_grad[1], atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+def test_the_draws_depend_on_the_seed_and_index_only():
+    """The forward may fill a chunk of rows at a time and the backward all rows at once: a row's multipliers
+    must not depend on which rows were drawn with it. Other seeds draw other multipliers."""
+    q, k, v = (torch.randn(1, 2, 10, 4) for _ in range(3))
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=torch.zeros(1, 10, dtype=torch.bool), dropout_p=P,
+                                      fill=Fill.FINITE_ADDED)
+    heads, rows = torch.tensor([0, 1, 1, 0]), torch.tensor([3, 3, 7, 9])
+    together = fills._dropout_keep(spec, SEED, 0, heads, rows, torch.float32)
+    one_by_one = torch.cat([fills._dropout_keep(spec, SEED, 0, heads[i:i + 1], rows[i:i + 1], torch.float32)
+                            for i in range(4)])
+    assert torch.equal(together, one_by_one)
+    assert not torch.equal(together, fills._dropout_keep(spec, SEED + 1, 0, heads, rows, torch.float32))
+    torch.testing.assert_close(together.unique(), torch.tensor([0.0, 1 / (1 - P)]))
+    with pytest.raises(ValueError, match="dropout seed"):
+        fills._dropout_keep(spec, 0, 0, heads, rows, torch.float32)
+
+
+def test_reference_fills_row_chunks_like_one_chunk(monkeypatch):
+    """The reference kernel fills each chunk of query rows with the chunk's offset: the same output as one chunk."""
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(2, 2, 24, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    keep = torch.ones(2, 24, dtype=torch.bool)
+    keep[1] = False
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, dropout_p=P, fill=Fill.FINITE_ADDED)
+    whole = reference.ReferenceKernel().forward(q, k, v, spec, SEED)[0]
+    monkeypatch.setattr(reference, "chunk_sizes", lambda spec: (5, 8))
+    chunked = reference.ReferenceKernel().forward(q, k, v, spec, SEED)[0]
+    torch.testing.assert_close(chunked[1], whole[1], atol=1e-12, rtol=0)
