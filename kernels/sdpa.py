@@ -167,7 +167,18 @@ def _mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torc
             empty = ~keep.any(dim=-1, keepdim=True)
             keep = keep | empty
         mask = mask.masked_fill(~keep, float("-inf"))
-    return mask, empty
+    return with_key_dim(mask, spec.kv_len, spec.device.type == "cuda"), empty
+
+
+def with_key_dim(mask: torch.Tensor, kv_len: int, cuda: bool) -> torch.Tensor:
+    """``mask`` with its key dim at its full length, made in memory, for the CUDA backends: a term that is
+    the same for every key (a condition on the query index alone, ``[.., Nq, 1]``) must not reach them with
+    a broadcast key dim (an H200 run, torch 2.11: "CUDA error: misaligned address" inside a timed cuDNN call
+    with such a mask, which left the process's CUDA context unusable). Broadcast batch, head and query dims
+    are what SDPA's own callers pass and stay as they are; the CPU kernel broadcasts any dim itself."""
+    if not cuda or mask.dim() == 0 or mask.shape[-1] == kv_len:
+        return mask
+    return mask.expand(*mask.shape[:-1], kv_len).contiguous()
 
 
 def _full_rows(empty: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:

@@ -38,7 +38,7 @@ from attnopt.kernels.spec import Align, Fill, Window
 
 from .graph import ArgumentError, Constants, bind, is_in_place, is_parameter, kind, shape_of, tensor_meta
 from .layouts import LayoutError, apply_steps, frame_steps, run_steps
-from .symbolic import Affine, band_of_comparison, document_positions, read_of, static_int, unshifted
+from .symbolic import Affine, always_true, band_of_comparison, document_positions, read_of, static_int, unshifted
 
 #: a finite fill at or below this is a masking value (exp(fill - s) underflows in float32)
 MASKING_FILL = -1e4
@@ -595,6 +595,8 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
         return
     if atom.steps:  # read through a view of the scores: passed to the kernels as it is, in their frame
         result.dense.append(atom)
+        return
+    if always_true(node, atom.negated):  # an index comparison that keeps every position (``q_idx >= 0``)
         return
     band = band_of_comparison(node, atom.negated, len(score_shape))  # index masks of symbolic size
     if band is None:

@@ -129,14 +129,50 @@ def _keeps_exact_integers(node: Node) -> bool:
     return after.dtype.itemsize >= before.dtype.itemsize
 
 
-def band_of_comparison(node: Node, negated: bool, rank: int, leaf=None) -> tuple[object, object] | None:
-    """``(lo, hi)`` bounds on ``j - i`` (None unbounded, possibly symbolic) kept by a comparison atom.
-    ``leaf``: see ``affine``."""
+def _comparison(node: Node) -> str | None:
+    """``"le"``, ``"lt"``, ``"ge"`` or ``"gt"`` for a comparison node of two operands, else None."""
     if node.op == "call_function":
         op = _COMPARISONS.get(node.target)
     else:  # ``a <= b`` recorded as ``a.__le__(b)`` (torch 2.11), or ``a.le(b)``
         op = _METHOD_COMPARISONS.get(node.target) if node.op == "call_method" else None
-    if op is None or len(node.args) != 2:
+    return op if op is not None and len(node.args) == 2 and not node.kwargs else None
+
+
+def always_true(node: Node, negated: bool) -> bool:
+    """Whether a comparison of index tensors holds at every position, whatever the sizes: ``a - b`` is
+    ``c + sum(d_x x)`` over positions ``x >= 0``, so with every ``d_x >= 0`` its least value is ``c`` (at
+    position 0) and ``a - b >= 0`` holds everywhere iff ``c >= 0``; with every ``d_x <= 0``, likewise for
+    ``<=``. Hugging Face's bidirectional mask function is ``q_idx >= 0``: under dynamic shapes its size
+    is symbolic, and this proves it keeps everything without evaluating it. ``c`` must be a static int."""
+    op = _comparison(node)
+    if op is None:
+        return False
+    a, b = (affine(x) if isinstance(x, Node) else _constant_form(x) for x in node.args)
+    if a is None or b is None:
+        return False
+    rank = max(len(a.coeffs), len(b.coeffs))
+    diff = [x - y for x, y in zip(a.align(rank), b.align(rank))]
+    c = static_int(a.offset - b.offset)
+    if c is None:
+        return False
+    if negated:
+        op = {"le": "gt", "lt": "ge", "ge": "lt", "gt": "le"}[op]
+    if op in ("ge", "gt"):  # least value c when no coefficient is negative
+        return all(d >= 0 for d in diff) and (c >= 0 if op == "ge" else c > 0)
+    return all(d <= 0 for d in diff) and (c <= 0 if op == "le" else c < 0)  # greatest value c
+
+
+def _constant_form(x) -> Affine | None:
+    """A Python int operand as the affine form of a constant (no positions)."""
+    value = _scalar(x)
+    return None if value is None else Affine((), value)
+
+
+def band_of_comparison(node: Node, negated: bool, rank: int, leaf=None) -> tuple[object, object] | None:
+    """``(lo, hi)`` bounds on ``j - i`` (None unbounded, possibly symbolic) kept by a comparison atom.
+    ``leaf``: see ``affine``."""
+    op = _comparison(node)
+    if op is None:
         return None
     a, b = affine(node.args[0], leaf), affine(node.args[1], leaf)
     if a is None or b is None:

@@ -391,10 +391,38 @@ def _runner(name: str, spec: AttentionSpec, original: Original | None):
         call = kernel.prepare(real)
         return lambda: call(q, k, v, real)
 
+    if spec.requires_grad and spec.device.type in _eager_training_devices():
+        return _training_runner(name, kernel, q, k, v, real)
+
     def once():
         out, lse = kernel.forward(q, k, v, real, 0)
         if spec.requires_grad:
             kernel.backward(torch.ones_like(out), q, k, v, out, lse, real, 0, False, False)
+
+    return once
+
+
+def _eager_training_devices() -> tuple[str, ...]:
+    from attnopt import ops  # the op imports the planner: imported when first timed
+
+    return ops.EAGER_TRAINING_DEVICES
+
+
+def _training_runner(name: str, kernel, q, k, v, real: AttentionSpec):
+    """What a training call of a replaced site runs (``attnopt.ops.SiteCall`` under autograd): the kernel's forward
+    and backward inside the op's autograd function. Its host work per call is then counted as the original's
+    (autograd through a few ATen ops) is: where a step is bound by the host, that work is the step's time."""
+    from attnopt import ops
+
+    q, k, v = (t.requires_grad_(True) for t in (q, k, v))
+    window = real.window
+    args = (q, k, v, real.key_padding, real.q_doc, real.kv_doc, real.bias, real.mask, real.scale, real.causal,
+            real.align.value, None if window is None else window.left, None if window is None else window.right,
+            real.softcap, real.dropout_p, real.fill.value, name)
+
+    def once():
+        out = ops._eager_training(real, kernel, args)
+        out.backward(torch.ones_like(out))
 
     return once
 

@@ -213,6 +213,44 @@ def test_cuda_backends(name, term):
         torch.testing.assert_close(got.float(), ref_grad.float(), atol=6e-2, rtol=6e-2)
 
 
+def test_a_mask_broadcast_over_keys_reaches_cuda_backends_at_full_key_length():
+    """A query-only term (``[.., Nq, 1]``) is handed to the CUDA backends with its key dim in memory, never as a
+    broadcast dim; the CPU kernel and masks already at full length are passed as they are."""
+    from attnopt.kernels.sdpa import with_key_dim
+
+    rows = torch.zeros(2, 1, 5, 1)
+    rows[:, :, 3] = float("-inf")
+    full = with_key_dim(rows, 7, cuda=True)
+    assert full.shape == (2, 1, 5, 7) and full.is_contiguous() and full.stride()[-1] == 1
+    assert torch.equal(full, rows.expand(2, 1, 5, 7))
+    assert with_key_dim(rows, 7, cuda=False) is rows
+    keys = torch.zeros(2, 1, 1, 7)
+    assert with_key_dim(keys, 7, cuda=True) is keys  # batch, head and query dims stay broadcast
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sdpa_efficient", "sdpa_cudnn"])
+def test_cuda_backends_take_a_query_only_mask(name):
+    """A bool term on the query index alone, ``[1, 1, Nq, 1]`` (a row with no key among them), at BERT's
+    shapes (B 32, 12 heads, 512 rows, D 64): against the reference kernel, forward and backward."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    q, k, v = (torch.randn(32, 12, 512, 64, generator=g).cuda().bfloat16() for _ in range(3))
+    rows = torch.ones(1, 1, 512, 1, dtype=torch.bool, device="cuda")
+    rows[..., 5, :] = False
+    spec = AttentionSpec.from_tensors(q, k, v, mask=rows, fill=Fill.FINITE)
+    kernel = get(name)
+    assert not kernel.not_supported_reasons(spec), kernel.not_supported_reasons(spec)
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    ref, ref_lse = get("reference").forward(q, k, v, spec, 0)
+    torch.testing.assert_close(out.float(), ref.float(), atol=3e-2, rtol=3e-2)
+    grad = torch.randn(out.shape, generator=g).cuda().bfloat16()
+    got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
+    want = get("reference").backward(grad, q, k, v, ref, ref_lse, spec, 0, False, False)[:3]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.float(), b.float(), atol=6e-2, rtol=6e-2)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA")])])
 @pytest.mark.parametrize("nq,terms,hides_nothing,masked", [

@@ -228,3 +228,65 @@ def test_a_fact_is_guarded_only_while_dynamo_captures():
     torch._dynamo.reset()
     torch.compile(attend, backend=matching, dynamic=True)(*qkv(3, 7, 8))
     assert isinstance(inside[0], Match) and inside[0].scale == 1 / math.sqrt(8), inside
+
+
+def tiny_bert():
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, max_position_embeddings=64, attn_implementation="eager")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return transformers.BertModel(config).eval()
+
+
+def test_hf_encoder_padding_stays_key_padding_under_dynamic_shapes():
+    """HF's bidirectional mask keeps every position with ``q_idx >= 0``. At a fixed length that is a constant
+    all-ones tensor; under dynamic shapes (dynamo's second length, or dynamic=True) its size is a symbol and
+    the comparison is proven from its algebra: the sites stay ``key_padding``, with no dense mask built."""
+    model = tiny_bert()
+    optimized = attnopt.optimize(copy.deepcopy(model), dynamic=True)
+
+    def call(m):
+        return lambda kwargs: m(**kwargs)
+
+    assert graphs_over(call(optimized), call(model), [(tokens(b, n),) for b, n in SHAPES]) == 1
+    report = optimized.attnopt_report
+    assert [site.mask_terms for site in report.sites] == [("key_padding",)] * 2, str(report)
+
+
+class IndexCondition(nn.Module):
+    """Attention whose mask is ``cond(i) & causal`` for a condition on the query or key index alone."""
+
+    def __init__(self, cond):
+        super().__init__()
+        self.cond = cond
+
+    def forward(self, q, k, v):
+        n = q.shape[-2]
+        i, j = torch.arange(n)[:, None], torch.arange(n)[None, :]
+        keep = self.cond(i, j) & (j <= i)
+        return torch.softmax((q @ k.mT * 0.25).masked_fill(~keep, float("-inf")), -1) @ v
+
+
+@pytest.mark.parametrize("cond, proven", [
+    (lambda i, j: i >= 0, True),
+    (lambda i, j: j + 1 > 0, True),
+    (lambda i, j: 0 <= i, True),
+    (lambda i, j: ~(i < 0), True),
+    (lambda i, j: i - 2 >= -2, True),
+    (lambda i, j: i >= 1, False),  # the first row keeps nothing: NaN there, as eager gives
+    (lambda i, j: j <= 5, False),  # true for short rows only: a key mask read at run time
+    (lambda i, j: -i <= 0, False),  # true, but negation is outside the index algebra: a term, exact
+], ids=["i>=0", "j+1>0", "0<=i", "not i<0", "i-2>=-2", "i>=1", "j<=5", "-i<=0"])
+def test_an_index_condition_is_dropped_only_when_it_holds_at_every_length(cond, proven):
+    """A condition proven true at every position for every length is no mask term; any other stays one
+    (exact either way, across lengths without recompiling)."""
+    model = IndexCondition(cond)
+    optimized = torch.compile(model, backend="attnopt", dynamic=True, options={"compiler": "eager"})
+    for n in (6, 9, 13):
+        q, k, v = (torch.randn(2, 2, n, 8, generator=torch.Generator().manual_seed(n + i)) for i in range(3))
+        torch.testing.assert_close(optimized(q, k, v), model(q, k, v), atol=1e-5, rtol=1e-5, equal_nan=True)
+    report = attnopt.report_of(optimized)
+    assert report.sites and all(site.replaced for site in report.sites), str(report)
+    terms = {t for site in report.sites for t in site.mask_terms}
+    assert (terms == {"causal"}) == proven, str(report)

@@ -341,3 +341,20 @@ def test_short_gpu_calls_are_timed_in_bursts(monkeypatch):
     calls["short"] = 0
     tuning.time_candidates({"short": short}, torch.device("cpu"), repeats=3)
     assert calls["short"] == 1 + 3
+
+
+def test_training_candidates_are_timed_through_the_sites_call_path(monkeypatch):
+    """A training call of a replaced site runs the kernel inside the op's autograd function: the timing runs
+    the same path, so that its host work per call is counted as the original's autograd work is."""
+    from attnopt import ops
+
+    calls = []
+    through_site = ops._eager_training
+    monkeypatch.setattr(ops, "_eager_training", lambda *args: calls.append(args[1].name) or through_site(*args))
+    q = torch.randn(1, 2, 16, 8)
+    training = AttentionSpec.from_tensors(q, q, q, causal=True, requires_grad=True)
+    assert tuning.time_kernel("sdpa_cpu", training) > 0
+    assert calls and set(calls) == {"sdpa_cpu"}
+    calls.clear()
+    assert tuning.time_kernel("sdpa_cpu", training.with_(requires_grad=False)) > 0
+    assert not calls  # an inference call runs the kernel's prepared call
