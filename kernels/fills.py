@@ -42,6 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from .spec import AttentionSpec, Fill, band_keep, key_padding_keep
+from .term_cache import TermCache
 
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
 #: fills whose rows are a (uniform) softmax that dropout then drops out, as any other row
@@ -105,6 +106,33 @@ def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) ->
     return torch.where(empty[..., None], value, out, out=torch.empty_like(out))
 
 
+#: per key-padding tensor (and band and shapes): whether a call with those terms alone has a row with no visible
+#: key. The layers of a forward share the padding tensor, and the backward the forward's: one host sync for all
+_EMPTY_ROWS = TermCache(8, without_terms=False)
+
+
+def known_empty_rows(spec: AttentionSpec) -> bool | None:
+    """Whether some row of a call whose only terms are a band and key padding sees no key, found once per padding
+    tensor (its version counted, ``TermCache``) and kept for every call that shares it; None for other calls
+    (and while a CUDA graph is captured, where nothing may sync), which look at their rows themselves."""
+    kp = spec.key_padding
+    if kp is None or spec.q_doc is not None or spec.kv_doc is not None or spec.bias is not None or spec.mask is not None:
+        return None
+    if kp.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    static = (spec.batch, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset)
+    return _EMPTY_ROWS.get([kp], static, lambda: _any_row_without_keys(spec))
+
+
+def _any_row_without_keys(spec: AttentionSpec) -> bool:
+    """Whether the band and the key padding leave some row no key: each row's kept keys counted from prefix sums
+    of the padding over its band's ends, ``[B, Nq]`` integers, and one host sync."""
+    keep = key_padding_keep(spec.key_padding, spec.kv_len)  # [B or 1, Nk]
+    prefix = F.pad(keep.to(torch.int32).cumsum(-1), (1, 0))  # [B, Nk + 1]
+    start, end = _band_ends(spec, torch.arange(spec.q_len, device=keep.device))
+    return bool(((prefix[:, end] - prefix[:, start]) == 0).any())
+
+
 def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_grad: bool = False,
                     needs_mask_grad: bool = False, seed: int = 0):
     """Gradient contributions of rows with no visible key: ``(dq, dk, dv, dbias, dmask)``, each or None.
@@ -113,7 +141,9 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
 
     Add them to a kernel's gradients, which count such rows as contributing nothing.
     """
-    if spec.fill == Fill.SAFE or spec.kv_len == 0 or not bool(empty.any()):  # Nk = 0: rows of constant 0
+    if spec.fill == Fill.SAFE or spec.kv_len == 0 or known_empty_rows(spec) is False:  # Nk = 0: rows of constant 0
+        return None, None, None, None, None
+    if not bool(empty.any()):
         return None, None, None, None, None
     if spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS:
         return _dropped_row_grads(q, k, v, grad_out, empty, spec, seed, needs_bias_grad, needs_mask_grad)

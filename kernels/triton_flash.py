@@ -30,7 +30,7 @@ import torch
 import triton
 
 from . import registry
-from .fills import empty_row_grads, fill_empty_rows
+from .fills import empty_row_grads, fill_empty_rows, known_empty_rows
 from .layout import empty_in_layout_of
 from .block_map import TileLists, needs_tile_map, tile_lists
 from .launch import launch as _launch
@@ -136,7 +136,7 @@ def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
 
 def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                      seed: int = 0) -> torch.Tensor:
-    if not spec.rows_need_fill():
+    if not spec.rows_need_fill() or known_empty_rows(spec) is False:  # the padding leaves every row a key
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec, seed=seed)
 

@@ -1,4 +1,6 @@
-"""Finite fills under dropout: a row with no visible key is the original's uniform softmax, dropped out.
+"""The fills of rows with no visible key (``kernels/fills.py``): under dropout, and found once per padding tensor.
+
+Finite fills under dropout: a row with no visible key is the original's uniform softmax, dropped out.
 
 The original computes ``dropout(softmax(s + m)) @ v`` with a finite minimum ``m``: on a row where every
 key is masked the softmax is uniform over the keys ``m`` reached, and dropout drops it out like any other
@@ -12,9 +14,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from attnopt.kernels import fills, reference, registry
-from attnopt.kernels.spec import AttentionSpec, Fill
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
 
 #: the kernels with dropout; triton_flash runs in Triton's interpreter on CPU (tests/conftest.py)
 KERNELS = ["reference", "triton_flash"]
@@ -163,3 +167,49 @@ def test_reference_fills_row_chunks_like_one_chunk(monkeypatch):
     monkeypatch.setattr(reference, "chunk_sizes", lambda spec: (5, 8))
     chunked = reference.ReferenceKernel().forward(q, k, v, spec, SEED)[0]
     torch.testing.assert_close(chunked[1], whole[1], atol=1e-12, rtol=0)
+
+
+# ----------------------------------------------------------------------------- rows without keys, found once
+@settings(max_examples=60, deadline=None)
+@given(b=st.integers(1, 3), nq=st.integers(1, 9), nk=st.integers(1, 9), lengths=st.booleans(),
+       band=st.sampled_from(["none", "causal", "causal_bottom_right", "window"]), data=st.data())
+def test_known_empty_rows_matches_the_materialized_terms(b, nq, nk, lengths, band, data):
+    """The prefix-sum count of each row's kept keys agrees with the terms materialized, for key padding as a bool
+    mask or as lengths (0 included), with or without a band."""
+    if lengths:
+        kp = torch.tensor(data.draw(st.lists(st.integers(0, nk), min_size=b, max_size=b)))
+    else:
+        kp = torch.tensor(data.draw(st.lists(st.lists(st.booleans(), min_size=nk, max_size=nk), min_size=b,
+                                             max_size=b)))
+    terms = {"none": {}, "causal": {"causal": True},
+             "causal_bottom_right": {"causal": True, "align": Align.BOTTOM_RIGHT},
+             "window": {"window": Window(2, 1)}}[band]
+    q, k = torch.randn(b, 1, nq, 4), torch.randn(b, 1, nk, 4)
+    spec = AttentionSpec.from_tensors(q, k, k, key_padding=kp, **terms)
+    keep, _ = spec.materialize()
+    want = bool((~keep.expand(b, 1, nq, nk).any(-1)).any())
+    assert fills._any_row_without_keys(spec) == want
+    assert fills.known_empty_rows(spec) == want
+
+
+def test_rows_without_keys_are_looked_for_once_per_padding_tensor(monkeypatch):
+    """The layers of a forward and their backward share one padding tensor: one count (one host sync) for all;
+    an in-place change of the padding counts again. With every row seeing a key the backward does not look at
+    its rows at all (no sync per layer)."""
+    counted = []
+    count = fills._any_row_without_keys
+    monkeypatch.setattr(fills, "_any_row_without_keys", lambda spec: counted.append(1) or count(spec))
+    fills._EMPTY_ROWS.clear()
+    q, k, v = (torch.randn(2, 2, 6, 4) for _ in range(3))
+    keep = torch.ones(2, 6, dtype=torch.bool)
+    keep[1, :2] = False
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=Fill.FINITE_ADDED)
+    for _ in range(3):
+        assert fills.known_empty_rows(spec) is False
+    assert len(counted) == 1
+    assert fills.empty_row_grads(q, k, v, torch.ones_like(q), None, spec) == (None,) * 5  # rows not read
+    keep[1] = False  # a batch row all padding, written in place
+    assert fills.known_empty_rows(spec) is True and len(counted) == 2
+    causal = AttentionSpec.from_tensors(q, k, v, key_padding=torch.tensor([6, 6]), causal=True)
+    assert fills.known_empty_rows(causal) is False
+    assert fills.known_empty_rows(spec.with_(bias=torch.zeros(1, 1, 6, 6))) is None  # other terms: per call
