@@ -111,16 +111,20 @@ def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) ->
 _EMPTY_ROWS = TermCache(8, without_terms=False)
 
 
-def known_empty_rows(spec: AttentionSpec) -> bool | None:
+def known_empty_rows(spec: AttentionSpec, find: bool = True) -> bool | None:
     """Whether some row of a call whose only terms are a band and key padding sees no key, found once per padding
     tensor (its version counted, ``TermCache``) and kept for every call that shares it; None for other calls
-    (and while a CUDA graph is captured, where nothing may sync), which look at their rows themselves."""
+    (and while a CUDA graph is captured, where nothing may sync), which look at their rows themselves.
+    ``find=False`` only looks the answer up (a forward, which fills its rows on the device without a sync,
+    takes the answer when a call before it found one, and does not sync to find it)."""
     kp = spec.key_padding
     if kp is None or spec.q_doc is not None or spec.kv_doc is not None or spec.bias is not None or spec.mask is not None:
         return None
+    static = (spec.batch, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset)
+    if not find:
+        return _EMPTY_ROWS.peek([kp], static)
     if kp.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
-    static = (spec.batch, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset)
     return _EMPTY_ROWS.get([kp], static, lambda: _any_row_without_keys(spec))
 
 

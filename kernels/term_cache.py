@@ -53,6 +53,14 @@ class TermCache:
             entries.popitem(last=False)
         return value
 
+    def peek(self, tensors: Sequence[torch.Tensor], static: Hashable):
+        """What ``get`` gave for these tensors and ``static`` before, or None: nothing is built."""
+        key = self._key(tensors, static)
+        hit = None if key is None else self._entries.get(key)
+        if hit is None or not all(ref() is t for ref, t in zip(hit[0], tensors)):
+            return None
+        return hit[1]
+
     def _key(self, tensors: Sequence[torch.Tensor], static: Hashable):
         if not tensors and not self.without_terms:
             return None

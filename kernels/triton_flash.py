@@ -136,7 +136,7 @@ def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
 
 def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                      seed: int = 0) -> torch.Tensor:
-    if not spec.rows_need_fill() or known_empty_rows(spec) is False:  # the padding leaves every row a key
+    if not spec.rows_need_fill() or known_empty_rows(spec, find=False) is False:  # every row sees a key
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec, seed=seed)
 

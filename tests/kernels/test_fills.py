@@ -204,9 +204,12 @@ def test_rows_without_keys_are_looked_for_once_per_padding_tensor(monkeypatch):
     keep = torch.ones(2, 6, dtype=torch.bool)
     keep[1, :2] = False
     spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=Fill.FINITE_ADDED)
+    assert fills.known_empty_rows(spec, find=False) is None  # a forward does not sync to find it
+    assert not counted
     for _ in range(3):
         assert fills.known_empty_rows(spec) is False
     assert len(counted) == 1
+    assert fills.known_empty_rows(spec, find=False) is False  # once found, the forwards take it too
     assert fills.empty_row_grads(q, k, v, torch.ones_like(q), None, spec) == (None,) * 5  # rows not read
     keep[1] = False  # a batch row all padding, written in place
     assert fills.known_empty_rows(spec) is True and len(counted) == 2
