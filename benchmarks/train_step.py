@@ -1,7 +1,7 @@
 """Training steps: attnopt against eager, SDPA, torch.compile and FlexAttention, plain and packed rows.
 
     python benchmarks/train_step.py [--causal 4096 16384] [--packed 16384] [--documents 4 16 64]
-                                    [--peers eager sdpa sdpa_compile flex attnopt attnopt_compile]
+                                    [--peers eager sdpa sdpa_compile flex flex_compile attnopt attnopt_compile]
                                     [--repeat 3] [--device cuda|cpu] [--tiny] [--out FILE] [--stacks-every S]
 
 One training step is forward, backward and an AdamW step of a Llama-style ``LlamaForCausalLM``
@@ -16,7 +16,9 @@ CUDA) with the language-model loss on the row's own tokens. Workloads, batch 1:
 
 Peers (``benchmarks/models.py``'s), each with the same initial weights: ``eager``, ``sdpa``, ``flex``
 (transformers' ``attn_implementation``, Flex as ``"flex_attention"``), ``sdpa_compile`` (the SDPA
-model under ``torch.compile``), ``attnopt`` (the eager model after ``attnopt.optimize``) and
+model under ``torch.compile``), ``flex_compile`` (the Flex model under ``torch.compile``: the fair peer of
+``attnopt_compile``; its cold compile takes minutes, so it runs only when named), ``attnopt`` (the eager model
+after ``attnopt.optimize``) and
 ``attnopt_compile`` (the eager model under ``torch.compile(backend="attnopt")``).
 
 Correctness first: for each workload every peer computes the loss and the gradients of a few weights
@@ -43,7 +45,7 @@ from dataclasses import dataclass
 import torch
 
 import attnopt
-from models import PEERS, timed
+from models import DEFAULT_PEERS, PEERS, timed
 
 #: the weights whose gradients are compared with SDPA's
 CHECKED = ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.o_proj.weight",
@@ -88,10 +90,11 @@ def build(attn: str, config: dict, device: str, dtype: torch.dtype):
 
 def make_peer(name: str, weights: dict, config: dict, device: str, dtype: torch.dtype):
     """(the module a step calls, the module holding the parameters)."""
-    attn = {"sdpa": "sdpa", "sdpa_compile": "sdpa", "flex": "flex_attention"}.get(name, "eager")
+    attn = {"sdpa": "sdpa", "sdpa_compile": "sdpa", "flex": "flex_attention",
+            "flex_compile": "flex_attention"}.get(name, "eager")
     model = build(attn, config, device, dtype)
     model.load_state_dict(weights)
-    if name == "sdpa_compile":
+    if name in ("sdpa_compile", "flex_compile"):
         return torch.compile(model, dynamic=False), model
     if name == "attnopt":
         return attnopt.optimize(model, dynamic=False), model
@@ -216,7 +219,7 @@ def main() -> None:
     parser.add_argument("--causal", type=int, nargs="*", default=None, help="plain causal lengths")
     parser.add_argument("--packed", type=int, nargs="*", default=None, help="packed row lengths")
     parser.add_argument("--documents", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=DEFAULT_PEERS)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model on short rows (checks the script)")
