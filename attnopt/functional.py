@@ -74,9 +74,7 @@ def attention(
         softcap=None if softcap is None else float(softcap), dropout_p=float(dropout_p), fill=fill,
     )
     spec.validate()
-    args = (q, k, v, key_padding_mask, q_doc, kv_doc, bias, attn_mask, spec.scale, spec.causal, align.value,
-            None if window_term is None else window_term.left, None if window_term is None else window_term.right,
-            spec.softcap, spec.dropout_p, fill.value, kernel)
+    args = ops.op_args(q, k, v, spec, kernel)
     if kernel != "auto" and ops._plain(q, k, v, bias, attn_mask):
         # a plain eager call of a named kernel: the op's body without its dispatch and per-call argument
         # binding (what an optimized model's sites run, attnopt/ops.py: SiteCall); tracers see the op

@@ -51,6 +51,15 @@ def spec_from_args(
     )
 
 
+def op_args(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel: str) -> tuple:
+    """The op's 17 arguments for a call of ``spec`` (its terms and settings) on ``q``, ``k``, ``v``: the inverse
+    of ``spec_from_args``."""
+    window = spec.window
+    return (q, k, v, spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask, spec.scale, spec.causal,
+            spec.align.value, None if window is None else window.left, None if window is None else window.right,
+            spec.softcap, spec.dropout_p, spec.fill.value, kernel)
+
+
 def _lse_dtype(q: Tensor) -> torch.dtype:
     return torch.float64 if q.dtype == torch.float64 else torch.float32
 

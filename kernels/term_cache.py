@@ -40,8 +40,8 @@ class TermCache:
         key = self._key(tensors, static)
         if key is None:
             return build()
-        hit = self._entries.get(key)
-        if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)):
+        hit = self._hit(key, tensors)
+        if hit is not None:
             self._entries.move_to_end(key)
             return hit[1]
         value = build()
@@ -56,10 +56,13 @@ class TermCache:
     def peek(self, tensors: Sequence[torch.Tensor], static: Hashable):
         """What ``get`` gave for these tensors and ``static`` before, or None: nothing is built."""
         key = self._key(tensors, static)
-        hit = None if key is None else self._entries.get(key)
-        if hit is None or not all(ref() is t for ref, t in zip(hit[0], tensors)):
-            return None
-        return hit[1]
+        hit = None if key is None else self._hit(key, tensors)
+        return None if hit is None else hit[1]
+
+    def _hit(self, key, tensors: Sequence[torch.Tensor]):
+        """The entry under ``key`` if it was made from these very tensors (an id may be reused once one is freed)."""
+        hit = self._entries.get(key)
+        return hit if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors)) else None
 
     def _key(self, tensors: Sequence[torch.Tensor], static: Hashable):
         if not tensors and not self.without_terms:

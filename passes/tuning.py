@@ -415,10 +415,7 @@ def _training_runner(name: str, kernel, q, k, v, real: AttentionSpec):
     from attnopt import ops
 
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    window = real.window
-    args = (q, k, v, real.key_padding, real.q_doc, real.kv_doc, real.bias, real.mask, real.scale, real.causal,
-            real.align.value, None if window is None else window.left, None if window is None else window.right,
-            real.softcap, real.dropout_p, real.fill.value, name)
+    args = ops.op_args(q, k, v, real, name)
 
     def once():
         out = ops._eager_training(real, kernel, args)
