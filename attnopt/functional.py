@@ -78,7 +78,7 @@ def attention(
     if kernel != "auto" and ops._plain(q, k, v, bias, attn_mask):
         # a plain eager call of a named kernel: the op's body without its dispatch and per-call argument
         # binding (what an optimized model's sites run, attnopt/ops.py: SiteCall); tracers see the op
-        chosen = registry.get(kernel)
+        chosen = ops.named_kernel(spec, kernel)
         if not ops._wants_grad(q, k, v, bias, attn_mask):
             return ops._run_forward(q, k, v, spec, chosen)[0]
         if q.device.type in ops.EAGER_TRAINING_DEVICES:

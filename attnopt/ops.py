@@ -108,8 +108,19 @@ def _kernel_for(spec: AttentionSpec, kernel: str):
     if kernel == "auto":
         from attnopt.passes.plan import choose
 
-        kernel = choose(spec).kernel
-    return registry.get(kernel)
+        return registry.get(choose(spec).kernel)
+    return named_kernel(spec, kernel)
+
+
+def named_kernel(spec: AttentionSpec, name: str):
+    """The kernel ``name``, refused with its reasons when it cannot compute ``spec``'s function (a dropout it
+    does not apply, a mask it does not take): a named kernel never computes something else silently."""
+    kernel = registry.get(name)
+    reasons = kernel.not_supported_reasons(spec)
+    if reasons:
+        raise ValueError(f"kernel {name!r} cannot compute this attention call: {'; '.join(reasons)}. Name another "
+                         "kernel, or pass kernel='auto' to let attnopt choose one that can")
+    return kernel
 
 
 def _context_parallel():
@@ -141,6 +152,14 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
     """The op's outputs ``(out, lse, seed)`` from its spec and kernel object. ``dense``: the output contiguous,
     as the op's fake implementation describes it; else as the kernel made it (SDPA's is laid out like the
     queries, so that an HF layer's ``transpose(1, 2).reshape`` is a view, not a copy that a training step keeps)."""
+    return _forward_and_seed(q, k, v, spec, kernel, dense)[:3]
+
+
+def _forward_and_seed(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
+                      dense: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
+    """``_run_forward``'s outputs and the call's dropout seed as a host int: a caller that keeps it beside the
+    saved tensors (``_EagerAttention``) hands it to the backward without reading the seed tensor back from
+    the device (a host sync per layer)."""
     seed = _draw_seed(spec.dropout_p)
     with _without_autocast(q.device.type):
         out, lse = kernel.forward(q, k, v, spec, seed)
@@ -149,10 +168,10 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
     if seed:
         seed_tensor.fill_(seed)
     if dense:
-        return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
+        return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor, seed
     # the log-sum-exp goes to this kernel's own backward only: as the kernel made it (the CPU kernel's is a
     # transposed view, which a contiguous copy per call would cost host time for)
-    return _cast(out, q.dtype), _cast(lse, _lse_dtype(q)), seed_tensor
+    return _cast(out, q.dtype), _cast(lse, _lse_dtype(q)), seed_tensor, seed
 
 
 #: ``attnopt::attention``: the body above as an opaque op that autograd, tracers and exporters see
@@ -203,16 +222,17 @@ def _attention_backward_impl(
                          needs_mask_grad)
 
 
-def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor | int,
                   spec: AttentionSpec, kernel, needs_bias_grad: bool, needs_mask_grad: bool, dense: bool = True):
     """The backward op's outputs ``(dq, dk, dv, dbias, dmask)`` from the call's spec and kernel object.
+    ``seed``: the forward's seed tensor, or the int it holds (read from the tensor only with dropout).
     ``dense``: as the backward op's fake implementation describes them (contiguous; an empty tensor for a
     gradient not asked for); else the gradients as the kernel made them (SDPA's laid out like q, k and v, so
     the backward of an HF layer's transpose and view copies nothing) and None for one not asked for."""
     bias, mask = spec.bias, spec.mask
     with _autograd_available() if dense else contextlib.nullcontext(), _without_autocast(q.device.type):
         dq, dk, dv, dbias, dmask = kernel.backward(
-            grad_out, q, k, v, out, lse, spec, int(seed.item()) if spec.dropout_p > 0.0 else 0, needs_bias_grad,
+            grad_out, q, k, v, out, lse, spec, _seed_int(seed, spec.dropout_p), needs_bias_grad,
             needs_mask_grad
         )
     if not dense:
@@ -223,6 +243,12 @@ def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor
         q.new_empty((0,)) if dbias is None else _dense(dbias, bias.dtype),
         q.new_empty((0,)) if dmask is None else _dense(dmask, mask.dtype),
     )
+
+
+def _seed_int(seed: Tensor | int, dropout_p: float) -> int:
+    if isinstance(seed, int):
+        return seed
+    return int(seed.item()) if dropout_p > 0.0 else 0
 
 
 #: ``attnopt::attention_backward``: the body above as an opaque op (what a traced backward records)
@@ -370,11 +396,11 @@ class _EagerAttention(torch.autograd.Function):
         ``spec_from_args`` makes of the op's arguments (the site's call plan's), ``kernel`` the kernel object
         and ``params`` the op's arguments after its tensors."""
         spec, kernel, key_padding, q_doc, kv_doc, params = call
-        output = _run_forward(q, k, v, spec, kernel, dense=False)  # traced by nothing: no fake to match
+        *output, seed = _forward_and_seed(q, k, v, spec, kernel, dense=False)  # traced by nothing: no fake
         _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), output)
-        ctx.spec, ctx.kernel = spec, kernel
+        ctx.spec, ctx.kernel, ctx.seed = spec, kernel, seed
         ctx.mark_non_differentiable(output[1], output[2])
-        return output
+        return tuple(output)
 
     @staticmethod
     def backward(ctx, grad_out, grad_lse, grad_seed):
@@ -382,10 +408,11 @@ class _EagerAttention(torch.autograd.Function):
         direct = not _is_compiling() and _get_dispatch_mode() is None and type(grad_out) is Tensor
         run = None
         if direct:
-            def run(grad_out, q, k, v, out, lse, seed, *terms_and_params):
+            def run(grad_out, q, k, v, out, lse, _seed, *terms_and_params):
                 needs_bias_grad, needs_mask_grad = terms_and_params[-2:]
-                # outside the op: autograd is not excluded, and no fake implementation describes the gradients
-                return _run_backward(grad_out, q, k, v, out, lse, seed, ctx.spec, ctx.kernel, needs_bias_grad,
+                # outside the op: autograd is not excluded, and no fake implementation describes the gradients;
+                # the seed as the forward drew it (no read back from the device)
+                return _run_backward(grad_out, q, k, v, out, lse, ctx.seed, ctx.spec, ctx.kernel, needs_bias_grad,
                                      needs_mask_grad, dense=False)
         _, wants_q, wants_k, wants_v, wants_bias, wants_mask = ctx.needs_input_grad
         # the op's inputs' flags: key padding and document ids take no gradient

@@ -83,7 +83,12 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
     With no key at all (``Nk = 0``) every row is 0 whatever the fill: the original's ``softmax(s) @ v`` sums
     over no key."""
     if spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS and spec.kv_len > 0:
+        # finding the rows syncs with the host: once per padding tensor where the padding alone decides them
+        if known_empty_rows(spec) is False:
+            return out
         return _dropped_uniform_rows(out, empty, v, spec, first_row, seed)
+    if known_empty_rows(spec, find=False) is False:  # a call before this one found every row sees a key
+        return out
     if spec.fill == Fill.SAFE or spec.kv_len == 0:
         return _where_empty(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.NEG_INF:

@@ -184,6 +184,10 @@ class AttentionSpec:
                 )
         if (self.q_doc is None) != (self.kv_doc is None):
             raise ValueError("document ids need both q_doc and kv_doc (pass the same tensor twice for self-attention)")
+        if self.fill == Fill.FINITE_REPLACED_ADDED and any(t is not None for t in (self.q_doc, self.bias, self.mask)):
+            raise ValueError("fill='finite_replaced_added' (a band replaced by finfo.min, then key padding added) "
+                             "takes a band and key padding only: use fill='finite' or 'finite_added' with "
+                             "documents, a bias or a mask")
         if self.q_doc is not None:
             for name, length in (("q_doc", self.q_len), ("kv_doc", self.kv_len)):
                 ids = getattr(self, name)

@@ -144,3 +144,56 @@ def test_no_warning_when_every_row_sees_a_key():
         attnopt.attention(*qkv(nq=4, nk=4), causal="bottom_right")
         attnopt.attention(*qkv(nq=3, nk=10), causal="bottom_right")
         attnopt.attention(*qkv(nq=9, nk=4), causal=True)
+
+
+@pytest.mark.parametrize("through_the_op", [False, True])
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_a_named_kernel_that_cannot_compute_the_call_is_refused(through_the_op, requires_grad):
+    """A named kernel never computes another function than the call's: ``sdpa_cpu`` has no dropout, so
+    ``dropout_p=0.5`` with it is refused with that reason (it once ran without the dropout), on the lean
+    path and through the op alike; the reference kernel applies it."""
+    from attnopt import ops
+    from attnopt.kernels.spec import AttentionSpec
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=g) for _ in range(3))
+    q.requires_grad_(requires_grad)
+    with pytest.raises(ValueError, match=r"'sdpa_cpu' cannot compute.*dropout.*kernel='auto'"):
+        if through_the_op:
+            spec = AttentionSpec.from_tensors(q, k, v, dropout_p=0.5)
+            torch.ops.attnopt.attention(*ops.op_args(q, k, v, spec, "sdpa_cpu"))
+        else:
+            attnopt.attention(q, k, v, dropout_p=0.5, kernel="sdpa_cpu")
+    dropped = attnopt.attention(q, k, v, dropout_p=0.5, kernel="reference")
+    assert (dropped - attnopt.attention(q, k, v, kernel="reference")).abs().max() > 0.1
+
+
+def test_the_training_backward_takes_the_dropout_seed_without_reading_the_device(monkeypatch):
+    """A training call's backward gets the seed its forward drew as a host int (a read of the seed tensor
+    would be a host sync per layer on a GPU); the same torch seed gives the same output and gradients."""
+    from attnopt import ops
+
+    seeds = []
+    run_backward = ops._run_backward
+
+    def spy(grad_out, q, k, v, out, lse, seed, *args, **kwargs):
+        seeds.append(seed)
+        return run_backward(grad_out, q, k, v, out, lse, seed, *args, **kwargs)
+
+    monkeypatch.setattr(ops, "_run_backward", spy)
+    monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("the seed was read back from its tensor"))
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=g).requires_grad_(True) for _ in range(3))
+    torch.manual_seed(7)
+    out = attnopt.attention(q, k, v, dropout_p=0.5, kernel="reference")
+    out.backward(torch.ones_like(out))
+    assert len(seeds) == 1 and isinstance(seeds[0], int) and seeds[0] != 0
+    grads = [t.grad.clone() for t in (q, k, v)]
+    for t in (q, k, v):
+        t.grad = None
+    torch.manual_seed(7)  # the same seed: the same dropout, now with the backward reading nothing else
+    again = attnopt.attention(q, k, v, dropout_p=0.5, kernel="reference")
+    assert torch.equal(again, out)
+    again.backward(torch.ones_like(again))
+    for got, want in zip((q.grad, k.grad, v.grad), grads):
+        torch.testing.assert_close(got, want)

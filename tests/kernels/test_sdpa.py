@@ -403,3 +403,120 @@ def test_cuda_backward_reads_the_saved_forward(name, heads, d, nq, nk, causal, d
         assert x.shape == ref.shape and x.dtype == dtype, name_
         err = (x.double() - ref).abs().max() / ref.abs().max()
         assert err < 2e-2, f"d{name_}: largest error {err:.3g} of the largest gradient"
+
+
+DROPOUT_CASES = {
+    "none": lambda b, nk: {},
+    "causal": lambda b, nk: {"causal": True},
+    "key_padding": lambda b, nk: {"key_padding": torch.tensor([nk, nk // 3], device="cuda"), "fill": Fill.FINITE_ADDED},
+    "documents": lambda b, nk: {"q_doc": (torch.arange(nk, device="cuda") * 3 // nk).expand(b, nk).contiguous(),
+                                "kv_doc": (torch.arange(nk, device="cuda") * 3 // nk).expand(b, nk).contiguous()},
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", ["sdpa_cudnn", "sdpa_flash", "sdpa_efficient"])
+@pytest.mark.parametrize("case", list(DROPOUT_CASES))
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+def test_cuda_dropout_is_sdpas_own_and_the_backward_regenerates_it(name, case, heads, monkeypatch):
+    """With dropout, a CUDA backend's forward is SDPA's own call with the same mask under the call's seed
+    (``torch.cuda.manual_seed(seed)`` before ``F.scaled_dot_product_attention``), bit for bit, and its
+    backward (from the saved forward, or recomputed when that state is gone) is SDPA's autograd of that
+    call: the same dropout mask in both passes. The user's CUDA random state is left as it was."""
+    from torch.nn.attention import sdpa_kernel
+
+    from attnopt.kernels import sdpa
+
+    hq, hkv = heads
+    b, n, d, p = 2, 192, 64, 0.3
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(b, n, hq, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(b, n, hkv, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(2))
+    spec = AttentionSpec.from_tensors(q, k, v, dropout_p=p, requires_grad=True, **DROPOUT_CASES[case](b, n))
+    kernel = get(name)
+    if kernel.not_supported_reasons(spec):
+        reasons = " ".join(kernel.not_supported_reasons(spec))
+        assert (name == "sdpa_flash" and case in ("key_padding", "documents")) or (
+            name == "sdpa_cudnn" and "memory layout" in reasons), reasons
+        return
+    seed = 123456789
+    before = torch.cuda.get_rng_state()
+    out, lse = kernel.forward(q, k, v, spec, seed)
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    grad = torch.randn(out.shape, generator=g).to("cuda", torch.bfloat16)
+
+    backend = {"sdpa_cudnn": sdpa.SDPBackend.CUDNN_ATTENTION, "sdpa_flash": sdpa.SDPBackend.FLASH_ATTENTION,
+               "sdpa_efficient": sdpa.SDPBackend.EFFICIENT_ATTENTION}[name]
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    kk, vv = leaves[1:]
+    if hq != hkv:  # flash and memory-efficient are handed K/V repeated per query head (no enable_gqa)
+        kk, vv = (t.repeat_interleave(hq // hkv, dim=1) for t in (kk, vv))
+    torch.cuda.manual_seed(seed)
+    with sdpa_kernel([backend]):
+        want = torch.nn.functional.scaled_dot_product_attention(
+            leaves[0], kk, vv, attn_mask=sdpa.sdpa_mask(spec), is_causal=sdpa._is_causal(spec), dropout_p=p,
+            scale=spec.scale)
+    want_grads = torch.autograd.grad(want, leaves, grad)
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    without = kernel.forward(q, k, v, spec.with_(dropout_p=0.0), 0)[0]
+    assert (out.float() - without.float()).abs().max() > 0.1  # the dropout took effect
+    for state in ("saved", "recomputed"):
+        if state == "recomputed":
+            sdpa._PHILOX.clear()
+        got = kernel.backward(grad, q, k, v, out, lse, spec, seed, False, False)[:3]
+        for name_, x, ref in zip("qkv", got, want_grads):
+            err = (x.float() - ref.float()).abs().max() / ref.float().abs().max()
+            assert err < 1e-2, f"{state}: d{name_} off by {err:.3g} of the largest gradient"
+        # whatever SDPA's own autograd does: out is linear in v (out = P_dropped v), so sum(out * dO) equals
+        # sum(v * dV) per batch row and head exactly when the backward dropped out what the forward did
+        dv = got[2].float()
+        lhs = (out.float() * grad.float()).sum((-1, -2)).unflatten(1, (hkv, hq // hkv)).sum(2)
+        rhs = (v.float() * dv).sum((-1, -2))
+        torch.testing.assert_close(lhs, rhs, atol=0.05 * lhs.abs().max().item(), rtol=0, msg=state)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fill", list(Fill))
+@pytest.mark.parametrize("case", ["key_padding", "documents", "window", "bool_mask"])
+def test_cudnn_backward_from_the_saved_forward_with_a_mask(case, fill, monkeypatch):
+    """cuDNN with a mask of boolean terms runs ATen's forward and backward pair (no recomputation): rows
+    without keys (an all-padding batch row, a boolean mask row) are filled as the original fills them,
+    with their gradients; outputs and gradients against float64."""
+    from attnopt.kernels import sdpa
+
+    def no_recompute(*args, **kwargs):
+        raise AssertionError("the backward recomputed the forward")
+
+    monkeypatch.setattr(sdpa, "recompute_grads", no_recompute)
+    b, h, n, d = 2, 4, 256, 64
+    g = torch.Generator().manual_seed(2)
+    q = torch.randn(b, n, h, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2)
+    k, v = (torch.randn(b, n, h, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(2))
+    ids = (torch.arange(n, device="cuda") * 4 // n).expand(b, n).contiguous()
+    keep = torch.rand(1, h, n, n, generator=g).cuda() > 0.3
+    keep[..., 7, :] = False
+    terms = {"key_padding": {"key_padding": torch.tensor([n, 0], device="cuda")},
+             "documents": {"q_doc": ids, "kv_doc": ids},
+             "window": {"causal": True, "window": Window(40, 0)},
+             "bool_mask": {"mask": keep}}[case]
+    spec = AttentionSpec.from_tensors(q, k, v, fill=fill, requires_grad=True, **terms)
+    if fill == Fill.FINITE_REPLACED_ADDED and case in ("documents", "bool_mask"):
+        with pytest.raises(ValueError, match="band and key padding only"):
+            spec.validate()  # GPT-2's fill is found with a band and key padding alone
+        return
+    kernel = get("sdpa_cudnn")
+    assert kernel.not_supported_reasons(spec) == [], kernel.not_supported_reasons(spec)
+    assert kernel._saves_lse(spec)
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    grad = torch.randn(out.shape, generator=g).to("cuda", torch.bfloat16)
+    got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    want = naive_attention(*leaves, spec)
+    want_grads = torch.autograd.grad(want, leaves, grad.double())
+    assert torch.isnan(out).equal(torch.isnan(want)), "NaN rows differ"
+    torch.testing.assert_close(out.double(), want.detach(), atol=2e-2, rtol=2e-2, equal_nan=True)
+    for name_, x, ref in zip("qkv", got, want_grads):
+        largest = ref.nan_to_num(0.0).abs().max()
+        torch.testing.assert_close(x.double(), ref, atol=2e-2 * largest, rtol=0, equal_nan=True, msg=f"d{name_}")
