@@ -65,14 +65,27 @@ class Case:
     head_dim: int
     causal: bool
     align: str
+    #: a padded batch of two (BERT's call: key padding added as ``finfo.min``, ``fill="finite_added"``)
+    padded: bool = False
+
+    @property
+    def batch(self) -> int:
+        return 2 if self.padded else 1
+
+    @property
+    def fill(self) -> str:
+        return "finite_added" if self.padded else "-inf"
 
 
-#: a prefill tile and a decode step per device: on the CPU tiny enough that the kernel is a few us
+#: a prefill tile, a decode step and an encoder's padded batch per device: on the CPU tiny enough that the
+#: kernel is a few us
 CASES = {
     "cuda": (Case("prefill causal", 4, 4, 64, 64, 64, True, "top_left"),
-             Case("decode GQA", 8, 2, 1, 256, 64, True, "bottom_right")),
+             Case("decode GQA", 8, 2, 1, 256, 64, True, "bottom_right"),
+             Case("padded encoder", 4, 4, 64, 64, 64, False, "top_left", padded=True)),
     "cpu": (Case("prefill causal", 2, 2, 16, 16, 16, True, "top_left"),
-            Case("decode GQA", 4, 2, 1, 64, 16, True, "bottom_right")),
+            Case("decode GQA", 4, 2, 1, 64, 16, True, "bottom_right"),
+            Case("padded encoder", 2, 2, 16, 16, 16, False, "top_left", padded=True)),
 }
 DTYPES = {"cuda": torch.bfloat16, "cpu": torch.float32}
 
@@ -107,11 +120,15 @@ def per_call_us(calls_of: dict, device: torch.device, calls: int = 1000, repeats
 
 def direct_call(name: str, q, k, v, spec):
     """The kernel without attnopt, and the SDPA backend to select around the timed calls (once, as a model
-    does): SDPA as a model calls it, or the kernel's ``forward`` on a prebuilt spec. None where no direct
-    SDPA call computes the spec (SDPA's ``is_causal`` is top-left)."""
+    does): SDPA as a model calls it (a padding mask built once, as a model builds it once per forward for
+    every layer), or the kernel's ``forward`` on a prebuilt spec. None where no direct SDPA call computes the
+    spec (SDPA's ``is_causal`` is top-left)."""
     if name not in SDPA_BACKENDS:
         kernel = registry.get(name)
         return (lambda: kernel.forward(q, k, v, spec, 0)), None
+    mask = None
+    if spec.key_padding is not None:  # HF's (1 - mask) * finfo.min, [B, 1, 1, Nk]
+        mask = (~spec.key_padding[:, None, None, :]).to(q.dtype) * torch.finfo(q.dtype).min
     hides_nothing = spec.band_hides_nothing()
     if spec.causal and spec.align.value != "top_left" and not hides_nothing:
         return None, None
@@ -123,36 +140,44 @@ def direct_call(name: str, q, k, v, spec):
         gqa = False
 
     def call():
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=spec.scale, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale,
+                                              enable_gqa=gqa)
 
     return call, SDPA_BACKENDS[name]
 
 
 def case_inputs(case: Case, device: torch.device, dtype: torch.dtype):
-    """q, k, v of a case (random, batch 1), a generator to draw more from, and the op's static arguments."""
+    """q, k, v of a case (random), a generator to draw more from, the op's five term tensors (key padding,
+    documents, bias, mask; a padded case's second row keeps its first three quarters of keys) and its static
+    arguments."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    q = torch.randn(1, case.q_heads, case.q_len, case.head_dim, generator=g).to(device, dtype)
-    k, v = (torch.randn(1, case.kv_heads, case.kv_len, case.head_dim, generator=g).to(device, dtype)
+    q = torch.randn(case.batch, case.q_heads, case.q_len, case.head_dim, generator=g).to(device, dtype)
+    k, v = (torch.randn(case.batch, case.kv_heads, case.kv_len, case.head_dim, generator=g).to(device, dtype)
             for _ in range(2))
-    return q, k, v, g, (case.head_dim ** -0.5, case.causal, case.align, None, None, None)
+    terms = [None] * 5
+    if case.padded:
+        keep = torch.ones(case.batch, case.kv_len, dtype=torch.bool, device=device)
+        keep[1, 3 * case.kv_len // 4:] = False
+        terms[0] = keep
+    return q, k, v, g, tuple(terms), (case.head_dim ** -0.5, case.causal, case.align, None, None, None)
 
 
 def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: int = 5,
          kernels: tuple[str, ...] | None = None) -> list[tuple]:
     table = []
     for case in CASES[device.type]:
-        q, k, v, _, static = case_inputs(case, device, dtype)
-        tensors = (q, k, v, None, None, None, None, None)
-        spec = spec_from_args(*tensors, *static, 0.0, "-inf")
+        q, k, v, _, terms, static = case_inputs(case, device, dtype)
+        tensors = (q, k, v, *terms)
+        spec = spec_from_args(*tensors, *static, 0.0, case.fill)
         for name, bound in variants(device, kernels):
             if registry.get(name).not_supported_reasons(spec):
                 continue
             launch.BOUND = bound
-            site = SiteCall(name, *static, "-inf")  # as the rewrite makes it
+            site = SiteCall(name, *static, case.fill)  # as the rewrite makes it
             direct, backend = direct_call(name, q, k, v, spec)
             calls_of = {
                 "site": lambda: site(*tensors, 0.0),
-                "op": lambda: torch.ops.attnopt.attention.default(*tensors, *static, 0.0, "-inf", name),
+                "op": lambda: torch.ops.attnopt.attention.default(*tensors, *static, 0.0, case.fill, name),
             }
             contexts = {}
             if direct is not None:
@@ -180,16 +205,16 @@ def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, r
     """Per case and kernel: (case, kernel, direct, site, op) microseconds of one forward + backward."""
     table = []
     for case in CASES[device.type]:
-        q, k, v, g, static = case_inputs(case, device, dtype)
+        q, k, v, g, terms, static = case_inputs(case, device, dtype)
         q, k, v = (t.requires_grad_(True) for t in (q, k, v))
         grad = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(device, dtype)
-        spec = spec_from_args(q, k, v, *([None] * 5), *static, 0.0, "-inf").with_(requires_grad=True)
+        spec = spec_from_args(q, k, v, *terms, *static, 0.0, case.fill).with_(requires_grad=True)
         for name, bound in variants(device, kernels):
             kernel = registry.get(name)
             if kernel.not_supported_reasons(spec):
                 continue
             launch.BOUND = bound
-            site = SiteCall(name, *static, "-inf")
+            site = SiteCall(name, *static, case.fill)
             direct, backend = direct_call(name, q, k, v, spec)
             if name in SDPA_BACKENDS and direct is not None:
                 sdpa_call = direct
@@ -199,9 +224,9 @@ def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, r
                     out, lse = kernel.forward(q.detach(), k.detach(), v.detach(), spec, 0)
                     return kernel.backward(grad, q.detach(), k.detach(), v.detach(), out, lse, spec, 0, False, False)
             calls_of = {
-                "site": lambda: torch.autograd.backward(site(q, k, v, *([None] * 5), 0.0)[0], grad),
+                "site": lambda: torch.autograd.backward(site(q, k, v, *terms, 0.0)[0], grad),
                 "op": lambda: torch.autograd.backward(torch.ops.attnopt.attention.default(
-                    q, k, v, *([None] * 5), *static, 0.0, "-inf", name)[0], grad),
+                    q, k, v, *terms, *static, 0.0, case.fill, name)[0], grad),
             }
             contexts = {}
             if direct is not None:
@@ -240,7 +265,8 @@ def main() -> None:
         name = torch.cuda.get_device_name()
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {args.threads} thread(s))"
-    shapes = "; ".join(f"{c.name}: B=1, H={c.q_heads}/{c.kv_heads}, Nq={c.q_len}, Nk={c.kv_len}, D={c.head_dim}"
+    shapes = "; ".join(f"{c.name}: B={c.batch}, H={c.q_heads}/{c.kv_heads}, Nq={c.q_len}, Nk={c.kv_len}, "
+                       f"D={c.head_dim}" + (", key padding (fill finite_added)" if c.padded else "")
                        for c in CASES[device.type])
     lines = [f"{name}, torch {torch.__version__}, {dtype}; host microseconds per call, medians of "
              f"{args.repeats} x {args.calls} calls", "", f"Shapes: {shapes}.", "",

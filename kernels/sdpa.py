@@ -47,8 +47,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from .approx_base import nan_lse, recompute_grads
-from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
-                    output_without_rows_or_keys)
+from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, known_empty_rows,
+                    no_rows_or_keys, output_without_rows_or_keys)
 from .layout import in_layout_of
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
@@ -192,6 +192,23 @@ def with_key_dim(mask: torch.Tensor, kv_len: int, cuda: bool) -> torch.Tensor:
 
 def _full_rows(empty: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     return empty[..., 0].expand(spec.batch, spec.q_heads, spec.q_len)
+
+
+def _rows_to_fill(empty: torch.Tensor | None, spec: AttentionSpec, find: bool) -> torch.Tensor | None:
+    """``mask_and_empty_rows``'s rows, or None where the padding alone is known to leave every row a key
+    (``fills.known_empty_rows``; ``find``: find it out, one host sync per padding tensor, which the CPU always
+    does: there it costs a small computation, once): then nothing is filled, opened or added per call."""
+    if empty is None or known_empty_rows(spec, find=find or spec.device.type == "cpu") is False:
+        return None
+    return empty
+
+
+def _opened(grad, out, lse, empty: torch.Tensor, spec: AttentionSpec):
+    """``(grad, out, lse)`` for ATen's backward from a forward whose rows without keys were filled after SDPA:
+    such a row passes no gradient to SDPA (its gradient is the fill's, added after), so its output gradient
+    is 0 there, and log-sum-exp +inf makes its probabilities exactly 0 (no inf - inf)."""
+    rows = _full_rows(empty, spec)
+    return grad.masked_fill(rows[..., None], 0.0), out.masked_fill(rows[..., None], 0.0), lse.masked_fill(rows, float("inf"))
 
 
 def _nan_where_masked(out: torch.Tensor, mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor:
@@ -502,6 +519,7 @@ class SDPAKernel(Kernel):
                 mask, empty = mask_and_empty_rows(spec)
                 out, lse = self._sdpa(q, k, v, spec, mask, _is_causal(spec), seed), nan_lse(q, spec)
                 out = _nan_where_masked(out, mask, spec)
+        empty = _rows_to_fill(empty, spec, find=False)
         if empty is None:
             return out, lse
         rows = _full_rows(empty, spec)
@@ -518,6 +536,7 @@ class SDPAKernel(Kernel):
             return self._sdpa(q, k, v, spec, None, _is_causal(spec))
         mask, empty = mask_and_empty_rows(spec)
         out = _nan_where_masked(self._sdpa(q, k, v, spec, mask, _is_causal(spec)), mask, spec)
+        empty = _rows_to_fill(empty, spec, find=False)
         return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
 
     def prepare(self, spec: AttentionSpec):
@@ -593,14 +612,10 @@ class SDPAKernel(Kernel):
                        seed: int) -> Grads:
         k_read, v_read, repeated = self._grouped(k, v, spec)
         mask, empty = mask_and_empty_rows(spec)
+        empty = _rows_to_fill(empty, spec, find=True)
         grad = grad_out.to(out.dtype)
         if empty is not None:
-            # a row without keys was filled after SDPA: it passes no gradient to SDPA (its gradient is the
-            # fill's, added below), so its output gradient is 0 there, and log-sum-exp +inf makes its
-            # probabilities exactly 0 (no inf - inf)
-            rows = _full_rows(empty, spec)
-            grad, out = grad.masked_fill(rows[..., None], 0.0), out.masked_fill(rows[..., None], 0.0)
-            lse = lse.masked_fill(rows, float("inf"))
+            grad, out, lse = _opened(grad, out, lse, empty, spec)
         # measured on an H200 (torch 2.11): cuDNN's backward is wrong unless the output and its gradient are
         # in the layout its forward made (the queries'), as a dense saved output or a contiguous gradient are not
         out = in_layout_of(out, q)
@@ -618,14 +633,10 @@ class SDPAKernel(Kernel):
         grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
         k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
         mask, empty = mask_and_empty_rows(spec)
+        empty = _rows_to_fill(empty, spec, find=True)
         grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
         if empty is not None:
-            # a row without keys was filled after SDPA: it passes no gradient to SDPA (its gradient is the
-            # fill's, added below), so its output gradient is 0 there, and log-sum-exp +inf makes its
-            # probabilities exactly 0 (no inf - inf)
-            rows = _full_rows(empty, spec)
-            grad, out = grad.masked_fill(rows[..., None], 0.0), out.masked_fill(rows[..., None], 0.0)
-            lse = lse.masked_fill(rows, float("inf"))
+            grad, out, lse = _opened(grad, out, lse, empty, spec)
         dq, dk, dv = _flash_attention_cpu_backward(grad, q, k_all, v_all, out, lse, 0.0, _is_causal(spec),
                                                    attn_mask=mask, scale=spec.scale)
         if not grouped:  # each kv head's gradient is the sum over its query-head group

@@ -520,3 +520,36 @@ def test_cudnn_backward_from_the_saved_forward_with_a_mask(case, fill, monkeypat
     for name_, x, ref in zip("qkv", got, want_grads):
         largest = ref.nan_to_num(0.0).abs().max()
         torch.testing.assert_close(x.double(), ref, atol=2e-2 * largest, rtol=0, equal_nan=True, msg=f"d{name_}")
+
+
+def test_padding_that_leaves_every_row_a_key_costs_no_fill_per_call(monkeypatch):
+    """Key padding that leaves every row a key (the usual padded batch) is found out once per padding tensor
+    (on the CPU at once: it is a small computation there): the forward and the backward then fill, open and add
+    nothing per call. A padding tensor changed in place is looked at again, and an all-padding row is filled."""
+    from attnopt.kernels import sdpa
+
+    q, k, v = _qkv()
+    kernel = get("sdpa_cpu")
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    keep[1, 40:] = False
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=Fill.FINITE_ADDED, requires_grad=True)
+    ref, ref_lse = get("reference").forward(q, k, v, spec, 0)
+    grad = torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))
+    want = get("reference").backward(grad, q, k, v, ref, ref_lse, spec, 0, False, False)[:3]
+
+    def no_fill(*args, **kwargs):
+        raise AssertionError("rows were filled although every row sees a key")
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sdpa, "fill_empty_rows", no_fill)
+        patched.setattr(sdpa, "empty_row_grads", no_fill)
+        for _ in range(2):
+            out, lse = kernel.forward(q, k, v, spec, 0)
+            got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
+            torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    keep[1] = False  # in place: the second batch row now sees no key, and gets the uniform average of v
+    out, _ = kernel.forward(q, k, v, spec, 0)
+    mean = v[1].mean(1, keepdim=True).repeat_interleave(2, dim=0)  # each kv head read by two query heads
+    torch.testing.assert_close(out[1], mean.expand_as(out[1]), atol=1e-5, rtol=1e-5)
