@@ -528,10 +528,12 @@ class SDPAKernel(Kernel):
     def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec
         needs none. On the CPU the log-sum-exp comes free with the output: ``forward`` it is."""
-        if self.device_type == "cpu" or no_rows_or_keys(spec) or spec.dropout_p > 0.0:
+        if spec.dropout_p > 0.0:
             from attnopt.ops import _draw_seed  # the op's seed, drawn as for any call with dropout
 
             return self.forward(q, k, v, spec, _draw_seed(spec.dropout_p))[0]
+        if self.device_type == "cpu" or no_rows_or_keys(spec):
+            return self.forward(q, k, v, spec, 0)[0]
         if not needs_mask(spec):
             return self._sdpa(q, k, v, spec, None, _is_causal(spec))
         mask, empty = mask_and_empty_rows(spec)
