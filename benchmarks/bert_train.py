@@ -1,7 +1,7 @@
 """Fine-tuning a BERT encoder on padded batches: attnopt against HF's eager and SDPA attention.
 
     python benchmarks/bert_train.py [--batch 32] [--lengths 128 512] [--peers eager sdpa attnopt attnopt_sdpa]
-                                    [--repeat 5] [--device cuda|cpu] [--tiny] [--out FILE]
+                                    [--repeat 5] [--device cuda|cpu] [--tiny] [--profile] [--out FILE]
 
 The usual fine-tuning step: ``BertForSequenceClassification`` (BERT-base: 12 layers, d_model 768, 12 heads,
 attention and hidden dropout 0.1; random weights, bf16 autocast on CUDA, float32 on CPU), a batch of
@@ -22,7 +22,9 @@ Peers, each with the same initial weights:
 Correctness first, with dropout off (``model.eval()``): every peer's logits and the gradients of a few
 weights against SDPA's on the same batch. Then, dropout on, the median step time over ``--repeat`` steps
 after two warm-up steps, sequences per second, and the peak memory a step allocates (CUDA). ``--device cpu
---tiny`` runs a two-layer model (a check of the script, not a measurement).
+--tiny`` runs a two-layer model (a check of the script, not a measurement). ``--profile`` also prints, per
+peer, ``torch.profiler``'s operators of one more step by self host time and by device time: where a step bound
+by the host spends it (a host sync shows as a long self time in the op that waits).
 """
 
 from __future__ import annotations
@@ -118,6 +120,23 @@ def timed(step, device: str, repeat: int) -> tuple[float, int | None]:
     return statistics.median(times), peak
 
 
+def profile_step(step, device: str, peer: str, n: int, rows: int = 15) -> None:
+    """``torch.profiler``'s operators of one ``step``: the ``rows`` largest by self host time, then by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(f"\n### {peer} at N = {n}: operators by self host time", flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=60))
+    if device == "cuda":
+        print(f"### {peer} at N = {n}: operators by device time")
+        print(averages.table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60), flush=True)
+
+
 def _sites(model) -> str:
     """The training graph's sites (the last graph captured: the eval check captured its own first)."""
     report = getattr(model, "attnopt_report", None)
@@ -138,6 +157,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model (checks the script)")
+    parser.add_argument("--profile", action="store_true", help="print each peer's operators over one more step")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -167,10 +187,13 @@ def main() -> None:
             grad_diff = max(((g - r).abs().max() / r.abs().max().clamp_min(1e-12)).item()
                             for g, r in zip(grads, reference[1]))
             model.train()  # dropout on: the fine-tuning step
+            step = step_fn(model, inputs, device)
             try:
-                ms, peak = timed(step_fn(model, inputs, device), device, args.repeat)
+                ms, peak = timed(step, device, args.repeat)
             except torch.OutOfMemoryError:
                 ms, peak = float("nan"), None
+            if args.profile and ms == ms:
+                profile_step(step, device, peer, n)
             rows[peer] = (ms, peak, logit_diff, grad_diff, first, _sites(model))
             del model
             if device == "cuda":
