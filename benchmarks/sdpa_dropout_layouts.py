@@ -8,6 +8,11 @@ identity for each CUDA backend of ``F.scaled_dot_product_attention`` with dropou
 contiguous and with ``dO`` in the queries' layout (``[B, N, H, D]`` memory seen as ``[B, H, N, D]``: what an HF
 layer's ``transpose(1, 2)`` hands back). attnopt's ``sdpa_cudnn`` refuses dropout while cuDNN fails it.
 
+The ``attnopt ... (saved forward)`` rows measure the same identity for attnopt's own forward and backward pair
+on cuDNN and flash (``kernels/sdpa.py``: ATen's forward under the call's seed, ATen's backward from its saved
+output, log-sum-exp and random state, the gradient put in the output's layout), called directly, past
+``sdpa_cudnn``'s refusal: the evidence on which that refusal could be lifted for the pair alone.
+
     python benchmarks/sdpa_dropout_layouts.py [--out FILE]
 """
 
@@ -36,6 +41,21 @@ def identity_error(backend: SDPBackend, q, k, v, grad, p: float, seed: int) -> f
     return ((lhs - rhs).abs().max() / lhs.abs().max()).item()
 
 
+def pair_identity_error(name: str, q, k, v, grad, p: float, seed: int) -> float:
+    """The same identity for attnopt's saved-forward pair of kernel ``name``, called directly."""
+    from attnopt.kernels import AttentionSpec, get
+
+    kernel = get(name)
+    spec = AttentionSpec.from_tensors(q, k, v, dropout_p=p, requires_grad=True)
+    if not kernel._saves_lse(spec):
+        raise RuntimeError(f"{name} does not take the saved-forward pair for this call")
+    out, lse = kernel.forward(q, k, v, spec, seed)
+    dv = kernel.backward(grad, q, k, v, out, lse, spec, seed, False, False)[2]
+    lhs = (out.float() * grad.float()).sum((-1, -2))
+    rhs = (v.float() * dv.float()).sum((-1, -2))
+    return ((lhs - rhs).abs().max() / lhs.abs().max()).item()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=None)
@@ -57,6 +77,14 @@ def main() -> None:
             except RuntimeError as err:  # this backend refuses the call on this build
                 errors.append(f"refused: {str(err).splitlines()[0][:60]}")
         lines.append(f"| {name} | {errors[0]} | {errors[1]} |")
+    for name in ("sdpa_cudnn", "sdpa_flash"):
+        errors = []
+        for grad_in_layout in layouts.values():
+            try:
+                errors.append(f"{pair_identity_error(name, q, k, v, grad_in_layout, args.p, seed=1234):.4f}")
+            except RuntimeError as err:
+                errors.append(f"refused: {str(err).splitlines()[0][:60]}")
+        lines.append(f"| attnopt {name} (saved forward) | {errors[0]} | {errors[1]} |")
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n")
