@@ -172,7 +172,10 @@ def _mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torc
         mask = mask + term.to(spec.dtype)
     empty = None
     if keep is not None:
-        if spec.rows_may_be_empty(additive=False):
+        # on the CPU, padding that leaves every row a key is found out here, once per mask (a small computation
+        # there): the calls sharing the mask then have no rows to open or fill, without a lookup of their own
+        cpu_known = spec.device.type == "cpu" and known_empty_rows(spec) is False
+        if spec.rows_may_be_empty(additive=False) and not cpu_known:
             empty = ~keep.any(dim=-1, keepdim=True)
             keep = keep | empty
         mask = mask.masked_fill(~keep, float("-inf"))
