@@ -199,9 +199,9 @@ def _full_rows(empty: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
 
 def _rows_to_fill(empty: torch.Tensor | None, spec: AttentionSpec, find: bool) -> torch.Tensor | None:
     """``mask_and_empty_rows``'s rows, or None where the padding alone is known to leave every row a key
-    (``fills.known_empty_rows``; ``find``: find it out, one host sync per padding tensor, which the CPU always
-    does: there it costs a small computation, once): then nothing is filled, opened or added per call."""
-    if empty is None or known_empty_rows(spec, find=find or spec.device.type == "cpu") is False:
+    (``fills.known_empty_rows``; ``find``: find it out, one host sync per padding tensor; on the CPU the mask
+    builder has already found it): then nothing is filled, opened or added per call."""
+    if empty is None or known_empty_rows(spec, find=find) is False:
         return None
     return empty
 
@@ -392,9 +392,9 @@ class SDPAKernel(Kernel):
         if spec.dropout_p > 0.0 and self.device_type == "cpu":
             reasons.append(f"dropout (p={spec.dropout_p}) not supported: ATen's CPU flash attention has none")
         if spec.dropout_p > 0.0 and self.backend == SDPBackend.CUDNN_ATTENTION:
-            # measured on an H200 (torch 2.11, benchmarks/results/gpu_tests.md): with dropout, SDPA's own cuDNN
-            # backward gave gradients 1.4x apart (of the largest) for the same output gradient in two memory
-            # layouts, where flash and memory-efficient agreed exactly: not used until one is proven right
+            # measured on an H200 (torch 2.11, benchmarks/sdpa_dropout_layouts.py, results in bert_train.md): with
+            # dropout, SDPA's own cuDNN backward drops other weights than its forward when the output's gradient
+            # is in the queries' layout, where flash and memory-efficient keep them: not used until proven right
             reasons.append(f"dropout (p={spec.dropout_p}) not used: cuDNN's dropout gradients depend on the output "
                            "gradient's memory layout (torch 2.11)")
         if self.backend == SDPBackend.FLASH_ATTENTION and _is_causal(spec) and spec.q_len != spec.kv_len:
