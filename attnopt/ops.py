@@ -100,7 +100,7 @@ def _without_autocast(device_type: str):
     """Kernels compute in their inputs' dtypes (float32 accumulation), never in an enclosing autocast's:
     under bfloat16 autocast a float32 finfo.min mask would be rounded to -inf inside the kernel."""
     if _any_autocast() and torch.is_autocast_enabled(device_type):
-        return torch.autocast(device_type, enabled=False)
+        return torch._C._DisableAutocast()  # a C++ guard: a torch.autocast object costs several times its host time
     return contextlib.nullcontext()
 
 
@@ -147,31 +147,37 @@ def _attention_impl(
     return _run_forward(q, k, v, spec, _kernel_for(spec, kernel))
 
 
-def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
-                 dense: bool = True) -> tuple[Tensor, Tensor, Tensor]:
-    """The op's outputs ``(out, lse, seed)`` from its spec and kernel object. ``dense``: the output contiguous,
-    as the op's fake implementation describes it; else as the kernel made it (SDPA's is laid out like the
-    queries, so that an HF layer's ``transpose(1, 2).reshape`` is a view, not a copy that a training step keeps)."""
-    return _forward_and_seed(q, k, v, spec, kernel, dense)[:3]
-
-
-def _forward_and_seed(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
-                      dense: bool = True) -> tuple[Tensor, Tensor, Tensor, int]:
-    """``_run_forward``'s outputs and the call's dropout seed as a host int: a caller that keeps it beside the
-    saved tensors (``_EagerAttention``) hands it to the backward without reading the seed tensor back from
-    the device (a host sync per layer)."""
-    seed = _draw_seed(spec.dropout_p)
-    with _without_autocast(q.device.type):
-        out, lse = kernel.forward(q, k, v, spec, seed)
+def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, Tensor]:
+    """The op's outputs ``(out, lse, seed)`` from its spec and kernel object, contiguous, as the op's fake
+    implementation describes them."""
+    out, lse, seed = _forward_and_seed(q, k, v, spec, kernel)
     # made on the device: a CUDA graph may capture this op, and capture forbids host-to-device copies
     seed_tensor = q.new_zeros((1,), dtype=torch.int64)
     if seed:
         seed_tensor.fill_(seed)
-    if dense:
-        return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor, seed
+    return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
+
+
+def _forward_and_seed(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, int]:
+    """The kernel's ``(out, lse)`` in the op's dtypes, and the call's dropout seed as a host int."""
+    return _train_forward(q, k, v, spec, kernel, residual=False)[:3]
+
+
+def _train_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
+                   residual: bool = True) -> tuple[Tensor, Tensor, int, object]:
+    """``_forward_and_seed``'s outputs and (``residual``) the kernel's residual for its ``train_backward``: a
+    caller that keeps both beside the saved tensors (``_EagerAttention``) hands the backward the seed without
+    a seed tensor and without reading one back from the device (a host sync per layer), and what the kernel
+    found in the forward (its mask) without a second lookup."""
+    seed = _draw_seed(spec.dropout_p)
+    with _without_autocast(q.device.type):
+        if residual:
+            out, lse, kept = kernel.train_forward(q, k, v, spec, seed)
+        else:
+            (out, lse), kept = kernel.forward(q, k, v, spec, seed), None
     # the log-sum-exp goes to this kernel's own backward only: as the kernel made it (the CPU kernel's is a
     # transposed view, which a contiguous copy per call would cost host time for)
-    return _cast(out, q.dtype), _cast(lse, _lse_dtype(q)), seed_tensor, seed
+    return _cast(out, q.dtype), _cast(lse, _lse_dtype(q)), seed, kept
 
 
 #: ``attnopt::attention``: the body above as an opaque op that autograd, tracers and exporters see
@@ -222,33 +228,22 @@ def _attention_backward_impl(
                          needs_mask_grad)
 
 
-def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor | int,
-                  spec: AttentionSpec, kernel, needs_bias_grad: bool, needs_mask_grad: bool, dense: bool = True):
-    """The backward op's outputs ``(dq, dk, dv, dbias, dmask)`` from the call's spec and kernel object.
-    ``seed``: the forward's seed tensor, or the int it holds (read from the tensor only with dropout).
-    ``dense``: as the backward op's fake implementation describes them (contiguous; an empty tensor for a
-    gradient not asked for); else the gradients as the kernel made them (SDPA's laid out like q, k and v, so
-    the backward of an HF layer's transpose and view copies nothing) and None for one not asked for."""
+def _run_backward(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, seed: Tensor,
+                  spec: AttentionSpec, kernel, needs_bias_grad: bool, needs_mask_grad: bool):
+    """The backward op's outputs ``(dq, dk, dv, dbias, dmask)`` from the call's spec and kernel object, as its
+    fake implementation describes them (contiguous; an empty tensor for a gradient not asked for). ``seed``:
+    the forward's seed tensor (read only with dropout)."""
     bias, mask = spec.bias, spec.mask
-    with _autograd_available() if dense else contextlib.nullcontext(), _without_autocast(q.device.type):
+    seed = int(seed.item()) if spec.dropout_p > 0.0 else 0
+    with _autograd_available(), _without_autocast(q.device.type):
         dq, dk, dv, dbias, dmask = kernel.backward(
-            grad_out, q, k, v, out, lse, spec, _seed_int(seed, spec.dropout_p), needs_bias_grad,
-            needs_mask_grad
+            grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad
         )
-    if not dense:
-        return (_cast(dq, q.dtype), _cast(dk, k.dtype), _cast(dv, v.dtype),
-                None if dbias is None else _cast(dbias, bias.dtype), None if dmask is None else _cast(dmask, mask.dtype))
     return (
         _dense(dq, q.dtype), _dense(dk, k.dtype), _dense(dv, v.dtype),
         q.new_empty((0,)) if dbias is None else _dense(dbias, bias.dtype),
         q.new_empty((0,)) if dmask is None else _dense(dmask, mask.dtype),
     )
-
-
-def _seed_int(seed: Tensor | int, dropout_p: float) -> int:
-    if isinstance(seed, int):
-        return seed
-    return int(seed.item()) if dropout_p > 0.0 else 0
 
 
 #: ``attnopt::attention_backward``: the body above as an opaque op (what a traced backward records)
@@ -275,22 +270,21 @@ def _setup_context(ctx, inputs, output):
     ctx.params = params
 
 
-def _backward(ctx, grad_out, _grad_lse, _grad_seed, run=None, needs_input_grad=None):
-    """The op's gradients; ``run`` is the backward's body when it may skip the backward op's dispatch
-    (``_EagerAttention``), else the op; ``needs_input_grad``: the op's inputs' flags when ``ctx`` is not
-    the op's."""
-    q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, seed = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse, _grad_seed, needs_input_grad=None, seed=None):
+    """The op's gradients. ``needs_input_grad``: the op's inputs' flags when ``ctx`` is not the op's;
+    ``seed``: the seed tensor when ``ctx`` saved none."""
+    q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, saved_seed = ctx.saved_tensors
+    seed = saved_seed if seed is None else seed
     needs_input_grad = ctx.needs_input_grad if needs_input_grad is None else needs_input_grad
     needs_bias_grad = bias is not None and needs_input_grad[6]
     needs_mask_grad = mask is not None and mask.is_floating_point() and needs_input_grad[7]
     if torch.is_grad_enabled():  # the engine enables grad mode in a backward iff create_graph=True
         dq, dk, dv, dbias, dmask = _differentiable_grads(ctx, grad_out, needs_bias_grad, needs_mask_grad)
     else:
-        # the op takes its output's gradient contiguous, as its fake implementation says; the direct body
-        # (``run``) takes it as autograd hands it, laid out like the output the kernel made
-        dq, dk, dv, dbias, dmask = (run or torch.ops.attnopt.attention_backward)(
-            grad_out if run is not None else grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc,
-            kv_doc, bias, mask, *ctx.params, needs_bias_grad, needs_mask_grad,
+        # the op takes its output's gradient contiguous, as its fake implementation says
+        dq, dk, dv, dbias, dmask = torch.ops.attnopt.attention_backward(
+            grad_out.contiguous(), q, k, v, out, lse, seed, key_padding, q_doc, kv_doc, bias, mask, *ctx.params,
+            needs_bias_grad, needs_mask_grad,
         )
     return (
         dq, dk, dv, None, None, None,
@@ -394,31 +388,37 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, call: tuple, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
         """``call``: ``(spec, kernel, key_padding, q_doc, kv_doc, params)``, with ``spec`` the one
         ``spec_from_args`` makes of the op's arguments (the site's call plan's), ``kernel`` the kernel object
-        and ``params`` the op's arguments after its tensors."""
+        and ``params`` the op's arguments after its tensors. Returns the output only: the log-sum-exp is saved,
+        and the seed kept as the host int it was drawn as (no seed tensor, no gradients to materialize for
+        outputs nothing differentiates)."""
         spec, kernel, key_padding, q_doc, kv_doc, params = call
-        *output, seed = _forward_and_seed(q, k, v, spec, kernel, dense=False)  # traced by nothing: no fake
-        _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), output)
-        ctx.spec, ctx.kernel, ctx.seed = spec, kernel, seed
-        ctx.mark_non_differentiable(output[1], output[2])
-        return tuple(output)
+        out, lse, seed, residual = _train_forward(q, k, v, spec, kernel)  # traced by nothing: no fake
+        _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), (out, lse, None))
+        ctx.spec, ctx.kernel, ctx.seed, ctx.residual = spec, kernel, seed, residual
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out, grad_lse, grad_seed):
-        # a backward traced (compiled autograd) or under a dispatch mode records the backward op
-        direct = not _is_compiling() and _get_dispatch_mode() is None and type(grad_out) is Tensor
-        run = None
-        if direct:
-            def run(grad_out, q, k, v, out, lse, _seed, *terms_and_params):
-                needs_bias_grad, needs_mask_grad = terms_and_params[-2:]
-                # outside the op: autograd is not excluded, and no fake implementation describes the gradients;
-                # the seed as the forward drew it (no read back from the device)
-                return _run_backward(grad_out, q, k, v, out, lse, ctx.seed, ctx.spec, ctx.kernel, needs_bias_grad,
-                                     needs_mask_grad, dense=False)
+    def backward(ctx, grad_out):
         _, wants_q, wants_k, wants_v, wants_bias, wants_mask = ctx.needs_input_grad
-        # the op's inputs' flags: key padding and document ids take no gradient
-        flags = (wants_q, wants_k, wants_v, False, False, False, wants_bias, wants_mask)
-        dq, dk, dv, _, _, _, dbias, dmask = _backward(ctx, grad_out, grad_lse, grad_seed, run, flags)[:8]
-        return None, dq, dk, dv, dbias, dmask
+        if torch.is_grad_enabled() or _is_compiling() or _get_dispatch_mode() is not None or type(grad_out) is not Tensor:
+            # a double backward (create_graph=True), a backward traced (compiled autograd) or under a dispatch
+            # mode: the op's backward, which takes the seed as a tensor
+            flags = (wants_q, wants_k, wants_v, False, False, False, wants_bias, wants_mask)
+            seed = torch.full((1,), ctx.seed, dtype=torch.int64, device=grad_out.device)
+            dq, dk, dv, _, _, _, dbias, dmask = _backward(ctx, grad_out, None, None, flags, seed)[:8]
+            return None, dq, dk, dv, dbias, dmask
+        # the kernel's backward directly: its gradients as it made them (SDPA's laid out like q, k and v, so the
+        # backward of an HF layer's transpose and view copies nothing), the seed as the forward drew it and the
+        # forward's residual
+        q, k, v, _, _, _, bias, mask, out, lse, _ = ctx.saved_tensors
+        needs_bias_grad = bias is not None and wants_bias
+        needs_mask_grad = mask is not None and mask.is_floating_point() and wants_mask
+        with _without_autocast(q.device.type):
+            dq, dk, dv, dbias, dmask = ctx.kernel.train_backward(
+                ctx.residual, grad_out, q, k, v, out, lse, ctx.spec, ctx.seed, needs_bias_grad, needs_mask_grad)
+        return (None, _cast(dq, q.dtype), _cast(dk, k.dtype), _cast(dv, v.dtype),
+                _cast(dbias, bias.dtype) if needs_bias_grad else None,
+                _cast(dmask, mask.dtype) if needs_mask_grad else None)
 
 
 def _eager_training(spec: AttentionSpec, kernel, args: tuple) -> Tensor:
@@ -426,7 +426,7 @@ def _eager_training(spec: AttentionSpec, kernel, args: tuple) -> Tensor:
     autograd runs in a graph run as Python, and ``attnopt.attention`` on plain tensors."""
     q, k, v, key_padding, q_doc, kv_doc, bias, mask = args[:_TENSOR_INPUTS]
     call = (spec, kernel, key_padding, q_doc, kv_doc, args[_TENSOR_INPUTS:])
-    return _EagerAttention.apply(call, q, k, v, bias, mask)[0]
+    return _EagerAttention.apply(call, q, k, v, bias, mask)
 
 
 def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
@@ -532,7 +532,7 @@ class SiteCall:
             )[0],)
         spec, run = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)
         if _any_autocast() and torch.is_autocast_enabled(q.device.type):
-            with torch.autocast(q.device.type, enabled=False):
+            with torch._C._DisableAutocast():
                 return (run(q, k, v, spec),)
         return (run(q, k, v, spec),)
 

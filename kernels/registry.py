@@ -87,6 +87,19 @@ class Kernel:
         """Return ``(dq, dk, dv, dbias or None, dmask or None)``, dropout regenerated from ``seed``."""
         raise NotImplementedError
 
+    def train_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor, object]:
+        """``forward``'s ``(out, lse)`` and a residual: what this kernel's ``train_backward`` takes from the
+        forward besides them (found once per call, not looked up again in the backward). A training call that
+        keeps the residual with its saved tensors calls these two; the default keeps nothing."""
+        return (*self.forward(q, k, v, spec, seed), None)
+
+    def train_backward(self, residual, grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, spec: AttentionSpec, seed: int, needs_bias_grad: bool,
+                       needs_mask_grad: bool) -> Grads:
+        """``backward`` of a ``train_forward`` call, with its residual."""
+        return self.backward(grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad)
+
     def __repr__(self) -> str:
         return f"<kernel {self.name}{'' if self.exact else ' (approximate)'}>"
 

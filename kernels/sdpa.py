@@ -17,8 +17,8 @@ exactly when it computes the spec's function:
   gradients. An additive ``finfo.min`` mask is added, not a boolean term, so
   its rows average uniformly in SDPA exactly as in eager.
 * GQA: the kv heads are repeated (memory counted), which every backend takes.
-* softcap is not supported. Dropout is, on flash and memory-efficient (cuDNN's dropout
-  gradients are not trusted yet, see ``not_supported_reasons``): each call's dropout is SDPA's
+* softcap is not supported. Dropout is, on flash and memory-efficient, and on cuDNN through
+  ATen's forward and backward pair only (``not_supported_reasons``): each call's dropout is SDPA's
   own, drawn from the default CUDA generator seeded with the call's seed
   (``_seeded``) and the generator's state restored after it, so a backward
   that recomputes regenerates the same mask. A backward from the saved forward
@@ -391,12 +391,14 @@ class SDPAKernel(Kernel):
             reasons.append(f"softcap={spec.softcap} not supported by SDPA")
         if spec.dropout_p > 0.0 and self.device_type == "cpu":
             reasons.append(f"dropout (p={spec.dropout_p}) not supported: ATen's CPU flash attention has none")
-        if spec.dropout_p > 0.0 and self.backend == SDPBackend.CUDNN_ATTENTION:
-            # measured on an H200 (torch 2.11, benchmarks/sdpa_dropout_layouts.py, results in bert_train.md): with
-            # dropout, SDPA's own cuDNN backward drops other weights than its forward when the output's gradient
-            # is in the queries' layout, where flash and memory-efficient keep them: not used until proven right
-            reasons.append(f"dropout (p={spec.dropout_p}) not used: cuDNN's dropout gradients depend on the output "
-                           "gradient's memory layout (torch 2.11)")
+        if spec.dropout_p > 0.0 and self.backend == SDPBackend.CUDNN_ATTENTION and not self._saves_lse(spec):
+            # measured on an H200 (torch 2.11, benchmarks/sdpa_dropout_layouts.py): with dropout, SDPA's own
+            # cuDNN autograd drops other weights in its backward than in its forward when the output's gradient
+            # is in the queries' layout; ATen's forward and backward pair, handed the output and its gradient in
+            # the forward's layout (``_aten_backward``), keeps them in both layouts. Dropout goes through it only.
+            reasons.append(f"dropout (p={spec.dropout_p}) not used: cuDNN's dropout gradients are right only "
+                           "through ATen's forward and backward pair, which this call cannot take (it needs "
+                           "equal head dims divisible by 8 and a mask of boolean terms only)")
         if self.backend == SDPBackend.FLASH_ATTENTION and _is_causal(spec) and spec.q_len != spec.kv_len:
             # measured on an H200 (torch 2.11): "Flash attention does not support the is_causal flag when
             # seqlen_q != seqlen_k", and no other backend is allowed in its place
@@ -503,8 +505,19 @@ class SDPAKernel(Kernel):
         return _pinned(self.switches, q, k, v, mask, causal, spec.scale, dropout_p=dropout_p)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
+        return self._forward(q, k, v, spec, seed, find=False)[:2]
+
+    def train_forward(self, q, k, v, spec: AttentionSpec, seed: int):
+        """``(out, lse, residual)``; the residual is the call's ``mask_and_empty_rows`` (its rows to fill), which
+        its backward takes instead of looking them up again, when that mask is one the term cache keeps anyway:
+        a larger one is not kept alive until the backward (it is built again there). A training call finds
+        out whether its padding leaves every row a key (one host sync per padding tensor, in a model's first
+        layer), so that no layer fills rows in its forward, or opens them in its backward, for nothing."""
+        return self._forward(q, k, v, spec, seed, find=True)
+
+    def _forward(self, q, k, v, spec: AttentionSpec, seed: int, find: bool):
         if no_rows_or_keys(spec):
-            return output_without_rows_or_keys(q, spec)
+            return (*output_without_rows_or_keys(q, spec), None)
         if self.device_type == "cpu":
             k_all, v_all = (k, v) if spec.group_size == 1 or _cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
             mask, empty = mask_and_empty_rows(spec)
@@ -522,11 +535,12 @@ class SDPAKernel(Kernel):
                 mask, empty = mask_and_empty_rows(spec)
                 out, lse = self._sdpa(q, k, v, spec, mask, _is_causal(spec), seed), nan_lse(q, spec)
                 out = _nan_where_masked(out, mask, spec)
-        empty = _rows_to_fill(empty, spec, find=False)
+        empty = _rows_to_fill(empty, spec, find=find)
+        residual = (mask, empty) if mask is None or mask_bytes(spec) <= CACHED_MASK_BYTES else None
         if empty is None:
-            return out, lse
+            return out, lse, residual
         rows = _full_rows(empty, spec)
-        return fill_empty_rows(out, rows, v, spec, seed=seed), lse.masked_fill(rows, float("-inf"))
+        return fill_empty_rows(out, rows, v, spec, seed=seed), lse.masked_fill(rows, float("-inf")), residual
 
     def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec
@@ -553,17 +567,30 @@ class SDPAKernel(Kernel):
         return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
+        return self.train_backward(None, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad)
+
+    def train_backward(self, residual, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad,
+                       needs_mask_grad) -> Grads:
+        """``backward``, with the forward's ``mask_and_empty_rows`` as ``residual`` (None: looked up)."""
         if no_rows_or_keys(spec):
             return grads_without_rows_or_keys(q, k, v, spec, needs_bias_grad, needs_mask_grad)
         if self.device_type == "cpu" and not (needs_bias_grad or needs_mask_grad) and _boolean_terms_only(spec):
             # ATen's own backward from the forward's output and log-sum-exp (SDPA's, on every row a key is
             # visible in): no second forward
-            return self._cpu_backward(grad_out, q, k, v, out, lse, spec)
+            return self._cpu_backward(grad_out, q, k, v, out, lse, spec, residual)
         philox = _PHILOX.get(seed) if spec.dropout_p > 0.0 else None
+        if spec.dropout_p > 0.0 and self.backend == SDPBackend.CUDNN_ATTENTION:
+            # cuDNN's dropout only through the pair (``not_supported_reasons``); a forward whose random state is
+            # gone runs again under its seed, which draws the same state
+            if philox is None:
+                with torch.no_grad():
+                    out, lse = self._aten_forward(q, k, v, spec, (residual or mask_and_empty_rows(spec))[0], seed)
+                philox = _PHILOX[seed]
+            return self._aten_backward(grad_out, q, k, v, out, lse, spec, philox, seed, residual)
         if (self._saves_lse(spec) and not torch.are_deterministic_algorithms_enabled()
                 and (philox is not None or spec.dropout_p == 0.0)):
             # under torch.use_deterministic_algorithms the public call below decides, as SDPA's checks do
-            return self._aten_backward(grad_out, q, k, v, out, lse, spec, philox, seed)
+            return self._aten_backward(grad_out, q, k, v, out, lse, spec, philox, seed, residual)
         # cuDNN's backward (H200, torch 2.11) gave wrong gradients when the output's gradient came in other
         # strides than the output (a contiguous gradient for HF's transposed output: a Llama training step
         # off by 1.6x its largest gradient); it gets one in the output's strides
@@ -572,8 +599,8 @@ class SDPAKernel(Kernel):
                                 grad_like_out=self.backend == SDPBackend.CUDNN_ATTENTION)
         if spec.fill == Fill.SAFE or not spec.rows_may_be_empty(additive=False):
             return grads
-        return _with_fill_grads(grads, mask_and_empty_rows(spec)[1], q, k, v, grad_out, spec, needs_bias_grad,
-                                needs_mask_grad, seed)
+        return _with_fill_grads(grads, (residual or mask_and_empty_rows(spec))[1], q, k, v, grad_out, spec,
+                                needs_bias_grad, needs_mask_grad, seed)
 
 
     def _saves_lse(self, spec: AttentionSpec) -> bool:
@@ -614,9 +641,9 @@ class SDPAKernel(Kernel):
         return out, lse
 
     def _aten_backward(self, grad_out, q, k, v, out, lse, spec: AttentionSpec, philox: tuple | None,
-                       seed: int) -> Grads:
+                       seed: int, residual: tuple | None) -> Grads:
         k_read, v_read, repeated = self._grouped(k, v, spec)
-        mask, empty = mask_and_empty_rows(spec)
+        mask, empty = residual or mask_and_empty_rows(spec)
         empty = _rows_to_fill(empty, spec, find=True)
         grad = grad_out.to(out.dtype)
         if empty is not None:
@@ -634,10 +661,10 @@ class SDPAKernel(Kernel):
             return grads
         return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False, seed)
 
-    def _cpu_backward(self, grad_out, q, k, v, out, lse, spec) -> Grads:
+    def _cpu_backward(self, grad_out, q, k, v, out, lse, spec, residual: tuple | None) -> Grads:
         grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
         k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
-        mask, empty = mask_and_empty_rows(spec)
+        mask, empty = residual or mask_and_empty_rows(spec)
         empty = _rows_to_fill(empty, spec, find=True)
         grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
         if empty is not None:

@@ -171,16 +171,17 @@ def test_a_named_kernel_that_cannot_compute_the_call_is_refused(through_the_op, 
 def test_the_training_backward_takes_the_dropout_seed_without_reading_the_device(monkeypatch):
     """A training call's backward gets the seed its forward drew as a host int (a read of the seed tensor
     would be a host sync per layer on a GPU); the same torch seed gives the same output and gradients."""
-    from attnopt import ops
+    from attnopt.kernels import registry
 
     seeds = []
-    run_backward = ops._run_backward
+    kernel = registry.get("reference")
+    train_backward = kernel.train_backward
 
-    def spy(grad_out, q, k, v, out, lse, seed, *args, **kwargs):
+    def spy(residual, grad_out, q, k, v, out, lse, spec, seed, *args):
         seeds.append(seed)
-        return run_backward(grad_out, q, k, v, out, lse, seed, *args, **kwargs)
+        return train_backward(residual, grad_out, q, k, v, out, lse, spec, seed, *args)
 
-    monkeypatch.setattr(ops, "_run_backward", spy)
+    monkeypatch.setattr(kernel, "train_backward", spy)
     monkeypatch.setattr(torch.Tensor, "item", lambda self: pytest.fail("the seed was read back from its tensor"))
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 2, 8, 4, generator=g).requires_grad_(True) for _ in range(3))

@@ -131,6 +131,40 @@ def test_training_call_skips_the_op_dispatch_with_the_ops_gradients(kernel, call
             torch.testing.assert_close(g, w, atol=0, rtol=0, equal_nan=True)
 
 
+@pytest.mark.parametrize("empty_row", [False, True], ids=["every_row_keyed", "a_row_without_keys"])
+def test_training_call_backward_takes_its_forwards_mask(empty_row, monkeypatch):
+    """A training call builds (or looks up) its mask once: the backward takes what the forward found, rows to
+    fill included, instead of a second lookup. Padding that leaves every row a key fills nothing; a batch row
+    of padding only is filled, with its gradients, as the op fills it."""
+    g = torch.Generator().manual_seed(3)
+    b, n, h, d = 2, 8, 2, 4
+    q, k, v = (torch.randn(b, n, h, d, generator=g).transpose(1, 2) for _ in range(3))
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[1, n // 2:] = False
+    if empty_row:
+        keep[1] = False
+    static = (d ** -0.5, False, "top_left", None, None, None)
+    lookups, fills = [], []
+    lookup, fill = sdpa_module.mask_and_empty_rows, sdpa_module.fill_empty_rows
+    monkeypatch.setattr(sdpa_module, "mask_and_empty_rows", lambda spec: lookups.append(1) or lookup(spec))
+    monkeypatch.setattr(sdpa_module, "fill_empty_rows", lambda *a, **kw: fills.append(1) or fill(*a, **kw))
+    site = SiteCall("sdpa_cpu", *static, "finite_added")
+    grad = torch.randn(b, h, n, d, generator=g)
+
+    def run(call):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = call(*leaves)
+        return out, torch.autograd.grad(out, leaves, grad)
+
+    out, grads = run(lambda *qkv: site(*qkv, keep, None, None, None, None, 0.0)[0])
+    assert len(lookups) == 1 and len(fills) == int(empty_row)
+    want, want_grads = run(lambda *qkv: torch.ops.attnopt.attention.default(
+        *qkv, keep, None, None, None, None, *static, 0.0, "finite_added", "sdpa_cpu")[0])
+    torch.testing.assert_close(out, want, atol=0, rtol=0)
+    for got, ref in zip(grads, want_grads):
+        torch.testing.assert_close(got, ref, atol=0, rtol=0)
+
+
 def test_training_call_on_a_device_without_the_eager_path_runs_the_op(monkeypatch):
     """A training call on a device outside ``EAGER_TRAINING_DEVICES`` goes through the op with its autograd,
     never the inference path (which records no graph): gradients equal the eager path's."""
@@ -496,14 +530,14 @@ def test_training_call_backward_keeps_the_kernels_layouts(monkeypatch):
     static = (d ** -0.5, True, "top_left", None, None, None)
     kernel = registry.get("sdpa_cpu")
     seen = {}
-    backward = type(kernel).backward
+    train_backward = type(kernel).train_backward
 
-    def recorded(self, grad_out, *args):
-        grads = backward(self, grad_out, *args)
+    def recorded(self, residual, grad_out, *args):  # the training call's and (through ``backward``) the op's
+        grads = train_backward(self, residual, grad_out, *args)
         seen["grad_out"], seen["grads"] = grad_out, grads[:3]
         return grads
 
-    monkeypatch.setattr(type(kernel), "backward", recorded)
+    monkeypatch.setattr(type(kernel), "train_backward", recorded)
     out = SiteCall("sdpa_cpu", *static, "-inf")(q, k, v, *NO_TERMS, 0.0)[0]
     merged = out.transpose(1, 2).reshape(b, n, hq * d)
     grads = torch.autograd.grad(merged.square().sum(), (q, k, v))

@@ -265,3 +265,24 @@ def test_explain_plans_captured_graphs_for_cuda(monkeypatch, training):
             planned = site.kernel not in CPU_ONLY if site.replaced else site.reason.startswith("original")
             assert planned, f"{name}:\n{report}"
         assert str(report)
+
+
+@pytest.mark.parametrize(("terms", "takes_dropout"), [
+    (dict(causal=True), True),
+    (dict(key_padding=meta(B, N)), True),
+    (dict(causal=True, q_doc=meta(B, N, dtype=torch.int64), kv_doc=meta(B, N, dtype=torch.int64)), True),
+    (dict(d=60), False),  # ATen's pair takes head dims divisible by 8
+    (dict(mask=meta(B, 1, 1, N, dtype=torch.float32)), False),  # an additive term: SDPA's autograd only
+], ids=["causal", "key_padding", "documents", "head_dim_60", "additive_mask"])
+def test_cudnn_takes_dropout_through_its_saved_forward_pair_only(monkeypatch, terms, takes_dropout):
+    """SDPA's own cuDNN dropout backward is wrong when the output's gradient is in the queries' layout (torch
+    2.11, ``benchmarks/results/sdpa_dropout_layouts.md``); ATen's forward and backward pair, as attnopt calls
+    it, is right in both. So cuDNN takes dropout exactly where its calls go through that pair."""
+    simulate(monkeypatch, "h200")
+    spec = spec_for(torch.bfloat16, True, Fill.FINITE_ADDED, **terms).with_(dropout_p=0.1)
+    cudnn = registry.get("sdpa_cudnn")
+    dropout_reasons = [r for r in cudnn.not_supported_reasons(spec) if r.startswith("dropout")]
+    assert cudnn._saves_lse(spec) == takes_dropout
+    assert (not dropout_reasons) == takes_dropout, dropout_reasons
+    if not takes_dropout:
+        assert "forward and backward pair" in dropout_reasons[0]

@@ -23,13 +23,13 @@ class DropoutAttention(nn.Module):
 
 def test_a_changed_dropout_probability_reaches_the_op(monkeypatch):
     seen = []
-    run_forward = attnopt.ops._forward_and_seed
+    run_forward = attnopt.ops._train_forward
 
     def recording(q, k, v, spec, kernel, *args, **options):  # the kernel's spec, through the op or a training call
         seen.append(spec.dropout_p)
         return run_forward(q, k, v, spec, kernel, *args, **options)
 
-    monkeypatch.setattr(attnopt.ops, "_forward_and_seed", recording)
+    monkeypatch.setattr(attnopt.ops, "_train_forward", recording)
     torch.manual_seed(0)
     model = DropoutAttention().train()
     reference = DropoutAttention().train()

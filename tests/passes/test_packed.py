@@ -379,8 +379,8 @@ def test_packed_sites_prove_every_row_sees_a_key(kernel, monkeypatch):
     assert [site.kernel for site in optimized.attnopt_report.sites] == [kernel] * 2
     proofs = []
     chosen = registry.get(kernel)
-    forward = chosen.forward
-    monkeypatch.setattr(chosen, "forward", lambda q, k, v, spec, seed: (
+    forward = chosen.train_forward  # what a training call runs
+    monkeypatch.setattr(chosen, "train_forward", lambda q, k, v, spec, seed: (
         proofs.append(not spec.rows_may_be_empty()), forward(q, k, v, spec, seed))[1])
     for module in (reference, sdpa, triton_flash):  # each holds its own name of the shared helper
         monkeypatch.setattr(module, "empty_row_grads", lambda *a, **k: pytest.fail("rows without keys looked for"))
