@@ -198,3 +198,37 @@ def test_the_training_backward_takes_the_dropout_seed_without_reading_the_device
     again.backward(torch.ones_like(again))
     for got, want in zip((q.grad, k.grad, v.grad), grads):
         torch.testing.assert_close(got, want)
+
+
+def test_a_compiled_autograd_backward_regenerates_each_calls_dropout():
+    """A training call keeps its dropout seed on ``ctx`` as a host int; a backward that compiled autograd
+    runs still hands each call's own seed to the backward (not the first call's, traced as a constant): the
+    gradients are the eager backward's for every seed, from one capture."""
+    from torch._dynamo import compiled_autograd
+    from torch._dynamo.utils import counters
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 4, generator=g) for _ in range(3))
+
+    def grads(seed: int, compiled: bool):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        torch.manual_seed(seed)
+        out = attnopt.attention(*leaves, dropout_p=0.5, kernel="reference")
+        assert type(out.grad_fn).__name__ == "_EagerAttentionBackward"
+        if compiled:
+            with compiled_autograd._enable(torch.compile(backend="eager")):
+                out.backward(torch.ones_like(out))
+        else:
+            out.backward(torch.ones_like(out))
+        return [t.grad for t in leaves]
+
+    torch._dynamo.reset()
+    counters.clear()
+    seen = []
+    for seed in (1, 2, 3):
+        eager, compiled = grads(seed, False), grads(seed, True)
+        for got, want in zip(compiled, eager):
+            torch.testing.assert_close(got, want, atol=0, rtol=0)
+        seen.append(eager[0])
+    assert not torch.equal(seen[0], seen[1])  # the seeds' dropouts differ, so the check above could fail
+    assert counters["compiled_autograd"]["captures"] == 1
