@@ -163,13 +163,13 @@ def _forward_and_seed(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kern
     return _train_forward(q, k, v, spec, kernel, residual=False)[:3]
 
 
-def _train_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel,
-                   residual: bool = True) -> tuple[Tensor, Tensor, int, object]:
+def _train_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel, residual: bool = True,
+                   seed: int | None = None) -> tuple[Tensor, Tensor, int, object]:
     """``_forward_and_seed``'s outputs and (``residual``) the kernel's residual for its ``train_backward``: a
     caller that keeps both beside the saved tensors (``_EagerAttention``) hands the backward the seed without
     a seed tensor and without reading one back from the device (a host sync per layer), and what the kernel
-    found in the forward (its mask) without a second lookup."""
-    seed = _draw_seed(spec.dropout_p)
+    found in the forward (its mask) without a second lookup. ``seed``: the call's, when its caller drew it."""
+    seed = _draw_seed(spec.dropout_p) if seed is None else seed
     with _without_autocast(q.device.type):
         if residual:
             out, lse, kept = kernel.train_forward(q, k, v, spec, seed)
@@ -386,13 +386,13 @@ class _EagerAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, call: tuple, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
-        """``call``: ``(spec, kernel, key_padding, q_doc, kv_doc, params)``, with ``spec`` the one
-        ``spec_from_args`` makes of the op's arguments (the site's call plan's), ``kernel`` the kernel object
-        and ``params`` the op's arguments after its tensors. Returns the output only: the log-sum-exp is saved,
+        """``call``: ``(spec, kernel, key_padding, q_doc, kv_doc, params, seed)``, with ``spec`` the one
+        ``spec_from_args`` makes of the op's arguments (the site's call plan's), ``kernel`` the kernel object,
+        ``params`` the op's arguments after its tensors and ``seed`` the call's dropout seed. Returns the output only: the log-sum-exp is saved,
         and the seed kept as the host int it was drawn as (no seed tensor, no gradients to materialize for
         outputs nothing differentiates)."""
-        spec, kernel, key_padding, q_doc, kv_doc, params = call
-        out, lse, seed, residual = _train_forward(q, k, v, spec, kernel)  # traced by nothing: no fake
+        spec, kernel, key_padding, q_doc, kv_doc, params, seed = call
+        out, lse, seed, residual = _train_forward(q, k, v, spec, kernel, seed=seed)  # traced by nothing: no fake
         _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), (out, lse, None))
         ctx.spec, ctx.kernel, ctx.seed, ctx.residual = spec, kernel, seed, residual
         return out
@@ -425,7 +425,15 @@ def _eager_training(spec: AttentionSpec, kernel, args: tuple) -> Tensor:
     """The op's output for ``args`` (its 17 arguments) through ``_EagerAttention``: what a plain call under
     autograd runs in a graph run as Python, and ``attnopt.attention`` on plain tensors."""
     q, k, v, key_padding, q_doc, kv_doc, bias, mask = args[:_TENSOR_INPUTS]
-    call = (spec, kernel, key_padding, q_doc, kv_doc, args[_TENSOR_INPUTS:])
+    seed = _draw_seed(spec.dropout_p)
+    if seed:
+        # with dropout there is no double backward either way (``_differentiable_grads``): torch's own autograd
+        # where the kernel's call has one, a backward of C++ nodes only
+        with _without_autocast(q.device.type):
+            out = kernel.autograd_forward(q, k, v, spec, seed)
+        if out is not None:
+            return out
+    call = (spec, kernel, key_padding, q_doc, kv_doc, args[_TENSOR_INPUTS:], seed)
     return _EagerAttention.apply(call, q, k, v, bias, mask)
 
 

@@ -56,7 +56,9 @@ def build(peer: str, config: dict, device: str):
     torch.manual_seed(0)  # the same initial weights for every peer
     cfg = transformers.BertConfig(**config, attn_implementation=attn)
     model = transformers.BertForSequenceClassification(cfg).to(device)
-    if peer.startswith("attnopt"):
+    if peer.startswith("attnopt["):  # one kernel forced on every site: attnopt[sdpa_efficient]
+        model = attnopt.optimize(model, kernel=peer[len("attnopt["):-1])
+    elif peer.startswith("attnopt"):
         model = attnopt.optimize(model)
     return model
 
@@ -154,6 +156,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lengths", type=int, nargs="+", default=[128, 512])
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=list(PEERS))
+    parser.add_argument("--forced", nargs="*", default=[], metavar="KERNEL",
+                        help="also run attnopt with this kernel forced on every site (peer attnopt[KERNEL])")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model (checks the script)")
@@ -170,7 +174,7 @@ def main() -> None:
              "| N | peer | ms / step | sequences/s | peak MiB | vs SDPA | logits diff vs SDPA (eval) | "
              "grad diff vs SDPA (eval) | first call s | attnopt sites |", "|---|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
-    peers = [p for p in PEERS if p in args.peers]
+    peers = [p for p in PEERS if p in args.peers] + [f"attnopt[{k}]" for k in args.forced]
     for n in args.lengths:
         inputs = batch(n, args.batch, config["vocab_size"], device)
         reference, rows = None, {}

@@ -56,38 +56,51 @@ def pair_identity_error(name: str, q, k, v, grad, p: float, seed: int) -> float:
     return ((lhs - rhs).abs().max() / lhs.abs().max()).item()
 
 
+#: B, N, H, D of the measured call
+SHAPE = (2, 192, 4, 64)
+
+
+def hf_inputs():
+    """``(q, k, v, {layout: output gradient})``: bf16 ``[B, H, N, D]`` views of ``[B, N, H, D]`` tensors, as an HF
+    layer hands them over, and one output gradient contiguous and in the queries' layout."""
+    b, n, h, d = SHAPE
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, n, h, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(3))
+    grad = torch.randn(b, h, n, d, generator=g).to("cuda", torch.bfloat16)
+    return q, k, v, {"contiguous": grad, "queries' layout": grad.transpose(1, 2).contiguous().transpose(1, 2)}
+
+
+def cell(measure) -> str:
+    """``measure()``'s error to 4 places, or the refusal of a backend that refuses the call on this build."""
+    try:
+        return f"{measure():.4f}"
+    except RuntimeError as err:
+        return f"refused: {str(err).splitlines()[0][:60]}"
+
+
+def emit(lines: list[str], out: pathlib.Path | None) -> None:
+    print("\n".join(lines))
+    if out:
+        out.write_text("\n".join(lines) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--p", type=float, default=0.3)
     args = parser.parse_args()
-    g = torch.Generator().manual_seed(0)
-    b, n, h, d = 2, 192, 4, 64
-    q, k, v = (torch.randn(b, n, h, d, generator=g).to("cuda", torch.bfloat16).transpose(1, 2) for _ in range(3))
-    grad = torch.randn(b, h, n, d, generator=g).to("cuda", torch.bfloat16)
-    layouts = {"contiguous": grad, "queries' layout": grad.transpose(1, 2).contiguous().transpose(1, 2)}
+    b, n, h, d = SHAPE
+    q, k, v, layouts = hf_inputs()
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; B {b}, {h} heads, N {n}, D {d}, bf16, "
              f"dropout {args.p}; relative error of sum(out * dO) = sum(v * dV) (bf16 rounding is about 0.005)", "",
              "| backend | dO contiguous | dO in the queries' layout |", "|---|---|---|"]
     for name, backend in BACKENDS.items():
-        errors = []
-        for grad_in_layout in layouts.values():
-            try:
-                errors.append(f"{identity_error(backend, q, k, v, grad_in_layout, args.p, seed=1234):.4f}")
-            except RuntimeError as err:  # this backend refuses the call on this build
-                errors.append(f"refused: {str(err).splitlines()[0][:60]}")
+        errors = [cell(lambda: identity_error(backend, q, k, v, grad, args.p, seed=1234)) for grad in layouts.values()]
         lines.append(f"| {name} | {errors[0]} | {errors[1]} |")
     for name in ("sdpa_cudnn", "sdpa_flash"):
-        errors = []
-        for grad_in_layout in layouts.values():
-            try:
-                errors.append(f"{pair_identity_error(name, q, k, v, grad_in_layout, args.p, seed=1234):.4f}")
-            except RuntimeError as err:
-                errors.append(f"refused: {str(err).splitlines()[0][:60]}")
+        errors = [cell(lambda: pair_identity_error(name, q, k, v, grad, args.p, seed=1234)) for grad in layouts.values()]
         lines.append(f"| attnopt {name} (saved forward) | {errors[0]} | {errors[1]} |")
-    print("\n".join(lines))
-    if args.out:
-        args.out.write_text("\n".join(lines) + "\n")
+    emit(lines, args.out)
 
 
 if __name__ == "__main__":

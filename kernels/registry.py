@@ -100,6 +100,15 @@ class Kernel:
         """``backward`` of a ``train_forward`` call, with its residual."""
         return self.backward(grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad)
 
+    def autograd_forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
+                         seed: int) -> torch.Tensor | None:
+        """A training call's output recorded by autograd through torch's own differentiable ops (a backward
+        of C++ nodes: no Python backward, which on CUDA costs a hand-off to autograd's device thread per
+        call), equal to what ``train_forward`` and ``train_backward`` give; None where this kernel has no
+        such call for ``spec`` (then the call takes those two). Its backward is not differentiable again:
+        callers take it only where a double backward is not supported anyway (dropout). The default: none."""
+        return None
+
     def __repr__(self) -> str:
         return f"<kernel {self.name}{'' if self.exact else ' (approximate)'}>"
 

@@ -36,6 +36,12 @@ band, a boolean mask: rows without keys are left open, filled after, and pass no
 gradient): the backward reads the forward's output and ``lse``. Any other call, and
 every call on the memory-efficient backend, returns no ``lse`` (NaN there) and its
 backward re-runs SDPA on the same backend under autograd (``approx_base.recompute_grads``).
+
+A training call with dropout (never twice differentiable) on flash, memory-efficient, the CPU
+kernel or cuDNN's saved-forward pair, with no row to fill and no gradient into a term, is SDPA's
+own call under autograd (``autograd_forward``): its backward is ATen's, from the saved forward,
+with no Python in it (cuDNN's is handed a contiguous output gradient, the one layout its own
+backward is right for).
 """
 
 from __future__ import annotations
@@ -541,6 +547,30 @@ class SDPAKernel(Kernel):
             return out, lse, residual
         rows = _full_rows(empty, spec)
         return fill_empty_rows(out, rows, v, spec, seed=seed), lse.masked_fill(rows, float("-inf")), residual
+
+    def autograd_forward(self, q, k, v, spec: AttentionSpec, seed: int):
+        """SDPA's own autograd where it is this kernel's training call: on flash and memory-efficient (their own
+        backwards are right whatever the output gradient's layout, ``benchmarks/sdpa_dropout_layouts.py``), on
+        the CPU, and on cuDNN for the calls of its saved-forward pair (``_saves_lse``), handed a contiguous output
+        gradient. Not for a call with rows without keys (filled after, with the fill's gradients) or a gradient
+        into a term."""
+        cudnn = self.backend == SDPBackend.CUDNN_ATTENTION
+        if no_rows_or_keys(spec) or (cudnn and not self._saves_lse(spec)):
+            return None
+        if any(t is not None and t.requires_grad for t in (spec.bias, spec.mask)):
+            return None
+        mask, empty = mask_and_empty_rows(spec)
+        if _rows_to_fill(empty, spec, find=True) is not None:
+            return None
+        out = _nan_where_masked(self._sdpa(q, k, v, spec, mask, _is_causal(spec), seed), mask, spec)
+        if not cudnn:
+            return out
+        # measured on an H200 (torch 2.11, benchmarks/sdpa_cudnn_grad_layouts.py): SDPA's own cuDNN backward is
+        # right for a contiguous output gradient only, with or without dropout or a mask, whatever its output's
+        # layout; the backward of ``as_strided`` hands its input a gradient in the input's strides, so the
+        # output goes out contiguous (a copy when cuDNN made it in the queries' layout) through an as_strided view
+        out = out.contiguous()
+        return out.as_strided(out.shape, out.stride(), out.storage_offset())
 
     def infer(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
         """``forward``'s output with nothing else made: no log-sum-exp placeholder, no mask when the spec

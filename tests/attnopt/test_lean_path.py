@@ -608,3 +608,30 @@ def test_functional_plain_calls_skip_the_op_with_its_results(kernel, terms):
     assert all(torch.equal(a, b) for a, b in zip(got, torch.autograd.grad(op_out, op_leaves, grad)))
     auto = attnopt.attention(*leaves, kernel="auto", **extra)
     assert "attnopt_attention" in type(auto.grad_fn).__name__
+
+
+@pytest.mark.parametrize("own", [True, False], ids=["kernel_has_own_autograd", "kernel_has_none"])
+def test_a_training_call_with_dropout_takes_the_kernels_own_autograd(own, monkeypatch):
+    """With dropout (never twice differentiable, ``ops._differentiable_grads``) a training call's output is the
+    kernel's ``autograd_forward`` where it gives one, under the call's seed and outside autocast; where it gives
+    None, the op's autograd function. Without dropout (twice differentiable) it is never asked."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 6, 4, generator=g, dtype=torch.float64).requires_grad_(True) for _ in range(3))
+    static = (0.5, True, "top_left", None, None, None)
+    site = SiteCall("reference", *static, "-inf")
+    asked = []
+
+    def autograd_forward(q, k, v, spec, seed):
+        asked.append((spec.dropout_p, seed, torch.is_autocast_enabled("cpu")))
+        return (q * 3.0) if own else None
+
+    monkeypatch.setattr(site.kernel, "autograd_forward", autograd_forward)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = site(q, k, v, *NO_TERMS, 0.25)[0]
+    assert len(asked) == 1 and asked[0][0] == 0.25 and asked[0][1] != 0 and asked[0][2] is False
+    if own:
+        torch.testing.assert_close(out, q * 3.0, atol=0, rtol=0)
+    else:
+        assert isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction) and out.shape == q.shape
+    site(q, k, v, *NO_TERMS, 0.0)
+    assert len(asked) == 1

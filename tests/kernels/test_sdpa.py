@@ -481,6 +481,24 @@ def test_cuda_dropout_is_sdpas_own_and_the_backward_regenerates_it(name, case, h
         rhs = (v.float() * dv).sum((-1, -2))
         torch.testing.assert_close(lhs, rhs, atol=0.05 * lhs.abs().max().item(), rtol=0, msg=msg)
 
+    # a training call through SDPA's own autograd (``autograd_forward``, what a site's training call with dropout
+    # runs where the kernel has it): the same output bit for bit, the same gradients in both layouts, a backward of
+    # torch's own nodes only
+    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    before = torch.cuda.get_rng_state()
+    native = kernel.autograd_forward(*leaves, spec, seed)
+    if native is None:
+        assert case == "documents", "every backend takes its own autograd for a call without rows to fill"
+        return
+    assert torch.equal(torch.cuda.get_rng_state(), before)
+    assert not isinstance(native.grad_fn, torch.autograd.function.BackwardCFunction), type(native.grad_fn)
+    torch.testing.assert_close(native, out, atol=0, rtol=0)
+    for grad_ in (grad, grad_in_q_layout):
+        got = torch.autograd.grad(native, leaves, grad_, retain_graph=True)
+        for name_, x, ref in zip("qkv", got, want_grads):
+            err = (x.float() - ref.float()).abs().max() / ref.float().abs().max()
+            assert err < 1e-2, f"own autograd, gradient strides {grad_.stride()}: d{name_} off by {err:.3g}"
+
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -559,3 +577,33 @@ def test_padding_that_leaves_every_row_a_key_costs_no_fill_per_call(monkeypatch)
     out, _ = kernel.forward(q, k, v, spec, 0)
     mean = v[1].mean(1, keepdim=True).repeat_interleave(2, dim=0)  # each kv head read by two query heads
     torch.testing.assert_close(out[1], mean.expand_as(out[1]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("term", ["none", "causal", "window", "key_padding", "a_row_without_keys", "bias_with_grad"])
+def test_cpu_own_autograd_equals_the_kernels_forward_and_backward(term):
+    """``autograd_forward`` on the CPU kernel: SDPA's own autograd, with the output and gradients of the kernel's
+    forward and backward, GQA included; None where the call has rows to fill or a gradient into a term."""
+    q, k, v = _qkv(dtype=torch.float64)
+    terms = dict(TERMS.get(term, {}))
+    if term in ("key_padding", "a_row_without_keys"):
+        terms = {"key_padding": torch.tensor([64, 10]), "causal": True, "fill": Fill.FINITE_ADDED}
+        if term == "a_row_without_keys":
+            terms["window"] = Window(0, 0)
+            terms["key_padding"] = torch.tensor([64, 0])
+    if term == "bias_with_grad":
+        terms = {"bias": torch.randn(1, 4, 64, 64, dtype=torch.float64, requires_grad=True)}
+    spec = AttentionSpec.from_tensors(q, k, v, requires_grad=True, **terms)
+    kernel = get("sdpa_cpu")
+    leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    out = kernel.autograd_forward(*leaves, spec, 0)
+    if term in ("a_row_without_keys", "bias_with_grad"):
+        assert out is None
+        return
+    assert not isinstance(out.grad_fn, torch.autograd.function.BackwardCFunction)
+    want, lse = kernel.forward(q, k, v, spec, 0)
+    torch.testing.assert_close(out, want, atol=1e-12, rtol=1e-12)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = torch.autograd.grad(out, leaves, grad)
+    want_grads = kernel.backward(grad, q, k, v, want, lse, spec, 0, False, False)[:3]
+    for name_, x, ref in zip("qkv", got, want_grads):
+        torch.testing.assert_close(x, ref, atol=1e-10, rtol=1e-10, msg=name_)
