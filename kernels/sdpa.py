@@ -163,12 +163,25 @@ def mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch
     the attention they feed. The result is shared: callers never change it in place."""
     if not needs_mask(spec):
         return None, None
-    if mask_bytes(spec) > CACHED_MASK_BYTES:
-        return _mask_and_empty_rows(spec)
-    tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask) if t is not None]
-    static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset, spec.dtype,
-              str(spec.device))
-    return _MASKS.get(tensors, static, lambda: _mask_and_empty_rows(spec))
+    return MaskSource(spec)(spec)
+
+
+class MaskSource:
+    """``mask_and_empty_rows`` for the calls of one spec's shapes and terms (a spec that needs a mask), with what
+    they share decided once: whether the term cache keeps their masks, and its key's static part."""
+
+    __slots__ = ("cached", "static")
+
+    def __init__(self, spec: AttentionSpec):
+        self.cached = mask_bytes(spec) <= CACHED_MASK_BYTES
+        self.static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset,
+                       spec.dtype, str(spec.device))
+
+    def __call__(self, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if not self.cached:
+            return _mask_and_empty_rows(spec)
+        tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask) if t is not None]
+        return _MASKS.get(tensors, self.static, lambda: _mask_and_empty_rows(spec))
 
 
 def _mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -581,20 +594,36 @@ class SDPAKernel(Kernel):
             return self.forward(q, k, v, spec, _draw_seed(spec.dropout_p))[0]
         if self.device_type == "cpu" or no_rows_or_keys(spec):
             return self.forward(q, k, v, spec, 0)[0]
-        if not needs_mask(spec):
-            return self._sdpa(q, k, v, spec, None, _is_causal(spec))
-        mask, empty = mask_and_empty_rows(spec)
-        out = _nan_where_masked(self._sdpa(q, k, v, spec, mask, _is_causal(spec)), mask, spec)
-        empty = _rows_to_fill(empty, spec, find=False)
-        return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
+        return self.prepare(spec)(q, k, v, spec)
 
     def prepare(self, spec: AttentionSpec):
-        """``infer`` with the spec's decisions taken once: on CUDA a call that needs no mask goes straight to
-        the pinned backend, ``is_causal`` decided. (On the CPU ``infer`` is already little more than that.)"""
-        if self.device_type == "cpu" or needs_mask(spec) or no_rows_or_keys(spec):
+        """``infer`` with the spec's decisions taken once: ``is_causal``, whether K/V heads are repeated (CPU), and
+        for a call with a mask how its masks are found (``MaskSource``); each call then looks its mask up, calls
+        the backend and fills what ``infer`` fills."""
+        if no_rows_or_keys(spec) or spec.dropout_p > 0.0:
             return self.infer
         causal = _is_causal(spec)
-        return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
+        if self.device_type == "cpu":
+            repeat = spec.group_size > 1 and not _cpu_flash_reads_groups()
+
+            def attend(q, k, v, spec, mask):
+                if repeat:
+                    k, v = _repeat_kv(k, v, spec)
+                return _flash_attention_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=spec.scale)[0]
+        else:
+            def attend(q, k, v, spec, mask):
+                return self._sdpa(q, k, v, spec, mask, causal)
+        if not needs_mask(spec):
+            return lambda q, k, v, spec: attend(q, k, v, spec, None)
+        masks = MaskSource(spec)
+
+        def run(q, k, v, spec):
+            mask, empty = masks(spec)
+            out = _nan_where_masked(attend(q, k, v, spec, mask), mask, spec)
+            empty = _rows_to_fill(empty, spec, find=False)
+            return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
+
+        return run
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         return self.train_backward(None, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad)

@@ -607,3 +607,32 @@ def test_cpu_own_autograd_equals_the_kernels_forward_and_backward(term):
     want_grads = kernel.backward(grad, q, k, v, want, lse, spec, 0, False, False)[:3]
     for name_, x, ref in zip("qkv", got, want_grads):
         torch.testing.assert_close(x, ref, atol=1e-10, rtol=1e-10, msg=name_)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("term", [*TERMS, "key_padding_filled", "documents"])
+def test_cpu_prepared_call_is_the_kernels_forward_for_every_call_of_its_plan(term, dtype):
+    """``prepare`` takes the spec's decisions once; each call of the plan (same shapes and terms, new term values)
+    gives ``forward``'s output bit for bit: its own mask (never the previous call's), rows without keys filled."""
+    kernel = get("sdpa_cpu")
+    q, k, v = _qkv(dtype=dtype)
+
+    def terms(call: int) -> dict:
+        if term == "key_padding_filled":
+            return {"key_padding": torch.tensor([64, [0, 5][call]]), "fill": Fill.FINITE_ADDED}
+        if term == "documents":
+            ids = torch.arange(64).expand(2, 64) * (call + 2) // 64
+            return {"q_doc": ids, "kv_doc": ids.flip(-1).contiguous(), "fill": Fill.FINITE_ADDED}
+        found = dict(TERMS[term])
+        if "key_padding" in found:
+            found["key_padding"] = torch.tensor([64, [10, 40][call]])
+        if "bias" in found:
+            found["bias"] = found["bias"].to(dtype) * (call + 1)
+        return found
+
+    first = AttentionSpec.from_tensors(q, k, v, **terms(0))
+    run = kernel.prepare(first)
+    for call in range(2):
+        spec = AttentionSpec.from_tensors(q, k, v, **terms(call))
+        want = kernel.forward(q, k, v, spec, 0)[0]
+        torch.testing.assert_close(run(q, k, v, spec), want, atol=0, rtol=0, equal_nan=True, msg=f"call {call}")
