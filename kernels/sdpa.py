@@ -594,36 +594,35 @@ class SDPAKernel(Kernel):
             return self.forward(q, k, v, spec, _draw_seed(spec.dropout_p))[0]
         if self.device_type == "cpu" or no_rows_or_keys(spec):
             return self.forward(q, k, v, spec, 0)[0]
-        return self.prepare(spec)(q, k, v, spec)
+        if not needs_mask(spec):
+            return self._sdpa(q, k, v, spec, None, _is_causal(spec))
+        causal = _is_causal(spec)
+        return _on_mask(lambda q, k, v, spec, mask: self._sdpa(q, k, v, spec, mask, causal), mask_and_empty_rows,
+                        q, k, v, spec)
 
     def prepare(self, spec: AttentionSpec):
-        """``infer`` with the spec's decisions taken once: ``is_causal``, whether K/V heads are repeated (CPU), and
-        for a call with a mask how its masks are found (``MaskSource``); each call then looks its mask up, calls
-        the backend and fills what ``infer`` fills."""
+        """``infer`` with the spec's decisions taken once: ``is_causal``; on CUDA a call that needs no mask goes
+        straight to the pinned backend; on the CPU also whether K/V heads are repeated and, for a call with a
+        mask, how its masks are found (``MaskSource``): each call then looks its own mask up, calls ATen's CPU
+        flash attention and fills what ``infer`` fills."""
         if no_rows_or_keys(spec) or spec.dropout_p > 0.0:
             return self.infer
         causal = _is_causal(spec)
-        if self.device_type == "cpu":
-            repeat = spec.group_size > 1 and not _cpu_flash_reads_groups()
+        if self.device_type == "cuda":
+            if needs_mask(spec):
+                return self.infer
+            return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
+        repeat = spec.group_size > 1 and not _cpu_flash_reads_groups()
 
-            def attend(q, k, v, spec, mask):
-                if repeat:
-                    k, v = _repeat_kv(k, v, spec)
-                return _flash_attention_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=spec.scale)[0]
-        else:
-            def attend(q, k, v, spec, mask):
-                return self._sdpa(q, k, v, spec, mask, causal)
+        def attend(q, k, v, spec, mask):
+            if repeat:
+                k, v = _repeat_kv(k, v, spec)
+            return _flash_attention_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=spec.scale)[0]
+
         if not needs_mask(spec):
             return lambda q, k, v, spec: attend(q, k, v, spec, None)
         masks = MaskSource(spec)
-
-        def run(q, k, v, spec):
-            mask, empty = masks(spec)
-            out = _nan_where_masked(attend(q, k, v, spec, mask), mask, spec)
-            empty = _rows_to_fill(empty, spec, find=False)
-            return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
-
-        return run
+        return lambda q, k, v, spec: _on_mask(attend, masks, q, k, v, spec)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         return self.train_backward(None, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad)
@@ -738,6 +737,16 @@ class SDPAKernel(Kernel):
         if empty is None or spec.fill == Fill.SAFE:
             return grads
         return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False)
+
+
+def _on_mask(attend, masks, q, k, v, spec: AttentionSpec) -> torch.Tensor:
+    """An inference call's output: ``attend(q, k, v, spec, mask)`` on the call's mask (``masks(spec)``:
+    ``mask_and_empty_rows`` or a ``MaskSource``), NaN on rows an additive ``-inf`` term masks entirely, and rows
+    without keys filled."""
+    mask, empty = masks(spec)
+    out = _nan_where_masked(attend(q, k, v, spec, mask), mask, spec)
+    empty = _rows_to_fill(empty, spec, find=False)
+    return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
 
 
 def _boolean_terms_only(spec: AttentionSpec) -> bool:
