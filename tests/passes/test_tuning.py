@@ -67,6 +67,9 @@ def test_on_when_asked_on_cpu_too():
 
 
 def test_cpu_candidates_are_measured_once_then_read_from_the_cache(tmp_path, monkeypatch):
+    # timings taken on a busy machine are measured again by design (test_noisy_cpu_timing_is_measured_again): the
+    # cache is what this test is about, whatever the load of the machine it runs on
+    monkeypatch.setattr(tuning, "NOISY_SPREAD", float("inf"))
     spec = _spec(64)
     cache = tuning.TuningCache(tmp_path)
     original = tuning.Original("softmax", 1 << 20)
