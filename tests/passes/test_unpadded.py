@@ -24,13 +24,31 @@ transformers = pytest.importorskip("transformers")
 
 @pytest.fixture
 def ran(monkeypatch):
-    """Kernel name -> number of forward calls; every site the analysis accepts is replaced."""
+    """(kernel name, with key padding) -> number of calls, through ``forward`` or a prepared inference call
+    (``Kernel.prepare``, which may call ``forward`` itself: counted once); every site the analysis accepts is
+    replaced."""
     counts = collections.Counter()
+    inside = []
     for kernel in registry.all_kernels():
         def forward(q, k, v, spec, seed, _kernel=kernel, _forward=kernel.forward):
-            counts[_kernel.name, spec.key_padding is not None] += 1
+            if not inside:
+                counts[_kernel.name, spec.key_padding is not None] += 1
             return _forward(q, k, v, spec, seed)
+
+        def prepare(spec, _kernel=kernel, _prepare=kernel.prepare):
+            run = _prepare(spec)
+
+            def counted(q, k, v, spec):
+                counts[_kernel.name, spec.key_padding is not None] += 1
+                inside.append(True)
+                try:
+                    return run(q, k, v, spec)
+                finally:
+                    inside.pop()
+            return counted
+
         monkeypatch.setattr(kernel, "forward", forward)
+        monkeypatch.setattr(kernel, "prepare", prepare)
     monkeypatch.setattr(plan, "versus_original", lambda best, original, n=1: (True, "replaced for the test"))
     return counts
 
