@@ -636,3 +636,17 @@ def test_cpu_prepared_call_is_the_kernels_forward_for_every_call_of_its_plan(ter
         spec = AttentionSpec.from_tensors(q, k, v, **terms(call))
         want = kernel.forward(q, k, v, spec, 0)[0]
         torch.testing.assert_close(run(q, k, v, spec), want, atol=0, rtol=0, equal_nan=True, msg=f"call {call}")
+
+
+def test_cudnn_training_with_dropout_counts_its_contiguous_output_copy():
+    """A cuDNN training call with dropout returns a contiguous copy of its output beside the one SDPA's autograd
+    keeps (``autograd_forward``): the memory model counts one output more, and only there."""
+    q = torch.empty(2, 4, 64, 64, device="meta", dtype=torch.bfloat16)
+    spec = AttentionSpec.from_tensors(q, q, q, causal=True, requires_grad=True).with_(device=torch.device("cuda"))
+    lse = 4 * 2 * 4 * 64
+    output = 2 * 4 * 64 * 64 * 2
+    cudnn, efficient = get("sdpa_cudnn"), get("sdpa_efficient")
+    assert cudnn.saved_bytes(spec) == lse == efficient.saved_bytes(spec)
+    dropped = spec.with_(dropout_p=0.1)
+    assert cudnn.saved_bytes(dropped) == lse + output
+    assert efficient.saved_bytes(dropped) == lse
