@@ -150,7 +150,7 @@ def _attention_impl(
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, Tensor]:
     """The op's outputs ``(out, lse, seed)`` from its spec and kernel object, contiguous, as the op's fake
     implementation describes them."""
-    out, lse, seed = _forward_and_seed(q, k, v, spec, kernel)
+    out, lse, seed, _ = _train_forward(q, k, v, spec, kernel, residual=False)
     # made on the device: a CUDA graph may capture this op, and capture forbids host-to-device copies
     seed_tensor = q.new_zeros((1,), dtype=torch.int64)
     if seed:
@@ -158,17 +158,13 @@ def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -
     return _dense(out, q.dtype), _dense(lse, _lse_dtype(q)), seed_tensor
 
 
-def _forward_and_seed(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, int]:
-    """The kernel's ``(out, lse)`` in the op's dtypes, and the call's dropout seed as a host int."""
-    return _train_forward(q, k, v, spec, kernel, residual=False)[:3]
-
-
 def _train_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel, residual: bool = True,
                    seed: int | None = None) -> tuple[Tensor, Tensor, int, object]:
-    """``_forward_and_seed``'s outputs and (``residual``) the kernel's residual for its ``train_backward``: a
-    caller that keeps both beside the saved tensors (``_EagerAttention``) hands the backward the seed without
-    a seed tensor and without reading one back from the device (a host sync per layer), and what the kernel
-    found in the forward (its mask) without a second lookup. ``seed``: the call's, when its caller drew it."""
+    """The kernel's ``(out, lse)`` in the op's dtypes, the call's dropout seed as a host int and (``residual``)
+    the kernel's residual for its ``train_backward``. A caller that keeps both beside the saved tensors
+    (``_EagerAttention``) hands the backward the seed without a seed tensor and without reading one back from
+    the device (a host sync per layer), and what the kernel found in the forward (its mask) without a second
+    lookup. ``seed``: the call's, when its caller drew it."""
     seed = _draw_seed(spec.dropout_p) if seed is None else seed
     with _without_autocast(q.device.type):
         if residual:
@@ -388,9 +384,9 @@ class _EagerAttention(torch.autograd.Function):
     def forward(ctx, call: tuple, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], mask: Optional[Tensor]):
         """``call``: ``(spec, kernel, key_padding, q_doc, kv_doc, params, seed)``, with ``spec`` the one
         ``spec_from_args`` makes of the op's arguments (the site's call plan's), ``kernel`` the kernel object,
-        ``params`` the op's arguments after its tensors and ``seed`` the call's dropout seed. Returns the output only: the log-sum-exp is saved,
-        and the seed kept as the host int it was drawn as (no seed tensor, no gradients to materialize for
-        outputs nothing differentiates)."""
+        ``params`` the op's arguments after its tensors and ``seed`` the call's dropout seed. Returns the output
+        only: the log-sum-exp is saved, and the seed kept as the host int it was drawn as (no seed tensor, no
+        gradients to materialize for outputs nothing differentiates)."""
         spec, kernel, key_padding, q_doc, kv_doc, params, seed = call
         out, lse, seed, residual = _train_forward(q, k, v, spec, kernel, seed=seed)  # traced by nothing: no fake
         _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), (out, lse, None))
