@@ -16,6 +16,12 @@ kernel arguments, launches, and applies what the kernels leave to torch:
   without keys can occur, are not computed by the Triton kernels: they fall
   back to the exact reference kernel's backward.
 
+Band specs (causal, window or none) in half precision at head dims 64 and 128 run
+the band kernels measured faster on the GPU they were measured on:
+``triton_flash_tma.py``'s forward and ``triton_flash_bwd_exp.py``'s backward
+(``measured_variant`` in each; ``benchmarks/forward_sweep.py`` and
+``benchmarks/backward_sweep.py``).
+
 Key padding given as integer lengths runs in band mode (loop bounds per batch);
 a bool ``[B, Nk]`` mask goes through the tile map, where a prefix mask has one
 partial tile per row (the only one that loads the mask row), so it costs what
@@ -209,6 +215,10 @@ class TritonFlashKernel(Kernel):
     # --------------------------------------------------------------------- forward
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        band = band_fwd.measured_variant(spec)
+        if band is not None and not band_fwd.unsupported_reasons(q, k, v, spec, band):
+            # band specs at D 64/128 in half precision: the band forward measured faster (its module)
+            return band_fwd.run_forward(q, k, v, spec, band)
         b, hq, nq = spec.batch, spec.q_heads, spec.q_len
         out = empty_in_layout_of((b, hq, nq, spec.v_head_dim), q)  # an HF layer's reshape of it is then a view
         lse = q.new_empty((b, hq, nq), dtype=torch.float32)
@@ -277,5 +287,6 @@ class TritonFlashKernel(Kernel):
 
 register(TritonFlashKernel())
 
-# the band backward (causal or no band) imports this module's helpers: imported after them
+# the band forward and backward (causal, window or no band) import this module's helpers: imported after them
 from . import triton_flash_bwd_exp as band_bwd  # noqa: E402
+from . import triton_flash_tma as band_fwd  # noqa: E402

@@ -1,7 +1,9 @@
 """An experimental Hopper forward for band specs (no term, causal, window, GQA), with its variants as switches.
 
-Not registered as a kernel: ``benchmarks/forward_sweep.py`` checks and times every variant against
-``triton_flash`` and the peers first, and only a variant measured faster earns a place in the planner.
+Not registered as a kernel of its own: ``benchmarks/forward_sweep.py`` checks and times every variant
+against ``triton_flash`` and the peers, and ``triton_flash``'s forward runs the variants measured faster
+(``measured_variant``: band specs at head dims 64 and 128 in half precision on the GPU they were measured
+on).
 Same algorithm and result as ``triton_flash_fwd.py`` in band mode (FlashAttention-2, scores in log2
 units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then ``spec.fill``); what a
 ``Variant`` changes is how the tiles move:
@@ -45,6 +47,8 @@ import triton
 import triton.language as tl
 
 from .spec import AttentionSpec
+from .launch import launch as _launch
+from .layout import empty_in_layout_of
 from .triton_flash import MAX_GRID_Y, _fill_empty_rows, _interpreting, _last_dim_contiguous
 from .triton_flash_fwd import LN2, LOG2E, _dot, _kv_tile_range
 
@@ -304,7 +308,7 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *,
             variant: Variant | dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32, natural log)`` for q ``[B, Hq, Nq, D]``, k/v
-    ``[B, Hkv, Nk, D/Dv]`` in any strides, as ``triton_flash``'s forward returns them.
+    ``[B, Hkv, Nk, D/Dv]`` in any strides, as ``triton_flash``'s forward returns them (out in q's layout).
 
     Raises ValueError listing every reason when the spec or the variant cannot run here
     (``unsupported_reasons``)."""
@@ -313,19 +317,27 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
     reasons = unsupported_reasons(q, k, v, spec, variant)
     if reasons:
         raise ValueError(f"{variant.name} cannot run this spec: " + "; ".join(reasons))
+    return run_forward(q, k, v, spec, variant)
+
+
+def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, variant: Variant
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``forward`` on inputs its caller has already checked (``unsupported_reasons`` empty, last dims
+    contiguous)."""
     b, hq, nq = spec.batch, spec.q_heads, spec.q_len
     if spec.kv_len == 0 or b * hq * nq == 0:  # no key anywhere (or no row): every row is empty
         out = q.new_zeros((b, hq, nq, spec.v_head_dim))
         lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
         return _fill_empty_rows(out, lse, v, spec), lse
-    out = q.new_empty((b, hq, nq, spec.v_head_dim))
+    out = empty_in_layout_of((b, hq, nq, spec.v_head_dim), q)  # an HF layer's reshape of it is then a view
     lse = q.new_empty((b, hq, nq), dtype=torch.float32)
     if variant.descriptors and q.is_cuda:
         triton.set_allocator(_scratch)
     pack = spec.group_size if variant.pack_gqa else 1
     lo, hi = spec.band()
     grid = (triton.cdiv(nq, variant.block_m // pack), b * hq // pack)
-    _band_fwd[grid](
+    _launch(
+        _band_fwd, grid,
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
         0 if lo is None else lo, 0 if hi is None else hi,
@@ -334,3 +346,54 @@ def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSp
         BLOCK_N=variant.block_n, num_warps=variant.num_warps, num_stages=variant.num_stages,
     )
     return _fill_empty_rows(out, lse, v, spec), lse
+
+
+# ----------------------------------------------------------------------------- the measured variants
+#: the GPU (CUDA compute capability) the table below was measured on; elsewhere ``triton_flash`` keeps its
+#: own autotuned forward
+MEASURED_ON = (9, 0)
+#: kv positions a query row walks (its band's width, or all keys) from which the long-row tiles win
+LONG_ROWS = 12288
+#: the fastest correct variant by (head dim, banded, long rows): H200, bf16, B*N = 16k tokens, N 1k, 4k and
+#: 16k, causal, no band, GQA 32/8 and a window of 1024 at 8k (benchmarks/results/forward_sweep.md). 64x64 tiles
+#: with 4 warps win up to 4k everywhere (0.95-0.96x cuDNN at D 64; 1.04-1.25x Flex; triton_flash's own forward
+#: 0.98-1.24x Flex); at 16k the 128-row tiles (D 128, both; D 64 without a band).
+MEASURED_VARIANTS = {
+    (64, True, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (64, True, True): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (64, False, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (64, False, True): Variant(block_m=128, block_n=128, num_warps=4, num_stages=3),
+    (128, True, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (128, True, True): Variant(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    (128, False, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (128, False, True): Variant(block_m=128, block_n=128, num_warps=8, num_stages=3),
+}
+_capabilities: dict[int, tuple[int, int]] = {}
+
+
+def _capability(device: torch.device) -> tuple[int, int] | None:
+    """The CUDA compute capability of ``device`` (asked once per device), None off CUDA."""
+    if device.type != "cuda":
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _capabilities:
+        _capabilities[index] = torch.cuda.get_device_capability(index)
+    return _capabilities[index]
+
+
+def measured_variant(spec: AttentionSpec) -> Variant | None:
+    """The variant measured fastest for this spec, or None where none was: band specs only (no term but
+    causal and window, no dropout), float16/bfloat16, equal head dims 64 or 128, on the GPU of
+    ``MEASURED_ON``. Query heads are packed per kv head where the group divides the tile."""
+    if (spec.dropout_p > 0.0 or spec.dtype not in DTYPES or spec.v_head_dim != spec.head_dim
+            or any(t not in ("causal", "window") for t in spec.mask_terms)
+            or _capability(spec.device) != MEASURED_ON):
+        return None
+    lo, hi = spec.band()
+    banded = lo is not None or hi is not None
+    width = hi - lo + 1 if lo is not None and hi is not None else spec.kv_len
+    variant = MEASURED_VARIANTS.get((spec.head_dim, banded, width >= LONG_ROWS))
+    group = spec.group_size
+    if variant is not None and group > 1 and not group & (group - 1) and variant.block_m % group == 0:
+        variant = dataclasses.replace(variant, pack_gqa=True)
+    return variant

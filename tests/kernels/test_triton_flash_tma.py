@@ -173,6 +173,57 @@ def test_warp_specialize_is_refused_on_cuda():
     assert tma.unsupported_reasons(*on_cuda, spec, SWITCHES["desc"]) == []
 
 
+def test_measured_variants_by_head_dim_band_and_row_length(monkeypatch):
+    """The table's rules: band specs in half precision at D 64/128 on the GPU it was measured on; 128-row
+    tiles for long rows (a window's rows are as long as its width, not as the sequence); query heads packed
+    where the group is a power of two dividing the tile; anything else keeps triton_flash's own forward."""
+    monkeypatch.setattr(tma, "_capability", lambda device: tma.MEASURED_ON)
+
+    def variant(nq, nk, d, terms, hq=8, hkv=8, dtype=torch.bfloat16, **extra):
+        q = torch.empty(1, hq, nq, d, dtype=dtype)
+        k = torch.empty(1, hkv, nk, d, dtype=dtype)
+        return tma.measured_variant(AttentionSpec.from_tensors(q, k, k, **terms, **extra))
+
+    assert variant(4096, 4096, 128, {"causal": True}) == tma.Variant(block_m=64, block_n=64)
+    assert variant(16384, 16384, 128, {"causal": True}) == tma.Variant(block_m=128, block_n=64, num_warps=8)
+    assert variant(16384, 16384, 128, {}) == tma.Variant(block_m=128, block_n=128, num_warps=8)
+    assert variant(16384, 16384, 64, {}) == tma.Variant(block_m=128, block_n=128, num_warps=4)
+    assert variant(1, 16384, 64, {}).block_m == 128  # a decode row over 16k keys is a long row
+    window = {"causal": True, "window": Window(1023, 0)}
+    assert variant(32768, 32768, 128, window) == tma.Variant(block_m=64, block_n=64)
+    assert variant(4096, 4096, 128, {"causal": True}, hq=32, hkv=8).pack_gqa
+    assert not variant(4096, 4096, 128, {"causal": True}, hq=24, hkv=8).pack_gqa  # a group of 3
+    assert variant(4096, 4096, 128, {"causal": True}, dtype=torch.float32) is None
+    assert variant(4096, 4096, 96, {"causal": True}) is None
+    assert variant(4096, 4096, 128, {"causal": True}, dropout_p=0.1) is None
+    assert variant(4096, 4096, 128, {"causal": True, "key_padding": torch.tensor([7])}) is None
+    monkeypatch.setattr(tma, "_capability", lambda device: (8, 0))
+    assert variant(4096, 4096, 128, {"causal": True}) is None  # measured on sm_90 only
+
+
+@pytest.mark.parametrize("terms, d", [({"causal": True}, 64), ({"window": Window(9, 2)}, 128), ({}, 64)],
+                         ids=["causal", "window", "none"])
+def test_triton_flash_forward_runs_the_measured_variant(monkeypatch, terms, d):
+    """``triton_flash``'s forward takes the band forward's measured variant where there is one: the same
+    output and log-sum-exp as calling it directly, right against float64, in q's layout."""
+    from attnopt.kernels import get
+
+    monkeypatch.setattr(tma, "_capability", lambda device: tma.MEASURED_ON)
+    ran = []
+    run_forward = tma.run_forward
+    monkeypatch.setattr(tma, "run_forward", lambda *a: ran.append(a[-1]) or run_forward(*a))
+    q, k, v, spec = make_inputs(2, 4, 2, 40, 48, d, torch.bfloat16, terms)
+    out, lse = get("triton_flash").forward(q, k, v, spec, 0)
+    assert ran == [tma.measured_variant(spec)] and ran[0].pack_gqa
+    direct_out, direct_lse = check(q, k, v, spec, ran[0], TOL[torch.bfloat16])
+    assert torch.equal(out, direct_out) and torch.equal(lse, direct_lse)
+    assert out.transpose(1, 2).is_contiguous()  # HF's [B, N, H, D] layout, as the general forward makes it
+    ran.clear()
+    padded = spec.with_(key_padding=torch.tensor([48, 30]))
+    get("triton_flash").forward(q, k, v, padded, 0)
+    assert ran == []  # key padding: the general forward
+
+
 # ------------------------------------------------------------------------------------ GPU
 def _check_all(q, k, v, spec, variants, tol):
     """Every variant checked; one failure message listing each variant that failed, with its error."""
@@ -214,3 +265,35 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(terms):
     """Windows and bottom-right bands, lengths that end mid-tile, fp16: each switch once (128x64 tiles)."""
     q, k, v, spec = make_inputs(1, 8, 2, 300, 1000, 128, torch.float16, terms)
     _check_all(q, k, v, spec, tma.candidate_variants(128, spec.group_size, [(128, 64, 4, 3)]), TOL[torch.float16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", [
+    (2, 8, 2, 700, 700, 128, {"causal": True}),  # 64-row tiles, GQA packed
+    (1, 4, 4, 333, 1000, 64, {"causal": True, "align": Align.BOTTOM_RIGHT}),
+    (1, 4, 2, 200, 12400, 128, {}),  # long rows: 128x128 tiles, 8 warps
+    (1, 4, 1, 130, 12400, 64, {"causal": True, "align": Align.BOTTOM_RIGHT}),  # long rows, GQA 4 packed
+    (2, 4, 4, 600, 600, 128, {"causal": True, "window": Window(127, 0)}),
+], ids=["causal_gqa", "prefill_d64", "long_full", "long_causal_d64", "window"])
+def test_gpu_triton_flash_forward_takes_the_measured_variant(monkeypatch, case):
+    """On the GPU the table was measured on, ``triton_flash``'s forward runs the band forward's measured
+    variant for band specs (elsewhere its own forward): right against float64 in HF's layout, lengths
+    that end mid-tile."""
+    from attnopt.kernels import get
+
+    b, hq, hkv, nq, nk, d, terms = case
+    q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, d, torch.bfloat16, terms)
+    ran = []
+    run_forward = tma.run_forward
+    monkeypatch.setattr(tma, "run_forward", lambda *a: ran.append(a[-1]) or run_forward(*a))
+    out, lse = get("triton_flash").forward(q, k, v, spec, 0)
+    measured = tma.measured_variant(spec)
+    assert ran == ([measured] if measured is not None else [])
+    if tma._capability(q.device) == tma.MEASURED_ON:
+        assert measured is not None
+    want = naive_attention(q, k, v, spec).cpu()
+    err = (out.double().cpu() - want).abs().max().item()
+    assert err <= TOL[torch.bfloat16] * max(1.0, want.abs().max().item()), f"out: max abs error {err:.3g}"
+    want_lse = oracle_lse(q, k, spec).cpu()
+    assert (lse.double().cpu() - want_lse).abs().max().item() <= 1e-3 * max(1.0, want_lse.abs().max().item())
