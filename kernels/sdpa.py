@@ -610,16 +610,18 @@ class SDPAKernel(Kernel):
                         q, k, v, spec)
 
     def prepare(self, spec: AttentionSpec):
-        """``infer`` with the spec's decisions taken once: ``is_causal``; on CUDA a call that needs no mask goes
-        straight to the pinned backend; on the CPU also whether K/V heads are repeated and, for a call with a
-        mask, how its masks are found (``MaskSource``): each call then looks its own mask up, calls ATen's CPU
-        flash attention and fills what ``infer`` fills."""
+        """``infer`` with the spec's decisions taken once: ``is_causal`` and, for a call with a mask, how its masks
+        are found (``MaskSource``); on the CPU also whether K/V heads are repeated. Each call then looks its own
+        mask up, calls the pinned backend (ATen's CPU flash attention on the CPU) and fills what ``infer``
+        fills."""
         if no_rows_or_keys(spec) or spec.dropout_p > 0.0:
             return self.infer
         causal = _is_causal(spec)
         if self.device_type == "cuda":
             if needs_mask(spec):
-                return self.infer
+                masks = MaskSource(spec)
+                return lambda q, k, v, spec: _on_mask(
+                    lambda q, k, v, spec, mask: self._sdpa(q, k, v, spec, mask, causal), masks, q, k, v, spec)
             return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
         repeat = spec.group_size > 1 and not _cpu_flash_reads_groups()
 

@@ -609,13 +609,20 @@ def test_cpu_own_autograd_equals_the_kernels_forward_and_backward(term):
         torch.testing.assert_close(x, ref, atol=1e-10, rtol=1e-10, msg=name_)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+_CUDA_PREPARED = [pytest.param(name, dtype, marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")]) for name in ("sdpa_efficient", "sdpa_cudnn", "sdpa_flash")
+    for dtype in (torch.bfloat16,)]
+
+
+@pytest.mark.parametrize("name, dtype", [("sdpa_cpu", torch.float32), ("sdpa_cpu", torch.float64), *_CUDA_PREPARED])
 @pytest.mark.parametrize("term", [*TERMS, "key_padding_filled", "documents"])
-def test_cpu_prepared_call_is_the_kernels_forward_for_every_call_of_its_plan(term, dtype):
+def test_prepared_call_is_the_kernels_inference_for_every_call_of_its_plan(name, dtype, term):
     """``prepare`` takes the spec's decisions once; each call of the plan (same shapes and terms, new term values)
-    gives ``forward``'s output bit for bit: its own mask (never the previous call's), rows without keys filled."""
-    kernel = get("sdpa_cpu")
-    q, k, v = _qkv(dtype=dtype)
+    gives ``infer``'s output bit for bit (on the CPU ``forward``'s): its own mask (never the previous call's),
+    rows without keys filled."""
+    kernel = get(name)
+    device = "cpu" if name == "sdpa_cpu" else "cuda"
+    q, k, v = _qkv(device=device, dtype=dtype)
 
     def terms(call: int) -> dict:
         if term == "key_padding_filled":
@@ -630,12 +637,23 @@ def test_cpu_prepared_call_is_the_kernels_forward_for_every_call_of_its_plan(ter
             found["bias"] = found["bias"].to(dtype) * (call + 1)
         return found
 
-    first = AttentionSpec.from_tensors(q, k, v, **terms(0))
+    def spec_of(call: int) -> AttentionSpec:
+        found = {key: value.to(device) if isinstance(value, torch.Tensor) else value
+                 for key, value in terms(call).items()}
+        return AttentionSpec.from_tensors(q, k, v, **found)
+
+    first = spec_of(0)
+    if kernel.not_supported_reasons(first):
+        pytest.skip(f"{name} does not take this spec: {kernel.not_supported_reasons(first)}")
     run = kernel.prepare(first)
     for call in range(2):
-        spec = AttentionSpec.from_tensors(q, k, v, **terms(call))
-        want = kernel.forward(q, k, v, spec, 0)[0]
+        spec = spec_of(call)
+        want = kernel.forward(q, k, v, spec, 0)[0] if device == "cpu" else kernel.infer(q, k, v, spec)
         torch.testing.assert_close(run(q, k, v, spec), want, atol=0, rtol=0, equal_nan=True, msg=f"call {call}")
+        if device == "cuda":  # against float64 too: the prepared call is right, not only the same as infer
+            spec64 = spec.with_(dtype=torch.float64, bias=None if spec.bias is None else spec.bias.double())
+            ref = naive_attention(q.double(), k.double(), v.double(), spec64)
+            torch.testing.assert_close(run(q, k, v, spec).double(), ref, atol=2e-2, rtol=2e-2, equal_nan=True)
 
 
 def test_cudnn_training_with_dropout_counts_its_contiguous_output_copy():
