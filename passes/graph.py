@@ -332,6 +332,12 @@ class Mutations:
         return any(lo < p < hi for p in self.writes.get(self._find(node), ()))
 
 
+#: a computed constant whose storage is larger is not kept, but computed again when read again: a mask built
+#: in each layer (``torch.ones(n, n).tril()``) would otherwise stay in memory once per layer during the
+#: capture (a 32-layer model at 32k tokens: 32 GiB of boolean masks)
+UNCACHED_BYTES = 16 << 20
+
+
 class Constants:
     """Evaluates nodes that depend only on constants: literals, aranges, shapes and module buffers.
 
@@ -393,10 +399,14 @@ class Constants:
                 kwargs = torch.fx.node.map_arg(node.kwargs, self.value)
                 with torch.no_grad():
                     if node.op == "call_function":
-                        self._values[node] = node.target(*args, **kwargs)
+                        value = node.target(*args, **kwargs)
                     else:
-                        self._values[node] = getattr(args[0], node.target)(*args[1:], **kwargs)
+                        value = getattr(args[0], node.target)(*args[1:], **kwargs)
                 self._reads[node] = frozenset().union(*(self._reads.get(a, frozenset()) for a in node.all_input_nodes))
+                self.used.update(dict.fromkeys(self._reads[node]))
+                if not (isinstance(value, torch.Tensor) and value.untyped_storage().nbytes() > UNCACHED_BYTES):
+                    self._values[node] = value
+                return value
         self.used.update(dict.fromkeys(self._reads[node]))
         return self._values[node]
 

@@ -112,7 +112,7 @@ class MemoryBudgetError(ValueError):
 def candidates(
     spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, tune: bool = False,
     cache: tuning.TuningCache | None = None, original: tuning.Original | None = None,
-    budget: tuning.Budget | None = None,
+    budget: tuning.Budget | None = None, replayed: bool = False,
 ) -> list[Candidate]:
     """Every kernel (or only ``forced``), and the ``original`` code when given, with reasons, time and memory.
 
@@ -146,7 +146,7 @@ def candidates(
     if cache is not None and tuning.enabled(spec, tune) and len(supported) > 1 and forced is None:
         seconds = tuning.measured_seconds(
             spec, [c.kernel for c in supported], cache, label=_label(spec), original=original,
-            estimates={c.kernel: c.estimate for c in supported}, budget=budget,
+            estimates={c.kernel: c.estimate for c in supported}, budget=budget, replayed=replayed,
         )
         found = [
             replace(c, cost=seconds[c.kernel], measured=True)
@@ -287,6 +287,7 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
     specs = [spec_of(m) for m in matches]
     budget = tuning.Budget.for_device(specs[0].device) if specs else None
+    replayed = tuning.replays_graphs(options)
     sites = []
     for match, spec in zip(matches, specs):
         where = module_path(match.anchor)
@@ -295,7 +296,7 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
             original = tuning.Original(match.kind, memory.bytes_before(match, spec))
         try:
             choice = choose(spec, exact=options.exact, forced=options.kernel, tune=options.tune, cache=cache,
-                            original=original, budget=budget)
+                            original=original, budget=budget, replayed=replayed)
         except NoKernelError as err:
             if options.kernel is not None:
                 raise

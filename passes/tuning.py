@@ -35,6 +35,12 @@ its warm-up at the real shape compiles and autotunes. A CPU timing whose rounds 
 it measures it again, so one busy moment does not decide a shape for good. Timings longer than
 ``PROGRESS_AFTER_S`` print a plain progress line on stderr; in a log, a warm-up of ``SLOW_WARMUP_S`` or more
 (a compile) gets a line of its own, and the ``attnopt`` logger at INFO names each warm-up as it starts.
+
+A graph that runs inside CUDA graphs (inductor with ``mode="reduce-overhead"``, as Hugging Face compiles a
+static cache's decode step) pays no host time per call: there each inference candidate is captured in a CUDA
+graph of ``REPLAY_CALLS`` calls and timed by its replays (``time_replayed``), so a decode kernel is compared
+with the original by what the GPU does, not by Python dispatch that the replay skips. A candidate that cannot
+be captured cannot run there either: it fails its timing. These timings have cache keys of their own.
 """
 
 from __future__ import annotations
@@ -91,6 +97,8 @@ NOISY_SPREAD, NOISY_MIN_S = 1.5, 1e-3
 #: synchronization: in a model such calls overlap with the next launch, so what one costs there is its host
 #: time or its GPU time, whichever is longer, not both plus a synchronization (a decode step: tens of us)
 BURST_BELOW_S, BURST_CALLS = 1e-3, 8
+#: calls captured in one CUDA graph when a candidate is timed by replays (``time_replayed``)
+REPLAY_CALLS = 16
 #: the largest score-sized tensor a timing may allocate (the original materializes [B, H, Nq, Nk])
 MAX_MEASURE_BYTES = {"cpu": 1 << 30, "cuda": 4 << 30}
 
@@ -143,11 +151,30 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
-def cache_key(spec: AttentionSpec) -> str:
-    """Device name, library versions and the bucketed spec signature, hashed to a file name."""
+def cache_key(spec: AttentionSpec, replayed: bool = False) -> str:
+    """Device name, library versions and the bucketed spec signature (and whether the candidates were timed
+    by CUDA graph replays), hashed to a file name."""
     shaped = spec.with_(q_len=_bucket(spec.q_len), kv_len=_bucket(spec.kv_len), batch=_bucket(spec.batch))
-    text = json.dumps([FORMAT, _device_name(spec.device), _versions(), repr(shaped.signature())])
+    parts = [FORMAT, _device_name(spec.device), _versions(), repr(shaped.signature())]
+    text = json.dumps(parts + ["replayed"] if replayed else parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
+
+
+def replays_graphs(options) -> bool:
+    """Whether graphs compiled with ``options`` run inside CUDA graphs: inductor in a mode that turns them on
+    ("reduce-overhead", "max-autotune"), or with inductor's own switch on."""
+    if options.compiler != "inductor":
+        return False
+    from torch._inductor import config, list_mode_options
+
+    patches = list_mode_options(options.mode, options.dynamic) if options.mode else {}
+    return bool(patches.get("triton.cudagraphs", config.triton.cudagraphs))
+
+
+def replayable(spec: AttentionSpec, replayed: bool) -> bool:
+    """Whether ``spec``'s candidates are timed by CUDA graph replays: an inference call on a GPU, in a graph
+    that runs inside CUDA graphs (a training call keeps the usual timing)."""
+    return replayed and spec.device.type == "cuda" and not spec.requires_grad and spec.dropout_p == 0.0
 
 
 @dataclass
@@ -478,6 +505,37 @@ def time_candidates(runs: dict, device: torch.device, *, deadline: float = math.
     return {name: sorted(t)[len(t) // 2] for name, t in times.items() if t}
 
 
+def time_replayed(runs: dict, device: torch.device, *, deadline: float = math.inf, repeats: int = REPEATS,
+                  calls: int = REPLAY_CALLS, progress: Progress | None = None) -> dict[str, float]:
+    """Median seconds of one call of each callable in ``runs`` as a CUDA graph replays it: each is warmed up on a
+    side stream (compilation, autotuning), captured ``calls`` times into one graph, then its replays are timed
+    in interleaved rounds (``time_candidates``). The time is the GPU's alone: no Python, no launches. A
+    candidate whose capture fails (a host sync, a CPU tensor) is inf: it cannot run inside a CUDA graph."""
+    graphs: dict[str, torch.cuda.CUDAGraph] = {}
+    found: dict[str, float] = {}
+    stream = torch.cuda.Stream(device)
+    for name, once in runs.items():
+        if time.perf_counter() >= deadline:
+            break
+        try:
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                once()
+            torch.cuda.current_stream(device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                for _ in range(calls):
+                    once()
+            graphs[name] = graph
+        except (RuntimeError, ValueError, NotImplementedError) as err:
+            _failed(name, progress.label if progress else "a CUDA graph", err)
+            found[name] = math.inf
+    seconds = time_candidates({name: graph.replay for name, graph in graphs.items()}, device, deadline=deadline,
+                              repeats=repeats, progress=progress)
+    found.update({name: t / calls for name, t in seconds.items()})
+    return found
+
+
 def time_kernel(name: str, spec: AttentionSpec) -> float:
     """Median seconds of one forward (+ backward when the spec trains) of kernel ``name`` at the full shape."""
     return time_candidates({name: _runner(name, spec, None)}, spec.device)[name]
@@ -583,15 +641,17 @@ def _compiles(name: str) -> bool:
 
 def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "",
                      original: Original | None = None, estimates: dict[str, float] | None = None,
-                     budget: Budget | None = None) -> dict[str, float]:
+                     budget: Budget | None = None, replayed: bool = False) -> dict[str, float]:
     """Seconds per candidate on ``spec``'s shapes: from the cache, else measured within the budget and stored.
 
     ``names`` are kernel names and, with ``original``, ``ORIGINAL``. The result
     holds only what was measured (now or before): a candidate that fails when
     run, or that the budget leaves out, is missing (the planner keeps its
-    estimate).
+    estimate). ``replayed``: the site's graph runs inside CUDA graphs (``replays_graphs``), so an inference
+    call on a GPU is timed by replays (``time_replayed``).
     """
-    key = cache_key(spec)
+    replay = replayable(spec, replayed)
+    key = cache_key(spec, replay)
     entry = {n: (original.key if n == ORIGINAL else n) for n in names}
     cached = cache.get(key) or {}
     cpu = spec.device.type == "cpu"
@@ -622,10 +682,14 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
         spread: dict[str, float] = {}
         with torch.no_grad() if not spec.requires_grad else torch.enable_grad():
             try:
-                seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
-                                          warmups=warmups or None, spread=spread)
+                if replay:
+                    seconds = time_replayed(runs, spec.device, deadline=start + family, progress=progress)
+                else:
+                    seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
+                                              warmups=warmups or None, spread=spread)
             except (RuntimeError, ValueError, NotImplementedError):
-                seconds = _one_by_one(runs, spec.device, start + family, label or key)
+                seconds = _one_by_one(runs, spec.device, start + family, label or key,
+                                      time_replayed if replay else time_candidates)
         found.update({entry[name]: t * scale for name, t in seconds.items()})
         if budget is not None:
             budget.spent += time.perf_counter() - start
@@ -642,12 +706,13 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
     return {n: cached[entry[n]] for n in names if entry[n] in cached}
 
 
-def _one_by_one(runs: dict, device: torch.device, deadline: float, label: str) -> dict[str, float]:
-    """Time each candidate alone (after one of them failed in the interleaved rounds); a failing one is inf."""
+def _one_by_one(runs: dict, device: torch.device, deadline: float, label: str, timer=None) -> dict[str, float]:
+    """Time each candidate alone with ``timer`` (``time_candidates`` or ``time_replayed``), after one of them
+    failed in the interleaved rounds; a failing one is inf."""
     found = {}
     for name, once in runs.items():
         try:
-            found.update(time_candidates({name: once}, device, deadline=deadline))
+            found.update((timer or time_candidates)({name: once}, device, deadline=deadline))
         except (RuntimeError, ValueError, NotImplementedError) as err:
             _failed(name, label, err)
             found[name] = math.inf

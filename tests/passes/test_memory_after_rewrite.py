@@ -98,3 +98,15 @@ def test_a_budget_below_every_exact_plan_is_refused_and_sized_right(x, causal):
     needed = float(re.search(r"a budget of at least ([\d.]+) MiB", err).group(1)) * MiB
     # sized to what the optimized model holds, not to the [N, N] mask the rewrite erases
     assert measured * 0.85 < needed < measured * 1.2, (needed / MiB, measured / MiB)
+
+
+def test_first_call_does_not_keep_each_layers_mask(x):
+    """The capture's proofs read each layer's ``~ones(n, n).tril()`` (a 64 MiB boolean mask at N = 8192); a
+    computed constant that large is not kept once read, so the first call (capture, proofs, rewrite, then the
+    call itself) does not hold one mask per layer: below three masks with four layers (it held nine before)."""
+    model = TrilCausal(layers=4).eval()
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+    with torch.no_grad():
+        first = cpu_peak_bytes(lambda: optimized(x))
+    assert all(s.replaced for s in optimized.attnopt_report.sites) and len(optimized.attnopt_report.sites) == 4
+    assert first < 3 * N * N, f"first call {first / MiB:.0f} MiB"

@@ -361,3 +361,85 @@ def test_training_candidates_are_timed_through_the_sites_call_path(monkeypatch):
     calls.clear()
     assert tuning.time_kernel("sdpa_cpu", training.with_(requires_grad=False)) > 0
     assert not calls  # an inference call runs the kernel's prepared call
+
+
+def test_graphs_that_run_inside_cuda_graphs_are_known_from_the_options():
+    """inductor's "reduce-overhead" and "max-autotune" (or its own switch) run the compiled graph inside CUDA
+    graphs; the eager compiler and the other modes do not. Those timings get cache keys of their own, and
+    only a GPU inference call is timed by replays."""
+    from torch._inductor import config as inductor_config
+
+    from attnopt.config import Options
+
+    assert tuning.replays_graphs(Options.build(compiler="inductor", mode="reduce-overhead"))
+    assert tuning.replays_graphs(Options.build(compiler="inductor", mode="max-autotune"))
+    assert not tuning.replays_graphs(Options.build(compiler="inductor", mode="max-autotune-no-cudagraphs"))
+    assert not tuning.replays_graphs(Options.build(compiler="inductor"))
+    assert not tuning.replays_graphs(Options.build(compiler="eager"))
+    with inductor_config.patch({"triton.cudagraphs": True}):
+        assert tuning.replays_graphs(Options.build(compiler="inductor"))
+        assert not tuning.replays_graphs(Options.build(compiler="eager"))
+
+    q = torch.empty(4, 16, 1, 128, device="meta", dtype=torch.bfloat16)
+    k = torch.empty(4, 4, 4096, 128, device="meta", dtype=torch.bfloat16)
+    decode = AttentionSpec.from_tensors(q, k, k).with_(device=torch.device("cuda"))
+    assert tuning.cache_key(decode, True) != tuning.cache_key(decode) == tuning.cache_key(decode, False)
+    assert tuning.replayable(decode, True) and not tuning.replayable(decode, False)
+    assert not tuning.replayable(decode.with_(requires_grad=True), True)
+    assert not tuning.replayable(decode.with_(device=torch.device("cpu")), True)
+
+
+def test_the_planner_times_by_replays_where_the_graph_runs_inside_cuda_graphs(monkeypatch, tmp_path):
+    """``plan_graph`` hands ``replays_graphs(options)`` to the timing of every site: a model compiled with
+    ``mode="reduce-overhead"`` has its candidates timed as the CUDA graphs will run them (here on the CPU,
+    where nothing is replayed, with inductor itself left out: only what the planner is told is checked)."""
+    import attnopt
+    from attnopt import backend
+
+    asked = []
+    measured = tuning.measured_seconds
+
+    def spy(*args, **kwargs):
+        asked.append(kwargs.get("replayed"))
+        return measured(*args, **kwargs)
+
+    monkeypatch.setattr(tuning, "measured_seconds", spy)
+    monkeypatch.setattr(backend, "run_compiler", lambda gm, inputs, options: gm.forward)
+
+    class Attention(torch.nn.Module):
+        def forward(self, q, k, v):
+            return torch.softmax(q @ k.transpose(-1, -2) / 4.0, dim=-1) @ v
+
+    q = torch.randn(1, 2, 64, 16)
+    for mode, want in (("reduce-overhead", True), ("max-autotune-no-cudagraphs", False)):
+        asked.clear()
+        model = attnopt.optimize(Attention(), tune=True, cache_dir=str(tmp_path / mode), compiler="inductor",
+                                 mode=mode)
+        with torch.no_grad():
+            torch.testing.assert_close(model(q, q, q), Attention()(q, q, q))
+        assert asked == [want], asked
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gpu_decode_candidates_are_timed_by_replays(tmp_path):
+    """A decode step (a static cache's 1 query over 4159 keys, one row left-padded) in a graph that runs inside
+    CUDA graphs: the original and the kernels are captured and timed by their replays, and cached under the
+    replayed key only. A candidate that syncs the host cannot be captured: inf, and the others still time."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(4, 16, 1, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    k = torch.randn(4, 4, 4159, 128, device="cuda", dtype=torch.bfloat16, generator=g)
+    keep = torch.ones(4, 4159, dtype=torch.bool, device="cuda")
+    keep[3, :1024] = False
+    spec = AttentionSpec.from_tensors(q, k, k, key_padding=keep)
+    cache = tuning.TuningCache(tmp_path)
+    found = candidates(spec, tune=True, cache=cache, original=tuning.Original("softmax", 0), replayed=True)
+    timed = {c.kernel: c.cost for c in found if c.measured}
+    assert tuning.ORIGINAL in timed and "triton_decode" in timed, found
+    assert all(0 < t < 1e-2 for t in timed.values()), timed
+    assert cache.get(tuning.cache_key(spec, True)) and cache.get(tuning.cache_key(spec)) is None
+
+    x = torch.zeros(1, device="cuda")
+    seconds = tuning.time_replayed({"adds": lambda: x.add_(1), "syncs": lambda: x.add_(1).item()},
+                                   torch.device("cuda"), repeats=3)
+    assert 0 < seconds["adds"] < 1e-3 and seconds["syncs"] == math.inf
