@@ -603,11 +603,7 @@ class SDPAKernel(Kernel):
             return self.forward(q, k, v, spec, _draw_seed(spec.dropout_p))[0]
         if self.device_type == "cpu" or no_rows_or_keys(spec):
             return self.forward(q, k, v, spec, 0)[0]
-        if not needs_mask(spec):
-            return self._sdpa(q, k, v, spec, None, _is_causal(spec))
-        causal = _is_causal(spec)
-        return _on_mask(lambda q, k, v, spec, mask: self._sdpa(q, k, v, spec, mask, causal), mask_and_empty_rows,
-                        q, k, v, spec)
+        return self.prepare(spec)(q, k, v, spec)  # on CUDA: the call a plan of this spec prepares
 
     def prepare(self, spec: AttentionSpec):
         """``infer`` with the spec's decisions taken once: ``is_causal`` and, for a call with a mask, how its masks
@@ -751,8 +747,8 @@ class SDPAKernel(Kernel):
 
 
 def _on_mask(attend, masks, q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    """An inference call's output: ``attend(q, k, v, spec, mask)`` on the call's mask (``masks(spec)``:
-    ``mask_and_empty_rows`` or a ``MaskSource``), NaN on rows an additive ``-inf`` term masks entirely, and rows
+    """An inference call's output: ``attend(q, k, v, spec, mask)`` on the call's mask (``masks(spec)``, a
+    ``MaskSource``), NaN on rows an additive ``-inf`` term masks entirely, and rows
     without keys filled."""
     mask, empty = masks(spec)
     out = _nan_where_masked(attend(q, k, v, spec, mask), mask, spec)
