@@ -82,7 +82,8 @@ class Case:
 CASES = {
     "cuda": (Case("prefill causal", 4, 4, 64, 64, 64, True, "top_left"),
              Case("decode GQA", 8, 2, 1, 256, 64, True, "bottom_right"),
-             Case("padded encoder", 4, 4, 64, 64, 64, False, "top_left", padded=True)),
+             Case("padded encoder", 4, 4, 64, 64, 64, False, "top_left", padded=True),
+             Case("padded decode GQA", 16, 4, 1, 4097, 128, True, "bottom_right", padded=True)),
     "cpu": (Case("prefill causal", 2, 2, 16, 16, 16, True, "top_left"),
             Case("decode GQA", 4, 2, 1, 64, 16, True, "bottom_right"),
             Case("padded encoder", 2, 2, 16, 16, 16, False, "top_left", padded=True)),

@@ -51,6 +51,27 @@ def timed(fn, repeat: int = 3) -> tuple[float, torch.Tensor]:
     return statistics.median(times), tokens
 
 
+def profile(fn, top: int) -> None:
+    """Host profile of one ``fn()`` (cProfile, cumulative and own time) and inductor's CUDA-graph counters."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch._dynamo.utils import counters
+
+    profiler = cProfile.Profile()
+    torch.cuda.synchronize()
+    profiler.enable()
+    fn()
+    torch.cuda.synchronize()
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(top)
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    print(text.getvalue(), flush=True)
+    print("inductor counters:", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}, flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=4096)
@@ -58,6 +79,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--eager", action="store_true", help="also time the original eager model")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N costliest functions (host, cumulative) of one attnopt generate() per "
+                             "cache, and inductor's CUDA-graph counters")
     args = parser.parse_args()
     torch.manual_seed(0)
     eager = build("eager")
@@ -77,6 +102,7 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
+    new_tokens = args.batch * args.new_tokens
     for cache in args.cache:
         gen = dict(input_ids=ids, attention_mask=mask, max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
                    do_sample=False, pad_token_id=0)
@@ -85,6 +111,11 @@ def main() -> None:
         with torch.no_grad():
             sdpa_s, sdpa_tokens = timed(lambda: sdpa.generate(**gen))
             ours_s, ours_tokens = timed(lambda: optimized.generate(**gen))
+            if args.eager:
+                eager_s, _ = timed(lambda: original.generate(**gen))
+                print(f"{cache}: original eager {new_tokens / eager_s:.1f} tok/s", flush=True)
+            if args.profile:
+                profile(lambda: optimized.generate(**gen), args.profile)
             eager_tokens = original.generate(**gen)
             # greedy bf16 decoding of random weights flips a near-tied argmax on any rounding difference, and
             # every later token follows it: the prefill's logits say how far apart the models really are

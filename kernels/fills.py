@@ -87,7 +87,7 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         if known_empty_rows(spec) is False:
             return out
         return _dropped_uniform_rows(out, empty, v, spec, first_row, seed)
-    if known_empty_rows(spec, find=False) is False:  # a call before this one found every row sees a key
+    if known_empty_rows(spec) is False:  # every row sees a key (found once per padding tensor)
         return out
     if spec.fill == Fill.SAFE or spec.kv_len == 0:
         return _where_empty(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
@@ -97,7 +97,7 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         return _where_empty(empty, _mean_over_union(v, spec, first_row, out.shape[2]).to(out.dtype), out)
     # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
     # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
-    mean_v = v.to(_compute_dtype(v.dtype)).mean(dim=2)  # [B, Hkv, Dv], float64 for float64 inputs
+    mean_v = v.mean(dim=2, dtype=_compute_dtype(v.dtype))  # [B, Hkv, Dv], float64 for float64 inputs; no copy of v
     mean_v = mean_v.repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
     return _where_empty(empty, mean_v.to(out.dtype), out)
 
@@ -112,24 +112,29 @@ def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) ->
 
 
 #: per key-padding tensor (and band and shapes): whether a call with those terms alone has a row with no visible
-#: key. The layers of a forward share the padding tensor, and the backward the forward's: one host sync for all
+#: key. The layers of a forward share the padding tensor, and the backward the forward's: one host sync for all.
+#: Most padded batches leave every row a key (right padding; a left-padded decode step): their calls then fill
+#: nothing, on the host's word, instead of computing each row's fill on the device and keeping none of it
 _EMPTY_ROWS = TermCache(8, without_terms=False)
 
 
 def known_empty_rows(spec: AttentionSpec, find: bool = True) -> bool | None:
     """Whether some row of a call whose only terms are a band and key padding sees no key, found once per padding
-    tensor (its version counted, ``TermCache``) and kept for every call that shares it; None for other calls
-    (and while a CUDA graph is captured, where nothing may sync), which look at their rows themselves.
-    ``find=False`` only looks the answer up (a forward, which fills its rows on the device without a sync,
-    takes the answer when a call before it found one, and does not sync to find it)."""
+    tensor (one host sync; its version counted, ``TermCache``) and kept for every call that shares it: the layers
+    of a forward, and its backward. None for other calls, which look at their rows themselves on the device.
+    ``find=False`` only looks the answer up.
+
+    None while a CUDA graph is captured, found or not: nothing may sync there, and a replay runs on whatever
+    padding its input then holds (an in-place write bumps the version, but a replay reads no version), so the
+    captured call fills its rows on the device."""
     kp = spec.key_padding
     if kp is None or spec.q_doc is not None or spec.kv_doc is not None or spec.bias is not None or spec.mask is not None:
+        return None
+    if kp.is_cuda and torch.cuda.is_current_stream_capturing():
         return None
     static = (spec.batch, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset)
     if not find:
         return _EMPTY_ROWS.peek([kp], static)
-    if kp.is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
     return _EMPTY_ROWS.get([kp], static, lambda: _any_row_without_keys(spec))
 
 

@@ -9,9 +9,11 @@ every call. A decode step's kernel takes less GPU time than that.
 straight to the JIT function). With ``BOUND`` it goes further: per *call signature* (each argument's
 type; a tensor's dtype and 16-byte alignment; every other argument's value) it keeps the compiled kernel
 and the order in which Triton hands the arguments to its launcher, and later calls of that signature
-call the launcher directly. The signature is finer than Triton's own specialization (which keys integers
-by divisibility by 16 and equality to 1, not by value, and floats not at all), so a bound kernel is always
-the one Triton would have picked; a length seen for the first time goes through Triton's path once.
+call the launcher directly. The signature keys each runtime argument as Triton's own specialization does, or finer: an integer by
+its type (int32 or int64 range), equality to 1 and divisibility by 16, a float by its type only, a bool by
+its value. So a bound kernel is always the one Triton would have picked, and a decode step whose cache grows
+by one key each call stays on the bound path (its lengths are new values, not new specializations).
+Constexpr arguments are keyed by value, as Triton compiles one kernel per value.
 
 How Triton passes arguments to its launcher differs between versions (all of them, or only the
 non-constexpr ones). It is not guessed: the first call of a signature goes through Triton's own path
@@ -91,8 +93,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     driver = _driver()
     device = driver.get_current_device()  # Triton keeps compiled kernels per device
     # a tensor's dtype and 16-byte alignment (what Triton specializes a pointer on), anything else as it is
+    constexprs = _params(fn)[1]
     signature = (fn, device, tuple(map(type, values)), tuple(sorted(config.items())),
-                 *[(v.dtype, v.data_ptr() % 16 == 0) if isinstance(v, torch.Tensor) else v for v in values])
+                 *[v if i in constexprs else _specialization(v) for i, v in enumerate(values)])
     bound = _BOUND.get(signature)
     if bound is None:
         _bind(fn, grid, args, kwargs, values, signature, config)  # launches through Triton
@@ -105,6 +108,19 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     compiled = bound.compiled
     bound.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, driver.get_current_stream(device),
               compiled.function, compiled.packed_metadata, None, None, None, *[values[i] for i in bound.order])
+
+
+def _specialization(value):
+    """What Triton compiles a runtime argument's kernel for (or finer): a tensor's dtype and 16-byte alignment;
+    an integer's type (int32, int64 or uint64 by its range), equality to 1 and divisibility by 16; a float's
+    type (Triton passes every float as float32); anything else (bool, None) as it is."""
+    if isinstance(value, torch.Tensor):
+        return value.dtype, value.data_ptr() % 16 == 0
+    if type(value) is int:
+        return (int, value == 1, value % 16 == 0, -(1 << 31) <= value < (1 << 31), -(1 << 63) <= value < (1 << 63))
+    if type(value) is float:
+        return float
+    return value
 
 
 def _bind(fn, grid, args, kwargs, values, signature, config) -> None:

@@ -216,11 +216,11 @@ def _full_rows(empty: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     return empty[..., 0].expand(spec.batch, spec.q_heads, spec.q_len)
 
 
-def _rows_to_fill(empty: torch.Tensor | None, spec: AttentionSpec, find: bool) -> torch.Tensor | None:
-    """``mask_and_empty_rows``'s rows, or None where the padding alone is known to leave every row a key
-    (``fills.known_empty_rows``; ``find``: find it out, one host sync per padding tensor; on the CPU the mask
-    builder has already found it): then nothing is filled, opened or added per call."""
-    if empty is None or known_empty_rows(spec, find=find) is False:
+def _rows_to_fill(empty: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor | None:
+    """``mask_and_empty_rows``'s rows, or None where the padding alone leaves every row a key
+    (``fills.known_empty_rows``: found once per padding tensor, one host sync shared by the layers of a forward;
+    on the CPU the mask builder has already found it): then nothing is filled, opened or added per call."""
+    if empty is None or known_empty_rows(spec) is False:
         return None
     return empty
 
@@ -533,17 +533,17 @@ class SDPAKernel(Kernel):
         return _pinned(self.switches, q, k, v, mask, causal, spec.scale, dropout_p=dropout_p)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
-        return self._forward(q, k, v, spec, seed, find=False)[:2]
+        return self._forward(q, k, v, spec, seed)[:2]
 
     def train_forward(self, q, k, v, spec: AttentionSpec, seed: int):
         """``(out, lse, residual)``; the residual is the call's ``mask_and_empty_rows`` (its rows to fill), which
         its backward takes instead of looking them up again, when that mask is one the term cache keeps anyway:
-        a larger one is not kept alive until the backward (it is built again there). A training call finds
+        a larger one is not kept alive until the backward (it is built again there). As every call, it finds
         out whether its padding leaves every row a key (one host sync per padding tensor, in a model's first
         layer), so that no layer fills rows in its forward, or opens them in its backward, for nothing."""
-        return self._forward(q, k, v, spec, seed, find=True)
+        return self._forward(q, k, v, spec, seed)
 
-    def _forward(self, q, k, v, spec: AttentionSpec, seed: int, find: bool):
+    def _forward(self, q, k, v, spec: AttentionSpec, seed: int):
         if no_rows_or_keys(spec):
             return (*output_without_rows_or_keys(q, spec), None)
         if self.device_type == "cpu":
@@ -563,7 +563,7 @@ class SDPAKernel(Kernel):
                 mask, empty = mask_and_empty_rows(spec)
                 out, lse = self._sdpa(q, k, v, spec, mask, _is_causal(spec), seed), nan_lse(q, spec)
                 out = _nan_where_masked(out, mask, spec)
-        empty = _rows_to_fill(empty, spec, find=find)
+        empty = _rows_to_fill(empty, spec)
         residual = (mask, empty) if mask is None or mask_bytes(spec) <= CACHED_MASK_BYTES else None
         if empty is None:
             return out, lse, residual
@@ -582,7 +582,7 @@ class SDPAKernel(Kernel):
         if any(t is not None and t.requires_grad for t in (spec.bias, spec.mask)):
             return None
         mask, empty = mask_and_empty_rows(spec)
-        if _rows_to_fill(empty, spec, find=True) is not None:
+        if _rows_to_fill(empty, spec) is not None:
             return None
         out = _nan_where_masked(self._sdpa(q, k, v, spec, mask, _is_causal(spec), seed), mask, spec)
         if not cudnn:
@@ -709,7 +709,7 @@ class SDPAKernel(Kernel):
                        seed: int, residual: tuple | None) -> Grads:
         k_read, v_read, repeated = self._grouped(k, v, spec)
         mask, empty = residual or mask_and_empty_rows(spec)
-        empty = _rows_to_fill(empty, spec, find=True)
+        empty = _rows_to_fill(empty, spec)
         grad = grad_out.to(out.dtype)
         if empty is not None:
             grad, out, lse = _opened(grad, out, lse, empty, spec)
@@ -730,7 +730,7 @@ class SDPAKernel(Kernel):
         grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
         k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
         mask, empty = residual or mask_and_empty_rows(spec)
-        empty = _rows_to_fill(empty, spec, find=True)
+        empty = _rows_to_fill(empty, spec)
         grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
         if empty is not None:
             grad, out, lse = _opened(grad, out, lse, empty, spec)
@@ -752,7 +752,7 @@ def _on_mask(attend, masks, q, k, v, spec: AttentionSpec) -> torch.Tensor:
     without keys filled."""
     mask, empty = masks(spec)
     out = _nan_where_masked(attend(q, k, v, spec, mask), mask, spec)
-    empty = _rows_to_fill(empty, spec, find=False)
+    empty = _rows_to_fill(empty, spec)
     return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
 
 

@@ -47,8 +47,10 @@ import triton
 import triton.language as tl
 
 from .fills import fill_empty_rows
+from .launch import launch as _launch
 from .registry import Grads, Kernel, get, register
 from .spec import AttentionSpec, Fill, key_padding_keep
+from .term_cache import TermCache
 
 #: longest query a decode call takes: more rows are a prefill, for the flash kernels
 MAX_QUERY_ROWS = 16
@@ -317,8 +319,13 @@ def _broadcast_term(term: torch.Tensor | None, spec: AttentionSpec, dummy: torch
     return full, full.stride()
 
 
-def _key_padding_args(spec: AttentionSpec, dummy: torch.Tensor):
-    """``(keep [B, Nk] uint8 or None, keep strides, kv_end [B] int32 or None)``.
+#: per key-padding tensor (and Nk): its kernel arguments. The layers of a decode step share one padding tensor
+_KEY_PADDING_ARGS = TermCache(8, without_terms=False)
+
+
+def _key_padding_args(spec: AttentionSpec):
+    """``(keep [B, Nk] uint8 or None, keep strides, kv_end [B] int32 or None)``, made once per padding tensor
+    (``TermCache``: the layers of a step share it).
 
     Lengths become a per-batch loop end. A bool mask is loaded per tile, and its
     last kept key (computed on the device, no host sync) ends the loop early, so a
@@ -327,6 +334,11 @@ def _key_padding_args(spec: AttentionSpec, dummy: torch.Tensor):
     kp = spec.key_padding
     if kp is None:
         return None, (0, 0), None
+    return _KEY_PADDING_ARGS.get([kp], (spec.kv_len, str(kp.device)), lambda: _make_key_padding_args(spec))
+
+
+def _make_key_padding_args(spec: AttentionSpec):
+    kp = spec.key_padding
     if kp.dtype != torch.bool:
         return None, (0, 0), kp.clamp(0, spec.kv_len).to(torch.int32)
     keep = key_padding_keep(kp, spec.kv_len)
@@ -367,15 +379,15 @@ def decode_attention(
     dummy = q  # stands in for absent optional tensors: never loaded (their constexpr flags are off)
     bias, bias_strides = _broadcast_term(spec.bias, spec, dummy)
     mask, mask_strides = _broadcast_term(spec.mask, spec, dummy)
-    keep, keep_strides, kv_end = _key_padding_args(spec, dummy)
+    keep, keep_strides, kv_end = _key_padding_args(spec)
     q_doc, kv_doc, doc_strides = _doc_args(spec)
     lo, hi = spec.band()
     begin, stop = key_range(spec)
     keys_per_split = triton.cdiv(triton.cdiv(stop - begin, splits), config.block_n) * config.block_n
     rows = spec.group_size * q_len
     grid = (triton.cdiv(rows, config.block_m), splits, batch * spec.kv_heads)
-    _decode_split_kernel[grid](
-        q, k, v, o_dst, lse_dst,
+    _launch(
+        _decode_split_kernel, grid, q, k, v, o_dst, lse_dst,
         bias, mask, dummy if keep is None else keep, dummy if kv_end is None else kv_end,
         dummy if q_doc is None else q_doc, dummy if kv_doc is None else kv_doc,
         *q.stride(), *k.stride(), *v.stride(), *o_strides, *lse_strides,
@@ -394,8 +406,8 @@ def decode_attention(
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        _merge_splits_kernel[(batch * q_heads * q_len,)](
-            o_dst, lse_dst, out, lse, splits,
+        _launch(
+            _merge_splits_kernel, (batch * q_heads * q_len,), o_dst, lse_dst, out, lse, splits,
             V_HEAD_DIM=dv, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=triton.next_power_of_2(dv),
         )
     return out, lse

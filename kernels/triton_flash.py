@@ -6,9 +6,10 @@ data-dependent masks is built by ``block_map.py``. This file turns a spec into
 kernel arguments, launches, and applies what the kernels leave to torch:
 
 * rows with no visible key come out of the kernel as 0 with ``lse = -inf``;
-  ``spec.fill`` then makes them NaN or the mean of v with one lazy
-  ``torch.where`` on ``lse`` (no host sync), and only when the spec can
-  produce such rows at all;
+  ``spec.fill`` then makes them NaN or the mean of v with one
+  ``torch.where`` on ``lse``, only when the spec can produce such rows at all,
+  and not when its key padding (its only term beside a band) leaves every row
+  a key (``fills.known_empty_rows``: one host sync per padding tensor);
 * their gradient, as the replaced model's autograd gives it: nothing for a
   safe fill, ``dV += dO / Nk`` for a finite fill, NaN dV for a ``-inf`` fill;
 * gradients of an additive bias or float mask (``needs_bias_grad`` /
@@ -142,7 +143,7 @@ def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
 
 def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                      seed: int = 0) -> torch.Tensor:
-    if not spec.rows_need_fill() or known_empty_rows(spec, find=False) is False:  # every row sees a key
+    if not spec.rows_need_fill() or known_empty_rows(spec) is False:  # every row sees a key
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec, seed=seed)
 

@@ -96,6 +96,43 @@ def test_torch_cuda_graph_captures_an_optimized_model(padded):
         assert ((got - want).norm() / want.norm()).item() < 2e-2  # bfloat16 rounding of another kernel
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["sdpa_efficient", "sdpa_cudnn", "triton_flash", "triton_decode"])
+def test_a_capture_fills_rows_whatever_the_eager_calls_found(kernel):
+    """Eager calls find that their padding leaves every row a key, and skip the fill. A CUDA graph captured
+    afterwards on the same padding tensor must still fill on the device: a replay runs on whatever padding the
+    tensor then holds. Here it hides every key of a batch row (written in place) and the replay's row is the
+    uniform average of v, as the reference gives."""
+    from attnopt.kernels import naive_attention
+    from attnopt.kernels.spec import AttentionSpec, Fill
+
+    torch.manual_seed(0)
+    q_len = 1 if kernel == "triton_decode" else 64
+    q = torch.randn(2, 4, q_len, 64, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(2, 4, 64, 64, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    keep = torch.ones(2, 64, dtype=torch.bool, device="cuda")
+    keep[1, :20] = False
+
+    def call():
+        return attnopt.attention(q, k, v, key_padding_mask=keep, fill="finite_added", kernel=kernel)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(stream):
+        for _ in range(3):
+            call()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        captured = call()
+    keep[1] = False
+    graph.replay()
+    torch.cuda.synchronize()
+    spec = AttentionSpec.from_tensors(q.double(), k.double(), v.double(), key_padding=keep, fill=Fill.FINITE_ADDED)
+    want = naive_attention(q.double(), k.double(), v.double(), spec)
+    torch.testing.assert_close(captured.double(), want, atol=2e-2, rtol=2e-2)
+
+
 #: graph calls that copy from the host or read a value back: none may run while a CUDA graph is captured
 _CAPTURE_BREAKERS = {torch.tensor, torch.as_tensor, "item", "tolist", "cpu", "numpy"}
 

@@ -55,7 +55,9 @@ class _JIT:
         def special(v):
             if isinstance(v, torch.Tensor):
                 return v.dtype, v.data_ptr() % 16 == 0
-            return (int, v == 1, v % 16 == 0) if type(v) is int else type(v) if type(v) is float else v
+            if type(v) is int:
+                return int, v == 1, v % 16 == 0, -(1 << 31) <= v < (1 << 31)
+            return type(v) if type(v) is float else v
         return tuple(v if p.is_constexpr else special(v) for p, v in zip(self.params, values))
 
     def run(self, *args, grid, warmup, **kwargs):
@@ -121,15 +123,17 @@ def test_a_bound_call_hands_the_launcher_what_triton_would(bound, all_args, prop
     assert fn.triton_launches == 2, "the bound call went through Triton's binder"
     watched, first = fn.launched[-2:]
     assert first[:6] == watched[:6] and first[9:] == watched[9:]
-    _call(kernel, q, scale=0.5)  # a new value: Triton's path once more, then bound
-    _call(kernel, q, scale=0.5)
-    assert fn.triton_launches == 3
+    # new values of the same specialization (a float, a length divisible by 16): still the bound launcher, handed
+    # the new values, with the grid computed from them
+    _call(kernel, q, n=128, scale=0.5)
+    assert fn.triton_launches == 2, "a new value of the same specialization went through Triton's binder"
     second = fn.launched[-1]
-    assert second[9:] == ((q, 64, 0.5, True, 64, 32) if all_args else (q, 64, 0.5, True))
-    assert second[:4] == (1, 2, 1, 7)  # the grid from the configuration's BLOCK_M, the current stream
+    assert second[9:] == ((q, 128, 0.5, True, 64, 32) if all_args else (q, 128, 0.5, True))
+    assert second[:4] == (2, 2, 1, 7)  # the grid from the configuration's BLOCK_M, the current stream
 
 
-@pytest.mark.parametrize("change", ["misaligned", "divisibility", "one", "dtype", "constexpr", "bool", "type", "device"])
+@pytest.mark.parametrize("change", ["misaligned", "divisibility", "one", "int64", "dtype", "constexpr", "bool", "type",
+                                    "device"])
 def test_a_new_specialization_goes_through_triton_again(bound, change, monkeypatch):
     fn = _JIT(True, True)
     kernel = _Autotuned(fn)
@@ -145,6 +149,8 @@ def test_a_new_specialization_goes_through_triton_again(bound, change, monkeypat
         other["n"] = 65
     elif change == "one":
         other["n"] = 1
+    elif change == "int64":  # past int32: Triton passes it as int64
+        other["n"] = 1 << 36
     elif change == "dtype":
         other["q"] = torch.zeros(64, dtype=torch.float16)
     elif change == "constexpr":

@@ -157,6 +157,51 @@ def test_fully_masked_rows(fill, dtype):
     assert torch.isfinite(lse[0, :, 1:]).all()
 
 
+def test_key_padding_arguments_are_made_once_per_padding_tensor(monkeypatch):
+    """The layers of a decode step share one padding tensor: its kernel arguments are made for the first and
+    reused by the rest; an in-place change of the padding (or a new tensor) makes them again, and every call
+    still equals the float64 reference."""
+    made = []
+    make = td._make_key_padding_args
+    monkeypatch.setattr(td, "_make_key_padding_args", lambda spec: made.append(1) or make(spec))
+    td._KEY_PADDING_ARGS.clear()
+    q, k, v = _inputs(2, 4, 2, 1, 90, 16, torch.float32)
+    keep = torch.ones(2, 90, dtype=torch.bool, device=DEVICE)
+    keep[1, :30] = False  # a left-padded row
+    for _ in range(3):  # three layers
+        _check(q, k, v, AttentionSpec.from_tensors(q, k, v, key_padding=keep))
+    assert len(made) == 1
+    keep[1, :60] = False  # changed in place: made again, and the new padding is the one applied
+    out, _ = _check(q, k, v, AttentionSpec.from_tensors(q, k, v, key_padding=keep))
+    assert len(made) == 2
+    shorter = keep.clone()
+    shorter[0, 45:] = False
+    _check(q, k, v, AttentionSpec.from_tensors(q, k, v, key_padding=shorter))
+    assert len(made) == 3
+
+
+def test_padding_that_leaves_every_row_a_key_fills_nothing(monkeypatch):
+    """A left-padded decode step: every row still sees a key. The first layer finds that out (one host sync per
+    padding tensor, ``fills.known_empty_rows``) and no layer computes a fill; once the padding hides every key of
+    a batch row (written in place), that row gets the fill, equal to the reference."""
+    from attnopt.kernels import fills
+
+    wheres = []
+    where = fills._where_empty
+    monkeypatch.setattr(fills, "_where_empty", lambda *a: wheres.append(1) or where(*a))
+    fills._EMPTY_ROWS.clear()
+    q, k, v = _inputs(2, 4, 2, 1, 70, 16, torch.float32)
+    keep = torch.ones(2, 70, dtype=torch.bool, device=DEVICE)
+    keep[1, :25] = False
+    for _ in range(3):  # three layers
+        _check(q, k, v, AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=Fill.FINITE_ADDED))
+    assert not wheres
+    keep[1] = False
+    out, lse = _check(q, k, v, AttentionSpec.from_tensors(q, k, v, key_padding=keep, fill=Fill.FINITE_ADDED))
+    assert len(wheres) == 1 and torch.isneginf(lse[1]).all()
+    torch.testing.assert_close(out[1, :, 0], v[1].mean(1).repeat_interleave(2, dim=0))
+
+
 def test_finite_fill_through_additive_min():
     """An fp16 ``finfo.min`` additive mask on every key averages v uniformly, as eager does."""
     q, k, v = _inputs(1, 4, 2, 1, 37, 16, torch.float16)
