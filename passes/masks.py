@@ -85,6 +85,11 @@ class MaskAnalysis:
     term_steps: dict = field(default_factory=dict)
     # dense atoms passed as written whose structure has a name (DeBERTa's key x query padding product)
     dense_labels: dict = field(default_factory=dict)
+    # the one additive term, made at run time, that may hold only 0 and ``finfo(dtype).min`` (a 4D mask handed
+    # to the model, as ``generate()`` does for a static cache): ``(node, fill, the site's fill as a boolean)``.
+    # A call whose term does hold only those values is exactly a call with the boolean mask ``term == 0``
+    # (``fill_only_keep``: one check per forward); the others keep the additive term
+    fill_only: tuple | None = None
 
     @property
     def viewed(self) -> bool:
@@ -220,7 +225,41 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
         lo = max((b[0] for b in bands if b[0] is not None), default=None)
         hi = min((b[1] for b in bands if b[1] is not None), default=None)
         _set_band(result, lo, hi, q_len, kv_len)
+    result.fill_only = _fill_only(result, terms, sdpa, dtype, constants)
     return result
+
+
+def _fill_only(result: MaskAnalysis, terms, sdpa: bool, dtype, constants: Constants) -> tuple | None:
+    """``MaskAnalysis.fill_only`` for a site whose one additive term is a run-time float mask of the scores'
+    dtype, added as written (no view, no scale, no other dtype): what it would be as a boolean term, were its
+    values only 0 and ``finfo(dtype).min``. That fill absorbs every score in float32 / bfloat16 / float64
+    (not float16), so every masked key scores it exactly, as a boolean term's fill does; no dense atom, and
+    the boolean terms' fills must agree with an added one (``_fill``)."""
+    if len(result.additive) != 1 or result.dense or result.alibi or dtype not in (
+            torch.float32, torch.bfloat16, torch.float64):
+        return None
+    node, mult = result.additive[0]
+    meta = tensor_meta(node)
+    if (mult != 1.0 or meta is None or meta.dtype != dtype or node in result.term_steps or _needs_grad(node)
+            or constants.is_constant(node) or constants.mutations.is_mutated(node)
+            or result.add_dtypes.get(node, dtype) != dtype):
+        return None
+    fill = torch.finfo(dtype).min
+    try:
+        as_boolean = _fill([*terms, (None, True, fill, True, None)], sdpa, dtype, [])
+    except MaskError:
+        return None
+    return node, fill, as_boolean
+
+
+def fill_only_keep(mask: torch.Tensor, fill: float) -> torch.Tensor | None:
+    """``mask == 0`` (True = keep) when ``mask`` holds only 0 and ``fill``, else None: one host sync, made once
+    per forward for every layer that adds this mask. None while a CUDA graph is captured (nothing may sync, and
+    a replay may see other values): the additive call is right for any values."""
+    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    keep = mask == 0
+    return keep if bool((keep | (mask == fill)).all()) else None
 
 
 # ----------------------------------------------------------------- a replaced fill, then an added one

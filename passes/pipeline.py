@@ -68,7 +68,10 @@ def optimize_graph(
         else:
             site_plan = next(planned)
             unpadded = _unpadded_kernel(site_plan, options, graph_plan.timing) if runtime_branches else None
-            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches)
+            fill_only = (_fill_only_kernel(site_plan, options, graph_plan.timing)
+                         if runtime_branches and unpadded is None else None)
+            site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
+                                     fill_only_kernel=fill_only)
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -120,8 +123,41 @@ def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) ->
     return None
 
 
+def fill_only_spec(site_plan: plan.SitePlan):
+    """The site's spec for calls whose additive mask holds only 0 and ``finfo.min`` (``MaskAnalysis.fill_only``):
+    that mask as a boolean one, with the fill a boolean term gives; None for other sites."""
+    found = site_plan.match.masks.fill_only
+    spec = site_plan.spec
+    if found is None or spec.mask is None or spec.bias is not None:
+        return None
+    return spec.with_(mask=torch.empty(spec.mask.shape, dtype=torch.bool, device="meta"), fill=found[2])
+
+
+def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
+    """The kernel for this site's calls whose additive mask holds only 0 and ``finfo.min``, read as a boolean
+    mask (``fill_only_spec``), when those calls run faster so (cuDNN takes a boolean mask the precision of whose
+    addition does not matter; the Triton kernels skip the tiles it hides)."""
+    choice, variant_spec = site_plan.choice, fill_only_spec(site_plan)
+    if choice is None or variant_spec is None or options.kernel is not None or not choice.exact:
+        return None
+    try:
+        cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
+        variant = plan.choose(variant_spec, exact=True, tune=options.tune, cache=cache, budget=timing)
+    except plan.NoKernelError:
+        return None
+    mine, theirs = choice.chosen, variant.chosen
+    if not (mine.measured and theirs.measured):  # like with like: a measurement against an estimate says nothing
+        mine, theirs = mine.estimate, theirs.estimate
+    else:
+        mine, theirs = mine.cost, theirs.cost
+    if mine is None or theirs is None or not theirs < mine * (1.0 - plan.NOISE):
+        return None
+    return variant.kernel
+
+
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
-                      unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False) -> Site:
+                      unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False,
+                      fill_only_kernel: str | None = None) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -141,11 +177,14 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
             **described,
         )
     if not dry_run:
-        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean)
+        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean, fill_only_kernel=fill_only_kernel)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:
         reason += f"; batches whose padding keeps every key run {unpadded_kernel}"
+    if fill_only_kernel is not None:
+        dtype = str(spec.dtype).removeprefix("torch.")
+        reason += f"; calls whose mask holds only 0 and {dtype}'s finfo.min run {fill_only_kernel} on it as a boolean mask"
     return Site(
         replaced=True, reason=reason,
         kernel=choice.kernel, exact=choice.exact, bytes_after=bytes_after(spec, choice.kernel),

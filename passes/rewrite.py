@@ -23,6 +23,7 @@ from attnopt.ops import SiteCall
 from .detect import Match
 from .graph import is_in_place, shape_of, tensor_meta
 from .layouts import Operand, apply_steps, fold_windows
+from .masks import fill_only_keep
 
 
 def key_padding_rows(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -94,16 +95,39 @@ class UnlessUnpadded:
         return f"<{self.padded!r}, or {self.unpadded!r} when the padding keeps every key>"
 
 
-def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False) -> Node:
+class UnlessFillOnly:
+    """A site's call with its additive mask, or, when that mask holds only 0 and ``finfo.min``
+    (``masks.fill_only_keep`` gives its keep mask, once per forward), the call with the boolean mask instead: the
+    same function, which faster kernels take (``passes/pipeline.py: fill_only_spec``). Both calls are resolved
+    at rewrite time."""
+
+    __name__ = "attention_unless_fill_only"
+
+    def __init__(self, additive: SiteCall, boolean: SiteCall):
+        self.additive, self.boolean = additive, boolean
+
+    def __call__(self, keep, q, k, v, key_padding, q_doc, kv_doc, bias, mask, dropout_p=0.0):
+        if keep is not None:
+            return self.boolean(q, k, v, key_padding, q_doc, kv_doc, bias, keep, dropout_p)
+        return self.additive(q, k, v, key_padding, q_doc, kv_doc, bias, mask, dropout_p)
+
+    def __repr__(self) -> str:
+        return f"<{self.additive!r}, or {self.boolean!r} when its mask holds only 0 and finfo.min>"
+
+
+def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False,
+            fill_only_kernel: str | None = None) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
 
     ``lean`` (graphs run as Python, ``compiler="eager"``): the node calls an ``attnopt.ops.SiteCall`` made
     here, which holds the static arguments and the kernel, sends inference calls straight to the kernel
     and the others to the op. With ``unpadded_kernel`` (lean graphs only), a call whose key padding keeps
     every key runs that kernel without the padding term instead, decided at run time once per forward
-    (one host sync for all sites that share the padding mask).
+    (one host sync for all sites that share the padding mask). With ``fill_only_kernel`` (lean graphs only), a
+    call whose additive mask holds only 0 and ``finfo.min`` runs that kernel on the mask as a boolean one
+    (``UnlessFillOnly``), decided likewise.
     """
-    assert lean or unpadded_kernel is None, "run-time branches are for graphs run as Python"
+    assert lean or (unpadded_kernel is None and fill_only_kernel is None), "run-time branches are for graphs run as Python"
     m = match.masks
     with graph.inserting_before(match.output):
         q, k, v = (_view(graph, op) for op in (match.q, match.k, match.v))
@@ -134,6 +158,13 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         if not lean:
             call = graph.call_function(torch.ops.attnopt.attention.default,
                                        (*tensors, *static, dropout, m.fill.value, kernel))
+        elif fill_only_kernel is not None and unpadded is None and keep is None and bias is None and mask is not None:
+            term, fill, boolean_fill = m.fill_only
+            checked = _shared(graph, "fill_only", (term, fill, _flat_heads(match)), match.output,
+                              lambda: graph.call_function(fill_only_keep, (mask, fill)))
+            branch = UnlessFillOnly(SiteCall(kernel, *static, m.fill.value),
+                                    SiteCall(fill_only_kernel, *static, boolean_fill.value))
+            call = graph.call_function(branch, (checked, *tensors, dropout))
         elif unpadded is None:
             call = graph.call_function(SiteCall(kernel, *static, m.fill.value), (*tensors, dropout))
         else:
