@@ -1,7 +1,7 @@
 """generate() throughput: HF eager attention after attnopt.optimize against the same weights on SDPA.
 
     python benchmarks/generate.py [--prompt 4096] [--new-tokens 64] [--batch 4] [--cache dynamic static]
-                                  [--out benchmarks/results/generate.md]
+                                  [--out benchmarks/results/generate.md] [--eager] [--profile N] [--trace N]
 
 Llama-style model (8 layers, d_model 2048, 16 / 4 heads, random weights, bf16, CUDA). The batch's last
 row is left-padded by a quarter of the prompt, as generate() pads batches. For each cache kind
@@ -11,6 +11,10 @@ also captures attnopt's prefill and decode graphs). Correctness: the share of ne
 original eager model's, for SDPA and for attnopt (greedy bf16 decoding of random weights flips a near-tied
 argmax on any rounding difference, and the rest of the row follows it), and the largest difference of the
 prefill's last logits from eager's, which says how far apart the models really are.
+
+Diagnostics: ``--eager`` also times the original eager model; ``--profile N`` prints the host's N costliest
+functions in one attnopt ``generate()`` (cProfile) and inductor's CUDA-graph counters; ``--trace N`` the N
+costliest GPU kernels of one ``generate()`` of each model (``torch.profiler``), to tell where GPU time goes.
 """
 
 from __future__ import annotations
@@ -72,6 +76,17 @@ def profile(fn, top: int) -> None:
     print("inductor counters:", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}, flush=True)
 
 
+def trace(fn, top: int) -> None:
+    """The ``top`` kernels of one ``fn()`` by total GPU time (``torch.profiler``), with the launches per kernel."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompt", type=int, default=4096)
@@ -80,6 +95,8 @@ def main() -> None:
     parser.add_argument("--cache", nargs="+", choices=["dynamic", "static"], default=["dynamic", "static"])
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--eager", action="store_true", help="also time the original eager model")
+    parser.add_argument("--trace", type=int, default=0, metavar="N",
+                        help="print the N costliest GPU kernels (torch.profiler) of one generate() per model and cache")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N costliest functions (host, cumulative) of one attnopt generate() per "
                              "cache, and inductor's CUDA-graph counters")
@@ -116,6 +133,10 @@ def main() -> None:
                 print(f"{cache}: original eager {new_tokens / eager_s:.1f} tok/s", flush=True)
             if args.profile:
                 profile(lambda: optimized.generate(**gen), args.profile)
+            if args.trace:
+                for name, model in (("SDPA", sdpa), ("attnopt", optimized)):
+                    print(f"{cache}, {name}: GPU kernels of one generate()", flush=True)
+                    trace(lambda: model.generate(**gen), args.trace)
             eager_tokens = original.generate(**gen)
             # greedy bf16 decoding of random weights flips a near-tied argmax on any rounding difference, and
             # every later token follows it: the prefill's logits say how far apart the models really are
