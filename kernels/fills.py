@@ -116,22 +116,41 @@ def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) ->
 #: Most padded batches leave every row a key (right padding; a left-padded decode step): their calls then fill
 #: nothing, on the host's word, instead of computing each row's fill on the device and keeping none of it
 _EMPTY_ROWS = TermCache(8, without_terms=False)
+#: per additive term tensor: whether it holds no -inf (then it cannot empty a row: the row's log-sum-exp stays
+#: finite, however low a finite mask pushes its scores)
+_NO_NEG_INF = TermCache(8, without_terms=False)
 
 
 def known_empty_rows(spec: AttentionSpec, find: bool = True) -> bool | None:
-    """Whether some row of a call whose only terms are a band and key padding sees no key, found once per padding
-    tensor (one host sync; its version counted, ``TermCache``) and kept for every call that shares it: the layers
-    of a forward, and its backward. None for other calls, which look at their rows themselves on the device.
-    ``find=False`` only looks the answer up.
+    """Whether some row of a call sees no key, for a call whose terms are a band, key padding and additive terms
+    (bias, float mask): found once per term tensor (one host sync each; versions counted, ``TermCache``) and kept
+    for every call that shares them: the layers of a forward, and its backward. An additive term without -inf
+    empties no row, so the band and the padding decide. None for other calls (documents, a boolean mask, an
+    additive term with -inf), which look at their rows themselves on the device. ``find=False`` only looks the
+    answer up.
 
     None while a CUDA graph is captured, found or not: nothing may sync there, and a replay runs on whatever
-    padding its input then holds (an in-place write bumps the version, but a replay reads no version), so the
-    captured call fills its rows on the device."""
+    terms its inputs then hold (an in-place write bumps the version, but a replay reads no version), so the
+    captured call fills its rows on the device. None too for terms the cache cannot keep (inference-mode
+    tensors, a bias that requires grad): finding out would be one host sync per call, per layer."""
     kp = spec.key_padding
-    if kp is None or spec.q_doc is not None or spec.kv_doc is not None or spec.bias is not None or spec.mask is not None:
+    additive = [t for t in (spec.bias, spec.mask) if t is not None]
+    if spec.q_doc is not None or spec.kv_doc is not None or any(t.dtype == torch.bool for t in additive):
         return None
-    if kp.is_cuda and torch.cuda.is_current_stream_capturing():
+    if kp is None and not additive:
         return None
+    tensors = [kp, *additive] if kp is not None else additive
+    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    if not _EMPTY_ROWS.keeps(tensors):
+        return None
+    for term in additive:
+        finite = (_NO_NEG_INF.peek([term], ()) if not find
+                  else _NO_NEG_INF.get([term], (), lambda term=term: not bool(torch.isneginf(term).any())))
+        if not finite:
+            return None
+    if kp is None:  # the band alone: static, no sync
+        return False if not spec.rows_may_be_empty(additive=False) else None
     static = (spec.batch, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset)
     if not find:
         return _EMPTY_ROWS.peek([kp], static)

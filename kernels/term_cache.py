@@ -59,6 +59,11 @@ class TermCache:
         hit = None if key is None else self._hit(key, tensors)
         return None if hit is None else hit[1]
 
+    def keeps(self, tensors: Sequence[torch.Tensor]) -> bool:
+        """Whether a result built from these tensors would be kept (not for inference-mode tensors, tensors that
+        require grad, or while torch.compile traces)."""
+        return self._key(tensors, None) is not None
+
     def _hit(self, key, tensors: Sequence[torch.Tensor]):
         """The entry under ``key`` if it was made from these very tensors (an id may be reused once one is freed)."""
         hit = self._entries.get(key)

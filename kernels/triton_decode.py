@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fills import fill_empty_rows
+from .fills import fill_empty_rows, known_empty_rows
 from .launch import launch as _launch
 from .registry import Grads, Kernel, get, register
 from .spec import AttentionSpec, Fill, key_padding_keep
@@ -416,7 +416,7 @@ def decode_attention(
 def apply_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """Rows with no visible key (``lse == -inf``, out 0) as ``spec.fill`` says (kernels/fills.py)."""
     can_be_empty = spec.has_boolean_mask or any(t is not None and t.dtype != torch.bool for t in (spec.bias, spec.mask))
-    if not can_be_empty or spec.fill == Fill.SAFE:
+    if not can_be_empty or spec.fill == Fill.SAFE or known_empty_rows(spec) is False:
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec)
 

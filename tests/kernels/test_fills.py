@@ -215,4 +215,31 @@ def test_rows_without_keys_are_looked_for_once_per_padding_tensor(monkeypatch):
     assert fills.known_empty_rows(spec) is True and len(counted) == 2
     causal = AttentionSpec.from_tensors(q, k, v, key_padding=torch.tensor([6, 6]), causal=True)
     assert fills.known_empty_rows(causal) is False
-    assert fills.known_empty_rows(spec.with_(bias=torch.zeros(1, 1, 6, 6))) is None  # other terms: per call
+    # an additive term without -inf empties no row: the padding decides, found from the cached padding answer
+    assert fills.known_empty_rows(spec.with_(bias=torch.full((1, 1, 6, 6), -1e4))) is True and len(counted) == 3
+    holes = torch.zeros(1, 1, 6, 6).masked_fill(torch.eye(6, dtype=torch.bool), float("-inf"))
+    assert fills.known_empty_rows(spec.with_(bias=holes)) is None  # -inf in a term: its rows are looked at per call
+    assert fills.known_empty_rows(spec.with_(mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))) is None
+    grad_bias = torch.zeros(1, 1, 6, 6, requires_grad=True)
+    assert fills.known_empty_rows(spec.with_(bias=grad_bias)) is None  # not kept: it would sync on every call
+
+
+def test_an_additive_mask_without_minus_inf_leaves_every_row_a_key(monkeypatch):
+    """A decode step's per-key float mask (0 / finfo.min, no padding term): no row can lose every key, found
+    once per mask tensor; a mask with -inf is looked at per call; an in-place write is seen."""
+    checked = []
+    isneginf = torch.isneginf
+    monkeypatch.setattr(torch, "isneginf", lambda t: checked.append(1) or isneginf(t))
+    fills._NO_NEG_INF.clear()
+    q, k, v = (torch.randn(2, 2, 1, 4) for _ in range(3))
+    k, v = (torch.randn(2, 2, 9, 4) for _ in range(2))
+    mask = torch.zeros(2, 1, 1, 9)
+    mask[1, ..., :4] = torch.finfo(torch.float32).min
+    spec = AttentionSpec.from_tensors(q, k, v, mask=mask, fill=Fill.FINITE_ADDED)
+    for _ in range(3):
+        assert fills.known_empty_rows(spec) is False
+    assert len(checked) == 1
+    mask[1] = float("-inf")  # written in place: looked at again, and now it may empty a row
+    assert fills.known_empty_rows(spec) is None and len(checked) == 2
+    causal = AttentionSpec.from_tensors(q, k, v, mask=torch.zeros(2, 1, 1, 9), causal=True, align=Align.BOTTOM_RIGHT)
+    assert fills.known_empty_rows(causal) is False

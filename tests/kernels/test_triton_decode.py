@@ -202,6 +202,23 @@ def test_padding_that_leaves_every_row_a_key_fills_nothing(monkeypatch):
     torch.testing.assert_close(out[1, :, 0], v[1].mean(1).repeat_interleave(2, dim=0))
 
 
+def test_a_finite_additive_mask_fills_nothing(monkeypatch):
+    """A decode step's per-key float mask of 0 / finfo.min: no row can lose every key, found once per mask tensor;
+    the calls compute no fill and equal the reference, a row masked entirely included (uniform over v)."""
+    from attnopt.kernels import fills
+
+    wheres = []
+    where = fills._where_empty
+    monkeypatch.setattr(fills, "_where_empty", lambda *a: wheres.append(1) or where(*a))
+    fills._NO_NEG_INF.clear()
+    q, k, v = _inputs(2, 4, 2, 1, 70, 16, torch.float32)
+    mask = torch.zeros(2, 1, 1, 70, device=DEVICE)
+    mask[1] = torch.finfo(torch.float32).min  # batch row 1: every key masked by the finite fill
+    for _ in range(3):
+        _check(q, k, v, AttentionSpec.from_tensors(q, k, v, mask=mask, fill=Fill.FINITE_ADDED))
+    assert not wheres
+
+
 def test_finite_fill_through_additive_min():
     """An fp16 ``finfo.min`` additive mask on every key averages v uniformly, as eager does."""
     q, k, v = _inputs(1, 4, 2, 1, 37, 16, torch.float16)
