@@ -18,19 +18,23 @@ def _order(ref: torch.Tensor) -> list[int]:
 
 
 def empty_in_layout_of(shape, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An uninitialized tensor of ``shape`` whose dims lie in memory in the order of ``ref``'s strides."""
-    order = _order(ref)
-    laid = torch.empty([shape[dim] for dim in order], dtype=dtype or ref.dtype, device=ref.device)
-    return laid.permute([order.index(dim) for dim in range(len(shape))])
+    """An uninitialized tensor of ``shape`` whose dims lie in memory in the order of ``ref``'s strides: a tensor of
+    its own (not a view of a buffer laid out otherwise), so that a caller's views of it have it as their base."""
+    return torch.empty_strided(tuple(shape), _strides_in_order(shape, _order(ref)), dtype=dtype or ref.dtype,
+                               device=ref.device)
+
+
+def _strides_in_order(shape, order) -> tuple[int, ...]:
+    """Dense strides of ``shape`` with its dims in memory in ``order`` (outermost first)."""
+    strides, step = [0] * len(shape), 1
+    for dim in reversed(order):
+        strides[dim], step = step, step * shape[dim]
+    return tuple(strides)
 
 
 def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``t`` with its dims laid out in memory in the order of ``ref``'s strides (a copy only when its strides
     differ: cuDNN reads even a size-1 dim's stride)."""
-    order = _order(ref)
-    strides, step = [0] * t.dim(), 1
-    for dim in reversed(order):
-        strides[dim], step = step, step * t.shape[dim]
-    if list(t.stride()) == strides:
+    if tuple(t.stride()) == _strides_in_order(t.shape, _order(ref)):
         return t
     return empty_in_layout_of(t.shape, ref, t.dtype).copy_(t)
