@@ -11,6 +11,13 @@ Nothing is kept for tensors without a version counter (inference mode, where an
 in-place change would go unseen), for tensors that require grad (the result
 would carry one graph's autograd history into another), or while torch.compile
 traces (the tensors are then fakes of the real ones).
+
+Nothing is kept or looked up while a CUDA graph is captured. A captured call
+that used a kept result would replay on its values forever (a replay looks
+nothing up: a padding tensor written in place between replays would go
+unseen), and on memory the cache may free. Built inside the capture, the result
+is the graph's own, and every replay computes it again from the inputs' current
+values.
 """
 
 from __future__ import annotations
@@ -72,7 +79,7 @@ class TermCache:
     def _key(self, tensors: Sequence[torch.Tensor], static: Hashable):
         if not tensors and not self.without_terms:
             return None
-        if torch.compiler.is_compiling() or any(t.requires_grad for t in tensors):
+        if torch.compiler.is_compiling() or _capturing() or any(t.requires_grad for t in tensors):
             return None
         try:
             versions = tuple(t._version for t in tensors)
@@ -85,3 +92,8 @@ class TermCache:
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

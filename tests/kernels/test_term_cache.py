@@ -100,6 +100,25 @@ def test_masks_not_kept(case, builds, monkeypatch):
     torch.testing.assert_close(first, second)
 
 
+def test_nothing_is_kept_or_looked_up_while_a_cuda_graph_is_captured(monkeypatch):
+    """A captured call must compute its terms' results from the inputs (every replay then does, on their current
+    values): it neither takes a result kept before the capture nor keeps one made in it (the graph's own memory)."""
+    from attnopt.kernels import term_cache
+
+    cache = TermCache(4, without_terms=True)
+    term = torch.ones(3)
+    kept = cache.get([term], "s", lambda: term.clone())
+    band = cache.get([], "band", lambda: torch.zeros(2))
+    monkeypatch.setattr(term_cache, "_capturing", lambda: True)
+    made = cache.get([term], "s", lambda: term.clone())
+    assert made is not kept and cache.get([], "band", lambda: torch.zeros(2)) is not band
+    assert cache.peek([term], "s") is None and not cache.keeps([term])
+    cache.get([torch.ones(2)], "new", lambda: torch.ones(1))
+    assert len(cache) == 2  # the two kept before the capture, nothing from inside it
+    monkeypatch.setattr(term_cache, "_capturing", lambda: False)
+    assert cache.get([term], "s", lambda: None) is kept
+
+
 def test_a_recycled_address_is_not_a_hit():
     cache = TermCache(4, without_terms=False)
     for value in range(5):  # each tensor dies before the next is made, often at the same address
