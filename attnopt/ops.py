@@ -37,6 +37,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_disp
 from attnopt.kernels import registry
 from attnopt.kernels.naive import naive_attention
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+from attnopt.kernels.term_cache import capturing
 
 
 def spec_from_args(
@@ -185,7 +186,7 @@ def _draw_seed(dropout_p: float) -> int:
     dropout. With dropout under CUDA graph capture it would be frozen into every replay: refused."""
     if dropout_p == 0.0:
         return 0
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+    if capturing():
         raise RuntimeError(
             f"attention dropout (p={dropout_p}) cannot be captured in a CUDA graph: its seed is drawn on the host "
             "for every call, and a replay would repeat one dropout mask. Capture the model in eval mode (dropout "

@@ -140,9 +140,7 @@ def known_empty_rows(spec: AttentionSpec, find: bool = True) -> bool | None:
     if kp is None and not additive:
         return None
     tensors = [kp, *additive] if kp is not None else additive
-    if tensors[0].is_cuda and torch.cuda.is_current_stream_capturing():
-        return None
-    if not _EMPTY_ROWS.keeps(tensors):
+    if not _EMPTY_ROWS.keeps(tensors):  # nor while a CUDA graph is captured: the cache then keeps nothing
         return None
     for term in additive:
         finite = (_NO_NEG_INF.peek([term], ()) if not find

@@ -79,7 +79,7 @@ class TermCache:
     def _key(self, tensors: Sequence[torch.Tensor], static: Hashable):
         if not tensors and not self.without_terms:
             return None
-        if torch.compiler.is_compiling() or _capturing() or any(t.requires_grad for t in tensors):
+        if torch.compiler.is_compiling() or capturing() or any(t.requires_grad for t in tensors):
             return None
         try:
             versions = tuple(t._version for t in tensors)
@@ -94,6 +94,7 @@ class TermCache:
         self._entries.clear()
 
 
-def _capturing() -> bool:
-    """Whether the current CUDA stream is capturing a graph (False without CUDA)."""
+def capturing() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False without CUDA): then nothing may sync with the
+    host, and nothing read from data on the host may decide what a replay computes."""
     return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()

@@ -35,6 +35,7 @@ import torch
 from torch.fx import Node
 
 from attnopt.kernels.spec import Align, Fill, Window
+from attnopt.kernels.term_cache import capturing
 
 from .graph import ArgumentError, Constants, bind, is_in_place, is_parameter, kind, shape_of, tensor_meta
 from .layouts import LayoutError, apply_steps, frame_steps, run_steps
@@ -256,7 +257,7 @@ def fill_only_keep(mask: torch.Tensor, fill: float) -> torch.Tensor | None:
     """``mask == 0`` (True = keep) when ``mask`` holds only 0 and ``fill``, else None: one host sync, made once
     per forward for every layer that adds this mask. None while a CUDA graph is captured (nothing may sync, and
     a replay may see other values): the additive call is right for any values."""
-    if mask.is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing():
         return None
     keep = mask == 0
     return keep if bool((keep | (mask == fill)).all()) else None

@@ -18,6 +18,7 @@ import torch
 from torch.fx import Graph, Node
 
 from attnopt.kernels.spec import AttentionSpec
+from attnopt.kernels.term_cache import capturing
 from attnopt.ops import SiteCall
 
 from .detect import Match
@@ -68,7 +69,7 @@ def spec_of(match: Match) -> AttentionSpec:
 def all_kept(*keeps: torch.Tensor) -> bool:
     """Whether key-padding masks keep every key: one host sync, shared by every site of a forward.
     While a CUDA graph is captured nothing may sync: the padded kernel is always right."""
-    if keeps[0].is_cuda and torch.cuda.is_current_stream_capturing():
+    if capturing():
         return False
     if len(keeps) == 1:
         return bool(keeps[0].all())

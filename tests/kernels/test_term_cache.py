@@ -109,13 +109,13 @@ def test_nothing_is_kept_or_looked_up_while_a_cuda_graph_is_captured(monkeypatch
     term = torch.ones(3)
     kept = cache.get([term], "s", lambda: term.clone())
     band = cache.get([], "band", lambda: torch.zeros(2))
-    monkeypatch.setattr(term_cache, "_capturing", lambda: True)
+    monkeypatch.setattr(term_cache, "capturing", lambda: True)
     made = cache.get([term], "s", lambda: term.clone())
     assert made is not kept and cache.get([], "band", lambda: torch.zeros(2)) is not band
     assert cache.peek([term], "s") is None and not cache.keeps([term])
     cache.get([torch.ones(2)], "new", lambda: torch.ones(1))
     assert len(cache) == 2  # the two kept before the capture, nothing from inside it
-    monkeypatch.setattr(term_cache, "_capturing", lambda: False)
+    monkeypatch.setattr(term_cache, "capturing", lambda: False)
     assert cache.get([term], "s", lambda: None) is kept
 
 
