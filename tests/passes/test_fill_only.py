@@ -185,3 +185,27 @@ def test_training_gradients_through_the_boolean_branch(masks_seen):
     for got, want in zip(results[1], results[0]):
         _close(got, want)
     assert "holds only 0 and" in optimized.attnopt_report.sites[0].reason
+
+
+class MaskedRouter(torch.nn.Module):
+    """A look-alike: a router's softmax over expert logits plus a given 0 / finfo.min mask, with no value product."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = torch.nn.Linear(HEADS * DIM, N)
+
+    def forward(self, x, mask):
+        return torch.softmax(self.gate(x) + mask, dim=-1, dtype=torch.float32) @ self.gate.weight.float()
+
+
+def test_a_masked_router_is_left_alone():
+    torch.manual_seed(0)
+    model = MaskedRouter().to(torch.bfloat16).eval()
+    optimized = attnopt.optimize(copy.deepcopy(model), keep_original=False, tune=False)
+    x = torch.randn(2, N, HEADS * DIM, dtype=torch.bfloat16)
+    mask = _fill_mask(torch.rand(2, N, N) > 0.3, torch.bfloat16)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x, mask), model(x, mask))
+    sites = optimized.attnopt_report.sites
+    assert sites and not any(s.replaced for s in sites), str(optimized.attnopt_report)
+    assert all("not attention" in s.reason for s in sites), [s.reason for s in sites]
