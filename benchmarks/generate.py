@@ -6,8 +6,8 @@
 Llama-style model (8 layers, d_model 2048, 16 / 4 heads, random weights, bf16, CUDA). The batch's last
 row is left-padded by a quarter of the prompt, as generate() pads batches. For each cache kind
 (``dynamic``: transformers' default ``DynamicCache``; ``static``: ``cache_implementation="static"``),
-greedy decoding of ``--new-tokens`` tokens, timed as the median of 3 runs after a warm-up run (which
-also captures attnopt's prefill and decode graphs). Correctness: the share of new tokens equal to the
+greedy decoding of ``--new-tokens`` tokens, timed as the median of 5 rounds that interleave the models,
+after a warm-up run of each (which also captures attnopt's prefill and decode graphs). Correctness: the share of new tokens equal to the
 original eager model's, for SDPA and for attnopt (greedy bf16 decoding of random weights flips a near-tied
 argmax on any rounding difference, and the rest of the row follows it), and the largest difference of the
 prefill's last logits from eager's, which says how far apart the models really are.
@@ -42,17 +42,20 @@ def build(attn: str):
         return transformers.LlamaForCausalLM(config).to("cuda", torch.bfloat16).eval()
 
 
-def timed(fn, repeat: int = 3) -> tuple[float, torch.Tensor]:
-    """(median seconds, tokens) of ``fn()`` after one warm-up call."""
-    tokens = fn()
-    times = []
-    for _ in range(repeat):
-        torch.cuda.synchronize()
-        start = time.perf_counter()
-        tokens = fn()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), tokens
+def timed(runs: dict, rounds: int = 5) -> dict[str, tuple[float, torch.Tensor]]:
+    """{name: (median seconds, tokens)} of each ``runs[name]()``, after one warm-up call each, timed in
+    ``rounds`` interleaved rounds: the models share the machine's drift (SDPA's own figure moved by 30-40%
+    between runs timed back to back), so their ratio is what one run can tell."""
+    tokens = {name: fn() for name, fn in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, fn in runs.items():
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            tokens[name] = fn()
+            torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    return {name: (statistics.median(times[name]), tokens[name]) for name in runs}
 
 
 def profile(fn, top: int) -> None:
@@ -126,11 +129,13 @@ def main() -> None:
         if cache == "static":
             gen["cache_implementation"] = "static"
         with torch.no_grad():
-            sdpa_s, sdpa_tokens = timed(lambda: sdpa.generate(**gen))
-            ours_s, ours_tokens = timed(lambda: optimized.generate(**gen))
+            runs = {"sdpa": lambda: sdpa.generate(**gen), "attnopt": lambda: optimized.generate(**gen)}
             if args.eager:
-                eager_s, _ = timed(lambda: original.generate(**gen))
-                print(f"{cache}: original eager {new_tokens / eager_s:.1f} tok/s", flush=True)
+                runs["eager"] = lambda: original.generate(**gen)
+            measured = timed(runs)
+            (sdpa_s, sdpa_tokens), (ours_s, ours_tokens) = measured["sdpa"], measured["attnopt"]
+            if args.eager:
+                print(f"{cache}: original eager {new_tokens / measured['eager'][0]:.1f} tok/s", flush=True)
             if args.profile:
                 profile(lambda: optimized.generate(**gen), args.profile)
             if args.trace:
