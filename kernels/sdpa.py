@@ -46,6 +46,7 @@ backward is right for).
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import torch
@@ -58,6 +59,7 @@ from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys
 from .layout import in_layout_of
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
+from . import term_cache
 from .term_cache import TermCache
 
 #: bytes per second of materializing / reading a mask, for the cost model
@@ -168,20 +170,62 @@ def mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch
 
 class MaskSource:
     """``mask_and_empty_rows`` for the calls of one spec's shapes and terms (a spec that needs a mask), with what
-    they share decided once: whether the term cache keeps their masks, and its key's static part."""
+    they share decided once: whether the term cache keeps their masks, and its key's static part.
 
-    __slots__ = ("cached", "static")
+    ``for_call`` gives an inference call everything it needs from its terms at once: the mask, the rows to set
+    to NaN and the rows to fill. It keeps the last call's answer while that call's term tensors live, and hands
+    it to the next call on the very same tensors at the same versions: the layers of a forward, or a decode
+    step's, then skip the term cache's lookups (about 30 us of host time per padded call on a GPU host,
+    ``benchmarks/dispatch.py``). Nothing is kept or handed on where the term cache would keep nothing
+    (inference-mode tensors, terms that require grad, compilation, CUDA graph capture)."""
+
+    __slots__ = ("cached", "static", "_refs", "_versions", "_answer", "__weakref__")
 
     def __init__(self, spec: AttentionSpec):
         self.cached = mask_bytes(spec) <= CACHED_MASK_BYTES
         self.static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset,
                        spec.dtype, str(spec.device))
+        self._refs: tuple = ()
+        self._versions: tuple = ()
+        self._answer: tuple | None = None
 
     def __call__(self, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.cached:
             return _mask_and_empty_rows(spec)
-        tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask) if t is not None]
-        return _MASKS.get(tensors, self.static, lambda: _mask_and_empty_rows(spec))
+        return _MASKS.get(_terms(spec), self.static, lambda: _mask_and_empty_rows(spec))
+
+    def for_call(self, spec: AttentionSpec) -> tuple:
+        """``(mask, nan_rows, fill_rows)`` of an inference call: its mask, the rows an additive ``-inf`` term
+        masks entirely (None: none to set to NaN) and the rows without keys to fill (``[B, Hq, Nq]``, None:
+        none). The last call's answer when this call has the very same term tensors at the same versions."""
+        terms = _terms(spec)
+        answer = self._answer
+        if (answer is not None and len(terms) == len(self._refs)
+                and all(ref() is t and t._version == version for ref, t, version in zip(self._refs, terms, self._versions))
+                and not term_cache.capturing()):
+            return answer
+        mask, empty = self(spec)
+        empty = _rows_to_fill(empty, spec)
+        answer = (mask, _neg_inf_rows(mask, spec), None if empty is None else _full_rows(empty, spec))
+        if self.cached and _MASKS.keeps(terms):
+            self._forget()
+            # the answer lives no longer than the tensors it was made from: the first to die drops it
+            self._refs = tuple(weakref.ref(t, self._dropped()) for t in terms)
+            self._versions = tuple(t._version for t in terms)
+            self._answer = answer
+        return answer
+
+    def _forget(self, *_) -> None:
+        self._refs, self._versions, self._answer = (), (), None
+
+    def _dropped(self):
+        """A weakref callback that forgets the answer without keeping this source alive."""
+        source = weakref.ref(self)
+        return lambda _: (lambda s: s is not None and s._forget())(source())
+
+
+def _terms(spec: AttentionSpec) -> list[torch.Tensor]:
+    return [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask) if t is not None]
 
 
 def _mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -236,12 +280,17 @@ def _opened(grad, out, lse, empty: torch.Tensor, spec: AttentionSpec):
 def _nan_where_masked(out: torch.Tensor, mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor:
     """NaN on rows an additive term masks entirely with ``-inf``, as the original's softmax gives
     (SDPA's safe softmax gives 0); on the device, no sync. Boolean terms are covered by ``fill_reasons``."""
+    rows = _neg_inf_rows(mask, spec)
+    return out if rows is None else out.masked_fill(rows, float("nan"))
+
+
+def _neg_inf_rows(mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor | None:
+    """The rows ``_nan_where_masked`` sets to NaN, ``[b or 1, h or 1, Nq, 1]``, or None when no term can make one."""
     if mask is None or spec.fill != Fill.NEG_INF:
-        return out
+        return None
     if not any(t is not None and t.is_floating_point() for t in (spec.bias, spec.mask)):
-        return out
-    empty = torch.isneginf(mask).all(dim=-1, keepdim=True)  # [b or 1, h or 1, Nq, 1]
-    return out.masked_fill(empty, float("nan"))
+        return None
+    return torch.isneginf(mask).all(dim=-1, keepdim=True)
 
 
 def _backend_switches() -> dict:
@@ -746,14 +795,14 @@ class SDPAKernel(Kernel):
         return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False)
 
 
-def _on_mask(attend, masks, q, k, v, spec: AttentionSpec) -> torch.Tensor:
-    """An inference call's output: ``attend(q, k, v, spec, mask)`` on the call's mask (``masks(spec)``, a
-    ``MaskSource``), NaN on rows an additive ``-inf`` term masks entirely, and rows
-    without keys filled."""
-    mask, empty = masks(spec)
-    out = _nan_where_masked(attend(q, k, v, spec, mask), mask, spec)
-    empty = _rows_to_fill(empty, spec)
-    return out if empty is None else fill_empty_rows(out, _full_rows(empty, spec), v, spec)
+def _on_mask(attend, masks: MaskSource, q, k, v, spec: AttentionSpec) -> torch.Tensor:
+    """An inference call's output: ``attend(q, k, v, spec, mask)`` on the call's mask (``masks.for_call``), NaN on
+    rows an additive ``-inf`` term masks entirely, and rows without keys filled."""
+    mask, nan_rows, fill_rows = masks.for_call(spec)
+    out = attend(q, k, v, spec, mask)
+    if nan_rows is not None:
+        out = out.masked_fill(nan_rows, float("nan"))
+    return out if fill_rows is None else fill_empty_rows(out, fill_rows, v, spec)
 
 
 def _boolean_terms_only(spec: AttentionSpec) -> bool:

@@ -96,5 +96,7 @@ class TermCache:
 
 def capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (False without CUDA): then nothing may sync with the
-    host, and nothing read from data on the host may decide what a replay computes."""
-    return torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+    host, and nothing read from data on the host may decide what a replay computes. Asked of CUDA only once it is
+    initialized (no capture runs before): ``torch.cuda.is_available`` reads the environment on every call, and
+    this is asked on every inference call with terms."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()

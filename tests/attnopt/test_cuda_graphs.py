@@ -167,7 +167,7 @@ def test_rewritten_hf_graph_has_nothing_a_capture_forbids(monkeypatch):
 def test_dropout_under_capture_is_refused_with_the_fix(monkeypatch):
     """Dropout draws its seed on the host each call: captured, every replay would repeat one mask. The op
     refuses and says what to do instead (checked here by pretending a capture is under way)."""
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     q = torch.randn(1, 2, 8, 16)
     call = lambda p: torch.ops.attnopt.attention(  # noqa: E731

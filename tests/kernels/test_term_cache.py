@@ -151,3 +151,65 @@ def test_a_padded_hf_model_builds_one_mask_per_forward(builds):
     keep = mask.bool()
     torch.testing.assert_close(got[keep[:, :, None].expand_as(got)], want[keep[:, :, None].expand_as(want)],
                                atol=1e-5, rtol=1e-5)
+
+
+def _prepared(kernel_name="sdpa_cpu", fill=Fill.FINITE_ADDED):
+    """A causal call with a left-padded batch row (its first rows see no key), and the kernel's prepared call."""
+    q, k, v = _qkv()
+    keep = _padded()
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill)
+    return q, k, v, keep, spec, get(kernel_name).prepare(spec)
+
+
+def _expected(q, k, v, keep, fill=Fill.FINITE_ADDED):
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep.clone(), fill=fill)
+    return naive_attention(q.double(), k.double(), v.double(), spec.with_(dtype=torch.float64)).float()
+
+
+@pytest.mark.parametrize("fill", [Fill.FINITE_ADDED, Fill.NEG_INF])
+def test_a_prepared_call_hands_the_last_answer_on_while_its_terms_are_unchanged(builds, fill):
+    """The layers of a forward call the same prepared call on one padding tensor: the mask, its NaN rows and its
+    rows to fill are made once (one build, one answer object), and every layer's output is still the original's;
+    an in-place write to the padding, or a new padding tensor, gives a new answer."""
+    q, k, v, keep, spec, run = _prepared(fill=fill)
+    source = run.__closure__ and next(c.cell_contents for c in run.__closure__
+                                      if isinstance(c.cell_contents, sdpa.MaskSource))
+    answers = []
+    for _ in range(3):
+        torch.testing.assert_close(run(q, k, v, spec), _expected(q, k, v, keep, fill), equal_nan=True)
+        answers.append(source.for_call(spec))
+    assert len(builds) == 1 and all(a is answers[0] for a in answers)
+    keep[0, :3] = False  # written in place: batch row 0's first rows lose their keys
+    torch.testing.assert_close(run(q, k, v, spec), _expected(q, k, v, keep, fill), equal_nan=True)
+    assert source.for_call(spec) is not answers[0] and len(builds) == 2
+    fresh = _padded()  # a new tensor, another padding
+    fresh[1] = True
+    new_spec = spec.with_(key_padding=fresh)
+    torch.testing.assert_close(run(q, k, v, new_spec), _expected(q, k, v, fresh, fill), equal_nan=True)
+    assert len(builds) == 3
+
+
+def test_a_prepared_calls_answer_dies_with_its_terms_and_is_never_handed_on_under_capture(builds, monkeypatch):
+    q, k, v, keep, spec, run = _prepared()
+    source = next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, sdpa.MaskSource))
+    from attnopt.kernels import term_cache
+
+    first = source.for_call(spec)
+    monkeypatch.setattr(term_cache, "capturing", lambda: True)
+    captured = source.for_call(spec)
+    assert captured is not first, "a captured call took an eager call's answer"
+    assert source.for_call(spec) is not captured, "a captured call's answer was kept"
+    monkeypatch.setattr(term_cache, "capturing", lambda: False)
+    assert source.for_call(spec) is first
+    del spec, keep, first, captured
+    gc.collect()
+    assert source._answer is None, "the answer outlived its padding tensor"
+
+
+def test_a_prepared_call_keeps_nothing_for_inference_mode_terms(builds):
+    with torch.inference_mode():
+        q, k, v, keep, spec, run = _prepared()
+        source = next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, sdpa.MaskSource))
+        for _ in range(2):
+            torch.testing.assert_close(run(q, k, v, spec), _expected(q, k, v, keep))
+    assert source._answer is None and len(builds) == 2
