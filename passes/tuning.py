@@ -528,7 +528,7 @@ def time_replayed(runs: dict, device: torch.device, *, deadline: float = math.in
                     once()
             graphs[name] = graph
         except (RuntimeError, ValueError, NotImplementedError) as err:
-            _failed(name, progress.label if progress else "a CUDA graph", err)
+            _failed(name, progress.label if progress else "a CUDA graph", err, captured=True)
             found[name] = math.inf
     seconds = time_candidates({name: graph.replay for name, graph in graphs.items()}, device, deadline=deadline,
                               repeats=repeats, progress=progress)
@@ -719,9 +719,14 @@ def _one_by_one(runs: dict, device: torch.device, deadline: float, label: str, t
     return found
 
 
-def _failed(name: str, label: str, err: Exception) -> None:
-    """A candidate that raised when run for timing is never chosen for these shapes: say why, once."""
+def _failed(name: str, label: str, err: Exception, captured: bool = False) -> None:
+    """A candidate that raised when run for timing is never chosen for these shapes: say why, once.
+    ``captured``: it raised while captured in a CUDA graph, as the site's graph will run it."""
     first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    if captured:  # CUDA's own message names the capture, not the host sync or CPU tensor that broke it
+        log.warning("attnopt: %s cannot run inside a CUDA graph, as the graph of %s runs (its capture failed: %s: "
+                    "%s); it is not used for these shapes", name, label, type(err).__name__, first[:300])
+        return
     log.warning("attnopt: %s failed when timed on %s (%s: %s); it is not used for these shapes",
                 name, label, type(err).__name__, first[:300])
 
