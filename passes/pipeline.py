@@ -59,6 +59,9 @@ def optimize_graph(
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
     planned = iter(graph_plan.sites)
     reads: list = []
+    # the fill-only branches' boolean masks live through the forward (one per mask they read) and their kernels'
+    # workspace may exceed the planned one: both are counted, and a branch that would break max_mem is not taken
+    branch_bytes = BranchBytes(graph_plan)
     for item in found:
         if isinstance(item, Rejection):
             site = Site(
@@ -68,7 +71,7 @@ def optimize_graph(
         else:
             site_plan = next(planned)
             unpadded = _unpadded_kernel(site_plan, options, graph_plan.timing) if runtime_branches else None
-            fill_only = (_fill_only_kernel(site_plan, options, graph_plan.timing)
+            fill_only = (_fill_only_kernel(site_plan, options, graph_plan.timing, branch_bytes)
                          if runtime_branches and unpadded is None else None)
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
                                      fill_only_kernel=fill_only)
@@ -77,7 +80,7 @@ def optimize_graph(
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
         report.sites.append(site)
     report.memory.append(GraphMemory(
-        graph_index, graph_plan.peak_before.bytes, graph_plan.peak_after.bytes, graph_plan.budget,
+        graph_index, graph_plan.peak_before.bytes, graph_plan.peak_after.bytes + branch_bytes.added, graph_plan.budget,
         graph_plan.training,
     ))
     gm.meta["attnopt_reads"] = list(dict.fromkeys(reads))
@@ -133,10 +136,45 @@ def fill_only_spec(site_plan: plan.SitePlan):
     return spec.with_(mask=torch.empty(spec.mask.shape, dtype=torch.bool, device="meta"), fill=found[2])
 
 
-def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
+class BranchBytes:
+    """The memory the fill-only branches of one graph add to its planned peak: each boolean mask (``mask == 0``,
+    one byte per element, made once per forward for the sites that read the same mask) lives through the
+    forward, and a branch's kernel may need more workspace than the planned kernel. ``fits`` says whether a
+    branch keeps the graph within ``max_mem``; ``take`` counts it."""
+
+    def __init__(self, graph_plan: plan.GraphPlan):
+        self.budget, self.peak = graph_plan.budget, graph_plan.peak_after.bytes
+        self.masks: set = set()
+        self.mask_bytes = 0
+        self.workspace = 0  # the largest extra workspace of one branch (the sites run one at a time)
+
+    @property
+    def added(self) -> int:
+        return self.mask_bytes + self.workspace
+
+    def _extra(self, site_plan: plan.SitePlan, variant: plan.Candidate) -> tuple[int, int]:
+        term = site_plan.match.masks.fill_only[0]
+        spec = site_plan.spec
+        mask = 0 if term in self.masks else spec.mask.numel()
+        return mask, max(0, variant.footprint - site_plan.choice.chosen.footprint)
+
+    def fits(self, site_plan: plan.SitePlan, variant: plan.Candidate) -> bool:
+        mask, workspace = self._extra(site_plan, variant)
+        return self.budget is None or self.peak + self.mask_bytes + mask + max(self.workspace, workspace) <= self.budget
+
+    def take(self, site_plan: plan.SitePlan, variant: plan.Candidate) -> None:
+        mask, workspace = self._extra(site_plan, variant)
+        self.masks.add(site_plan.match.masks.fill_only[0])
+        self.mask_bytes += mask
+        self.workspace = max(self.workspace, workspace)
+
+
+def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None,
+                      branch_bytes: BranchBytes | None = None) -> str | None:
     """The kernel for this site's calls whose additive mask holds only 0 and ``finfo.min``, read as a boolean
     mask (``fill_only_spec``), when those calls run faster so (cuDNN takes a boolean mask the precision of whose
-    addition does not matter; the Triton kernels skip the tiles it hides)."""
+    addition does not matter; the Triton kernels skip the tiles it hides) and, with ``branch_bytes``, when the
+    boolean mask and the kernel's workspace keep the graph within ``max_mem``."""
     choice, variant_spec = site_plan.choice, fill_only_spec(site_plan)
     if choice is None or variant_spec is None or options.kernel is not None or not choice.exact:
         return None
@@ -152,6 +190,10 @@ def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -
         mine, theirs = mine.cost, theirs.cost
     if mine is None or theirs is None or not theirs < mine * (1.0 - plan.NOISE):
         return None
+    if branch_bytes is not None:
+        if not branch_bytes.fits(site_plan, variant.chosen):
+            return None
+        branch_bytes.take(site_plan, variant.chosen)
     return variant.kernel
 
 

@@ -209,3 +209,32 @@ def test_a_masked_router_is_left_alone():
     sites = optimized.attnopt_report.sites
     assert sites and not any(s.replaced for s in sites), str(optimized.attnopt_report)
     assert all("not attention" in s.reason for s in sites), [s.reason for s in sites]
+
+
+def _graph_peak(model, mask, **options):
+    optimized = attnopt.optimize(copy.deepcopy(model), keep_original=False, tune=False, **options)
+    x = torch.randn(2, N, HEADS * DIM, dtype=torch.bfloat16)
+    with torch.no_grad():
+        _close(optimized(x, mask), model(x, mask))
+    report = optimized.attnopt_report
+    return report.memory[0].after, report.sites[0]
+
+
+def test_the_boolean_mask_is_counted_and_a_branch_that_breaks_max_mem_is_not_taken(monkeypatch):
+    """The branch's boolean mask (one byte per element) lives through the forward: the graph's estimated peak
+    counts it, and under a ``max_mem`` that the additive plan fits but the branch would not, the branch is left
+    out and the site keeps its planned kernel."""
+    from attnopt.passes import pipeline
+
+    model = _model(torch.bfloat16)
+    mask = _fill_mask(_causal_padded(), torch.bfloat16)
+    with_branch, site = _graph_peak(model, mask)
+    assert "holds only 0 and" in site.reason, site.reason
+    with monkeypatch.context() as patched:
+        patched.setattr(pipeline, "_fill_only_kernel", lambda *args, **kwargs: None)
+        without_branch, plain = _graph_peak(model, mask)
+    assert "holds only 0" not in plain.reason
+    assert with_branch >= without_branch + mask.numel(), (with_branch, without_branch)
+    tight, site = _graph_peak(model, mask, max_mem=without_branch + mask.numel() - 1)
+    assert site.replaced and site.kernel == plain.kernel and "holds only 0" not in site.reason, site.reason
+    assert tight == without_branch
