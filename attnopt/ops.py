@@ -141,11 +141,33 @@ def _attention_impl(
     if cp is not None:  # the sequence is sharded over ranks: this rank's queries against every rank's keys
         return cp.op_forward(q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left,
                              window_right, softcap, dropout_p, fill, kernel)
+    terms = (key_padding, q_doc, kv_doc, bias, mask)
+    key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
+           tuple(None if t is None else (t.shape, t.dtype, t.device) for t in terms),
+           scale, causal, align, window_left, window_right, softcap, dropout_p, fill, kernel)
+    plan = _OP_PLANS.get(key) if kernel != "auto" else None
+    if plan is not None:
+        template, chosen = plan
+        return _run_forward(q, k, v, _with_terms(template, *terms), chosen)
     spec = spec_from_args(
         q, k, v, key_padding, q_doc, kv_doc, bias, mask, scale, causal, align, window_left, window_right,
         softcap, dropout_p, fill,
     )
-    return _run_forward(q, k, v, spec, _kernel_for(spec, kernel))
+    chosen = _kernel_for(spec, kernel)
+    if kernel != "auto":
+        if len(_OP_PLANS) >= _OP_PLANS_KEPT:
+            _OP_PLANS.clear()
+        _OP_PLANS[key] = (_with_terms(spec, None, None, None, None, None), chosen)
+    return _run_forward(q, k, v, spec, chosen)
+
+
+#: per call signature of the op (shapes, dtypes and devices of its tensors, its other arguments): the spec
+#: without tensor terms and the named kernel, checked once (``named_kernel``); each call adds its own terms.
+#: A compiled graph calls the op per layer and step, and building and checking a spec cost about a fifth of
+#: the op's host time (``benchmarks/dispatch.py``'s op column). Dropped whole past ``_OP_PLANS_KEPT``
+#: signatures (a decoder's cache grows by one key per step).
+_OP_PLANS: dict[tuple, tuple] = {}
+_OP_PLANS_KEPT = 256
 
 
 def _run_forward(q: Tensor, k: Tensor, v: Tensor, spec: AttentionSpec, kernel) -> tuple[Tensor, Tensor, Tensor]:
