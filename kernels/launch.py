@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 import inspect
+import itertools
 import logging
+import operator
 import os
 from collections import OrderedDict
 
@@ -92,10 +94,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     driver = _driver()
     device = driver.get_current_device()  # Triton keeps compiled kernels per device
-    # a tensor's dtype and 16-byte alignment (what Triton specializes a pointer on), anything else as it is
-    constexprs = _params(fn)[1]
-    signature = (fn, device, tuple(map(type, values)), tuple(sorted(config.items())),
-                 *[v if i in constexprs else _specialization(v) for i, v in enumerate(values)])
+    signature = (fn, device, tuple(sorted(config.items())), *_signature(fn, values))
     bound = _BOUND.get(signature)
     if bound is None:
         _bind(fn, grid, args, kwargs, values, signature, config)  # launches through Triton
@@ -108,6 +107,69 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     compiled = bound.compiled
     bound.run(g[0], g[1] if len(g) > 1 else 1, g[2] if len(g) > 2 else 1, driver.get_current_stream(device),
               compiled.function, compiled.packed_metadata, None, None, None, *[values[i] for i in bound.order])
+
+
+def _signature(fn, values: list) -> tuple:
+    """What of ``values`` decides the kernel Triton compiles, as a short tuple: the arguments' types (as the id of
+    their layout), the non-tensor arguments' specializations (``_specialization``; constexprs by value: as the id
+    of that specialization, looked up by the arguments' exact values, which the layers of a forward and the calls
+    of a decode step repeat) and each tensor's dtype and 16-byte alignment. Specializing 78 arguments one by one
+    costs about 27 us of host time per launch; two equal signatures mean equal specializations, as before."""
+    types = tuple(map(type, values))
+    layout = _LAYOUTS.get((fn, types))
+    if layout is None:
+        layout = _LAYOUTS[fn, types] = _layout(fn, types)
+    tensors_of, scalars_of, positions, layout_id = layout
+    scalars = scalars_of(values)
+    key = (layout_id, scalars)
+    special = _SCALARS.get(key)
+    if special is None:
+        constexprs = _params(fn)[1]
+        found = tuple([v if i in constexprs else _specialization(v) for i, v in zip(positions, scalars)])
+        special = _SCALARS[key] = _intern(found)
+        while len(_SCALARS) > SIGNATURES:
+            _SCALARS.popitem(last=False)
+    return layout_id, special, tuple([(t.dtype, t.data_ptr() % 16 == 0) for t in tensors_of(values)])
+
+
+def _layout(fn, types: tuple) -> tuple:
+    """``(the tensors of a call, its other arguments, their positions, an id)`` as getters, for calls of ``fn``
+    with these argument ``types``."""
+    tensors = [i for i, kind in enumerate(types) if issubclass(kind, torch.Tensor)]
+    scalars = [i for i, kind in enumerate(types) if not issubclass(kind, torch.Tensor)]
+    return _getter(tensors), _getter(scalars), tuple(scalars), next(_IDS)
+
+
+def _intern(special: tuple) -> int:
+    """An id for a specialization: the same id for equal ones while it is kept, and never an id given to another
+    (ids are not reused, so a forgotten specialization only costs a new id and a new binding)."""
+    found = _SPECIAL_IDS.get(special)
+    if found is None:
+        if len(_SPECIAL_IDS) > 4 * SIGNATURES:
+            _SPECIAL_IDS.clear()
+        found = _SPECIAL_IDS[special] = next(_IDS)
+    return found
+
+
+def _getter(positions: list[int]):
+    """A function giving the tuple of a list's items at ``positions`` (``itemgetter``, made to return a tuple for
+    zero or one position too)."""
+    if len(positions) > 1:
+        return operator.itemgetter(*positions)
+    if len(positions) == 1:
+        only = positions[0]
+        return lambda values: (values[only],)
+    return lambda values: ()
+
+
+#: ids of layouts and specializations, never reused
+_IDS = itertools.count()
+#: (JIT function, argument types) -> the getters of ``_layout`` and the layout's id
+_LAYOUTS: dict = {}
+#: (layout id, non-tensor arguments) -> the id of their specializations; bounded like ``_BOUND``
+_SCALARS: OrderedDict = OrderedDict()
+#: specialization -> its id
+_SPECIAL_IDS: dict = {}
 
 
 def _specialization(value):
@@ -242,3 +304,6 @@ def forget() -> None:
     _TUNED.clear()
     _BOUND.clear()
     _UNBINDABLE.clear()
+    _LAYOUTS.clear()
+    _SCALARS.clear()
+    _SPECIAL_IDS.clear()

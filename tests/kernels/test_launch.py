@@ -240,3 +240,44 @@ def test_bound_launch_is_on_unless_turned_off(setting, bound):
     code = "from attnopt.kernels import launch; print(launch.BOUND)"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.strip() == str(bound)
+
+
+_ALIGNED, _MISALIGNED = torch.zeros(64), torch.zeros(65)[1:]
+_HALF = torch.zeros(64, dtype=torch.float16)
+
+
+def _scalar_or_tensor():
+    from hypothesis import strategies as st
+
+    return st.one_of(
+        st.sampled_from([0, 1, 2, 15, 16, 17, 32, 4096, 4097, (1 << 31) - 1, 1 << 31, 1 << 36, -1, -16]),
+        st.sampled_from([0.0, 0.125, 1.0, -2.5]), st.booleans(), st.none(), st.sampled_from(["ieee", "tf32"]),
+        st.sampled_from([_ALIGNED, _MISALIGNED, _HALF]))
+
+
+def test_the_signature_tells_calls_apart_as_the_per_argument_specialization_does():
+    """``_signature`` (specializations looked up by the exact non-tensor values) tells two calls apart exactly
+    when the per-argument specialization does: every argument's type, a constexpr's value, an integer's range,
+    equality to 1 and divisibility by 16, a tensor's dtype and alignment."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    fn = _JIT(True, True)
+    fn.params = [_Param(f"a{i}", i >= 4) for i in range(6)]  # the last two are constexprs
+
+    def specialized(values):
+        constexprs = launch._params(fn)[1]
+        return (tuple(map(type, values)),
+                *[v if i in constexprs else launch._specialization(v) for i, v in enumerate(values)])
+
+    values = st.lists(_scalar_or_tensor(), min_size=6, max_size=6)
+
+    @settings(max_examples=400, deadline=None)
+    @given(values, st.integers(0, 5), _scalar_or_tensor())
+    def check(a, where, other):
+        b = list(a)
+        b[where] = other  # calls that differ in one argument: the cases where one detail must tell them apart
+        assert (launch._signature(fn, a) == launch._signature(fn, b)) == (specialized(a) == specialized(b))
+        assert launch._signature(fn, a) == launch._signature(fn, list(a))  # looked up: the same answer
+
+    check()
