@@ -172,6 +172,17 @@ _SCALARS: OrderedDict = OrderedDict()
 _SPECIAL_IDS: dict = {}
 
 
+def cdiv(a: int, b: int) -> int:
+    """``ceil(a / b)`` for host integers (``triton.cdiv`` is a constexpr function in newer Triton, which costs
+    microseconds per host call)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two ``>= n`` for host integers ``n >= 1`` (0 for 0, as ``triton.next_power_of_2``)."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def _specialization(value):
     """What Triton compiles a runtime argument's kernel for (or finer): a tensor's dtype and 16-byte alignment;
     an integer's type (int32, int64 or uint64 by its range), equality to 1 and divisibility by 16; a float's

@@ -46,7 +46,6 @@ backward is right for).
 
 from __future__ import annotations
 
-import weakref
 from collections import OrderedDict
 
 import torch
@@ -59,8 +58,7 @@ from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys
 from .layout import in_layout_of
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
-from . import term_cache
-from .term_cache import TermCache
+from .term_cache import LastCall, TermCache
 
 #: bytes per second of materializing / reading a mask, for the cost model
 MASK_BANDWIDTH = {"cpu": 1e10, "cuda": 3e12}
@@ -173,21 +171,17 @@ class MaskSource:
     they share decided once: whether the term cache keeps their masks, and its key's static part.
 
     ``for_call`` gives an inference call everything it needs from its terms at once: the mask, the rows to set
-    to NaN and the rows to fill. It keeps the last call's answer while that call's term tensors live, and hands
-    it to the next call on the very same tensors at the same versions: the layers of a forward, or a decode
-    step's, then skip the term cache's lookups (about 30 us of host time per padded call on a GPU host,
-    ``benchmarks/dispatch.py``). Nothing is kept or handed on where the term cache would keep nothing
-    (inference-mode tensors, terms that require grad, compilation, CUDA graph capture)."""
+    to NaN and the rows to fill, the last call's answer when its term tensors are the very same at the same
+    versions (``term_cache.LastCall``): the layers of a forward, or a decode step's, then skip the term cache's
+    lookups (about 30 us of host time per padded call on a GPU host, ``benchmarks/dispatch.py``)."""
 
-    __slots__ = ("cached", "static", "_refs", "_versions", "_answer", "__weakref__")
+    __slots__ = ("cached", "static", "_last")
 
     def __init__(self, spec: AttentionSpec):
         self.cached = mask_bytes(spec) <= CACHED_MASK_BYTES
         self.static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset,
                        spec.dtype, str(spec.device))
-        self._refs: tuple = ()
-        self._versions: tuple = ()
-        self._answer: tuple | None = None
+        self._last = LastCall()
 
     def __call__(self, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.cached:
@@ -197,31 +191,15 @@ class MaskSource:
     def for_call(self, spec: AttentionSpec) -> tuple:
         """``(mask, nan_rows, fill_rows)`` of an inference call: its mask, the rows an additive ``-inf`` term
         masks entirely (None: none to set to NaN) and the rows without keys to fill (``[B, Hq, Nq]``, None:
-        none). The last call's answer when this call has the very same term tensors at the same versions."""
-        terms = _terms(spec)
-        answer = self._answer
-        if (answer is not None and len(terms) == len(self._refs)
-                and all(ref() is t and t._version == version for ref, t, version in zip(self._refs, terms, self._versions))
-                and not term_cache.capturing()):
-            return answer
+        none)."""
+        if not self.cached:  # a mask too large to keep: built per call
+            return self._answer(spec)
+        return self._last.get(_terms(spec), lambda: self._answer(spec))
+
+    def _answer(self, spec: AttentionSpec) -> tuple:
         mask, empty = self(spec)
         empty = _rows_to_fill(empty, spec)
-        answer = (mask, _neg_inf_rows(mask, spec), None if empty is None else _full_rows(empty, spec))
-        if self.cached and _MASKS.keeps(terms):
-            self._forget()
-            # the answer lives no longer than the tensors it was made from: the first to die drops it
-            self._refs = tuple(weakref.ref(t, self._dropped()) for t in terms)
-            self._versions = tuple(t._version for t in terms)
-            self._answer = answer
-        return answer
-
-    def _forget(self, *_) -> None:
-        self._refs, self._versions, self._answer = (), (), None
-
-    def _dropped(self):
-        """A weakref callback that forgets the answer without keeping this source alive."""
-        source = weakref.ref(self)
-        return lambda _: (lambda s: s is not None and s._forget())(source())
+        return mask, _neg_inf_rows(mask, spec), None if empty is None else _full_rows(empty, spec)
 
 
 def _terms(spec: AttentionSpec) -> list[torch.Tensor]:

@@ -79,19 +79,60 @@ class TermCache:
     def _key(self, tensors: Sequence[torch.Tensor], static: Hashable):
         if not tensors and not self.without_terms:
             return None
-        if torch.compiler.is_compiling() or capturing() or any(t.requires_grad for t in tensors):
-            return None
-        try:
-            versions = tuple(t._version for t in tensors)
-        except RuntimeError:  # inference-mode tensors have no version counter
-            return None
-        return tuple(id(t) for t in tensors), versions, static
+        versions = _versions(tensors)
+        return None if versions is None else (tuple(id(t) for t in tensors), versions, static)
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def clear(self) -> None:
         self._entries.clear()
+
+
+def _versions(tensors: Sequence[torch.Tensor]) -> tuple | None:
+    """The tensors' version counters, or None where nothing built from them may be kept: while torch.compile
+    traces or a CUDA graph is captured, for tensors that require grad, for inference-mode tensors (no counter)."""
+    if torch.compiler.is_compiling() or capturing() or any(t.requires_grad for t in tensors):
+        return None
+    try:
+        return tuple(t._version for t in tensors)
+    except RuntimeError:  # inference-mode tensors have no version counter
+        return None
+
+
+class LastCall:
+    """The last call's answer, handed to the next call on the very same term tensors at the same versions: a
+    prepared call keeps one, so that the layers of a forward (or of a decode step) that share their padding
+    tensor skip even the term caches' lookups. Kept under the same rules as a ``TermCache`` entry (never while
+    compiling or capturing, never for tensors that require grad or have no version counter), and dropped as soon
+    as one of its tensors dies."""
+
+    __slots__ = ("_refs", "_versions", "_answer", "__weakref__")
+
+    def __init__(self):
+        self._refs: tuple = ()
+        self._versions: tuple = ()
+        self._answer = None
+
+    def get(self, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
+        """``build()``, or the last call's answer when ``tensors`` are the very same at the same versions."""
+        answer = self._answer
+        if (answer is not None and len(tensors) == len(self._refs)
+                and all(ref() is t and t._version == version
+                        for ref, t, version in zip(self._refs, tensors, self._versions))
+                and not capturing()):
+            return answer
+        answer = build()
+        versions = _versions(tensors) if tensors else None
+        if versions is not None:  # (an answer that may not be kept leaves the last one as it was)
+            this = weakref.ref(self)
+            dropped = lambda _: (lambda kept: kept is not None and kept.forget())(this())  # noqa: E731
+            self._refs = tuple(weakref.ref(t, dropped) for t in tensors)
+            self._versions, self._answer = versions, answer
+        return answer
+
+    def forget(self) -> None:
+        self._refs, self._versions, self._answer = (), (), None
 
 
 def capturing() -> bool:

@@ -47,10 +47,11 @@ import triton
 import triton.language as tl
 
 from .fills import fill_empty_rows, known_empty_rows
+from .launch import cdiv, next_power_of_2
 from .launch import launch as _launch
 from .registry import Grads, Kernel, get, register
 from .spec import AttentionSpec, Fill, key_padding_keep
-from .term_cache import TermCache
+from .term_cache import LastCall, TermCache
 
 #: longest query a decode call takes: more rows are a prefill, for the flash kernels
 MAX_QUERY_ROWS = 16
@@ -289,12 +290,12 @@ def choose_config(spec: AttentionSpec, num_splits: int | None = None) -> DecodeC
 def _config_for(heads: int, rows: int, head_dim: int, v_head_dim: int, keys: int, sm_count: int,
                 num_splits: int | None) -> DecodeConfig:
     """``choose_config`` on plain numbers, cached: decode calls it once per generated token."""
-    block_m = min(MAX_BLOCK_M, max(MIN_DOT_ROWS, triton.next_power_of_2(rows)))
+    block_m = min(MAX_BLOCK_M, max(MIN_DOT_ROWS, next_power_of_2(rows)))
     wide = max(head_dim, v_head_dim) > 128
     block_n = 32 if wide else 64
-    tiles = triton.cdiv(keys, block_n)
+    tiles = cdiv(keys, block_n)
     if num_splits is None:
-        num_splits = num_splits_for(heads * triton.cdiv(rows, block_m), tiles, sm_count)
+        num_splits = num_splits_for(heads * cdiv(rows, block_m), tiles, sm_count)
     return DecodeConfig(block_m=block_m, block_n=block_n, num_splits=max(1, min(num_splits, max(tiles, 1))),
                         num_warps=4, num_stages=2 if wide else 3)
 
@@ -383,9 +384,9 @@ def decode_attention(
     q_doc, kv_doc, doc_strides = _doc_args(spec)
     lo, hi = spec.band()
     begin, stop = key_range(spec)
-    keys_per_split = triton.cdiv(triton.cdiv(stop - begin, splits), config.block_n) * config.block_n
+    keys_per_split = cdiv(cdiv(stop - begin, splits), config.block_n) * config.block_n
     rows = spec.group_size * q_len
-    grid = (triton.cdiv(rows, config.block_m), splits, batch * spec.kv_heads)
+    grid = (cdiv(rows, config.block_m), splits, batch * spec.kv_heads)
     _launch(
         _decode_split_kernel, grid, q, k, v, o_dst, lse_dst,
         bias, mask, dummy if keep is None else keep, dummy if kv_end is None else kv_end,
@@ -397,7 +398,7 @@ def decode_attention(
         KV_HEADS=spec.kv_heads, GROUP=spec.group_size, NQ=q_len,
         HEAD_DIM=spec.head_dim, V_HEAD_DIM=dv,
         BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_D=triton.next_power_of_2(spec.head_dim), BLOCK_DV=triton.next_power_of_2(dv),
+        BLOCK_D=next_power_of_2(spec.head_dim), BLOCK_DV=next_power_of_2(dv),
         HAS_SOFTCAP=spec.softcap is not None, HAS_LO=lo is not None, HAS_HI=hi is not None,
         BIAS_KIND=_term_kind(spec.bias, spec.dtype), MASK_KIND=_term_kind(spec.mask, spec.dtype),
         HAS_KEEP=keep is not None, HAS_KV_END=kv_end is not None, HAS_DOC=q_doc is not None,
@@ -408,15 +409,94 @@ def decode_attention(
     if splits > 1:
         _launch(
             _merge_splits_kernel, (batch * q_heads * q_len,), o_dst, lse_dst, out, lse, splits,
-            V_HEAD_DIM=dv, BLOCK_S=triton.next_power_of_2(splits), BLOCK_DV=triton.next_power_of_2(dv),
+            V_HEAD_DIM=dv, BLOCK_S=next_power_of_2(splits), BLOCK_DV=next_power_of_2(dv),
         )
     return out, lse
 
 
+class PreparedDecode:
+    """``decode_attention`` and ``apply_fill`` for the calls of one spec's shapes: the configuration, the grid,
+    the band's loop ends and the launch's static arguments decided once; per call, the outputs are made, the
+    terms' arguments taken (key padding's, and whether its rows all see a key, handed on from the last call on
+    the very same term tensors: ``LastCall``), and the two kernels launched. The same arguments as
+    ``decode_attention`` passes, so the same compiled kernels."""
+
+    __slots__ = ("config", "grid", "static", "merge", "constexprs", "band", "_last")
+
+    def __init__(self, spec: AttentionSpec):
+        self.config = config = choose_config(spec)
+        lo, hi = spec.band()
+        begin, stop = key_range(spec)
+        keys_per_split = cdiv(cdiv(stop - begin, config.num_splits), config.block_n) * config.block_n
+        self.grid = (cdiv(spec.group_size * spec.q_len, config.block_m), config.num_splits,
+                     spec.batch * spec.kv_heads)
+        self.band = (lo, hi)
+        self.static = (spec.scale, spec.softcap or 1.0, lo or 0, hi or 0, spec.diagonal_offset, begin, stop,
+                       max(keys_per_split, config.block_n))
+        self.constexprs = dict(
+            KV_HEADS=spec.kv_heads, GROUP=spec.group_size, NQ=spec.q_len, HEAD_DIM=spec.head_dim,
+            V_HEAD_DIM=spec.v_head_dim, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
+            BLOCK_D=next_power_of_2(spec.head_dim), BLOCK_DV=next_power_of_2(spec.v_head_dim),
+            HAS_SOFTCAP=spec.softcap is not None, HAS_LO=lo is not None, HAS_HI=hi is not None,
+            DOT_PRECISION="ieee" if spec.dtype == torch.float32 else "tf32",
+            DOT_UPCAST=_interpreting() and spec.dtype == torch.bfloat16,
+            num_warps=config.num_warps, num_stages=config.num_stages)
+        self.merge = dict(V_HEAD_DIM=spec.v_head_dim, BLOCK_S=next_power_of_2(config.num_splits),
+                          BLOCK_DV=next_power_of_2(spec.v_head_dim))
+        self._last = LastCall()
+
+    def __call__(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
+        batch, q_heads, q_len, dv = spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim
+        splits = self.config.num_splits
+        out = q.new_empty((batch, q_heads, q_len, dv))
+        lse = q.new_empty((batch, q_heads, q_len), dtype=torch.float32)
+        if splits == 1:
+            o_dst, lse_dst = out, lse
+            o_strides, lse_strides = (*out.stride()[:3], 0, out.stride(3)), (*lse.stride(), 0)
+        else:
+            o_dst = q.new_empty((batch, q_heads, q_len, splits, dv), dtype=torch.float32)
+            lse_dst = q.new_empty((batch, q_heads, q_len, splits), dtype=torch.float32)
+            o_strides, lse_strides = o_dst.stride(), lse_dst.stride()
+        terms = [t for t in (spec.key_padding, spec.bias, spec.mask) if t is not None]
+        if terms:
+            (keep, keep_strides, kv_end), fills = self._last.get(terms, lambda: self._terms(spec))
+        else:  # the band alone (bottom-right with more query rows than keys) may leave a row no key
+            (keep, keep_strides, kv_end), fills = (None, (0, 0), None), _may_fill(spec)
+        dummy = q
+        bias, bias_strides = _broadcast_term(spec.bias, spec, dummy)
+        mask, mask_strides = _broadcast_term(spec.mask, spec, dummy)
+        q_doc, kv_doc, doc_strides = _doc_args(spec)
+        _launch(
+            _decode_split_kernel, self.grid, q, k, v, o_dst, lse_dst,
+            bias, mask, dummy if keep is None else keep, dummy if kv_end is None else kv_end,
+            dummy if q_doc is None else q_doc, dummy if kv_doc is None else kv_doc,
+            *q.stride(), *k.stride(), *v.stride(), *o_strides, *lse_strides,
+            *bias_strides, *mask_strides, *keep_strides, *doc_strides, *self.static,
+            BIAS_KIND=_term_kind(spec.bias, spec.dtype), MASK_KIND=_term_kind(spec.mask, spec.dtype),
+            HAS_KEEP=keep is not None, HAS_KV_END=kv_end is not None, HAS_DOC=q_doc is not None,
+            **self.constexprs,
+        )
+        if splits > 1:
+            _launch(_merge_splits_kernel, (batch * q_heads * q_len,), o_dst, lse_dst, out, lse, splits, **self.merge)
+        if fills or spec.q_doc is not None:  # documents: rows are found on the device, per call
+            return apply_fill(out, lse, v, spec)
+        return out
+
+    @staticmethod
+    def _terms(spec: AttentionSpec) -> tuple:
+        """The key padding's kernel arguments, and whether a row may see no key (``apply_fill``'s question)."""
+        return _key_padding_args(spec), _may_fill(spec)
+
+
+def _may_fill(spec: AttentionSpec) -> bool:
+    """Whether ``apply_fill`` may change some row of this call (False: it returns the output as it is)."""
+    can_be_empty = spec.has_boolean_mask or any(t is not None and t.dtype != torch.bool for t in (spec.bias, spec.mask))
+    return can_be_empty and spec.fill != Fill.SAFE and known_empty_rows(spec) is not False
+
+
 def apply_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """Rows with no visible key (``lse == -inf``, out 0) as ``spec.fill`` says (kernels/fills.py)."""
-    can_be_empty = spec.has_boolean_mask or any(t is not None and t.dtype != torch.bool for t in (spec.bias, spec.mask))
-    if not can_be_empty or spec.fill == Fill.SAFE or known_empty_rows(spec) is False:
+    if not _may_fill(spec):
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec)
 
@@ -466,6 +546,14 @@ class TritonDecodeKernel(Kernel):
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         out, lse = decode_attention(q, k, v, spec)
         return apply_fill(out, lse, v, spec), lse
+
+    def prepare(self, spec: AttentionSpec):
+        """``infer`` with what the spec's shapes decide taken once (``PreparedDecode``): a decode step calls each
+        layer's site once per token, and choosing the split, the grid and the launch arguments cost as much host
+        time as the two launches."""
+        if spec.q_len == 0 or spec.kv_len == 0 or spec.batch * spec.q_heads == 0:
+            return self.infer
+        return PreparedDecode(spec)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         return get("reference").backward(

@@ -34,12 +34,12 @@ from __future__ import annotations
 import os
 
 import torch
-import triton
 
 from . import registry
 from .fills import empty_row_grads, fill_empty_rows, known_empty_rows
 from .layout import empty_in_layout_of
 from .block_map import TileLists, needs_tile_map, tile_lists
+from .launch import cdiv, next_power_of_2
 from .launch import launch as _launch
 from .registry import Grads, Kernel, register
 from .spec import AttentionSpec
@@ -62,7 +62,7 @@ def _interpreting() -> bool:
 
 def _block(d: int) -> int:
     """Head dims are padded to a power of two (masked loads); tl.dot needs at least 16."""
-    return max(16, triton.next_power_of_2(d))
+    return max(16, next_power_of_2(d))
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -230,7 +230,7 @@ class TritonFlashKernel(Kernel):
             lse.fill_(float("-inf"))
             return _fill_empty_rows(out, lse, v, spec, seed), lse
         lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if needs_tile_map(spec) else None
-        grid = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+        grid = lambda meta: (cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
         _launch(
             _attn_fwd, grid, q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
             **_term_args(spec, q, k), **_dropout_args(spec, seed), **_map_args(lists, lse),
@@ -259,7 +259,7 @@ class TritonFlashKernel(Kernel):
         lse2 = torch.empty_like(lse)
         block_dv = _block(spec.v_head_dim)
         _launch(
-            _attn_bwd_preprocess, (triton.cdiv(nq, 64), b * hq),
+            _attn_bwd_preprocess, (cdiv(nq, 64), b * hq),
             out, grad_out, lse, delta, lse2, *out.stride()[:3], *grad_out.stride()[:3], nq, hq,
             DV=spec.v_head_dim, BLOCK_DV=block_dv, BLOCK_M=64,
         )
@@ -268,7 +268,7 @@ class TritonFlashKernel(Kernel):
         deterministic = not self.atomic_dq or torch.are_deterministic_algorithms_enabled()
         dq_acc = q.new_empty(q.shape) if deterministic else q.new_zeros(q.shape, dtype=torch.float32)
         kv_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK, transposed=True) if use_map else None
-        grid_kv = lambda meta: (triton.cdiv(nk, meta["BLOCK_N"]), b * spec.kv_heads)  # noqa: E731
+        grid_kv = lambda meta: (cdiv(nk, meta["BLOCK_N"]), b * spec.kv_heads)  # noqa: E731
         _launch(
             _attn_bwd_dkdv, grid_kv, q, k, v, grad_out, dq_acc, dk, dv, lse2, delta,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],
@@ -277,7 +277,7 @@ class TritonFlashKernel(Kernel):
         )
         if deterministic:
             q_lists = tile_lists(spec, MAP_BLOCK, MAP_BLOCK) if use_map else None
-            grid_q = lambda meta: (triton.cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
+            grid_q = lambda meta: (cdiv(nq, meta["BLOCK_M"]), b * hq)  # noqa: E731
             _launch(
                 _attn_bwd_dq, grid_q, q, k, v, grad_out, dq_acc, lse2, delta,
                 *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *dq_acc.stride()[:3],

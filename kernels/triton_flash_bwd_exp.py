@@ -54,6 +54,7 @@ import triton.language as tl
 
 from .block_map import tile_lists
 from .spec import AttentionSpec
+from .launch import cdiv
 from .launch import launch as _launch
 from .triton_flash import _block, _last_dim_contiguous, _map_args, _term_args, _with_empty_rows
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
@@ -392,7 +393,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     delta = torch.empty_like(lse)
     lse2 = torch.empty_like(lse)
     _launch(
-        _attn_bwd_preprocess, (triton.cdiv(nq, PRE_BLOCK), b * hq),
+        _attn_bwd_preprocess, (cdiv(nq, PRE_BLOCK), b * hq),
         out, grad_out, lse, delta, lse2, *out.stride()[:3], *grad_out.stride()[:3], nq, hq,
         DV=spec.v_head_dim, BLOCK_DV=_block(spec.v_head_dim), BLOCK_M=PRE_BLOCK,
     )
@@ -416,7 +417,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dk = k.new_empty((b, hq, nk, spec.head_dim), dtype=torch.float32)
         dv = v.new_empty((b, hq, nk, spec.v_head_dim), dtype=torch.float32)
     _launch(
-        _band_bwd_dkdv, (triton.cdiv(nk, variant.block_n1), b * hq // heads),
+        _band_bwd_dkdv, (cdiv(nk, variant.block_n1), b * hq // heads),
         q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **_list_args(kv_lists, lse),
         HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
@@ -426,7 +427,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         dv = dv.view(b, hkv, spec.group_size, nk, spec.v_head_dim).sum(2).to(v.dtype)
     dq = torch.empty_like(q)
     _launch(
-        _band_bwd_dq, (triton.cdiv(nq, variant.block_m2), b * hq),
+        _band_bwd_dq, (cdiv(nq, variant.block_m2), b * hq),
         q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
         *grad_out.stride()[:3], *dq.stride()[:3], **band, **_list_args(q_lists, lse),
         BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,

@@ -47,6 +47,7 @@ import triton
 import triton.language as tl
 
 from .spec import AttentionSpec
+from .launch import cdiv
 from .launch import launch as _launch
 from .layout import empty_in_layout_of
 from .triton_flash import MAX_GRID_Y, _fill_empty_rows, _interpreting, _last_dim_contiguous
@@ -335,7 +336,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
         triton.set_allocator(_scratch)
     pack = spec.group_size if variant.pack_gqa else 1
     lo, hi = spec.band()
-    grid = (triton.cdiv(nq, variant.block_m // pack), b * hq // pack)
+    grid = (cdiv(nq, variant.block_m // pack), b * hq // pack)
     _launch(
         _band_fwd, grid,
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],

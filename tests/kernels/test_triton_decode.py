@@ -300,3 +300,69 @@ def test_gpu_decode_shapes(case):
         terms["mask"] = torch.rand(b, 1, nq, nk, device="cuda") > 0.2
     spec = AttentionSpec.from_tensors(q, k, v, **terms)
     _check(q, k, v, spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prepared_call_is_forward_on_every_call_of_its_plan(dtype):
+    """``prepare`` takes the configuration, the grid and the launch's static arguments once; every call of the
+    plan (the same terms again, the padding then written in place, then new term tensors; rows left without a
+    key by the padding or the band) gives ``forward``'s output bit for bit, and the float64 oracle's."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(q_len=st.integers(1, 4), kv_len=st.integers(1, 40), group=st.sampled_from([1, 2]),
+           band=st.sampled_from(["none", "causal_br", "causal_tl", "window"]),
+           padding=st.sampled_from(["none", "bool", "lengths"]), term=st.sampled_from(["none", "bias", "bool", "neg_inf"]),
+           docs=st.booleans(), fill=st.sampled_from([Fill.NEG_INF, Fill.FINITE_ADDED, Fill.SAFE]),
+           seed=st.integers(0, 1000))
+    def check(q_len, kv_len, group, band, padding, term, docs, fill, seed):
+        if term == "neg_inf" and fill == Fill.FINITE_ADDED:
+            # no detection makes this spec: a finfo.min padding next to a run-time additive mask stays additive
+            # ("added as written"), and the kernels' finite fill does not model an added -inf
+            fill = Fill.NEG_INF
+        q, k, v = _inputs(2, 2 * group, 2, q_len, kv_len, 16, dtype, seed=seed)
+        gen = torch.Generator().manual_seed(seed)
+        band_terms = {"none": {}, "causal_br": dict(causal=True, align=Align.BOTTOM_RIGHT),
+                      "causal_tl": dict(causal=True, align=Align.TOP_LEFT),
+                      "window": dict(causal=True, align=Align.BOTTOM_RIGHT, window=Window(3, 0))}[band]
+
+        def terms(call: int) -> dict:
+            found = dict(band_terms, fill=fill)
+            if padding == "bool":
+                found["key_padding"] = torch.rand(2, kv_len, generator=gen) > 0.3 * call
+            elif padding == "lengths":
+                found["key_padding"] = torch.randint(0, kv_len + 1, (2,), generator=gen)
+            if term == "bias":
+                found["bias"] = torch.randn(1, 2 * group, q_len, kv_len, generator=gen).to(dtype)
+            elif term == "bool":
+                found["mask"] = torch.rand(2, 1, q_len, kv_len, generator=gen) > 0.4
+            elif term == "neg_inf":
+                found["mask"] = torch.zeros(2, 1, q_len, kv_len).masked_fill(
+                    torch.rand(2, 1, q_len, kv_len, generator=gen) > 0.6, float("-inf")).to(dtype)
+            if docs:
+                ids = torch.randint(0, 3, (2, kv_len), generator=gen).sort(-1).values
+                found["q_doc"], found["kv_doc"] = ids[:, kv_len - q_len:] if kv_len >= q_len else None, ids
+                if found["q_doc"] is None:
+                    del found["q_doc"], found["kv_doc"]
+            return {key: value.to(DEVICE) if isinstance(value, torch.Tensor) else value
+                    for key, value in found.items()}
+
+        first = terms(0)
+        spec = AttentionSpec.from_tensors(q, k, v, **first)
+        if KERNEL.not_supported_reasons(spec):
+            return
+        run = KERNEL.prepare(spec)
+        for call, found in enumerate((first, first, first, terms(1))):
+            if call == 2 and padding == "bool":  # the last call's padding written in place: a new version
+                found["key_padding"][1, : kv_len // 2 + 1] = False  # (rows without keys, through the band too)
+            elif call == 2 and padding == "lengths":
+                found["key_padding"][1] = 0  # batch row 1: no key at all
+            spec = AttentionSpec.from_tensors(q, k, v, **found)
+            got = run(q, k, v, spec)
+            want = KERNEL.forward(q, k, v, spec, 0)[0]
+            torch.testing.assert_close(got, want, atol=0, rtol=0, equal_nan=True, msg=f"call {call}")
+            err = _rel_err(got, naive_attention(q, k, v, spec))
+            assert err < TOLERANCE[dtype], f"call {call}: relative error {err:.2e}"
+
+    check()
