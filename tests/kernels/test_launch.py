@@ -246,13 +246,18 @@ _ALIGNED, _MISALIGNED = torch.zeros(64), torch.zeros(65)[1:]
 _HALF = torch.zeros(64, dtype=torch.float16)
 
 
-def _scalar_or_tensor():
+def _scalars():
     from hypothesis import strategies as st
 
     return st.one_of(
         st.sampled_from([0, 1, 2, 15, 16, 17, 32, 4096, 4097, (1 << 31) - 1, 1 << 31, 1 << 36, -1, -16]),
-        st.sampled_from([0.0, 0.125, 1.0, -2.5]), st.booleans(), st.none(), st.sampled_from(["ieee", "tf32"]),
-        st.sampled_from([_ALIGNED, _MISALIGNED, _HALF]))
+        st.sampled_from([0.0, 0.125, 1.0, -2.5]), st.booleans(), st.none(), st.sampled_from(["ieee", "tf32"]))
+
+
+def _scalar_or_tensor():
+    from hypothesis import strategies as st
+
+    return st.one_of(_scalars(), st.sampled_from([_ALIGNED, _MISALIGNED, _HALF]))
 
 
 def test_the_signature_tells_calls_apart_as_the_per_argument_specialization_does():
@@ -270,14 +275,23 @@ def test_the_signature_tells_calls_apart_as_the_per_argument_specialization_does
         return (tuple(map(type, values)),
                 *[v if i in constexprs else launch._specialization(v) for i, v in enumerate(values)])
 
-    values = st.lists(_scalar_or_tensor(), min_size=6, max_size=6)
+    # tensors are runtime arguments; constexprs (the last two) are plain values
+    values = st.tuples(*[_scalar_or_tensor()] * 4, _scalars(), _scalars()).map(list)
 
-    @settings(max_examples=400, deadline=None)
-    @given(values, st.integers(0, 5), _scalar_or_tensor())
-    def check(a, where, other):
+    @settings(max_examples=1000, deadline=None)
+    @given(values, st.integers(0, 5), _scalar_or_tensor(), _scalars())
+    def check(a, where, other, other_scalar):
         b = list(a)
-        b[where] = other  # calls that differ in one argument: the cases where one detail must tell them apart
+        b[where] = other if where < 4 else other_scalar  # calls that differ in one argument: where one detail
+        # must tell them apart
         assert (launch._signature(fn, a) == launch._signature(fn, b)) == (specialized(a) == specialized(b))
         assert launch._signature(fn, a) == launch._signature(fn, list(a))  # looked up: the same answer
 
+    base = [_ALIGNED, 16, 0.5, True, 64, "tf32"]
+    for where, other in ((0, _MISALIGNED), (0, _HALF), (1, 17), (1, 1), (1, 1 << 36), (3, 1), (3, False), (4, 32),
+                         (5, "ieee"), (1, 32), (2, 1.5)):  # the last two: the same specialization
+        changed = list(base)
+        changed[where] = other
+        assert (launch._signature(fn, base) == launch._signature(fn, changed)) == (
+            specialized(base) == specialized(changed)), (where, other)
     check()
