@@ -40,6 +40,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -414,6 +415,11 @@ def decode_attention(
     return out, lse
 
 
+#: prepared calls kept, by shapes and settings (``TritonDecodeKernel.prepare``); the oldest are dropped first
+PREPARED_KEPT = 64
+_PREPARED: OrderedDict = OrderedDict()
+
+
 class PreparedDecode:
     """``decode_attention`` and ``apply_fill`` for the calls of one spec's shapes: the configuration, the grid,
     the band's loop ends and the launch's static arguments decided once; per call, the outputs are made, the
@@ -553,7 +559,18 @@ class TritonDecodeKernel(Kernel):
         time as the two launches."""
         if spec.q_len == 0 or spec.kv_len == 0 or spec.batch * spec.q_heads == 0:
             return self.infer
-        return PreparedDecode(spec)
+        # shared by every site with these shapes and settings: the layers of a decode step prepare one call
+        # (a growing cache makes a new plan per step) and its ``LastCall`` hands the padding's answer from the
+        # first layer to the others
+        key = (spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim, spec.v_head_dim,
+               spec.dtype, spec.device, spec.scale, spec.softcap, spec.band(), spec.diagonal_offset, spec.fill,
+               *(t is None for t in (spec.key_padding, spec.q_doc, spec.bias, spec.mask)))
+        prepared = _PREPARED.get(key)
+        if prepared is None:
+            prepared = _PREPARED[key] = PreparedDecode(spec)
+            while len(_PREPARED) > PREPARED_KEPT:
+                _PREPARED.popitem(last=False)
+        return prepared
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         return get("reference").backward(

@@ -366,3 +366,24 @@ def test_prepared_call_is_forward_on_every_call_of_its_plan(dtype):
             assert err < TOLERANCE[dtype], f"call {call}: relative error {err:.2e}"
 
     check()
+
+
+def test_layers_of_a_step_share_one_prepared_call(monkeypatch):
+    """The layers of a decode step (same shapes and settings) share one prepared call: the first layer finds the
+    padding's arguments and answer, the others take them; another fill or term set is another prepared call."""
+    made = []
+    build = td._key_padding_args
+    monkeypatch.setattr(td, "_key_padding_args", lambda spec: made.append(1) or build(spec))
+    q, k, v = _inputs(2, 4, 2, 1, 24, 16, torch.float32)
+    keep = torch.ones(2, 24, dtype=torch.bool, device=DEVICE)
+    keep[1, :5] = False
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, align=Align.BOTTOM_RIGHT, key_padding=keep,
+                                      fill=Fill.FINITE_ADDED)
+    layers = [KERNEL.prepare(spec.with_()) for _ in range(4)]
+    assert all(layer is layers[0] for layer in layers)
+    want = naive_attention(q, k, v, spec)
+    for layer in layers:
+        assert _rel_err(layer(q, k, v, spec), want) < TOLERANCE[torch.float32]
+    assert len(made) == 1
+    assert KERNEL.prepare(spec.with_(fill=Fill.NEG_INF)) is not layers[0]
+    assert KERNEL.prepare(spec.with_(key_padding=None)) is not layers[0]
