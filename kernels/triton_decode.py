@@ -366,53 +366,7 @@ def decode_attention(
     if q_len == 0 or spec.kv_len == 0 or batch * q_heads == 0:  # no row, or no key: nothing to launch
         return (q.new_zeros((batch, q_heads, q_len, dv)),
                 torch.full((batch, q_heads, q_len), float("-inf"), dtype=torch.float32, device=q.device))
-    config = config or choose_config(spec)
-    out = q.new_empty((batch, q_heads, q_len, dv))  # [B, Hq, Nq, Dv]
-    lse = q.new_empty((batch, q_heads, q_len), dtype=torch.float32)  # [B, Hq, Nq]
-    splits = config.num_splits
-    if splits == 1:
-        o_dst, lse_dst = out, lse
-        o_strides, lse_strides = (*out.stride()[:3], 0, out.stride(3)), (*lse.stride(), 0)
-    else:
-        o_dst = q.new_empty((batch, q_heads, q_len, splits, dv), dtype=torch.float32)  # [B, Hq, Nq, S, Dv]
-        lse_dst = q.new_empty((batch, q_heads, q_len, splits), dtype=torch.float32)  # [B, Hq, Nq, S]
-        o_strides, lse_strides = o_dst.stride(), lse_dst.stride()
-
-    dummy = q  # stands in for absent optional tensors: never loaded (their constexpr flags are off)
-    bias, bias_strides = _broadcast_term(spec.bias, spec, dummy)
-    mask, mask_strides = _broadcast_term(spec.mask, spec, dummy)
-    keep, keep_strides, kv_end = _key_padding_args(spec)
-    q_doc, kv_doc, doc_strides = _doc_args(spec)
-    lo, hi = spec.band()
-    begin, stop = key_range(spec)
-    keys_per_split = cdiv(cdiv(stop - begin, splits), config.block_n) * config.block_n
-    rows = spec.group_size * q_len
-    grid = (cdiv(rows, config.block_m), splits, batch * spec.kv_heads)
-    _launch(
-        _decode_split_kernel, grid, q, k, v, o_dst, lse_dst,
-        bias, mask, dummy if keep is None else keep, dummy if kv_end is None else kv_end,
-        dummy if q_doc is None else q_doc, dummy if kv_doc is None else kv_doc,
-        *q.stride(), *k.stride(), *v.stride(), *o_strides, *lse_strides,
-        *bias_strides, *mask_strides, *keep_strides, *doc_strides,
-        spec.scale, spec.softcap or 1.0, lo or 0, hi or 0, spec.diagonal_offset,
-        begin, stop, max(keys_per_split, config.block_n),
-        KV_HEADS=spec.kv_heads, GROUP=spec.group_size, NQ=q_len,
-        HEAD_DIM=spec.head_dim, V_HEAD_DIM=dv,
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        BLOCK_D=next_power_of_2(spec.head_dim), BLOCK_DV=next_power_of_2(dv),
-        HAS_SOFTCAP=spec.softcap is not None, HAS_LO=lo is not None, HAS_HI=hi is not None,
-        BIAS_KIND=_term_kind(spec.bias, spec.dtype), MASK_KIND=_term_kind(spec.mask, spec.dtype),
-        HAS_KEEP=keep is not None, HAS_KV_END=kv_end is not None, HAS_DOC=q_doc is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        DOT_UPCAST=_interpreting() and q.dtype == torch.bfloat16,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )
-    if splits > 1:
-        _launch(
-            _merge_splits_kernel, (batch * q_heads * q_len,), o_dst, lse_dst, out, lse, splits,
-            V_HEAD_DIM=dv, BLOCK_S=next_power_of_2(splits), BLOCK_DV=next_power_of_2(dv),
-        )
-    return out, lse
+    return PreparedDecode(spec, config).launch(q, k, v, spec, _key_padding_args(spec))
 
 
 #: prepared calls kept, by shapes and settings (``TritonDecodeKernel.prepare``); the oldest are dropped first
@@ -424,19 +378,18 @@ class PreparedDecode:
     """``decode_attention`` and ``apply_fill`` for the calls of one spec's shapes: the configuration, the grid,
     the band's loop ends and the launch's static arguments decided once; per call, the outputs are made, the
     terms' arguments taken (key padding's, and whether its rows all see a key, handed on from the last call on
-    the very same term tensors: ``LastCall``), and the two kernels launched. The same arguments as
-    ``decode_attention`` passes, so the same compiled kernels."""
+    the very same term tensors: ``LastCall``), and the two kernels launched (``launch``, which
+    ``decode_attention`` runs too)."""
 
-    __slots__ = ("config", "grid", "static", "merge", "constexprs", "band", "_last")
+    __slots__ = ("config", "grid", "static", "merge", "constexprs", "_last")
 
-    def __init__(self, spec: AttentionSpec):
-        self.config = config = choose_config(spec)
+    def __init__(self, spec: AttentionSpec, config: DecodeConfig | None = None):
+        self.config = config = config or choose_config(spec)
         lo, hi = spec.band()
         begin, stop = key_range(spec)
         keys_per_split = cdiv(cdiv(stop - begin, config.num_splits), config.block_n) * config.block_n
         self.grid = (cdiv(spec.group_size * spec.q_len, config.block_m), config.num_splits,
                      spec.batch * spec.kv_heads)
-        self.band = (lo, hi)
         self.static = (spec.scale, spec.softcap or 1.0, lo or 0, hi or 0, spec.diagonal_offset, begin, stop,
                        max(keys_per_split, config.block_n))
         self.constexprs = dict(
@@ -452,23 +405,32 @@ class PreparedDecode:
         self._last = LastCall()
 
     def __call__(self, q, k, v, spec: AttentionSpec) -> torch.Tensor:
+        terms = [t for t in (spec.key_padding, spec.bias, spec.mask) if t is not None]
+        if terms:
+            padding, fills = self._last.get(terms, lambda: self._terms(spec))
+        else:  # the band alone (bottom-right with more query rows than keys) may leave a row no key
+            padding, fills = (None, (0, 0), None), _may_fill(spec)
+        out, lse = self.launch(q, k, v, spec, padding)
+        if fills or spec.q_doc is not None:  # documents: rows are found on the device, per call
+            return apply_fill(out, lse, v, spec)
+        return out
+
+    def launch(self, q, k, v, spec: AttentionSpec, padding: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32)``, empty rows 0 / -inf (no fill); ``padding``: the
+        key padding's kernel arguments (``_key_padding_args``)."""
         batch, q_heads, q_len, dv = spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim
         splits = self.config.num_splits
-        out = q.new_empty((batch, q_heads, q_len, dv))
-        lse = q.new_empty((batch, q_heads, q_len), dtype=torch.float32)
+        out = q.new_empty((batch, q_heads, q_len, dv))  # [B, Hq, Nq, Dv]
+        lse = q.new_empty((batch, q_heads, q_len), dtype=torch.float32)  # [B, Hq, Nq]
         if splits == 1:
             o_dst, lse_dst = out, lse
             o_strides, lse_strides = (*out.stride()[:3], 0, out.stride(3)), (*lse.stride(), 0)
         else:
-            o_dst = q.new_empty((batch, q_heads, q_len, splits, dv), dtype=torch.float32)
-            lse_dst = q.new_empty((batch, q_heads, q_len, splits), dtype=torch.float32)
+            o_dst = q.new_empty((batch, q_heads, q_len, splits, dv), dtype=torch.float32)  # [B, Hq, Nq, S, Dv]
+            lse_dst = q.new_empty((batch, q_heads, q_len, splits), dtype=torch.float32)  # [B, Hq, Nq, S]
             o_strides, lse_strides = o_dst.stride(), lse_dst.stride()
-        terms = [t for t in (spec.key_padding, spec.bias, spec.mask) if t is not None]
-        if terms:
-            (keep, keep_strides, kv_end), fills = self._last.get(terms, lambda: self._terms(spec))
-        else:  # the band alone (bottom-right with more query rows than keys) may leave a row no key
-            (keep, keep_strides, kv_end), fills = (None, (0, 0), None), _may_fill(spec)
-        dummy = q
+        keep, keep_strides, kv_end = padding
+        dummy = q  # stands in for absent optional tensors: never loaded (their constexpr flags are off)
         bias, bias_strides = _broadcast_term(spec.bias, spec, dummy)
         mask, mask_strides = _broadcast_term(spec.mask, spec, dummy)
         q_doc, kv_doc, doc_strides = _doc_args(spec)
@@ -484,9 +446,7 @@ class PreparedDecode:
         )
         if splits > 1:
             _launch(_merge_splits_kernel, (batch * q_heads * q_len,), o_dst, lse_dst, out, lse, splits, **self.merge)
-        if fills or spec.q_doc is not None:  # documents: rows are found on the device, per call
-            return apply_fill(out, lse, v, spec)
-        return out
+        return out, lse
 
     @staticmethod
     def _terms(spec: AttentionSpec) -> tuple:
