@@ -79,15 +79,17 @@ def profile(fn, top: int) -> None:
     print("inductor counters:", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}, flush=True)
 
 
-def trace(fn, top: int) -> None:
-    """The ``top`` kernels of one ``fn()`` by total GPU time (``torch.profiler``), with the launches per kernel."""
+def trace(fn, top: int, sort_by: tuple[str, ...] = ("cuda_time_total",)) -> None:
+    """The ``top`` kernels of one ``fn()`` by total GPU time (``torch.profiler``), with the launches per kernel;
+    one table per key of ``sort_by`` (``"self_cpu_time_total"``: the host's costliest ops)."""
     from torch.profiler import ProfilerActivity, profile as torch_profile
 
     torch.cuda.synchronize()
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=top), flush=True)
+    for key in sort_by:
+        print(prof.key_averages().table(sort_by=key, row_limit=top), flush=True)
 
 
 def main() -> None:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
+import time
 import warnings
 
 import torch
@@ -69,6 +70,22 @@ def timed(fn, repeat: int = 5, warmup: int = 3) -> tuple[float, int]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), peak
+
+
+def host_and_trace(name: str, fn, top: int) -> None:
+    """The host time of ``fn()`` (until it returns, the GPU's work queued behind it: a forward whose host time is
+    its GPU time is bound by the host) and its costliest GPU kernels and host ops."""
+    from generate import trace
+
+    torch.cuda.synchronize()
+    host = []
+    for _ in range(5):
+        start = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+    print(f"{name}: host time of one forward {statistics.median(host) * 1e3:.1f} ms", flush=True)
+    trace(fn, top, sort_by=("cuda_time_total", "self_cpu_time_total"))
 
 
 def fmt(result) -> str:
@@ -133,6 +150,9 @@ def main():
     parser.add_argument("--attention-mask", choices=["ones", "padded", "none"], default="ones")
     parser.add_argument("--peers", nargs="+", choices=PEERS, default=DEFAULT_PEERS)
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--trace", type=int, default=0, metavar="N",
+                        help="after timing each length: the host time of one forward (its return, before the GPU "
+                             "finishes) and the N costliest GPU kernels and host ops of one forward, per peer")
     args = parser.parse_args()
     torch.manual_seed(0)
     peers = [p for p in PEERS if p in args.peers]
@@ -164,6 +184,8 @@ def main():
                             diffs[name] = (out.float() - reference.float())[real].abs().max().item()
                         del out
                         results[name] = timed(lambda model=model: model(**inputs))
+                        if args.trace:
+                            host_and_trace(name, lambda model=model: model(**inputs), args.trace)
                     except torch.OutOfMemoryError:
                         results[name] = "out of memory"
                     torch.cuda.empty_cache()
