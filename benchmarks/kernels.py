@@ -1,6 +1,7 @@
 """TFLOP/s of attnopt's ``triton_flash`` against SDPA (cuDNN, flash, mem-efficient) and compiled FlexAttention.
 
-Run on a GPU: ``python benchmarks/kernels.py [--out results.md] [--quick]``. Every case first
+Run on a GPU: ``python benchmarks/kernels.py [--out results.md] [--quick] [--masks [--budget S]]``
+(``--masks``: the structured masks alone, forward and forward + backward, against Flex's ``mask_mod``). Every case first
 checks attnopt's output against a peer computed in the same run, then times each
 provider with ``triton.testing.do_bench`` (median) on random bf16 inputs. FLOPs are
 ``4 B H Nq Nk D``, halved when causal, x3.5 for fwd+bwd (FlashAttention's convention);
@@ -10,6 +11,7 @@ structured cases report milliseconds. Ratios are against peers measured in the s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 
@@ -216,10 +218,148 @@ def run_structured(lines):
         report("GQA 32/8 causal N=4k B=4", timed(ours, False, ()), peers)
 
 
+def packed_ids(n: int, documents: int, gen: torch.Generator) -> torch.Tensor:
+    """Document ids ``[1, n]`` of ``documents`` packed sequences of random lengths (every one non-empty)."""
+    cuts = torch.randperm(n - 1, generator=gen)[: documents - 1] + 1
+    starts = torch.zeros(n, dtype=torch.long)
+    starts[cuts] = 1
+    return starts.cumsum(0)[None].to("cuda")
+
+
+def mask_cases(quick: bool):
+    """(name, B, N, attnopt keyword arguments, Flex mask_mod, the dense bool mask [B, 1, N, N] or None) of the
+    structured-mask targets: sliding window 1024 at 8k and 32k, packed documents (4-64 per 16k row), key padding,
+    window + documents. Every case is causal, as the models that make them are."""
+    gen = torch.Generator().manual_seed(0)
+    w = 1024
+    cases = []
+    for n in (8192,) if quick else (8192, 32768):
+        def window_mod(b, h, q_idx, kv_idx):
+            return (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+        i = torch.arange(n, device="cuda")
+        dense = ((i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w))[None, None]
+        cases.append((f"window {w} @ {n // 1024}k", 16384 // n or 1, n, dict(causal=True, window=(w - 1, 0)),
+                      window_mod, dense))
+    n = 16384
+    for documents in (4, 64) if quick else (4, 16, 64):
+        doc = packed_ids(n, documents, gen)
+
+        def doc_mod(b, h, q_idx, kv_idx, doc=doc):
+            return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx)
+        cases.append((f"documents {documents} @ 16k", 1, n, dict(causal=True, document_ids=doc), doc_mod, None))
+    b, n = 4, 4096
+    lengths = torch.randint(n // 2, n + 1, (b,), generator=gen).to("cuda")
+
+    def padding_mod(b_, h, q_idx, kv_idx):
+        return (q_idx >= kv_idx) & (kv_idx < lengths[b_])
+    cases.append(("key padding B4 @ 4k", b, n, dict(causal=True, key_padding_mask=lengths), padding_mod, None))
+    n, doc = 16384, packed_ids(16384, 16, gen)
+
+    def window_doc_mod(b, h, q_idx, kv_idx):
+        return (doc[b, q_idx] == doc[b, kv_idx]) & (q_idx >= kv_idx) & (q_idx - kv_idx < w)
+    cases.append((f"window {w} + 16 documents @ 16k", 1, n, dict(causal=True, window=(w - 1, 0), document_ids=doc),
+                  window_doc_mod, None))
+    return cases
+
+
+@contextlib.contextmanager
+def general_backward(on: bool = True):
+    """While entered (and ``on``): triton_flash's backward runs its general kernels (``triton_flash_bwd``), not
+    the band backward's measured variant."""
+    from attnopt.kernels import triton_flash
+
+    saved = triton_flash.band_bwd.measured_variant
+    if on:
+        triton_flash.band_bwd.measured_variant = lambda spec: None
+    try:
+        yield
+    finally:
+        triton_flash.band_bwd.measured_variant = saved
+
+
+def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 0):
+    """The structured masks against Flex with its hand-written mask_mod (and cuDNN on the dense bool mask), forward
+    and forward + backward, D 128, 16 heads: milliseconds. attnopt is ``triton_flash`` given the terms; "attnopt,
+    dense" is the same kernel handed the dense bool mask a model would build (its tile map is built in the call);
+    "general backward" is the same call with the backward on ``triton_flash_bwd``'s kernels. ``trace``: the host
+    time of one attnopt call and its ``trace`` costliest GPU kernels and host ops (``torch.profiler``)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    lines += ["", "Structured masks, D 128, 16 heads, bf16, causal; ms (do_bench medians); 'vs X' = X's time / attnopt's "
+              "(above 1: attnopt faster). Outputs (and, with the backward, dq/dk/dv) checked against Flex first.", "",
+              "| case | pass | attnopt | Flex | vs Flex | attnopt, general backward | attnopt, dense bool mask "
+              "| dense vs Flex | cuDNN, dense bool mask | vs cuDNN |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, b, n, terms, mod, dense in mask_cases(quick):
+        bm = create_block_mask(mod, b, None, n, n)
+        for mode in ("fwd", "fwd+bwd"):
+            if time.time() - started > budget_s:
+                lines.append(f"| {name} | {mode} | (not run: the {budget_s:.0f} s budget was spent) |")
+                save(lines)
+                return
+            bwd = mode == "fwd+bwd"
+            q, k, v = (randn(b, 16, n, 128, grad=bwd) for _ in range(3))
+            provs = {"attnopt": lambda: attnopt.attention(q, k, v, kernel="triton_flash", **terms),
+                     "flex": lambda: flex()(q, k, v, block_mask=bm)}
+            if bwd:  # the same call on the general backward (triton_flash_bwd), against the band backward
+                provs["general"] = provs["attnopt"]
+            if dense is not None:
+                provs["dense"] = lambda: attnopt.attention(q, k, v, attn_mask=dense, kernel="triton_flash")
+                provs["cudnn"] = lambda: sdpa("cudnn", q, k, v, attn_mask=dense)
+            ref = provs["flex"]()
+            out = provs["attnopt"]()
+            check(f"{name} {mode}", out, ref)
+            if bwd:
+                grad = torch.randn_like(ref)
+                ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+                ours = torch.autograd.grad(out, (q, k, v), grad)
+                for label, a, r in zip("qkv", ours, ref_grads):
+                    check(f"{name} d{label}", a / r.abs().max(), r / r.abs().max())
+            del out, ref
+            ms = {}
+            for peer, fn in provs.items():
+                try:
+                    with general_backward(peer == "general"):
+                        ms[peer] = timed(fn, bwd, (q, k, v))
+                except Exception as exc:  # a peer may refuse a mask; say so and go on
+                    print(f"  {peer} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                    ms[peer] = float("nan")
+            cell = lambda key: f"{ms[key]:.3f}" if key in ms else "-"  # noqa: E731
+            ratio = lambda a, b: f"{ms[b] / ms[a]:.2f}" if a in ms and b in ms else "-"  # noqa: E731
+            row = (f"| {name} | {mode} | {cell('attnopt')} | {cell('flex')} | {ratio('attnopt', 'flex')} | "
+                   f"{cell('general')} | {cell('dense')} | {ratio('dense', 'flex')} | {cell('cudnn')} | "
+                   f"{ratio('attnopt', 'cudnn')} |")
+            print(row, flush=True)
+            if trace:
+                from generate import trace as torch_trace
+
+                fn = provs["attnopt"]
+                seed_grad = torch.randn_like(fn().detach())
+                step = (lambda: fn().backward(seed_grad)) if bwd else fn
+                host = []
+                for _ in range(5):
+                    torch.cuda.synchronize()
+                    start = time.perf_counter()
+                    step()
+                    host.append(time.perf_counter() - start)
+                torch.cuda.synchronize()
+                print(f"  attnopt {name} {mode}: host time of one call {sorted(host)[2] * 1e3:.3f} ms", flush=True)
+                torch_trace(step, trace, sort_by=("cuda_time_total", "self_cpu_time_total"))
+            lines.append(row)
+            save(lines)
+            del provs
+            torch.cuda.empty_cache()
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=None, help="write the markdown tables here")
     parser.add_argument("--quick", action="store_true", help="three dense cases and the structured ones")
+    parser.add_argument("--masks", action="store_true",
+                        help="only the structured masks, forward and forward + backward, against Flex")
+    parser.add_argument("--trace", type=int, default=0, metavar="N",
+                        help="with --masks: the host time and the N costliest kernels and host ops of each attnopt call")
+    parser.add_argument("--budget", type=float, default=float("inf"),
+                        help="seconds after which no new structured-mask case starts")
     args = parser.parse_args(argv)
     global _out_path
     _out_path = args.out
@@ -227,10 +367,13 @@ def main(argv=None):
     started = time.time()
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
              f"{DTYPE}; TFLOP/s (do_bench medians)", ""]
-    run_dense(QUICK_CASES if args.quick else DENSE_CASES_128, lines)
-    run_structured(lines)
-    if not args.quick:
-        run_dense(DENSE_CASES_64, lines)
+    if args.masks:
+        run_masks(lines, args.quick, args.budget, started, args.trace)
+    else:
+        run_dense(QUICK_CASES if args.quick else DENSE_CASES_128, lines)
+        run_structured(lines)
+        if not args.quick:
+            run_dense(DENSE_CASES_64, lines)
     lines.append(f"\n(total benchmark time {time.time() - started:.0f} s)")
     save(lines)
     print("\n".join(lines))

@@ -247,7 +247,7 @@ class TritonFlashKernel(Kernel):
         q, k, v, out, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, out, grad_out))
         band = None if self.atomic_dq else band_bwd.measured_variant(spec)
         if band is not None and not band_bwd.unsupported_reasons(grad_out, q, k, v, spec, band):
-            # causal or no band at D 64/128 in half precision: the band backward measured faster (its module)
+            # causal, windowed or no band at D 64/128 in half precision: the band backward measured faster
             return (*band_bwd.run_backward(grad_out, q, k, v, out, lse, spec, band), None, None)
         b, hq, nq, nk = spec.batch, spec.q_heads, spec.q_len, spec.kv_len
         dk = torch.zeros_like(k)

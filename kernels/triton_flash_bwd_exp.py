@@ -371,11 +371,12 @@ MEASURED_VARIANTS = {
 
 
 def measured_variant(spec: AttentionSpec) -> Variant | None:
-    """The measured variant for this spec, or None where none was measured: only causal (either alignment)
-    or no band, head dims 64 and 128, float16/bfloat16; windows, other head dims and float32 are not
-    measured yet. Key padding and documents take their band's variant (the same loops over listed tiles)."""
-    if spec.window is not None or spec.dtype not in (torch.float16, torch.bfloat16) or (
-            spec.v_head_dim != spec.head_dim):
+    """The measured variant for this spec, or None where none was measured: head dims 64 and 128,
+    float16/bfloat16; other head dims and float32 are not measured yet. Windows (causal or two-sided), key
+    padding and documents take their band's variant: the same loops over a narrower tile range or over
+    listed tiles (window 1024 at 8k/32k, forward + backward: 1.33x/1.31x the general backward's speed, from
+    0.73x to 0.98x Flex; ``benchmarks/results/kernels.md``)."""
+    if spec.dtype not in (torch.float16, torch.bfloat16) or spec.v_head_dim != spec.head_dim:
         return None
     return MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
 

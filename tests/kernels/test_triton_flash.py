@@ -194,11 +194,21 @@ def test_atomic_dq_option_matches_and_default_repeats(term):
     (64, torch.float16, {"causal": True, "key_padding": torch.tensor([[False] * 10 + [True] * 30])},
      Fill.FINITE_ADDED),
     (64, torch.float16, {"key_padding": torch.tensor([27])}, Fill.FINITE),
+    (64, torch.float16, {"causal": True, "window": Window(8, 0)}, Fill.SAFE),
+    (128, torch.bfloat16, {"window": Window(5, 3)}, Fill.SAFE),
+    # a window over left padding: the first 10 rows see no key, the next ones only part of their window
+    (64, torch.bfloat16, {"causal": True, "window": Window(6, 0),
+                          "key_padding": torch.tensor([[False] * 10 + [True] * 30])}, Fill.FINITE_ADDED),
+    (128, torch.float16, {"causal": True, "window": Window(11, 0),
+                          "q_doc": _doc_ids(1, 40, torch.Generator().manual_seed(2)),
+                          "kv_doc": _doc_ids(1, 40, torch.Generator().manual_seed(2))}, Fill.SAFE),
 ], ids=["d64_causal", "d128_none", "d64_bottom_right_empty_rows", "d128_documents", "d64_left_padding_empty_rows",
-        "d64_key_lengths"])
+        "d64_key_lengths", "d64_causal_window", "d128_two_sided_window", "d64_window_left_padding_empty_rows",
+        "d128_window_documents"])
 def test_measured_band_backward_serves_its_specs(d, dtype, terms, fill, monkeypatch):
-    """Causal or no band at D 64/128 in half precision: the backward is the band backward's measured variant
-    (benchmarks/results/backward_sweep.md), with the original's gradients, GQA and rows without keys."""
+    """Causal, windowed or no band at D 64/128 in half precision: the backward is the band backward's measured
+    variant (benchmarks/results/backward_sweep.md, kernels.md), with the original's gradients, GQA and rows
+    without keys."""
     calls = []
     run = triton_flash.band_bwd.run_backward
     monkeypatch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: calls.append(a[-1]) or run(*a))
@@ -208,13 +218,14 @@ def test_measured_band_backward_serves_its_specs(d, dtype, terms, fill, monkeypa
     assert calls == [triton_flash.band_bwd.MEASURED_VARIANTS[(d, bool(terms.get("causal")))]]
 
 
-@pytest.mark.parametrize("case", ["window", "softcap", "dense_mask", "float32", "head_dim_32", "atomic_dq"])
+@pytest.mark.parametrize("case", ["window_softcap", "softcap", "dense_mask", "float32", "head_dim_32", "atomic_dq"])
 def test_general_backward_keeps_the_specs_not_measured(case, monkeypatch):
-    """Windows, other terms, float32, other head dims and the atomic-dQ option keep the general backward."""
+    """Other terms (softcap, masks), float32, other head dims and the atomic-dQ option keep the general
+    backward."""
     monkeypatch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: pytest.fail("band backward used"))
     d = 32 if case == "head_dim_32" else 64
     dtype = torch.float32 if case == "float32" else torch.float16
-    terms = {"window": {"causal": True, "window": Window(8, 0)},
+    terms = {"window_softcap": {"causal": True, "window": Window(8, 0), "softcap": 20.0},
              "softcap": {"causal": True, "softcap": 20.0, "key_padding": torch.tensor([40, 25])},
              "dense_mask": {"mask": torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(0)) > 0.3}
              }.get(case, {"causal": True})
