@@ -79,6 +79,20 @@ def profile(fn, top: int) -> None:
     print("inductor counters:", {k: v for k, v in counters["inductor"].items() if "cudagraph" in k}, flush=True)
 
 
+def host_and_trace(label: str, fn, top: int) -> None:
+    """The host time of ``fn()`` (until it returns, with the GPU idle before it: a call whose host time reaches
+    its GPU time is bound by the host), then its ``top`` costliest GPU kernels and host ops."""
+    host = []
+    for _ in range(5):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        host.append(time.perf_counter() - start)
+    torch.cuda.synchronize()
+    print(f"{label}: host time of one call {statistics.median(host) * 1e3:.3f} ms", flush=True)
+    trace(fn, top, sort_by=("cuda_time_total", "self_cpu_time_total"))
+
+
 def trace(fn, top: int, sort_by: tuple[str, ...] = ("cuda_time_total",)) -> None:
     """The ``top`` kernels of one ``fn()`` by total GPU time (``torch.profiler``), with the launches per kernel;
     one table per key of ``sort_by`` (``"self_cpu_time_total"``: the host's costliest ops)."""

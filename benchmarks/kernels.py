@@ -330,20 +330,11 @@ def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 
                    f"{ratio('attnopt', 'cudnn')} |")
             print(row, flush=True)
             if trace:
-                from generate import trace as torch_trace
+                from generate import host_and_trace
 
                 fn = provs["attnopt"]
                 seed_grad = torch.randn_like(fn().detach())
-                step = (lambda: fn().backward(seed_grad)) if bwd else fn
-                host = []
-                for _ in range(5):
-                    torch.cuda.synchronize()
-                    start = time.perf_counter()
-                    step()
-                    host.append(time.perf_counter() - start)
-                torch.cuda.synchronize()
-                print(f"  attnopt {name} {mode}: host time of one call {sorted(host)[2] * 1e3:.3f} ms", flush=True)
-                torch_trace(step, trace, sort_by=("cuda_time_total", "self_cpu_time_total"))
+                host_and_trace(f"  attnopt {name} {mode}", (lambda: fn().backward(seed_grad)) if bwd else fn, trace)
             lines.append(row)
             save(lines)
             del provs

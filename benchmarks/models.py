@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import pathlib
 import statistics
-import time
 import warnings
 
 import torch
@@ -70,22 +69,6 @@ def timed(fn, repeat: int = 5, warmup: int = 3) -> tuple[float, int]:
         torch.cuda.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times), peak
-
-
-def host_and_trace(name: str, fn, top: int) -> None:
-    """The host time of ``fn()`` (until it returns, the GPU's work queued behind it: a forward whose host time is
-    its GPU time is bound by the host) and its costliest GPU kernels and host ops."""
-    from generate import trace
-
-    torch.cuda.synchronize()
-    host = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        host.append(time.perf_counter() - start)
-        torch.cuda.synchronize()
-    print(f"{name}: host time of one forward {statistics.median(host) * 1e3:.1f} ms", flush=True)
-    trace(fn, top, sort_by=("cuda_time_total", "self_cpu_time_total"))
 
 
 def fmt(result) -> str:
@@ -185,7 +168,9 @@ def main():
                         del out
                         results[name] = timed(lambda model=model: model(**inputs))
                         if args.trace:
-                            host_and_trace(name, lambda model=model: model(**inputs), args.trace)
+                            from generate import host_and_trace
+
+                            host_and_trace(f"{name}, one forward", lambda model=model: model(**inputs), args.trace)
                     except torch.OutOfMemoryError:
                         results[name] = "out of memory"
                     torch.cuda.empty_cache()
