@@ -10,7 +10,7 @@ from torch.fx import GraphModule
 from attnopt.config import Options
 from attnopt.report import GraphMemory, Report, Site
 
-from . import plan, tuning
+from . import checkpoint, plan, tuning
 from .detect import Rejection, find_sites
 from .graph import erase_dead_copies, is_buffer, is_parameter, module_path
 from .memory import bytes_after, bytes_before
@@ -95,15 +95,23 @@ def optimize_graph(
 def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dry_run: bool) -> None:
     """Rewrite the bodies of activation-checkpointed regions (``torch.utils.checkpoint``), which dynamo
     captures as subgraphs of a higher-order op: the recomputation in the backward runs the rewritten
-    body too. Their buffers are not evaluated (no example values), so masks built from them stay dense."""
-    checkpoint = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
+    body too. A mask the region receives is analysed with the outer computation that builds it
+    (``checkpoint.lift_producers``). Buffers are not evaluated in a body (no example values), so masks
+    built from a body's buffers stay dense."""
+    hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not checkpoint or not node.args:
+        if node.op != "call_function" or node.target is not hop or not node.args:
             continue
         body = node.args[0]
         sub = getattr(gm, body.target, None) if isinstance(body, torch.fx.Node) and body.op == "get_attr" else None
         if isinstance(sub, GraphModule):
+            lifted = checkpoint.lift_producers(gm, node, sub)
             optimize_graph(sub, options, report, dry_run=dry_run, subgraph=True)
+            if lifted is not None:
+                checkpoint.settle(gm, lifted)
+                if not dry_run:
+                    sub.graph.lint()
+                    sub.recompile()
 
 
 def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
