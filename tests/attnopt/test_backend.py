@@ -235,4 +235,5 @@ def test_inductor_modes_on_cuda(mode):
         x = _x(2, n).cuda().half()
         torch.testing.assert_close(compiled(x).clone(), model(x), atol=2e-3, rtol=2e-3)
     report = attnopt.report_of(compiled)
-    assert report.sites and all(s.replaced or s.reason.startswith("original") for s in report.sites), str(report)
+    # the suite replaces every supported site (conftest): a site left as written here is a failure of the rewrite
+    assert report.sites and all(s.replaced for s in report.sites), str(report)

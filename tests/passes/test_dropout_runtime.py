@@ -1,5 +1,7 @@
-"""A dropout probability changed after the first call: dynamo then reads ``Dropout.p`` as a graph input, and
-the site is still replaced, with p passed to the op on every call (not left alone, not baked in)."""
+"""A dropout probability changed after the first call: the site is still replaced, and the op runs with the new
+p on every call (not left alone, not baked in). Depending on the torch version, dynamo either reads
+``Dropout.p`` as a graph input once it changes, or guards on its value and captures the graph again, which is
+then planned with the new p (torch 2.13: one graph per value, up to dynamo's recompile limit)."""
 
 import torch
 import torch.nn as nn
@@ -39,7 +41,7 @@ def test_a_changed_dropout_probability_reaches_the_op(monkeypatch):
     optimized(x)
     assert [s.replaced for s in optimized.attnopt_report.sites] == [True]
     assert seen[-1] == 0.1
-    for p in (0.2, 0.35, 0.05):  # dynamo now reads p at run time
+    for p in (0.2, 0.35, 0.05):  # a graph input, or a new graph planned with it
         model.drop.p = p
         optimized(x)
         assert seen[-1] == p

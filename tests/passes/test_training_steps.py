@@ -45,8 +45,9 @@ def _batches(device="cpu", n=12):
 
 
 def _train(model, batches, *, accumulate=1, autocast=None, scaler=None, eval_between=False, compile_backend=False,
-           adamw=False):
-    """Losses of ``STEPS`` optimizer steps (each over ``accumulate`` micro-batches); the model's weights change."""
+           adamw=False, reports: list | None = None):
+    """Losses of ``STEPS`` optimizer steps (each over ``accumulate`` micro-batches); the model's weights change.
+    ``reports``: receives the attnopt report of the compiled model (``compile_backend``)."""
     model.train()
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-3) if adamw
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
@@ -73,6 +74,8 @@ def _train(model, batches, *, accumulate=1, autocast=None, scaler=None, eval_bet
                 ids, mask = batches[0]
                 losses.append(run(input_ids=ids, attention_mask=mask, labels=ids).loss.detach().float())
             model.train()
+    if reports is not None:
+        reports.append(attnopt.report_of(run))
     return torch.stack(losses), grads
 
 
@@ -129,8 +132,12 @@ def test_backend_steps_match_the_original():
     model = CASES["hf_llama"].build()
     twin = copy.deepcopy(model)
     batches = _batches()
-    got, _ = _train(twin, batches, compile_backend=True)
+    reports = []
+    got, _ = _train(twin, batches, compile_backend=True, reports=reports)
     expected, _ = _train(model, batches)
+    sites = reports[0].sites  # the rewrite ran under inductor: both layers, with their causal padding mask
+    assert len({s.where for s in sites}) == 2 and all(s.replaced for s in sites), str(reports[0])
+    assert all({"causal", "key_padding"} <= set(s.mask_terms) for s in sites), str(reports[0])
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     for a, b in zip(model.parameters(), twin.parameters()):
         torch.testing.assert_close(b, a, atol=1e-4, rtol=1e-4)
