@@ -528,11 +528,16 @@ class SiteCall:
     MAX_SHAPES = 64
 
     def __init__(self, kernel: str, scale: float, causal: bool, align: str, window_left: Optional[int],
-                 window_right: Optional[int], softcap: Optional[float], fill: str):
+                 window_right: Optional[int], softcap: Optional[float], fill: str, rechoice=None):
         _check_static(kernel, scale, causal, align, window_left, window_right, softcap, fill)
         self.kernel_name = kernel
         #: None for "auto": the planner chooses per call, in the op
         self.kernel = None if kernel == "auto" else registry.get(kernel)
+        #: ``passes.plan.Rechoice`` of a graph with symbolic lengths: the kernel of each other shape bucket,
+        #: chosen on its first call; None: ``kernel`` for every call
+        self.rechoice = None if kernel == "auto" else rechoice
+        #: (batch, q_len, kv_len buckets, training, dropout) -> (kernel, its name), for ``rechoice``
+        self._bucket_kernels: dict[tuple, tuple] = {}
         self.static = (float(scale), causal, align, window_left, window_right,
                        None if softcap is None else float(softcap))
         self.fill = fill
@@ -551,11 +556,18 @@ class SiteCall:
             spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
             if dropout_p != 0.0:
                 spec = _with_fields(spec, dropout_p=float(dropout_p))
-            return (_eager_training(spec, self.kernel, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static,
-                                                        dropout_p, self.fill, self.kernel_name)),)
+            kernel, name = self._kernel(spec, True)
+            return (_eager_training(spec, kernel, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static,
+                                                   dropout_p, self.fill, name)),)
         if dropout_p != 0.0 or not plain or training:
+            name = self.kernel_name
+            if self.rechoice is not None and plain and 0.0 <= dropout_p < 1.0:
+                spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
+                if dropout_p != 0.0:
+                    spec = _with_fields(spec, dropout_p=float(dropout_p))
+                name = self._kernel(spec, training)[1]
             return (torch.ops.attnopt.attention.default(
-                q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, self.kernel_name,
+                q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, name,
             )[0],)
         spec, run = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)
         if _any_autocast() and torch.is_autocast_enabled(q.device.type):
@@ -584,10 +596,34 @@ class SiteCall:
         bare = all(key[5:])
         spec = template if bare else _with_terms(template, key_padding, q_doc, kv_doc, bias, mask)
         spec.validate()
+        kernel = self._kernel(spec, False)[0]
+        plan = (template, kernel.prepare(spec), bare)
+        if self.rechoice is not None and capturing() and kernel is not self._bucket_kernels.get(
+                self._bucket_key(spec, False), (None,))[0]:
+            return plan  # a capture's stand-in for a bucket not chosen yet: not this shape's plan
         if len(self._plans) >= self.MAX_SHAPES:
             self._plans.clear()
-        plan = self._plans[key] = (template, self.kernel.prepare(spec), bare)
+        self._plans[key] = plan
         return plan
+
+    def _bucket_key(self, spec: AttentionSpec, training: bool) -> tuple:
+        return self.rechoice.bucket(spec.batch, spec.q_len, spec.kv_len), training, spec.dropout_p != 0.0
+
+    def _kernel(self, spec: AttentionSpec, training: bool) -> tuple:
+        """(kernel, name) for calls like ``spec``: the planned one, or with ``rechoice`` the one chosen for the
+        call's shape bucket (training calls and calls with dropout on their own: they time another path)."""
+        if self.rechoice is None:
+            return self.kernel, self.kernel_name
+        key = self._bucket_key(spec, training)
+        found = self._bucket_kernels.get(key)
+        if found is None:
+            if spec.requires_grad != training:  # the template is the first call's, which may not have been a training one
+                spec = _with_fields(spec, requires_grad=training)
+            name = self.rechoice.kernel(spec, self.kernel_name)
+            found = (registry.get(name), name)
+            if not capturing():  # a capture's stand-in is not the bucket's measured choice
+                self._bucket_kernels[key] = found
+        return found
 
     def __repr__(self) -> str:
         scale, causal, align, left, right, softcap = self.static

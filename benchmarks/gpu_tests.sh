@@ -19,7 +19,7 @@ groups=(
   "tests/kernels/test_fills.py"
   "tests/kernels/test_triton_flash.py"
   "tests/kernels/test_flex.py"
-  "tests/attnopt tests/passes/test_packed.py tests/passes/test_dynamic_detect.py tests/passes/test_training_steps.py"
+  "tests/attnopt tests/passes/test_packed.py tests/passes/test_dynamic_detect.py tests/passes/test_training_steps.py tests/passes/test_rechoice.py tests/passes/test_checkpoint.py"
   "tests/passes/test_zoo.py"
   "tests/passes/test_gpu_masks.py -k test_mask_family_on_cuda"
   "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and auto and (alibi or sliding_window or softcap or documents or dense_bool)'"

@@ -78,13 +78,19 @@ class Workload:
         return {"input_ids": ids, "labels": ids, "position_ids": position_ids, "use_cache": False}
 
 
+#: ``--checkpoint``: every peer's layers run under activation checkpointing (HF's non-reentrant mode)
+CHECKPOINT = False
+
+
 def build(attn: str, config: dict, device: str, dtype: torch.dtype):
     import transformers
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-            **config, max_position_embeddings=65536, attn_implementation=attn))
+            **config, max_position_embeddings=65536, attn_implementation=attn, use_cache=not CHECKPOINT))
+        if CHECKPOINT:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.to(device, dtype).train()
 
 
@@ -223,10 +229,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model on short rows (checks the script)")
+    parser.add_argument("--checkpoint", action="store_true",
+                        help="activation checkpointing in every peer (gradient_checkpointing_enable, non-reentrant)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--stacks-every", type=float, default=None, metavar="S",
                         help="print every thread's Python stack on stderr each S seconds (where a long call waits)")
     args = parser.parse_args()
+    global CHECKPOINT
+    CHECKPOINT = args.checkpoint
     if args.stacks_every:
         faulthandler.dump_traceback_later(args.stacks_every, repeat=True)
     logging.basicConfig(format="%(asctime)s %(message)s")
@@ -252,6 +262,8 @@ def main() -> None:
     results = {}
     device = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
     model = "tiny two-layer Llama, float32" if args.tiny else "Llama-style, 8 layers, d 2048, 16/4 heads, MLP 5632, bf16"
+    if args.checkpoint:
+        model += ", activation checkpointing"
     def lines() -> list[str]:
         return [f"{device}, torch {torch.__version__}; {model}; batch 1; forward + backward + AdamW step, median "
                 f"of {args.repeat} after 2 warm-up steps. Peak MiB: above weights, gradients and AdamW state.", "",

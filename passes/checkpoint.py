@@ -14,6 +14,12 @@ erased, and inputs nothing reads are dropped from the body and from the op; the 
 no region reads it any more. The checkpoint's recomputation in the backward runs the same body, so it
 computes the same small tensors from the same inputs.
 
+In a graph run as Python (``compiler="eager"``), ``run_as_python`` also replaces each region's higher-order op
+by ``torch.utils.checkpoint`` on the body's own code. torch's eager implementation of that op runs the body
+through an ``fx.Interpreter`` under a dispatch mode, and with ``preserve_rng_state=False`` (inductor restores
+random state its own way): run eagerly, a dropout inside the region drew other masks in the backward's
+recomputation than in the forward, so the gradients were not the original model's.
+
 Only what is safe to run again is copied: ops on the analysis's list of pure functions, none written in
 place anywhere in the graph, none requiring grad, at most ``MAX_COPIED`` of them per input. Anything else is
 a boundary: passed in as it is.
@@ -171,3 +177,21 @@ def _erase_unread(gm: GraphModule, nodes: list[Node]) -> None:
         inputs = _inputs(node)
         gm.graph.erase_node(node)
         stack.extend(inputs)
+
+
+def run_checkpointed(body, *args, **kwargs):
+    """A checkpointed region of a graph run as Python: ``torch.utils.checkpoint`` of the body's own code, with
+    the arguments the original call gave (random state preserved unless it said otherwise)."""
+    return torch.utils.checkpoint.checkpoint(body, *args, **kwargs)
+
+
+def run_as_python(gm: GraphModule, node: Node, body: GraphModule) -> None:
+    """Make the checkpoint op ``node`` of ``gm`` (a graph run as Python) a ``run_checkpointed`` call: non-reentrant,
+    as the op is, with the selective-checkpoint policy dynamo recorded on the body, if any."""
+    kwargs = {k: v for k, v in node.kwargs.items() if k in ("preserve_rng_state", "determinism_check", "debug")}
+    kwargs["use_reentrant"] = False
+    context_fn = body.meta.get("_checkpoint_context_fn")
+    if context_fn is not None:
+        kwargs["context_fn"] = context_fn
+    node.target = run_checkpointed
+    node.kwargs = kwargs

@@ -37,7 +37,7 @@ def optimize_graph(
     run as Python, not traced again) lets a site with key padding switch to a
     faster kernel on batches whose padding keeps every key.
     """
-    _optimize_checkpointed(gm, options, report, dry_run)
+    _optimize_checkpointed(gm, options, report, dry_run, as_python=runtime_branches)
     graph_index = report.graphs
     report.graphs += 1
     report.dry_run = dry_run
@@ -73,8 +73,10 @@ def optimize_graph(
             unpadded = _unpadded_kernel(site_plan, options, graph_plan.timing) if runtime_branches else None
             fill_only = (_fill_only_kernel(site_plan, options, graph_plan.timing, branch_bytes)
                          if runtime_branches and unpadded is None else None)
+            rechoice = (plan.Rechoice.for_site(site_plan, options, tuning.replays_graphs(options))
+                        if runtime_branches else None)
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
-                                     fill_only_kernel=fill_only)
+                                     fill_only_kernel=fill_only, rechoice=rechoice)
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -92,12 +94,14 @@ def optimize_graph(
     return gm
 
 
-def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dry_run: bool) -> None:
+def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dry_run: bool,
+                           as_python: bool = False) -> None:
     """Rewrite the bodies of activation-checkpointed regions (``torch.utils.checkpoint``), which dynamo
     captures as subgraphs of a higher-order op: the recomputation in the backward runs the rewritten
     body too. A mask the region receives is analysed with the outer computation that builds it
     (``checkpoint.lift_producers``). Buffers are not evaluated in a body (no example values), so masks
-    built from a body's buffers stay dense."""
+    built from a body's buffers stay dense. ``as_python`` (a graph run as Python): each region then runs
+    through ``torch.utils.checkpoint`` (``checkpoint.run_as_python``)."""
     hop = getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)
     for node in list(gm.graph.nodes):
         if node.op != "call_function" or node.target is not hop or not node.args:
@@ -106,12 +110,14 @@ def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dr
         sub = getattr(gm, body.target, None) if isinstance(body, torch.fx.Node) and body.op == "get_attr" else None
         if isinstance(sub, GraphModule):
             lifted = checkpoint.lift_producers(gm, node, sub)
-            optimize_graph(sub, options, report, dry_run=dry_run, subgraph=True)
+            optimize_graph(sub, options, report, dry_run=dry_run, subgraph=True, runtime_branches=as_python)
             if lifted is not None:
                 checkpoint.settle(gm, lifted)
                 if not dry_run:
                     sub.graph.lint()
                     sub.recompile()
+            if as_python and not dry_run:
+                checkpoint.run_as_python(gm, node, sub)
 
 
 def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
@@ -207,7 +213,7 @@ def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None,
 
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
                       unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False,
-                      fill_only_kernel: str | None = None) -> Site:
+                      fill_only_kernel: str | None = None, rechoice: plan.Rechoice | None = None) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -227,7 +233,8 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
             **described,
         )
     if not dry_run:
-        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean, fill_only_kernel=fill_only_kernel)
+        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean, fill_only_kernel=fill_only_kernel,
+                rechoice=rechoice)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:
@@ -235,6 +242,8 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     if fill_only_kernel is not None:
         dtype = str(spec.dtype).removeprefix("torch.")
         reason += f"; calls whose mask holds only 0 and {dtype}'s finfo.min run {fill_only_kernel} on it as a boolean mask"
+    if rechoice is not None:
+        reason += "; calls in other shape buckets (lengths rounded up to a power of two) choose their kernel on their first call"
     return Site(
         replaced=True, reason=reason,
         kernel=choice.kernel, exact=choice.exact, bytes_after=bytes_after(spec, choice.kernel),

@@ -572,6 +572,68 @@ def _note_calibrated_site(s: SitePlan, found: dict[str, Candidate], why: str) ->
     s.decision = replace(s.decision, candidates=s.decision.candidates + noted)
 
 
+def symbolic_lengths(match: Match) -> bool:
+    """Whether the graph serves more than one sequence length at this site (dynamo made them symbolic)."""
+    for operand in (match.q, match.k):
+        value = tensor_meta(operand.node)
+        if value is not None and value.dim() >= 3 and isinstance(value.shape[-2], torch.SymInt):
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Rechoice:
+    """How a replaced site of a graph with symbolic lengths chooses its kernel for calls in another shape bucket
+    than the one it was planned for (batch, query and key lengths, each rounded up to a power of two, as the
+    tuning cache keys its measurements): the fastest exact kernel for that bucket, measured (or estimated) on
+    the bucket's first call, as the plan itself was, then kept. Without it, one plan made at the graph's first
+    length would serve every later length: a short first batch would decide the kernel of a 16k one.
+
+    Only exact plans without a memory budget are re-chosen (every exact kernel computes the site's function;
+    under ``max_mem`` the fitted plan stays). During a CUDA graph capture nothing is timed: the planned kernel
+    runs where it supports the call, else the cost models' choice."""
+
+    planned: tuple[int, int, int]  # the planned call's (batch, q_len, kv_len) buckets
+    tune: bool
+    cache_dir: str | None
+    replayed: bool
+
+    @staticmethod
+    def bucket(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
+        return tuning._bucket(batch), tuning._bucket(q_len), tuning._bucket(kv_len)
+
+    @classmethod
+    def for_site(cls, site: SitePlan, options, replayed: bool = False) -> Rechoice | None:
+        """The site's rechoice, or None where its one plan is kept: not an exact kernel chosen by the
+        planner, a memory budget, or lengths that never change."""
+        choice = site.choice
+        if (choice is None or not choice.exact or options.kernel is not None
+                or not options.exact or options.max_mem is not None or not symbolic_lengths(site.match)):
+            return None
+        spec = site.spec
+        return cls(cls.bucket(spec.batch, spec.q_len, spec.kv_len), options.tune, options.cache_dir, replayed)
+
+    def kernel(self, spec: AttentionSpec, planned: str) -> str:
+        """The kernel for calls like ``spec`` (a real call's, terms included), ``planned`` in the planned bucket."""
+        if self.bucket(spec.batch, spec.q_len, spec.kv_len) == self.planned:
+            return planned
+        from attnopt.kernels.term_cache import capturing
+
+        if capturing():
+            if not registry.get(planned).not_supported_reasons(spec):
+                return planned
+            return choose(spec, exact=True).kernel
+        # the call's terms as the planner sees them (shapes and dtypes, not values), timed outside any autocast
+        terms = {name: torch.empty(t.shape, dtype=t.dtype, device="meta")
+                 for name in ("key_padding", "q_doc", "kv_doc", "bias", "mask")
+                 if isinstance(t := getattr(spec, name), torch.Tensor)}
+        spec = spec.with_(**terms).with_(device=spec.device)
+        cache = tuning.TuningCache(tuning.cache_dir(self.cache_dir)) if self.tune else None
+        with torch.autocast(spec.device.type, enabled=False):
+            return choose(spec, exact=True, tune=self.tune, cache=cache,
+                          budget=tuning.Budget.for_device(spec.device), replayed=self.replayed).kernel
+
+
 def shape_bucket_guard(matches: list[Match]) -> None:
     """Under dynamic shapes, keep this graph to the shape bucket of its example inputs' sequence lengths.
 

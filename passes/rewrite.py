@@ -117,7 +117,7 @@ class UnlessFillOnly:
 
 
 def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False,
-            fill_only_kernel: str | None = None) -> Node:
+            fill_only_kernel: str | None = None, rechoice=None) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
 
     ``lean`` (graphs run as Python, ``compiler="eager"``): the node calls an ``attnopt.ops.SiteCall`` made
@@ -126,9 +126,11 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
     every key runs that kernel without the padding term instead, decided at run time once per forward
     (one host sync for all sites that share the padding mask). With ``fill_only_kernel`` (lean graphs only), a
     call whose additive mask holds only 0 and ``finfo.min`` runs that kernel on the mask as a boolean one
-    (``UnlessFillOnly``), decided likewise.
+    (``UnlessFillOnly``), decided likewise. ``rechoice`` (lean graphs with symbolic lengths, a
+    ``plan.Rechoice``): each of those calls chooses its kernel again for shape buckets other than the planned one.
     """
-    assert lean or (unpadded_kernel is None and fill_only_kernel is None), "run-time branches are for graphs run as Python"
+    assert lean or (unpadded_kernel is None and fill_only_kernel is None and rechoice is None), \
+        "run-time branches are for graphs run as Python"
     m = match.masks
     with graph.inserting_before(match.output):
         q, k, v = (_view(graph, op) for op in (match.q, match.k, match.v))
@@ -163,14 +165,14 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
             term, fill, boolean_fill = m.fill_only
             checked = _shared(graph, "fill_only", (term, fill, _flat_heads(match)), match.output,
                               lambda: graph.call_function(fill_only_keep, (mask, fill)))
-            branch = UnlessFillOnly(SiteCall(kernel, *static, m.fill.value),
-                                    SiteCall(fill_only_kernel, *static, boolean_fill.value))
+            branch = UnlessFillOnly(SiteCall(kernel, *static, m.fill.value, rechoice),
+                                    SiteCall(fill_only_kernel, *static, boolean_fill.value, rechoice))
             call = graph.call_function(branch, (checked, *tensors, dropout))
         elif unpadded is None:
-            call = graph.call_function(SiteCall(kernel, *static, m.fill.value), (*tensors, dropout))
+            call = graph.call_function(SiteCall(kernel, *static, m.fill.value, rechoice), (*tensors, dropout))
         else:
-            branch = UnlessUnpadded(SiteCall(kernel, *static, m.fill.value),
-                                    SiteCall(unpadded_kernel, *static, m.fill.value))
+            branch = UnlessUnpadded(SiteCall(kernel, *static, m.fill.value, rechoice),
+                                    SiteCall(unpadded_kernel, *static, m.fill.value, rechoice))
             call = graph.call_function(branch, (unpadded, *tensors, dropout))
         out = graph.call_function(operator.getitem, (call, 0))
         for name, args in match.output_steps:

@@ -176,3 +176,45 @@ def test_a_mask_written_in_place_outside_is_not_copied_in(in_place):
     (grad_out,) = torch.autograd.grad(out.sum(), x)
     (grad_expected,) = torch.autograd.grad(expected.sum(), x)
     torch.testing.assert_close(grad_out, grad_expected, atol=1e-5, rtol=1e-5)
+
+
+class _DropoutLayer(_Layer):
+    def __init__(self, d=16):
+        super().__init__(d)
+        self.drop = torch.nn.Dropout(0.5)
+
+    def forward(self, x, mask):
+        return self.drop(super().forward(x, mask))
+
+
+@pytest.mark.parametrize("compiler", ["eager", "inductor"])
+def test_dropout_in_a_checkpointed_region_is_recomputed_with_the_same_masks(compiler, request):
+    """The backward recomputes a checkpointed region with the random state of its forward, as the original
+    does: the gradients through a dropout inside it are the original's. (torch's eager implementation of the
+    region's op does not restore that state; a graph run as Python runs ``torch.utils.checkpoint`` instead.)
+    Inductor draws its own random numbers unless told to fall back to eager's, as here."""
+    if compiler == "inductor":
+        import torch._inductor.config as inductor_config
+
+        patch = inductor_config.patch(fallback_random=True)  # the config module's own patch: undone exactly
+        patch.__enter__()
+        request.addfinalizer(lambda: patch.__exit__(None, None, None))
+    torch.manual_seed(0)
+    model = _Model(in_place=False)
+    model.layer = _DropoutLayer()
+    model.train()
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False, compiler=compiler)
+    x = torch.randn(2, 10, 16)
+    for _ in range(2):
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        got = optimized(x)
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+        g = torch.randn_like(got)
+        want = torch.autograd.grad(expected, list(model.parameters()), g)
+        have = torch.autograd.grad(got, list(optimized.parameters()), g)
+        for a, b in zip(have, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    sites = optimized.attnopt_report.sites
+    assert sites and all(s.replaced and s.found == "causal" for s in sites), str(optimized.attnopt_report)
