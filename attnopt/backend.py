@@ -280,16 +280,28 @@ def _verified(rewritten: GraphModule, original: GraphModule, inputs, options: Op
 
 
 def _outputs(gm: GraphModule, inputs, seed: int) -> list[torch.Tensor]:
-    """The tensors ``gm`` returns on ``inputs``, run without gradients from random state ``seed``; inputs
-    the graph writes in place are copied first, so the real call sees them as they were."""
+    """The tensors ``gm`` returns on ``inputs``, run from random state ``seed``, then, for a training graph
+    (inputs that require grad, outputs that depend on them), the gradients of those inputs for fixed random
+    output gradients: a replacement whose forward is right and backward wrong differs too. Inputs the graph
+    writes in place are copied first, so the real call sees them as they were; nothing accumulates in
+    ``.grad``."""
     written = _written_inputs(gm)
     args = [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(inputs)]
     devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda} - {None})
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    # gradients as the call itself would make them: not under no_grad (parameters require grad in eval too)
+    wanted = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad] if torch.is_grad_enabled() else []
+    with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(bool(wanted)):
         torch.manual_seed(seed)
         out = gm(*args)
-    flat, _ = torch.utils._pytree.tree_flatten(out)
-    return [t.detach() for t in flat if isinstance(t, torch.Tensor)]
+        flat = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+        found = [t.detach() for t in flat]
+        differentiable = [t for t in flat if t.requires_grad]
+        if differentiable:
+            generator = torch.Generator().manual_seed(0)  # the same output gradients for every run compared
+            seeds = [torch.randn(t.shape, generator=generator).to(t.device, t.dtype) for t in differentiable]
+            grads = torch.autograd.grad(differentiable, wanted, seeds, allow_unused=True)
+            found += [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(wanted, grads)]
+    return found
 
 
 def _written_inputs(gm: GraphModule) -> set[int]:

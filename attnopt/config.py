@@ -82,9 +82,10 @@ class Options:
     ``torch.compile(mode=...)``: "default", "reduce-overhead" (CUDA graphs), "max-autotune",
     "max-autotune-no-cudagraphs".
     ``verify``: on each graph's first call, run the original and the rewritten graph on the same
-    inputs and compare their outputs; a site whose replacement changes them is restored to its
-    original code, with a warning naming it. A safety net, off by default (it costs two extra runs
-    of the graph on its first call, more when a site differs).
+    inputs and compare their outputs (and, for a training graph, the gradients of its inputs that require
+    grad); a site whose replacement changes them is restored to its original code, with a warning naming
+    it. A safety net, off by default (it costs two extra runs of the graph on its first call, with their
+    backward in training, more when a site differs).
     """
 
     max_mem: int | None = None

@@ -114,3 +114,47 @@ def test_the_backend_verifies_too(causal_ignored):
     with pytest.warns(attnopt.AttnoptWarning, match="causal"):
         torch.testing.assert_close(compiled(_x()), model.full(model.causal(_x())))
     assert [s.replaced for s in attnopt.report_of(compiled).sites] == [False, True]
+
+
+@pytest.fixture
+def backward_wrong(monkeypatch):
+    """The reference kernel's backward made wrong (dq doubled) while its forward stays right."""
+    kernel = type(registry.get("reference"))
+    right = kernel.backward
+
+    def wrong(self, *args, **kwargs):
+        dq, *rest = right(self, *args, **kwargs)
+        return (dq * 2, *rest)
+
+    monkeypatch.setattr(kernel, "backward", wrong)
+
+
+def test_a_training_graph_is_verified_by_its_gradients_too(backward_wrong):
+    """A replacement whose forward is right but backward wrong is found by the gradients and restored: the
+    model trains as the original does."""
+    torch.manual_seed(0)
+    model = TwoSites().train()
+    reference = TwoSites().train()
+    reference.load_state_dict(model.state_dict())
+    optimized = attnopt.optimize(model, kernel="reference", verify=True)
+    x = _x().requires_grad_(True)
+    with pytest.warns(attnopt.AttnoptWarning, match=r"verify: replacing the attention at (causal|full)"):
+        got = optimized(x)
+    want = reference(x)
+    torch.testing.assert_close(got, want)
+    g = torch.randn_like(got)
+    for a, b in zip(torch.autograd.grad(got, [x, *model.parameters()], g),
+                    torch.autograd.grad(want, [x, *reference.parameters()], g)):
+        torch.testing.assert_close(a, b)
+    assert not any(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
+
+
+def test_right_training_graphs_are_verified_and_kept():
+    torch.manual_seed(0)
+    model = TwoSites().train()
+    optimized = attnopt.optimize(model, kernel="reference", verify=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", attnopt.AttnoptWarning)
+        optimized(_x().requires_grad_(True)).sum().backward()
+    sites = optimized.attnopt_report.sites
+    assert sites and all(s.replaced and "verified on the first inputs" in s.notes for s in sites), str(sites)
