@@ -321,3 +321,14 @@ class Alibi(Heads):
         scores = q @ k.transpose(-2, -1) * self.head_dim**-0.5 + bias
         scores = scores.masked_fill(pos[None, :] > pos[:, None], float("-inf"))
         return self.merge(scores.softmax(-1) @ v)
+
+
+def assert_same_function(optimized: nn.Module, original: nn.Module, x: torch.Tensor, atol=1e-5, rtol=1e-5):
+    """``optimized(x)`` equals ``original(x)``, and so does the gradient of ``x`` through both for one random
+    output gradient."""
+    x = x.detach().requires_grad_(True)
+    got, want = optimized(x), original(x)
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    g = torch.randn_like(got)
+    torch.testing.assert_close(torch.autograd.grad(got, x, g)[0], torch.autograd.grad(want, x, g)[0],
+                               atol=atol, rtol=rtol)
