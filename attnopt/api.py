@@ -214,8 +214,9 @@ _EAGER = {
     ),
     "an error was suppressed during compilation": (
         "dynamo could not compile this frame (a graph break it cannot resume from, e.g. inside a loop or "
-        "a with-block) and runs it eagerly: attention computed in it is not optimized; "
-        "TORCH_LOGS=graph_breaks shows the break"
+        "a with-block) and runs it eagerly: attention computed in its own code is not optimized (the functions "
+        "it calls are compiled on their own, and their attention is in this report); TORCH_LOGS=graph_breaks "
+        "shows the break"
     ),
 }
 _SKIP = re.compile(r"^(?P<name>\S+) \((?P<file>.+):(?P<line>\d+)\): (?P<reason>.*)$", re.DOTALL)
