@@ -1,6 +1,6 @@
 """First-call overhead: ``attnopt.optimize`` and ``torch.compile(backend="attnopt")`` against plain torch.compile.
 
-    python benchmarks/compile_time.py [--repeat 3] [--length 256] [--out benchmarks/results/compile_time.md]
+    python benchmarks/compile_time.py [--repeat 3] [--length 256] [--train] [--out benchmarks/results/compile_time.md]
 
 A user pays the first call once per shape family: dynamo captures the forward, attnopt rewrites
 each graph (detect, analyze, plan: within ``tune``'s time budget it measures the candidates), and
@@ -15,6 +15,10 @@ which the candidates' timing). Routes:
 * ``inductor``: plain ``torch.compile(model)``;
 * ``backend``: ``torch.compile(model, backend="attnopt")`` (inductor).
 
+``--train``: the first call is a training one, forward and backward (``model.train()``, the sum of the
+outputs' floating tensors as the loss, dropout off so the outputs compare): inductor compiles the backward too,
+and attnopt times its candidates' training path.
+
 Models (random weights, float32, batch 2, forward under ``torch.no_grad()``): the quickstart's GPT
 (4 layers, d 256, 8 heads, causal + padding), Hugging Face Llama (4 layers, d 256, 8/2 heads,
 ``attention_mask`` with padding) and GPT-2 (4 layers, d 256, 4 heads), eager attention.
@@ -23,6 +27,7 @@ Models (random weights, float32, batch 2, forward under ``torch.no_grad()``): th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -62,7 +67,8 @@ def build(kind: str, length: int):
             model = transformers.LlamaForCausalLM(config)
         else:
             config = transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4,
-                                             n_positions=max(1024, length), attn_implementation="eager")
+                                             n_positions=max(1024, length), attn_implementation="eager",
+                                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
             model = transformers.GPT2LMHeadModel(config)
     ids = torch.randint(0, 1000, (BATCH, length))
     mask = torch.ones(BATCH, length, dtype=torch.long)
@@ -70,8 +76,9 @@ def build(kind: str, length: int):
     return model.eval(), ((), {"input_ids": ids, "attention_mask": mask})
 
 
-def one(kind: str, route: str, length: int) -> dict:
-    """Time the first call of one route on one model in this (fresh) process."""
+def one(kind: str, route: str, length: int, train: bool = False) -> dict:
+    """Time the first call of one route on one model in this (fresh) process (``train``: forward and
+    backward)."""
     import attnopt
     import attnopt.backend
     from attnopt.passes import tuning
@@ -92,10 +99,21 @@ def one(kind: str, route: str, length: int) -> dict:
     tuning.measured_seconds = timed(tuning.measured_seconds, "tune")
     model, inputs = build(kind, length)
     args, kwargs = inputs
-    with torch.no_grad():
-        model(*args, **kwargs)  # eager warm-up: the allocator and lazy inits are not the compiler's
+    if train:
+        model.train()
+
+    def call(module):
+        out = module(*args, **kwargs)
+        if train:
+            loss = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out)
+                       if isinstance(t, torch.Tensor) and t.requires_grad)
+            loss.backward()
+        return out
+
+    with contextlib.nullcontext() if train else torch.no_grad():
+        call(model)  # eager warm-up: the allocator and lazy inits are not the compiler's
         start = time.perf_counter()
-        eager = model(*args, **kwargs)
+        eager = call(model)
         eager_s = time.perf_counter() - start
         if route == "dynamo":
             compiled = torch.compile(model, backend="eager")
@@ -106,11 +124,11 @@ def one(kind: str, route: str, length: int) -> dict:
         else:
             compiled = torch.compile(model, backend="attnopt")
         start = time.perf_counter()
-        got = compiled(*args, **kwargs)
+        got = call(compiled)
         first = time.perf_counter() - start
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(eager)):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-4, rtol=1e-4)
     sites = replaced = 0
     if route in ("optimize", "backend"):
         report = attnopt.report_of(compiled)
@@ -119,13 +137,13 @@ def one(kind: str, route: str, length: int) -> dict:
             "sites": sites, "replaced": replaced}
 
 
-def fresh(kind: str, route: str, length: int) -> dict:
+def fresh(kind: str, route: str, length: int, train: bool = False) -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
                    TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), ATTNOPT_CACHE_DIR=cache)
         env.pop("ATTNOPT_TUNE", None)
-        out = subprocess.run([sys.executable, __file__, "--one", kind, route, "--length", str(length)],
-                             env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, __file__, "--one", kind, route, "--length", str(length)]
+                             + (["--train"] if train else []), env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -134,13 +152,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--train", action="store_true", help="a training first call: forward and backward")
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ROUTE"))
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args.length)))
+        print(json.dumps(one(*args.one, args.length, args.train)))
         return
-    fresh(args.models[0], "inductor", args.length)  # untimed: the first process also warms the OS's file caches
+    fresh(args.models[0], "inductor", args.length, args.train)  # untimed: the first process also warms the OS's file caches
     load = os.getloadavg()[0]
     rows = [
         "| model | dynamo (capture) | optimize | overhead vs dynamo | inductor | backend | overhead vs inductor "
@@ -152,7 +171,7 @@ def main() -> None:
         runs = {route: [] for route in ROUTES}
         for _ in range(args.repeat):  # interleaved, so that a change in the machine's load touches every route
             for route in ROUTES:
-                runs[route].append(fresh(kind, route, args.length))
+                runs[route].append(fresh(kind, route, args.length, args.train))
                 print(kind, route, runs[route][-1], file=sys.stderr, flush=True)
         med = {route: statistics.median(r["first"] for r in runs[route]) for route in ROUTES}
         rewrites = [r for route in ("optimize", "backend") for r in runs[route]]
@@ -169,11 +188,12 @@ def main() -> None:
     text = "\n".join([
         "# First-call overhead: attnopt against plain torch.compile (CPU)",
         "",
-        f"`python benchmarks/compile_time.py --repeat {args.repeat} --length {args.length}`",
+        f"`python benchmarks/compile_time.py --repeat {args.repeat} --length {args.length}"
+        f"{' --train' if args.train else ''}`",
         "",
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads (load average "
-        f"{load:.1f} at the start: the machine is shared); float32, batch 2, N = {args.length}, forward under "
-        f"no_grad. Each cell: the first call's wall time, median of {args.repeat} fresh processes with cold "
+        f"{load:.1f} at the start: the machine is shared); float32, batch 2, N = {args.length}, "
+        f"{'forward and backward in training mode' if args.train else 'forward under no_grad'}. Each cell: the first call's wall time, median of {args.repeat} fresh processes with cold "
         "caches (inductor's FX graph and autograd caches off, an empty attnopt tuning cache), run "
         "interleaved. \"attnopt pass\": time in attnopt's rewrite of the captured graphs (detect, masks, "
         "plan, rewrite), median over the optimize and backend runs, and the part of it spent timing the "
