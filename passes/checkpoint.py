@@ -33,6 +33,7 @@ import torch
 from torch.fx import GraphModule, Node
 
 from .graph import Mutations, _is_pure, is_in_place, tensor_meta
+from .rewrite import erase_dead
 
 #: the most nodes copied into a body for one of its inputs (a mask's construction takes a few dozen)
 MAX_COPIED = 256
@@ -98,9 +99,7 @@ def settle(gm: GraphModule, lifted: Lifted) -> None:
     body = lifted.body
     for root, placeholder in lifted.roots.items():
         root.replace_all_uses_with(placeholder)
-    for copy in reversed(lifted.copied):
-        if not copy.users:
-            body.graph.erase_node(copy)
+    erase_dead(body.graph, lifted.copied)
     touched = set(lifted.roots.values()) | set(lifted.added)
     placeholders = [n for n in body.graph.nodes if n.op == "placeholder"]
     operands = [lifted.operands[p] for p in placeholders]
@@ -110,8 +109,7 @@ def settle(gm: GraphModule, lifted: Lifted) -> None:
             body.graph.erase_node(placeholder)
     node = lifted.node
     node.args = (node.args[0], *(o for o, kept in zip(operands, keep) if kept))
-    dropped = [o for o, kept in zip(operands, keep) if not kept and isinstance(o, Node)]
-    _erase_unread(gm, dropped)
+    erase_dead(gm.graph, [o for o, kept in zip(operands, keep) if not kept and isinstance(o, Node)])
 
 
 def _copyable(node: Node, mutations: Mutations) -> bool:
@@ -163,20 +161,6 @@ def _add_input(lifted: Lifted, outer: Node, after: Node) -> Node:
     node = lifted.node
     node.args = (*node.args, outer)
     return placeholder
-
-
-def _erase_unread(gm: GraphModule, nodes: list[Node]) -> None:
-    """Erase ``nodes`` and their pure producers once nothing reads them."""
-    stack = list(nodes)
-    while stack:
-        node = stack.pop()
-        if node.users or node.op not in ("call_function", "call_method") or not _is_pure(node):
-            continue
-        if is_in_place(node) or node.is_impure():
-            continue
-        inputs = _inputs(node)
-        gm.graph.erase_node(node)
-        stack.extend(inputs)
 
 
 def run_checkpointed(body, *args, **kwargs):

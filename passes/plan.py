@@ -572,13 +572,15 @@ def _note_calibrated_site(s: SitePlan, found: dict[str, Candidate], why: str) ->
     s.decision = replace(s.decision, candidates=s.decision.candidates + noted)
 
 
+def _lengths(match: Match) -> list:
+    """The site's query and key lengths as the graph sees them (ints, or SymInts under dynamic shapes)."""
+    values = [tensor_meta(operand.node) for operand in (match.q, match.k)]
+    return [v.shape[-2] for v in values if v is not None and v.dim() >= 3]
+
+
 def symbolic_lengths(match: Match) -> bool:
     """Whether the graph serves more than one sequence length at this site (dynamo made them symbolic)."""
-    for operand in (match.q, match.k):
-        value = tensor_meta(operand.node)
-        if value is not None and value.dim() >= 3 and isinstance(value.shape[-2], torch.SymInt):
-            return True
-    return False
+    return any(isinstance(length, torch.SymInt) for length in _lengths(match))
 
 
 @dataclass(frozen=True)
@@ -598,9 +600,7 @@ class Rechoice:
     cache_dir: str | None
     replayed: bool
 
-    @staticmethod
-    def bucket(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
-        return tuning._bucket(batch), tuning._bucket(q_len), tuning._bucket(kv_len)
+    bucket = staticmethod(tuning.shape_bucket)
 
     @classmethod
     def for_site(cls, site: SitePlan, options, replayed: bool = False) -> Rechoice | None:
@@ -643,9 +643,7 @@ def shape_bucket_guard(matches: list[Match]) -> None:
     the graph again, calibrated again, for a length outside it.
     """
     for match in matches:
-        for operand in (match.q, match.k):
-            value = tensor_meta(operand.node)
-            length = None if value is None or value.dim() < 3 else value.shape[-2]
+        for length in _lengths(match):
             if not isinstance(length, torch.SymInt):
                 continue
             n = hint(length)

@@ -151,10 +151,16 @@ def _device_name(device: torch.device) -> str:
     return device.type
 
 
+def shape_bucket(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
+    """The bucket of a call's batch and lengths, each rounded up to a power of two: what one timing serves."""
+    return _bucket(batch), _bucket(q_len), _bucket(kv_len)
+
+
 def cache_key(spec: AttentionSpec, replayed: bool = False) -> str:
     """Device name, library versions and the bucketed spec signature (and whether the candidates were timed
     by CUDA graph replays), hashed to a file name."""
-    shaped = spec.with_(q_len=_bucket(spec.q_len), kv_len=_bucket(spec.kv_len), batch=_bucket(spec.batch))
+    batch, q_len, kv_len = shape_bucket(spec.batch, spec.q_len, spec.kv_len)
+    shaped = spec.with_(q_len=q_len, kv_len=kv_len, batch=batch)
     parts = [FORMAT, _device_name(spec.device), _versions(), repr(shaped.signature())]
     text = json.dumps(parts + ["replayed"] if replayed else parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]

@@ -218,3 +218,42 @@ def test_dropout_in_a_checkpointed_region_is_recomputed_with_the_same_masks(comp
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     sites = optimized.attnopt_report.sites
     assert sites and all(s.replaced and s.found == "causal" for s in sites), str(optimized.attnopt_report)
+
+
+class _Router(torch.nn.Module):
+    """A mixture-of-experts router: a softmax over gate logits plus a penalty built outside, not attention."""
+
+    def __init__(self, d=16, experts=4):
+        super().__init__()
+        self.gate, self.experts = torch.nn.Linear(d, experts), torch.nn.Linear(d, experts * d)
+
+    def forward(self, x, penalty):
+        weights = torch.softmax(self.gate(x) + penalty, dim=-1)  # [B, N, E]
+        outs = self.experts(x).view(*x.shape[:2], weights.shape[-1], -1)  # [B, N, E, D]
+        return (weights.unsqueeze(-1) * outs).sum(2)
+
+
+class _RoutedModel(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.router = _Router()
+
+    def forward(self, x):
+        penalty = torch.zeros(4).masked_fill(torch.arange(4) > 2, float("-inf"))  # built outside, as masks are
+        return torch.utils.checkpoint.checkpoint(self.router, x, penalty, use_reentrant=False)
+
+
+def test_a_checkpointed_router_is_left_alone():
+    """Copying a region's inputs into it finds no attention where there is none: a router's softmax over a
+    penalty built outside stays as written, and the region computes what it did."""
+    torch.manual_seed(0)
+    model = _RoutedModel()
+    x = torch.randn(2, 10, 16, requires_grad=True)
+    gm, report, out = _capture(copy.deepcopy(model), x)
+    assert [(s.replaced, s.reason.split(' [at')[0].endswith('not attention')) for s in report.sites] == [(False, True)]
+    ((node, body),) = _regions(gm)
+    assert len(_placeholders(body)) == len(node.args) - 1
+    assert not any(p.name.startswith("lifted_") for p in _placeholders(body))
+    expected = model(x)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
