@@ -25,7 +25,6 @@ and nothing is bound.
 
 from __future__ import annotations
 
-import functools
 import inspect
 import itertools
 import logging
@@ -44,12 +43,11 @@ BOUND = os.environ.get("ATTNOPT_BOUND_LAUNCH", "1") != "0"
 #: bound call signatures kept (lengths that change every call would otherwise grow it without end)
 SIGNATURES = 256
 
-#: (kernel, its tuning key, argument dtypes) -> the configuration its autotuner chose
+#: (id of the autotuned kernel, its tuning key, argument dtypes) -> (the kernel, the configuration its autotuner
+#: chose); keyed by id since an autotuner hashes its JIT function's source digest
 _TUNED: dict = {}
-#: (kernel, call signature) -> _Bound
+#: (the JIT function's ``_Kernel.id``, device, configuration, call signature) -> _Bound
 _BOUND: OrderedDict = OrderedDict()
-#: JIT functions whose launch could not be bound (why, once in the log)
-_UNBINDABLE: set = set()
 
 
 class _Bound:
@@ -67,25 +65,28 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     plain ``triton.jit`` function (its launch options, such as ``num_warps``, among the keyword arguments)."""
     fn = getattr(kernel, "fn", None)
     if fn is None or not hasattr(kernel, "keys"):  # a JIT function: the options given are its configuration
-        if not BOUND or kernel in _UNBINDABLE or _interpreted():
+        state = _state(kernel)
+        if not BOUND or state.unbindable or _interpreted():
             kernel[grid](*args, **kwargs)
             return
         fn = kernel
-        config = {name: value for name, value in kwargs.items() if name not in _param_names(fn)}
+        config = {name: value for name, value in kwargs.items() if name not in state.param_names}
     else:
         # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs'
         # matters (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
-        key = (kernel, tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
-        config = _TUNED.get(key)
-        if config is None:
+        key = (id(kernel), tuple([kwargs[name] for name in kernel.keys]), args[0].dtype)
+        tuned = _TUNED.get(key)
+        if tuned is None or tuned[0] is not kernel:
             kernel[grid](*args, **kwargs)
-            _TUNED[key] = kernel.best_config.all_kwargs()
+            _TUNED[key] = (kernel, kernel.best_config.all_kwargs())
             return
+        config = tuned[1]
         kwargs.update(config)
-    if not BOUND or fn in _UNBINDABLE or _interpreted():
+        state = _state(fn)
+    if not BOUND or state.unbindable or _interpreted():
         fn.run(*args, grid=grid, warmup=False, **kwargs)
         return
-    names = _params(fn)[0]
+    names = state.names
     try:
         values = [*args, *[kwargs[name] for name in names[len(args):]]]
     except KeyError as missing:  # a parameter left to its default: Triton's binder fills it in
@@ -94,7 +95,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         return
     driver = _driver()
     device = driver.get_current_device()  # Triton keeps compiled kernels per device
-    signature = (fn, device, tuple(sorted(config.items())), *_signature(fn, values))
+    signature = (state.id, device, tuple(sorted(config.items())), *_signature(fn, values, state))
     bound = _BOUND.get(signature)
     if bound is None:
         _bind(fn, grid, args, kwargs, values, signature, config)  # launches through Triton
@@ -109,22 +110,53 @@ def launch(kernel, grid, *args, **kwargs) -> None:
               compiled.function, compiled.packed_metadata, None, None, None, *[values[i] for i in bound.order])
 
 
-def _signature(fn, values: list) -> tuple:
+class _Kernel:
+    """What the launches of one JIT function share, found once: its parameters, the layouts of its calls, and
+    whether its launch could be bound. Kept by the function's ``id`` with the function itself (so the id is never
+    another's while kept): a JIT function hashes by its source's digest, behind a lock, which a launch that looks
+    it up in a few dictionaries paid for about 25 times (``benchmarks/host_cost.py --detail``)."""
+
+    __slots__ = ("fn", "id", "names", "constexprs", "param_names", "layouts", "unbindable")
+
+    def __init__(self, fn):
+        self.fn, self.id = fn, next(_IDS)
+        self.names = [p.name for p in fn.params]
+        self.constexprs = frozenset(i for i, p in enumerate(fn.params) if p.is_constexpr)
+        self.param_names = frozenset(self.names)
+        self.layouts: dict = {}  # argument types -> the getters of ``_layout`` and the layout's id
+        self.unbindable = False
+
+
+def _state(fn) -> _Kernel:
+    state = _KERNELS.get(id(fn))
+    if state is None or state.fn is not fn:
+        state = _KERNELS[id(fn)] = _Kernel(fn)
+    return state
+
+
+def unbindable(fn) -> bool:
+    """Whether ``fn``'s launches keep Triton's own path (its launch could not be bound)."""
+    state = _KERNELS.get(id(fn))
+    return state is not None and state.fn is fn and state.unbindable
+
+
+def _signature(fn, values: list, state: _Kernel | None = None) -> tuple:
     """What of ``values`` decides the kernel Triton compiles, as a short tuple: the arguments' types (as the id of
     their layout), the non-tensor arguments' specializations (``_specialization``; constexprs by value: as the id
     of that specialization, looked up by the arguments' exact values, which the layers of a forward and the calls
     of a decode step repeat) and each tensor's dtype and 16-byte alignment. Specializing 78 arguments one by one
     costs about 27 us of host time per launch; two equal signatures mean equal specializations, as before."""
+    state = state or _state(fn)
     types = tuple(map(type, values))
-    layout = _LAYOUTS.get((fn, types))
+    layout = state.layouts.get(types)
     if layout is None:
-        layout = _LAYOUTS[fn, types] = _layout(fn, types)
+        layout = state.layouts[types] = _layout(fn, types)
     tensors_of, scalars_of, positions, layout_id = layout
     scalars = scalars_of(values)
     key = (layout_id, scalars)
     special = _SCALARS.get(key)
     if special is None:
-        constexprs = _params(fn)[1]
+        constexprs = state.constexprs
         found = tuple([v if i in constexprs else _specialization(v) for i, v in zip(positions, scalars)])
         special = _SCALARS[key] = _intern(found)
         while len(_SCALARS) > SIGNATURES:
@@ -164,8 +196,8 @@ def _getter(positions: list[int]):
 
 #: ids of layouts and specializations, never reused
 _IDS = itertools.count()
-#: (JIT function, argument types) -> the getters of ``_layout`` and the layout's id
-_LAYOUTS: dict = {}
+#: id of a JIT function -> its ``_Kernel``
+_KERNELS: dict = {}
 #: (layout id, non-tensor arguments) -> the id of their specializations; bounded like ``_BOUND``
 _SCALARS: OrderedDict = OrderedDict()
 #: specialization -> its id
@@ -230,7 +262,7 @@ def _bind(fn, grid, args, kwargs, values, signature, config) -> None:
 
 
 def _unbindable(fn, why: str) -> None:
-    _UNBINDABLE.add(fn)
+    _state(fn).unbindable = True
     log.info("attnopt: %s keeps Triton's launch path: %s", getattr(fn, "__name__", fn), why)
 
 
@@ -268,15 +300,10 @@ def _launcher_slot(compiled) -> tuple[object, str]:
     return compiled, "run"
 
 
-@functools.cache
 def _params(fn) -> tuple[list[str], frozenset[int]]:
     """The JIT function's parameter names, in order, and the indices of its constexpr parameters."""
-    return [p.name for p in fn.params], frozenset(i for i, p in enumerate(fn.params) if p.is_constexpr)
-
-
-@functools.cache
-def _param_names(fn) -> frozenset[str]:
-    return frozenset(_params(fn)[0])
+    state = _state(fn)
+    return state.names, state.constexprs
 
 
 def _interpreted() -> bool:
@@ -314,7 +341,6 @@ def forget() -> None:
     its autotune configurations were changed)."""
     _TUNED.clear()
     _BOUND.clear()
-    _UNBINDABLE.clear()
-    _LAYOUTS.clear()
+    _KERNELS.clear()
     _SCALARS.clear()
     _SPECIAL_IDS.clear()

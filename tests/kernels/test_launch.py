@@ -186,7 +186,7 @@ def test_a_launch_that_does_not_match_keeps_tritons_path(bound, monkeypatch, cap
     with caplog.at_level("INFO", logger="attnopt"):
         for _ in range(4):
             _call(kernel, q)
-    assert fn.triton_launches == 4 and fn in launch._UNBINDABLE
+    assert fn.triton_launches == 4 and launch.unbindable(fn)
     assert "keeps Triton's launch path" in caplog.text
 
 
@@ -223,7 +223,7 @@ def test_a_hook_in_the_chain_keeps_tritons_path(bound):
     q = torch.zeros(64)
     for _ in range(4):
         _call(kernel, q)
-    assert fn.triton_launches == 4 and fn in launch._UNBINDABLE
+    assert fn.triton_launches == 4 and launch.unbindable(fn)
     assert launch._no_hook(None) and launch._no_hook(HookChain()) and not launch._no_hook(HookChain(print))
 
 
@@ -295,3 +295,36 @@ def test_the_signature_tells_calls_apart_as_the_per_argument_specialization_does
         assert (launch._signature(fn, base) == launch._signature(fn, changed)) == (
             specialized(base) == specialized(changed)), (where, other)
     check()
+
+
+class _HashedJIT(_JIT):
+    """A JIT function that hashes as Triton's does (its source's digest, behind a lock): counted."""
+
+    hashes = 0
+
+    def __hash__(self):
+        type(self).hashes += 1
+        return 1
+
+
+class _HashedAutotuned(_Autotuned):
+    hashes = 0
+
+    def __hash__(self):
+        type(self).hashes += 1
+        return 2
+
+
+def test_a_bound_launch_hashes_neither_the_kernel_nor_its_autotuner(bound):
+    """Looked up by identity: hashing a JIT function costs a lock and a digest, which a launch paid about 25
+    times before (``benchmarks/host_cost.py --detail``)."""
+    fn = _HashedJIT(True, True)
+    kernel = _HashedAutotuned(fn)
+    q = torch.zeros(64)
+    for _ in range(3):  # tune, bind, then bound
+        _call(kernel, q)
+    _HashedJIT.hashes = _HashedAutotuned.hashes = 0
+    for _ in range(5):
+        _call(kernel, q)
+    assert fn.triton_launches == 2 and len(fn.launched) == 8  # then five bound launches
+    assert _HashedJIT.hashes == 0 and _HashedAutotuned.hashes == 0
