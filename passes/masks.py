@@ -757,10 +757,14 @@ def _constant_band(value: torch.Tensor, score_shape, fills_ok: bool = False):
 def alibi_slopes(value: torch.Tensor, score_shape) -> list[float] | None:
     """Per-head slopes ``m_h`` when a constant additive term is ALiBi: ``m_h * (j - i)`` (or
     ``-m_h * |j - i|``, or ``m_h * j`` as BLOOM writes it, equal under the row softmax), else None."""
-    if not value.is_floating_point() or value.dim() < 3 or not bool(torch.isfinite(value).all()):
+    if not value.is_floating_point() or value.dim() < 3:
         return None
     q_len, kv_len = score_shape[-2], score_shape[-1]
     if value.shape[-1] != kv_len or value.shape[-2] not in (1, q_len) or kv_len < 2:
+        return None
+    if not _first_row_affine(value):
+        return None
+    if not bool(torch.isfinite(value).all()):
         return None
     grid = value.detach().reshape(-1, *value.shape[-3:]).cpu().double()  # [b, h, q or 1, k]
     if not bool((grid == grid[:1]).all()):
@@ -777,6 +781,21 @@ def alibi_slopes(value: torch.Tensor, score_shape) -> list[float] | None:
         if bool((slopes != 0).any()) and bool(torch.allclose(grid, expected + offset, rtol=1e-4, atol=1e-4)):
             return [float(x) for x in slopes.abs()]
     return None
+
+
+def _first_row_affine(value: torch.Tensor) -> bool:
+    """A necessary condition of ``alibi_slopes``, read from one row: every head's first query row is affine in
+    the key index (``m_h * j`` plus a constant, in each of ALiBi's forms), within what the whole comparison's
+    tolerance lets through. A constant causal mask of 0 and a finite fill (an HF model's ``finfo.min``) fails it
+    here, before its whole ``[Nq, Nk]`` grid is copied to the host in float64 and compared three times: at 16k
+    tokens that took seconds per site, and a checkpointed model analyses each layer's region on its own."""
+    first = value.detach().reshape(-1, *value.shape[-3:])[0, :, 0, :].double()  # [h, k]
+    if not bool(torch.isfinite(first).all()):
+        return False
+    bends = first.diff(n=2, dim=-1).abs()  # 0 on an affine row
+    # the whole comparison allows 1e-4 (+ 1e-4 relative) per entry, so up to four times that per second difference
+    allowed = 4e-4 * (1.0 + 1.01 * first.abs().amax(dim=-1, keepdim=True))
+    return bool((bends <= allowed).all())
 
 
 def _run_time_alibi(node: Node, steps, score_shape, constants: Constants) -> bool:
