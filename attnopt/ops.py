@@ -533,7 +533,7 @@ class SiteCall:
         self.kernel_name = kernel
         #: None for "auto": the planner chooses per call, in the op
         self.kernel = None if kernel == "auto" else registry.get(kernel)
-        #: ``passes.plan.Rechoice`` of a graph with symbolic lengths: the kernel of each other shape bucket,
+        #: ``passes.plan.Rechoice`` of a graph with a symbolic batch size or lengths: the kernel of each other shape bucket,
         #: chosen on its first call; None: ``kernel`` for every call
         self.rechoice = None if kernel == "auto" else rechoice
         #: (batch, q_len, kv_len buckets, training, dropout) -> (kernel, its name), for ``rechoice``
@@ -553,7 +553,7 @@ class SiteCall:
         training = plain and _wants_grad(q, k, v, bias, mask)
         if training and q.device.type in EAGER_TRAINING_DEVICES and 0.0 <= dropout_p < 1.0:
             # training in a graph run as Python
-            spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
+            spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared=False)[0]
             if dropout_p != 0.0:
                 spec = _with_fields(spec, dropout_p=float(dropout_p))
             kernel, name = self._kernel(spec, True)
@@ -562,7 +562,7 @@ class SiteCall:
         if dropout_p != 0.0 or not plain or training:
             name = self.kernel_name
             if self.rechoice is not None and plain and 0.0 <= dropout_p < 1.0:
-                spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask)[0]
+                spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared=False)[0]
                 if dropout_p != 0.0:
                     spec = _with_fields(spec, dropout_p=float(dropout_p))
                 name = self._kernel(spec, training)[1]
@@ -575,33 +575,45 @@ class SiteCall:
                 return (run(q, k, v, spec),)
         return (run(q, k, v, spec),)
 
-    def _spec(self, q, k, v, key_padding, q_doc, kv_doc, bias, mask) -> tuple:
+    def _spec(self, q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared: bool = True) -> tuple:
         """``(spec, prepared call)`` of this call from its call plan (made on the first call like it): the
-        spec ``spec_from_args`` would make, without dropout."""
+        spec ``spec_from_args`` would make, without dropout. ``prepared=False`` (a training call, or one through
+        the op): the prepared call may be None, since choosing the inference kernel of a new shape bucket times
+        the inference candidates, which such a call does not run."""
         key = (q.shape, k.shape, v.shape, q.dtype, q.device,
                key_padding is None, q_doc is None, kv_doc is None, bias is None, mask is None)
         plan = self._plans.get(key)
-        if plan is None:
-            plan = self._plan(key, q, k, v, key_padding, q_doc, kv_doc, bias, mask)
+        if plan is None or (prepared and plan[1] is None):
+            plan = self._plan(key, plan, prepared, q, k, v, key_padding, q_doc, kv_doc, bias, mask)
         spec, run, bare = plan
         return (spec if bare else _with_terms(spec, key_padding, q_doc, kv_doc, bias, mask)), run
 
-    def _plan(self, key: tuple, q, k, v, key_padding, q_doc, kv_doc, bias, mask) -> tuple:
+    def _plan(self, key: tuple, unprepared: Optional[tuple], prepared: bool, q, k, v, key_padding, q_doc, kv_doc,
+              bias, mask) -> tuple:
         """The call plan for calls like this one: its spec without tensor terms (no tensor of this call
-        kept), the kernel's prepared call, and whether there are no terms to add per call."""
-        if self._first is None:
-            template = self._first = spec_from_args(q, k, v, None, None, None, None, None, *self.static, 0.0, self.fill)
+        kept), the kernel's prepared call (None until an inference call needs it, with ``prepared=False``),
+        and whether there are no terms to add per call. ``unprepared``: this key's plan made without its
+        prepared call."""
+        if unprepared is not None:
+            template, _, bare = unprepared
         else:
-            template = _with_shapes(self._first, q, k, v)
-        bare = all(key[5:])
+            if self._first is None:
+                template = self._first = spec_from_args(q, k, v, None, None, None, None, None, *self.static, 0.0,
+                                                        self.fill)
+            else:
+                template = _with_shapes(self._first, q, k, v)
+            bare = all(key[5:])
         spec = template if bare else _with_terms(template, key_padding, q_doc, kv_doc, bias, mask)
-        spec.validate()
-        kernel = self._kernel(spec, False)[0]
-        plan = (template, kernel.prepare(spec), bare)
-        if self.rechoice is not None and capturing() and kernel is not self._bucket_kernels.get(
-                self._bucket_key(spec, False), (None,))[0]:
-            return plan  # a capture's stand-in for a bucket not chosen yet: not this shape's plan
-        if len(self._plans) >= self.MAX_SHAPES:
+        if unprepared is None:
+            spec.validate()
+        plan = (template, None, bare)
+        if prepared:
+            kernel = self._kernel(spec, False)[0]
+            plan = (template, kernel.prepare(spec), bare)
+            if self.rechoice is not None and capturing() and kernel is not self._bucket_kernels.get(
+                    self._bucket_key(spec, False), (None,))[0]:
+                return plan  # a capture's stand-in for a bucket not chosen yet: not this shape's plan
+        if unprepared is None and len(self._plans) >= self.MAX_SHAPES:
             self._plans.clear()
         self._plans[key] = plan
         return plan

@@ -65,12 +65,11 @@ def launch(kernel, grid, *args, **kwargs) -> None:
     plain ``triton.jit`` function (its launch options, such as ``num_warps``, among the keyword arguments)."""
     fn = getattr(kernel, "fn", None)
     if fn is None or not hasattr(kernel, "keys"):  # a JIT function: the options given are its configuration
-        state = _state(kernel)
-        if not BOUND or state.unbindable or _interpreted():
+        if not BOUND or _interpreted():  # (an interpreted function has no parameters to read)
             kernel[grid](*args, **kwargs)
             return
         fn = kernel
-        config = {name: value for name, value in kwargs.items() if name not in state.param_names}
+        config = {name: value for name, value in kwargs.items() if name not in _state(fn).param_names}
     else:
         # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs'
         # matters (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
@@ -82,8 +81,8 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             return
         config = tuned[1]
         kwargs.update(config)
-        state = _state(fn)
-    if not BOUND or state.unbindable or _interpreted():
+    state = None if not BOUND or _interpreted() else _state(fn)
+    if state is None or state.unbindable:
         fn.run(*args, grid=grid, warmup=False, **kwargs)
         return
     names = state.names

@@ -243,7 +243,7 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
         dtype = str(spec.dtype).removeprefix("torch.")
         reason += f"; calls whose mask holds only 0 and {dtype}'s finfo.min run {fill_only_kernel} on it as a boolean mask"
     if rechoice is not None:
-        reason += "; calls in other shape buckets (lengths rounded up to a power of two) choose their kernel on their first call"
+        reason += "; calls in other shape buckets (batch size and lengths rounded up to a power of two) choose their kernel on their first call"
     return Site(
         replaced=True, reason=reason,
         kernel=choice.kernel, exact=choice.exact, bytes_after=bytes_after(spec, choice.kernel),

@@ -578,14 +578,17 @@ def _lengths(match: Match) -> list:
     return [v.shape[-2] for v in values if v is not None and v.dim() >= 3]
 
 
-def symbolic_lengths(match: Match) -> bool:
-    """Whether the graph serves more than one sequence length at this site (dynamo made them symbolic)."""
-    return any(isinstance(length, torch.SymInt) for length in _lengths(match))
+def symbolic_shape(match: Match) -> bool:
+    """Whether the graph serves more than one batch size or sequence length at this site (dynamo made them
+    symbolic): its calls may fall in more than one shape bucket."""
+    values = [tensor_meta(operand.node) for operand in (match.q, match.k)]
+    batches = [v.shape[0] for v in values if v is not None and v.dim() >= 3]
+    return any(isinstance(size, torch.SymInt) for size in (*batches, *_lengths(match)))
 
 
 @dataclass(frozen=True)
 class Rechoice:
-    """How a replaced site of a graph with symbolic lengths chooses its kernel for calls in another shape bucket
+    """How a replaced site of a graph with a symbolic batch size or lengths chooses its kernel for calls in another shape bucket
     than the one it was planned for (batch, query and key lengths, each rounded up to a power of two, as the
     tuning cache keys its measurements): the fastest exact kernel for that bucket, measured (or estimated) on
     the bucket's first call, as the plan itself was, then kept. Without it, one plan made at the graph's first
@@ -605,10 +608,10 @@ class Rechoice:
     @classmethod
     def for_site(cls, site: SitePlan, options, replayed: bool = False) -> Rechoice | None:
         """The site's rechoice, or None where its one plan is kept: not an exact kernel chosen by the
-        planner, a memory budget, or lengths that never change."""
+        planner, a memory budget, or a batch size and lengths that never change."""
         choice = site.choice
         if (choice is None or not choice.exact or options.kernel is not None
-                or not options.exact or options.max_mem is not None or not symbolic_lengths(site.match)):
+                or not options.exact or options.max_mem is not None or not symbolic_shape(site.match)):
             return None
         spec = site.spec
         return cls(cls.bucket(spec.batch, spec.q_len, spec.kv_len), options.tune, options.cache_dir, replayed)

@@ -126,7 +126,7 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
     every key runs that kernel without the padding term instead, decided at run time once per forward
     (one host sync for all sites that share the padding mask). With ``fill_only_kernel`` (lean graphs only), a
     call whose additive mask holds only 0 and ``finfo.min`` runs that kernel on the mask as a boolean one
-    (``UnlessFillOnly``), decided likewise. ``rechoice`` (lean graphs with symbolic lengths, a
+    (``UnlessFillOnly``), decided likewise. ``rechoice`` (lean graphs with a symbolic batch size or lengths, a
     ``plan.Rechoice``): each of those calls chooses its kernel again for shape buckets other than the planned one.
     """
     assert lean or (unpadded_kernel is None and fill_only_kernel is None and rechoice is None), \

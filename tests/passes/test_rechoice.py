@@ -149,3 +149,61 @@ def test_nothing_is_timed_or_kept_during_a_capture(short_and_long, monkeypatch):
         torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
     # 8 and 24: reference; 200 during the capture: the planned reference; 200 after it: its bucket's sdpa_cpu
     assert short_and_long == ["reference", "reference", "reference", "sdpa_cpu"] and not timed
+
+
+@pytest.fixture
+def small_and_large_batches(monkeypatch):
+    """The cost models say ``reference`` is the faster kernel up to a batch of 2 and ``sdpa_cpu`` beyond; the
+    kernels' prepared inference calls are recorded by name."""
+    used = []
+    reference, sdpa = registry.get("reference"), registry.get("sdpa_cpu")
+    monkeypatch.setattr(reference, "cost", lambda spec: 1e-6 if spec.batch <= 2 else 1.0)
+    monkeypatch.setattr(sdpa, "cost", lambda spec: 1e-3)
+    for kernel in (reference, sdpa):
+        prepare = kernel.prepare
+
+        def recording_prepare(spec, kernel=kernel, prepare=prepare):
+            run = prepare(spec)
+            return lambda *args: used.append(kernel.name) or run(*args)
+
+        monkeypatch.setattr(kernel, "prepare", recording_prepare)
+    return used
+
+
+def test_a_symbolic_batch_alone_chooses_per_bucket(small_and_large_batches):
+    """One length, batches of 1, 2, 3 and 40: after the second, dynamo's graph has a symbolic batch and static
+    lengths; a batch of 40 is not run on the kernel chosen for a batch of 2."""
+    torch.manual_seed(0)
+    model = Causal()
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+    with torch.no_grad():
+        for b in (1, 2, 3, 40, 2):
+            x = torch.randn(b, 24, 16)
+            torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+    report = optimized.attnopt_report
+    assert report.graphs == 2, str(report)
+    # 1: the static graph; 2 and 3: the symbolic graph's planned bucket (at most 2 after rounding 2; 3 rounds
+    # up to 4, chosen again: sdpa_cpu); 40: the bucket of 64; 2 again: the planned kernel
+    assert small_and_large_batches == ["reference", "reference", "sdpa_cpu", "sdpa_cpu", "reference"]
+
+
+def test_a_training_call_in_a_new_bucket_times_the_training_path_only(short_and_long, monkeypatch):
+    """The first training call of a bucket chooses its kernel for training; the inference choice of that bucket
+    (another timing of every candidate) waits for an inference call."""
+    from attnopt.passes import plan
+
+    chosen = []
+    choose = plan.choose
+    monkeypatch.setattr(plan, "choose", lambda spec, **kw: chosen.append(spec.requires_grad) or choose(spec, **kw))
+    torch.manual_seed(0)
+    model = Causal()
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=False)
+    for n in (8, 24):
+        assert_same_function(optimized, model, torch.randn(2, n, 16))
+    chosen.clear()
+    assert_same_function(optimized, model, torch.randn(2, 200, 16))  # a new bucket, in training
+    assert chosen == [True]
+    with torch.no_grad():
+        x = torch.randn(2, 200, 16)
+        torch.testing.assert_close(optimized(x), model(x), atol=1e-5, rtol=1e-5)
+    assert chosen == [True, False]
