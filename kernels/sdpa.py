@@ -356,15 +356,21 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
     return k.repeat_interleave(spec.group_size, dim=1), v.repeat_interleave(spec.group_size, dim=1)
 
 
-def _aten_forward(backend: SDPBackend, q, k, v, mask, causal: bool, scale: float, dropout_p: float):
+def _aten_forward(backend: SDPBackend, q, k, v, mask, causal: bool, scale: float, dropout_p: float,
+                  lse: bool = True):
     """``(out, lse [B, H, Nq] float32, (philox seed, philox offset))`` of ATen's cuDNN or flash forward (flash:
-    ``mask`` None); the random state is what its backward takes to regenerate the dropout."""
+    ``mask`` None); the random state is what its backward takes to regenerate the dropout. ``lse=False``: an
+    inference call's, as SDPA makes it when nothing requires grad (cuDNN then writes no ``lse``)."""
     if backend == SDPBackend.CUDNN_ATTENTION:
-        res = torch.ops.aten._scaled_dot_product_cudnn_attention(
-            q, k, v, mask, True, dropout_p, causal, False, scale=scale)
+        res = _cudnn_attention(q, k, v, mask, lse, dropout_p, causal, False, scale=scale)
         return res[0], res[1].squeeze(-1), (res[6], res[7])  # cuDNN's lse is [B, H, Nq, 1]
-    res = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, dropout_p, causal, False, scale=scale)
+    res = _flash_attention(q, k, v, dropout_p, causal, False, scale=scale)
     return res[0], res[1], (res[6], res[7])
+
+
+#: ATen's CUDA forwards through their generated bindings (``torch.ops.aten`` parses the schema per call)
+_cudnn_attention = torch._scaled_dot_product_cudnn_attention
+_flash_attention = torch._scaled_dot_product_flash_attention
 
 
 #: per device, the random state the ATen backwards take without dropout (then never read)
@@ -641,11 +647,18 @@ class SDPAKernel(Kernel):
             return self.infer
         causal = _is_causal(spec)
         if self.device_type == "cuda":
+            if self._saves_lse(spec):
+                # ATen's forward called directly, as a training call's is: no backend switches set and restored
+                # around SDPA's public call, no backend selection, on every call of every layer
+                def attend(q, k, v, spec, mask):
+                    return self._aten_forward(q, k, v, spec, mask, 0, lse=False)[0]
+            else:
+                def attend(q, k, v, spec, mask):
+                    return self._sdpa(q, k, v, spec, mask, causal)
             if needs_mask(spec):
                 masks = MaskSource(spec)
-                return lambda q, k, v, spec: _on_mask(
-                    lambda q, k, v, spec, mask: self._sdpa(q, k, v, spec, mask, causal), masks, q, k, v, spec)
-            return lambda q, k, v, spec: self._sdpa(q, k, v, spec, None, causal)
+                return lambda q, k, v, spec: _on_mask(attend, masks, q, k, v, spec)
+            return lambda q, k, v, spec: attend(q, k, v, spec, None)
         repeat = spec.group_size > 1 and not _cpu_flash_reads_groups()
 
         def attend(q, k, v, spec, mask):
@@ -712,20 +725,22 @@ class SDPAKernel(Kernel):
             return k, v, False
         return (*_repeat_kv(k, v, spec), True)
 
-    def _aten_forward(self, q, k, v, spec: AttentionSpec, mask, seed: int):
+    def _aten_forward(self, q, k, v, spec: AttentionSpec, mask, seed: int, lse: bool = True):
         """``(out, lse)`` of ATen's forward (rows without keys as SDPA computed them on the open mask); with
-        dropout, under the call's seed, its random state kept for the backward (``_PHILOX``)."""
+        dropout, under the call's seed, its random state kept for the backward (``_PHILOX``). ``lse=False``: an
+        inference call's (``lse`` then not one to read)."""
         k_read, v_read, _ = self._grouped(k, v, spec)
 
         def run():
-            return _aten_forward(self.backend, q, k_read, v_read, mask, _is_causal(spec), spec.scale, spec.dropout_p)
+            return _aten_forward(self.backend, q, k_read, v_read, mask, _is_causal(spec), spec.scale, spec.dropout_p,
+                                 lse)
         try:
             out, lse, philox = run() if spec.dropout_p == 0.0 else _seeded(q.device, seed, run)
         except RuntimeError:
             if k_read is not k or spec.group_size == 1:
                 raise
             _NO_NATIVE_GQA.add(self.name)  # this cuDNN refuses groups: repeat from now on
-            return self._aten_forward(q, k, v, spec, mask, seed)
+            return self._aten_forward(q, k, v, spec, mask, seed, lse)
         if spec.dropout_p > 0.0:
             _PHILOX[seed] = philox
             if len(_PHILOX) > _PHILOX_KEPT:
