@@ -363,7 +363,8 @@ def _aten_forward(backend: SDPBackend, q, k, v, mask, causal: bool, scale: float
     inference call's, as SDPA makes it when nothing requires grad (cuDNN then writes no ``lse``)."""
     if backend == SDPBackend.CUDNN_ATTENTION:
         res = _cudnn_attention(q, k, v, mask, lse, dropout_p, causal, False, scale=scale)
-        return res[0], res[1].squeeze(-1), (res[6], res[7])  # cuDNN's lse is [B, H, Nq, 1]
+        # cuDNN's lse is [B, H, Nq, 1]; without ``lse`` its binding returns None there
+        return res[0], res[1].squeeze(-1) if lse else None, (res[6], res[7])
     res = _flash_attention(q, k, v, dropout_p, causal, False, scale=scale)
     return res[0], res[1], (res[6], res[7])
 
