@@ -520,14 +520,15 @@ def time_replayed(runs: dict, device: torch.device, *, deadline: float = math.in
     graphs: dict[str, torch.cuda.CUDAGraph] = {}
     found: dict[str, float] = {}
     stream = torch.cuda.Stream(device)
+    callers = torch.cuda.current_stream(device)
     for name, once in runs.items():
         if time.perf_counter() >= deadline:
             break
         try:
-            stream.wait_stream(torch.cuda.current_stream(device))
+            stream.wait_stream(callers)
             with torch.cuda.stream(stream):
                 once()
-            torch.cuda.current_stream(device).wait_stream(stream)
+            callers.wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 for _ in range(calls):
@@ -536,6 +537,12 @@ def time_replayed(runs: dict, device: torch.device, *, deadline: float = math.in
         except (RuntimeError, ValueError, NotImplementedError) as err:
             _failed(name, progress.label if progress else "a CUDA graph", err, captured=True)
             found[name] = math.inf
+        finally:
+            # a capture that fails leaves ``torch.cuda.graph``'s capture stream current: its exit ends the capture
+            # first, and when that raises it never restores the stream. Everything the caller (and the model)
+            # ran next would go to that stream.
+            if torch.cuda.current_stream(device) != callers:
+                torch.cuda.set_stream(callers)
     seconds = time_candidates({name: graph.replay for name, graph in graphs.items()}, device, deadline=deadline,
                               repeats=repeats, progress=progress)
     found.update({name: t / calls for name, t in seconds.items()})

@@ -443,3 +443,72 @@ def test_gpu_decode_candidates_are_timed_by_replays(tmp_path):
     seconds = tuning.time_replayed({"adds": lambda: x.add_(1), "syncs": lambda: x.add_(1).item()},
                                    torch.device("cuda"), repeats=3)
     assert 0 < seconds["adds"] < 1e-3 and seconds["syncs"] == math.inf
+
+
+class _FakeCuda:
+    """The stream bookkeeping of ``torch.cuda`` as ``time_replayed`` meets it, on a machine without CUDA:
+    ``torch.cuda.graph`` behaves as torch's does (enter its capture stream, then begin; on exit end the capture,
+    then restore the stream), and ending a capture that a host sync invalidated raises."""
+
+    class Stream:
+        def __init__(self, name="side"):
+            self.name = name
+
+        def wait_stream(self, other):
+            pass
+
+    def __init__(self):
+        self.callers, self.capture_stream = self.Stream("callers"), self.Stream("capture")
+        self.current, self.invalidated = self.callers, False
+
+    def current_stream(self, device=None):
+        return self.current
+
+    def set_stream(self, stream):
+        self.current = stream
+
+    def stream(self, stream):
+        fake = self
+
+        class Switch:
+            def __enter__(self):
+                self.before, fake.current = fake.current, stream
+
+            def __exit__(self, *exc):
+                fake.current = self.before
+        return Switch()
+
+    def graph(self, graph):
+        fake, switch = self, self.stream(self.capture_stream)
+
+        class Capture:
+            def __enter__(self):
+                switch.__enter__()
+                fake.invalidated = False
+
+            def __exit__(self, *exc):
+                if fake.invalidated:  # capture_end raises: torch's __exit__ stops before restoring the stream
+                    raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+                switch.__exit__(*exc)
+        return Capture()
+
+
+def test_a_failed_capture_leaves_the_callers_stream_current(monkeypatch):
+    """A candidate that syncs the host cannot be captured. Its failed capture must not leave
+    ``torch.cuda.graph``'s capture stream current: the model's next work would run there."""
+    fake = _FakeCuda()
+    for name in ("current_stream", "set_stream", "stream", "graph"):
+        monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: fake.Stream())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
+    monkeypatch.setattr(tuning, "_failed", lambda *args, **kwargs: None)
+
+    def syncs():
+        if fake.current == fake.capture_stream:
+            fake.invalidated = True
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+
+    seconds = tuning.time_replayed({"syncs": syncs}, torch.device("cuda"), repeats=1)
+    assert seconds == {"syncs": math.inf}
+    assert fake.current is fake.callers
