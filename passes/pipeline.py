@@ -11,7 +11,7 @@ from attnopt.config import Options
 from attnopt.report import GraphMemory, Report, Site
 
 from . import checkpoint, plan, tuning
-from .detect import Rejection, find_sites
+from .detect import PLANNED_DROPOUT, Rejection, find_sites
 from .graph import erase_dead_copies, is_buffer, is_parameter, module_path
 from .memory import bytes_after, bytes_before
 from .modules import inline_multi_head_attention
@@ -223,11 +223,12 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
         q_heads=spec.q_heads, kv_heads=spec.kv_heads, q_len=spec.q_len, kv_len=spec.kv_len,
         head_dim=spec.head_dim, dtype=str(spec.dtype), bytes_before=bytes_before(match, spec),
     )
+    said = _said_of(match)
     if choice is None:
         kept = site_plan.decision  # the comparison that kept the original, when there was one
         return Site(
             replaced=False, reason=site_plan.error,
-            rejected_kernels=() if kept is None else tuple((c.kernel, c.reasons) for c in kept.rejected),
+            rejected_kernels=() if kept is None else tuple((c.kernel, said(c.reasons)) for c in kept.rejected),
             candidate_times=() if kept is None else tuple(
                 (c.kernel, c.cost, c.measured) for c in kept.candidates if c.supported),
             **described,
@@ -247,11 +248,21 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     return Site(
         replaced=True, reason=reason,
         kernel=choice.kernel, exact=choice.exact, bytes_after=bytes_after(spec, choice.kernel),
-        rejected_kernels=tuple((c.kernel, c.reasons) for c in choice.rejected),
+        rejected_kernels=tuple((c.kernel, said(c.reasons)) for c in choice.rejected),
         error=None if chosen.exact else chosen.error,
         candidate_times=tuple((c.kernel, c.cost, c.measured) for c in choice.candidates if c.supported),
         **described,
     )
+
+
+def _said_of(match):
+    """How the report words a site's reasons: a dropout probability the graph reads at run time was planned as
+    ``PLANNED_DROPOUT`` (any p > 0), which the kernels' reasons would otherwise quote as if it were the model's."""
+    if match.dropout_node is None:
+        return lambda reasons: reasons
+    planned = (f"p={PLANNED_DROPOUT})", f"p={PLANNED_DROPOUT}")
+    return lambda reasons: tuple(r.replace(planned[0], "p read at run time)").replace(planned[1], "p read at run time")
+                                 for r in reasons)
 
 
 def _placeholder_values(gm: GraphModule, example_inputs, volatile: frozenset = frozenset()) -> dict | None:
