@@ -648,9 +648,10 @@ class SDPAKernel(Kernel):
             return self.infer
         causal = _is_causal(spec)
         if self.device_type == "cuda":
-            if self._saves_lse(spec):
+            if self._saves_lse(spec) and spec.device.type == "cuda":
                 # ATen's forward called directly, as a training call's is: no backend switches set and restored
-                # around SDPA's public call, no backend selection, on every call of every layer
+                # around SDPA's public call, no backend selection, on every call of every layer (ATen's flash
+                # and cuDNN forwards have CUDA kernels only: this kernel's path on CPU tensors keeps SDPA's call)
                 def attend(q, k, v, spec, mask):
                     return self._aten_forward(q, k, v, spec, mask, 0, lse=False)[0]
             else:
