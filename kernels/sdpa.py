@@ -357,14 +357,14 @@ def _repeat_kv(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
 
 
 def _aten_forward(backend: SDPBackend, q, k, v, mask, causal: bool, scale: float, dropout_p: float,
-                  lse: bool = True):
+                  with_lse: bool = True):
     """``(out, lse [B, H, Nq] float32, (philox seed, philox offset))`` of ATen's cuDNN or flash forward (flash:
-    ``mask`` None); the random state is what its backward takes to regenerate the dropout. ``lse=False``: an
-    inference call's, as SDPA makes it when nothing requires grad (cuDNN then writes no ``lse``)."""
+    ``mask`` None); the random state is what its backward takes to regenerate the dropout. ``with_lse=False``:
+    an inference call's, as SDPA makes it when nothing requires grad (cuDNN then writes no ``lse``)."""
     if backend == SDPBackend.CUDNN_ATTENTION:
-        res = _cudnn_attention(q, k, v, mask, lse, dropout_p, causal, False, scale=scale)
-        # cuDNN's lse is [B, H, Nq, 1]; without ``lse`` its binding returns None there
-        return res[0], res[1].squeeze(-1) if lse else None, (res[6], res[7])
+        res = _cudnn_attention(q, k, v, mask, with_lse, dropout_p, causal, False, scale=scale)
+        # cuDNN's lse is [B, H, Nq, 1]; without one its binding returns None there
+        return res[0], res[1].squeeze(-1) if with_lse else None, (res[6], res[7])
     res = _flash_attention(q, k, v, dropout_p, causal, False, scale=scale)
     return res[0], res[1], (res[6], res[7])
 
@@ -653,7 +653,7 @@ class SDPAKernel(Kernel):
                 # around SDPA's public call, no backend selection, on every call of every layer (ATen's flash
                 # and cuDNN forwards have CUDA kernels only: this kernel's path on CPU tensors keeps SDPA's call)
                 def attend(q, k, v, spec, mask):
-                    return self._aten_forward(q, k, v, spec, mask, 0, lse=False)[0]
+                    return self._aten_forward(q, k, v, spec, mask, 0, with_lse=False)[0]
             else:
                 def attend(q, k, v, spec, mask):
                     return self._sdpa(q, k, v, spec, mask, causal)
@@ -727,22 +727,22 @@ class SDPAKernel(Kernel):
             return k, v, False
         return (*_repeat_kv(k, v, spec), True)
 
-    def _aten_forward(self, q, k, v, spec: AttentionSpec, mask, seed: int, lse: bool = True):
+    def _aten_forward(self, q, k, v, spec: AttentionSpec, mask, seed: int, with_lse: bool = True):
         """``(out, lse)`` of ATen's forward (rows without keys as SDPA computed them on the open mask); with
-        dropout, under the call's seed, its random state kept for the backward (``_PHILOX``). ``lse=False``: an
-        inference call's (``lse`` then not one to read)."""
+        dropout, under the call's seed, its random state kept for the backward (``_PHILOX``).
+        ``with_lse=False``: an inference call's (``lse`` then not one to read)."""
         k_read, v_read, _ = self._grouped(k, v, spec)
 
         def run():
             return _aten_forward(self.backend, q, k_read, v_read, mask, _is_causal(spec), spec.scale, spec.dropout_p,
-                                 lse)
+                                 with_lse)
         try:
             out, lse, philox = run() if spec.dropout_p == 0.0 else _seeded(q.device, seed, run)
         except RuntimeError:
             if k_read is not k or spec.group_size == 1:
                 raise
             _NO_NATIVE_GQA.add(self.name)  # this cuDNN refuses groups: repeat from now on
-            return self._aten_forward(q, k, v, spec, mask, seed, lse)
+            return self._aten_forward(q, k, v, spec, mask, seed, with_lse)
         if spec.dropout_p > 0.0:
             _PHILOX[seed] = philox
             if len(_PHILOX) > _PHILOX_KEPT:
