@@ -533,8 +533,8 @@ class SiteCall:
         self.kernel_name = kernel
         #: None for "auto": the planner chooses per call, in the op
         self.kernel = None if kernel == "auto" else registry.get(kernel)
-        #: ``passes.plan.Rechoice`` of a graph with a symbolic batch size or lengths: the kernel of each other shape bucket,
-        #: chosen on its first call; None: ``kernel`` for every call
+        #: ``passes.plan.Rechoice`` of a graph with a symbolic batch size or lengths: the kernel of each other
+        #: shape bucket, chosen on its first call; None: ``kernel`` for every call
         self.rechoice = None if kernel == "auto" else rechoice
         #: (batch, q_len, kv_len buckets, training, dropout) -> (kernel, its name), for ``rechoice``
         self._bucket_kernels: dict[tuple, tuple] = {}

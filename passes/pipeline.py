@@ -260,9 +260,8 @@ def _said_of(match):
     ``PLANNED_DROPOUT`` (any p > 0), which the kernels' reasons would otherwise quote as if it were the model's."""
     if match.dropout_node is None:
         return lambda reasons: reasons
-    planned = (f"p={PLANNED_DROPOUT})", f"p={PLANNED_DROPOUT}")
-    return lambda reasons: tuple(r.replace(planned[0], "p read at run time)").replace(planned[1], "p read at run time")
-                                 for r in reasons)
+    planned = f"p={PLANNED_DROPOUT}"
+    return lambda reasons: tuple(r.replace(planned, "p read at run time") for r in reasons)
 
 
 def _placeholder_values(gm: GraphModule, example_inputs, volatile: frozenset = frozenset()) -> dict | None:

@@ -582,14 +582,14 @@ def symbolic_shape(match: Match) -> bool:
     """Whether the graph serves more than one batch size or sequence length at this site (dynamo made them
     symbolic): its calls may fall in more than one shape bucket."""
     values = [tensor_meta(operand.node) for operand in (match.q, match.k)]
-    batches = [v.shape[0] for v in values if v is not None and v.dim() >= 3]
-    return any(isinstance(size, torch.SymInt) for size in (*batches, *_lengths(match)))
+    return any(isinstance(size, torch.SymInt) for v in values if v is not None and v.dim() >= 3
+               for size in (v.shape[0], v.shape[-2]))
 
 
 @dataclass(frozen=True)
 class Rechoice:
-    """How a replaced site of a graph with a symbolic batch size or lengths chooses its kernel for calls in another shape bucket
-    than the one it was planned for (batch, query and key lengths, each rounded up to a power of two, as the
+    """How a replaced site of a graph with a symbolic batch size or lengths chooses its kernel for calls in another
+    shape bucket than the one it was planned for (batch, query and key lengths, each rounded up to a power of two, as the
     tuning cache keys its measurements): the fastest exact kernel for that bucket, measured (or estimated) on
     the bucket's first call, as the plan itself was, then kept. Without it, one plan made at the graph's first
     length would serve every later length: a short first batch would decide the kernel of a 16k one.
