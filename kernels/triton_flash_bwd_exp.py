@@ -1,5 +1,5 @@
-"""A Hopper backward for band specs (no term, causal, window, GQA) and for key padding and documents on top of
-them, with its variants as switches.
+"""A Hopper backward for band specs (no term, causal, window, GQA) and for key padding, documents and a dense
+boolean mask on top of them, with its variants as switches.
 
 Not a kernel of its own: ``benchmarks/backward_sweep.py`` checks and times every variant against
 ``triton_flash``'s general backward and the peers, and ``triton_flash``'s backward runs the variant measured
@@ -21,10 +21,13 @@ launches::
         p  = exp2(qk_scale * q @ k^T - lse2)
         dQ += (p * (dO @ v^T - delta)) @ k             (times scale once, at the end)
 
-Key padding (lengths or a boolean row) and documents walk tile lists instead of the band's tile range
-(``block_map.tile_lists`` at each kernel's own tile shape, transposed for the dK/dV kernel): the partial tiles
-with the mask arithmetic (``triton_flash_fwd._visible``, the forward's), the full tiles without it, the
-empty ones never. Packed documents of a few thousand tokens thus cost what their causal blocks cost.
+Key padding (lengths or a boolean row), documents and a dense boolean mask walk tile lists instead of the
+band's tile range (``block_map.tile_lists`` at each kernel's own tile shape, transposed for the dK/dV kernel):
+the partial tiles with the mask arithmetic (``triton_flash_fwd._visible``, the forward's, and the boolean
+mask's elements loaded), the full tiles without it, the empty ones never. Packed documents of a few thousand
+tokens thus cost what their causal blocks cost, and a window a model hands over as an ``[N, N]`` boolean mask
+costs its band's tiles plus the mask loads of the partial ones. An additive mask keeps the general backward
+(its values enter the scores, not only which are kept).
 
 The scale is folded with log2(e) into one multiply-add before ``exp2`` (the inputs are not rescaled, so the
 result is the same function, not a rounded copy of it). Rows with no visible key have ``lse = -inf``:
@@ -66,7 +69,8 @@ from .triton_flash_tma import unsupported_reasons as forward_reasons
 #: rows per program of the delta pre-pass
 PRE_BLOCK = 64
 #: ``triton_flash``'s kernel arguments of the terms this backward runs through tile lists
-MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC")
+MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC",
+                 "mask_ptr", "stride_mb", "stride_mh", "stride_mm", "stride_mn", "MASK")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,8 +138,10 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                         spec: AttentionSpec, variant: Variant) -> list[str]:
     """Every reason ``backward`` cannot run ``variant`` on these inputs; empty when it can. The spec's
     (device, band terms, dtypes, head dims, descriptor alignment of q/k/v) are the forward experiment's."""
-    # key padding and documents are this backward's own (tile lists); the rest is the forward experiment's
-    band_part = spec.with_(key_padding=None, q_doc=None, kv_doc=None)
+    # key padding, documents and a boolean mask are this backward's own (tile lists); the rest is the forward
+    # experiment's (which refuses an additive mask: its values enter the scores)
+    bool_mask = spec.mask is not None and spec.mask.dtype == torch.bool
+    band_part = spec.with_(key_padding=None, q_doc=None, kv_doc=None, mask=None if bool_mask else spec.mask)
     reasons = forward_reasons(q, k, v, band_part, ForwardVariant(descriptors=variant.descriptors))
     tiles = {name: getattr(variant, name) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     bad = [f"{name}={size}" for name, size in tiles.items() if size < 16 or size & (size - 1)]
@@ -153,11 +159,26 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
+def _kept(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr,
+          stride_kdb, mask_row, stride_mm, stride_mn, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+          KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """``_visible`` and, with ``MASK_BOOL``, the boolean mask's element at (i, j) (``mask_row``: the mask of this
+    batch row and head; 64-bit offsets, a mask of 64k x 64k passes 2^31 elements)."""
+    keep = _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
+                    kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
+    if MASK_BOOL:
+        element = mask_row + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
+        keep = keep & (tl.load(element, mask=(i < Nq) & (j < Nk), other=0) != 0)
+    return keep
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, idx_ptr, b, cols,
                 Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
-                kvdoc_ptr, stride_kdb, D: tl.constexpr, DV: tl.constexpr, BLOCK_M: tl.constexpr,
-                MASKED: tl.constexpr, FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-                KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, DESC: tl.constexpr):
+                kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D: tl.constexpr, DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, MASKED: tl.constexpr, FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr,
+                HAS_HI: tl.constexpr, KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr,
+                DESC: tl.constexpr):
     """dK, dV of one key tile over query tiles of one query head: rows ``lo, lo + BLOCK_M, ..`` below ``hi``,
     or (``FROM_LIST``) the query tiles listed at ``idx_ptr[lo:hi]``."""
     offs_m = tl.arange(0, BLOCK_M)
@@ -174,8 +195,9 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, strid
         qk_t = _dot(k, tl.trans(q), None, "tf32")  # [BLOCK_N, BLOCK_M]
         p_t = tl.math.exp2(qk_t * qk_scale - lse2[None, :])
         if MASKED:
-            keep = _visible(rows[None, :], cols[:, None], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr,
-                            stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
+            keep = _kept(rows[None, :], cols[:, None], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb,
+                         qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, HAS_LO, HAS_HI,
+                         KP_ROW, HAS_DOC, MASK_BOOL)
             p_t = tl.where(keep, p_t, 0.0)
         do = _load_rows(do_src, m0, offs_m, Nq, stride_dom, DV, DESC, True)  # [BLOCK_M, DV]
         dv = _dot(p_t.to(do.dtype), do, dv, "tf32")
@@ -193,9 +215,10 @@ def _band_bwd_dkdv(
     stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
     Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
     kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
     part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, USE_MAP: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -220,6 +243,7 @@ def _band_bwd_dkdv(
     for g in range(HEADS):
         h = h0 + g
         row0 = (b * H + h) * Nq
+        mask_row = mask_ptr + b * stride_mb + h.to(tl.int64) * stride_mh
         q_src = Q + b * stride_qb + h * stride_qh
         do_src = DO + b * stride_dob + h * stride_doh
         if DESC:  # TMA loads; rows past Nq read as 0
@@ -233,8 +257,8 @@ def _band_bwd_dkdv(
                     dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, 0,
                     tl.load((part_cnt if part == 0 else full_cnt) + row), (part_idx if part == 0 else full_idx) + lists,
                     b, cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
-                    stride_qdb, kvdoc_ptr, stride_kdb, D, DV, BLOCK_M, part == 0, True, HAS_LO, HAS_HI,
-                    KP_MODE == 2, HAS_DOC, DESC)
+                    stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_M, part == 0,
+                    True, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
         else:
             for part in tl.static_range(3):  # masked edge, visible middle, masked edge
                 lo = start if part == 0 else (full_lo if part == 1 else full_hi)
@@ -242,8 +266,8 @@ def _band_bwd_dkdv(
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, part_idx, b,
                     cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
-                    stride_qdb, kvdoc_ptr, stride_kdb, D, DV, BLOCK_M, part != 1, False, HAS_LO, HAS_HI, False,
-                    False, DESC)
+                    stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_M, part != 1,
+                    False, HAS_LO, HAS_HI, False, False, False, DESC)
     ok = cols[:, None] < Nk
     out_k = DKEY + b * stride_dkb + slot * stride_dkh + cols[:, None] * stride_dkn + tl.arange(0, D)[None, :]
     tl.store(out_k, (dk * sm_scale).to(DKEY.dtype.element_ty), mask=ok)
@@ -254,9 +278,9 @@ def _band_bwd_dkdv(
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, idx_ptr, b, rows, Nq, Nk, kv_end,
               qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
-              D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-              FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_ROW: tl.constexpr,
-              HAS_DOC: tl.constexpr, DESC: tl.constexpr):
+              mask_row, stride_mm, stride_mn, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+              KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr, DESC: tl.constexpr):
     """dQ of one query tile over the key tiles ``lo, lo + BLOCK_N, ..`` below ``hi``, or (``FROM_LIST``) the key
     tiles listed at ``idx_ptr[lo:hi]``."""
     offs_n = tl.arange(0, BLOCK_N)
@@ -270,8 +294,9 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi
         qk = _dot(q, tl.trans(k), None, "tf32")  # [BLOCK_M, BLOCK_N]
         p = tl.math.exp2(qk * qk_scale - lse2[:, None])
         if MASKED:
-            keep = _visible(rows[:, None], (n0 + offs_n)[None, :], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr,
-                            stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
+            keep = _kept(rows[:, None], (n0 + offs_n)[None, :], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr,
+                         stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn,
+                         HAS_LO, HAS_HI, KP_ROW, HAS_DOC, MASK_BOOL)
             p = tl.where(keep, p, 0.0)
         v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
         dp = _dot(do, tl.trans(v), None, "tf32")  # [BLOCK_M, BLOCK_N]
@@ -287,9 +312,10 @@ def _band_bwd_dq(
     stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
     Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
     kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
     part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, USE_MAP: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # heavy (late, causal) query tiles first: fewer idle SMs at the tail
@@ -301,6 +327,7 @@ def _band_bwd_dq(
     offs_m = tl.arange(0, BLOCK_M)
     rows = m0 + offs_m
     row0 = (b * H + h) * Nq
+    mask_row = mask_ptr + b * stride_mb + h.to(tl.int64) * stride_mh
     q = _load_rows(Q + b * stride_qb + h * stride_qh, m0, offs_m, Nq, stride_qm, D, False, True)  # [BLOCK_M, D]
     do = _load_rows(DO + b * stride_dob + h * stride_doh, m0, offs_m, Nq, stride_dom, DV, False, True)
     lse2 = tl.load(LSE2 + row0 + rows, mask=rows < Nq, other=float("inf"))  # rows past Nq: p = 0
@@ -321,8 +348,9 @@ def _band_bwd_dq(
             dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, 0,
                            tl.load((part_cnt if part == 0 else full_cnt) + row),
                            (part_idx if part == 0 else full_idx) + lists, b, rows, Nq, Nk, kv_end, qk_scale, off,
-                           band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, D, DV,
-                           BLOCK_N, part == 0, True, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, DESC)
+                           band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+                           mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part == 0, True, HAS_LO, HAS_HI,
+                           KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
     else:
         start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO,
                                                       HAS_HI)
@@ -334,8 +362,8 @@ def _band_bwd_dq(
             hi = full_lo if part == 0 else (full_hi if part == 1 else end)
             dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, part_idx, b, rows,
                            Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
-                           stride_qdb, kvdoc_ptr, stride_kdb, D, DV, BLOCK_N, part != 1, False, HAS_LO, HAS_HI,
-                           False, False, DESC)
+                           stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_N,
+                           part != 1, False, HAS_LO, HAS_HI, False, False, False, DESC)
     out = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + tl.arange(0, D)[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < Nq)[:, None])
 
@@ -373,9 +401,10 @@ MEASURED_VARIANTS = {
 def measured_variant(spec: AttentionSpec) -> Variant | None:
     """The measured variant for this spec, or None where none was measured: head dims 64 and 128,
     float16/bfloat16; other head dims and float32 are not measured yet. Windows (causal or two-sided), key
-    padding and documents take their band's variant: the same loops over a narrower tile range or over
-    listed tiles (window 1024 at 8k/32k, forward + backward: 1.33x/1.31x the general backward's speed, from
-    0.73x to 0.98x Flex; ``benchmarks/results/kernels.md``)."""
+    padding, documents and a boolean mask take their band's variant: the same loops over a narrower tile range
+    or over listed tiles (window 1024 at 8k/32k, forward + backward: 1.33x/1.31x the general backward's speed,
+    from 0.73x to 0.98x Flex; the same window as a dense boolean mask from 0.73x to 0.86-0.88x Flex;
+    ``benchmarks/results/kernels.md``)."""
     if spec.dtype not in (torch.float16, torch.bfloat16) or spec.v_head_dim != spec.head_dim:
         return None
     return MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
@@ -407,8 +436,9 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                 HAS_HI=hi is not None, SPLIT=variant.split, DESC=variant.descriptors,
                 num_warps=variant.num_warps, num_stages=variant.num_stages)
     band.update((key, value) for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS)
-    # key padding and documents: tile lists at each kernel's own tiles (cached per term tensors across layers)
-    use_map = spec.key_padding is not None or spec.q_doc is not None
+    # key padding, documents, a boolean mask: tile lists at each kernel's own tiles (cached per term tensors
+    # across layers)
+    use_map = spec.key_padding is not None or spec.q_doc is not None or spec.mask is not None
     kv_lists = tile_lists(spec, variant.block_m1, variant.block_n1, transposed=True) if use_map else None
     q_lists = tile_lists(spec, variant.block_m2, variant.block_n2) if use_map else None
     heads = spec.group_size if variant.gqa_in_program else 1

@@ -524,6 +524,7 @@ def time_replayed(runs: dict, device: torch.device, *, deadline: float = math.in
     for name, once in runs.items():
         if time.perf_counter() >= deadline:
             break
+        captured = False
         try:
             stream.wait_stream(callers)
             with torch.cuda.stream(stream):
@@ -533,20 +534,32 @@ def time_replayed(runs: dict, device: torch.device, *, deadline: float = math.in
             with torch.cuda.graph(graph):
                 for _ in range(calls):
                     once()
-            graphs[name] = graph
+            graphs[name], captured = graph, True
         except (RuntimeError, ValueError, NotImplementedError) as err:
             _failed(name, progress.label if progress else "a CUDA graph", err, captured=True)
             found[name] = math.inf
         finally:
-            # a capture that fails leaves ``torch.cuda.graph``'s capture stream current: its exit ends the capture
-            # first, and when that raises it never restores the stream. Everything the caller (and the model)
-            # ran next would go to that stream.
-            if torch.cuda.current_stream(device) != callers:
-                torch.cuda.set_stream(callers)
+            if not captured:
+                _after_failed_capture(device, callers)
     seconds = time_candidates({name: graph.replay for name, graph in graphs.items()}, device, deadline=deadline,
                               repeats=repeats, progress=progress)
     found.update({name: t / calls for name, t in seconds.items()})
     return found
+
+
+def _after_failed_capture(device: torch.device, callers) -> None:
+    """Undo what a capture that failed leaves behind. ``torch.cuda.graph``'s exit ends the capture first, and when
+    that raises (a host sync invalidated it) two things are never undone:
+
+    - its capture stream stays current: everything the caller (and the model) ran next would go there;
+    - the device's default generator stays in capture mode: the user's next ``torch.randn`` or dropout on the
+      device raises "Offset increment outside graph capture". Its state is replaced by a copy (same seed and
+      offset, so the user's random numbers go on as they would have) that is not capturing.
+    """
+    if torch.cuda.current_stream(device) != callers:
+        torch.cuda.set_stream(callers)
+    generator = torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
+    generator.graphsafe_set_state(generator.clone_state())
 
 
 def time_kernel(name: str, spec: AttentionSpec) -> float:

@@ -138,7 +138,24 @@ MAP_CASES = {
         causal=True, key_padding=torch.arange(40)[None, :] >= torch.tensor([[0], [13]]))),
     "window_documents": (1, 4, 2, 48, 48, lambda g: dict(causal=True, window=Window(9, 0),
                                                          **_doc_pair(1, 48, g, 2))),
+    # a window handed over as the [N, N] boolean mask a model builds (broadcast over batch and heads)
+    "dense_bool_window": (2, 4, 2, 45, 45, lambda g: dict(mask=_band_mask(45, 45, 9))),
+    # a mask per batch row and query head, a quarter of it kept: rows and tiles with no key, tiles all kept
+    "dense_bool_per_head_causal": (2, 4, 2, 40, 37, lambda g: dict(causal=True, mask=_blocky_mask(
+        (2, 4, 40, 37), g))),
 }
+
+
+def _band_mask(nq: int, nk: int, width: int) -> torch.Tensor:
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    return (j <= i) & (j > i - width)
+
+
+def _blocky_mask(shape, g: torch.Generator) -> torch.Tensor:
+    """A boolean mask kept in 8 x 8 blocks with probability 1/2, then elementwise with probability 3/4."""
+    blocks = torch.rand(*shape[:2], -(-shape[2] // 8), -(-shape[3] // 8), generator=g) > 0.5
+    blocks = blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., : shape[2], : shape[3]]
+    return blocks & (torch.rand(shape, generator=g) > 0.25)
 
 
 def _doc_pair(b, n, g, count):
@@ -149,13 +166,13 @@ def _doc_pair(b, n, g, count):
 @pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE_ADDED])
 @pytest.mark.parametrize("case", list(MAP_CASES))
 def test_tile_list_terms_match_autograd(case, fill):
-    """Key padding (a boolean row, left padding, lengths) and documents (HF's packed ids, and ids in any order)
-    over causal, no band and a window, GQA, in HF's layout: float64 gradients, including rows that see no key
-    (fully padded and left-padded rows under either fill)."""
+    """Key padding (a boolean row, left padding, lengths), documents (HF's packed ids, and ids in any order) and
+    dense boolean masks over causal, no band and a window, GQA, in HF's layout: float64 gradients, including
+    rows that see no key (fully padded and left-padded rows, all-false mask rows, under either fill)."""
     b, hq, hkv, nq, nk, terms = MAP_CASES[case]
     g = torch.Generator().manual_seed(3)
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(g), fill=fill)
-    for name in ("key_padding", "q_doc", "kv_doc"):
+    for name in ("key_padding", "q_doc", "kv_doc", "mask"):
         if getattr(spec, name) is not None:
             spec = spec.with_(**{name: getattr(spec, name).to(DEVICE)})
     variant = dataclasses.replace(SWITCHES["ptr"], block_n1=32) if hq // hkv == 4 else SWITCHES["perhead"]
@@ -166,15 +183,19 @@ def test_tile_list_terms_match_autograd(case, fill):
 @st.composite
 def document_problems(draw):
     """(q, k, v, spec, variant): 1..48 tokens in 1..6 documents (ids per batch row), causal or not, key
-    padding on top or not, GQA 1/2/4, 16- or 32-row tiles in either kernel."""
+    padding and a boolean mask on top or not, GQA 1/2/4, 16- or 32-row tiles in either kernel."""
     n = draw(st.integers(1, 48))
     b = draw(st.sampled_from([1, 2]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
     terms = dict(_doc_pair(b, n, g, min(n, draw(st.integers(1, 6)))), causal=draw(st.booleans()))
     if draw(st.booleans()):
         terms["key_padding"] = torch.rand(b, n, generator=g) > 0.2
-    q, k, v, spec = make_inputs(b, 2 * draw(st.sampled_from([1, 2, 4])), 2, n, n, 16, torch.bfloat16, terms,
-                                transposed=draw(st.booleans()), fill=Fill.FINITE)
+    hq = 2 * draw(st.sampled_from([1, 2, 4]))
+    mask = draw(st.sampled_from([None, (1, 1, n, n), (b, 1, n, n), (b, hq, n, n), (b, 1, 1, n)]))
+    if mask is not None:  # a boolean mask on top: broadcast over batch, heads or queries, or not
+        terms["mask"] = _blocky_mask(mask, g).to(DEVICE)
+    q, k, v, spec = make_inputs(b, hq, 2, n, n, 16, torch.bfloat16, terms, transposed=draw(st.booleans()),
+                                fill=Fill.FINITE)
     tiles = {name: draw(st.sampled_from([16, 32])) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles)
 
@@ -197,6 +218,8 @@ def test_unsupported_specs_and_variants_are_refused():
         run({}, spec.with_(softcap=30.0))
     with pytest.raises(ValueError, match="band specs only"):
         run({}, spec.with_(key_padding=torch.tensor([3]), softcap=30.0))
+    with pytest.raises(ValueError, match="band specs only"):  # an additive mask's values enter the scores
+        run({}, spec.with_(mask=torch.zeros(16, 16, device=DEVICE)))
     with pytest.raises(ValueError, match="block_n2=24"):
         run({"block_n2": 24})
     with pytest.raises(ValueError, match="num_warps=3"):
@@ -288,6 +311,8 @@ GPU_LISTED = {
     "left_padding_causal": (2, 1000, lambda g: dict(causal=True, key_padding=torch.arange(1000)[None, :] >=
                                                     torch.tensor([[0], [300]]))),
     "key_lengths": (2, 1000, lambda g: dict(key_padding=torch.tensor([1000, 513]))),
+    "dense_bool_window": (1, 1000, lambda g: dict(mask=_band_mask(1000, 1000, 255))),
+    "dense_bool_per_head": (2, 1000, lambda g: dict(mask=_blocky_mask((2, 8, 1000, 1000), g))),
 }
 
 
@@ -295,13 +320,13 @@ GPU_LISTED = {
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", list(GPU_LISTED))
 def test_gpu_tile_list_terms(case):
-    """Documents and key padding through the tile lists, GQA 8/2, bf16, against float64: the measured tiles of
-    D = 64 and 128, with descriptors when present and dK/dV per query head."""
+    """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64: the
+    measured tiles of D = 64 and 128, with descriptors when present and dK/dV per query head."""
     b, n, terms = GPU_LISTED[case]
     for d in (64, 128):
         q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
                                     fill=Fill.FINITE_ADDED)
-        spec = spec.with_(**{name: getattr(spec, name).cuda() for name in ("key_padding", "q_doc", "kv_doc")
+        spec = spec.with_(**{name: getattr(spec, name).cuda() for name in ("key_padding", "q_doc", "kv_doc", "mask")
                              if getattr(spec, name) is not None})
         measured = bwd.MEASURED_VARIANTS[(d, bool(spec.causal))]
         variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False)]

@@ -440,15 +440,31 @@ def test_gpu_decode_candidates_are_timed_by_replays(tmp_path):
     assert cache.get(tuning.cache_key(spec, True)) and cache.get(tuning.cache_key(spec)) is None
 
     x = torch.zeros(1, device="cuda")
+    callers, rng = torch.cuda.current_stream(), torch.cuda.get_rng_state()
     seconds = tuning.time_replayed({"adds": lambda: x.add_(1), "syncs": lambda: x.add_(1).item()},
                                    torch.device("cuda"), repeats=3)
     assert 0 < seconds["adds"] < 1e-3 and seconds["syncs"] == math.inf
+    # the failed capture left neither its stream current nor the user's generator capturing, nor moved it
+    assert torch.cuda.current_stream() == callers
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    assert torch.randn(1024, device="cuda").std() > 0.5
 
 
 class _FakeCuda:
     """The stream bookkeeping of ``torch.cuda`` as ``time_replayed`` meets it, on a machine without CUDA:
     ``torch.cuda.graph`` behaves as torch's does (enter its capture stream, then begin; on exit end the capture,
-    then restore the stream), and ending a capture that a host sync invalidated raises."""
+    then restore the stream, with the default generator in capture mode in between), and ending a capture that a
+    host sync invalidated raises."""
+
+    class Generator:
+        def __init__(self):
+            self.capturing = False
+
+        def clone_state(self):
+            return type(self)()
+
+        def graphsafe_set_state(self, state):
+            self.capturing = state.capturing
 
     class Stream:
         def __init__(self, name="side"):
@@ -460,6 +476,7 @@ class _FakeCuda:
     def __init__(self):
         self.callers, self.capture_stream = self.Stream("callers"), self.Stream("capture")
         self.current, self.invalidated = self.callers, False
+        self.default_generators = (self.Generator(),)
 
     def current_stream(self, device=None):
         return self.current
@@ -484,21 +501,25 @@ class _FakeCuda:
         class Capture:
             def __enter__(self):
                 switch.__enter__()
-                fake.invalidated = False
+                fake.invalidated, fake.default_generators[0].capturing = False, True
 
             def __exit__(self, *exc):
-                if fake.invalidated:  # capture_end raises: torch's __exit__ stops before restoring the stream
+                if fake.invalidated:  # capture_end raises: torch's __exit__ stops before restoring the stream,
+                    # and the generator's capture epilogue never runs
                     raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+                fake.default_generators[0].capturing = False
                 switch.__exit__(*exc)
         return Capture()
 
 
-def test_a_failed_capture_leaves_the_callers_stream_current(monkeypatch):
+def test_a_failed_capture_leaves_the_callers_stream_and_generator_as_they_were(monkeypatch):
     """A candidate that syncs the host cannot be captured. Its failed capture must not leave
-    ``torch.cuda.graph``'s capture stream current: the model's next work would run there."""
+    ``torch.cuda.graph``'s capture stream current (the model's next work would run there), nor the device's
+    default generator in capture mode (the user's next ``torch.randn`` on the device would raise)."""
     fake = _FakeCuda()
-    for name in ("current_stream", "set_stream", "stream", "graph"):
+    for name in ("current_stream", "set_stream", "stream", "graph", "default_generators"):
         monkeypatch.setattr(torch.cuda, name, getattr(fake, name))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "Stream", lambda device=None: fake.Stream())
     monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: object())
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: None)
@@ -512,3 +533,4 @@ def test_a_failed_capture_leaves_the_callers_stream_current(monkeypatch):
     seconds = tuning.time_replayed({"syncs": syncs}, torch.device("cuda"), repeats=1)
     assert seconds == {"syncs": math.inf}
     assert fake.current is fake.callers
+    assert not fake.default_generators[0].capturing
