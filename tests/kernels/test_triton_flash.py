@@ -202,13 +202,16 @@ def test_atomic_dq_option_matches_and_default_repeats(term):
     (128, torch.float16, {"causal": True, "window": Window(11, 0),
                           "q_doc": _doc_ids(1, 40, torch.Generator().manual_seed(2)),
                           "kv_doc": _doc_ids(1, 40, torch.Generator().manual_seed(2))}, Fill.SAFE),
+    # a boolean mask a model built: rows and tiles all false, tiles all true
+    (64, torch.bfloat16, {"mask": (torch.rand(1, 1, 40, 40, generator=torch.Generator().manual_seed(4)) > 0.4)
+                          & (torch.arange(40)[:, None] % 7 != 3)}, Fill.FINITE_ADDED),
 ], ids=["d64_causal", "d128_none", "d64_bottom_right_empty_rows", "d128_documents", "d64_left_padding_empty_rows",
         "d64_key_lengths", "d64_causal_window", "d128_two_sided_window", "d64_window_left_padding_empty_rows",
-        "d128_window_documents"])
+        "d128_window_documents", "d64_dense_bool_mask"])
 def test_measured_band_backward_serves_its_specs(d, dtype, terms, fill, monkeypatch):
-    """Causal, windowed or no band at D 64/128 in half precision: the backward is the band backward's measured
-    variant (benchmarks/results/backward_sweep.md, kernels.md), with the original's gradients, GQA and rows
-    without keys."""
+    """Causal, windowed or no band at D 64/128 in half precision, with key padding, documents or a boolean mask
+    on top: the backward is the band backward's measured variant (benchmarks/results/backward_sweep.md,
+    kernels.md), with the original's gradients, GQA and rows without keys."""
     calls = []
     run = triton_flash.band_bwd.run_backward
     monkeypatch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: calls.append(a[-1]) or run(*a))
@@ -218,16 +221,17 @@ def test_measured_band_backward_serves_its_specs(d, dtype, terms, fill, monkeypa
     assert calls == [triton_flash.band_bwd.MEASURED_VARIANTS[(d, bool(terms.get("causal")))]]
 
 
-@pytest.mark.parametrize("case", ["window_softcap", "softcap", "dense_mask", "float32", "head_dim_32", "atomic_dq"])
+@pytest.mark.parametrize("case", ["window_softcap", "softcap", "additive_mask", "float32", "head_dim_32",
+                                  "atomic_dq"])
 def test_general_backward_keeps_the_specs_not_measured(case, monkeypatch):
-    """Other terms (softcap, masks), float32, other head dims and the atomic-dQ option keep the general
-    backward."""
+    """Other terms (softcap, an additive mask), float32, other head dims and the atomic-dQ option keep the
+    general backward."""
     monkeypatch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: pytest.fail("band backward used"))
     d = 32 if case == "head_dim_32" else 64
     dtype = torch.float32 if case == "float32" else torch.float16
     terms = {"window_softcap": {"causal": True, "window": Window(8, 0), "softcap": 20.0},
              "softcap": {"causal": True, "softcap": 20.0, "key_padding": torch.tensor([40, 25])},
-             "dense_mask": {"mask": torch.rand(2, 1, 40, 40, generator=torch.Generator().manual_seed(0)) > 0.3}
+             "additive_mask": {"mask": torch.randn(2, 1, 40, 40, generator=torch.Generator().manual_seed(0))}
              }.get(case, {"causal": True})
     q, k, v, spec = make_inputs((2, 4, 2, 40, 40), d, dtype, terms)
     check_against_oracles(q, k, v, spec, TOL[dtype], atomic_dq=case == "atomic_dq")
