@@ -558,8 +558,12 @@ def _after_failed_capture(device: torch.device, callers) -> None:
     """
     if torch.cuda.current_stream(device) != callers:
         torch.cuda.set_stream(callers)
-    generator = torch.cuda.default_generators[torch.cuda.current_device() if device.index is None else device.index]
+    generator = torch.cuda.default_generators[_cuda_index(device)]
     generator.graphsafe_set_state(generator.clone_state())
+
+
+def _cuda_index(device: torch.device) -> int:
+    return torch.cuda.current_device() if device.index is None else device.index
 
 
 def time_kernel(name: str, spec: AttentionSpec) -> float:
@@ -695,27 +699,31 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
         small = sliced(spec, plan.n_rows)
         scale = rows(spec) / rows(small)
         start = time.perf_counter()
-        runs, warmups, found = {}, {}, {}
-        for name in plan.timed:
-            try:
-                runs[name] = _runner(name, small, original)
-                if spec.device.type == "cpu":
-                    warmups[name] = _runner(name, shrunk(small), original)
-            except (RuntimeError, ValueError, NotImplementedError) as err:
-                _failed(name, label or key, err)
-                found[entry[name]] = math.inf  # cannot run this call: never time it again
-        progress = Progress(len(runs) + REPEATS, label)
-        spread: dict[str, float] = {}
-        with torch.no_grad() if not spec.requires_grad else torch.enable_grad():
-            try:
-                if replay:
-                    seconds = time_replayed(runs, spec.device, deadline=start + family, progress=progress)
-                else:
-                    seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
-                                              warmups=warmups or None, spread=spread)
-            except (RuntimeError, ValueError, NotImplementedError):
-                seconds = _one_by_one(runs, spec.device, start + family, label or key,
-                                      time_replayed if replay else time_candidates)
+        # the candidates' random inputs, and what they draw when run (a dropout seed), come from torch's
+        # generators: the user's stream of random numbers (their dropout masks) must go on as without attnopt.
+        # dynamo keeps it around a compile itself, but a new shape bucket is timed at the call (rechoice)
+        with torch.random.fork_rng(devices=[_cuda_index(spec.device)] if spec.device.type == "cuda" else []):
+            runs, warmups, found = {}, {}, {}
+            for name in plan.timed:
+                try:
+                    runs[name] = _runner(name, small, original)
+                    if spec.device.type == "cpu":
+                        warmups[name] = _runner(name, shrunk(small), original)
+                except (RuntimeError, ValueError, NotImplementedError) as err:
+                    _failed(name, label or key, err)
+                    found[entry[name]] = math.inf  # cannot run this call: never time it again
+            progress = Progress(len(runs) + REPEATS, label)
+            spread: dict[str, float] = {}
+            with torch.no_grad() if not spec.requires_grad else torch.enable_grad():
+                try:
+                    if replay:
+                        seconds = time_replayed(runs, spec.device, deadline=start + family, progress=progress)
+                    else:
+                        seconds = time_candidates(runs, spec.device, deadline=start + family, progress=progress,
+                                                  warmups=warmups or None, spread=spread)
+                except (RuntimeError, ValueError, NotImplementedError):
+                    seconds = _one_by_one(runs, spec.device, start + family, label or key,
+                                          time_replayed if replay else time_candidates)
         found.update({entry[name]: t * scale for name, t in seconds.items()})
         if budget is not None:
             budget.spent += time.perf_counter() - start

@@ -534,3 +534,49 @@ def test_a_failed_capture_leaves_the_callers_stream_and_generator_as_they_were(m
     assert seconds == {"syncs": math.inf}
     assert fake.current is fake.callers
     assert not fake.default_generators[0].capturing
+
+
+class _DropoutAroundAttention(torch.nn.Module):
+    """Attention without dropout of its own between two dropouts, as GPT-2's embedding and residual dropouts sit
+    around its attention: the model's random numbers come from torch's generator, call after call."""
+
+    def __init__(self, d: int = 32, heads: int = 2):
+        super().__init__()
+        self.heads, self.qkv, self.drop = heads, torch.nn.Linear(d, 3 * d), torch.nn.Dropout(0.2)
+
+    def forward(self, x):
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.drop(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        scores = (q @ k.transpose(-1, -2)) * (d // self.heads) ** -0.5
+        causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+        out = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        return self.drop(out.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA")])])
+@pytest.mark.parametrize("train", [True, False])
+def test_timing_leaves_the_users_random_numbers_alone(tmp_path, train, device):
+    """Timing the candidates (on the first call, and for each new shape bucket) draws random inputs and runs
+    kernels that may draw their own: none of it may come from the user's generator. Otherwise every dropout
+    mask of the optimized model, from its first call on, differs from the original's under the same seed."""
+    import copy
+
+    import attnopt
+
+    def state():
+        return torch.get_rng_state(), torch.cuda.get_rng_state() if device == "cuda" else None
+
+    torch.manual_seed(0)
+    model = _DropoutAroundAttention().train(train).to(device)
+    optimized = attnopt.optimize(copy.deepcopy(model), tune=True, cache_dir=str(tmp_path))
+    # 48: planned while dynamo compiles (which keeps the generator's state itself); 200: recompiled with a
+    # symbolic length; 700: a new shape bucket of that graph, timed at the call (``RechoicePlan``)
+    for n in (48, 200, 700):
+        x = torch.randn(2, n, 32, device=device)
+        torch.manual_seed(1)
+        want, after = model(x), state()
+        torch.manual_seed(1)
+        got = optimized(x)
+        assert all(a is None or torch.equal(a, b) for a, b in zip(after, state())), n
+        torch.testing.assert_close(got, want)
