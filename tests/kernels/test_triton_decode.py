@@ -310,7 +310,7 @@ def test_prepared_call_is_forward_on_every_call_of_its_plan(dtype):
     from hypothesis import HealthCheck, given, settings
     from hypothesis import strategies as st
 
-    @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(q_len=st.integers(1, 4), kv_len=st.integers(1, 40), group=st.sampled_from([1, 2]),
            band=st.sampled_from(["none", "causal_br", "causal_tl", "window"]),
            padding=st.sampled_from(["none", "bool", "lengths"]), term=st.sampled_from(["none", "bias", "bool", "neg_inf"]),
