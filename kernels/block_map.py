@@ -168,7 +168,7 @@ def _tile_min_max(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
 
 def _tile_any_all(x: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tile any / all of a bool ``[b, h, Nq or 1, Nk or 1]`` tensor; broadcast dims stay 1."""
-    x = x.to(torch.uint8)
+    x = x.view(torch.uint8) if x.dtype == torch.bool else x.to(torch.uint8)  # a view: no copy of the mask
     b, h, n_q, n_k = x.shape
     pad_q = 0 if n_q == 1 else -n_q % block_m
     pad_k = 0 if n_k == 1 else -n_k % block_n

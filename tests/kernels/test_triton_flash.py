@@ -265,15 +265,21 @@ def test_dropout_mask_regenerated_by_backward(term):
         assert_close(name, got, r, 4e-4)
 
 
-def test_tile_state_is_sound_against_brute_force():
+@pytest.mark.parametrize("mask", ["bool_per_head_query", "bool_transposed_view", "additive"])
+def test_tile_state_is_sound_against_brute_force(mask):
     g = torch.Generator().manual_seed(3)
     b, h, nq, nk = 2, 3, 70, 45
     q = torch.zeros(b, h, nq, 8)
     k = torch.zeros(b, 1, nk, 8)
+    mask = {"bool_per_head_query": lambda: torch.rand(1, h, nq, 1, generator=g) > 0.1,
+            # a mask read through strides (built key-major, handed over transposed), a quarter of its tiles empty
+            "bool_transposed_view": lambda: ((torch.rand(b, 1, nk, nq, generator=g) > 0.1)
+                                             & (torch.arange(nk)[:, None] % 16 < 12)).transpose(-1, -2),
+            "additive": lambda: torch.where(torch.rand(b, 1, nq, nk, generator=g) > 0.2, 0.0, float("-inf"))}[mask]()
     spec = AttentionSpec.from_tensors(
         q, k, k, causal=True, align=Align.BOTTOM_RIGHT, window=Window(30, None),
         key_padding=torch.rand(b, nk, generator=g) > 0.2, q_doc=_doc_ids(b, nq, g), kv_doc=_doc_ids(b, nk, g),
-        mask=torch.rand(1, h, nq, 1, generator=g) > 0.1,
+        mask=mask,
     )
     state = tile_state(spec, 16, 8)
     keep = spec.keep_tile(0, nq, 0, nk).expand(b, h, nq, nk)
