@@ -26,7 +26,7 @@ from torch.fx import GraphModule
 
 from attnopt.config import Options
 from attnopt.passes import guards
-from attnopt.passes.graph import is_buffer, is_parameter
+from attnopt.passes.graph import is_buffer, is_parameter, private_inputs, seeded, written_inputs
 from attnopt.passes.pipeline import optimize_graph
 from attnopt.report import AttnoptWarning, Fallback, Report, Site
 
@@ -285,13 +285,10 @@ def _outputs(gm: GraphModule, inputs, seed: int) -> list[torch.Tensor]:
     output gradients: a replacement whose forward is right and backward wrong differs too. Inputs the graph
     writes in place are copied first, so the real call sees them as they were; nothing accumulates in
     ``.grad``."""
-    written = _written_inputs(gm)
-    args = [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(inputs)]
-    devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda} - {None})
+    args = private_inputs(inputs, written_inputs(gm))
     # gradients as the call itself would make them: not under no_grad (parameters require grad in eval too)
     wanted = [x for x in args if isinstance(x, torch.Tensor) and x.requires_grad] if torch.is_grad_enabled() else []
-    with torch.random.fork_rng(devices=devices), torch.set_grad_enabled(bool(wanted)):
-        torch.manual_seed(seed)
+    with seeded(inputs, seed), torch.set_grad_enabled(bool(wanted)):
         out = gm(*args)
         flat = [t for t in torch.utils._pytree.tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         found = [t.detach() for t in flat]
@@ -302,14 +299,6 @@ def _outputs(gm: GraphModule, inputs, seed: int) -> list[torch.Tensor]:
             grads = torch.autograd.grad(differentiable, wanted, seeds, allow_unused=True)
             found += [torch.zeros_like(x) if g is None else g.detach() for x, g in zip(wanted, grads)]
     return found
-
-
-def _written_inputs(gm: GraphModule) -> set[int]:
-    from attnopt.passes.graph import Mutations
-
-    mutations = Mutations(gm.graph)
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    return {i for i, n in enumerate(placeholders) if mutations.is_mutated(n)}
 
 
 def _same(got: list[torch.Tensor], expected: list[torch.Tensor]) -> bool:

@@ -16,7 +16,10 @@ output, and the graph's exact outputs. Then:
 Inputs are always concrete: under dynamic shapes the backend receives the
 symbolic sizes (``SymInt``) beside real tensors, and every size is replaced by
 the value of this call before anything runs. The copy is run in ``no_grad``,
-so a training graph is calibrated on its forward. The exact run uses each
+so a training graph is calibrated on its forward. Every run starts from the same random state (a training
+graph's dropout draws the same masks in each) and from copies of the inputs the graph writes in place (the
+caller's buffers, caches and counters see the real call alone), and torch's generators are restored after
+it. The exact run uses each
 site's planned exact kernel (an O(N)-memory kernel where the original code is
 kept), so calibration stays within the memory the exact plan was sized for.
 """
@@ -33,9 +36,13 @@ from torch.fx import Graph, GraphModule, Interpreter, Node
 from attnopt.kernels import registry
 
 from .detect import Match, find_sites
+from .graph import private_inputs, seeded, written_inputs
 from .rewrite import replace
 
 ATTENTION = torch.ops.attnopt.attention.default
+#: every run of the copy starts from this random state: a training graph's dropout draws the same masks in the
+#: exact run and in each approximate one, so their difference is the approximation's
+SEED = 0
 
 
 @dataclass
@@ -110,9 +117,10 @@ class Calibration:
                 return result
 
         self.work.recompile()
+        self.written = written_inputs(self.work)
         start = time.perf_counter()
-        with torch.no_grad():
-            self.want = _outputs(Capture(self.work).run(*self.inputs))
+        with torch.no_grad(), seeded(self.inputs, SEED):
+            self.want = _outputs(Capture(self.work).run(*private_inputs(self.inputs, self.written)))
         self.exact_seconds = time.perf_counter() - start
         self.sites: list[SiteValues | None] = [values.get(i) for i in range(len(self.calls))]
 
@@ -140,8 +148,8 @@ class Calibration:
                 call.args = (*call.args[:-1], kernel or exact)
         self.work.recompile()
         try:
-            with torch.no_grad():
-                got = _outputs(self.work(*self.inputs))
+            with torch.no_grad(), seeded(self.inputs, SEED):
+                got = _outputs(self.work(*private_inputs(self.inputs, self.written)))
         finally:
             for call, exact in zip(self.calls, self.exact_kernels):
                 if call is not None:

@@ -8,6 +8,7 @@ reads the shape and dtype dynamo stored on each node.
 
 from __future__ import annotations
 
+import contextlib
 import operator
 import re
 from typing import Any
@@ -336,6 +337,30 @@ class Mutations:
 #: in each layer (``torch.ones(n, n).tril()``) would otherwise stay in memory once per layer during the
 #: capture (a 32-layer model at 32k tokens: 32 GiB of boolean masks)
 UNCACHED_BYTES = 16 << 20
+
+
+def written_inputs(gm) -> set[int]:
+    """Positions of the placeholders that ``gm``'s graph writes in place (a buffer, a cache, a counter)."""
+    mutations = Mutations(gm.graph)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {i for i, n in enumerate(placeholders) if mutations.is_mutated(n)}
+
+
+def private_inputs(inputs, written: set[int]) -> list:
+    """``inputs`` with the tensors at ``written`` copied: a trial run of the graph leaves the caller's as they
+    were (a counter counts once, a running statistic moves once, per real call)."""
+    return [x.clone() if i in written and isinstance(x, torch.Tensor) else x for i, x in enumerate(inputs)]
+
+
+@contextlib.contextmanager
+def seeded(inputs, seed: int):
+    """Torch's generators (the CPU one, and those of the CUDA devices of ``inputs``) seeded with ``seed`` inside,
+    restored after: runs compared with each other draw the same random numbers (dropout), and the caller's own
+    stream goes on as it would have."""
+    devices = sorted({x.device.index for x in inputs if isinstance(x, torch.Tensor) and x.is_cuda} - {None})
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
 
 
 class Constants:

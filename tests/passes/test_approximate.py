@@ -185,3 +185,38 @@ def test_search_finds_the_fastest_plan_under_tol(errors, expected, runs):
     plans = list(range(len(errors)))
     found, measured = calibrate.search(plans, lambda p: errors[p], 0.05, max_runs=4, deadline=float("inf"))
     assert found == expected and len(measured) == runs
+
+
+class _DroppedAndCounted(LocalEncoder):
+    """The encoder with dropout on its output and a buffer counting its calls (written in place in the graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.drop = nn.Dropout(0.1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.calls.add_(1)
+        return self.drop(super().forward(x))
+
+
+@pytest.mark.keeps_original
+def test_calibration_runs_see_the_same_random_numbers_and_leave_written_buffers_alone():
+    """Calibration runs the graph several times on the first call's inputs. In training, each run must draw
+    the same dropout masks (else every plan's error is two masks' difference and no approximation is ever
+    under tol, though each site's is), and a buffer the forward writes must be written by the real call only."""
+    torch.manual_seed(0)
+    model = _DroppedAndCounted().train()
+    optimized = _optimized(model, exact=False, tol=0.05)
+    x = _inputs(N, 0)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ApproximationWarning)
+        torch.manual_seed(1)
+        want, after = model(x), torch.get_rng_state()
+        torch.manual_seed(1)
+        got = optimized(x)
+    report = optimized.attnopt_report
+    assert len(report.approximate) == 2, str(report)
+    assert _error(got, want) < 0.05  # the same dropout masks as the original's: the user's stream is untouched
+    assert torch.equal(torch.get_rng_state(), after)
+    assert optimized.calls.item() == model.calls.item() == 1
