@@ -230,13 +230,15 @@ def test_noisy_cpu_timing_is_measured_again(tmp_path, monkeypatch):
 
 
 def test_time_candidates_reports_the_spread_of_its_rounds():
-    delays = iter([0.0, 0.002, 0.012, 0.002, 0.012, 0.002])  # warm-up, then two slow rounds of five
+    # warm-up, then two slow rounds of five; sleeps of tens of ms, so that a busy machine's scheduling jitter
+    # (a few ms) does not make the even one look noisy
+    delays = iter([0.0, 0.02, 0.12, 0.02, 0.12, 0.02])
 
     def uneven():
         time.sleep(next(delays))
 
     spread = {}
-    tuning.time_candidates({"uneven": uneven, "even": lambda: time.sleep(0.002),
+    tuning.time_candidates({"uneven": uneven, "even": lambda: time.sleep(0.02),
                             "tiny": lambda: None}, torch.device("cpu"), spread=spread)
     assert spread["uneven"] > tuning.NOISY_SPREAD > spread["even"] >= 1.0
     assert "tiny" not in spread  # microsecond runs: jitter, not a busy machine
