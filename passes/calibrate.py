@@ -21,7 +21,8 @@ graph's dropout draws the same masks in each) and from copies of the inputs the 
 caller's buffers, caches and counters see the real call alone), and torch's generators are restored after
 it. The exact run uses each
 site's planned exact kernel (an O(N)-memory kernel where the original code is
-kept), so calibration stays within the memory the exact plan was sized for.
+kept), so calibration stays within the memory the exact plan was sized for, plus one copy of each input the
+graph writes in place (a static cache written by the forward is copied for each run).
 """
 
 from __future__ import annotations
