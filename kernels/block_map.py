@@ -33,6 +33,12 @@ from .term_cache import TermCache
 EMPTY, PARTIAL, FULL = 0, 1, 2
 #: tile lists of the last few mask tensors seen (a model's layers share one mask)
 CACHE_SIZE = 16
+#: a dense mask's per-tile any / all is reduced once at this grain (rows x columns) and pooled to each kernel's
+#: tiles, when they are multiples of it: a training step's three maps of a new mask (the forward's 128 x 128,
+#: the backward kernels' 64 x 128 and 128 x 64) cost one scan of the mask, not three. CUDA kernels' tiles are
+#: 64 or more; the interpreter's, 16 or more.
+GRAIN = {"cuda": 64}
+DEFAULT_GRAIN = 16
 
 
 @dataclass(frozen=True)
@@ -80,6 +86,8 @@ def tile_lists(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool
 
 #: the tile lists are small: a band's alone are kept too
 _CACHE = TermCache(CACHE_SIZE, without_terms=True)
+#: a dense mask's any / all at ``GRAIN`` tiles, by mask tensor and version
+_GRAINS = TermCache(CACHE_SIZE, without_terms=False)
 
 
 def needs_tile_map(spec: AttentionSpec) -> bool:
@@ -104,18 +112,45 @@ def tile_state(spec: AttentionSpec, block_m: int, block_n: int) -> torch.Tensor:
     if spec.q_doc is not None:
         state = torch.minimum(state, _document_state(spec, block_m, block_n))
     if spec.mask is not None:
-        mask = spec.mask
-        while mask.dim() < 4:
-            mask = mask[None]
-        if mask.dtype == torch.bool:
-            any_, all_ = _tile_any_all(mask, block_m, block_n)
-        else:
-            any_, _ = _tile_any_all(mask != float("-inf"), block_m, block_n)
-            _, all_ = _tile_any_all(mask == 0, block_m, block_n)
-        state = torch.minimum(state, _state(any_, all_))
+        state = torch.minimum(state, _state(*_mask_any_all(spec.mask, block_m, block_n)))
     b_m = 1 if state.shape[0] == 1 else spec.batch
     h_m = 1 if state.shape[1] == 1 else spec.q_heads
     return state.expand(b_m, h_m, n_qt, n_kt).contiguous()
+
+
+def _mask_any_all(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile (any score kept, every score kept) of a dense mask, pooled from its ``GRAIN`` tiles (reduced
+    once per mask tensor and version) where the tiles are multiples of the grain."""
+    grain = GRAIN.get(mask.device.type, DEFAULT_GRAIN)
+    if block_m % grain or block_n % grain:
+        return _mask_tiles(mask, block_m, block_n)
+    fine = _GRAINS.get([mask], (grain, str(mask.device)), lambda: _mask_tiles(mask, grain, grain))
+    return _pool(fine[0], block_m // grain, block_n // grain, 0), _pool(fine[1], block_m // grain,
+                                                                         block_n // grain, 1)
+
+
+def _mask_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    while mask.dim() < 4:
+        mask = mask[None]
+    if mask.dtype == torch.bool:
+        return _tile_any_all(mask, block_m, block_n)
+    any_, _ = _tile_any_all(mask != float("-inf"), block_m, block_n)
+    _, all_ = _tile_any_all(mask == 0, block_m, block_n)
+    return any_, all_
+
+
+def _pool(tiles: torch.Tensor, rows: int, cols: int, pad_value: int) -> torch.Tensor:
+    """Groups of ``rows x cols`` tiles of a bool ``[b, h, n_rows or 1, n_cols or 1]`` map reduced to one (any:
+    ``pad_value`` 0, all: 1; the padding tiles past the end change neither); broadcast dims stay 1."""
+    x = tiles.view(torch.uint8)
+    b, h, n_r, n_c = x.shape
+    tr, tc = (1 if n_r == 1 else rows), (1 if n_c == 1 else cols)
+    pad_r, pad_c = -n_r % tr, -n_c % tc
+    if pad_r or pad_c:
+        x = F.pad(x, (0, pad_c, 0, pad_r), value=pad_value)
+    x = x.reshape(b, h, x.shape[2] // tr, tr, x.shape[3] // tc, tc)
+    op = torch.amax if pad_value == 0 else torch.amin
+    return op(op(x, dim=5), dim=3).bool()
 
 
 def _state(any_: torch.Tensor, all_: torch.Tensor) -> torch.Tensor:

@@ -295,6 +295,46 @@ def test_tile_state_is_sound_against_brute_force(mask):
             assert bool(((got != EMPTY) | (want == EMPTY)).all()), (qt, kt)
 
 
+def test_a_masks_tiles_pooled_from_its_grain_are_its_tiles_scanned_directly(monkeypatch):
+    """The forward's and the backward kernels' tile maps of a dense mask are pooled from one scan at
+    ``block_map.GRAIN``: per tile, the same (any, all) as a scan at the kernel's own tiles, for boolean and
+    additive masks, broadcast dims, lengths that end mid-tile, tiles of several grains each; one scan serves
+    every tile shape, and an in-place change of the mask is seen."""
+    from hypothesis import given, settings
+    from hypothesis import strategies as st
+
+    from attnopt.kernels import block_map
+
+    @settings(max_examples=40, deadline=None)
+    @given(shape=st.tuples(st.sampled_from([1, 2]), st.sampled_from([1, 3]), st.sampled_from([1, 5, 40, 70]),
+                           st.sampled_from([1, 16, 45, 64])),
+           tiles=st.lists(st.tuples(st.sampled_from([16, 32, 48, 64]), st.sampled_from([16, 32, 64])), min_size=1,
+                          max_size=3),
+           additive=st.booleans(), seed=st.integers(0, 1000))
+    def check(shape, tiles, additive, seed):
+        g = torch.Generator().manual_seed(seed)
+        blocks = torch.rand(*shape[:2], -(-shape[2] // 16), -(-shape[3] // 16), generator=g) > 0.4
+        mask = blocks.repeat_interleave(16, 2).repeat_interleave(16, 3)[..., :shape[2], :shape[3]]
+        mask = mask & (torch.rand(shape, generator=g) > 0.1)  # whole tiles kept, dropped, partly kept
+        if additive:
+            mask = torch.where(mask, torch.where(torch.rand(shape, generator=g) > 0.5, 0.0, -1.5), float("-inf"))
+        for block_m, block_n in tiles:
+            got = block_map._mask_any_all(mask, block_m, block_n)
+            want = block_map._mask_tiles(mask, block_m, block_n)
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), (block_m, block_n)
+
+    check()
+    mask = torch.ones(1, 1, 64, 64, dtype=torch.bool)
+    scans = []
+    direct = block_map._mask_tiles
+    monkeypatch.setattr(block_map, "_mask_tiles", lambda *a: scans.append(a[1:]) or direct(*a))
+    for tiles in ((32, 32), (16, 64), (64, 16)):
+        assert bool(block_map._mask_any_all(mask, *tiles)[1].all())
+    assert scans == [(16, 16)]  # one scan at the grain for the three tile shapes
+    mask[0, 0, 5, 60] = False  # written in place: the next map sees it
+    assert not bool(block_map._mask_any_all(mask, 32, 32)[1][0, 0, 0, 1])
+
+
 def test_through_the_public_op_with_autograd():
     q, k, v, spec = make_inputs(LAYOUTS["gqa"], 16, torch.float32, "window_causal")
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
