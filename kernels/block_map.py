@@ -134,14 +134,13 @@ def _mask_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.T
         mask = mask[None]
     if mask.dtype == torch.bool:
         return _tile_any_all(mask, block_m, block_n)
-    any_, _ = _tile_any_all(mask != float("-inf"), block_m, block_n)
-    _, all_ = _tile_any_all(mask == 0, block_m, block_n)
-    return any_, all_
+    return _pool(mask != float("-inf"), block_m, block_n, 0), _pool(mask == 0, block_m, block_n, 1)
 
 
 def _pool(tiles: torch.Tensor, rows: int, cols: int, pad_value: int) -> torch.Tensor:
-    """Groups of ``rows x cols`` tiles of a bool ``[b, h, n_rows or 1, n_cols or 1]`` map reduced to one (any:
-    ``pad_value`` 0, all: 1; the padding tiles past the end change neither); broadcast dims stay 1."""
+    """Groups of ``rows x cols`` entries of a bool ``[b, h, n_rows or 1, n_cols or 1]`` tensor (a mask, or a map
+    of tiles) reduced to one: any with ``pad_value`` 0, all with 1 (the padding past the end changes neither);
+    broadcast dims stay 1. A boolean tensor is read through a ``uint8`` view, not copied."""
     x = tiles.view(torch.uint8)
     b, h, n_r, n_c = x.shape
     tr, tc = (1 if n_r == 1 else rows), (1 if n_c == 1 else cols)
@@ -203,16 +202,4 @@ def _tile_min_max(ids: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Te
 
 def _tile_any_all(x: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tile any / all of a bool ``[b, h, Nq or 1, Nk or 1]`` tensor; broadcast dims stay 1."""
-    x = x.view(torch.uint8) if x.dtype == torch.bool else x.to(torch.uint8)  # a view: no copy of the mask
-    b, h, n_q, n_k = x.shape
-    pad_q = 0 if n_q == 1 else -n_q % block_m
-    pad_k = 0 if n_k == 1 else -n_k % block_n
-    tq = 1 if n_q == 1 else block_m
-    tk = 1 if n_k == 1 else block_n
-
-    def reduce(pad_value, op):
-        y = F.pad(x, (0, pad_k, 0, pad_q), value=pad_value) if pad_q or pad_k else x
-        y = y.reshape(b, h, y.shape[2] // tq, tq, y.shape[3] // tk, tk)
-        return op(op(y, dim=5), dim=3).bool()
-
-    return reduce(0, torch.amax), reduce(1, torch.amin)
+    return _pool(x, block_m, block_n, 0), _pool(x, block_m, block_n, 1)
