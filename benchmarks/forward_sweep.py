@@ -80,16 +80,40 @@ class Case:
     kv_heads: int
     causal: bool
     window: int | None = None  # keys i - window + 1 .. i (with causal)
+    #: the band handed over as the [N, N] boolean mask a model builds (tile lists), not as terms
+    dense: bool = False
+    #: packed documents per row (document ids, tile lists), with the band
+    documents: int = 0
 
     @property
     def name(self) -> str:
         n = f"{self.n // 1024}k" if self.n % 1024 == 0 else str(self.n)
         kind = f"window {self.window}" if self.window else ("causal" if self.causal else "full")
         heads = f" GQA {self.q_heads}/{self.kv_heads}" if self.q_heads != self.kv_heads else ""
-        return f"D{self.d} N{n} {kind}{heads}"
+        listed = " as a dense bool mask" if self.dense else (f" + {self.documents} documents" if self.documents else "")
+        return f"D{self.d} N{n} {kind}{heads}{listed}"
 
-    def terms(self) -> dict:
-        return {"causal": self.causal, "window": None if self.window is None else Window(self.window - 1, 0)}
+    def terms(self, n: int, device: str) -> dict:
+        terms = {"causal": self.causal, "window": None if self.window is None else Window(self.window - 1, 0)}
+        if self.dense:
+            i = torch.arange(n, device=device)
+            keep = i[:, None] >= i[None, :] if self.causal else torch.ones(n, n, dtype=torch.bool, device=device)
+            terms = {"mask": keep & (i[:, None] - i[None, :] < self.window) if self.window else keep}
+        if self.documents:
+            ids = packed_documents(self.batch, n, self.documents, device)
+            terms.update(q_doc=ids, kv_doc=ids)
+        return terms
+
+
+def packed_documents(batch: int, n: int, documents: int, device: str) -> torch.Tensor:
+    """``[batch, n]`` non-decreasing document ids: ``documents`` packed sequences of random lengths per row
+    (the same for every run: seeded)."""
+    g = torch.Generator().manual_seed(documents)
+    rows = []
+    for _ in range(batch):
+        cuts = torch.randperm(n - 1, generator=g)[: max(min(documents, n) - 1, 0)] + 1
+        rows.append(torch.zeros(n, dtype=torch.long).index_fill_(0, cuts, 1).cumsum(0))
+    return torch.stack(rows).to(device)
 
 
 def gpu_cases() -> list[Case]:
@@ -98,12 +122,16 @@ def gpu_cases() -> list[Case]:
     structured = [Case(128, 4096, 4, 32, 8, True), Case(128, 8192, 2, 16, 16, True, 1024),
                   Case(64, 8192, 2, 16, 16, True, 1024)]
     short = [Case(d, 1024, 16, 16, 16, causal) for d in (128, 64) for causal in (True, False)]
-    return dense + structured + short
+    listed = [Case(128, 8192, 2, 16, 16, True, 1024, dense=True), Case(128, 32768, 1, 16, 16, True, 1024, dense=True),
+              Case(128, 16384, 1, 16, 16, True, documents=16), Case(128, 16384, 1, 16, 16, True, documents=64),
+              Case(128, 16384, 1, 16, 16, True, documents=4), Case(128, 4096, 4, 16, 16, True, dense=True)]
+    return dense + structured + short + listed
 
 
 def tiny_cases() -> list[Case]:
     return [Case(32, 48, 2, 2, 2, True), Case(32, 48, 2, 2, 2, False), Case(16, 32, 2, 2, 2, True),
-            Case(32, 48, 1, 4, 2, True), Case(32, 64, 1, 2, 2, True, 16)]
+            Case(32, 48, 1, 4, 2, True), Case(32, 64, 1, 2, 2, True, 16), Case(32, 64, 1, 4, 2, True, 16, dense=True),
+            Case(32, 64, 2, 4, 2, True, documents=3)]
 
 
 def variants_of(case: Case, tiny: bool) -> list[tma.Variant]:
@@ -121,7 +149,7 @@ def inputs(case: Case, device: str, n: int | None = None, seed: int = 0, transpo
         return t.transpose(1, 2) if transposed else t
 
     q, k, v = randn(case.q_heads), randn(case.kv_heads), randn(case.kv_heads)
-    return q, k, v, AttentionSpec.from_tensors(q, k, v, **case.terms())
+    return q, k, v, AttentionSpec.from_tensors(q, k, v, **case.terms(n, device))
 
 
 # ----------------------------------------------------------------------------- reference and checks
@@ -189,16 +217,20 @@ def peers(case: Case, q, k, v, spec: AttentionSpec, device: str) -> dict:
     kw: dict = {"enable_gqa": gqa}
     w = case.window
 
+    doc = spec.q_doc
+
     def band_mod(b, h, q_idx, kv_idx):
         keep = q_idx >= kv_idx
-        return keep & (q_idx - kv_idx < w) if w else keep
+        keep = keep & (q_idx - kv_idx < w) if w else keep
+        return keep & (doc[b, q_idx] == doc[b, kv_idx]) if doc is not None else keep
 
-    if w:
-        i = torch.arange(case.n, device=device)
-        kw["attn_mask"] = (i[:, None] >= i[None, :]) & (i[:, None] - i[None, :] < w)  # [N, N]
+    if w or doc is not None:  # SDPA takes the band (and documents) as a dense boolean mask
+        keep = spec.keep_tile(0, case.n, 0, case.n)
+        kw["attn_mask"] = keep if keep.shape[0] == 1 else keep.expand(case.batch, case.q_heads, -1, -1)
     else:
         kw["is_causal"] = case.causal
-    block_mask = create_block_mask(band_mod, None, None, case.n, case.n, device=device) if case.causal else None
+    batch = None if doc is None else case.batch
+    block_mask = create_block_mask(band_mod, batch, None, case.n, case.n, device=device) if case.causal else None
     flex_fn = flex(device)
     cudnn = SDPBackend.CUDNN_ATTENTION if device == "cuda" else SDPBackend.MATH
     kernel = get("triton_flash")
@@ -210,7 +242,21 @@ def peers(case: Case, q, k, v, spec: AttentionSpec, device: str) -> dict:
         "Flex" if device == "cuda" else "Flex (eager on cpu)": (
             lambda: (flex_fn(q, k, v, block_mask=block_mask, enable_gqa=gqa), None), contextlib.nullcontext),
         "triton_flash": (lambda: kernel.forward(q, k, v, spec, 0), contextlib.nullcontext),
+        **({"triton_flash, general forward": (lambda: kernel.forward(q, k, v, spec, 0), general_forward)}
+           if tma.listed(spec) else {}),
     }
+
+
+@contextlib.contextmanager
+def general_forward():
+    """While entered: ``triton_flash``'s forward runs its general kernel (``triton_flash_fwd``), not the band
+    forward's measured variant (what it ran for specs with tile lists before the band forward took them)."""
+    saved = tma.measured_variant
+    tma.measured_variant = lambda spec: None
+    try:
+        yield
+    finally:
+        tma.measured_variant = saved
 
 
 # ----------------------------------------------------------------------------- compile ahead
@@ -355,14 +401,16 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes and 16-row tiles (for the interpreter)")
     parser.add_argument("--budget", type=float, default=450.0, help="seconds after which no new case starts")
     parser.add_argument("--workers", type=int, default=None, help="compile-ahead processes (0: none)")
-    parser.add_argument("--cases", default="", help="run only cases whose name contains this text")
+    parser.add_argument("--cases", nargs="*", default=[],
+                        help="run only cases whose name contains one of these texts")
     parser.add_argument("--transposed", action="store_true",
                         help="inputs as HF hands them over: [B, N, H, D] tensors seen as [B, H, N, D]")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("forward_sweep: no CUDA device here; use --device cpu --tiny to check the script")
     start = time.time()
-    cases = [c for c in (tiny_cases() if args.tiny else gpu_cases()) if args.cases in c.name]
+    cases = [c for c in (tiny_cases() if args.tiny else gpu_cases())
+             if not args.cases or any(text in c.name for text in args.cases)]
     workers = args.workers if args.workers is not None else (2 if args.tiny else min(8, os.cpu_count() or 1))
     compile_errors = compile_ahead(cases, args.tiny, args.device, workers, timeout=args.budget / 3)
     head = [f"{sweep_setting(args, cases)}; correct = max |out - ref| <= {OUT_TOL} max |ref| and "

@@ -263,31 +263,31 @@ def mask_cases(quick: bool):
 
 
 @contextlib.contextmanager
-def general_backward(on: bool = True):
-    """While entered (and ``on``): triton_flash's backward runs its general kernels (``triton_flash_bwd``), not
-    the band backward's measured variant."""
+def general_kernels(on: bool = True):
+    """While entered (and ``on``): triton_flash runs its general kernels (``triton_flash_fwd``, ``triton_flash_bwd``),
+    not the band kernels' measured variants."""
     from attnopt.kernels import triton_flash
 
-    saved = triton_flash.band_bwd.measured_variant
+    saved = triton_flash.band_fwd.measured_variant, triton_flash.band_bwd.measured_variant
     if on:
-        triton_flash.band_bwd.measured_variant = lambda spec: None
+        triton_flash.band_fwd.measured_variant = triton_flash.band_bwd.measured_variant = lambda spec: None
     try:
         yield
     finally:
-        triton_flash.band_bwd.measured_variant = saved
+        triton_flash.band_fwd.measured_variant, triton_flash.band_bwd.measured_variant = saved
 
 
 def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 0):
     """The structured masks against Flex with its hand-written mask_mod (and cuDNN on the dense bool mask), forward
     and forward + backward, D 128, 16 heads: milliseconds. attnopt is ``triton_flash`` given the terms; "attnopt,
     dense" is the same kernel handed the dense bool mask a model would build (its tile map is built in the call);
-    "general backward" is the same call with the backward on ``triton_flash_bwd``'s kernels. ``trace``: the host
+    "general kernels" is the same call on ``triton_flash_fwd``'s and ``triton_flash_bwd``'s kernels. ``trace``: the host
     time of one attnopt call and its ``trace`` costliest GPU kernels and host ops (``torch.profiler``)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     lines += ["", "Structured masks, D 128, 16 heads, bf16, causal; ms (do_bench medians); 'vs X' = X's time / attnopt's "
               "(above 1: attnopt faster). Outputs (and, with the backward, dq/dk/dv) checked against Flex first.", "",
-              "| case | pass | attnopt | Flex | vs Flex | attnopt, general backward | attnopt, dense bool mask "
+              "| case | pass | attnopt | Flex | vs Flex | attnopt, general kernels | attnopt, dense bool mask "
               "| dense vs Flex | cuDNN, dense bool mask | vs cuDNN |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, b, n, terms, mod, dense in mask_cases(quick):
         bm = create_block_mask(mod, b, None, n, n)
@@ -300,8 +300,7 @@ def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 
             q, k, v = (randn(b, 16, n, 128, grad=bwd) for _ in range(3))
             provs = {"attnopt": lambda: attnopt.attention(q, k, v, kernel="triton_flash", **terms),
                      "flex": lambda: flex()(q, k, v, block_mask=bm)}
-            if bwd:  # the same call on the general backward (triton_flash_bwd), against the band backward
-                provs["general"] = provs["attnopt"]
+            provs["general"] = provs["attnopt"]  # the same call on the general kernels, against the band kernels
             if dense is not None:
                 provs["dense"] = lambda: attnopt.attention(q, k, v, attn_mask=dense, kernel="triton_flash")
                 provs["cudnn"] = lambda: sdpa("cudnn", q, k, v, attn_mask=dense)
@@ -318,7 +317,7 @@ def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 
             ms = {}
             for peer, fn in provs.items():
                 try:
-                    with general_backward(peer == "general"):
+                    with general_kernels(peer == "general"):
                         ms[peer] = timed(fn, bwd, (q, k, v))
                 except Exception as exc:  # a peer may refuse a mask; say so and go on
                     print(f"  {peer} failed: {type(exc).__name__}: {str(exc)[:120]}", flush=True)

@@ -59,18 +59,15 @@ from .block_map import tile_lists
 from .spec import AttentionSpec
 from .launch import cdiv
 from .launch import launch as _launch
-from .triton_flash import _block, _last_dim_contiguous, _map_args, _term_args, _with_empty_rows
+from .triton_flash import _block, _last_dim_contiguous, _term_args, _with_empty_rows
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
-from .triton_flash_fwd import LOG2E, _dot, _kv_tile_range, _visible
-from .triton_flash_tma import DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, _load_rows, _scratch
+from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
+from .triton_flash_tma import DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, _scratch, list_args, listed
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
 #: rows per program of the delta pre-pass
 PRE_BLOCK = 64
-#: ``triton_flash``'s kernel arguments of the terms this backward runs through tile lists
-MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC",
-                 "mask_ptr", "stride_mb", "stride_mh", "stride_mm", "stride_mn", "MASK")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,11 +135,9 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
                         spec: AttentionSpec, variant: Variant) -> list[str]:
     """Every reason ``backward`` cannot run ``variant`` on these inputs; empty when it can. The spec's
     (device, band terms, dtypes, head dims, descriptor alignment of q/k/v) are the forward experiment's."""
-    # key padding, documents and a boolean mask are this backward's own (tile lists); the rest is the forward
-    # experiment's (which refuses an additive mask: its values enter the scores)
-    bool_mask = spec.mask is not None and spec.mask.dtype == torch.bool
-    band_part = spec.with_(key_padding=None, q_doc=None, kv_doc=None, mask=None if bool_mask else spec.mask)
-    reasons = forward_reasons(q, k, v, band_part, ForwardVariant(descriptors=variant.descriptors))
+    # the forward's: a band, with key padding, documents and a boolean mask as tile lists (an additive mask is
+    # refused: its values enter the scores)
+    reasons = forward_reasons(q, k, v, spec, ForwardVariant(descriptors=variant.descriptors))
     tiles = {name: getattr(variant, name) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     bad = [f"{name}={size}" for name, size in tiles.items() if size < 16 or size & (size - 1)]
     if bad:
@@ -158,20 +153,6 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.jit
-def _kept(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr,
-          stride_kdb, mask_row, stride_mm, stride_mn, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-          KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr):
-    """``_visible`` and, with ``MASK_BOOL``, the boolean mask's element at (i, j) (``mask_row``: the mask of this
-    batch row and head; 64-bit offsets, a mask of 64k x 64k passes 2^31 elements)."""
-    keep = _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
-                    kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
-    if MASK_BOOL:
-        element = mask_row + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
-        keep = keep & (tl.load(element, mask=(i < Nq) & (j < Nk), other=0) != 0)
-    return keep
-
-
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, idx_ptr, b, cols,
                 Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
@@ -438,7 +419,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     band.update((key, value) for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS)
     # key padding, documents, a boolean mask: tile lists at each kernel's own tiles (cached per term tensors
     # across layers)
-    use_map = spec.key_padding is not None or spec.q_doc is not None or spec.mask is not None
+    use_map = listed(spec)
     kv_lists = tile_lists(spec, variant.block_m1, variant.block_n1, transposed=True) if use_map else None
     q_lists = tile_lists(spec, variant.block_m2, variant.block_n2) if use_map else None
     heads = spec.group_size if variant.gqa_in_program else 1
@@ -450,7 +431,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _launch(
         _band_bwd_dkdv, (cdiv(nk, variant.block_n1), b * hq // heads),
         q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **_list_args(kv_lists, lse),
+        *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **list_args(kv_lists, lse),
         HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
     )
     if heads != spec.group_size:
@@ -460,12 +441,8 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     _launch(
         _band_bwd_dq, (cdiv(nq, variant.block_m2), b * hq),
         q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *grad_out.stride()[:3], *dq.stride()[:3], **band, **_list_args(q_lists, lse),
+        *grad_out.stride()[:3], *dq.stride()[:3], **band, **list_args(q_lists, lse),
         BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
     )
     return _with_empty_rows((dq, dk, dv), q, k, v, grad_out, lse, spec)[:3]
 
-
-def _list_args(lists, dummy: torch.Tensor) -> dict:
-    """``triton_flash``'s tile-list arguments, less its map granularity: these lists are at the kernel's tiles."""
-    return {key: value for key, value in _map_args(lists, dummy).items() if key not in ("MAP_M", "MAP_N")}

@@ -90,6 +90,20 @@ def _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb,
 
 
 @triton.jit
+def _kept(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr,
+          stride_kdb, mask_row, stride_mm, stride_mn, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+          KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr):
+    """``_visible`` and, with ``MASK_BOOL``, the boolean mask's element at (i, j) (``mask_row``: the mask of this
+    batch row and head; 64-bit offsets, a mask of 64k x 64k passes 2^31 elements)."""
+    keep = _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
+                    kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
+    if MASK_BOOL:
+        element = mask_row + i.to(tl.int64) * stride_mm + j.to(tl.int64) * stride_mn
+        keep = keep & (tl.load(element, mask=(i < Nq) & (j < Nk), other=0) != 0)
+    return keep
+
+
+@triton.jit
 def _scores(
     qk, i, j, b, h, Nq, Nk, kv_end, sm_scale, softcap,
     off, band_lo, band_hi, kp_ptr, stride_kpb,

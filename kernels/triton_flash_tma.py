@@ -46,12 +46,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .block_map import TileLists, tile_lists
 from .spec import AttentionSpec
 from .launch import cdiv
 from .launch import launch as _launch
 from .layout import empty_in_layout_of
-from .triton_flash import MAX_GRID_Y, _fill_empty_rows, _interpreting, _last_dim_contiguous
-from .triton_flash_fwd import LN2, LOG2E, _dot, _kv_tile_range
+from .triton_flash import MAX_GRID_Y, _fill_empty_rows, _interpreting, _last_dim_contiguous, _map_args, _term_args
+from .triton_flash_fwd import LN2, LOG2E, _dot, _kept, _kv_tile_range
 
 #: what this Triton offers (written for 3.6; each feature has a path without it)
 HAS_DESCRIPTORS = hasattr(tl, "make_tensor_descriptor") and hasattr(triton, "set_allocator")
@@ -60,6 +61,33 @@ DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 #: a descriptor's base address and every stride but the last must be multiples of 16 bytes (TMA)
 DESCRIPTOR_ALIGN = 16
+#: ``triton_flash``'s kernel arguments of the terms the band kernels run through tile lists
+MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC",
+                 "mask_ptr", "stride_mb", "stride_mh", "stride_mm", "stride_mn", "MASK")
+
+
+def listed(spec: AttentionSpec) -> bool:
+    """Whether the spec has terms the band kernels walk as tile lists: key padding (lengths or a boolean row),
+    documents, a dense boolean mask."""
+    return spec.key_padding is not None or spec.q_doc is not None or (
+        spec.mask is not None and spec.mask.dtype == torch.bool)
+
+
+def band_part(spec: AttentionSpec) -> AttentionSpec:
+    """The spec less the terms the band kernels walk as tile lists (``listed``): what remains must be a band."""
+    bool_mask = spec.mask is not None and spec.mask.dtype == torch.bool
+    return spec.with_(key_padding=None, q_doc=None, kv_doc=None, mask=None if bool_mask else spec.mask)
+
+
+def per_head_lists(spec: AttentionSpec) -> bool:
+    """Whether the spec's tile lists differ between query heads (a dense mask with a head dim)."""
+    return spec.mask is not None and spec.mask.dim() >= 3 and spec.mask.shape[-3] > 1
+
+
+def list_args(lists: TileLists | None, dummy: torch.Tensor) -> dict:
+    """``triton_flash``'s tile-list arguments, less its map granularity: the band kernels' lists are at their own
+    tiles."""
+    return {key: value for key, value in _map_args(lists, dummy).items() if key not in ("MAP_M", "MAP_N")}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,10 +154,11 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     reasons = []
     if spec.device.type != "cuda" and not _interpreting():
         reasons.append("needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
-    others = [t for t in spec.mask_terms if t not in ("causal", "window")]
+    others = [t for t in band_part(spec).mask_terms if t not in ("causal", "window")]
     if others or spec.dropout_p > 0.0:
         reasons.append(f"terms {others + (['dropout'] if spec.dropout_p > 0 else [])} not supported: this "
-                       "forward runs band specs only (causal, window); use triton_flash")
+                       "forward runs a band (causal, window) and key padding, documents or a boolean mask as tile "
+                       "lists; use triton_flash")
     if spec.dtype not in DTYPES:
         reasons.append(f"dtype {spec.dtype} not supported: float16 or bfloat16")
     for name, d in (("head_dim", spec.head_dim), ("v_head_dim", spec.v_head_dim)):
@@ -149,6 +178,9 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     if variant.pack_gqa and group > 1 and (group & (group - 1) or variant.block_m % group):
         reasons.append(f"pack_gqa needs the group size ({group} query heads per kv head) to be a power of two "
                        f"dividing block_m={variant.block_m}: use pack_gqa=False")
+    if variant.pack_gqa and group > 1 and per_head_lists(spec):
+        reasons.append("pack_gqa needs tile lists shared by the query heads of a group, and this mask differs per "
+                       "head: use pack_gqa=False")
     pack = group if variant.pack_gqa else 1
     if spec.batch * spec.q_heads // pack > MAX_GRID_Y:
         reasons.append(f"batch * q_heads / packed heads = {spec.batch * spec.q_heads // pack} exceeds the grid "
@@ -198,24 +230,27 @@ def _load_rows(src, n0, rows, n_rows, stride, COLS: tl.constexpr, DESC: tl.const
 
 @triton.jit
 def _band_inner(
-    acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, pos, Nk, qk_scale, off, band_lo, band_hi,
-    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr,
-    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, idx_ptr, pos, b, Nq, Nk, kv_end, qk_scale, off,
+    band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn,
+    D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FROM_LIST: tl.constexpr,
+    HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr,
+    MASK_BOOL: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """Online softmax over the kv tiles starting at ``lo, lo + BLOCK_N, ..`` below ``hi``."""
+    """Online softmax over the kv tiles starting at ``lo, lo + BLOCK_N, ..`` below ``hi``, or (``FROM_LIST``) the
+    kv tiles listed at ``idx_ptr[lo:hi]``."""
     offs_n = tl.arange(0, BLOCK_N)
-    for n0 in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+    for it in tl.range(lo, hi, 1 if FROM_LIST else BLOCK_N, warp_specialize=WARP_SPEC):
+        if FROM_LIST:
+            n0 = tl.load(idx_ptr + it) * BLOCK_N
+        else:
+            n0 = it
         n0 = tl.multiple_of(n0, BLOCK_N)
         k = _load_rows(k_src, n0, offs_n, Nk, stride_kn, D, DESC, MASKED)  # [BLOCK_N, D]
         qk = _dot(q, tl.trans(k), None, "tf32")  # [BLOCK_M, BLOCK_N]
         if MASKED:
-            cols = n0 + offs_n
-            rel = cols[None, :] - pos[:, None] - off  # j - i - offset
-            keep = cols[None, :] < Nk
-            if HAS_LO:
-                keep = keep & (rel >= band_lo)
-            if HAS_HI:
-                keep = keep & (rel <= band_hi)
+            keep = _kept(pos[:, None], (n0 + offs_n)[None, :], b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr,
+                         stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn,
+                         HAS_LO, HAS_HI, KP_ROW, HAS_DOC, MASK_BOOL)
             s = tl.where(keep, qk * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row with nothing visible so far has m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
@@ -242,7 +277,11 @@ def _band_fwd(
     stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
     stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
     Nq, Nk, H, GROUP, qk_scale, off, band_lo, band_hi,
-    D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, PACK: tl.constexpr,
+    kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_MODE: tl.constexpr,
+    HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, PACK: tl.constexpr,
     DESC: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query positions per program
@@ -278,14 +317,32 @@ def _band_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, DV], dtype=tl.float32)
-    start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_Q, BLOCK_N, HAS_LO, HAS_HI)
-    acc, l_i, m_i = _band_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, start, full_lo, pos, Nk,
-                                qk_scale, off, band_lo, band_hi, D, DV, BLOCK_N, True, HAS_LO, HAS_HI, DESC, WARP_SPEC)
-    acc, l_i, m_i = _band_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, full_lo, full_hi, pos, Nk,
-                                qk_scale, off, band_lo, band_hi, D, DV, BLOCK_N, False, HAS_LO, HAS_HI, DESC,
-                                WARP_SPEC)
-    acc, l_i, m_i = _band_inner(acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, full_hi, end, pos, Nk,
-                                qk_scale, off, band_lo, band_hi, D, DV, BLOCK_N, True, HAS_LO, HAS_HI, DESC, WARP_SPEC)
+    kv_end = Nk
+    if KP_MODE == 1:  # integer key lengths
+        kv_end = tl.minimum(tl.load(kp_ptr + b).to(tl.int32), Nk)
+    # the mask of this batch row and first head: a mask with a head dim is never packed (per_head_lists)
+    mask_row = mask_ptr + b * stride_mb + h0.to(tl.int64) * stride_mh
+    if USE_MAP:  # the query tile's row of the tile map: partial kv tiles (mask arithmetic), then full ones
+        row = b * stride_cb + h0 * stride_ch + pid_m * stride_cm
+        lists = b * stride_ib + h0 * stride_ih + pid_m * stride_im
+        for part in tl.static_range(2):
+            acc, l_i, m_i = _band_inner(
+                acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0,
+                tl.load((part_cnt if part == 0 else full_cnt) + row), (part_idx if part == 0 else full_idx) + lists,
+                pos, b, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
+                kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part == 0, True, HAS_LO, HAS_HI,
+                KP_MODE == 2, HAS_DOC, MASK == 3, DESC, WARP_SPEC)
+    else:
+        start, full_lo, full_hi, end = _kv_tile_range(m0, kv_end, off, band_lo, band_hi, BLOCK_Q, BLOCK_N, HAS_LO,
+                                                      HAS_HI)
+        for part in tl.static_range(3):  # masked edge, visible middle, masked edge
+            lo = start if part == 0 else (full_lo if part == 1 else full_hi)
+            hi = full_lo if part == 0 else (full_hi if part == 1 else end)
+            acc, l_i, m_i = _band_inner(
+                acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, part_cnt, pos, b, Nq, Nk, kv_end,
+                qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+                mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part != 1, False, HAS_LO, HAS_HI, False, False, False,
+                DESC, WARP_SPEC)
 
     empty = l_i == 0.0
     out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
@@ -336,12 +393,16 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
         triton.set_allocator(_scratch)
     pack = spec.group_size if variant.pack_gqa else 1
     lo, hi = spec.band()
+    # key padding, documents, a boolean mask: tile lists at the kernel's tiles (cached per term tensors across
+    # layers); a program of packed heads holds block_m / pack query positions
+    lists = tile_lists(spec, variant.block_m // pack, variant.block_n) if listed(spec) else None
+    terms = {key: value for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS}
     grid = (cdiv(nq, variant.block_m // pack), b * hq // pack)
     _launch(
         _band_fwd, grid,
         q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
-        0 if lo is None else lo, 0 if hi is None else hi,
+        0 if lo is None else lo, 0 if hi is None else hi, **terms, **list_args(lists, lse),
         D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None, HAS_HI=hi is not None, PACK=pack,
         DESC=variant.descriptors, WARP_SPEC=variant.warp_specialize, BLOCK_M=variant.block_m,
         BLOCK_N=variant.block_n, num_warps=variant.num_warps, num_stages=variant.num_stages,
@@ -369,6 +430,18 @@ MEASURED_VARIANTS = {
     (128, False, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
     (128, False, True): Variant(block_m=128, block_n=128, num_warps=8, num_stages=3),
 }
+#: the same for specs with tile lists, by (head dim, a dense boolean mask among the terms): H200, bf16, B*N = 16k
+#: tokens (benchmarks/results/forward_sweep_listed.md). A dense mask (a causal window of 1024 at 8k and 32k, causal
+#: at 4k): 128x64 tiles with 8 warps, 0.78-0.87x Flex where the general forward gave 0.61-0.75x (the mask's loads
+#: on the partial tiles are shared by more rows). Documents (4, 16 and 64 in a 16k row): 64x64 tiles with 4
+#: warps, 0.89-1.12x Flex against the general forward's 0.94-1.13x. Key padding takes the documents' tiles, and
+#: D 64 the band's (neither measured with tile lists)
+LISTED_VARIANTS = {
+    (64, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (64, True): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (128, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (128, True): Variant(block_m=128, block_n=64, num_warps=8, num_stages=3),
+}
 _capabilities: dict[int, tuple[int, int]] = {}
 
 
@@ -383,18 +456,22 @@ def _capability(device: torch.device) -> tuple[int, int] | None:
 
 
 def measured_variant(spec: AttentionSpec) -> Variant | None:
-    """The variant measured fastest for this spec, or None where none was: band specs only (no term but
-    causal and window, no dropout), float16/bfloat16, equal head dims 64 or 128, on the GPU of
-    ``MEASURED_ON``. Query heads are packed per kv head where the group divides the tile."""
+    """The variant measured fastest for this spec, or None where none was: a band (causal, window) with key
+    padding, documents or a boolean mask as tile lists, no dropout, float16/bfloat16, equal head dims 64 or 128,
+    on the GPU of ``MEASURED_ON``. Query heads are packed per kv head where the group divides the tile and the
+    heads share their tile lists."""
     if (spec.dropout_p > 0.0 or spec.dtype not in DTYPES or spec.v_head_dim != spec.head_dim
-            or any(t not in ("causal", "window") for t in spec.mask_terms)
+            or any(t not in ("causal", "window") for t in band_part(spec).mask_terms)
             or _capability(spec.device) != MEASURED_ON):
         return None
     lo, hi = spec.band()
-    banded = lo is not None or hi is not None
     width = hi - lo + 1 if lo is not None and hi is not None else spec.kv_len
-    variant = MEASURED_VARIANTS.get((spec.head_dim, banded, width >= LONG_ROWS))
+    if listed(spec):
+        variant = LISTED_VARIANTS.get((spec.head_dim, spec.mask is not None))
+    else:
+        variant = MEASURED_VARIANTS.get((spec.head_dim, lo is not None or hi is not None, width >= LONG_ROWS))
     group = spec.group_size
-    if variant is not None and group > 1 and not group & (group - 1) and variant.block_m % group == 0:
+    if (variant is not None and group > 1 and not group & (group - 1) and variant.block_m % group == 0
+            and not per_head_lists(spec)):
         variant = dataclasses.replace(variant, pack_gqa=True)
     return variant

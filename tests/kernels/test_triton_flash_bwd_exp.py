@@ -19,7 +19,8 @@ from attnopt.kernels import get
 from attnopt.kernels import triton_flash_bwd_exp as bwd
 from attnopt.kernels.naive import naive_attention
 from attnopt.kernels.spec import Align, Fill, Window
-from test_triton_flash_tma import CASES, DEVICE, make_inputs
+from test_triton_flash_tma import (CASES, DEVICE, GPU_LISTED, MAP_CASES, _blocky_mask, _doc_pair, make_inputs,
+                                   terms_on_device)
 
 #: max abs error of a gradient, scaled by max(1, |reference|)
 TOL = {torch.float16: 5e-3, torch.bfloat16: 3e-2}
@@ -115,54 +116,6 @@ def test_random_band_specs(problem):
     check(q, k, v, spec, variant, TOL[spec.dtype])
 
 
-def _documents(b: int, n: int, g: torch.Generator, count: int) -> torch.Tensor:
-    """``[b, n]`` non-decreasing document ids, ``count`` documents of random lengths per row (HF's packing)."""
-    rows = []
-    for _ in range(b):
-        cuts = torch.randperm(n - 1, generator=g)[: count - 1] + 1
-        rows.append(torch.zeros(n, dtype=torch.int64).index_fill_(0, cuts, 1).cumsum(0))
-    return torch.stack(rows)
-
-
-#: name -> (B, Hq, Hkv, Nq, Nk, terms(g)): the terms this backward walks through tile lists
-MAP_CASES = {
-    "documents_causal_gqa": (2, 8, 2, 45, 45, lambda g: dict(causal=True, **_doc_pair(2, 45, g, 4))),
-    "documents_no_band": (1, 4, 2, 37, 37, lambda g: _doc_pair(1, 37, g, 3)),
-    "documents_shuffled_ids": (1, 4, 1, 40, 40, lambda g: {"q_doc": (ids := torch.randint(0, 3, (1, 40),
-                                                                                          generator=g)),
-                                                            "kv_doc": ids, "causal": True}),
-    "key_padding_bool_causal": (2, 4, 2, 40, 40, lambda g: dict(causal=True, key_padding=torch.rand(2, 40,
-                                                                                                     generator=g) > 0.3)),
-    "key_padding_lengths": (3, 4, 2, 21, 50, lambda g: dict(key_padding=torch.tensor([50, 17, 33]))),
-    "key_padding_left_padded_causal": (2, 4, 2, 40, 40, lambda g: dict(
-        causal=True, key_padding=torch.arange(40)[None, :] >= torch.tensor([[0], [13]]))),
-    "window_documents": (1, 4, 2, 48, 48, lambda g: dict(causal=True, window=Window(9, 0),
-                                                         **_doc_pair(1, 48, g, 2))),
-    # a window handed over as the [N, N] boolean mask a model builds (broadcast over batch and heads)
-    "dense_bool_window": (2, 4, 2, 45, 45, lambda g: dict(mask=_band_mask(45, 45, 9))),
-    # a mask per batch row and query head, a quarter of it kept: rows and tiles with no key, tiles all kept
-    "dense_bool_per_head_causal": (2, 4, 2, 40, 37, lambda g: dict(causal=True, mask=_blocky_mask(
-        (2, 4, 40, 37), g))),
-}
-
-
-def _band_mask(nq: int, nk: int, width: int) -> torch.Tensor:
-    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
-    return (j <= i) & (j > i - width)
-
-
-def _blocky_mask(shape, g: torch.Generator) -> torch.Tensor:
-    """A boolean mask kept in 8 x 8 blocks with probability 1/2, then elementwise with probability 3/4."""
-    blocks = torch.rand(*shape[:2], -(-shape[2] // 8), -(-shape[3] // 8), generator=g) > 0.5
-    blocks = blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., : shape[2], : shape[3]]
-    return blocks & (torch.rand(shape, generator=g) > 0.25)
-
-
-def _doc_pair(b, n, g, count):
-    ids = _documents(b, n, g, count)
-    return {"q_doc": ids, "kv_doc": ids}
-
-
 @pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE_ADDED])
 @pytest.mark.parametrize("case", list(MAP_CASES))
 def test_tile_list_terms_match_autograd(case, fill):
@@ -172,9 +125,7 @@ def test_tile_list_terms_match_autograd(case, fill):
     b, hq, hkv, nq, nk, terms = MAP_CASES[case]
     g = torch.Generator().manual_seed(3)
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(g), fill=fill)
-    for name in ("key_padding", "q_doc", "kv_doc", "mask"):
-        if getattr(spec, name) is not None:
-            spec = spec.with_(**{name: getattr(spec, name).to(DEVICE)})
+    spec = terms_on_device(spec)
     variant = dataclasses.replace(SWITCHES["ptr"], block_n1=32) if hq // hkv == 4 else SWITCHES["perhead"]
     assert not bwd.unsupported_reasons(q, q, k, v, spec, variant)
     check(q, k, v, spec, variant, TOL[torch.float16])
@@ -214,11 +165,11 @@ def test_unsupported_specs_and_variants_are_refused():
     def run(variant, spec=spec, q=q, grad_out=out):
         return bwd.backward(grad_out, q, k, v, out, lse, spec, variant=variant)
 
-    with pytest.raises(ValueError, match="band specs only"):
+    with pytest.raises(ValueError, match="tile lists; use triton_flash"):
         run({}, spec.with_(softcap=30.0))
-    with pytest.raises(ValueError, match="band specs only"):
+    with pytest.raises(ValueError, match="tile lists; use triton_flash"):
         run({}, spec.with_(key_padding=torch.tensor([3]), softcap=30.0))
-    with pytest.raises(ValueError, match="band specs only"):  # an additive mask's values enter the scores
+    with pytest.raises(ValueError, match="tile lists; use triton_flash"):  # an additive mask's values enter the scores
         run({}, spec.with_(mask=torch.zeros(16, 16, device=DEVICE)))
     with pytest.raises(ValueError, match="block_n2=24"):
         run({"block_n2": 24})
@@ -304,18 +255,6 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
     _check_all(q, k, v, spec, variants, TOL[torch.float16])
 
 
-#: name -> (B, N, terms(g)): the tile-list terms at lengths that end mid-tile
-GPU_LISTED = {
-    "documents_causal": (1, 1000, lambda g: dict(causal=True, **_doc_pair(1, 1000, g, 7))),
-    "documents_two_rows": (2, 777, lambda g: _doc_pair(2, 777, g, 3)),
-    "left_padding_causal": (2, 1000, lambda g: dict(causal=True, key_padding=torch.arange(1000)[None, :] >=
-                                                    torch.tensor([[0], [300]]))),
-    "key_lengths": (2, 1000, lambda g: dict(key_padding=torch.tensor([1000, 513]))),
-    "dense_bool_window": (1, 1000, lambda g: dict(mask=_band_mask(1000, 1000, 255))),
-    "dense_bool_per_head": (2, 1000, lambda g: dict(mask=_blocky_mask((2, 8, 1000, 1000), g))),
-}
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("case", list(GPU_LISTED))
@@ -326,8 +265,7 @@ def test_gpu_tile_list_terms(case):
     for d in (64, 128):
         q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
                                     fill=Fill.FINITE_ADDED)
-        spec = spec.with_(**{name: getattr(spec, name).cuda() for name in ("key_padding", "q_doc", "kv_doc", "mask")
-                             if getattr(spec, name) is not None})
+        spec = terms_on_device(spec)
         measured = bwd.MEASURED_VARIANTS[(d, bool(spec.causal))]
         variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False)]
         _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])

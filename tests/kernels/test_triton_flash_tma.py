@@ -43,6 +43,66 @@ CASES = {
 }
 
 
+def _documents(b: int, n: int, g: torch.Generator, count: int) -> torch.Tensor:
+    """``[b, n]`` non-decreasing document ids, ``count`` documents of random lengths per row (HF's packing)."""
+    rows = []
+    for _ in range(b):
+        cuts = torch.randperm(n - 1, generator=g)[: count - 1] + 1
+        rows.append(torch.zeros(n, dtype=torch.int64).index_fill_(0, cuts, 1).cumsum(0))
+    return torch.stack(rows)
+
+
+#: name -> (B, Hq, Hkv, Nq, Nk, terms(g)): the terms the band kernels walk through tile lists
+MAP_CASES = {
+    "documents_causal_gqa": (2, 8, 2, 45, 45, lambda g: dict(causal=True, **_doc_pair(2, 45, g, 4))),
+    "documents_no_band": (1, 4, 2, 37, 37, lambda g: _doc_pair(1, 37, g, 3)),
+    "documents_shuffled_ids": (1, 4, 1, 40, 40, lambda g: {"q_doc": (ids := torch.randint(0, 3, (1, 40),
+                                                                                          generator=g)),
+                                                            "kv_doc": ids, "causal": True}),
+    "key_padding_bool_causal": (2, 4, 2, 40, 40, lambda g: dict(causal=True, key_padding=torch.rand(2, 40,
+                                                                                                     generator=g) > 0.3)),
+    "key_padding_lengths": (3, 4, 2, 21, 50, lambda g: dict(key_padding=torch.tensor([50, 17, 33]))),
+    "key_padding_left_padded_causal": (2, 4, 2, 40, 40, lambda g: dict(
+        causal=True, key_padding=torch.arange(40)[None, :] >= torch.tensor([[0], [13]]))),
+    "window_documents": (1, 4, 2, 48, 48, lambda g: dict(causal=True, window=Window(9, 0),
+                                                         **_doc_pair(1, 48, g, 2))),
+    # a window handed over as the [N, N] boolean mask a model builds (broadcast over batch and heads)
+    "dense_bool_window": (2, 4, 2, 45, 45, lambda g: dict(mask=_band_mask(45, 45, 9))),
+    # a mask per batch row and query head, a quarter of it kept: rows and tiles with no key, tiles all kept
+    "dense_bool_per_head_causal": (2, 4, 2, 40, 37, lambda g: dict(causal=True, mask=_blocky_mask(
+        (2, 4, 40, 37), g))),
+}
+
+
+def _band_mask(nq: int, nk: int, width: int) -> torch.Tensor:
+    i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
+    return (j <= i) & (j > i - width)
+
+
+def _blocky_mask(shape, g: torch.Generator) -> torch.Tensor:
+    """A boolean mask kept in 8 x 8 blocks with probability 1/2, then elementwise with probability 3/4."""
+    blocks = torch.rand(*shape[:2], -(-shape[2] // 8), -(-shape[3] // 8), generator=g) > 0.5
+    blocks = blocks.repeat_interleave(8, 2).repeat_interleave(8, 3)[..., : shape[2], : shape[3]]
+    return blocks & (torch.rand(shape, generator=g) > 0.25)
+
+
+def _doc_pair(b, n, g, count):
+    ids = _documents(b, n, g, count)
+    return {"q_doc": ids, "kv_doc": ids}
+
+
+#: name -> (B, N, terms(g)): the tile-list terms at lengths that end mid-tile
+GPU_LISTED = {
+    "documents_causal": (1, 1000, lambda g: dict(causal=True, **_doc_pair(1, 1000, g, 7))),
+    "documents_two_rows": (2, 777, lambda g: _doc_pair(2, 777, g, 3)),
+    "left_padding_causal": (2, 1000, lambda g: dict(causal=True, key_padding=torch.arange(1000)[None, :] >=
+                                                    torch.tensor([[0], [300]]))),
+    "key_lengths": (2, 1000, lambda g: dict(key_padding=torch.tensor([1000, 513]))),
+    "dense_bool_window": (1, 1000, lambda g: dict(mask=_band_mask(1000, 1000, 255))),
+    "dense_bool_per_head": (2, 1000, lambda g: dict(mask=_blocky_mask((2, 8, 1000, 1000), g))),
+}
+
+
 def make_inputs(b, hq, hkv, nq, nk, d, dtype, terms, *, transposed=True, seed=0, fill=Fill.SAFE, device=DEVICE):
     """q/k/v as HF hands them over: ``[B, N, H, D]`` tensors seen as ``[B, H, N, D]`` (or contiguous)."""
     g = torch.Generator().manual_seed(seed)
@@ -54,6 +114,12 @@ def make_inputs(b, hq, hkv, nq, nk, d, dtype, terms, *, transposed=True, seed=0,
 
     q, k, v = randn(hq, nq), randn(hkv, nk), randn(hkv, nk)
     return q, k, v, AttentionSpec.from_tensors(q, k, v, fill=fill, **terms)
+
+
+def terms_on_device(spec: AttentionSpec, device=DEVICE) -> AttentionSpec:
+    """The spec with its term tensors (key padding, documents, mask) on ``device``."""
+    return spec.with_(**{name: getattr(spec, name).to(device) for name in ("key_padding", "q_doc", "kv_doc", "mask")
+                         if getattr(spec, name) is not None})
 
 
 def oracle_lse(q, k, spec: AttentionSpec) -> torch.Tensor:
@@ -120,10 +186,67 @@ def test_random_band_specs(switches, group, nq, nk, d, dtype, band, bottom_right
     check(q, k, v, spec, variant, TOL[dtype])
 
 
+@pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE_ADDED])
+@pytest.mark.parametrize("case", list(MAP_CASES))
+def test_tile_list_terms_match_oracle(case, fill):
+    """Key padding (a boolean row, left padding, lengths), documents and dense boolean masks over causal, no band and
+    a window, GQA, in HF's layout, through the tile lists: against float64, rows that see no key included. Heads
+    are packed where the tile lists are shared by a group's heads (all but the per-head mask)."""
+    b, hq, hkv, nq, nk, terms = MAP_CASES[case]
+    q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(torch.Generator().manual_seed(3)),
+                                fill=fill)
+    spec = terms_on_device(spec)
+    switches = "desc" if tma.per_head_lists(spec) else "desc_pack"
+    assert tma.listed(spec) and not tma.unsupported_reasons(q, k, v, spec, SWITCHES[switches])
+    check(q, k, v, spec, dataclasses.replace(SWITCHES[switches], block_n=32 if "gqa" in case else 16),
+          TOL[torch.float16])
+
+
+@st.composite
+def listed_problems(draw):
+    """(q, k, v, spec, variant): 1..48 tokens, documents (ids per batch row) or not, key padding (a boolean row or
+    lengths) or not, a boolean mask broadcast over any dims or not (at least one of the three), a band or not, GQA
+    1/2/4 packed or not, 16- or 32-row tiles."""
+    n = draw(st.integers(1, 48))
+    b = draw(st.sampled_from([1, 2]))
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
+    hq = 2 * draw(st.sampled_from([1, 2, 4]))
+    terms = dict(draw(st.sampled_from([{}, {"causal": True}, {"window": Window(5, 2)},
+                                       {"causal": True, "window": Window(6, 0)}])))
+    kinds = draw(st.sets(st.sampled_from(["documents", "padding", "lengths", "mask"]), min_size=1, max_size=3))
+    if "documents" in kinds:
+        terms.update(_doc_pair(b, n, g, min(n, draw(st.integers(1, 6)))))
+    if "lengths" in kinds:
+        terms["key_padding"] = torch.randint(0, n + 1, (b,), generator=g)
+    elif "padding" in kinds:
+        terms["key_padding"] = torch.rand(b, n, generator=g) > 0.2
+    if "mask" in kinds:
+        shape = draw(st.sampled_from([(1, 1, n, n), (b, 1, n, n), (b, hq, n, n), (b, 1, 1, n)]))
+        terms["mask"] = _blocky_mask(shape, g)
+    q, k, v, spec = make_inputs(b, hq, 2, n, n, 16, torch.bfloat16, terms, transposed=draw(st.booleans()),
+                                fill=Fill.FINITE)
+    spec = terms_on_device(spec)
+    pack = draw(st.booleans()) and not tma.per_head_lists(spec)
+    variant = dataclasses.replace(SWITCHES["desc_pack" if pack else "desc"], descriptors=draw(st.booleans()),
+                                  block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([16, 32])))
+    return q, k, v, spec, variant
+
+
+@settings(max_examples=12, deadline=None)
+@given(problem=listed_problems())
+def test_random_listed_specs(problem):
+    q, k, v, spec, variant = problem
+    check(q, k, v, spec, variant, TOL[spec.dtype])
+
+
 def test_unsupported_specs_and_variants_are_refused():
     q, k, v, spec = make_inputs(1, 6, 2, 16, 16, 16, torch.float16, {})
-    with pytest.raises(ValueError, match="band specs only"):
-        tma.forward(q, k, v, spec.with_(key_padding=torch.tensor([3])), variant={})
+    with pytest.raises(ValueError, match="tile lists; use triton_flash"):  # an additive mask's values enter the scores
+        tma.forward(q, k, v, spec.with_(mask=torch.zeros(16, 16, device=DEVICE)), variant={})
+    with pytest.raises(ValueError, match="differs per head"):
+        per_head = spec.with_(q_heads=8, mask=torch.ones(1, 8, 16, 16, dtype=torch.bool, device=DEVICE))
+        q8 = torch.randn(1, 8, 16, 16, device=DEVICE).half()
+        tma.forward(q8, k, v, per_head, variant={"pack_gqa": True, "block_m": 16})
     with pytest.raises(ValueError, match="warp_specialize needs descriptors"):
         tma.forward(q, k, v, spec, variant={"warp_specialize": True})
     with pytest.raises(ValueError, match="group size"):  # 3 query heads per kv head cannot be packed
@@ -196,7 +319,20 @@ def test_measured_variants_by_head_dim_band_and_row_length(monkeypatch):
     assert variant(4096, 4096, 128, {"causal": True}, dtype=torch.float32) is None
     assert variant(4096, 4096, 96, {"causal": True}) is None
     assert variant(4096, 4096, 128, {"causal": True}, dropout_p=0.1) is None
-    assert variant(4096, 4096, 128, {"causal": True, "key_padding": torch.tensor([7])}) is None
+    # key padding, documents: the listed table's own tiles, whatever the band; a dense boolean mask: its tiles
+    padded = {"causal": True, "key_padding": torch.tensor([7])}
+    assert variant(4096, 4096, 128, padded) == tma.Variant(block_m=64, block_n=64) == variant(
+        32768, 32768, 128, {**window, "key_padding": torch.tensor([7])})
+    ids = torch.zeros(1, 4096, dtype=torch.long)
+    assert variant(4096, 4096, 128, {"q_doc": ids, "kv_doc": ids}) == tma.LISTED_VARIANTS[(128, False)]
+    dense = torch.ones(1, 1, 4096, 4096, dtype=torch.bool)
+    assert variant(4096, 4096, 128, {"mask": dense}) == tma.Variant(block_m=128, block_n=64, num_warps=8)
+    assert variant(4096, 4096, 128, {"mask": dense, "q_doc": ids, "kv_doc": ids}) == tma.LISTED_VARIANTS[(128, True)]
+    assert variant(4096, 4096, 128, {"mask": torch.zeros(1, 1, 4096, 4096)}) is None  # additive
+    assert variant(4096, 4096, 128, {"causal": True}, hq=32, hkv=8,
+                   mask=torch.ones(1, 1, 4096, 4096, dtype=torch.bool)).pack_gqa
+    assert not variant(4096, 4096, 128, {"causal": True}, hq=32, hkv=8,
+                       mask=torch.ones(1, 32, 4096, 4096, dtype=torch.bool)).pack_gqa  # lists differ per head
     monkeypatch.setattr(tma, "_capability", lambda device: (8, 0))
     assert variant(4096, 4096, 128, {"causal": True}) is None  # measured on sm_90 only
 
@@ -219,9 +355,14 @@ def test_triton_flash_forward_runs_the_measured_variant(monkeypatch, terms, d):
     assert torch.equal(out, direct_out) and torch.equal(lse, direct_lse)
     assert out.transpose(1, 2).is_contiguous()  # HF's [B, N, H, D] layout, as the general forward makes it
     ran.clear()
-    padded = spec.with_(key_padding=torch.tensor([48, 30]))
-    get("triton_flash").forward(q, k, v, padded, 0)
-    assert ran == []  # key padding: the general forward
+    padded = spec.with_(key_padding=torch.tensor([48, 30], device=DEVICE))
+    out, lse = get("triton_flash").forward(q, k, v, padded, 0)
+    assert ran == [tma.measured_variant(padded)]  # key padding: the tile lists
+    direct_out, direct_lse = check(q, k, v, padded, ran[0], TOL[torch.bfloat16])
+    assert torch.equal(out, direct_out) and torch.equal(lse, direct_lse)
+    ran.clear()
+    get("triton_flash").forward(q, k, v, spec.with_(mask=torch.zeros(40, 48, device=DEVICE)), 0)
+    assert ran == []  # an additive mask: the general forward
 
 
 # ------------------------------------------------------------------------------------ GPU
@@ -297,3 +438,32 @@ def test_gpu_triton_flash_forward_takes_the_measured_variant(monkeypatch, case):
     assert err <= TOL[torch.bfloat16] * max(1.0, want.abs().max().item()), f"out: max abs error {err:.3g}"
     want_lse = oracle_lse(q, k, spec).cpu()
     assert (lse.double().cpu() - want_lse).abs().max().item() <= 1e-3 * max(1.0, want_lse.abs().max().item())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", list(GPU_LISTED))
+def test_gpu_tile_list_terms(monkeypatch, case):
+    """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64, at
+    lengths that end mid-tile: at D = 64 and 128, the measured variant (what ``triton_flash``'s forward runs, heads
+    packed where the lists allow), the same with descriptors, and 128-row tiles with 8 warps."""
+    from attnopt.kernels import get
+
+    b, n, terms = GPU_LISTED[case]
+    ran = []
+    run_forward = tma.run_forward
+    monkeypatch.setattr(tma, "run_forward", lambda *a: ran.append(a[-1]) or run_forward(*a))
+    for d in (64, 128):
+        q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
+                                    fill=Fill.FINITE_ADDED)
+        spec = terms_on_device(spec)
+        measured = tma.measured_variant(spec)
+        assert measured is not None and measured.pack_gqa != tma.per_head_lists(spec)
+        variants = [measured, dataclasses.replace(measured, descriptors=tma.HAS_DESCRIPTORS),
+                    dataclasses.replace(measured, block_m=128, block_n=64, num_warps=8)]
+        _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
+        ran.clear()
+        out, lse = get("triton_flash").forward(q, k, v, spec, 0)
+        assert ran == [measured]
+        direct_out, direct_lse = tma.forward(q, k, v, spec, variant=measured)
+        assert torch.equal(out, direct_out) and torch.equal(lse, direct_lse)
