@@ -19,7 +19,7 @@ from attnopt.kernels import get
 from attnopt.kernels import triton_flash_bwd_exp as bwd
 from attnopt.kernels.naive import naive_attention
 from attnopt.kernels.spec import Align, Fill, Window
-from test_triton_flash_tma import (CASES, DEVICE, GPU_LISTED, MAP_CASES, _blocky_mask, _doc_pair, make_inputs,
+from test_triton_flash_tma import (CASES, DEVICE, GPU_LISTED, MAP_CASES, listed_specs, make_inputs,
                                    terms_on_device)
 
 #: max abs error of a gradient, scaled by max(1, |reference|)
@@ -132,28 +132,17 @@ def test_tile_list_terms_match_autograd(case, fill):
 
 
 @st.composite
-def document_problems(draw):
-    """(q, k, v, spec, variant): 1..48 tokens in 1..6 documents (ids per batch row), causal or not, key
-    padding and a boolean mask on top or not, GQA 1/2/4, 16- or 32-row tiles in either kernel."""
-    n = draw(st.integers(1, 48))
-    b = draw(st.sampled_from([1, 2]))
-    g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
-    terms = dict(_doc_pair(b, n, g, min(n, draw(st.integers(1, 6)))), causal=draw(st.booleans()))
-    if draw(st.booleans()):
-        terms["key_padding"] = torch.rand(b, n, generator=g) > 0.2
-    hq = 2 * draw(st.sampled_from([1, 2, 4]))
-    mask = draw(st.sampled_from([None, (1, 1, n, n), (b, 1, n, n), (b, hq, n, n), (b, 1, 1, n)]))
-    if mask is not None:  # a boolean mask on top: broadcast over batch, heads or queries, or not
-        terms["mask"] = _blocky_mask(mask, g).to(DEVICE)
-    q, k, v, spec = make_inputs(b, hq, 2, n, n, 16, torch.bfloat16, terms, transposed=draw(st.booleans()),
-                                fill=Fill.FINITE)
+def listed_problems(draw):
+    """(q, k, v, spec, variant): the forward's random tile-list specs (documents, key padding, boolean masks over
+    any band), 16- or 32-row tiles in either kernel, dK/dV per kv head or per query head."""
+    q, k, v, spec = draw(listed_specs())
     tiles = {name: draw(st.sampled_from([16, 32])) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles)
 
 
 @settings(max_examples=10, deadline=None)
-@given(problem=document_problems())
-def test_random_document_specs(problem):
+@given(problem=listed_problems())
+def test_random_listed_specs(problem):
     q, k, v, spec, variant = problem
     check(q, k, v, spec, variant, TOL[spec.dtype])
 

@@ -203,10 +203,10 @@ def test_tile_list_terms_match_oracle(case, fill):
 
 
 @st.composite
-def listed_problems(draw):
-    """(q, k, v, spec, variant): 1..48 tokens, documents (ids per batch row) or not, key padding (a boolean row or
-    lengths) or not, a boolean mask broadcast over any dims or not (at least one of the three), a band or not, GQA
-    1/2/4 packed or not, 16- or 32-row tiles."""
+def listed_specs(draw):
+    """(q, k, v, spec): 1..48 tokens, documents (ids per batch row) or not, key padding (a boolean row or lengths)
+    or not, a boolean mask broadcast over any dims or not (at least one of the three), a band or not, GQA 1/2/4,
+    either layout; bf16, rows without keys filled with the mean of v."""
     n = draw(st.integers(1, 48))
     b = draw(st.sampled_from([1, 2]))
     g = torch.Generator().manual_seed(draw(st.integers(0, 2 ** 16)))
@@ -225,7 +225,14 @@ def listed_problems(draw):
         terms["mask"] = _blocky_mask(shape, g)
     q, k, v, spec = make_inputs(b, hq, 2, n, n, 16, torch.bfloat16, terms, transposed=draw(st.booleans()),
                                 fill=Fill.FINITE)
-    spec = terms_on_device(spec)
+    return q, k, v, terms_on_device(spec)
+
+
+@st.composite
+def listed_problems(draw):
+    """``listed_specs`` and a variant: heads packed or not (where the tile lists allow), descriptors or not, 16- or
+    32-row tiles."""
+    q, k, v, spec = draw(listed_specs())
     pack = draw(st.booleans()) and not tma.per_head_lists(spec)
     variant = dataclasses.replace(SWITCHES["desc_pack" if pack else "desc"], descriptors=draw(st.booleans()),
                                   block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([16, 32])))
