@@ -1,6 +1,7 @@
 """First-call overhead: ``attnopt.optimize`` and ``torch.compile(backend="attnopt")`` against plain torch.compile.
 
     python benchmarks/compile_time.py [--repeat 3] [--length 256] [--train] [--out benchmarks/results/compile_time.md]
+    python benchmarks/compile_time.py --device cuda --dtype bfloat16 --length 4096 [--train]   # on a GPU
 
 A user pays the first call once per shape family: dynamo captures the forward, attnopt rewrites
 each graph (detect, analyze, plan: within ``tune``'s time budget it measures the candidates), and
@@ -19,7 +20,10 @@ which the candidates' timing). Routes:
 outputs' floating tensors as the loss, dropout off so the outputs compare): inductor compiles the backward too,
 and attnopt times its candidates' training path.
 
-Models (random weights, float32, batch 2, forward under ``torch.no_grad()``): the quickstart's GPT
+``--device cuda --dtype bfloat16``: the same on the GPU, where the first call also compiles attnopt's Triton
+kernels (within the pass when the candidates are timed, else at the first launch) and inductor's.
+
+Models (random weights, float32 unless ``--dtype``, batch 2, forward under ``torch.no_grad()``): the quickstart's GPT
 (4 layers, d 256, 8 heads, causal + padding), Hugging Face Llama (4 layers, d 256, 8/2 heads,
 ``attention_mask`` with padding) and GPT-2 (4 layers, d 256, 4 heads), eager attention.
 """
@@ -76,9 +80,10 @@ def build(kind: str, length: int):
     return model.eval(), ((), {"input_ids": ids, "attention_mask": mask})
 
 
-def one(kind: str, route: str, length: int, train: bool = False) -> dict:
+def one(kind: str, route: str, length: int, train: bool = False, device: str = "cpu",
+        dtype: str = "float32") -> dict:
     """Time the first call of one route on one model in this (fresh) process (``train``: forward and
-    backward)."""
+    backward), on ``device`` with the model's floating weights in ``dtype``."""
     import attnopt
     import attnopt.backend
     from attnopt.passes import tuning
@@ -98,7 +103,9 @@ def one(kind: str, route: str, length: int, train: bool = False) -> dict:
     attnopt.backend.optimize_graph = timed(attnopt.backend.optimize_graph, "pass")
     tuning.measured_seconds = timed(tuning.measured_seconds, "tune")
     model, inputs = build(kind, length)
-    args, kwargs = inputs
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    args, kwargs = torch.utils._pytree.tree_map(
+        lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, inputs)
     if train:
         model.train()
 
@@ -108,6 +115,8 @@ def one(kind: str, route: str, length: int, train: bool = False) -> dict:
             loss = sum(t.float().sum() for t in torch.utils._pytree.tree_leaves(out)
                        if isinstance(t, torch.Tensor) and t.requires_grad)
             loss.backward()
+        if device == "cuda":
+            torch.cuda.synchronize()
         return out
 
     with contextlib.nullcontext() if train else torch.no_grad():
@@ -126,9 +135,10 @@ def one(kind: str, route: str, length: int, train: bool = False) -> dict:
         start = time.perf_counter()
         got = call(compiled)
         first = time.perf_counter() - start
+    tol = 1e-4 if dtype == "float32" else 5e-2  # half precision: two kernels' rounding over 4 layers
     for a, b in zip(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(eager)):
         if isinstance(a, torch.Tensor) and a.is_floating_point():
-            torch.testing.assert_close(a.detach(), b.detach(), atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(a.detach().float(), b.detach().float(), atol=tol, rtol=tol)
     sites = replaced = 0
     if route in ("optimize", "backend"):
         report = attnopt.report_of(compiled)
@@ -137,13 +147,16 @@ def one(kind: str, route: str, length: int, train: bool = False) -> dict:
             "sites": sites, "replaced": replaced}
 
 
-def fresh(kind: str, route: str, length: int, train: bool = False) -> dict:
+def fresh(kind: str, route: str, length: int, train: bool = False, device: str = "cpu",
+          dtype: str = "float32") -> dict:
     with tempfile.TemporaryDirectory() as cache:
         env = dict(os.environ, TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0",
                    TORCHINDUCTOR_CACHE_DIR=os.path.join(cache, "inductor"), ATTNOPT_CACHE_DIR=cache)
         env.pop("ATTNOPT_TUNE", None)
-        out = subprocess.run([sys.executable, __file__, "--one", kind, route, "--length", str(length)]
-                             + (["--train"] if train else []), env=env, capture_output=True, text=True, check=True)
+        env["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")  # attnopt's kernels compile afresh too
+        out = subprocess.run([sys.executable, __file__, "--one", kind, route, "--length", str(length),
+                              "--device", device, "--dtype", dtype] + (["--train"] if train else []),
+                             env=env, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -153,13 +166,16 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
     parser.add_argument("--train", action="store_true", help="a training first call: forward and backward")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--one", nargs=2, metavar=("MODEL", "ROUTE"))
     parser.add_argument("--out")
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(one(*args.one, args.length, args.train)))
+        print(json.dumps(one(*args.one, args.length, args.train, args.device, args.dtype)))
         return
-    fresh(args.models[0], "inductor", args.length, args.train)  # untimed: the first process also warms the OS's file caches
+    setting = dict(train=args.train, device=args.device, dtype=args.dtype)
+    fresh(args.models[0], "inductor", args.length, **setting)  # untimed: the first process also warms the OS's file caches
     load = os.getloadavg()[0]
     rows = [
         "| model | dynamo (capture) | optimize | overhead vs dynamo | inductor | backend | overhead vs inductor "
@@ -171,7 +187,7 @@ def main() -> None:
         runs = {route: [] for route in ROUTES}
         for _ in range(args.repeat):  # interleaved, so that a change in the machine's load touches every route
             for route in ROUTES:
-                runs[route].append(fresh(kind, route, args.length, args.train))
+                runs[route].append(fresh(kind, route, args.length, **setting))
                 print(kind, route, runs[route][-1], file=sys.stderr, flush=True)
         med = {route: statistics.median(r["first"] for r in runs[route]) for route in ROUTES}
         rewrites = [r for route in ("optimize", "backend") for r in runs[route]]
@@ -185,14 +201,17 @@ def main() -> None:
             f"| {pass_s:.2f} s | {tune_s:.2f} s | {100 * pass_s / med['inductor']:.1f}% "
             f"| {100 * own_s / med['inductor']:.1f}% | {replaced} |"
         )
+    machine = (f"{torch.cuda.get_device_name()}, " if args.device == "cuda" else "") + (
+        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
+    flags = (f"{' --train' if args.train else ''}"
+             f"{f' --device {args.device} --dtype {args.dtype}' if args.device != 'cpu' else ''}")
     text = "\n".join([
-        "# First-call overhead: attnopt against plain torch.compile (CPU)",
+        f"# First-call overhead: attnopt against plain torch.compile ({args.device.upper()})",
         "",
-        f"`python benchmarks/compile_time.py --repeat {args.repeat} --length {args.length}"
-        f"{' --train' if args.train else ''}`",
+        f"`python benchmarks/compile_time.py --repeat {args.repeat} --length {args.length}{flags}`",
         "",
-        f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads (load average "
-        f"{load:.1f} at the start: the machine is shared); float32, batch 2, N = {args.length}, "
+        f"{machine} (load average {load:.1f} at the start: the machine is shared); {args.dtype}, batch 2, "
+        f"N = {args.length}, "
         f"{'forward and backward in training mode' if args.train else 'forward under no_grad'}. Each cell: the first call's wall time, median of {args.repeat} fresh processes with cold "
         "caches (inductor's FX graph and autograd caches off, an empty attnopt tuning cache), run "
         "interleaved. \"attnopt pass\": time in attnopt's rewrite of the captured graphs (detect, masks, "
