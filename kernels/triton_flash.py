@@ -21,7 +21,9 @@ Band specs (causal, window or none) in half precision at head dims 64 and 128 ru
 the band kernels measured faster on the GPU they were measured on:
 ``triton_flash_tma.py``'s forward and ``triton_flash_bwd_exp.py``'s backward
 (``measured_variant`` in each; ``benchmarks/forward_sweep.py`` and
-``benchmarks/backward_sweep.py``).
+``benchmarks/backward_sweep.py``). Both walk key padding, documents and a dense
+boolean mask on top of the band as tile lists at their own tiles; an additive
+mask, a bias, softcap and dropout keep the general kernels.
 
 Key padding given as integer lengths runs in band mode (loop bounds per batch);
 a bool ``[B, Nk]`` mask goes through the tile map, where a prefix mask has one

@@ -4,6 +4,11 @@ Not registered as a kernel of its own: ``benchmarks/forward_sweep.py`` checks an
 against ``triton_flash`` and the peers, and ``triton_flash``'s forward runs the variants measured faster
 (``measured_variant``: band specs at head dims 64 and 128 in half precision on the GPU they were measured
 on).
+
+Key padding (lengths or a boolean row), documents and a dense boolean mask on top of the band walk tile lists
+(``block_map.tile_lists`` at the kernel's tiles) instead of the band's tile range, as the band backward does:
+the partial tiles with the mask arithmetic (``triton_flash_fwd._kept``: the band, the key padding, the
+documents, the mask's elements), the full tiles without it, the empty ones never.
 Same algorithm and result as ``triton_flash_fwd.py`` in band mode (FlashAttention-2, scores in log2
 units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then ``spec.fill``); what a
 ``Variant`` changes is how the tiles move:
@@ -23,7 +28,7 @@ units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then
       row r  ->  position m0 + r // G,  query head h0 + r % G
 
   so each K/V tile is read once per group instead of once per query head. ``G`` must be a power of two
-  that divides ``BLOCK_M``.
+  that divides ``BLOCK_M``, and with tile lists the group's heads must share them (no mask per head).
 * ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the tile shape and launch configuration.
 
 Per kv tile (``s`` in log2 units, ``qk_scale = scale * log2(e)`` folded into one multiply)::
