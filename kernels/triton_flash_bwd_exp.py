@@ -62,7 +62,8 @@ from .launch import launch as _launch
 from .triton_flash import _block, _last_dim_contiguous, _term_args, _with_empty_rows
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
 from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
-from .triton_flash_tma import DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, _scratch, list_args, listed
+from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, list_args, listed,
+                               use_scratch_allocator)
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
@@ -409,7 +410,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
         DV=spec.v_head_dim, BLOCK_DV=_block(spec.v_head_dim), BLOCK_M=PRE_BLOCK,
     )
     if variant.descriptors and q.is_cuda:
-        triton.set_allocator(_scratch)
+        use_scratch_allocator()
     lo, hi = spec.band()
     band = dict(Nq=nq, Nk=nk, H=hq, GROUP=spec.group_size, sm_scale=spec.scale,
                 qk_scale=spec.scale * LOG2E.value, off=spec.diagonal_offset, band_lo=0 if lo is None else lo,

@@ -368,6 +368,19 @@ def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     return torch.empty(size, dtype=torch.int8, device="cuda")
 
 
+def use_scratch_allocator() -> None:
+    """Give Triton ``_scratch`` for the descriptors' memory where no allocator is set (in this thread's context);
+    an allocator the user set is kept (any allocator serves: the launch asks it for plain device memory)."""
+    try:
+        from triton.runtime import _allocation
+
+        if not isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+            return
+    except (ImportError, AttributeError):  # a Triton without the context variable: set ours as before
+        pass
+    triton.set_allocator(_scratch)
+
+
 def forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, *,
             variant: Variant | dict) -> tuple[torch.Tensor, torch.Tensor]:
     """``(out [B, Hq, Nq, Dv], lse [B, Hq, Nq] float32, natural log)`` for q ``[B, Hq, Nq, D]``, k/v
@@ -395,7 +408,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
     out = empty_in_layout_of((b, hq, nq, spec.v_head_dim), q)  # an HF layer's reshape of it is then a view
     lse = q.new_empty((b, hq, nq), dtype=torch.float32)
     if variant.descriptors and q.is_cuda:
-        triton.set_allocator(_scratch)
+        use_scratch_allocator()
     pack = spec.group_size if variant.pack_gqa else 1
     lo, hi = spec.band()
     # key padding, documents, a boolean mask: tile lists at the kernel's tiles (cached per term tensors across

@@ -283,6 +283,29 @@ def test_no_keys_at_all(fill):
     assert (out == 0).all()
 
 
+def test_a_users_triton_allocator_is_kept():
+    """The descriptors' scratch memory: attnopt gives Triton its allocator only where none is set, and keeps one
+    the user set (run in an empty context, as a new thread starts: no allocator)."""
+    import contextvars
+
+    import triton
+    from triton.runtime import _allocation
+
+    def run():
+        assert isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
+        tma.use_scratch_allocator()
+        assert _allocation._allocator.get() is tma._scratch
+
+        def mine(size, alignment, stream):
+            return torch.empty(size, dtype=torch.int8)
+
+        triton.set_allocator(mine)
+        tma.use_scratch_allocator()
+        assert _allocation._allocator.get() is mine
+
+    contextvars.Context().run(run)
+
+
 def test_candidate_variants_cover_every_switch():
     variants = tma.candidate_variants(128, group_size=4)
     # warp specialization is left out: it does not compile for this kernel on sm_90 (test below)
