@@ -104,6 +104,14 @@ def _kept(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qd
 
 
 @triton.jit
+def _element(ptr, b, h, i, j, stride_b, stride_h, stride_m, stride_n):
+    """``ptr``'s elements at (b, h, i, j) with 64-bit offsets: a mask or bias of B x H x N x N elements passes 2^31
+    at 46k x 46k per head, or sooner over batch rows and heads (3 x 16 x 8k x 8k)."""
+    head = b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    return ptr + head + i.to(tl.int64) * stride_m + j.to(tl.int64) * stride_n
+
+
+@triton.jit
 def _scores(
     qk, i, j, b, h, Nq, Nk, kv_end, sm_scale, softcap,
     off, band_lo, band_hi, kp_ptr, stride_kpb,
@@ -131,12 +139,12 @@ def _scores(
         else:
             s = qk * sm_scale
         if BIAS != 0:
-            bias = tl.load(bias_ptr + b * stride_bb + h * stride_bh + i * stride_bm + j * stride_bn,
+            bias = tl.load(_element(bias_ptr, b, h, i, j, stride_bb, stride_bh, stride_bm, stride_bn),
                            mask=in_bounds, other=0.0)
             s = _add_term(s, bias, DTYPE, BIAS == 2)
         if MASK == 1 or MASK == 2:
             if MASKED:
-                add = tl.load(mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm + j * stride_mn,
+                add = tl.load(_element(mask_ptr, b, h, i, j, stride_mb, stride_mh, stride_mm, stride_mn),
                               mask=in_bounds, other=0.0)
                 s = _add_term(s, add, DTYPE, MASK == 2)
             elif MASK == 2:
@@ -147,7 +155,7 @@ def _scores(
         keep = _visible(i, j, b, Nq, Nk, kv_end, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
                         kvdoc_ptr, stride_kdb, HAS_LO, HAS_HI, KP_ROW, HAS_DOC)
         if MASK == 3:
-            keep = keep & (tl.load(mask_ptr + b * stride_mb + h * stride_mh + i * stride_mm + j * stride_mn,
+            keep = keep & (tl.load(_element(mask_ptr, b, h, i, j, stride_mb, stride_mh, stride_mm, stride_mn),
                                    mask=in_bounds, other=0) != 0)
         s = tl.where(keep, s, float("-inf"))
     return s, cap_grad
