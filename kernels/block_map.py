@@ -14,6 +14,11 @@ the kernels loop over::
     state [Bm, Hm, n_rows, n_cols]  int8: EMPTY 0, PARTIAL 1, FULL 2
     count [Bm, Hm, n_rows]          int32: how many tiles of each kind in the row
     index [Bm, Hm, n_rows, n_cols]  int32: their column indices, ascending, first ``count``
+    run   [Bm, Hm, n_rows]          int32: how many of the full tiles, from the first, are consecutive
+
+``run`` lets a kernel walk the full tiles of a band-like row (a window, a causal row, a document's block) as a
+range of columns whose loads the compiler can pipeline, and only the full tiles after that run (none for
+such rows) and the partial ones through the lists.
 
 ``Bm``/``Hm`` are 1 when no term depends on the batch/head (broadcast by stride 0).
 The forward walks rows = query tiles; the dK/dV backward walks the transposed
@@ -49,6 +54,7 @@ class TileLists:
     partial_index: torch.Tensor  # [Bm, Hm, n_rows, n_cols] int32
     full_count: torch.Tensor
     full_index: torch.Tensor
+    full_run: torch.Tensor  # [Bm, Hm, n_rows] int32
 
     @staticmethod
     def from_state(state: torch.Tensor) -> TileLists:
@@ -58,7 +64,12 @@ class TileLists:
             index = torch.argsort((~hit).to(torch.int8), dim=-1, stable=True).to(torch.int32)
             return hit.sum(-1, dtype=torch.int32).contiguous(), index.contiguous()
 
-        return TileLists(*compact(PARTIAL), *compact(FULL))
+        full_count, full_index = compact(FULL)
+        # the full tiles k = 0, 1, .. of a row are consecutive while index[k] == index[0] + k; the listed
+        # indices ascend, so index[k] - k never decreases: once past index[0] it stays past
+        k = torch.arange(full_index.shape[-1], device=state.device, dtype=torch.int32)
+        run = ((full_index - k == full_index[..., :1]) & (k < full_count[..., None])).sum(-1, dtype=torch.int32)
+        return TileLists(*compact(PARTIAL), full_count, full_index, run.contiguous())
 
     def strides(self) -> tuple[int, int, int, int, int, int]:
         """(count b, h, row; index b, h, row) strides, 0 on broadcast dims."""

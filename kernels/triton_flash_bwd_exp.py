@@ -23,8 +23,9 @@ launches::
 
 Key padding (lengths or a boolean row), documents and a dense boolean mask walk tile lists instead of the
 band's tile range (``block_map.tile_lists`` at each kernel's own tile shape, transposed for the dK/dV kernel):
-the partial tiles with the mask arithmetic (``triton_flash_fwd._visible``, the forward's, and the boolean
-mask's elements loaded), the full tiles without it, the empty ones never. Packed documents of a few thousand
+the partial tiles with the mask arithmetic (``triton_flash_fwd._kept``, the forward's: the band, the terms, the
+boolean mask's elements), the full tiles without it (the first run of consecutive ones as a plain range, whose
+loads pipeline as the band's do), the empty ones never. Packed documents of a few thousand
 tokens thus cost what their causal blocks cost, and a window a model hands over as an ``[N, N]`` boolean mask
 costs its band's tiles plus the mask loads of the partial ones. An additive mask keeps the general backward
 (its values enter the scores, not only which are kept).
@@ -62,8 +63,8 @@ from .launch import launch as _launch
 from .triton_flash import _block, _last_dim_contiguous, _term_args, _with_empty_rows
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
 from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
-from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, list_args, listed,
-                               use_scratch_allocator)
+from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, _map_part, list_args,
+                               listed, use_scratch_allocator)
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
@@ -198,7 +199,8 @@ def _band_bwd_dkdv(
     Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
     kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
-    part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+    stride_im,
     D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -231,16 +233,18 @@ def _band_bwd_dkdv(
         if DESC:  # TMA loads; rows past Nq read as 0
             q_src = tl.make_tensor_descriptor(q_src, [Nq, D], [stride_qm, 1], [BLOCK_M, D])
             do_src = tl.make_tensor_descriptor(do_src, [Nq, DV], [stride_dom, 1], [BLOCK_M, DV])
-        if USE_MAP:  # the key tile's row of the transposed tile map: partial query tiles, then full ones
+        if USE_MAP:  # the key tile's row of the transposed tile map (block_map.TileLists): partial query tiles
+            # listed, the first run of full ones as a range of rows, the full ones after it listed
             row = b * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
             lists = b * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
-            for part in tl.static_range(2):
+            for part in tl.static_range(3):
+                lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_M)
                 dk, dv = _dkdv_inner(
-                    dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, 0,
-                    tl.load((part_cnt if part == 0 else full_cnt) + row), (part_idx if part == 0 else full_idx) + lists,
+                    dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi,
+                    (part_idx if part == 0 else full_idx) + lists,
                     b, cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
                     stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_M, part == 0,
-                    True, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
+                    part != 1, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
         else:
             for part in tl.static_range(3):  # masked edge, visible middle, masked edge
                 lo = start if part == 0 else (full_lo if part == 1 else full_hi)
@@ -295,7 +299,8 @@ def _band_bwd_dq(
     Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
     kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
-    part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+    stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -323,15 +328,16 @@ def _band_bwd_dq(
     if KP_MODE == 1:  # integer key lengths
         kv_end = tl.minimum(tl.load(kp_ptr + b).to(tl.int32), Nk)
     dq = tl.zeros([BLOCK_M, D], dtype=tl.float32)
-    if USE_MAP:  # the query tile's row of the tile map: partial key tiles, then full ones
+    if USE_MAP:  # the query tile's row of the tile map: partial key tiles listed, the first run of full ones as a
+        # range of columns, the full ones after it listed
         row = b * stride_cb + h * stride_ch + m_tile * stride_cm
         lists = b * stride_ib + h * stride_ih + m_tile * stride_im
-        for part in tl.static_range(2):
-            dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, 0,
-                           tl.load((part_cnt if part == 0 else full_cnt) + row),
+        for part in tl.static_range(3):
+            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N)
+            dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi,
                            (part_idx if part == 0 else full_idx) + lists, b, rows, Nq, Nk, kv_end, qk_scale, off,
                            band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
-                           mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part == 0, True, HAS_LO, HAS_HI,
+                           mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part == 0, part != 1, HAS_LO, HAS_HI,
                            KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
     else:
         start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO,

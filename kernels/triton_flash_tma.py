@@ -8,7 +8,10 @@ on).
 Key padding (lengths or a boolean row), documents and a dense boolean mask on top of the band walk tile lists
 (``block_map.tile_lists`` at the kernel's tiles) instead of the band's tile range, as the band backward does:
 the partial tiles with the mask arithmetic (``triton_flash_fwd._kept``: the band, the key padding, the
-documents, the mask's elements), the full tiles without it, the empty ones never.
+documents, the mask's elements), the full tiles without it, the empty ones never. A row's first run of
+consecutive full tiles (all of them in a band-like row: a window, a causal row, a document's block) is walked
+as a range of columns, whose loads the compiler pipelines as in band mode; through a list it cannot (the next
+tile's address waits on a load).
 Same algorithm and result as ``triton_flash_fwd.py`` in band mode (FlashAttention-2, scores in log2
 units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then ``spec.fill``); what a
 ``Variant`` changes is how the tiles move:
@@ -92,7 +95,9 @@ def per_head_lists(spec: AttentionSpec) -> bool:
 def list_args(lists: TileLists | None, dummy: torch.Tensor) -> dict:
     """``triton_flash``'s tile-list arguments, less its map granularity: the band kernels' lists are at their own
     tiles."""
-    return {key: value for key, value in _map_args(lists, dummy).items() if key not in ("MAP_M", "MAP_N")}
+    args = {key: value for key, value in _map_args(lists, dummy).items() if key not in ("MAP_M", "MAP_N")}
+    args["full_run"] = dummy if lists is None else lists.full_run
+    return args
 
 
 @dataclasses.dataclass(frozen=True)
@@ -234,6 +239,18 @@ def _load_rows(src, n0, rows, n_rows, stride, COLS: tl.constexpr, DESC: tl.const
 
 
 @triton.jit
+def _map_part(part: tl.constexpr, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK: tl.constexpr):
+    """``(lo, hi)`` of part ``part`` of a tile-map row (``block_map.TileLists``): 0, the partial tiles' list
+    entries; 1, the row's first run of consecutive full tiles as positions (a plain range, step ``BLOCK``); 2, the
+    list entries of the full tiles after that run (none in a band-like row)."""
+    run = tl.load(full_run + row)
+    first = tl.load(full_idx + lists, mask=run > 0, other=0) * BLOCK
+    lo = 0 if part == 0 else (first if part == 1 else run)
+    hi = tl.load(part_cnt + row) if part == 0 else (first + run * BLOCK if part == 1 else tl.load(full_cnt + row))
+    return lo, hi
+
+
+@triton.jit
 def _band_inner(
     acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, idx_ptr, pos, b, Nq, Nk, kv_end, qk_scale, off,
     band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn,
@@ -284,7 +301,8 @@ def _band_fwd(
     Nq, Nk, H, GROUP, qk_scale, off, band_lo, band_hi,
     kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
     mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
-    part_cnt, part_idx, full_cnt, full_idx, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih, stride_im,
+    part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+    stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_MODE: tl.constexpr,
     HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, PACK: tl.constexpr,
     DESC: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -327,16 +345,20 @@ def _band_fwd(
         kv_end = tl.minimum(tl.load(kp_ptr + b).to(tl.int32), Nk)
     # the mask of this batch row and first head: a mask with a head dim is never packed (per_head_lists)
     mask_row = mask_ptr + b * stride_mb + h0.to(tl.int64) * stride_mh
-    if USE_MAP:  # the query tile's row of the tile map: partial kv tiles (mask arithmetic), then full ones
+    if USE_MAP:
+        # the query tile's row of the tile map: its partial kv tiles through the list, with the mask arithmetic;
+        # the run of consecutive full tiles from the first as a range of columns (loads pipelined as in the band's
+        # middle); the full tiles after that run (none in a band-like row) through the list
         row = b * stride_cb + h0 * stride_ch + pid_m * stride_cm
         lists = b * stride_ib + h0 * stride_ih + pid_m * stride_im
-        for part in tl.static_range(2):
+        for part in tl.static_range(3):
+            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N)
             acc, l_i, m_i = _band_inner(
-                acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, 0,
-                tl.load((part_cnt if part == 0 else full_cnt) + row), (part_idx if part == 0 else full_idx) + lists,
-                pos, b, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb,
-                kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part == 0, True, HAS_LO, HAS_HI,
-                KP_MODE == 2, HAS_DOC, MASK == 3, DESC, WARP_SPEC)
+                acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi,
+                (part_idx if part == 0 else full_idx) + lists, pos, b, Nq, Nk, kv_end, qk_scale, off, band_lo,
+                band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm,
+                stride_mn, D, DV, BLOCK_N, part == 0, part != 1, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3,
+                DESC, WARP_SPEC)
     else:
         start, full_lo, full_hi, end = _kv_tile_range(m0, kv_end, off, band_lo, band_hi, BLOCK_Q, BLOCK_N, HAS_LO,
                                                       HAS_HI)

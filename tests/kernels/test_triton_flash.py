@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import attnopt
 from attnopt.kernels import triton_flash
-from attnopt.kernels.block_map import EMPTY, FULL, PARTIAL, tile_state
+from attnopt.kernels.block_map import EMPTY, FULL, PARTIAL, TileLists, tile_state
 from attnopt.kernels.naive import naive_attention
 from attnopt.kernels.reference import add_term
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
@@ -293,6 +295,24 @@ def test_tile_state_is_sound_against_brute_force(mask):
             # empty may be conservative (terms are classified one by one, then combined)
             assert torch.equal(got == FULL, want == FULL), (qt, kt)
             assert bool(((got != EMPTY) | (want == EMPTY)).all()), (qt, kt)
+
+
+@settings(max_examples=40, deadline=None)
+@given(state=st.lists(st.lists(st.sampled_from([EMPTY, PARTIAL, FULL]), min_size=1, max_size=12), min_size=1,
+                      max_size=6).filter(lambda rows: len({len(r) for r in rows}) == 1))
+def test_tile_lists_of_any_state(state):
+    """Per row: the partial and full tiles listed in ascending order, counted, and ``full_run`` the number of
+    consecutive full tiles from the first (what the band kernels walk as a range of columns)."""
+    grid = torch.tensor(state, dtype=torch.int8)[None, None]
+    lists = TileLists.from_state(grid)
+    for r, row in enumerate(state):
+        for kind, count, index in ((PARTIAL, lists.partial_count, lists.partial_index),
+                                   (FULL, lists.full_count, lists.full_index)):
+            cols = [c for c, s_ in enumerate(row) if s_ == kind]
+            assert count[0, 0, r].item() == len(cols) and index[0, 0, r, : len(cols)].tolist() == cols
+        full = [c for c, s_ in enumerate(row) if s_ == FULL]
+        run = next((i for i, c in enumerate(full) if c != full[0] + i), len(full))
+        assert lists.full_run[0, 0, r].item() == run
 
 
 def test_a_masks_tiles_pooled_from_its_grain_are_its_tiles_scanned_directly(monkeypatch):

@@ -68,6 +68,8 @@ MAP_CASES = {
                                                          **_doc_pair(1, 48, g, 2))),
     # a window handed over as the [N, N] boolean mask a model builds (broadcast over batch and heads)
     "dense_bool_window": (2, 4, 2, 45, 45, lambda g: dict(mask=_band_mask(45, 45, 9))),
+    # whole 16-column stripes masked out: full tiles on both sides of a gap (after a row's first run of full tiles)
+    "dense_bool_striped": (1, 4, 2, 40, 80, lambda g: dict(mask=_striped_mask(40, 80))),
     # a mask per batch row and query head, a quarter of it kept: rows and tiles with no key, tiles all kept
     "dense_bool_per_head_causal": (2, 4, 2, 40, 37, lambda g: dict(causal=True, mask=_blocky_mask(
         (2, 4, 40, 37), g))),
@@ -77,6 +79,16 @@ MAP_CASES = {
 def _band_mask(nq: int, nk: int, width: int) -> torch.Tensor:
     i, j = torch.arange(nq)[:, None], torch.arange(nk)[None, :]
     return (j <= i) & (j > i - width)
+
+
+def _striped_mask(nq: int, nk: int, width: int = 16) -> torch.Tensor:
+    """``[nq, nk]``: ``width``-column stripes kept whole, except every third from the second, masked whole, and a
+    few elements dropped in the last column: full tiles on both sides of a masked gap (a row's full tiles after
+    its first run of consecutive ones), and a partial stripe at the end."""
+    stripes = torch.arange(-(-nk // width)) % 3 != 1
+    keep = stripes.repeat_interleave(width)[:nk].expand(nq, nk).clone()
+    keep[::3, -1] = False
+    return keep
 
 
 def _blocky_mask(shape, g: torch.Generator) -> torch.Tensor:
@@ -100,6 +112,7 @@ GPU_LISTED = {
     "key_lengths": (2, 1000, lambda g: dict(key_padding=torch.tensor([1000, 513]))),
     "dense_bool_window": (1, 1000, lambda g: dict(mask=_band_mask(1000, 1000, 255))),
     "dense_bool_per_head": (2, 1000, lambda g: dict(mask=_blocky_mask((2, 8, 1000, 1000), g))),
+    "dense_bool_striped": (1, 1000, lambda g: dict(mask=_striped_mask(1000, 1000, width=128))),
 }
 
 
@@ -221,8 +234,8 @@ def listed_specs(draw):
     elif "padding" in kinds:
         terms["key_padding"] = torch.rand(b, n, generator=g) > 0.2
     if "mask" in kinds:
-        shape = draw(st.sampled_from([(1, 1, n, n), (b, 1, n, n), (b, hq, n, n), (b, 1, 1, n)]))
-        terms["mask"] = _blocky_mask(shape, g)
+        shape = draw(st.sampled_from([(1, 1, n, n), (b, 1, n, n), (b, hq, n, n), (b, 1, 1, n), "striped"]))
+        terms["mask"] = _striped_mask(n, n) if shape == "striped" else _blocky_mask(shape, g)
     q, k, v, spec = make_inputs(b, hq, 2, n, n, 16, torch.bfloat16, terms, transposed=draw(st.booleans()),
                                 fill=Fill.FINITE)
     return q, k, v, terms_on_device(spec)
