@@ -238,7 +238,8 @@ def _band_bwd_dkdv(
             row = b * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
             lists = b * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
             for part in tl.static_range(3):
-                lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_M)
+                lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_M,
+                                   not HAS_DOC)
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi,
                     (part_idx if part == 0 else full_idx) + lists,
@@ -333,7 +334,8 @@ def _band_bwd_dq(
         row = b * stride_cb + h * stride_ch + m_tile * stride_cm
         lists = b * stride_ib + h * stride_ih + m_tile * stride_im
         for part in tl.static_range(3):
-            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N)
+            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N,
+                               not HAS_DOC)
             dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi,
                            (part_idx if part == 0 else full_idx) + lists, b, rows, Nq, Nk, kv_end, qk_scale, off,
                            band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,

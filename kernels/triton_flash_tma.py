@@ -239,12 +239,19 @@ def _load_rows(src, n0, rows, n_rows, stride, COLS: tl.constexpr, DESC: tl.const
 
 
 @triton.jit
-def _map_part(part: tl.constexpr, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK: tl.constexpr):
+def _map_part(part: tl.constexpr, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK: tl.constexpr,
+              RUN: tl.constexpr):
     """``(lo, hi)`` of part ``part`` of a tile-map row (``block_map.TileLists``): 0, the partial tiles' list
     entries; 1, the row's first run of consecutive full tiles as positions (a plain range, step ``BLOCK``); 2, the
-    list entries of the full tiles after that run (none in a band-like row)."""
-    run = tl.load(full_run + row)
-    first = tl.load(full_idx + lists, mask=run > 0, other=0) * BLOCK
+    list entries of the full tiles after that run (none in a band-like row). Without ``RUN`` part 1 is empty and
+    part 2 lists every full tile.
+
+    ``RUN`` is off for documents: on an H200 (bf16, D 128, 64 documents in a 16k row, a few tiles per row) the
+    band kernels with the run took 0.46 ms forward and 1.42 ms forward + backward, against 0.35 and 1.29 for the
+    general kernels in the same run (``benchmarks/results/kernels.md``; the band forward through lists alone
+    measured 0.30 ms in the sweep), while a dense window's rows gained (forward 0.56 -> 0.42 ms at 8k)."""
+    run = tl.load(full_run + row) if RUN else 0
+    first = tl.load(full_idx + lists, mask=run > 0, other=0) * BLOCK if RUN else 0
     lo = 0 if part == 0 else (first if part == 1 else run)
     hi = tl.load(part_cnt + row) if part == 0 else (first + run * BLOCK if part == 1 else tl.load(full_cnt + row))
     return lo, hi
@@ -352,7 +359,7 @@ def _band_fwd(
         row = b * stride_cb + h0 * stride_ch + pid_m * stride_cm
         lists = b * stride_ib + h0 * stride_ih + pid_m * stride_im
         for part in tl.static_range(3):
-            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N)
+            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N, not HAS_DOC)
             acc, l_i, m_i = _band_inner(
                 acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi,
                 (part_idx if part == 0 else full_idx) + lists, pos, b, Nq, Nk, kv_end, qk_scale, off, band_lo,
