@@ -81,10 +81,12 @@ def listed(spec: AttentionSpec) -> bool:
         spec.mask is not None and spec.mask.dtype == torch.bool)
 
 
-def band_part(spec: AttentionSpec) -> AttentionSpec:
-    """The spec less the terms the band kernels walk as tile lists (``listed``): what remains must be a band."""
+def other_terms(spec: AttentionSpec) -> list[str]:
+    """The spec's terms the band kernels cannot run: all but a band (causal, window) and the ``listed`` ones (an
+    additive mask, a bias, softcap). Read off the spec without building another (this runs on every call)."""
     bool_mask = spec.mask is not None and spec.mask.dtype == torch.bool
-    return spec.with_(key_padding=None, q_doc=None, kv_doc=None, mask=None if bool_mask else spec.mask)
+    return [t for t in spec.mask_terms
+            if t not in ("causal", "window", "key_padding", "document") and not (t == "dense" and bool_mask)]
 
 
 def per_head_lists(spec: AttentionSpec) -> bool:
@@ -164,7 +166,7 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
     reasons = []
     if spec.device.type != "cuda" and not _interpreting():
         reasons.append("needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
-    others = [t for t in band_part(spec).mask_terms if t not in ("causal", "window")]
+    others = other_terms(spec)
     if others or spec.dropout_p > 0.0:
         reasons.append(f"terms {others + (['dropout'] if spec.dropout_p > 0 else [])} not supported: this "
                        "forward runs a band (causal, window) and key padding, documents or a boolean mask as tile "
@@ -508,7 +510,7 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     on the GPU of ``MEASURED_ON``. Query heads are packed per kv head where the group divides the tile and the
     heads share their tile lists."""
     if (spec.dropout_p > 0.0 or spec.dtype not in DTYPES or spec.v_head_dim != spec.head_dim
-            or any(t not in ("causal", "window") for t in band_part(spec).mask_terms)
+            or other_terms(spec)
             or _capability(spec.device) != MEASURED_ON):
         return None
     lo, hi = spec.band()
