@@ -2,11 +2,15 @@
 
     python benchmarks/forward_sweep.py --out benchmarks/results/forward_sweep.md          # on the GPU, < 8 min
     python benchmarks/forward_sweep.py --device cpu --tiny --out /tmp/forward_sweep.md   # the interpreter
+    python benchmarks/forward_sweep.py --cases "dense bool" documents --out benchmarks/results/forward_sweep_listed.md
 
 For each case (bf16; B*N = 16k tokens; D 64 and 128 at N = 4k, 16k and 1k, causal and not, GQA 32/8 causal
-at 4k, a causal sliding window of 1024 at 8k) every variant of ``triton_flash_tma.candidate_variants``,
-then SDPA cuDNN, SDPA flash, compiled FlexAttention (``create_block_mask`` for causal and window) and the
-current ``triton_flash`` are first compared with a float64 reference (output and log-sum-exp); a variant
+at 4k, a causal sliding window of 1024 at 8k; then specs with tile lists, D 128: the window handed over as a
+dense boolean mask at 8k and 32k, a causal dense mask at 4k, 4, 16 and 64 packed documents in a causal 16k
+row) every variant of ``triton_flash_tma.candidate_variants``, then SDPA cuDNN, SDPA flash (given a dense mask
+where the case has one), compiled FlexAttention (``create_block_mask`` for causal, window and documents) and the
+current ``triton_flash`` (for specs with tile lists also its general forward, ``triton_flash_fwd``) are first
+compared with a float64 reference (output and log-sum-exp); a variant
 that disagrees is not timed, its error is printed. Then each is timed (``triton.testing.do_bench``
 medians) and one markdown table goes to ``--out`` (rewritten after every case, so a run cut short still
 leaves its rows): milliseconds, cuDNN's and Flex's time divided by the row's (above 1: faster than the

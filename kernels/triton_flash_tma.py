@@ -12,6 +12,7 @@ documents, the mask's elements), the full tiles without it, the empty ones never
 consecutive full tiles (all of them in a band-like row: a window, a causal row, a document's block) is walked
 as a range of columns, whose loads the compiler pipelines as in band mode; through a list it cannot (the next
 tile's address waits on a load).
+
 Same algorithm and result as ``triton_flash_fwd.py`` in band mode (FlashAttention-2, scores in log2
 units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then ``spec.fill``); what a
 ``Variant`` changes is how the tiles move:
