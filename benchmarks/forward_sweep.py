@@ -7,7 +7,8 @@
 For each case (bf16; B*N = 16k tokens; D 64 and 128 at N = 4k, 16k and 1k, causal and not, GQA 32/8 causal
 at 4k, a causal sliding window of 1024 at 8k; then specs with tile lists, D 128: the window handed over as a
 dense boolean mask at 8k and 32k, a causal dense mask at 4k, 4, 16 and 64 packed documents in a causal 16k
-row) every variant of ``triton_flash_tma.candidate_variants``, then SDPA cuDNN, SDPA flash (given a dense mask
+row) every variant of ``triton_flash_tma.candidate_variants`` (with tile lists, also each with the full-tile run
+off), then SDPA cuDNN, SDPA flash (given a dense mask
 where the case has one), compiled FlexAttention (``create_block_mask`` for causal, window and documents) and the
 current ``triton_flash`` (for specs with tile lists also its general forward, ``triton_flash_fwd``) are first
 compared with a float64 reference (output and log-sum-exp); a variant
@@ -139,7 +140,11 @@ def tiny_cases() -> list[Case]:
 
 
 def variants_of(case: Case, tiny: bool) -> list[tma.Variant]:
-    return tma.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+    """The candidates; for a case with tile lists (a dense mask, documents) each also with the full-tile run off."""
+    variants = tma.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+    if case.dense or case.documents:
+        variants += [dataclasses.replace(v, full_run=False) for v in variants]
+    return variants
 
 
 def inputs(case: Case, device: str, n: int | None = None, seed: int = 0, transposed: bool = False):

@@ -24,8 +24,8 @@ launches::
 Key padding (lengths or a boolean row), documents and a dense boolean mask walk tile lists instead of the
 band's tile range (``block_map.tile_lists`` at each kernel's own tile shape, transposed for the dK/dV kernel):
 the partial tiles with the mask arithmetic (``triton_flash_fwd._kept``, the forward's: the band, the terms, the
-boolean mask's elements), the full tiles without it (the first run of consecutive ones as a plain range, whose
-loads pipeline as the band's do), the empty ones never. Packed documents of a few thousand
+boolean mask's elements), the full tiles without it (with ``full_run``, the first run of consecutive ones as a
+plain range, whose loads pipeline as the band's do), the empty ones never. Packed documents of a few thousand
 tokens thus cost what their causal blocks cost, and a window a model hands over as an ``[N, N]`` boolean mask
 costs its band's tiles plus the mask loads of the partial ones. An additive mask keeps the general backward
 (its values enter the scores, not only which are kept).
@@ -46,6 +46,8 @@ What a ``Variant`` changes:
   torch sums each group (more programs, more memory traffic; only differs from on for GQA).
 * ``descriptors``: q and dO (dK/dV kernel) and k and v (dQ kernel) are read through device-side tensor
   descriptors (TMA on Hopper; rows past the end read as 0). Off: pointer loads.
+* ``full_run`` (tile lists only): a row's first run of consecutive full tiles is walked as a range, the rest of
+  its full tiles through the list (the forward's switch). Off: every full tile through the list.
 """
 
 from __future__ import annotations
@@ -85,6 +87,7 @@ class Variant:
     split: bool = True
     gqa_in_program: bool = True
     descriptors: bool = False
+    full_run: bool = True
 
     @property
     def name(self) -> str:
@@ -93,6 +96,8 @@ class Variant:
             parts.append("nosplit")
         if not self.gqa_in_program:
             parts.append("perhead")
+        if not self.full_run:
+            parts.append("lists")
         return (f"{'+'.join(parts)} kv{self.block_m1}x{self.block_n1} q{self.block_m2}x{self.block_n2} "
                 f"w{self.num_warps} s{self.num_stages}")
 
@@ -202,7 +207,7 @@ def _band_bwd_dkdv(
     part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
     stride_im,
     D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
@@ -238,8 +243,7 @@ def _band_bwd_dkdv(
             row = b * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
             lists = b * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
             for part in tl.static_range(3):
-                lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_M,
-                                   not HAS_DOC)
+                lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_M, RUN)
                 dk, dv = _dkdv_inner(
                     dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi,
                     (part_idx if part == 0 else full_idx) + lists,
@@ -303,7 +307,7 @@ def _band_bwd_dq(
     part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
     stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # heavy (late, causal) query tiles first: fewer idle SMs at the tail
@@ -334,8 +338,7 @@ def _band_bwd_dq(
         row = b * stride_cb + h * stride_ch + m_tile * stride_cm
         lists = b * stride_ib + h * stride_ih + m_tile * stride_im
         for part in tl.static_range(3):
-            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N,
-                               not HAS_DOC)
+            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N, RUN)
             dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi,
                            (part_idx if part == 0 else full_idx) + lists, b, rows, Nq, Nk, kv_end, qk_scale, off,
                            band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
@@ -394,10 +397,15 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     padding, documents and a boolean mask take their band's variant: the same loops over a narrower tile range
     or over listed tiles (window 1024 at 8k/32k, forward + backward: 1.33x/1.31x the general backward's speed,
     from 0.73x to 0.98x Flex; the same window as a dense boolean mask from 0.73x to 0.86-0.88x Flex;
-    ``benchmarks/results/kernels.md``)."""
+    ``benchmarks/results/kernels.md``). Documents walk every full tile through the lists (``full_run`` off): with
+    the run, 64 short documents in a 16k row measured slower, forward + backward 1.42 ms against the general
+    kernels' 1.29 in the same run (kernels.md), as the forward did."""
     if spec.dtype not in (torch.float16, torch.bfloat16) or spec.v_head_dim != spec.head_dim:
         return None
-    return MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
+    variant = MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
+    if variant is not None and spec.q_doc is not None:
+        variant = dataclasses.replace(variant, full_run=False)
+    return variant
 
 
 def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
@@ -423,7 +431,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     band = dict(Nq=nq, Nk=nk, H=hq, GROUP=spec.group_size, sm_scale=spec.scale,
                 qk_scale=spec.scale * LOG2E.value, off=spec.diagonal_offset, band_lo=0 if lo is None else lo,
                 band_hi=0 if hi is None else hi, D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None,
-                HAS_HI=hi is not None, SPLIT=variant.split, DESC=variant.descriptors,
+                HAS_HI=hi is not None, SPLIT=variant.split, RUN=variant.full_run, DESC=variant.descriptors,
                 num_warps=variant.num_warps, num_stages=variant.num_stages)
     band.update((key, value) for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS)
     # key padding, documents, a boolean mask: tile lists at each kernel's own tiles (cached per term tensors

@@ -33,6 +33,8 @@ units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then
 
   so each K/V tile is read once per group instead of once per query head. ``G`` must be a power of two
   that divides ``BLOCK_M``, and with tile lists the group's heads must share them (no mask per head).
+* ``full_run`` (tile lists only): a row's first run of consecutive full tiles is walked as a range of
+  columns, the rest of its full tiles through the list. Off: every full tile through the list.
 * ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the tile shape and launch configuration.
 
 Per kv tile (``s`` in log2 units, ``qk_scale = scale * log2(e)`` folded into one multiply)::
@@ -114,6 +116,7 @@ class Variant:
     block_n: int = 64
     num_warps: int = 4
     num_stages: int = 3
+    full_run: bool = True
 
     @property
     def name(self) -> str:
@@ -122,6 +125,8 @@ class Variant:
             parts.append("ws")
         if self.pack_gqa:
             parts.append("pack")
+        if not self.full_run:
+            parts.append("lists")
         return "+".join(parts) + f" {self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
 
 
@@ -246,13 +251,8 @@ def _map_part(part: tl.constexpr, row, lists, part_cnt, full_cnt, full_idx, full
               RUN: tl.constexpr):
     """``(lo, hi)`` of part ``part`` of a tile-map row (``block_map.TileLists``): 0, the partial tiles' list
     entries; 1, the row's first run of consecutive full tiles as positions (a plain range, step ``BLOCK``); 2, the
-    list entries of the full tiles after that run (none in a band-like row). Without ``RUN`` part 1 is empty and
-    part 2 lists every full tile.
-
-    ``RUN`` is off for documents: on an H200 (bf16, D 128, 64 documents in a 16k row, a few tiles per row) the
-    band kernels with the run took 0.46 ms forward and 1.42 ms forward + backward, against 0.35 and 1.29 for the
-    general kernels in the same run (``benchmarks/results/kernels.md``; the band forward through lists alone
-    measured 0.30 ms in the sweep), while a dense window's rows gained (forward 0.56 -> 0.42 ms at 8k)."""
+    list entries of the full tiles after that run (none in a band-like row). Without ``RUN`` (a variant's
+    ``full_run`` off) part 1 is empty and part 2 lists every full tile."""
     run = tl.load(full_run + row) if RUN else 0
     first = tl.load(full_idx + lists, mask=run > 0, other=0) * BLOCK if RUN else 0
     lo = 0 if part == 0 else (first if part == 1 else run)
@@ -314,7 +314,7 @@ def _band_fwd(
     part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
     stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_MODE: tl.constexpr,
-    HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, PACK: tl.constexpr,
+    HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr, PACK: tl.constexpr,
     DESC: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query positions per program
@@ -362,7 +362,7 @@ def _band_fwd(
         row = b * stride_cb + h0 * stride_ch + pid_m * stride_cm
         lists = b * stride_ib + h0 * stride_ih + pid_m * stride_im
         for part in tl.static_range(3):
-            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N, not HAS_DOC)
+            lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_N, RUN)
             acc, l_i, m_i = _band_inner(
                 acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi,
                 (part_idx if part == 0 else full_idx) + lists, pos, b, Nq, Nk, kv_end, qk_scale, off, band_lo,
@@ -454,6 +454,7 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
         nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
         0 if lo is None else lo, 0 if hi is None else hi, **terms, **list_args(lists, lse),
         D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None, HAS_HI=hi is not None, PACK=pack,
+        RUN=variant.full_run,
         DESC=variant.descriptors, WARP_SPEC=variant.warp_specialize, BLOCK_M=variant.block_m,
         BLOCK_N=variant.block_n, num_warps=variant.num_warps, num_stages=variant.num_stages,
     )
@@ -480,18 +481,32 @@ MEASURED_VARIANTS = {
     (128, False, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
     (128, False, True): Variant(block_m=128, block_n=128, num_warps=8, num_stages=3),
 }
-#: the same for specs with tile lists, by (head dim, a dense boolean mask among the terms): H200, bf16, B*N = 16k
-#: tokens (benchmarks/results/forward_sweep_listed.md). A dense mask (a causal window of 1024 at 8k and 32k, causal
-#: at 4k): 128x64 tiles with 8 warps, 0.78-0.87x Flex where the general forward gave 0.61-0.75x (the mask's loads
-#: on the partial tiles are shared by more rows). Documents (4, 16 and 64 in a 16k row): 64x64 tiles with 4
-#: warps, 0.89-1.12x Flex against the general forward's 0.94-1.13x. Key padding takes the documents' tiles, and
-#: D 64 the band's (neither measured with tile lists)
+#: the same for specs with tile lists, by (head dim, what the lists come from: "mask" for a dense boolean mask,
+#: else "documents", else "padding"): H200, bf16, B*N = 16k tokens. A dense mask (a causal window of 1024 at 8k and
+#: 32k, causal at 4k; benchmarks/results/forward_sweep_listed.md): 128x64 tiles with 8 warps, 0.78-0.87x Flex
+#: where the general forward gave 0.61-0.75x; with the full-tile run on top, 1.01x at 8k (kernels.md). Documents
+#: (4, 16 and 64 in a 16k row): 64x64 tiles with 4 warps through the lists, 0.89-1.12x Flex against the general
+#: forward's 0.94-1.13x; the full-tile run measured slower for 64 short documents (0.51x, kernels.md), so it is
+#: off for them. Key padding: 64x64 with the run, 1.16x (kernels.md). D 64 takes the band's tiles (not measured
+#: with tile lists)
 LISTED_VARIANTS = {
-    (64, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    (64, True): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    (128, False): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    (128, True): Variant(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    (64, "mask"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (64, "documents"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3, full_run=False),
+    (64, "padding"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
+    (128, "mask"): Variant(block_m=128, block_n=64, num_warps=8, num_stages=3),
+    (128, "documents"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3, full_run=False),
+    (128, "padding"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
+
+
+def listed_kind(spec: AttentionSpec) -> str:
+    """What a spec's tile lists come from, as ``LISTED_VARIANTS`` keys them: a dense boolean mask, else documents,
+    else key padding."""
+    if spec.mask is not None and spec.mask.dtype == torch.bool:
+        return "mask"
+    return "documents" if spec.q_doc is not None else "padding"
+
+
 _capabilities: dict[int, tuple[int, int]] = {}
 
 
@@ -517,7 +532,7 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     lo, hi = spec.band()
     width = hi - lo + 1 if lo is not None and hi is not None else spec.kv_len
     if listed(spec):
-        variant = LISTED_VARIANTS.get((spec.head_dim, spec.mask is not None))
+        variant = LISTED_VARIANTS.get((spec.head_dim, listed_kind(spec)))
     else:
         variant = MEASURED_VARIANTS.get((spec.head_dim, lo is not None or hi is not None, width >= LONG_ROWS))
     group = spec.group_size

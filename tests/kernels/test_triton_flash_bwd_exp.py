@@ -134,10 +134,12 @@ def test_tile_list_terms_match_autograd(case, fill):
 @st.composite
 def listed_problems(draw):
     """(q, k, v, spec, variant): the forward's random tile-list specs (documents, key padding, boolean masks over
-    any band), 16- or 32-row tiles in either kernel, dK/dV per kv head or per query head."""
+    any band), 16- or 32-row tiles in either kernel, dK/dV per kv head or per query head, the full-tile run on or
+    off."""
     q, k, v, spec = draw(listed_specs())
     tiles = {name: draw(st.sampled_from([16, 32])) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
-    return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles)
+    return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles,
+                                              full_run=draw(st.booleans()))
 
 
 @settings(max_examples=10, deadline=None)
@@ -249,12 +251,15 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
 @pytest.mark.parametrize("case", list(GPU_LISTED))
 def test_gpu_tile_list_terms(case):
     """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64: the
-    measured tiles of D = 64 and 128, with descriptors when present and dK/dV per query head."""
+    measured variant of D = 64 and 128, and the same with descriptors when present, dK/dV per query head and the
+    full-tile run switched."""
     b, n, terms = GPU_LISTED[case]
     for d in (64, 128):
         q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
                                     fill=Fill.FINITE_ADDED)
         spec = terms_on_device(spec)
-        measured = bwd.MEASURED_VARIANTS[(d, bool(spec.causal))]
-        variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False)]
+        measured = bwd.measured_variant(spec)
+        assert measured.full_run == (spec.q_doc is None)
+        variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False,
+                                                  full_run=not measured.full_run)]
         _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])

@@ -204,15 +204,17 @@ def test_random_band_specs(switches, group, nq, nk, d, dtype, band, bottom_right
 def test_tile_list_terms_match_oracle(case, fill):
     """Key padding (a boolean row, left padding, lengths), documents and dense boolean masks over causal, no band and
     a window, GQA, in HF's layout, through the tile lists: against float64, rows that see no key included. Heads
-    are packed where the tile lists are shared by a group's heads (all but the per-head mask)."""
+    are packed where the tile lists are shared by a group's heads (all but the per-head mask); the full-tile run
+    on and off."""
     b, hq, hkv, nq, nk, terms = MAP_CASES[case]
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(torch.Generator().manual_seed(3)),
                                 fill=fill)
     spec = terms_on_device(spec)
     switches = "desc" if tma.per_head_lists(spec) else "desc_pack"
     assert tma.listed(spec) and not tma.unsupported_reasons(q, k, v, spec, SWITCHES[switches])
-    check(q, k, v, spec, dataclasses.replace(SWITCHES[switches], block_n=32 if "gqa" in case else 16),
-          TOL[torch.float16])
+    for full_run in (True, False):
+        check(q, k, v, spec, dataclasses.replace(SWITCHES[switches], block_n=32 if "gqa" in case else 16,
+                                                 full_run=full_run), TOL[torch.float16])
 
 
 @st.composite
@@ -244,11 +246,12 @@ def listed_specs(draw):
 @st.composite
 def listed_problems(draw):
     """``listed_specs`` and a variant: heads packed or not (where the tile lists allow), descriptors or not, 16- or
-    32-row tiles."""
+    32-row tiles, the full-tile run on or off."""
     q, k, v, spec = draw(listed_specs())
     pack = draw(st.booleans()) and not tma.per_head_lists(spec)
     variant = dataclasses.replace(SWITCHES["desc_pack" if pack else "desc"], descriptors=draw(st.booleans()),
-                                  block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([16, 32])))
+                                  block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([16, 32])),
+                                  full_run=draw(st.booleans()))
     return q, k, v, spec, variant
 
 
@@ -367,10 +370,11 @@ def test_measured_variants_by_head_dim_band_and_row_length(monkeypatch):
     assert variant(4096, 4096, 128, padded) == tma.Variant(block_m=64, block_n=64) == variant(
         32768, 32768, 128, {**window, "key_padding": torch.tensor([7])})
     ids = torch.zeros(1, 4096, dtype=torch.long)
-    assert variant(4096, 4096, 128, {"q_doc": ids, "kv_doc": ids}) == tma.LISTED_VARIANTS[(128, False)]
+    documents = {"q_doc": ids, "kv_doc": ids}
+    assert variant(4096, 4096, 128, {**padded, **documents}) == tma.Variant(block_m=64, block_n=64, full_run=False)
     dense = torch.ones(1, 1, 4096, 4096, dtype=torch.bool)
     assert variant(4096, 4096, 128, {"mask": dense}) == tma.Variant(block_m=128, block_n=64, num_warps=8)
-    assert variant(4096, 4096, 128, {"mask": dense, "q_doc": ids, "kv_doc": ids}) == tma.LISTED_VARIANTS[(128, True)]
+    assert variant(4096, 4096, 128, {"mask": dense, **documents}) == tma.LISTED_VARIANTS[(128, "mask")]
     assert variant(4096, 4096, 128, {"mask": torch.zeros(1, 1, 4096, 4096)}) is None  # additive
     assert variant(4096, 4096, 128, {"causal": True}, hq=32, hkv=8,
                    mask=torch.ones(1, 1, 4096, 4096, dtype=torch.bool)).pack_gqa
@@ -489,7 +493,8 @@ def test_gpu_triton_flash_forward_takes_the_measured_variant(monkeypatch, case):
 def test_gpu_tile_list_terms(monkeypatch, case):
     """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64, at
     lengths that end mid-tile: at D = 64 and 128, the measured variant (what ``triton_flash``'s forward runs, heads
-    packed where the lists allow), the same with descriptors, and 128-row tiles with 8 warps."""
+    packed where the lists allow), the same with descriptors, and 128-row tiles with 8 warps and the full-tile run
+    switched."""
     from attnopt.kernels import get
 
     b, n, terms = GPU_LISTED[case]
@@ -502,8 +507,9 @@ def test_gpu_tile_list_terms(monkeypatch, case):
         spec = terms_on_device(spec)
         measured = tma.measured_variant(spec)
         assert measured is not None and measured.pack_gqa != tma.per_head_lists(spec)
+        assert measured.full_run == (spec.q_doc is None)
         variants = [measured, dataclasses.replace(measured, descriptors=tma.HAS_DESCRIPTORS),
-                    dataclasses.replace(measured, block_m=128, block_n=64, num_warps=8)]
+                    dataclasses.replace(measured, block_m=128, block_n=64, num_warps=8, full_run=not measured.full_run)]
         _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
         ran.clear()
         out, lse = get("triton_flash").forward(q, k, v, spec, 0)
