@@ -4,7 +4,8 @@
     python benchmarks/backward_sweep.py --device cpu --tiny --out /tmp/backward_sweep.md   # the interpreter
 
 The cases are ``forward_sweep.py``'s (bf16; B*N = 16k tokens, 16 heads; D 64 and 128 at N = 4k, 16k and
-1k, causal and not, GQA 32/8 causal at 4k, a causal sliding window of 1024 at 8k). For each, every variant
+1k, causal and not, GQA 32/8 causal at 4k, a causal sliding window of 1024 at 8k; the tile-list cases: dense
+boolean masks and packed documents, whose variants are also run with the full-tile run off). For each, every variant
 of ``triton_flash_bwd_exp.candidate_variants`` (fed ``triton_flash``'s forward ``(out, lse)``), then SDPA
 cuDNN, SDPA flash, compiled FlexAttention and the current ``triton_flash`` backward (as registered: a measured
 band variant where ``MEASURED_VARIANTS`` has one, else the general backward's dQ kernel; and the general
@@ -56,7 +57,11 @@ TINY_TILES = [(16, 16, 16, 16, 4, 1), (16, 32, 32, 16, 4, 1)]
 
 
 def variants_of(case: Case, tiny: bool) -> list[bwd.Variant]:
-    return bwd.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+    """The candidates; for a case with tile lists (a dense mask, documents) each also with the full-tile run off."""
+    variants = bwd.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+    if case.dense or case.documents:
+        variants += [dataclasses.replace(v, full_run=False) for v in variants]
+    return variants
 
 
 def grad_inputs(case: Case, device: str, n: int | None = None, transposed: bool = False):
@@ -113,7 +118,7 @@ def autograd_calls(case: Case, q, k, v, grad_out, spec: AttentionSpec, device: s
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]
     calls = {}
     for name, (fn, context) in peers(case, *leaves, spec, device).items():
-        if name == "triton_flash":  # its forward only: its backward is timed below, without autograd
+        if name.startswith("triton_flash"):  # its forwards only: its backward is timed below, without autograd
             continue
 
         def prepare(fn=fn):
@@ -301,7 +306,7 @@ OPTIONS = [
     ("--tiny", dict(action="store_true", help="tiny shapes and 16-row tiles (for the interpreter)")),
     ("--budget", dict(type=float, default=420.0, help="seconds after which no new case starts")),
     ("--workers", dict(type=int, default=None, help="compile-ahead processes (0: none)")),
-    ("--cases", dict(default="", help="run only cases whose name contains this text")),
+    ("--cases", dict(nargs="*", default=[], help="run only cases whose name contains one of these texts")),
     ("--forward", dict(choices=tuple(FORWARDS), default="triton_flash",
                        help="the forward of the Triton rows' forward + backward and of their saved (out, lse)")),
     ("--transposed", dict(action="store_true",
@@ -317,7 +322,8 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("backward_sweep: no CUDA device here; use --device cpu --tiny to check the script")
     start = time.time()
-    cases = [c for c in (tiny_cases() if args.tiny else gpu_cases()) if args.cases in c.name]
+    cases = [c for c in (tiny_cases() if args.tiny else gpu_cases())
+             if not args.cases or any(text in c.name for text in args.cases)]
     workers = (2 if args.tiny else min(8, os.cpu_count() or 1)) if args.workers is None else args.workers
     compile_errors = compile_ahead(cases, args.tiny, args.device, workers, timeout=args.budget / 3)
     head = [f"{sweep_setting(args, cases)}; correct = max |dx - ref| <= {GRAD_TOL} max |ref| for dq, dk and dv "
