@@ -22,7 +22,8 @@ caller's buffers, caches and counters see the real call alone), and torch's gene
 it. The exact run uses each
 site's planned exact kernel (an O(N)-memory kernel where the original code is
 kept), so calibration stays within the memory the exact plan was sized for, plus one copy of each input the
-graph writes in place (a static cache written by the forward is copied for each run).
+graph writes in place (a static cache written by the forward is copied for each run): ``plan.approximate``
+counts that copy against ``max_mem`` and keeps the exact plan, without calibrating, where it does not fit.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ from attnopt.kernels.spec import AttentionSpec
 
 from . import calibrate, memory, tuning
 from .detect import Match
-from .graph import hint, module_path, tensor_meta
+from .graph import hint, module_path, tensor_meta, written_inputs
 from .rewrite import spec_of
 from .tuning import ORIGINAL
 
@@ -454,6 +454,14 @@ def approximate(gm: GraphModule, plan: GraphPlan, options, example_inputs) -> No
     proposals = [_proposals(s, over_budget) for s in plan.sites]
     if not any(proposals):
         return
+    copies = written_bytes(gm, example_inputs)
+    if copies and plan.budget is not None and plan.peak_after.bytes + copies > plan.budget:
+        # each calibration run works on copies of what the graph writes (a static cache): they must fit too
+        _note_uncalibrated(plan, proposals, f"calibration runs the graph on a copy of the {memory_fmt(copies)} it "
+                                            f"writes in place (a cache, a buffer), and the plan's "
+                                            f"{memory_fmt(plan.peak_after.bytes)} with it exceeds max_mem "
+                                            f"({memory_fmt(plan.budget)}): the exact plan is kept")
+        return
     exact_kernels = [_exact_kernel(s) for s in plan.sites]
     calibration = calibrate.Calibration(gm, example_inputs, exact_kernels)
     options_by_site: list[list[calibrate.Option]] = []
@@ -557,6 +565,23 @@ def _fits(gm: GraphModule, plan: GraphPlan, options: tuple) -> bool:
     trial = [s if o.kernel is None else SitePlan(s.match, s.spec, s.where, Choice(o.kernel, False, "", ()))
              for s, o in zip(plan.sites, options)]
     return _peak(gm, trial, plan.training).bytes <= plan.budget
+
+
+def written_bytes(gm: GraphModule, example_inputs) -> int:
+    """Bytes of the inputs ``gm`` writes in place: what each calibration run copies."""
+    written = written_inputs(gm)
+    return sum(x.numel() * x.element_size() for i, x in enumerate(example_inputs)
+               if i in written and isinstance(x, torch.Tensor))
+
+
+def _note_uncalibrated(plan: GraphPlan, proposals: list[list], why: str) -> None:
+    """List the approximate kernels proposed for each site, none calibrated, each with ``why``."""
+    for s, proposed in zip(plan.sites, proposals):
+        if s.decision is None or not proposed:
+            continue
+        noted = tuple(Candidate(k.name, (f"not calibrated: {why}",), k.cost(s.spec), k.memory_bytes(s.spec), False,
+                                estimate=k.cost(s.spec)) for k in proposed)
+        s.decision = replace(s.decision, candidates=s.decision.candidates + noted)
 
 
 def _note_calibrated(plan: GraphPlan, evaluated: list[dict[str, Candidate]], why: str) -> None:

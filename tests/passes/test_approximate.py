@@ -220,3 +220,39 @@ def test_calibration_runs_see_the_same_random_numbers_and_leave_written_buffers_
     assert _error(got, want) < 0.05  # the same dropout masks as the original's: the user's stream is untouched
     assert torch.equal(torch.get_rng_state(), after)
     assert optimized.calls.item() == model.calls.item() == 1
+
+
+class _Cached(LocalEncoder):
+    """The encoder with a 64 MiB buffer the forward writes in place (as a static cache is written)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("cache", torch.zeros(16 * 2 ** 20))
+
+    def forward(self, x):
+        self.cache.add_(1.0)
+        return super().forward(x)
+
+
+@pytest.mark.keeps_original
+def test_calibration_copies_of_written_inputs_count_against_max_mem():
+    """Each calibration run works on a copy of what the graph writes in place: under a ``max_mem`` the exact plan
+    fits but the plan and that copy do not, no calibration runs, the exact plan is kept and the report says why;
+    with room for the copy the same model is approximated."""
+    model = _Cached()
+    x = _inputs(N, 0)
+    exact = _optimized(model, exact=True)
+    with torch.no_grad():
+        exact(x)
+    peak = exact.attnopt_report.memory[0].after
+    copy_bytes = model.cache.numel() * 4
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", ApproximationWarning)
+        tight = _optimized(model, exact=False, tol=0.05, max_mem=peak + copy_bytes // 2)
+        tight(x)
+        roomy = _optimized(model, exact=False, tol=0.05, max_mem=peak + 2 * copy_bytes)
+        roomy(x)
+    assert not tight.attnopt_report.approximate, str(tight.attnopt_report)
+    assert "not calibrated: calibration runs the graph on a copy of the 64.0 MiB" in tight.attnopt_report.details()
+    assert tight.cache[0].item() == 1.0  # the real call's write alone
+    assert len(roomy.attnopt_report.approximate) == 2, str(roomy.attnopt_report)
