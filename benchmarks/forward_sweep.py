@@ -256,16 +256,13 @@ def peers(case: Case, q, k, v, spec: AttentionSpec, device: str) -> dict:
     }
 
 
-@contextlib.contextmanager
 def general_forward():
-    """While entered: ``triton_flash``'s forward runs its general kernel (``triton_flash_fwd``), not the band
-    forward's measured variant (what it ran for specs with tile lists before the band forward took them)."""
-    saved = tma.measured_variant
-    tma.measured_variant = lambda spec: None
-    try:
-        yield
-    finally:
-        tma.measured_variant = saved
+    """A context in which ``triton_flash`` runs its general kernels (``triton_flash_fwd``), not the band forward's
+    measured variant (what it ran for specs with tile lists before the band forward took them):
+    ``benchmarks/kernels.py``'s switch."""
+    from kernels import general_kernels  # benchmarks/kernels.py (this script's folder)
+
+    return general_kernels()
 
 
 # ----------------------------------------------------------------------------- compile ahead
