@@ -397,15 +397,12 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     padding, documents and a boolean mask take their band's variant: the same loops over a narrower tile range
     or over listed tiles (window 1024 at 8k/32k, forward + backward: 1.33x/1.31x the general backward's speed,
     from 0.73x to 0.98x Flex; the same window as a dense boolean mask from 0.73x to 0.86-0.88x Flex;
-    ``benchmarks/results/kernels.md``). Documents walk every full tile through the lists (``full_run`` off): with
-    the run, 64 short documents in a 16k row measured slower, forward + backward 1.42 ms against the general
-    kernels' 1.29 in the same run (kernels.md), as the forward did."""
+    ``benchmarks/results/kernels.md``). Tile lists walk a row's first run of full tiles as a range (``full_run``):
+    faster than the lists alone in every tile-list case, forward + backward (documents 4-64, key padding, window +
+    documents, a dense mask; ``benchmarks/results/tile_lists.md``)."""
     if spec.dtype not in (torch.float16, torch.bfloat16) or spec.v_head_dim != spec.head_dim:
         return None
-    variant = MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
-    if variant is not None and spec.q_doc is not None:
-        variant = dataclasses.replace(variant, full_run=False)
-    return variant
+    return MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
 
 
 def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

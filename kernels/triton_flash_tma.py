@@ -484,17 +484,17 @@ MEASURED_VARIANTS = {
 #: the same for specs with tile lists, by (head dim, what the lists come from: "mask" for a dense boolean mask,
 #: else "documents", else "padding"): H200, bf16, B*N = 16k tokens. A dense mask (a causal window of 1024 at 8k and
 #: 32k, causal at 4k; benchmarks/results/forward_sweep_listed.md): 128x64 tiles with 8 warps, 0.78-0.87x Flex
-#: where the general forward gave 0.61-0.75x; with the full-tile run on top, 1.01x at 8k (kernels.md). Documents
-#: (4, 16 and 64 in a 16k row): 64x64 tiles with 4 warps through the lists, 0.89-1.12x Flex against the general
-#: forward's 0.94-1.13x; the full-tile run measured slower for 64 short documents (0.51x, kernels.md), so it is
-#: off for them. Key padding: 64x64 with the run, 1.16x (kernels.md). D 64 takes the band's tiles (not measured
-#: with tile lists)
+#: where the general forward gave 0.61-0.75x. Documents (4, 16 and 64 in a 16k row) and key padding: 64x64 tiles
+#: with 4 warps. Every kind with the full-tile run, which measured faster than the lists alone in every case but
+#: one tie (benchmarks/results/tile_lists.md, the ways interleaved in one process: 1.00-1.20x Flex with it,
+#: 0.94-1.15x without; 64 documents 0.223 against 0.220 ms). D 64 takes the band's tiles (not measured with tile
+#: lists)
 LISTED_VARIANTS = {
     (64, "mask"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
-    (64, "documents"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3, full_run=False),
+    (64, "documents"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
     (64, "padding"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
     (128, "mask"): Variant(block_m=128, block_n=64, num_warps=8, num_stages=3),
-    (128, "documents"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3, full_run=False),
+    (128, "documents"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
     (128, "padding"): Variant(block_m=64, block_n=64, num_warps=4, num_stages=3),
 }
 

@@ -7,7 +7,6 @@ that still cross tiles (interpreter tiles are 16, tile maps 32); GPU tests
 
 from __future__ import annotations
 
-import dataclasses
 import pytest
 import torch
 from hypothesis import given, settings
@@ -222,8 +221,7 @@ def test_measured_band_backward_serves_its_specs(d, dtype, terms, fill, monkeypa
     q, k, v, spec = make_inputs((1, 4, 2, nq, 40), d, dtype, terms, fill=fill)
     check_against_oracles(q, k, v, spec, TOL[dtype])
     measured = triton_flash.band_bwd.MEASURED_VARIANTS[(d, bool(terms.get("causal")))]
-    # documents walk every full tile through the lists (the full-tile run measured slower for short documents)
-    assert calls == [dataclasses.replace(measured, full_run="q_doc" not in terms)]
+    assert calls == [measured]
 
 
 @pytest.mark.parametrize("case", ["window_softcap", "softcap", "additive_mask", "float32", "head_dim_32",
