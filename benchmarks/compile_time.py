@@ -102,6 +102,14 @@ def one(kind: str, route: str, length: int, train: bool = False, device: str = "
 
     attnopt.backend.optimize_graph = timed(attnopt.backend.optimize_graph, "pass")
     tuning.measured_seconds = timed(tuning.measured_seconds, "tune")
+    warmups: dict[str, float] = {}  # seconds of each candidate's warm-ups (its compile, autotuning), all sites
+    warmed = tuning.Progress.warmed
+
+    def record(self, name, seconds):
+        warmups[name] = warmups.get(name, 0.0) + seconds
+        return warmed(self, name, seconds)
+
+    tuning.Progress.warmed = record
     model, inputs = build(kind, length)
     model = model.to(device=device, dtype=getattr(torch, dtype))
     args, kwargs = torch.utils._pytree.tree_map(
@@ -144,7 +152,7 @@ def one(kind: str, route: str, length: int, train: bool = False, device: str = "
         report = attnopt.report_of(compiled)
         sites, replaced = len(report.rows()), sum(r.replaced for r in report.rows())
     return {"first": first, "eager": eager_s, "pass": spent["pass"], "tune": spent["tune"],
-            "sites": sites, "replaced": replaced}
+            "sites": sites, "replaced": replaced, "warmups": {n: round(t, 2) for n, t in warmups.items()}}
 
 
 def fresh(kind: str, route: str, length: int, train: bool = False, device: str = "cpu",
@@ -180,8 +188,8 @@ def main() -> None:
     rows = [
         "| model | dynamo (capture) | optimize | overhead vs dynamo | inductor | backend | overhead vs inductor "
         "| attnopt pass | of which timing candidates | pass / inductor | pass without timing / inductor "
-        "| sites replaced |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| slowest warm-ups | sites replaced |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for kind in args.models:
         runs = {route: [] for route in ROUTES}
@@ -195,11 +203,14 @@ def main() -> None:
         tune_s = statistics.median(r["tune"] for r in rewrites)
         own_s = statistics.median(r["pass"] - r["tune"] for r in rewrites)
         replaced = ", ".join(f"{r['replaced']}/{r['sites']}" for r in runs["backend"])
+        names = {n for r in rewrites for n in r["warmups"]}
+        warm = {n: statistics.median(r["warmups"].get(n, 0.0) for r in rewrites) for n in names}
+        slowest = ", ".join(f"{n} {t:.1f} s" for n, t in sorted(warm.items(), key=lambda nt: -nt[1])[:3]) or "-"
         rows.append(
             f"| {kind} | {med['dynamo']:.2f} s | {med['optimize']:.2f} s | {med['optimize'] - med['dynamo']:+.2f} s "
             f"| {med['inductor']:.2f} s | {med['backend']:.2f} s | {med['backend'] - med['inductor']:+.2f} s "
             f"| {pass_s:.2f} s | {tune_s:.2f} s | {100 * pass_s / med['inductor']:.1f}% "
-            f"| {100 * own_s / med['inductor']:.1f}% | {replaced} |"
+            f"| {100 * own_s / med['inductor']:.1f}% | {slowest} | {replaced} |"
         )
     machine = (f"{torch.cuda.get_device_name()}, " if args.device == "cuda" else "") + (
         f"torch {torch.__version__}, {platform.machine()}, {torch.get_num_threads()} threads")
@@ -218,7 +229,8 @@ def main() -> None:
         "plan, rewrite), median over the optimize and backend runs, and the part of it spent timing the "
         "candidates on this machine (the default `tune=True`, within its time budget; cached per shape "
         "bucket afterwards, so a second run skips it). \"pass / inductor\": attnopt's own share against "
-        "plain torch.compile's first call. \"sites replaced\": per backend run (the planner keeps the "
+        "plain torch.compile's first call. \"slowest warm-ups\": the candidates whose first runs (their "
+        "compile, their autotuning) took longest, summed over the graph's sites. \"sites replaced\": per backend run (the planner keeps the "
         "original where it measured it faster, and on a loaded machine the timings move).",
         "",
         *rows,

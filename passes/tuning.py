@@ -81,11 +81,14 @@ PLAN_BUDGET_S = {"cpu": 4.0, "cuda": None}
 #: timed (``plan_timing``). The floor: estimates leave out host time, so a microsecond-sized call (a decode step:
 #: SDPA estimated at 0.3 us, the decode kernel at 8 us, measured 0.4 ms against tens of us) is always timed
 FAR_SLOWER, FAR_SLOWER_MIN_S = 20.0, 1e-3
-#: a kernel that compiles its code on first use (``Kernel.compiles``: FlexAttention) is timed for a training
-#: call on a GPU only when its estimate is this factor below the fastest kernel that does not compile: compiling
-#: its backward takes minutes (measured on an H200 with a cold inductor cache, 16k packed documents: 4.4 min for
-#: the model's first FlexAttention step, over 8 min inside the planner), which a kernel estimated as fast or
-#: slower cannot pay back. Its timing, once in the cache, counts like any other
+#: a kernel that compiles its code on first use (``Kernel.compiles``: FlexAttention) is timed on a GPU only when
+#: its estimate is this factor below the fastest kernel that does not compile: a kernel estimated as fast or
+#: slower cannot pay its compile back. Compiling a training call's backward takes minutes (measured on an H200
+#: with a cold inductor cache, 16k packed documents: 4.4 min for the model's first FlexAttention step, over 8 min
+#: inside the planner); an inference call's forward takes seconds, and in a fresh process it starts inductor
+#: (attnopt's first-call overhead on an HF Llama at 4k on the H200: 14.1 s, 90% of plain torch.compile's first
+#: call, 13.7 s of it timing the candidates; benchmarks/results/compile_time.md). Its timing, once in the cache,
+#: counts like any other
 COMPILED_LEAD = 1.25
 #: queries and keys of the CPU warm-up run
 WARMUP_LENGTH = 128
@@ -630,7 +633,7 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     (and ``FAR_SLOWER_MIN_S`` over) the fastest kernel's estimate (``fastest``, over every candidate of the
     site, timed before or not) is skipped too: no GPU estimate is that far off,
     and timing it (the reference kernel: minutes for a long training call)
-    would hold up the first call. For a training call on a GPU, a kernel that
+    would hold up the first call. On a GPU, a kernel that
     compiles on first use is skipped unless its estimate is below
     ``fastest_plain`` (the fastest kernel that does not
     compile, likewise over every candidate) divided by ``COMPILED_LEAD``: it must be expected to win clearly.
@@ -655,7 +658,7 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
         cost = estimates[name] * n_rows / total_rows * (1 + min(REPEATS, 2))
         far = (name != ORIGINAL and gpu and fastest is not None and fastest > 0
                and estimates[name] > max(FAR_SLOWER * fastest, FAR_SLOWER_MIN_S))
-        far = far or (gpu and spec.requires_grad and _compiles(name) and fastest_plain is not None
+        far = far or (gpu and _compiles(name) and fastest_plain is not None
                       and estimates[name] * COMPILED_LEAD > fastest_plain)
         if (name == ORIGINAL and fitting < 1) or cost > left or far:
             plan.skipped.append(name)

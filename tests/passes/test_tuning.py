@@ -249,9 +249,9 @@ def test_a_gpu_kernel_estimated_far_slower_is_not_timed():
     long training shape would cost minutes of the first call. The original is always timed: it is the baseline."""
     q = torch.empty(1, 16, 16384, 128, device="meta")
     spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cuda"))
-    estimates = {tuning.ORIGINAL: 0.5, "triton_flash": 2e-3, "flex": 3e-3, "reference": 0.18}
+    estimates = {tuning.ORIGINAL: 0.5, "triton_flash": 2e-3, "sdpa_flash": 3e-3, "reference": 0.18}
     plan = tuning.plan_timing(spec, estimates, math.inf)
-    assert plan.timed == [tuning.ORIGINAL, "triton_flash", "flex"] and plan.skipped == ["reference"]
+    assert plan.timed == [tuning.ORIGINAL, "triton_flash", "sdpa_flash"] and plan.skipped == ["reference"]
     # the fastest kernel counts even when its timing is already cached (only the reference left to time)
     later = tuning.plan_timing(spec, {"reference": 0.18}, math.inf, fastest=2e-3)
     assert later.timed == [] and later.skipped == ["reference"]
@@ -286,9 +286,10 @@ def test_an_inference_call_is_timed_through_the_prepared_call(monkeypatch):
     assert calls == []
 
 
-def test_a_compiling_kernel_is_timed_for_training_on_a_gpu_only_where_it_leads():
-    """FlexAttention compiles its backward on first use (minutes at long lengths): a training call on a GPU
-    times it only when its estimate is COMPILED_LEAD below the fastest kernel that does not compile."""
+def test_a_compiling_kernel_is_timed_on_a_gpu_only_where_it_leads():
+    """FlexAttention compiles on first use (its backward: minutes at long lengths; its forward: seconds, and
+    inductor's start in a fresh process): a call on a GPU times it only when its estimate is COMPILED_LEAD below
+    the fastest kernel that does not compile."""
     q = torch.empty(1, 16, 4096, 128, device="meta")
     spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cuda"), requires_grad=True)
     assert registry.get("flex").compiles and not registry.get("triton_flash").compiles
@@ -302,9 +303,15 @@ def test_a_compiling_kernel_is_timed_for_training_on_a_gpu_only_where_it_leads()
     # the fastest plain kernel counts when its timing is cached already
     later = tuning.plan_timing(spec, {"flex": 2e-3}, math.inf, fastest_plain=1e-3)
     assert later.skipped == ["flex"]
-    # inference compiles only a forward (seconds): timed as before
-    inference = tuning.plan_timing(spec.with_(requires_grad=False), {"sdpa_flash": 1e-3, "flex": 2e-3}, math.inf)
-    assert inference.timed == ["sdpa_flash", "flex"]
+    # inference alike: a forward estimated behind is not compiled, one estimated clearly ahead is
+    inference = spec.with_(requires_grad=False)
+    behind = tuning.plan_timing(inference, {"sdpa_flash": 1e-3, "flex": 2e-3}, math.inf)
+    assert behind.timed == ["sdpa_flash"] and behind.skipped == ["flex"]
+    leads = tuning.plan_timing(inference, {"sdpa_flash": 1e-3, "flex": 0.5e-3}, math.inf)
+    assert leads.timed == ["flex", "sdpa_flash"]
+    # on the CPU its own budget decides (the rule is the GPU's)
+    cpu = tuning.plan_timing(inference.with_(device=torch.device("cpu")), {"sdpa_cpu": 1e-3, "flex": 2e-3}, math.inf)
+    assert cpu.timed == ["sdpa_cpu", "flex"]
 
 
 def test_a_candidate_failing_when_timed_is_reported_with_its_error(tmp_path, monkeypatch, caplog):
