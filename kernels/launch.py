@@ -68,8 +68,9 @@ def launch(kernel, grid, *args, **kwargs) -> None:
         if not BOUND or _interpreted():  # (an interpreted function has no parameters to read)
             kernel[grid](*args, **kwargs)
             return
-        fn = kernel
-        config = {name: value for name, value in kwargs.items() if name not in _state(fn).param_names}
+        fn, state = kernel, _state(kernel)
+        params = state.param_names
+        config = {name: value for name, value in kwargs.items() if name not in params}
     else:
         # the tuning keys hold every switch the configuration depends on; of the dtypes only the inputs'
         # matters (a term's dtype changes the compiled code, which the JIT keys on, not the best tile shape)
@@ -81,7 +82,7 @@ def launch(kernel, grid, *args, **kwargs) -> None:
             return
         config = tuned[1]
         kwargs.update(config)
-    state = None if not BOUND or _interpreted() else _state(fn)
+        state = None if not BOUND or _interpreted() else _state(fn)
     if state is None or state.unbindable:
         fn.run(*args, grid=grid, warmup=False, **kwargs)
         return
