@@ -25,7 +25,11 @@ kernels (within the pass when the candidates are timed, else at the first launch
 
 Models (random weights, float32 unless ``--dtype``, batch 2, forward under ``torch.no_grad()``): the quickstart's GPT
 (4 layers, d 256, 8 heads, causal + padding), Hugging Face Llama (4 layers, d 256, 8/2 heads,
-``attention_mask`` with padding) and GPT-2 (4 layers, d 256, 4 heads), eager attention.
+``attention_mask`` with padding) and GPT-2 (4 layers, d 256, 4 heads), eager attention. By name only,
+``llama_2048``: the Llama of the GPU benchmarks (8 layers, d 2048, 16/4 heads: head dim 128, which the
+measured Triton variants cover; head dim 32 of the small Llama autotunes), for a GPU run::
+
+    python benchmarks/compile_time.py --device cuda --dtype bfloat16 --length 4096 --models llama llama_2048
 """
 
 from __future__ import annotations
@@ -46,7 +50,9 @@ import warnings
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MODELS = ("quickstart", "llama", "gpt2")
+MODELS = ("quickstart", "llama", "gpt2", "llama_2048")
+#: what runs without --models: the small models (llama_2048 is the GPU benchmarks' Llama: 8 layers, d 2048)
+DEFAULT_MODELS = MODELS[:3]
 ROUTES = ("dynamo", "optimize", "inductor", "backend")
 BATCH = 2
 
@@ -64,10 +70,13 @@ def build(kind: str, length: int):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if kind == "llama":
-            config = transformers.LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512,
-                                              num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
-                                              max_position_embeddings=max(1024, length), attn_implementation="eager")
+        if kind in ("llama", "llama_2048"):
+            size = (dict(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=2) if kind == "llama" else
+                    dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=8, num_attention_heads=16,
+                         num_key_value_heads=4))
+            config = transformers.LlamaConfig(vocab_size=1000, **size, max_position_embeddings=max(1024, length),
+                                              attn_implementation="eager")
             model = transformers.LlamaForCausalLM(config)
         else:
             config = transformers.GPT2Config(vocab_size=1000, n_embd=256, n_layer=4, n_head=4,
@@ -172,7 +181,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=MODELS)
+    parser.add_argument("--models", nargs="+", default=list(DEFAULT_MODELS), choices=MODELS,
+                        help="llama_2048: the GPU benchmarks' Llama (8 layers, d 2048, 16/4 heads, head dim 128)")
     parser.add_argument("--train", action="store_true", help="a training first call: forward and backward")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
