@@ -799,3 +799,44 @@ def test_a_mask_scaled_in_place_is_read_once():
     keep = torch.ones(2, 8, dtype=torch.bool)
     keep[0, :3], keep[1] = False, False  # left padding, and a batch row with no key (uniform rows)
     check_calls(MaskScaledInPlace(), same_inputs((*qkv(), keep), 2))
+
+
+# ----------------------------------------------------------------- kv heads repeated in other orders
+def _grouped(t):  # Hugging Face's repeat_kv: each kv head twice in a row, [0, 0, 1, 1]
+    b, h, n, d = t.shape
+    return t[:, :, None].expand(b, h, 2, n, d).reshape(b, 2 * h, n, d)
+
+
+def _tiled(t):  # the kv heads one after the other twice, [0, 1, 0, 1]: not a grouping
+    b, h, n, d = t.shape
+    return t[:, None].expand(b, 2, h, n, d).reshape(b, 2 * h, n, d)
+
+
+HEAD_ORDERS = {
+    # spelling: (keys, values, kv heads the kernel must see: 2 where the grouping is proven, else the 4 repeated)
+    "repeat_kv": (_grouped, _grouped, 2),
+    "repeat_interleave": (lambda t: t.repeat_interleave(2, dim=1), lambda t: t.repeat_interleave(2, dim=1), 2),
+    "repeat_tiles": (lambda t: t.repeat(1, 2, 1, 1), lambda t: t.repeat(1, 2, 1, 1), 4),
+    "expand_before_heads": (_tiled, _tiled, 4),
+    "values_heads_flipped_first": (_grouped, lambda t: _grouped(t.flip(1)), 2),
+    "keys_grouped_values_tiled": (_grouped, _tiled, 4),
+}
+
+
+@pytest.mark.parametrize("order", HEAD_ORDERS)
+def test_kv_heads_repeated_in_any_order_pair_each_query_head_with_its_own(order):
+    """Only a repeat that groups each kv head's copies together (HF's ``repeat_kv``, ``repeat_interleave``) is
+    grouped-query attention; tiled copies pair query head i with kv head i % 2, and keys and values repeated
+    differently pair them differently. Each is computed as written: grouped where proven, else on the repeated
+    heads."""
+    keys, values, kv_heads = HEAD_ORDERS[order]
+
+    def attend(q, k, v):
+        return torch.softmax(q @ keys(k).transpose(-1, -2) * 0.25, -1) @ values(v)
+
+    g = torch.Generator().manual_seed(0)
+    calls = [(None, (torch.randn(2, 4, 8, 16, generator=g), torch.randn(2, 2, 8, 16, generator=g),
+                     torch.randn(2, 2, 8, 16, generator=g))) for _ in range(2)]
+    done = check_calls(Fn(attend), calls)
+    (site,) = done["reference kernel"][1].attnopt_report.sites
+    assert site.replaced and site.kv_heads == kv_heads, sites(done["reference kernel"][1].attnopt_report)
