@@ -37,6 +37,8 @@ dropped-out row. Such calls look for empty rows with one host sync.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 import torch.nn.functional as F
@@ -116,18 +118,20 @@ def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) ->
 #: Most padded batches leave every row a key (right padding; a left-padded decode step): their calls then fill
 #: nothing, on the host's word, instead of computing each row's fill on the device and keeping none of it
 _EMPTY_ROWS = TermCache(8, without_terms=False)
-#: per additive term tensor: whether it holds no -inf (then it cannot empty a row: the row's log-sum-exp stays
-#: finite, however low a finite mask pushes its scores)
-_NO_NEG_INF = TermCache(8, without_terms=False)
+#: per additive term tensor: its lowest value, a float (-inf, or NaN, where it holds one). A term whose values are
+#: all finite cannot empty a row alone: the row's log-sum-exp stays finite, however low it pushes the scores. Two
+#: terms can: two ``finfo.min`` masks add up to -inf where both mask, so their lowest values must sum to a finite
+#: number too
+_LOWEST = TermCache(8, without_terms=False)
 
 
 def known_empty_rows(spec: AttentionSpec, find: bool = True) -> bool | None:
     """Whether some row of a call sees no key, for a call whose terms are a band, key padding and additive terms
     (bias, float mask): found once per term tensor (one host sync each; versions counted, ``TermCache``) and kept
-    for every call that shares them: the layers of a forward, and its backward. An additive term without -inf
-    empties no row, so the band and the padding decide. None for other calls (documents, a boolean mask, an
-    additive term with -inf), which look at their rows themselves on the device. ``find=False`` only looks the
-    answer up.
+    for every call that shares them: the layers of a forward, and its backward. Additive terms without -inf whose
+    lowest values add up to a finite number (``_terms_stay_finite``) empty no row, so the band and the padding
+    decide. None for other calls (documents, a boolean mask, an additive term with -inf, two terms whose sum may
+    overflow to -inf), which look at their rows themselves on the device. ``find=False`` only looks the answer up.
 
     None while a CUDA graph is captured, found or not: nothing may sync there, and a replay runs on whatever
     terms its inputs then hold (an in-place write bumps the version, but a replay reads no version), so the
@@ -142,17 +146,34 @@ def known_empty_rows(spec: AttentionSpec, find: bool = True) -> bool | None:
     tensors = [kp, *additive] if kp is not None else additive
     if not _EMPTY_ROWS.keeps(tensors):  # nor while a CUDA graph is captured: the cache then keeps nothing
         return None
-    for term in additive:
-        finite = (_NO_NEG_INF.peek([term], ()) if not find
-                  else _NO_NEG_INF.get([term], (), lambda term=term: not bool(torch.isneginf(term).any())))
-        if not finite:
-            return None
+    if additive and not _terms_stay_finite(spec, additive, find):
+        return None
     if kp is None:  # the band alone: static, no sync
         return False if not spec.rows_may_be_empty(additive=False) else None
     static = (spec.batch, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset)
     if not find:
         return _EMPTY_ROWS.peek([kp], static)
     return _EMPTY_ROWS.get([kp], static, lambda: _any_row_without_keys(spec))
+
+
+def _terms_stay_finite(spec: AttentionSpec, additive: list[torch.Tensor], find: bool) -> bool:
+    """Whether the additive terms cannot make a score -inf: each one's lowest value finite (found once per term
+    tensor, ``_LOWEST``) and, with more than one term, their sum too, in the narrowest of the dtypes they and the
+    scores are added in (float16's range is 65504: two of its ``finfo.min`` masks overflow it). Scores of
+    magnitude near that range are left aside: a single ``finfo.min`` mask would overflow them too."""
+    lows = [_LOWEST.peek([term], ()) if not find else _LOWEST.get([term], (), lambda term=term: _lowest(term))
+            for term in additive]
+    if any(low is None or not math.isfinite(low) for low in lows):
+        return False
+    if len(lows) == 1:
+        return True
+    narrowest = min(torch.finfo(t).max for t in (spec.dtype, *(term.dtype for term in additive)) if t.is_floating_point)
+    return sum(lows) > -narrowest
+
+
+def _lowest(term: torch.Tensor) -> float:
+    """The term's lowest value (one host sync); 0 for an empty term (no key to lower)."""
+    return float(term.min()) if term.numel() else 0.0
 
 
 def _any_row_without_keys(spec: AttentionSpec) -> bool:

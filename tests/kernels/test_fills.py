@@ -228,9 +228,9 @@ def test_an_additive_mask_without_minus_inf_leaves_every_row_a_key(monkeypatch):
     """A decode step's per-key float mask (0 / finfo.min, no padding term): no row can lose every key, found
     once per mask tensor; a mask with -inf is looked at per call; an in-place write is seen."""
     checked = []
-    isneginf = torch.isneginf
-    monkeypatch.setattr(torch, "isneginf", lambda t: checked.append(1) or isneginf(t))
-    fills._NO_NEG_INF.clear()
+    lowest = fills._lowest
+    monkeypatch.setattr(fills, "_lowest", lambda t: checked.append(1) or lowest(t))
+    fills._LOWEST.clear()
     q, k, v = (torch.randn(2, 2, 1, 4) for _ in range(3))
     k, v = (torch.randn(2, 2, 9, 4) for _ in range(2))
     mask = torch.zeros(2, 1, 1, 9)
@@ -243,3 +243,29 @@ def test_an_additive_mask_without_minus_inf_leaves_every_row_a_key(monkeypatch):
     assert fills.known_empty_rows(spec) is None and len(checked) == 2
     causal = AttentionSpec.from_tensors(q, k, v, mask=torch.zeros(2, 1, 1, 9), causal=True, align=Align.BOTTOM_RIGHT)
     assert fills.known_empty_rows(causal) is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_two_finite_additive_terms_that_overflow_together_may_empty_a_row(dtype):
+    """A bias and a mask each of 0 / finfo.min: where both mask a key, their sum overflows to -inf, so a row whose
+    every key both mask sees no key (softmax of -inf everywhere: NaN in the original), though neither term holds
+    -inf. Such rows are looked at per call; terms whose lowest values add up to a finite number still prove every
+    row a key."""
+    low = torch.finfo(dtype).min
+    q, k, v = (torch.randn(2, 2, 4, 8, dtype=dtype) for _ in range(3))
+    bias = torch.zeros(4, 4, dtype=dtype)
+    bias[0] = low  # query row 0 loses every key to the structure
+    mask = torch.zeros(2, 1, 1, 4, dtype=dtype)
+    mask[1] = low  # batch row 1 all padding
+    spec = AttentionSpec.from_tensors(q, k, v, bias=bias, mask=mask, fill=Fill.NEG_INF)
+    assert fills.known_empty_rows(spec) is None
+    assert fills.known_empty_rows(spec.with_(mask=None)) is False  # one finite term alone empties no row
+    half = torch.zeros_like(bias).fill_(low / 4)
+    assert fills.known_empty_rows(spec.with_(bias=half, mask=mask / 4)) is False  # the sum stays finite
+    if dtype == torch.float16:  # float32 arithmetic holds two of its minima: only the proof differs
+        return
+    # the kernels then fill the row the original gave NaN
+    out = reference.ReferenceKernel().forward(q, k, v, spec, 0)[0]
+    scores = q.float() @ k.float().transpose(-1, -2) * spec.scale + bias.float() + mask.float()
+    assert bool(torch.isneginf(scores[1, :, 0]).all())
+    assert out[1, :, 0].isnan().all() and not out[0].isnan().any() and not out[1, :, 1:].isnan().any()

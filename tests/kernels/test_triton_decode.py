@@ -210,7 +210,7 @@ def test_a_finite_additive_mask_fills_nothing(monkeypatch):
     wheres = []
     where = fills._where_empty
     monkeypatch.setattr(fills, "_where_empty", lambda *a: wheres.append(1) or where(*a))
-    fills._NO_NEG_INF.clear()
+    fills._LOWEST.clear()
     q, k, v = _inputs(2, 4, 2, 1, 70, 16, torch.float32)
     mask = torch.zeros(2, 1, 1, 70, device=DEVICE)
     mask[1] = torch.finfo(torch.float32).min  # batch row 1: every key masked by the finite fill

@@ -433,6 +433,12 @@ def _program(**changes) -> Program:
 # eager gives NaN there, sdpa_cpu gives finite rows instead of declining
 NAN_ROWS_OF_TWO_NEG_INF_MASKS = _program(structure="causal_tril_", structure_apply="add_masked_fill_", padding="bool",
                                          padding_apply="add_masked_fill_", plan="sdpa_cpu kernel")
+# two finfo.min additive masks (a buffer's structure, then the padding), neither holding -inf: where both mask a
+# key their sum overflows to -inf, so a fully padded row the structure also masks entirely is NaN in eager; the
+# kernels took "no -inf in either term" as "no row without a key" and skipped its fill
+NAN_ROWS_OF_TWO_FINITE_MASKS = _program(structure="buffer", structure_apply="add_one_minus", structure_fill="finfo.min",
+                                        padding="bool", padding_apply="add_setitem", padding_fill="finfo.min",
+                                        fully_padded=True, mutations=("none", "setitem", "none"))
 # bfloat16 autocast, scores upcast with .float(), a -1e4 additive mask: eager adds it in float32, where rows with
 # no visible key keep softmax(s); added at bfloat16 precision they become uniform
 AUTOCAST_FINITE_ADDITIVE_FILL = _program(dtype="autocast", upcast="float", padding="bool",
@@ -442,6 +448,7 @@ AUTOCAST_FINITE_ADDITIVE_FILL = _program(dtype="autocast", upcast="float", paddi
 @suite_settings(default_examples=60)
 @given(programs(["float32"]))
 @example(NAN_ROWS_OF_TWO_NEG_INF_MASKS)
+@example(NAN_ROWS_OF_TWO_FINITE_MASKS)
 def test_float32_programs_agree_with_eager(program):
     run_program(program)
 
