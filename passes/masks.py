@@ -126,6 +126,17 @@ class MaskError(Exception):
     """The masks of a site cannot be expressed exactly; the message says why."""
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
+def half_added(term: Node, add_dtypes: dict) -> bool:
+    """Whether eager added ``term`` to half-precision scores (float16 / bfloat16), before any upcast: the kernels
+    add such a term at that precision (kernels/spec.py), the others at full precision."""
+    meta = tensor_meta(term)
+    added_at = add_dtypes.get(term) or (meta.dtype if meta is not None else None)
+    return added_at in HALF
+
+
 def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.dtype,
             constants: Constants, is_causal: bool = False, add_dtypes: dict | None = None,
             add_locals: dict | None = None, sizes: tuple | None = None) -> MaskAnalysis:
@@ -227,6 +238,13 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
         hi = min((b[1] for b in bands if b[1] is not None), default=None)
         _set_band(result, lo, hi, q_len, kv_len)
     result.fill_only = _fill_only(result, terms, sdpa, dtype, constants)
+    halves = {half_added(t, result.add_dtypes) for t, _ in result.additive}
+    if result.dense and len(halves) > 1:
+        # the kernels' two additive slots: the boolean mask takes one, and one sum of both kinds would add the
+        # half-precision terms at full precision (where a float16 finfo.min no longer saturates every masked key
+        # to one value)
+        raise MaskError("additive terms added to half-precision scores and to upcast ones, beside a boolean mask: "
+                        "the kernels cannot add them at both precisions")
     return result
 
 

@@ -24,7 +24,7 @@ from attnopt.ops import SiteCall
 from .detect import Match
 from .graph import is_in_place, shape_of, tensor_meta
 from .layouts import Operand, apply_steps, fold_windows
-from .masks import fill_only_keep
+from .masks import fill_only_keep, half_added
 
 
 def key_padding_rows(mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
@@ -146,13 +146,17 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         keep = _all(graph, [_in_frame(graph, _atom(graph, a), shape_of(a.node), a.steps, q, match) for a in m.dense])
         additive = [_in_frame(graph, _additive(graph, t, mult, m.add_dtypes.get(t)), shape_of(t),
                               m.term_steps.get(t, ()), q, match) for t, mult in m.additive]
-        if keep is not None:
+        halves = [half_added(t, m.add_dtypes) for t, _ in m.additive]
+        if keep is not None:  # (terms added at two precisions beside a boolean mask are refused: masks.analyze)
             mask, rest = keep, additive
+        elif any(halves) and not all(halves):
+            # the kernels add the bias, then the mask, each at the precision its dtype says (kernels/spec.py); eager
+            # added its half-precision terms before the scores were upcast, the others after: the half ones go first
+            mask = _sum(graph, [a for a, half in zip(additive, halves) if not half])
+            rest = [a for a, half in zip(additive, halves) if half]
         else:
             mask, rest = (additive[0] if additive else None), additive[1:]
-        bias = None
-        for term in rest:
-            bias = term if bias is None else graph.call_function(operator.add, (bias, term))
+        bias = _sum(graph, rest)
         window = m.window
         tensors = (q, k, v, key_padding, q_doc, kv_doc, bias, mask)
         dropout = match.dropout_p if match.dropout_node is None else match.dropout_node
@@ -204,6 +208,14 @@ def erase_dead(graph: Graph, candidates: list[Node]) -> None:
         inputs = node.all_input_nodes
         graph.erase_node(node)
         work.extend(inputs)
+
+
+def _sum(graph: Graph, terms: list[Node]) -> Node | None:
+    """The terms added up in the graph, in order (None for none)."""
+    total = None
+    for term in terms:
+        total = term if total is None else graph.call_function(operator.add, (total, term))
+    return total
 
 
 def _additive(graph: Graph, term: Node, mult: float, added_at) -> Node:

@@ -443,6 +443,12 @@ NAN_ROWS_OF_TWO_NEG_INF_MASKS = _program(structure="causal_tril_", structure_app
 NAN_ROWS_OF_TWO_FINITE_MASKS = _program(structure="buffer", structure_apply="add_one_minus", structure_fill="finfo.min",
                                         padding="bool", padding_apply="add_setitem", padding_fill="finfo.min",
                                         fully_padded=True, mutations=("none", "setitem", "none"))
+# float16: baddbmm's zero base is added to the half-precision scores, two finfo.min masks to the upcast ones; the
+# kernels added the masks' sum first and the base after, at half precision, where float32's finfo.min is -inf
+HALF_TERM_BEFORE_UPCAST_TERMS = _program(dtype="float16", score="baddbmm", upcast="float", structure="window_triu_",
+                                         structure_apply="add_one_minus", structure_fill="finfo.min", padding="bool",
+                                         padding_apply="add_one_minus", padding_fill="finfo.min", fully_padded=True,
+                                         lengths=(8, 12, 10))
 # bfloat16 autocast, scores upcast with .float(), a -1e4 additive mask: eager adds it in float32, where rows with
 # no visible key keep softmax(s); added at bfloat16 precision they become uniform
 AUTOCAST_FINITE_ADDITIVE_FILL = _program(dtype="autocast", upcast="float", padding="bool",
@@ -466,5 +472,6 @@ def test_bfloat16_programs_agree_with_eager(program):
 
 @suite_settings(default_examples=20)
 @given(programs(["float16"]))
+@example(HALF_TERM_BEFORE_UPCAST_TERMS)
 def test_float16_programs_agree_with_eager(program):
     run_program(program)

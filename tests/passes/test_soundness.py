@@ -840,3 +840,42 @@ def test_kv_heads_repeated_in_any_order_pair_each_query_head_with_its_own(order)
     done = check_calls(Fn(attend), calls)
     (site,) = done["reference kernel"][1].attnopt_report.sites
     assert site.replaced and site.kv_heads == kv_heads, sites(done["reference kernel"][1].attnopt_report)
+
+
+# ----------------------------------------------------------------- terms added before and after an upcast
+class _HalfBaseThenUpcast(nn.Module):
+    """BLOOM-like: baddbmm adds a float16 base to the half-precision scores; then the scores are upcast, a float32
+    term is added and (``boolean``) a boolean mask applied."""
+
+    def __init__(self, boolean: bool):
+        super().__init__()
+        self.boolean = boolean
+
+    def forward(self, q, k, v, base, bias, keep):
+        b, h, n, d = q.shape
+        s = torch.baddbmm(base.reshape(b * h, n, n), q.reshape(b * h, n, d),
+                          k.reshape(b * h, n, d).transpose(1, 2)).view(b, h, n, n).float()
+        s = s + bias
+        if self.boolean:
+            s = s.masked_fill(~keep, NEG_INF)
+        return torch.softmax(s, -1).to(q.dtype) @ v
+
+
+@pytest.mark.parametrize("boolean", [False, True], ids=["additive_only", "with_a_boolean_mask"])
+def test_a_half_precision_term_is_added_before_the_upcast_ones(boolean):
+    """float16's finfo.min added to half-precision scores saturates a row to one value, so the row is then the
+    softmax of what the float32 term adds alone; added at float32 with it, the scores would show through. The
+    kernels add the half-precision terms first, at that precision; beside a boolean mask, where they cannot, the
+    site is left alone."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=g).half() for _ in range(3))
+    base = torch.zeros(2, 2, 8, 8, dtype=torch.float16)
+    base[1, :, 0] = torch.finfo(torch.float16).min  # row 0 of batch row 1: every key saturated
+    bias = torch.randn(2, 1, 8, 8, generator=g)
+    keep = torch.ones(8, 8, dtype=torch.bool).tril()
+    done = check_calls(_HalfBaseThenUpcast(boolean), same_inputs((q, k, v, base, bias, keep), 2), tol=BF16)
+    report = done["reference kernel"][1].attnopt_report
+    (site,) = report.sites
+    assert site.replaced != boolean, sites(report)
+    if boolean:
+        assert "half-precision" in site.reason
