@@ -41,7 +41,7 @@ import torch
 from torch.fx import GraphModule
 
 from attnopt.kernels import registry
-from attnopt.kernels.spec import AttentionSpec
+from attnopt.kernels.spec import AttentionSpec, Fill
 
 from . import calibrate, memory, tuning
 from .detect import Match
@@ -291,6 +291,13 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     sites = []
     for match, spec in zip(matches, specs):
         where = module_path(match.anchor)
+        # (an ONNX export's graph is inference, whatever its tensors require: the Attention op has no backward)
+        unmatched = None if not training or gm.meta.get(EXPORT_META) else original_gradients_unmatched(match.kind, spec)
+        if unmatched is not None:
+            if options.kernel is not None:
+                raise NoKernelError(f"no attention kernel supports this call: {unmatched}")
+            sites.append(SitePlan(match, spec, where, None, unmatched))
+            continue
         original = None
         if options.kernel is None and options.keep_original:
             original = tuning.Original(match.kind, memory.bytes_before(match, spec))
@@ -315,6 +322,29 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     if fitting and plan.peak_after.bytes > plan.budget:
         raise MemoryBudgetError(_budget_message(gm, plan, options))
     return plan
+
+
+#: ``GraphModule.meta`` key an exporter sets: the graph is traced for inference only
+EXPORT_META = "attnopt_export"
+
+
+def original_gradients_unmatched(kind: str, spec: AttentionSpec) -> str | None:
+    """Why no kernel gives the original's gradients, or None.
+
+    An ``F.scaled_dot_product_attention`` call on the CPU with an additive mask of a large finite fill
+    (``finfo.min``): where the mask hides every key of a row, ATen's CPU attention adds the fill to the row's
+    log-sum-exp, which absorbs the log of the key count, so its backward takes each of those keys' probability as 1
+    instead of 1 / Nk. dV, dK and dQ of such rows come out Nk times the softmax's (its forward is right; its math
+    backend is right too). No kernel reproduces that, so a training call that may have such rows keeps the call:
+    one whose mask is converted to boolean terms with an added finite fill, or one that keeps an additive term as
+    written (its values, -1e9 say, are not known when planning)."""
+    additive = spec.bias is not None or (spec.mask is not None and spec.mask.is_floating_point())
+    if (kind != "sdpa" or not spec.requires_grad or spec.device.type != "cpu"
+            or not (spec.fill == Fill.FINITE_ADDED or additive) or not spec.rows_may_be_empty()):
+        return None
+    return ("training call of F.scaled_dot_product_attention on the CPU with an additive mask: on rows "
+            "the mask hides entirely, ATen's CPU backward gives Nk times the softmax's gradients, which no kernel "
+            "reproduces")
 
 
 def _training(gm: GraphModule) -> bool:

@@ -18,6 +18,7 @@ import torch
 
 from attnopt.config import Options
 from attnopt.passes.pipeline import optimize_graph
+from attnopt.passes.plan import EXPORT_META
 
 from attnopt.kernels.spec import Align, Fill, Window
 
@@ -46,6 +47,7 @@ def export(
 
     gm = capture(model, args, kwargs, dynamic_shapes)
     gm.train(model.training)
+    gm.meta[EXPORT_META] = True  # inference only: no site is kept for its gradients
     # an export replaces every supported site: this machine's timings say nothing of the runtime's
     optimize_graph(gm, Options.build(tune=False, keep_original=False), report)
     report.sanitize()

@@ -879,3 +879,38 @@ def test_a_half_precision_term_is_added_before_the_upcast_ones(boolean):
     assert site.replaced != boolean, sites(report)
     if boolean:
         assert "half-precision" in site.reason
+
+
+# ----------------------------------------------------------------- SDPA's CPU backward on rows a finite mask hides
+class _SDPAPaddingMask(nn.Module):
+    def forward(self, q, k, v, keep):
+        mask = torch.where(keep[:, None, None, :], 0.0, torch.finfo(q.dtype).min)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def test_sdpa_on_the_cpu_keeps_its_training_calls_where_a_finite_mask_hides_a_row():
+    """ATen's CPU attention, given an additive ``finfo.min`` mask that hides every key of a row, returns the row's
+    right (uniform) output but Nk times the softmax's gradients for it. Inference calls are replaced; a training
+    call is kept as written, with the reason, and its gradients are the original's."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 8, 16, generator=g) for _ in range(3))
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1] = False  # batch row 1 all padding
+    grad = torch.randn(2, 2, 8, 16, generator=g)
+    eager = _SDPAPaddingMask()
+    optimized = attnopt.optimize(_SDPAPaddingMask(), tune=False, kernel="reference")
+    with torch.no_grad():
+        assert_same(optimized(q, k, v, keep), eager(q, k, v, keep))
+    assert optimized.attnopt_report.sites[0].replaced
+    with pytest.raises(NoKernelError, match="no kernel reproduces"):  # forced: declines the training call
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        optimized(*leaves, keep)
+    chosen = attnopt.optimize(_SDPAPaddingMask(), tune=False)
+    for module in (eager, chosen):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = module(*leaves, keep)
+        module.grads = torch.autograd.grad(out, leaves, grad)
+    for got, expected in zip(chosen.grads, eager.grads):
+        assert_same(got, expected)
+    training = [s for s in chosen.attnopt_report.sites if not s.replaced]
+    assert training and "ATen's CPU backward" in training[0].reason, sites(chosen.attnopt_report)
