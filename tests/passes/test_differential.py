@@ -425,8 +425,8 @@ def run_program(p: Program, grads: bool = False) -> None:
         try:
             got, got_grads = _with_grads(optimized, args, i) if grads else (optimized(*args), ())
         except NoKernelError as err:
-            # the reference kernel takes every site, but for the gradients no kernel gives (plan.py's
-            # original_gradients_unmatched: the site's own SDPA call on the CPU is kept for training there)
+            # the reference kernel takes every site but one whose gradients no kernel gives (plan.py's
+            # original_gradients_unmatched: an SDPA call on the CPU in training with an additive mask)
             if PLANS[p.plan].get("kernel") in (None, "reference") and "no kernel reproduces" not in str(err):
                 raise
             return  # the forced kernel declines this program: nothing to compare
@@ -477,6 +477,11 @@ HALF_TERM_BEFORE_UPCAST_TERMS = _program(dtype="float16", score="baddbmm", upcas
                                          structure_apply="add_one_minus", structure_fill="finfo.min", padding="bool",
                                          padding_apply="add_one_minus", padding_fill="finfo.min", fully_padded=True,
                                          lengths=(8, 12, 10))
+# SDPA on the CPU with a finfo.min additive mask, in training: ATen's backward gives the rows it hides Nk times the
+# softmax's gradients; the reference kernel forced took the call and gave the softmax's (now it declines)
+SDPA_CPU_GRADIENTS_OF_HIDDEN_ROWS = _program(score="sdpa", structure="window_arange", structure_apply="add_masked_fill_",
+                                             structure_fill="finfo.min", padding="bool", padding_apply="add_where",
+                                             padding_fill="finfo.min", fully_padded=True)
 # bfloat16 autocast, scores upcast with .float(), a -1e4 additive mask: eager adds it in float32, where rows with
 # no visible key keep softmax(s); added at bfloat16 precision they become uniform
 AUTOCAST_FINITE_ADDITIVE_FILL = _program(dtype="autocast", upcast="float", padding="bool",
@@ -507,6 +512,7 @@ def test_float16_programs_agree_with_eager(program):
 
 @suite_settings(default_examples=20)
 @given(programs(["float32"]))
+@example(SDPA_CPU_GRADIENTS_OF_HIDDEN_ROWS)
 def test_float32_gradients_agree_with_eager(program):
     """The same programs under autograd: dq, dk and dv of a random output gradient (programs whose output has no
     NaN row)."""
