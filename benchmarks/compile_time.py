@@ -185,8 +185,8 @@ def one(kind: str, route: str, length: int, train: bool = False, device: str = "
     if route in ("optimize", "backend"):
         report = attnopt.report_of(compiled)
         sites, replaced = len(report.rows()), sum(r.replaced for r in report.rows())
-        for r in report.rows():
-            name = r.kernel if r.replaced else "original"
+        for site in report.sites:
+            name = site.kernel if site.replaced else "original"
             chosen[name] = chosen.get(name, 0) + 1
     return {"first": first, "eager": eager_s, "pass": spent["pass"], "tune": spent["tune"],
             "sites": sites, "replaced": replaced, "warmups": {n: round(t, 2) for n, t in warmups.items()},
@@ -251,7 +251,7 @@ def main() -> None:
         pass_s = statistics.median(r["pass"] for r in rewrites)
         tune_s = statistics.median(r["tune"] for r in rewrites)
         own_s = statistics.median(r["pass"] - r["tune"] for r in rewrites)
-        chosen = "; ".join(", ".join(f"{n} {c}/{r['sites']}" for n, c in sorted(r["chosen"].items()))
+        chosen = "; ".join(", ".join(f"{n} {c}/{sum(r['chosen'].values())}" for n, c in sorted(r["chosen"].items()))
                            for r in runs["backend"])
         # attnopt's kernels are named with a leading underscore, inductor's ``triton_...``
         ours = [{n: ct for n, ct in r.get("triton", {}).items() if n.startswith("_")} for r in rewrites]

@@ -57,7 +57,7 @@ from .approx_base import nan_lse, recompute_grads
 from .block_map import tile_lists
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
                     output_without_rows_or_keys)
-from .registry import Grads, Kernel, register
+from .registry import COMPILES_INDUCTOR, Grads, Kernel, register
 from .spec import AttentionSpec, Window
 
 try:
@@ -269,7 +269,7 @@ class FlexKernel(Kernel):
     exact = True
     #: on the CPU only by name: see the module docstring
     devices = ("cuda",)
-    compiles = True
+    compiles = COMPILES_INDUCTOR
     summary = "PyTorch FlexAttention (compiled), the spec's terms as mask_mod/score_mod, block-sparse"
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:

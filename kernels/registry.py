@@ -18,6 +18,13 @@ from .spec import AttentionSpec
 Grads = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]
 
 
+#: the tiers of ``Kernel.compiles``: nothing (ATen's kernels, small Triton kernels such as the decode kernel: well
+#: under a second); one large Triton kernel per specialization (``triton_flash``'s forward: 1.4-1.7 s each on an
+#: H200 with a cold Triton cache, more with its backward); inductor (FlexAttention: seconds for a forward, minutes
+#: for a training call's backward, and inductor's own start in a fresh process)
+COMPILES_NOTHING, COMPILES_TRITON, COMPILES_INDUCTOR = 0, 1, 2
+
+
 class Kernel:
     """Base class of attention kernels. Subclasses set ``name`` and ``exact`` and override the rest."""
 
@@ -28,9 +35,9 @@ class Kernel:
     #: devices the kernel is meant for (None: any). Elsewhere the planner uses it only when forced
     #: by name: Triton kernels run on CPU tensors in Triton's interpreter, which is for tests.
     devices: tuple[str, ...] | None = None
-    #: compiles its code on first use per shape family (seconds for a forward, minutes with its backward):
-    #: the planner times it for training only where its estimate leads (``passes/tuning.py``)
-    compiles: bool = False
+    #: what its first call per shape family compiles, as a tier (``COMPILES_*``): the planner times a kernel on
+    #: a GPU only where its estimate leads every kernel of a lower tier (``passes/tuning.py``)
+    compiles: int = 0
 
     def not_supported_reasons(self, spec: AttentionSpec) -> list[str]:
         """Every reason this kernel cannot compute ``spec``; empty when it can."""

@@ -43,7 +43,7 @@ from .layout import empty_in_layout_of
 from .block_map import TileLists, needs_tile_map, tile_lists
 from .launch import cdiv, next_power_of_2
 from .launch import launch as _launch
-from .registry import Grads, Kernel, register
+from .registry import COMPILES_TRITON, Grads, Kernel, register
 from .spec import AttentionSpec
 from .triton_flash_bwd import _attn_bwd_dkdv, _attn_bwd_dq, _attn_bwd_preprocess
 from .triton_flash_fwd import MAP_BLOCK, _attn_fwd
@@ -166,6 +166,9 @@ class TritonFlashKernel(Kernel):
     devices = ("cuda",)
     exact = True
     summary = "exact flash attention in Triton: tile skipping for causal/window/padding/documents/masks, GQA"
+    #: one large kernel per term set and specialization: the planner compiles it to time it only where its
+    #: estimate leads the ATen kernels (pure causal, where cuDNN wins, it does not)
+    compiles = COMPILES_TRITON
 
     def __init__(self, atomic_dq: bool = False):
         #: accumulate dQ with float32 atomics in the dK/dV kernel instead of the dQ kernel (order-dependent,

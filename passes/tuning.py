@@ -81,14 +81,16 @@ PLAN_BUDGET_S = {"cpu": 4.0, "cuda": None}
 #: timed (``plan_timing``). The floor: estimates leave out host time, so a microsecond-sized call (a decode step:
 #: SDPA estimated at 0.3 us, the decode kernel at 8 us, measured 0.4 ms against tens of us) is always timed
 FAR_SLOWER, FAR_SLOWER_MIN_S = 20.0, 1e-3
-#: a kernel that compiles its code on first use (``Kernel.compiles``: FlexAttention) is timed on a GPU only when
-#: its estimate is this factor below the fastest kernel that does not compile: a kernel estimated as fast or
-#: slower cannot pay its compile back. Compiling a training call's backward takes minutes (measured on an H200
-#: with a cold inductor cache, 16k packed documents: 4.4 min for the model's first FlexAttention step, over 8 min
-#: inside the planner); an inference call's forward takes seconds, and in a fresh process it starts inductor
-#: (attnopt's first-call overhead on an HF Llama at 4k on the H200: 14.1 s, 90% of plain torch.compile's first
-#: call, 13.7 s of it timing the candidates; benchmarks/results/compile_time.md). Its timing, once in the cache,
-#: counts like any other
+#: a kernel that compiles its code on first use (``Kernel.compiles``: FlexAttention through inductor, triton_flash's
+#: large Triton kernels) is timed on a GPU only when its estimate is this factor below the fastest kernel of a
+#: lower compile tier: a kernel estimated as fast or slower cannot pay its compile back. Compiling Flex's backward
+#: for a training call takes minutes (measured on an H200 with a cold inductor cache, 16k packed documents:
+#: 4.4 min for the model's first FlexAttention step, over 8 min inside the planner); an inference call's forward
+#: takes seconds, and in a fresh process it starts inductor (attnopt's first-call overhead on an HF Llama at 4k on
+#: the H200: 14.1 s, 90% of plain torch.compile's first call, 13.7 s of it timing the candidates). triton_flash's
+#: forward took 1.4-1.7 s per term set with a cold Triton cache, and timing it for the pure-causal variant of an
+#: HF Llama with padding (where cuDNN wins) cost one of them (benchmarks/results/compile_time.md). Its timing,
+#: once in the cache, counts like any other
 COMPILED_LEAD = 1.25
 #: queries and keys of the CPU warm-up run
 WARMUP_LENGTH = 128
@@ -622,7 +624,7 @@ def _original_bytes_per_row(spec: AttentionSpec) -> float:
 
 
 def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: float,
-                fastest: float | None = None, fastest_plain: float | None = None) -> Plan:
+                fastest: float | None = None, cheaper: dict[int, float] | None = None) -> Plan:
     """The rows to time on, so that every candidate's runs fit ``budget_s`` by their estimates.
 
     Candidates are taken cheapest estimate first (the original first of all:
@@ -634,9 +636,10 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     site, timed before or not) is skipped too: no GPU estimate is that far off,
     and timing it (the reference kernel: minutes for a long training call)
     would hold up the first call. On a GPU, a kernel that
-    compiles on first use is skipped unless its estimate is below
-    ``fastest_plain`` (the fastest kernel that does not
-    compile, likewise over every candidate) divided by ``COMPILED_LEAD``: it must be expected to win clearly.
+    compiles on first use is skipped unless its estimate is below the fastest
+    estimate of a lower compile tier (``cheaper``: the fastest estimate of each tier of
+    ``Kernel.compiles``, likewise over every candidate; by default of ``estimates``) divided by
+    ``COMPILED_LEAD``: it must be expected to win clearly.
     The CPU's own budget bounds its timing.
     """
     total_rows = rows(spec)
@@ -650,16 +653,14 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     left = budget_s
     kernels = [e for n, e in estimates.items() if n != ORIGINAL and e > 0]
     fastest = fastest if fastest is not None else min(kernels, default=None)
-    if fastest_plain is None:
-        fastest_plain = min([e for n, e in estimates.items() if n != ORIGINAL and e > 0 and not _compiles(n)],
-                            default=None)
+    cheaper = fastest_by_tier(estimates) if cheaper is None else cheaper
     gpu = spec.device.type == "cuda"
     for name in sorted(estimates, key=lambda n: (n != ORIGINAL, estimates[n])):
         cost = estimates[name] * n_rows / total_rows * (1 + min(REPEATS, 2))
         far = (name != ORIGINAL and gpu and fastest is not None and fastest > 0
                and estimates[name] > max(FAR_SLOWER * fastest, FAR_SLOWER_MIN_S))
-        far = far or (gpu and _compiles(name) and fastest_plain is not None
-                      and estimates[name] * COMPILED_LEAD > fastest_plain)
+        lead_over = min([e for tier, e in cheaper.items() if tier < _tier(name)], default=None)
+        far = far or (gpu and lead_over is not None and estimates[name] * COMPILED_LEAD > lead_over)
         if (name == ORIGINAL and fitting < 1) or cost > left or far:
             plan.skipped.append(name)
             continue
@@ -668,8 +669,19 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     return plan
 
 
-def _compiles(name: str) -> bool:
-    return name != ORIGINAL and registry.get(name).compiles
+def _tier(name: str) -> int:
+    """What ``name``'s first call compiles (``Kernel.compiles``); the original compiles nothing."""
+    return registry.COMPILES_NOTHING if name == ORIGINAL else registry.get(name).compiles
+
+
+def fastest_by_tier(estimates: dict[str, float]) -> dict[int, float]:
+    """The fastest positive estimate of the kernels of each compile tier (the original left out)."""
+    best: dict[int, float] = {}
+    for name, seconds in estimates.items():
+        if name != ORIGINAL and seconds > 0:
+            tier = _tier(name)
+            best[tier] = min(best.get(tier, math.inf), seconds)
+    return best
 
 
 def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "",
@@ -697,8 +709,7 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
         guesses = {n: (estimates or {}).get(n, 0.0) for n in todo}
         known = {n: (estimates or {}).get(n, 0.0) for n in names if n != ORIGINAL}
         plan = plan_timing(spec, guesses, family, fastest=min([e for e in known.values() if e > 0], default=None),
-                           fastest_plain=min([e for n, e in known.items() if e > 0 and not _compiles(n)],
-                                             default=None))
+                           cheaper=fastest_by_tier(known))
         small = sliced(spec, plan.n_rows)
         scale = rows(spec) / rows(small)
         start = time.perf_counter()

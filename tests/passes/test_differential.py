@@ -87,6 +87,8 @@ class Program:
     dtype: str  # "float32" | "bfloat16" | "float16" | "autocast" (float32 inputs, bfloat16 autocast around it)
     score: str  # matmul | matmul_fn | einsum | bmm | baddbmm | baddbmm_kw | sdpa
     scale: str  # mul | rmul | div | torch_div | none
+    scale_at: str  # scores (before the masks) | query (q scaled before the product) | after_masks
+    kv: str  # mha | repeat_kv (HF's expand + reshape of one kv head) | repeat_interleave | enable_gqa (sdpa only)
     upcast: str  # none | float (scores .float(), probabilities .to(q.dtype)) | softmax_dtype
     structure: str  # none | causal_tril | causal_arange | window_arange | causal_tril_ | window_triu_ | sink_setitem | buffer
     structure_apply: str
@@ -127,9 +129,11 @@ def programs(draw, dtypes):
     dtype = draw(st.sampled_from(dtypes))
     if dtype == "float16":  # -1e9 is beyond float16's range (masked_fill refuses it): its programs write -1e4
         structure_fill, padding_fill = (("-1e4" if f == "-1e9" else f) for f in (structure_fill, padding_fill))
+    kv = draw(st.sampled_from(["mha", "repeat_kv", "repeat_interleave"] + (["enable_gqa"] if score == "sdpa" else [])))
     return Program(
         dtype=dtype, score=score,
         scale=draw(st.sampled_from(["mul", "rmul", "div", "torch_div", "none"])),
+        scale_at=draw(st.sampled_from(["scores", "query", "after_masks"])), kv=kv,
         upcast=draw(st.sampled_from(["none", "float", "softmax_dtype"])),
         structure=structure, structure_apply=structure_apply, structure_fill=structure_fill,
         padding=padding, padding_apply=padding_apply, padding_fill=padding_fill,
@@ -226,6 +230,17 @@ class Attention(nn.Module):
             return pad[:, None, None, :]
         return None
 
+    def scaled(self, s: torch.Tensor, c: float) -> torch.Tensor:
+        if self.p.scale == "mul":
+            return s * c
+        if self.p.scale == "rmul":
+            return c * s
+        if self.p.scale == "div":
+            return s / (1 / c)
+        if self.p.scale == "torch_div":
+            return torch.div(s, 1 / c)
+        return s
+
     def attention(self, q, k, v, pad):
         p = self.p
         b, h, n, d = q.shape
@@ -233,8 +248,16 @@ class Attention(nn.Module):
         c = 0.25  # a power of two: s * c, s / (1 / c) and torch.div(s, 1 / c) round alike
 
         structure, padding = self.structure_keep(n), self.padding_keep(pad)
+        if p.kv in ("repeat_kv", "repeat_interleave"):  # k, v come with one head per group of h
+            group = h // k.shape[1]
+            if p.kv == "repeat_kv":
+                k, v = (t[:, :, None].expand(b, t.shape[1], group, n, d).reshape(b, h, n, d) for t in (k, v))
+            else:
+                k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
         if p.score == "sdpa":
             return self.sdpa(q, k, v, pad, structure, padding, c)
+        if p.scale_at == "query":
+            q = self.scaled(q, c)
 
         if p.score == "matmul":
             s = q @ k.transpose(-1, -2)
@@ -253,14 +276,8 @@ class Attention(nn.Module):
                                                                     beta=1.0, alpha=0.5)
             s = s.view(b, h, n, n)
 
-        if p.scale == "mul":
-            s = s * c
-        elif p.scale == "rmul":
-            s = c * s
-        elif p.scale == "div":
-            s = s / (1 / c)
-        elif p.scale == "torch_div":
-            s = torch.div(s, 1 / c)
+        if p.scale_at == "scores":
+            s = self.scaled(s, c)
 
         if p.upcast == "float":
             s = s.double() if self.reference else s.float()
@@ -271,6 +288,8 @@ class Attention(nn.Module):
             s = apply_mask(s, padding, p.padding_apply, p.padding_fill)
         elif p.padding == "hf_float":
             s = s + (1.0 - pad[:, None, None, :].to(s.dtype)) * _fill(p.padding_fill, s.dtype)
+        if p.scale_at == "after_masks":  # the fills scaled too (c < 1: finfo.min stays finite)
+            s = self.scaled(s, c)
 
         if p.upcast == "softmax_dtype":
             probs = F.softmax(s, dim=-1, dtype=wide).to(q.dtype)
@@ -313,6 +332,8 @@ class Attention(nn.Module):
             else:
                 mask = mask + extra
         scale = None if p.scale == "none" else c
+        if p.kv == "enable_gqa":
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale, enable_gqa=True)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0, scale=scale)
 
 
@@ -322,7 +343,8 @@ def call_inputs(p: Program, i: int):
     n = p.lengths[i]
     g = torch.Generator().manual_seed(1000 * i + n)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(p.dtype, torch.float32)
-    q, k, v = (torch.randn(B, H, n, D, generator=g).to(dtype) for _ in range(3))
+    kv_heads = H if p.kv == "mha" else H // 2
+    q, k, v = (torch.randn(B, heads, n, D, generator=g).to(dtype) for heads in (H, kv_heads, kv_heads))
     keep = torch.ones(B, n, dtype=torch.bool)
     keep[0, n - 1 - i:] = False  # right padding, longer on every call
     if p.fully_padded:
@@ -453,8 +475,8 @@ def run_program(p: Program, grads: bool = False) -> None:
 # ----------------------------------------------------------------- the tests
 def _program(**changes) -> Program:
     """A plain program (scores * c, softmax, @ v, no mask) with ``changes``: the explicit examples below."""
-    base = dict(dtype="float32", score="matmul", scale="mul", upcast="none", structure="none",
-                structure_apply="masked_fill", structure_fill="-inf", padding="none", padding_apply="masked_fill",
+    base = dict(dtype="float32", score="matmul", scale="mul", scale_at="scores", kv="mha", upcast="none",
+                structure="none", structure_apply="masked_fill", structure_fill="-inf", padding="none", padding_apply="masked_fill",
                 padding_fill="-inf", fully_padded=False, dropout="none", softmax="torch", value="matmul",
                 lengths=(8, 8, 8), mutations=("none",) * 3, plan="reference kernel")
     return Program(**{**base, **changes})

@@ -179,12 +179,12 @@ def test_tuning_measures_on_gpu(tmp_path, capsys):
     timed = [c for c in found if c.supported]
     fastest = min(c.estimate for c in timed if c.kernel != tuning.ORIGINAL and c.estimate > 0)
     within = max(tuning.FAR_SLOWER * fastest, tuning.FAR_SLOWER_MIN_S)
-    plain = min(c.estimate for c in timed if c.kernel != tuning.ORIGINAL and c.estimate > 0
-                and not registry.get(c.kernel).compiles)
+    tiers = tuning.fastest_by_tier({c.kernel: c.estimate for c in timed})
 
-    def behind(c):  # a kernel that compiles on first use (Flex), not estimated clearly ahead
-        return c.kernel != tuning.ORIGINAL and registry.get(c.kernel).compiles and (
-            c.estimate * tuning.COMPILED_LEAD > plain)
+    def behind(c):  # a kernel that compiles on first use (Flex, triton_flash), not estimated clearly ahead
+        own = registry.COMPILES_NOTHING if c.kernel == tuning.ORIGINAL else registry.get(c.kernel).compiles
+        cheaper = [e for tier, e in tiers.items() if tier < own]
+        return bool(cheaper) and c.estimate * tuning.COMPILED_LEAD > min(cheaper)
 
     near = [c for c in timed if c.kernel == tuning.ORIGINAL or c.estimate <= within]
     far = [c for c in timed if c not in near]
@@ -294,12 +294,15 @@ def test_an_inference_call_is_timed_through_the_prepared_call(monkeypatch):
 
 
 def test_a_compiling_kernel_is_timed_on_a_gpu_only_where_it_leads():
-    """FlexAttention compiles on first use (its backward: minutes at long lengths; its forward: seconds, and
-    inductor's start in a fresh process): a call on a GPU times it only when its estimate is COMPILED_LEAD below
-    the fastest kernel that does not compile."""
+    """FlexAttention compiles on first use through inductor (its backward: minutes at long lengths; its forward:
+    seconds, and inductor's start in a fresh process), triton_flash its large Triton kernels (a second or two
+    each): a call on a GPU times one only when its estimate is COMPILED_LEAD below the fastest kernel of a lower
+    compile tier."""
     q = torch.empty(1, 16, 4096, 128, device="meta")
     spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cuda"), requires_grad=True)
-    assert registry.get("flex").compiles and not registry.get("triton_flash").compiles
+    assert (registry.get("sdpa_cudnn").compiles < registry.get("triton_flash").compiles
+            < registry.get("flex").compiles)
+    assert registry.get("triton_decode").compiles == registry.COMPILES_NOTHING  # small: decode is host-bound
     behind = tuning.plan_timing(spec, {tuning.ORIGINAL: 0.5, "sdpa_flash": 1e-3, "flex": 2e-3}, math.inf)
     assert behind.timed == [tuning.ORIGINAL, "sdpa_flash"] and behind.skipped == ["flex"]
     leads = tuning.plan_timing(spec, {tuning.ORIGINAL: 0.5, "triton_flash": 4e-3, "flex": 1e-3}, math.inf)
@@ -307,8 +310,17 @@ def test_a_compiling_kernel_is_timed_on_a_gpu_only_where_it_leads():
     # estimated a little ahead is not enough to pay for the compile (packed documents: 3.3 ms against 2.75 ms)
     close = tuning.plan_timing(spec, {tuning.ORIGINAL: 0.5, "triton_flash": 2.75e-3, "flex": 2.4e-3}, math.inf)
     assert close.timed == [tuning.ORIGINAL, "triton_flash"] and close.skipped == ["flex"]
-    # the fastest plain kernel counts when its timing is cached already
-    later = tuning.plan_timing(spec, {"flex": 2e-3}, math.inf, fastest_plain=1e-3)
+    # Flex is compared with triton_flash too, triton_flash with the SDPA backends only (packed documents: the
+    # backends take a dense mask, triton_flash skips tiles)
+    docs = tuning.plan_timing(spec, {"sdpa_efficient": 9e-3, "triton_flash": 2.75e-3, "flex": 2.4e-3}, math.inf)
+    assert docs.timed == ["triton_flash", "sdpa_efficient"] and docs.skipped == ["flex"]
+    # pure causal: cuDNN estimated ahead, so triton_flash's kernel is not compiled to be timed
+    causal = tuning.plan_timing(spec, {"sdpa_cudnn": 2.75e-4, "triton_flash": 3.5e-4}, math.inf)
+    assert causal.timed == ["sdpa_cudnn"] and causal.skipped == ["triton_flash"]
+    # the fastest cheaper kernel counts when its timing is cached already
+    later = tuning.plan_timing(spec, {"flex": 2e-3}, math.inf, cheaper={registry.COMPILES_NOTHING: 1e-3})
+    assert later.skipped == ["flex"]
+    later = tuning.plan_timing(spec, {"flex": 2e-3}, math.inf, cheaper={registry.COMPILES_TRITON: 1e-3})
     assert later.skipped == ["flex"]
     # inference alike: a forward estimated behind is not compiled, one estimated clearly ahead is
     inference = spec.with_(requires_grad=False)
