@@ -649,6 +649,7 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
                 continue
             if softcap is not None:  # c * (m * tanh(a * qk)) is softcap m * c with scale a * m * c
                 softcap *= c
+            _check_scale_after_masks(c, additive, booleans, at)
             scale *= c
             additive = [(t, m * c) for t, m in additive]
             booleans = [replace(b, fill=b.fill * c) for b in booleans]
@@ -670,6 +671,23 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
         raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
     match.scale, match.softcap, match.assumed = scale, softcap, tuple(assumed)
     match.additive, match.booleans = additive, booleans
+
+
+def _check_scale_after_masks(c: float, additive: list, booleans: list, at: Node) -> None:
+    """A scale applied after masking terms is folded into each term (``t * c``), which is eager's arithmetic
+    unless eager's own sum or product reaches -inf first: two masking terms of ``finfo.min`` add up to -inf
+    before eager scales them (a row both mask is NaN), where the kernels' scaled terms stay finite; a scale above
+    1 makes a finite fill -inf in eager. The values of additive tensors are not known at capture time, so such
+    sites are left alone."""
+    if c == 1.0:
+        return
+    finite_fills = any(math.isfinite(b.fill) for b in booleans)
+    if c > 1.0 and (additive or finite_fills):
+        raise _Reject(f"scores are scaled by {c:g} after a finite mask: eager's product may overflow the fill to "
+                      "-inf, which the kernels' folded scale would not", at)
+    if len(additive) + finite_fills >= 2:
+        raise _Reject(f"scores are scaled by {c:g} after two masking terms: their sum may overflow to -inf before "
+                      "eager scales it, which the kernels' scaled terms would not", at)
 
 
 def _check_layout(match: Match, at: Node) -> None:

@@ -95,17 +95,32 @@ def _unsupported(node: Node, a: dict) -> str | None:
     meta = tensor_meta(a["query"])
     if meta is None or meta.dim() != 3:
         return "nn.MultiheadAttention on unbatched inputs"
+    if not isinstance(meta.shape[2], int):
+        return "nn.MultiheadAttention with a symbolic embedding size"
     weights_used = any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
     if a["need_weights"] and weights_used:
         return "attention weights are returned (need_weights=True and used)"
     return None
 
 
+def _size(b: _Builder, x: Node, dim: int):
+    """``x``'s size along ``dim``: the number where it is static, else a ``size`` node. A symbolic size taken from
+    the fake value would print as its symbol, which after dynamo's automatic-dynamic recompile is not always one the
+    graph binds (its placeholder may be another symbol found equal): the graph would fail with a NameError."""
+    size = tensor_meta(x).shape[dim]
+    return size if isinstance(size, int) else b.method("size", x, dim)
+
+
+def _times(b: _Builder, x, y):
+    return x * y if isinstance(x, int) and isinstance(y, int) else b.call(operator.mul, x, y)
+
+
 def _inline(b: _Builder, node: Node, a: dict) -> Node:
     """PyTorch's multi_head_attention_forward for [L, N, E] inputs, attention left for detection."""
     query, key, value = a["query"], a["key"], a["value"]
-    tgt_len, bsz, embed_dim = tensor_meta(query).shape
-    src_len = tensor_meta(key).shape[0]
+    tgt_len, bsz = _size(b, query, 0), _size(b, query, 1)
+    embed_dim = tensor_meta(query).shape[2]  # static: _unsupported leaves symbolic ones alone
+    src_len = _size(b, key, 0)
     heads = a["num_heads"]
     head_dim = embed_dim // heads
     # one projection per input (PyTorch packs them when q, k, v are one tensor; the products are the
@@ -118,7 +133,7 @@ def _inline(b: _Builder, node: Node, a: dict) -> Node:
     q, k, v = (b.call(F.linear, x, w, bias) for x, w, bias in zip((query, key, value), weights, biases))
 
     def heads_first(x, length):  # [L, N, E] -> [N, H, L, D]
-        x = b.method("view", x, length, bsz * heads, head_dim)
+        x = b.method("view", x, length, _times(b, bsz, heads), head_dim)
         return b.method("view", b.method("transpose", x, 0, 1), bsz, heads, length, head_dim)
 
     q, k, v = heads_first(q, tgt_len), heads_first(k, src_len), heads_first(v, src_len)
@@ -135,7 +150,7 @@ def _inline(b: _Builder, node: Node, a: dict) -> Node:
         attn = b.call(operator.matmul, probs, v)
     else:
         attn = b.call(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, dropout_p=dropout_p)
-    attn = b.method("reshape", b.method("permute", attn, 2, 0, 1, 3), tgt_len * bsz, embed_dim)
+    attn = b.method("reshape", b.method("permute", attn, 2, 0, 1, 3), _times(b, tgt_len, bsz), embed_dim)
     out = b.call(F.linear, attn, a["out_proj_weight"], a["out_proj_bias"])
     return b.method("view", out, tgt_len, bsz, embed_dim)
 
@@ -154,7 +169,7 @@ def _bool_source(mask):
     return mask
 
 
-def _merged_mask(b: _Builder, a: dict, bsz: int, heads: int, tgt_len: int, src_len: int, dtype):
+def _merged_mask(b: _Builder, a: dict, bsz: int | Node, heads: int, tgt_len: int | Node, src_len: int | Node, dtype):
     """The SDPA mask of ``[N, H or 1, L or 1, S]``: bool keep masks AND-ed, float masks added as PyTorch does."""
     kpm, attn_mask = _bool_source(a["key_padding_mask"]), _bool_source(a["attn_mask"])
     terms = []

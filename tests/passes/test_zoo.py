@@ -191,6 +191,37 @@ def test_zoo(name):
     torch.testing.assert_close(got, expected, atol=case.tol, rtol=case.tol, equal_nan=True)
 
 
+MODULE_CASES = {
+    "mha_self": lambda: models.Mha(),
+    "mha_cross_padding": lambda: models.Mha(cross=True),
+    "mha_sequence_first_cross": lambda: models.Mha(batch_first=False, cross=True),
+    "transformer_encoder_layer": lambda: nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+    "transformer_decoder_layer": lambda: nn.TransformerDecoderLayer(32, 4, 64, dropout=0.0, batch_first=True),
+}
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa_cpu"])
+@pytest.mark.parametrize("name", list(MODULE_CASES))
+def test_torch_nn_modules_at_new_lengths(name, kernel):
+    """The inlined nn.MultiheadAttention after dynamo's automatic-dynamic recompile: its sizes are symbolic, and
+    the inlined graph must take them from the tensors (a size written from the fake value named a symbol the
+    graph did not bind: NameError on the third call)."""
+    torch.manual_seed(0)
+    model = MODULE_CASES[name]().eval()
+    optimized = attnopt.optimize(copy.deepcopy(model), kernel=kernel)
+    for n, m in ((12, 9), (14, 11), (9, 7)):
+        x, memory = torch.randn(2, n, 32), torch.randn(2, m, 32)
+        padding = torch.zeros(2, m, dtype=torch.bool)
+        padding[1, m - 3:] = True  # nn.MultiheadAttention's True: a padded key
+        args = {"transformer_encoder_layer": (x,), "transformer_decoder_layer": (x, memory)}.get(name, (x, memory, padding))
+        # (gradients enabled: under no_grad the encoder layer takes PyTorch's fused fast path, left alone)
+        torch.testing.assert_close(first_tensor(optimized(*args)).detach(), first_tensor(model(*args)).detach(),
+                                   atol=1e-4, rtol=1e-4, equal_nan=True)
+    report = optimized.attnopt_report
+    assert report.graphs == 2 and report.sites and all(s.replaced and s.kernel == kernel for s in report.sites), \
+        str(report)
+
+
 def test_alibi_is_recognized_and_named():
     model = models.Alibi().eval()
     optimized = attnopt.optimize(model)
