@@ -501,10 +501,10 @@ def run_program(p: Program, grads: bool = False) -> None:
 # ----------------------------------------------------------------- the tests
 def _program(**changes) -> Program:
     """A plain program (scores * c, softmax, @ v, no mask) with ``changes``: the explicit examples below."""
-    base = dict(dtype="float32", score="matmul", scale="mul", scale_at="scores", kv="mha", extra="none", upcast="none",
-                structure="none", structure_apply="masked_fill", structure_fill="-inf", padding="none", padding_apply="masked_fill",
-                padding_fill="-inf", fully_padded=False, dropout="none", softmax="torch", value="matmul",
-                lengths=(8, 8, 8), mutations=("none",) * 3, plan="reference kernel")
+    base = dict(dtype="float32", score="matmul", scale="mul", scale_at="scores", kv="mha", extra="none",
+                upcast="none", structure="none", structure_apply="masked_fill", structure_fill="-inf", padding="none",
+                padding_apply="masked_fill", padding_fill="-inf", fully_padded=False, dropout="none", softmax="torch",
+                value="matmul", lengths=(8, 8, 8), mutations=("none",) * 3, plan="reference kernel")
     return Program(**{**base, **changes})
 
 
