@@ -681,8 +681,11 @@ def _check_scale_after_masks(c: float, additive: list, booleans: list, at: Node)
     sites are left alone."""
     if c == 1.0:
         return
-    finite_fills = any(math.isfinite(b.fill) for b in booleans)
-    if c > 1.0 and (additive or finite_fills):
+    finite = [b for b in booleans if math.isfinite(b.fill)]
+    finite_fills = bool(finite)
+    # a constant fill overflows where its product leaves the range of the scores it was stored in
+    overflows = any(abs(b.fill) * c > torch.finfo(b.filled_at or torch.float16).max for b in finite)
+    if c > 1.0 and (additive or overflows):
         raise _Reject(f"scores are scaled by {c:g} after a finite mask: eager's product may overflow the fill to "
                       "-inf, which the kernels' folded scale would not", at)
     if len(additive) + finite_fills >= 2:

@@ -914,3 +914,42 @@ def test_sdpa_on_the_cpu_keeps_its_training_calls_where_a_finite_mask_hides_a_ro
         assert_same(got, expected)
     training = [s for s in chosen.attnopt_report.sites if not s.replaced]
     assert training and "ATen's CPU backward" in training[0].reason, sites(chosen.attnopt_report)
+
+
+# ----------------------------------------------------------------- found since: scores scaled after their masks
+class _ScaledAfterMasks(nn.Module):
+    """Masks applied to the unscaled scores, then a scale (``(s + mask) / t``); ``how`` picks the masks."""
+
+    def __init__(self, how: str, scale: float):
+        super().__init__()
+        self.how, self.scale = how, scale
+
+    def forward(self, q, k, v, keep):
+        s = q @ k.transpose(-1, -2)
+        n = q.shape[-2]
+        if self.how == "two finfo.min terms":
+            low = torch.finfo(s.dtype).min
+            causal = torch.where(torch.ones(n, n, dtype=torch.bool).tril(), 0.0, low)
+            s = s + causal + torch.where(keep[:, None, None, :], 0.0, low)
+        else:
+            s = s.masked_fill(~keep[:, None, None, :], {"finfo.min fill": torch.finfo(s.dtype).min,
+                                                        "-1e30 fill": -1e30}[self.how])
+        return torch.softmax(s * self.scale, -1) @ v
+
+
+@pytest.mark.parametrize("how, scale, replaced", [("two finfo.min terms", 0.25, False), ("finfo.min fill", 2.0, False),
+                                                  ("-1e30 fill", 2.0, True), ("finfo.min fill", 0.25, True)])
+def test_a_scale_after_the_masks_is_folded_only_where_eager_cannot_overflow(how, scale, replaced):
+    """Eager adds two ``finfo.min`` terms before it scales them: -inf where both mask, NaN for a row both hide
+    entirely; each term scaled first stays finite. A scale above 1 makes a ``finfo.min`` fill -inf. Such sites are
+    left alone; a fill whose product stays finite, or one term scaled down, is folded and replaced."""
+    q, k, v = qkv()
+    keep = torch.ones(2, 8, dtype=torch.bool)
+    keep[1] = False  # batch row 1 all padding: its rows see no key
+    calls = [(None, (q, k, v, keep))]
+    for _, optimized in check_calls(_ScaledAfterMasks(how, scale), calls).values():
+        report = optimized.attnopt_report
+        if not replaced:
+            assert not any(s.replaced for s in report.sites) and "scaled by" in report.sites[0].reason, sites(report)
+    if replaced:
+        assert all(s.replaced for s in report.sites), sites(report)
