@@ -92,7 +92,8 @@ class Program:
     kv: str  # mha | repeat_kv (HF's expand + reshape of one kv head) | repeat_interleave | enable_gqa (sdpa only)
     extra: str  # none | alibi (a per-head slope times the key distance, added) | softcap (2 tanh(s / 2)), before masks
     upcast: str  # none | float (scores .float(), probabilities .to(q.dtype)) | softmax_dtype
-    structure: str  # none | causal_tril | causal_arange | window_arange | causal_tril_ | window_triu_ | sink_setitem | buffer
+    structure: str  # none | causal_tril | causal_arange | window_arange | causal_tril_ | window_triu_ | sink_setitem
+    # | buffer | documents | causal_documents (a document-id input compared query against key)
     structure_apply: str
     structure_fill: str
     padding: str  # none | bool | hf_float
@@ -111,7 +112,7 @@ class Program:
 def programs(draw, dtypes):
     score = draw(st.sampled_from(["matmul", "matmul_fn", "einsum", "bmm", "baddbmm", "baddbmm_kw", "sdpa"]))
     structure = draw(st.sampled_from(["none", "causal_tril", "causal_arange", "window_arange", "causal_tril_",
-                                      "window_triu_", "sink_setitem", "buffer"]))
+                                      "window_triu_", "sink_setitem", "buffer", "documents", "causal_documents"]))
     padding = draw(st.sampled_from(["none", "bool", "hf_float"]))
     apply = st.sampled_from(BOOLEAN_APPLY + ADDITIVE_APPLY)
     structure_apply, padding_apply = draw(apply), draw(apply)
@@ -193,16 +194,19 @@ class Attention(nn.Module):
         if p.structure == "buffer":
             self.register_buffer("keep_buf", torch.ones(MAX_N, MAX_N, dtype=torch.bool).tril())
 
-    def forward(self, q, k, v, pad):
+    def forward(self, q, k, v, pad, docs):
         if self.p.dtype == "autocast" and not self.reference:
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.attention(q, k, v, pad)
-        return self.attention(q, k, v, pad)
+                return self.attention(q, k, v, pad, docs)
+        return self.attention(q, k, v, pad, docs)
 
-    def structure_keep(self, n: int) -> torch.Tensor | None:  # [N, N] bool
+    def structure_keep(self, n: int, docs: torch.Tensor) -> torch.Tensor | None:  # [N, N] or [B, 1, N, N] bool
         kind = self.p.structure
         if kind == "none":
             return None
+        if kind in ("documents", "causal_documents"):  # packed sequences: a query sees its own document's keys
+            same = docs[:, None, :, None] == docs[:, None, None, :]
+            return same & torch.ones(n, n, dtype=torch.bool).tril() if kind == "causal_documents" else same
         if kind == "causal_tril":
             return torch.ones(n, n, dtype=torch.bool).tril()
         if kind == "causal_arange":
@@ -244,13 +248,13 @@ class Attention(nn.Module):
             return torch.div(s, 1 / c)
         return s
 
-    def attention(self, q, k, v, pad):
+    def attention(self, q, k, v, pad, docs):
         p = self.p
         b, h, n, d = q.shape
         wide = torch.float64 if self.reference else torch.float32
         c = 0.25  # a power of two: s * c, s / (1 / c) and torch.div(s, 1 / c) round alike
 
-        structure, padding = self.structure_keep(n), self.padding_keep(pad)
+        structure, padding = self.structure_keep(n, docs), self.padding_keep(pad)
         if p.kv in ("repeat_kv", "repeat_interleave"):  # k, v come with one head per group of h
             group = h // k.shape[1]
             if p.kv == "repeat_kv":
@@ -361,7 +365,10 @@ def call_inputs(p: Program, i: int):
     else:
         keep[B - 1, : 2 + i] = False  # left padding: the first queries of a causal program see no key
     pad = keep.to(dtype) if p.padding == "hf_float" else keep
-    return q, k, v, pad
+    # packed documents: ids rising along each row, a new document every 2 to 5 positions (the same on every call)
+    starts = torch.rand(B, n, generator=torch.Generator().manual_seed(7)) < 0.35
+    docs = starts.long().cumsum(-1)
+    return q, k, v, pad, docs
 
 
 def mutate(module: Attention, how: str, i: int) -> None:
