@@ -73,6 +73,7 @@ def suite_settings(default_examples: int):
 
 
 B, H, D, MAX_N = 2, 2, 8, 16
+MAX_PREFIX = 3  # keys before the first query (a prefix or cache): the buffer covers MAX_N + MAX_PREFIX positions
 FILLS = {"-inf": float("-inf"), "finfo.min": None, "-1e9": -1e9, "-1e4": -1e4}  # None: finfo(scores).min
 #: ``tune=False``: CPU timings would make the choice (and whether a wrong proof shows) depend on the load
 PLANS = {"cost model": dict(tune=False), "reference kernel": dict(tune=False, kernel="reference"),
@@ -91,6 +92,7 @@ class Program:
     scale_at: str  # scores (before the masks) | query (q scaled before the product) | after_masks
     kv: str  # mha | repeat_kv (HF's expand + reshape of one kv head) | repeat_interleave | enable_gqa (sdpa only)
     extra: str  # none | alibi (a per-head slope times the key distance, added) | softcap (2 tanh(s / 2)), before masks
+    prefix: int  # keys before the first query (0, or MAX_PREFIX: causal structures aligned bottom-right)
     upcast: str  # none | float (scores .float(), probabilities .to(q.dtype)) | softmax_dtype
     structure: str  # none | causal_tril | causal_arange | window_arange | causal_tril_ | window_triu_ | sink_setitem
     # | buffer | documents | causal_documents (a document-id input compared query against key)
@@ -138,6 +140,7 @@ def programs(draw, dtypes):
         scale=draw(st.sampled_from(["mul", "rmul", "div", "torch_div", "none"])),
         scale_at=draw(st.sampled_from(["scores", "query", "after_masks"])), kv=kv,
         extra="none" if score == "sdpa" else draw(st.sampled_from(["none", "alibi", "softcap"])),
+        prefix=draw(st.sampled_from([0, 0, MAX_PREFIX])),
         upcast=draw(st.sampled_from(["none", "float", "softmax_dtype"])),
         structure=structure, structure_apply=structure_apply, structure_fill=structure_fill,
         padding=padding, padding_apply=padding_apply, padding_fill=padding_fill,
@@ -192,7 +195,8 @@ class Attention(nn.Module):
         self.reference = False
         self.drop = nn.Dropout(0.0)
         if p.structure == "buffer":
-            self.register_buffer("keep_buf", torch.ones(MAX_N, MAX_N, dtype=torch.bool).tril())
+            size = MAX_N + MAX_PREFIX
+            self.register_buffer("keep_buf", torch.ones(size, size, dtype=torch.bool).tril())
 
     def forward(self, q, k, v, pad, docs):
         if self.p.dtype == "autocast" and not self.reference:
@@ -200,36 +204,38 @@ class Attention(nn.Module):
                 return self.attention(q, k, v, pad, docs)
         return self.attention(q, k, v, pad, docs)
 
-    def structure_keep(self, n: int, docs: torch.Tensor) -> torch.Tensor | None:  # [N, N] or [B, 1, N, N] bool
-        kind = self.p.structure
+    def structure_keep(self, n: int, nk: int, docs: torch.Tensor) -> torch.Tensor | None:
+        """``[Nq, Nk]`` (or ``[B, 1, Nq, Nk]``) bool; with keys before the queries (``nk - n``), causal
+        structures align the last query with the last key."""
+        kind, extra = self.p.structure, nk - n
         if kind == "none":
             return None
         if kind in ("documents", "causal_documents"):  # packed sequences: a query sees its own document's keys
-            same = docs[:, None, :, None] == docs[:, None, None, :]
-            return same & torch.ones(n, n, dtype=torch.bool).tril() if kind == "causal_documents" else same
+            same = docs[:, None, extra:, None] == docs[:, None, None, :]
+            return same & torch.ones(n, nk, dtype=torch.bool).tril(extra) if kind == "causal_documents" else same
         if kind == "causal_tril":
-            return torch.ones(n, n, dtype=torch.bool).tril()
+            return torch.ones(n, nk, dtype=torch.bool).tril(extra)
         if kind == "causal_arange":
-            i = torch.arange(n)
-            return i[None, :] <= i[:, None]
+            i, j = torch.arange(n) + extra, torch.arange(nk)
+            return j[None, :] <= i[:, None]
         if kind == "window_arange":
-            i = torch.arange(n)
-            dist = i[:, None] - i[None, :]
+            i, j = torch.arange(n) + extra, torch.arange(nk)
+            dist = i[:, None] - j[None, :]
             return (dist >= 0) & (dist < 3)
         if kind == "causal_tril_":
-            m = torch.ones(n, n, dtype=torch.bool)
-            m.tril_()
+            m = torch.ones(n, nk, dtype=torch.bool)
+            m.tril_(extra)
             return m
         if kind == "window_triu_":
-            m = torch.ones(n, n, dtype=torch.bool).tril()
-            m.triu_(-2)
+            m = torch.ones(n, nk, dtype=torch.bool).tril(extra)
+            m.triu_(extra - 2)
             return m
         if kind == "sink_setitem":
-            m = torch.ones(n, n, dtype=torch.bool).tril()
+            m = torch.ones(n, nk, dtype=torch.bool).tril(extra)
             m[4:, :2] = False  # late queries lose the first two keys
             return m
-        if kind == "buffer":
-            return self.keep_buf[:n, :n]
+        if kind == "buffer":  # nanoGPT's slice of its tril buffer, rows of the last queries
+            return self.keep_buf[extra:nk, :nk]
         raise AssertionError(kind)
 
     def padding_keep(self, pad) -> torch.Tensor | None:  # [B, 1, 1, Nk] bool
@@ -251,14 +257,15 @@ class Attention(nn.Module):
     def attention(self, q, k, v, pad, docs):
         p = self.p
         b, h, n, d = q.shape
+        nk = k.shape[-2]
         wide = torch.float64 if self.reference else torch.float32
         c = 0.25  # a power of two: s * c, s / (1 / c) and torch.div(s, 1 / c) round alike
 
-        structure, padding = self.structure_keep(n, docs), self.padding_keep(pad)
+        structure, padding = self.structure_keep(n, nk, docs), self.padding_keep(pad)
         if p.kv in ("repeat_kv", "repeat_interleave"):  # k, v come with one head per group of h
             group = h // k.shape[1]
             if p.kv == "repeat_kv":
-                k, v = (t[:, :, None].expand(b, t.shape[1], group, n, d).reshape(b, h, n, d) for t in (k, v))
+                k, v = (t[:, :, None].expand(b, t.shape[1], group, nk, d).reshape(b, h, nk, d) for t in (k, v))
             else:
                 k, v = (t.repeat_interleave(group, dim=1) for t in (k, v))
         if p.score == "sdpa":
@@ -273,15 +280,15 @@ class Attention(nn.Module):
         elif p.score == "einsum":
             s = torch.einsum("bhqd,bhkd->bhqk", q, k)
         else:  # [B*H, N, D] products
-            q3, k3 = q.reshape(b * h, n, d), k.reshape(b * h, n, d)
+            q3, k3 = q.reshape(b * h, n, d), k.reshape(b * h, nk, d)
             if p.score == "bmm":
                 s = torch.bmm(q3, k3.transpose(1, 2))
             elif p.score == "baddbmm":
-                s = torch.baddbmm(torch.zeros(b * h, n, n, dtype=q.dtype), q3, k3.transpose(1, 2))
+                s = torch.baddbmm(torch.zeros(b * h, n, nk, dtype=q.dtype), q3, k3.transpose(1, 2))
             else:  # BLOOM's keywords; alpha scales the product, beta the (zero) base
-                s = torch.zeros(b * h, n, n, dtype=q.dtype).baddbmm(batch1=q3, batch2=k3.transpose(1, 2),
-                                                                    beta=1.0, alpha=0.5)
-            s = s.view(b, h, n, n)
+                s = torch.zeros(b * h, n, nk, dtype=q.dtype).baddbmm(batch1=q3, batch2=k3.transpose(1, 2),
+                                                                     beta=1.0, alpha=0.5)
+            s = s.view(b, h, n, nk)
 
         if p.scale_at == "scores":
             s = self.scaled(s, c)
@@ -289,9 +296,9 @@ class Attention(nn.Module):
         if p.upcast == "float":
             s = s.double() if self.reference else s.float()
         if p.extra == "alibi":
-            i = torch.arange(n)
+            i, j = torch.arange(n) + (nk - n), torch.arange(nk)
             slopes = torch.tensor([0.5, 0.25], dtype=s.dtype)[:h]
-            s = s + (i[None, :] - i[:, None]).to(s.dtype) * slopes[:, None, None]
+            s = s + (j[None, :] - i[:, None]).to(s.dtype) * slopes[:, None, None]
         elif p.extra == "softcap":
             s = 2.0 * torch.tanh(s / 2.0)
 
@@ -357,7 +364,9 @@ def call_inputs(p: Program, i: int):
     g = torch.Generator().manual_seed(1000 * i + n)
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(p.dtype, torch.float32)
     kv_heads = H if p.kv == "mha" else H // 2
-    q, k, v = (torch.randn(B, heads, n, D, generator=g).to(dtype) for heads in (H, kv_heads, kv_heads))
+    q = torch.randn(B, H, n, D, generator=g).to(dtype)
+    n += p.prefix  # keys (and their padding and document ids) cover the prefix too
+    k, v = (torch.randn(B, kv_heads, n, D, generator=g).to(dtype) for _ in range(2))
     keep = torch.ones(B, n, dtype=torch.bool)
     keep[0, n - 1 - i:] = False  # right padding, longer on every call
     if p.fully_padded:
@@ -375,7 +384,8 @@ def mutate(module: Attention, how: str, i: int) -> None:
     """Change the mask buffer in place before call ``i`` (the same change to eager and optimized)."""
     if how == "none":
         return
-    pattern = torch.rand(MAX_N, MAX_N, generator=torch.Generator().manual_seed(i)) < 0.6
+    size = MAX_N + MAX_PREFIX
+    pattern = torch.rand(size, size, generator=torch.Generator().manual_seed(i)) < 0.6
     if how == "fill_true":
         module.keep_buf.fill_(True)
     elif how == "setitem":
@@ -508,7 +518,7 @@ def run_program(p: Program, grads: bool = False) -> None:
 # ----------------------------------------------------------------- the tests
 def _program(**changes) -> Program:
     """A plain program (scores * c, softmax, @ v, no mask) with ``changes``: the explicit examples below."""
-    base = dict(dtype="float32", score="matmul", scale="mul", scale_at="scores", kv="mha", extra="none",
+    base = dict(dtype="float32", score="matmul", scale="mul", scale_at="scores", kv="mha", extra="none", prefix=0,
                 upcast="none", structure="none", structure_apply="masked_fill", structure_fill="-inf", padding="none",
                 padding_apply="masked_fill", padding_fill="-inf", fully_padded=False, dropout="none", softmax="torch",
                 value="matmul", lengths=(8, 8, 8), mutations=("none",) * 3, plan="reference kernel")
@@ -534,9 +544,10 @@ HALF_TERM_BEFORE_UPCAST_TERMS = _program(dtype="float16", score="baddbmm", upcas
                                          lengths=(8, 12, 10))
 # SDPA on the CPU with a finfo.min additive mask, in training: ATen's backward gives the rows it hides Nk times the
 # softmax's gradients; the reference kernel forced took the call and gave the softmax's (now it declines)
-SDPA_CPU_GRADIENTS_OF_HIDDEN_ROWS = _program(score="sdpa", structure="window_arange", structure_apply="add_masked_fill_",
-                                             structure_fill="finfo.min", padding="bool", padding_apply="add_where",
-                                             padding_fill="finfo.min", fully_padded=True)
+SDPA_CPU_GRADIENTS_OF_HIDDEN_ROWS = _program(score="sdpa", structure="window_arange",
+                                             structure_apply="add_masked_fill_", structure_fill="finfo.min",
+                                             padding="bool", padding_apply="add_where", padding_fill="finfo.min",
+                                             fully_padded=True)
 # bfloat16 autocast, scores upcast with .float(), a -1e4 additive mask: eager adds it in float32, where rows with
 # no visible key keep softmax(s); added at bfloat16 precision they become uniform
 AUTOCAST_FINITE_ADDITIVE_FILL = _program(dtype="autocast", upcast="float", padding="bool",
