@@ -41,7 +41,9 @@ Examples are derandomized and no example database is kept, so CI runs the same
 programs every time. Shrinking is off by default (each step recompiles, and a
 failure on today's code would otherwise take minutes); the failure message
 prints the whole program's choices, which are already small. Set
-``ATTNOPT_DIFFERENTIAL_SHRINK=1`` to shrink anyway.
+``ATTNOPT_DIFFERENTIAL_SHRINK=1`` to shrink anyway, and
+``ATTNOPT_DIFFERENTIAL_SEED=N`` to draw other programs than CI's (a long run
+with a new seed explores programs that earlier long runs did not).
 """
 
 from __future__ import annotations
@@ -54,7 +56,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from hypothesis import HealthCheck, Phase, example, given, settings
+from hypothesis import HealthCheck, Phase, example, given, seed, settings
 from hypothesis import strategies as st
 
 import attnopt
@@ -62,14 +64,18 @@ from attnopt.passes.plan import NoKernelError
 
 EXAMPLES = int(os.environ.get("ATTNOPT_DIFFERENTIAL_EXAMPLES", "0"))
 SHRINK = os.environ.get("ATTNOPT_DIFFERENTIAL_SHRINK", "") not in ("", "0")
+SEED = os.environ.get("ATTNOPT_DIFFERENTIAL_SEED", "")
 PHASES = (Phase.explicit, Phase.reuse, Phase.generate) + ((Phase.shrink,) if SHRINK else ())
 
 
 def suite_settings(default_examples: int):
-    return settings(
-        max_examples=EXAMPLES or default_examples, deadline=None, derandomize=True, database=None,
+    chosen = settings(
+        max_examples=EXAMPLES or default_examples, deadline=None, derandomize=not SEED, database=None,
         phases=PHASES, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large], print_blob=False,
     )
+    if not SEED:
+        return chosen
+    return lambda test: seed(int(SEED))(chosen(test))
 
 
 B, H, D, MAX_N = 2, 2, 8, 16
