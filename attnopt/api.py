@@ -258,19 +258,43 @@ def _watched(compiled, report: Report):
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
-        if _TLS is None:
-            return _raising_own_errors(compiled, args, kwargs)
-        outer, _TLS.skip_reasons = _TLS.skip_reasons, []  # empty after the call once the model is warm
+        breaks = dict(torch._dynamo.utils.counters["graph_break"]) if not report.graphs else None
         try:
-            return _raising_own_errors(compiled, args, kwargs)
+            if _TLS is None:
+                return _raising_own_errors(compiled, args, kwargs)
+            outer, _TLS.skip_reasons = _TLS.skip_reasons, []  # empty after the call once the model is warm
+            try:
+                return _raising_own_errors(compiled, args, kwargs)
+            finally:
+                skipped, _TLS.skip_reasons = _TLS.skip_reasons, outer
+                if skipped:
+                    _note_eager_frames(skipped, report)
+                    if outer is not None:
+                        outer.extend(skipped)
         finally:
-            skipped, _TLS.skip_reasons = _TLS.skip_reasons, outer
-            if skipped:
-                _note_eager_frames(skipped, report)
-                if outer is not None:
-                    outer.extend(skipped)
+            if breaks is not None and not report.graphs and not report.fallbacks:
+                _note_nothing_captured(compiled, breaks, report)
 
     return call
+
+
+def _note_nothing_captured(compiled, before: dict, report: Report) -> None:
+    """A call that ran without dynamo handing attnopt any graph: the whole forward ran as written. Recorded (and
+    warned once) with the graph breaks dynamo counted during the call, the likely cause."""
+    after = torch._dynamo.utils.counters["graph_break"]
+    new = [reason for reason, count in after.items() if count > before.get(reason, 0)]
+    fn = getattr(compiled, "__wrapped__", compiled)
+    fn = getattr(fn, "forward", fn)
+    code = getattr(fn, "__code__", None)
+    where = (f"{getattr(fn, '__name__', type(fn).__name__)}"
+             + (f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""))
+    why = "dynamo captured no graph from this call, so the model ran as written and nothing was optimized"
+    if new:
+        first = next((line.strip() for line in new[0].splitlines() if line.strip().startswith("Explanation:")),
+                     new[0].strip().splitlines()[0])
+        why += (f"; a graph break left it no tensor work to capture ({len(new)} kind(s) of break in the call; "
+                f"the first: {first.removeprefix('Explanation: ')}; TORCH_LOGS=graph_breaks shows where)")
+    report.add_fallback(Fallback(where, why))
 
 
 def _raising_own_errors(compiled, args, kwargs):

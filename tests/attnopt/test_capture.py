@@ -193,3 +193,38 @@ def test_a_graph_break_elsewhere_is_not_a_fallback():
         optimized(_x())
     assert not optimized.attnopt_report.fallbacks and not _attnopt_warnings(record)
     assert optimized.attnopt_report.graphs == 2
+
+
+@torch.compiler.disable
+def _attention_out_of_dynamos_reach(q, k, v):
+    return torch.softmax(_scores(q, k), dim=-1) @ v
+
+
+class NothingToCapture(nn.Module):
+    """All its tensor work is behind a graph break (what a ``warnings.warn`` inside ``nn.MultiheadAttention``
+    does when given a float ``attn_mask`` with a bool ``key_padding_mask``): dynamo hands attnopt no graph."""
+
+    def forward(self, q, k, v):
+        return _attention_out_of_dynamos_reach(q, k, v)
+
+
+def test_a_call_dynamo_captures_no_graph_from_is_reported_not_taken_for_no_call():
+    q, k, v = torch.randn(3, 2, HEADS, N, DIM // HEADS).unbind(0)
+    optimized = attnopt.optimize(NothingToCapture())
+    assert "has not been called" in str(optimized.attnopt_report)
+    with pytest.warns(attnopt.AttnoptWarning, match="captured no graph"):
+        torch.testing.assert_close(optimized(q, k, v), _attention_out_of_dynamos_reach(q, k, v), rtol=0, atol=0)
+    with warnings.catch_warnings(record=True) as again:
+        warnings.simplefilter("always")
+        optimized(q, k, v)
+    assert not _attnopt_warnings(again)
+    report = optimized.attnopt_report
+    (fallback,) = report.fallbacks
+    assert report.graphs == 0 and fallback.where.startswith("forward (") and "test_capture.py" in fallback.where
+    assert "graph break" in fallback.why and "TORCH_LOGS=graph_breaks" in fallback.why, fallback.why
+    text = str(report)
+    assert "has not been called" not in text and "not optimized: forward" in text, text
+    # a model dynamo captures gets no such line
+    plain = attnopt.optimize(Plain())
+    plain(_x())
+    assert plain.attnopt_report.graphs == 1 and not plain.attnopt_report.fallbacks
