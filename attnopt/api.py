@@ -205,8 +205,9 @@ _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.sign
 #: where dynamo lists, during a call, the frames it declines to compile (None: a torch without it)
 _TLS = eval_frame.dynamo_tls if hasattr(getattr(eval_frame, "dynamo_tls", None), "skip_reasons") else None
 #: dynamo's skip reasons (``eval_frame.add_skip_reason``) meaning a frame of the model runs eagerly
+_RECOMPILE_LIMIT = "compilation failed with a custom frame execution strategy"
 _EAGER = {
-    "compilation failed with a custom frame execution strategy": (
+    _RECOMPILE_LIMIT: (
         "dynamo reached its recompile limit (torch._dynamo.config.recompile_limit = {limit}) for this code: "
         "calls that none of its compiled versions accepts (a new dtype, device, train/eval state or "
         "shape) now run it eagerly, unoptimized; avoid the recompiles (dynamic=True where shapes "
@@ -260,8 +261,14 @@ def _watched(compiled, report: Report):
     def call(*args, **kwargs):
         breaks = dict(torch._dynamo.utils.counters["graph_break"]) if not report.graphs else None
         try:
-            if _TLS is None:
-                return _raising_own_errors(compiled, args, kwargs)
+            if _TLS is None:  # a torch without dynamo's skip reasons: the recompile limit read off its counters
+                limits = _recompile_limits()
+                try:
+                    return _raising_own_errors(compiled, args, kwargs)
+                finally:
+                    if _recompile_limits() > limits:
+                        why = _EAGER[_RECOMPILE_LIMIT].format(limit=torch._dynamo.config.recompile_limit)
+                        report.add_fallback(Fallback(f"{_where(compiled)} or code it calls", why))
             outer, _TLS.skip_reasons = _TLS.skip_reasons, []  # empty after the call once the model is warm
             try:
                 return _raising_own_errors(compiled, args, kwargs)
@@ -278,16 +285,27 @@ def _watched(compiled, report: Report):
     return call
 
 
+def _recompile_limits() -> int:
+    """How many times dynamo has met its recompile limit in this process (its ``unimplemented`` counters)."""
+    return sum(count for reason, count in torch._dynamo.utils.counters["unimplemented"].items()
+               if reason.startswith("Dynamo recompile limit exceeded"))
+
+
+def _where(compiled) -> str:
+    """The compiled forward as a report names code: "forward (model.py:42)"."""
+    fn = getattr(compiled, "__wrapped__", compiled)
+    fn = getattr(fn, "forward", fn)
+    code = getattr(fn, "__code__", None)
+    return (f"{getattr(fn, '__name__', type(fn).__name__)}"
+            + (f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""))
+
+
 def _note_nothing_captured(compiled, before: dict, report: Report) -> None:
     """A call that ran without dynamo handing attnopt any graph: the whole forward ran as written. Recorded (and
     warned once) with the graph breaks dynamo counted during the call, the likely cause."""
     after = torch._dynamo.utils.counters["graph_break"]
     new = [reason for reason, count in after.items() if count > before.get(reason, 0)]
-    fn = getattr(compiled, "__wrapped__", compiled)
-    fn = getattr(fn, "forward", fn)
-    code = getattr(fn, "__code__", None)
-    where = (f"{getattr(fn, '__name__', type(fn).__name__)}"
-             + (f" ({code.co_filename}:{code.co_firstlineno})" if code is not None else ""))
+    where = _where(compiled)
     why = "dynamo captured no graph from this call, so the model ran as written and nothing was optimized"
     if new:
         first = next((line.strip() for line in new[0].splitlines() if line.strip().startswith("Explanation:")),

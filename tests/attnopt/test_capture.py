@@ -9,6 +9,11 @@ import torch
 from torch import nn
 
 import attnopt
+from attnopt import api
+
+#: dynamo's list of the frames it declines during a call (torch >= 2.13); without it a frame run eagerly for a
+#: graph break it cannot resume from goes unreported, and only the recompile limit is read off its counters
+NEEDS_SKIP_REASONS = pytest.mark.skipif(api._TLS is None, reason="this torch has no dynamo skip reasons")
 
 DIM, HEADS, N = 16, 2, 6
 
@@ -102,9 +107,18 @@ def test_many_models_with_a_graph_break_are_each_captured():
             optimized = attnopt.optimize(model)
             torch.testing.assert_close(optimized(x), expected)
             report = optimized.attnopt_report
+            if not api._ISOLATED and i >= torch._dynamo.config.recompile_limit:
+                # a torch without isolated recompiles (2.11): the frame the break resumes in is shared by every
+                # instance and runs eagerly past the limit. The model that reaches it says so; dynamo counts the
+                # limit once per code object, so later ones cannot (README, known limits)
+                assert not any(s.replaced for s in report.sites), f"model {i}: {report}"
+                if i == torch._dynamo.config.recompile_limit:
+                    assert "recompile limit" in str(report), f"model {i}: {report}"
+                continue
             assert [s.replaced for s in report.sites] == [True], f"model {i}: {report}"
             assert not report.fallbacks, f"model {i}: {report}"
-    assert not _attnopt_warnings(record)
+    assert api._ISOLATED or _attnopt_warnings(record)
+    assert not api._ISOLATED or not _attnopt_warnings(record)
 
 
 @pytest.mark.parametrize("model_class, line", [
@@ -133,6 +147,7 @@ def test_a_graph_break_through_an_attention_is_reported_and_warned_once(model_cl
     assert f"not optimized: {fallback.where}" in str(report)
 
 
+@NEEDS_SKIP_REASONS
 def test_a_frame_run_eagerly_is_reported_and_warned_once():
     torch.manual_seed(0)
     model = BreakInLoop()
@@ -171,6 +186,7 @@ def test_reaching_the_recompile_limit_is_reported_and_warned_once():
     assert "recompile_limit = 1" in report.fallbacks[0].why
 
 
+@NEEDS_SKIP_REASONS
 def test_explain_reports_a_frame_it_could_not_capture():
     with pytest.warns(attnopt.AttnoptWarning):
         report = attnopt.explain(BreakInLoop(), (_x(),))
