@@ -204,8 +204,8 @@ _ISOLATED = {"isolate_recompiles": True} if "isolate_recompiles" in inspect.sign
 
 #: where dynamo lists, during a call, the frames it declines to compile (None: a torch without it)
 _TLS = eval_frame.dynamo_tls if hasattr(getattr(eval_frame, "dynamo_tls", None), "skip_reasons") else None
-#: dynamo's skip reasons (``eval_frame.add_skip_reason``) meaning a frame of the model runs eagerly
 _RECOMPILE_LIMIT = "compilation failed with a custom frame execution strategy"
+#: dynamo's skip reasons (``eval_frame.add_skip_reason``) meaning a frame of the model runs eagerly
 _EAGER = {
     _RECOMPILE_LIMIT: (
         "dynamo reached its recompile limit (torch._dynamo.config.recompile_limit = {limit}) for this code: "
@@ -260,29 +260,33 @@ def _watched(compiled, report: Report):
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         breaks = dict(torch._dynamo.utils.counters["graph_break"]) if not report.graphs else None
-        try:
-            if _TLS is None:  # a torch without dynamo's skip reasons: the recompile limit read off its counters
-                limits = _recompile_limits()
-                try:
-                    return _raising_own_errors(compiled, args, kwargs)
-                finally:
-                    if _recompile_limits() > limits:
-                        why = _EAGER[_RECOMPILE_LIMIT].format(limit=torch._dynamo.config.recompile_limit)
-                        report.add_fallback(Fallback(f"{_where(compiled)} or code it calls", why))
-            outer, _TLS.skip_reasons = _TLS.skip_reasons, []  # empty after the call once the model is warm
-            try:
-                return _raising_own_errors(compiled, args, kwargs)
-            finally:
-                skipped, _TLS.skip_reasons = _TLS.skip_reasons, outer
-                if skipped:
-                    _note_eager_frames(skipped, report)
-                    if outer is not None:
-                        outer.extend(skipped)
-        finally:
-            if breaks is not None and not report.graphs and not report.fallbacks:
-                _note_nothing_captured(compiled, breaks, report)
+        out = _call_noting_eager_frames(compiled, report, args, kwargs)
+        if breaks is not None and not report.graphs and not report.fallbacks:  # a call that returned
+            _note_nothing_captured(compiled, breaks, report)
+        return out
 
     return call
+
+
+def _call_noting_eager_frames(compiled, report: Report, args, kwargs):
+    """``compiled(*args, **kwargs)``, recording in ``report`` the frames dynamo ran eagerly meanwhile."""
+    if _TLS is None:  # a torch without dynamo's skip reasons: the recompile limit read off its counters
+        limits = _recompile_limits()
+        try:
+            return _raising_own_errors(compiled, args, kwargs)
+        finally:
+            if _recompile_limits() > limits:
+                why = _EAGER[_RECOMPILE_LIMIT].format(limit=torch._dynamo.config.recompile_limit)
+                report.add_fallback(Fallback(f"{_where(compiled)} or code it calls", why))
+    outer, _TLS.skip_reasons = _TLS.skip_reasons, []  # empty after the call once the model is warm
+    try:
+        return _raising_own_errors(compiled, args, kwargs)
+    finally:
+        skipped, _TLS.skip_reasons = _TLS.skip_reasons, outer
+        if skipped:
+            _note_eager_frames(skipped, report)
+            if outer is not None:
+                outer.extend(skipped)
 
 
 def _recompile_limits() -> int:
@@ -309,7 +313,7 @@ def _note_nothing_captured(compiled, before: dict, report: Report) -> None:
     why = "dynamo captured no graph from this call, so the model ran as written and nothing was optimized"
     if new:
         first = next((line.strip() for line in new[0].splitlines() if line.strip().startswith("Explanation:")),
-                     new[0].strip().splitlines()[0])
+                     (new[0].strip().splitlines() or ["(no reason given)"])[0])
         why += (f"; a graph break left it no tensor work to capture ({len(new)} kind(s) of break in the call; "
                 f"the first: {first.removeprefix('Explanation: ')}; TORCH_LOGS=graph_breaks shows where)")
     report.add_fallback(Fallback(where, why))

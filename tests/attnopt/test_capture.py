@@ -244,3 +244,11 @@ def test_a_call_dynamo_captures_no_graph_from_is_reported_not_taken_for_no_call(
     plain = attnopt.optimize(Plain())
     plain(_x())
     assert plain.attnopt_report.graphs == 1 and not plain.attnopt_report.fallbacks
+
+
+def test_a_call_that_raises_is_not_reported_as_run_without_attnopt():
+    q, k, v = torch.randn(3, 2, HEADS, N, DIM // HEADS).unbind(0)
+    optimized = attnopt.optimize(NothingToCapture())
+    with pytest.raises(RuntimeError):
+        optimized(q, k[..., :2], v)  # mismatched head dims: the user's error, raised as eager raises it
+    assert not optimized.attnopt_report.fallbacks
