@@ -437,8 +437,9 @@ def logit_rounding(p: Program, row_top: torch.Tensor | None) -> torch.Tensor | f
     are then set by rounding, in whatever order eager or a kernel adds the terms: eager's own error is anything
     from 0 to O(1) (0.16 against a kernel's 0.78, float16, found by a long run), so four times it bounds nothing.
     Such rows (largest float64 logit of magnitude 1e3 or more) get 8 x that magnitude x the scores' epsilon: no
-    bound in half precision, where only their NaN pattern is compared. Other rows get nothing."""
-    if row_top is None or p.dtype == "float32" or p.upcast != "none":
+    bound in half precision, where only their NaN pattern is compared. Other rows get nothing, and so do programs
+    that add their masks to float32 scores (``upcast="float"``; ``softmax_dtype`` upcasts only in the softmax)."""
+    if row_top is None or p.dtype == "float32" or p.upcast == "float":
         return 0.0
     eps = torch.finfo(torch.float16 if p.dtype == "float16" else torch.bfloat16).eps
     top = row_top.abs().nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
