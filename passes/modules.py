@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
+from torch._dispatch.python import enable_python_dispatcher
 
 from .graph import tensor_meta
 
@@ -56,7 +57,9 @@ class _Builder:
         def value(a):
             return a.meta.get("example_value") if isinstance(a, Node) else a
 
-        with self.fake_mode:
+        # under the Python dispatcher, as dynamo computes its fake values: composite ops (F.linear on a strided
+        # input) then keep symbolic sizes, where their C++ decomposition asks for concrete ones and guards on them
+        with self.fake_mode, enable_python_dispatcher():
             node.meta["example_value"] = fn(*torch.fx.node.map_aggregate(args, value),
                                             **torch.fx.node.map_aggregate(kwargs, value))
 
