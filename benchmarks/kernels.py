@@ -277,12 +277,13 @@ def general_kernels(on: bool = True):
         triton_flash.band_fwd.measured_variant, triton_flash.band_bwd.measured_variant = saved
 
 
-def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 0):
+def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 0, only: tuple[str, ...] = ()):
     """The structured masks against Flex with its hand-written mask_mod (and cuDNN on the dense bool mask), forward
     and forward + backward, D 128, 16 heads: milliseconds. attnopt is ``triton_flash`` given the terms; "attnopt,
     dense" is the same kernel handed the dense bool mask a model would build (its tile map is built in the call);
     "general kernels" is the same call on ``triton_flash_fwd``'s and ``triton_flash_bwd``'s kernels. ``trace``: the host
-    time of one attnopt call and its ``trace`` costliest GPU kernels and host ops (``torch.profiler``)."""
+    time of one attnopt call and its ``trace`` costliest GPU kernels and host ops (``torch.profiler``), then Flex's.
+    ``only``: the cases whose name contains one of these texts (all when empty)."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     lines += ["", "Structured masks, D 128, 16 heads, bf16, causal; ms (do_bench medians); 'vs X' = X's time / attnopt's "
@@ -290,6 +291,8 @@ def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 
               "| case | pass | attnopt | Flex | vs Flex | attnopt, general kernels | attnopt, dense bool mask "
               "| dense vs Flex | cuDNN, dense bool mask | vs cuDNN |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, b, n, terms, mod, dense in mask_cases(quick):
+        if only and not any(text in name for text in only):
+            continue
         bm = create_block_mask(mod, b, None, n, n)
         for mode in ("fwd", "fwd+bwd"):
             if time.time() - started > budget_s:
@@ -331,9 +334,10 @@ def run_masks(lines, quick: bool, budget_s: float, started: float, trace: int = 
             if trace:
                 from generate import host_and_trace
 
-                fn = provs["attnopt"]
-                seed_grad = torch.randn_like(fn().detach())
-                host_and_trace(f"  attnopt {name} {mode}", (lambda: fn().backward(seed_grad)) if bwd else fn, trace)
+                for peer in ("attnopt", "flex"):
+                    fn = provs[peer]
+                    seed_grad = torch.randn_like(fn().detach())
+                    host_and_trace(f"  {peer} {name} {mode}", (lambda: fn().backward(seed_grad)) if bwd else fn, trace)
             lines.append(row)
             save(lines)
             del provs
@@ -347,7 +351,10 @@ def main(argv=None):
     parser.add_argument("--masks", action="store_true",
                         help="only the structured masks, forward and forward + backward, against Flex")
     parser.add_argument("--trace", type=int, default=0, metavar="N",
-                        help="with --masks: the host time and the N costliest kernels and host ops of each attnopt call")
+                        help="with --masks: the host time and the N costliest kernels and host ops of each attnopt call "
+                             "and of Flex's")
+    parser.add_argument("--cases", nargs="*", default=[],
+                        help="with --masks: only the cases whose name contains one of these texts")
     parser.add_argument("--budget", type=float, default=float("inf"),
                         help="seconds after which no new structured-mask case starts")
     args = parser.parse_args(argv)
@@ -358,7 +365,7 @@ def main(argv=None):
     lines = [f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}, "
              f"{DTYPE}; TFLOP/s (do_bench medians)", ""]
     if args.masks:
-        run_masks(lines, args.quick, args.budget, started, args.trace)
+        run_masks(lines, args.quick, args.budget, started, args.trace, tuple(args.cases))
     else:
         run_dense(QUICK_CASES if args.quick else DENSE_CASES_128, lines)
         run_structured(lines)
