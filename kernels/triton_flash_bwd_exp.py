@@ -46,6 +46,8 @@ What a ``Variant`` changes:
   torch sums each group (more programs, more memory traffic; only differs from on for GQA).
 * ``descriptors``: q and dO (dK/dV kernel) and k and v (dQ kernel) are read through device-side tensor
   descriptors (TMA on Hopper; rows past the end read as 0). Off: pointer loads.
+* ``prefetch`` (tile lists only): a listed tile's index is loaded one iteration ahead, so that the loads of
+  q/dO (dK/dV kernel) or k/v (dQ kernel) do not wait on it inside the iteration. Off: loaded where it is used.
 * ``full_run`` (tile lists only): a row's first run of consecutive full tiles is walked as a range, the rest of
   its full tiles through the list (the forward's switch). Off: every full tile through the list.
 """
@@ -88,6 +90,7 @@ class Variant:
     gqa_in_program: bool = True
     descriptors: bool = False
     full_run: bool = True
+    prefetch: bool = False
 
     @property
     def name(self) -> str:
@@ -98,6 +101,8 @@ class Variant:
             parts.append("perhead")
         if not self.full_run:
             parts.append("lists")
+        if self.prefetch:
+            parts.append("prefetch")
         return (f"{'+'.join(parts)} kv{self.block_m1}x{self.block_n1} q{self.block_m2}x{self.block_n2} "
                 f"w{self.num_warps} s{self.num_stages}")
 
@@ -166,12 +171,17 @@ def _dkdv_inner(dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, strid
                 kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D: tl.constexpr, DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, MASKED: tl.constexpr, FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr,
                 HAS_HI: tl.constexpr, KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr,
-                DESC: tl.constexpr):
+                DESC: tl.constexpr, PREFETCH: tl.constexpr):
     """dK, dV of one key tile over query tiles of one query head: rows ``lo, lo + BLOCK_M, ..`` below ``hi``,
     or (``FROM_LIST``) the query tiles listed at ``idx_ptr[lo:hi]``."""
     offs_m = tl.arange(0, BLOCK_M)
+    if FROM_LIST and PREFETCH:
+        listed_next = tl.load(idx_ptr + lo, mask=lo < hi, other=0)
     for it in tl.range(lo, hi, 1 if FROM_LIST else BLOCK_M):
-        if FROM_LIST:
+        if FROM_LIST and PREFETCH:
+            m0 = listed_next * BLOCK_M
+            listed_next = tl.load(idx_ptr + it + 1, mask=it + 1 < hi, other=0)
+        elif FROM_LIST:
             m0 = tl.load(idx_ptr + it) * BLOCK_M
         else:
             m0 = it
@@ -208,7 +218,7 @@ def _band_bwd_dkdv(
     stride_im,
     D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
-    SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     n0 = tl.program_id(0) * BLOCK_N
     slots = H // HEADS  # output heads: kv heads when a program walks a group, else query heads
@@ -249,7 +259,7 @@ def _band_bwd_dkdv(
                     (part_idx if part == 0 else full_idx) + lists,
                     b, cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
                     stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_M, part == 0,
-                    part != 1, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
+                    part != 1, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3, DESC, PREFETCH)
         else:
             for part in tl.static_range(3):  # masked edge, visible middle, masked edge
                 lo = start if part == 0 else (full_lo if part == 1 else full_hi)
@@ -258,7 +268,7 @@ def _band_bwd_dkdv(
                     dk, dv, k, v, q_src, do_src, LSE2, DELTA, row0, stride_qm, stride_dom, lo, hi, part_idx, b,
                     cols, Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
                     stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_M, part != 1,
-                    False, HAS_LO, HAS_HI, False, False, False, DESC)
+                    False, HAS_LO, HAS_HI, False, False, False, DESC, False)
     ok = cols[:, None] < Nk
     out_k = DKEY + b * stride_dkb + slot * stride_dkh + cols[:, None] * stride_dkn + tl.arange(0, D)[None, :]
     tl.store(out_k, (dk * sm_scale).to(DKEY.dtype.element_ty), mask=ok)
@@ -271,12 +281,18 @@ def _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi
               qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
               mask_row, stride_mm, stride_mn, D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, FROM_LIST: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
-              KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr, DESC: tl.constexpr):
+              KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr, MASK_BOOL: tl.constexpr, DESC: tl.constexpr,
+              PREFETCH: tl.constexpr):
     """dQ of one query tile over the key tiles ``lo, lo + BLOCK_N, ..`` below ``hi``, or (``FROM_LIST``) the key
     tiles listed at ``idx_ptr[lo:hi]``."""
     offs_n = tl.arange(0, BLOCK_N)
+    if FROM_LIST and PREFETCH:
+        listed_next = tl.load(idx_ptr + lo, mask=lo < hi, other=0)
     for it in tl.range(lo, hi, 1 if FROM_LIST else BLOCK_N):
-        if FROM_LIST:
+        if FROM_LIST and PREFETCH:
+            n0 = listed_next * BLOCK_N
+            listed_next = tl.load(idx_ptr + it + 1, mask=it + 1 < hi, other=0)
+        elif FROM_LIST:
             n0 = tl.load(idx_ptr + it) * BLOCK_N
         else:
             n0 = it
@@ -308,7 +324,7 @@ def _band_bwd_dq(
     stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
-    SPLIT: tl.constexpr, DESC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # heavy (late, causal) query tiles first: fewer idle SMs at the tail
     m_tile = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
@@ -343,7 +359,7 @@ def _band_bwd_dq(
                            (part_idx if part == 0 else full_idx) + lists, b, rows, Nq, Nk, kv_end, qk_scale, off,
                            band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
                            mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part == 0, part != 1, HAS_LO, HAS_HI,
-                           KP_MODE == 2, HAS_DOC, MASK == 3, DESC)
+                           KP_MODE == 2, HAS_DOC, MASK == 3, DESC, PREFETCH)
     else:
         start, full_lo, full_hi, end = _kv_tile_range(m0, Nk, off, band_lo, band_hi, BLOCK_M, BLOCK_N, HAS_LO,
                                                       HAS_HI)
@@ -356,7 +372,7 @@ def _band_bwd_dq(
             dq = _dq_inner(dq, q, do, lse2, delta, k_src, v_src, stride_kn, stride_vn, lo, hi, part_idx, b, rows,
                            Nq, Nk, kv_end, qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr,
                            stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn, D, DV, BLOCK_N,
-                           part != 1, False, HAS_LO, HAS_HI, False, False, False, DESC)
+                           part != 1, False, HAS_LO, HAS_HI, False, False, False, DESC, False)
     out = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + tl.arange(0, D)[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < Nq)[:, None])
 
@@ -429,6 +445,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                 qk_scale=spec.scale * LOG2E.value, off=spec.diagonal_offset, band_lo=0 if lo is None else lo,
                 band_hi=0 if hi is None else hi, D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None,
                 HAS_HI=hi is not None, SPLIT=variant.split, RUN=variant.full_run, DESC=variant.descriptors,
+                PREFETCH=variant.prefetch,
                 num_warps=variant.num_warps, num_stages=variant.num_stages)
     band.update((key, value) for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS)
     # key padding, documents, a boolean mask: tile lists at each kernel's own tiles (cached per term tensors

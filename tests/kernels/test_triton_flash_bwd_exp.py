@@ -127,6 +127,7 @@ def test_tile_list_terms_match_autograd(case, fill):
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(g), fill=fill)
     spec = terms_on_device(spec)
     variant = dataclasses.replace(SWITCHES["ptr"], block_n1=32) if hq // hkv == 4 else SWITCHES["perhead"]
+    variant = dataclasses.replace(variant, prefetch=fill == Fill.SAFE)  # the listed indices loaded ahead, or not
     assert not bwd.unsupported_reasons(q, q, k, v, spec, variant)
     check(q, k, v, spec, variant, TOL[torch.float16])
 
@@ -135,11 +136,11 @@ def test_tile_list_terms_match_autograd(case, fill):
 def listed_problems(draw):
     """(q, k, v, spec, variant): the forward's random tile-list specs (documents, key padding, boolean masks over
     any band), 16- or 32-row tiles in either kernel, dK/dV per kv head or per query head, the full-tile run on or
-    off."""
+    off, the listed tiles' indices loaded ahead or not."""
     q, k, v, spec = draw(listed_specs())
     tiles = {name: draw(st.sampled_from([16, 32])) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles,
-                                              full_run=draw(st.booleans()))
+                                              full_run=draw(st.booleans()), prefetch=draw(st.booleans()))
 
 
 @settings(max_examples=10, deadline=None)
@@ -251,8 +252,8 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
 @pytest.mark.parametrize("case", list(GPU_LISTED))
 def test_gpu_tile_list_terms(case):
     """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64: the
-    measured variant of D = 64 and 128, and the same with descriptors when present, dK/dV per query head and the
-    full-tile run switched."""
+    measured variant of D = 64 and 128, the same with descriptors when present, dK/dV per query head and the
+    full-tile run switched, and the same with the listed tiles' indices loaded ahead switched."""
     b, n, terms = GPU_LISTED[case]
     for d in (64, 128):
         q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
@@ -261,5 +262,6 @@ def test_gpu_tile_list_terms(case):
         measured = bwd.measured_variant(spec)
         assert measured.full_run  # every tile-list kind walks its full run as a range (tile_lists.md)
         variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False,
-                                                  full_run=not measured.full_run)]
+                                                  full_run=not measured.full_run),
+                    dataclasses.replace(measured, prefetch=not measured.prefetch)]
         _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
