@@ -32,7 +32,7 @@ groups=(
   "tests/passes/test_unpadded.py"
   "tests/kernels/test_triton_flash_tma.py"
   "tests/kernels/test_triton_flash_bwd_exp.py"
-  "-m 'not gpu' tests/passes/test_zoo.py tests/passes/test_dynamic_detect.py tests/attnopt/test_capture.py"
+  "-m 'not gpu' tests/passes/test_zoo.py tests/passes/test_dynamic_detect.py tests/attnopt/test_capture.py tests/attnopt/test_encoder_decoder.py"
 )
 for i in "${!groups[@]}"; do
   (eval "timeout ${GROUP_TIMEOUT:-540} python3 -m pytest $opts ${groups[$i]}" > "$out/gpu_tests_$i.txt" 2>&1; echo "rc $?" >> "$out/gpu_tests_$i.txt") &

@@ -56,7 +56,9 @@ def test_generate_optimizes_the_encoder(copied):
 
 
 def test_whole_forward_stays_one_graph():
-    """Called through the model's forward, the encoder is traced as plain code inside the model's graph."""
+    """Called through the model's forward, the encoder is traced as plain code inside the model's graph: attnopt
+    adds no graph to those dynamo makes of the forward itself (one on torch 2.13; torch 2.11 breaks at T5's
+    ``copy.deepcopy`` of its config, which it cannot trace)."""
     model = _t5()
     optimized = attnopt.optimize(copy.deepcopy(model))
     ids, mask = _inputs()
@@ -64,11 +66,15 @@ def test_whole_forward_stays_one_graph():
     with torch.no_grad():
         got = optimized(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
         expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+        dynamos = torch._dynamo.explain(copy.deepcopy(model))(input_ids=ids, attention_mask=mask,
+                                                              decoder_input_ids=decoder_ids).graph_count
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
     report = optimized.attnopt_report
-    assert report.graphs == 1 and not report.fallbacks, str(report)
+    assert report.graphs == dynamos and not report.fallbacks, str(report)
     assert len(report.sites) == 6 and all(s.replaced for s in report.sites), str(report)
-    assert {s.where.split(".")[0] for s in report.sites} == {"encoder", "decoder"}
+    if torch.__version__ >= "2.13":  # one graph, its sites named from the model's root
+        assert report.graphs == 1, str(report)
+        assert {s.where.split(".")[0] for s in report.sites} == {"encoder", "decoder"}
 
 
 def test_models_without_an_encoder_are_untouched():
