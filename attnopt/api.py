@@ -64,7 +64,8 @@ def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, ex
         raise TypeError(f"explain takes a module or function, got {type(model).__name__}")
     opts = Options.build(max_mem=max_mem, exact=exact, **options)
     report = Report()
-    backend = functools.partial(_backend, options=opts, report=report, dry_run=True)
+    root = model if isinstance(model, torch.nn.Module) else None
+    backend = functools.partial(_backend, options=opts, report=report, dry_run=True, root=root)
     # the forward runs once: whatever it writes into the module's buffers (a step counter) is put back
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     try:
@@ -93,7 +94,7 @@ class _OptimizedForward:
         self.original = original
         forward = types.MethodType(_own_code(type(module).forward), module) if original is None else original
         self.plain = forward
-        backend = functools.partial(_backend, options=options, report=report, prefix=prefix)
+        backend = functools.partial(_backend, options=options, report=report, prefix=prefix, root=module)
         self.compiled = _watched(torch.compile(forward, backend=backend, dynamic=options.dynamic, **_ISOLATED), report)
         # name, docstring and signature of the forward it replaces (inspect.signature follows __wrapped__)
         functools.update_wrapper(self, types.MethodType(type(module).forward, module) if original is None else original)
@@ -329,9 +330,89 @@ def _raising_own_errors(compiled, args, kwargs):
         raise
 
 
-def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: bool = False, prefix: str = ""):
+def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: bool = False, prefix: str = "",
+             root: torch.nn.Module | None = None):
+    """attnopt's backend for the forward of ``root`` (a submodule optimized apart when ``prefix`` names it): the
+    graph compiled, its sites named from the model's root."""
     first = len(report.sites)
     compiled = compile_with(gm, example_inputs, options, report, dry_run=dry_run)
-    if prefix:  # a submodule optimized apart: its sites named from the model's root
-        report.sites[first:] = [dataclasses.replace(s, where=prefix + s.where) for s in report.sites[first:]]
+    owner = _frame_owner(gm, example_inputs, root) if root is not None else None
+    if prefix or owner:
+        report.sites[first:] = [_named_from_root(s, prefix, owner) for s in report.sites[first:]]
     return compiled
+
+
+@dataclasses.dataclass(frozen=True)
+class _Owner:
+    """The submodule whose forward a graph runs, when it is not the optimized module itself (a frame dynamo resumes
+    after a graph break inside that forward): ``path``, the one whose call the graph was captured on, and ``others``,
+    the other modules of its class, whose calls run the same code."""
+
+    root: torch.nn.Module
+    kind: str
+    path: str
+    others: tuple[str, ...]
+
+
+#: a dynamo source: the frame's local (``L['self']``) and the attribute chain from it
+_SOURCE = re.compile(r"^(L\['[^']*'\](?:\[\d+\])*)(.*)$")
+
+
+def _dotted(chain: str) -> str:
+    """``._modules['layers']._modules['0']._parameters['weight']`` as ``layers.0.weight``."""
+    chain = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", chain)
+    chain = re.sub(r"\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), chain)
+    return chain.lstrip(".")
+
+
+def _frame_owner(gm, example_inputs, root: torch.nn.Module) -> _Owner | None:
+    """The submodule of ``root`` whose forward ``gm`` runs, found from the graph's lifted parameters and buffers
+    (their sources name them from the frame's locals, their identity from ``root``); None when it is ``root``
+    itself, when no parameter says, or when they disagree."""
+    names: dict[int, list[str]] = {}  # a tensor's names: tied weights have several
+    for name, t in (*root.named_parameters(remove_duplicate=False), *root.named_buffers(remove_duplicate=False)):
+        names.setdefault(id(t), []).append(name)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    prefixes = None  # the owner's path (with its dot) that every lifted tensor agrees on
+    for node, value in zip(placeholders, example_inputs):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = getattr(source, "name", None)
+        name = name() if callable(name) else name
+        found = _SOURCE.match(name) if id(value) in names and isinstance(name, str) else None
+        relative = _dotted(found.group(2)) if found else ""
+        if not relative:
+            continue
+        these = {full[: len(full) - len(relative)] for full in names[id(value)]
+                 if full == relative or full.endswith("." + relative)}
+        prefixes = these if prefixes is None else prefixes & these
+    if not prefixes or len(prefixes) != 1 or "" in prefixes:
+        return None
+    path = prefixes.pop().rstrip(".")
+    kind = type(root.get_submodule(path))
+    others = tuple(name for name, module in root.named_modules() if type(module) is kind and name and name != path)
+    return _Owner(root, kind.__name__, path, others)
+
+
+def _has_submodule(root: torch.nn.Module, path: str) -> bool:
+    try:
+        root.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _named_from_root(site, prefix: str, owner: _Owner | None):
+    """``site`` with its module path from the model's root: ``prefix`` (a submodule optimized apart), then the
+    submodule whose call the graph's frame was captured on, with a note naming the other modules of its class that
+    have the same attention (``decoder.block.0`` captured, ``encoder.block.0`` too when its call passes dynamo's
+    guards)."""
+    where, notes = site.where, site.notes
+    if owner is not None:
+        inner = "" if where == "(top level)" else where
+        where = f"{owner.path}.{inner}" if inner else owner.path
+        alike = [p for p in owner.others if not inner or _has_submodule(owner.root, f"{p}.{inner}")]
+        if alike:
+            notes = (*notes, f"captured on {prefix}{owner.path}'s call ({owner.kind}.forward resumed after a graph "
+                             f"break); it is also the code of {', '.join(prefix + p for p in alike)}, whose calls "
+                             "run this graph where they pass dynamo's guards, and a graph of their own where not")
+    return dataclasses.replace(site, where=prefix + where, notes=notes)

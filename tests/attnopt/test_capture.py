@@ -251,3 +251,62 @@ def test_a_call_that_raises_is_not_reported_as_run_without_attnopt():
     with pytest.raises(RuntimeError):
         optimized(q, k[..., :2], v)  # mismatched head dims: the user's error, raised as eager raises it
     assert not optimized.attnopt_report.fallbacks
+
+
+class Attention(WithQKV):
+    def forward(self, x):
+        q, k, v = _qkv(self.qkv, x)
+        return x + (torch.softmax(_scores(q, k), dim=-1) @ v).transpose(1, 2).reshape(x.shape)
+
+
+class Stack(nn.Module):
+    """Layers after a graph break: dynamo resumes this forward in a frame of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([Attention(), Attention()])
+
+    def forward(self, x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class EncoderDecoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc, self.dec = Stack(), Stack()
+
+    def forward(self, x):
+        return self.dec(self.enc(x))
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["no_grad", "grad"])
+@pytest.mark.parametrize("model_class", [EncoderDecoder, lambda: Outer(BreakBefore())], ids=["twins", "one"])
+def test_sites_after_a_graph_break_in_a_submodule_are_named_from_the_root(model_class, grad):
+    """A graph captured in a submodule's forward resumed after a graph break names its sites from the model's
+    root (``enc.layers.0``, not ``layers.0``), and says which other modules of that class run the same code: a
+    report that read ``layers.0, layers.1`` for an encoder and a decoder of two layers each looked like half the
+    attention was missed. (Under no_grad dynamo runs the encoder's graph for the decoder too; with gradients the
+    decoder gets a graph of its own.)"""
+    torch.manual_seed(0)
+    model = model_class().eval()
+    x = _x()
+    with torch.set_grad_enabled(grad):
+        expected = model(x)
+        optimized = attnopt.optimize(model)
+        torch.testing.assert_close(optimized(x), expected)
+    report = optimized.attnopt_report
+    assert report.sites and all(s.replaced for s in report.sites), str(report)
+    if not isinstance(model, EncoderDecoder):
+        assert [s.where for s in report.sites] == ["block"], str(report)
+        assert not any(s.notes for s in report.sites), str(report)
+        return
+    wheres = {s.where for s in report.sites}
+    layers = {f"{stack}.layers.{i}" for stack in ("enc", "dec") for i in (0, 1)}
+    assert {"enc.layers.0", "enc.layers.1"} <= wheres <= layers, str(report)
+    for i in (0, 1):  # the decoder's layers: sites of their own, or named as running the encoder's graph
+        shared = [n for s in report.sites if s.where == f"enc.layers.{i}" for n in s.notes if "also the code of dec," in n]
+        assert f"dec.layers.{i}" in wheres or shared, str(report)
