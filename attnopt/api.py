@@ -94,7 +94,11 @@ class _OptimizedForward:
         self.original = original
         forward = types.MethodType(_own_code(type(module).forward), module) if original is None else original
         self.plain = forward
-        backend = functools.partial(_backend, options=options, report=report, prefix=prefix, root=module)
+
+        def backend(gm, example_inputs):  # a function, not a partial: torch.compile names a backend by its
+            # __name__ or else its repr, and the module's repr fails while a deepcopy or unpickling rebuilds it
+            return _backend(gm, example_inputs, options=options, report=report, prefix=prefix, root=module)
+
         self.compiled = _watched(torch.compile(forward, backend=backend, dynamic=options.dynamic, **_ISOLATED), report)
         # name, docstring and signature of the forward it replaces (inspect.signature follows __wrapped__)
         functools.update_wrapper(self, types.MethodType(type(module).forward, module) if original is None else original)
