@@ -65,7 +65,10 @@ def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, ex
     opts = Options.build(max_mem=max_mem, exact=exact, **options)
     report = Report()
     root = model if isinstance(model, torch.nn.Module) else None
-    backend = functools.partial(_backend, options=opts, report=report, dry_run=True, root=root)
+
+    def backend(gm, example_inputs):  # named: torch.compile would take a partial's repr, the model's with it
+        return _backend(gm, example_inputs, options=opts, report=report, dry_run=True, root=root)
+
     # the forward runs once: whatever it writes into the module's buffers (a step counter) is put back
     buffers = [(b, b.detach().clone()) for b in model.buffers()] if isinstance(model, torch.nn.Module) else []
     try:
