@@ -14,6 +14,7 @@ from torch._dynamo import eval_frame
 
 from attnopt.backend import Backend, _given, compile_with
 from attnopt.config import Options
+from attnopt.passes.graph import dotted_path
 from attnopt.report import Fallback, Report
 
 
@@ -361,17 +362,6 @@ class _Owner:
     others: tuple[str, ...]
 
 
-#: a dynamo source: the frame's local (``L['self']``) and the attribute chain from it
-_SOURCE = re.compile(r"^(L\['[^']*'\](?:\[\d+\])*)(.*)$")
-
-
-def _dotted(chain: str) -> str:
-    """``._modules['layers']._modules['0']._parameters['weight']`` as ``layers.0.weight``."""
-    chain = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", chain)
-    chain = re.sub(r"\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), chain)
-    return chain.lstrip(".")
-
-
 def _frame_owner(gm, example_inputs, root: torch.nn.Module) -> _Owner | None:
     """The submodule of ``root`` whose forward ``gm`` runs, found from the graph's lifted parameters and buffers
     (their sources name them from the frame's locals, their identity from ``root``); None when it is ``root``
@@ -385,8 +375,8 @@ def _frame_owner(gm, example_inputs, root: torch.nn.Module) -> _Owner | None:
         source = getattr(node.meta.get("grapharg"), "source", None)
         name = getattr(source, "name", None)
         name = name() if callable(name) else name
-        found = _SOURCE.match(name) if id(value) in names and isinstance(name, str) else None
-        relative = _dotted(found.group(2)) if found else ""
+        local = id(value) in names and isinstance(name, str) and name.startswith("L[")  # from the frame's locals
+        relative = dotted_path(name) if local else ""
         if not relative:
             continue
         these = {full[: len(full) - len(relative)] for full in names[id(value)]

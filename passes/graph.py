@@ -173,12 +173,17 @@ def module_path(node: Node) -> str:
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return "(top level)"
-    path = list(stack.values())[-1][0]
-    # dynamo spells paths from the traced function's locals: L['self'].h[0] or L['args'][0].model
-    path = re.sub(r"^L\[[^\]]*\](\[\d+\])?\.?", "", path)
-    path = path.replace("._modules['", ".").replace("']", "").replace("['", ".")
-    path = re.sub(r"\[(\d+)\]", r".\1", path)
-    return path or "(top level)"
+    return dotted_path(list(stack.values())[-1][0]) or "(top level)"
+
+
+def dotted_path(path: str) -> str:
+    """A path dynamo spells from the traced function's locals (``L['self'].h[0]``, ``L['args'][0].model``, a
+    source's ``L['self']._modules['h']._modules['0']._parameters['weight']``) as a dotted path from that local
+    (``h.0``, ``model``, ``h.0.weight``; empty for the local itself)."""
+    path = re.sub(r"^L\[[^\]]*\](\[\d+\])*", "", path)
+    path = re.sub(r"\._(?:modules|parameters|buffers)\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\['([^']*)'\]|\[(\d+)\]", lambda m: "." + (m.group(1) or m.group(2)), path)
+    return path.lstrip(".")
 
 
 def constant_value(node: Any) -> float | None:
