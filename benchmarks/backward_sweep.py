@@ -58,13 +58,15 @@ TINY_TILES = [(16, 16, 16, 16, 4, 1), (16, 32, 32, 16, 4, 1)]
 
 def variants_of(case: Case, tiny: bool) -> list[bwd.Variant]:
     """The candidates; for a case with tile lists (a dense mask, documents) each also with the full-tile run off,
-    and the first tiles with the listed tiles' indices loaded ahead (with the run and without)."""
+    and the first tiles with the listed tiles' indices loaded ahead (with the run and without, and without it in
+    one launch)."""
     variants = bwd.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
     if case.dense or case.documents:
         first = variants[0]
         variants += [dataclasses.replace(v, full_run=False) for v in variants]
         variants += [dataclasses.replace(first, prefetch=True),
-                     dataclasses.replace(first, prefetch=True, full_run=False)]
+                     dataclasses.replace(first, prefetch=True, full_run=False),
+                     dataclasses.replace(first, prefetch=True, full_run=False, fused=True)]
     return variants
 
 

@@ -48,6 +48,8 @@ What a ``Variant`` changes:
   descriptors (TMA on Hopper; rows past the end read as 0). Off: pointer loads.
 * ``prefetch`` (tile lists only): a listed tile's index is loaded one iteration ahead, so that the loads of
   q/dO (dK/dV kernel) or k/v (dQ kernel) do not wait on it inside the iteration. Off: loaded where it is used.
+* ``fused``: the dK/dV and dQ kernels as one launch (``_band_bwd_fused``): one grid of the dK/dV programs, then
+  the dQ programs, which start on the SMs the dK/dV programs leave at their tail. Off: two launches.
 * ``full_run`` (tile lists only): a row's first run of consecutive full tiles is walked as a range, the rest of
   its full tiles through the list (the forward's switch). Off: every full tile through the list.
 """
@@ -91,6 +93,7 @@ class Variant:
     descriptors: bool = False
     full_run: bool = True
     prefetch: bool = False
+    fused: bool = False
 
     @property
     def name(self) -> str:
@@ -103,6 +106,8 @@ class Variant:
             parts.append("lists")
         if self.prefetch:
             parts.append("prefetch")
+        if self.fused:
+            parts.append("fused")
         return (f"{'+'.join(parts)} kv{self.block_m1}x{self.block_n1} q{self.block_m2}x{self.block_n2} "
                 f"w{self.num_warps} s{self.num_stages}")
 
@@ -125,8 +130,8 @@ def candidate_variants(head_dim: int, group_size: int = 1,
     """The variants the sweep and the GPU tests run: ``tiles`` ``(block_m1, block_n1, block_m2, block_n2,
     num_warps, num_stages)``, by default Flex's H100 backward (64x128 key tiles walking 64-row query tiles,
     8 warps, 3 stages at D = 128), the Triton tutorial's (32x128 / 128x32 at 4 warps, 5 stages) and a few
-    between; then each switch off once on the first tiles, descriptors on where Triton has them, and
-    per-head dK/dV for GQA."""
+    between; then each switch off once on the first tiles, the two kernels in one launch, descriptors on where
+    Triton has them, and per-head dK/dV for GQA."""
     if tiles is None and head_dim <= 64:
         tiles = [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 4, 3), (32, 128, 128, 32, 4, 5),
                  (64, 64, 64, 64, 4, 3), (128, 128, 128, 128, 8, 2)]
@@ -136,6 +141,7 @@ def candidate_variants(head_dim: int, group_size: int = 1,
     out = [Variant(*t) for t in tiles]
     first = out[0]
     out.append(dataclasses.replace(first, split=False))
+    out.append(dataclasses.replace(first, fused=True))
     if HAS_DESCRIPTORS:
         out += [dataclasses.replace(v, descriptors=True) for v in out[:2]]
     if group_size > 1:
@@ -220,10 +226,40 @@ def _band_bwd_dkdv(
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    n0 = tl.program_id(0) * BLOCK_N
+    _dkdv_program(
+        tl.program_id(0), tl.program_id(1),
+        Q, K, V, DO, DKEY, DVAL, LSE2, DELTA,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+        Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+        kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+        mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+        part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+        stride_im,
+        D, DV, HEADS, HAS_LO, HAS_HI, KP_MODE, HAS_DOC, MASK, USE_MAP, RUN, SPLIT, DESC, PREFETCH, BLOCK_M, BLOCK_N,
+    )
+
+
+@triton.jit
+def _dkdv_program(
+    n_tile, bh,
+    Q, K, V, DO, DKEY, DVAL, LSE2, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+    stride_im,
+    D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dK, dV of key tile ``n_tile`` of output head slot ``bh`` (batch * slots + slot)."""
+    n0 = n_tile * BLOCK_N
     slots = H // HEADS  # output heads: kv heads when a program walks a group, else query heads
-    b = (tl.program_id(1) // slots).to(tl.int64)
-    slot = tl.program_id(1) % slots
+    b = (bh // slots).to(tl.int64)
+    slot = bh % slots
     h0 = slot * HEADS  # first query head of the program
     kvh = h0 // GROUP
     offs_n = tl.arange(0, BLOCK_N)
@@ -250,8 +286,8 @@ def _band_bwd_dkdv(
             do_src = tl.make_tensor_descriptor(do_src, [Nq, DV], [stride_dom, 1], [BLOCK_M, DV])
         if USE_MAP:  # the key tile's row of the transposed tile map (block_map.TileLists): partial query tiles
             # listed, the first run of full ones as a range of rows, the full ones after it listed
-            row = b * stride_cb + h * stride_ch + tl.program_id(0) * stride_cm
-            lists = b * stride_ib + h * stride_ih + tl.program_id(0) * stride_im
+            row = b * stride_cb + h * stride_ch + n_tile * stride_cm
+            lists = b * stride_ib + h * stride_ih + n_tile * stride_im
             for part in tl.static_range(3):
                 lo, hi = _map_part(part, row, lists, part_cnt, full_cnt, full_idx, full_run, BLOCK_M, RUN)
                 dk, dv = _dkdv_inner(
@@ -326,11 +362,41 @@ def _band_bwd_dq(
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # heavy (late, causal) query tiles first: fewer idle SMs at the tail
-    m_tile = tl.cdiv(Nq, BLOCK_M) - 1 - tl.program_id(0)
+    _dq_program(
+        tl.program_id(0), tl.program_id(1),
+        Q, K, V, DO, DQ, LSE2, DELTA,
+        stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+        stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+        Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+        kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+        mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+        part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+        stride_im,
+        D, DV, HAS_LO, HAS_HI, KP_MODE, HAS_DOC, MASK, USE_MAP, RUN, SPLIT, DESC, PREFETCH, BLOCK_M, BLOCK_N,
+    )
+
+
+@triton.jit
+def _dq_program(
+    pid, bh,
+    Q, K, V, DO, DQ, LSE2, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    part_cnt, part_idx, full_cnt, full_idx, full_run, stride_cb, stride_ch, stride_cm, stride_ib, stride_ih,
+    stride_im,
+    D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """dQ of the ``pid``-th query tile from the last (heavy, late causal tiles first: fewer idle SMs at the tail)
+    of query head ``bh`` (batch * H + head)."""
+    m_tile = tl.cdiv(Nq, BLOCK_M) - 1 - pid
     m0 = m_tile * BLOCK_M
-    b = (tl.program_id(1) // H).to(tl.int64)
-    h = tl.program_id(1) % H
+    b = (bh // H).to(tl.int64)
+    h = bh % H
     kvh = h // GROUP
     offs_m = tl.arange(0, BLOCK_M)
     rows = m0 + offs_m
@@ -375,6 +441,59 @@ def _band_bwd_dq(
                            part != 1, False, HAS_LO, HAS_HI, False, False, False, DESC, False)
     out = DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + tl.arange(0, D)[None, :]
     tl.store(out, (dq * sm_scale).to(DQ.dtype.element_ty), mask=(rows < Nq)[:, None])
+
+
+@triton.jit
+def _band_bwd_fused(
+    Q, K, V, DO, DQ, DKEY, DVAL, LSE2, DELTA,
+    stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+    stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+    stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+    Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+    kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+    mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+    kv_part_cnt, kv_part_idx, kv_full_cnt, kv_full_idx, kv_full_run, kv_stride_cb, kv_stride_ch, kv_stride_cm,
+    kv_stride_ib, kv_stride_ih, kv_stride_im,
+    q_part_cnt, q_part_idx, q_full_cnt, q_full_idx, q_full_run, q_stride_cb, q_stride_ch, q_stride_cm,
+    q_stride_ib, q_stride_ih, q_stride_im,
+    kv_programs, kv_tiles, q_tiles,
+    D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+    KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
+    SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M1: tl.constexpr,
+    BLOCK_N1: tl.constexpr, BLOCK_M2: tl.constexpr, BLOCK_N2: tl.constexpr,
+):
+    """Both kernels in one grid: the first ``kv_programs`` programs are dK/dV programs (key tile fastest, so
+    neighbours share a head's q and dO), the rest dQ programs; the dQ programs fill the SMs the dK/dV programs
+    leave at their tail, with no launch between them."""
+    pid = tl.program_id(0)
+    if pid < kv_programs:
+        _dkdv_program(
+            pid % kv_tiles, pid // kv_tiles,
+            Q, K, V, DO, DKEY, DVAL, LSE2, DELTA,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh,
+            stride_dvn, Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+            kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+            mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+            kv_part_cnt, kv_part_idx, kv_full_cnt, kv_full_idx, kv_full_run, kv_stride_cb, kv_stride_ch,
+            kv_stride_cm, kv_stride_ib, kv_stride_ih, kv_stride_im,
+            D, DV, HEADS, HAS_LO, HAS_HI, KP_MODE, HAS_DOC, MASK, USE_MAP, RUN, SPLIT, DESC, PREFETCH, BLOCK_M1,
+            BLOCK_N1,
+        )
+    else:
+        rest = pid - kv_programs
+        _dq_program(
+            rest % q_tiles, rest // q_tiles,
+            Q, K, V, DO, DQ, LSE2, DELTA,
+            stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
+            stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
+            Nq, Nk, H, GROUP, sm_scale, qk_scale, off, band_lo, band_hi,
+            kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
+            mask_ptr, stride_mb, stride_mh, stride_mm, stride_mn,
+            q_part_cnt, q_part_idx, q_full_cnt, q_full_idx, q_full_run, q_stride_cb, q_stride_ch, q_stride_cm,
+            q_stride_ib, q_stride_ih, q_stride_im,
+            D, DV, HAS_LO, HAS_HI, KP_MODE, HAS_DOC, MASK, USE_MAP, RUN, SPLIT, DESC, PREFETCH, BLOCK_M2, BLOCK_N2,
+        )
 
 
 # ----------------------------------------------------------------------------- launcher
@@ -459,21 +578,35 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
     else:  # one program per query head: float32 [B, Hq, Nk, D] summed over each group below
         dk = k.new_empty((b, hq, nk, spec.head_dim), dtype=torch.float32)
         dv = v.new_empty((b, hq, nk, spec.v_head_dim), dtype=torch.float32)
-    _launch(
-        _band_bwd_dkdv, (cdiv(nk, variant.block_n1), b * hq // heads),
-        q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **list_args(kv_lists, lse),
-        HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
-    )
+    dq = torch.empty_like(q)
+    kv_tiles, q_tiles = cdiv(nk, variant.block_n1), cdiv(nq, variant.block_m2)
+    if variant.fused:
+        kv_programs = kv_tiles * (b * hq // heads)
+        _launch(
+            _band_bwd_fused, (kv_programs + q_tiles * b * hq,),
+            q, k, v, grad_out, dq, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *grad_out.stride()[:3], *dq.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band,
+            **{f"kv_{key}": value for key, value in list_args(kv_lists, lse).items() if key != "USE_MAP"},
+            **{f"q_{key}": value for key, value in list_args(q_lists, lse).items() if key != "USE_MAP"},
+            USE_MAP=use_map, kv_programs=kv_programs, kv_tiles=kv_tiles, q_tiles=q_tiles, HEADS=heads,
+            BLOCK_M1=variant.block_m1, BLOCK_N1=variant.block_n1, BLOCK_M2=variant.block_m2,
+            BLOCK_N2=variant.block_n2,
+        )
+    else:
+        _launch(
+            _band_bwd_dkdv, (kv_tiles, b * hq // heads),
+            q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **list_args(kv_lists, lse),
+            HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
+        )
+        _launch(
+            _band_bwd_dq, (q_tiles, b * hq),
+            q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
+            *grad_out.stride()[:3], *dq.stride()[:3], **band, **list_args(q_lists, lse),
+            BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
+        )
     if heads != spec.group_size:
         dk = dk.view(b, hkv, spec.group_size, nk, spec.head_dim).sum(2).to(k.dtype)
         dv = dv.view(b, hkv, spec.group_size, nk, spec.v_head_dim).sum(2).to(v.dtype)
-    dq = torch.empty_like(q)
-    _launch(
-        _band_bwd_dq, (cdiv(nq, variant.block_m2), b * hq),
-        q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
-        *grad_out.stride()[:3], *dq.stride()[:3], **band, **list_args(q_lists, lse),
-        BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
-    )
     return _with_empty_rows((dq, dk, dv), q, k, v, grad_out, lse, spec)[:3]
 

@@ -33,6 +33,8 @@ SWITCHES = {
     "desc": bwd.Variant(**TILES16, descriptors=True),
     "desc_perhead_wide": bwd.Variant(**{**TILES16, "block_n1": 32, "block_m2": 32}, descriptors=True,
                                      gqa_in_program=False),
+    "fused": bwd.Variant(**{**TILES16, "block_n1": 32}, fused=True),
+    "fused_perhead": bwd.Variant(**{**TILES16, "block_m2": 32}, fused=True, gqa_in_program=False),
 }
 
 
@@ -127,7 +129,8 @@ def test_tile_list_terms_match_autograd(case, fill):
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(g), fill=fill)
     spec = terms_on_device(spec)
     variant = dataclasses.replace(SWITCHES["ptr"], block_n1=32) if hq // hkv == 4 else SWITCHES["perhead"]
-    variant = dataclasses.replace(variant, prefetch=fill == Fill.SAFE)  # the listed indices loaded ahead, or not
+    # the listed indices loaded ahead or not, in one launch or two
+    variant = dataclasses.replace(variant, prefetch=fill == Fill.SAFE, fused=fill != Fill.SAFE)
     assert not bwd.unsupported_reasons(q, q, k, v, spec, variant)
     check(q, k, v, spec, variant, TOL[torch.float16])
 
@@ -140,7 +143,8 @@ def listed_problems(draw):
     q, k, v, spec = draw(listed_specs())
     tiles = {name: draw(st.sampled_from([16, 32])) for name in ("block_m1", "block_n1", "block_m2", "block_n2")}
     return q, k, v, spec, dataclasses.replace(SWITCHES[draw(st.sampled_from(["ptr", "perhead"]))], **tiles,
-                                              full_run=draw(st.booleans()), prefetch=draw(st.booleans()))
+                                              full_run=draw(st.booleans()), prefetch=draw(st.booleans()),
+                                              fused=draw(st.booleans()))
 
 
 @settings(max_examples=10, deadline=None)
@@ -192,6 +196,7 @@ def test_no_keys_at_all(fill):
 def test_candidate_variants_cover_every_switch():
     variants = bwd.candidate_variants(128, group_size=4)
     assert {v.split for v in variants} == {True, False}
+    assert {v.fused for v in variants} == {True, False}
     assert {v.gqa_in_program for v in variants} == {True, False}
     assert {v.descriptors for v in variants} == ({False, True} if bwd.HAS_DESCRIPTORS else {False})
     assert all(v.gqa_in_program for v in bwd.candidate_variants(64, group_size=1))
@@ -253,7 +258,8 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
 def test_gpu_tile_list_terms(case):
     """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64: the
     measured variant of D = 64 and 128, the same with descriptors when present, dK/dV per query head and the
-    full-tile run switched, and the same with the listed tiles' indices loaded ahead switched."""
+    full-tile run switched, the same with the listed tiles' indices loaded ahead switched, and in one launch (or
+    two) with the indices ahead and no run."""
     b, n, terms = GPU_LISTED[case]
     for d in (64, 128):
         q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
@@ -263,5 +269,6 @@ def test_gpu_tile_list_terms(case):
         assert measured.full_run  # every tile-list kind walks its full run as a range (tile_lists.md)
         variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False,
                                                   full_run=not measured.full_run),
-                    dataclasses.replace(measured, prefetch=not measured.prefetch)]
+                    dataclasses.replace(measured, prefetch=not measured.prefetch),
+                    dataclasses.replace(measured, fused=not measured.fused, prefetch=True, full_run=False)]
         _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
