@@ -70,7 +70,7 @@ from .triton_flash import _block, _last_dim_contiguous, _term_args, _with_empty_
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
 from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
 from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, _map_part, list_args,
-                               listed, use_scratch_allocator)
+                               listed, listed_kind, use_scratch_allocator)
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
@@ -525,6 +525,9 @@ MEASURED_VARIANTS = {
     (64, False): Variant(block_m1=64, block_n1=64, block_m2=64, block_n2=64, num_warps=4),
 }
 
+# what key padding and documents (as tile lists) change in their band's measured variant
+LISTED = dict(full_run=False, prefetch=True, fused=True)
+
 
 def measured_variant(spec: AttentionSpec) -> Variant | None:
     """The measured variant for this spec, or None where none was measured: head dims 64 and 128,
@@ -534,10 +537,17 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     from 0.73x to 0.98x Flex; the same window as a dense boolean mask from 0.73x to 0.86-0.88x Flex;
     ``benchmarks/results/kernels.md``). Tile lists walk a row's first run of full tiles as a range (``full_run``):
     faster than the lists alone in every tile-list case, forward + backward (documents 4-64, key padding, window +
-    documents, a dense mask; ``benchmarks/results/tile_lists.md``)."""
+    documents, a dense mask; ``benchmarks/results/tile_lists.md``). That was before ``prefetch`` and ``fused``:
+    with them, documents and key padding take the lists alone (``LISTED``: documents 4/16/64 at 16k, forward +
+    backward 1.03x/1.00x/1.00x Flex, from 0.98x/0.95x/0.94x; key padding 1.09x from 1.01x;
+    ``benchmarks/results/backward_sweep_documents.md``, ``kernels.md``). A dense boolean mask keeps the full run in
+    two launches: the window 1024 at 8k as a boolean mask fell from 0.94x to 0.76x Flex with ``LISTED``."""
     if spec.dtype not in (torch.float16, torch.bfloat16) or spec.v_head_dim != spec.head_dim:
         return None
-    return MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
+    variant = MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
+    if variant is not None and listed(spec) and listed_kind(spec) != "mask":
+        return dataclasses.replace(variant, **LISTED)
+    return variant
 
 
 def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,

@@ -258,17 +258,19 @@ def test_gpu_bands_and_lengths_not_multiples_of_tiles(band):
 def test_gpu_tile_list_terms(case):
     """Documents, key padding and dense boolean masks through the tile lists, GQA 8/2, bf16, against float64: the
     measured variant of D = 64 and 128, the same with descriptors when present, dK/dV per query head and the
-    full-tile run switched, the same with the listed tiles' indices loaded ahead switched, and in one launch (or
-    two) with the indices ahead and no run."""
+    full-tile run switched, the lists alone with the indices loaded ahead switched, and in one launch or two."""
     b, n, terms = GPU_LISTED[case]
     for d in (64, 128):
         q, k, v, spec = make_inputs(b, 8, 2, n, n, d, torch.bfloat16, terms(torch.Generator().manual_seed(5)),
                                     fill=Fill.FINITE_ADDED)
         spec = terms_on_device(spec)
         measured = bwd.measured_variant(spec)
-        assert measured.full_run  # every tile-list kind walks its full run as a range (tile_lists.md)
+        # documents and key padding: the lists alone, indices ahead, one launch (backward_sweep_documents.md); a
+        # boolean mask: the full run in two launches
+        switched = (False, True, True) if bwd.listed_kind(spec) != "mask" else (True, False, False)
+        assert (measured.full_run, measured.prefetch, measured.fused) == switched
         variants = [measured, dataclasses.replace(measured, descriptors=bwd.HAS_DESCRIPTORS, gqa_in_program=False,
                                                   full_run=not measured.full_run),
-                    dataclasses.replace(measured, prefetch=not measured.prefetch),
-                    dataclasses.replace(measured, fused=not measured.fused, prefetch=True, full_run=False)]
+                    dataclasses.replace(measured, prefetch=not measured.prefetch, full_run=False),
+                    dataclasses.replace(measured, fused=not measured.fused, full_run=False, prefetch=True)]
         _check_all(q, k, v, spec, variants, TOL[torch.bfloat16])
