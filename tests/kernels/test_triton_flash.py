@@ -527,3 +527,35 @@ def test_gpu_bound_launch_gives_tritons_results(monkeypatch):
             assert launch._BOUND, "nothing was bound"
             for a, b in zip(got, want):
                 torch.testing.assert_close(a, b, atol=0, rtol=0, equal_nan=True)
+
+
+@settings(max_examples=8, deadline=None)
+@given(n=st.sampled_from([70, 130, 200]), group=st.sampled_from([1, 2]), documents=st.integers(1, 6),
+       padding=st.sampled_from(["none", "left", "lengths"]), window=st.sampled_from([None, 37]),
+       seed=st.integers(0, 2 ** 16))
+def test_measured_backward_on_tile_lists_of_any_layout(n, group, documents, padding, window, seed):
+    """Documents at random boundaries, with left padding (rows without a key), key lengths or neither, and a
+    causal window or none, GQA or not, over several tiles of D = 64 in bfloat16: the backward is the registered
+    one-launch variant with the listed indices loaded ahead (``LISTED``), with the original's gradients."""
+    g = torch.Generator().manual_seed(seed)
+    cuts = torch.randperm(n - 1, generator=g)[:documents - 1] + 1
+    doc = torch.zeros(n, dtype=torch.long)
+    doc[cuts] = 1
+    doc = doc.cumsum(0)[None]
+    terms = {"causal": True, "q_doc": doc, "kv_doc": doc}
+    if window is not None:
+        terms["window"] = Window(window, 0)
+    if padding == "left":
+        start = int(torch.randint(1, n // 2, (1,), generator=g))
+        terms["key_padding"] = (torch.arange(n) >= start)[None]
+    elif padding == "lengths":
+        terms["key_padding"] = torch.randint(n // 2, n + 1, (1,), generator=g)
+    q, k, v, spec = make_inputs((1, 2 * group, 2, n, n), 64, torch.bfloat16, terms, seed=seed,
+                                fill=Fill.FINITE_ADDED)
+    calls = []
+    run = triton_flash.band_bwd.run_backward
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(triton_flash.band_bwd, "run_backward", lambda *a: calls.append(a[-1]) or run(*a))
+        check_against_oracles(q, k, v, spec, TOL[torch.bfloat16], seed=seed)
+    measured = triton_flash.band_bwd.MEASURED_VARIANTS[(64, True)]
+    assert calls == [dataclasses.replace(measured, **triton_flash.band_bwd.LISTED)]
