@@ -525,8 +525,9 @@ MEASURED_VARIANTS = {
     (64, False): Variant(block_m1=64, block_n1=64, block_m2=64, block_n2=64, num_warps=4),
 }
 
-# what key padding and documents (as tile lists) change in their band's measured variant
-LISTED = dict(full_run=False, prefetch=True, fused=True)
+#: what key padding and documents (as tile lists) change in their band's measured variant, by head dim: measured
+#: at 128 only (D 64 keeps its band's variant until measured)
+LISTED = {128: dict(full_run=False, prefetch=True, fused=True)}
 
 
 def measured_variant(spec: AttentionSpec) -> Variant | None:
@@ -538,15 +539,15 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     ``benchmarks/results/kernels.md``). Tile lists walk a row's first run of full tiles as a range (``full_run``):
     faster than the lists alone in every tile-list case, forward + backward (documents 4-64, key padding, window +
     documents, a dense mask; ``benchmarks/results/tile_lists.md``). That was before ``prefetch`` and ``fused``:
-    with them, documents and key padding take the lists alone (``LISTED``: documents 4/16/64 at 16k, forward +
+    with them, documents and key padding at D 128 take the lists alone (``LISTED``: documents 4/16/64 at 16k, forward +
     backward 1.03x/1.00x/1.00x Flex, from 0.98x/0.95x/0.94x; key padding 1.09x from 1.01x;
     ``benchmarks/results/backward_sweep_documents.md``, ``kernels.md``). A dense boolean mask keeps the full run in
     two launches: the window 1024 at 8k as a boolean mask fell from 0.94x to 0.76x Flex with ``LISTED``."""
     if spec.dtype not in (torch.float16, torch.bfloat16) or spec.v_head_dim != spec.head_dim:
         return None
     variant = MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
-    if variant is not None and listed(spec) and listed_kind(spec) != "mask":
-        return dataclasses.replace(variant, **LISTED)
+    if variant is not None and spec.head_dim in LISTED and listed(spec) and listed_kind(spec) != "mask":
+        return dataclasses.replace(variant, **LISTED[spec.head_dim])
     return variant
 
 
