@@ -25,9 +25,9 @@ import torch
 from torch.fx import GraphModule
 
 from attnopt.config import Options
-from attnopt.passes import guards
+from attnopt.passes import guards, tuning
 from attnopt.passes.graph import is_buffer, is_parameter, private_inputs, seeded, written_inputs
-from attnopt.passes.pipeline import optimize_graph
+from attnopt.passes.pipeline import optimize_graph, settle_deferred
 from attnopt.report import AttnoptWarning, Fallback, Report, Site
 
 
@@ -154,11 +154,23 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
 
     def build(graph_module, inputs, volatile=frozenset()):
         first = (len(report.sites), report.graphs)
+        inductor = options.compiler == "inductor"
         rewritten = optimize_graph(graph_module, options, report, example_inputs=inputs, volatile=volatile,
-                                   runtime_branches=options.compiler == "eager")
+                                   runtime_branches=not inductor, defer=inductor)
         if options.verify:
             rewritten = _verified(rewritten, original, inputs, options, report, first, volatile)
-        run = run_compiler(rewritten, inputs, options)
+        pending = rewritten.meta.get("attnopt_deferred") or []
+        # the kernels whose timing waits for inductor: compiled in the background meanwhile, then timed
+        warming = tuning.warm_up([(name, item.site_plan.spec) for item in pending
+                                  for name in item.site_plan.choice.deferred]) if pending else None
+        try:
+            run = run_compiler(rewritten, inputs, options)
+        except BaseException:
+            if warming is not None:
+                warming.join()
+            raise
+        if pending:
+            settle_deferred(pending, warming, report, options)
         return run, guards.guarded_inputs(rewritten, rewritten.meta["attnopt_reads"], inputs)
 
     run, checks = build(gm, example_inputs)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+from dataclasses import dataclass
 
 import torch
 from torch.fx import GraphModule
 
 from attnopt.config import Options
+from attnopt.kernels import registry
 from attnopt.report import GraphMemory, Report, Site
 
 from . import checkpoint, plan, tuning
@@ -23,7 +27,7 @@ log = logging.getLogger("attnopt")
 def optimize_graph(
     gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
     volatile: frozenset = frozenset(), runtime_branches: bool = False, subgraph: bool = False,
-    keep: dict[str, str] | None = None,
+    keep: dict[str, str] | None = None, defer: bool = False,
 ) -> GraphModule:
     """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
 
@@ -35,7 +39,9 @@ def optimize_graph(
     ``volatile``). The buffers the replaced sites' proofs read are left in
     ``gm.meta["attnopt_reads"]``, to be guarded. ``runtime_branches`` (graphs
     run as Python, not traced again) lets a site with key padding switch to a
-    faster kernel on batches whose padding keeps every key.
+    faster kernel on batches whose padding keeps every key. ``defer`` (a graph inductor compiles next): sites
+    whose fastest kernel must first compile are rewritten to a ``registry.Deferred`` kernel, listed in
+    ``gm.meta["attnopt_deferred"]`` for ``settle_deferred`` after that compile.
     """
     _optimize_checkpointed(gm, options, report, dry_run, as_python=runtime_branches)
     graph_index = report.graphs
@@ -56,7 +62,9 @@ def optimize_graph(
         found = [Rejection(f.anchor, "dropout whose probability the graph reads at run time (a changed Dropout.p) "
                            "is replaced only in graphs run as Python (compiler='eager')", f.dropout_node)
                  if not isinstance(f, Rejection) and f.dropout_node is not None else f for f in found]
-    graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
+    graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs,
+                                 defer=defer and not dry_run)
+    pending: list[Pending] = []
     planned = iter(graph_plan.sites)
     reads: list = []
     # the fill-only branches' boolean masks live through the forward (one per mask they read) and their kernels'
@@ -75,8 +83,12 @@ def optimize_graph(
                          if runtime_branches and unpadded is None else None)
             rechoice = (plan.Rechoice.for_site(site_plan, options, tuning.replays_graphs(options))
                         if runtime_branches else None)
+            alias = (registry.deferred(site_plan.choice.kernel)
+                     if site_plan.choice is not None and site_plan.choice.deferred and not dry_run else None)
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
-                                     fill_only_kernel=fill_only, rechoice=rechoice)
+                                     fill_only_kernel=fill_only, rechoice=rechoice, alias=alias)
+            if alias is not None:
+                pending.append(Pending(alias, site_plan, len(report.sites)))
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -86,6 +98,7 @@ def optimize_graph(
         graph_plan.training,
     ))
     gm.meta["attnopt_reads"] = list(dict.fromkeys(reads))
+    gm.meta["attnopt_deferred"] = pending
     if not dry_run:
         plan.warn_approximations(graph_plan, earlier)
     if not dry_run:
@@ -211,9 +224,50 @@ def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None,
     return variant.kernel
 
 
+@dataclass(frozen=True)
+class Pending:
+    """A site rewritten to a ``registry.Deferred`` kernel: its deferred kernels are timed after the compile."""
+
+    alias: registry.Deferred
+    site_plan: plan.SitePlan
+    index: int  # the site's position in ``report.sites``
+
+
+def settle_deferred(pending: list[Pending], warming, report: Report, options: Options) -> None:
+    """After inductor's compile: wait for the background warm-up (``warming``, the thread of ``tuning.warm_up``),
+    time each pending site's deferred kernels against the kernel it runs now, point its ``Deferred`` kernel at
+    the fastest, and say so in its report entry. Run before the graph's first call: a site's kernel never changes
+    between a forward and its backward."""
+    if warming is not None:
+        warming.join()
+    cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir))
+    replayed = tuning.replays_graphs(options)
+    for item in pending:
+        spec, choice = item.site_plan.spec, item.site_plan.choice
+        names = [choice.kernel, *choice.deferred]
+        estimates = {c.kernel: c.estimate for c in choice.candidates if c.kernel in names}
+        seconds = tuning.measured_seconds(spec, names, cache, label=plan._label(spec), estimates=estimates,
+                                          budget=tuning.Budget.for_device(spec.device), replayed=replayed)
+        timed_now = {n: t for n, t in seconds.items() if math.isfinite(t)}
+        # a kernel that failed when timed, or was not timed, leaves the site on the one timed before the compile
+        best = min(timed_now, key=timed_now.get) if choice.kernel in timed_now else choice.kernel
+        item.alias.target = registry.get(best)
+        site = report.sites[item.index]
+        timed = {k: (t, m) for k, t, m in site.candidate_times}
+        timed.update({n: (t, True) for n, t in timed_now.items()})
+        ordered = tuple(sorted(((k, t, m) for k, (t, m) in timed.items()), key=lambda c: (not c[2], c[1])))
+        others = ", ".join(f"{n} {plan.format_seconds(t)}" for n, t in timed_now.items() if n != best)
+        how = (f"{best} measured fastest after the compile ({plan.format_seconds(timed_now[best])}; {others})"
+               if best in timed_now else f"{best} kept: the kernels timed after the compile failed or were not timed")
+        report.sites[item.index] = dataclasses.replace(
+            site, kernel=best, bytes_after=bytes_after(spec, best), candidate_times=ordered,
+            reason=f"{site.reason}: {how}")
+
+
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
                       unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False,
-                      fill_only_kernel: str | None = None, rechoice: plan.Rechoice | None = None) -> Site:
+                      fill_only_kernel: str | None = None, rechoice: plan.Rechoice | None = None,
+                      alias: registry.Deferred | None = None) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -234,8 +288,8 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
             **described,
         )
     if not dry_run:
-        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean, fill_only_kernel=fill_only_kernel,
-                rechoice=rechoice)
+        replace(gm.graph, match, choice.kernel if alias is None else alias.name, unpadded_kernel, lean=lean,
+                fill_only_kernel=fill_only_kernel, rechoice=rechoice)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:
@@ -243,6 +297,8 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     if fill_only_kernel is not None:
         dtype = str(spec.dtype).removeprefix("torch.")
         reason += f"; calls whose mask holds only 0 and {dtype}'s finfo.min run {fill_only_kernel} on it as a boolean mask"
+    if alias is not None:
+        reason += f"; {', '.join(choice.deferred)} compiled in the background and timed after inductor's compile"
     if rechoice is not None:
         reason += "; calls in other shape buckets (batch size and lengths rounded up to a power of two) choose their kernel on their first call"
     return Site(
