@@ -160,17 +160,18 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
         if options.verify:
             rewritten = _verified(rewritten, original, inputs, options, report, first, volatile)
         pending = rewritten.meta.get("attnopt_deferred") or []
-        # the kernels whose timing waits for inductor: compiled in the background meanwhile, then timed
-        warming = tuning.warm_up([(name, item.site_plan.spec) for item in pending
-                                  for name in item.site_plan.choice.deferred]) if pending else None
+        # the kernels whose timing waits for inductor, and those chosen from cached timings: compiled in the
+        # background meanwhile (then the first are timed)
+        jobs = [(name, item.site_plan.spec) for item in pending for name in item.site_plan.choice.deferred]
+        jobs += rewritten.meta.get("attnopt_warm") or []
+        warming = tuning.warm_up(jobs) if jobs else None
         try:
             run = run_compiler(rewritten, inputs, options)
-        except BaseException:
+        finally:
             if warming is not None:
                 warming.join()
-            raise
         if pending:
-            settle_deferred(pending, warming, report, options)
+            settle_deferred(pending, report, options)
         return run, guards.guarded_inputs(rewritten, rewritten.meta["attnopt_reads"], inputs)
 
     run, checks = build(gm, example_inputs)

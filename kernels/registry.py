@@ -166,7 +166,7 @@ class Deferred(Kernel):
     """A replaced site's kernel while its choice waits for a timing: every call goes to ``target``.
 
     ``torch.compile(backend="attnopt")`` rewrites a site before inductor compiles the graph and bakes the kernel's
-    name into it. Where the fastest candidate would first have to be compiled (``compiles``) to be timed, the site
+    name into it. Where the fastest candidate would first have to compile its Triton code to be timed, the site
     names one of these instead, with the fastest kernel already timed as its target; the compiling kernel is
     compiled in the background while inductor compiles the graph and timed after it, and the target is set once,
     before the graph's first call (``attnopt.backend``). Not a candidate of the planner (``all_kernels`` leaves it

@@ -12,6 +12,7 @@ from torch.fx import GraphModule
 
 from attnopt.config import Options
 from attnopt.kernels import registry
+from attnopt.kernels.spec import AttentionSpec
 from attnopt.report import GraphMemory, Report, Site
 
 from . import checkpoint, plan, tuning
@@ -41,7 +42,8 @@ def optimize_graph(
     run as Python, not traced again) lets a site with key padding switch to a
     faster kernel on batches whose padding keeps every key. ``defer`` (a graph inductor compiles next): sites
     whose fastest kernel must first compile are rewritten to a ``registry.Deferred`` kernel, listed in
-    ``gm.meta["attnopt_deferred"]`` for ``settle_deferred`` after that compile.
+    ``gm.meta["attnopt_deferred"]`` for ``settle_deferred`` after that compile; sites that chose such a kernel
+    from timings already cached list it in ``gm.meta["attnopt_warm"]``, to compile it beside inductor.
     """
     _optimize_checkpointed(gm, options, report, dry_run, as_python=runtime_branches)
     graph_index = report.graphs
@@ -65,6 +67,7 @@ def optimize_graph(
     graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs,
                                  defer=defer and not dry_run)
     pending: list[Pending] = []
+    warm: list[tuple[str, AttentionSpec]] = []  # chosen kernels to compile beside inductor (timed from the cache)
     planned = iter(graph_plan.sites)
     reads: list = []
     # the fill-only branches' boolean masks live through the forward (one per mask they read) and their kernels'
@@ -89,6 +92,9 @@ def optimize_graph(
                                      fill_only_kernel=fill_only, rechoice=rechoice, alias=alias)
             if alias is not None:
                 pending.append(Pending(alias, site_plan, len(report.sites)))
+            elif (defer and site.replaced and not dry_run and plan.deferring(options, site_plan.spec)
+                  and registry.get(site.kernel).compiles == registry.COMPILES_TRITON):
+                warm.append((site.kernel, site_plan.spec))
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -99,6 +105,7 @@ def optimize_graph(
     ))
     gm.meta["attnopt_reads"] = list(dict.fromkeys(reads))
     gm.meta["attnopt_deferred"] = pending
+    gm.meta["attnopt_warm"] = warm
     if not dry_run:
         plan.warn_approximations(graph_plan, earlier)
     if not dry_run:
@@ -233,13 +240,10 @@ class Pending:
     index: int  # the site's position in ``report.sites``
 
 
-def settle_deferred(pending: list[Pending], warming, report: Report, options: Options) -> None:
-    """After inductor's compile: wait for the background warm-up (``warming``, the thread of ``tuning.warm_up``),
-    time each pending site's deferred kernels against the kernel it runs now, point its ``Deferred`` kernel at
-    the fastest, and say so in its report entry. Run before the graph's first call: a site's kernel never changes
-    between a forward and its backward."""
-    if warming is not None:
-        warming.join()
+def settle_deferred(pending: list[Pending], report: Report, options: Options) -> None:
+    """After inductor's compile and the background warm-up (``tuning.warm_up``): time each pending site's deferred
+    kernels against the kernel it runs now, point its ``Deferred`` kernel at the fastest, and say so in its report
+    entry. Run before the graph's first call: a site's kernel never changes between a forward and its backward."""
     cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir))
     replayed = tuning.replays_graphs(options)
     for item in pending:

@@ -687,12 +687,14 @@ def leads(name: str, estimate: float, cheaper: dict[int, float]) -> bool:
 def deferrable(spec: AttentionSpec, names: list[str], estimates: dict[str, float], cache: TuningCache,
                replayed: bool = False) -> list[str]:
     """Which of ``names`` a graph compiled by inductor times after that compile (``plan.candidates``' ``defer``):
-    the kernels that compile (``Kernel.compiles``) and lead the lower tiers (``leads``), not yet timed on this
-    spec's shapes (in ``cache``). The others are timed now."""
+    the kernels that compile Triton code (``Kernel.compiles`` is ``COMPILES_TRITON``: triton_flash) and lead the
+    lower tiers (``leads``), not yet timed on this spec's shapes (in ``cache``). The others are timed now.
+    FlexAttention is not deferred: it compiles through ``torch.compile``, whose lock the thread compiling the
+    graph holds, so its warm-up in another thread would wait for a caller that waits for it."""
     known = {n: e for n, e in estimates.items() if n != ORIGINAL}
     cheaper = fastest_by_tier(known)
     cached = cache.get(cache_key(spec, replayable(spec, replayed))) or {}
-    return [n for n in names if n != ORIGINAL and n not in cached and _tier(n) > registry.COMPILES_NOTHING
+    return [n for n in names if n != ORIGINAL and n not in cached and _tier(n) == registry.COMPILES_TRITON
             and leads(n, known.get(n, 0.0), cheaper)]
 
 

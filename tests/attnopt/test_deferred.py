@@ -263,3 +263,37 @@ def test_gpu_triton_flash_is_compiled_beside_inductor_and_timed_after(tmp_path, 
         (ex,) = torch.autograd.grad(model(x), x, g)
         torch.testing.assert_close(gx, ex, atol=5e-2, rtol=5e-2)
     assert alias.target.name == site.kernel
+
+
+def test_only_triton_compiles_are_deferred(compiling, tmp_path):
+    """A kernel compiled through torch.compile (FlexAttention's tier) is never deferred: its compile in another
+    thread would wait for dynamo's lock, held by the thread that waits for it. Cached timings are not deferred."""
+    from attnopt.kernels.spec import AttentionSpec
+
+    q = torch.randn(1, 2, 64, 8)
+    spec = AttentionSpec.from_tensors(q, q, q, causal=True).with_(device=torch.device("cpu"))
+    cache = tuning.TuningCache(tmp_path)
+    estimates = {"sdpa_cpu": 1e-3, NAME: 1e-9}
+    assert tuning.deferrable(spec, list(estimates), estimates, cache) == [NAME]
+    compiling.compiles = registry.COMPILES_INDUCTOR
+    assert tuning.deferrable(spec, list(estimates), estimates, cache) == []
+    compiling.compiles = registry.COMPILES_TRITON
+    cache.put(tuning.cache_key(spec), {NAME: 1e-6, "sdpa_cpu": 1e-3})
+    assert tuning.deferrable(spec, list(estimates), estimates, cache) == []
+    # not ahead of the kernels that compile nothing by COMPILED_LEAD: timed now, if at all
+    assert tuning.deferrable(spec, list(estimates), {"sdpa_cpu": 1e-3, NAME: 0.9e-3}, tuning.TuningCache(
+        tmp_path / "empty")) == []
+
+
+def test_a_compiling_kernel_chosen_without_deferral_is_compiled_beside_inductor(compiling, monkeypatch):
+    """A site whose compiling kernel was timed already (here: nothing deferrable, so it is timed in the pass, as
+    when its timing comes from the cache) runs it directly, and the warm-up thread runs it once while inductor
+    compiles (its Triton compile, or the load of its cached binary, off the first call's path)."""
+    monkeypatch.setattr(tuning, "deferrable", lambda *args, **kwargs: [])
+    model, x = _model_and_input()
+    compiled = _compiled(model, cache_dir=compiling.cache)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+    (site,) = report_of(compiled).sites
+    assert site.kernel == NAME and "background" not in site.reason
+    assert "attnopt-warm-up" in compiling.threads
