@@ -297,3 +297,40 @@ def test_a_compiling_kernel_chosen_without_deferral_is_compiled_beside_inductor(
     (site,) = report_of(compiled).sites
     assert site.kernel == NAME and "background" not in site.reason
     assert "attnopt-warm-up" in compiling.threads
+
+
+def test_triton_flash_warms_up_in_the_thread_under_the_interpreter(monkeypatch, tmp_path):
+    """The real kernel in the background thread (Triton's interpreter here, its compile on a GPU), inference and
+    training: made a CPU candidate estimated far ahead, it is run first by the warm-up thread, then timed, and the
+    site keeps whichever kernel measured faster, with the original's outputs and gradients."""
+    kernel = registry.get("triton_flash")
+    monkeypatch.setattr(type(kernel), "devices", None)
+    monkeypatch.setattr(type(kernel), "cost", lambda self, spec: 1e-9)
+    monkeypatch.setattr(tuning, "DEFER_DEVICES", ("cpu",))
+    threads = []
+    forward = type(kernel).forward
+
+    def spy(self, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(kernel), "forward", spy)
+    monkeypatch.setattr(Window, "WINDOW", 16)
+    torch.manual_seed(0)
+    model = Window(dim=32, heads=2)
+    x = torch.randn(1, 64, 32, generator=torch.Generator().manual_seed(0))
+    for train in (False, True):
+        torch._dynamo.reset()
+        threads.clear()
+        compiled = torch.compile(model, backend=Backend(tune=True, cache_dir=str(tmp_path / str(train))))
+        x1, x2 = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
+        with torch.set_grad_enabled(train):
+            got, expected = compiled(x1), model(x2)
+        torch.testing.assert_close(got, expected)
+        if train:
+            got.square().sum().backward()
+            expected.square().sum().backward()
+            torch.testing.assert_close(x1.grad, x2.grad)
+        (site,) = report_of(compiled).sites
+        assert "triton_flash compiled in the background and timed after inductor's compile" in site.reason
+        assert threads[0] == "attnopt-warm-up" and "MainThread" in threads  # warmed, then timed here
