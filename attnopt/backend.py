@@ -27,7 +27,7 @@ from torch.fx import GraphModule
 from attnopt.config import Options
 from attnopt.passes import guards, tuning
 from attnopt.passes.graph import is_buffer, is_parameter, private_inputs, seeded, written_inputs
-from attnopt.passes.pipeline import optimize_graph, settle_deferred
+from attnopt.passes.pipeline import optimize_graph, settle_deferred, wait_for_compile
 from attnopt.report import AttnoptWarning, Fallback, Report, Site
 
 
@@ -144,7 +144,11 @@ def _attnopt_backend_of(compiled):
     return found if getattr(found, "compiler_fn", None) is attnopt_backend else None
 
 
-def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_run: bool = False):
+def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_run: bool = False,
+                 settles_at_calls: bool = False):
+    """``gm`` rewritten and made runnable (``run_compiler``), its sites recorded in ``report``.
+    ``settles_at_calls``: the caller calls ``pipeline.settle_ready(report)`` before each call of the model
+    (``attnopt.optimize``), so a graph run as Python may time a site's compiling kernels after its first call."""
     first_site = len(report.sites)
     if dry_run:
         run = optimize_graph(gm, options, report, dry_run=True, example_inputs=example_inputs).forward
@@ -156,7 +160,7 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
         first = (len(report.sites), report.graphs)
         inductor = options.compiler == "inductor"
         rewritten = optimize_graph(graph_module, options, report, example_inputs=inputs, volatile=volatile,
-                                   runtime_branches=not inductor, defer=inductor)
+                                   runtime_branches=not inductor, defer=inductor or settles_at_calls)
         if options.verify:
             rewritten = _verified(rewritten, original, inputs, options, report, first, volatile)
         pending = rewritten.meta.get("attnopt_deferred") or []
@@ -165,6 +169,11 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
         jobs = [(name, item.site_plan.spec) for item in pending for name in item.site_plan.choice.deferred]
         jobs += rewritten.meta.get("attnopt_warm") or []
         warming = tuning.warm_up(jobs) if jobs else None
+        if not inductor:  # run as Python: the sites switch before a later call, once compiled (settle_ready)
+            if pending:
+                wait_for_compile(report, warming, pending, options)
+            return run_compiler(rewritten, inputs, options), guards.guarded_inputs(
+                rewritten, rewritten.meta["attnopt_reads"], inputs)
         try:
             run = run_compiler(rewritten, inputs, options)
         finally:
