@@ -426,3 +426,27 @@ def test_optimize_warms_triton_flash_in_the_thread_under_the_interpreter(monkeyp
     site = optimized.attnopt_report.sites[0]
     assert "measured fastest once compiled" in site.reason
     assert any(k == "triton_flash" and measured for k, _, measured in site.candidate_times)
+
+
+def test_a_failing_later_timing_leaves_the_sites_as_they_are(compiling, monkeypatch, caplog):
+    """The timing before a later call is an optimization: when it raises, the call runs on the kernel the site
+    had, with a warning, and the model's outputs are the original's."""
+    import attnopt
+
+    model, x = _model_and_input()
+    optimized = attnopt.optimize(Causal(), tune=True, cache_dir=compiling.cache)
+    optimized.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model(x))
+    kernel = optimized.attnopt_report.sites[0].kernel
+    for thread in _warm_up_threads():
+        thread.join()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no device memory left")
+
+    monkeypatch.setattr(tuning, "measured_seconds", broken)
+    with torch.no_grad(), caplog.at_level("WARNING", logger="attnopt"):
+        torch.testing.assert_close(optimized(x), model(x))
+    assert "no device memory left" in caplog.text
+    assert optimized.attnopt_report.sites[0].kernel == kernel != NAME
