@@ -13,6 +13,7 @@ import torch
 from torch._dynamo import eval_frame
 
 from attnopt.backend import Backend, _given, compile_with
+from attnopt.passes.pipeline import settle_ready
 from attnopt.config import Options
 from attnopt.passes.graph import dotted_path
 from attnopt.report import Fallback, Report
@@ -110,6 +111,7 @@ class _OptimizedForward:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # traced as part of an enclosing optimized forward: its graph
             return self.plain(*args, **kwargs)
+        settle_ready(self.report)  # sites whose compiling kernel is now compiled: timed, switched if faster
         out = self.compiled(*args, **kwargs)
         _mark_static_caches((*args, *kwargs.values()))
         return out
@@ -343,7 +345,7 @@ def _backend(gm, example_inputs, *, options: Options, report: Report, dry_run: b
     """attnopt's backend for the forward of ``root`` (a submodule optimized apart when ``prefix`` names it): the
     graph compiled, its sites named from the model's root."""
     first = len(report.sites)
-    compiled = compile_with(gm, example_inputs, options, report, dry_run=dry_run)
+    compiled = compile_with(gm, example_inputs, options, report, dry_run=dry_run, settles_at_calls=True)
     owner = _frame_owner(gm, example_inputs, root) if root is not None else None
     if prefix or owner:
         report.sites[first:] = [_named_from_root(s, prefix, owner) for s in report.sites[first:]]

@@ -25,9 +25,9 @@ import torch
 from torch.fx import GraphModule
 
 from attnopt.config import Options
-from attnopt.passes import guards
+from attnopt.passes import guards, tuning
 from attnopt.passes.graph import is_buffer, is_parameter, private_inputs, seeded, written_inputs
-from attnopt.passes.pipeline import optimize_graph
+from attnopt.passes.pipeline import optimize_graph, settle_deferred, wait_for_compile
 from attnopt.report import AttnoptWarning, Fallback, Report, Site
 
 
@@ -144,7 +144,11 @@ def _attnopt_backend_of(compiled):
     return found if getattr(found, "compiler_fn", None) is attnopt_backend else None
 
 
-def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_run: bool = False):
+def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_run: bool = False,
+                 settles_at_calls: bool = False):
+    """``gm`` rewritten and made runnable (``run_compiler``), its sites recorded in ``report``.
+    ``settles_at_calls``: the caller calls ``pipeline.settle_ready(report)`` before each call of the model
+    (``attnopt.optimize``), so a graph run as Python may time a site's compiling kernels after its first call."""
     first_site = len(report.sites)
     if dry_run:
         run = optimize_graph(gm, options, report, dry_run=True, example_inputs=example_inputs).forward
@@ -154,11 +158,29 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
 
     def build(graph_module, inputs, volatile=frozenset()):
         first = (len(report.sites), report.graphs)
+        inductor = options.compiler == "inductor"
         rewritten = optimize_graph(graph_module, options, report, example_inputs=inputs, volatile=volatile,
-                                   runtime_branches=options.compiler == "eager")
+                                   runtime_branches=not inductor, defer=inductor or settles_at_calls)
         if options.verify:
             rewritten = _verified(rewritten, original, inputs, options, report, first, volatile)
-        run = run_compiler(rewritten, inputs, options)
+        pending = rewritten.meta.get("attnopt_deferred") or []
+        # the kernels whose timing waits for inductor, and those chosen from cached timings: compiled in the
+        # background meanwhile (then the first are timed)
+        jobs = [(name, item.site_plan.spec) for item in pending for name in item.site_plan.choice.deferred]
+        jobs += rewritten.meta.get("attnopt_warm") or []
+        warming = tuning.warm_up(jobs) if jobs else None
+        if not inductor:  # run as Python: the sites switch before a later call, once compiled (settle_ready)
+            if pending:
+                wait_for_compile(report, warming, pending, options)
+            return run_compiler(rewritten, inputs, options), guards.guarded_inputs(
+                rewritten, rewritten.meta["attnopt_reads"], inputs)
+        try:
+            run = run_compiler(rewritten, inputs, options)
+        finally:
+            if warming is not None:
+                warming.join()
+        if pending:
+            settle_deferred(pending, report, options)
         return run, guards.guarded_inputs(rewritten, rewritten.meta["attnopt_reads"], inputs)
 
     run, checks = build(gm, example_inputs)

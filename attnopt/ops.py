@@ -575,6 +575,16 @@ class SiteCall:
                 return (run(q, k, v, spec),)
         return (run(q, k, v, spec),)
 
+    def switch(self, kernel: str) -> None:
+        """Run ``kernel`` from the next call on (a timing made after the rewrite chose it): the call plans
+        prepared for the previous kernel, and the shape buckets' choices made from it, are dropped. Between two
+        calls only: a call's backward runs the kernel its forward ran (``_EagerAttention`` keeps the object, the
+        op its name)."""
+        _check_static(kernel, *self.static, self.fill)
+        self.kernel, self.kernel_name = registry.get(kernel), kernel
+        self._plans.clear()
+        self._bucket_kernels.clear()
+
     def _spec(self, q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared: bool = True) -> tuple:
         """``(spec, prepared call)`` of this call from its call plan (made on the first call like it): the
         spec ``spec_from_args`` would make, without dropout. ``prepared=False`` (a training call, or one through

@@ -130,7 +130,7 @@ def register(kernel: Kernel) -> Kernel:
 
 
 def get(name: str) -> Kernel:
-    kernel = _KERNELS.get(name) or _configured(name)
+    kernel = _KERNELS.get(name) or _ALIASES.get(name) or _configured(name)
     if kernel is None:
         known = ", ".join(sorted(_KERNELS)) or "none"
         raise ValueError(f"unknown attention kernel {name!r}: registered kernels are {known}")
@@ -160,3 +160,76 @@ def _configured(name: str) -> Kernel | None:
 
 def all_kernels() -> list[Kernel]:
     return list(_KERNELS.values())
+
+
+class Deferred(Kernel):
+    """A replaced site's kernel while its choice waits for a timing: every call goes to ``target``.
+
+    ``torch.compile(backend="attnopt")`` rewrites a site before inductor compiles the graph and bakes the kernel's
+    name into it. Where the fastest candidate would first have to compile its Triton code to be timed, the site
+    names one of these instead, with the fastest kernel already timed as its target; the compiling kernel is
+    compiled in the background while inductor compiles the graph and timed after it, and the target is set once,
+    before the graph's first call (``attnopt.backend``). Not a candidate of the planner (``all_kernels`` leaves it
+    out): only ``get`` finds it, by the name the graph holds."""
+
+    compiles = COMPILES_NOTHING
+
+    def __init__(self, name: str, target: Kernel):
+        self.name = name
+        self.target = target
+
+    @property
+    def exact(self) -> bool:  # type: ignore[override]
+        return self.target.exact
+
+    @property
+    def summary(self) -> str:  # type: ignore[override]
+        return f"{self.target.name}, timed again after the compile"
+
+    def not_supported_reasons(self, spec):
+        return self.target.not_supported_reasons(spec)
+
+    def memory_bytes(self, spec):
+        return self.target.memory_bytes(spec)
+
+    def saved_bytes(self, spec):
+        return self.target.saved_bytes(spec)
+
+    def cost(self, spec):
+        return self.target.cost(spec)
+
+    def forward(self, q, k, v, spec, seed):
+        return self.target.forward(q, k, v, spec, seed)
+
+    def infer(self, q, k, v, spec):
+        return self.target.infer(q, k, v, spec)
+
+    def prepare(self, spec):
+        return self.target.prepare(spec)
+
+    def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad):
+        return self.target.backward(grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad)
+
+    def train_forward(self, q, k, v, spec, seed):
+        return self.target.train_forward(q, k, v, spec, seed)
+
+    def train_backward(self, residual, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad):
+        return self.target.train_backward(residual, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad,
+                                          needs_mask_grad)
+
+    def autograd_forward(self, q, k, v, spec, seed):
+        return self.target.autograd_forward(q, k, v, spec, seed)
+
+    def __repr__(self) -> str:
+        return f"<kernel {self.name} -> {self.target.name}>"
+
+
+#: the ``Deferred`` kernels of this process, by name (``deferred_<n>``, numbered in the order they are made)
+_ALIASES: dict[str, Deferred] = {}
+
+
+def deferred(target: str) -> Deferred:
+    """A new ``Deferred`` kernel whose calls go to the kernel ``target`` until it is set to another."""
+    alias = Deferred(f"deferred_{len(_ALIASES)}", get(target))
+    _ALIASES[alias.name] = alias
+    return alias

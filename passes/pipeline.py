@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch.fx import GraphModule
 
 from attnopt.config import Options
+from attnopt.kernels import registry
+from attnopt.kernels.spec import AttentionSpec
+from attnopt.kernels.term_cache import capturing
 from attnopt.report import GraphMemory, Report, Site
 
 from . import checkpoint, plan, tuning
@@ -23,7 +30,7 @@ log = logging.getLogger("attnopt")
 def optimize_graph(
     gm: GraphModule, options: Options, report: Report, *, dry_run: bool = False, example_inputs=None,
     volatile: frozenset = frozenset(), runtime_branches: bool = False, subgraph: bool = False,
-    keep: dict[str, str] | None = None,
+    keep: dict[str, str] | None = None, defer: bool = False,
 ) -> GraphModule:
     """Rewrite every attention site of ``gm`` that can be replaced; record each in ``report``.
 
@@ -35,7 +42,12 @@ def optimize_graph(
     ``volatile``). The buffers the replaced sites' proofs read are left in
     ``gm.meta["attnopt_reads"]``, to be guarded. ``runtime_branches`` (graphs
     run as Python, not traced again) lets a site with key padding switch to a
-    faster kernel on batches whose padding keeps every key.
+    faster kernel on batches whose padding keeps every key. ``defer`` (a graph inductor compiles next): sites
+    whose fastest kernel must first compile are rewritten to a ``registry.Deferred`` kernel, listed in
+    ``gm.meta["attnopt_deferred"]`` for ``settle_deferred`` after that compile; sites that chose such a kernel
+    from timings already cached list it in ``gm.meta["attnopt_warm"]``, to compile it beside inductor. In a graph
+    run as Python (``runtime_branches``) such a site runs the fastest kernel timed so far, and is listed with its
+    ``SiteCall`` to switch once the deferred kernels are compiled and timed (``wait_for_compile``).
     """
     _optimize_checkpointed(gm, options, report, dry_run, as_python=runtime_branches)
     graph_index = report.graphs
@@ -56,7 +68,10 @@ def optimize_graph(
         found = [Rejection(f.anchor, "dropout whose probability the graph reads at run time (a changed Dropout.p) "
                            "is replaced only in graphs run as Python (compiler='eager')", f.dropout_node)
                  if not isinstance(f, Rejection) and f.dropout_node is not None else f for f in found]
-    graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs)
+    graph_plan = plan.plan_graph(gm, [f for f in found if not isinstance(f, Rejection)], options, example_inputs,
+                                 defer=defer and not dry_run)
+    pending: list[Pending] = []
+    warm: list[tuple[str, AttentionSpec]] = []  # chosen kernels to compile beside inductor (timed from the cache)
     planned = iter(graph_plan.sites)
     reads: list = []
     # the fill-only branches' boolean masks live through the forward (one per mask they read) and their kernels'
@@ -75,8 +90,18 @@ def optimize_graph(
                          if runtime_branches and unpadded is None else None)
             rechoice = (plan.Rechoice.for_site(site_plan, options, tuning.replays_graphs(options))
                         if runtime_branches else None)
+            waits = site_plan.choice is not None and bool(site_plan.choice.deferred) and not dry_run
+            # a compiled graph names a Deferred kernel; a graph run as Python holds the SiteCall to switch
+            item = Pending(None if runtime_branches else registry.deferred(site_plan.choice.kernel), site_plan,
+                           len(report.sites)) if waits else None
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
-                                     fill_only_kernel=fill_only, rechoice=rechoice)
+                                     fill_only_kernel=fill_only, rechoice=rechoice, pending=item)
+            if item is not None:
+                pending.append(item)
+            elif (defer and not runtime_branches and site.replaced and not dry_run
+                  and plan.deferring(options, site_plan.spec)
+                  and registry.get(site.kernel).compiles == registry.COMPILES_TRITON):
+                warm.append((site.kernel, site_plan.spec))
             if site.replaced:
                 reads.extend(site_plan.match.reads)
         log.info("attnopt site %s (%s): %s", site.where, "replaced" if site.replaced else "left alone", site.reason)
@@ -86,6 +111,8 @@ def optimize_graph(
         graph_plan.training,
     ))
     gm.meta["attnopt_reads"] = list(dict.fromkeys(reads))
+    gm.meta["attnopt_deferred"] = pending
+    gm.meta["attnopt_warm"] = warm
     if not dry_run:
         plan.warn_approximations(graph_plan, earlier)
     if not dry_run:
@@ -211,9 +238,94 @@ def _fill_only_kernel(site_plan: plan.SitePlan, options: Options, timing=None,
     return variant.kernel
 
 
+@dataclass
+class Pending:
+    """A replaced site whose deferred kernels (``Choice.deferred``) are timed after the rewrite: in a graph
+    inductor compiles, once that compile is done (the graph names ``alias``); in a graph run as Python, before
+    a call of the optimized model once their background compile is done (``calls``: the ``SiteCall`` to switch)."""
+
+    alias: registry.Deferred | None
+    site_plan: plan.SitePlan
+    index: int  # the site's position in ``report.sites``
+    calls: list = field(default_factory=list)
+
+
+def settle_deferred(pending: list[Pending], report: Report, options: Options) -> None:
+    """Once the background warm-up (``tuning.warm_up``) is done: time each pending site's deferred kernels against
+    the kernel it runs now, point its ``Deferred`` kernel (or switch its ``SiteCall``) to the fastest, and say so
+    in its report entry. Run between calls (after inductor's compile, before the graph's first call; or before a
+    call of the optimized model): a site's kernel never changes between a forward and its backward. The timing
+    runs outside any autocast and inference mode of the caller, on random inputs from torch's generators, put
+    back as they were."""
+    cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir))
+    replayed = tuning.replays_graphs(options)
+    for item in pending:
+        spec, choice = item.site_plan.spec, item.site_plan.choice
+        names = [choice.kernel, *choice.deferred]
+        estimates = {c.kernel: c.estimate for c in choice.candidates if c.kernel in names}
+        with torch.inference_mode(False), torch.autocast(spec.device.type, enabled=False):
+            seconds = tuning.measured_seconds(spec, names, cache, label=plan._label(spec), estimates=estimates,
+                                              budget=tuning.Budget.for_device(spec.device), replayed=replayed)
+        timed_now = {n: t for n, t in seconds.items() if math.isfinite(t)}
+        # a kernel that failed when timed, or was not timed, leaves the site on the one timed before the compile
+        best = min(timed_now, key=timed_now.get) if choice.kernel in timed_now else choice.kernel
+        if item.alias is not None:
+            item.alias.target = registry.get(best)
+        for call in item.calls:
+            call.switch(best)
+        site = report.sites[item.index]
+        timed = {k: (t, m) for k, t, m in site.candidate_times}
+        timed.update({n: (t, True) for n, t in timed_now.items()})
+        ordered = tuple(sorted(((k, t, m) for k, (t, m) in timed.items()), key=lambda c: (not c[2], c[1])))
+        others = ", ".join(f"{n} {plan.format_seconds(t)}" for n, t in timed_now.items() if n != best)
+        how = (f"{best} measured fastest once compiled ({plan.format_seconds(timed_now[best])}; {others})"
+               if best in timed_now else f"{best} kept: the kernels timed once compiled failed or were not timed")
+        report.sites[item.index] = dataclasses.replace(
+            site, kernel=best, bytes_after=bytes_after(spec, best), candidate_times=ordered,
+            reason=f"{site.reason}: {how}")
+
+
+#: sites of graphs run as Python whose deferred kernels compile in the background, per report (by id): entries
+#: ``(report's weak reference, warm-up thread, pending sites, options)``, settled by ``settle_ready``
+_WAITING: dict[int, list[tuple]] = {}
+
+
+def wait_for_compile(report: Report, thread, pending: list[Pending], options: Options) -> None:
+    """Keep ``pending`` until ``thread`` (their kernels' background compile) is done: ``settle_ready`` then times
+    them, before a call of the optimized model."""
+    key = id(report)
+    ref = weakref.ref(report, lambda _: _WAITING.pop(key, None))
+    _WAITING.setdefault(key, []).append((ref, thread, pending, options))
+
+
+def settle_ready(report: Report) -> None:
+    """Settle the sites of ``report`` whose kernels' background compile is done (``settle_deferred``). Called
+    before each call of an optimized model, so a site switches kernels between calls; nothing while dynamo
+    traces or a CUDA graph is captured (no timing there)."""
+    waiting = _WAITING.get(id(report))
+    if not waiting or torch.compiler.is_compiling() or capturing():
+        return
+    for entry in list(waiting):
+        ref, thread, pending, options = entry
+        if ref() is not report:  # another report at the same address: that one's entries went with it
+            waiting.remove(entry)
+            continue
+        if thread is not None and thread.is_alive():
+            continue
+        waiting.remove(entry)
+        try:
+            settle_deferred(pending, report, options)
+        except Exception as err:  # noqa: BLE001 - an optional switch must not fail the model's call
+            log.warning("attnopt: timing the kernels compiled in the background failed (%s: %s); the sites keep "
+                        "the kernels they run", type(err).__name__, err)
+    if not waiting:
+        _WAITING.pop(id(report), None)
+
+
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
                       unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False,
-                      fill_only_kernel: str | None = None, rechoice: plan.Rechoice | None = None) -> Site:
+                      fill_only_kernel: str | None = None, rechoice: plan.Rechoice | None = None,
+                      pending: Pending | None = None) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -234,8 +346,10 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
             **described,
         )
     if not dry_run:
-        replace(gm.graph, match, choice.kernel, unpadded_kernel, lean=lean, fill_only_kernel=fill_only_kernel,
-                rechoice=rechoice)
+        alias = None if pending is None else pending.alias
+        replace(gm.graph, match, choice.kernel if alias is None else alias.name, unpadded_kernel, lean=lean,
+                fill_only_kernel=fill_only_kernel, rechoice=rechoice,
+                register=None if pending is None else pending.calls.append)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:
@@ -243,6 +357,11 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     if fill_only_kernel is not None:
         dtype = str(spec.dtype).removeprefix("torch.")
         reason += f"; calls whose mask holds only 0 and {dtype}'s finfo.min run {fill_only_kernel} on it as a boolean mask"
+    if pending is not None and pending.alias is not None:
+        reason += f"; {', '.join(choice.deferred)} compiled in the background and timed after inductor's compile"
+    elif pending is not None:
+        reason += (f"; {', '.join(choice.deferred)} compiled in the background, timed before a later call once "
+                   "compiled")
     if rechoice is not None:
         reason += "; calls in other shape buckets (batch size and lengths rounded up to a power of two) choose their kernel on their first call"
     return Site(

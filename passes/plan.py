@@ -65,6 +65,8 @@ class Candidate:
     saved_bytes: int = 0  # kept for the backward (training only)
     error: float | None = None  # measured relative error (approximate kernels)
     estimate: float | None = None  # the cost model's seconds, also when ``cost`` is measured
+    #: timed after inductor's compile of the graph (``candidates``' ``defer``), compiled in the background before
+    deferred: bool = False
 
     @property
     def supported(self) -> bool:
@@ -95,6 +97,13 @@ class Choice:
     def chosen(self) -> Candidate:
         return next(c for c in self.candidates if c.kernel == self.kernel)
 
+    @property
+    def deferred(self) -> tuple[str, ...]:
+        """The kernels to time after the graph's compile, against the chosen one (which replaces the site)."""
+        if self.kernel == ORIGINAL:
+            return ()
+        return tuple(c.kernel for c in self.candidates if c.deferred and c.kernel != self.kernel)
+
 
 #: the reason of a candidate that raised when run for timing (``tuning.measured_seconds`` logs the error)
 FAILED_WHEN_TIMED = ("failed when run on these shapes (the warning logged when it was timed says why; the tuning "
@@ -112,13 +121,15 @@ class MemoryBudgetError(ValueError):
 def candidates(
     spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, tune: bool = False,
     cache: tuning.TuningCache | None = None, original: tuning.Original | None = None,
-    budget: tuning.Budget | None = None, replayed: bool = False,
+    budget: tuning.Budget | None = None, replayed: bool = False, defer: bool = False,
 ) -> list[Candidate]:
     """Every kernel (or only ``forced``), and the ``original`` code when given, with reasons, time and memory.
 
     Approximate kernels are not chosen site by site: with ``exact=False`` the whole graph's plan is
     (``approximate``), by the error of the model's output; here they carry that reason, unless forced.
-    Supported candidates come first, measured ones before estimated ones, each by time.
+    Supported candidates come first, measured ones before estimated ones, each by time. ``defer`` (a graph that
+    inductor compiles next): the kernels ``tuning.deferrable`` names are not timed now but marked ``deferred``,
+    with their estimate.
     """
     names = [forced] if forced is not None else [k.name for k in registry.all_kernels() if not _variant(k)]
     found = []
@@ -144,11 +155,14 @@ def candidates(
         found.append(Candidate(ORIGINAL, (), estimate, original.memory_bytes, estimate=estimate))
     supported = [c for c in found if c.supported]
     if cache is not None and tuning.enabled(spec, tune) and len(supported) > 1 and forced is None:
+        estimates = {c.kernel: c.estimate for c in supported}
+        later = tuning.deferrable(spec, list(estimates), estimates, cache, replayed) if defer else []
         seconds = tuning.measured_seconds(
-            spec, [c.kernel for c in supported], cache, label=_label(spec), original=original,
-            estimates={c.kernel: c.estimate for c in supported}, budget=budget, replayed=replayed,
+            spec, [n for n in estimates if n not in later], cache, label=_label(spec), original=original,
+            estimates=estimates, budget=budget, replayed=replayed,
         )
         found = [
+            replace(c, deferred=True) if c.kernel in later else
             replace(c, cost=seconds[c.kernel], measured=True)
             if c.supported and math.isfinite(seconds.get(c.kernel, math.inf)) else
             replace(c, reasons=(FAILED_WHEN_TIMED,)) if c.supported and c.kernel in seconds and c.kernel != ORIGINAL else c
@@ -168,6 +182,10 @@ def choose(spec: AttentionSpec, *, exact: bool = True, forced: str | None = None
     """The plan for ``spec``: its fastest allowed kernel, or, with ``original``, the original code when no
     kernel is faster (see the module docstring); ``forced`` names one kernel and only checks it."""
     found = candidates(spec, exact=exact, forced=forced, original=original, **options)
+    if any(c.deferred for c in found) and not _replaces(found):
+        # the kernels timed now keep the original: the deferred ones decide whether the site is replaced at all,
+        # so they are compiled and timed now (a site's replacement is not undone after the compile)
+        found = candidates(spec, exact=exact, forced=forced, original=original, **{**options, "defer": False})
     kernels = [c for c in found if not c.original]
     allowed = [c for c in kernels if c.supported]
     if not allowed:
@@ -179,6 +197,13 @@ def choose(spec: AttentionSpec, *, exact: bool = True, forced: str | None = None
         return Choice(best.kernel, best.exact, _reason(best, allowed, forced), tuple(found))
     replaces, reason = versus_original(best, kept, len(allowed))
     return Choice(best.kernel if replaces else ORIGINAL, True, reason, tuple(found))
+
+
+def _replaces(found: list[Candidate]) -> bool:
+    """Whether the fastest kernel measured in ``found`` replaces its original (True without an original)."""
+    kept = next((c for c in found if c.original), None)
+    timed = [c for c in found if c.supported and not c.original and c.measured]
+    return kept is None or (bool(timed) and versus_original(timed[0], kept)[0])
 
 
 def _variant(kernel) -> bool:
@@ -276,12 +301,15 @@ class GraphPlan:
     approximation: Approximation | None = None
 
 
-def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=None) -> GraphPlan:
+def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=None,
+               defer: bool = False) -> GraphPlan:
     """Choose a kernel for every match of ``gm`` so that the graph's estimated peak fits ``options.max_mem``.
 
     The exact plan first (each site's fastest exact candidate, the original included; then ``max_mem``);
     with ``exact=False`` and the example inputs, ``approximate`` may then replace it by a faster plan
-    whose output error is under ``tol``.
+    whose output error is under ``tol``. ``defer`` (a graph inductor compiles next): on the devices of
+    ``tuning.DEFER_DEVICES``, an exact plan without a memory budget times the kernels that must first compile
+    after that compile (``candidates``); each such site's choice lists them (``Choice.deferred``).
     """
     training = _training(gm)
     cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
@@ -303,7 +331,8 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
             original = tuning.Original(match.kind, memory.bytes_before(match, spec))
         try:
             choice = choose(spec, exact=options.exact, forced=options.kernel, tune=options.tune, cache=cache,
-                            original=original, budget=budget, replayed=replayed)
+                            original=original, budget=budget, replayed=replayed,
+                            defer=defer and deferring(options, spec))
         except NoKernelError as err:
             if options.kernel is not None:
                 raise
@@ -322,6 +351,16 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     if fitting and plan.peak_after.bytes > plan.budget:
         raise MemoryBudgetError(_budget_message(gm, plan, options))
     return plan
+
+
+def deferring(options, spec: AttentionSpec) -> bool:
+    """Whether a site of a graph that inductor compiles next may time its compiling kernels after that compile:
+    an exact plan chosen by timing, without a memory budget (whose fit needs every kernel now), on a device of
+    ``tuning.DEFER_DEVICES``; not under ``verify`` (which compares the plan on the first inputs before the
+    compile) or inductor's autotuning modes (which time their own kernels on the device meanwhile)."""
+    return (options.exact and options.max_mem is None and options.kernel is None and options.tune
+            and not options.verify and options.mode not in tuning.AUTOTUNING_MODES
+            and spec.device.type in tuning.DEFER_DEVICES)
 
 
 #: ``GraphModule.meta`` key an exporter sets: the graph is traced for inference only

@@ -117,7 +117,7 @@ class UnlessFillOnly:
 
 
 def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False,
-            fill_only_kernel: str | None = None, rechoice=None) -> Node:
+            fill_only_kernel: str | None = None, rechoice=None, register=None) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
 
     ``lean`` (graphs run as Python, ``compiler="eager"``): the node calls an ``attnopt.ops.SiteCall`` made
@@ -128,6 +128,8 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
     call whose additive mask holds only 0 and ``finfo.min`` runs that kernel on the mask as a boolean one
     (``UnlessFillOnly``), decided likewise. ``rechoice`` (lean graphs with a symbolic batch size or lengths, a
     ``plan.Rechoice``): each of those calls chooses its kernel again for shape buckets other than the planned one.
+    ``register`` (lean graphs): called with the ``SiteCall`` that runs ``kernel``, which a later timing may switch
+    to another kernel (``SiteCall.switch``).
     """
     assert lean or (unpadded_kernel is None and fill_only_kernel is None and rechoice is None), \
         "run-time branches are for graphs run as Python"
@@ -169,15 +171,17 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
             term, fill, boolean_fill = m.fill_only
             checked = _shared(graph, "fill_only", (term, fill, _flat_heads(match)), match.output,
                               lambda: graph.call_function(fill_only_keep, (mask, fill)))
-            branch = UnlessFillOnly(SiteCall(kernel, *static, m.fill.value, rechoice),
+            branch = UnlessFillOnly(main := SiteCall(kernel, *static, m.fill.value, rechoice),
                                     SiteCall(fill_only_kernel, *static, boolean_fill.value, rechoice))
             call = graph.call_function(branch, (checked, *tensors, dropout))
         elif unpadded is None:
-            call = graph.call_function(SiteCall(kernel, *static, m.fill.value, rechoice), (*tensors, dropout))
+            call = graph.call_function(main := SiteCall(kernel, *static, m.fill.value, rechoice), (*tensors, dropout))
         else:
-            branch = UnlessUnpadded(SiteCall(kernel, *static, m.fill.value, rechoice),
+            branch = UnlessUnpadded(main := SiteCall(kernel, *static, m.fill.value, rechoice),
                                     SiteCall(unpadded_kernel, *static, m.fill.value, rechoice))
             call = graph.call_function(branch, (unpadded, *tensors, dropout))
+        if lean and register is not None:
+            register(main)
         out = graph.call_function(operator.getitem, (call, 0))
         for name, args in match.output_steps:
             out = graph.call_method(name, (out, *args))

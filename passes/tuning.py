@@ -45,6 +45,7 @@ be captured cannot run there either: it fails its timing. These timings have cac
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -52,6 +53,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,12 @@ FAR_SLOWER, FAR_SLOWER_MIN_S = 20.0, 1e-3
 #: HF Llama with padding (where cuDNN wins) cost one of them (benchmarks/results/compile_time.md). Its timing,
 #: once in the cache, counts like any other
 COMPILED_LEAD = 1.25
+#: devices where a graph compiled by inductor times its sites' compiling kernels after that compile, having
+#: compiled them in the background meanwhile (``deferrable``, ``warm_up``): on the CPU the two compiles would share
+#: its cores, and the timing would run beside inductor's compile workers
+DEFER_DEVICES = ("cuda",)
+#: inductor's modes that time kernels on the device while compiling: no timing of attnopt's runs beside them
+AUTOTUNING_MODES = ("max-autotune", "max-autotune-no-cudagraphs")
 #: queries and keys of the CPU warm-up run
 WARMUP_LENGTH = 128
 #: a CPU timing whose rounds spread more than this (second slowest over fastest run of one candidate, runs
@@ -659,14 +667,61 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
         cost = estimates[name] * n_rows / total_rows * (1 + min(REPEATS, 2))
         far = (name != ORIGINAL and gpu and fastest is not None and fastest > 0
                and estimates[name] > max(FAR_SLOWER * fastest, FAR_SLOWER_MIN_S))
-        lead_over = min([e for tier, e in cheaper.items() if tier < _tier(name)], default=None)
-        far = far or (gpu and lead_over is not None and estimates[name] * COMPILED_LEAD > lead_over)
+        far = far or (gpu and not leads(name, estimates[name], cheaper))
         if (name == ORIGINAL and fitting < 1) or cost > left or far:
             plan.skipped.append(name)
             continue
         plan.timed.append(name)
         left -= cost
     return plan
+
+
+def leads(name: str, estimate: float, cheaper: dict[int, float]) -> bool:
+    """Whether ``name``'s estimate leads every kernel of a lower compile tier (``cheaper``, as
+    ``fastest_by_tier`` gives it) by ``COMPILED_LEAD``: a kernel that compiles is worth its compile only then.
+    True for a kernel of the lowest tier present."""
+    lead_over = min([e for tier, e in cheaper.items() if tier < _tier(name)], default=None)
+    return lead_over is None or estimate * COMPILED_LEAD <= lead_over
+
+
+def deferrable(spec: AttentionSpec, names: list[str], estimates: dict[str, float], cache: TuningCache,
+               replayed: bool = False) -> list[str]:
+    """Which of ``names`` a graph compiled by inductor times after that compile (``plan.candidates``' ``defer``):
+    the kernels that compile Triton code (``Kernel.compiles`` is ``COMPILES_TRITON``: triton_flash) and lead the
+    lower tiers (``leads``), not yet timed on this spec's shapes (in ``cache``). The others are timed now.
+    FlexAttention is not deferred: it compiles through ``torch.compile``, whose lock the thread compiling the
+    graph holds, so its warm-up in another thread would wait for a caller that waits for it."""
+    known = {n: e for n, e in estimates.items() if n != ORIGINAL}
+    cheaper = fastest_by_tier(known)
+    cached = cache.get(cache_key(spec, replayable(spec, replayed))) or {}
+    return [n for n in names if n != ORIGINAL and n not in cached and _tier(n) == registry.COMPILES_TRITON
+            and leads(n, known.get(n, 0.0), cheaper)]
+
+
+def warm_up(jobs: list[tuple[str, AttentionSpec]]) -> threading.Thread:
+    """Run each ``(kernel, spec)`` once, as its timing will, in a thread started here: what it compiles on first
+    use (its Triton kernels, FlexAttention's inductor graph) is compiled while the caller goes on (inductor's
+    compile of the graph). On the device's current stream of that thread; random inputs from torch's generators,
+    put back as they were (``fork_rng``). A kernel that fails is left for its timing to report. Join the thread
+    before timing the kernels."""
+
+    def run():
+        for name, spec in jobs:
+            cuda = spec.device.type == "cuda"
+            devices = [_cuda_index(spec.device)] if cuda else []
+            try:
+                # a new thread's current CUDA device is the first one, whatever the caller's
+                with torch.random.fork_rng(devices=devices), \
+                        (torch.cuda.device(spec.device) if cuda else contextlib.nullcontext()), \
+                        (torch.no_grad() if not spec.requires_grad else torch.enable_grad()):
+                    _runner(name, spec, None)()
+                    _sync(spec.device)
+            except Exception as err:  # noqa: BLE001 - a thread's error would be lost: the timing reports it
+                log.info("attnopt: warming up %s in the background failed (%s); its timing reports it", name, err)
+
+    thread = threading.Thread(target=run, name="attnopt-warm-up", daemon=True)
+    thread.start()
+    return thread
 
 
 def _tier(name: str) -> int:
