@@ -23,8 +23,12 @@ then give such rows what the model being replaced gave (``spec.fill``):
   ``dS_j = (dO . v_j - mean_U(dO . v)) / |U|`` on the band's keys only, since
   ``where`` sends nothing to the scores it replaced.
 
-Rows are rare (left padding), so the backward corrections are computed for
-those rows only, against all keys, with PyTorch ops.
+The backward corrections are PyTorch ops. A row uniform over all keys (an
+added fill, no softcap, no term gradient asked for) gets its dq and dk from
+two ``[D, Dv]`` products per key head, whatever the number of such rows (a
+left-padded batch row in training has thousands); the others are computed
+for those rows only, in chunks of ``ROW_CHUNK`` rows against their head's
+keys.
 
 With dropout (``spec.dropout_p > 0``) the original drops out the uniform row of
 a finite fill like any other: ``out = sum_j z_j v_j / |U|`` over the keys ``U``
@@ -49,7 +53,8 @@ from .term_cache import TermCache
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
 #: fills whose rows are a (uniform) softmax that dropout then drops out, as any other row
 DROPPED_FILLS = (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED)
-#: empty rows handled at once by the dropout fills: bounds their ``[rows, Nk]`` working tensors
+#: empty rows handled at once row by row (dropout, a softcap, term gradients, a band's union): bounds the
+#: ``[rows, Nk]`` working tensors
 ROW_CHUNK = 1024
 
 
@@ -197,44 +202,52 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         return None, None, None, None, None
     if not bool(empty.any()):
         return None, None, None, None, None
-    if spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS:
-        return _dropped_row_grads(q, k, v, grad_out, empty, spec, seed, needs_bias_grad, needs_mask_grad)
-    b, hkv, g = spec.batch, spec.kv_heads, spec.group_size
     if spec.fill == Fill.NEG_INF:
-        nan_heads = empty.reshape(b, hkv, g, -1).any(-1).any(-1)[:, :, None, None]  # [B, Hkv, 1, 1]
+        nan_heads = empty.reshape(spec.batch, spec.kv_heads, spec.group_size, -1).any(-1).any(-1)[:, :, None, None]
         dv = torch.where(nan_heads, float("nan"), torch.zeros(v.shape, dtype=_compute_dtype(v.dtype), device=v.device))
         return None, None, dv, None, None
-    if spec.fill == Fill.FINITE_REPLACED_ADDED:
-        return _union_softmax_grads(q, k, v, grad_out, empty, spec)
-    rows_do = torch.where(empty[..., None], grad_out.to(_compute_dtype(grad_out.dtype)), 0.0)  # [B, Hq, Nq, Dv]
-    uniform = rows_do.sum(2).reshape(b, hkv, g, -1).sum(2)[:, :, None, :] / spec.kv_len  # [B, Hkv, 1, Dv]
-    dv = uniform.expand(b, hkv, spec.kv_len, spec.v_head_dim)
+    dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
+    term_grads = (needs_bias_grad and spec.bias is not None) or (needs_mask_grad and spec.mask is not None)
+    if dropped or spec.fill == Fill.FINITE_REPLACED_ADDED or (spec.fill == Fill.FINITE_ADDED and (
+            spec.softcap is not None or term_grads)):
+        return _row_grads(q, k, v, grad_out, empty, spec, seed if dropped else None, needs_bias_grad, needs_mask_grad)
+    dv = _uniform_value_grad(v, grad_out, empty, spec)
     if spec.fill == Fill.FINITE:
         return None, None, dv, None, None
-    dq, dk, dbias, dmask = _uniform_softmax_grads(q, k, v, grad_out, empty, spec, needs_bias_grad, needs_mask_grad)
-    return dq, dk, dv, dbias, dmask
+    dq, dk = _uniform_score_grads(q, k, v, grad_out, empty, spec)
+    return dq, dk, dv, None, None
 
 
-def _uniform_softmax_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_grad, needs_mask_grad):
-    """dq, dk, dbias, dmask of rows whose softmax was uniform over all keys (an added finite fill)."""
+def _uniform_value_grad(v, grad_out, empty, spec: AttentionSpec) -> torch.Tensor:
+    """dV of rows whose softmax was uniform over all keys: each such row's ``dO / Nk`` on every key of its head."""
+    b, hkv, g = spec.batch, spec.kv_heads, spec.group_size
+    rows_do = torch.where(empty[..., None], grad_out.to(_compute_dtype(grad_out.dtype)), 0.0)  # [B, Hq, Nq, Dv]
+    uniform = rows_do.sum(2).reshape(b, hkv, g, -1).sum(2)[:, :, None, :] / spec.kv_len  # [B, Hkv, 1, Dv]
+    return uniform.expand(b, hkv, spec.kv_len, spec.v_head_dim)
+
+
+def _uniform_score_grads(q, k, v, grad_out, empty, spec: AttentionSpec):
+    """dq, dk of rows whose softmax was uniform over all keys through an added finite fill, with no softcap: the
+    scores' gradient ``dS_ij = (dO_i . (v_j - mean(v))) / Nk`` factors through two ``[D, Dv]`` products per key
+    head, ``K^T (V - mean(V))`` and ``Q_e^T dO_e`` over the empty rows ``e``::
+
+        dq_i = scale / Nk * (K^T (V - mean V)) dO_i        dk_j = scale / Nk * (Q_e^T dO_e) (v_j - mean V)
+
+    O((Nq + Nk) D Dv) work per head and memory of q's and k's size, whatever the number of empty rows (a
+    left-padded batch row in training leaves thousands); the values are centred first, as ``dS`` is, so no
+    large terms cancel."""
     cdtype = _compute_dtype(q.dtype)
-    bi, hi, ii = torch.nonzero(empty, as_tuple=True)  # the empty rows
-    kv_head = hi // spec.group_size
-    k_rows = k[bi, kv_head].to(cdtype)  # [R, Nk, D]
-    v_rows = v[bi, kv_head].to(cdtype)  # [R, Nk, Dv]
-    q_rows = q[bi, hi, ii].to(cdtype)  # [R, D]
-    do = grad_out[bi, hi, ii].to(cdtype)  # [R, Dv]
-    dp = (v_rows @ do[:, :, None]).squeeze(-1)  # [R, Nk]
-    ds = (dp - dp.mean(-1, keepdim=True)) / spec.kv_len  # dS of the scores after softcap and bias
-    term_grads = []
-    for term, needed in ((spec.bias, needs_bias_grad), (spec.mask, needs_mask_grad)):
-        grad = None
-        if needed:  # an additive term receives the scores' gradient
-            grad = torch.zeros(term.shape, dtype=cdtype, device=ds.device)
-            _scatter_rows(grad, ds, bi, hi, ii)
-        term_grads.append(grad)
-    dq, dk = _score_grads(q, k, ds, q_rows, k_rows, (bi, hi, ii, kv_head), spec)
-    return dq, dk, *term_grads
+    b, hkv, g, nq = spec.batch, spec.kv_heads, spec.group_size, spec.q_len
+    rows = empty[..., None]
+    do = torch.where(rows, grad_out.to(cdtype), 0.0).reshape(b, hkv, g * nq, spec.v_head_dim)
+    queries = torch.where(rows, q.to(cdtype), 0.0).reshape(b, hkv, g * nq, spec.head_dim)
+    values = v.to(cdtype)
+    centred = values - values.mean(2, keepdim=True)  # [B, Hkv, Nk, Dv]
+    factor = spec.scale / spec.kv_len
+    dq = (do @ (k.to(cdtype).transpose(-1, -2) @ centred).transpose(-1, -2)) * factor  # [B, Hkv, g Nq, D]
+    dq = torch.where(rows, dq.reshape(q.shape), 0.0)  # a NaN key reaches no row that saw a key
+    dk = (centred @ (queries.transpose(-1, -2) @ do).transpose(-1, -2)) * factor  # [B, Hkv, Nk, D]
+    return dq, dk
 
 
 def _scatter_rows(total: torch.Tensor, ds: torch.Tensor, bi, hi, ii) -> None:
@@ -277,40 +290,6 @@ def _mean_over_union(v: torch.Tensor, spec: AttentionSpec, first_row: int, n_row
     band_sum = prefix[:, :, end] - prefix[:, :, start]  # [B, Hkv, Nq, Dv]
     mean = (band_sum + kept_sum) / ((end - start)[:, None] + kept_count)  # 0 / 0 = NaN: every key masked twice
     return mean.repeat_interleave(spec.group_size, dim=1)  # [B, Hq, Nq, Dv]
-
-
-def _union_softmax_grads(q, k, v, grad_out, empty, spec: AttentionSpec):
-    """dq, dk, dv of rows with no visible key under ``Fill.FINITE_REPLACED_ADDED``, and no term gradients."""
-    cdtype = _compute_dtype(q.dtype)
-    bi, hi, ii = torch.nonzero(empty, as_tuple=True)  # the empty rows
-    kv_head = hi // spec.group_size
-    lo, top = spec.band()
-    keys = torch.arange(spec.kv_len, device=q.device)
-    band = band_keep(keys[None, :] - (ii + spec.diagonal_offset)[:, None], lo, top)  # [R, Nk]
-    union = band | _kept_keys(spec, q.device).expand(spec.batch, spec.kv_len)[bi]  # [R, Nk], disjoint here
-    p = union.to(cdtype) / union.sum(-1, keepdim=True)  # uniform over the union; NaN rows where it is empty
-    k_rows, v_rows = k[bi, kv_head].to(cdtype), v[bi, kv_head].to(cdtype)  # [R, Nk, D], [R, Nk, Dv]
-    q_rows, do = q[bi, hi, ii].to(cdtype), grad_out[bi, hi, ii].to(cdtype)  # [R, D], [R, Dv]
-    dv = torch.zeros(v.shape, dtype=cdtype, device=v.device)
-    dv.index_put_((bi, kv_head), p[:, :, None] * do[:, None, :], accumulate=True)
-    dp = (v_rows @ do[:, :, None]).squeeze(-1)  # [R, Nk]
-    dt = p * (dp - (p * dp).sum(-1, keepdim=True))  # gradient of the masked scores
-    ds = torch.where(band, dt, torch.zeros((), dtype=cdtype, device=dt.device))  # where's backward
-    dq, dk = _score_grads(q, k, ds, q_rows, k_rows, (bi, hi, ii, kv_head), spec)
-    return dq, dk, dv, None, None
-
-
-def _score_grads(q, k, ds, q_rows, k_rows, index, spec: AttentionSpec):
-    """dq, dk from the gradient ``ds [R, Nk]`` of rows ``index = (b, h, i, kv head)`` of the scores after softcap."""
-    bi, hi, ii, kv_head = index
-    if spec.softcap is not None:
-        raw = (k_rows @ q_rows[:, :, None]).squeeze(-1) * spec.scale  # [R, Nk]
-        ds = ds * (1.0 - torch.tanh(raw / spec.softcap) ** 2)
-    dq = torch.zeros(q.shape, dtype=ds.dtype, device=q.device)
-    dq[bi, hi, ii] = (ds[:, None, :] @ k_rows).squeeze(1) * spec.scale
-    dk = torch.zeros(k.shape, dtype=ds.dtype, device=k.device)
-    dk.index_put_((bi, kv_head), ds[:, :, None] * q_rows[:, None, :] * spec.scale, accumulate=True)
-    return dq, dk
 
 
 # ----------------------------------------------------------------------------- dropout on filled rows
@@ -382,11 +361,13 @@ def _dropped_uniform_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tenso
     return filled
 
 
-def _dropped_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int, needs_bias_grad: bool,
-                       needs_mask_grad: bool):
-    """``empty_row_grads`` for a finite fill with dropout: the gradients of each empty row's dropped-out
-    uniform softmax (``P = 1 / |U|`` on its keys ``U``, ``z`` the dropout multipliers): dV gets ``P z dO``; the
-    scores (added fills only) ``dS = P (dP - sum(P dP))`` with ``dP = z (dO . v)``."""
+def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, needs_bias_grad: bool,
+               needs_mask_grad: bool):
+    """``empty_row_grads`` row by row (in chunks of at most ``ROW_CHUNK`` rows of one key head, against its keys:
+    ``[rows, Nk]`` working tensors): the gradients of each empty row's uniform softmax (``P = 1 / |U|`` on its keys
+    ``U``), dropped out with the call's ``seed`` (``z`` the dropout multipliers; 1 where ``seed`` is None). dV gets
+    ``P z dO``; the scores (added fills only) ``dS = P (dP - sum(P dP))`` with ``dP = z (dO . v)``, through the
+    softcap's tanh."""
     cdtype = _compute_dtype(q.dtype)
     dv = torch.zeros(v.shape, dtype=cdtype, device=v.device)
     scores = spec.fill != Fill.FINITE  # a replaced fill sends the scores nothing (masked_fill's backward)
@@ -397,13 +378,13 @@ def _dropped_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int,
                   for term, needed in ((spec.bias, needs_bias_grad), (spec.mask, needs_mask_grad))]
     for b, kv, heads, rows in _row_groups(empty, spec):
         weights, band = _uniform_weights(spec, b, rows, cdtype)
-        keep = _dropout_keep(spec, seed, b, heads, rows, cdtype)
+        keep = _dropout_keep(spec, seed, b, heads, rows, cdtype) if seed is not None else None
         do = grad_out[b, heads, rows].to(cdtype)  # [r, Dv]
         values = v[b, kv].to(cdtype)  # [Nk, Dv]
-        dv[b, kv] += (weights * keep).T @ do
+        dv[b, kv] += (weights if keep is None else weights * keep).T @ do
         if not scores:
             continue
-        dp = keep * (do @ values.T)  # [r, Nk]
+        dp = do @ values.T if keep is None else keep * (do @ values.T)  # [r, Nk]
         ds = weights * (dp - (weights * dp).sum(-1, keepdim=True))
         if band is not None:
             ds = torch.where(band, ds, torch.zeros((), dtype=cdtype, device=ds.device))

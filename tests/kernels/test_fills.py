@@ -269,3 +269,87 @@ def test_two_finite_additive_terms_that_overflow_together_may_empty_a_row(dtype)
     scores = q.float() @ k.float().transpose(-1, -2) * spec.scale + bias.float() + mask.float()
     assert bool(torch.isneginf(scores[1, :, 0]).all())
     assert out[1, :, 0].isnan().all() and not out[0].isnan().any() and not out[1, :, 1:].isnan().any()
+
+
+# ----------------------------------------------------------------------------- many rows without keys, no dropout
+def _written(q, k, v, keep, band, fill: Fill, scale: float, softcap: float | None, low: float):
+    """The written model without dropout in float64: scores, an optional softcap, the fill as the model wrote it
+    (``low``: the dtype's finite minimum), softmax, values."""
+    group = q.shape[1] // k.shape[1]
+    s = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) * scale
+    if softcap is not None:
+        s = softcap * torch.tanh(s / softcap)
+    padding = ~keep[:, None, None, :]
+    masked = padding if band is None else padding | ~band
+    if fill == Fill.FINITE:
+        s = s.masked_fill(masked, low)
+    elif fill == Fill.FINITE_ADDED:  # one mask of the band and the padding, added (as HF builds it)
+        s = s + masked.to(s.dtype) * low
+    else:  # FINITE_REPLACED_ADDED: the band replaced, the padding added
+        s = torch.where(band, s, torch.tensor(low, dtype=s.dtype)) + padding.to(s.dtype) * low
+    return s.softmax(-1) @ v.repeat_interleave(group, 1)
+
+
+@settings(max_examples=25, deadline=None)
+@given(b=st.integers(1, 3), groups=st.sampled_from([(2, 2), (4, 2), (3, 1)]), n=st.integers(2, 24),
+       fill=st.sampled_from([Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED]), softcap=st.booleans(),
+       chunk=st.sampled_from([3, 1024]), data=st.data())
+def test_rows_without_keys_give_the_written_models_gradients(b, groups, n, fill, softcap, chunk, data):
+    """Left-padded batch rows under a causal band (or no band): the rows before their first kept key see none,
+    and output and every gradient equal the written model's in float64, whichever way the fills compute them
+    (the added fill's factored products, or row by row in chunks of any size)."""
+    hq, hkv = groups
+    causal = fill == Fill.FINITE_REPLACED_ADDED or data.draw(st.booleans(), label="causal")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    q, k, v = (torch.randn(b, h, n, 8, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+    grad = torch.randn(b, hq, n, 8, generator=g, dtype=torch.float64)
+    pads = data.draw(st.lists(st.integers(0, n), min_size=b, max_size=b), label="left padding")
+    keep = torch.arange(n)[None, :] >= torch.tensor(pads)[:, None]  # [B, Nk]
+    cap = 5.0 if softcap and fill != Fill.FINITE_REPLACED_ADDED else None
+    spec = AttentionSpec.from_tensors(q, k, v, scale=0.3, causal=causal, key_padding=keep, fill=fill, softcap=cap)
+    kernel = reference.ReferenceKernel()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fills, "ROW_CHUNK", chunk)
+        out, lse = kernel.forward(q, k, v, spec, 0)
+        got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
+
+    band = torch.ones(n, n, dtype=torch.bool).tril() if causal else None
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    want = _written(*leaves, keep, band, fill, spec.scale, cap, torch.finfo(torch.float64).min)
+    torch.testing.assert_close(out, want.detach(), atol=1e-10, rtol=1e-10)
+    for name, got_grad, want_grad in zip(("dq", "dk", "dv"), got, torch.autograd.grad(want, leaves, grad)):
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-10, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+
+
+class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
+    """The most elements of any tensor an op makes while the mode is on."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(result):
+            if isinstance(t, torch.Tensor):
+                self.numel = max(self.numel, t.numel())
+        return result
+
+
+@pytest.mark.parametrize("fill,softcap", [(Fill.FINITE_ADDED, None), (Fill.FINITE_ADDED, 5.0),
+                                          (Fill.FINITE_REPLACED_ADDED, None)])
+def test_the_backward_of_rows_without_keys_makes_nothing_larger_than_the_inputs(fill, softcap):
+    """A left-padded batch row in training leaves thousands of rows without keys (at N 4096, 16 heads: 16k rows,
+    whose keys gathered row by row were 32 GiB). The fills' backward makes no tensor larger than q, k, v or its
+    bounded chunk of rows against the keys, however many rows are empty."""
+    b, hq, hkv, n, d = 2, 4, 2, 512, 8
+    q, k, v = (torch.randn(b, h, n, d) for h in (hq, hkv, hkv))
+    keep = torch.ones(b, n, dtype=torch.bool)
+    keep[1, : n // 2] = False  # half of the second row's queries see no key under the causal band
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill, softcap=softcap)
+    empty = torch.zeros(b, hq, n, dtype=torch.bool)
+    empty[1, :, : n // 2] = True
+    with _Largest() as largest:
+        dq, dk, dv, _, _ = fills.empty_row_grads(q, k, v, torch.randn(b, hq, n, d), empty, spec)
+    assert dq.abs().amax() > 0 and dk.abs().amax() > 0
+    assert largest.numel <= max(q.numel(), fills.ROW_CHUNK * n), largest.numel
