@@ -214,7 +214,7 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
     dv = _uniform_value_grad(v, grad_out, empty, spec)
     if spec.fill == Fill.FINITE:
         return None, None, dv, None, None
-    dq, dk = _uniform_score_grads(q, k, v, grad_out, empty, spec)
+    dq, dk = uniform_score_grads(q, k, v, grad_out, empty, spec.scale, spec.kv_len)
     return dq, dk, dv, None, None
 
 
@@ -226,27 +226,31 @@ def _uniform_value_grad(v, grad_out, empty, spec: AttentionSpec) -> torch.Tensor
     return uniform.expand(b, hkv, spec.kv_len, spec.v_head_dim)
 
 
-def _uniform_score_grads(q, k, v, grad_out, empty, spec: AttentionSpec):
-    """dq, dk of rows whose softmax was uniform over all keys through an added finite fill, with no softcap: the
-    scores' gradient ``dS_ij = (dO_i . (v_j - mean(v))) / Nk`` factors through two ``[D, Dv]`` products per key
-    head, ``K^T (V - mean(V))`` and ``Q_e^T dO_e`` over the empty rows ``e``::
+def uniform_score_grads(q, k, v, grad_out, empty, scale: float, count: int, mean_v: torch.Tensor | None = None):
+    """``(dq [B, Hq, Nq, D], dk [B, Hkv, n, D])`` in float32 (float64 for float64 inputs): the gradients that rows
+    ``empty [B, Hq, Nq]``, whose softmax was uniform over ``count`` keys through an added finite fill (no
+    softcap), send q and the keys ``k``, ``v [B, Hkv, n, Dv]`` (all ``count`` of them, or a block of them with
+    ``mean_v [B, Hkv, 1, Dv]`` the mean of all). The scores' gradient ``dS_ij = (dO_i . (v_j - mean_v)) / count``
+    factors through two ``[D, Dv]`` products per key head, ``K^T (V - mean_v)`` and ``Q_e^T dO_e`` over the
+    empty rows ``e``::
 
-        dq_i = scale / Nk * (K^T (V - mean V)) dO_i        dk_j = scale / Nk * (Q_e^T dO_e) (v_j - mean V)
+        dq_i = scale / count * (K^T (V - mean_v)) dO_i        dk_j = scale / count * (Q_e^T dO_e) (v_j - mean_v)
 
-    O((Nq + Nk) D Dv) work per head and memory of q's and k's size, whatever the number of empty rows (a
+    O((Nq + n) D Dv) work per head and memory of q's and k's size, whatever the number of empty rows (a
     left-padded batch row in training leaves thousands); the values are centred first, as ``dS`` is, so no
     large terms cancel."""
     cdtype = _compute_dtype(q.dtype)
-    b, hkv, g, nq = spec.batch, spec.kv_heads, spec.group_size, spec.q_len
+    b, hq, nq = empty.shape
+    hkv = k.shape[1]
     rows = empty[..., None]
-    do = torch.where(rows, grad_out.to(cdtype), 0.0).reshape(b, hkv, g * nq, spec.v_head_dim)
-    queries = torch.where(rows, q.to(cdtype), 0.0).reshape(b, hkv, g * nq, spec.head_dim)
+    do = torch.where(rows, grad_out.to(cdtype), 0.0).reshape(b, hkv, -1, v.shape[-1])  # [B, Hkv, g Nq, Dv]
+    queries = torch.where(rows, q.to(cdtype), 0.0).reshape(b, hkv, -1, q.shape[-1])  # [B, Hkv, g Nq, D]
     values = v.to(cdtype)
-    centred = values - values.mean(2, keepdim=True)  # [B, Hkv, Nk, Dv]
-    factor = spec.scale / spec.kv_len
-    dq = (do @ (k.to(cdtype).transpose(-1, -2) @ centred).transpose(-1, -2)) * factor  # [B, Hkv, g Nq, D]
-    dq = torch.where(rows, dq.reshape(q.shape), 0.0)  # a NaN key reaches no row that saw a key
-    dk = (centred @ (queries.transpose(-1, -2) @ do).transpose(-1, -2)) * factor  # [B, Hkv, Nk, D]
+    centred = values - (values.mean(2, keepdim=True) if mean_v is None else mean_v.to(cdtype))  # [B, Hkv, n, Dv]
+    factor = scale / count
+    dq = (do @ (k.to(cdtype).transpose(-1, -2) @ centred).transpose(-1, -2)) * factor
+    dq = torch.where(rows, dq.reshape(b, hq, nq, -1), 0.0)  # a NaN key reaches no row that saw a key
+    dk = (centred @ (queries.transpose(-1, -2) @ do).transpose(-1, -2)) * factor  # [B, Hkv, n, D]
     return dq, dk
 
 
@@ -318,15 +322,16 @@ def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, r
     return (uniform >= spec.dropout_p).to(dtype) / (1.0 - spec.dropout_p)
 
 
-def _row_groups(empty: torch.Tensor, spec: AttentionSpec):
+def row_groups(empty: torch.Tensor, group_size: int):
     """The rows ``empty [B, Hq, n]`` marks, as ``(b, kv head, heads [r], rows [r])`` groups of at most
-    ``ROW_CHUNK`` rows that read one key/value head. One host sync."""
+    ``ROW_CHUNK`` rows that read one key/value head (``group_size`` query heads per key head). One host sync."""
+    kv_heads = empty.shape[1] // group_size
     bi, hi, ii = torch.nonzero(empty, as_tuple=True)  # (b, h, i) order: a (b, kv head) group is consecutive
-    group = bi * spec.kv_heads + hi // spec.group_size
+    group = bi * kv_heads + hi // group_size
     groups, counts = torch.unique_consecutive(group, return_counts=True)
     start = 0
     for value, count in zip(groups.tolist(), counts.tolist()):
-        b, kv = divmod(value, spec.kv_heads)
+        b, kv = divmod(value, kv_heads)
         for first in range(start, start + count, ROW_CHUNK):
             last = min(first + ROW_CHUNK, start + count)
             yield b, kv, hi[first:last], ii[first:last]
@@ -354,7 +359,7 @@ def _dropped_uniform_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tenso
         return out
     cdtype = _compute_dtype(v.dtype)
     filled = torch.empty_like(out).copy_(out)  # out's layout kept
-    for b, kv, heads, rows in _row_groups(empty, spec):
+    for b, kv, heads, rows in row_groups(empty, spec.group_size):
         weights, _ = _uniform_weights(spec, b, rows + first_row, cdtype)
         weights = weights * _dropout_keep(spec, seed, b, heads, rows + first_row, cdtype)
         filled[b, heads, rows] = (weights @ v[b, kv].to(cdtype)).to(out.dtype)
@@ -376,7 +381,7 @@ def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, 
     added = spec.fill == Fill.FINITE_ADDED  # only an added fill's terms receive the scores' gradient
     term_grads = [torch.zeros(term.shape, dtype=cdtype, device=q.device) if added and needed else None
                   for term, needed in ((spec.bias, needs_bias_grad), (spec.mask, needs_mask_grad))]
-    for b, kv, heads, rows in _row_groups(empty, spec):
+    for b, kv, heads, rows in row_groups(empty, spec.group_size):
         weights, band = _uniform_weights(spec, b, rows, cdtype)
         keep = _dropout_keep(spec, seed, b, heads, rows, cdtype) if seed is not None else None
         do = grad_out[b, heads, rows].to(cdtype)  # [r, Dv]

@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from attnopt.functional import _check_tensors, _documents, _window  # imports attnopt.ops: the ops are registered
 from attnopt.kernels import registry
-from attnopt.kernels.fills import fill_empty_rows
+from attnopt.kernels.fills import fill_empty_rows, row_groups, uniform_score_grads
 from attnopt.kernels.reference import LSE_EXACT_LIMIT
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window, band_bounds, key_padding_keep
 
@@ -307,22 +307,25 @@ def _forward(plan: _Plan, q: Tensor, k: Tensor, v: Tensor):
     return out, lse_acc, visible, mean_v
 
 
-def _uniform_row_grads(plan: _Plan, rows, q, k_blk, v_blk, grad_out, mean_v, dq, dk_blk) -> None:
+def _uniform_row_grads(plan: _Plan, empty, q, k_blk, v_blk, grad_out, mean_v, dq, dk_blk) -> None:
     """Add to ``dq`` and ``dk_blk`` the gradient of rows empty over all keys under an *added* finite fill:
-    autograd saw a softmax uniform over all ``Nk`` keys, ``dS_j = (dO . v_j - dO . mean(v)) / Nk``."""
+    autograd saw a softmax uniform over all ``Nk`` keys, ``dS_j = (dO . v_j - dO . mean(v)) / Nk`` with the mean
+    over every rank's keys. Without a softcap, ``fills.uniform_score_grads``'s two products per key head; with
+    one, row by row in ``fills.row_groups``'s chunks against the block's keys: no tensor of rows x keys x D."""
+    n = plan.kv_layout.length
+    if plan.softcap is None:
+        dq_rows, dk_rows = uniform_score_grads(q, k_blk, v_blk, grad_out, empty, plan.scale, n, mean_v[:, :, None])
+        dq += dq_rows
+        dk_blk += dk_rows
+        return
     cdtype = dq.dtype
-    bi, hi, ii = rows
-    group = q.shape[1] // k_blk.shape[1]
-    kv_head = hi // group
-    k_rows, v_rows = k_blk[bi, kv_head].to(cdtype), v_blk[bi, kv_head].to(cdtype)  # [R, nk, D], [R, nk, Dv]
-    q_rows, do = q[bi, hi, ii].to(cdtype), grad_out[bi, hi, ii].to(cdtype)  # [R, D], [R, Dv]
-    dp = (v_rows @ do[:, :, None]).squeeze(-1)  # [R, nk]
-    ds = (dp - (mean_v[bi, kv_head] * do).sum(-1, keepdim=True)) / plan.kv_layout.length
-    if plan.softcap is not None:
-        raw = (k_rows @ q_rows[:, :, None]).squeeze(-1) * plan.scale
-        ds = ds * (1.0 - torch.tanh(raw / plan.softcap) ** 2)
-    dq.index_put_((bi, hi, ii), (ds[:, None, :] @ k_rows).squeeze(1) * plan.scale, accumulate=True)
-    dk_blk.index_put_((bi, kv_head), ds[:, :, None] * q_rows[:, None, :] * plan.scale, accumulate=True)
+    for b, kv, heads, rows in row_groups(empty, q.shape[1] // k_blk.shape[1]):
+        keys, values = k_blk[b, kv].to(cdtype), v_blk[b, kv].to(cdtype)  # [nk, D], [nk, Dv]
+        queries, do = q[b, heads, rows].to(cdtype), grad_out[b, heads, rows].to(cdtype)  # [r, D], [r, Dv]
+        ds = (do @ values.T - (do @ mean_v[b, kv].to(cdtype))[:, None]) / n  # [r, nk]
+        ds = ds * (1.0 - torch.tanh((queries @ keys.T) * plan.scale / plan.softcap) ** 2)
+        dq.index_put_((torch.full_like(rows, b), heads, rows), (ds @ keys) * plan.scale, accumulate=True)
+        dk_blk[b, kv] += (ds.T @ queries) * plan.scale
 
 
 def _empty_row_value_grads(plan: _Plan, grad_out: Tensor, empty: Tensor, dv: Tensor) -> None:
@@ -355,7 +358,7 @@ def _backward(plan: _Plan, grad_out, q, k, v, visible, lse, mean_v):
     if plan.fill == Fill.FINITE_ADDED:  # a rank with empty rows differentiates them against every key
         flags = all_gather_stacked(empty.any().to(torch.int32).reshape(1), plan.world, plan.group)  # [P, 1]
         needs = needs | flags.bool().cpu()
-        uniform_rows = torch.nonzero(empty, as_tuple=True) if bool(empty.any()) else None
+        uniform_rows = empty if bool(empty.any()) else None
     head_dim = k.shape[-1]
     lse = lse.contiguous()
 
