@@ -719,7 +719,9 @@ def warm_up(jobs: list[tuple[str, AttentionSpec]]) -> threading.Thread:
             except Exception as err:  # noqa: BLE001 - a thread's error would be lost: the timing reports it
                 log.info("attnopt: warming up %s in the background failed (%s); its timing reports it", name, err)
 
-    thread = threading.Thread(target=run, name="attnopt-warm-up", daemon=True)
+    # not a daemon: a script that returns while the thread compiles or runs its kernel waits for it, instead of
+    # tearing CUDA and the interpreter down under it
+    thread = threading.Thread(target=run, name="attnopt-warm-up", daemon=False)
     thread.start()
     return thread
 

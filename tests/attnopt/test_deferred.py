@@ -450,3 +450,31 @@ def test_a_failing_later_timing_leaves_the_sites_as_they_are(compiling, monkeypa
         torch.testing.assert_close(optimized(x), model(x))
     assert "no device memory left" in caplog.text
     assert optimized.attnopt_report.sites[0].kernel == kernel != NAME
+
+
+def test_a_script_that_returns_during_the_warm_up_waits_for_it(tmp_path):
+    """A user's script may end right after its first call, while ``triton_flash`` still compiles in the background:
+    the interpreter then waits for the warm-up to end rather than tear CUDA down under it (the thread is not a
+    daemon). Here the warm-up's kernel takes half a second and then writes a file; the script returns at once."""
+    import subprocess
+    import sys
+    import textwrap
+
+    done = tmp_path / "done"
+    script = textwrap.dedent(f"""
+        import time, torch
+        from attnopt.kernels.spec import AttentionSpec
+        from attnopt.passes import tuning
+
+        def runner(name, spec, original):
+            def run():
+                time.sleep(0.5)
+                open({str(done)!r}, "w").close()
+            return run
+
+        tuning._runner = runner
+        q = torch.randn(1, 1, 4, 8)
+        tuning.warm_up([("reference", AttentionSpec.from_tensors(q, q, q))])
+    """)
+    subprocess.run([sys.executable, "-c", script], check=True, timeout=120)
+    assert done.exists(), "the script's exit did not wait for the warm-up"
