@@ -344,17 +344,22 @@ def test_triton_flash_warms_up_in_the_thread_under_the_interpreter(monkeypatch, 
         torch._dynamo.reset()
         threads.clear()
         compiled = torch.compile(model, backend=Backend(tune=True, cache_dir=str(tmp_path / str(train))))
-        x1, x2 = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
-        with torch.set_grad_enabled(train):
-            got, expected = compiled(x1), model(x2)
-        torch.testing.assert_close(got, expected)
-        if train:
-            got.square().sum().backward()
-            expected.square().sum().backward()
-            torch.testing.assert_close(x1.grad, x2.grad)
+        _same_in_mode(compiled, model, x, train)
         (site,) = report_of(compiled).sites
         assert "triton_flash compiled in the background and timed after inductor's compile" in site.reason
         assert threads[0] == "attnopt-warm-up" and "MainThread" in threads  # warmed, then timed here
+
+
+def _same_in_mode(optimized, model, x, train: bool) -> None:
+    """``optimized`` gives ``model``'s output on ``x`` and, in training, its input gradient."""
+    x1, x2 = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
+    with torch.set_grad_enabled(train):
+        got, expected = optimized(x1), model(x2)
+    torch.testing.assert_close(got, expected)
+    if train:
+        got.square().sum().backward()
+        expected.square().sum().backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
 
 
 def _warm_up_threads():
@@ -375,14 +380,7 @@ def test_optimize_switches_a_site_between_calls_once_its_kernel_is_compiled(comp
     optimized.load_state_dict(model.state_dict())
 
     def step():
-        x1, x2 = x.clone().requires_grad_(train), x.clone().requires_grad_(train)
-        with torch.set_grad_enabled(train):
-            got, expected = optimized(x1), model(x2)
-        torch.testing.assert_close(got, expected)
-        if train:
-            got.square().sum().backward()
-            expected.square().sum().backward()
-            torch.testing.assert_close(x1.grad, x2.grad)
+        _same_in_mode(optimized, model, x, train)
 
     step()
     (site,) = optimized.attnopt_report.sites
