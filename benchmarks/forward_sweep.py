@@ -74,6 +74,8 @@ REF_CHUNK = 1024
 #: sequence length of the compile-ahead inputs (a multiple of 16, as every case's, so Triton specializes alike)
 WARM_LEN = 256
 TINY_TILES = [(16, 16, 4, 1)]
+#: ``--variants``: run only the variants whose name contains one of these texts (all when empty)
+VARIANT_FILTER: list[str] = []
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,10 +143,11 @@ def tiny_cases() -> list[Case]:
 
 def variants_of(case: Case, tiny: bool) -> list[tma.Variant]:
     """The candidates; for a case with tile lists (a dense mask, documents) each also with the full-tile run off."""
-    variants = tma.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+    variants = tma.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None,
+                                      lazy=True)
     if case.dense or case.documents:
         variants += [dataclasses.replace(v, full_run=False) for v in variants]
-    return variants
+    return [v for v in variants if not VARIANT_FILTER or any(text in v.name for text in VARIANT_FILTER)]
 
 
 def inputs(case: Case, device: str, n: int | None = None, seed: int = 0, transposed: bool = False):
@@ -409,12 +412,15 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="compile-ahead processes (0: none)")
     parser.add_argument("--cases", nargs="*", default=[],
                         help="run only cases whose name contains one of these texts")
+    parser.add_argument("--variants", nargs="*", default=[],
+                        help="run only variants whose name contains one of these texts ('64x64 w4', 'lazy')")
     parser.add_argument("--transposed", action="store_true",
                         help="inputs as HF hands them over: [B, N, H, D] tensors seen as [B, H, N, D]")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("forward_sweep: no CUDA device here; use --device cpu --tiny to check the script")
     start = time.time()
+    VARIANT_FILTER[:] = args.variants
     cases = [c for c in (tiny_cases() if args.tiny else gpu_cases())
              if not args.cases or any(text in c.name for text in args.cases)]
     workers = args.workers if args.workers is not None else (2 if args.tiny else min(8, os.cpu_count() or 1))

@@ -35,6 +35,11 @@ units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then
   that divides ``BLOCK_M``, and with tile lists the group's heads must share them (no mask per head).
 * ``full_run`` (tile lists only): a row's first run of consecutive full tiles is walked as a range of
   columns, the rest of its full tiles through the list. Off: every full tile through the list.
+* ``lazy_rescale``: on fully visible tiles, a row's running maximum ``m`` (and with it ``acc`` and ``l``) is
+  moved only when some row of the program has grown by more than ``RESCALE_SLACK`` (8, in log2 units) since
+  it last moved, so most tiles skip the ``acc * alpha`` rescale; ``p = exp2(s - m)`` then stays below 2^8
+  (FlashAttention-4's conditional rescaling). The result is the same up to rounding: ``acc`` and ``l`` are
+  always relative to the ``m`` they were built at, and ``lse = m + log2 l`` holds for any such ``m``.
 * ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the tile shape and launch configuration.
 
 Per kv tile (``s`` in log2 units, ``qk_scale = scale * log2(e)`` folded into one multiply)::
@@ -73,6 +78,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 #: a descriptor's base address and every stride but the last must be multiples of 16 bytes (TMA)
 DESCRIPTOR_ALIGN = 16
 #: ``triton_flash``'s kernel arguments of the terms the band kernels run through tile lists
+#: log2 units by which a row's running maximum may lag its true maximum in a ``lazy_rescale`` variant (p <= 2^8)
+RESCALE_SLACK = tl.constexpr(8.0)
 MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC",
                  "mask_ptr", "stride_mb", "stride_mh", "stride_mm", "stride_mn", "MASK")
 
@@ -117,6 +124,7 @@ class Variant:
     num_warps: int = 4
     num_stages: int = 3
     full_run: bool = True
+    lazy_rescale: bool = False
 
     @property
     def name(self) -> str:
@@ -127,6 +135,8 @@ class Variant:
             parts.append("pack")
         if not self.full_run:
             parts.append("lists")
+        if self.lazy_rescale:
+            parts.append("lazy")
         return "+".join(parts) + f" {self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
 
 
@@ -144,9 +154,10 @@ def as_variant(variant: Variant | dict) -> Variant:
 
 
 def candidate_variants(head_dim: int, group_size: int = 1,
-                       tiles: list[tuple[int, int, int, int]] | None = None) -> list[Variant]:
-    """The variants the sweep and the GPU tests run: each switch on and off (packing only for GQA) over
-    ``tiles`` ``(block_m, block_n, num_warps, num_stages)``, by default the ones for ``head_dim`` on a
+                       tiles: list[tuple[int, int, int, int]] | None = None, lazy: bool = False) -> list[Variant]:
+    """The variants the sweep and the GPU tests run: each switch on and off (packing only for GQA; the lazy
+    rescale with ``lazy``) over ``tiles`` ``(block_m, block_n, num_warps, num_stages)``, by default the ones for
+    ``head_dim`` on a
     Hopper SM: 8 warps only on 128-row tiles, so each warp group still owns 64 rows (one wgmma's
     height). Among them are FlexAttention's H100 defaults (128x128, 4 warps at D = 64; 128x64, 8 warps
     at D = 128) and the best tiles of ``triton_flash`` in ``benchmarks/results/kernel_configs.md``."""
@@ -156,9 +167,10 @@ def candidate_variants(head_dim: int, group_size: int = 1,
         tiles = [(128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 3)]
     out = []
     for bm, bn, w, s in tiles:
-        out.append(Variant(False, False, False, bm, bn, w, s))
-        if HAS_DESCRIPTORS:
-            out.append(Variant(True, False, False, bm, bn, w, s))
+        for rescale in (False, True) if lazy else (False,):
+            out.append(Variant(False, False, False, bm, bn, w, s, lazy_rescale=rescale))
+            if HAS_DESCRIPTORS:
+                out.append(Variant(True, False, False, bm, bn, w, s, lazy_rescale=rescale))
     if group_size > 1 and not group_size & (group_size - 1):
         # descriptors with packed heads on 128x128 tiles, 8 warps, 2 stages crash ptxas (-11, triton 3.6, sm_90)
         out += [dataclasses.replace(v, pack_gqa=True) for v in out if v.block_m % group_size == 0
@@ -266,7 +278,7 @@ def _band_inner(
     band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm, stride_mn,
     D: tl.constexpr, DV: tl.constexpr, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, FROM_LIST: tl.constexpr,
     HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_ROW: tl.constexpr, HAS_DOC: tl.constexpr,
-    MASK_BOOL: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr,
+    MASK_BOOL: tl.constexpr, DESC: tl.constexpr, WARP_SPEC: tl.constexpr, LAZY: tl.constexpr,
 ):
     """Online softmax over the kv tiles starting at ``lo, lo + BLOCK_N, ..`` below ``hi``, or (``FROM_LIST``) the
     kv tiles listed at ``idx_ptr[lo:hi]``."""
@@ -288,18 +300,33 @@ def _band_inner(
             # a row with nothing visible so far has m = -inf: subtract 0 instead, so exp2 gives 0, not NaN
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
             p = tl.math.exp2(s - m_use[:, None])
+        elif LAZY:
+            # the running maximum moves only when some row's grew by more than RESCALE_SLACK: p stays below
+            # 2^RESCALE_SLACK, and most tiles skip the rescale of acc and l (a branch uniform over the program)
+            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            if tl.max(m_new - m_i, 0) > RESCALE_SLACK:  # m = -inf (no key yet) counts as grown
+                alpha = tl.math.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
         else:
             # every score is finite; scale > 0, so the row maximum can be scaled after the reduction
             m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
             m_use = m_new
             p = tl.math.exp2(qk * qk_scale - m_use[:, None])
-        alpha = tl.math.exp2(m_i - m_use)
         l_ij = tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
-        acc = _dot(p.to(v.dtype), v, acc, "tf32")
-        l_i = l_i * alpha + l_ij
-        m_i = m_new
+        if LAZY and not MASKED:
+            v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
+            acc = _dot(p.to(v.dtype), v, acc, "tf32")
+            l_i = l_i + l_ij
+        else:
+            alpha = tl.math.exp2(m_i - m_use)
+            acc = acc * alpha[:, None]
+            v = _load_rows(v_src, n0, offs_n, Nk, stride_vn, DV, DESC, MASKED)  # [BLOCK_N, DV]
+            acc = _dot(p.to(v.dtype), v, acc, "tf32")
+            l_i = l_i * alpha + l_ij
+            m_i = m_new
     return acc, l_i, m_i
 
 
@@ -315,7 +342,8 @@ def _band_fwd(
     stride_im,
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_MODE: tl.constexpr,
     HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr, PACK: tl.constexpr,
-    DESC: tl.constexpr, WARP_SPEC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    DESC: tl.constexpr, WARP_SPEC: tl.constexpr, LAZY: tl.constexpr, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query positions per program
     # heavy (late, causal) query tiles first: fewer idle SMs at the tail
@@ -368,7 +396,7 @@ def _band_fwd(
                 (part_idx if part == 0 else full_idx) + lists, pos, b, Nq, Nk, kv_end, qk_scale, off, band_lo,
                 band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb, mask_row, stride_mm,
                 stride_mn, D, DV, BLOCK_N, part == 0, part != 1, HAS_LO, HAS_HI, KP_MODE == 2, HAS_DOC, MASK == 3,
-                DESC, WARP_SPEC)
+                DESC, WARP_SPEC, LAZY)
     else:
         start, full_lo, full_hi, end = _kv_tile_range(m0, kv_end, off, band_lo, band_hi, BLOCK_Q, BLOCK_N, HAS_LO,
                                                       HAS_HI)
@@ -379,7 +407,7 @@ def _band_fwd(
                 acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, part_cnt, pos, b, Nq, Nk, kv_end,
                 qk_scale, off, band_lo, band_hi, kp_ptr, stride_kpb, qdoc_ptr, stride_qdb, kvdoc_ptr, stride_kdb,
                 mask_row, stride_mm, stride_mn, D, DV, BLOCK_N, part != 1, False, HAS_LO, HAS_HI, False, False, False,
-                DESC, WARP_SPEC)
+                DESC, WARP_SPEC, LAZY)
 
     empty = l_i == 0.0
     out = (acc / tl.where(empty, 1.0, l_i)[:, None]).to(O.dtype.element_ty)
@@ -455,7 +483,8 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
         0 if lo is None else lo, 0 if hi is None else hi, **terms, **list_args(lists, lse),
         D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None, HAS_HI=hi is not None, PACK=pack,
         RUN=variant.full_run,
-        DESC=variant.descriptors, WARP_SPEC=variant.warp_specialize, BLOCK_M=variant.block_m,
+        DESC=variant.descriptors, WARP_SPEC=variant.warp_specialize, LAZY=variant.lazy_rescale,
+        BLOCK_M=variant.block_m,
         BLOCK_N=variant.block_n, num_warps=variant.num_warps, num_stages=variant.num_stages,
     )
     return _fill_empty_rows(out, lse, v, spec), lse

@@ -9,6 +9,7 @@ only. GPU tests (``-m gpu``) run every candidate variant at N = 1024.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 
 import pytest
@@ -31,6 +32,8 @@ SWITCHES = {
     "ptr_pack": tma.Variant(pack_gqa=True, block_m=16, block_n=16),
     "desc_pack": tma.Variant(descriptors=True, pack_gqa=True, block_m=16, block_n=16),
     "desc_ws_pack": tma.Variant(descriptors=True, warp_specialize=True, pack_gqa=True, block_m=16, block_n=16),
+    "ptr_lazy": tma.Variant(lazy_rescale=True, block_m=16, block_n=16),
+    "desc_pack_lazy": tma.Variant(descriptors=True, pack_gqa=True, lazy_rescale=True, block_m=16, block_n=16),
 }
 #: name -> (B, Hq, Hkv, Nq, Nk, spec terms): each band family, Nq != Nk both ways, GQA 4/2 and 8/2
 CASES = {
@@ -251,7 +254,7 @@ def listed_problems(draw):
     pack = draw(st.booleans()) and not tma.per_head_lists(spec)
     variant = dataclasses.replace(SWITCHES["desc_pack" if pack else "desc"], descriptors=draw(st.booleans()),
                                   block_m=draw(st.sampled_from([16, 32])), block_n=draw(st.sampled_from([16, 32])),
-                                  full_run=draw(st.booleans()))
+                                  full_run=draw(st.booleans()), lazy_rescale=draw(st.booleans()))
     return q, k, v, spec, variant
 
 
@@ -260,6 +263,21 @@ def listed_problems(draw):
 def test_random_listed_specs(problem):
     q, k, v, spec, variant = problem
     check(q, k, v, spec, variant, TOL[spec.dtype])
+
+
+@pytest.mark.parametrize("terms", [{}, {"causal": True}, {"window": Window(20, 0)}], ids=["none", "causal", "window"])
+@pytest.mark.parametrize("switches", ["ptr_lazy", "desc_pack_lazy"])
+def test_lazy_rescale_while_the_row_maximum_grows_and_falls(switches, terms):
+    """Keys whose norms grow along the row, then fall: a tile's maximum often lies far above the last (more than
+    2^8: the rescale runs), later ones below it (skipped). In float16, whose range p = exp2(s - m) must stay in,
+    the output and log-sum-exp equal float64's."""
+    q, k, v, spec = make_inputs(2, 4, 2, 40, 96, 16, torch.float16, terms)
+    growth = torch.cat([torch.linspace(0.5, 6.0, 64), torch.linspace(6.0, 0.5, 32)]).to(k.device)
+    k = (k.float() * growth[:, None]).to(k.dtype)
+    scores = (q.double() @ k.double().repeat_interleave(2, 1).transpose(-1, -2)) * spec.scale / math.log(2)
+    first, fourth = scores[..., :16].amax(-1), scores[..., 48:64].amax(-1)  # log2 units, as the kernel's maximum
+    assert (fourth - first).max() > 2 * tma.RESCALE_SLACK.value  # rows whose maximum moves more than once
+    check(q, k, v, spec, SWITCHES[switches], TOL[torch.float16])
 
 
 def test_unsupported_specs_and_variants_are_refused():
@@ -328,6 +346,9 @@ def test_candidate_variants_cover_every_switch():
     assert {(v.descriptors, v.warp_specialize, v.pack_gqa) for v in variants} == {
         (False, False, False), (True, False, False), (False, False, True), (True, False, True)}
     assert not any(v.pack_gqa for v in tma.candidate_variants(64, group_size=1))
+    assert not any(v.lazy_rescale for v in variants)
+    lazy = tma.candidate_variants(128, group_size=4, lazy=True)
+    assert {v for v in lazy if v.lazy_rescale} == {dataclasses.replace(v, lazy_rescale=True) for v in variants}
     assert all(v.num_warps < 8 or v.block_m * v.block_n >= 128 * 64 for v in variants)
 
 
@@ -440,6 +461,24 @@ def test_gpu_every_variant_at_1k(d):
 def test_gpu_every_switch_at_1k_full(d):
     q, k, v, spec = make_inputs(2, 8, 2, 1024, 1024, d, torch.bfloat16, {})
     _check_all(q, k, v, spec, tma.candidate_variants(d, spec.group_size, [(128, 64, 4, 3)]), TOL[torch.bfloat16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_lazy_rescale_on_the_measured_tiles(d, dtype):
+    """The lazy rescale on every tile shape the measured tables hold at head dim ``d`` (pointer loads and
+    descriptors, heads packed and not), causal at N 1024 in HF's layout, keys whose scores grow along the row
+    (the rescale runs on some tiles, not on others): against float64."""
+    q, k, v, spec = make_inputs(2, 8, 2, 1024, 1024, d, dtype, {"causal": True})
+    k = (k.float() * torch.linspace(0.5, 4.0, 1024, device=k.device)[:, None]).to(dtype)
+    tiles = sorted({(t.block_m, t.block_n, t.num_warps, t.num_stages)
+                    for table in (tma.MEASURED_VARIANTS, tma.LISTED_VARIANTS) for key, t in table.items()
+                    if key[0] == d})
+    lazy = [v for v in tma.candidate_variants(d, spec.group_size, tiles, lazy=True) if v.lazy_rescale]
+    assert lazy
+    _check_all(q, k, v, spec, lazy, TOL[dtype])
 
 
 @pytest.mark.gpu
