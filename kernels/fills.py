@@ -101,21 +101,27 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
     if spec.fill == Fill.NEG_INF:
         return _where_empty(empty, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.FINITE_REPLACED_ADDED:
-        return _where_empty(empty, _mean_over_union(v, spec, first_row, out.shape[2]).to(out.dtype), out)
+        mean = _mean_over_union(v, spec, first_row, out.shape[2])  # [B, Hkv, n, Dv]
+        return _where_empty(empty, mean[:, :, None].to(out.dtype), out, spec.kv_heads)
     # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
     # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
     mean_v = v.mean(dim=2, dtype=_compute_dtype(v.dtype))  # [B, Hkv, Dv], float64 for float64 inputs; no copy of v
-    mean_v = mean_v.repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
-    return _where_empty(empty, mean_v.to(out.dtype), out)
+    return _where_empty(empty, mean_v[:, :, None, None].to(out.dtype), out, spec.kv_heads)  # [B, Hkv, 1, 1, Dv]
 
 
-def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``value`` on the rows of ``out`` that ``empty`` marks, ``out`` elsewhere, in ``out``'s memory layout (a
-    kernel's output laid out like the queries stays so: an HF layer's reshape of it is a view). Under autograd
-    (a kernel's differentiable recomputation), where ``out=`` is not allowed, torch's own layout."""
+def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor, kv_heads: int = 1) -> torch.Tensor:
+    """``value`` on the rows of ``out [B, Hq, n, Dv]`` that ``empty [B, Hq, n]`` marks, ``out`` elsewhere, in
+    ``out``'s memory layout (a kernel's output laid out like the queries stays so: an HF layer's reshape of it is
+    a view). ``value`` (in ``out``'s dtype) broadcasts to ``[B, kv_heads, G, n, Dv]``: a key head's value serves
+    its ``G`` query heads without a copy per head. Under autograd (a kernel's differentiable recomputation), where
+    ``out=`` is not allowed, torch's own layout."""
+    rows = empty.unflatten(1, (kv_heads, -1))[..., None]  # [B, Hkv, G, n, 1]
+    grouped = out.unflatten(1, (kv_heads, -1))  # [B, Hkv, G, n, Dv], a view
     if torch.is_grad_enabled() and (out.requires_grad or value.requires_grad):
-        return torch.where(empty[..., None], value, out)
-    return torch.where(empty[..., None], value, out, out=torch.empty_like(out))
+        return torch.where(rows, value, grouped).flatten(1, 2)
+    filled = torch.empty_like(out)
+    torch.where(rows, value, grouped, out=filled.unflatten(1, (kv_heads, -1)))
+    return filled
 
 
 #: per key-padding tensor (and band and shapes): whether a call with those terms alone has a row with no visible
@@ -282,9 +288,9 @@ def _band_ends(spec: AttentionSpec, rows: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _mean_over_union(v: torch.Tensor, spec: AttentionSpec, first_row: int, n_rows: int) -> torch.Tensor:
-    """``[B, Hq, n_rows, Dv]``: for query rows ``first_row ..``, each row's mean of v over its band's keys and
-    the kept keys, counted as disjoint (they are on the rows that see no key). O(Nk Dv) per head with prefix
-    sums in float64, so a difference of two sums keeps the rounding of one; no host sync."""
+    """``[B, Hkv, n_rows, Dv]`` in float64: for query rows ``first_row ..``, each row's mean of v over its band's
+    keys and the kept keys, counted as disjoint (they are on the rows that see no key). O(Nk Dv) per head with
+    prefix sums in float64, so a difference of two sums keeps the rounding of one; no host sync."""
     values = v.to(torch.float64)  # [B, Hkv, Nk, Dv]
     kept = _kept_keys(spec, v.device).expand(spec.batch, spec.kv_len)  # [B, Nk]
     kept_sum = torch.einsum("bn,bhnd->bhd", kept.to(values.dtype), values)[:, :, None]  # [B, Hkv, 1, Dv]
@@ -292,8 +298,7 @@ def _mean_over_union(v: torch.Tensor, spec: AttentionSpec, first_row: int, n_row
     prefix = F.pad(values.cumsum(2), (0, 0, 1, 0))  # [B, Hkv, Nk + 1, Dv], prefix[j] = v[0] + .. + v[j - 1]
     start, end = _band_ends(spec, torch.arange(first_row, first_row + n_rows, device=v.device))  # [n_rows]
     band_sum = prefix[:, :, end] - prefix[:, :, start]  # [B, Hkv, Nq, Dv]
-    mean = (band_sum + kept_sum) / ((end - start)[:, None] + kept_count)  # 0 / 0 = NaN: every key masked twice
-    return mean.repeat_interleave(spec.group_size, dim=1)  # [B, Hq, Nq, Dv]
+    return (band_sum + kept_sum) / ((end - start)[:, None] + kept_count)  # 0 / 0 = NaN: every key masked twice
 
 
 # ----------------------------------------------------------------------------- dropout on filled rows

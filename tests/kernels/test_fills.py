@@ -353,3 +353,42 @@ def test_the_backward_of_rows_without_keys_makes_nothing_larger_than_the_inputs(
         dq, dk, dv, _, _ = fills.empty_row_grads(q, k, v, torch.randn(b, hq, n, d), empty, spec)
     assert dq.abs().amax() > 0 and dk.abs().amax() > 0
     assert largest.numel <= max(q.numel(), fills.ROW_CHUNK * n), largest.numel
+
+
+# ----------------------------------------------------------------------------- the forward fill of many heads
+@pytest.mark.parametrize("fill", [Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED])
+def test_the_forward_fill_serves_a_key_heads_query_heads_in_the_outputs_layout(fill):
+    """GQA 8/2, the output laid out as [B, N, H, D] (a kernel's output laid out like the queries): each empty row
+    is its key head's mean of v (over the band and the kept keys, replaced then added), the others untouched, in
+    the output's layout; the uniform fill is the mean and one ``where`` on grouped views, no copy of the mean per
+    query head."""
+    g = torch.Generator().manual_seed(4)
+    b, hq, hkv, n, d = 2, 8, 2, 16, 4
+    q = torch.randn(b, hq, n, d, generator=g)
+    k, v = (torch.randn(b, hkv, n, d, generator=g) for _ in range(2))
+    keep = torch.arange(n)[None, :] >= torch.tensor([3, 7])[:, None]
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill)
+    empty = (~keep)[:, None, :].expand(b, hq, n)  # causal: the rows before the first kept key
+    out = torch.randn(b, n, hq, d, generator=g).transpose(1, 2)
+    fills.known_empty_rows(spec)  # found once per padding tensor, not per call: not counted
+    with _Ops() as ops:
+        filled = fills.fill_empty_rows(out, empty, v, spec)
+    assert filled.stride() == out.stride()
+    want = _written(q.double(), k.double(), v.double(), keep, torch.ones(n, n, dtype=torch.bool).tril(), fill,
+                    spec.scale, None, torch.finfo(torch.float64).min)
+    torch.testing.assert_close(filled, torch.where(empty[..., None], want.float(), out), atol=1e-6, rtol=0)
+    if fill == Fill.FINITE_ADDED:
+        assert ops.computed == ["aten.mean.dim", "aten.empty_like.default", "aten.where.self_out"]
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops dispatched while the mode is on: ``computed`` those that are not views."""
+
+    def __init__(self):
+        super().__init__()
+        self.computed = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.computed.append(str(func))
+        return func(*args, **(kwargs or {}))
