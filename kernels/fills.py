@@ -304,7 +304,7 @@ _GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1
 
 def _shifted(x: torch.Tensor, bits: int) -> torch.Tensor:
     """``x >> bits`` as an unsigned shift of int64 bits (torch's ``>>`` copies the sign bit in)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+    return (x >> bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
 def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, rows: torch.Tensor,
@@ -316,12 +316,14 @@ def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, r
         raise ValueError("a finite fill with dropout needs the call's dropout seed (0 means no dropout was drawn)")
     row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # heads and rows broadcast
     keys = torch.arange(spec.kv_len, device=rows.device)
-    x = (row_index[..., None] * spec.kv_len + keys) * _GOLDEN + (seed & ((1 << 62) - 1))
-    x = (x ^ _shifted(x, 30)) * _MIX1
-    x = (x ^ _shifted(x, 27)) * _MIX2
-    x = x ^ _shifted(x, 31)
-    uniform = (x & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
-    return (uniform >= spec.dropout_p).to(dtype) / (1.0 - spec.dropout_p)
+    # in place past the first product: a block's draws are ROW_ELEMENTS int64, a fresh buffer per op was most of
+    # the time on a CPU (int64 products wrap as the unsigned ones would, bit for bit)
+    x = (row_index[..., None] * spec.kv_len + keys).mul_(_GOLDEN).add_(seed & ((1 << 62) - 1))
+    x.bitwise_xor_(_shifted(x, 30)).mul_(_MIX1)
+    x.bitwise_xor_(_shifted(x, 27)).mul_(_MIX2)
+    x.bitwise_xor_(_shifted(x, 31))
+    uniform = x.bitwise_and_((1 << 53) - 1).to(torch.float64).div_(float(1 << 53))
+    return (uniform >= spec.dropout_p).to(dtype).div_(1.0 - spec.dropout_p)
 
 
 # ----------------------------------------------------------------------------- rows without keys, in blocks
@@ -452,27 +454,29 @@ def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, 
         weights, band = _uniform_weights(spec, b, rows, cdtype)  # [r, Nk]
         keep = _dropout_keep(spec, seed, b, heads[kv], rows, cdtype) if seed is not None else None  # [hk, G, r, Nk]
         do = torch.where(marks, block.gather(grad_out).to(cdtype), 0.0)  # [hk, G, r, Dv]
+        probs = weights if keep is None else weights * keep  # P z: [r, Nk] or [hk, G, r, Nk]
         if keep is None:  # every head's rows take the same weights: their dO summed first
             dv[b, kv] += weights.mT @ do.sum(1)  # [hk, Nk, Dv]
         else:
-            dv[b, kv] += (weights * keep).flatten(1, 2).mT @ do.flatten(1, 2)
+            dv[b, kv] += probs.flatten(1, 2).mT @ do.flatten(1, 2)
         if not scores:
             continue
+        # in place on fresh products from here: a block's [hk, G, r, Nk] buffers are the fill's memory traffic
         values = v[b, kv].to(cdtype)  # [hk, Nk, Dv]
-        dp = (do.flatten(1, 2) @ values.mT).view(*do.shape[:3], -1)  # [hk, G, r, Nk]: dO . v_j
-        if keep is not None:
-            dp = keep * dp
-        ds = weights * (dp - (weights * dp).sum(-1, keepdim=True))
+        dov = (do.flatten(1, 2) @ values.mT).view(*do.shape[:3], -1)  # [hk, G, r, Nk]: dO . v_j
+        expected = (probs * dov).sum(-1, keepdim=True)  # sum_j P_j dP_j, dP = z (dO . v)
+        ds = (dov if keep is None else dov.mul_(keep)).sub_(expected).mul_(weights)  # P (dP - sum P dP)
         if band is not None:
-            ds = torch.where(band, ds, torch.zeros((), dtype=cdtype, device=ds.device))
+            ds.masked_fill_(~band, 0.0)
         for grad in term_grads:
             if grad is not None:
                 _scatter_rows(grad, torch.where(marks, ds, 0.0), block)
         keys = k[b, kv].to(cdtype)  # [hk, Nk, D]
         queries = torch.where(marks, block.gather(q).to(cdtype), 0.0).flatten(1, 2)  # [hk, G r, D]
-        if spec.softcap is not None:
-            ds = ds * (1.0 - torch.tanh((queries @ keys.mT).view(ds.shape) * spec.scale / spec.softcap) ** 2)
-        ds = torch.where(marks, ds, 0.0).flatten(1, 2)  # [hk, G r, Nk]
+        if spec.softcap is not None:  # through the softcap's tanh: 1 - tanh^2
+            capped = (queries @ keys.mT).view(ds.shape).mul_(spec.scale).div_(spec.softcap).tanh_()
+            ds.mul_(capped.square_().neg_().add_(1.0))
+        ds = ds.masked_fill_(~marks, 0.0).flatten(1, 2)  # [hk, G r, Nk]
         dq_rows = torch.where(marks, ((ds @ keys) * spec.scale).view(*marks.shape[:3], -1), 0.0)  # [hk, G, r, D]
         dq[b, block.heads].index_add_(1, rows, dq_rows.flatten(0, 1))
         dk[b, kv] += (ds.mT @ queries) * spec.scale
