@@ -27,8 +27,10 @@ The backward corrections are PyTorch ops. A row uniform over all keys (an
 added fill, no softcap, no term gradient asked for) gets its dq and dk from
 two ``[D, Dv]`` products per key head, whatever the number of such rows (a
 left-padded batch row in training has thousands); the others are computed
-for those rows only, in chunks of ``ROW_CHUNK`` rows against their head's
-keys.
+for those rows only, in blocks of one batch row's empty rows in every head
+at once (``row_blocks``, working tensors of at most ``ROW_ELEMENTS``
+elements): a number of ops that grows with the batch rows that have empty
+rows, not with the heads.
 
 With dropout (``spec.dropout_p > 0``) the original drops out the uniform row of
 a finite fill like any other: ``out = sum_j z_j v_j / |U|`` over the keys ``U``
@@ -42,6 +44,7 @@ dropped-out row. Such calls look for empty rows with one host sync.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -53,9 +56,10 @@ from .term_cache import TermCache
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
 #: fills whose rows are a (uniform) softmax that dropout then drops out, as any other row
 DROPPED_FILLS = (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED)
-#: empty rows handled at once row by row (dropout, a softcap, term gradients, a band's union): bounds the
-#: ``[rows, Nk]`` working tensors
-ROW_CHUNK = 1024
+#: elements of the largest working tensor of a block of empty rows handled row by row (dropout, a softcap, term
+#: gradients, a band's union): ``[heads, rows, Nk]`` and ``[heads, rows, D]``, 32 MiB in float32 (the dropout
+#: hash's int64 temporaries 64 MiB)
+ROW_ELEMENTS = 1 << 23
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -101,21 +105,27 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
     if spec.fill == Fill.NEG_INF:
         return _where_empty(empty, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.FINITE_REPLACED_ADDED:
-        return _where_empty(empty, _mean_over_union(v, spec, first_row, out.shape[2]).to(out.dtype), out)
+        mean = _mean_over_union(v, spec, first_row, out.shape[2])  # [B, Hkv, n, Dv]
+        return _where_empty(empty, mean[:, :, None].to(out.dtype), out, spec.kv_heads)
     # every score is the same finite minimum: softmax is uniform over all keys. The mean is computed
     # whether or not a row needs it: O(Nk Dv) beside the attention's O(Nq Nk D), and no host sync
     mean_v = v.mean(dim=2, dtype=_compute_dtype(v.dtype))  # [B, Hkv, Dv], float64 for float64 inputs; no copy of v
-    mean_v = mean_v.repeat_interleave(spec.group_size, dim=1)[:, :, None]  # [B, Hq, 1, Dv]
-    return _where_empty(empty, mean_v.to(out.dtype), out)
+    return _where_empty(empty, mean_v[:, :, None, None].to(out.dtype), out, spec.kv_heads)  # [B, Hkv, 1, 1, Dv]
 
 
-def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``value`` on the rows of ``out`` that ``empty`` marks, ``out`` elsewhere, in ``out``'s memory layout (a
-    kernel's output laid out like the queries stays so: an HF layer's reshape of it is a view). Under autograd
-    (a kernel's differentiable recomputation), where ``out=`` is not allowed, torch's own layout."""
+def _where_empty(empty: torch.Tensor, value: torch.Tensor, out: torch.Tensor, kv_heads: int = 1) -> torch.Tensor:
+    """``value`` on the rows of ``out [B, Hq, n, Dv]`` that ``empty [B, Hq, n]`` marks, ``out`` elsewhere, in
+    ``out``'s memory layout (a kernel's output laid out like the queries stays so: an HF layer's reshape of it is
+    a view). ``value`` (in ``out``'s dtype) broadcasts to ``[B, kv_heads, G, n, Dv]``: a key head's value serves
+    its ``G`` query heads without a copy per head. Under autograd (a kernel's differentiable recomputation), where
+    ``out=`` is not allowed, torch's own layout."""
+    rows = empty.unflatten(1, (kv_heads, -1))[..., None]  # [B, Hkv, G, n, 1]
+    grouped = out.unflatten(1, (kv_heads, -1))  # [B, Hkv, G, n, Dv], a view
     if torch.is_grad_enabled() and (out.requires_grad or value.requires_grad):
-        return torch.where(empty[..., None], value, out)
-    return torch.where(empty[..., None], value, out, out=torch.empty_like(out))
+        return torch.where(rows, value, grouped).flatten(1, 2)
+    filled = torch.empty_like(out)
+    torch.where(rows, value, grouped, out=filled.unflatten(1, (kv_heads, -1)))
+    return filled
 
 
 #: per key-padding tensor (and band and shapes): whether a call with those terms alone has a row with no visible
@@ -254,14 +264,6 @@ def uniform_score_grads(q, k, v, grad_out, empty, scale: float, count: int, mean
     return dq, dk
 
 
-def _scatter_rows(total: torch.Tensor, ds: torch.Tensor, bi, hi, ii) -> None:
-    """Add rows ``ds [R, Nk]`` at (b, h, i) into a term broadcastable to [B, H, Nq, Nk], summing broadcast dims."""
-    view = total.reshape((1,) * (4 - total.dim()) + tuple(total.shape))
-    index = tuple(idx if view.shape[d] > 1 else torch.zeros_like(idx) for d, idx in enumerate((bi, hi, ii)))
-    rows = ds if view.shape[3] > 1 else ds.sum(-1, keepdim=True)
-    view.index_put_(index, rows, accumulate=True)
-
-
 def _kept_keys(spec: AttentionSpec, device) -> torch.Tensor:
     """``[B or 1, Nk]``: the keys the added mask keeps (all without key padding)."""
     if spec.q_doc is not None or spec.bias is not None or spec.mask is not None:
@@ -282,9 +284,9 @@ def _band_ends(spec: AttentionSpec, rows: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def _mean_over_union(v: torch.Tensor, spec: AttentionSpec, first_row: int, n_rows: int) -> torch.Tensor:
-    """``[B, Hq, n_rows, Dv]``: for query rows ``first_row ..``, each row's mean of v over its band's keys and
-    the kept keys, counted as disjoint (they are on the rows that see no key). O(Nk Dv) per head with prefix
-    sums in float64, so a difference of two sums keeps the rounding of one; no host sync."""
+    """``[B, Hkv, n_rows, Dv]`` in float64: for query rows ``first_row ..``, each row's mean of v over its band's
+    keys and the kept keys, counted as disjoint (they are on the rows that see no key). O(Nk Dv) per head with
+    prefix sums in float64, so a difference of two sums keeps the rounding of one; no host sync."""
     values = v.to(torch.float64)  # [B, Hkv, Nk, Dv]
     kept = _kept_keys(spec, v.device).expand(spec.batch, spec.kv_len)  # [B, Nk]
     kept_sum = torch.einsum("bn,bhnd->bhd", kept.to(values.dtype), values)[:, :, None]  # [B, Hkv, 1, Dv]
@@ -292,8 +294,7 @@ def _mean_over_union(v: torch.Tensor, spec: AttentionSpec, first_row: int, n_row
     prefix = F.pad(values.cumsum(2), (0, 0, 1, 0))  # [B, Hkv, Nk + 1, Dv], prefix[j] = v[0] + .. + v[j - 1]
     start, end = _band_ends(spec, torch.arange(first_row, first_row + n_rows, device=v.device))  # [n_rows]
     band_sum = prefix[:, :, end] - prefix[:, :, start]  # [B, Hkv, Nq, Dv]
-    mean = (band_sum + kept_sum) / ((end - start)[:, None] + kept_count)  # 0 / 0 = NaN: every key masked twice
-    return mean.repeat_interleave(spec.group_size, dim=1)  # [B, Hq, Nq, Dv]
+    return (band_sum + kept_sum) / ((end - start)[:, None] + kept_count)  # 0 / 0 = NaN: every key masked twice
 
 
 # ----------------------------------------------------------------------------- dropout on filled rows
@@ -303,39 +304,90 @@ _GOLDEN, _MIX1, _MIX2 = (c - (1 << 64) for c in (0x9E3779B97F4A7C15, 0xBF58476D1
 
 def _shifted(x: torch.Tensor, bits: int) -> torch.Tensor:
     """``x >> bits`` as an unsigned shift of int64 bits (torch's ``>>`` copies the sign bit in)."""
-    return (x >> bits) & ((1 << (64 - bits)) - 1)
+    return (x >> bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
 def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, rows: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
-    """``[r, Nk]`` dropout multipliers (0 or ``1 / (1 - p)``) of query rows ``rows`` (absolute) of heads ``heads`` in
-    batch row ``b``: uniform draws that are a function of ``seed`` and the (b, h, i, j) index alone."""
+    """``[..., Nk]`` dropout multipliers (0 or ``1 / (1 - p)``) of query rows ``rows`` (absolute) of heads ``heads``
+    in batch row ``b``, ``heads`` and ``rows`` broadcast against each other (``[Hkv, G, 1]`` heads and ``[r]`` rows
+    give ``[Hkv, G, r, Nk]``): uniform draws that are a function of ``seed`` and the (b, h, i, j) index alone."""
     if seed == 0:
         raise ValueError("a finite fill with dropout needs the call's dropout seed (0 means no dropout was drawn)")
-    row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # [r]
+    row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # heads and rows broadcast
     keys = torch.arange(spec.kv_len, device=rows.device)
-    x = (row_index[:, None] * spec.kv_len + keys[None, :]) * _GOLDEN + (seed & ((1 << 62) - 1))
-    x = (x ^ _shifted(x, 30)) * _MIX1
-    x = (x ^ _shifted(x, 27)) * _MIX2
-    x = x ^ _shifted(x, 31)
-    uniform = (x & ((1 << 53) - 1)).to(torch.float64) / float(1 << 53)
-    return (uniform >= spec.dropout_p).to(dtype) / (1.0 - spec.dropout_p)
+    # in place past the first product: a block's draws are ROW_ELEMENTS int64, a fresh buffer per op was most of
+    # the time on a CPU (int64 products wrap as the unsigned ones would, bit for bit)
+    x = (row_index[..., None] * spec.kv_len + keys).mul_(_GOLDEN).add_(seed & ((1 << 62) - 1))
+    x.bitwise_xor_(_shifted(x, 30)).mul_(_MIX1)
+    x.bitwise_xor_(_shifted(x, 27)).mul_(_MIX2)
+    x.bitwise_xor_(_shifted(x, 31))
+    uniform = x.bitwise_and_((1 << 53) - 1).to(torch.float64).div_(float(1 << 53))
+    return (uniform >= spec.dropout_p).to(dtype).div_(1.0 - spec.dropout_p)
 
 
-def row_groups(empty: torch.Tensor, group_size: int):
-    """The rows ``empty [B, Hq, n]`` marks, as ``(b, kv head, heads [r], rows [r])`` groups of at most
-    ``ROW_CHUNK`` rows that read one key/value head (``group_size`` query heads per key head). One host sync."""
-    kv_heads = empty.shape[1] // group_size
-    bi, hi, ii = torch.nonzero(empty, as_tuple=True)  # (b, h, i) order: a (b, kv head) group is consecutive
-    group = bi * kv_heads + hi // group_size
-    groups, counts = torch.unique_consecutive(group, return_counts=True)
-    start = 0
-    for value, count in zip(groups.tolist(), counts.tolist()):
-        b, kv = divmod(value, kv_heads)
-        for first in range(start, start + count, ROW_CHUNK):
-            last = min(first + ROW_CHUNK, start + count)
-            yield b, kv, hi[first:last], ii[first:last]
-        start += count
+# ----------------------------------------------------------------------------- rows without keys, in blocks
+@dataclass(frozen=True)
+class RowBlock:
+    """Query rows ``rows [r]`` (indices into ``empty``'s rows) of batch row ``b``, each empty in some head of ``b``,
+    taken in key heads ``kv`` and their query heads at once. ``empty [hk, G, r]`` marks the (head, row) pairs
+    that are empty: the others are in the block only because another head's row is, and take nothing."""
+
+    b: int
+    kv: slice
+    rows: torch.Tensor
+    empty: torch.Tensor
+
+    @property
+    def heads(self) -> slice:
+        """The query heads of the block's key heads."""
+        group = self.empty.shape[1]
+        return slice(self.kv.start * group, self.kv.stop * group)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """``[hk, G, r, ...]``: the block's rows of ``x [B, Hq, n, ...]``."""
+        return x[self.b, self.heads][:, self.rows].unflatten(0, self.empty.shape[:2])
+
+
+def row_blocks(empty: torch.Tensor, group_size: int, width: int) -> list[RowBlock]:
+    """The rows ``empty [B, Hq, n]`` marks, as blocks of one batch row: the rows empty in any of its heads, in
+    every head at once (``group_size`` query heads per key head), so that the work on them is a few batched ops
+    per block whatever the number of heads. ``width``: elements per (head, row) of the caller's largest working
+    tensor (``Nk``, ``D``); a block holds at most ``ROW_ELEMENTS // width`` (head, row) pairs: fewer rows, and
+    past one row in every head, fewer key heads (at least one row of one key head). One host sync."""
+    batch, q_heads, _ = empty.shape
+    kv_heads = q_heads // group_size
+    pairs = max(1, ROW_ELEMENTS // max(1, width))
+    n_rows, n_kv = (max(1, pairs // q_heads), kv_heads) if pairs >= q_heads else (1, max(1, pairs // group_size))
+    any_head = empty.any(1)  # [B, n]
+    order = torch.sort((~any_head).to(torch.uint8), dim=1, stable=True).indices  # [B, n], a row's empty rows first
+    blocks = []
+    for b, count in enumerate(any_head.sum(1).tolist()):
+        for first in range(0, count, n_rows):
+            rows = order[b, first:min(first + n_rows, count)]  # [r]
+            marks = empty[b][:, rows].unflatten(0, (kv_heads, group_size))  # [Hkv, G, r]
+            for kv in range(0, kv_heads, n_kv):
+                last = min(kv + n_kv, kv_heads)
+                blocks.append(RowBlock(b, slice(kv, last), rows, marks[kv:last]))
+    return blocks
+
+
+def _scatter_rows(total: torch.Tensor, ds: torch.Tensor, block: RowBlock) -> None:
+    """Add a block's rows ``ds [hk, G, r, Nk]`` into a term broadcastable to ``[B, Hq, Nq, Nk]``, summing its
+    broadcast dims."""
+    view = total.reshape((1,) * (4 - total.dim()) + tuple(total.shape))  # a view of total (fresh zeros)
+    target = view[block.b if view.shape[0] > 1 else 0]  # [Hq or 1, Nq or 1, Nk or 1]
+    rows = ds.flatten(0, 1)  # [hq, r, Nk]
+    if target.shape[0] > 1:
+        target = target[block.heads]
+    else:
+        rows = rows.sum(0, keepdim=True)
+    if target.shape[2] == 1:
+        rows = rows.sum(-1, keepdim=True)
+    if target.shape[1] > 1:
+        target.index_add_(1, block.rows, rows)
+    else:
+        target += rows.sum(1, keepdim=True)
 
 
 def _uniform_weights(spec: AttentionSpec, b: int, rows: torch.Tensor, dtype: torch.dtype):
@@ -352,27 +404,40 @@ def _uniform_weights(spec: AttentionSpec, b: int, rows: torch.Tensor, dtype: tor
     return union.to(dtype) / union.sum(-1, keepdim=True), band  # 0 / 0 = NaN: every key masked twice
 
 
+def _query_heads(spec: AttentionSpec, device) -> torch.Tensor:
+    """``[Hkv, G, 1]``: each query head's index, grouped by key head (``_dropout_keep``'s heads for a block)."""
+    return torch.arange(spec.q_heads, device=device).view(spec.kv_heads, spec.group_size, 1)
+
+
 def _dropped_uniform_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                           first_row: int, seed: int) -> torch.Tensor:
     """``fill_empty_rows`` for a finite fill with dropout: each empty row's uniform softmax dropped out, times v."""
-    if not bool(empty.any()):  # one host sync; most calls have no such row
+    blocks = row_blocks(empty, spec.group_size, max(spec.kv_len, spec.v_head_dim))  # one host sync
+    if not blocks:  # most calls have no such row
         return out
     cdtype = _compute_dtype(v.dtype)
+    heads = _query_heads(spec, v.device)
     filled = torch.empty_like(out).copy_(out)  # out's layout kept
-    for b, kv, heads, rows in row_groups(empty, spec.group_size):
-        weights, _ = _uniform_weights(spec, b, rows + first_row, cdtype)
-        weights = weights * _dropout_keep(spec, seed, b, heads, rows + first_row, cdtype)
-        filled[b, heads, rows] = (weights @ v[b, kv].to(cdtype)).to(out.dtype)
+    for block in blocks:
+        rows = block.rows + first_row
+        hk, group, r = block.empty.shape
+        weights, _ = _uniform_weights(spec, block.b, rows, cdtype)  # [r, Nk]
+        probs = weights * _dropout_keep(spec, seed, block.b, heads[block.kv], rows, cdtype)  # [hk, G, r, Nk]
+        values = v[block.b, block.kv].to(cdtype)  # [hk, Nk, Dv]
+        dropped = (probs.flatten(1, 2) @ values).to(out.dtype).view(hk * group, r, -1)  # [hk G, r, Dv]
+        target = filled[block.b, block.heads]  # [hk G, n, Dv], a view of filled
+        target[:, block.rows] = torch.where(block.empty.flatten(0, 1)[..., None], dropped, target[:, block.rows])
     return filled
 
 
 def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, needs_bias_grad: bool,
                needs_mask_grad: bool):
-    """``empty_row_grads`` row by row (in chunks of at most ``ROW_CHUNK`` rows of one key head, against its keys:
-    ``[rows, Nk]`` working tensors): the gradients of each empty row's uniform softmax (``P = 1 / |U|`` on its keys
-    ``U``), dropped out with the call's ``seed`` (``z`` the dropout multipliers; 1 where ``seed`` is None). dV gets
-    ``P z dO``; the scores (added fills only) ``dS = P (dP - sum(P dP))`` with ``dP = z (dO . v)``, through the
-    softcap's tanh."""
+    """``empty_row_grads`` row by row, in ``row_blocks`` (one batch row's empty rows in every head at once, against
+    their heads' keys: ``[hk, G, r, Nk]`` working tensors): the gradients of each empty row's uniform softmax
+    (``P = 1 / |U|`` on its keys ``U``), dropped out with the call's ``seed`` (``z`` the dropout multipliers; 1
+    where ``seed`` is None). dV gets ``P z dO``; the scores (added fills only) ``dS = P (dP - sum(P dP))`` with
+    ``dP = z (dO . v)``, through the softcap's tanh. A (head, row) of a block that sees a key takes nothing: its
+    dO and q are zeroed and its dS and dq masked (a NaN of k or v reaches no row that saw a key)."""
     cdtype = _compute_dtype(q.dtype)
     dv = torch.zeros(v.shape, dtype=cdtype, device=v.device)
     scores = spec.fill != Fill.FINITE  # a replaced fill sends the scores nothing (masked_fill's backward)
@@ -381,24 +446,38 @@ def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, 
     added = spec.fill == Fill.FINITE_ADDED  # only an added fill's terms receive the scores' gradient
     term_grads = [torch.zeros(term.shape, dtype=cdtype, device=q.device) if added and needed else None
                   for term, needed in ((spec.bias, needs_bias_grad), (spec.mask, needs_mask_grad))]
-    for b, kv, heads, rows in row_groups(empty, spec.group_size):
-        weights, band = _uniform_weights(spec, b, rows, cdtype)
-        keep = _dropout_keep(spec, seed, b, heads, rows, cdtype) if seed is not None else None
-        do = grad_out[b, heads, rows].to(cdtype)  # [r, Dv]
-        values = v[b, kv].to(cdtype)  # [Nk, Dv]
-        dv[b, kv] += (weights if keep is None else weights * keep).T @ do
+    heads = _query_heads(spec, q.device) if seed is not None else None
+    width = max(spec.kv_len, spec.head_dim, spec.v_head_dim)
+    for block in row_blocks(empty, spec.group_size, width):
+        b, kv, rows = block.b, block.kv, block.rows
+        marks = block.empty[..., None]  # [hk, G, r, 1]
+        weights, band = _uniform_weights(spec, b, rows, cdtype)  # [r, Nk]
+        keep = _dropout_keep(spec, seed, b, heads[kv], rows, cdtype) if seed is not None else None  # [hk, G, r, Nk]
+        do = torch.where(marks, block.gather(grad_out).to(cdtype), 0.0)  # [hk, G, r, Dv]
+        probs = weights if keep is None else weights * keep  # P z: [r, Nk] or [hk, G, r, Nk]
+        if keep is None:  # every head's rows take the same weights: their dO summed first
+            dv[b, kv] += weights.mT @ do.sum(1)  # [hk, Nk, Dv]
+        else:
+            dv[b, kv] += probs.flatten(1, 2).mT @ do.flatten(1, 2)
         if not scores:
             continue
-        dp = do @ values.T if keep is None else keep * (do @ values.T)  # [r, Nk]
-        ds = weights * (dp - (weights * dp).sum(-1, keepdim=True))
+        # in place on fresh products from here: a block's [hk, G, r, Nk] buffers are the fill's memory traffic
+        values = v[b, kv].to(cdtype)  # [hk, Nk, Dv]
+        dov = (do.flatten(1, 2) @ values.mT).view(*do.shape[:3], -1)  # [hk, G, r, Nk]: dO . v_j
+        expected = (probs * dov).sum(-1, keepdim=True)  # sum_j P_j dP_j, dP = z (dO . v)
+        ds = (dov if keep is None else dov.mul_(keep)).sub_(expected).mul_(weights)  # P (dP - sum P dP)
         if band is not None:
-            ds = torch.where(band, ds, torch.zeros((), dtype=cdtype, device=ds.device))
-        keys, queries = k[b, kv].to(cdtype), q[b, heads, rows].to(cdtype)  # [Nk, D], [r, D]
+            ds.masked_fill_(~band, 0.0)
         for grad in term_grads:
             if grad is not None:
-                _scatter_rows(grad, ds, torch.full_like(rows, b), heads, rows)
-        if spec.softcap is not None:
-            ds = ds * (1.0 - torch.tanh((queries @ keys.T) * spec.scale / spec.softcap) ** 2)
-        dq.index_put_((torch.full_like(rows, b), heads, rows), (ds @ keys) * spec.scale, accumulate=True)
-        dk[b, kv] += (ds.T @ queries) * spec.scale
+                _scatter_rows(grad, torch.where(marks, ds, 0.0), block)
+        keys = k[b, kv].to(cdtype)  # [hk, Nk, D]
+        queries = torch.where(marks, block.gather(q).to(cdtype), 0.0).flatten(1, 2)  # [hk, G r, D]
+        if spec.softcap is not None:  # through the softcap's tanh: 1 - tanh^2
+            capped = (queries @ keys.mT).view(ds.shape).mul_(spec.scale).div_(spec.softcap).tanh_()
+            ds.mul_(capped.square_().neg_().add_(1.0))
+        ds = ds.masked_fill_(~marks, 0.0).flatten(1, 2)  # [hk, G r, Nk]
+        dq_rows = torch.where(marks, ((ds @ keys) * spec.scale).view(*marks.shape[:3], -1), 0.0)  # [hk, G, r, D]
+        dq[b, block.heads].index_add_(1, rows, dq_rows.flatten(0, 1))
+        dk[b, kv] += (ds.mT @ queries) * spec.scale
     return dq, dk, dv, *term_grads

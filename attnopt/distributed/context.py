@@ -45,7 +45,7 @@ from torch.autograd.function import once_differentiable
 
 from attnopt.functional import _check_tensors, _documents, _window  # imports attnopt.ops: the ops are registered
 from attnopt.kernels import registry
-from attnopt.kernels.fills import fill_empty_rows, row_groups, uniform_score_grads
+from attnopt.kernels.fills import fill_empty_rows, row_blocks, uniform_score_grads
 from attnopt.kernels.reference import LSE_EXACT_LIMIT
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window, band_bounds, key_padding_keep
 
@@ -311,7 +311,8 @@ def _uniform_row_grads(plan: _Plan, empty, q, k_blk, v_blk, grad_out, mean_v, dq
     """Add to ``dq`` and ``dk_blk`` the gradient of rows empty over all keys under an *added* finite fill:
     autograd saw a softmax uniform over all ``Nk`` keys, ``dS_j = (dO . v_j - dO . mean(v)) / Nk`` with the mean
     over every rank's keys. Without a softcap, ``fills.uniform_score_grads``'s two products per key head; with
-    one, row by row in ``fills.row_groups``'s chunks against the block's keys: no tensor of rows x keys x D."""
+    one, row by row in ``fills.row_blocks`` (a batch row's empty rows in every head at once) against the block's
+    keys: no tensor of rows x keys x D. A (head, row) of a block that sees a key takes nothing."""
     n = plan.kv_layout.length
     if plan.softcap is None:
         dq_rows, dk_rows = uniform_score_grads(q, k_blk, v_blk, grad_out, empty, plan.scale, n, mean_v[:, :, None])
@@ -319,13 +320,19 @@ def _uniform_row_grads(plan: _Plan, empty, q, k_blk, v_blk, grad_out, mean_v, dq
         dk_blk += dk_rows
         return
     cdtype = dq.dtype
-    for b, kv, heads, rows in row_groups(empty, q.shape[1] // k_blk.shape[1]):
-        keys, values = k_blk[b, kv].to(cdtype), v_blk[b, kv].to(cdtype)  # [nk, D], [nk, Dv]
-        queries, do = q[b, heads, rows].to(cdtype), grad_out[b, heads, rows].to(cdtype)  # [r, D], [r, Dv]
-        ds = (do @ values.T - (do @ mean_v[b, kv].to(cdtype))[:, None]) / n  # [r, nk]
-        ds = ds * (1.0 - torch.tanh((queries @ keys.T) * plan.scale / plan.softcap) ** 2)
-        dq.index_put_((torch.full_like(rows, b), heads, rows), (ds @ keys) * plan.scale, accumulate=True)
-        dk_blk[b, kv] += (ds.T @ queries) * plan.scale
+    width = max(k_blk.shape[2], k_blk.shape[3], v_blk.shape[3])
+    for block in row_blocks(empty, q.shape[1] // k_blk.shape[1], width):
+        b, kv, rows = block.b, block.kv, block.rows
+        marks = block.empty[..., None]  # [hk, G, r, 1]
+        keys, values = k_blk[b, kv].to(cdtype), v_blk[b, kv].to(cdtype)  # [hk, nk, D], [hk, nk, Dv]
+        queries = torch.where(marks, block.gather(q).to(cdtype), 0.0).flatten(1, 2)  # [hk, G r, D]
+        do = block.gather(grad_out).to(cdtype).flatten(1, 2)  # [hk, G r, Dv]
+        ds = (do @ values.mT - do @ mean_v[b, kv, :, None].to(cdtype)) / n  # [hk, G r, nk]
+        ds = ds * (1.0 - torch.tanh((queries @ keys.mT) * plan.scale / plan.softcap) ** 2)
+        ds = torch.where(marks.flatten(1, 2), ds, 0.0)  # nor a NaN of k or q: dk takes nothing of such rows
+        dq_rows = torch.where(marks.flatten(1, 2), (ds @ keys) * plan.scale, 0.0)  # [hk, G r, D]
+        dq[b, block.heads].index_add_(1, rows, dq_rows.view(-1, rows.numel(), dq_rows.shape[-1]))  # [hk G, r, D]
+        dk_blk[b, kv] += (ds.mT @ queries) * plan.scale
 
 
 def _empty_row_value_grads(plan: _Plan, grad_out: Tensor, empty: Tensor, dv: Tensor) -> None:

@@ -108,3 +108,38 @@ def test_auto_strategy_gathers_only_when_every_block_is_needed(window, world, lo
     needs = plan.needs
     assert auto_strategy(plan, grouped=True) == ("all_gather" if bool(needs.all()) else "ring") == expected, needs
     assert auto_strategy(plan, grouped=False) == "ring"  # as many kv heads as q heads: K/V blocks are large
+
+
+def test_softcap_rows_empty_in_some_heads_take_the_fills_gradients_block_by_block():
+    """The softcap path of an added fill's rows without keys takes a batch row's empty rows in every head at once
+    (``fills.row_blocks``), against one rank's block of keys at a time with the mean of v over all of them: summed
+    over the key blocks, dq and dk equal ``fills.empty_row_grads`` on all keys, where ``empty`` differs between
+    heads too: a head whose row sees a key takes nothing from it, a NaN of its query or of a key of a key head
+    without an empty row notwithstanding."""
+    from types import SimpleNamespace
+
+    from attnopt.distributed.context import _uniform_row_grads
+    from attnopt.kernels import fills
+    from attnopt.kernels.spec import AttentionSpec, Fill
+
+    g = torch.Generator().manual_seed(0)
+    b, hq, hkv, n, d = 2, 4, 2, 9, 4
+    q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))
+    grad_out = torch.randn(b, hq, n, d, generator=g, dtype=torch.float64)
+    empty = torch.rand(b, hq, n, generator=g) < 0.5
+    empty[1, 2:] = False  # key head 1 of batch row 1: no empty row
+    assert (empty.any(1, keepdim=True) & ~empty).any()
+    seeing = (~empty[0]).nonzero()[0]
+    q[0, seeing[0], seeing[1]] = k[1, 1, 3] = float("nan")
+    spec = AttentionSpec.from_tensors(q, k, v, scale=0.5, softcap=2.0, fill=Fill.FINITE_ADDED,
+                                      mask=~empty[..., None].expand(b, hq, n, n))
+    want_dq, want_dk = fills.empty_row_grads(q, k, v, grad_out, empty, spec)[:2]
+
+    plan = SimpleNamespace(kv_layout=SimpleNamespace(length=n), scale=spec.scale, softcap=spec.softcap)
+    dq, dk = torch.zeros_like(q), torch.zeros_like(k)
+    for keys in (slice(0, 4), slice(4, n)):  # two ranks' blocks of keys
+        _uniform_row_grads(plan, empty, q, k[:, :, keys], v[:, :, keys], grad_out, v.mean(2), dq, dk[:, :, keys])
+    torch.testing.assert_close(dq, want_dq, atol=1e-12, rtol=1e-10)
+    torch.testing.assert_close(dk, want_dk, atol=1e-12, rtol=1e-10)
+    assert dq[empty].abs().max() > 0 and torch.equal(dq[~empty], torch.zeros_like(dq[~empty]))
+    assert not dk.isnan().any() and torch.equal(dk[1, 1], torch.zeros_like(dk[1, 1]))

@@ -156,6 +156,31 @@ def test_the_draws_depend_on_the_seed_and_index_only():
         fills._dropout_keep(spec, 0, 0, heads, rows, torch.float32)
 
 
+def _splitmix64_keep(index: int, seed: int, p: float) -> bool:
+    """Whether the draw of flat (b, h, i, j) index ``index`` keeps its score: splitmix64 of ``index`` under
+    ``seed``, in Python's unbounded integers (the fills compute it in wrapping int64)."""
+    mask = (1 << 64) - 1
+    x = (index * 0x9E3779B97F4A7C15 + (seed & ((1 << 62) - 1))) & mask
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & mask
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & mask
+    x ^= x >> 31
+    return (x & ((1 << 53) - 1)) / float(1 << 53) >= p
+
+
+def test_the_draws_are_splitmix64_of_the_index_for_every_head_at_once():
+    """The forward and the backward, whatever their blocks, must draw the same multipliers, and a change of the
+    formula would silently change every dropped-out fill: the draws of a block of heads ``[Hkv, G, 1]`` and rows
+    ``[r]`` are bit for bit splitmix64 of the flat (b, h, i, j) index of each."""
+    q, k, v = torch.randn(2, 4, 5, 3), torch.randn(2, 2, 7, 3), torch.randn(2, 2, 7, 3)
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=torch.zeros(2, 7, dtype=torch.bool), dropout_p=P,
+                                      fill=Fill.FINITE_ADDED)
+    rows = torch.tensor([4, 0, 2])
+    got = fills._dropout_keep(spec, SEED, 1, torch.arange(4).view(2, 2, 1), rows, torch.float64)  # [Hkv, G, r, Nk]
+    want = torch.tensor([[[[_splitmix64_keep(((4 + 2 * kv + g) * 5 + i) * 7 + j, SEED, P) for j in range(7)]
+                           for i in rows.tolist()] for g in range(2)] for kv in range(2)], dtype=torch.float64)
+    assert torch.equal(got, want / (1 - P))
+
+
 def test_reference_fills_row_chunks_like_one_chunk(monkeypatch):
     """The reference kernel fills each chunk of query rows with the chunk's offset: the same output as one chunk."""
     g = torch.Generator().manual_seed(2)
@@ -291,13 +316,15 @@ def _written(q, k, v, keep, band, fill: Fill, scale: float, softcap: float | Non
 
 
 @settings(max_examples=25, deadline=None)
-@given(b=st.integers(1, 3), groups=st.sampled_from([(2, 2), (4, 2), (3, 1)]), n=st.integers(2, 24),
+@given(b=st.integers(1, 3), groups=st.sampled_from([(2, 2), (4, 2), (3, 1), (4, 4)]), n=st.integers(2, 24),
        fill=st.sampled_from([Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED]), softcap=st.booleans(),
-       chunk=st.sampled_from([3, 1024]), data=st.data())
-def test_rows_without_keys_give_the_written_models_gradients(b, groups, n, fill, softcap, chunk, data):
+       elements=st.sampled_from([1, 40, 100, 1 << 23]), data=st.data())
+def test_rows_without_keys_give_the_written_models_gradients(b, groups, n, fill, softcap, elements, data):
     """Left-padded batch rows under a causal band (or no band): the rows before their first kept key see none,
     and output and every gradient equal the written model's in float64, whichever way the fills compute them
-    (the added fill's factored products, or row by row in chunks of any size)."""
+    (the added fill's factored products, or row by row in blocks of any size: ``ROW_ELEMENTS`` of 1 takes one
+    row of one key head at a time, 40 a row of some key heads, 100 a few rows of every head, 1 << 23 every
+    empty row of a batch row at once)."""
     hq, hkv = groups
     causal = fill == Fill.FINITE_REPLACED_ADDED or data.draw(st.booleans(), label="causal")
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
@@ -309,7 +336,7 @@ def test_rows_without_keys_give_the_written_models_gradients(b, groups, n, fill,
     spec = AttentionSpec.from_tensors(q, k, v, scale=0.3, causal=causal, key_padding=keep, fill=fill, softcap=cap)
     kernel = reference.ReferenceKernel()
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(fills, "ROW_CHUNK", chunk)
+        patch.setattr(fills, "ROW_ELEMENTS", elements)
         out, lse = kernel.forward(q, k, v, spec, 0)
         got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
 
@@ -338,10 +365,11 @@ class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
 
 @pytest.mark.parametrize("fill,softcap", [(Fill.FINITE_ADDED, None), (Fill.FINITE_ADDED, 5.0),
                                           (Fill.FINITE_REPLACED_ADDED, None)])
-def test_the_backward_of_rows_without_keys_makes_nothing_larger_than_the_inputs(fill, softcap):
+def test_the_backward_of_rows_without_keys_makes_nothing_larger_than_the_inputs(fill, softcap, monkeypatch):
     """A left-padded batch row in training leaves thousands of rows without keys (at N 4096, 16 heads: 16k rows,
     whose keys gathered row by row were 32 GiB). The fills' backward makes no tensor larger than q, k, v or its
-    bounded chunk of rows against the keys, however many rows are empty."""
+    bounded block of rows against the keys, however many rows are empty: with ``ROW_ELEMENTS`` at 4096, two rows
+    of every head, where all empty rows at once would be 16x q's size."""
     b, hq, hkv, n, d = 2, 4, 2, 512, 8
     q, k, v = (torch.randn(b, h, n, d) for h in (hq, hkv, hkv))
     keep = torch.ones(b, n, dtype=torch.bool)
@@ -349,7 +377,202 @@ def test_the_backward_of_rows_without_keys_makes_nothing_larger_than_the_inputs(
     spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill, softcap=softcap)
     empty = torch.zeros(b, hq, n, dtype=torch.bool)
     empty[1, :, : n // 2] = True
+    monkeypatch.setattr(fills, "ROW_ELEMENTS", 1 << 12)
     with _Largest() as largest:
         dq, dk, dv, _, _ = fills.empty_row_grads(q, k, v, torch.randn(b, hq, n, d), empty, spec)
     assert dq.abs().amax() > 0 and dk.abs().amax() > 0
-    assert largest.numel <= max(q.numel(), fills.ROW_CHUNK * n), largest.numel
+    assert largest.numel <= max(q.numel(), fills.ROW_ELEMENTS), largest.numel
+
+
+# ----------------------------------------------------------------------------- the forward fill of many heads
+@pytest.mark.parametrize("fill", [Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED])
+def test_the_forward_fill_serves_a_key_heads_query_heads_in_the_outputs_layout(fill):
+    """GQA 8/2, the output laid out as [B, N, H, D] (a kernel's output laid out like the queries): each empty row
+    is its key head's mean of v (over the band and the kept keys, replaced then added), the others untouched, in
+    the output's layout; the uniform fill is the mean and one ``where`` on grouped views, no copy of the mean per
+    query head."""
+    g = torch.Generator().manual_seed(4)
+    b, hq, hkv, n, d = 2, 8, 2, 16, 4
+    q = torch.randn(b, hq, n, d, generator=g)
+    k, v = (torch.randn(b, hkv, n, d, generator=g) for _ in range(2))
+    keep = torch.arange(n)[None, :] >= torch.tensor([3, 7])[:, None]
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill)
+    empty = (~keep)[:, None, :].expand(b, hq, n)  # causal: the rows before the first kept key
+    out = torch.randn(b, n, hq, d, generator=g).transpose(1, 2)
+    fills.known_empty_rows(spec)  # found once per padding tensor, not per call: not counted
+    with _Ops() as ops:
+        filled = fills.fill_empty_rows(out, empty, v, spec)
+    assert filled.stride() == out.stride()
+    want = _written(q.double(), k.double(), v.double(), keep, torch.ones(n, n, dtype=torch.bool).tril(), fill,
+                    spec.scale, None, torch.finfo(torch.float64).min)
+    torch.testing.assert_close(filled, torch.where(empty[..., None], want.float(), out), atol=1e-6, rtol=0)
+    if fill == Fill.FINITE_ADDED:
+        assert ops.computed == ["aten.mean.dim", "aten.empty_like.default", "aten.where.self_out"]
+
+
+class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
+    """The aten ops dispatched while the mode is on: ``computed`` those that are not views."""
+
+    def __init__(self):
+        super().__init__()
+        self.computed = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.computed.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+# ----------------------------------------------------------------------------- blocks of every head at once
+def _rows_empty_in_some_heads(fill: Fill, dropout_p: float, softcap: float | None, bias_shape: tuple | None):
+    """``(q, k, v, grad_out, empty, spec)`` in float64 where ``empty`` differs between heads: a boolean mask with a
+    head dim hides every key of some (head, row) pairs (the replaced-then-added fill, made of a band and key
+    padding, empties whole rows: there ``empty`` marks a different subset of them in each head)."""
+    g = torch.Generator().manual_seed(5)
+    b, hq, hkv, n, d, dv = 2, 6, 3, 10, 4, 5
+    q, k = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for h in (hq, hkv))
+    v = torch.randn(b, hkv, n, dv, generator=g, dtype=torch.float64)
+    grad_out = torch.randn(b, hq, n, dv, generator=g, dtype=torch.float64)
+    some = torch.rand(b, hq, n, generator=g) < 0.5
+    some[0, 1] = False  # a head with no empty row beside heads with some
+    if fill == Fill.FINITE_REPLACED_ADDED:
+        pads = torch.tensor([6, 3])
+        terms = dict(causal=True, key_padding=torch.arange(n)[None, :] >= pads[:, None])
+        empty = some & (torch.arange(n)[None, None, :] < pads[:, None, None])  # rows before the first kept key
+    else:
+        mask = torch.rand(b, hq, n, n, generator=g) > 0.3
+        mask[..., 0] = True
+        mask = mask & ~some[..., None]  # [B, Hq, Nq, Nk]: every key of the (head, row) pairs in ``some`` hidden
+        terms = dict(mask=mask, softcap=softcap)
+        if bias_shape is not None:
+            terms["bias"] = torch.randn(*bias_shape, generator=g, dtype=torch.float64)
+        empty = some
+    assert (empty.any(1, keepdim=True) & ~empty).any(), "some row is empty in one head and not in another"
+    spec = AttentionSpec.from_tensors(q, k, v, scale=0.4, dropout_p=dropout_p, fill=fill, **terms)
+    return q, k, v, grad_out, empty, spec
+
+
+def _uniform_rows_directly(q, k, v, bias, empty, spec: AttentionSpec, multipliers):
+    """``[B, Hq, Nq, Dv]`` every row computed as the fill's uniform softmax (dropped out by ``multipliers``), with
+    the gradient the original's autograd gives it: through the scores where a finite minimum was added to them,
+    none where it replaced them. Only the rows ``empty`` marks are meant."""
+    group = spec.group_size
+    s = (q @ k.repeat_interleave(group, 1).transpose(-1, -2)) * spec.scale
+    if spec.softcap is not None:
+        s = spec.softcap * torch.tanh(s / spec.softcap)
+    if bias is not None:
+        s = s + bias
+    uniform = s - s.detach()  # 0 everywhere, the scores' gradient passed through
+    if spec.fill == Fill.FINITE:
+        uniform = uniform.detach()
+    elif spec.fill == Fill.FINITE_REPLACED_ADDED:  # uniform over the band and the kept keys, the band's passing
+        rel = torch.arange(spec.kv_len)[None, :] - torch.arange(spec.q_len)[:, None]
+        kept = spec.key_padding[:, None, None, :]
+        uniform = torch.where(rel <= 0, uniform, torch.where(kept, 0.0, float("-inf")))
+    probs = uniform.softmax(-1) if multipliers is None else uniform.softmax(-1) * multipliers
+    return torch.where(empty[..., None], probs @ v.repeat_interleave(group, 1), 0.0)
+
+
+BLOCK_CASES = [(Fill.FINITE_ADDED, P, 5.0, (2, 6, 10, 10)), (Fill.FINITE_ADDED, 0.0, 5.0, (1, 6, 1, 10)),
+               (Fill.FINITE_ADDED, 0.0, None, (10, 10)), (Fill.FINITE_ADDED, 0.0, None, None),
+               (Fill.FINITE, P, None, None), (Fill.FINITE_REPLACED_ADDED, P, None, None),
+               (Fill.FINITE_REPLACED_ADDED, 0.0, None, None)]
+
+
+@pytest.mark.parametrize("elements", [1, 1 << 23], ids=["one_row_of_one_key_head", "all_rows_of_every_head"])
+@pytest.mark.parametrize("fill,dropout_p,softcap,bias_shape", BLOCK_CASES,
+                         ids=[f"{f.value}-p{p}-cap{c}-bias{s}" for f, p, c, s in BLOCK_CASES])
+def test_rows_empty_in_some_heads_only_take_their_own_gradients(fill, dropout_p, softcap, bias_shape, elements,
+                                                                 monkeypatch):
+    """The fills take every head of a batch row at once, in blocks of the rows empty in *any* head. A head whose
+    row sees a key (``empty`` differs between heads under a mask with a head dim) must get nothing from that row:
+    output and gradients (q, k, v, a bias of any broadcast shape) equal each empty (head, row)'s own uniform
+    softmax differentiated by autograd in float64, the other rows untouched, in blocks of any size."""
+    monkeypatch.setattr(fills, "ROW_ELEMENTS", elements)
+    q, k, v, grad_out, empty, spec = _rows_empty_in_some_heads(fill, dropout_p, softcap, bias_shape)
+    seed = SEED if dropout_p > 0 else 0
+    multipliers = _keep_all_rows(spec, seed) if dropout_p > 0 else None
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    bias = spec.bias.clone().requires_grad_() if spec.bias is not None else None
+    want = _uniform_rows_directly(*leaves, bias, empty, spec, multipliers)
+    expected = torch.autograd.grad(want, leaves + ([bias] if bias is not None else []), grad_out,
+                                   materialize_grads=True)  # a replaced fill's q and k: unused, 0
+
+    got = fills.empty_row_grads(q, k, v, grad_out, empty, spec, needs_bias_grad=bias is not None, seed=seed)
+    for name, got_grad, want_grad in zip(("dq", "dk", "dv", "dbias"), got, expected):
+        if got_grad is None:  # a replaced fill sends the scores nothing
+            assert fill == Fill.FINITE and name in ("dq", "dk") and want_grad.abs().max() == 0
+            continue
+        torch.testing.assert_close(got_grad, want_grad, atol=1e-12, rtol=1e-10, msg=lambda m: f"{name}: {m}")
+    assert got[2].abs().max() > 0
+    if dropout_p > 0:  # the forward draws the same multipliers: each empty (head, row) its own, others kept
+        out = torch.randn(grad_out.shape, dtype=torch.float64)
+        filled = fills.fill_empty_rows(out, empty, v, spec, seed=seed)
+        torch.testing.assert_close(filled, torch.where(empty[..., None], want.detach(), out), atol=1e-12, rtol=0)
+
+
+def _ops_computed(fn) -> int:
+    """The number of aten ops other than views that ``fn`` dispatches: on a GPU, about its kernel launches."""
+    fn()  # known_empty_rows finds its answer once per padding tensor: not counted
+    with _Ops() as ops:
+        fn()
+    return len(ops.computed)
+
+
+ROW_WISE = [(Fill.FINITE_ADDED, 0.0, 5.0), (Fill.FINITE_ADDED, P, None), (Fill.FINITE, P, None),
+            (Fill.FINITE_REPLACED_ADDED, 0.0, None), (Fill.FINITE_REPLACED_ADDED, P, None)]
+
+
+@pytest.mark.parametrize("fill,dropout_p,softcap", ROW_WISE, ids=[f"{f.value}-p{p}-cap{c}" for f, p, c in ROW_WISE])
+def test_the_row_wise_fills_launch_as_many_ops_for_eight_key_heads_as_for_one(fill, dropout_p, softcap):
+    """A left-padded batch in training: the row-wise gradients (a softcap, dropout, the band's union) and the
+    dropped-out forward fill dispatch a number of ops that grows with the batch rows that have empty rows, not with
+    the heads (they looped over each (batch row, key head), ~15 ops each: ~1500 launches per layer's backward at
+    8 batch rows x 12 key heads on a GPU)."""
+
+    def counts(kv_heads: int, pads: list[int]) -> tuple[int, int]:
+        """Ops of the backward and of the dropped-out forward fill (0 without dropout)."""
+        b, group, n, d = len(pads), 2, 16, 8
+        g = torch.Generator().manual_seed(3)
+        q, grad_out = (torch.randn(b, kv_heads * group, n, d, generator=g) for _ in range(2))
+        k, v = (torch.randn(b, kv_heads, n, d, generator=g) for _ in range(2))
+        keep = torch.arange(n)[None, :] >= torch.tensor(pads)[:, None]  # left padding
+        spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill, softcap=softcap,
+                                          dropout_p=dropout_p)
+        empty = (~keep)[:, None, :].expand(b, kv_heads * group, n)  # causal: the rows before the first kept key
+        assert fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED)[2].abs().max() > 0
+        backward = _ops_computed(lambda: fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED))
+        if dropout_p == 0:
+            return backward, 0
+        out = torch.zeros_like(q)
+        filled = fills.fill_empty_rows(out, empty, v, spec, seed=SEED)
+        assert filled[-1, :, :pads[-1]].abs().max() > 0 and filled[-1, :, pads[-1]:].abs().max() == 0
+        return backward, _ops_computed(lambda: fills.fill_empty_rows(out, empty, v, spec, seed=SEED))
+
+    one, eight = counts(1, [0, 5, 11]), counts(8, [0, 5, 11])
+    assert one == eight, (one, eight)
+    fewer = counts(8, [0, 0, 11])  # one batch row with empty rows instead of two: one block fewer
+    assert fewer[0] < eight[0] and (fewer[1] < eight[1] or dropout_p == 0), (fewer, eight)
+
+
+@pytest.mark.parametrize("fill,dropout_p,softcap",
+                         [(Fill.FINITE_ADDED, P, 5.0), (Fill.FINITE_REPLACED_ADDED, 0.0, None)],
+                         ids=["finite_added-dropout-softcap", "finite_replaced_added"])
+def test_a_nan_of_a_row_that_saw_a_key_reaches_nothing(fill, dropout_p, softcap):
+    """A block holds every head of its rows, the (head, row) pairs that see a key included, and every key head of
+    its batch row, those without an empty row included: such pairs and heads take exactly 0 (the kernel's own
+    gradients are added to them), a NaN of their query, key or value notwithstanding, while the empty rows of a
+    head with a NaN key take the NaN."""
+    q, k, v, grad_out, empty, spec = _rows_empty_in_some_heads(fill, dropout_p, softcap, None)
+    q, k, v, empty = q.clone(), k.clone(), v.clone(), empty.clone()
+    empty[1, 2:4] = False  # key head 1 of batch row 1 (query heads 2 and 3): no empty row
+    k[1, 1, 5], v[1, 1, 5] = float("nan"), float("nan")
+    k[1, 0, 2], v[1, 0, 2] = float("nan"), float("nan")  # key head 0's empty rows see it
+    seeing = (~empty[0, :2]).nonzero()[0]  # a (head, row) of batch row 0 that sees a key, in key head 0
+    assert empty[0, :2].any()
+    q[0, seeing[0], seeing[1]] = float("nan")
+    dq, dk, dv, _, _ = fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED if dropout_p > 0 else 0)
+    assert torch.equal(dq[~empty], torch.zeros_like(dq[~empty]))
+    assert torch.equal(dk[1, 1], torch.zeros_like(dk[1, 1])) and torch.equal(dv[1, 1], torch.zeros_like(dv[1, 1]))
+    assert not any(grad[0].isnan().any() for grad in (dq, dk, dv))
+    assert dq[1, :2][empty[1, :2]].isnan().any()
