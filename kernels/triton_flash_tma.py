@@ -39,7 +39,9 @@ units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then
   moved only when some row of the program has grown by more than ``RESCALE_SLACK`` (8, in log2 units) since
   it last moved, so most tiles skip the ``acc * alpha`` rescale; ``p = exp2(s - m)`` then stays below 2^8
   (FlashAttention-4's conditional rescaling). The result is the same up to rounding: ``acc`` and ``l`` are
-  always relative to the ``m`` they were built at, and ``lse = m + log2 l`` holds for any such ``m``.
+  always relative to the ``m`` they were built at, and ``lse = m + log2 l`` holds for any such ``m``. Measured
+  5-17% slower on an H200 (``benchmarks/results/forward_sweep_lazy.md``): the branch's condition is a reduction
+  across the program's warps on every tile, dearer than the multiply it skips. In no measured table.
 * ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the tile shape and launch configuration.
 
 Per kv tile (``s`` in log2 units, ``qk_scale = scale * log2(e)`` folded into one multiply)::
