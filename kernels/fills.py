@@ -44,7 +44,9 @@ dropped-out row. Such calls look for empty rows with one host sync.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 
@@ -307,14 +309,15 @@ def _shifted(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
-def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, rows: torch.Tensor,
+def _dropout_keep(spec: AttentionSpec, seed: int, b: int | torch.Tensor, heads: torch.Tensor, rows: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """``[..., Nk]`` dropout multipliers (0 or ``1 / (1 - p)``) of query rows ``rows`` (absolute) of heads ``heads``
-    in batch row ``b``, ``heads`` and ``rows`` broadcast against each other (``[Hkv, G, 1]`` heads and ``[r]`` rows
-    give ``[Hkv, G, r, Nk]``): uniform draws that are a function of ``seed`` and the (b, h, i, j) index alone."""
+    in batch rows ``b``, all three broadcast against each other (``[Bb, 1, 1, 1]`` batch rows, ``[Hkv, G, 1]``
+    heads and ``[Bb, 1, 1, r]`` rows give ``[Bb, Hkv, G, r, Nk]``): uniform draws that are a function of ``seed``
+    and the (b, h, i, j) index alone."""
     if seed == 0:
         raise ValueError("a finite fill with dropout needs the call's dropout seed (0 means no dropout was drawn)")
-    row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # heads and rows broadcast
+    row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # b, heads and rows broadcast
     keys = torch.arange(spec.kv_len, device=rows.device)
     # in place past the first product: a block's draws are ROW_ELEMENTS int64, a fresh buffer per op was most of
     # the time on a CPU (int64 products wrap as the unsigned ones would, bit for bit)
@@ -327,13 +330,22 @@ def _dropout_keep(spec: AttentionSpec, seed: int, b: int, heads: torch.Tensor, r
 
 
 # ----------------------------------------------------------------------------- rows without keys, in blocks
+#: batch rows a block of rows without keys takes at once, by device type (None: as many as ``ROW_ELEMENTS``
+#: allows; others take 1). On a GPU a block's few dozen ops are launches, whatever their size: one block for every
+#: batch row with empty rows. On a CPU the work dominates, and padding each batch row's empty rows to the block's
+#: common count adds work (taking every batch row at once was up to 1.7x slower with dropout)
+BATCH_ROWS_PER_BLOCK: Mapping[str, int | None] = MappingProxyType({"cuda": None})
+
+
 @dataclass(frozen=True)
 class RowBlock:
-    """Query rows ``rows [r]`` (indices into ``empty``'s rows) of batch row ``b``, each empty in some head of ``b``,
-    taken in key heads ``kv`` and their query heads at once. ``empty [hk, G, r]`` marks the (head, row) pairs
-    that are empty: the others are in the block only because another head's row is, and take nothing."""
+    """Query rows ``rows [Bb, r]`` (indices into ``empty``'s rows) of batch rows ``b [Bb]`` (distinct), taken in
+    key heads ``kv`` and their query heads at once. Each batch row's rows are distinct: its rows empty in some
+    head, then, where it has fewer than the block's ``r``, rows that see a key in every head (padding).
+    ``empty [Bb, hk, G, r]`` marks the (batch row, head, row) triples that are empty: the others (a row empty in
+    another head only, or padding) take nothing."""
 
-    b: int
+    b: torch.Tensor
     kv: slice
     rows: torch.Tensor
     empty: torch.Tensor
@@ -341,72 +353,99 @@ class RowBlock:
     @property
     def heads(self) -> slice:
         """The query heads of the block's key heads."""
-        group = self.empty.shape[1]
+        group = self.empty.shape[2]
         return slice(self.kv.start * group, self.kv.stop * group)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
-        """``[hk, G, r, ...]``: the block's rows of ``x [B, Hq, n, ...]``."""
-        return x[self.b, self.heads][:, self.rows].unflatten(0, self.empty.shape[:2])
+        """``[Bb, hk, G, r, ...]``: the block's rows of ``x [B, Hq, n, ...]``."""
+        rows = x[self.b[:, None], self.heads, self.rows]  # [Bb, r, hq, ...]: the indexed dims first
+        return rows.transpose(1, 2).unflatten(1, self.empty.shape[1:3])
+
+    def add_rows(self, total: torch.Tensor, rows: torch.Tensor) -> None:
+        """Add ``rows [Bb, hk, G, r, ...]`` into the block's rows of ``total [B, Hq, n, ...]``."""
+        target = total[:, self.heads].transpose(1, 2)  # [B, n, hq, ...], a view of total
+        target.index_put_((self.b[:, None], self.rows), rows.flatten(1, 2).transpose(1, 2), accumulate=True)
+
+    def add_keys(self, total: torch.Tensor, keys: torch.Tensor) -> None:
+        """Add ``keys [Bb, hk, Nk, ...]`` into the block's key heads of ``total [B, Hkv, Nk, ...]``."""
+        total[:, self.kv].index_add_(0, self.b, keys)
 
 
 def row_blocks(empty: torch.Tensor, group_size: int, width: int) -> list[RowBlock]:
-    """The rows ``empty [B, Hq, n]`` marks, as blocks of one batch row: the rows empty in any of its heads, in
-    every head at once (``group_size`` query heads per key head), so that the work on them is a few batched ops
-    per block whatever the number of heads. ``width``: elements per (head, row) of the caller's largest working
-    tensor (``Nk``, ``D``); a block holds at most ``ROW_ELEMENTS // width`` (head, row) pairs: fewer rows, and
-    past one row in every head, fewer key heads (at least one row of one key head). One host sync."""
+    """The rows ``empty [B, Hq, n]`` marks, as blocks of batch rows (``BATCH_ROWS_PER_BLOCK`` for ``empty``'s
+    device): the rows empty in any head of each, in every head at once (``group_size`` query heads per key head),
+    so that the work on them is a few batched ops per block whatever the number of heads. ``width``: elements per
+    (head, row) of the caller's largest working tensor (``Nk``, ``D``); a block holds at most
+    ``ROW_ELEMENTS // width`` (batch row, head, row) triples: fewer batch rows, then fewer rows, and past one row of
+    one batch row in every head, fewer key heads (at least one row of one key head). One host sync."""
     batch, q_heads, _ = empty.shape
     kv_heads = q_heads // group_size
     pairs = max(1, ROW_ELEMENTS // max(1, width))
-    n_rows, n_kv = (max(1, pairs // q_heads), kv_heads) if pairs >= q_heads else (1, max(1, pairs // group_size))
+    capacity, n_kv = (pairs // q_heads, kv_heads) if pairs >= q_heads else (1, max(1, pairs // group_size))
     any_head = empty.any(1)  # [B, n]
-    order = torch.sort((~any_head).to(torch.uint8), dim=1, stable=True).indices  # [B, n], a row's empty rows first
+    # [B, n]: a batch row's empty rows first, then the others, which pad it to a block's count
+    order = torch.sort((~any_head).to(torch.uint8), dim=1, stable=True).indices
+    counts = any_head.sum(1).tolist()
+    active = sorted((b for b in range(batch) if counts[b]), key=lambda b: -counts[b])  # most empty rows first
+    together = min(capacity, BATCH_ROWS_PER_BLOCK.get(empty.device.type, 1) or batch)
     blocks = []
-    for b, count in enumerate(any_head.sum(1).tolist()):
-        for first in range(0, count, n_rows):
-            rows = order[b, first:min(first + n_rows, count)]  # [r]
-            marks = empty[b][:, rows].unflatten(0, (kv_heads, group_size))  # [Hkv, G, r]
+    for start in range(0, len(active), together):
+        group = active[start:start + together]
+        n_rows = capacity // len(group)
+        for first in range(0, counts[group[0]], n_rows):
+            members = [b for b in group if counts[b] > first]  # those with empty rows left
+            count = min(n_rows, counts[group[0]] - first)
+            b = torch.tensor(members, device=empty.device)  # [Bb]
+            rows = order[b, first:first + count]  # [Bb, r]
+            marks = empty[b[:, None], :, rows].transpose(1, 2).unflatten(1, (kv_heads, group_size))  # [Bb, Hkv, G, r]
             for kv in range(0, kv_heads, n_kv):
                 last = min(kv + n_kv, kv_heads)
-                blocks.append(RowBlock(b, slice(kv, last), rows, marks[kv:last]))
+                blocks.append(RowBlock(b, slice(kv, last), rows, marks[:, kv:last]))
     return blocks
 
 
 def _scatter_rows(total: torch.Tensor, ds: torch.Tensor, block: RowBlock) -> None:
-    """Add a block's rows ``ds [hk, G, r, Nk]`` into a term broadcastable to ``[B, Hq, Nq, Nk]``, summing its
+    """Add a block's rows ``ds [Bb, hk, G, r, Nk]`` into a term broadcastable to ``[B, Hq, Nq, Nk]``, summing its
     broadcast dims."""
     view = total.reshape((1,) * (4 - total.dim()) + tuple(total.shape))  # a view of total (fresh zeros)
-    target = view[block.b if view.shape[0] > 1 else 0]  # [Hq or 1, Nq or 1, Nk or 1]
-    rows = ds.flatten(0, 1)  # [hq, r, Nk]
-    if target.shape[0] > 1:
-        target = target[block.heads]
+    rows = ds.flatten(1, 2)  # [Bb, hq, r, Nk]
+    for dim in (1, 2, 3):
+        if view.shape[dim] == 1:
+            rows = rows.sum(dim, keepdim=True)
+    target = view[:, block.heads] if view.shape[1] > 1 else view  # [B or 1, hq or 1, Nq or 1, Nk or 1]
+    if view.shape[2] > 1:  # (batch row, row) pairs; the same row of several batch rows where the term has no B
+        index, target = ((block.b[:, None], block.rows), target.transpose(1, 2)) if view.shape[0] > 1 else (
+            (block.rows,), target[0].transpose(0, 1))
+        target.index_put_(index, rows.transpose(1, 2), accumulate=True)
+    elif view.shape[0] > 1:
+        target.index_add_(0, block.b, rows)
     else:
-        rows = rows.sum(0, keepdim=True)
-    if target.shape[2] == 1:
-        rows = rows.sum(-1, keepdim=True)
-    if target.shape[1] > 1:
-        target.index_add_(1, block.rows, rows)
-    else:
-        target += rows.sum(1, keepdim=True)
+        target += rows.sum(0, keepdim=True)
 
 
-def _uniform_weights(spec: AttentionSpec, b: int, rows: torch.Tensor, dtype: torch.dtype):
-    """``(weights [r, Nk], band [r, Nk] or None)`` of empty query rows ``rows`` (absolute) of batch row ``b``:
-    the uniform softmax the fill stands for, and (replaced band + added padding) the keys whose scores the
-    band's ``where`` passes a gradient to."""
+def _uniform_weights(spec: AttentionSpec, b: torch.Tensor, rows: torch.Tensor, dtype: torch.dtype):
+    """``(weights [Bb, r, Nk], band [Bb, r, Nk] or None)`` of empty query rows ``rows [Bb, r]`` (absolute) of batch
+    rows ``b [Bb]``: the uniform softmax the fill stands for, and (replaced band + added padding) the keys whose
+    scores the band's ``where`` passes a gradient to."""
     if spec.fill != Fill.FINITE_REPLACED_ADDED:
-        return torch.full((rows.numel(), spec.kv_len), 1.0 / spec.kv_len, dtype=dtype, device=rows.device), None
+        return torch.full((*rows.shape, spec.kv_len), 1.0 / spec.kv_len, dtype=dtype, device=rows.device), None
     lo, top = spec.band()
     keys = torch.arange(spec.kv_len, device=rows.device)
-    band = band_keep(keys[None, :] - (rows + spec.diagonal_offset)[:, None], lo, top)  # [r, Nk]
-    kept = _kept_keys(spec, rows.device)
-    union = band | kept[min(b, kept.shape[0] - 1)][None, :]  # disjoint on a row with no visible key
+    band = band_keep(keys - (rows + spec.diagonal_offset)[..., None], lo, top)  # [Bb, r, Nk]
+    kept = _kept_keys(spec, rows.device).expand(spec.batch, spec.kv_len)[b]  # [Bb, Nk]
+    union = band | kept[:, None, :]  # disjoint on a row with no visible key
     return union.to(dtype) / union.sum(-1, keepdim=True), band  # 0 / 0 = NaN: every key masked twice
 
 
 def _query_heads(spec: AttentionSpec, device) -> torch.Tensor:
     """``[Hkv, G, 1]``: each query head's index, grouped by key head (``_dropout_keep``'s heads for a block)."""
     return torch.arange(spec.q_heads, device=device).view(spec.kv_heads, spec.group_size, 1)
+
+
+def _block_keep(spec: AttentionSpec, seed: int, heads: torch.Tensor, block: RowBlock, rows: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+    """``[Bb, hk, G, r, Nk]``: the dropout multipliers of a block's rows ``rows [Bb, r]`` (absolute)."""
+    return _dropout_keep(spec, seed, block.b[:, None, None, None], heads[block.kv], rows[:, None, None], dtype)
 
 
 def _dropped_uniform_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
@@ -419,21 +458,22 @@ def _dropped_uniform_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tenso
     heads = _query_heads(spec, v.device)
     filled = torch.empty_like(out).copy_(out)  # out's layout kept
     for block in blocks:
-        rows = block.rows + first_row
-        hk, group, r = block.empty.shape
-        weights, _ = _uniform_weights(spec, block.b, rows, cdtype)  # [r, Nk]
-        probs = weights * _dropout_keep(spec, seed, block.b, heads[block.kv], rows, cdtype)  # [hk, G, r, Nk]
-        values = v[block.b, block.kv].to(cdtype)  # [hk, Nk, Dv]
-        dropped = (probs.flatten(1, 2) @ values).to(out.dtype).view(hk * group, r, -1)  # [hk G, r, Dv]
-        target = filled[block.b, block.heads]  # [hk G, n, Dv], a view of filled
-        target[:, block.rows] = torch.where(block.empty.flatten(0, 1)[..., None], dropped, target[:, block.rows])
+        rows = block.rows + first_row  # [Bb, r]
+        weights, _ = _uniform_weights(spec, block.b, rows, cdtype)  # [Bb, r, Nk]
+        probs = weights[:, None, None] * _block_keep(spec, seed, heads, block, rows, cdtype)  # [Bb, hk, G, r, Nk]
+        values = v[block.b, block.kv].to(cdtype)  # [Bb, hk, Nk, Dv]
+        dropped = (probs.flatten(2, 3) @ values).to(out.dtype).unflatten(2, block.empty.shape[2:])  # [Bb, hk, G, r, Dv]
+        # a block's (batch row, row) pairs are distinct: the rows it does not fill get their own value back
+        index = (block.b[:, None], block.heads, block.rows)
+        dropped = torch.where(block.empty[..., None], dropped, block.gather(filled))
+        filled[index] = dropped.flatten(1, 2).transpose(1, 2)  # [Bb, r, hq, Dv], the indexed dims first
     return filled
 
 
 def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, needs_bias_grad: bool,
                needs_mask_grad: bool):
-    """``empty_row_grads`` row by row, in ``row_blocks`` (one batch row's empty rows in every head at once, against
-    their heads' keys: ``[hk, G, r, Nk]`` working tensors): the gradients of each empty row's uniform softmax
+    """``empty_row_grads`` row by row, in ``row_blocks`` (batch rows' empty rows in every head at once, against
+    their heads' keys: ``[Bb, hk, G, r, Nk]`` working tensors): the gradients of each empty row's uniform softmax
     (``P = 1 / |U|`` on its keys ``U``), dropped out with the call's ``seed`` (``z`` the dropout multipliers; 1
     where ``seed`` is None). dV gets ``P z dO``; the scores (added fills only) ``dS = P (dP - sum(P dP))`` with
     ``dP = z (dO . v)``, through the softcap's tanh. A (head, row) of a block that sees a key takes nothing: its
@@ -449,35 +489,36 @@ def _row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None, 
     heads = _query_heads(spec, q.device) if seed is not None else None
     width = max(spec.kv_len, spec.head_dim, spec.v_head_dim)
     for block in row_blocks(empty, spec.group_size, width):
-        b, kv, rows = block.b, block.kv, block.rows
-        marks = block.empty[..., None]  # [hk, G, r, 1]
-        weights, band = _uniform_weights(spec, b, rows, cdtype)  # [r, Nk]
-        keep = _dropout_keep(spec, seed, b, heads[kv], rows, cdtype) if seed is not None else None  # [hk, G, r, Nk]
-        do = torch.where(marks, block.gather(grad_out).to(cdtype), 0.0)  # [hk, G, r, Dv]
-        probs = weights if keep is None else weights * keep  # P z: [r, Nk] or [hk, G, r, Nk]
-        if keep is None:  # every head's rows take the same weights: their dO summed first
-            dv[b, kv] += weights.mT @ do.sum(1)  # [hk, Nk, Dv]
+        b, kv = block.b, block.kv
+        marks = block.empty[..., None]  # [Bb, hk, G, r, 1]
+        weights, band = _uniform_weights(spec, b, block.rows, cdtype)  # [Bb, r, Nk]
+        keep = _block_keep(spec, seed, heads, block, block.rows, cdtype) if seed is not None else None
+        do = torch.where(marks, block.gather(grad_out).to(cdtype), 0.0)  # [Bb, hk, G, r, Dv]
+        if keep is None:  # every head's rows take the same weights: their dO summed first (as many ops for any Bb,
+            # where ``weights[:, None].mT @ do.sum(2)`` copies the broadcast weights past one batch row)
+            block.add_keys(dv, torch.einsum("brn,bhgrd->bhnd", weights, do))  # [Bb, hk, Nk, Dv]
         else:
-            dv[b, kv] += probs.flatten(1, 2).mT @ do.flatten(1, 2)
+            probs = weights[:, None, None] * keep  # P z: [Bb, hk, G, r, Nk]
+            block.add_keys(dv, probs.flatten(2, 3).mT @ do.flatten(2, 3))
         if not scores:
             continue
-        # in place on fresh products from here: a block's [hk, G, r, Nk] buffers are the fill's memory traffic
-        values = v[b, kv].to(cdtype)  # [hk, Nk, Dv]
-        dov = (do.flatten(1, 2) @ values.mT).view(*do.shape[:3], -1)  # [hk, G, r, Nk]: dO . v_j
-        expected = (probs * dov).sum(-1, keepdim=True)  # sum_j P_j dP_j, dP = z (dO . v)
+        # in place on fresh products from here: a block's [Bb, hk, G, r, Nk] buffers are the fill's memory traffic
+        weights = weights[:, None, None]  # [Bb, 1, 1, r, Nk]
+        values = v[b, kv].to(cdtype)  # [Bb, hk, Nk, Dv]
+        dov = (do.flatten(2, 3) @ values.mT).view(*do.shape[:4], -1)  # [Bb, hk, G, r, Nk]: dO . v_j
+        expected = ((weights if keep is None else probs) * dov).sum(-1, keepdim=True)  # sum_j P_j dP_j
         ds = (dov if keep is None else dov.mul_(keep)).sub_(expected).mul_(weights)  # P (dP - sum P dP)
         if band is not None:
-            ds.masked_fill_(~band, 0.0)
+            ds.masked_fill_(~band[:, None, None], 0.0)
         for grad in term_grads:
             if grad is not None:
                 _scatter_rows(grad, torch.where(marks, ds, 0.0), block)
-        keys = k[b, kv].to(cdtype)  # [hk, Nk, D]
-        queries = torch.where(marks, block.gather(q).to(cdtype), 0.0).flatten(1, 2)  # [hk, G r, D]
+        keys = k[b, kv].to(cdtype)  # [Bb, hk, Nk, D]
+        queries = torch.where(marks, block.gather(q).to(cdtype), 0.0).flatten(2, 3)  # [Bb, hk, G r, D]
         if spec.softcap is not None:  # through the softcap's tanh: 1 - tanh^2
             capped = (queries @ keys.mT).view(ds.shape).mul_(spec.scale).div_(spec.softcap).tanh_()
             ds.mul_(capped.square_().neg_().add_(1.0))
-        ds = ds.masked_fill_(~marks, 0.0).flatten(1, 2)  # [hk, G r, Nk]
-        dq_rows = torch.where(marks, ((ds @ keys) * spec.scale).view(*marks.shape[:3], -1), 0.0)  # [hk, G, r, D]
-        dq[b, block.heads].index_add_(1, rows, dq_rows.flatten(0, 1))
-        dk[b, kv] += (ds.mT @ queries) * spec.scale
+        ds = ds.masked_fill_(~marks, 0.0).flatten(2, 3)  # [Bb, hk, G r, Nk]
+        block.add_rows(dq, torch.where(marks, ((ds @ keys) * spec.scale).view(*marks.shape[:4], -1), 0.0))
+        block.add_keys(dk, (ds.mT @ queries) * spec.scale)
     return dq, dk, dv, *term_grads

@@ -311,7 +311,7 @@ def _uniform_row_grads(plan: _Plan, empty, q, k_blk, v_blk, grad_out, mean_v, dq
     """Add to ``dq`` and ``dk_blk`` the gradient of rows empty over all keys under an *added* finite fill:
     autograd saw a softmax uniform over all ``Nk`` keys, ``dS_j = (dO . v_j - dO . mean(v)) / Nk`` with the mean
     over every rank's keys. Without a softcap, ``fills.uniform_score_grads``'s two products per key head; with
-    one, row by row in ``fills.row_blocks`` (a batch row's empty rows in every head at once) against the block's
+    one, row by row in ``fills.row_blocks`` (batch rows' empty rows in every head at once) against the block's
     keys: no tensor of rows x keys x D. A (head, row) of a block that sees a key takes nothing."""
     n = plan.kv_layout.length
     if plan.softcap is None:
@@ -322,17 +322,17 @@ def _uniform_row_grads(plan: _Plan, empty, q, k_blk, v_blk, grad_out, mean_v, dq
     cdtype = dq.dtype
     width = max(k_blk.shape[2], k_blk.shape[3], v_blk.shape[3])
     for block in row_blocks(empty, q.shape[1] // k_blk.shape[1], width):
-        b, kv, rows = block.b, block.kv, block.rows
-        marks = block.empty[..., None]  # [hk, G, r, 1]
-        keys, values = k_blk[b, kv].to(cdtype), v_blk[b, kv].to(cdtype)  # [hk, nk, D], [hk, nk, Dv]
-        queries = torch.where(marks, block.gather(q).to(cdtype), 0.0).flatten(1, 2)  # [hk, G r, D]
-        do = block.gather(grad_out).to(cdtype).flatten(1, 2)  # [hk, G r, Dv]
-        ds = (do @ values.mT - do @ mean_v[b, kv, :, None].to(cdtype)) / n  # [hk, G r, nk]
+        b, kv = block.b, block.kv
+        marks = block.empty[..., None].flatten(2, 3)  # [Bb, hk, G r, 1]
+        keys, values = k_blk[b, kv].to(cdtype), v_blk[b, kv].to(cdtype)  # [Bb, hk, nk, D], [Bb, hk, nk, Dv]
+        queries = torch.where(marks, block.gather(q).to(cdtype).flatten(2, 3), 0.0)  # [Bb, hk, G r, D]
+        do = block.gather(grad_out).to(cdtype).flatten(2, 3)  # [Bb, hk, G r, Dv]
+        ds = (do @ values.mT - do @ mean_v[b, kv, :, None].to(cdtype)) / n  # [Bb, hk, G r, nk]
         ds = ds * (1.0 - torch.tanh((queries @ keys.mT) * plan.scale / plan.softcap) ** 2)
-        ds = torch.where(marks.flatten(1, 2), ds, 0.0)  # nor a NaN of k or q: dk takes nothing of such rows
-        dq_rows = torch.where(marks.flatten(1, 2), (ds @ keys) * plan.scale, 0.0)  # [hk, G r, D]
-        dq[b, block.heads].index_add_(1, rows, dq_rows.view(-1, rows.numel(), dq_rows.shape[-1]))  # [hk G, r, D]
-        dk_blk[b, kv] += (ds.mT @ queries) * plan.scale
+        ds = torch.where(marks, ds, 0.0)  # nor a NaN of k or q: dk takes nothing of such rows
+        dq_rows = torch.where(marks, (ds @ keys) * plan.scale, 0.0)  # [Bb, hk, G r, D]
+        block.add_rows(dq, dq_rows.unflatten(2, block.empty.shape[2:]))
+        block.add_keys(dk_blk, (ds.mT @ queries) * plan.scale)
 
 
 def _empty_row_value_grads(plan: _Plan, grad_out: Tensor, empty: Tensor, dv: Tensor) -> None:

@@ -110,18 +110,20 @@ def test_auto_strategy_gathers_only_when_every_block_is_needed(window, world, lo
     assert auto_strategy(plan, grouped=False) == "ring"  # as many kv heads as q heads: K/V blocks are large
 
 
-def test_softcap_rows_empty_in_some_heads_take_the_fills_gradients_block_by_block():
+@pytest.mark.parametrize("batch_rows", [1, None], ids=["one_batch_row", "all_batch_rows"])
+def test_softcap_rows_empty_in_some_heads_take_the_fills_gradients_block_by_block(batch_rows, monkeypatch):
     """The softcap path of an added fill's rows without keys takes a batch row's empty rows in every head at once
     (``fills.row_blocks``), against one rank's block of keys at a time with the mean of v over all of them: summed
     over the key blocks, dq and dk equal ``fills.empty_row_grads`` on all keys, where ``empty`` differs between
     heads too: a head whose row sees a key takes nothing from it, a NaN of its query or of a key of a key head
-    without an empty row notwithstanding."""
+    without an empty row notwithstanding; with one batch row per block (a CPU's rule) or all (a GPU's)."""
     from types import SimpleNamespace
 
     from attnopt.distributed.context import _uniform_row_grads
     from attnopt.kernels import fills
     from attnopt.kernels.spec import AttentionSpec, Fill
 
+    monkeypatch.setattr(fills, "BATCH_ROWS_PER_BLOCK", {"cpu": batch_rows})
     g = torch.Generator().manual_seed(0)
     b, hq, hkv, n, d = 2, 4, 2, 9, 4
     q, k, v = (torch.randn(b, h, n, d, generator=g, dtype=torch.float64) for h in (hq, hkv, hkv))

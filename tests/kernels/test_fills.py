@@ -51,8 +51,19 @@ def _original(q, k, v, keep, band, fill: Fill, multipliers, scale):
 
 
 CASES = [(Fill.FINITE, False), (Fill.FINITE_ADDED, False), (Fill.FINITE_REPLACED_ADDED, True)]
+#: ``fills.BATCH_ROWS_PER_BLOCK``'s rules, taken on the CPU: one batch row per block (the CPU's) and every batch
+#: row with empty rows in one block (a GPU's), each batch row's empty rows padded to the block's count
+BATCH_RULES = {"one_batch_row": 1, "all_batch_rows": None}
 
 
+@pytest.fixture(params=list(BATCH_RULES))
+def batch_rule(request, monkeypatch):
+    """Runs a test under each of ``BATCH_RULES`` on the CPU."""
+    monkeypatch.setattr(fills, "BATCH_ROWS_PER_BLOCK", {"cpu": BATCH_RULES[request.param]})
+    return request.param
+
+
+@pytest.mark.usefixtures("batch_rule")
 @pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("fill,causal", CASES, ids=[f.value for f, _ in CASES])
 def test_rows_without_keys_are_the_originals_dropped_out_uniform_row(kernel, fill, causal):
@@ -97,6 +108,7 @@ def _check_rows_without_keys(kernel: str, fill: Fill, causal: bool, device: str,
     assert 0.2 < dropped.double().mean() < 0.4, "about p of the uniform row is dropped"
 
 
+@pytest.mark.usefixtures("batch_rule")
 @pytest.mark.parametrize("fill", [Fill.FINITE, Fill.FINITE_ADDED])
 def test_mixed_rows_pass_gradcheck_with_their_seed(fill):
     """Some batch rows see keys (the kernel's own dropout), one sees none (the fill's). With the seed fixed, the
@@ -315,16 +327,17 @@ def _written(q, k, v, keep, band, fill: Fill, scale: float, softcap: float | Non
     return s.softmax(-1) @ v.repeat_interleave(group, 1)
 
 
+@pytest.mark.parametrize("rule", list(BATCH_RULES))
 @settings(max_examples=25, deadline=None)
 @given(b=st.integers(1, 3), groups=st.sampled_from([(2, 2), (4, 2), (3, 1), (4, 4)]), n=st.integers(2, 24),
        fill=st.sampled_from([Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED]), softcap=st.booleans(),
        elements=st.sampled_from([1, 40, 100, 1 << 23]), data=st.data())
-def test_rows_without_keys_give_the_written_models_gradients(b, groups, n, fill, softcap, elements, data):
+def test_rows_without_keys_give_the_written_models_gradients(rule, b, groups, n, fill, softcap, elements, data):
     """Left-padded batch rows under a causal band (or no band): the rows before their first kept key see none,
     and output and every gradient equal the written model's in float64, whichever way the fills compute them
     (the added fill's factored products, or row by row in blocks of any size: ``ROW_ELEMENTS`` of 1 takes one
     row of one key head at a time, 40 a row of some key heads, 100 a few rows of every head, 1 << 23 every
-    empty row of a batch row at once)."""
+    empty row of a batch row at once), one batch row per block or several (``BATCH_RULES``)."""
     hq, hkv = groups
     causal = fill == Fill.FINITE_REPLACED_ADDED or data.draw(st.booleans(), label="causal")
     g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
@@ -337,6 +350,7 @@ def test_rows_without_keys_give_the_written_models_gradients(b, groups, n, fill,
     kernel = reference.ReferenceKernel()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fills, "ROW_ELEMENTS", elements)
+        patch.setattr(fills, "BATCH_ROWS_PER_BLOCK", {"cpu": BATCH_RULES[rule]})
         out, lse = kernel.forward(q, k, v, spec, 0)
         got = kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)[:3]
 
@@ -363,6 +377,7 @@ class _Largest(torch.utils._python_dispatch.TorchDispatchMode):
         return result
 
 
+@pytest.mark.usefixtures("batch_rule")
 @pytest.mark.parametrize("fill,softcap", [(Fill.FINITE_ADDED, None), (Fill.FINITE_ADDED, 5.0),
                                           (Fill.FINITE_REPLACED_ADDED, None)])
 def test_the_backward_of_rows_without_keys_makes_nothing_larger_than_the_inputs(fill, softcap, monkeypatch):
@@ -435,6 +450,7 @@ def _rows_empty_in_some_heads(fill: Fill, dropout_p: float, softcap: float | Non
     grad_out = torch.randn(b, hq, n, dv, generator=g, dtype=torch.float64)
     some = torch.rand(b, hq, n, generator=g) < 0.5
     some[0, 1] = False  # a head with no empty row beside heads with some
+    some[0, :, 7:], some[1, :, :2] = False, False  # batch rows with empty rows at other rows, and as many
     if fill == Fill.FINITE_REPLACED_ADDED:
         pads = torch.tensor([6, 3])
         terms = dict(causal=True, key_padding=torch.arange(n)[None, :] >= pads[:, None])
@@ -479,6 +495,7 @@ BLOCK_CASES = [(Fill.FINITE_ADDED, P, 5.0, (2, 6, 10, 10)), (Fill.FINITE_ADDED, 
                (Fill.FINITE_REPLACED_ADDED, 0.0, None, None)]
 
 
+@pytest.mark.usefixtures("batch_rule")
 @pytest.mark.parametrize("elements", [1, 1 << 23], ids=["one_row_of_one_key_head", "all_rows_of_every_head"])
 @pytest.mark.parametrize("fill,dropout_p,softcap,bias_shape", BLOCK_CASES,
                          ids=[f"{f.value}-p{p}-cap{c}-bias{s}" for f, p, c, s in BLOCK_CASES])
@@ -523,38 +540,53 @@ ROW_WISE = [(Fill.FINITE_ADDED, 0.0, 5.0), (Fill.FINITE_ADDED, P, None), (Fill.F
             (Fill.FINITE_REPLACED_ADDED, 0.0, None), (Fill.FINITE_REPLACED_ADDED, P, None)]
 
 
+def _row_wise_op_counts(fill: Fill, dropout_p: float, softcap: float | None, kv_heads: int,
+                        pads: list[int]) -> tuple[int, int]:
+    """Ops of the row-wise backward and of the dropped-out forward fill (0 without dropout) of a left-padded causal
+    batch, batch row ``i`` padded by ``pads[i]`` keys."""
+    b, group, n, d = len(pads), 2, 16, 8
+    g = torch.Generator().manual_seed(3)
+    q, grad_out = (torch.randn(b, kv_heads * group, n, d, generator=g) for _ in range(2))
+    k, v = (torch.randn(b, kv_heads, n, d, generator=g) for _ in range(2))
+    keep = torch.arange(n)[None, :] >= torch.tensor(pads)[:, None]  # left padding
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill, softcap=softcap,
+                                      dropout_p=dropout_p)
+    empty = (~keep)[:, None, :].expand(b, kv_heads * group, n)  # causal: the rows before the first kept key
+    assert fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED)[2].abs().max() > 0
+    backward = _ops_computed(lambda: fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED))
+    if dropout_p == 0:
+        return backward, 0
+    out = torch.zeros_like(q)
+    filled = fills.fill_empty_rows(out, empty, v, spec, seed=SEED)
+    assert filled[-1, :, :pads[-1]].abs().max() > 0 and filled[-1, :, pads[-1]:].abs().max() == 0
+    return backward, _ops_computed(lambda: fills.fill_empty_rows(out, empty, v, spec, seed=SEED))
+
+
 @pytest.mark.parametrize("fill,dropout_p,softcap", ROW_WISE, ids=[f"{f.value}-p{p}-cap{c}" for f, p, c in ROW_WISE])
 def test_the_row_wise_fills_launch_as_many_ops_for_eight_key_heads_as_for_one(fill, dropout_p, softcap):
     """A left-padded batch in training: the row-wise gradients (a softcap, dropout, the band's union) and the
     dropped-out forward fill dispatch a number of ops that grows with the batch rows that have empty rows, not with
     the heads (they looped over each (batch row, key head), ~15 ops each: ~1500 launches per layer's backward at
-    8 batch rows x 12 key heads on a GPU)."""
-
-    def counts(kv_heads: int, pads: list[int]) -> tuple[int, int]:
-        """Ops of the backward and of the dropped-out forward fill (0 without dropout)."""
-        b, group, n, d = len(pads), 2, 16, 8
-        g = torch.Generator().manual_seed(3)
-        q, grad_out = (torch.randn(b, kv_heads * group, n, d, generator=g) for _ in range(2))
-        k, v = (torch.randn(b, kv_heads, n, d, generator=g) for _ in range(2))
-        keep = torch.arange(n)[None, :] >= torch.tensor(pads)[:, None]  # left padding
-        spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, fill=fill, softcap=softcap,
-                                          dropout_p=dropout_p)
-        empty = (~keep)[:, None, :].expand(b, kv_heads * group, n)  # causal: the rows before the first kept key
-        assert fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED)[2].abs().max() > 0
-        backward = _ops_computed(lambda: fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED))
-        if dropout_p == 0:
-            return backward, 0
-        out = torch.zeros_like(q)
-        filled = fills.fill_empty_rows(out, empty, v, spec, seed=SEED)
-        assert filled[-1, :, :pads[-1]].abs().max() > 0 and filled[-1, :, pads[-1]:].abs().max() == 0
-        return backward, _ops_computed(lambda: fills.fill_empty_rows(out, empty, v, spec, seed=SEED))
-
-    one, eight = counts(1, [0, 5, 11]), counts(8, [0, 5, 11])
+    8 batch rows x 12 key heads on a GPU). Under the CPU's rule, a block per batch row with empty rows."""
+    one, eight = (_row_wise_op_counts(fill, dropout_p, softcap, heads, [0, 5, 11]) for heads in (1, 8))
     assert one == eight, (one, eight)
-    fewer = counts(8, [0, 0, 11])  # one batch row with empty rows instead of two: one block fewer
+    fewer = _row_wise_op_counts(fill, dropout_p, softcap, 8, [0, 0, 11])  # one batch row with empty rows: a block fewer
     assert fewer[0] < eight[0] and (fewer[1] < eight[1] or dropout_p == 0), (fewer, eight)
 
 
+@pytest.mark.parametrize("fill,dropout_p,softcap", ROW_WISE, ids=[f"{f.value}-p{p}-cap{c}" for f, p, c in ROW_WISE])
+def test_under_a_gpus_rule_the_row_wise_fills_launch_as_many_ops_for_eight_batch_rows_as_for_one(
+        fill, dropout_p, softcap, monkeypatch):
+    """On a GPU the ops are launches and a block takes every batch row with empty rows (``BATCH_ROWS_PER_BLOCK``):
+    the row-wise gradients and the dropped-out forward fill dispatch as many ops for eight batch rows with empty
+    rows, each padded by a different count, as for one (a block per batch row was 300-420 launches at 8)."""
+    monkeypatch.setattr(fills, "BATCH_ROWS_PER_BLOCK", {"cpu": None})
+    one = _row_wise_op_counts(fill, dropout_p, softcap, 2, [0] * 7 + [11])
+    eight = _row_wise_op_counts(fill, dropout_p, softcap, 2, [3, 5, 15, 1, 7, 2, 9, 11])
+    assert one == eight, (one, eight)
+
+
+@pytest.mark.usefixtures("batch_rule")
 @pytest.mark.parametrize("fill,dropout_p,softcap",
                          [(Fill.FINITE_ADDED, P, 5.0), (Fill.FINITE_REPLACED_ADDED, 0.0, None)],
                          ids=["finite_added-dropout-softcap", "finite_replaced_added"])
