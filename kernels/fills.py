@@ -27,10 +27,10 @@ The backward corrections are PyTorch ops. A row uniform over all keys (an
 added fill, no softcap, no term gradient asked for) gets its dq and dk from
 two ``[D, Dv]`` products per key head, whatever the number of such rows (a
 left-padded batch row in training has thousands); the others are computed
-for those rows only, in blocks of one batch row's empty rows in every head
-at once (``row_blocks``, working tensors of at most ``ROW_ELEMENTS``
-elements): a number of ops that grows with the batch rows that have empty
-rows, not with the heads.
+for those rows only, in blocks of empty rows in every head at once
+(``row_blocks``, working tensors of at most ``ROW_ELEMENTS`` elements): one
+block for every batch row with such rows on a GPU, one per batch row
+elsewhere (``BATCH_ROWS_PER_BLOCK``), so the ops do not grow with the heads.
 
 With dropout (``spec.dropout_p > 0``) the original drops out the uniform row of
 a finite fill like any other: ``out = sum_j z_j v_j / |U|`` over the keys ``U``
