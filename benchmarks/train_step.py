@@ -146,6 +146,24 @@ def measure(step, device: str, repeat: int) -> tuple[float, int | None]:
     return statistics.median(times), None
 
 
+def profile(label: str, step, rows: int) -> None:
+    """Print the ``rows`` ops of most device time, and of most host time, over two steps (after one more)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as profiler
+
+    step()
+    torch.cuda.synchronize()
+    with profiler(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    print(f"== profile of {label} (two steps): device time", flush=True)
+    print(averages.table(sort_by="self_device_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+    print(f"== profile of {label} (two steps): host time", flush=True)
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=rows, max_name_column_width=70), flush=True)
+
+
 def out_of_memory(error: BaseException) -> bool:
     return isinstance(error, torch.OutOfMemoryError) or "out of memory" in str(error)
 
@@ -175,6 +193,8 @@ def run_peer(name: str, workloads: list[Workload], weights: dict, reference: dic
             cell["grad_diff"] = max(float((g - r).abs().max() / r.abs().max().clamp_min(1e-30))
                                     for g, r in zip(grads, ref_grads))
             cell["ms"], cell["peak"] = measure(training_step(run, model, inputs), args.device, args.repeat)
+            if args.profile:
+                profile(f"{name}, {workload.name}", training_step(run, model, inputs), args.profile)
         except Exception as error:  # one cell's failure (out of memory, an unsupported peer) is its result
             cell["error"] = "out of memory" if out_of_memory(error) else f"error: {type(error).__name__}"
             cell["message"] = (str(error).splitlines() or [""])[0][:200]
@@ -232,6 +252,8 @@ def main() -> None:
     parser.add_argument("--checkpoint", action="store_true",
                         help="activation checkpointing in every peer (gradient_checkpointing_enable, non-reentrant)")
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                        help="after timing each cell, print its ROWS ops of most device and host time (CUDA)")
     parser.add_argument("--stacks-every", type=float, default=None, metavar="S",
                         help="print every thread's Python stack on stderr each S seconds (where a long call waits)")
     args = parser.parse_args()

@@ -676,6 +676,17 @@ def plan_timing(spec: AttentionSpec, estimates: dict[str, float], budget_s: floa
     return plan
 
 
+def timing_plan(spec: AttentionSpec, todo: list[str], estimates: dict[str, float], budget_s: float) -> Plan:
+    """``plan_timing`` for the candidates ``todo`` of a site whose kernels are all in ``estimates``: the fastest
+    estimate, and each compile tier's, are over every kernel of the site, ``todo`` or not. A kernel timed later
+    (``deferrable``: ``triton_flash``, compiled in the background) or earlier (cached) still decides whether a
+    kernel that compiles longer leads it: without it, a training site of packed documents on the GPU led FlexAttention
+    by cuDNN's estimate alone, and its first call compiled Flex's forward and backward for minutes."""
+    known = {n: e for n, e in estimates.items() if n != ORIGINAL}
+    return plan_timing(spec, {n: estimates.get(n, 0.0) for n in todo}, budget_s,
+                       fastest=min([e for e in known.values() if e > 0], default=None), cheaper=fastest_by_tier(known))
+
+
 def leads(name: str, estimate: float, cheaper: dict[int, float]) -> bool:
     """Whether ``name``'s estimate leads every kernel of a lower compile tier (``cheaper``, as
     ``fastest_by_tier`` gives it) by ``COMPILED_LEAD``: a kernel that compiles is worth its compile only then.
@@ -763,10 +774,7 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
         device_budget = BUDGET_S.get(spec.device.type)
         left = budget.left() if budget is not None else math.inf
         family = min(left, math.inf if device_budget is None else device_budget)
-        guesses = {n: (estimates or {}).get(n, 0.0) for n in todo}
-        known = {n: (estimates or {}).get(n, 0.0) for n in names if n != ORIGINAL}
-        plan = plan_timing(spec, guesses, family, fastest=min([e for e in known.values() if e > 0], default=None),
-                           cheaper=fastest_by_tier(known))
+        plan = timing_plan(spec, todo, estimates or {}, family)
         small = sliced(spec, plan.n_rows)
         scale = rows(spec) / rows(small)
         start = time.perf_counter()
