@@ -194,12 +194,17 @@ def _lowest(term: torch.Tensor) -> float:
 
 
 def _any_row_without_keys(spec: AttentionSpec) -> bool:
-    """Whether the band and the key padding leave some row no key: each row's kept keys counted from prefix sums
-    of the padding over its band's ends, ``[B, Nq]`` integers, and one host sync."""
+    """Whether the band and the key padding leave some row no key (one host sync)."""
+    return bool(rows_without_keys(spec).any())
+
+
+def rows_without_keys(spec: AttentionSpec) -> torch.Tensor:
+    """``[B or 1, Nq]``: the rows that the band and the key padding leave no key, each row's kept keys counted from
+    prefix sums of the padding over its band's ends."""
     keep = key_padding_keep(spec.key_padding, spec.kv_len)  # [B or 1, Nk]
     prefix = F.pad(keep.to(torch.int32).cumsum(-1), (1, 0))  # [B, Nk + 1]
     start, end = _band_ends(spec, torch.arange(spec.q_len, device=keep.device))
-    return bool(((prefix[:, end] - prefix[:, start]) == 0).any())
+    return (prefix[:, end] - prefix[:, start]) == 0
 
 
 def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_grad: bool = False,
@@ -218,16 +223,27 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         nan_heads = empty.reshape(spec.batch, spec.kv_heads, spec.group_size, -1).any(-1).any(-1)[:, :, None, None]
         dv = torch.where(nan_heads, float("nan"), torch.zeros(v.shape, dtype=_compute_dtype(v.dtype), device=v.device))
         return None, None, dv, None, None
-    dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
-    term_grads = (needs_bias_grad and spec.bias is not None) or (needs_mask_grad and spec.mask is not None)
-    if dropped or spec.fill == Fill.FINITE_REPLACED_ADDED or (spec.fill == Fill.FINITE_ADDED and (
-            spec.softcap is not None or term_grads)):
+    if row_wise_grads(spec, needs_bias_grad, needs_mask_grad):
+        dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
         return _row_grads(q, k, v, grad_out, empty, spec, seed if dropped else None, needs_bias_grad, needs_mask_grad)
     dv = _uniform_value_grad(v, grad_out, empty, spec)
     if spec.fill == Fill.FINITE:
         return None, None, dv, None, None
     dq, dk = uniform_score_grads(q, k, v, grad_out, empty, spec.scale, spec.kv_len)
     return dq, dk, dv, None, None
+
+
+def row_wise_grads(spec: AttentionSpec, needs_bias_grad: bool = True, needs_mask_grad: bool = True) -> bool:
+    """Whether the gradients of rows with no visible key are computed row by row, against every key
+    (``_row_grads``: about a hundred elementwise passes over those rows' ``[heads, rows, Nk]`` scores), rather than
+    factored (a constant few ops): dropout on a finite fill, a replaced band with added padding, or an added fill
+    with a softcap or a term's gradient asked for (by default: any term that may ask)."""
+    if spec.fill in (Fill.SAFE, Fill.NEG_INF):
+        return False
+    dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
+    term_grads = (needs_bias_grad and spec.bias is not None) or (needs_mask_grad and spec.mask is not None)
+    return dropped or spec.fill == Fill.FINITE_REPLACED_ADDED or (spec.fill == Fill.FINITE_ADDED and (
+        spec.softcap is not None or term_grads))
 
 
 def _uniform_value_grad(v, grad_out, empty, spec: AttentionSpec) -> torch.Tensor:

@@ -451,6 +451,35 @@ class Constants:
         return float(self.value(x).reshape(()).item())
 
 
+class ExampleValues(Constants):
+    """Evaluates nodes computed by pure ops from the graph's example inputs (placeholders with a value in
+    ``inputs``, not only buffers): the values one call took. A hint for performance decisions only (which rows a
+    captured batch's padding leaves without a key, to time kernels on), never a fact a rewrite relies on: the
+    next call's inputs differ."""
+
+    def is_constant(self, node: Any) -> bool:
+        if isinstance(node, Node) and node.op == "placeholder":
+            return node in self.inputs and not self.mutations.is_mutated(node)
+        return super().is_constant(node)
+
+    def example(self, node: Node) -> Any:
+        """``node``'s value on the example inputs, or None when it is not computed from them by pure ops."""
+        try:
+            return self.value(node) if self.is_constant(node) else None
+        except (RuntimeError, ValueError, TypeError, IndexError):  # an op that fails on these values: no hint
+            return None
+
+
+def placeholder_values(gm, example_inputs, volatile: frozenset = frozenset()) -> dict | None:
+    """The real example inputs by placeholder (all but the ``volatile`` positions: buffers seen changing between
+    calls), so that the mask analysis can evaluate buffer-built masks; None without example inputs."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if example_inputs is None or len(example_inputs) != len(placeholders):
+        return None
+    return {n: x for i, (n, x) in enumerate(zip(placeholders, example_inputs))
+            if isinstance(x, torch.Tensor) and i not in volatile}
+
+
 def erase_dead_copies(graph) -> int:
     """Erase pure computations nothing reads (x-transformers keeps ``sim.clone()`` in its graph): a dead
     copy of the scores is not a use of them. Returns how many nodes went."""

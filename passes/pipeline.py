@@ -19,7 +19,7 @@ from attnopt.report import GraphMemory, Report, Site
 
 from . import checkpoint, plan, tuning
 from .detect import PLANNED_DROPOUT, Rejection, find_sites
-from .graph import erase_dead_copies, is_buffer, is_parameter, module_path
+from .graph import erase_dead_copies, is_buffer, is_parameter, module_path, placeholder_values
 from .memory import bytes_after, bytes_before
 from .modules import inline_multi_head_attention
 from .rewrite import replace
@@ -60,7 +60,7 @@ def optimize_graph(
         report.sites.append(Site(where=module_path(item.node), node=item.node.name, graph=graph_index,
                                  replaced=False, reason=item.reason))
     erase_dead_copies(gm.graph)
-    found = list(find_sites(gm.graph, _placeholder_values(gm, example_inputs, volatile)))
+    found = list(find_sites(gm.graph, placeholder_values(gm, example_inputs, volatile)))
     # ``keep`` (anchor node name -> reason): sites to leave as they are (verify restores those that differed)
     found = [Rejection(f.anchor, keep[f.anchor.name], f.anchor)
              if keep and not isinstance(f, Rejection) and f.anchor.name in keep else f for f in found]
@@ -381,16 +381,6 @@ def _said_of(match):
         return lambda reasons: reasons
     planned = f"p={PLANNED_DROPOUT}"
     return lambda reasons: tuple(r.replace(planned, "p read at run time") for r in reasons)
-
-
-def _placeholder_values(gm: GraphModule, example_inputs, volatile: frozenset = frozenset()) -> dict | None:
-    """The real example inputs by placeholder, so the mask analysis can evaluate buffer-built masks
-    (all but the ``volatile`` positions: buffers seen changing between calls)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if example_inputs is None or len(example_inputs) != len(placeholders):
-        return None
-    return {n: x for i, (n, x) in enumerate(zip(placeholders, example_inputs))
-            if isinstance(x, torch.Tensor) and i not in volatile}
 
 
 def _cross(match) -> bool:

@@ -40,12 +40,12 @@ from itertools import zip_longest
 import torch
 from torch.fx import GraphModule
 
-from attnopt.kernels import registry
+from attnopt.kernels import fills, registry
 from attnopt.kernels.spec import AttentionSpec, Fill
 
 from . import calibrate, memory, tuning
 from .detect import Match
-from .graph import hint, module_path, tensor_meta, written_inputs
+from .graph import ExampleValues, hint, module_path, placeholder_values, tensor_meta, written_inputs
 from .rewrite import spec_of
 from .tuning import ORIGINAL
 
@@ -122,6 +122,7 @@ def candidates(
     spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, tune: bool = False,
     cache: tuning.TuningCache | None = None, original: tuning.Original | None = None,
     budget: tuning.Budget | None = None, replayed: bool = False, defer: bool = False,
+    padding: torch.Tensor | None = None,
 ) -> list[Candidate]:
     """Every kernel (or only ``forced``), and the ``original`` code when given, with reasons, time and memory.
 
@@ -129,7 +130,7 @@ def candidates(
     (``approximate``), by the error of the model's output; here they carry that reason, unless forced.
     Supported candidates come first, measured ones before estimated ones, each by time. ``defer`` (a graph that
     inductor compiles next): the kernels ``tuning.deferrable`` names are not timed now but marked ``deferred``,
-    with their estimate.
+    with their estimate. ``padding``: the key padding to time on (``captured_padding``).
     """
     names = [forced] if forced is not None else [k.name for k in registry.all_kernels() if not _variant(k)]
     found = []
@@ -159,7 +160,7 @@ def candidates(
         later = tuning.deferrable(spec, list(estimates), estimates, cache, replayed) if defer else []
         seconds = tuning.measured_seconds(
             spec, [n for n in estimates if n not in later], cache, label=_label(spec), original=original,
-            estimates=estimates, budget=budget, replayed=replayed,
+            estimates=estimates, budget=budget, replayed=replayed, padding=padding,
         )
         found = [
             replace(c, deferred=True) if c.kernel in later else
@@ -313,6 +314,8 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     """
     training = _training(gm)
     cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
+    examples = ExampleValues(gm.graph, placeholder_values(gm, example_inputs)) if (
+        training and options.tune and example_inputs is not None) else None
     specs = [spec_of(m) for m in matches]
     budget = tuning.Budget.for_device(specs[0].device) if specs else None
     replayed = tuning.replays_graphs(options)
@@ -329,10 +332,17 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
         original = None
         if options.kernel is None and options.keep_original:
             original = tuning.Original(match.kind, memory.bytes_before(match, spec))
+        padding = captured_padding(match, spec, examples) if examples is not None and options.kernel is None else None
         try:
+            # a site timed on its captured padding times every kernel now, on the same rows (none deferred)
             choice = choose(spec, exact=options.exact, forced=options.kernel, tune=options.tune, cache=cache,
-                            original=original, budget=budget, replayed=replayed,
-                            defer=defer and deferring(options, spec))
+                            original=original, budget=budget, replayed=replayed, padding=padding,
+                            defer=defer and deferring(options, spec) and padding is None)
+            if padding is not None and any(c.measured for c in choice.candidates):
+                share = tuning.empty_share(spec, padding)
+                choice = replace(choice, reason=f"{choice.reason}; timed on the captured batch's key padding, which "
+                                                f"leaves {share:.0%} of the rows without a key: their gradients are "
+                                                f"computed row by row after the kernel")
         except NoKernelError as err:
             if options.kernel is not None:
                 raise
@@ -351,6 +361,34 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     if fitting and plan.peak_after.bytes > plan.budget:
         raise MemoryBudgetError(_budget_message(gm, plan, options))
     return plan
+
+
+def captured_padding(match: Match, spec: AttentionSpec, examples: ExampleValues) -> torch.Tensor | None:
+    """The key padding (bool ``[B, Nk]``, keep) of the call a training graph was captured on, when that call left
+    some row without a key and such rows' gradients are computed row by row (``fills.row_wise_grads``: a softcap,
+    dropout, a term's gradient, GPT-2's replaced band); else None.
+
+    Those rows cost a kernel about a hundred elementwise passes over their scores, after the kernel, where the
+    original computes them with every other row; timed on neutral masks, a kernel would look faster than it runs on
+    such batches. The planner times the site's candidates on this padding instead. A hint for timing only: the
+    rewrite relies on nothing read here, and the calls that follow run on their own padding."""
+    atoms = match.masks.key_padding
+    if not atoms or not spec.requires_grad or not fills.row_wise_grads(spec):
+        return None
+    keep = None
+    for atom in atoms:
+        value = examples.example(atom.node)
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.bool or value.dim() == 0:
+            return None
+        value = ~value if atom.negated else value
+        if value.shape[-1] != spec.kv_len or value.numel() // spec.kv_len not in (1, spec.batch):
+            return None
+        rows = value.reshape(-1, spec.kv_len).expand(spec.batch, spec.kv_len)
+        keep = rows if keep is None else keep & rows
+    keep = keep.to(spec.device).contiguous()
+    if not bool(fills.rows_without_keys(spec.with_(key_padding=keep)).any()):
+        return None  # no row without a key: the neutral timing is this call's
+    return keep
 
 
 def deferring(options, spec: AttentionSpec) -> bool:

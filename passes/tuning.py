@@ -61,7 +61,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from attnopt.kernels import registry
+from attnopt.kernels import fills, registry
 from attnopt.kernels.sdpa import needs_mask, sdpa_mask
 from attnopt.kernels.spec import AttentionSpec, Fill
 
@@ -169,13 +169,18 @@ def shape_bucket(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
     return _bucket(batch), _bucket(q_len), _bucket(kv_len)
 
 
-def cache_key(spec: AttentionSpec, replayed: bool = False) -> str:
+def cache_key(spec: AttentionSpec, replayed: bool = False, padding: torch.Tensor | None = None) -> str:
     """Device name, library versions and the bucketed spec signature (and whether the candidates were timed
-    by CUDA graph replays), hashed to a file name."""
+    by CUDA graph replays, and the share of rows a captured ``padding`` left without a key, in eighths), hashed
+    to a file name."""
     batch, q_len, kv_len = shape_bucket(spec.batch, spec.q_len, spec.kv_len)
     shaped = spec.with_(q_len=q_len, kv_len=kv_len, batch=batch)
     parts = [FORMAT, _device_name(spec.device), _versions(), repr(shaped.signature())]
-    text = json.dumps(parts + ["replayed"] if replayed else parts)
+    if replayed:
+        parts.append("replayed")
+    if padding is not None:
+        parts.append(f"rows without keys {round(8 * empty_share(spec, padding))}/8")
+    text = json.dumps(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
 
@@ -335,8 +340,22 @@ def original_estimate(spec: AttentionSpec, original: Original) -> float:
 
 
 # ------------------------------------------------------------------ timing
-def example_tensors(spec: AttentionSpec, requires_grad: bool):
-    """Random q, k, v and neutral mask terms (all "keep", additive zero) on the spec's device, for timing."""
+def empty_share(spec: AttentionSpec, padding: torch.Tensor) -> float:
+    """The share of the rows of ``spec``'s call that the band and the key padding ``padding [B, Nk]`` leave
+    without a key."""
+    return float(fills.rows_without_keys(spec.with_(key_padding=padding)).float().mean())
+
+
+def spread_rows(padding: torch.Tensor | None, batch: int) -> torch.Tensor | None:
+    """``batch`` rows of a key padding ``[B, Nk]``, evenly spaced: a sliced timing's share of padded rows."""
+    if padding is None or batch >= padding.shape[0]:
+        return padding
+    return padding[torch.linspace(0, padding.shape[0] - 1, batch).round().long().to(padding.device)]
+
+
+def example_tensors(spec: AttentionSpec, requires_grad: bool, padding: torch.Tensor | None = None):
+    """Random q, k, v and neutral mask terms (all "keep", additive zero) on the spec's device, for timing;
+    ``padding`` (bool ``[B, Nk]``, keep): the key padding instead of a neutral one."""
     device, dtype = spec.device, spec.dtype
     q = torch.randn(spec.batch, spec.q_heads, spec.q_len, spec.head_dim, device=device, dtype=dtype)
     k = torch.randn(spec.batch, spec.kv_heads, spec.kv_len, spec.head_dim, device=device, dtype=dtype)
@@ -346,9 +365,11 @@ def example_tensors(spec: AttentionSpec, requires_grad: bool):
         return None if term is None else torch.full(tuple(term.shape), fill, dtype=term.dtype, device=device)
 
     kp, mask = spec.key_padding, spec.mask
+    kp = padding.to(device) if padding is not None else neutral(
+        kp, True if kp is not None and kp.dtype == torch.bool else spec.kv_len)
     real = spec.with_(
         device=device, q_doc=neutral(spec.q_doc, 0), kv_doc=neutral(spec.kv_doc, 0), bias=neutral(spec.bias, 0),
-        key_padding=neutral(kp, True if kp is not None and kp.dtype == torch.bool else spec.kv_len),
+        key_padding=kp,
         mask=neutral(mask, True if mask is not None and mask.dtype == torch.bool else 0),
     )
     if requires_grad:
@@ -416,10 +437,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _runner(name: str, spec: AttentionSpec, original: Original | None):
-    """A callable running one forward (+ backward when the spec trains) of candidate ``name`` on ``spec``."""
+def _runner(name: str, spec: AttentionSpec, original: Original | None, padding: torch.Tensor | None = None):
+    """A callable running one forward (+ backward when the spec trains) of candidate ``name`` on ``spec``
+    (``padding``: its key padding, else a neutral one)."""
     if name == ORIGINAL:
-        q, k, v, real = example_tensors(spec, requires_grad=spec.requires_grad)
+        q, k, v, real = example_tensors(spec, requires_grad=spec.requires_grad, padding=padding)
         inputs = original_inputs(real, original.kind)
 
         def once():
@@ -429,7 +451,7 @@ def _runner(name: str, spec: AttentionSpec, original: Original | None):
 
         return once
     kernel = registry.get(name)
-    q, k, v, real = example_tensors(spec, requires_grad=False)
+    q, k, v, real = example_tensors(spec, requires_grad=False, padding=padding)
     if not spec.requires_grad and spec.dropout_p == 0.0:
         # what an inference call of a replaced site runs (``attnopt.ops.SiteCall``): the kernel's prepared
         # call, without the log-sum-exp and bookkeeping of ``forward`` (a decode step's kernel takes less
@@ -754,17 +776,19 @@ def fastest_by_tier(estimates: dict[str, float]) -> dict[int, float]:
 
 def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "",
                      original: Original | None = None, estimates: dict[str, float] | None = None,
-                     budget: Budget | None = None, replayed: bool = False) -> dict[str, float]:
+                     budget: Budget | None = None, replayed: bool = False,
+                     padding: torch.Tensor | None = None) -> dict[str, float]:
     """Seconds per candidate on ``spec``'s shapes: from the cache, else measured within the budget and stored.
 
     ``names`` are kernel names and, with ``original``, ``ORIGINAL``. The result
     holds only what was measured (now or before): a candidate that fails when
     run, or that the budget leaves out, is missing (the planner keeps its
     estimate). ``replayed``: the site's graph runs inside CUDA graphs (``replays_graphs``), so an inference
-    call on a GPU is timed by replays (``time_replayed``).
+    call on a GPU is timed by replays (``time_replayed``). ``padding`` (bool ``[B, Nk]``): the key padding to
+    time on instead of a neutral one (``plan.captured_padding``), its rows taken evenly when fewer are timed.
     """
     replay = replayable(spec, replayed)
-    key = cache_key(spec, replay)
+    key = cache_key(spec, replay, padding)
     entry = {n: (original.key if n == ORIGINAL else n) for n in names}
     cached = cache.get(key) or {}
     cpu = spec.device.type == "cpu"
@@ -785,9 +809,12 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
             runs, warmups, found = {}, {}, {}
             for name in plan.timed:
                 try:
-                    runs[name] = _runner(name, small, original)
+                    runs[name] = _runner(name, small, original, padding=spread_rows(padding, small.batch))
                     if spec.device.type == "cpu":
-                        warmups[name] = _runner(name, shrunk(small), original)
+                        warm = shrunk(small)  # its padding's too where it keeps the keys (a short call)
+                        keys = padding is not None and warm.kv_len == padding.shape[-1]
+                        warmups[name] = _runner(name, warm, original,
+                                                padding=spread_rows(padding, warm.batch) if keys else None)
                 except (RuntimeError, ValueError, NotImplementedError) as err:
                     _failed(name, label or key, err)
                     found[entry[name]] = math.inf  # cannot run this call: never time it again

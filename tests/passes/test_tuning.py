@@ -364,12 +364,12 @@ def test_a_candidate_failing_when_timed_is_reported_with_its_error(tmp_path, mon
     spec = _spec(64)
     real_runner = tuning._runner
 
-    def runner(name, spec, original):
+    def runner(name, spec, original, padding=None):
         if name == "reference":
             def once():
                 raise RuntimeError("out of resources: shared memory")
             return once
-        return real_runner(name, spec, original)
+        return real_runner(name, spec, original, padding)
 
     monkeypatch.setattr(tuning, "_runner", runner)
     with caplog.at_level("WARNING", logger="attnopt"):
