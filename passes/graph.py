@@ -455,11 +455,16 @@ class ExampleValues(Constants):
     """Evaluates nodes computed by pure ops from the graph's example inputs (placeholders with a value in
     ``inputs``, not only buffers): the values one call took. A hint for performance decisions only (which rows a
     captured batch's padding leaves without a key, to time kernels on), never a fact a rewrite relies on: the
-    next call's inputs differ."""
+    next call's inputs differ. A node above ``UNCACHED_BYTES`` (a ``[B, 1, N, N]`` mask at a long length) is not
+    evaluated, nor anything computed from it: a hint is not worth that memory in the first call."""
 
     def is_constant(self, node: Any) -> bool:
-        if isinstance(node, Node) and node.op == "placeholder":
-            return node in self.inputs and not self.mutations.is_mutated(node)
+        if isinstance(node, Node):
+            meta = tensor_meta(node)
+            if meta is not None and _has_concrete_meta(node) and meta.numel() * meta.element_size() > UNCACHED_BYTES:
+                return False
+            if node.op == "placeholder":
+                return node in self.inputs and not self.mutations.is_mutated(node)
         return super().is_constant(node)
 
     def example(self, node: Node) -> Any:

@@ -164,3 +164,30 @@ def test_timed_rows_are_spread_over_the_batch():
     assert torch.equal(tuning.spread_rows(keep, 8), keep)
     assert torch.equal(tuning.spread_rows(keep, 2), keep[[0, 7]])
     assert tuning.spread_rows(None, 2) is None
+
+
+def test_example_values_evaluate_small_pure_nodes_of_the_inputs_only(monkeypatch):
+    """``graph.ExampleValues`` evaluates pure ops of the example inputs; not what is above ``UNCACHED_BYTES`` (a
+    ``[B, 1, N, N]`` mask at a long length), nor anything computed from it, nor impure ops."""
+    from attnopt.passes import graph
+
+    def f(mask):
+        square = mask[:, None, None, :].expand(-1, 1, N, -1).clone()  # [B, 1, N, N]
+        return square[:, :, -1, :] == 0, mask[:, None, None, :] == 0, torch.rand_like(mask, dtype=torch.float) > 0.5
+
+    gm = torch.fx.symbolic_trace(f)
+    mask = padded(left=True)
+    torch.fx.passes.shape_prop.ShapeProp(gm).propagate(mask)
+    for node in gm.graph.nodes:  # dynamo's record of each value, as the passes read it
+        if hasattr(node.meta.get("tensor_meta"), "shape"):
+            node.meta["val"] = torch.empty(node.meta["tensor_meta"].shape, dtype=node.meta["tensor_meta"].dtype,
+                                           device="meta")
+    through_square, direct, random = next(n for n in gm.graph.nodes if n.op == "output").args[0]
+    examples = graph.ExampleValues(gm.graph, graph.placeholder_values(gm, [mask]))
+    assert torch.equal(examples.example(direct), (mask == 0)[:, None, None, :])
+    assert examples.example(random) is None
+    assert torch.equal(examples.example(through_square), (mask == 0)[:, None])
+    monkeypatch.setattr(graph, "UNCACHED_BYTES", B * N * N - 1)  # the square mask is now too large
+    examples = graph.ExampleValues(gm.graph, graph.placeholder_values(gm, [mask]))
+    assert examples.example(through_square) is None
+    assert torch.equal(examples.example(direct), (mask == 0)[:, None, None, :])
