@@ -385,9 +385,12 @@ def captured_padding(match: Match, spec: AttentionSpec, examples: ExampleValues)
             return None
         rows = value.reshape(-1, spec.kv_len).expand(spec.batch, spec.kv_len)
         keep = rows if keep is None else keep & rows
-    keep = keep.to(spec.device).contiguous()
-    if not bool(fills.rows_without_keys(spec.with_(key_padding=keep)).any()):
-        return None  # no row without a key: the neutral timing is this call's
+    try:  # a hint never stops a rewrite: example values it cannot read (fake, meta) give none
+        keep = keep.to(spec.device).contiguous()
+        if not bool(fills.rows_without_keys(spec.with_(key_padding=keep)).any()):
+            return None  # no row without a key: the neutral timing is this call's
+    except (RuntimeError, ValueError, NotImplementedError):
+        return None
     return keep
 
 

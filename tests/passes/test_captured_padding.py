@@ -191,3 +191,26 @@ def test_example_values_evaluate_small_pure_nodes_of_the_inputs_only(monkeypatch
     examples = graph.ExampleValues(gm.graph, graph.placeholder_values(gm, [mask]))
     assert examples.example(through_square) is None
     assert torch.equal(examples.example(direct), (mask == 0)[:, None, None, :])
+
+
+def test_example_values_that_cannot_be_read_give_no_hint():
+    """Example inputs without data (meta tensors) leave the site timed neutrally: a hint never stops a rewrite."""
+    from attnopt.passes import plan
+
+    class Match:  # what captured_padding reads of a match
+        class masks:
+            key_padding = [type("Atom", (), {"node": None, "negated": False})()]
+
+    keep = padded(left=True).bool()
+
+    class Meta:
+        def example(self, node):
+            return torch.empty(keep.shape, dtype=torch.bool, device="meta")
+
+    class Real:
+        def example(self, node):
+            return keep
+
+    spec = _spec_with(keep).with_(requires_grad=True, softcap=30.0, fill=attnopt.kernels.Fill.FINITE_ADDED)
+    assert plan.captured_padding(Match, spec, Meta()) is None
+    assert torch.equal(plan.captured_padding(Match, spec, Real()), keep)
