@@ -23,7 +23,7 @@ import time
 import torch
 
 from attnopt.kernels import AttentionSpec, Fill
-from attnopt.kernels import fills
+from attnopt.kernels import fills, triton_fill_rows
 
 B, H, N, D = 8, 12, 512, 64
 SEED = 1234
@@ -73,6 +73,27 @@ def median_ms(fn, sync, runs: list[float]) -> None:
     runs.append((time.perf_counter() - start) * 1e3)
 
 
+def variants(q, k, v, grad_out, keep, empty, out):
+    """(case, terms, timed, what, fill) of each case: the PyTorch fills, and for the gradients the Triton kernel
+    (``triton_fill_rows``, checked against them first) where it takes the call."""
+    for name, terms, timed in CASES:
+        spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, **terms)
+        dropped = SEED if spec.dropout_p > 0.0 else None
+        if timed == "forward":
+            yield name, terms, timed, "`fill_empty_rows` (`_dropped_uniform_rows`)", (
+                lambda spec=spec: fills.fill_empty_rows(out, empty, v, spec, seed=SEED))
+            continue
+        yield name, terms, timed, "`_row_grads` (PyTorch)", (
+            lambda spec=spec: fills._row_grads(q, k, v, grad_out, empty, spec, dropped, False, False))
+        if triton_fill_rows.supported(spec, q, False, False):
+            want = fills._row_grads(q, k, v, grad_out, empty, spec, dropped, False, False)[:3]
+            got = triton_fill_rows.row_grads(q, k, v, grad_out, empty, spec, dropped)
+            error = max(float((g - w).abs().max() / w.abs().max().clamp_min(1e-30))
+                        for g, w in zip(got, want) if w is not None)
+            yield name, terms, timed, f"`triton_fill_rows` (max rel. diff {error:.1e})", (
+                lambda spec=spec: triton_fill_rows.row_grads(q, k, v, grad_out, empty, spec, dropped))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
@@ -88,14 +109,7 @@ def main() -> None:
              f"0..{N // 2}: {int(empty[:, 0].sum())} of {B * N} rows without keys; medians of {args.repeat} "
              "interleaved runs", "",
              "| fill | timed | ops | fill ms | original fwd+bwd ms | fill / original |", "|---|---|---|---|---|---|"]
-    for name, terms, timed in CASES:
-        spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, **terms)
-        if timed == "backward":
-            fill = lambda: fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=SEED)  # noqa: E731
-            what = "`empty_row_grads`"
-        else:
-            fill = lambda: fills.fill_empty_rows(out, empty, v, spec, seed=SEED)  # noqa: E731
-            what = "`fill_empty_rows` (`_dropped_uniform_rows`)"
+    for name, terms, timed, what, fill in variants(q, k, v, grad_out, keep, empty, out):
         fill()  # warm-up; known_empty_rows finds the padding's answer once
         original(q, k, v, grad_out, keep)
         with _Ops() as ops:

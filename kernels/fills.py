@@ -44,6 +44,7 @@ dropped-out row. Such calls look for empty rows with one host sync.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
@@ -58,6 +59,9 @@ from .term_cache import TermCache
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
 #: fills whose rows are a (uniform) softmax that dropout then drops out, as any other row
 DROPPED_FILLS = (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED)
+#: whether the row-wise gradients run in ``triton_fill_rows``' kernel where it takes the call (a GPU): off until
+#: measured on one (``benchmarks/fill_rows.py --device cuda`` times both); ``ATTNOPT_FILL_KERNEL=1`` turns it on
+ROW_KERNEL = os.environ.get("ATTNOPT_FILL_KERNEL", "0") == "1"
 #: elements of the largest working tensor of a block of empty rows handled row by row (dropout, a softcap, term
 #: gradients, a band's union): ``[heads, rows, Nk]`` and ``[heads, rows, D]``, 32 MiB in float32 (the dropout
 #: hash's int64 temporaries 64 MiB)
@@ -225,6 +229,12 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         return None, None, dv, None, None
     if row_wise_grads(spec, needs_bias_grad, needs_mask_grad):
         dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
+        if ROW_KERNEL:
+            from . import triton_fill_rows  # imports this module
+
+            if triton_fill_rows.supported(spec, q, needs_bias_grad, needs_mask_grad):
+                dq, dk, dv = triton_fill_rows.row_grads(q, k, v, grad_out, empty, spec, seed if dropped else None)
+                return dq, dk, dv, None, None
         return _row_grads(q, k, v, grad_out, empty, spec, seed if dropped else None, needs_bias_grad, needs_mask_grad)
     dv = _uniform_value_grad(v, grad_out, empty, spec)
     if spec.fill == Fill.FINITE:
