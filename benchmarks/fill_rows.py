@@ -74,14 +74,20 @@ def median_ms(fn, sync, runs: list[float]) -> None:
 
 
 def variants(q, k, v, grad_out, keep, empty, out):
-    """(case, terms, timed, what, fill) of each case: the PyTorch fills, and for the gradients the Triton kernel
-    (``triton_fill_rows``, checked against them first) where it takes the call."""
+    """(case, terms, timed, what, fill) of each case: the PyTorch fills, and the Triton kernels (``triton_fill_rows``,
+    checked against them first) where they take the call (a GPU)."""
     for name, terms, timed in CASES:
         spec = AttentionSpec.from_tensors(q, k, v, causal=True, key_padding=keep, **terms)
         dropped = SEED if spec.dropout_p > 0.0 else None
         if timed == "forward":
-            yield name, terms, timed, "`fill_empty_rows` (`_dropped_uniform_rows`)", (
-                lambda spec=spec: fills.fill_empty_rows(out, empty, v, spec, seed=SEED))
+            yield name, terms, timed, "`_dropped_uniform_rows` (PyTorch)", (
+                lambda spec=spec: fills._dropped_uniform_rows(out, empty, v, spec, 0, SEED))
+            if triton_fill_rows.supported(spec, v, False, False):
+                want = fills._dropped_uniform_rows(out, empty, v, spec, 0, SEED)
+                got = triton_fill_rows.dropped_rows(out, empty, v, spec, 0, SEED)
+                error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-30))
+                yield name, terms, timed, f"`triton_fill_rows.dropped_rows` (max rel. diff {error:.1e})", (
+                    lambda spec=spec: triton_fill_rows.dropped_rows(out, empty, v, spec, 0, SEED))
             continue
         yield name, terms, timed, "`_row_grads` (PyTorch)", (
             lambda spec=spec: fills._row_grads(q, k, v, grad_out, empty, spec, dropped, False, False))

@@ -103,6 +103,11 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         # finding the rows syncs with the host: once per padding tensor where the padding alone decides them
         if known_empty_rows(spec) is False:
             return out
+        if ROW_KERNEL:
+            from . import triton_fill_rows  # imports this module
+
+            if triton_fill_rows.supported(spec, v, False, False):
+                return triton_fill_rows.dropped_rows(out, empty, v, spec, first_row, _seeded(seed))
         return _dropped_uniform_rows(out, empty, v, spec, first_row, seed)
     if known_empty_rows(spec) is False:  # every row sees a key (found once per padding tensor)
         return out
@@ -335,14 +340,21 @@ def _shifted(x: torch.Tensor, bits: int) -> torch.Tensor:
     return (x >> bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
+def _seeded(seed: int) -> int:
+    """``seed``, the call's dropout seed: 0 means no dropout was drawn, which a finite fill with dropout cannot
+    stand for."""
+    if seed == 0:
+        raise ValueError("a finite fill with dropout needs the call's dropout seed (0 means no dropout was drawn)")
+    return seed
+
+
 def _dropout_keep(spec: AttentionSpec, seed: int, b: int | torch.Tensor, heads: torch.Tensor, rows: torch.Tensor,
                   dtype: torch.dtype) -> torch.Tensor:
     """``[..., Nk]`` dropout multipliers (0 or ``1 / (1 - p)``) of query rows ``rows`` (absolute) of heads ``heads``
     in batch rows ``b``, all three broadcast against each other (``[Bb, 1, 1, 1]`` batch rows, ``[Hkv, G, 1]``
     heads and ``[Bb, 1, 1, r]`` rows give ``[Bb, Hkv, G, r, Nk]``): uniform draws that are a function of ``seed``
     and the (b, h, i, j) index alone."""
-    if seed == 0:
-        raise ValueError("a finite fill with dropout needs the call's dropout seed (0 means no dropout was drawn)")
+    _seeded(seed)
     row_index = (b * spec.q_heads + heads) * spec.q_len + rows  # b, heads and rows broadcast
     keys = torch.arange(spec.kv_len, device=rows.device)
     # in place past the first product: a block's draws are ROW_ELEMENTS int64, a fresh buffer per op was most of

@@ -158,6 +158,99 @@ def _empty_rows_bwd(
         tl.store(DQ + b * sdqb + h * sdqh + rows[:, None] * sdqm + dims[None, :], dq * scale, mask=empty[:, None])
 
 
+@triton.jit
+def _empty_rows_fwd(
+    V, EMPTY, KEPT, KEPT_COUNT, OUT,
+    svb, svh, svn, seb, seh, sob, soh, som, skeepb,
+    q_heads, group, n_rows, first_row, q_len, kv_len, seed, threshold, inv_keep, band_lo, band_hi, diag, golden,
+    mix1, mix2,
+    V_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    UNION: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+):
+    """The dropped-out uniform rows of a forward: ``out_i = sum_j w_ij z_ij v_j`` on the empty rows of rows
+    ``first_row ..`` (a chunk of ``n_rows``), written over ``OUT``'s (a copy of the kernel's output)."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // q_heads
+    h = bh % q_heads
+    g = h // group
+    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    in_rows = local < n_rows
+    empty = tl.load(EMPTY + b * seb + h * seh + local, mask=in_rows, other=0) != 0
+    if tl.max(empty.to(tl.int32), axis=0) == 0:
+        return
+    rows = first_row + local
+    vdims = tl.arange(0, V_DIM)
+    v_base = V + b * svb + g * svh
+    kept_ptrs = KEPT + b * skeepb
+    kept_count = tl.load(KEPT_COUNT + b)
+    row_index = ((b * q_heads + h) * q_len + rows).to(tl.int64)
+    seed = seed.to(tl.uint64)
+    threshold = threshold.to(tl.uint64)
+    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    for start_n in range(0, kv_len, BLOCK_N):
+        keys = start_n + tl.arange(0, BLOCK_N)
+        v = tl.load(v_base + keys[:, None] * svn + vdims[None, :], mask=(keys < kv_len)[:, None], other=0.0)
+        w, band = _weights(rows, keys, kept_ptrs, band_lo, band_hi, diag, kv_len, kept_count, UNION, HAS_LO, HAS_HI)
+        z = _splitmix_keep(row_index, keys, kv_len, seed, threshold, golden, mix1, mix2) * inv_keep
+        p = tl.where(empty[:, None], w * z, 0.0)
+        acc += tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    out_ptrs = OUT + b * sob + h * soh + local[:, None] * som + vdims[None, :]
+    tl.store(out_ptrs, acc.to(OUT.dtype.element_ty), mask=empty[:, None])
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """The kernels read rows of ``D`` consecutive elements."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _kept(spec: AttentionSpec, union: bool, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(kept [B, Nk] int8, its count [B] int32)``: the keys the added padding keeps, for a union fill (else
+    placeholders the kernels do not read)."""
+    if not union:
+        return (torch.zeros(spec.batch, 1, dtype=torch.int8, device=device),
+                torch.zeros(spec.batch, dtype=torch.int32, device=device))
+    if spec.key_padding is None:
+        kept = torch.ones(spec.batch, spec.kv_len, dtype=torch.int8, device=device)
+    else:
+        kept = key_padding_keep(spec.key_padding, spec.kv_len).expand(spec.batch, spec.kv_len).to(torch.int8)
+    kept = kept.contiguous()
+    return kept, kept.sum(-1, dtype=torch.int32)
+
+
+def _dropout_args(spec: AttentionSpec, seed: int | None) -> tuple:
+    """The kernels' seed, keep threshold (``ceil(p 2^53)``) and ``1 / (1 - p)`` for a call with dropout (``seed``
+    given), else those of none; then splitmix64's multipliers, unsigned."""
+    p = spec.dropout_p if seed is not None else 0.0
+    return ((seed or 0) & ((1 << 62) - 1), math.ceil(p * 2.0**53), 1.0 / (1.0 - p),
+            *(c & _U64 for c in (_GOLDEN, _MIX1, _MIX2)))
+
+
+def dropped_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec, first_row: int,
+                 seed: int) -> torch.Tensor:
+    """``fills._dropped_uniform_rows`` for calls ``supported`` takes (``out`` the kernel's ``[B, Hq, n, Dv]`` for
+    query rows ``first_row ..``): a copy of ``out`` in its layout with each empty row's dropped-out uniform
+    softmax times v. No host sync."""
+    union = spec.fill == Fill.FINITE_REPLACED_ADDED
+    kept, kept_count = _kept(spec, union, v.device)
+    lo, hi = spec.band() if union else (None, None)
+    v = _last_dim_contiguous(v)
+    filled = _last_dim_contiguous(torch.empty_like(out).copy_(out))
+    n_rows = out.shape[2]
+    empty8 = empty.to(torch.int8).expand(spec.batch, spec.q_heads, n_rows).contiguous()
+    grid = (triton.cdiv(n_rows, BLOCK_M), spec.batch * spec.q_heads)
+    _empty_rows_fwd[grid](
+        v, empty8, kept, kept_count, filled,
+        v.stride(0), v.stride(1), v.stride(2), empty8.stride(0), empty8.stride(1),
+        filled.stride(0), filled.stride(1), filled.stride(2), kept.stride(0),
+        spec.q_heads, spec.group_size, n_rows, first_row, spec.q_len, spec.kv_len,
+        *_dropout_args(spec, seed)[:3], lo or 0, hi or 0, spec.diagonal_offset, *_dropout_args(spec, seed)[3:],
+        V_DIM=spec.v_head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, UNION=union, HAS_LO=lo is not None,
+        HAS_HI=hi is not None,
+    )
+    return filled
+
+
 def supported(spec: AttentionSpec, q: torch.Tensor, needs_bias_grad: bool, needs_mask_grad: bool) -> bool:
     """Whether this kernel computes ``fills._row_grads`` for the call: half or float32 inputs on a GPU (or under
     the interpreter), head dims that are powers of two of at least 16, no additive term's gradient asked for."""
@@ -176,25 +269,17 @@ def supported(spec: AttentionSpec, q: torch.Tensor, needs_bias_grad: bool, needs
 def row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None):
     """``(dq, dk, dv)`` float32 (dq, dk None for ``Fill.FINITE``, whose scores get nothing): ``fills._row_grads``
     for calls ``supported`` takes, ``seed`` the forward's (None without dropout). No host sync."""
+    q, k, v, grad_out = (_last_dim_contiguous(t) for t in (q, k, v, grad_out))
     scores = spec.fill != Fill.FINITE
     device = q.device
     dv = torch.zeros(v.shape, dtype=torch.float32, device=device)
     dq = torch.zeros(q.shape, dtype=torch.float32, device=device)
     dk = torch.zeros(k.shape, dtype=torch.float32, device=device)
     union = spec.fill == Fill.FINITE_REPLACED_ADDED
-    if union:
-        if spec.key_padding is None:
-            kept = torch.ones(spec.batch, spec.kv_len, dtype=torch.int8, device=device)
-        else:
-            kept = key_padding_keep(spec.key_padding, spec.kv_len).expand(spec.batch, spec.kv_len).to(torch.int8)
-        kept = kept.contiguous()
-    else:
-        kept = torch.zeros(spec.batch, 1, dtype=torch.int8, device=device)
-    kept_count = kept.sum(-1, dtype=torch.int32) if union else torch.zeros(spec.batch, dtype=torch.int32,
-                                                                            device=device)
+    kept, kept_count = _kept(spec, union, device)
     lo, hi = spec.band() if union else (None, None)
     dropout = seed is not None and spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
-    p = spec.dropout_p if dropout else 0.0
+    seed_arg, threshold, inv_keep, golden, mix1, mix2 = _dropout_args(spec, seed if dropout else None)
     empty8 = empty.to(torch.int8).expand(spec.batch, spec.q_heads, spec.q_len).contiguous()
     grid = (triton.cdiv(spec.q_len, BLOCK_M), spec.batch * spec.q_heads)
     _empty_rows_bwd[grid](
@@ -204,8 +289,8 @@ def row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, seed: int | None):
         empty8.stride(0), empty8.stride(1), dq.stride(0), dq.stride(1), dq.stride(2),
         dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2), kept.stride(0),
         spec.q_heads, spec.group_size, spec.q_len, spec.kv_len, float(spec.scale),
-        float(spec.softcap or 1.0), (seed or 0) & ((1 << 62) - 1), math.ceil(p * 2.0**53),
-        1.0 / (1.0 - p), lo or 0, hi or 0, spec.diagonal_offset, *(c & _U64 for c in (_GOLDEN, _MIX1, _MIX2)),
+        float(spec.softcap or 1.0), seed_arg, threshold, inv_keep, lo or 0, hi or 0, spec.diagonal_offset, golden,
+        mix1, mix2,
         HEAD_DIM=spec.head_dim, V_DIM=spec.v_head_dim, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
         SCORES=scores, UNION=union, HAS_LO=lo is not None, HAS_HI=hi is not None,
         SOFTCAP=spec.softcap is not None and scores, DROPOUT=dropout,

@@ -79,6 +79,20 @@ def test_the_kernel_on_random_calls(batch, group, kv_heads, n, fill, softcap, dr
     check(*args, seed=data.draw(st.integers(1, 2**62)))
 
 
+@pytest.mark.parametrize("fill, window", [(Fill.FINITE_ADDED, None), (Fill.FINITE, None),
+                                          (Fill.FINITE_REPLACED_ADDED, Window(6, 0))], ids=["added", "replaced", "band"])
+@pytest.mark.parametrize("first_row, n_rows", [(0, 40), (9, 17)], ids=["all_rows", "a_chunk"])
+def test_the_forward_kernel_gives_the_pytorch_fills_dropped_rows(fill, window, first_row, n_rows):
+    """The dropped-out uniform rows of a forward, on every row or on a chunk of rows (the reference kernel's)."""
+    q, k, v, grad_out, empty, spec = case(2, 4, 2, 40, 16, fill, None, 0.3, window, (0, 13), torch.float32, True, 4)
+    out = torch.randn(2, 4, n_rows, 16, generator=torch.Generator().manual_seed(8)).to(DEVICE)
+    chunk = empty[:, :, first_row:first_row + n_rows]
+    want = fills._dropped_uniform_rows(out, chunk, v, spec, first_row, 4242)
+    got = kernel.dropped_rows(out, chunk, v, spec, first_row, 4242)
+    torch.testing.assert_close(got, want, atol=2e-6, rtol=1e-5, equal_nan=True)
+    assert bool(chunk.any()) and torch.equal(got[~chunk], out[~chunk])
+
+
 def test_the_dropout_constants_are_splitmix64s():
     """The kernel's multipliers, handed over unsigned, are the PyTorch fill's (signed int64) ones."""
     assert [c & kernel._U64 for c in (fills._GOLDEN, fills._MIX1, fills._MIX2)] == [
@@ -117,3 +131,36 @@ def test_gpu_the_kernel_gives_the_pytorch_fills_gradients(head_dim, fill, softca
         pytest.skip("needs a GPU")
     args = case(4, 8, 2, 300, head_dim, fill, softcap, dropout_p, None, (0, 40, 150, 299), torch.bfloat16, False, 5)
     check(*args, seed=31337)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fill", [Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED], ids=["added", "band"])
+def test_gpu_the_forward_kernel_gives_the_pytorch_fills_dropped_rows(fill):
+    if DEVICE != "cuda":
+        pytest.skip("needs a GPU")
+    q, k, v, grad_out, empty, spec = case(4, 8, 2, 300, 128, fill, None, 0.1, None, (0, 40, 150, 299),
+                                          torch.bfloat16, False, 6)
+    out = torch.randn_like(q)
+    want = fills._dropped_uniform_rows(out, empty, v, spec, 0, 777)
+    torch.testing.assert_close(kernel.dropped_rows(out, empty, v, spec, 0, 777), want, atol=1e-2, rtol=1e-2)
+
+
+def test_the_switch_routes_the_fills_through_the_kernels(monkeypatch):
+    """With ``fills.ROW_KERNEL`` on, ``empty_row_grads`` and ``fill_empty_rows`` give the kernels' results."""
+    q, k, v, grad_out, empty, spec = case(2, 4, 2, 40, 16, Fill.FINITE_ADDED, 30.0, 0.25, None, (0, 13),
+                                          torch.float32, False, 7)
+    monkeypatch.setattr(fills, "ROW_KERNEL", True)
+    calls = []
+    for name in ("row_grads", "dropped_rows"):
+        real = getattr(kernel, name)
+        monkeypatch.setattr(kernel, name, lambda *a, real=real, name=name: calls.append(name) or real(*a))
+    grads = fills.empty_row_grads(q, k, v, grad_out, empty, spec, seed=5)
+    want = fills._row_grads(q, k, v, grad_out, empty, spec, 5, False, False)
+    for g, w in zip(grads[:3], want[:3]):
+        torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
+    out = torch.zeros_like(q)
+    torch.testing.assert_close(fills.fill_empty_rows(out, empty, v, spec, seed=5),
+                               fills._dropped_uniform_rows(out, empty, v, spec, 0, 5), atol=2e-6, rtol=1e-5)
+    assert calls == ["row_grads", "dropped_rows"]
+    with pytest.raises(ValueError, match="dropout seed"):
+        fills.fill_empty_rows(out, empty, v, spec, seed=0)
