@@ -80,6 +80,18 @@ def _weights(rows, keys, kept_ptrs, band_lo, band_hi, diag, kv_len, kept_count,
 
 
 @triton.jit
+def _program_rows(EMPTY, seb, seh, q_heads, group, n_rows, BLOCK_M: tl.constexpr):
+    """``(batch row, query head, key head, rows [BM], which are empty [BM])`` of this program: axis 0 a block of
+    ``BLOCK_M`` rows (of ``n_rows``), axis 1 a (batch row, query head)."""
+    bh = tl.program_id(1)
+    b = bh // q_heads
+    h = bh % q_heads
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    empty = tl.load(EMPTY + b * seb + h * seh + rows, mask=rows < n_rows, other=0) != 0
+    return b, h, h // group, rows, empty
+
+
+@triton.jit
 def _empty_rows_bwd(
     Q, K, V, DO, EMPTY, KEPT, KEPT_COUNT, DQ, DK, DV,
     sqb, sqh, sqm, sdob, sdoh, sdom, skb, skh, skn, svb, svh, svn, seb, seh, sdqb, sdqh, sdqm, sdkb, sdkh, sdkn,
@@ -90,14 +102,7 @@ def _empty_rows_bwd(
     SCORES: tl.constexpr, UNION: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     SOFTCAP: tl.constexpr, DROPOUT: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // q_heads
-    h = bh % q_heads
-    g = h // group
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = rows < q_len
-    empty = tl.load(EMPTY + b * seb + h * seh + rows, mask=in_rows, other=0) != 0
+    b, h, g, rows, empty = _program_rows(EMPTY, seb, seh, q_heads, group, q_len, BLOCK_M)
     if tl.max(empty.to(tl.int32), axis=0) == 0:
         return
     dims = tl.arange(0, HEAD_DIM)
@@ -169,14 +174,7 @@ def _empty_rows_fwd(
 ):
     """The dropped-out uniform rows of a forward: ``out_i = sum_j w_ij z_ij v_j`` on the empty rows of rows
     ``first_row ..`` (a chunk of ``n_rows``), written over ``OUT``'s (a copy of the kernel's output)."""
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = bh // q_heads
-    h = bh % q_heads
-    g = h // group
-    local = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    in_rows = local < n_rows
-    empty = tl.load(EMPTY + b * seb + h * seh + local, mask=in_rows, other=0) != 0
+    b, h, g, local, empty = _program_rows(EMPTY, seb, seh, q_heads, group, n_rows, BLOCK_M)
     if tl.max(empty.to(tl.int32), axis=0) == 0:
         return
     rows = first_row + local
