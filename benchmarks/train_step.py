@@ -245,7 +245,8 @@ def main() -> None:
     parser.add_argument("--causal", type=int, nargs="*", default=None, help="plain causal lengths")
     parser.add_argument("--packed", type=int, nargs="*", default=None, help="packed row lengths")
     parser.add_argument("--documents", type=int, nargs="+", default=[4, 16, 64])
-    parser.add_argument("--peers", nargs="+", choices=PEERS, default=DEFAULT_PEERS)
+    parser.add_argument("--peers", nargs="+", choices=PEERS, default=DEFAULT_PEERS,
+                        help="run in this order (a run cut short by its time limit keeps the first ones' rows)")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a two-layer model on short rows (checks the script)")
@@ -272,7 +273,7 @@ def main() -> None:
         parser.error(f"--documents {args.documents}: each count must be between 1 and the packed length {packed}")
     workloads = [Workload(n) for n in causal] + [Workload(n, k) for n in packed for k in args.documents]
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-    peers = [p for p in PEERS if p in args.peers]
+    peers = list(dict.fromkeys(args.peers))
 
     torch.manual_seed(0)
     reference_run = build("sdpa", config, args.device, dtype)
