@@ -1,5 +1,4 @@
-"""Every variant of the experimental band backward (``attnopt/kernels/triton_flash_bwd_exp.py``), checked then
-timed, in one run.
+"""Every variant of the experimental band backward (``kernels/triton_flash_bwd_exp.py``), checked then timed, in one run.
 
     python benchmarks/backward_sweep.py --out benchmarks/results/backward_sweep.md          # on the GPU, < 8 min
     python benchmarks/backward_sweep.py --device cpu --tiny --out /tmp/backward_sweep.md   # the interpreter

@@ -10,7 +10,7 @@ padding but the longest), ``attention_mask`` passed, cross-entropy loss, backwar
 
 With dropout on, HF's attention drops out the softmax of scores that the padding mask shifted by
 ``finfo.min``; a row with no key (a batch row all padding) would be the dropped-out uniform average, which
-attnopt's fills reproduce (``attnopt/kernels/fills.py``), so the sites are replaced in training too.
+attnopt's fills reproduce (``kernels/fills.py``), so the sites are replaced in training too.
 
 Peers, each with the same initial weights:
 

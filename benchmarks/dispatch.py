@@ -14,7 +14,7 @@ host), the time per call is host time. Columns, per kernel:
 
 On CUDA, the Triton kernels are timed twice, in both tables: through Triton's own launch, and as
 ``... (bound launch)`` with the compiled kernel's launcher bound once per call signature
-(``attnopt/kernels/launch.py``, on unless ``ATTNOPT_BOUND_LAUNCH=0``). ``--kernels`` keeps some kernels' rows only.
+(``kernels/launch.py``, on unless ``ATTNOPT_BOUND_LAUNCH=0``). ``--kernels`` keeps some kernels' rows only.
 
 A second table times one training call, forward and backward (the output's gradient given, no
 optimizer): ``direct`` is SDPA under autograd with the backend selected (SDPA kernels) or
@@ -196,7 +196,7 @@ def rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, repeats: i
 
 def variants(device: torch.device, kernels: tuple[str, ...] | None = None) -> list[tuple[str, bool]]:
     """(kernel, bound launch) pairs of ``kernels`` (default: all of the device's): the Triton kernels twice on
-    CUDA, through Triton's launch and bound (``attnopt/kernels/launch.py``)."""
+    CUDA, through Triton's launch and bound (``kernels/launch.py``)."""
     return [(name, bound) for name in KERNELS[device.type] if kernels is None or name in kernels
             for bound in ((False, True) if device.type == "cuda" and name.startswith("triton") else (False,))]
 

@@ -14,7 +14,7 @@ random lengths, causal within each document, GQA), forward and forward + backwar
 * ``triton_flash (general bwd)``: attnopt's previous backward for these specs (per-element term loads),
   as a check on what the tile-list band backward changed.
 
-attnopt's tile lists are cached per document-id tensor (``attnopt/kernels/term_cache.py``) as Flex's block mask is
+attnopt's tile lists are cached per document-id tensor (``kernels/term_cache.py``) as Flex's block mask is
 reused, so neither build is in the timings. Every row is first checked against Flex's output and gradients.
 Ratios above 1 mean attnopt is faster.
 

@@ -4,7 +4,7 @@
     python benchmarks/fill_rows.py --device cuda --out benchmarks/results/fill_rows_cuda.md
 
 A left-padded causal batch in training: B 8, 12 heads, N 512, D 64, float32, batch row b padded on the left by
-``b * N / 2 / (B - 1)`` keys (0 .. N/2), so its first rows see no key. Each case times what ``attnopt/kernels/fills.py``
+``b * N / 2 / (B - 1)`` keys (0 .. N/2), so its first rows see no key. Each case times what ``kernels/fills.py``
 adds to a kernel for those rows, the gradients (``empty_row_grads``) where they are computed row by row (a
 softcap, dropout, the band replaced then the padding added) and the dropped-out forward fill
 (``_dropped_uniform_rows``, through ``fill_empty_rows``), next to the original attention of the same inputs,

@@ -2,7 +2,7 @@
 
     python benchmarks/forward_ab.py [--baseline 72ef187] [--out FILE]
 
-Loads ``attnopt/kernels/triton_flash_fwd.py`` as it was at the ``--baseline`` commit (``git show``) beside the
+Loads ``kernels/triton_flash_fwd.py`` as it was at the ``--baseline`` commit (``git show``) beside the
 current one, runs both through the same launcher (``TritonFlashKernel.forward``, autotuned as usual) on the
 shapes of ``benchmarks/kernels.py`` (bf16, d_model 2048, B*N = 16384) and prints, for each case, cuDNN's
 time, both kernels' times, their ratios to cuDNN and their largest difference from cuDNN's output (checked
@@ -34,15 +34,10 @@ CASES = [(128, 4096, True, 16, 16), (128, 4096, False, 16, 16), (64, 4096, True,
 
 
 def baseline_forward(rev: str):
-    """``_attn_fwd`` of ``attnopt/kernels/triton_flash_fwd.py`` at commit ``rev``."""
+    """``_attn_fwd`` of ``kernels/triton_flash_fwd.py`` at commit ``rev``."""
     root = pathlib.Path(__file__).resolve().parents[1]
-    for where in ("attnopt/kernels", "kernels"):  # the kernels' folder before they moved into the package
-        shown = subprocess.run(["git", "show", f"{rev}:{where}/triton_flash_fwd.py"], cwd=root, capture_output=True,
-                               text=True)
-        if shown.returncode == 0:
-            break
-    shown.check_returncode()
-    source = shown.stdout
+    source = subprocess.run(["git", "show", f"{rev}:kernels/triton_flash_fwd.py"], cwd=root, check=True,
+                            capture_output=True, text=True).stdout
     path = pathlib.Path(tempfile.mkdtemp()) / "triton_flash_fwd_baseline.py"
     path.write_text(source)  # Triton's JIT reads the kernel's source from its file
     spec = importlib.util.spec_from_file_location("triton_flash_fwd_baseline", path)
@@ -64,7 +59,7 @@ def main() -> None:
     kernel, current = get("triton_flash"), tf._attn_fwd
     versions = {"baseline": baseline_forward(args.baseline), "current": current}
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}; bf16; "
-             f"baseline = attnopt/kernels/triton_flash_fwd.py at {args.baseline}; milliseconds (do_bench medians)", "",
+             f"baseline = kernels/triton_flash_fwd.py at {args.baseline}; milliseconds (do_bench medians)", "",
              "| case | cuDNN | baseline | current | baseline vs cuDNN | current vs cuDNN | max err baseline "
              "| max err current | current's tile config |", "|---|---|---|---|---|---|---|---|---|"]
     torch.manual_seed(0)

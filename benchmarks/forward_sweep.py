@@ -1,5 +1,4 @@
-"""Every variant of the experimental band forward (``attnopt/kernels/triton_flash_tma.py``), checked then timed,
-in one run.
+"""Every variant of the experimental band forward (``kernels/triton_flash_tma.py``), checked then timed, in one run.
 
     python benchmarks/forward_sweep.py --out benchmarks/results/forward_sweep.md          # on the GPU, < 8 min
     python benchmarks/forward_sweep.py --device cpu --tiny --out /tmp/forward_sweep.md   # the interpreter

@@ -9,7 +9,7 @@ contiguous and with ``dO`` in the queries' layout (``[B, N, H, D]`` memory seen 
 layer's ``transpose(1, 2)`` hands back). attnopt's ``sdpa_cudnn`` refuses dropout while cuDNN fails it.
 
 The ``attnopt ... (saved forward)`` rows measure the same identity for attnopt's own forward and backward pair
-on cuDNN and flash (``attnopt/kernels/sdpa.py``: ATen's forward under the call's seed, ATen's backward from its saved
+on cuDNN and flash (``kernels/sdpa.py``: ATen's forward under the call's seed, ATen's backward from its saved
 output, log-sum-exp and random state, the gradient put in the output's layout), called directly, past
 ``sdpa_cudnn``'s refusal: the evidence on which that refusal could be lifted for the pair alone.
 

@@ -131,7 +131,7 @@ HALF = (torch.float16, torch.bfloat16)
 
 def half_added(term: Node, add_dtypes: dict) -> bool:
     """Whether eager added ``term`` to half-precision scores (float16 / bfloat16), before any upcast: the kernels
-    add such a term at that precision (attnopt/kernels/spec.py), the others at full precision."""
+    add such a term at that precision (kernels/spec.py), the others at full precision."""
     meta = tensor_meta(term)
     added_at = add_dtypes.get(term) or (meta.dtype if meta is not None else None)
     return added_at in HALF
@@ -498,7 +498,7 @@ def _unbounded(additive, constants: Constants) -> list:
 
 
 def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
-    """One fill for the site: what its rows with no visible key produce (see attnopt/kernels/fills.py)."""
+    """One fill for the site: what its rows with no visible key produce (see kernels/fills.py)."""
     kinds, replaced = set(), set()
     for _, _, fill, added, _ in terms:
         if math.isinf(fill):

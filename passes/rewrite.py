@@ -152,9 +152,8 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         if keep is not None:  # (terms added at two precisions beside a boolean mask are refused: masks.analyze)
             mask, rest = keep, additive
         elif any(halves) and not all(halves):
-            # the kernels add the bias, then the mask, each at the precision its dtype says (attnopt/kernels/spec.py);
-            # eager added its half-precision terms before the scores were upcast, the others after: the half ones go
-            # first
+            # the kernels add the bias, then the mask, each at the precision its dtype says (kernels/spec.py); eager
+            # added its half-precision terms before the scores were upcast, the others after: the half ones go first
             mask = _sum(graph, [a for a, half in zip(additive, halves) if not half])
             rest = [a for a, half in zip(additive, halves) if half]
         else:

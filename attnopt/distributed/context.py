@@ -10,7 +10,7 @@ log-sum-exps over two disjoint key sets,
 
 is the attention over their union. Blocks are computed with ``fill="safe"`` (a
 row without a visible key gives 0 and ``lse = -inf``), which merges as nothing;
-a row empty over *all* keys then gets the original's fill (``attnopt/kernels/fills.py``),
+a row empty over *all* keys then gets the original's fill (``kernels/fills.py``),
 from the global mean of v where the fill is finite.
 
 The backward of a block is the flash backward with the *merged* ``out`` and

@@ -1,5 +1,4 @@
-"""The fills of rows with no visible key (``attnopt/kernels/fills.py``): under dropout, and found once per padding
-tensor.
+"""The fills of rows with no visible key (``kernels/fills.py``): under dropout, and found once per padding tensor.
 
 Finite fills under dropout: a row with no visible key is the original's uniform softmax, dropped out.
 

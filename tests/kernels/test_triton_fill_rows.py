@@ -1,4 +1,4 @@
-"""The Triton kernel of the row-wise gradients of rows without keys (``attnopt/kernels/triton_fill_rows.py``) against
+"""The Triton kernel of the row-wise gradients of rows without keys (``kernels/triton_fill_rows.py``) against
 ``fills._row_grads`` (itself checked against the written model's float64 autograd in ``test_fills.py``): every
 fill it takes, softcap, dropout (the same draws), GQA, left padding, and rows empty in some heads only. On a CPU
 under the interpreter (tests/conftest.py), on a GPU for real (``-m gpu``)."""

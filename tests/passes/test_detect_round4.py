@@ -4,7 +4,7 @@ GPT-2's ``where(causal, s, finfo.min) + padding``: the band replaced by ``m = fi
 adding ``m``. A key hidden by one of them scores ``m``, by both ``m + m = -inf``: a row with no visible key
 averages the keys hidden by exactly one (NaN when both hide every key), and its gradient reaches q and k
 through the band's keys only. That is ``Fill.FINITE_REPLACED_ADDED``, computed by every kernel through
-``attnopt/kernels/fills.py``; where it would not be exact (float16, a fill that is not the dtype's minimum, a mask of
+``kernels/fills.py``; where it would not be exact (float16, a fill that is not the dtype's minimum, a mask of
 data values, a condition that is not a band) the site is left alone with the reason.
 
 Padding masks that used to read ``dense``: MPT casts its 0 / finfo.min mask back to bool, BLOOM computes its
@@ -150,7 +150,7 @@ def test_a_replaced_fill_then_an_added_mask_that_is_not_exact_is_left_alone(spel
 
 def test_dropout_after_a_replaced_then_added_fill_keeps_the_originals_distribution():
     """The rows of batch row 1 before its first kept key see no key: the original drops out their uniform
-    softmax over the band's keys and the kept keys. The replaced site does the same (attnopt/kernels/fills.py): over
+    softmax over the band's keys and the kept keys. The replaced site does the same (kernels/fills.py): over
     many draws those rows spread and average as the original's do."""
     class Dropped(FillThenAdd):
         def forward(self, x, keep):

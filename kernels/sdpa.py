@@ -13,7 +13,7 @@ exactly when it computes the spec's function:
 * A row that the boolean terms mask entirely is left open in the mask handed
   to SDPA (so SDPA computes finite values there, in the forward and the
   backward), then zeroed, and given what the original gave by
-  ``attnopt/kernels/fills.py``: 0, NaN or the uniform average of v, with the matching
+  ``kernels/fills.py``: 0, NaN or the uniform average of v, with the matching
   gradients. An additive ``finfo.min`` mask is added, not a boolean term, so
   its rows average uniformly in SDPA exactly as in eager.
 * GQA: the kv heads are repeated (memory counted), which every backend takes.

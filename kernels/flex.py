@@ -23,7 +23,7 @@ that call's tensors. The compiled kernel is kept per spec family (terms,
 band, dtype, head dims, training); new mask tensors of the same family reuse
 it, and on CUDA its sequence lengths turn dynamic at their first change.
 
-Rows with no visible key are 0 in FlexAttention (``lse = -inf``); ``attnopt/kernels/fills.py``
+Rows with no visible key are 0 in FlexAttention (``lse = -inf``); ``kernels/fills.py``
 then gives them what the replaced model gave, forward and backward.
 
 CUDA: forward with the log-sum-exp; backward by FlexAttention's own compiled

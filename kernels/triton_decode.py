@@ -461,7 +461,7 @@ def _may_fill(spec: AttentionSpec) -> bool:
 
 
 def apply_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """Rows with no visible key (``lse == -inf``, out 0) as ``spec.fill`` says (attnopt/kernels/fills.py)."""
+    """Rows with no visible key (``lse == -inf``, out 0) as ``spec.fill`` says (kernels/fills.py)."""
     if not _may_fill(spec):
         return out
     return fill_empty_rows(out, torch.isneginf(lse), v, spec)

@@ -44,7 +44,7 @@ model being replaced decided that by its choice of fill value:
   uniform row of ``FINITE``); documents and masks with it are not supported yet.
 
 Rows with at least one visible key are identical under all of them
-(attnopt/kernels/fills.py implements the rows with none, for every kernel).
+(kernels/fills.py implements the rows with none, for every kernel).
 
 An additive term of the same half dtype as q is added at that precision, as
 eager PyTorch adds a mask to half-precision scores: ``s + finfo(fp16).min``

@@ -151,7 +151,7 @@ def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec
 
 
 def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec, seed: int = 0) -> Grads:
-    """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (attnopt/kernels/fills.py); ``seed``:
+    """``(dq, dk, dv)`` plus what rows with no visible key gave in the original (kernels/fills.py); ``seed``:
     the call's dropout seed."""
     if spec.rows_need_fill():
         extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, seed=seed)
