@@ -36,7 +36,7 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode as _get_disp
 
 from attnopt.kernels import registry
 from attnopt.kernels.naive import naive_attention
-from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window, with_fields
 from attnopt.kernels.term_cache import capturing
 
 
@@ -459,15 +459,7 @@ def _eager_training(spec: AttentionSpec, kernel, args: tuple) -> Tensor:
 def _with_terms(template: AttentionSpec, key_padding, q_doc, kv_doc, bias, mask) -> AttentionSpec:
     """``template`` (a spec without tensor terms) with this call's terms, copied field by field: no
     dataclass construction, no validation per call (the call plan validated the terms of its first call)."""
-    return _with_fields(template, key_padding=key_padding, q_doc=q_doc, kv_doc=kv_doc, bias=bias, mask=mask)
-
-
-def _with_fields(spec: AttentionSpec, **fields) -> AttentionSpec:
-    """``spec`` with ``fields`` replaced, copied field by field (no dataclass construction)."""
-    new = object.__new__(AttentionSpec)
-    new.__dict__.update(spec.__dict__)
-    new.__dict__.update(fields)
-    return new
+    return with_fields(template, key_padding=key_padding, q_doc=q_doc, kv_doc=kv_doc, bias=bias, mask=mask)
 
 
 def _number(value) -> bool:
@@ -555,7 +547,7 @@ class SiteCall:
             # training in a graph run as Python
             spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared=False)[0]
             if dropout_p != 0.0:
-                spec = _with_fields(spec, dropout_p=float(dropout_p))
+                spec = with_fields(spec, dropout_p=float(dropout_p))
             kernel, name = self._kernel(spec, True)
             return (_eager_training(spec, kernel, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static,
                                                    dropout_p, self.fill, name)),)
@@ -564,7 +556,7 @@ class SiteCall:
             if self.rechoice is not None and plain and 0.0 <= dropout_p < 1.0:
                 spec = self._spec(q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared=False)[0]
                 if dropout_p != 0.0:
-                    spec = _with_fields(spec, dropout_p=float(dropout_p))
+                    spec = with_fields(spec, dropout_p=float(dropout_p))
                 name = self._kernel(spec, training)[1]
             return (torch.ops.attnopt.attention.default(
                 q, k, v, key_padding, q_doc, kv_doc, bias, mask, *self.static, dropout_p, self.fill, name,
@@ -640,7 +632,7 @@ class SiteCall:
         found = self._bucket_kernels.get(key)
         if found is None:
             if spec.requires_grad != training:  # the template is the first call's, which may not have been a training one
-                spec = _with_fields(spec, requires_grad=training)
+                spec = with_fields(spec, requires_grad=training)
             name = self.rechoice.kernel(spec, self.kernel_name)
             found = (registry.get(name), name)
             if not capturing():  # a capture's stand-in is not the bucket's measured choice

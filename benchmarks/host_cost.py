@@ -54,14 +54,23 @@ def host_us(fn, calls: int = 200) -> float:
 
 def idle_host_us(fn, calls: int) -> float:
     """Host microseconds of one call with the GPU idle before it: median of ``calls``."""
-    times = []
+    return idle_host_and_total_us(fn, calls)[0]
+
+
+def idle_host_and_total_us(fn, calls: int, before=None) -> tuple[float, float]:
+    """Microseconds of one call with the GPU idle before it, medians of ``calls``: its host time, and its time
+    until its work is done on the device. ``before`` runs ahead of each call, untimed."""
+    host, total = [], []
     for _ in range(calls):
+        if before is not None:
+            before()
         torch.cuda.synchronize()
         start = time.perf_counter()
         fn()
-        times.append(time.perf_counter() - start)
-    torch.cuda.synchronize()
-    return statistics.median(times) * 1e6
+        host.append(time.perf_counter() - start)
+        torch.cuda.synchronize()
+        total.append(time.perf_counter() - start)
+    return statistics.median(host) * 1e6, statistics.median(total) * 1e6
 
 
 def launch_floor() -> None:

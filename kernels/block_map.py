@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import triton_tile_lists
 from .spec import AttentionSpec, key_padding_keep
 from .term_cache import TermCache
 
@@ -90,9 +91,21 @@ def tile_lists(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool
     tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.mask) if t is not None]
     static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset, str(spec.device),
               block_m, block_n, transposed)
-    return _CACHE.get(tensors, static, lambda: TileLists.from_state(
-        tile_state(spec, block_m, block_n).transpose(-1, -2) if transposed else tile_state(spec, block_m, block_n)
-    ))
+    return _CACHE.get(tensors, static, lambda: _build(spec, block_m, block_n, transposed))
+
+
+#: device types whose tile lists one Triton kernel builds (``triton_tile_lists``): one launch where the PyTorch
+#: build takes some fifty (``benchmarks/results/tile_lists_build.md``). The tests add ``"cpu"`` under the
+#: interpreter to check it against ``TileLists.from_state``
+KERNEL_DEVICES = {"cuda"}
+
+
+def _build(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool) -> TileLists:
+    if spec.device.type in KERNEL_DEVICES and triton_tile_lists.supported(spec):
+        extra = None if spec.mask is None else _state(*_mask_any_all(spec.mask, block_m, block_n))
+        return TileLists(*triton_tile_lists.build(spec, block_m, block_n, transposed, extra))
+    state = tile_state(spec, block_m, block_n)
+    return TileLists.from_state(state.transpose(-1, -2) if transposed else state)
 
 
 #: the tile lists are small: a band's alone are kept too

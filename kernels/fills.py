@@ -59,9 +59,11 @@ from .term_cache import TermCache
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
 #: fills whose rows are a (uniform) softmax that dropout then drops out, as any other row
 DROPPED_FILLS = (Fill.FINITE, Fill.FINITE_ADDED, Fill.FINITE_REPLACED_ADDED)
-#: whether the row-wise gradients run in ``triton_fill_rows``' kernel where it takes the call (a GPU): off until
-#: measured on one (``benchmarks/fill_rows.py --device cuda`` times both); ``ATTNOPT_FILL_KERNEL=1`` turns it on
-ROW_KERNEL = os.environ.get("ATTNOPT_FILL_KERNEL", "0") == "1"
+#: device types whose row-wise fills (gradients, dropped rows) run in ``triton_fill_rows``' kernels where they take
+#: the call: 2.7-3.9x faster than the PyTorch blocks on an H200, 6 launches against about 100
+#: (``benchmarks/results/fill_rows.md``); ``ATTNOPT_FILL_KERNEL=0`` keeps the PyTorch blocks. The CPU's are
+#: PyTorch's (the tests run the kernels under the interpreter by adding ``"cpu"``)
+ROW_KERNEL = {"cuda"} if os.environ.get("ATTNOPT_FILL_KERNEL", "1") != "0" else set()
 #: elements of the largest working tensor of a block of empty rows handled row by row (dropout, a softcap, term
 #: gradients, a band's union): ``[heads, rows, Nk]`` and ``[heads, rows, D]``, 32 MiB in float32 (the dropout
 #: hash's int64 temporaries 64 MiB)
@@ -103,7 +105,7 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         # finding the rows syncs with the host: once per padding tensor where the padding alone decides them
         if known_empty_rows(spec) is False:
             return out
-        if ROW_KERNEL:
+        if v.device.type in ROW_KERNEL:
             from . import triton_fill_rows  # imports this module
 
             if triton_fill_rows.supported(spec, v, False, False):
@@ -234,7 +236,7 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         return None, None, dv, None, None
     if row_wise_grads(spec, needs_bias_grad, needs_mask_grad):
         dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
-        if ROW_KERNEL:
+        if q.device.type in ROW_KERNEL:
             from . import triton_fill_rows  # imports this module
 
             if triton_fill_rows.supported(spec, q, needs_bias_grad, needs_mask_grad):

@@ -385,6 +385,15 @@ def band_keep(rel: torch.Tensor, lo: int | None, hi: int | None) -> torch.Tensor
     return band
 
 
+def with_fields(spec: AttentionSpec, **fields) -> AttentionSpec:
+    """``spec`` with ``fields`` replaced, copied field by field: no dataclass construction, no validation (for a
+    call's terms, or shapes, that a checked template already vouched for)."""
+    new = object.__new__(AttentionSpec)
+    new.__dict__.update(spec.__dict__)
+    new.__dict__.update(fields)
+    return new
+
+
 def key_padding_keep(key_padding: torch.Tensor, kv_len: int) -> torch.Tensor:
     """Bool ``[B, Nk]`` keep mask from a bool mask or from integer lengths ``[B]``."""
     if key_padding.dtype == torch.bool:

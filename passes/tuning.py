@@ -63,7 +63,7 @@ import torch.nn.functional as F
 
 from attnopt.kernels import fills, registry
 from attnopt.kernels.sdpa import needs_mask, sdpa_mask
-from attnopt.kernels.spec import AttentionSpec, Fill
+from attnopt.kernels.spec import AttentionSpec, Fill, with_fields
 
 log = logging.getLogger("attnopt")
 
@@ -457,17 +457,30 @@ def _runner(name: str, spec: AttentionSpec, original: Original | None, padding: 
         # call, without the log-sum-exp and bookkeeping of ``forward`` (a decode step's kernel takes less
         # time than that bookkeeping, so timing ``forward`` would favour the original there)
         call = kernel.prepare(real)
-        return lambda: call(q, k, v, real)
+        return lambda: call(q, k, v, fresh_terms(real))
 
     if spec.requires_grad and spec.device.type in _eager_training_devices():
         return _training_runner(name, kernel, q, k, v, real)
 
     def once():
-        out, lse = kernel.forward(q, k, v, real, 0)
+        call = fresh_terms(real)
+        out, lse = kernel.forward(q, k, v, call, 0)
         if spec.requires_grad:
-            kernel.backward(torch.ones_like(out), q, k, v, out, lse, real, 0, False, False)
+            kernel.backward(torch.ones_like(out), q, k, v, out, lse, call, 0, False, False)
 
     return once
+
+
+def fresh_terms(spec: AttentionSpec) -> AttentionSpec:
+    """``spec`` with a new view of each term tensor, as each call of a model hands them over: a site's key padding
+    is a view made per call (``rewrite.key_padding_rows``), and no two sites share one. So what a kernel builds
+    from a term and keeps per tensor object (tile lists, SDPA's mask, which rows see no key) is built again in
+    every timed call, as in the model, and not found in a cache that the model's calls never hit."""
+    terms = {name: t.view_as(t) for name in _TERMS if (t := getattr(spec, name)) is not None}
+    return spec if not terms else with_fields(spec, **terms)
+
+
+_TERMS = ("key_padding", "q_doc", "kv_doc", "bias", "mask")
 
 
 def _eager_training_devices() -> tuple[str, ...]:
@@ -483,10 +496,10 @@ def _training_runner(name: str, kernel, q, k, v, real: AttentionSpec):
     from attnopt import ops
 
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
-    args = ops.op_args(q, k, v, real, name)
 
     def once():
-        out = ops._eager_training(real, kernel, args)
+        spec = fresh_terms(real)
+        out = ops._eager_training(spec, kernel, ops.op_args(q, k, v, spec, name))
         out.backward(torch.ones_like(out))
 
     return once

@@ -146,10 +146,11 @@ def test_gpu_the_forward_kernel_gives_the_pytorch_fills_dropped_rows(fill):
 
 
 def test_the_switch_routes_the_fills_through_the_kernels(monkeypatch):
-    """With ``fills.ROW_KERNEL`` on, ``empty_row_grads`` and ``fill_empty_rows`` give the kernels' results."""
+    """On a device of ``fills.ROW_KERNEL``, ``empty_row_grads`` and ``fill_empty_rows`` give the kernels'
+    results."""
     q, k, v, grad_out, empty, spec = case(2, 4, 2, 40, 16, Fill.FINITE_ADDED, 30.0, 0.25, None, (0, 13),
                                           torch.float32, False, 7)
-    monkeypatch.setattr(fills, "ROW_KERNEL", True)
+    monkeypatch.setattr(fills, "ROW_KERNEL", {DEVICE})
     calls = []
     for name in ("row_grads", "dropped_rows"):
         real = getattr(kernel, name)

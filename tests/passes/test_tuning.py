@@ -635,3 +635,35 @@ def test_timing_leaves_the_users_random_numbers_alone(tmp_path, train, device):
         got = optimized(x)
         assert all(a is None or torch.equal(a, b) for a, b in zip(after, state())), n
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa_cpu"])
+@pytest.mark.parametrize("training", [False, True])
+def test_timed_calls_build_what_a_models_calls_build(monkeypatch, kernel, training):
+    """A model's calls hand each site new term tensors (a view made per call, none shared between sites), so
+    what a kernel keeps per term tensor (tile lists, SDPA's mask, rows without keys) is never found from one
+    call to the next. The timed calls must not find it either, or a kernel whose per-call work is mostly that
+    build is timed faster than it runs (a padded training site's triton_flash: 1.3 ms timed, 4.6 ms in the model,
+    ``benchmarks/results/padded_training.md``). Within one call (forward, then backward) it may be found."""
+    from attnopt.kernels import term_cache
+
+    lookups = []  # per lookup: (the tensors' ids, whether it was found)
+    real_get = term_cache.TermCache.get
+
+    def get(self, tensors, static, build):
+        built = []
+        value = real_get(self, tensors, static, lambda: built.append(1) or build())
+        lookups.append((tuple(id(t) for t in tensors), not built))
+        return value
+
+    monkeypatch.setattr(term_cache.TermCache, "get", get)
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[0, :30] = False  # left padding: rows without a key
+    spec = _spec(40).with_(batch=2, causal=True, key_padding=keep, fill=Fill.FINITE_ADDED, requires_grad=training)
+    run = tuning._runner(kernel, spec, None, padding=keep)
+    for _ in range(3):
+        lookups.clear()
+        run()
+        assert lookups, f"{kernel} looks nothing up: this test checks nothing"
+        for n, (ids, found) in enumerate(lookups):
+            assert not found or ids in [earlier for earlier, _ in lookups[:n]], "found what an earlier call built"
