@@ -122,7 +122,7 @@ def candidates(
     spec: AttentionSpec, *, exact: bool = True, forced: str | None = None, tune: bool = False,
     cache: tuning.TuningCache | None = None, original: tuning.Original | None = None,
     budget: tuning.Budget | None = None, replayed: bool = False, defer: bool = False,
-    padding: torch.Tensor | None = None,
+    padding: torch.Tensor | None = None, sharing: int = 1,
 ) -> list[Candidate]:
     """Every kernel (or only ``forced``), and the ``original`` code when given, with reasons, time and memory.
 
@@ -130,7 +130,8 @@ def candidates(
     (``approximate``), by the error of the model's output; here they carry that reason, unless forced.
     Supported candidates come first, measured ones before estimated ones, each by time. ``defer`` (a graph that
     inductor compiles next): the kernels ``tuning.deferrable`` names are not timed now but marked ``deferred``,
-    with their estimate. ``padding``: the key padding to time on (``captured_padding``).
+    with their estimate. ``padding``: the key padding to time on (``captured_padding``). ``sharing``: the sites
+    whose calls share this site's term tensors (``term_sharing``).
     """
     names = [forced] if forced is not None else [k.name for k in registry.all_kernels() if not _variant(k)]
     found = []
@@ -160,7 +161,7 @@ def candidates(
         later = tuning.deferrable(spec, list(estimates), estimates, cache, replayed) if defer else []
         seconds = tuning.measured_seconds(
             spec, [n for n in estimates if n not in later], cache, label=_label(spec), original=original,
-            estimates=estimates, budget=budget, replayed=replayed, padding=padding,
+            estimates=estimates, budget=budget, replayed=replayed, padding=padding, sharing=sharing,
         )
         found = [
             replace(c, deferred=True) if c.kernel in later else
@@ -320,7 +321,7 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     budget = tuning.Budget.for_device(specs[0].device) if specs else None
     replayed = tuning.replays_graphs(options)
     sites = []
-    for match, spec in zip(matches, specs):
+    for match, spec, sharing in zip(matches, specs, term_sharing(matches)):
         where = module_path(match.anchor)
         # (an ONNX export's graph is inference, whatever its tensors require: the Attention op has no backward)
         unmatched = None if not training or gm.meta.get(EXPORT_META) else original_gradients_unmatched(match.kind, spec)
@@ -336,7 +337,7 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
         try:
             # a site timed on its captured padding times every kernel now, on the same rows (none deferred)
             choice = choose(spec, exact=options.exact, forced=options.kernel, tune=options.tune, cache=cache,
-                            original=original, budget=budget, replayed=replayed, padding=padding,
+                            original=original, budget=budget, replayed=replayed, padding=padding, sharing=sharing,
                             defer=defer and deferring(options, spec) and padding is None)
             if padding is not None and any(c.measured for c in choice.candidates):
                 share = tuning.empty_share(spec, padding)
@@ -361,6 +362,26 @@ def plan_graph(gm: GraphModule, matches: list[Match], options, example_inputs=No
     if fitting and plan.peak_after.bytes > plan.budget:
         raise MemoryBudgetError(_budget_message(gm, plan, options))
     return plan
+
+
+def term_sharing(matches: list[Match]) -> list[int]:
+    """For each match, how many matches of the graph (itself included) read every one of its term tensors from the
+    same nodes: key-padding atoms and document ids, at one batch size, and no dense or additive term (those are
+    views made per site). The rewrite hands such sites one key-padding and one document tensor per forward
+    (``rewrite._shared``), so what a kernel builds from them and keeps per tensor (tile lists, SDPA's mask, which
+    rows see no key, one host sync) is built by the first of them and found by the others. 1 for a match
+    without such terms."""
+    keys = [_shared_terms(m) for m in matches]
+    return [1 if key is None else keys.count(key) for key in keys]
+
+
+def _shared_terms(match: Match):
+    m = match.masks
+    if m.dense or m.additive or not (m.key_padding or m.documents is not None):
+        return None
+    documents = () if m.documents is None else tuple(m.documents)
+    return (tuple((a.node, a.negated) for a in m.key_padding), documents, m.documents_same,
+            str((match.q.shape() or (None,))[0]))
 
 
 def captured_padding(match: Match, spec: AttentionSpec, examples: ExampleValues) -> torch.Tensor | None:

@@ -142,9 +142,9 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
             unpadded = _all_kept_node(graph, m.key_padding, match.output)
         q_doc = kv_doc = None
         if m.documents_same:  # one vector (passes/masks.py): one tensor, so a call proves each row sees a key
-            q_doc = kv_doc = graph.call_function(id_rows, (m.documents[0],))
+            q_doc = kv_doc = _id_rows_node(graph, m.documents[0], match.output)
         elif m.documents is not None:
-            q_doc, kv_doc = (graph.call_function(id_rows, (ids,)) for ids in m.documents)
+            q_doc, kv_doc = (_id_rows_node(graph, ids, match.output) for ids in m.documents)
         keep = _all(graph, [_in_frame(graph, _atom(graph, a), shape_of(a.node), a.steps, q, match) for a in m.dense])
         additive = [_in_frame(graph, _additive(graph, t, mult, m.add_dtypes.get(t)), shape_of(t),
                               m.term_steps.get(t, ()), q, match) for t, mult in m.additive]
@@ -255,6 +255,12 @@ def _key_padding_node(graph: Graph, atoms, q: Node, before: Node) -> Node:
     key = (tuple((a.node, a.negated) for a in atoms), str((shape_of(q) or (None,))[0]))
     return _shared(graph, "key_padding", key, before, lambda: _all(
         graph, [graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in atoms]))
+
+
+def _id_rows_node(graph: Graph, ids: Node, before: Node) -> Node:
+    """The op's ``[B, N]`` document ids from ``ids``, shared by the sites that read the same ids (a packed
+    model's layers): one tensor per forward, so a kernel's per-document work (the tile lists) is done once."""
+    return _shared(graph, "id_rows", ids, before, lambda: graph.call_function(id_rows, (ids,)))
 
 
 def _view(graph: Graph, op: Operand) -> Node:

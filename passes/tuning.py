@@ -169,10 +169,11 @@ def shape_bucket(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
     return _bucket(batch), _bucket(q_len), _bucket(kv_len)
 
 
-def cache_key(spec: AttentionSpec, replayed: bool = False, padding: torch.Tensor | None = None) -> str:
+def cache_key(spec: AttentionSpec, replayed: bool = False, padding: torch.Tensor | None = None,
+              sharing: int = 1) -> str:
     """Device name, library versions and the bucketed spec signature (and whether the candidates were timed
-    by CUDA graph replays, and the share of rows a captured ``padding`` left without a key, in eighths), hashed
-    to a file name."""
+    by CUDA graph replays, the share of rows a captured ``padding`` left without a key, in eighths, and the
+    sites sharing the terms, ``sharing``, to a power of two), hashed to a file name."""
     batch, q_len, kv_len = shape_bucket(spec.batch, spec.q_len, spec.kv_len)
     shaped = spec.with_(q_len=q_len, kv_len=kv_len, batch=batch)
     parts = [FORMAT, _device_name(spec.device), _versions(), repr(shaped.signature())]
@@ -180,6 +181,8 @@ def cache_key(spec: AttentionSpec, replayed: bool = False, padding: torch.Tensor
         parts.append("replayed")
     if padding is not None:
         parts.append(f"rows without keys {round(8 * empty_share(spec, padding))}/8")
+    if sharing > 1:
+        parts.append(f"terms shared by {1 << (sharing.bit_length() - 1)}")
     text = json.dumps(parts)
     return hashlib.sha256(text.encode()).hexdigest()[:32]
 
@@ -437,9 +440,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _runner(name: str, spec: AttentionSpec, original: Original | None, padding: torch.Tensor | None = None):
+def _runner(name: str, spec: AttentionSpec, original: Original | None, padding: torch.Tensor | None = None,
+            sharing: int = 1):
     """A callable running one forward (+ backward when the spec trains) of candidate ``name`` on ``spec``
-    (``padding``: its key padding, else a neutral one)."""
+    (``padding``: its key padding, else a neutral one). A kernel's calls take new term tensors every ``sharing``
+    calls (``calls_terms``)."""
     if name == ORIGINAL:
         q, k, v, real = example_tensors(spec, requires_grad=spec.requires_grad, padding=padding)
         inputs = original_inputs(real, original.kind)
@@ -456,14 +461,15 @@ def _runner(name: str, spec: AttentionSpec, original: Original | None, padding: 
         # what an inference call of a replaced site runs (``attnopt.ops.SiteCall``): the kernel's prepared
         # call, without the log-sum-exp and bookkeeping of ``forward`` (a decode step's kernel takes less
         # time than that bookkeeping, so timing ``forward`` would favour the original there)
-        call = kernel.prepare(real)
-        return lambda: call(q, k, v, fresh_terms(real))
+        call, terms = kernel.prepare(real), calls_terms(real, sharing)
+        return lambda: call(q, k, v, terms())
 
+    terms = calls_terms(real, sharing)
     if spec.requires_grad and spec.device.type in _eager_training_devices():
-        return _training_runner(name, kernel, q, k, v, real)
+        return _training_runner(name, kernel, q, k, v, terms)
 
     def once():
-        call = fresh_terms(real)
+        call = terms()
         out, lse = kernel.forward(q, k, v, call, 0)
         if spec.requires_grad:
             kernel.backward(torch.ones_like(out), q, k, v, out, lse, call, 0, False, False)
@@ -472,12 +478,28 @@ def _runner(name: str, spec: AttentionSpec, original: Original | None, padding: 
 
 
 def fresh_terms(spec: AttentionSpec) -> AttentionSpec:
-    """``spec`` with a new view of each term tensor, as each call of a model hands them over: a site's key padding
-    is a view made per call (``rewrite.key_padding_rows``), and no two sites share one. So what a kernel builds
-    from a term and keeps per tensor object (tile lists, SDPA's mask, which rows see no key) is built again in
-    every timed call, as in the model, and not found in a cache that the model's calls never hit."""
+    """``spec`` with a new view of each term tensor, as a model's forward hands them over: a site's key padding and
+    document ids are views made per forward (``rewrite.key_padding_rows``, ``rewrite.id_rows``). So what a kernel
+    builds from a term and keeps per tensor object (tile lists, SDPA's mask, which rows see no key) is built
+    again, as in the model, and not found in a cache that the model's next forward never hits."""
     terms = {name: t.view_as(t) for name in _TERMS if (t := getattr(spec, name)) is not None}
     return spec if not terms else with_fields(spec, **terms)
+
+
+def calls_terms(spec: AttentionSpec, sharing: int):
+    """A function giving each timed call its spec: ``fresh_terms`` every ``sharing`` calls, the same terms in
+    between. ``sharing`` sites that read their terms from the same nodes get one tensor per forward
+    (``rewrite._shared``): the first builds what the kernel keeps per term, the others find it. So each timed
+    call costs a site's share of that build, as in the model."""
+    state = [0, spec]
+
+    def terms() -> AttentionSpec:
+        if state[0] % sharing == 0:
+            state[1] = fresh_terms(spec)
+        state[0] += 1
+        return state[1]
+
+    return terms
 
 
 _TERMS = ("key_padding", "q_doc", "kv_doc", "bias", "mask")
@@ -489,7 +511,7 @@ def _eager_training_devices() -> tuple[str, ...]:
     return ops.EAGER_TRAINING_DEVICES
 
 
-def _training_runner(name: str, kernel, q, k, v, real: AttentionSpec):
+def _training_runner(name: str, kernel, q, k, v, terms):
     """What a training call of a replaced site runs (``attnopt.ops.SiteCall`` under autograd): the kernel's forward
     and backward inside the op's autograd function. Its host work per call is then counted as the original's
     (autograd through a few ATen ops) is: where a step is bound by the host, that work is the step's time."""
@@ -498,7 +520,7 @@ def _training_runner(name: str, kernel, q, k, v, real: AttentionSpec):
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
 
     def once():
-        spec = fresh_terms(real)
+        spec = terms()
         out = ops._eager_training(spec, kernel, ops.op_args(q, k, v, spec, name))
         out.backward(torch.ones_like(out))
 
@@ -790,7 +812,7 @@ def fastest_by_tier(estimates: dict[str, float]) -> dict[int, float]:
 def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, *, label: str = "",
                      original: Original | None = None, estimates: dict[str, float] | None = None,
                      budget: Budget | None = None, replayed: bool = False,
-                     padding: torch.Tensor | None = None) -> dict[str, float]:
+                     padding: torch.Tensor | None = None, sharing: int = 1) -> dict[str, float]:
     """Seconds per candidate on ``spec``'s shapes: from the cache, else measured within the budget and stored.
 
     ``names`` are kernel names and, with ``original``, ``ORIGINAL``. The result
@@ -799,9 +821,11 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
     estimate). ``replayed``: the site's graph runs inside CUDA graphs (``replays_graphs``), so an inference
     call on a GPU is timed by replays (``time_replayed``). ``padding`` (bool ``[B, Nk]``): the key padding to
     time on instead of a neutral one (``plan.captured_padding``), its rows taken evenly when fewer are timed.
+    ``sharing``: the sites that share this site's term tensors in a forward (``plan.term_sharing``), over whom
+    the kernels' per-term work is spread (``calls_terms``).
     """
     replay = replayable(spec, replayed)
-    key = cache_key(spec, replay, padding)
+    key = cache_key(spec, replay, padding, sharing)
     entry = {n: (original.key if n == ORIGINAL else n) for n in names}
     cached = cache.get(key) or {}
     cpu = spec.device.type == "cpu"
@@ -822,7 +846,8 @@ def measured_seconds(spec: AttentionSpec, names: list[str], cache: TuningCache, 
             runs, warmups, found = {}, {}, {}
             for name in plan.timed:
                 try:
-                    runs[name] = _runner(name, small, original, padding=spread_rows(padding, small.batch))
+                    runs[name] = _runner(name, small, original, padding=spread_rows(padding, small.batch),
+                                         sharing=sharing)
                     if spec.device.type == "cpu":
                         warm = shrunk(small)  # its padding's too where it keeps the keys (a short call)
                         keys = padding is not None and warm.kv_len == padding.shape[-1]

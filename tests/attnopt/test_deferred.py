@@ -464,7 +464,7 @@ def test_a_script_that_returns_during_the_warm_up_waits_for_it(tmp_path):
         from attnopt.kernels.spec import AttentionSpec
         from attnopt.passes import tuning
 
-        def runner(name, spec, original, padding=None):
+        def runner(name, spec, original, padding=None, sharing=1):
             def run():
                 time.sleep(0.5)
                 open({str(done)!r}, "w").close()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 import attnopt
 from attnopt.kernels import reference, registry, sdpa, triton_flash
+from attnopt.passes import plan
 
 transformers = pytest.importorskip("transformers")
 
@@ -486,3 +487,26 @@ def test_query_and_key_ids_proven_one_vector(name, monkeypatch):
         torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5, equal_nan=True)
     assert "document" in found(optimized)[0], str(optimized.attnopt_report)
     assert seen and all(s == (same, not same) for s in seen), seen
+
+
+def test_packed_layers_share_one_document_tensor_and_the_planner_knows(monkeypatch):
+    """The layers of a packed Llama hand their kernels one and the same document tensor per forward, so the tile
+    lists (and any per-document work a kernel keeps per tensor) are built once for all of them; the planner is
+    told how many sites share it (``plan.term_sharing``), which its timing spreads that build over."""
+    model = llama().eval()
+    ids, pos = torch.randint(0, 100, (1, N)), positions([5, 11, 8])
+    sharing = []
+    real_choose = plan.choose
+    monkeypatch.setattr(plan, "choose", lambda spec, **kw: sharing.append(kw.get("sharing")) or real_choose(spec, **kw))
+    optimized = attnopt.optimize(copy.deepcopy(model), kernel="reference", tune=False)
+    kernel = registry.get("reference")
+    forward, seen = kernel.forward, []
+    monkeypatch.setattr(kernel, "forward", lambda q, k, v, spec, seed: (
+        seen.append(spec.q_doc), forward(q, k, v, spec, seed))[1])
+    with torch.no_grad():
+        got, expected = call(optimized, ids, pos).logits, call(model, ids, pos).logits
+        seen.clear()
+        call(optimized, ids, pos)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert sharing == [2, 2], sharing
+    assert len(seen) == 2 and seen[0] is not None and seen[1] is seen[0]

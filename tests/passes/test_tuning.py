@@ -364,12 +364,12 @@ def test_a_candidate_failing_when_timed_is_reported_with_its_error(tmp_path, mon
     spec = _spec(64)
     real_runner = tuning._runner
 
-    def runner(name, spec, original, padding=None):
+    def runner(name, spec, original, padding=None, sharing=1):
         if name == "reference":
             def once():
                 raise RuntimeError("out of resources: shared memory")
             return once
-        return real_runner(name, spec, original, padding)
+        return real_runner(name, spec, original, padding, sharing)
 
     monkeypatch.setattr(tuning, "_runner", runner)
     with caplog.at_level("WARNING", logger="attnopt"):
@@ -667,3 +667,17 @@ def test_timed_calls_build_what_a_models_calls_build(monkeypatch, kernel, traini
         assert lookups, f"{kernel} looks nothing up: this test checks nothing"
         for n, (ids, found) in enumerate(lookups):
             assert not found or ids in [earlier for earlier, _ in lookups[:n]], "found what an earlier call built"
+
+
+def test_sites_sharing_their_terms_share_the_timed_build():
+    """``sharing`` sites read one term tensor per forward: the timed calls take new terms every ``sharing`` calls,
+    the same ones in between, so each call costs a site's share of what a kernel builds per term."""
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    spec = _spec(40).with_(batch=2, causal=True, key_padding=keep, fill=Fill.FINITE_ADDED)
+    terms = tuning.calls_terms(spec, 3)
+    calls = [terms() for _ in range(7)]
+    assert [c.key_padding is calls[0].key_padding for c in calls[:3]] == [True] * 3
+    assert calls[3].key_padding is not calls[0].key_padding and calls[4].key_padding is calls[3].key_padding
+    assert calls[6].key_padding is not calls[3].key_padding
+    assert all(torch.equal(c.key_padding, keep) and c.key_padding is not keep for c in calls)
+    assert tuning.cache_key(spec, sharing=3) == tuning.cache_key(spec, sharing=2) != tuning.cache_key(spec)
