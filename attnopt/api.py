@@ -83,6 +83,10 @@ def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, ex
     return report
 
 
+#: call keys (``_OptimizedForward._call_key``) kept for calls that run the model's own forward
+UNTOUCHED_CALLS = 256
+
+
 class _OptimizedForward:
     """``model.forward`` after ``optimize``: the model's forward compiled with attnopt's backend.
 
@@ -97,6 +101,9 @@ class _OptimizedForward:
         self.module, self.options, self.report, self.prefix = module, options, report, prefix
         #: an instance-level forward the user had set before ``optimize`` (None: the class's forward)
         self.original = original
+        #: call keys whose calls run the model's own forward (``_call_key``), and (sites counted, any replaced)
+        self._untouched: set = set()
+        self._replaced = (-1, True)
         forward = types.MethodType(_own_code(type(module).forward), module) if original is None else original
         self.plain = forward
 
@@ -111,10 +118,50 @@ class _OptimizedForward:
     def __call__(self, *args, **kwargs):
         if torch.compiler.is_compiling():  # traced as part of an enclosing optimized forward: its graph
             return self.plain(*args, **kwargs)
+        key = self._call_key(args, kwargs)
+        if key is not None and key in self._untouched and not self._replaced_any():
+            return self.plain(*args, **kwargs)
         settle_ready(self.report)  # sites whose compiling kernel is now compiled: timed, switched if faster
         out = self.compiled(*args, **kwargs)
         _mark_static_caches((*args, *kwargs.values()))
+        if key is not None and not self._replaced_any() and len(self._untouched) < UNTOUCHED_CALLS:
+            self._untouched.add(key)
         return out
+
+    def _replaced_any(self) -> bool:
+        """Whether any site of any graph captured so far runs a kernel (recounted when sites are added)."""
+        sites = self.report.sites
+        if self._replaced[0] != len(sites):
+            self._replaced = (len(sites), any(s.replaced for s in sites))
+        return self._replaced[1]
+
+    def _call_key(self, args: tuple, kwargs: dict):
+        """What picks the graphs of a call, as far as a call of the model's own code could differ: each argument
+        (a tensor's shape, dtype, device and whether it requires grad; a plain value itself), the grad mode,
+        autocast, the module's training flag and its first parameter's dtype and device. None for a call with
+        another kind of argument (a cache object, a list): such calls always go through the compiled forward.
+
+        A call whose key an earlier call had, while no site of any graph runs a kernel (every site left as it
+        was: the original measured fastest, or not safe to replace), runs the model's own forward: its graphs
+        hold the original code only, and running that code as written skips dynamo's frame, guards and the
+        graphs run as Python (3-10% of a small step, ``benchmarks/results/padded_training.md``). The output is
+        the original's by construction. Once a site anywhere runs a kernel, every call goes through the
+        compiled forward again."""
+        parts = [torch.is_grad_enabled(), torch.is_autocast_enabled("cpu"), torch.is_autocast_enabled("cuda"),
+                 self.module.training]
+        first = next(iter(self.module.parameters()), None)
+        if first is not None:
+            parts.append((first.dtype, first.device))
+        for name, value in [*((None, a) for a in args), *kwargs.items()]:
+            if isinstance(value, torch.Tensor):
+                if type(value) is not torch.Tensor:
+                    return None
+                parts.append((name, tuple(value.shape), value.dtype, value.device, value.requires_grad))
+            elif value is None or isinstance(value, (bool, int, float, str)):
+                parts.append((name, type(value), value))
+            else:
+                return None
+        return tuple(parts)
 
     def __reduce__(self):
         return _reoptimize, (self.module, self.options, self.report, self.original, self.prefix)
