@@ -68,7 +68,9 @@ from attnopt.kernels.spec import AttentionSpec, Fill, with_fields
 log = logging.getLogger("attnopt")
 
 CACHE_ENV = "ATTNOPT_CACHE_DIR"
-FORMAT = 2
+#: the cache files' format; 3: timed calls take new term tensors (``calls_terms``), so a timing taken while they
+#: found the previous call's tile lists, masks and rows without keys is not reused
+FORMAT = 3
 #: timed runs per candidate after one warm-up (fewer when the budget runs out)
 REPEATS = 5
 PROGRESS_AFTER_S = 0.5
