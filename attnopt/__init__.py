@@ -8,7 +8,7 @@
 
 from attnopt import kernels, passes  # noqa: F401
 from attnopt import ops  # noqa: F401  (registers torch.ops.attnopt.*)
-from attnopt.api import explain, optimize
+from attnopt.api import explain, optimize, settle
 from attnopt.backend import Backend, report_of
 from attnopt.config import Options, parse_bytes
 from attnopt.functional import attention
@@ -17,6 +17,6 @@ from attnopt.report import AttnoptWarning, Fallback, Report, Site
 
 __all__ = [
     "ApproximationWarning", "AttnoptWarning", "Backend", "Fallback", "MemoryBudgetError", "NoKernelError", "Options", "Report", "Site",
-    "attention", "explain", "optimize", "parse_bytes", "report_of",
+    "attention", "explain", "optimize", "parse_bytes", "report_of", "settle",
 ]
 __version__ = "0.1.0"

@@ -12,7 +12,8 @@ import types
 import torch
 from torch._dynamo import eval_frame
 
-from attnopt.backend import Backend, _given, compile_with
+from attnopt.backend import Backend, _given, compile_with, report_of
+from attnopt.passes import pipeline
 from attnopt.passes.pipeline import settle_ready
 from attnopt.config import Options
 from attnopt.passes.graph import dotted_path
@@ -57,6 +58,18 @@ def optimize(model: torch.nn.Module, *, max_mem: int | str | None = None, exact:
         raise TypeError(f"optimize takes a torch.nn.Module, got {type(model).__name__}")
     _install(model, Options.build(max_mem=max_mem, exact=exact, **options), Report())
     return model
+
+
+def settle(model, timeout: float | None = None) -> bool:
+    """Finish what an optimized model left to its background: on the GPU, a site whose fastest kernel compiles
+    Triton code (``triton_flash``) starts on the fastest kernel that compiles nothing, while that one compiles in
+    a thread; the first call after the compile times it and switches the site if it is faster. ``settle`` waits
+    for those compiles (at most ``timeout`` seconds in all; None: until they end) and times and switches the sites
+    now, so that the next call runs the final kernels: call it before measuring a model, or before a CUDA graph
+    capture. ``model``: a model returned by ``optimize``, or by ``torch.compile(..., backend="attnopt")``, after its
+    first call (a compiled graph settles its sites before its own first call). True when no site is left to
+    settle."""
+    return pipeline.settle(report_of(model), timeout)
 
 
 def explain(model, args=(), kwargs=None, *, max_mem: int | str | None = None, exact: bool = True, **options) -> Report:

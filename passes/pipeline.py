@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import time
 import weakref
 from dataclasses import dataclass, field
 
@@ -320,6 +321,18 @@ def settle_ready(report: Report) -> None:
                         "the kernels they run", type(err).__name__, err)
     if not waiting:
         _WAITING.pop(id(report), None)
+
+
+def settle(report: Report, timeout: float | None = None) -> bool:
+    """Wait for the background compiles of ``report``'s pending sites, at most ``timeout`` seconds in all (None:
+    until they end), then time and switch the sites whose compile ended (``settle_ready``), here rather than
+    before a later call. True when no site is left pending."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for _, thread, _, _ in list(_WAITING.get(id(report), ())):
+        if thread is not None:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+    settle_ready(report)
+    return id(report) not in _WAITING
 
 
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,

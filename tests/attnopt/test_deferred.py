@@ -399,6 +399,30 @@ def test_optimize_switches_a_site_between_calls_once_its_kernel_is_compiled(comp
     assert optimized.attnopt_report.sites[0] == site  # settled once
 
 
+def test_settle_waits_for_the_compile_and_switches_without_a_call(compiling):
+    """``attnopt.settle``: with a timeout shorter than the compile it returns False and changes nothing; without
+    one it waits for the compile, times the kernel and switches the site before any further call. Nothing is left
+    to settle then, and the outputs are the original's."""
+    import attnopt
+
+    compiling.compiled.clear()
+    model, x = _model_and_input()
+    optimized = attnopt.optimize(Causal(), tune=True, cache_dir=compiling.cache)
+    optimized.load_state_dict(model.state_dict())
+    _same_in_mode(optimized, model, x, train=True)
+    before = optimized.attnopt_report.sites[0]
+    assert before.kernel != NAME
+    assert attnopt.settle(optimized, timeout=0.05) is False
+    assert optimized.attnopt_report.sites[0] == before and "MainThread" not in compiling.threads
+    threading.Timer(0.2, compiling.compiled.set).start()
+    assert attnopt.settle(optimized) is True
+    site = optimized.attnopt_report.sites[0]
+    assert site.kernel == NAME and "measured fastest once compiled" in site.reason
+    assert attnopt.settle(optimized, timeout=0) is True
+    _same_in_mode(optimized, model, x, train=True)  # runs the switched kernel
+    assert optimized.attnopt_report.sites[0] == site and "MainThread" in compiling.threads
+
+
 def test_optimize_warms_triton_flash_in_the_thread_under_the_interpreter(monkeypatch, tmp_path):
     """``attnopt.optimize`` with the real kernel (Triton's interpreter): compiled in the background after the
     first call's rewrite, timed before the call after it, outputs the original's on every call."""
