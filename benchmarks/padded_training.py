@@ -122,6 +122,8 @@ def main() -> None:
     parser.add_argument("--out", type=pathlib.Path, default=None)
     parser.add_argument("--profile", type=int, default=0, metavar="ROWS",
                         help="after each row, print the profiler's top ROWS ops of 3 optimized steps")
+    parser.add_argument("--only", default="", metavar="TEXT",
+                        help="only the rows whose site and batch (\"GPT-2 band + dropout, right\") contain TEXT")
     args = parser.parse_args()
     device = args.device
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
@@ -135,6 +137,8 @@ def main() -> None:
     for label, make in (("Gemma-2 softcap", Gemma2Attention), ("GPT-2 band + dropout", GPT2Attention)):
         for name, capture_left, run_left in (("left", True, True), ("right", False, False),
                                              ("left, captured right", False, True)):
+            if args.only not in f"{label}, {name}":
+                continue
             torch.manual_seed(0)
             original = make().to(device, dtype).train()
             x = torch.randn(B, N, H * D, device=device, dtype=dtype, requires_grad=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -148,11 +149,17 @@ def _optimize_checkpointed(gm: GraphModule, options: Options, report: Report, dr
                 checkpoint.run_as_python(gm, node, sub)
 
 
+#: whether a graph run as Python gives a key-padded site a second call for batches whose padding keeps every key
+#: (``_unpadded_kernel``; ``ATTNOPT_UNPADDED_BRANCH=0``: never, to measure what the branch's per-forward check costs)
+UNPADDED_BRANCH = os.environ.get("ATTNOPT_UNPADDED_BRANCH", "1") != "0"
+
+
 def _unpadded_kernel(site_plan: plan.SitePlan, options: Options, timing=None) -> str | None:
     """The kernel for this site's calls whose key padding keeps every key, when those calls run faster
     another way than the planned one (another kernel, or the same without the padding term)."""
     choice, spec = site_plan.choice, site_plan.spec
-    if choice is None or spec.key_padding is None or options.kernel is not None or not choice.exact:
+    if (not UNPADDED_BRANCH or choice is None or spec.key_padding is None or options.kernel is not None
+            or not choice.exact):
         return None
     try:
         cache = tuning.TuningCache(tuning.cache_dir(options.cache_dir)) if options.tune else None
