@@ -14,7 +14,8 @@ D 64 (``fill_rows.py``'s shape), float32 on the CPU, bfloat16 on a GPU. Three ba
 Each row optimizes a fresh copy (``attnopt.optimize``, timing on, a fresh tuning cache) on its capture batch,
 reports the site's kernel and the planner's reason, then times forward + backward of the optimized and the
 original module on the run batch, interleaved (medians of ``--repeat``), and checks the optimized output against
-the original's (without dropout: GPT-2's rows draw their own dropout).
+the original's (without dropout: GPT-2's rows draw their own dropout). ``control`` is a copy of the original timed
+beside them: the original's time over its own, the spread this measurement reads for two equal steps.
 """
 
 from __future__ import annotations
@@ -87,13 +88,14 @@ def step(module, x, mask, grad):
 
 
 def timed(runs: dict, sync, repeat: int) -> dict[str, float]:
-    """Median ms of each callable, in interleaved rounds after one warm-up each."""
+    """Median ms of each callable, in interleaved rounds after one warm-up each; odd rounds run them in reverse
+    order, so that no callable always runs right after another."""
     times = {name: [] for name in runs}
     for fn in runs.values():
         fn()
     sync()
-    for _ in range(repeat):
-        for name, fn in runs.items():
+    for round_ in range(repeat):
+        for name, fn in (reversed(runs.items()) if round_ % 2 else runs.items()):
             start = time.perf_counter()
             fn()
             sync()
@@ -131,8 +133,9 @@ def main() -> None:
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU ({platform.machine()})"
     lines = [f"{where}, torch {torch.__version__}, {dtype}; B {B}, {H} heads, N {N}, D {D}; forward + backward, "
              f"medians of {args.repeat} interleaved rounds", "",
-             "| site | batch | kernel | original ms | optimized ms | speedup | max abs diff | the planner's reason |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| site | batch | kernel | original ms | optimized ms | speedup | control | max abs diff "
+             "| the planner's reason |",
+             "|---|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines), flush=True)
     for label, make in (("Gemma-2 softcap", Gemma2Attention), ("GPT-2 band + dropout", GPT2Attention)):
         for name, capture_left, run_left in (("left", True, True), ("right", False, False),
@@ -151,11 +154,13 @@ def main() -> None:
                 diff = "-"
                 if make is Gemma2Attention:
                     diff = f"{float((optimized(x, run) - original(x, run)).abs().max()):.1e}"
+                control = copy.deepcopy(original)  # the original again: what the harness reads for two equal steps
                 ms = timed({"original": lambda: step(original, x, run, grad),
-                            "optimized": lambda: step(optimized, x, run, grad)}, sync, args.repeat)
+                            "optimized": lambda: step(optimized, x, run, grad),
+                            "control": lambda: step(control, x, run, grad)}, sync, args.repeat)
             lines.append(f"| {label} | {name} | {site.kernel or 'original'} | {ms['original']:.2f} | "
-                         f"{ms['optimized']:.2f} | {ms['original'] / ms['optimized']:.2f}x | {diff} | "
-                         f"{site.reason} |")
+                         f"{ms['optimized']:.2f} | {ms['original'] / ms['optimized']:.2f}x | "
+                         f"{ms['original'] / ms['control']:.2f}x | {diff} | {site.reason} |")
             print(lines[-1], flush=True)
             if args.profile:
                 profile(lambda: step(optimized, x, run, grad), sync, args.profile)

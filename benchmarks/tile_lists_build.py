@@ -1,5 +1,6 @@
 """Building a call's tile lists: PyTorch (``block_map.tile_state`` + ``TileLists.from_state``) against the one
-Triton kernel (``triton_tile_lists.build``), both uncached, as a new batch's padding or documents build them.
+Triton kernel (``triton_tile_lists.build``, with ``mask_any_all`` for a dense mask's grain), both uncached, as a new
+batch's padding, documents or mask build them.
 
     python benchmarks/tile_lists_build.py [--out benchmarks/results/tile_lists_build.md]
 
@@ -44,7 +45,11 @@ def case_spec(name: str, n: int, device: str) -> AttentionSpec:
 
 
 def torch_build(spec, transposed):
-    state = block_map.tile_state(spec, 128, 128)
+    devices, block_map.KERNEL_DEVICES = block_map.KERNEL_DEVICES, set()  # the dense mask's grain by PyTorch too
+    try:
+        state = block_map.tile_state(spec, 128, 128)
+    finally:
+        block_map.KERNEL_DEVICES = devices
     return block_map.TileLists.from_state(state.transpose(-1, -2) if transposed else state)
 
 
@@ -61,6 +66,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 32768])
     parser.add_argument("--out", type=pathlib.Path, default=None)
+    parser.add_argument("--cases", nargs="+", default=None, metavar="TEXT",
+                        help="only the cases whose name contains one of these (\"dense\", \"documents\")")
     args = parser.parse_args()
     lines = [f"{torch.cuda.get_device_name()}, torch {torch.__version__}; B 4, 16 heads, 128 x 128 tiles; "
              "medians of 20 uncached builds", "",
@@ -69,6 +76,8 @@ def main() -> None:
     print("\n".join(lines), flush=True)
     for name in ("causal + left padding", "documents (16 per row)", "window 1024 + documents",
                  "dense bool mask (causal, 1% keys dropped)"):
+        if args.cases and not any(c in name for c in args.cases):
+            continue
         for n in args.lengths:
             spec = case_spec(name, n, "cuda")
             for transposed in (False, True):

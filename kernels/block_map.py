@@ -95,8 +95,9 @@ def tile_lists(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool
 
 
 #: device types whose tile lists one Triton kernel builds (``triton_tile_lists``): one launch where the PyTorch
-#: build takes some fifty (``benchmarks/results/tile_lists_build.md``). The tests add ``"cpu"`` under the
-#: interpreter to check it against ``TileLists.from_state``
+#: build takes some fifty (``benchmarks/results/tile_lists_build.md``), and whose dense masks' tiles another
+#: reduces in one read (``triton_tile_lists.mask_any_all``). The tests add ``"cpu"`` under the interpreter to
+#: check them against ``TileLists.from_state`` and ``_mask_tiles_torch``
 KERNEL_DEVICES = {"cuda"}
 
 
@@ -154,8 +155,21 @@ def _mask_any_all(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch
 
 
 def _mask_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile (any score kept, every score kept and free) of a dense mask: one Triton launch on the devices of
+    ``KERNEL_DEVICES`` (tiles of powers of 2), else PyTorch's reductions."""
     while mask.dim() < 4:
         mask = mask[None]
+    if mask.device.type in KERNEL_DEVICES and _power_of_2(block_m) and _power_of_2(block_n):
+        return triton_tile_lists.mask_any_all(mask, block_m, block_n)
+    return _mask_tiles_torch(mask, block_m, block_n)
+
+
+def _power_of_2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _mask_tiles_torch(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_mask_tiles`` of a 4-D mask by PyTorch's reductions (any device)."""
     if mask.dtype == torch.bool:
         return _tile_any_all(mask, block_m, block_n)
     return _pool(mask != float("-inf"), block_m, block_n, 0), _pool(mask == 0, block_m, block_n, 1)

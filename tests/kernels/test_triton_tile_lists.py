@@ -131,3 +131,74 @@ def test_gpu_built_lists_at_the_kernels_tiles(tiles, case):
     for transposed in (False, True):
         spec = spec_of(3, 2, 4000, 8192, *terms, seed=7)
         assert_same_lists(spec, *tiles, transposed)
+
+
+def dense_mask(batch, heads, n_r, n_c, kind, layout, seed, device=DEVICE):
+    """A mask ``[batch, heads, n_r, n_c]`` whose tiles come out empty, partial and full: a causal-like band of
+    kept scores with a few scores flipped. ``kind``: bool, or an additive float32 / bfloat16 mask of 0, a finite
+    value and ``-inf``; ``layout``: contiguous, transposed (the key dim not innermost) or batch-expanded."""
+    g = torch.Generator().manual_seed(seed)
+    rows, cols = torch.arange(n_r)[:, None], torch.arange(n_c)[None, :]
+    shift = torch.randint(-20, 20, (batch, heads, 1, 1), generator=g)
+    keep = (cols <= rows + shift) & (torch.rand(batch, heads, n_r, n_c, generator=g) > 0.02)
+    if kind == "bool":
+        mask = keep
+    else:
+        bias = torch.where(torch.rand(batch, heads, n_r, n_c, generator=g) > 0.9, -1.5, 0.0)
+        mask = torch.where(keep, bias, float("-inf")).to(torch.float32 if kind == "float32" else torch.bfloat16)
+    if layout == "transposed":
+        mask = mask.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif layout == "expanded":
+        mask = mask[:1].expand(batch, -1, -1, -1)
+    return mask.to(device)
+
+
+def assert_same_mask_tiles(mask, tile_r, tile_c):
+    got = kernel.mask_any_all(mask, tile_r, tile_c)
+    want = block_map._mask_tiles_torch(mask, tile_r, tile_c)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype == torch.bool, (g.shape, w.shape, g.dtype)
+        assert torch.equal(g.cpu(), w.cpu()), (g.cpu(), w.cpu())
+
+
+@settings(max_examples=60, deadline=None)
+@given(batch=st.integers(1, 2), heads=st.sampled_from([1, 3]), n_r=st.sampled_from([1, 5, 16, 37, 80]),
+       n_c=st.sampled_from([1, 9, 32, 50, 90]), kind=st.sampled_from(["bool", "float32", "bfloat16"]),
+       layout=st.sampled_from(["contiguous", "transposed", "expanded"]),
+       tiles=st.sampled_from([(16, 16), (32, 16), (16, 64), (64, 32)]), seed=st.integers(0, 99))
+def test_dense_mask_tiles_are_pytorchs(batch, heads, n_r, n_c, kind, layout, tiles, seed):
+    """``mask_any_all`` equals ``_mask_tiles_torch`` bit for bit: tiles past the mask's end, dims of size 1
+    (a query-only or key-only mask), broadcast and transposed strides, boolean and additive masks."""
+    mask = dense_mask(batch, heads, n_r, n_c, kind, layout, seed)
+    assert_same_mask_tiles(mask, *tiles)
+
+
+def test_dense_mask_tiles_take_the_kernel_on_its_devices(monkeypatch):
+    """``block_map._mask_tiles`` reduces with the kernel on ``KERNEL_DEVICES`` for tiles of powers of 2, and with
+    PyTorch for other tiles: the same tiles either way, and the tile lists of a spec with that mask too."""
+    mask = dense_mask(2, 1, 70, 90, "bool", "contiguous", 3)
+    monkeypatch.setattr(block_map, "KERNEL_DEVICES", {mask.device.type})
+    calls = []
+    reduce = kernel.mask_any_all
+    monkeypatch.setattr(kernel, "mask_any_all", lambda *a: calls.append(a) or reduce(*a))
+    got = block_map._mask_tiles(mask, 16, 32)
+    assert len(calls) == 1
+    block_map._mask_tiles(mask, 24, 32)  # not a power of 2: PyTorch's
+    assert len(calls) == 1
+    want = block_map._mask_tiles_torch(mask, 16, 32)
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+    spec = spec_of(2, 1, 70, 90, True, Align.TOP_LEFT, None, None, None, "bool", 5)
+    assert_same_lists(spec, 16, 16, transposed=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["bool", "float32", "bfloat16"])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed", "expanded"])
+def test_gpu_dense_mask_tiles(kind, layout):
+    """The grain the CUDA kernels pool from (64 x 64) and the kernels' own tiles, on 4000 x 8192 masks."""
+    mask = dense_mask(2, 2, 4000, 8192, kind, layout, 11, device="cuda")
+    for tiles in ((64, 64), (128, 64), (64, 128)):
+        assert_same_mask_tiles(mask, *tiles)
+    row = dense_mask(2, 1, 1, 8192, kind, "contiguous", 12, device="cuda")  # a key-only mask
+    assert_same_mask_tiles(row, 64, 64)
