@@ -156,10 +156,12 @@ def _mask_any_all(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch
 
 def _mask_tiles(mask: torch.Tensor, block_m: int, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-tile (any score kept, every score kept and free) of a dense mask: one Triton launch on the devices of
-    ``KERNEL_DEVICES`` (tiles of powers of 2), else PyTorch's reductions."""
+    ``KERNEL_DEVICES`` (tiles of powers of 2, at most ``MAX_MAPS`` batch x head maps), else PyTorch's
+    reductions."""
     while mask.dim() < 4:
         mask = mask[None]
-    if mask.device.type in KERNEL_DEVICES and _power_of_2(block_m) and _power_of_2(block_n):
+    if (mask.device.type in KERNEL_DEVICES and _power_of_2(block_m) and _power_of_2(block_n)
+            and mask.shape[0] * mask.shape[1] <= triton_tile_lists.MAX_MAPS):
         return triton_tile_lists.mask_any_all(mask, block_m, block_n)
     return _mask_tiles_torch(mask, block_m, block_n)
 

@@ -214,6 +214,8 @@ def build(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool,
 
 #: mask elements one program of ``mask_any_all`` reads: its tile rows times a few tiles' columns
 GRAIN_ELEMENTS = 16384
+#: batch x head maps ``mask_any_all`` takes: its grid's third dim (CUDA allows 65535); more go to PyTorch
+MAX_MAPS = 65535
 
 
 @triton.jit

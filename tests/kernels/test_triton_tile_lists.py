@@ -185,6 +185,9 @@ def test_dense_mask_tiles_take_the_kernel_on_its_devices(monkeypatch):
     assert len(calls) == 1
     block_map._mask_tiles(mask, 24, 32)  # not a power of 2: PyTorch's
     assert len(calls) == 1
+    monkeypatch.setattr(kernel, "MAX_MAPS", 1)  # more batch x head maps than the kernel's grid takes: PyTorch's
+    assert all(torch.equal(g, w) for g, w in zip(block_map._mask_tiles(mask, 16, 32), got))
+    assert len(calls) == 1
     want = block_map._mask_tiles_torch(mask, 16, 32)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     spec = spec_of(2, 1, 70, 90, True, Align.TOP_LEFT, None, None, None, "bool", 5)
