@@ -1,15 +1,17 @@
 """The banded reference kernel against the CPU's other exact kernels, on causal and sliding-window calls.
 
-    python benchmarks/reference_band.py [--lengths 2048 8192] [--rounds 5] [--threads N] [--cpu-time]
+    python benchmarks/reference_band.py [--lengths 2048 8192] [--rounds 5] [--threads N] [--cpu-time] [--backward]
 
-For each length and mask (causal; causal window of 128 keys), one forward of
+For each length and mask (causal; causal window of 128 keys; 16 causal documents packed), one forward of
 ``reference``, ``sdpa_cpu`` and ``flex`` (compiled FlexAttention, by name on the
 CPU) in float32, batch 1, 8 heads, head dim 64, under no_grad: the median of
 interleaved rounds, and flex's first call (its compilation) apart. Each kernel's
 memory estimate is printed beside its time. On a shared machine, ``--threads 1
 --cpu-time`` measures the process's CPU time on one thread: what the kernels
 cost, without the waits of a busy machine (a kernel of many small parallel ops
-waits for its second thread at every op when the cores are shared).
+waits for its second thread at every op when the cores are shared). ``--backward``
+times each kernel's forward and backward from a fresh output gradient instead
+(without ``flex``: FlexAttention has no backward on the CPU).
 """
 
 from __future__ import annotations
@@ -23,7 +25,18 @@ from attnopt.kernels import registry
 from attnopt.kernels.spec import AttentionSpec, Window
 
 KERNELS = ("reference", "sdpa_cpu", "flex")
-MASKS = {"causal": dict(causal=True), "window 128": dict(causal=True, window=Window(127, 0))}
+MASKS = {"causal": dict(causal=True), "window 128": dict(causal=True, window=Window(127, 0)),
+         "16 documents": dict(causal=True, documents=16)}
+
+
+def terms_of(mask: dict, n: int) -> dict:
+    """The spec's terms for a row of MASKS at length ``n``: ``documents=d`` packs d documents of equal length."""
+    terms = dict(mask)
+    documents = terms.pop("documents", None)
+    if documents is not None:
+        doc = (torch.arange(n) * documents // n)[None]
+        terms.update(q_doc=doc, kv_doc=doc)
+    return terms
 
 
 def timed(once, clock=time.perf_counter) -> float:
@@ -32,33 +45,44 @@ def timed(once, clock=time.perf_counter) -> float:
     return clock() - start
 
 
+def step(kernel, q, k, v, grad, spec, backward: bool) -> None:
+    out, lse = kernel.forward(q, k, v, spec, 0)
+    if backward:
+        kernel.backward(grad, q, k, v, out, lse, spec, 0, False, False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="the process's CPU time, not wall time")
+    parser.add_argument("--backward", action="store_true", help="forward + backward, not the forward alone")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
+    kernels = tuple(name for name in KERNELS if not (args.backward and name == "flex"))
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
-          f"float32, B=1, H=8, D=64, forward, median of {args.rounds} interleaved rounds\n")
+          f"float32, B=1, H=8, D=64, {'forward + backward' if args.backward else 'forward'}, median of {args.rounds} "
+          "interleaved rounds\n")
     print("| N | mask | kernel | time | first call | memory estimate |")
     print("|---|---|---|---|---|---|")
     with torch.no_grad():
         for n in args.lengths:
             q, k, v = (torch.randn(1, 8, n, 64) for _ in range(3))
             for mask, terms in MASKS.items():
-                spec = AttentionSpec.from_tensors(q, k, v, **terms)
-                runs = {name: (lambda kernel=registry.get(name): kernel.forward(q, k, v, spec, 0)) for name in KERNELS}
+                spec = AttentionSpec.from_tensors(q, k, v, **terms_of(terms, n))
+                grad = torch.randn_like(q)
+                runs = {name: (lambda kernel=registry.get(name): step(kernel, q, k, v, grad, spec, args.backward))
+                        for name in kernels}
                 first = {name: timed(once, clock) for name, once in runs.items()}  # flex compiles here
                 times = {name: [] for name in runs}
                 for _ in range(args.rounds):
                     for name, once in runs.items():
                         times[name].append(timed(once, clock))
-                for name in KERNELS:
+                for name in kernels:
                     median = sorted(times[name])[len(times[name]) // 2]
                     memory = registry.get(name).memory_bytes(spec) / 2**20
                     print(f"| {n} | {mask} | {name} | {median * 1e3:.1f} ms | {first[name] * 1e3:.0f} ms | "

@@ -21,14 +21,22 @@ that the other terms prove empty (documents, a boolean mask) are skipped too,
 and tiles entirely inside the band are not masked at all. Tiles are updated in
 place: on a CPU each pass over a tile costs memory bandwidth, more than the
 products at small head dims. Arithmetic is float32 for half inputs (float64 for
-float64 inputs). Rows with no visible key follow the spec's ``fill``. The backward recomputes the probabilities of one query chunk at a time from
-the saved log-sum-exp, so it too stays O(N) in memory.
+float64 inputs). Rows with no visible key follow the spec's ``fill``. The backward recomputes the
+probabilities of one query chunk at a time from the saved log-sum-exp, so it too stays O(N) in memory.
+
+On the CPU a tile is one call of ATen's fused flash attention (``aten_cpu``) wherever the spec allows it
+(``fused``): the products, the masks as one additive tile, the softmax and its log-sum-exp in blocks that stay
+in cache, instead of a dozen passes over a score tile in memory. The key blocks of a chunk are then merged by
+their log-sum-exps, and the backward is ATen's, per tile, from the row's saved output and log-sum-exp. A
+band's chunks are then narrower (about half its width: ``FUSED_BAND_CHUNK``), since a chunk costs one call,
+not a dozen passes.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attention_cpu_backward
 from .registry import Grads, Kernel, register
 from .fills import empty_row_grads, fill_empty_rows
 from .spec import AttentionSpec, key_padding_keep
@@ -50,6 +58,15 @@ TILE_PASSES, MASK_PASSES = 8, 6
 OPS_PER_TILE, OPS_PER_CHUNK = 16, 14
 #: (matmul FLOP/s, bytes/s of a pass over a tile, seconds of dispatch per op), by device type
 RATES = {"cpu": (1.2e11, 3e10, 5e-6), "cuda": (5e13, 2e12, 1e-5)}
+#: on the CPU, tiles through ATen's fused flash attention where the spec allows it (``fused``)
+FUSED_CPU = True
+#: a fused band's query chunk is about half the band's width, within these bounds: a chunk of c rows visits
+#: c + w - 1 keys for the w each row needs, and costs one call of a few tens of us (2-core CPU, w = 128:
+#: c = 64 took 11.6 ms at N = 2048, 8 heads, D = 64; c = 32, 128 and 256 took 14.2, 13.6 and 15.0 ms)
+FUSED_BAND_CHUNK = (32, 256)
+#: the cost model's passes over a fused tile (its mask's building and reading, the softmax in cache) and ops per
+#: tile (the mask, the call, the merge of key blocks)
+FUSED_PASSES, FUSED_OPS_PER_TILE = 3, 8
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -83,8 +100,22 @@ def chunk_sizes(spec: AttentionSpec) -> tuple[int, int]:
         q_chunk = min(q_chunk, max(16, -(-spec.q_len // BAND_CHUNKS)))
     width = band_width(spec)
     if width is not None:
-        q_chunk = min(q_chunk, max(16, width))
+        low, high = FUSED_BAND_CHUNK
+        q_chunk = min(q_chunk, max(low, min(high, width // 2)) if fused(spec) else max(16, width))
     return q_chunk, k_block
+
+
+def fused(spec: AttentionSpec) -> bool:
+    """Whether the spec's tiles go through ATen's fused CPU flash attention: on the CPU (``FUSED_CPU``), with
+    one head dim for keys and values (ATen's condition), no dropout (this kernel draws its own, per tile), no
+    softcap (it comes before the masks) and no additive term in a half dtype (eager adds those at that
+    precision: ``add_term``)."""
+    if not FUSED_CPU or spec.device.type != "cpu" or spec.dropout_p > 0.0 or spec.softcap is not None:
+        return False
+    if spec.head_dim != spec.v_head_dim:
+        return False
+    half = spec.dtype in (torch.float16, torch.bfloat16)
+    return not (half and any(t is not None and t.dtype == spec.dtype for t in (spec.bias, spec.mask)))
 
 
 def add_term(scores: torch.Tensor, term: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -123,6 +154,8 @@ class _Skipper:
         self.band_only = spec.key_padding is None and spec.q_doc is None and not (
             spec.mask is not None and spec.mask.dtype == torch.bool
         )
+        #: the fused tiles' band masks of this call, by (rows, keys' offset to the rows, keys, dtype)
+        self.band_masks: dict[tuple, tuple] = {}
 
     def key_range(self, q0: int, q1: int) -> tuple[int, int]:
         """Keys ``[start, end)`` that some row of ``q0:q1`` may see: outside it the band, the padding or the
@@ -334,6 +367,122 @@ def _rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, seed, 
     return dq.reshape(q_rows.shape)
 
 
+def _tile_mask(spec: AttentionSpec, skipper: _Skipper, q0: int, q1: int, k0: int, k1: int, cdtype,
+               closed: bool = True):
+    """A tile's terms as the one additive mask ATen's fused attention takes (``-inf`` where a boolean term masks;
+    None when nothing masks the tile) and, with ``closed``, the rows it masks entirely (``[b or 1, h or 1, q]``;
+    None when there are none: ATen gives such a row 0 and a log-sum-exp of 0).
+
+    A band alone masks a tile by its rows' offset to its keys only: the chunks of a call that share their
+    shape and offset share one mask (``_Skipper.band_masks``)."""
+    if skipper.band_only and not spec.additive_tiles(q0, q1, k0, k1):
+        if skipper.unmasked(q0, q1, k0, k1):
+            return None, None
+        key = (q1 - q0, k0 - q0, k1 - k0, cdtype)
+        if key not in skipper.band_masks:
+            skipper.band_masks[key] = _mask_of(spec.keep_tile(q0, q1, k0, k1), [], cdtype, True)
+        mask, rows = skipper.band_masks[key]
+        return mask, rows if closed else None
+    keep = None if skipper.unmasked(q0, q1, k0, k1) else spec.keep_tile(q0, q1, k0, k1)
+    return _mask_of(keep, spec.additive_tiles(q0, q1, k0, k1), cdtype, closed)
+
+
+def _mask_of(keep: torch.Tensor | None, additive: list[torch.Tensor], cdtype, closed: bool):
+    mask = None
+    for term in additive:
+        mask = term.to(cdtype) if mask is None else mask + term.to(cdtype)
+    if keep is not None:
+        mask = (torch.zeros((), dtype=cdtype, device=keep.device) if mask is None else mask).masked_fill(
+            ~keep, float("-inf"))
+    if mask is None:
+        return None, None
+    mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape))
+    if not closed:
+        return mask, None
+    rows = torch.isneginf(mask).all(-1)
+    return mask, rows if bool(rows.any()) else None
+
+
+def _kv_tile(k, v, k0: int, k1: int, spec: AttentionSpec, cdtype):
+    """Keys and values ``k0:k1`` as ATen's fused attention reads them: repeated per query head where it does not
+    read groups itself (``cpu_flash_reads_groups``)."""
+    k_t, v_t = k[:, :, k0:k1].to(cdtype), v[:, :, k0:k1].to(cdtype)
+    if spec.group_size > 1 and not cpu_flash_reads_groups():
+        k_t, v_t = (t.repeat_interleave(spec.group_size, 1) for t in (k_t, v_t))
+    return k_t, v_t
+
+
+def _group_sum(grad: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """A K/V tile's gradient summed over each query-head group where ``_kv_tile`` repeated it."""
+    if spec.group_size == 1 or grad.shape[1] == spec.kv_heads:
+        return grad
+    return grad.unflatten(1, (spec.kv_heads, spec.group_size)).sum(2)
+
+
+def _merged(out, lse, o, l):
+    """Two key blocks' attention of the same rows, merged by their log-sum-exps (rows without keys: ``-inf``)."""
+    total = torch.logaddexp(lse, l)
+    base = total.masked_fill(torch.isneginf(total), 0.0)
+    return out * torch.exp(lse - base)[..., None] + o * torch.exp(l - base)[..., None], total
+
+
+def _fused_rows(q_rows, k, v, spec: AttentionSpec, q0: int, seed: int, skipper: _Skipper):
+    """``_rows`` with each tile one call of ATen's fused CPU attention, the key blocks merged by their
+    log-sum-exps. None when a row's log-sum-exp is too large to merge blocks by (scores that sit near a huge
+    fill, ``LSE_EXACT_LIMIT``): ``_rows`` keeps that row's normalizer in the offset form."""
+    cdtype = _compute_dtype(q_rows.dtype)
+    batch, q_heads, n_rows, _ = q_rows.shape
+    q1 = q0 + n_rows
+    q_c = q_rows.to(cdtype)
+    out = lse = None
+    for k0, k1 in _key_blocks(spec, skipper, q0, q1):
+        k_t, v_t = _kv_tile(k, v, k0, k1, spec, cdtype)
+        mask, closed = _tile_mask(spec, skipper, q0, q1, k0, k1, cdtype)
+        o, l = flash_attention_cpu(q_c, k_t, v_t, 0.0, False, attn_mask=mask, scale=spec.scale)
+        l = l.to(cdtype)
+        if closed is not None:
+            o, l = o.masked_fill(closed[..., None], 0.0), l.masked_fill(closed, float("-inf"))
+        if out is not None and bool(((lse.abs() > LSE_EXACT_LIMIT) & torch.isfinite(lse)).any()
+                                    | ((l.abs() > LSE_EXACT_LIMIT) & torch.isfinite(l)).any()):
+            return None
+        out, lse = (o, l) if out is None else _merged(out, lse, o, l)
+    if out is None:  # no key block left: every row is without keys
+        out = q_c.new_zeros((batch, q_heads, n_rows, spec.v_head_dim))
+        lse = q_c.new_full((batch, q_heads, n_rows), float("-inf"))
+    empty_row = torch.isneginf(lse)
+    if bool(empty_row.any()):
+        out = fill_empty_rows(out, empty_row, v, spec, q0, seed)
+    return out, lse
+
+
+def _fused_rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, skipper, grads):
+    """``_rows_backward`` through ATen's fused CPU backward, one call per tile from the rows' output and
+    log-sum-exp; None (nothing accumulated) when a row's log-sum-exp is too large to give its probabilities
+    exactly (``LSE_EXACT_LIMIT``), which ``_rows_backward`` recomputes in the offset form."""
+    cdtype = _compute_dtype(q_rows.dtype)
+    q1 = q0 + q_rows.shape[2]
+    lse = lse_rows.to(cdtype)
+    empty = torch.isneginf(lse)
+    if bool(((lse.abs() > LSE_EXACT_LIMIT) & ~empty).any()):
+        return None
+    q_c, out, grad = q_rows.to(cdtype), out_rows.to(cdtype), grad_rows.to(cdtype)
+    if bool(empty.any()):
+        # a row without keys passes nothing here (``fills.empty_row_grads`` adds its gradient): log-sum-exp
+        # +inf makes its probabilities exactly 0
+        grad, out = grad.masked_fill(empty[..., None], 0.0), out.masked_fill(empty[..., None], 0.0)
+        lse = lse.masked_fill(empty, float("inf"))
+    dq = torch.zeros_like(q_c)
+    for k0, k1 in _key_blocks(spec, skipper, q0, q1):
+        k_t, v_t = _kv_tile(k, v, k0, k1, spec, cdtype)
+        mask, _ = _tile_mask(spec, skipper, q0, q1, k0, k1, cdtype, closed=False)
+        dq_t, dk_t, dv_t = flash_attention_cpu_backward(grad, q_c, k_t, v_t, out, lse, 0.0, False, attn_mask=mask,
+                                                        scale=spec.scale)
+        dq += dq_t
+        grads["k"][:, :, k0:k1] += _group_sum(dk_t, spec)
+        grads["v"][:, :, k0:k1] += _group_sum(dv_t, spec)
+    return dq
+
+
 def _accumulate_term(total: torch.Tensor, ds: torch.Tensor, q0: int, q1: int, k0: int, k1: int) -> None:
     """Add the score gradient of a tile to an additive term's gradient, summed over its broadcast dims."""
     b, hkv, g, nq, nk = ds.shape
@@ -355,6 +504,35 @@ def _dropout_scale(shape, spec: AttentionSpec, seed: int, q0: int, k0: int, devi
     return keep / (1.0 - spec.dropout_p)
 
 
+def _aten_thread_bytes(q_rows: int, keys: int, head_dim: int, itemsize: int) -> int:
+    """ATen's CPU flash attention's buffers per thread: a block's scores, their row statistics and its output.
+    Its blocks: 256 queries from 768 rows on (64 from 192, else 32), and up to 512 keys."""
+    block_q = 256 if q_rows >= 768 else 64 if q_rows >= 192 else 32
+    return block_q * (min(keys, 512) + head_dim + 2) * itemsize
+
+
+def _fused_memory(spec: AttentionSpec, q_chunk: int, keys: int) -> int:
+    """The fused tiles' workspace: a tile's additive mask (and the one it is built from), as wide as its terms
+    (rows for a band, documents or a term per row; batch for padding, documents and batched terms; heads for
+    terms per head), the rows' outputs and log-sum-exps of two key blocks and their merge, and ATen's buffers
+    per thread."""
+    itemsize = 8 if spec.dtype == torch.float64 else 4
+    lo, hi = spec.band()
+    per_row = lo is not None or hi is not None or spec.q_doc is not None
+    batched = spec.key_padding is not None or spec.q_doc is not None
+    per_head = False
+    for term in (spec.bias, spec.mask):
+        if term is not None:
+            per_row = per_row or (term.dim() >= 2 and term.shape[-2] > 1)
+            per_head = per_head or (term.dim() >= 3 and term.shape[-3] > 1)
+            batched = batched or (term.dim() == 4 and term.shape[0] > 1)
+    mask = ((q_chunk if per_row else 1) * keys * (spec.batch if batched else 1) * (spec.q_heads if per_head else 1)
+            * itemsize)
+    rows = spec.batch * spec.q_heads * q_chunk * (spec.v_head_dim + 1) * itemsize
+    return 2 * mask + 4 * rows + torch.get_num_threads() * _aten_thread_bytes(q_chunk, keys, spec.v_head_dim,
+                                                                              itemsize)
+
+
 class ReferenceKernel(Kernel):
     name = "reference"
     exact = True
@@ -368,6 +546,8 @@ class ReferenceKernel(Kernel):
         width = band_width(spec)
         # a chunk of a band of width w sees at most q_chunk + w - 1 keys: its tiles are no wider
         keys = k_block if width is None else max(1, min(k_block, q_chunk + width - 1))
+        if fused(spec):
+            return _fused_memory(spec, q_chunk, keys)
         tile = spec.batch * spec.q_heads * q_chunk * keys * 4
         acc = spec.batch * spec.q_heads * q_chunk * (spec.v_head_dim + spec.head_dim + 2) * 4
         # the scores, updated in place into the probabilities, a keep mask and the product's
@@ -377,19 +557,24 @@ class ReferenceKernel(Kernel):
     def cost(self, spec: AttentionSpec) -> float:
         flops_rate, bytes_rate, op_s = RATES.get(spec.device.type, RATES["cpu"])
         elements, tiles, chunks = visits(spec)
-        passes = TILE_PASSES + (MASK_PASSES if spec.mask_terms else 0)
+        if fused(spec):
+            passes, per_tile = FUSED_PASSES, FUSED_OPS_PER_TILE
+        else:
+            passes, per_tile = TILE_PASSES + (MASK_PASSES if spec.mask_terms else 0), OPS_PER_TILE
         per_element = 2.0 * (spec.head_dim + spec.v_head_dim) / flops_rate + passes * 4 / bytes_rate
-        return elements * per_element + (tiles * OPS_PER_TILE + chunks * OPS_PER_CHUNK) * op_s
+        return elements * per_element + (tiles * per_tile + chunks * OPS_PER_CHUNK) * op_s
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         q_chunk, _ = chunk_sizes(spec)
         skipper = _Skipper(spec)
+        fuse = fused(spec)
         out = q.new_empty((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
         lse = q.new_empty((spec.batch, spec.q_heads, spec.q_len), dtype=lse_dtype(q.dtype))
         with torch.no_grad():
             for q0 in range(0, spec.q_len, q_chunk):
                 q1 = min(q0 + q_chunk, spec.q_len)
-                out_c, lse_c = _rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper)
+                rows = _fused_rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper) if fuse else None
+                out_c, lse_c = rows or _rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper)
                 out[:, :, q0:q1] = out_c
                 lse[:, :, q0:q1] = lse_c
         return out, lse
@@ -404,13 +589,14 @@ class ReferenceKernel(Kernel):
         if needs_mask_grad:
             grads["mask"] = torch.zeros_like(spec.mask, dtype=cdtype)
         dq = torch.empty_like(q)
+        fuse = fused(spec) and not (needs_bias_grad or needs_mask_grad)  # ATen's backward gives no score gradient
         with torch.no_grad():
             for q0 in range(0, spec.q_len, q_chunk):
                 q1 = min(q0 + q_chunk, spec.q_len)
-                dq[:, :, q0:q1] = _rows_backward(
-                    q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1],
-                    spec, q0, seed, skipper, grads,
-                )
+                rows = (q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1])
+                dq_rows = _fused_rows_backward(*rows, spec, q0, skipper, grads) if fuse else None
+                dq[:, :, q0:q1] = dq_rows if dq_rows is not None else _rows_backward(
+                    *rows, spec, q0, seed, skipper, grads)
             if spec.rows_need_fill():  # else no row is empty or its output is 0: nothing to look for
                 extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, needs_bias_grad,
                                         needs_mask_grad, seed)

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend
 
 from .approx_base import nan_lse, recompute_grads
+from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attention_cpu_backward
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, known_empty_rows,
                     no_rows_or_keys, output_without_rows_or_keys)
 from .layout import in_layout_of
@@ -312,38 +313,6 @@ def _pinned(states: list[bool], q, k, v, mask, is_causal: bool, scale, gqa: bool
             put(enabled)
 
 
-#: ATen's CPU flash attention through its generated binding (``torch.ops.aten`` parses the schema per call)
-_flash_attention_cpu = torch._scaled_dot_product_flash_attention_for_cpu
-#: its backward from the saved output and log-sum-exp (no binding of its own: the overload, resolved once)
-_flash_attention_cpu_backward = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
-
-#: whether ATen's CPU flash attention reads grouped K/V heads itself, once asked (``_cpu_flash_reads_groups``)
-_CPU_GROUPS: list[bool] = []
-
-
-def _cpu_flash_reads_groups() -> bool:
-    """Whether ``_flash_attention_cpu`` and its backward take fewer K/V heads than query heads and read each
-    query head's group (recent torch does, with the same arithmetic as on repeated heads, summing dK/dV over
-    the group): then nothing is repeated. Asked once per process, with a tiny call compared against
-    repeated heads."""
-    if not _CPU_GROUPS:
-        g = torch.Generator().manual_seed(0)
-        q, k, v = (torch.randn(1, h, 3, 4, generator=g) for h in (4, 2, 2))  # query heads 0, 1 read kv head 0
-        k2, v2 = k.repeat_interleave(2, 1), v.repeat_interleave(2, 1)
-        try:
-            out, lse = _flash_attention_cpu(q, k, v, 0.0, False)
-            grad = torch.randn(out.shape, generator=g)
-            grouped = _flash_attention_cpu_backward(grad, q, k, v, out, lse, 0.0, False)
-            repeated = _flash_attention_cpu_backward(grad, q, k2, v2, out, lse, 0.0, False)
-            summed = (repeated[0], *(r.view(1, 2, 2, 3, 4).sum(2) for r in repeated[1:]))  # over each group
-            same = torch.equal(out, _flash_attention_cpu(q, k2, v2, 0.0, False)[0]) and all(
-                a.shape == b.shape and torch.allclose(a, b, atol=1e-6) for a, b in zip(grouped, summed))
-            _CPU_GROUPS.append(bool(same))
-        except RuntimeError:
-            _CPU_GROUPS.append(False)
-    return _CPU_GROUPS[0]
-
-
 #: CUDA backends asked whether they take a mask in this process, and their answers
 _MASK_PROBES: dict[str, str] = {}
 #: CUDA backends found to refuse ``enable_gqa`` in this process
@@ -581,9 +550,9 @@ class SDPAKernel(Kernel):
         if no_rows_or_keys(spec):
             return (*output_without_rows_or_keys(q, spec), None)
         if self.device_type == "cpu":
-            k_all, v_all = (k, v) if spec.group_size == 1 or _cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
+            k_all, v_all = (k, v) if spec.group_size == 1 or cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
             mask, empty = mask_and_empty_rows(spec)
-            out, lse = _flash_attention_cpu(q, k_all, v_all, 0.0, _is_causal(spec), attn_mask=mask, scale=spec.scale)
+            out, lse = flash_attention_cpu(q, k_all, v_all, 0.0, _is_causal(spec), attn_mask=mask, scale=spec.scale)
             lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
             if lse.dtype != lse_dtype:
                 lse = lse.to(lse_dtype)
@@ -661,12 +630,12 @@ class SDPAKernel(Kernel):
                 masks = MaskSource(spec)
                 return lambda q, k, v, spec: _on_mask(attend, masks, q, k, v, spec)
             return lambda q, k, v, spec: attend(q, k, v, spec, None)
-        repeat = spec.group_size > 1 and not _cpu_flash_reads_groups()
+        repeat = spec.group_size > 1 and not cpu_flash_reads_groups()
 
         def attend(q, k, v, spec, mask):
             if repeat:
                 k, v = _repeat_kv(k, v, spec)
-            return _flash_attention_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=spec.scale)[0]
+            return flash_attention_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=spec.scale)[0]
 
         if not needs_mask(spec):
             return lambda q, k, v, spec: attend(q, k, v, spec, None)
@@ -771,14 +740,14 @@ class SDPAKernel(Kernel):
         return _with_fill_grads(grads, empty, q, k, v, grad_out, spec, False, False, seed)
 
     def _cpu_backward(self, grad_out, q, k, v, out, lse, spec, residual: tuple | None) -> Grads:
-        grouped = spec.group_size == 1 or _cpu_flash_reads_groups()
+        grouped = spec.group_size == 1 or cpu_flash_reads_groups()
         k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
         mask, empty = residual or mask_and_empty_rows(spec)
         empty = _rows_to_fill(empty, spec)
         grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
         if empty is not None:
             grad, out, lse = _opened(grad, out, lse, empty, spec)
-        dq, dk, dv = _flash_attention_cpu_backward(grad, q, k_all, v_all, out, lse, 0.0, _is_causal(spec),
+        dq, dk, dv = flash_attention_cpu_backward(grad, q, k_all, v_all, out, lse, 0.0, _is_causal(spec),
                                                    attn_mask=mask, scale=spec.scale)
         if not grouped:  # each kv head's gradient is the sum over its query-head group
             b, hkv, g, nk = spec.batch, spec.kv_heads, spec.group_size, spec.kv_len

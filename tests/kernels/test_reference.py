@@ -26,6 +26,17 @@ def small_tiles(k_block=8, tile_elements=256):
         reference.K_BLOCK, reference.TILE_ELEMENTS = saved
 
 
+@contextmanager
+def fused_tiles(fuse: bool):
+    """The CPU tiles through ATen's fused attention (``reference.fused``) or through the kernel's own ops."""
+    saved = reference.FUSED_CPU
+    reference.FUSED_CPU = fuse
+    try:
+        yield
+    finally:
+        reference.FUSED_CPU = saved
+
+
 @st.composite
 def problems(draw, dtypes=(torch.float32, torch.float16, torch.bfloat16)):
     """A random attention call: shapes, GQA, cross lengths, and any combination of mask terms."""
@@ -84,20 +95,22 @@ def assert_matches_oracle(out, ref, dtype):
     torch.testing.assert_close(out.double(), ref, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype], equal_nan=True)
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "own_ops"])
 @settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems())
-def test_forward_matches_float64_oracle(problem):
+@given(problem=problems())
+def test_forward_matches_float64_oracle(problem, fuse):
     q, k, v, spec = problem
     spec.validate()
-    with small_tiles():
+    with small_tiles(), fused_tiles(fuse):
         out, lse = reference.ReferenceKernel().forward(q, k, v, spec, seed=0)
     assert_matches_oracle(out, naive_attention(q, k, v, spec), q.dtype)
     assert lse.shape == q.shape[:-1]
 
 
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused", "own_ops"])
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(problems(dtypes=(torch.float64,)))
-def test_gradients_match_autograd_through_the_oracle(problem):
+@given(problem=problems(dtypes=(torch.float64,)))
+def test_gradients_match_autograd_through_the_oracle(problem, fuse):
     q, k, v, spec = problem
     bias_needs_grad = spec.bias is not None
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
@@ -110,7 +123,7 @@ def test_gradients_match_autograd_through_the_oracle(problem):
     expected = torch.autograd.grad(ref, inputs, grad_out, allow_unused=True)
 
     kernel = reference.ReferenceKernel()
-    with small_tiles():
+    with small_tiles(), fused_tiles(fuse):
         out, lse = kernel.forward(q, k, v, spec, seed=0)
         got = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, bias_needs_grad, mask is not None and mask.is_floating_point())
     got = [g for g in got if g is not None]
@@ -298,3 +311,87 @@ def test_memory_estimate_follows_the_band():
     tile, rows = 8 * q_chunk * (q_chunk + 127) * 4, 8 * q_chunk * (64 + 64 + 2) * 4  # a score tile, row state
     assert 3 * tile <= kernel.memory_bytes(window) <= 3 * tile + 2 * rows
     assert kernel.memory_bytes(window) < kernel.memory_bytes(causal) / 2
+
+
+def _counting(monkeypatch) -> dict:
+    """Count the calls of ATen's fused forward and backward that the reference kernel makes."""
+    calls = {"forward": 0, "backward": 0}
+    for name, key in (("flash_attention_cpu", "forward"), ("flash_attention_cpu_backward", "backward")):
+        real = getattr(reference, name)
+
+        def counted(*args, real=real, key=key, **kwargs):
+            calls[key] += 1
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(reference, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("terms", ["window", "window_padding_bias", "documents", "bool_mask_empty_rows", "finfo_min"])
+def test_fused_tiles_equal_the_kernels_own_ops_and_the_oracle(terms, dtype, monkeypatch):
+    """On the CPU the tiles go through ATen's fused attention, forward and backward, over several key blocks per
+    chunk (merged by their log-sum-exps), grouped heads and rows without keys; a row whose scores sit near a
+    huge fill falls back to the kernel's own ops. Both paths give the oracle's output and gradients."""
+    torch.manual_seed(0)
+    b, hq, hkv, n, d = 2, 4, 2, 150, 16
+    q = torch.randn(b, hq, n, d, dtype=dtype)
+    k, v = (torch.randn(b, hkv, n, d, dtype=dtype) for _ in range(2))
+    kw = dict(fill=Fill.FINITE)
+    if terms.startswith("window"):
+        kw.update(causal=True, window=Window(60, 0))
+    if terms == "window_padding_bias":
+        kw.update(key_padding=torch.tensor([n, 97]), bias=torch.randn(1, hq, n, n))  # float32 bias: fused
+    if terms == "documents":
+        doc = torch.repeat_interleave(torch.arange(3), torch.tensor([40, 70, 40]))[None].expand(b, n)
+        kw.update(q_doc=doc, kv_doc=doc)
+    if terms == "bool_mask_empty_rows":
+        mask = torch.rand(b, 1, n, n) > 0.5
+        mask[:, :, 7] = False  # row 7 sees no key
+        kw.update(mask=mask)
+    if terms == "finfo_min":  # HF's finite fill: padded keys at finfo.min, a row with every key there
+        mask = torch.zeros(b, 1, n, n)
+        mask[1, :, :, 100:] = torch.finfo(torch.float32).min
+        mask[1, :, 5] = torch.finfo(torch.float32).min
+        kw.update(mask=mask, fill=Fill.NEG_INF)
+    spec = AttentionSpec.from_tensors(q, k, v, **kw)
+    assert reference.fused(spec)
+    grad_out = torch.randn(b, hq, n, d, dtype=dtype)
+    kernel = reference.ReferenceKernel()
+    results = {}
+    for fuse in (True, False):
+        calls = _counting(monkeypatch)
+        with small_tiles(k_block=32, tile_elements=b * hq * 32 * 32), fused_tiles(fuse):
+            out, lse = kernel.forward(q, k, v, spec, seed=0)
+            grads = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)[:3]
+        results[fuse] = (out, lse, *grads)
+        if not fuse:
+            assert calls == {"forward": 0, "backward": 0}
+        elif terms == "finfo_min":  # batch row 1's lse is near finfo.min: those chunks take the own ops
+            assert calls["forward"] > 0
+        else:
+            assert calls["forward"] > 0 and calls["backward"] > 0, calls
+    tol = dict(atol=TOLERANCE[dtype] * 10, rtol=TOLERANCE[dtype] * 10)
+    for name, got, want in zip(("out", "lse", "dq", "dk", "dv"), results[True], results[False]):
+        torch.testing.assert_close(got, want, equal_nan=True, **tol, msg=lambda m: f"{name}: {m}")
+    ref = naive_attention(q, k, v, spec)
+    torch.testing.assert_close(results[True][0].double(), ref, equal_nan=True, **tol)
+    if dtype == torch.float64:
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        expected = torch.autograd.grad(naive_attention(*leaves, spec), leaves, grad_out)
+        for name, got, want in zip(("dq", "dk", "dv"), results[True][2:], expected):
+            torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_only_where_aten_computes_the_same_function():
+    q, k, v = (torch.randn(1, 2, 8, 4) for _ in range(3))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True)
+    assert reference.fused(spec)
+    assert not reference.fused(spec.with_(dropout_p=0.1))  # the kernel's own dropout, per tile
+    assert not reference.fused(spec.with_(softcap=5.0))
+    assert not reference.fused(AttentionSpec.from_tensors(q, k, torch.randn(1, 2, 8, 6)))  # two head dims
+    half = [t.bfloat16() for t in (q, k, v)]
+    assert not reference.fused(AttentionSpec.from_tensors(*half, bias=torch.randn(8, 8, dtype=torch.bfloat16)))
+    assert reference.fused(AttentionSpec.from_tensors(*half, bias=torch.randn(8, 8)))
+    meta = torch.empty(1, 2, 8, 4, device="meta")
+    assert not reference.fused(AttentionSpec.from_tensors(meta, meta, meta))
