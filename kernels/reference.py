@@ -64,6 +64,10 @@ FUSED_CPU = True
 #: c + w - 1 keys for the w each row needs, and costs one call of a few tens of us (2-core CPU, w = 128:
 #: c = 64 took 11.6 ms at N = 2048, 8 heads, D = 64; c = 32, 128 and 256 took 14.2, 13.6 and 15.0 ms)
 FUSED_BAND_CHUNK = (32, 256)
+#: a fused chunk of packed documents has at most this many rows: its keys are its documents' span (measured on a
+#: 2-core CPU, causal, 8 heads, D 64: 16 documents at N 2048, 64 and 4 at N 8192 took 17.1 / 71.4 / 184.6 ms in
+#: chunks of N / 8 rows, 15.3 / 40.3 / 155.2 ms in chunks of 256, 14.9 / 36.6 / 187.4 ms in chunks of 128)
+FUSED_DOCUMENT_CHUNK = 256
 #: the cost model's passes over a fused tile (its mask's building and reading, the softmax in cache) and ops per
 #: tile (the mask, the call, the merge of key blocks)
 FUSED_PASSES, FUSED_OPS_PER_TILE = 3, 8
@@ -102,6 +106,8 @@ def chunk_sizes(spec: AttentionSpec) -> tuple[int, int]:
     if width is not None:
         low, high = FUSED_BAND_CHUNK
         q_chunk = min(q_chunk, max(low, min(high, width // 2)) if fused(spec) else max(16, width))
+    if spec.q_doc is not None and fused(spec):
+        q_chunk = min(q_chunk, FUSED_DOCUMENT_CHUNK)
     return q_chunk, k_block
 
 
