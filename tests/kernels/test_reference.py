@@ -395,3 +395,28 @@ def test_fused_only_where_aten_computes_the_same_function():
     assert reference.fused(AttentionSpec.from_tensors(*half, bias=torch.randn(8, 8)))
     meta = torch.empty(1, 2, 8, 4, device="meta")
     assert not reference.fused(AttentionSpec.from_tensors(meta, meta, meta))
+
+
+@pytest.mark.parametrize("reads_groups", [True, False])
+def test_fused_tiles_take_hf_layouts_and_repeat_groups_where_aten_does_not_read_them(reads_groups, monkeypatch):
+    """Queries, keys and values as HF hands them (``[B, N, H, D]`` transposed views) and, where ATen reads no groups
+    itself, K/V repeated per query head and their gradients summed back: the oracle's output and gradients."""
+    from attnopt.kernels import aten_cpu
+
+    monkeypatch.setattr(aten_cpu, "_CPU_GROUPS", [reads_groups])
+    torch.manual_seed(0)
+    q = torch.randn(2, 70, 6, 16, dtype=torch.float64).transpose(1, 2)
+    k, v = (torch.randn(2, 70, 2, 16, dtype=torch.float64).transpose(1, 2) for _ in range(2))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, window=Window(20, 0), key_padding=torch.tensor([70, 50]))
+    grad_out = torch.randn(2, 6, 70, 16, dtype=torch.float64)
+    calls = _counting(monkeypatch)
+    kernel = reference.ReferenceKernel()
+    with small_tiles(k_block=16, tile_elements=2 * 6 * 16 * 16):
+        out, lse = kernel.forward(q, k, v, spec, seed=0)
+        dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)[:3]
+    assert calls["forward"] > 0 and calls["backward"] > 0
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*leaves, spec)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-10)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6, msg=lambda m: f"{name}: {m}")
