@@ -464,7 +464,10 @@ class SDPAKernel(Kernel):
 
     def memory_bytes(self, spec: AttentionSpec) -> int:
         repeated = 0
-        if spec.group_size > 1:
+        # cuDNN reads each K/V head once for its query-head group (``_grouped``, ``_sdpa_call``) unless this build
+        # refused groups; the other backends get K/V repeated per query head
+        native = self.backend == SDPBackend.CUDNN_ATTENTION and self.name not in _NO_NATIVE_GQA
+        if spec.group_size > 1 and not native:
             repeated = spec.batch * spec.q_heads * spec.kv_len * (spec.head_dim + spec.v_head_dim) * spec.dtype.itemsize
         workspace = 0
         if self.device_type == "cpu":
