@@ -420,3 +420,31 @@ def test_fused_tiles_take_hf_layouts_and_repeat_groups_where_aten_does_not_read_
     torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-10)
     for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, grad_out)):
         torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fused_chunks_end_where_packed_documents_end():
+    """Where every batch row packs the same documents, a fused chunk ends at a document's end once it has
+    ``FUSED_DOCUMENT_MIN`` rows (a short document joins the next), a long one is cut at the chunk size; output and
+    gradients stay the oracle's. Rows whose documents differ keep the plain chunks."""
+    torch.manual_seed(0)
+    lengths = torch.tensor([40, 100, 60, 400, 20])
+    n = int(lengths.sum())
+    doc = torch.repeat_interleave(torch.arange(5), lengths)[None].expand(2, n)
+    q, k, v = (torch.randn(2, 4, n, 16, dtype=torch.float64) for _ in range(3))
+    spec = AttentionSpec.from_tensors(q, k, v, q_doc=doc, kv_doc=doc)  # documents seen both ways (no causal cut)
+    q_chunk, _ = reference.chunk_sizes(spec)
+    assert q_chunk == reference.FUSED_DOCUMENT_CHUNK == 256 and reference.FUSED_DOCUMENT_MIN == 64
+    # 40 rows join the next document; 60 + 400 rows are cut at 256; the last 20 rows close the call
+    assert reference._chunks(spec) == [(0, 140), (140, 396), (396, 600), (600, 620)]
+    other = doc.clone()
+    other[1, :10] = 7
+    assert reference._chunks(spec.with_(q_doc=other, kv_doc=other)) == [(0, 256), (256, 512), (512, 620)]
+    grad_out = torch.randn_like(q)
+    kernel = reference.ReferenceKernel()
+    out, lse = kernel.forward(q, k, v, spec, seed=0)
+    dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)[:3]
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*leaves, spec)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-10)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, grad_out)):
+        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6, msg=lambda m: f"{name}: {m}")
