@@ -1,6 +1,7 @@
 """The banded reference kernel against the CPU's other exact kernels, on causal and sliding-window calls.
 
     python benchmarks/reference_band.py [--lengths 2048 8192] [--rounds 5] [--threads N] [--cpu-time] [--backward]
+                                        [--plain-document-chunks]
 
 For each length and mask (causal; causal window of 128 keys; 16 causal documents packed), one forward of
 ``reference``, ``sdpa_cpu`` and ``flex`` (compiled FlexAttention, by name on the
@@ -11,7 +12,8 @@ memory estimate is printed beside its time. On a shared machine, ``--threads 1
 cost, without the waits of a busy machine (a kernel of many small parallel ops
 waits for its second thread at every op when the cores are shared). ``--backward``
 times each kernel's forward and backward from a fresh output gradient instead
-(without ``flex``: FlexAttention has no backward on the CPU).
+(without ``flex``: FlexAttention has no backward on the CPU). ``--plain-document-chunks``
+cuts ``reference``'s chunks of packed documents by size alone, as before they ended where documents end.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import time
 
 import torch
 
-from attnopt.kernels import registry
+from attnopt.kernels import reference, registry
 from attnopt.kernels.spec import AttentionSpec, Window
 
 KERNELS = ("reference", "sdpa_cpu", "flex")
@@ -58,11 +60,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--cpu-time", action="store_true", help="the process's CPU time, not wall time")
     parser.add_argument("--backward", action="store_true", help="forward + backward, not the forward alone")
+    parser.add_argument("--plain-document-chunks", action="store_true",
+                        help="reference's chunks of packed documents by size alone, not ending where documents end")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     clock = time.process_time if args.cpu_time else time.perf_counter
     kernels = tuple(name for name in KERNELS if not (args.backward and name == "flex"))
+    if args.plain_document_chunks:
+        reference._document_starts = lambda spec: None
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
           f"float32, B=1, H=8, D=64, {'forward + backward' if args.backward else 'forward'}, median of {args.rounds} "
