@@ -1,9 +1,10 @@
 """The banded reference kernel against the CPU's other exact kernels, on causal and sliding-window calls.
 
     python benchmarks/reference_band.py [--lengths 2048 8192] [--rounds 5] [--threads N] [--cpu-time] [--backward]
-                                        [--plain-document-chunks]
+                                        [--masks ...] [--plain-document-chunks] [--no-document-runs]
 
-For each length and mask (causal; causal window of 128 keys; 16 causal documents packed), one forward of
+For each length and mask (causal; causal window of 128 keys; 16 causal documents packed, of one length or of
+lengths drawn between a quarter and twice their mean), one forward of
 ``reference``, ``sdpa_cpu`` and ``flex`` (compiled FlexAttention, by name on the
 CPU) in float32, batch 1, 8 heads, head dim 64, under no_grad: the median of
 interleaved rounds, and flex's first call (its compilation) apart. Each kernel's
@@ -13,7 +14,8 @@ cost, without the waits of a busy machine (a kernel of many small parallel ops
 waits for its second thread at every op when the cores are shared). ``--backward``
 times each kernel's forward and backward from a fresh output gradient instead
 (without ``flex``: FlexAttention has no backward on the CPU). ``--plain-document-chunks``
-cuts ``reference``'s chunks of packed documents by size alone, as before they ended where documents end.
+cuts ``reference``'s chunks of packed documents by size alone, as before they ended where documents end;
+``--no-document-runs`` keeps those chunks but no run of whole documents in one call (``reference._document_run``).
 """
 
 from __future__ import annotations
@@ -28,15 +30,21 @@ from attnopt.kernels.spec import AttentionSpec, Window
 
 KERNELS = ("reference", "sdpa_cpu", "flex")
 MASKS = {"causal": dict(causal=True), "window 128": dict(causal=True, window=Window(127, 0)),
-         "16 documents": dict(causal=True, documents=16)}
+         "16 documents": dict(causal=True, documents=16), "16 uneven documents": dict(causal=True, uneven=16)}
 
 
 def terms_of(mask: dict, n: int) -> dict:
-    """The spec's terms for a row of MASKS at length ``n``: ``documents=d`` packs d documents of equal length."""
+    """The spec's terms for a row of MASKS at length ``n``: ``documents=d`` packs d documents of equal length,
+    ``uneven=d`` d documents of lengths drawn (seeded) between a quarter and twice their mean."""
     terms = dict(mask)
-    documents = terms.pop("documents", None)
+    documents, uneven = terms.pop("documents", None), terms.pop("uneven", None)
     if documents is not None:
         doc = (torch.arange(n) * documents // n)[None]
+        terms.update(q_doc=doc, kv_doc=doc)
+    if uneven is not None:
+        weights = torch.empty(uneven).uniform_(0.25, 2.0, generator=torch.Generator().manual_seed(uneven))
+        ends = (weights.cumsum(0) / weights.sum() * n).round().long()
+        doc = torch.searchsorted(ends, torch.arange(n), right=True)[None]
         terms.update(q_doc=doc, kv_doc=doc)
     return terms
 
@@ -62,6 +70,9 @@ def main() -> None:
     parser.add_argument("--backward", action="store_true", help="forward + backward, not the forward alone")
     parser.add_argument("--plain-document-chunks", action="store_true",
                         help="reference's chunks of packed documents by size alone, not ending where documents end")
+    parser.add_argument("--no-document-runs", action="store_true",
+                        help="no run of whole documents in one call of reference's (their chunks end where they end)")
+    parser.add_argument("--masks", nargs="+", choices=list(MASKS), default=list(MASKS))
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -69,6 +80,8 @@ def main() -> None:
     kernels = tuple(name for name in KERNELS if not (args.backward and name == "flex"))
     if args.plain_document_chunks:
         reference._document_starts = lambda spec: None
+    if args.no_document_runs:
+        reference.FUSED_DOCUMENT_RUN = 0
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {'CPU' if args.cpu_time else 'wall'} time, "
           f"float32, B=1, H=8, D=64, {'forward + backward' if args.backward else 'forward'}, median of {args.rounds} "
@@ -78,7 +91,8 @@ def main() -> None:
     with torch.no_grad():
         for n in args.lengths:
             q, k, v = (torch.randn(1, 8, n, 64) for _ in range(3))
-            for mask, terms in MASKS.items():
+            for mask in args.masks:
+                terms = MASKS[mask]
                 spec = AttentionSpec.from_tensors(q, k, v, **terms_of(terms, n))
                 grad = torch.randn_like(q)
                 runs = {name: (lambda kernel=registry.get(name): step(kernel, q, k, v, grad, spec, args.backward))

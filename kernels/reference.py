@@ -39,7 +39,7 @@ import torch
 from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attention_cpu_backward
 from .registry import Grads, Kernel, register
 from .fills import empty_row_grads, fill_empty_rows
-from .spec import AttentionSpec, key_padding_keep
+from .spec import AttentionSpec, same_memory, key_padding_keep
 
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
@@ -73,6 +73,13 @@ FUSED_DOCUMENT_CHUNK = 256
 #: (one call each would cost more than the keys they share). 16 documents of 128 at N 2048, 8 heads, D 64, 2-core
 #: CPU: 5.4 ms in one call per document, 13.4 ms in chunks of 256 rows (two documents' keys each)
 FUSED_DOCUMENT_MIN = 64
+#: packed documents that are whole (``_whole_documents``: self-attention with causal or nothing else on top) and
+#: of one length go through ATen in runs of up to this many rows, each document its own batch entry of the call
+#: (``_document_run``); a longer document takes the chunks
+FUSED_DOCUMENT_RUN = 1024
+#: a run has at least this many rows: its call costs ATen's alone (2-core CPU, one thread, 8 heads, D 64, causal: 32
+#: us for a document of 8 rows, 108 us for 31, 171 us for 64), where a plain chunk also builds its mask (0.3-0.5 ms)
+FUSED_RUN_MIN = 16
 #: the cost model's passes over a fused tile (its mask's building and reading, the softmax in cache) and ops per
 #: tile (the mask, the call, the merge of key blocks)
 FUSED_PASSES, FUSED_OPS_PER_TILE = 3, 8
@@ -116,20 +123,45 @@ def chunk_sizes(spec: AttentionSpec) -> tuple[int, int]:
     return q_chunk, k_block
 
 
-def _chunks(spec: AttentionSpec) -> list[tuple[int, int]]:
-    """The query chunks ``(q0, q1)`` forward and backward walk: ``chunk_sizes``' rows, or for fused packed documents
-    that every batch row shares, chunks that end where documents end (``FUSED_DOCUMENT_MIN``)."""
+def _chunks(spec: AttentionSpec) -> list[tuple[int, int, int]]:
+    """The query chunks ``(q0, q1, length)`` forward and backward walk: ``chunk_sizes``' rows, or for fused packed
+    documents that every batch row shares, chunks that end where documents end (``FUSED_DOCUMENT_MIN``). Where the
+    documents are whole (``_whole_documents``), consecutive ones of one ``length`` are a run of their own, one
+    fused call (``_document_run``); ``length`` is 0 for every other chunk."""
     q_chunk, _ = chunk_sizes(spec)
     starts = _document_starts(spec) if spec.q_doc is not None and fused(spec) else None
     if starts is None:
-        return [(q0, min(q0 + q_chunk, spec.q_len)) for q0 in range(0, spec.q_len, q_chunk)]
-    chunks, q0 = [], 0
-    for end in starts + [spec.q_len]:
-        while end - q0 > q_chunk:  # a long document, or short ones gathered past the chunk: cut at the chunk
-            chunks.append((q0, q0 + q_chunk))
+        return [(q0, min(q0 + q_chunk, spec.q_len), 0) for q0 in range(0, spec.q_len, q_chunk)]
+    docs = list(zip([0] + starts, starts + [spec.q_len]))
+    whole = _whole_documents(spec, starts)
+    chunks, span, ends, i = [], 0, [], 0  # ends: the documents since ``span`` that take plain chunks
+    while i < len(docs):
+        start, end = docs[i]
+        length, j = end - start, i + 1
+        while (whole and j < len(docs) and docs[j][1] - docs[j][0] == length
+               and (j + 1 - i) * length <= FUSED_DOCUMENT_RUN):
+            j += 1
+        run_end = docs[j - 1][1]
+        if whole and length <= FUSED_DOCUMENT_RUN and run_end - start >= FUSED_RUN_MIN:
+            chunks += _cut(span, ends, q_chunk)
+            chunks.append((start, run_end, length))
+            span, ends = run_end, []
+        else:
+            ends += [doc[1] for doc in docs[i:j]]
+        i = j
+    return chunks + _cut(span, ends, q_chunk)
+
+
+def _cut(q0: int, ends: list[int], q_chunk: int) -> list[tuple[int, int, int]]:
+    """Plain chunks from row ``q0`` through the documents ending at ``ends``: each ends where a document ends once
+    it has ``FUSED_DOCUMENT_MIN`` rows (a short document joins the next), a long one is cut at ``q_chunk``."""
+    chunks = []
+    for end in ends:
+        while end - q0 > q_chunk:
+            chunks.append((q0, q0 + q_chunk, 0))
             q0 += q_chunk
-        if end > q0 and (end - q0 >= FUSED_DOCUMENT_MIN or end == spec.q_len):
-            chunks.append((q0, end))
+        if end > q0 and (end - q0 >= FUSED_DOCUMENT_MIN or end == ends[-1]):
+            chunks.append((q0, end, 0))
             q0 = end
     return chunks
 
@@ -142,6 +174,28 @@ def _document_starts(spec: AttentionSpec) -> list[int] | None:
         return None
     row = ids[0]
     return (torch.nonzero(row[1:] != row[:-1]).flatten() + 1).tolist()
+
+
+def _runs_possible(spec: AttentionSpec) -> bool:
+    """What ``_whole_documents`` reads from the spec's structure alone: fused self-attention over documents
+    without offset, causal or no band, no other term."""
+    if spec.q_doc is None or not fused(spec) or spec.q_len != spec.kv_len or spec.diagonal_offset != 0:
+        return False
+    no_terms = spec.key_padding is None and spec.mask is None and spec.bias is None
+    return no_terms and spec.band() in ((None, None), (None, 0))
+
+
+def _whole_documents(spec: AttentionSpec, starts: list[int]) -> bool:
+    """Whether each packed document attends to itself alone, so that a document is one attention of its own:
+    self-attention (the query and key ids are the same ids, no offset), causal or no band, no other term, and no
+    id shared by two documents apart (``ids[i] == ids[j]`` joins rows whatever lies between them)."""
+    if not _runs_possible(spec):
+        return False
+    q_doc, kv_doc = spec.q_doc, spec.kv_doc
+    if not (same_memory(q_doc, kv_doc) or (q_doc.shape == kv_doc.shape and torch.equal(q_doc, kv_doc))):
+        return False
+    ids = q_doc[0, [0] + starts]
+    return ids.unique().numel() == ids.numel()
 
 
 def fused(spec: AttentionSpec) -> bool:
@@ -522,6 +576,54 @@ def _fused_rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, 
     return dq
 
 
+def _run_shape(spec: AttentionSpec, q0: int, q1: int, length: int, dim: int) -> tuple[int, ...]:
+    """A run of documents' rows ``[B, H, q1 - q0, dim]`` as ATen's call sees them: one batch entry per (batch row,
+    head), one head per document."""
+    return spec.batch * spec.q_heads, (q1 - q0) // length, length, dim
+
+
+def _run_kv(k, v, spec: AttentionSpec, q0: int, q1: int, cdtype):
+    """The run's keys and values, repeated per query head (the call's batch entries are the query heads)."""
+    k_t, v_t = k[:, :, q0:q1].to(cdtype), v[:, :, q0:q1].to(cdtype)
+    if spec.group_size > 1:
+        k_t, v_t = (t.repeat_interleave(spec.group_size, 1) for t in (k_t, v_t))
+    return k_t, v_t
+
+
+def _document_run(q, k, v, spec: AttentionSpec, q0: int, q1: int, length: int):
+    """Output and log-sum-exp of rows ``q0:q1``, whole documents of ``length`` rows each (``_chunks``), in one call
+    of ATen's fused attention with each document a batch entry of its own (causal within it where the spec is
+    causal): no mask is built, and every row sees at least its own key."""
+    cdtype = _compute_dtype(q.dtype)
+    k_t, v_t = _run_kv(k, v, spec, q0, q1, cdtype)
+    shape = _run_shape(spec, q0, q1, length, spec.head_dim)
+    out, lse = flash_attention_cpu(q[:, :, q0:q1].to(cdtype).reshape(shape), k_t.reshape(shape),
+                                   v_t.reshape(_run_shape(spec, q0, q1, length, spec.v_head_dim)), 0.0, spec.causal,
+                                   scale=spec.scale)
+    rows = (spec.batch, spec.q_heads, q1 - q0)
+    return out.reshape(*rows, spec.v_head_dim), lse.reshape(rows).to(cdtype)
+
+
+def _document_run_backward(q, k, v, out, lse, grad_out, spec: AttentionSpec, q0: int, q1: int, length: int, grads):
+    """``_document_run``'s backward into ``grads`` (dK, dV) and its dQ; None (nothing accumulated) when a row's
+    log-sum-exp passes ``LSE_EXACT_LIMIT``, as ``_fused_rows_backward``."""
+    cdtype = _compute_dtype(q.dtype)
+    lse = lse[:, :, q0:q1].to(cdtype)
+    if bool((lse.abs() > LSE_EXACT_LIMIT).any()):
+        return None
+    k_t, v_t = _run_kv(k, v, spec, q0, q1, cdtype)
+    shape = _run_shape(spec, q0, q1, length, spec.head_dim)
+    v_shape = _run_shape(spec, q0, q1, length, spec.v_head_dim)
+    rows = (spec.batch, spec.q_heads, q1 - q0, spec.head_dim)
+    dq, dk, dv = flash_attention_cpu_backward(
+        grad_out[:, :, q0:q1].to(cdtype).reshape(v_shape), q[:, :, q0:q1].to(cdtype).reshape(shape),
+        k_t.reshape(shape), v_t.reshape(v_shape), out[:, :, q0:q1].to(cdtype).reshape(v_shape), lse.reshape(shape[:3]),
+        0.0, spec.causal, scale=spec.scale)
+    grads["k"][:, :, q0:q1] += _group_sum(dk.reshape(rows), spec)
+    grads["v"][:, :, q0:q1] += _group_sum(dv.reshape(*rows[:3], spec.v_head_dim), spec)
+    return dq.reshape(rows)
+
+
 def _accumulate_term(total: torch.Tensor, ds: torch.Tensor, q0: int, q1: int, k0: int, k1: int) -> None:
     """Add the score gradient of a tile to an additive term's gradient, summed over its broadcast dims."""
     b, hkv, g, nq, nk = ds.shape
@@ -568,8 +670,12 @@ def _fused_memory(spec: AttentionSpec, q_chunk: int, keys: int) -> int:
     mask = ((q_chunk if per_row else 1) * keys * (spec.batch if batched else 1) * (spec.q_heads if per_head else 1)
             * itemsize)
     rows = spec.batch * spec.q_heads * q_chunk * (spec.v_head_dim + 1) * itemsize
-    return 2 * mask + 4 * rows + torch.get_num_threads() * _aten_thread_bytes(q_chunk, keys, spec.v_head_dim,
-                                                                              itemsize)
+    chunks = 2 * mask + 4 * rows
+    if _runs_possible(spec):  # a run's dQ, dK and dV (and its K/V repeated per query head)
+        run_rows = min(spec.q_len, FUSED_DOCUMENT_RUN)
+        run = spec.batch * spec.q_heads * run_rows * (spec.head_dim + 1) * itemsize * (5 if spec.group_size > 1 else 3)
+        chunks = max(chunks, run)
+    return chunks + torch.get_num_threads() * _aten_thread_bytes(q_chunk, keys, spec.v_head_dim, itemsize)
 
 
 class ReferenceKernel(Kernel):
@@ -609,9 +715,12 @@ class ReferenceKernel(Kernel):
         out = q.new_empty((spec.batch, spec.q_heads, spec.q_len, spec.v_head_dim))
         lse = q.new_empty((spec.batch, spec.q_heads, spec.q_len), dtype=lse_dtype(q.dtype))
         with torch.no_grad():
-            for q0, q1 in _chunks(spec):
-                rows = _fused_rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper) if fuse else None
-                out_c, lse_c = rows or _rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper)
+            for q0, q1, length in _chunks(spec):
+                if length:
+                    out_c, lse_c = _document_run(q, k, v, spec, q0, q1, length)
+                else:
+                    rows = _fused_rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper) if fuse else None
+                    out_c, lse_c = rows or _rows(q[:, :, q0:q1], k, v, spec, q0, seed, skipper)
                 out[:, :, q0:q1] = out_c
                 lse[:, :, q0:q1] = lse_c
         return out, lse
@@ -627,11 +736,19 @@ class ReferenceKernel(Kernel):
         dq = torch.empty_like(q)
         fuse = fused(spec) and not (needs_bias_grad or needs_mask_grad)  # ATen's backward gives no score gradient
         with torch.no_grad():
-            for q0, q1 in _chunks(spec):
-                rows = (q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1])
-                dq_rows = _fused_rows_backward(*rows, spec, q0, skipper, grads) if fuse else None
-                dq[:, :, q0:q1] = dq_rows if dq_rows is not None else _rows_backward(
-                    *rows, spec, q0, seed, skipper, grads)
+            q_chunk, _ = chunk_sizes(spec)
+            for c0, c1, length in _chunks(spec):
+                dq_run = _document_run_backward(q, k, v, out, lse, grad_out, spec, c0, c1, length, grads) if (
+                    length) else None
+                if dq_run is not None:
+                    dq[:, :, c0:c1] = dq_run
+                    continue
+                for q0 in range(c0, c1, q_chunk if length else c1 - c0):  # a run that falls back: plain chunks
+                    q1 = min(c1, q0 + q_chunk) if length else c1
+                    rows = (q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1])
+                    dq_rows = _fused_rows_backward(*rows, spec, q0, skipper, grads) if fuse else None
+                    dq[:, :, q0:q1] = dq_rows if dq_rows is not None else _rows_backward(
+                        *rows, spec, q0, seed, skipper, grads)
             if spec.rows_need_fill():  # else no row is empty or its output is 0: nothing to look for
                 extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, needs_bias_grad,
                                         needs_mask_grad, seed)

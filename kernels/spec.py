@@ -241,7 +241,7 @@ class AttentionSpec:
         memory (two views of one id tensor, as a packed model's ``ids[:, :, None] == ids[:, None, :]`` gives
         them), so query i and key i share a document, and the band keeps the diagonal. Read from this call's
         tensors (their addresses and layouts, no values), so it holds for the call whose spec this is."""
-        if not _same_memory(self.q_doc, self.kv_doc):
+        if not same_memory(self.q_doc, self.kv_doc):
             return False
         lo, hi = self.band()
         diagonal = -self.diagonal_offset  # j - i - offset at j = i
@@ -352,7 +352,7 @@ class AttentionSpec:
         )
 
 
-def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether ``a`` and ``b`` read the same elements: one address, dtype, shape and (over dims longer than 1)
     strides. Tensors without memory of their own (meta, fake, other subclasses) never qualify."""
     if a is b:

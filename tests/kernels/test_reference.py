@@ -397,6 +397,18 @@ def test_fused_only_where_aten_computes_the_same_function():
     assert not reference.fused(AttentionSpec.from_tensors(meta, meta, meta))
 
 
+def _forward_backward_match_oracle(q, k, v, spec, grad_out, atol=1e-10, grad_atol=1e-8, grad_rtol=1e-6):
+    """``reference``'s forward and backward on these inputs equal autograd through the float64 oracle."""
+    kernel = reference.ReferenceKernel()
+    out, lse = kernel.forward(q, k, v, spec, seed=0)
+    dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)[:3]
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    ref = naive_attention(*leaves, spec)
+    torch.testing.assert_close(out, ref.detach(), atol=atol, rtol=atol)
+    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, grad_out)):
+        torch.testing.assert_close(got, want, atol=grad_atol, rtol=grad_rtol, msg=lambda m: f"{name}: {m}")
+
+
 @pytest.mark.parametrize("reads_groups", [True, False])
 def test_fused_tiles_take_hf_layouts_and_repeat_groups_where_aten_does_not_read_them(reads_groups, monkeypatch):
     """Queries, keys and values as HF hands them (``[B, N, H, D]`` transposed views) and, where ATen reads no groups
@@ -410,16 +422,9 @@ def test_fused_tiles_take_hf_layouts_and_repeat_groups_where_aten_does_not_read_
     spec = AttentionSpec.from_tensors(q, k, v, causal=True, window=Window(20, 0), key_padding=torch.tensor([70, 50]))
     grad_out = torch.randn(2, 6, 70, 16, dtype=torch.float64)
     calls = _counting(monkeypatch)
-    kernel = reference.ReferenceKernel()
     with small_tiles(k_block=16, tile_elements=2 * 6 * 16 * 16):
-        out, lse = kernel.forward(q, k, v, spec, seed=0)
-        dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)[:3]
+        _forward_backward_match_oracle(q, k, v, spec, grad_out)
     assert calls["forward"] > 0 and calls["backward"] > 0
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
-    ref = naive_attention(*leaves, spec)
-    torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-10)
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
 def test_fused_chunks_end_where_packed_documents_end():
@@ -431,20 +436,99 @@ def test_fused_chunks_end_where_packed_documents_end():
     n = int(lengths.sum())
     doc = torch.repeat_interleave(torch.arange(5), lengths)[None].expand(2, n)
     q, k, v = (torch.randn(2, 4, n, 16, dtype=torch.float64) for _ in range(3))
-    spec = AttentionSpec.from_tensors(q, k, v, q_doc=doc, kv_doc=doc)  # documents seen both ways (no causal cut)
+    # documents seen both ways (no causal cut), with a key padding that keeps every key: no document is whole
+    # (``_whole_documents``), so none is a run of its own
+    spec = AttentionSpec.from_tensors(q, k, v, q_doc=doc, kv_doc=doc, key_padding=torch.ones(2, n, dtype=torch.bool))
     q_chunk, _ = reference.chunk_sizes(spec)
     assert q_chunk == reference.FUSED_DOCUMENT_CHUNK == 256 and reference.FUSED_DOCUMENT_MIN == 64
     # 40 rows join the next document; 60 + 400 rows are cut at 256; the last 20 rows close the call
-    assert reference._chunks(spec) == [(0, 140), (140, 396), (396, 600), (600, 620)]
+    assert reference._chunks(spec) == [(0, 140, 0), (140, 396, 0), (396, 600, 0), (600, 620, 0)]
     other = doc.clone()
     other[1, :10] = 7
-    assert reference._chunks(spec.with_(q_doc=other, kv_doc=other)) == [(0, 256), (256, 512), (512, 620)]
-    grad_out = torch.randn_like(q)
-    kernel = reference.ReferenceKernel()
-    out, lse = kernel.forward(q, k, v, spec, seed=0)
-    dq, dk, dv = kernel.backward(grad_out, q, k, v, out, lse, spec, 0, False, False)[:3]
-    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-    ref = naive_attention(*leaves, spec)
-    torch.testing.assert_close(out, ref.detach(), atol=1e-10, rtol=1e-10)
-    for name, got, want in zip(("dq", "dk", "dv"), (dq, dk, dv), torch.autograd.grad(ref, leaves, grad_out)):
-        torch.testing.assert_close(got, want, atol=1e-8, rtol=1e-6, msg=lambda m: f"{name}: {m}")
+    assert reference._chunks(spec.with_(q_doc=other, kv_doc=other)) == [(0, 256, 0), (256, 512, 0), (512, 620, 0)]
+    _forward_backward_match_oracle(q, k, v, spec, torch.randn_like(q))
+
+
+@contextmanager
+def _counted_runs():
+    """Counts ``reference._document_run`` calls and the runs whose backward fell back to plain chunks."""
+    counts = {"runs": 0, "backward": 0, "fallback": 0}
+    run, run_backward = reference._document_run, reference._document_run_backward
+
+    def counted(*args):
+        counts["runs"] += 1
+        return run(*args)
+
+    def counted_backward(*args):
+        dq = run_backward(*args)
+        counts["backward" if dq is not None else "fallback"] += 1
+        return dq
+
+    reference._document_run, reference._document_run_backward = counted, counted_backward
+    try:
+        yield counts
+    finally:
+        reference._document_run, reference._document_run_backward = run, run_backward
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_whole_documents_of_one_length_are_one_call(monkeypatch, causal, heads, transposed):
+    """Packed documents that attend to themselves alone run as runs of equal lengths, one ATen call each with a
+    document per batch entry (``_document_run``); a short or over-long document takes plain chunks. Output and
+    gradients equal the oracle's, with grouped K/V heads and HF's ``[B, N, H, D]`` layout too."""
+    monkeypatch.setattr(reference, "FUSED_DOCUMENT_RUN", 256)
+    torch.manual_seed(1)
+    lengths = torch.tensor([10, 40, 100, 100, 100, 60, 300, 20])
+    n = int(lengths.sum())
+    doc = torch.repeat_interleave(torch.arange(8), lengths)[None].expand(2, n)
+    q, k, v = (torch.randn(2, n, h, 16, dtype=torch.float64).transpose(1, 2) for h in (heads[0], *heads[1:] * 2))
+    if not transposed:
+        q, k, v = (t.contiguous() for t in (q, k, v))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=causal, q_doc=doc, kv_doc=doc)
+    # 10 rows are below a run's FUSED_RUN_MIN; the 100s pair up to the run's 256 rows; 300 rows are more than a run
+    # takes: plain chunks, cut at the chunk size (causal: a ninth of the call)
+    q_chunk, _ = reference.chunk_sizes(spec)
+    chunks = reference._chunks(spec)
+    assert chunks[:5] == [(0, 10, 0), (10, 50, 40), (50, 250, 100), (250, 350, 100), (350, 410, 60)]
+    assert chunks[-1] == (710, 730, 20)
+    plain = chunks[5:-1]
+    assert plain[0][0] == 410 and plain[-1][1] == 710 and all(a[1] == b[0] for a, b in zip(plain, plain[1:]))
+    assert all(length == 0 and q1 - q0 <= q_chunk for q0, q1, length in plain)
+    with _counted_runs() as counts:
+        _forward_backward_match_oracle(q, k, v, spec, torch.randn_like(q))
+    assert counts == {"runs": 5, "backward": 5, "fallback": 0}
+
+
+def test_documents_that_are_not_whole_take_plain_chunks():
+    """Runs only where each document attends to itself alone: an id used by two documents apart joins them, a
+    window, key padding, other key ids or a batch row with other documents keep plain chunks (and the oracle's
+    result)."""
+    torch.manual_seed(2)
+    n = 384
+    whole = torch.arange(n)[None] // 128  # three documents of 128
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for _ in range(3))
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, q_doc=whole, kv_doc=whole)
+    assert reference._chunks(spec) == [(0, 384, 128)]
+    assert reference._chunks(spec.with_(kv_doc=whole.clone())) == [(0, 384, 128)]  # equal ids, other memory
+    apart = whole % 2  # documents 0 and 2 share id 0: one document around the middle one
+    kept = torch.ones(1, n, dtype=torch.bool)
+    for other in (spec.with_(q_doc=apart, kv_doc=apart), spec.with_(window=Window(64, 0)),
+                  spec.with_(key_padding=kept), spec.with_(kv_doc=whole.flip(-1))):
+        assert all(length == 0 for _, _, length in reference._chunks(other))
+        out, _ = reference.ReferenceKernel().forward(q, k, v, other, seed=0)
+        torch.testing.assert_close(out, naive_attention(q, k, v, other), atol=1e-10, rtol=1e-10, equal_nan=True)
+
+
+def test_document_run_backward_falls_back_on_large_log_sum_exps():
+    """A run whose log-sum-exps pass ``LSE_EXACT_LIMIT`` recomputes its gradients in plain chunks."""
+    torch.manual_seed(3)
+    n = 256
+    doc = torch.arange(n)[None] // 128
+    q, k, v = (torch.randn(1, 2, n, 8, dtype=torch.float64) for _ in range(3))
+    q = q * 400  # scores in the thousands
+    spec = AttentionSpec.from_tensors(q, k, v, causal=True, q_doc=doc, kv_doc=doc)
+    with _counted_runs() as counts:
+        _forward_backward_match_oracle(q, k, v, spec, torch.randn_like(q), atol=1e-9, grad_atol=1e-6)
+    assert counts == {"runs": 1, "backward": 0, "fallback": 1}
