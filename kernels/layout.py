@@ -1,4 +1,5 @@
-"""Memory layouts of attention tensors: outputs made in the order of the queries' strides.
+"""Memory layouts of attention tensors: outputs made in the order of the queries' strides, and K/V heads repeated
+for (and gradients summed over) their query-head groups where a kernel reads no groups itself.
 
 A Hugging Face layer hands its queries to attention as a ``[B, H, N, D]`` view of a ``[B, N, H, D]`` tensor and
 turns the output back with ``transpose(1, 2).reshape(B, N, H * D)``. An output laid out like the queries makes
@@ -38,3 +39,18 @@ def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     if tuple(t.stride()) == _strides_in_order(t.shape, _order(ref)):
         return t
     return empty_in_layout_of(t.shape, ref, t.dtype).copy_(t)
+
+
+def repeat_groups(k: torch.Tensor, v: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V ``[B, Hkv, N, D]`` with each head repeated for its ``group_size`` query heads (query head ``h`` reads
+    kv head ``h // group_size``), as a kernel that reads no groups takes them."""
+    if group_size == 1:
+        return k, v
+    return k.repeat_interleave(group_size, dim=1), v.repeat_interleave(group_size, dim=1)
+
+
+def sum_groups(grad: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """A gradient ``[B, Hq, N, D]`` of ``repeat_groups``' heads summed over each group: ``[B, Hkv, N, D]``."""
+    if grad.shape[1] == kv_heads:
+        return grad
+    return grad.unflatten(1, (kv_heads, grad.shape[1] // kv_heads)).sum(2)

@@ -39,6 +39,7 @@ import torch
 from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attention_cpu_backward
 from .registry import Grads, Kernel, register
 from .fills import empty_row_grads, fill_empty_rows
+from .layout import repeat_groups, sum_groups
 from .spec import AttentionSpec, same_memory, key_padding_keep
 
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
@@ -500,16 +501,7 @@ def _kv_tile(k, v, k0: int, k1: int, spec: AttentionSpec, cdtype):
     """Keys and values ``k0:k1`` as ATen's fused attention reads them: repeated per query head where it does not
     read groups itself (``cpu_flash_reads_groups``)."""
     k_t, v_t = k[:, :, k0:k1].to(cdtype), v[:, :, k0:k1].to(cdtype)
-    if spec.group_size > 1 and not cpu_flash_reads_groups():
-        k_t, v_t = (t.repeat_interleave(spec.group_size, 1) for t in (k_t, v_t))
-    return k_t, v_t
-
-
-def _group_sum(grad: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """A K/V tile's gradient summed over each query-head group where ``_kv_tile`` repeated it."""
-    if spec.group_size == 1 or grad.shape[1] == spec.kv_heads:
-        return grad
-    return grad.unflatten(1, (spec.kv_heads, spec.group_size)).sum(2)
+    return (k_t, v_t) if cpu_flash_reads_groups() else repeat_groups(k_t, v_t, spec.group_size)
 
 
 def _merged(out, lse, o, l):
@@ -571,8 +563,8 @@ def _fused_rows_backward(q_rows, k, v, out_rows, lse_rows, grad_rows, spec, q0, 
         dq_t, dk_t, dv_t = flash_attention_cpu_backward(grad, q_c, k_t, v_t, out, lse, 0.0, False, attn_mask=mask,
                                                         scale=spec.scale)
         dq += dq_t
-        grads["k"][:, :, k0:k1] += _group_sum(dk_t, spec)
-        grads["v"][:, :, k0:k1] += _group_sum(dv_t, spec)
+        grads["k"][:, :, k0:k1] += sum_groups(dk_t, spec.kv_heads)
+        grads["v"][:, :, k0:k1] += sum_groups(dv_t, spec.kv_heads)
     return dq
 
 
@@ -584,10 +576,7 @@ def _run_shape(spec: AttentionSpec, q0: int, q1: int, length: int, dim: int) -> 
 
 def _run_kv(k, v, spec: AttentionSpec, q0: int, q1: int, cdtype):
     """The run's keys and values, repeated per query head (the call's batch entries are the query heads)."""
-    k_t, v_t = k[:, :, q0:q1].to(cdtype), v[:, :, q0:q1].to(cdtype)
-    if spec.group_size > 1:
-        k_t, v_t = (t.repeat_interleave(spec.group_size, 1) for t in (k_t, v_t))
-    return k_t, v_t
+    return repeat_groups(k[:, :, q0:q1].to(cdtype), v[:, :, q0:q1].to(cdtype), spec.group_size)
 
 
 def _document_run(q, k, v, spec: AttentionSpec, q0: int, q1: int, length: int):
@@ -619,8 +608,8 @@ def _document_run_backward(q, k, v, out, lse, grad_out, spec: AttentionSpec, q0:
         grad_out[:, :, q0:q1].to(cdtype).reshape(v_shape), q[:, :, q0:q1].to(cdtype).reshape(shape),
         k_t.reshape(shape), v_t.reshape(v_shape), out[:, :, q0:q1].to(cdtype).reshape(v_shape), lse.reshape(shape[:3]),
         0.0, spec.causal, scale=spec.scale)
-    grads["k"][:, :, q0:q1] += _group_sum(dk.reshape(rows), spec)
-    grads["v"][:, :, q0:q1] += _group_sum(dv.reshape(*rows[:3], spec.v_head_dim), spec)
+    grads["k"][:, :, q0:q1] += sum_groups(dk.reshape(rows), spec.kv_heads)
+    grads["v"][:, :, q0:q1] += sum_groups(dv.reshape(*rows[:3], spec.v_head_dim), spec.kv_heads)
     return dq.reshape(rows)
 
 

@@ -56,7 +56,7 @@ from .approx_base import nan_lse, recompute_grads
 from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attention_cpu_backward
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, known_empty_rows,
                     no_rows_or_keys, output_without_rows_or_keys)
-from .layout import in_layout_of
+from .layout import in_layout_of, repeat_groups, sum_groups
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
 from .term_cache import LastCall, TermCache
@@ -319,12 +319,6 @@ _MASK_PROBES: dict[str, str] = {}
 _NO_NATIVE_GQA: set[str] = set()
 
 
-def _repeat_kv(k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec):
-    if spec.group_size == 1:
-        return k, v
-    return k.repeat_interleave(spec.group_size, dim=1), v.repeat_interleave(spec.group_size, dim=1)
-
-
 def _aten_forward(backend: SDPBackend, q, k, v, mask, causal: bool, scale: float, dropout_p: float,
                   with_lse: bool = True):
     """``(out, lse [B, H, Nq] float32, (philox seed, philox offset))`` of ATen's cuDNN or flash forward (flash:
@@ -528,14 +522,14 @@ class SDPAKernel(Kernel):
 
     def _sdpa_call(self, q, k, v, spec: AttentionSpec, mask, causal: bool, dropout_p: float) -> torch.Tensor:
         if self.backend is None:
-            k, v = _repeat_kv(k, v, spec)
+            k, v = repeat_groups(k, v, spec.group_size)
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=spec.scale)
         if spec.group_size > 1 and self.name not in _NO_NATIVE_GQA:
             try:  # read each K/V head once for its query-head group, no repeated copy
                 return _pinned(self.switches, q, k, v, mask, causal, spec.scale, gqa=True, dropout_p=dropout_p)
             except RuntimeError:  # this backend refuses GQA on this build: repeat from now on
                 _NO_NATIVE_GQA.add(self.name)
-        k, v = _repeat_kv(k, v, spec)
+        k, v = repeat_groups(k, v, spec.group_size)
         return _pinned(self.switches, q, k, v, mask, causal, spec.scale, dropout_p=dropout_p)
 
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
@@ -553,7 +547,7 @@ class SDPAKernel(Kernel):
         if no_rows_or_keys(spec):
             return (*output_without_rows_or_keys(q, spec), None)
         if self.device_type == "cpu":
-            k_all, v_all = (k, v) if spec.group_size == 1 or cpu_flash_reads_groups() else _repeat_kv(k, v, spec)
+            k_all, v_all = (k, v) if spec.group_size == 1 or cpu_flash_reads_groups() else repeat_groups(k, v, spec.group_size)
             mask, empty = mask_and_empty_rows(spec)
             out, lse = flash_attention_cpu(q, k_all, v_all, 0.0, _is_causal(spec), attn_mask=mask, scale=spec.scale)
             lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -637,7 +631,7 @@ class SDPAKernel(Kernel):
 
         def attend(q, k, v, spec, mask):
             if repeat:
-                k, v = _repeat_kv(k, v, spec)
+                k, v = repeat_groups(k, v, spec.group_size)
             return flash_attention_cpu(q, k, v, 0.0, causal, attn_mask=mask, scale=spec.scale)[0]
 
         if not needs_mask(spec):
@@ -697,7 +691,7 @@ class SDPAKernel(Kernel):
         them repeated per query head)."""
         if spec.group_size == 1 or (self.backend == SDPBackend.CUDNN_ATTENTION and self.name not in _NO_NATIVE_GQA):
             return k, v, False
-        return (*_repeat_kv(k, v, spec), True)
+        return (*repeat_groups(k, v, spec.group_size), True)
 
     def _aten_forward(self, q, k, v, spec: AttentionSpec, mask, seed: int, with_lse: bool = True):
         """``(out, lse)`` of ATen's forward (rows without keys as SDPA computed them on the open mask); with
@@ -736,7 +730,7 @@ class SDPAKernel(Kernel):
         dq, dk, dv = _aten_backward(self.backend, grad, q, k_read, v_read, out, lse, mask, _is_causal(spec),
                                     spec.scale, spec.dropout_p, philox)
         if repeated:  # each kv head's gradient is the sum over its query-head group
-            dk, dv = (t.unflatten(1, (spec.kv_heads, spec.group_size)).sum(2) for t in (dk, dv))
+            dk, dv = sum_groups(dk, spec.kv_heads), sum_groups(dv, spec.kv_heads)
         grads = (dq, dk, dv, None, None)
         if empty is None or spec.fill == Fill.SAFE:
             return grads
@@ -744,7 +738,7 @@ class SDPAKernel(Kernel):
 
     def _cpu_backward(self, grad_out, q, k, v, out, lse, spec, residual: tuple | None) -> Grads:
         grouped = spec.group_size == 1 or cpu_flash_reads_groups()
-        k_all, v_all = (k, v) if grouped else _repeat_kv(k, v, spec)
+        k_all, v_all = (k, v) if grouped else repeat_groups(k, v, spec.group_size)
         mask, empty = residual or mask_and_empty_rows(spec)
         empty = _rows_to_fill(empty, spec)
         grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
@@ -753,9 +747,7 @@ class SDPAKernel(Kernel):
         dq, dk, dv = flash_attention_cpu_backward(grad, q, k_all, v_all, out, lse, 0.0, _is_causal(spec),
                                                    attn_mask=mask, scale=spec.scale)
         if not grouped:  # each kv head's gradient is the sum over its query-head group
-            b, hkv, g, nk = spec.batch, spec.kv_heads, spec.group_size, spec.kv_len
-            dk = dk.view(b, hkv, g, nk, dk.shape[-1]).sum(2)
-            dv = dv.view(b, hkv, g, nk, dv.shape[-1]).sum(2)
+            dk, dv = sum_groups(dk, spec.kv_heads), sum_groups(dv, spec.kv_heads)
         grads = (dq, dk, dv, None, None)
         if empty is None or spec.fill == Fill.SAFE:
             return grads

@@ -65,6 +65,7 @@ import triton.language as tl
 from .block_map import tile_lists
 from .spec import AttentionSpec
 from .launch import cdiv
+from .layout import sum_groups
 from .launch import launch as _launch
 from .triton_flash import _block, _last_dim_contiguous, _term_args, _with_empty_rows
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
@@ -617,7 +618,6 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
         )
     if heads != spec.group_size:
-        dk = dk.view(b, hkv, spec.group_size, nk, spec.head_dim).sum(2).to(k.dtype)
-        dv = dv.view(b, hkv, spec.group_size, nk, spec.v_head_dim).sum(2).to(v.dtype)
+        dk, dv = sum_groups(dk, hkv).to(k.dtype), sum_groups(dv, hkv).to(v.dtype)
     return _with_empty_rows((dq, dk, dv), q, k, v, grad_out, lse, spec)[:3]
 

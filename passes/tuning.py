@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 
 from attnopt.kernels import fills, registry
+from attnopt.kernels.layout import repeat_groups
 from attnopt.kernels.sdpa import needs_mask, sdpa_mask
 from attnopt.kernels.spec import AttentionSpec, Fill, with_fields
 
@@ -304,7 +305,7 @@ def original_forward(q, k, v, spec: AttentionSpec, kind: str, inputs: dict) -> t
             scale=spec.scale, dropout_p=dropout_p, enable_gqa=spec.group_size > 1,
         )
     if spec.group_size > 1:  # eager attention repeats K/V heads (HF's repeat_kv)
-        k, v = k.repeat_interleave(spec.group_size, dim=1), v.repeat_interleave(spec.group_size, dim=1)
+        k, v = repeat_groups(k, v, spec.group_size)
     s = (q @ k.transpose(-1, -2)) * spec.scale  # [B, Hq, Nq, Nk]
     if spec.softcap is not None:
         s = torch.tanh(s / spec.softcap) * spec.softcap
