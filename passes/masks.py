@@ -372,8 +372,8 @@ def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants, accep
     """``accept(fill)``: whether a fill value is taken (default: an exact fill at ``dtype``)."""
     accept = accept or (lambda fill: _exact_fill(fill, dtype))
     k = kind(node)
-    if constants.mutations.is_mutated(node):
-        return None
+    if constants.mutations.is_mutated(node) or not math.isfinite(mult):
+        return None  # an infinite multiplier makes the term's zeros NaN (0 * inf), not 0: it stays additive
     if k == "cast":  # a float cast keeps 0, -inf and the fills it represents exactly (others round)
         before, after = tensor_meta(node.args[0]), tensor_meta(node)
         if before is not None and after is not None and before.is_floating_point() and after.is_floating_point():
@@ -400,7 +400,8 @@ def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants, accep
         call = bind(node, ("input", "other"))
         x, y = call["input"], call["other"]
         factor, other = (constants.number(y), x) if constants.number(y) is not None else (constants.number(x), y)
-        if factor is not None and accept(factor * mult) and kind(other) == "sub":
+        # ``(1 - b) * -inf`` is NaN where b holds (0 * -inf): only a finite factor reads as a boolean mask
+        if factor is not None and math.isfinite(factor) and accept(factor * mult) and kind(other) == "sub":
             sub = bind(other, ("input", "other"))  # an ``alpha`` is an ArgumentError: not read as 1 - b
             one, flag = sub["input"], sub["other"]
             source = _bool_behind_cast(flag)

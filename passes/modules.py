@@ -100,6 +100,8 @@ def _unsupported(node: Node, a: dict) -> str | None:
         return "nn.MultiheadAttention on unbatched inputs"
     if not isinstance(meta.shape[2], int):
         return "nn.MultiheadAttention with a symbolic embedding size"
+    if a["is_causal"] and a["attn_mask"] is None:
+        return "nn.MultiheadAttention with is_causal=True and no attn_mask (PyTorch raises: it needs the mask)"
     weights_used = any(u.target is operator.getitem and u.args[1] == 1 for u in node.users)
     if a["need_weights"] and weights_used:
         return "attention weights are returned (need_weights=True and used)"
@@ -140,7 +142,10 @@ def _inline(b: _Builder, node: Node, a: dict) -> Node:
         return b.method("view", b.method("transpose", x, 0, 1), bsz, heads, length, head_dim)
 
     q, k, v = heads_first(q, tgt_len), heads_first(k, src_len), heads_first(v, src_len)
-    mask = _merged_mask(b, a, bsz, heads, tgt_len, src_len, tensor_meta(query).dtype)
+    # PyTorch's is_causal hint: without key padding and weights, SDPA runs causal (top-left) and attn_mask is
+    # dropped, whatever it holds; otherwise the hint is dropped and attn_mask used
+    causal = bool(a["is_causal"]) and a["key_padding_mask"] is None and not a["need_weights"]
+    mask = None if causal else _merged_mask(b, a, bsz, heads, tgt_len, src_len, tensor_meta(query).dtype)
     dropout_p = float(a["dropout_p"]) if a["training"] else 0.0
     if a["need_weights"]:  # weights unused: the explicit softmax path, whose masked rows are NaN
         scores = b.call(operator.matmul, b.call(operator.mul, q, head_dim ** -0.5), b.method("transpose", k, -2, -1))
@@ -152,7 +157,7 @@ def _inline(b: _Builder, node: Node, a: dict) -> Node:
             probs = b.call(F.dropout, probs, p=dropout_p, training=True)
         attn = b.call(operator.matmul, probs, v)
     else:
-        attn = b.call(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        attn = b.call(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, dropout_p=dropout_p, is_causal=causal)
     attn = b.method("reshape", b.method("permute", attn, 2, 0, 1, 3), _times(b, tgt_len, bsz), embed_dim)
     out = b.call(F.linear, attn, a["out_proj_weight"], a["out_proj_bias"])
     return b.method("view", out, tgt_len, bsz, embed_dim)

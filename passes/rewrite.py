@@ -116,6 +116,10 @@ class UnlessFillOnly:
         return f"<{self.additive!r}, or {self.boolean!r} when its mask holds only 0 and finfo.min>"
 
 
+#: the key in an erased site output's ``meta`` that names the node now producing that output
+REPLACED_BY = "attnopt_replaced_by"
+
+
 def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None = None, lean: bool = False,
             fill_only_kernel: str | None = None, rechoice=None, register=None) -> Node:
     """Insert the op call for ``match`` running ``kernel``; returns the node now producing the output.
@@ -189,6 +193,9 @@ def replace(graph: Graph, match: Match, kernel: str, unpadded_kernel: str | None
         if want != match.q.dtype():
             out = graph.call_method("to", (out, want))
     match.output.replace_all_uses_with(out)
+    # a later site may read this output as its q, k or v (one attention's output fed straight into the next):
+    # its match holds the node erased below, which ``_view`` follows to the replacement
+    match.output.meta[REPLACED_BY] = out
     freed: list[Node] = []
     for node in dict.fromkeys([match.output, *match.internal]):
         if node.graph is graph and not node.users:
@@ -265,6 +272,8 @@ def _id_rows_node(graph: Graph, ids: Node, before: Node) -> Node:
 
 def _view(graph: Graph, op: Operand) -> Node:
     node = op.node
+    while REPLACED_BY in node.meta:  # an earlier site's output, replaced and erased since this site matched
+        node = node.meta[REPLACED_BY]
     for name, args in op.steps:
         node = graph.call_method(name, (node, *args))
     return node

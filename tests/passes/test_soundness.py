@@ -953,3 +953,100 @@ def test_a_scale_after_the_masks_is_folded_only_where_eager_cannot_overflow(how,
             assert not any(s.replaced for s in report.sites) and "scaled by" in report.sites[0].reason, sites(report)
     if replaced:
         assert all(s.replaced for s in report.sites), sites(report)
+
+
+# ----------------------------------------------------------------- writes that bypass the version counter
+def _data_write(module):
+    module.keep.data[:, 0] = False  # through .data: the buffer's version counter does not move
+    module.keep.data[0, 0] = True
+
+
+def _numpy_write(module):
+    module.keep.numpy()[:, 0] = False
+    module.keep.numpy()[0, 0] = True
+
+
+@pytest.mark.parametrize("change", [_data_write, _numpy_write], ids=[".data", ".numpy()"])
+def test_a_small_mask_buffer_written_around_its_version_counter_is_seen(change):
+    """``.data`` and NumPy writes leave the version counter as it was; a small CPU buffer is also compared by value
+    on each call (``guards.VALUE_CHECKED``), so the proof that read it is made again."""
+    args = qkv()
+    check_calls(BoolMaskBuffer(), [(None, args), (change, args), (None, qkv(seed=3))])
+
+
+def test_a_small_scale_buffer_written_through_data_is_seen():
+    args = qkv()
+    check_calls(ScaleBuffer(), [(None, args), (lambda m: m.scale.data.fill_(1.5), args), (None, qkv(seed=4))])
+
+
+def test_a_large_buffer_written_through_data_is_seen_after_optimize_again():
+    """Above ``VALUE_CHECKED`` elements a buffer is guarded by its version counter only (a comparison per call would
+    cost more than the call; on CUDA it would wait for the device). The README's remedy: optimize again."""
+    from attnopt.passes.guards import VALUE_CHECKED
+
+    n = 72
+    assert n * n > VALUE_CHECKED
+    model = BoolMaskBuffer(n)
+    eager, optimized = copy.deepcopy(model), attnopt.optimize(copy.deepcopy(model), tune=False, kernel="reference")
+    args = qkv(n=n)
+    assert_same(optimized(*args), eager(*args), what="first call")
+    for module in (eager, optimized):
+        _data_write(module)
+    optimized = attnopt.optimize(optimized, tune=False, kernel="reference")
+    assert_same(optimized(*args), eager(*args), what="after .data and optimize again")
+
+
+# ----------------------------------------------------------------- MultiheadAttention's is_causal hint
+class MHACausalHint(nn.Module):
+    def __init__(self, need_weights: bool):
+        super().__init__()
+        self.need_weights = need_weights
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x, mask, padding):
+        return self.mha(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=self.need_weights,
+                        is_causal=True)[0]
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("padded", [False, True])
+def test_multihead_attention_is_causal_hint_as_pytorch_reads_it(need_weights, padded):
+    """PyTorch reads ``is_causal=True`` as causal attention and drops ``attn_mask`` (whatever it holds) when no key
+    padding is given and no weights are needed; otherwise it drops the hint and uses the mask. A window mask
+    that is not causal tells the two apart."""
+    torch.manual_seed(0)
+    n = 10
+    i = torch.arange(n)
+    window = (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3)  # True = masked: a causal window of 3
+    padding = (i[None, :] >= torch.tensor([[10], [7]])) if padded else None
+    calls = [(None, (torch.randn(2, n, 16, generator=torch.Generator().manual_seed(s)), window, padding))
+             for s in (1, 2)]
+    check_calls(MHACausalHint(need_weights).eval(), calls)
+
+
+# ----------------------------------------------------------------- one attention's output as the next one's query
+def _causal_attention(q, k, v):
+    n = q.shape[-2]
+    s = (q @ k.transpose(-1, -2) * 0.25).masked_fill(~torch.ones(n, n, dtype=torch.bool).tril(), NEG_INF)
+    return s.softmax(-1) @ v
+
+
+def test_an_attention_output_fed_straight_into_the_next_attention():
+    """The second site's query is the first site's output node, which the first rewrite erases: the second
+    rewrite reads the node that replaced it."""
+    calls = [(None, qkv(seed=s)) for s in (1, 2)]
+    for _, optimized in check_calls(Fn(lambda q, k, v: _causal_attention(_causal_attention(q, k, v), k, v)),
+                                    calls).values():
+        assert len(optimized.attnopt_report.sites) == 2, sites(optimized.attnopt_report)
+
+
+# ----------------------------------------------------------------- an infinite multiplier of a 0/1 mask
+def test_one_minus_a_mask_times_minus_infinity_stays_nan_where_eager_is():
+    """``(1 - keep) * -inf`` is NaN where ``keep`` holds (0 * -inf), so eager's output is NaN everywhere: the term
+    is not read as a boolean mask with a ``-inf`` fill (which would give numbers), it is added as written."""
+    def fn(q, k, v, keep):
+        s = q @ k.transpose(-1, -2) * 0.25 + (1.0 - keep[:, None, None, :].float()) * NEG_INF
+        return s.softmax(-1) @ v
+
+    keep = torch.arange(8)[None] < torch.tensor([[8], [5]])
+    check_calls(Fn(fn), [(None, (*qkv(), keep))])
