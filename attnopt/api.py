@@ -324,14 +324,21 @@ def _own_code(fn):
     return own
 
 
+#: dynamo guards the hooks of the submodules it inlines: a hook registered on a layer after the first call
+#: recompiles and runs, as it runs on the original (torch.compile skips those guards by default)
+_HOOK_GUARDS = torch._dynamo.config.patch(skip_nnmodule_hook_guards=False)
+
+
 def _watched(compiled, report: Report):
     """``compiled`` as the user calls it: attnopt's own errors (a budget no plan fits, bad options) raised as
-    themselves, not wrapped by dynamo; the frames dynamo runs eagerly during a call recorded in ``report``."""
+    themselves, not wrapped by dynamo; the frames dynamo runs eagerly during a call recorded in ``report``; the
+    submodules' hooks guarded (``_HOOK_GUARDS``)."""
 
     @functools.wraps(compiled)
     def call(*args, **kwargs):
         breaks = dict(torch._dynamo.utils.counters["graph_break"]) if not report.graphs else None
-        out = _call_noting_eager_frames(compiled, report, args, kwargs)
+        with _HOOK_GUARDS:
+            out = _call_noting_eager_frames(compiled, report, args, kwargs)
         if breaks is not None and not report.graphs and not report.fallbacks:  # a call that returned
             _note_nothing_captured(compiled, breaks, report)
         return out

@@ -25,6 +25,7 @@ import torch
 from torch.fx import GraphModule
 
 from attnopt.config import Options
+from attnopt.kernels.term_cache import new_generation
 from attnopt.passes import guards, tuning
 from attnopt.passes.graph import is_buffer, is_parameter, private_inputs, seeded, written_inputs
 from attnopt.passes.pipeline import optimize_graph, settle_deferred, wait_for_compile
@@ -185,9 +186,18 @@ def compile_with(gm, example_inputs, options: Options, report: Report, *, dry_ru
 
     run, checks = build(gm, example_inputs)
     _note_graph_breaks(gm, report, report.sites[first_site:])
-    if not checks:
-        return run
-    return guards.GuardedGraph(original, build, run, checks)
+    return _own_generation(guards.GuardedGraph(original, build, run, checks) if checks else run)
+
+
+def _own_generation(run):
+    """``run``, each call of which starts a generation of the term caches (``term_cache.new_generation``): what a
+    call builds from its padding or mask tensors is shared by the graph's layers, never handed to a later call,
+    whose tensors may have been written around their version counters (``.data``, NumPy) in between."""
+    def call(*args):
+        new_generation()
+        return run(*args)
+
+    return call
 
 
 def run_compiler(gm: GraphModule, example_inputs, options: Options):

@@ -53,7 +53,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .spec import AttentionSpec, Fill, band_keep, key_padding_keep
+from .spec import AttentionSpec, Fill, band_keep, key_padding_keep, kept_scale
 from .term_cache import TermCache
 
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
@@ -366,7 +366,7 @@ def _dropout_keep(spec: AttentionSpec, seed: int, b: int | torch.Tensor, heads: 
     x.bitwise_xor_(_shifted(x, 27)).mul_(_MIX2)
     x.bitwise_xor_(_shifted(x, 31))
     uniform = x.bitwise_and_((1 << 53) - 1).to(torch.float64).div_(float(1 << 53))
-    return (uniform >= spec.dropout_p).to(dtype).div_(1.0 - spec.dropout_p)
+    return (uniform >= spec.dropout_p).to(dtype).mul_(kept_scale(spec.dropout_p))
 
 
 # ----------------------------------------------------------------------------- rows without keys, in blocks

@@ -40,7 +40,7 @@ from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attenti
 from .registry import Grads, Kernel, register
 from .fills import empty_row_grads, fill_empty_rows
 from .layout import repeat_groups, sum_groups
-from .spec import AttentionSpec, same_memory, key_padding_keep
+from .spec import AttentionSpec, key_padding_keep, kept_scale, same_memory
 
 #: elements in one score tile ``[B, Hq, q_chunk, k_block]``: 4M floats = 16 MiB
 TILE_ELEMENTS = 1 << 22
@@ -631,7 +631,7 @@ def _dropout_scale(shape, spec: AttentionSpec, seed: int, q0: int, k0: int, devi
     gen = torch.Generator(device=device)
     gen.manual_seed((seed * 1_000_003 + q0 * 65_537 + k0) % (1 << 63))
     keep = torch.rand(shape, generator=gen, device=device) >= spec.dropout_p
-    return keep / (1.0 - spec.dropout_p)
+    return keep * kept_scale(spec.dropout_p)
 
 
 def _aten_thread_bytes(q_rows: int, keys: int, head_dim: int, itemsize: int) -> int:

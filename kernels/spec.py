@@ -156,8 +156,8 @@ class AttentionSpec:
                 f"q has {self.q_heads} heads and k/v have {self.kv_heads}: the query head count must be a "
                 "multiple of the key/value head count (grouped-query attention)"
             )
-        if self.dropout_p < 0.0 or self.dropout_p >= 1.0:
-            raise ValueError(f"dropout_p={self.dropout_p} must be in [0, 1)")
+        if not 0.0 <= self.dropout_p <= 1.0:
+            raise ValueError(f"dropout_p={self.dropout_p} must be in [0, 1]")
         if self.softcap is not None and self.softcap <= 0:
             raise ValueError(f"softcap={self.softcap} must be positive, or None for no cap")
         full = (self.batch, self.q_heads, self.q_len, self.kv_len)
@@ -362,6 +362,12 @@ def same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape or a.numel() == 0 or a.data_ptr() != b.data_ptr():
         return False
     return all(sa == sb for n, sa, sb in zip(a.shape, a.stride(), b.stride()) if n > 1)
+
+
+def kept_scale(dropout_p: float) -> float:
+    """What dropout multiplies a kept probability by: ``1 / (1 - p)``; at ``p = 1`` nothing is kept, and the 0 it
+    returns makes every multiplier 0, as ``F.dropout(x, 1.0)`` gives ``x * 0``."""
+    return 0.0 if dropout_p >= 1.0 else 1.0 / (1.0 - dropout_p)
 
 
 def band_bounds(causal: bool, window: Window | None) -> tuple[int | None, int | None]:

@@ -7,6 +7,13 @@ version counters, so an in-place change of a term, or a new tensor at a
 recycled address, rebuilds. An entry is dropped as soon as one of its tensors
 is freed: it never outlives the forward (and backward) that made it.
 
+A hit also needs the same generation (``new_generation``): each call of an
+optimized graph starts one, so an entry serves the layers of that call (and its
+backward) and never a later call. Between calls a term may be written around its
+version counter (through ``.data``, a NumPy or DLPack view), which no counter
+shows. Direct calls of ``attnopt.attention`` share one generation: there a term
+written that way between calls must be a new tensor or written in place.
+
 Nothing is kept for tensors without a version counter (inference mode, where an
 in-place change would go unseen), for tensors that require grad (the result
 would carry one graph's autograd history into another), or while torch.compile
@@ -29,6 +36,14 @@ from typing import Callable, Hashable, Sequence, TypeVar
 import torch
 
 T = TypeVar("T")
+
+#: the caches' current generation (``new_generation``)
+_GENERATION = [0]
+
+
+def new_generation() -> None:
+    """Start a generation: nothing kept before is served from now on (an optimized graph's call starts one)."""
+    _GENERATION[0] += 1
 
 
 class TermCache:
@@ -80,7 +95,7 @@ class TermCache:
         if not tensors and not self.without_terms:
             return None
         versions = _versions(tensors)
-        return None if versions is None else (tuple(id(t) for t in tensors), versions, static)
+        return None if versions is None else (tuple(id(t) for t in tensors), versions, static, _GENERATION[0])
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -107,17 +122,18 @@ class LastCall:
     compiling or capturing, never for tensors that require grad or have no version counter), and dropped as soon
     as one of its tensors dies."""
 
-    __slots__ = ("_refs", "_versions", "_answer", "__weakref__")
+    __slots__ = ("_refs", "_versions", "_generation", "_answer", "__weakref__")
 
     def __init__(self):
         self._refs: tuple = ()
         self._versions: tuple = ()
+        self._generation = -1
         self._answer = None
 
     def get(self, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
         """``build()``, or the last call's answer when ``tensors`` are the very same at the same versions."""
         answer = self._answer
-        if (answer is not None and len(tensors) == len(self._refs)
+        if (answer is not None and self._generation == _GENERATION[0] and len(tensors) == len(self._refs)
                 and all(ref() is t and t._version == version
                         for ref, t, version in zip(self._refs, tensors, self._versions))
                 and not capturing()):
@@ -128,7 +144,7 @@ class LastCall:
             this = weakref.ref(self)
             dropped = lambda _: (lambda kept: kept is not None and kept.forget())(this())  # noqa: E731
             self._refs = tuple(weakref.ref(t, dropped) for t in tensors)
-            self._versions, self._answer = versions, answer
+            self._versions, self._generation, self._answer = versions, _GENERATION[0], answer
         return answer
 
     def forget(self) -> None:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .fills import DROPPED_FILLS, _GOLDEN, _MIX1, _MIX2
-from .spec import AttentionSpec, Fill, key_padding_keep
+from .spec import AttentionSpec, Fill, key_padding_keep, kept_scale
 
 #: query rows per program, keys per tile
 BLOCK_M, BLOCK_N = 32, 64
@@ -220,7 +220,7 @@ def _dropout_args(spec: AttentionSpec, seed: int | None) -> tuple:
     """The kernels' seed, keep threshold (``ceil(p 2^53)``) and ``1 / (1 - p)`` for a call with dropout (``seed``
     given), else those of none; then splitmix64's multipliers, unsigned."""
     p = spec.dropout_p if seed is not None else 0.0
-    return ((seed or 0) & ((1 << 62) - 1), math.ceil(p * 2.0**53), 1.0 / (1.0 - p),
+    return ((seed or 0) & ((1 << 62) - 1), math.ceil(p * 2.0**53), kept_scale(p),
             *(c & _U64 for c in (_GOLDEN, _MIX1, _MIX2)))
 
 

@@ -1050,3 +1050,65 @@ def test_one_minus_a_mask_times_minus_infinity_stays_nan_where_eager_is():
 
     keep = torch.arange(8)[None] < torch.tensor([[8], [5]])
     check_calls(Fn(fn), [(None, (*qkv(), keep))])
+
+
+# ----------------------------------------------------------------- attention dropout that drops everything
+@pytest.mark.parametrize("how", ["F.dropout", "sdpa"])
+def test_dropout_of_one_drops_every_probability_as_eager(how):
+    """``F.dropout(p, 1.0)`` and SDPA's ``dropout_p=1.0`` are legal: every probability dropped, the output 0 and so
+    every gradient. The kernels' ``1 / (1 - p)`` is ``kept_scale``'s 0 there, not a 0 / 0."""
+    def fn(q, k, v):
+        if how == "sdpa":
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=1.0, is_causal=True)
+        return F.dropout(torch.softmax(q @ k.transpose(-1, -2) * 0.25, -1), 1.0, True) @ v
+
+    args = [t.requires_grad_() for t in qkv()]
+    for _, optimized in check_calls(Fn(fn), [(None, args)]).values():
+        out = optimized(*args)
+        assert not bool(out.any())
+        grads = torch.autograd.grad(out.sum(), args, allow_unused=True)
+        assert all(g is None or not bool(g.any()) for g in grads)
+
+
+# ----------------------------------------------------------------- a mask input written around its version counter
+class SDPAInputMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("how", [".data", "numpy"])
+def test_a_mask_input_written_around_its_version_counter_between_calls(how):
+    """The same mask tensor on every call, its values written between calls without moving its version counter:
+    what a call built from it (``term_cache``) serves that call only, each graph call starting a generation."""
+    buffer = torch.zeros(2, 1, 8, 8).numpy()
+    mask = torch.from_numpy(buffer) if how == "numpy" else torch.zeros(2, 1, 8, 8)
+
+    def write(_module):  # the one mask both models read: its last write is what both calls see
+        values = torch.randn(2, 1, 8, 8) * 4
+        if how == "numpy":
+            buffer[...] = values.numpy()
+        else:
+            mask.data.copy_(values)
+
+    check_calls(SDPAInputMask(), [(None, (*qkv(), mask)), (write, (*qkv(seed=1), mask)), (write, (*qkv(seed=2), mask))])
+
+
+# ----------------------------------------------------------------- hooks registered after the first call
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn = Fn(_causal_attention)
+
+    def forward(self, q, k, v):
+        return self.attn(q, k, v) + v
+
+
+def test_a_hook_registered_on_a_layer_after_the_first_call_runs():
+    """dynamo guards the inlined submodules' hooks under ``optimize`` (torch.compile skips those guards by default):
+    a forward hook added to a layer after the first call runs, as on the original."""
+    args = qkv()
+
+    def hook(module):
+        module.attn.register_forward_hook(lambda _m, _inputs, out: out * 0)
+
+    check_calls(_Block(), [(None, args), (hook, args)])
