@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -209,6 +210,24 @@ def _mark_static_caches(values) -> None:
                             torch._dynamo.mark_static_address(tensor)
 
 
+@contextlib.contextmanager
+def written_forward(module: torch.nn.Module):
+    """``module``'s forward as written while the block runs: an optimized module's (``optimize``) instance-level
+    forward is set aside, for a capture of the code itself (``attnopt.onnx.export`` rewrites it again)."""
+    current = module.__dict__.get("forward")
+    if not isinstance(current, _OptimizedForward):
+        yield
+        return
+    if current.original is None:
+        del module.__dict__["forward"]
+    else:
+        module.forward = current.original
+    try:
+        yield
+    finally:
+        module.forward = current
+
+
 def _reoptimize(module: torch.nn.Module, options: Options, report: Report, original=None,
                 prefix: str = "") -> _OptimizedForward:
     """Unpickling or deep-copying an optimized module: optimize the copy afresh with the same options.
@@ -221,7 +240,54 @@ def _reoptimize(module: torch.nn.Module, options: Options, report: Report, origi
     return _OptimizedForward(module, options, report, original, prefix)
 
 
+#: modules whose eager forward takes a fused fast path in inference that torch.compile skips while it traces:
+#: ``torch._native_multi_head_attention`` (it reads ``is_causal`` and fully padded rows its own way) and the
+#: encoder's nested tensors (padded rows 0). Under ``optimize`` their inference calls run eagerly (``_EagerInInference``)
+FAST_PATH_MODULES = (torch.nn.MultiheadAttention, torch.nn.TransformerEncoder)
+
+
+class _EagerInInference:
+    """``forward`` of a ``FAST_PATH_MODULES`` module under ``optimize``: a call in inference (the module in eval, no
+    gradient needed) runs the module's own forward eagerly (a graph break), where PyTorch picks its fast path as
+    without ``optimize``; a call that trains or needs gradients is traced and rewritten (PyTorch's slow path)."""
+
+    def __init__(self, module: torch.nn.Module, where: str, report: Report):
+        self.module, self.where, self.report = module, where, report
+
+    def __call__(self, *args, **kwargs):
+        module = self.module
+        if not module.training and not _needs_grad(module, args, kwargs) and not torch.compiler.is_exporting():
+            return _eagerly(self, *args, **kwargs)
+        return type(module).forward(module, *args, **kwargs)
+
+    def note(self) -> None:
+        """Say once in the report (and a warning) that this module's inference calls run as PyTorch runs them."""
+        kind = type(self.module).__name__
+        self.report.add_fallback(Fallback(
+            f"{self.where or 'the model'} (nn.{kind})",
+            f"nn.{kind} in inference (eval, no gradient) runs as PyTorch runs it, unoptimized: its fused fast path, "
+            "which torch.compile skips, treats rows without keys (and MultiheadAttention an is_causal hint) its own "
+            "way; trained or with gradients it is rewritten"))
+
+
+def _needs_grad(module: torch.nn.Module, args, kwargs) -> bool:
+    if not torch.is_grad_enabled():
+        return False
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    return any(t.requires_grad for t in tensors) or any(p.requires_grad for p in module.parameters())
+
+
+@torch._dynamo.disable
+def _eagerly(wrapper: _EagerInInference, *args, **kwargs):
+    wrapper.note()
+    return type(wrapper.module).forward(wrapper.module, *args, **kwargs)
+
+
 def _install(module: torch.nn.Module, options: Options, report: Report) -> None:
+    for where, part in module.named_modules():
+        current = part.__dict__.get("forward")
+        if isinstance(part, FAST_PATH_MODULES) and (current is None or isinstance(current, _EagerInInference)):
+            part.forward = _EagerInInference(part, where, report)
     for name, part in (("", module), *_called_apart(module)):
         original = part.__dict__.get("forward")
         if isinstance(original, _OptimizedForward):  # optimized again: start from what the first call replaced

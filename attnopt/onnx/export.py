@@ -98,14 +98,17 @@ def _broadcast_rotary_caches(graph: onnx.GraphProto) -> None:
 
 
 def capture(model: torch.nn.Module, args: tuple, kwargs: dict, dynamic_shapes: Any) -> torch.fx.GraphModule:
-    """One dynamo graph of ``model`` with the model's calling convention and fake-tensor metadata.
+    """One dynamo graph of ``model`` (an optimized model's code as written) with the model's calling convention and
+    fake-tensor metadata.
 
     Convolution backends are off while tracing, as torch.export has them: choosing one reads the batch
     size (oneDNN below 16), and that choice would become a guard bounding a dynamic batch dim.
     """
+    from attnopt.api import written_forward  # (attnopt.api imports this package's users)
+
     try:
         with (torch.backends.mkldnn.flags(enabled=False), torch.backends.nnpack.flags(enabled=False),
-              torch.backends.cudnn.flags(enabled=False)):
+              torch.backends.cudnn.flags(enabled=False), written_forward(model)):
             return torch._dynamo.export(
                 model, dynamic_shapes=dynamic_shapes, assume_static_by_default=True,
             )(*args, **kwargs).graph_module

@@ -75,7 +75,7 @@ def test_mask_terms_are_named():
     [
         (dict(mask=torch.ones(3, 3, dtype=torch.bool)), "does not broadcast"),
         (dict(key_padding=torch.ones(2, 6, dtype=torch.bool)), "key_padding_mask"),
-        (dict(dropout_p=1.0), "dropout_p"),
+        (dict(dropout_p=1.5), "dropout_p"),
         (dict(softcap=-1.0), "softcap"),
         (dict(q_doc=torch.zeros(1, 5, dtype=torch.long)), "both q_doc and kv_doc"),
     ],

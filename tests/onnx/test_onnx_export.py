@@ -156,3 +156,32 @@ def test_convolution_front_end_keeps_batch_dynamic():
     assert report.attention_nodes == 1, str(report)
     for batch in (1, 17):
         assert compare_torch(encoder, proto, (torch.randn(batch, 8, 32),)) <= TOL
+
+
+def test_an_optimized_model_exports_its_code_as_written():
+    """``attnopt.optimize`` sets an instance-level forward; the export captures the forward as written (and rewrites
+    it itself), also for the ``nn.MultiheadAttention`` whose inference calls the optimized model runs eagerly."""
+    import copy
+
+    import torch.nn as nn
+
+    import attnopt
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+        def forward(self, x):
+            return self.mha(x, x, x, need_weights=False)[0]
+
+    torch.manual_seed(0)
+    model = attnopt.optimize(copy.deepcopy(Model().eval()))
+    x = torch.randn(2, 10, 16)
+    with torch.no_grad():
+        model(x)
+        report = aonnx.OnnxReport()
+        proto = aonnx.export(model, (x,), verify=True, report=report)
+    assert report.attention_nodes == 1 and sum(n.op_type == "Attention" for n in proto.graph.node) == 1
+    assert report.max_diff is not None and report.max_diff < 1e-5
+    assert isinstance(model.__dict__["forward"], type(attnopt.optimize(Model()).forward))  # put back

@@ -1112,3 +1112,69 @@ def test_a_hook_registered_on_a_layer_after_the_first_call_runs():
         module.attn.register_forward_hook(lambda _m, _inputs, out: out * 0)
 
     check_calls(_Block(), [(None, args), (hook, args)])
+
+
+# ----------------------------------------------------------------- PyTorch's fused inference fast paths
+class _SelfMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    def forward(self, x, mask, padding, causal):
+        return self.mha(x, x, x, attn_mask=mask, key_padding_mask=padding, need_weights=False, is_causal=causal)[0]
+
+
+def _inference_calls_as_eager(model, calls, note):
+    """Under every plan: each call equals eager's (NaN where eager's is), no site is captured, the report says why."""
+    for plan, eager, optimized in plans(model):
+        for i, args in enumerate(calls):
+            assert_same(optimized(*args), eager(*args), what=f"{plan}, call {i}")
+        report = optimized.attnopt_report
+        assert not report.sites and any(note in f.why for f in report.fallbacks), str(report)
+
+
+@pytest.mark.parametrize("case", ["fully padded batch row", "is_causal hint with a window"])
+def test_multihead_attention_in_inference_runs_its_fast_path(case):
+    """In eval without gradients PyTorch runs ``torch._native_multi_head_attention``, which torch.compile skips:
+    it gives a fully padded batch row NaN (the traced path, 0) and applies ``attn_mask`` under an ``is_causal``
+    hint (the traced path: causal). Those calls run eagerly, and the report says so; a training call is rewritten."""
+    torch.manual_seed(0)
+    n = 10
+    i = torch.arange(n)
+    if case == "fully padded batch row":
+        padding, mask, causal = torch.zeros(2, n, dtype=torch.bool), None, False
+        padding[1] = True
+    else:
+        padding, mask, causal = None, (i[None, :] > i[:, None]) | (i[:, None] - i[None, :] >= 3), True
+    model = _SelfMHA().eval()
+    with torch.no_grad():
+        _inference_calls_as_eager(model, [(torch.randn(2, n, 16, generator=torch.Generator().manual_seed(s)), mask,
+                                           padding, causal) for s in (1, 2)], "nn.MultiheadAttention in inference")
+    trained = attnopt.optimize(copy.deepcopy(model).train(), tune=False, kernel="reference")
+    x = torch.randn(2, n, 16, requires_grad=True)
+    padding = torch.zeros(2, n, dtype=torch.bool)
+    padding[1, 6:] = True
+    assert_same(trained(x, None, padding, False), model.train()(x, None, padding, False), what="training call")
+    assert [s.replaced for s in trained.attnopt_report.sites] == [True], sites(trained.attnopt_report)
+
+
+class _NestedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, batch_first=True, dropout=0.0)
+        self.encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+
+    def forward(self, x, padding):
+        return self.encoder(x, src_key_padding_mask=padding)
+
+
+def test_transformer_encoder_nested_tensors_in_inference():
+    """In eval without gradients the encoder packs the padded batch as nested tensors and returns 0 on padded
+    rows; torch.compile skips that path (the rows come out computed). Those calls run eagerly."""
+    torch.manual_seed(0)
+    padding = torch.zeros(2, 10, dtype=torch.bool)
+    padding[1, 6:] = True
+    with torch.no_grad():
+        _inference_calls_as_eager(_NestedEncoder().eval(), [
+            (torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(s)), padding) for s in (1, 2)],
+            "nn.TransformerEncoder in inference")
