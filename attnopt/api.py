@@ -256,7 +256,8 @@ class _EagerInInference:
 
     def __call__(self, *args, **kwargs):
         module = self.module
-        if not module.training and not _needs_grad(module, args, kwargs) and not torch.compiler.is_exporting():
+        if (not module.training and _may_take_fast_path(module, args, kwargs) and not _needs_grad(module, args, kwargs)
+                and not torch.compiler.is_exporting()):
             return _eagerly(self, *args, **kwargs)
         return type(module).forward(module, *args, **kwargs)
 
@@ -268,6 +269,16 @@ class _EagerInInference:
             f"nn.{kind} in inference (eval, no gradient) runs as PyTorch runs it, unoptimized: its fused fast path, "
             "which torch.compile skips, treats rows without keys (and MultiheadAttention an is_causal hint) its own "
             "way; trained or with gradients it is rewritten"))
+
+
+def _may_take_fast_path(module: torch.nn.Module, args, kwargs) -> bool:
+    """False where PyTorch's conditions already rule its fast path out, so the traced code is what eager runs:
+    a MultiheadAttention that is not ``batch_first`` or not self-attention (query, key and value one tensor), an
+    encoder built without nested tensors."""
+    if isinstance(module, torch.nn.TransformerEncoder):
+        return getattr(module, "use_nested_tensor", True)
+    qkv = [*args[:3], *(kwargs.get(name) for name in ("query", "key", "value")[len(args[:3]):])]
+    return module.batch_first and len(qkv) == 3 and qkv[0] is qkv[1] and qkv[1] is qkv[2]
 
 
 def _needs_grad(module: torch.nn.Module, args, kwargs) -> bool:

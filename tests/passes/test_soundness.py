@@ -1178,3 +1178,32 @@ def test_transformer_encoder_nested_tensors_in_inference():
         _inference_calls_as_eager(_NestedEncoder().eval(), [
             (torch.randn(2, 10, 16, generator=torch.Generator().manual_seed(s)), padding) for s in (1, 2)],
             "nn.TransformerEncoder in inference")
+
+
+class _CrossMHA(nn.Module):
+    def __init__(self, batch_first: bool):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=batch_first)
+
+    def forward(self, x, memory, padding):
+        return self.mha(x, memory, memory, key_padding_mask=padding, need_weights=False)[0]
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_that_cannot_take_its_fast_path_is_rewritten_in_inference(batch_first):
+    """Cross-attention (or a layout other than ``batch_first``) rules PyTorch's fast path out: eager runs the code
+    dynamo traces, so its inference calls are rewritten as any other."""
+    torch.manual_seed(0)
+    padding = torch.zeros(2, 12, dtype=torch.bool)
+    padding[1, 7:] = True
+    shape = (2, 10, 16) if batch_first else (10, 2, 16)
+    memory_shape = (2, 12, 16) if batch_first else (12, 2, 16)
+    with torch.no_grad():
+        calls = [(None, (torch.randn(*shape, generator=torch.Generator().manual_seed(s)),
+                         torch.randn(*memory_shape, generator=torch.Generator().manual_seed(s + 9)), padding))
+                 for s in (1, 2)]
+        for plan, (_, optimized) in check_calls(_CrossMHA(batch_first).eval(), calls).items():
+            report = optimized.attnopt_report
+            assert not report.fallbacks, str(report)
+            if plan == "reference kernel":
+                assert [s.replaced for s in report.sites] == [True], sites(report)
