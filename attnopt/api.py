@@ -210,22 +210,28 @@ def _mark_static_caches(values) -> None:
                             torch._dynamo.mark_static_address(tensor)
 
 
+#: whether ``written_forward`` runs: a capture of the code as written, in which ``_EagerInInference`` breaks no graph
+#: (``torch.compiler.is_exporting`` cannot tell: torch 2.11 answers True while dynamo compiles any frame)
+_WRITTEN = [False]
+
+
 @contextlib.contextmanager
 def written_forward(module: torch.nn.Module):
     """``module``'s forward as written while the block runs: an optimized module's (``optimize``) instance-level
     forward is set aside, for a capture of the code itself (``attnopt.onnx.export`` rewrites it again)."""
     current = module.__dict__.get("forward")
-    if not isinstance(current, _OptimizedForward):
-        yield
-        return
-    if current.original is None:
+    optimized = isinstance(current, _OptimizedForward)
+    if optimized and current.original is None:
         del module.__dict__["forward"]
-    else:
+    elif optimized:
         module.forward = current.original
+    _WRITTEN[0] = True
     try:
         yield
     finally:
-        module.forward = current
+        _WRITTEN[0] = False
+        if optimized:
+            module.forward = current
 
 
 def _reoptimize(module: torch.nn.Module, options: Options, report: Report, original=None,
@@ -257,7 +263,7 @@ class _EagerInInference:
     def __call__(self, *args, **kwargs):
         module = self.module
         if (not module.training and _may_take_fast_path(module, args, kwargs) and not _needs_grad(module, args, kwargs)
-                and not torch.compiler.is_exporting()):
+                and not _WRITTEN[0]):
             return _eagerly(self, *args, **kwargs)
         return type(module).forward(module, *args, **kwargs)
 
