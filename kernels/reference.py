@@ -732,8 +732,9 @@ class ReferenceKernel(Kernel):
                 if dq_run is not None:
                     dq[:, :, c0:c1] = dq_run
                     continue
-                for q0 in range(c0, c1, q_chunk if length else c1 - c0):  # a run that falls back: plain chunks
-                    q1 = min(c1, q0 + q_chunk) if length else c1
+                # a plain chunk, or a run that falls back: cut into plain chunks
+                parts = [(a, min(a + q_chunk, c1)) for a in range(c0, c1, q_chunk)] if length else [(c0, c1)]
+                for q0, q1 in parts:
                     rows = (q[:, :, q0:q1], k, v, out[:, :, q0:q1], lse[:, :, q0:q1], grad_out[:, :, q0:q1])
                     dq_rows = _fused_rows_backward(*rows, spec, q0, skipper, grads) if fuse else None
                     dq[:, :, q0:q1] = dq_rows if dq_rows is not None else _rows_backward(
