@@ -292,7 +292,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse, _grad_seed, needs_input_grad=None, seed=None):
     """The op's gradients. ``needs_input_grad``: the op's inputs' flags when ``ctx`` is not the op's;
     ``seed``: the seed tensor when ``ctx`` saved none."""
-    q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, saved_seed = ctx.saved_tensors
+    q, k, v, key_padding, q_doc, kv_doc, bias, mask, out, lse, saved_seed = _saved(ctx)
     seed = saved_seed if seed is None else seed
     needs_input_grad = ctx.needs_input_grad if needs_input_grad is None else needs_input_grad
     needs_bias_grad = bias is not None and needs_input_grad[6]
@@ -311,6 +311,20 @@ def _backward(ctx, grad_out, _grad_lse, _grad_seed, needs_input_grad=None, seed=
         dmask if needs_mask_grad else None,
         *([None] * len(ctx.params)),
     )
+
+
+def _saved(ctx) -> tuple:
+    """``ctx.saved_tensors``, with ``_EagerAttention``'s output in its place: as its forward made it, or made
+    again where the model has written it in place since (the same kernel on the same inputs and dropout seed)."""
+    saved = ctx.saved_tensors
+    out = getattr(ctx, "out", None)
+    if out is None:
+        return saved
+    if out._version != ctx.out_version:
+        q, k, v = saved[:3]
+        with torch.no_grad():
+            out = _train_forward(q, k, v, ctx.spec, ctx.kernel, residual=False, seed=ctx.seed)[0]
+    return (*saved[:8], out, *saved[9:])
 
 
 def _differentiable_grads(ctx, grad_out, needs_bias_grad: bool, needs_mask_grad: bool):
@@ -412,8 +426,12 @@ class _EagerAttention(torch.autograd.Function):
         gradients to materialize for outputs nothing differentiates)."""
         spec, kernel, key_padding, q_doc, kv_doc, params, seed = call
         out, lse, seed, residual = _train_forward(q, k, v, spec, kernel, seed=seed)  # traced by nothing: no fake
-        _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), (out, lse, None))
+        # the output is kept beside the saved tensors, not among them: the original's ``softmax(s) @ v`` saves
+        # p and v, so a model may write the attention's output in place (``o += x``) and still differentiate.
+        # The backward then makes it again (``_saved``); a detached alias shares its version counter
+        _setup_context(ctx, (q, k, v, key_padding, q_doc, kv_doc, bias, mask, *params), (None, lse, None))
         ctx.spec, ctx.kernel, ctx.seed, ctx.residual = spec, kernel, seed, residual
+        ctx.out, ctx.out_version = out.detach(), out._version
         return out
 
     @staticmethod
@@ -429,7 +447,7 @@ class _EagerAttention(torch.autograd.Function):
         # the kernel's backward directly: its gradients as it made them (SDPA's laid out like q, k and v, so the
         # backward of an HF layer's transpose and view copies nothing), the seed as the forward drew it and the
         # forward's residual
-        q, k, v, _, _, _, bias, mask, out, lse, _ = ctx.saved_tensors
+        q, k, v, _, _, _, bias, mask, out, lse, _ = _saved(ctx)
         needs_bias_grad = bias is not None and wants_bias
         needs_mask_grad = mask is not None and mask.is_floating_point() and wants_mask
         with _without_autocast(q.device.type):

@@ -94,10 +94,11 @@ def grads_without_rows_or_keys(q, k, v, spec: AttentionSpec, needs_bias_grad: bo
 
 
 def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
-                    first_row: int = 0, seed: int = 0) -> torch.Tensor:
+                    first_row: int = 0, seed: int = 0, checked: bool = False) -> torch.Tensor:
     """``out [B, Hq, n, Dv]`` with rows where ``empty [B, Hq, n]`` replaced as ``spec.fill`` says: query rows
     ``first_row .. first_row + n - 1`` of the spec (a kernel that works on row chunks passes each chunk).
     ``seed``: the call's dropout seed, which a finite fill with dropout draws its row's dropout from.
+    ``checked``: the caller has already asked ``known_empty_rows`` of these terms, which did not say False.
 
     With no key at all (``Nk = 0``) every row is 0 whatever the fill: the original's ``softmax(s) @ v`` sums
     over no key."""
@@ -111,7 +112,7 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
             if triton_fill_rows.supported(spec, v, False, False):
                 return triton_fill_rows.dropped_rows(out, empty, v, spec, first_row, _seeded(seed))
         return _dropped_uniform_rows(out, empty, v, spec, first_row, seed)
-    if known_empty_rows(spec) is False:  # every row sees a key (found once per padding tensor)
+    if not checked and known_empty_rows(spec) is False:  # every row sees a key (found once per padding tensor)
         return out
     if spec.fill == Fill.SAFE or spec.kv_len == 0:
         return _where_empty(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
@@ -248,6 +249,13 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         return None, None, dv, None, None
     dq, dk = uniform_score_grads(q, k, v, grad_out, empty, spec.scale, spec.kv_len)
     return dq, dk, dv, None, None
+
+
+def plus_fill_grads(grads, extra) -> tuple:
+    """Each of a kernel's ``grads`` plus the fill's ``extra`` (``empty_row_grads``; None: nothing to add), summed
+    at the wider of the two dtypes (float64 gradients stay float64) and returned in the gradient's dtype."""
+    return tuple(g if e is None else (g.to(torch.promote_types(g.dtype, e.dtype)) + e).to(g.dtype)
+                 for g, e in zip(grads, extra))
 
 
 def row_wise_grads(spec: AttentionSpec, needs_bias_grad: bool = True, needs_mask_grad: bool = True) -> bool:

@@ -56,7 +56,7 @@ from . import registry
 from .approx_base import nan_lse, recompute_grads
 from .block_map import tile_lists
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, no_rows_or_keys,
-                    output_without_rows_or_keys)
+                    output_without_rows_or_keys, plus_fill_grads)
 from .registry import COMPILES_INDUCTOR, Grads, Kernel, register
 from .spec import AttentionSpec, Window
 
@@ -378,7 +378,7 @@ class FlexKernel(Kernel):
         dq, dk, dv, _, _ = recompute_grads(_attend_out, visible_grad, q, k, v, spec, False, False)
         if may_be_empty:
             extra = empty_row_grads(q, k, v, grad_out, empty, spec)
-            dq, dk, dv = (g if e is None else (g.float() + e).to(g.dtype) for g, e in zip((dq, dk, dv), extra[:3]))
+            dq, dk, dv = plus_fill_grads((dq, dk, dv), extra[:3])
         return dq, dk, dv, None, None
 
 

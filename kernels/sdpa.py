@@ -55,11 +55,11 @@ from torch.nn.attention import SDPBackend
 from .approx_base import nan_lse, recompute_grads
 from .aten_cpu import cpu_flash_reads_groups, flash_attention_cpu, flash_attention_cpu_backward
 from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys, known_empty_rows,
-                    no_rows_or_keys, output_without_rows_or_keys)
+                    no_rows_or_keys, output_without_rows_or_keys, plus_fill_grads)
 from .layout import in_layout_of, repeat_groups, sum_groups
 from .registry import Grads, Kernel, register
 from .spec import Align, AttentionSpec, Fill
-from .term_cache import LastCall, TermCache
+from .term_cache import Interned, LastCall, TermCache
 
 #: bytes per second of materializing / reading a mask, for the cost model
 MASK_BANDWIDTH = {"cpu": 1e10, "cuda": 3e12}
@@ -145,6 +145,8 @@ def mask_workspace_bytes(spec: AttentionSpec) -> int:
 CACHED_MASK_BYTES = 32 << 20
 #: the masks of the last few term tensors: a model's layers share one, a batch of models a few
 _MASKS = TermCache(4, without_terms=False)
+#: the mask sources prepared calls share (``MaskSource.shared``), by shapes, band, fill and kinds of terms
+_SOURCES = Interned(64)
 
 
 def sdpa_mask(spec: AttentionSpec) -> torch.Tensor | None:
@@ -183,6 +185,17 @@ class MaskSource:
         self.static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset,
                        spec.dtype, str(spec.device))
         self._last = LastCall()
+
+    @staticmethod
+    def shared(spec: AttentionSpec) -> MaskSource:
+        """The source of every prepared call with ``spec``'s shapes, band, fill and kinds of terms: the layers of a
+        forward prepare one call each, and through one source the first layer's answer reaches the others
+        (``LastCall``: the same term tensors at the same versions, in the same generation) without a term cache
+        lookup, the rows' check and the fill's views per layer."""
+        key = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset, spec.dtype,
+               str(spec.device), spec.fill, *(t is None for t in (spec.key_padding, spec.q_doc, spec.kv_doc)),
+               *(None if t is None else t.dtype for t in (spec.bias, spec.mask)))
+        return _SOURCES.get(key, lambda: MaskSource(spec))
 
     def __call__(self, spec: AttentionSpec) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not self.cached:
@@ -624,7 +637,7 @@ class SDPAKernel(Kernel):
                 def attend(q, k, v, spec, mask):
                     return self._sdpa(q, k, v, spec, mask, causal)
             if needs_mask(spec):
-                masks = MaskSource(spec)
+                masks = MaskSource.shared(spec)
                 return lambda q, k, v, spec: _on_mask(attend, masks, q, k, v, spec)
             return lambda q, k, v, spec: attend(q, k, v, spec, None)
         repeat = spec.group_size > 1 and not cpu_flash_reads_groups()
@@ -636,7 +649,7 @@ class SDPAKernel(Kernel):
 
         if not needs_mask(spec):
             return lambda q, k, v, spec: attend(q, k, v, spec, None)
-        masks = MaskSource(spec)
+        masks = MaskSource.shared(spec)
         return lambda q, k, v, spec: _on_mask(attend, masks, q, k, v, spec)
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
@@ -761,7 +774,7 @@ def _on_mask(attend, masks: MaskSource, q, k, v, spec: AttentionSpec) -> torch.T
     out = attend(q, k, v, spec, mask)
     if nan_rows is not None:
         out = out.masked_fill(nan_rows, float("nan"))
-    return out if fill_rows is None else fill_empty_rows(out, fill_rows, v, spec)
+    return out if fill_rows is None else fill_empty_rows(out, fill_rows, v, spec, checked=True)
 
 
 def _boolean_terms_only(spec: AttentionSpec) -> bool:
@@ -778,7 +791,7 @@ def _with_fill_grads(grads: Grads, empty, q, k, v, grad_out, spec: AttentionSpec
     extra = empty_row_grads(q, k, v, grad_out, _full_rows(empty, spec), spec, needs_bias_grad, needs_mask_grad,
                             seed=seed)
     # a term's extra gradient exists only where its gradient was asked for
-    return tuple(g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra))
+    return plus_fill_grads(grads, extra)
 
 
 _HALF = (torch.float16, torch.bfloat16)

@@ -151,6 +151,26 @@ class LastCall:
         self._refs, self._versions, self._answer = (), (), None
 
 
+class Interned:
+    """At most ``size`` objects, one per hashable key, made on first use and the oldest dropped first: what the
+    prepared calls of one forward's sites share (a mask source, a decode step's launch plan)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._objects: OrderedDict = OrderedDict()
+
+    def get(self, key: Hashable, make: Callable[[], T]) -> T:
+        found = self._objects.get(key)
+        if found is None:
+            found = self._objects[key] = make()
+            while len(self._objects) > self.size:
+                self._objects.popitem(last=False)
+        return found
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+
 def capturing() -> bool:
     """Whether the current CUDA stream is capturing a graph (False without CUDA): then nothing may sync with the
     host, and nothing read from data on the host may decide what a replay computes. Asked of CUDA only once it is

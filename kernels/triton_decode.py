@@ -40,7 +40,6 @@ from __future__ import annotations
 import functools
 import math
 import os
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +51,7 @@ from .launch import cdiv, next_power_of_2
 from .launch import launch as _launch
 from .registry import Grads, Kernel, get, register
 from .spec import AttentionSpec, Fill, key_padding_keep
-from .term_cache import LastCall, TermCache
+from .term_cache import Interned, LastCall, TermCache
 
 #: longest query a decode call takes: more rows are a prefill, for the flash kernels
 MAX_QUERY_ROWS = 16
@@ -370,8 +369,7 @@ def decode_attention(
 
 
 #: prepared calls kept, by shapes and settings (``TritonDecodeKernel.prepare``); the oldest are dropped first
-PREPARED_KEPT = 64
-_PREPARED: OrderedDict = OrderedDict()
+_PREPARED = Interned(64)
 
 
 class PreparedDecode:
@@ -464,7 +462,7 @@ def apply_fill(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec: Atte
     """Rows with no visible key (``lse == -inf``, out 0) as ``spec.fill`` says (kernels/fills.py)."""
     if not _may_fill(spec):
         return out
-    return fill_empty_rows(out, torch.isneginf(lse), v, spec)
+    return fill_empty_rows(out, torch.isneginf(lse), v, spec, checked=True)
 
 
 class TritonDecodeKernel(Kernel):
@@ -525,12 +523,7 @@ class TritonDecodeKernel(Kernel):
         key = (spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim, spec.v_head_dim,
                spec.dtype, spec.device, spec.scale, spec.softcap, spec.band(), spec.diagonal_offset, spec.fill,
                *(t is None for t in (spec.key_padding, spec.q_doc, spec.bias, spec.mask)))
-        prepared = _PREPARED.get(key)
-        if prepared is None:
-            prepared = _PREPARED[key] = PreparedDecode(spec)
-            while len(_PREPARED) > PREPARED_KEPT:
-                _PREPARED.popitem(last=False)
-        return prepared
+        return _PREPARED.get(key, lambda: PreparedDecode(spec))
 
     def backward(self, grad_out, q, k, v, out, lse, spec, seed, needs_bias_grad, needs_mask_grad) -> Grads:
         return get("reference").backward(

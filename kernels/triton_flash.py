@@ -38,7 +38,7 @@ import os
 import torch
 
 from . import registry
-from .fills import empty_row_grads, fill_empty_rows, known_empty_rows
+from .fills import empty_row_grads, fill_empty_rows, known_empty_rows, plus_fill_grads
 from .layout import empty_in_layout_of
 from .block_map import TileLists, needs_tile_map, tile_lists
 from .launch import cdiv, next_power_of_2
@@ -147,7 +147,7 @@ def _fill_empty_rows(out: torch.Tensor, lse: torch.Tensor, v: torch.Tensor, spec
                      seed: int = 0) -> torch.Tensor:
     if not spec.rows_need_fill() or known_empty_rows(spec) is False:  # every row sees a key
         return out
-    return fill_empty_rows(out, torch.isneginf(lse), v, spec, seed=seed)
+    return fill_empty_rows(out, torch.isneginf(lse), v, spec, seed=seed, checked=True)
 
 
 def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec, seed: int = 0) -> Grads:
@@ -155,7 +155,7 @@ def _with_empty_rows(grads, q, k, v, grad_out, lse, spec: AttentionSpec, seed: i
     the call's dropout seed."""
     if spec.rows_need_fill():
         extra = empty_row_grads(q, k, v, grad_out, torch.isneginf(lse), spec, seed=seed)
-        grads = [g if e is None else (g.float() + e).to(g.dtype) for g, e in zip(grads, extra[:3])]
+        grads = plus_fill_grads(grads, extra[:3])
     return (*grads, None, None)
 
 

@@ -636,7 +636,10 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
         op = step[0]
         if pending_tanh and op not in ("scale", "cast", "view"):
             raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
-        if op in ("cast", "view"):
+        if op == "cast":
+            booleans = _through_cast(step[-1], additive, booleans, at)
+            continue
+        if op == "view":
             continue
         if op == "scale":
             c = step[1]
@@ -666,11 +669,36 @@ def _interpret(match: Match, steps: list[tuple], at: Node) -> None:
             match.add_locals[step[1]] = shape_of(step[-1])
         elif op == "fill":
             meta = tensor_meta(step[-1])
-            booleans.append(replace(step[1], local=shape_of(step[-1]), filled_at=None if meta is None else meta.dtype))
+            term = replace(step[1], local=shape_of(step[-1]), filled_at=None if meta is None else meta.dtype)
+            booleans.append(term if meta is None else replace(term, fill=_stored(term.fill, meta.dtype)))
     if pending_tanh:
         raise _Reject("tanh on the scores is not followed by a multiply (softcap)", at)
     match.scale, match.softcap, match.assumed = scale, softcap, tuple(assumed)
     match.additive, match.booleans = additive, booleans
+
+
+def _stored(fill: float, dtype: torch.dtype) -> float:
+    """``fill`` as scores of ``dtype`` hold it: a fill beyond the dtype's range is -inf there (``-1e9`` in
+    float16, float32's ``finfo.min`` in bfloat16), and a row it masks entirely is NaN in eager."""
+    if not dtype.is_floating_point or math.isinf(fill):
+        return fill
+    return float(torch.tensor(fill, dtype=torch.float64).to(dtype))
+
+
+def _through_cast(cast: Node, additive: list, booleans: list, at: Node) -> list:
+    """The boolean terms after a cast of the masked scores: a cast to a dtype of smaller range (float32 to
+    float16 or bfloat16) stores each fill at that range, where a large one becomes -inf. An additive term added
+    before such a cast is left to eager: its values, unknown here, may overflow there too, and the kernels add it
+    at the dtype it was added at."""
+    source, target = tensor_meta(cast.args[0]) if cast.args else None, tensor_meta(cast)
+    if (source is None or target is None or not source.dtype.is_floating_point or not target.dtype.is_floating_point
+            or torch.finfo(target.dtype).max >= torch.finfo(source.dtype).max):
+        return booleans
+    if additive:
+        raise _Reject(f"masked scores are cast from {source.dtype} to {target.dtype} before the softmax: an added "
+                      f"mask's values beyond {target.dtype}'s range become -inf there, which the kernels, adding it "
+                      f"at {source.dtype}, would not reproduce; cast the scores before adding the mask", at)
+    return [replace(b, fill=_stored(b.fill, target.dtype)) for b in booleans]
 
 
 def _check_scale_after_masks(c: float, additive: list, booleans: list, at: Node) -> None:

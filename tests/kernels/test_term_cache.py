@@ -189,6 +189,29 @@ def test_a_prepared_call_hands_the_last_answer_on_while_its_terms_are_unchanged(
     assert len(builds) == 3
 
 
+def test_the_layers_prepared_calls_share_one_answer_per_forward(builds):
+    """Two sites of one forward (two prepared calls, each with its own q, k and v) on one padding tensor: the
+    first builds the mask and finds its rows, the second is handed that answer, and each output is its own
+    layer's. The next forward (a new generation) builds again; a site with another fill has its own source."""
+    from attnopt.kernels.term_cache import new_generation
+
+    q, k, v, keep, spec, first = _prepared()
+    second = get("sdpa_cpu").prepare(spec.with_(key_padding=keep))
+    q2, k2, v2 = (t.flip(2) for t in (q, k, v))
+    new_generation()
+    for _ in range(2):
+        torch.testing.assert_close(first(q, k, v, spec), _expected(q, k, v, keep))
+        torch.testing.assert_close(second(q2, k2, v2, spec), _expected(q2, k2, v2, keep))
+    assert len(builds) == 1
+    new_generation()
+    first(q, k, v, spec)
+    assert len(builds) == 2
+    other = get("sdpa_cpu").prepare(spec.with_(fill=Fill.NEG_INF))
+    sources = [next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, sdpa.MaskSource))
+               for run in (first, second, other)]
+    assert sources[0] is sources[1] and sources[2] is not sources[0]
+
+
 def test_a_prepared_calls_answer_dies_with_its_terms_and_is_never_handed_on_under_capture(builds, monkeypatch):
     q, k, v, keep, spec, run = _prepared()
     source = next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, sdpa.MaskSource))

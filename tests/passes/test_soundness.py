@@ -1207,3 +1207,85 @@ def test_multihead_attention_that_cannot_take_its_fast_path_is_rewritten_in_infe
             assert not report.fallbacks, str(report)
             if plan == "reference kernel":
                 assert [s.replaced for s in report.sites] == [True], sites(report)
+
+
+class _ResidualInPlace(nn.Module):
+    """A hand-written site whose output the model then writes in place: the original's ``p @ v`` saved p and v,
+    not its output, so its backward works."""
+
+    def forward(self, q, k, v):
+        o = torch.softmax(q @ k.transpose(-1, -2) * 0.25, dim=-1) @ v
+        o += q
+        o[:, :, :1] *= 2.0
+        return o
+
+
+def test_the_attention_output_written_in_place_before_the_backward():
+    for plan, eager, optimized in plans(_ResidualInPlace()):
+        with forced_kernel_may_decline(plan):
+            for seed in (1, 2):
+                inputs = [t.requires_grad_(True) for t in qkv(seed=seed)]
+                copies = [t.detach().clone().requires_grad_(True) for t in inputs]
+                expected = eager(*inputs)
+                got = optimized(*copies)
+                assert_same(got, expected, what=f"{plan}: output")
+                grad = torch.randn_like(expected)
+                expected.backward(grad)
+                got.backward(grad)
+                for name, a, b in zip("qkv", copies, inputs):
+                    assert_same(a.grad, b.grad, what=f"{plan}: d{name}; sites: {sites(optimized.attnopt_report)}")
+            if PLANS[plan].get("kernel"):
+                assert [s.replaced for s in optimized.attnopt_report.sites] == [True], sites(optimized.attnopt_report)
+
+
+def _fill_where_in_half(q, k, v, masked):
+    return (torch.where(~masked, q @ k.transpose(-1, -2), -1e9) * 0.25).softmax(-1) @ v
+
+
+def _fill_in_float_then_half(q, k, v, masked):
+    scores = (q @ k.transpose(-1, -2)) * 0.25
+    return scores.float().masked_fill(masked, torch.finfo(torch.float32).min).half().softmax(-1) @ v
+
+
+def _added_in_float_then_half(q, k, v, masked):
+    scores = (q @ k.transpose(-1, -2)) * 0.25
+    return (scores.float() + masked.float() * torch.finfo(torch.float32).min).half().softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [_fill_where_in_half, _fill_in_float_then_half, _added_in_float_then_half])
+def test_a_fill_beyond_the_range_the_scores_are_stored_at_is_neg_inf(fn):
+    """float16 scores hold -1e9, or float32's finfo.min cast down, as -inf: a row such a mask hides entirely is
+    NaN in eager, not the average of v. An added mask cast down after it is left to eager."""
+    masked = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    masked[0] = True  # batch row 0: no visible key
+    masked[1, ..., 5:] = True
+    calls = [(None, (*qkv(dtype=torch.float16, seed=s), masked)) for s in (1, 2)]
+    for plan, (eager, optimized) in check_calls(Fn(fn), calls, tol=BF16).items():
+        got = optimized(*calls[0][1])
+        assert got[0].isnan().all() and not got[1].isnan().any(), f"{plan}: {sites(optimized.attnopt_report)}"
+        if fn is _added_in_float_then_half:
+            assert [s.replaced for s in optimized.attnopt_report.sites] == [False], sites(optimized.attnopt_report)
+
+
+def _padded_neg_inf(q, k, v, padded):
+    return (q @ k.transpose(-1, -2) * 0.25).masked_fill(padded, NEG_INF).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa_cpu"])
+def test_float64_gradients_with_a_row_hidden_entirely_stay_float64(kernel):
+    """The fill's gradient (NaN dV on a head with a NaN row) is added to the kernel's at float64, not float32."""
+    padded = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    padded[0] = True
+    padded[1, ..., 6:] = True
+    eager = Fn(_padded_neg_inf)
+    optimized = attnopt.optimize(Fn(_padded_neg_inf), tune=False, kernel=kernel)
+    for seed in (1, 2):
+        inputs = [t.requires_grad_(True) for t in qkv(dtype=torch.float64, seed=seed)]
+        copies = [t.detach().clone().requires_grad_(True) for t in inputs]
+        grad = torch.randn(2, 2, 8, 16, dtype=torch.float64)
+        eager(*inputs, padded).backward(grad)
+        optimized(*copies, padded).backward(grad)
+        for name, got, want in zip("qkv", copies, inputs):
+            torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-12, equal_nan=True,
+                                       msg=lambda m, name=name: f"d{name}: {m}")
+    assert [s.replaced for s in optimized.attnopt_report.sites] == [True], sites(optimized.attnopt_report)
