@@ -219,6 +219,23 @@ class TritonFlashKernel(Kernel):
         return seconds
 
     # --------------------------------------------------------------------- forward
+    def prepare(self, spec: AttentionSpec):
+        """``infer`` with the band forward's variant and the checks of the spec and the variant made once per call
+        plan (``forward`` makes them on every call: some twenty tests of the spec); each call then checks only what
+        its tensors decide (descriptor alignment) and launches. Specs the band forward does not take keep
+        ``infer``."""
+        band = band_fwd.measured_variant(spec) if spec.dropout_p == 0.0 else None
+        if band is None or band_fwd.spec_reasons(spec, band):
+            return self.infer
+
+        def call(q, k, v, spec):
+            q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+            if band.descriptors and band_fwd.tensor_reasons(q, k, v, band):
+                return self.infer(q, k, v, spec)
+            return band_fwd.run_forward(q, k, v, spec, band)[0]
+
+        return call
+
     def forward(self, q, k, v, spec: AttentionSpec, seed: int):
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
         band = band_fwd.measured_variant(spec)

@@ -183,6 +183,12 @@ def candidate_variants(head_dim: int, group_size: int = 1,
 def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec,
                         variant: Variant) -> list[str]:
     """Every reason ``forward`` cannot run ``variant`` on these inputs; empty when it can."""
+    return spec_reasons(spec, variant) + tensor_reasons(q, k, v, variant)
+
+
+def spec_reasons(spec: AttentionSpec, variant: Variant) -> list[str]:
+    """The reasons ``unsupported_reasons`` finds in the spec and the variant alone: the same for every call of one
+    call plan (its shapes, dtypes and kinds of terms)."""
     reasons = []
     if spec.device.type != "cuda" and not _interpreting():
         reasons.append("needs a CUDA device (or TRITON_INTERPRET=1 for testing)")
@@ -218,7 +224,7 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
         reasons.append(f"batch * q_heads / packed heads = {spec.batch * spec.q_heads // pack} exceeds the grid "
                        f"limit {MAX_GRID_Y}")
     if variant.warp_specialize:
-        if q.is_cuda:
+        if spec.device.type == "cuda":
             # measured on an H200 (triton 3.6): every warp-specialized variant of this kernel stops in
             # Triton's pass manager ("PassManager::run failed"); the interpreter ignores the switch
             reasons.append("warp_specialize: this kernel does not compile with it (triton's pass manager fails on "
@@ -229,10 +235,17 @@ def unsupported_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec:
             reasons.append("warp_specialize needs descriptors=True (Hopper specializes descriptor loads only)")
         if variant.num_warps < 4:
             reasons.append(f"warp_specialize needs num_warps >= 4, got {variant.num_warps}")
-    if variant.descriptors:
-        if not HAS_DESCRIPTORS:
-            reasons.append(f"descriptors need tl.make_tensor_descriptor and triton.set_allocator, not in triton "
-                           f"{triton.__version__}")
+    if variant.descriptors and not HAS_DESCRIPTORS:
+        reasons.append(f"descriptors need tl.make_tensor_descriptor and triton.set_allocator, not in triton "
+                       f"{triton.__version__}")
+    return reasons
+
+
+def tensor_reasons(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, variant: Variant) -> list[str]:
+    """The reasons ``unsupported_reasons`` finds in the tensors of one call: their addresses and strides, which a
+    variant reading them through descriptors needs aligned."""
+    reasons = []
+    if variant.descriptors and HAS_DESCRIPTORS:
         for name, t in (("q", q), ("k", k), ("v", v)):
             if t.stride(-1) != 1 or t.data_ptr() % DESCRIPTOR_ALIGN or any(
                     s * t.element_size() % DESCRIPTOR_ALIGN for s in t.stride()[:-1]):

@@ -433,6 +433,30 @@ def test_triton_flash_forward_runs_the_measured_variant(monkeypatch, terms, d):
     assert ran == []  # an additive mask: the general forward
 
 
+@pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE_ADDED])
+def test_triton_flash_prepared_call_is_its_inference_for_every_call_of_its_plan(monkeypatch, fill):
+    """``triton_flash.prepare`` picks and checks the band variant once; each call of the plan (new padding values,
+    rows left without a key in the second call) gives ``infer``'s output bit for bit, through the variant."""
+    from attnopt.kernels import get
+
+    monkeypatch.setattr(tma, "_capability", lambda device: tma.MEASURED_ON)
+    ran = []
+    run_forward = tma.run_forward
+    monkeypatch.setattr(tma, "run_forward", lambda *a: ran.append(a[-1]) or run_forward(*a))
+    q, k, v, spec = make_inputs(2, 4, 2, 40, 40, 64, torch.bfloat16, {"causal": True}, fill=fill)
+    kernel = get("triton_flash")
+    run = kernel.prepare(spec.with_(key_padding=torch.ones(2, 40, dtype=torch.bool, device=DEVICE)))
+    for lengths in ([40, 30], [25, 40]):
+        call = spec.with_(key_padding=torch.ones(2, 40, dtype=torch.bool, device=DEVICE))
+        call.key_padding[0, : 40 - lengths[0]] = False  # left padding: row 0's first queries see no key
+        call.key_padding[1, : 40 - lengths[1]] = False
+        ran.clear()
+        got = run(q, k, v, call)
+        assert ran == [tma.measured_variant(call)]
+        torch.testing.assert_close(got, kernel.infer(q, k, v, call), atol=0, rtol=0, equal_nan=True)
+    assert kernel.prepare(spec.with_(dropout_p=0.1)) == kernel.infer
+
+
 # ------------------------------------------------------------------------------------ GPU
 def _check_all(q, k, v, spec, variants, tol):
     """Every variant checked; one failure message listing each variant that failed, with its error."""
