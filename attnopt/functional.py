@@ -46,8 +46,9 @@ def attention(
       queries see keys of their own document only.
     * ``softcap``: scores become ``softcap * tanh(scores / softcap)`` before the masks.
     * ``fill``: what a row with no visible key gives: "safe" zero (as SDPA), "-inf"
-      NaN (as an eager softmax), "finite" the mean of v (as a ``finfo.min`` fill),
-      "finite_added" the same mean with the gradient of an *added* ``finfo.min`` mask.
+      NaN (as an eager softmax), "-inf_added" the same NaN with the gradient of an *added* ``-inf`` mask,
+      "finite" the mean of v (as a ``finfo.min`` fill), "finite_added" the same mean with the gradient of an
+      *added* ``finfo.min`` mask.
     * ``kernel``: a registered kernel name, or "auto" to let the planner choose.
     """
     _check_tensors(q, k, v)
@@ -63,7 +64,8 @@ def attention(
     try:
         fill = Fill(fill)
     except ValueError:
-        raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf', 'finite' or 'finite_added'") from None
+        raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf', '-inf_added', 'finite' or "
+                         "'finite_added'") from None
     if causal == "bottom_right" and q.shape[2] > k.shape[2]:
         _warn_rows_before_first_key(q.shape[2], k.shape[2], fill)
     if scale is None:
@@ -87,7 +89,7 @@ def attention(
 
 
 _FILL_GIVES = {
-    Fill.SAFE: "zeros", Fill.NEG_INF: "NaN", Fill.FINITE: "the mean of v over all keys",
+    Fill.SAFE: "zeros", Fill.NEG_INF: "NaN", Fill.NEG_INF_ADDED: "NaN", Fill.FINITE: "the mean of v over all keys",
     Fill.FINITE_ADDED: "the mean of v over all keys",
 }
 #: (Nq, Nk, fill) already warned about: a model calls the same shape every step

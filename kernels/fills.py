@@ -6,6 +6,9 @@ then give such rows what the model being replaced gave (``spec.fill``):
 
 * ``Fill.NEG_INF`` — NaN (softmax of ``-inf`` everywhere); in the backward the
   NaN probabilities spread NaN over dV of every key of the head.
+* ``Fill.NEG_INF_ADDED`` — the same, from ``-inf`` added to the scores: the NaN
+  scores' gradient also passes the addition, so the row's dq and every key's
+  dk of the head are NaN too.
 * ``Fill.SAFE`` — 0, and no gradient (SDPA's safe softmax).
 * ``Fill.FINITE`` — the masked scores were *replaced* by a finite minimum: the
   softmax is uniform, out = mean(v); dV gets dO / Nk on every key; the scores
@@ -53,7 +56,7 @@ import torch
 
 import torch.nn.functional as F
 
-from .spec import AttentionSpec, Fill, band_keep, key_padding_keep, kept_scale
+from .spec import NAN_FILLS, AttentionSpec, Fill, band_keep, key_padding_keep, kept_scale
 from .term_cache import TermCache
 
 FINITE_FILLS = (Fill.FINITE, Fill.FINITE_ADDED)
@@ -116,7 +119,7 @@ def fill_empty_rows(out: torch.Tensor, empty: torch.Tensor, v: torch.Tensor, spe
         return out
     if spec.fill == Fill.SAFE or spec.kv_len == 0:
         return _where_empty(empty, torch.zeros((), dtype=out.dtype, device=out.device), out)
-    if spec.fill == Fill.NEG_INF:
+    if spec.fill in NAN_FILLS:
         return _where_empty(empty, torch.full((), float("nan"), dtype=out.dtype, device=out.device), out)
     if spec.fill == Fill.FINITE_REPLACED_ADDED:
         mean = _mean_over_union(v, spec, first_row, out.shape[2])  # [B, Hkv, n, Dv]
@@ -231,10 +234,16 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         return None, None, None, None, None
     if not bool(empty.any()):
         return None, None, None, None, None
-    if spec.fill == Fill.NEG_INF:
+    if spec.fill in NAN_FILLS:
         nan_heads = empty.reshape(spec.batch, spec.kv_heads, spec.group_size, -1).any(-1).any(-1)[:, :, None, None]
-        dv = torch.where(nan_heads, float("nan"), torch.zeros(v.shape, dtype=_compute_dtype(v.dtype), device=v.device))
-        return None, None, dv, None, None
+        zeros = torch.zeros(v.shape, dtype=_compute_dtype(v.dtype), device=v.device)
+        dv = torch.where(nan_heads, float("nan"), zeros)
+        if spec.fill == Fill.NEG_INF:
+            return None, None, dv, None, None
+        # added -inf: the row's NaN scores' gradient passes the addition, to its query and every key of its head
+        dq = torch.where(empty[..., None], float("nan"), torch.zeros(q.shape, dtype=zeros.dtype, device=q.device))
+        dk = torch.where(nan_heads, float("nan"), torch.zeros(k.shape, dtype=zeros.dtype, device=k.device))
+        return dq, dk, dv, None, None
     if row_wise_grads(spec, needs_bias_grad, needs_mask_grad):
         dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
         if q.device.type in ROW_KERNEL:
@@ -263,7 +272,7 @@ def row_wise_grads(spec: AttentionSpec, needs_bias_grad: bool = True, needs_mask
     (``_row_grads``: about a hundred elementwise passes over those rows' ``[heads, rows, Nk]`` scores), rather than
     factored (a constant few ops): dropout on a finite fill, a replaced band with added padding, or an added fill
     with a softcap or a term's gradient asked for (by default: any term that may ask)."""
-    if spec.fill in (Fill.SAFE, Fill.NEG_INF):
+    if spec.fill in (Fill.SAFE, *NAN_FILLS):
         return False
     dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
     term_grads = (needs_bias_grad and spec.bias is not None) or (needs_mask_grad and spec.mask is not None)

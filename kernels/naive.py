@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .reference import add_term
-from .spec import AttentionSpec, Fill, band_keep, key_padding_keep
+from .spec import NAN_FILLS, AttentionSpec, Fill, band_keep, key_padding_keep
 
 
 def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
@@ -24,7 +24,9 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
     for term in additive:
         s = add_term(s, term, spec.dtype)
     unmasked = s
-    if keep is not None:
+    if keep is not None and spec.fill == Fill.NEG_INF_ADDED:  # added, as the original did: its gradient passes
+        s = s + torch.zeros((), dtype=s.dtype, device=s.device).masked_fill(~keep, float("-inf"))
+    elif keep is not None:
         s = s.masked_fill(~keep, float("-inf"))
     empty_row = torch.isneginf(s).all(dim=-1, keepdim=True)
     if spec.fill == Fill.FINITE_ADDED:
@@ -40,7 +42,7 @@ def naive_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Att
         once = torch.where(band, unmasked - unmasked.detach(),
                            torch.where(kept, torch.zeros((), dtype=s.dtype, device=s.device), float("-inf")))
         s = torch.where(empty_row, once, s)
-    elif spec.fill != Fill.NEG_INF:
+    elif spec.fill not in NAN_FILLS:
         # a constant row keeps softmax finite, so gradients through torch.where stay finite
         s = s.masked_fill(empty_row, 0.0)
     p = torch.softmax(s, dim=-1)

@@ -58,7 +58,7 @@ from .fills import (empty_row_grads, fill_empty_rows, grads_without_rows_or_keys
                     no_rows_or_keys, output_without_rows_or_keys, plus_fill_grads)
 from .layout import in_layout_of, repeat_groups, sum_groups
 from .registry import Grads, Kernel, register
-from .spec import Align, AttentionSpec, Fill
+from .spec import NAN_FILLS, Align, AttentionSpec, Fill
 from .term_cache import Interned, LastCall, TermCache
 
 #: bytes per second of materializing / reading a mask, for the cost model
@@ -278,7 +278,7 @@ def _nan_where_masked(out: torch.Tensor, mask: torch.Tensor | None, spec: Attent
 
 def _neg_inf_rows(mask: torch.Tensor | None, spec: AttentionSpec) -> torch.Tensor | None:
     """The rows ``_nan_where_masked`` sets to NaN, ``[b or 1, h or 1, Nq, 1]``, or None when no term can make one."""
-    if mask is None or spec.fill != Fill.NEG_INF:
+    if mask is None or spec.fill not in NAN_FILLS:
         return None
     if not any(t is not None and t.is_floating_point() for t in (spec.bias, spec.mask)):
         return None

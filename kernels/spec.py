@@ -27,6 +27,9 @@ where ``d = i + offset`` is its diagonal key; causal adds ``right = 0``.
 model being replaced decided that by its choice of fill value:
 
 * ``Fill.NEG_INF``: masked scores are ``-inf``; such rows are NaN (eager softmax).
+* ``Fill.NEG_INF_ADDED``: the same forward, from ``-inf`` *added* to the scores
+  (an additive ``-inf`` mask); the backward differs: autograd sends such rows'
+  NaN gradient through the addition to q and k as well.
 * ``Fill.FINITE``: masked scores are a finite minimum such as
   ``torch.finfo(dtype).min``; such rows average every value uniformly.
 * ``Fill.FINITE_ADDED``: the same forward, from a finite minimum *added* to
@@ -63,10 +66,15 @@ import torch
 
 class Fill(str, enum.Enum):
     NEG_INF = "-inf"
+    NEG_INF_ADDED = "-inf_added"
     FINITE = "finite"
     FINITE_ADDED = "finite_added"
     SAFE = "safe"
     FINITE_REPLACED_ADDED = "finite_replaced_added"
+
+
+#: the fills whose rows with no visible key are NaN
+NAN_FILLS = (Fill.NEG_INF, Fill.NEG_INF_ADDED)
 
 
 class Align(str, enum.Enum):

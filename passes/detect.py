@@ -25,7 +25,7 @@ from torch._guards import TracingContext
 from torch.fx import Graph, Node
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols, guard_bool, statically_known_true
 
-from attnopt.kernels.spec import Fill
+from attnopt.kernels.spec import NAN_FILLS, Fill
 
 from . import masks
 from .graph import (ArgumentError, Constants, bind, constant_value, hint, kind, same_sizes, shape_of, sizes_of,
@@ -850,7 +850,7 @@ def _analyze_masks(match: Match, constants: Constants) -> None:
         )
     except masks.MaskError as err:
         raise _Reject(str(err), match.anchor) from None
-    if match.nan_to_zero and match.masks.fill == Fill.NEG_INF:
+    if match.nan_to_zero and match.masks.fill in NAN_FILLS:
         match.masks.fill = Fill.SAFE
 
 

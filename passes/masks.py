@@ -500,10 +500,11 @@ def _unbounded(additive, constants: Constants) -> list:
 
 def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
     """One fill for the site: what its rows with no visible key produce (see kernels/fills.py)."""
-    kinds, replaced = set(), set()
+    kinds, replaced, infinite_added = set(), set(), []
     for _, _, fill, added, _ in terms:
         if math.isinf(fill):
             kinds.add("-inf")
+            infinite_added.append(added)
         elif fill <= MASKING_FILL:
             kinds.add("added" if added else "replaced")
             if not added:
@@ -528,7 +529,10 @@ def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:
         return Fill.FINITE_ADDED
     if kinds == {"replaced"}:
         return Fill.FINITE
-    return Fill.SAFE if sdpa else Fill.NEG_INF
+    if sdpa:
+        return Fill.SAFE
+    # -inf added by every term: a row it hides entirely sends NaN through the additions to q and k too
+    return Fill.NEG_INF_ADDED if infinite_added and all(infinite_added) else Fill.NEG_INF
 
 
 # ----------------------------------------------------------------- conjunctions

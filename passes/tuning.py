@@ -64,7 +64,7 @@ import torch.nn.functional as F
 from attnopt.kernels import fills, registry
 from attnopt.kernels.layout import repeat_groups
 from attnopt.kernels.sdpa import needs_mask, sdpa_mask
-from attnopt.kernels.spec import AttentionSpec, Fill, with_fields
+from attnopt.kernels.spec import NAN_FILLS, AttentionSpec, Fill, with_fields
 
 log = logging.getLogger("attnopt")
 
@@ -310,7 +310,7 @@ def original_forward(q, k, v, spec: AttentionSpec, kind: str, inputs: dict) -> t
     if spec.softcap is not None:
         s = torch.tanh(s / spec.softcap) * spec.softcap
     if inputs["keep"] is not None:
-        fill = float("-inf") if spec.fill in (Fill.NEG_INF, Fill.SAFE) else torch.finfo(s.dtype).min
+        fill = float("-inf") if spec.fill in (*NAN_FILLS, Fill.SAFE) else torch.finfo(s.dtype).min
         s = s.masked_fill(~inputs["keep"], fill)
     for term in inputs["additive"]:
         s = s + term

@@ -47,7 +47,7 @@ from attnopt.functional import _check_tensors, _documents, _window  # imports at
 from attnopt.kernels import registry
 from attnopt.kernels.fills import fill_empty_rows, row_blocks, uniform_score_grads
 from attnopt.kernels.reference import LSE_EXACT_LIMIT
-from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window, band_bounds, key_padding_keep
+from attnopt.kernels.spec import NAN_FILLS, Align, AttentionSpec, Fill, Window, band_bounds, key_padding_keep
 
 from .layout import SequenceLayout, Segment, all_gather_stacked, gather_sequence, reduce_scatter_stacked
 
@@ -335,13 +335,17 @@ def _uniform_row_grads(plan: _Plan, empty, q, k_blk, v_blk, grad_out, mean_v, dq
         block.add_keys(dk_blk, (ds.mT @ queries) * plan.scale)
 
 
-def _empty_row_value_grads(plan: _Plan, grad_out: Tensor, empty: Tensor, dv: Tensor) -> None:
-    """What rows empty over all keys give every key's dV (fills.py's rule, summed over all ranks' rows)."""
+def _empty_row_value_grads(plan: _Plan, grad_out: Tensor, empty: Tensor, dq: Tensor, dk: Tensor, dv: Tensor) -> None:
+    """What rows empty over all keys give every key's dV (fills.py's rule, summed over all ranks' rows), and under
+    an added -inf their own dq and every key's dk of the head."""
     batch, kv_heads = dv.shape[:2]
-    if plan.fill == Fill.NEG_INF:  # NaN probabilities: NaN over dV of every key of the head
+    if plan.fill in NAN_FILLS:  # NaN probabilities: NaN over dV of every key of the head
         heads = empty.reshape(batch, kv_heads, -1).any(-1).to(torch.int32)  # [B, Hkv]
         dist.all_reduce(heads, op=dist.ReduceOp.MAX, group=plan.group)
         dv.masked_fill_(heads.bool()[:, :, None, None], float("nan"))
+        if plan.fill == Fill.NEG_INF_ADDED:  # the NaN scores' gradient passes the addition to q and k
+            dk.masked_fill_(heads.bool()[:, :, None, None], float("nan"))
+            dq.masked_fill_(empty[..., None], float("nan"))
     elif plan.fill in (Fill.FINITE, Fill.FINITE_ADDED):  # uniform softmax: dO / Nk on every key
         rows_do = torch.where(empty[..., None], grad_out.to(dv.dtype), 0.0).sum(2)  # [B, Hq, Dv]
         uniform = rows_do.reshape(batch, kv_heads, -1, rows_do.shape[-1]).sum(2)  # [B, Hkv, Dv]
@@ -387,7 +391,7 @@ def _backward(plan: _Plan, grad_out, q, k, v, visible, lse, mean_v):
     kv_own = torch.cat([k, v], -1)
     grads = _visit(plan, kv_own, needs, compute, grads_like=kv_own.new_zeros(kv_own.shape, dtype=cdtype))
     dk, dv = grads[..., :head_dim].contiguous(), grads[..., head_dim:].contiguous()
-    _empty_row_value_grads(plan, grad_out, empty, dv)
+    _empty_row_value_grads(plan, grad_out, empty, dq, dk, dv)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
 
 
@@ -447,7 +451,8 @@ def context_parallel_attention(
     try:
         fill = Fill(fill)
     except ValueError:
-        raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf', 'finite' or 'finite_added'") from None
+        raise ValueError(f"fill={fill!r} is not allowed: use 'safe', '-inf', '-inf_added', 'finite' or "
+                         "'finite_added'") from None
     if kernel != "auto":
         registry.get(kernel)
     q_doc, kv_doc = _documents(document_ids)

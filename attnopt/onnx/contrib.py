@@ -32,7 +32,7 @@ import numpy as np
 import onnx
 from onnx.numpy_helper import to_array as numpy_array
 
-from attnopt.kernels.spec import Fill
+from attnopt.kernels.spec import NAN_FILLS, Fill
 
 from .emit import Band, Emitter, _split_heads
 from .pack import graph_index, projection
@@ -89,7 +89,7 @@ def contrib_reasons(site: ContribSite) -> list[str]:
         reasons.append("a softcap")
     rows_can_die = site.key_padding
     if rows_can_die and site.fill not in (Fill.FINITE, Fill.FINITE_ADDED):
-        outcome = "NaN" if site.fill == Fill.NEG_INF else "zeros"
+        outcome = "NaN" if site.fill in NAN_FILLS else "zeros"
         reasons.append(f"a row with no visible key is {outcome} in the original and the mean of the values here")
     return reasons
 

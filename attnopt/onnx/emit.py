@@ -44,7 +44,7 @@ import numpy as np
 import onnx
 import torch
 
-from attnopt.kernels.spec import Align, Fill, Window, band_bounds
+from attnopt.kernels.spec import NAN_FILLS, Align, Fill, Window, band_bounds
 
 #: a float32 mask value that scores of any sane size (below 1e31) cannot move: a row holding only it
 #: averages the values, as the original's finite fill does. It is one step above the lowest float32,
@@ -240,7 +240,7 @@ def _band_mask(e: Emitter, lengths: tuple, band: Band):
 
 def _dead_row_value(e: Emitter, v, fill: Fill, elem_type: int, q_heads: int, kv_heads: int, v_head_dim: int):
     """What a row with no visible key holds in the original: NaN, or the mean of the values."""
-    if fill == Fill.NEG_INF:
+    if fill in NAN_FILLS:
         return e.constant(np.nan, elem_type)
     assert fill in (Fill.FINITE, Fill.FINITE_ADDED), fill  # both average the values on such rows
     i64 = onnx.TensorProto.INT64

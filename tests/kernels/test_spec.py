@@ -91,7 +91,7 @@ def test_window_rejects_negative_bounds():
 
 
 def test_fill_values_are_stable_strings():
-    assert {f.value for f in Fill} == {"-inf", "finite", "finite_added", "safe", "finite_replaced_added"}
+    assert {f.value for f in Fill} == {"-inf", "-inf_added", "finite", "finite_added", "safe", "finite_replaced_added"}
 
 
 def test_rows_of_self_attention_documents_are_never_empty():

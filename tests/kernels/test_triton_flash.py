@@ -72,7 +72,7 @@ def make_inputs(layout, d, dtype, term, seed=0, fill=Fill.SAFE, dv=None, device=
 
 def grad_oracle(q, k, v, spec: AttentionSpec, drop: torch.Tensor | None = None) -> torch.Tensor:
     """float64 attention written as the replaced model would be, so autograd gives its gradients:
-    an eager -inf fill (NaN rows), a finfo.min fill (uniform rows), SDPA's safe softmax (zero rows)."""
+    an eager -inf fill or added -inf (NaN rows), a finfo.min fill (uniform rows), SDPA's safe softmax (zero rows)."""
     q, k, v = q.double(), k.double(), v.double()
     k = k.repeat_interleave(spec.group_size, 1)
     v = v.repeat_interleave(spec.group_size, 1)
@@ -92,6 +92,8 @@ def grad_oracle(q, k, v, spec: AttentionSpec, drop: torch.Tensor | None = None) 
         p = torch.softmax(s + (~keep).double() * torch.finfo(torch.float64).min, -1)
     elif spec.fill == Fill.NEG_INF:
         p = torch.softmax(s.masked_fill(~keep, float("-inf")), -1)
+    elif spec.fill == Fill.NEG_INF_ADDED:  # added: the NaN rows' gradient passes to q and k too
+        p = torch.softmax(s + torch.zeros_like(s).masked_fill(~keep, float("-inf")), -1)
     else:
         p = torch.softmax(s.masked_fill(~keep, float("-inf")).masked_fill(empty, 0.0), -1).masked_fill(empty, 0.0)
     if drop is not None:

@@ -49,8 +49,10 @@ def _error(got, want) -> float:
 
 @pytest.fixture(autouse=True)
 def _short_calibration(monkeypatch):
-    """A few seconds of calibration per graph keep the suite fast; the search still sees every family."""
-    monkeypatch.setitem(plan.CALIBRATION_BUDGET_S, "cpu", 4.0)
+    """A bounded calibration per graph keeps a stuck search short; the search still sees every family. Alone it
+    ends in well under a second per graph; 4 s ran out on a CPU shared with other test processes, and the plan
+    under tol was never reached (no approximation chosen)."""
+    monkeypatch.setitem(plan.CALIBRATION_BUDGET_S, "cpu", 15.0)
 
 
 @pytest.fixture(scope="module")

@@ -1209,6 +1209,21 @@ def test_multihead_attention_that_cannot_take_its_fast_path_is_rewritten_in_infe
                 assert [s.replaced for s in report.sites] == [True], sites(report)
 
 
+def _same_gradients(plan: str, eager, optimized, *extra):
+    """Over two calls on fresh q, k, v (and ``extra`` arguments): the same output and the same dq, dk, dv, NaN
+    included, from the eager model and the optimized one."""
+    for seed in (1, 2):
+        inputs = [t.requires_grad_(True) for t in qkv(seed=seed)]
+        copies = [t.detach().clone().requires_grad_(True) for t in inputs]
+        expected, got = eager(*inputs, *extra), optimized(*copies, *extra)
+        assert_same(got, expected, what=f"{plan}: output")
+        grad = torch.randn_like(expected)
+        expected.backward(grad)
+        got.backward(grad)
+        for name, a, b in zip("qkv", copies, inputs):
+            assert_same(a.grad, b.grad, what=f"{plan}: d{name}; sites: {sites(optimized.attnopt_report)}")
+
+
 class _ResidualInPlace(nn.Module):
     """A hand-written site whose output the model then writes in place: the original's ``p @ v`` saved p and v,
     not its output, so its backward works."""
@@ -1223,17 +1238,7 @@ class _ResidualInPlace(nn.Module):
 def test_the_attention_output_written_in_place_before_the_backward():
     for plan, eager, optimized in plans(_ResidualInPlace()):
         with forced_kernel_may_decline(plan):
-            for seed in (1, 2):
-                inputs = [t.requires_grad_(True) for t in qkv(seed=seed)]
-                copies = [t.detach().clone().requires_grad_(True) for t in inputs]
-                expected = eager(*inputs)
-                got = optimized(*copies)
-                assert_same(got, expected, what=f"{plan}: output")
-                grad = torch.randn_like(expected)
-                expected.backward(grad)
-                got.backward(grad)
-                for name, a, b in zip("qkv", copies, inputs):
-                    assert_same(a.grad, b.grad, what=f"{plan}: d{name}; sites: {sites(optimized.attnopt_report)}")
+            _same_gradients(plan, eager, optimized)
             if PLANS[plan].get("kernel"):
                 assert [s.replaced for s in optimized.attnopt_report.sites] == [True], sites(optimized.attnopt_report)
 
@@ -1289,3 +1294,27 @@ def test_float64_gradients_with_a_row_hidden_entirely_stay_float64(kernel):
             torch.testing.assert_close(got.grad, want.grad, atol=1e-12, rtol=1e-12, equal_nan=True,
                                        msg=lambda m, name=name: f"d{name}: {m}")
     assert [s.replaced for s in optimized.attnopt_report.sites] == [True], sites(optimized.attnopt_report)
+
+
+def _padding_added_neg_inf(q, k, v, padded):
+    return (q @ k.transpose(-1, -2) * 0.25 + torch.where(padded, NEG_INF, 0.0)).softmax(-1) @ v
+
+
+def _padding_filled_neg_inf_then_causal_added(q, k, v, padded):
+    causal = torch.ones(8, 8, dtype=torch.bool).triu(1)
+    scores = (q @ k.transpose(-1, -2) * 0.25).masked_fill(padded, NEG_INF)
+    return (scores + torch.where(causal, NEG_INF, 0.0)).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("fn", [_padding_added_neg_inf, _padding_filled_neg_inf_then_causal_added])
+def test_gradients_of_a_row_an_added_neg_inf_hides_entirely(fn):
+    """``s + where(padded, -inf, 0)``: a batch row with every key padded is NaN, and autograd sends its NaN
+    scores' gradient through the addition to its queries and every key of the head (dq and dk NaN there, not only
+    dv). Where a ``masked_fill`` hides the keys, no gradient passes to the scores: dv alone is NaN."""
+    padded = torch.zeros(2, 1, 1, 8, dtype=torch.bool)
+    padded[0] = True
+    padded[1, ..., 6:] = True
+    for plan, eager, optimized in plans(Fn(fn)):
+        with forced_kernel_may_decline(plan):
+            _same_gradients(plan, eager, optimized, padded)
+            assert_accounted(optimized.attnopt_report)
