@@ -240,10 +240,13 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         dv = torch.where(nan_heads, float("nan"), zeros)
         if spec.fill == Fill.NEG_INF:
             return None, None, dv, None, None
-        # added -inf: the row's NaN scores' gradient passes the addition, to its query and every key of its head
+        # added -inf: the row's NaN scores' gradient passes the addition, to its query, every key of its head and
+        # the additive terms added to its scores
         dq = torch.where(empty[..., None], float("nan"), torch.zeros(q.shape, dtype=zeros.dtype, device=q.device))
         dk = torch.where(nan_heads, float("nan"), torch.zeros(k.shape, dtype=zeros.dtype, device=k.device))
-        return dq, dk, dv, None, None
+        terms = [_nan_rows_of(term, empty, zeros.dtype) if needed and term is not None else None
+                 for term, needed in ((spec.bias, needs_bias_grad), (spec.mask, needs_mask_grad))]
+        return dq, dk, dv, *terms
     if row_wise_grads(spec, needs_bias_grad, needs_mask_grad):
         dropped = spec.dropout_p > 0.0 and spec.fill in DROPPED_FILLS
         if q.device.type in ROW_KERNEL:
@@ -258,6 +261,18 @@ def empty_row_grads(q, k, v, grad_out, empty, spec: AttentionSpec, needs_bias_gr
         return None, None, dv, None, None
     dq, dk = uniform_score_grads(q, k, v, grad_out, empty, spec.scale, spec.kv_len)
     return dq, dk, dv, None, None
+
+
+def _nan_rows_of(term: torch.Tensor, empty: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A gradient of ``term``'s shape, NaN on every element added to a score of a row that ``empty [B, Hq, Nq]``
+    marks (its broadcast dims summed, as autograd sums them), 0 elsewhere: built at the term's size."""
+    shape = (1,) * (4 - term.dim()) + tuple(term.shape)
+    rows = empty
+    for dim in range(3):  # batch, heads, queries: a dim the term broadcasts is summed over
+        if shape[dim] == 1 and rows.shape[dim] != 1:
+            rows = rows.any(dim, keepdim=True)
+    nan = torch.where(rows[..., None], float("nan"), torch.zeros((), dtype=dtype, device=term.device))
+    return nan.expand(shape).reshape(term.shape)
 
 
 def plus_fill_grads(grads, extra) -> tuple:

@@ -608,3 +608,29 @@ def test_a_nan_of_a_row_that_saw_a_key_reaches_nothing(fill, dropout_p, softcap)
     assert torch.equal(dk[1, 1], torch.zeros_like(dk[1, 1])) and torch.equal(dv[1, 1], torch.zeros_like(dv[1, 1]))
     assert not any(grad[0].isnan().any() for grad in (dq, dk, dv))
     assert dq[1, :2][empty[1, :2]].isnan().any()
+
+
+@pytest.mark.parametrize("kernel", ["reference", "sdpa_cpu"])
+@pytest.mark.parametrize("mask_shape", [(1, 1, 6, 5), (2, 1, 1, 5), (6, 5)], ids=["rows", "batch", "2d"])
+def test_an_added_neg_inf_sends_nan_to_q_k_and_the_added_terms_of_hidden_rows(kernel, mask_shape):
+    """``Fill.NEG_INF_ADDED``: a row its key padding hides entirely is NaN, and its gradient NaN in dq (that row),
+    dk and dv (every key of the head) and in every element of an additive mask added to it (summed over the
+    mask's broadcast dims), as autograd through ``s + where(pad, -inf, 0) + mask`` gives them."""
+    from attnopt.kernels.naive import naive_attention
+
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 8, dtype=torch.float64, generator=g) for n in (6, 5, 5))
+    mask = torch.randn(*mask_shape, dtype=torch.float64, generator=g)
+    keep = torch.tensor([[False] * 5, [True] * 3 + [False] * 2])  # batch row 0: no key at all
+    spec = AttentionSpec.from_tensors(q, k, v, key_padding=keep, mask=mask, fill=Fill.NEG_INF_ADDED)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, mask)]
+    want = naive_attention(*leaves[:3], spec.with_(mask=leaves[3]))
+    grad = torch.randn(want.shape, dtype=torch.float64, generator=g)
+    expected = torch.autograd.grad(want, leaves, grad)
+    chosen = registry.get(kernel)
+    out, lse = chosen.forward(q, k, v, spec, 0)
+    torch.testing.assert_close(out, want.detach(), equal_nan=True)
+    got = chosen.backward(grad, q, k, v, out, lse, spec, 0, False, True)
+    for name, a, b in zip(("dq", "dk", "dv", "dmask"), (*got[:3], got[4]), expected):
+        assert a.isnan().any(), name
+        torch.testing.assert_close(a, b, equal_nan=True, atol=1e-10, rtol=1e-8, msg=lambda m, name=name: f"{name}: {m}")

@@ -354,13 +354,14 @@ def test_candidate_variants_cover_every_switch():
 
 def test_warp_specialize_is_refused_on_cuda():
     """Every warp-specialized variant failed in Triton's pass manager on an H200 (triton 3.6): on a CUDA
-    tensor the switch is refused with that reason before a launch; the interpreter runs it (ignoring it)."""
+    call the switch is refused with that reason before a launch; the interpreter runs it (ignoring it)."""
     q, k, v, spec = make_inputs(1, 2, 2, 16, 16, 16, torch.float16, {"causal": True}, device="cpu")
     assert tma.unsupported_reasons(q, k, v, spec, SWITCHES["desc_ws"]) == []
     on_cuda = [types.SimpleNamespace(is_cuda=True, stride=t.stride, data_ptr=lambda: 0, element_size=t.element_size)
                for t in (q, k, v)]
-    assert any("pass manager" in r for r in tma.unsupported_reasons(*on_cuda, spec, SWITCHES["desc_ws"]))
-    assert tma.unsupported_reasons(*on_cuda, spec, SWITCHES["desc"]) == []
+    cuda = spec.with_(device=torch.device("cuda"))
+    assert any("pass manager" in r for r in tma.unsupported_reasons(*on_cuda, cuda, SWITCHES["desc_ws"]))
+    assert tma.unsupported_reasons(*on_cuda, cuda, SWITCHES["desc"]) == []
 
 
 def test_measured_variants_by_head_dim_band_and_row_length(monkeypatch):
