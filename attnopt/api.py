@@ -14,8 +14,8 @@ import torch
 from torch._dynamo import eval_frame
 
 from attnopt.backend import Backend, _given, compile_with, report_of
-from attnopt.passes import pipeline
-from attnopt.passes.pipeline import settle_ready
+from attnopt.passes import pipeline, trial
+from attnopt.passes.pipeline import settle_ready, waiting
 from attnopt.config import Options
 from attnopt.passes.graph import dotted_path
 from attnopt.report import Fallback, Report
@@ -136,7 +136,11 @@ class _OptimizedForward:
         if key is not None and key in self._untouched and not self._replaced_any():
             return self.plain(*args, **kwargs)
         settle_ready(self.report)  # sites whose compiling kernel is now compiled: timed, switched if faster
-        out = self.compiled(*args, **kwargs)
+        tried = trial.running(self.report)
+        if tried is not None and not waiting(self.report):  # the first inference calls choose between finalists
+            out = tried.run(self.compiled, args, kwargs)
+        else:
+            out = self.compiled(*args, **kwargs)
         _mark_static_caches((*args, *kwargs.values()))
         if key is not None and not self._replaced_any() and len(self._untouched) < UNTOUCHED_CALLS:
             self._untouched.add(key)

@@ -555,10 +555,15 @@ class SiteCall:
         self._plans: dict[tuple, tuple] = {}
         #: the spec template of the first call, made by ``spec_from_args``; the others are copies of it
         self._first: AttentionSpec | None = None
+        #: kernel name -> (kernel, call plans, bucket choices) of the kernels run before, kept by ``use``
+        self._kept: dict[str, tuple] = {}
+        #: calls so far (``passes.trial`` tells by it whether a call of the model ran this site)
+        self.calls = 0
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, key_padding: Optional[Tensor], q_doc: Optional[Tensor],
                  kv_doc: Optional[Tensor], bias: Optional[Tensor], mask: Optional[Tensor],
                  dropout_p: float = 0.0) -> tuple[Tensor]:
+        self.calls += 1
         plain = self.kernel is not None and _plain(q, k, v, bias, mask)
         training = plain and _wants_grad(q, k, v, bias, mask)
         if training and q.device.type in EAGER_TRAINING_DEVICES and 0.0 <= dropout_p < 1.0:
@@ -587,13 +592,25 @@ class SiteCall:
 
     def switch(self, kernel: str) -> None:
         """Run ``kernel`` from the next call on (a timing made after the rewrite chose it): the call plans
-        prepared for the previous kernel, and the shape buckets' choices made from it, are dropped. Between two
+        prepared for the other kernels, and the shape buckets' choices made from them, are dropped. Between two
         calls only: a call's backward runs the kernel its forward ran (``_EagerAttention`` keeps the object, the
         op its name)."""
-        _check_static(kernel, *self.static, self.fill)
-        self.kernel, self.kernel_name = registry.get(kernel), kernel
-        self._plans.clear()
-        self._bucket_kernels.clear()
+        self.use(kernel)
+        self._kept.clear()
+
+    def use(self, kernel: str) -> None:
+        """Run ``kernel`` from the next call on, keeping the call plans of the kernel run until now, so that
+        switching back costs a dictionary lookup (``passes.trial`` alternates two kernels over a model's calls).
+        Between two calls only, as ``switch``."""
+        if kernel == self.kernel_name:
+            return
+        kept = self._kept.pop(kernel, None)
+        if kept is None:
+            _check_static(kernel, *self.static, self.fill)
+            kept = (registry.get(kernel), {}, {})
+        self._kept[self.kernel_name] = (self.kernel, self._plans, self._bucket_kernels)
+        self.kernel, self._plans, self._bucket_kernels = kept
+        self.kernel_name = kernel
 
     def _spec(self, q, k, v, key_padding, q_doc, kv_doc, bias, mask, prepared: bool = True) -> tuple:
         """``(spec, prepared call)`` of this call from its call plan (made on the first call like it): the

@@ -30,7 +30,7 @@ groups=(
   "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and auto and not (alibi or sliding_window or softcap or documents or dense_bool)'"
   "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and triton_flash and (alibi or sliding_window or softcap or documents or dense_bool)'"
   "tests/passes/test_gpu_masks.py -k 'gradients_on_cuda and triton_flash and not (alibi or sliding_window or softcap or documents or dense_bool)'"
-  "tests/passes/test_unpadded.py"
+  "tests/passes/test_unpadded.py tests/passes/test_trial.py"
   "tests/kernels/test_triton_flash_tma.py"
   "tests/kernels/test_triton_flash_bwd_exp.py -k tile_list"
   "tests/kernels/test_triton_flash_bwd_exp.py -k 'not tile_list'"

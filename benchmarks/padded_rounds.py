@@ -28,7 +28,7 @@ import torch
 import attnopt
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
-from models import build, inputs_for  # noqa: E402
+from models import build, inputs_for, settled  # noqa: E402
 
 
 def one_forward(model, inputs) -> tuple[float, float]:
@@ -102,14 +102,16 @@ def main() -> None:
         inputs, real = inputs_for("padded", n)
         with torch.no_grad():
             reference = peers["sdpa"](**inputs).last_hidden_state.float()
-            diffs, kernels = {}, {}
+            diffs, kernels, trials = {}, {}, {}
             for name, model in peers.items():
                 out = model(**inputs).last_hidden_state
                 if name.startswith("attnopt"):
-                    attnopt.settle(model)
+                    settled(model, lambda model=model: model(**inputs))
                     out = model(**inputs).last_hidden_state
                     report = model.attnopt_report
                     kernels[name] = ", ".join(sorted({s.kernel for s in report.sites if s.q_len == n}))
+                    trials[name] = {s.reason.rsplit("; ", 1)[-1] for s in report.sites
+                                    if s.q_len == n and "in the model's own" in s.reason}
                 diffs[name] = (out.float() - reference)[real].abs().max().item()
                 for _ in range(3):
                     model(**inputs)
@@ -129,6 +131,9 @@ def main() -> None:
                 print(f"| {n} | {name} | {latency:.2f} | {host:.2f} | {back:.2f} | {base / latency:.3f}x | "
                       f"{launches} | {device:.2f} | {diffs[name]:.3g} | {kernels.get(name, 'SDPA (HF)')} |",
                       flush=True)
+            for name, said in trials.items():
+                for line in sorted(said):
+                    print(f"\n{name}, N {n}: {line}")
             if args.profile:
                 for name in names:
                     profiler = cProfile.Profile()

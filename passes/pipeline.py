@@ -19,7 +19,7 @@ from attnopt.kernels.spec import AttentionSpec
 from attnopt.kernels.term_cache import capturing
 from attnopt.report import GraphMemory, Report, Site
 
-from . import checkpoint, plan, tuning
+from . import checkpoint, plan, trial, tuning
 from .detect import PLANNED_DROPOUT, Rejection, find_sites
 from .graph import erase_dead_copies, is_buffer, is_parameter, module_path, placeholder_values
 from .memory import bytes_after, bytes_before
@@ -96,10 +96,16 @@ def optimize_graph(
             # a compiled graph names a Deferred kernel; a graph run as Python holds the SiteCall to switch
             item = Pending(None if runtime_branches else registry.deferred(site_plan.choice.kernel), site_plan,
                            len(report.sites)) if waits else None
+            allowed = (trial.allowed_kernels(site_plan, graph_plan)
+                       if runtime_branches and not dry_run and trial.eligible(site_plan, options, rechoice) else ())
+            tried = (trial.TrialSite(len(report.sites), site_plan.spec, allowed, site_plan.spec.device)
+                     if allowed else None)
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
-                                     fill_only_kernel=fill_only, rechoice=rechoice, pending=item)
+                                     fill_only_kernel=fill_only, rechoice=rechoice, pending=item, tried=tried)
             if item is not None:
                 pending.append(item)
+            if tried is not None and site.replaced:
+                trial.add(report, tried)
             elif (defer and not runtime_branches and site.replaced and not dry_run
                   and plan.deferring(options, site_plan.spec)
                   and registry.get(site.kernel).compiles == registry.COMPILES_TRITON):
@@ -330,6 +336,11 @@ def settle_ready(report: Report) -> None:
         _WAITING.pop(id(report), None)
 
 
+def waiting(report: Report) -> bool:
+    """Whether sites of ``report`` wait for their kernels' background compile (``settle_ready`` times them)."""
+    return id(report) in _WAITING
+
+
 def settle(report: Report, timeout: float | None = None) -> bool:
     """Wait for the background compiles of ``report``'s pending sites, at most ``timeout`` seconds in all (None:
     until they end), then time and switch the sites whose compile ended (``settle_ready``), here rather than
@@ -345,7 +356,7 @@ def settle(report: Report, timeout: float | None = None) -> bool:
 def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: int, dry_run: bool,
                       unpadded_kernel: str | None = None, subgraph: bool = False, lean: bool = False,
                       fill_only_kernel: str | None = None, rechoice: plan.Rechoice | None = None,
-                      pending: Pending | None = None) -> Site:
+                      pending: Pending | None = None, tried: trial.TrialSite | None = None) -> Site:
     match, spec, choice = site_plan.match, site_plan.spec, site_plan.choice
     described = dict(
         where=site_plan.where, node=match.anchor.name, graph=graph_index, causal=spec.causal,
@@ -367,9 +378,10 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
         )
     if not dry_run:
         alias = None if pending is None else pending.alias
+        lists = [found.calls for found in (pending, tried) if found is not None]
         replace(gm.graph, match, choice.kernel if alias is None else alias.name, unpadded_kernel, lean=lean,
                 fill_only_kernel=fill_only_kernel, rechoice=rechoice,
-                register=None if pending is None else pending.calls.append)
+                register=(lambda call: [calls.append(call) for calls in lists]) if lists else None)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:
