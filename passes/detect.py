@@ -479,16 +479,19 @@ def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
             raise _Reject(f"scores are scaled by {_describe_value(other)}, not a constant number", node)
         number, facts = _scale_factor(other, node, constants)
         return ("scale", number if k == "mul" else 1.0 / number, facts, node), scores
-    if k == "add":
+    if k in ("add", "sub"):  # scores - term: the term added with the opposite multiplier
         call = bind(node, ("input", "other", "alpha"), {"alpha": 1.0})
         a, b, alpha = call["input"], call["other"], call["alpha"]
         if not (isinstance(a, Node) and isinstance(b, Node)) or not isinstance(alpha, (int, float)):
-            raise _Reject("a constant is added to the scores (softmax ignores it, but it is not a mask)", node)
+            raise _Reject(f"a constant is {'added to' if k == 'add' else 'subtracted from'} the scores (softmax "
+                          "ignores it, but it is not a mask)", node)
         dtype = tensor_meta(node).dtype  # the precision eager added the mask at
         stopped = {x: _unreached(x, constants) for x in (a, b)}
         if stopped[a] is None:
             _check_keeps_shape(node, a)
-            return ("add", b, float(alpha), dtype, node), a
+            return ("add", b, float(alpha) if k == "add" else -float(alpha), dtype, node), a
+        if k == "sub" and stopped[b] is None:
+            raise _Reject("the scores are subtracted from a term (their sign flips): not attention", node)
         if stopped[b] is None and alpha == 1.0:
             _check_keeps_shape(node, b)
             return ("add", a, 1.0, dtype, node), b

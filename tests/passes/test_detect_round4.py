@@ -328,3 +328,58 @@ def test_a_router_with_the_same_masks_is_not_attention():
     optimized = attnopt.optimize(copy.deepcopy(model))
     torch.testing.assert_close(optimized(x, keep, values), model(x, keep, values), equal_nan=True)
     assert not any(s.replaced for s in optimized.attnopt_report.sites), str(optimized.attnopt_report)
+
+
+# ------------------------------------------------------------------ terms subtracted from the scores
+class Subtracted(Heads):
+    """A term subtracted from the scores (``scores - term``, ``torch.sub(..., alpha=)``, ``Tensor.sub``).
+
+    ``spelling``: "alibi" (``- slopes * |i - j|`` from a slopes buffer, then a causal fill), "mask" (``- keep_not *
+    1e4``: a key padding as a penalty), "alpha" (``torch.sub(scores, bias, alpha=0.5)`` of a bias input),
+    "method" (``scores.sub(bias)``), "reversed" (``bias - scores``: the scores' sign flips, not attention)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.spelling = spelling
+        self.register_buffer("slopes", 2.0 ** -torch.arange(1, self.heads + 1, dtype=torch.float32))
+
+    def forward(self, x, keep, bias):  # keep [B, N] bool, bias [B, H, N, N]
+        q, k, v = self.split(x)
+        n = x.shape[1]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if self.spelling == "alibi":
+            i = torch.arange(n, device=x.device)
+            distance = (i[None, :] - i[:, None]).abs().to(x.dtype)
+            scores = scores - self.slopes.to(x.dtype)[:, None, None] * distance
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+        elif self.spelling == "mask":
+            scores = scores - (~keep)[:, None, None, :].to(x.dtype) * 1e4
+        elif self.spelling == "alpha":
+            scores = torch.sub(scores, bias, alpha=0.5)
+        elif self.spelling == "method":
+            scores = scores.sub(bias)
+        else:
+            scores = bias - scores
+        return self.merge(scores.softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("spelling", ["alibi", "mask", "alpha", "method"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train", [False, True])
+def test_a_term_subtracted_from_the_scores_is_replaced_exactly(spelling, dtype, train):
+    torch.manual_seed(1)
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    keep[1, :4] = False
+    bias = torch.randn(2, 4, 12, 12)
+    report = optimize_and_compare(Subtracted(spelling), (torch.randn(2, 12, 32), keep, bias), dtype, train)
+    site = the_site(report)
+    if spelling == "alibi":
+        assert site.causal and "bias" in site.mask_terms and any("ALiBi" in note for note in site.notes), site
+
+
+def test_scores_subtracted_from_a_term_are_not_attention():
+    keep = torch.ones(2, 12, dtype=torch.bool)
+    report = optimize_and_compare(Subtracted("reversed"), (torch.randn(2, 12, 32), keep, torch.randn(2, 4, 12, 12)))
+    site = the_site(report, replaced=False)
+    assert "sign flips" in site.reason
