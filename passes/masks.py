@@ -489,13 +489,39 @@ def _unbounded(additive, constants: Constants) -> list:
     Visible keys then stay far above a fill replaced after them, whose keys get exactly 0."""
     out = []
     for node, mult in additive:
-        if constants.is_constant(node) and not constants.mutations.is_mutated(node):
-            value = constants.value(node) * mult
+        source = _elements_from(node, constants)
+        if source is not None:
+            value = constants.value(source) * mult
             if (isinstance(value, torch.Tensor) and value.is_floating_point() and bool(torch.isfinite(value).all())
                     and float(value.min()) > MASKING_FILL):
                 continue
         out.append((node, mult))
     return out
+
+
+#: steps whose output's elements are elements of their input (indexing, views, copies, repeats): a bound on
+#: the input's values holds for the output, whatever the (possibly symbolic) indices and sizes
+_ELEMENT_STEPS = frozenset({"getitem", "reshape", "expand", "unsqueeze", "transpose", "permute", "contiguous",
+                            "flatten", "repeat_interleave", "mT", "cast"})
+#: casts that keep a finite value above ``MASKING_FILL`` finite and above it
+_WIDE_FLOATS = (torch.float32, torch.float64, torch.bfloat16)
+
+
+def _elements_from(node, constants: Constants) -> Node | None:
+    """A constant node (unmutated) among whose elements every element of ``node``'s value is: ``node`` itself when
+    constant, else the constant it indexes, views or repeats. MPT slices its constant ALiBi tensor by the
+    sequence's length, which under dynamic shapes is symbolic: the slice is no constant, but its values are the
+    constant's."""
+    while isinstance(node, Node):
+        if constants.is_constant(node) and not constants.mutations.is_mutated(node):
+            return node
+        k, meta = kind(node), tensor_meta(node)
+        if k not in _ELEMENT_STEPS or meta is None or not node.args or tensor_meta(node.args[0]) is None:
+            return None
+        if k == "cast" and meta.dtype not in _WIDE_FLOATS:
+            return None
+        node = node.args[0]
+    return None
 
 
 def _fill(terms, sdpa: bool, dtype: torch.dtype, additive) -> Fill:

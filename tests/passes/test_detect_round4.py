@@ -383,3 +383,30 @@ def test_scores_subtracted_from_a_term_are_not_attention():
     report = optimize_and_compare(Subtracted("reversed"), (torch.randn(2, 12, 32), keep, torch.randn(2, 4, 12, 12)))
     site = the_site(report, replaced=False)
     assert "sign flips" in site.reason
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_mpt_under_dynamic_shapes_keeps_its_alibi_bound(train):
+    """MPT slices its constant ALiBi tensor by the sequence's length. Under dynamic shapes that slice is symbolic,
+    so it is no constant; its values are still the constant's, bounded far above the padding's finfo.min fill, so
+    the fill stays exact and the site is replaced in the graph with symbolic shapes too."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    reference = _mpt(transformers).train(train)
+    optimized = attnopt.optimize(copy.deepcopy(reference))
+    for n in (10, 14, 20):
+        ids, mask = torch.randint(0, 100, (3, n)), torch.ones(3, n, dtype=torch.long)
+        mask[0, n - 3:], mask[1, :3], mask[2, : n - 1] = 0, 0, 0
+        with torch.set_grad_enabled(train):
+            got = optimized(input_ids=ids, attention_mask=mask).last_hidden_state
+            expected = reference(input_ids=ids, attention_mask=mask).last_hidden_state
+        torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
+        if train:
+            got_grads = torch.autograd.grad(got.square().sum(), list(optimized.parameters()), allow_unused=True)
+            grads = torch.autograd.grad(expected.square().sum(), list(reference.parameters()), allow_unused=True)
+            for g, e in zip(got_grads, grads):
+                if e is not None:
+                    torch.testing.assert_close(g, e, atol=1e-4, rtol=1e-4)
+    report = optimized.attnopt_report
+    assert report.graphs >= 2 and all(site.replaced for site in report.sites), str(report)
+    assert all(site.mask_terms[:2] == ("causal", "key_padding") for site in report.sites), str(report)
