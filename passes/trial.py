@@ -76,13 +76,16 @@ class TrialSite:
 
 def allowed_kernels(site_plan: plan.SitePlan, graph_plan: plan.GraphPlan) -> tuple[str, ...]:
     """The exact kernels that may replace ``site_plan``'s choice in the model: supported, not the original code,
-    and keeping the graph's planned peak within ``max_mem`` with this site's workspace taken by them."""
+    keeping the graph's planned peak within ``max_mem`` with this site's workspace taken by them, and needing no
+    more memory than the original code or the chosen kernel (the optimized model's peak stays the planned one's or
+    below the original's)."""
     choice = site_plan.choice
     if choice is None or not choice.exact or choice.kernel == ORIGINAL:
         return ()
     chosen, budget, peak = choice.chosen, graph_plan.budget, graph_plan.peak_after.bytes
+    most = max([chosen.footprint, *(c.footprint for c in choice.candidates if c.original)])
     return tuple(c.kernel for c in choice.candidates
-                 if c.supported and c.exact and not c.original and c.kernel != choice.kernel
+                 if c.supported and c.exact and not c.original and c.kernel != choice.kernel and c.footprint <= most
                  and (budget is None or peak - chosen.footprint + c.footprint <= budget))
 
 

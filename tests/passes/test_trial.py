@@ -139,6 +139,20 @@ def test_up_to_three_finalists_take_turns_and_the_fastest_in_the_model_stays(on_
     calls(model, fast, 2)
 
 
+def test_a_kernel_needing_more_memory_than_the_original_and_the_choice_is_no_finalist(on_cpu, monkeypatch):
+    class Hungry(registry.Deferred):
+        def memory_bytes(self, spec):
+            return 1 << 40
+
+    registry.register(Hungry("test_hungry", registry.get("reference")))
+    try:
+        _, _, report, _, site = started(monkeypatch)
+        assert "test_hungry" in {kernel for kernel, _, _ in report.sites[0].candidate_times}
+        assert site.allowed == ("reference",)
+    finally:
+        del registry._KERNELS["test_hungry"]
+
+
 def test_the_planned_kernel_stays_when_the_runner_up_is_not_faster_beyond_noise(on_cpu, monkeypatch):
     model, fast, report, _, site = started(monkeypatch, {"sdpa_cpu": 1.00e-3, "reference": 0.97e-3})
     calls(model, fast, 2 + 2 * trial.ROUNDS)
