@@ -165,6 +165,7 @@ def analyze(booleans, additive, *, sdpa: bool, score_shape: tuple, dtype: torch.
     convertible = []  # (node, mult, added_at, boolean term) of additive masks that only add 0 or a fill
     for node, mult, added_at, local in _summands(additive, add_dtypes or {}, add_locals or {}):
         steps = steps_of(node, local)
+        _refuse_positive_infinity(node, mult, constants)
         if constants.is_constant(node):
             value = run_steps(constants.value(node) * mult, steps)
             if not bool(value.any()):
@@ -408,6 +409,25 @@ def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants, accep
             if constants.number(one) == 1.0 and source is not None:
                 return source, True, factor * mult
     return None
+
+
+def _refuse_positive_infinity(node: Node, mult: float, constants: Constants) -> None:
+    """A MaskError when the additive term adds +inf somewhere (a 0 / -inf mask subtracted from the scores): eager's
+    scores are then NaN there, also where another term masked them with -inf first (-inf + inf), which the kernels,
+    applying the masks as masks, do not reproduce."""
+    if constants.is_constant(node) and not constants.mutations.is_mutated(node):
+        value = constants.value(node)
+        found = (isinstance(value, torch.Tensor) and value.is_floating_point()
+                 and bool(torch.isinf(value).any()) and bool((value * mult == float("inf")).any()))
+    else:
+        try:
+            read = _read_as_boolean(node, mult, None, constants, accept=lambda fill: True)
+        except ArgumentError:
+            read = None
+        found = read is not None and read[2] == float("inf")
+    if found:
+        raise MaskError(f"{node.name} adds +inf to the scores (a -inf mask subtracted?): the original's scores are "
+                        "NaN there")
 
 
 def _label_finite_mask(node: Node, mult: float, result: MaskAnalysis, score_shape, constants: Constants) -> None:

@@ -359,6 +359,13 @@ class Subtracted(Heads):
             scores = torch.sub(scores, bias, alpha=0.5)
         elif self.spelling == "method":
             scores = scores.sub(bias)
+        elif self.spelling in ("-inf subtracted", "+inf added"):  # +inf where keep is False: NaN in the original
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            scores = scores.masked_fill(~causal, float("-inf"))
+            if self.spelling == "-inf subtracted":
+                scores = scores - torch.where(keep[:, None, None, :], 0.0, float("-inf"))
+            else:
+                scores = scores + torch.where(keep[:, None, None, :], 0.0, float("inf"))
         else:
             scores = bias - scores
         return self.merge(scores.softmax(-1) @ v)
@@ -378,11 +385,16 @@ def test_a_term_subtracted_from_the_scores_is_replaced_exactly(spelling, dtype, 
         assert site.causal and "bias" in site.mask_terms and any("ALiBi" in note for note in site.notes), site
 
 
-def test_scores_subtracted_from_a_term_are_not_attention():
+@pytest.mark.parametrize("spelling, reason", [("reversed", "sign flips"), ("-inf subtracted", "adds +inf"),
+                                              ("+inf added", "adds +inf")])
+def test_scores_subtracted_from_a_term_or_given_plus_inf_are_left_alone(spelling, reason):
+    """``term - scores`` is not attention; a term adding +inf makes the original's scores NaN where it does, also
+    under the causal fill's -inf (-inf + inf), which the kernels, applying masks as masks, would not."""
     keep = torch.ones(2, 12, dtype=torch.bool)
-    report = optimize_and_compare(Subtracted("reversed"), (torch.randn(2, 12, 32), keep, torch.randn(2, 4, 12, 12)))
+    keep[0, -3:] = False
+    report = optimize_and_compare(Subtracted(spelling), (torch.randn(2, 12, 32), keep, torch.randn(2, 4, 12, 12)))
     site = the_site(report, replaced=False)
-    assert "sign flips" in site.reason
+    assert reason in site.reason
 
 
 @pytest.mark.parametrize("train", [False, True])
