@@ -68,6 +68,8 @@ def kind(node: Any) -> str | None:
             return "mT"
         return _FUNCTIONS.get(node.target)
     if node.op == "call_method":
+        if node.target == "view" and any(isinstance(a, torch.dtype) for a in (*node.args[1:], *node.kwargs.values())):
+            return None  # ``x.view(dtype)`` reinterprets the bits: no reshape, no value kept
         return _METHODS.get(node.target)
     return None
 

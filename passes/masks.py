@@ -533,7 +533,9 @@ def _elements_from(node, constants: Constants) -> Node | None:
     sequence's length, which under dynamic shapes is symbolic: the slice is no constant, but its values are the
     constant's."""
     while isinstance(node, Node):
-        if constants.is_constant(node) and not constants.mutations.is_mutated(node):
+        if constants.mutations.is_mutated(node):  # a copy written in place on the way (``t = c.clone(); t[0] = x``)
+            return None
+        if constants.is_constant(node):
             return node
         k, meta = kind(node), tensor_meta(node)
         if k not in _ELEMENT_STEPS or meta is None or not node.args or tensor_meta(node.args[0]) is None:

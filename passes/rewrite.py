@@ -50,8 +50,10 @@ def spec_of(match: Match) -> AttentionSpec:
 
     batch, q_len, kv_len = q_shape[0], q_shape[2], k_shape[2]
     dense = meta(_rank4(m.dense[0].shape(), match), torch.bool) if m.dense else None
-    additive = [meta(_rank4(apply_steps(shape_of(t), m.term_steps.get(t, ())), match), tensor_meta(t).dtype)
-                for t, _ in m.additive]
+    # each additive term as the kernel receives it: in the dtype eager added it at (``_additive``; an integer term
+    # added to bfloat16 scores is added in bfloat16, and a kernel that adds a bfloat16 mask in float32 must say so)
+    additive = [meta(_rank4(apply_steps(shape_of(t), m.term_steps.get(t, ())), match),
+                     m.add_dtypes.get(t) or tensor_meta(t).dtype) for t, _ in m.additive]
     mask, bias = (dense, additive[0] if additive else None) if dense is not None else (
         additive[0] if additive else None, additive[1] if len(additive) > 1 else None)
     docs = m.documents

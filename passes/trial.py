@@ -30,6 +30,7 @@ import dataclasses
 import logging
 import math
 import statistics
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -108,6 +109,9 @@ class Trial:
         self.counts: dict[tuple, int] = {}  # shape bucket -> calls that ran a site taking part
         self.samples: dict[tuple, list[float]] = {}  # (bucket, configuration) -> seconds per call
         self.calls = 0
+        self.ended = False
+        #: held through a timed call: a call from another thread meanwhile runs untimed, as the sites are
+        self._lock = threading.Lock()
 
     def add(self, site: TrialSite) -> None:
         """A site of a graph captured now: the trial starts again with it (a configuration's meaning changed)."""
@@ -117,6 +121,16 @@ class Trial:
 
     def run(self, fn, args: tuple, kwargs: dict):
         """``fn(*args, **kwargs)`` (a call of the optimized model), timed in the trial when it is an inference call."""
+        if self.ended or not self._lock.acquire(blocking=False):  # another thread's call is timed now
+            return fn(*args, **kwargs)
+        try:
+            if self.ended:
+                return fn(*args, **kwargs)
+            return self._run(fn, args, kwargs)
+        finally:
+            self._lock.release()
+
+    def _run(self, fn, args: tuple, kwargs: dict):
         if torch.is_grad_enabled() or capturing() or torch.compiler.is_compiling():
             self._use(0)
             return fn(*args, **kwargs)
@@ -127,7 +141,7 @@ class Trial:
             self.finalists = self._finalists(report)
             self.configs = max((len(kernels) for _, kernels in self.finalists), default=1)
             if self.configs < 2:
-                _end(report)
+                self._end(report)
                 return fn(*args, **kwargs)
         finalists, key = self.finalists, _bucket(args, kwargs)
         n = self.counts.get(key, 0)
@@ -144,7 +158,7 @@ class Trial:
             if config:  # the other finalists are not tried again after a call that failed with them
                 log.warning("attnopt: a call of the model failed with other kernels of its trial; the sites keep "
                             "the kernels the planner chose")
-                _end(report)
+                self._end(report)
             raise
         _synchronize(devices)
         seconds = clock() - start
@@ -161,7 +175,7 @@ class Trial:
                 self._decide(report, [statistics.median(t) for t in timed], sum(map(len, timed)))
                 return out
         if self.calls >= MAX_CALLS:
-            _end(report)
+            self._end(report)
         return out
 
     def _finalists(self, report: Report) -> list[tuple[TrialSite, tuple[str, ...]]]:
@@ -179,6 +193,10 @@ class Trial:
             if others:
                 found.append((site, (entry.kernel, *others[:FINALISTS - 1])))
         return found
+
+    def _end(self, report: Report | None) -> None:
+        self.ended = True
+        _end(report)
 
     def _use(self, config: int) -> None:
         if config == self.config or not self.finalists:
@@ -205,7 +223,7 @@ class Trial:
         self.config = keep
         log.info("attnopt: in-model trial of %d site(s): configuration %d of %d kept", len(self.finalists), keep,
                  self.configs)
-        _end(report)
+        self._end(report)
 
 
 def _of(kernels: tuple[str, ...], config: int) -> str:

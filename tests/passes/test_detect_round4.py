@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 import attnopt
 from attnopt.kernels import registry
 from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
+from attnopt.passes import plan
 
 from .models import Heads
 from .test_detect_round2 import optimize_and_compare, the_site
@@ -359,6 +360,8 @@ class Subtracted(Heads):
             scores = torch.sub(scores, bias, alpha=0.5)
         elif self.spelling == "method":
             scores = scores.sub(bias)
+        elif self.spelling == "integer":
+            scores = scores - (~keep)[:, None, None, :].long() * 100000
         elif self.spelling in ("-inf subtracted", "+inf added"):  # +inf where keep is False: NaN in the original
             causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
             scores = scores.masked_fill(~causal, float("-inf"))
@@ -422,3 +425,73 @@ def test_mpt_under_dynamic_shapes_keeps_its_alibi_bound(train):
     report = optimized.attnopt_report
     assert report.graphs >= 2 and all(site.replaced for site in report.sites), str(report)
     assert all(site.mask_terms[:2] == ("causal", "key_padding") for site in report.sites), str(report)
+
+
+class BoundedBias(Heads):
+    """A constant bias reached through steps before a causal ``finfo.min`` fill, called at several lengths.
+
+    ``spelling``: "slice" (the constant sliced by the length: bounded, the site replaced), "copy written" (a copy of
+    the constant with -inf written into key 0), "transposed copy written" (``clone().mT`` written likewise), "bits"
+    (a float64 constant of finite values viewed as float32, which holds -inf in every even key)."""
+
+    def __init__(self, spelling, longest=40):
+        super().__init__()
+        self.spelling = spelling
+        i = torch.arange(longest)
+        self.register_buffer("alibi", -(2.0 ** -torch.arange(1.0, self.heads + 1))[:, None, None]
+                             * (i[None, :] - i[:, None]).abs())
+        bits = torch.full((self.heads, longest, longest // 2), 0x3FF00000FF800000, dtype=torch.int64)
+        self.register_buffer("packed", bits.view(torch.float64))  # every value 1.0000000037
+
+    def forward(self, x):
+        q, k, v = self.split(x)
+        n = x.shape[1]
+        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        if self.spelling == "bits":
+            bias = self.packed[:, :n, : n // 2].view(torch.float32)
+        elif self.spelling == "slice":
+            bias = self.alibi[:, :n, :n]
+        else:
+            bias = self.alibi[:, :n, :n].repeat_interleave(1, dim=0)
+            if self.spelling == "transposed copy written":
+                bias = bias.clone().mT
+            bias[:, :, 0] = float("-inf")
+        scores = (scores + bias).masked_fill(~torch.ones(n, n, dtype=torch.bool, device=x.device).tril(),
+                                             torch.finfo(scores.dtype).min)
+        return self.merge(scores.softmax(-1) @ v)
+
+
+@pytest.mark.parametrize("spelling, replaced", [("slice", True), ("copy written", False),
+                                                ("transposed copy written", False), ("bits", False)])
+def test_a_bias_is_bounded_by_a_constant_only_through_steps_that_keep_its_values(spelling, replaced):
+    """Beside a finite fill, an additive term must be bounded far above it (``masks._unbounded``): a slice of a
+    constant is, a copy of it written in place or its bits viewed as another dtype are not, and leave the site
+    alone (the fill could then average keys the original does not)."""
+    torch.manual_seed(0)
+    model = BoundedBias(spelling).eval()
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    for n in (8, 12, 16):  # the third length runs the graph with symbolic shapes
+        x = torch.randn(2, n, 32)
+        with torch.no_grad():
+            torch.testing.assert_close(optimized(x), model(x), atol=2e-5, rtol=2e-5, equal_nan=True)
+    sites = optimized.attnopt_report.sites
+    assert all(site.replaced == replaced for site in sites), str(optimized.attnopt_report)
+    if not replaced:
+        assert all("finite masked_fill next to an additive mask" in site.reason for site in sites)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_an_integer_term_is_planned_in_the_dtype_eager_added_it_at(dtype):
+    """``scores - keep_not.long() * 100000`` in bfloat16: eager adds the term in bfloat16 (rounding the sums), so the
+    plan's spec holds the term as a bfloat16 mask: a kernel that would add it in float32 says so."""
+    model = Subtracted("integer").to(dtype).eval()
+    keep = torch.ones(3, 12, dtype=torch.bool)
+    keep[0, -3:], keep[1, :5], keep[2] = False, False, False
+    x = torch.randn(3, 12, 32, dtype=dtype)
+    with pytest.raises(plan.NoKernelError, match="mask at another precision"):
+        attnopt.optimize(copy.deepcopy(model), kernel="sdpa_cpu")(x, keep, None)
+    optimized = attnopt.optimize(copy.deepcopy(model))
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x, keep, None), model(x, keep, None), atol=4e-3, rtol=2e-2,
+                                   equal_nan=True)  # float16: 100000 is inf, the fully padded row NaN
+    assert the_site(optimized.attnopt_report).replaced

@@ -187,6 +187,32 @@ def test_a_call_that_runs_no_site_of_the_trial_is_not_counted(on_cpu, monkeypatc
     assert site.calls[0].kernel_name == "sdpa_cpu" and report.sites[site.index].kernel == "sdpa_cpu"
 
 
+def test_a_call_made_while_another_is_timed_runs_untimed_and_an_ended_trial_times_nothing(on_cpu, monkeypatch):
+    """Calls from several threads: while one call is timed (the trial's lock held), another runs as the sites are,
+    untimed and switching nothing; once the trial has chosen, a call that still holds the ended trial runs plainly,
+    so the sites stay on the kernel the report names."""
+    model, fast, report, running, site = started(monkeypatch, {"sdpa_cpu": 2e-3, "reference": 1e-3})
+    compiled = fast.forward.compiled
+    x = torch.randn(2, 64, DIM)
+    inner = []
+
+    def with_a_call_meanwhile(x):  # the timed call; "another thread" calls the model while it runs
+        inner.append(running.run(compiled, (x,), {}))
+        return compiled(x)
+
+    with torch.no_grad():
+        out = running.run(with_a_call_meanwhile, (x,), {})
+        torch.testing.assert_close(out, model(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(inner[0], model(x), rtol=1e-5, atol=1e-5)
+    assert trial.clock.reads == 2 and running.counts == {((0, (2, 64, DIM)),): 1}
+    calls(model, fast, 1 + 2 * trial.ROUNDS)
+    assert trial.running(report) is None and running.ended and site.calls[0].kernel_name == "reference"
+    with torch.no_grad():
+        running.run(compiled, (x,), {})
+    assert site.calls[0].kernel_name == "reference" == report.sites[0].kernel
+    assert report.sites[0].reason.count("in the model's own inference calls") == 1
+
+
 def test_a_trial_that_no_shape_completes_ends_on_the_planned_kernels(on_cpu, monkeypatch):
     model, fast, report, _, site = started(monkeypatch, {"sdpa_cpu": 2e-3, "reference": 1e-3})
     monkeypatch.setattr(trial, "MAX_CALLS", 5)
