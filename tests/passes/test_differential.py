@@ -13,7 +13,9 @@ write (issue 10, "a differential test suite that generates variants"; issue 19):
 * each mask applied as a boolean (``masked_fill`` positional or keyword,
   ``masked_fill_`` in place, ``where``) or as an additive term (``where(c, 0,
   fill)``, ``(1 - keep) * fill``, zeros then ``masked_fill_``, zeros then a
-  boolean setitem), with fill ``-inf``, ``finfo.min``, ``-1e9`` or ``-1e4``;
+  boolean setitem, or a penalty subtracted, ``s - where(c, 0, -fill)``), with fill
+  ``-inf``, ``finfo.min``, ``-1e9`` or ``-1e4``; an ALiBi bias added, or
+  subtracted as a distance penalty, or a softcap;
 * casts (scores ``.float()`` then probabilities ``.to(q.dtype)``, or
   ``softmax(dtype=float32)``), dropout with p = 0 in eval, three softmax and
   three value-product spellings;
@@ -85,7 +87,7 @@ FILLS = {"-inf": float("-inf"), "finfo.min": None, "-1e9": -1e9, "-1e4": -1e4}  
 PLANS = {"cost model": dict(tune=False), "reference kernel": dict(tune=False, kernel="reference"),
          "sdpa_cpu kernel": dict(tune=False, kernel="sdpa_cpu")}
 BOOLEAN_APPLY = ("masked_fill", "masked_fill_kw", "masked_fill_", "where")
-ADDITIVE_APPLY = ("add_where", "add_one_minus", "add_masked_fill_", "add_setitem")
+ADDITIVE_APPLY = ("add_where", "add_one_minus", "add_masked_fill_", "add_setitem", "sub_where")
 
 
 @dataclass(frozen=True)
@@ -97,7 +99,8 @@ class Program:
     scale: str  # mul | rmul | div | torch_div | none
     scale_at: str  # scores (before the masks) | query (q scaled before the product) | after_masks
     kv: str  # mha | repeat_kv (HF's expand + reshape of one kv head) | repeat_interleave | enable_gqa (sdpa only)
-    extra: str  # none | alibi (a per-head slope times the key distance, added) | softcap (2 tanh(s / 2)), before masks
+    extra: str  # none | alibi (a per-head slope times the key distance, added) | alibi_sub (the same subtracted as a
+    # distance penalty) | softcap (2 tanh(s / 2)), before masks
     prefix: int  # keys before the first query (0, or MAX_PREFIX: causal structures aligned bottom-right)
     upcast: str  # none | float (scores .float(), probabilities .to(q.dtype)) | softmax_dtype
     structure: str  # none | causal_tril | causal_arange | window_arange | causal_tril_ | window_triu_ | sink_setitem
@@ -145,7 +148,7 @@ def programs(draw, dtypes):
         dtype=dtype, score=score,
         scale=draw(st.sampled_from(["mul", "rmul", "div", "torch_div", "none"])),
         scale_at=draw(st.sampled_from(["scores", "query", "after_masks"])), kv=kv,
-        extra="none" if score == "sdpa" else draw(st.sampled_from(["none", "alibi", "softcap"])),
+        extra="none" if score == "sdpa" else draw(st.sampled_from(["none", "alibi", "alibi_sub", "softcap"])),
         prefix=draw(st.sampled_from([0, 0, MAX_PREFIX])),
         upcast=draw(st.sampled_from(["none", "float", "softmax_dtype"])),
         structure=structure, structure_apply=structure_apply, structure_fill=structure_fill,
@@ -187,6 +190,8 @@ def apply_mask(s: torch.Tensor, keep: torch.Tensor, how: str, fill_name: str) ->
     elif how == "add_setitem":
         mask = torch.zeros(keep.shape, dtype=s.dtype)
         mask[~keep] = fill
+    elif how == "sub_where":  # a penalty subtracted: -fill where masked (+inf for a -inf fill), s - inf = -inf
+        return s - torch.where(keep, torch.zeros((), dtype=s.dtype), -fill)
     else:
         raise AssertionError(how)
     return s + mask
@@ -302,10 +307,13 @@ class Attention(nn.Module):
 
         if p.upcast == "float":
             s = s.double() if self.reference else s.float()
-        if p.extra == "alibi":
+        if p.extra in ("alibi", "alibi_sub"):
             i, j = torch.arange(n) + (nk - n), torch.arange(nk)
             slopes = torch.tensor([0.5, 0.25], dtype=s.dtype)[:h]
-            s = s + (j[None, :] - i[:, None]).to(s.dtype) * slopes[:, None, None]
+            if p.extra == "alibi":
+                s = s + (j[None, :] - i[:, None]).to(s.dtype) * slopes[:, None, None]
+            else:  # the same bias written as a distance penalty
+                s = s - (i[:, None] - j[None, :]).to(s.dtype) * slopes[:, None, None]
         elif p.extra == "softcap":
             s = 2.0 * torch.tanh(s / 2.0)
 
