@@ -9,8 +9,8 @@ against 10.2 ms on the device.
 
 So, on CUDA, a model's inference calls after its graphs are planned are the measurement. Up to ``FINALISTS``
 configurations take turns, call by call: every site on the kernel the planner chose, then every site on its
-runner-up, then on its third (a site's finalists: the exact kernels that fit ``max_mem`` and that the planner
-measured within ``CLOSE`` of its choice). Each call is timed from an idle device to its last kernel's end (one
+runner-up, then on its third (a site's finalists: the exact kernels that fit ``max_mem``, need no more memory
+than the original code or the choice, and that the planner measured within ``CLOSE`` of its choice). Each call is timed from an idle device to its last kernel's end (one
 synchronization before the call and one after). Calls are compared within their shape bucket (each tensor
 argument's sizes rounded up to a power of two), each configuration's first call in a bucket left out (its
 allocations and first launches). Once one bucket holds ``ROUNDS`` calls of each, the configuration with the lowest
@@ -20,8 +20,10 @@ trial give the model's output up to rounding, as any kernel does.
 
 Taken part in: replaced sites of graphs run as Python (``compiler="eager"``) on CUDA, planned on measurements
 (``tune``), with static shapes (a graph with symbolic shapes re-chooses per shape bucket, ``plan.Rechoice``).
-Calls that need gradients, CUDA graph captures and tracing run the planner's configuration, untimed. A trial that no
-bucket completes within ``MAX_CALLS`` inference calls ends on the planner's configuration.
+Calls that need gradients, CUDA graph captures and tracing run the planner's configuration, untimed. One call is
+timed at a time: a call from another thread meanwhile runs untimed, on whatever the sites run then (every
+configuration is exact). A trial that no bucket completes within ``MAX_CALLS`` inference calls ends on the
+planner's configuration.
 """
 
 from __future__ import annotations
