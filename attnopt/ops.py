@@ -600,7 +600,7 @@ class SiteCall:
 
     def use(self, kernel: str) -> None:
         """Run ``kernel`` from the next call on, keeping the call plans of the kernel run until now, so that
-        switching back costs a dictionary lookup (``passes.trial`` alternates two kernels over a model's calls).
+        switching back costs a dictionary lookup (``passes.trial`` alternates a site's finalists over a model's calls).
         Between two calls only, as ``switch``."""
         if kernel == self.kernel_name:
             return

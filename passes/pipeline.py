@@ -102,10 +102,10 @@ def optimize_graph(
                      if allowed else None)
             site = _plan_and_replace(gm, site_plan, graph_index, dry_run, unpadded, subgraph, lean=runtime_branches,
                                      fill_only_kernel=fill_only, rechoice=rechoice, pending=item, tried=tried)
-            if item is not None:
-                pending.append(item)
             if tried is not None and site.replaced:
                 trial.add(report, tried)
+            if item is not None:
+                pending.append(item)
             elif (defer and not runtime_branches and site.replaced and not dry_run
                   and plan.deferring(options, site_plan.spec)
                   and registry.get(site.kernel).compiles == registry.COMPILES_TRITON):
@@ -379,9 +379,13 @@ def _plan_and_replace(gm: GraphModule, site_plan: plan.SitePlan, graph_index: in
     if not dry_run:
         alias = None if pending is None else pending.alias
         lists = [found.calls for found in (pending, tried) if found is not None]
+
+        def register(call) -> None:  # the SiteCall that a later timing or the trial may switch
+            for calls in lists:
+                calls.append(call)
+
         replace(gm.graph, match, choice.kernel if alias is None else alias.name, unpadded_kernel, lean=lean,
-                fill_only_kernel=fill_only_kernel, rechoice=rechoice,
-                register=(lambda call: [calls.append(call) for calls in lists]) if lists else None)
+                fill_only_kernel=fill_only_kernel, rechoice=rechoice, register=register if lists else None)
     chosen = choice.chosen
     reason = choice.reason
     if unpadded_kernel is not None:

@@ -10,11 +10,12 @@ against 10.2 ms on the device.
 So, on CUDA, a model's inference calls after its graphs are planned are the measurement. Up to ``FINALISTS``
 configurations take turns, call by call: every site on the kernel the planner chose, then every site on its
 runner-up, then on its third (a site's finalists: the exact kernels that fit ``max_mem``, need no more memory
-than the original code or the choice, and that the planner measured within ``CLOSE`` of its choice). Each call is timed from an idle device to its last kernel's end (one
-synchronization before the call and one after). Calls are compared within their shape bucket (each tensor
-argument's sizes rounded up to a power of two), each configuration's first call in a bucket left out (its
-allocations and first launches). Once one bucket holds ``ROUNDS`` calls of each, the configuration with the lowest
-median stays if it beats the planner's by more than ``plan.NOISE``; otherwise the planner's does. The report's
+than the original code or the choice, and that the planner measured within ``CLOSE`` of its choice). Each call is
+timed from an idle device to its last kernel's end (one synchronization before the call and one after). Calls are
+compared within their shape bucket (each tensor argument's sizes rounded up to a power of two), each
+configuration's first call in a bucket left out (its allocations and first launches). Once one bucket holds
+``ROUNDS`` calls of each, the configuration with the lowest median stays if it beats the planner's by more than
+``plan.NOISE``; otherwise the planner's does. The report's
 entry of each site says what was measured. Every finalist computes the site's function exactly, so the calls of the
 trial give the model's output up to rounding, as any kernel does.
 
@@ -45,7 +46,7 @@ from attnopt.report import Report
 
 from . import plan
 from .memory import bytes_after
-from .tuning import ORIGINAL
+from .tuning import ORIGINAL, rounded_up
 
 log = logging.getLogger("attnopt")
 
@@ -245,7 +246,7 @@ def _bucket(args: tuple, kwargs: dict) -> tuple:
     found = []
     for name, value in [*enumerate(args), *kwargs.items()]:
         if isinstance(value, torch.Tensor):
-            found.append((name, tuple(1 << max(0, int(s) - 1).bit_length() for s in value.shape)))
+            found.append((name, tuple(rounded_up(int(s)) for s in value.shape)))
     return tuple(found)
 
 

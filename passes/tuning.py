@@ -142,7 +142,7 @@ def cache_dir(override: str | None = None) -> Path:
     return Path(env) if env else Path.home() / ".cache" / "attnopt" / "tuning"
 
 
-def _bucket(n: int) -> int:
+def rounded_up(n: int) -> int:
     """Round a size up to a power of two: nearby lengths share one measurement."""
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
@@ -169,7 +169,7 @@ def _device_name(device: torch.device) -> str:
 
 def shape_bucket(batch: int, q_len: int, kv_len: int) -> tuple[int, int, int]:
     """The bucket of a call's batch and lengths, each rounded up to a power of two: what one timing serves."""
-    return _bucket(batch), _bucket(q_len), _bucket(kv_len)
+    return rounded_up(batch), rounded_up(q_len), rounded_up(kv_len)
 
 
 def cache_key(spec: AttentionSpec, replayed: bool = False, padding: torch.Tensor | None = None,

@@ -310,21 +310,28 @@ class CausalRouter(torch.nn.Module):
     """Not attention: a causal ``where`` then an added padding mask on a router's logits (no q @ k^T), whose
     softmax weights a sum over experts."""
 
-    def __init__(self, n=12, experts=12):
+    def __init__(self, n=12, experts=12, subtracted=False):
         super().__init__()
+        self.subtracted = subtracted  # the padding subtracted as a penalty, and the logits' max taken off first
         self.gate = torch.nn.Linear(32, experts)
         self.register_buffer("allowed", torch.ones(n, experts, dtype=torch.bool).tril())
 
     def forward(self, x, keep, values):
         low = torch.finfo(x.dtype).min
-        logits = torch.where(self.allowed, self.gate(x), torch.full([], low, dtype=x.dtype))
+        logits = self.gate(x)
+        if self.subtracted:
+            logits = logits - logits.amax(-1, keepdim=True)
+        logits = torch.where(self.allowed, logits, torch.full([], low, dtype=x.dtype))
+        if self.subtracted:
+            return (logits - (~keep[:, None, :]).to(x.dtype) * 1e4).softmax(-1) @ values
         logits = logits + (1.0 - keep[:, None, :].to(x.dtype)) * low
         return logits.softmax(-1) @ values
 
 
-def test_a_router_with_the_same_masks_is_not_attention():
+@pytest.mark.parametrize("subtracted", [False, True])
+def test_a_router_with_the_same_masks_is_not_attention(subtracted):
     torch.manual_seed(0)
-    model = CausalRouter().eval()
+    model = CausalRouter(subtracted=subtracted).eval()
     x, keep, values = torch.randn(2, 12, 32), padded_rows(2, 12), torch.randn(2, 12, 16)
     optimized = attnopt.optimize(copy.deepcopy(model))
     torch.testing.assert_close(optimized(x, keep, values), model(x, keep, values), equal_nan=True)
