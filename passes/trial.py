@@ -15,9 +15,9 @@ timed from an idle device to its last kernel's end (one synchronization before t
 compared within their shape bucket (each tensor argument's sizes rounded up to a power of two), each
 configuration's first call in a bucket left out (its allocations and first launches). Once one bucket holds
 ``ROUNDS`` calls of each, the configuration with the lowest median stays if it beats the planner's by more than
-``plan.NOISE``; otherwise the planner's does. The report's
-entry of each site says what was measured. Every finalist computes the site's function exactly, so the calls of the
-trial give the model's output up to rounding, as any kernel does.
+``plan.NOISE``; otherwise the planner's does. The report's entry of each site says what was measured. Every
+finalist computes the site's function exactly, so the calls of the trial give the model's output up to rounding,
+as any kernel does.
 
 Taken part in: replaced sites of graphs run as Python (``compiler="eager"``) on CUDA, planned on measurements
 (``tune``), with static shapes (a graph with symbolic shapes re-chooses per shape bucket, ``plan.Rechoice``).
