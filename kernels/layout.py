@@ -21,8 +21,13 @@ def _order(ref: torch.Tensor) -> list[int]:
 def empty_in_layout_of(shape, ref: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """An uninitialized tensor of ``shape`` whose dims lie in memory in the order of ``ref``'s strides: a tensor of
     its own (not a view of a buffer laid out otherwise), so that a caller's views of it have it as their base."""
-    return torch.empty_strided(tuple(shape), _strides_in_order(shape, _order(ref)), dtype=dtype or ref.dtype,
+    return torch.empty_strided(tuple(shape), strides_in_layout_of(shape, ref), dtype=dtype or ref.dtype,
                                device=ref.device)
+
+
+def strides_in_layout_of(shape, ref: torch.Tensor) -> tuple[int, ...]:
+    """The strides ``empty_in_layout_of`` gives a tensor of ``shape`` laid out like ``ref``."""
+    return _strides_in_order(shape, _order(ref))
 
 
 def _strides_in_order(shape, order) -> tuple[int, ...]:

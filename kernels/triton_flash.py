@@ -89,6 +89,38 @@ def tune_bucket(n: int) -> int:
     return max(128, 1 << max(n - 1, 0).bit_length())
 
 
+#: names of ``listed_term_values``' values, in order: the runtime arguments of key padding, documents and a
+#: mask, then their constexpr switches (the band kernels take these; the general kernels take them among the rest)
+LISTED_TERM_ARGS = ("kp_ptr", "stride_kpb", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "mask_ptr",
+                    "stride_mb", "stride_mh", "stride_mm", "stride_mn", "KP_MODE", "HAS_DOC", "MASK")
+
+
+def listed_term_values(spec: AttentionSpec, dtype: torch.dtype, dummy: torch.Tensor) -> tuple:
+    """The kernel arguments of the spec's key padding, documents and mask (``LISTED_TERM_ARGS``), for inputs of
+    ``dtype``; ``dummy`` stands in for absent tensors (never loaded: their switches are off)."""
+    kp_ptr, stride_kpb, kp_mode = dummy, 0, 0
+    if spec.key_padding is not None:
+        kp = spec.key_padding
+        if kp.dtype == torch.bool:
+            kp = _last_dim_contiguous(kp).view(torch.uint8)
+            kp_ptr, stride_kpb, kp_mode = kp, kp.stride(0), 2
+        else:
+            kp_ptr, kp_mode = kp, 1
+    q_doc = kv_doc = dummy
+    stride_qdb = stride_kdb = 0
+    if spec.q_doc is not None:
+        q_doc, kv_doc = _last_dim_contiguous(spec.q_doc), _last_dim_contiguous(spec.kv_doc)
+        stride_qdb = 0 if q_doc.shape[0] == 1 else q_doc.stride(0)
+        stride_kdb = 0 if kv_doc.shape[0] == 1 else kv_doc.stride(0)
+    mask, sm, mask_mode = dummy, (0, 0, 0, 0), 0
+    if spec.mask is not None:
+        boolean = spec.mask.dtype == torch.bool
+        mask = spec.mask.view(torch.uint8) if boolean else spec.mask
+        sm, mask_mode = _strides4(mask), 3 if boolean else _additive_mode(spec.mask, dtype)
+    return (kp_ptr, stride_kpb, q_doc, stride_qdb, kv_doc, stride_kdb, mask, *sm, kp_mode, spec.q_doc is not None,
+            mask_mode)
+
+
 def _term_args(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor) -> dict:
     """Kernel arguments describing the mask terms (runtime values and constexpr switches)."""
     lo, hi = spec.band()
@@ -96,47 +128,35 @@ def _term_args(spec: AttentionSpec, q: torch.Tensor, k: torch.Tensor) -> dict:
         sm_scale=spec.scale, softcap=1.0 if spec.softcap is None else spec.softcap,
         off=spec.diagonal_offset, band_lo=0 if lo is None else lo, band_hi=0 if hi is None else hi,
         HAS_LO=lo is not None, HAS_HI=hi is not None, SOFTCAP=spec.softcap is not None,
-        kp_ptr=q, stride_kpb=0, KP_MODE=0, qdoc_ptr=q, stride_qdb=0, kvdoc_ptr=q, stride_kdb=0, HAS_DOC=False,
         bias_ptr=q, stride_bb=0, stride_bh=0, stride_bm=0, stride_bn=0, BIAS=0,
-        mask_ptr=q, stride_mb=0, stride_mh=0, stride_mm=0, stride_mn=0, MASK=0,
         D=spec.head_dim, DV=spec.v_head_dim, BLOCK_D=_block(spec.head_dim), BLOCK_DV=_block(spec.v_head_dim),
         DOT_PREC="tf32" if q.dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee",
         GROUP=spec.group_size, H=spec.q_heads, Nq=spec.q_len, Nk=spec.kv_len,
         NQ_TUNE=tune_bucket(spec.q_len), NK_TUNE=tune_bucket(spec.kv_len),
     )
-    if spec.key_padding is not None:
-        kp = spec.key_padding
-        if kp.dtype == torch.bool:
-            kp = _last_dim_contiguous(kp).view(torch.uint8)
-            args.update(kp_ptr=kp, stride_kpb=kp.stride(0), KP_MODE=2)
-        else:
-            args.update(kp_ptr=kp, KP_MODE=1)
-    if spec.q_doc is not None:
-        q_doc, kv_doc = _last_dim_contiguous(spec.q_doc), _last_dim_contiguous(spec.kv_doc)
-        args.update(qdoc_ptr=q_doc, kvdoc_ptr=kv_doc, HAS_DOC=True,
-                    stride_qdb=0 if q_doc.shape[0] == 1 else q_doc.stride(0),
-                    stride_kdb=0 if kv_doc.shape[0] == 1 else kv_doc.stride(0))
+    args.update(zip(LISTED_TERM_ARGS, listed_term_values(spec, q.dtype, q)))
     if spec.bias is not None:
         sb = _strides4(spec.bias)
         args.update(bias_ptr=spec.bias, stride_bb=sb[0], stride_bh=sb[1], stride_bm=sb[2], stride_bn=sb[3],
                     BIAS=_additive_mode(spec.bias, q.dtype))
-    if spec.mask is not None:
-        mask = spec.mask.view(torch.uint8) if spec.mask.dtype == torch.bool else spec.mask
-        sm = _strides4(mask)
-        args.update(mask_ptr=mask, stride_mb=sm[0], stride_mh=sm[1], stride_mm=sm[2], stride_mn=sm[3],
-                    MASK=3 if spec.mask.dtype == torch.bool else _additive_mode(spec.mask, q.dtype))
     return args
 
 
-def _map_args(lists: TileLists | None, dummy: torch.Tensor) -> dict:
+#: names of ``map_values``' values, in order (then ``USE_MAP``)
+MAP_ARGS = ("part_cnt", "part_idx", "full_cnt", "full_idx", "stride_cb", "stride_ch", "stride_cm", "stride_ib",
+            "stride_ih", "stride_im")
+
+
+def map_values(lists: TileLists | None, dummy: torch.Tensor) -> tuple:
+    """The tile lists' kernel arguments (``MAP_ARGS``); ``dummy`` stands in for them where there are none."""
     if lists is None:
-        return dict(part_cnt=dummy, part_idx=dummy, full_cnt=dummy, full_idx=dummy, stride_cb=0, stride_ch=0,
-                    stride_cm=0, stride_ib=0, stride_ih=0, stride_im=0, USE_MAP=False,
-                    MAP_M=MAP_BLOCK, MAP_N=MAP_BLOCK)
-    cb, ch, cm, ib, ih, im = lists.strides()
-    return dict(part_cnt=lists.partial_count, part_idx=lists.partial_index, full_cnt=lists.full_count,
-                full_idx=lists.full_index, stride_cb=cb, stride_ch=ch, stride_cm=cm, stride_ib=ib, stride_ih=ih,
-                stride_im=im, USE_MAP=True, MAP_M=MAP_BLOCK, MAP_N=MAP_BLOCK)
+        return (dummy, dummy, dummy, dummy, 0, 0, 0, 0, 0, 0)
+    return (lists.partial_count, lists.partial_index, lists.full_count, lists.full_index, *lists.strides())
+
+
+def _map_args(lists: TileLists | None, dummy: torch.Tensor) -> dict:
+    return dict(zip(MAP_ARGS, map_values(lists, dummy)), USE_MAP=lists is not None, MAP_M=MAP_BLOCK,
+                MAP_N=MAP_BLOCK)
 
 
 def _dropout_args(spec: AttentionSpec, seed: int) -> dict:
@@ -220,19 +240,22 @@ class TritonFlashKernel(Kernel):
 
     # --------------------------------------------------------------------- forward
     def prepare(self, spec: AttentionSpec):
-        """``infer`` with the band forward's variant and the checks of the spec and the variant made once per call
-        plan (``forward`` makes them on every call: some twenty tests of the spec); each call then checks only what
-        its tensors decide (descriptor alignment) and launches. Specs the band forward does not take keep
-        ``infer``."""
+        """``infer`` through the band forward's ``PreparedForward`` where the band forward takes the spec: its
+        variant, the checks of the spec and the variant and the launch's arguments decided once per call plan
+        (``forward`` makes them on every call: some twenty tests of the spec); each call then checks only what its
+        tensors decide (descriptor alignment) and launches. Specs the band forward does not take keep ``infer``."""
         band = band_fwd.measured_variant(spec) if spec.dropout_p == 0.0 else None
         if band is None or band_fwd.spec_reasons(spec, band):
             return self.infer
+        run = band_fwd.prepared(spec, band)
+        if not band.descriptors:
+            return run
 
         def call(q, k, v, spec):
             q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-            if band.descriptors and band_fwd.tensor_reasons(q, k, v, band):
+            if band_fwd.tensor_reasons(q, k, v, band):
                 return self.infer(q, k, v, spec)
-            return band_fwd.run_forward(q, k, v, spec, band)[0]
+            return run(q, k, v, spec)
 
         return call
 

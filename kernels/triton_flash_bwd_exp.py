@@ -67,10 +67,10 @@ from .spec import AttentionSpec
 from .launch import cdiv
 from .layout import sum_groups
 from .launch import launch as _launch
-from .triton_flash import _block, _last_dim_contiguous, _term_args, _with_empty_rows
+from .triton_flash import LISTED_TERM_ARGS, _block, _last_dim_contiguous, _with_empty_rows, listed_term_values
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
 from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
-from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAP_TERM_ARGS, _load_rows, _map_part, list_args,
+from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, _load_rows, _map_part, list_args,
                                listed, listed_kind, use_scratch_allocator)
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
@@ -578,7 +578,7 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
                 HAS_HI=hi is not None, SPLIT=variant.split, RUN=variant.full_run, DESC=variant.descriptors,
                 PREFETCH=variant.prefetch,
                 num_warps=variant.num_warps, num_stages=variant.num_stages)
-    band.update((key, value) for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS)
+    band.update(zip(LISTED_TERM_ARGS, listed_term_values(spec, q.dtype, q)))
     # key padding, documents, a boolean mask: tile lists at each kernel's own tiles (cached per term tensors
     # across layers)
     use_map = listed(spec)

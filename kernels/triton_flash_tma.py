@@ -68,8 +68,10 @@ from .block_map import TileLists, tile_lists
 from .spec import AttentionSpec
 from .launch import cdiv
 from .launch import launch as _launch
-from .layout import empty_in_layout_of
-from .triton_flash import MAX_GRID_Y, _fill_empty_rows, _interpreting, _last_dim_contiguous, _map_args, _term_args
+from .fills import fill_empty_rows, known_empty_rows
+from .layout import strides_in_layout_of
+from .term_cache import Interned, LastCall
+from .triton_flash import MAP_ARGS, MAX_GRID_Y, _interpreting, _last_dim_contiguous, listed_term_values, map_values
 from .triton_flash_fwd import LN2, LOG2E, _dot, _kept, _kv_tile_range
 
 #: what this Triton offers (written for 3.6; each feature has a path without it)
@@ -79,11 +81,8 @@ DTYPES = (torch.float16, torch.bfloat16)
 HEAD_DIMS = (16, 32, 64, 128, 256)
 #: a descriptor's base address and every stride but the last must be multiples of 16 bytes (TMA)
 DESCRIPTOR_ALIGN = 16
-#: ``triton_flash``'s kernel arguments of the terms the band kernels run through tile lists
 #: log2 units by which a row's running maximum may lag its true maximum in a ``lazy_rescale`` variant (p <= 2^8)
 RESCALE_SLACK = tl.constexpr(8.0)
-MAP_TERM_ARGS = ("kp_ptr", "stride_kpb", "KP_MODE", "qdoc_ptr", "stride_qdb", "kvdoc_ptr", "stride_kdb", "HAS_DOC",
-                 "mask_ptr", "stride_mb", "stride_mh", "stride_mm", "stride_mn", "MASK")
 
 
 def listed(spec: AttentionSpec) -> bool:
@@ -107,11 +106,19 @@ def per_head_lists(spec: AttentionSpec) -> bool:
 
 
 def list_args(lists: TileLists | None, dummy: torch.Tensor) -> dict:
-    """``triton_flash``'s tile-list arguments, less its map granularity: the band kernels' lists are at their own
-    tiles."""
-    args = {key: value for key, value in _map_args(lists, dummy).items() if key not in ("MAP_M", "MAP_N")}
-    args["full_run"] = dummy if lists is None else lists.full_run
-    return args
+    """``triton_flash``'s tile-list arguments, less its map granularity, with the full runs: the band kernels'
+    lists are at their own tiles."""
+    return dict(zip(LIST_ARGS, list_values(lists, dummy)), USE_MAP=lists is not None)
+
+
+#: names of ``list_values``' values, in order: the band kernels' tile-list arguments
+LIST_ARGS = (*MAP_ARGS[:4], "full_run", *MAP_ARGS[4:])
+
+
+def list_values(lists: TileLists | None, dummy: torch.Tensor) -> tuple:
+    """The band kernels' tile-list arguments (``LIST_ARGS``); ``dummy`` stands in for them where there are none."""
+    values = map_values(lists, dummy)
+    return (*values[:4], dummy if lists is None else lists.full_run, *values[4:])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -475,34 +482,101 @@ def run_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: Attenti
                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``forward`` on inputs its caller has already checked (``unsupported_reasons`` empty, last dims
     contiguous)."""
-    b, hq, nq = spec.batch, spec.q_heads, spec.q_len
-    if spec.kv_len == 0 or b * hq * nq == 0:  # no key anywhere (or no row): every row is empty
-        out = q.new_zeros((b, hq, nq, spec.v_head_dim))
-        lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
-        return _fill_empty_rows(out, lse, v, spec), lse
-    out = empty_in_layout_of((b, hq, nq, spec.v_head_dim), q)  # an HF layer's reshape of it is then a view
-    lse = q.new_empty((b, hq, nq), dtype=torch.float32)
-    if variant.descriptors and q.is_cuda:
-        use_scratch_allocator()
-    pack = spec.group_size if variant.pack_gqa else 1
-    lo, hi = spec.band()
-    # key padding, documents, a boolean mask: tile lists at the kernel's tiles (cached per term tensors across
-    # layers); a program of packed heads holds block_m / pack query positions
-    lists = tile_lists(spec, variant.block_m // pack, variant.block_n) if listed(spec) else None
-    terms = {key: value for key, value in _term_args(spec, q, k).items() if key in MAP_TERM_ARGS}
-    grid = (cdiv(nq, variant.block_m // pack), b * hq // pack)
-    _launch(
-        _band_fwd, grid,
-        q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
-        0 if lo is None else lo, 0 if hi is None else hi, **terms, **list_args(lists, lse),
-        D=spec.head_dim, DV=spec.v_head_dim, HAS_LO=lo is not None, HAS_HI=hi is not None, PACK=pack,
-        RUN=variant.full_run,
-        DESC=variant.descriptors, WARP_SPEC=variant.warp_specialize, LAZY=variant.lazy_rescale,
-        BLOCK_M=variant.block_m,
-        BLOCK_N=variant.block_n, num_warps=variant.num_warps, num_stages=variant.num_stages,
-    )
-    return _fill_empty_rows(out, lse, v, spec), lse
+    return prepared(spec, variant).forward(q, k, v, spec)
+
+
+#: prepared forwards kept, by a spec's shapes and settings and the variant (``prepared``); the oldest dropped first
+_PREPARED = Interned(64)
+
+
+def prepared(spec: AttentionSpec, variant: Variant) -> PreparedForward:
+    """The ``PreparedForward`` of ``variant`` for calls like ``spec`` (its shapes and settings; any term tensors):
+    one for every site with these, so that the layers of a forward share its ``LastCall``."""
+    key = (spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim, spec.v_head_dim,
+           spec.dtype, spec.device, spec.scale, spec.causal, spec.align, spec.window, spec.fill, variant)
+    return _PREPARED.get(key, lambda: PreparedForward(spec, variant))
+
+
+class PreparedForward:
+    """``run_forward`` for the calls of one spec's shapes and settings (its term tensors may change from call to
+    call; its softcap, bias and dropout are none): the grid and every kernel argument that the shapes and settings
+    decide, in the kernel's order, made once. Per call: the outputs (laid out like q, their strides kept per q's
+    strides), the terms' arguments, and the tile lists and whether rows may need their fill, which are handed on
+    from the last call on the very same term tensors (``LastCall``: the layers of a forward share their padding),
+    else looked up in the term caches. The arguments go to the launch positionally, so that no dictionary of
+    seventy arguments is built per call."""
+
+    __slots__ = ("variant", "grid", "shape", "head", "band", "tail", "options", "tiles", "no_terms", "dummy",
+                 "list_dummy", "_out_strides", "_last")
+
+    def __init__(self, spec: AttentionSpec, variant: Variant):
+        self.variant = variant
+        pack = spec.group_size if variant.pack_gqa else 1
+        lo, hi = spec.band()
+        b, hq, nq = spec.batch, spec.q_heads, spec.q_len
+        self.grid = (cdiv(nq, variant.block_m // pack), b * hq // pack)
+        self.shape = (b, hq, nq, spec.v_head_dim)
+        self.band = (nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
+                     0 if lo is None else lo, 0 if hi is None else hi)
+        self.head = (spec.head_dim, spec.v_head_dim, lo is not None, hi is not None)
+        self.tail = (variant.full_run, pack, variant.descriptors, variant.warp_specialize, variant.lazy_rescale,
+                     variant.block_m, variant.block_n)
+        self.options = dict(num_warps=variant.num_warps, num_stages=variant.num_stages)
+        # a program of packed heads holds block_m / pack query positions
+        self.tiles = (variant.block_m // pack, variant.block_n)
+        # stand-ins for absent term tensors and tile lists, never loaded: of q's dtype and float32, as
+        # ``forward``'s q and log-sum-exp were before, so that the kernel compiled for them is the same
+        self.dummy = torch.empty(1, dtype=spec.dtype, device=spec.device)
+        self.list_dummy = torch.empty(1, dtype=torch.float32, device=spec.device)
+        bare = dataclasses.replace(spec, key_padding=None, q_doc=None, kv_doc=None, bias=None, mask=None)
+        self.no_terms = (listed_term_values(bare, spec.dtype, self.dummy), list_values(None, self.list_dummy),
+                         bare.rows_need_fill())
+        self._out_strides: dict = {}
+        self._last = LastCall()
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+        """The output of an inference call (``Kernel.prepare``'s call)."""
+        return self.forward(q, k, v, spec)[0]
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: AttentionSpec
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(out, lse)`` as ``run_forward`` gives them, for a call like the spec this was made for."""
+        if q.stride(-1) != 1 or k.stride(-1) != 1 or v.stride(-1) != 1:
+            q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+        b, hq, nq, dv = self.shape
+        if self.band[1] == 0 or b * hq * nq == 0:  # no key anywhere (or no row): every row is empty
+            out = q.new_zeros(self.shape)
+            lse = torch.full((b, hq, nq), float("-inf"), dtype=torch.float32, device=q.device)
+            return (fill_empty_rows(out, torch.isneginf(lse), v, spec, checked=True) if spec.rows_need_fill()
+                    else out), lse
+        strides = self._out_strides.get(q.stride())
+        if strides is None:
+            strides = self._out_strides[q.stride()] = strides_in_layout_of(self.shape, q)
+        out = torch.empty_strided(self.shape, strides, dtype=q.dtype, device=q.device)  # laid out like q
+        lse = q.new_empty((b, hq, nq), dtype=torch.float32)
+        terms = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.mask) if t is not None]
+        if terms:
+            term_values = listed_term_values(spec, spec.dtype, self.dummy)
+            lists, fills = self._last.get(terms, lambda: self._from_terms(spec))
+        else:
+            term_values, lists, fills = self.no_terms
+        if self.variant.descriptors and q.is_cuda:
+            use_scratch_allocator()
+        _launch(
+            _band_fwd, self.grid,
+            q, k, v, out, lse, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *strides[:3], *self.band,
+            *term_values[:11], *lists, *self.head, *term_values[11:], lists[0] is not self.list_dummy, *self.tail,
+            **self.options,
+        )
+        if fills:
+            out = fill_empty_rows(out, torch.isneginf(lse), v, spec, checked=True)
+        return out, lse
+
+    def _from_terms(self, spec: AttentionSpec) -> tuple:
+        """What a call's term tensors decide beyond their own arguments: the tile lists' arguments, and whether a
+        row may see no key and need its fill (``known_empty_rows``: one host sync per padding tensor)."""
+        lists = tile_lists(spec, *self.tiles) if listed(spec) else None
+        return list_values(lists, self.list_dummy), spec.rows_need_fill() and known_empty_rows(spec) is not False
 
 
 # ----------------------------------------------------------------------------- the measured variants

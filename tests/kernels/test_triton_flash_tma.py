@@ -434,27 +434,42 @@ def test_triton_flash_forward_runs_the_measured_variant(monkeypatch, terms, d):
     assert ran == []  # an additive mask: the general forward
 
 
-@pytest.mark.parametrize("fill", [Fill.SAFE, Fill.FINITE_ADDED])
-def test_triton_flash_prepared_call_is_its_inference_for_every_call_of_its_plan(monkeypatch, fill):
+@pytest.mark.parametrize("fill, terms, nk", [(Fill.SAFE, {}, 200), (Fill.FINITE_ADDED, {"causal": True}, 40)],
+                         ids=["safe_full_200", "finite_added_causal_40"])
+def test_triton_flash_prepared_call_is_its_inference_for_every_call_of_its_plan(monkeypatch, fill, terms, nk):
     """``triton_flash.prepare`` picks and checks the band variant once; each call of the plan (new padding values,
-    rows left without a key in the second call) gives ``infer``'s output bit for bit, through the variant."""
+    rows left without a key in the second call, the same padding written in place, a call without padding, lengths
+    in place of a boolean row) is right against float64 and gives ``infer``'s output bit for bit, through the
+    variant's prepared forward. The padding written in place between two calls changes both what its tile lists
+    say (200 keys: whole tiles become empty) and which rows need their fill (causal: rows see no key)."""
     from attnopt.kernels import get
 
     monkeypatch.setattr(tma, "_capability", lambda device: tma.MEASURED_ON)
-    ran = []
-    run_forward = tma.run_forward
-    monkeypatch.setattr(tma, "run_forward", lambda *a: ran.append(a[-1]) or run_forward(*a))
-    q, k, v, spec = make_inputs(2, 4, 2, 40, 40, 64, torch.bfloat16, {"causal": True}, fill=fill)
+    q, k, v, spec = make_inputs(2, 4, 2, 40, nk, 64, torch.bfloat16, terms, fill=fill)
     kernel = get("triton_flash")
-    run = kernel.prepare(spec.with_(key_padding=torch.ones(2, 40, dtype=torch.bool, device=DEVICE)))
-    for lengths in ([40, 30], [25, 40]):
-        call = spec.with_(key_padding=torch.ones(2, 40, dtype=torch.bool, device=DEVICE))
-        call.key_padding[0, : 40 - lengths[0]] = False  # left padding: row 0's first queries see no key
-        call.key_padding[1, : 40 - lengths[1]] = False
-        ran.clear()
+    padded = spec.with_(key_padding=torch.ones(2, nk, dtype=torch.bool, device=DEVICE))
+    run = kernel.prepare(padded)
+    assert isinstance(run, tma.PreparedForward) and run.variant == tma.measured_variant(padded)
+    padding = torch.ones(2, nk, dtype=torch.bool, device=DEVICE)
+    calls = []
+    for kept in ([nk, 3 * nk // 4], [nk // 2, nk]):
+        call = spec.with_(key_padding=torch.ones(2, nk, dtype=torch.bool, device=DEVICE))
+        call.key_padding[0, : nk - kept[0]] = False  # left padding: with causal, row 0's first queries see no key
+        call.key_padding[1, : nk - kept[1]] = False
+        calls.append(call)
+    calls.append(spec.with_(key_padding=padding))
+    calls.append(calls[-1])  # the same tensor again (the next layer: the last call's answer)
+    calls.append(spec)
+    calls.append(spec.with_(key_padding=torch.tensor([nk, 7], device=DEVICE)))
+    for i, call in enumerate(calls):
+        if i == 3:
+            padding[1, : 2 * nk // 3] = False  # written in place between two calls: its version moves
         got = run(q, k, v, call)
-        assert ran == [tma.measured_variant(call)]
-        torch.testing.assert_close(got, kernel.infer(q, k, v, call), atol=0, rtol=0, equal_nan=True)
+        want = naive_attention(q, k, v, call).cpu()
+        assert not got.isnan().any() and not want.isnan().any()  # neither fill gives NaN
+        err = (got.double().cpu() - want).abs().max().item()
+        assert err <= TOL[torch.bfloat16] * max(1.0, want.abs().max().item()), f"call {i}: max abs error {err:.3g}"
+        torch.testing.assert_close(got, kernel.infer(q, k, v, call), atol=0, rtol=0)
     assert kernel.prepare(spec.with_(dropout_p=0.1)) == kernel.infer
 
 
