@@ -25,13 +25,16 @@ under autograd (the op's body and autograd as an ``autograd.Function``, without 
     python benchmarks/dispatch.py                   # CUDA when available, else CPU
     python benchmarks/dispatch.py --device cpu --out benchmarks/results/dispatch_cpu.md
     python benchmarks/dispatch.py --kernels sdpa_cudnn triton_flash triton_decode --calls 300 --repeats 3
+    python benchmarks/dispatch.py --kernels sdpa_cudnn triton_flash --profile 25   # where a site's host time goes
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import platform
+import pstats
 import time
 from dataclasses import dataclass
 
@@ -241,6 +244,42 @@ def training_rows(device: torch.device, dtype: torch.dtype, calls: int = 1000, r
     return table
 
 
+def profile_sites(device: torch.device, dtype: torch.dtype, kernels: tuple[str, ...] | None, top: int,
+                  calls: int = 300) -> str:
+    """cProfile of ``calls`` site calls per case and kernel (bound launch where there is one), inference and
+    training (forward + backward), as text: the ``top`` functions by own time."""
+    out = []
+    for case in CASES[device.type]:
+        q, k, v, g, terms, static = case_inputs(case, device, dtype)
+        grad = torch.randn(q.shape[:-1] + (v.shape[-1],), generator=g).to(device, dtype)
+        qg, kg, vg = (t.detach().requires_grad_(True) for t in (q, k, v))
+        spec = spec_from_args(q, k, v, *terms, *static, 0.0, case.fill)
+        for name in (n for n in KERNELS[device.type] if kernels is None or n in kernels):
+            if registry.get(name).not_supported_reasons(spec):
+                continue
+            site = SiteCall(name, *static, case.fill)
+            for label, call in (("inference", lambda: site(q, k, v, *terms, 0.0)),
+                                ("training", lambda: torch.autograd.backward(site(qg, kg, vg, *terms, 0.0)[0], grad))):
+                with torch.no_grad() if label == "inference" else contextlib.nullcontext():
+                    for _ in range(50):
+                        call()
+                    profiler = cProfile.Profile()
+                    profiler.enable()
+                    for _ in range(calls):
+                        call()
+                    profiler.disable()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                out.append(f"### {case.name}, {name}, {label} ({calls} calls)\n")
+                out.append("| own us per call | with callees | calls per call | function |\n|---|---|---|---|")
+                stats = pstats.Stats(profiler).stats  # (file, line, name) -> (primitive, calls, own, cumulative, ..)
+                for (file, line, func), (_, n, own, cum, _) in sorted(stats.items(), key=lambda s: -s[1][2])[:top]:
+                    where = func if file == "~" else f"{'/'.join(file.split('/')[-2:])}:{line} {func}"
+                    out.append(f"| {own / calls * 1e6:.1f} | {cum / calls * 1e6:.1f} | {n / calls:g} | `{where}` |")
+                out.append("")
+    return "\n".join(out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available, else cpu")
@@ -250,6 +289,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats; the median is reported")
     parser.add_argument("--out", help="also write the markdown table to this file")
     parser.add_argument("--kernels", nargs="+", metavar="NAME", help="only these kernels' rows (default: all)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="instead of the tables: each site call's N costliest functions (cProfile, own time)")
     args = parser.parse_args()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -262,6 +303,9 @@ def main() -> None:
     kernels = tuple(args.kernels) if args.kernels else None
     torch.set_num_threads(args.threads)
     dtype = DTYPES[device.type]
+    if args.profile:
+        print(profile_sites(device, dtype, kernels, args.profile))
+        return
     if device.type == "cuda":
         name = torch.cuda.get_device_name()
     else:

@@ -630,9 +630,24 @@ class SDPAKernel(Kernel):
             if self._saves_lse(spec) and spec.device.type == "cuda":
                 # ATen's forward called directly, as a training call's is: no backend switches set and restored
                 # around SDPA's public call, no backend selection, on every call of every layer (ATen's flash
-                # and cuDNN forwards have CUDA kernels only: this kernel's path on CPU tensors keeps SDPA's call)
-                def attend(q, k, v, spec, mask):
-                    return self._aten_forward(q, k, v, spec, mask, 0, with_lse=False)[0]
+                # and cuDNN forwards have CUDA kernels only: this kernel's path on CPU tensors keeps SDPA's call).
+                # Its arguments are the plan's: a cuDNN that refuses the groups goes through ``_aten_forward``,
+                # which repeats K/V from then on
+                scale, grouped = spec.scale, spec.group_size > 1
+                if self.backend == SDPBackend.CUDNN_ATTENTION:
+                    def attend(q, k, v, spec, mask):
+                        if not grouped or self.name not in _NO_NATIVE_GQA:
+                            try:
+                                return _cudnn_attention(q, k, v, mask, False, 0.0, causal, False, scale=scale)[0]
+                            except RuntimeError:
+                                if not grouped:
+                                    raise
+                        return self._aten_forward(q, k, v, spec, mask, 0, with_lse=False)[0]
+                else:
+                    def attend(q, k, v, spec, mask):
+                        if grouped:
+                            k, v = repeat_groups(k, v, spec.group_size)
+                        return _flash_attention(q, k, v, 0.0, causal, False, scale=scale)[0]
             else:
                 def attend(q, k, v, spec, mask):
                     return self._sdpa(q, k, v, spec, mask, causal)
