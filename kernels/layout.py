@@ -26,8 +26,21 @@ def empty_in_layout_of(shape, ref: torch.Tensor, dtype: torch.dtype | None = Non
 
 
 def strides_in_layout_of(shape, ref: torch.Tensor) -> tuple[int, ...]:
-    """The strides ``empty_in_layout_of`` gives a tensor of ``shape`` laid out like ``ref``."""
-    return _strides_in_order(shape, _order(ref))
+    """The strides ``empty_in_layout_of`` gives a tensor of ``shape`` laid out like ``ref``: found once per shape and
+    ``ref``'s strides (a training call asks twice per backward, each layer with the same ones)."""
+    key = (tuple(shape), ref.stride())
+    strides = _LAYOUTS.get(key)
+    if strides is None:
+        if len(_LAYOUTS) >= _LAYOUTS_KEPT:
+            _LAYOUTS.clear()
+        strides = _LAYOUTS[key] = _strides_in_order(shape, _order(ref))
+    return strides
+
+
+#: (shape, a reference's strides) -> ``strides_in_layout_of``'s answer; cleared when full (lengths that change every
+#: call would otherwise grow it without end)
+_LAYOUTS: dict = {}
+_LAYOUTS_KEPT = 1024
 
 
 def _strides_in_order(shape, order) -> tuple[int, ...]:
@@ -41,7 +54,7 @@ def _strides_in_order(shape, order) -> tuple[int, ...]:
 def in_layout_of(t: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """``t`` with its dims laid out in memory in the order of ``ref``'s strides (a copy only when its strides
     differ: cuDNN reads even a size-1 dim's stride)."""
-    if tuple(t.stride()) == _strides_in_order(t.shape, _order(ref)):
+    if t.stride() == strides_in_layout_of(t.shape, ref):
         return t
     return empty_in_layout_of(t.shape, ref, t.dtype).copy_(t)
 

@@ -748,7 +748,7 @@ class SDPAKernel(Kernel):
         k_read, v_read, repeated = self._grouped(k, v, spec)
         mask, empty = residual or mask_and_empty_rows(spec)
         empty = _rows_to_fill(empty, spec)
-        grad = grad_out.to(out.dtype)
+        grad = grad_out if grad_out.dtype == out.dtype else grad_out.to(out.dtype)
         if empty is not None:
             grad, out, lse = _opened(grad, out, lse, empty, spec)
         # measured on an H200 (torch 2.11): cuDNN's backward is wrong unless the output and its gradient are
