@@ -314,23 +314,42 @@ def _interpreted() -> bool:
 
 
 def _driver():
-    from triton.runtime import driver
+    global _DRIVERS
+    if _DRIVERS is None:  # imported once: an import statement per launch cost microseconds
+        from triton.runtime import driver
 
-    return driver.active
+        _DRIVERS = driver
+    return _DRIVERS.active
+
+
+#: Triton's driver registry, once a launch has imported it
+_DRIVERS = None
 
 
 def _hooks() -> bool:
     """Whether Triton's launch hooks (a profiler's) are set: they then get Triton's own launch path."""
-    import triton
-
-    knobs = getattr(triton, "knobs", None)
-    if knobs is not None:
-        runtime = knobs.runtime
+    runtime = _runtime_knobs()
+    if runtime is not None:
         return not (_no_hook(runtime.launch_enter_hook) and _no_hook(runtime.launch_exit_hook))
     from triton.compiler import CompiledKernel
 
     return not (_no_hook(getattr(CompiledKernel, "launch_enter_hook", None))
                 and _no_hook(getattr(CompiledKernel, "launch_exit_hook", None)))
+
+
+def _runtime_knobs():
+    """``triton.knobs.runtime`` (where the launch hooks are set), found once; None in a Triton without knobs."""
+    global _RUNTIME
+    if _RUNTIME is False:
+        import triton
+
+        knobs = getattr(triton, "knobs", None)
+        _RUNTIME = None if knobs is None else knobs.runtime
+    return _RUNTIME
+
+
+#: ``_runtime_knobs``' answer (False: not asked yet)
+_RUNTIME = False
 
 
 def _no_hook(hook) -> bool:
