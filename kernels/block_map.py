@@ -88,9 +88,12 @@ def tile_lists(spec: AttentionSpec, block_m: int, block_n: int, transposed: bool
     objects at the same version counter (``term_cache``), so an in-place change
     of a mask, or a new mask at a recycled address, rebuilds.
     """
-    tensors = [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.mask) if t is not None]
+    terms = (spec.key_padding, spec.q_doc, spec.kv_doc, spec.mask)
+    tensors = [t for t in terms if t is not None]
+    # which terms are present keys the entry too: one tensor handed over as key padding for one call and as a mask
+    # for another (a [B, Nk] row with Nq = B) makes other lists in each role
     static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset, str(spec.device),
-              block_m, block_n, transposed)
+              block_m, block_n, transposed, *(t is None for t in terms))
     return _CACHE.get(tensors, static, lambda: _build(spec, block_m, block_n, transposed))
 
 

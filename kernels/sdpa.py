@@ -182,8 +182,10 @@ class MaskSource:
 
     def __init__(self, spec: AttentionSpec):
         self.cached = mask_bytes(spec) <= CACHED_MASK_BYTES
+        # which terms are present keys the entries too: one tensor handed over as key padding for one call and as
+        # a mask for another (a [B, Nk] row with Nq = B) makes another mask in each role
         self.static = (spec.batch, spec.q_heads, spec.q_len, spec.kv_len, spec.band(), spec.diagonal_offset,
-                       spec.dtype, str(spec.device))
+                       spec.dtype, str(spec.device), *(t is None for t in _every_term(spec)))
         self._last = LastCall()
 
     @staticmethod
@@ -216,8 +218,12 @@ class MaskSource:
         return mask, _neg_inf_rows(mask, spec), None if empty is None else _full_rows(empty, spec)
 
 
+def _every_term(spec: AttentionSpec) -> tuple:
+    return spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask
+
+
 def _terms(spec: AttentionSpec) -> list[torch.Tensor]:
-    return [t for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.bias, spec.mask) if t is not None]
+    return [t for t in _every_term(spec) if t is not None]
 
 
 def _mask_and_empty_rows(spec: AttentionSpec) -> tuple[torch.Tensor | None, torch.Tensor | None]:

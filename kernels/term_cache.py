@@ -64,7 +64,10 @@ class TermCache:
             return build()
         hit = self._hit(key, tensors)
         if hit is not None:
-            self._entries.move_to_end(key)
+            try:
+                self._entries.move_to_end(key)
+            except KeyError:  # dropped meanwhile (its tensor died, or another thread's call pushed it out)
+                pass
             return hit[1]
         value = build()
         entries = self._entries
@@ -120,35 +123,42 @@ class LastCall:
     prepared call keeps one, so that the layers of a forward (or of a decode step) that share their padding
     tensor skip even the term caches' lookups. Kept under the same rules as a ``TermCache`` entry (never while
     compiling or capturing, never for tensors that require grad or have no version counter), and dropped as soon
-    as one of its tensors dies."""
+    as one of its tensors dies.
 
-    __slots__ = ("_refs", "_versions", "_generation", "_answer", "__weakref__")
+    The answer and what it was made from are one tuple, read once per call and replaced whole: a call on another
+    thread that replaces them meanwhile cannot hand this call its answer with the other call's tensors."""
+
+    __slots__ = ("_state", "__weakref__")
 
     def __init__(self):
-        self._refs: tuple = ()
-        self._versions: tuple = ()
-        self._generation = -1
-        self._answer = None
+        #: (weak references to the term tensors, their versions, the generation, the answer), or None
+        self._state: tuple | None = None
+
+    @property
+    def answer(self):
+        """The answer kept now, or None."""
+        state = self._state
+        return None if state is None else state[3]
 
     def get(self, tensors: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
         """``build()``, or the last call's answer when ``tensors`` are the very same at the same versions."""
-        answer = self._answer
-        if (answer is not None and self._generation == _GENERATION[0] and len(tensors) == len(self._refs)
-                and all(ref() is t and t._version == version
-                        for ref, t, version in zip(self._refs, tensors, self._versions))
-                and not capturing()):
-            return answer
+        state = self._state
+        if state is not None:
+            refs, versions, generation, answer = state
+            if (generation == _GENERATION[0] and len(tensors) == len(refs)
+                    and all(ref() is t and t._version == version for ref, t, version in zip(refs, tensors, versions))
+                    and not capturing()):
+                return answer
         answer = build()
         versions = _versions(tensors) if tensors else None
         if versions is not None:  # (an answer that may not be kept leaves the last one as it was)
             this = weakref.ref(self)
             dropped = lambda _: (lambda kept: kept is not None and kept.forget())(this())  # noqa: E731
-            self._refs = tuple(weakref.ref(t, dropped) for t in tensors)
-            self._versions, self._generation, self._answer = versions, _GENERATION[0], answer
+            self._state = (tuple(weakref.ref(t, dropped) for t in tensors), versions, _GENERATION[0], answer)
         return answer
 
     def forget(self) -> None:
-        self._refs, self._versions, self._answer = (), (), None
+        self._state = None
 
 
 class Interned:

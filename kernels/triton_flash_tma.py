@@ -490,10 +490,13 @@ _PREPARED = Interned(64)
 
 
 def prepared(spec: AttentionSpec, variant: Variant) -> PreparedForward:
-    """The ``PreparedForward`` of ``variant`` for calls like ``spec`` (its shapes and settings; any term tensors):
-    one for every site with these, so that the layers of a forward share its ``LastCall``."""
+    """The ``PreparedForward`` of ``variant`` for calls like ``spec`` (its shapes, settings and which terms it has;
+    any term tensors): one for every site with these, so that the layers of a forward share its ``LastCall``. Which
+    terms are present is part of the key, so that one tensor handed over in two roles (a padding row here, a mask
+    there) never gets the answer made for the other role."""
     key = (spec.batch, spec.q_heads, spec.kv_heads, spec.q_len, spec.kv_len, spec.head_dim, spec.v_head_dim,
-           spec.dtype, spec.device, spec.scale, spec.causal, spec.align, spec.window, spec.fill, variant)
+           spec.dtype, spec.device, spec.scale, spec.causal, spec.align, spec.window, spec.fill, variant,
+           *(t is None for t in (spec.key_padding, spec.q_doc, spec.kv_doc, spec.mask)))
     return _PREPARED.get(key, lambda: PreparedForward(spec, variant))
 
 

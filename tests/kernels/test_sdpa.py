@@ -668,3 +668,23 @@ def test_cudnn_training_with_dropout_counts_its_contiguous_output_copy():
     dropped = spec.with_(dropout_p=0.1)
     assert cudnn.saved_bytes(dropped) == lse + output
     assert efficient.saved_bytes(dropped) == lse
+
+
+@pytest.mark.parametrize("order", ["padding_first", "mask_first"])
+def test_one_tensor_as_padding_then_as_a_mask_gets_each_roles_mask(order):
+    """One boolean tensor handed to two calls of equal shapes, as key padding ``[B, Nk]`` in one and as a mask
+    ``[Nq, Nk]`` (Nq = B) in the other, at the same version: the term cache keys its masks by which terms are
+    present too, so neither call gets the mask built for the other role (their additive masks differ: ``[B, 1, 1,
+    Nk]`` against ``[1, 1, Nq, Nk]``). The prepared call and the forward, each right against float64."""
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, n, 16, generator=g) for n in (2, 40, 40))
+    keep = torch.ones(2, 40, dtype=torch.bool)
+    keep[1, 5:30] = False
+    as_padding = AttentionSpec.from_tensors(q, k, v, key_padding=keep)
+    as_mask = AttentionSpec.from_tensors(q, k, v, mask=keep)
+    calls = [as_padding, as_mask] if order == "padding_first" else [as_mask, as_padding]
+    kernel = get("sdpa_cpu")
+    for spec in calls + calls:
+        want = naive_attention(q, k, v, spec)
+        torch.testing.assert_close(kernel.prepare(spec)(q, k, v, spec).double(), want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(kernel.forward(q, k, v, spec, 0)[0].double(), want, atol=1e-5, rtol=1e-5)

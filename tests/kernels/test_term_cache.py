@@ -226,7 +226,7 @@ def test_a_prepared_calls_answer_dies_with_its_terms_and_is_never_handed_on_unde
     assert source.for_call(spec) is first
     del spec, keep, first, captured
     gc.collect()
-    assert source._last._answer is None, "the answer outlived its padding tensor"
+    assert source._last.answer is None, "the answer outlived its padding tensor"
 
 
 def test_a_prepared_call_keeps_nothing_for_inference_mode_terms(builds):
@@ -235,4 +235,4 @@ def test_a_prepared_call_keeps_nothing_for_inference_mode_terms(builds):
         source = next(c.cell_contents for c in run.__closure__ if isinstance(c.cell_contents, sdpa.MaskSource))
         for _ in range(2):
             torch.testing.assert_close(run(q, k, v, spec), _expected(q, k, v, keep))
-    assert source._last._answer is None and len(builds) == 2
+    assert source._last.answer is None and len(builds) == 2
