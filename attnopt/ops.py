@@ -512,6 +512,11 @@ def _check_static(kernel: str, scale, causal, align: str, window_left, window_ri
     Window(window_left, window_right)  # refuses negative or non-int bounds with their names
 
 
+def _term_key(term: Optional[Tensor]) -> Optional[tuple]:
+    """What of a term a call plan is made for: its shape and dtype (None when absent)."""
+    return None if term is None else (term.shape, term.dtype)
+
+
 class SiteCall:
     """One replaced site's call, resolved when the graph is rewritten: what a graph run as Python
     (``compiler="eager"``) calls in place of ``attnopt::attention``.
@@ -617,8 +622,10 @@ class SiteCall:
         spec ``spec_from_args`` would make, without dropout. ``prepared=False`` (a training call, or one through
         the op): the prepared call may be None, since choosing the inference kernel of a new shape bucket times
         the inference candidates, which such a call does not run."""
-        key = (q.shape, k.shape, v.shape, q.dtype, q.device,
-               key_padding is None, q_doc is None, kv_doc is None, bias is None, mask is None)
+        # each term's shape and dtype, not only whether it is present: what a kernel prepares may depend on them
+        # (a mask with a head dim keeps query heads unpacked; an additive mask takes another kernel path)
+        key = (q.shape, k.shape, v.shape, q.dtype, q.device, _term_key(key_padding), _term_key(q_doc),
+               _term_key(kv_doc), _term_key(bias), _term_key(mask))
         plan = self._plans.get(key)
         if plan is None or (prepared and plan[1] is None):
             plan = self._plan(key, plan, prepared, q, k, v, key_padding, q_doc, kv_doc, bias, mask)
@@ -639,7 +646,7 @@ class SiteCall:
                                                         self.fill)
             else:
                 template = _with_shapes(self._first, q, k, v)
-            bare = all(key[5:])
+            bare = all(term is None for term in key[5:])
         spec = template if bare else _with_terms(template, key_padding, q_doc, kv_doc, bias, mask)
         if unprepared is None:
             spec.validate()

@@ -104,8 +104,8 @@ def listed_term_values(spec: AttentionSpec, dtype: torch.dtype, dummy: torch.Ten
         if kp.dtype == torch.bool:
             kp = _last_dim_contiguous(kp).view(torch.uint8)
             kp_ptr, stride_kpb, kp_mode = kp, kp.stride(0), 2
-        else:
-            kp_ptr, kp_mode = kp, 1
+        else:  # the kernels read length b at ``kp_ptr + b``: contiguous (a strided view's would be another's)
+            kp_ptr, kp_mode = kp.contiguous(), 1
     q_doc = kv_doc = dummy
     stride_qdb = stride_kdb = 0
     if spec.q_doc is not None:

@@ -473,26 +473,6 @@ def test_triton_flash_prepared_call_is_its_inference_for_every_call_of_its_plan(
     assert kernel.prepare(spec.with_(dropout_p=0.1)) == kernel.infer
 
 
-def test_one_tensor_as_padding_then_as_a_mask_gets_each_roles_tile_lists(monkeypatch):
-    """One boolean tensor handed to two sites of equal shapes, as key padding ``[B, Nk]`` at one and as a mask
-    ``[Nq, Nk]`` (Nq = B) at the other: their prepared forwards are not shared, so the second never takes the tile
-    lists the first made from the same tensor at the same version (which would skip its mask on tiles the padding
-    keeps whole). Both right against float64."""
-    monkeypatch.setattr(tma, "_capability", lambda device: tma.MEASURED_ON)
-    q, k, v, spec = make_inputs(2, 2, 2, 2, 80, 64, torch.bfloat16, {})
-    keep = torch.ones(2, 80, dtype=torch.bool, device=DEVICE)
-    keep[1, 5:70] = False  # padding: batch row 1 keeps keys 0-4 and 70-79; as a mask, query 1 does
-    as_padding, as_mask = spec.with_(key_padding=keep), spec.with_(mask=keep)
-    variant = tma.measured_variant(as_padding)
-    assert variant is not None and variant == tma.measured_variant(as_mask)
-    assert tma.prepared(as_padding, variant) is not tma.prepared(as_mask, variant)
-    for call in (as_padding, as_mask, as_padding):
-        got = tma.prepared(call, variant)(q, k, v, call)
-        want = naive_attention(q, k, v, call).cpu()
-        err = (got.double().cpu() - want).abs().max().item()
-        assert err <= TOL[torch.bfloat16] * max(1.0, want.abs().max().item()), f"max abs error {err:.3g}"
-
-
 # ------------------------------------------------------------------------------------ GPU
 def _check_all(q, k, v, spec, variants, tol):
     """Every variant checked; one failure message listing each variant that failed, with its error."""
