@@ -314,6 +314,9 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
         user = users[0]
         user_kind = kind(user)
         if user_kind == "cast":
+            if not _float_cast(user, min_bytes=2):
+                raise _Reject(f"attention probabilities are cast to {_cast_dtype(user)}: only casts to float16 or "
+                              "wider keep them probabilities", user)
             down.append(user)
             probs = user
             continue
@@ -461,12 +464,29 @@ def _score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
         raise _Reject(str(err), node) from None
 
 
+def _float_cast(cast: Node, min_bytes: int = 1) -> bool:
+    """Whether ``cast`` takes a floating tensor to a floating dtype of at least ``min_bytes`` per element: what
+    the scores or probabilities may go through (a cast to an integer or bool truncates them)."""
+    source = tensor_meta(cast.args[0]) if cast.args and isinstance(cast.args[0], Node) else None
+    target = tensor_meta(cast)
+    return (source is not None and target is not None and source.dtype.is_floating_point
+            and target.dtype.is_floating_point and target.dtype.itemsize >= min_bytes)
+
+
+def _cast_dtype(cast: Node) -> str:
+    target = tensor_meta(cast)
+    return "an unknown dtype" if target is None else str(target.dtype)
+
+
 def _read_score_step(node: Node, constants: Constants) -> tuple[tuple, Node]:
     k = kind(node)
     if k == "contiguous":
         bind(node, ("input", "memory_format"), {"memory_format": None})
         return ("cast", node), node.args[0]
     if k == "cast":
+        if not _float_cast(node):
+            raise _Reject(f"scores are cast to {_cast_dtype(node)}: a cast off floating point (truncation, bool) "
+                          "changes them", node)
         return ("cast", node), node.args[0]
     if k in ("mul", "div"):
         call = bind(node, ("input", "other", "rounding_mode") if k == "div" else ("input", "other"),

@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 import torch.nn.functional as F
 from torch.fx import Node
 from torch.fx.experimental.symbolic_shapes import statically_known_true
@@ -297,6 +298,28 @@ def _aliases(node: Node) -> bool:
     return False
 
 
+def _storage_refs(node: Node) -> set:
+    """Weak references to the storages of the tensors ``node`` recorded as its example value (a tensor, or a
+    tuple or list of them): equal for two views of one memory."""
+    value = node.meta.get("example_value", node.meta.get("val"))
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    refs = set()
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            try:
+                refs.add(StorageWeakRef(v.untyped_storage()))
+            except (RuntimeError, NotImplementedError):  # a tensor without storage (sparse, nested)
+                pass
+    return refs
+
+
+def _node_args(node: Node) -> list:
+    """The nodes among ``node``'s arguments, nested ones included."""
+    found: list = []
+    torch.fx.node.map_arg((node.args, node.kwargs), found.append)
+    return found
+
+
 class Mutations:
     """Which tensors of a graph are written in place, and where.
 
@@ -310,9 +333,17 @@ class Mutations:
         self.position = {n: i for i, n in enumerate(graph.nodes)}
         self._root: dict[Node, Node] = {}
         writes: list[Node] = []
+        storages: dict[Node, set] = {}
         for node in graph.nodes:
             if _aliases(node) and node.args and isinstance(node.args[0], Node):
                 self._union(node, node.args[0])
+            # any other op whose result shares memory with an argument, as the fake tensors recorded it (``.mT``,
+            # ``broadcast_to``, ``moveaxis``, ``ravel``, ``tensor_split``...: views no list above names)
+            mine = storages[node] = _storage_refs(node)
+            if mine:
+                for arg in _node_args(node):
+                    if arg in storages and mine & storages[arg]:
+                        self._union(node, arg)
             if is_in_place(node) and node.args and isinstance(node.args[0], Node):
                 writes.append(node)
         self.writes: dict[Node, list[int]] = {}  # alias root -> positions of in-place writes

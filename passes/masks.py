@@ -406,7 +406,9 @@ def _read_as_boolean(node: Node, mult: float, dtype, constants: Constants, accep
             sub = bind(other, ("input", "other"))  # an ``alpha`` is an ArgumentError: not read as 1 - b
             one, flag = sub["input"], sub["other"]
             source = _bool_behind_cast(flag)
-            if constants.number(one) == 1.0 and source is not None:
+            mutated = constants.mutations.is_mutated
+            if (constants.number(one) == 1.0 and source is not None
+                    and not any(mutated(n) for n in (other, flag) if isinstance(n, Node))):
                 return source, True, factor * mult
     return None
 
@@ -595,6 +597,8 @@ def _conjunction(node, negated: bool, lifts: tuple = (), lift: bool = True, cons
     def split(n, neg, lf=lifts):
         return _conjunction(n, neg, lf, lift, constants)
 
+    if constants is not None and constants.mutations.is_mutated(node):
+        return [Atom(node, negated, lifts)]  # written in place after it was computed: its operands no longer say it
     k = kind(node)
     if k in ("expand", "contiguous") or (k == "cast" and _bool_meta(node) and _bool_meta(node.args[0])):
         return split(node.args[0], negated)
@@ -707,12 +711,16 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
     if atom.steps:  # read through a view of the scores: passed to the kernels as it is, in their frame
         result.dense.append(atom)
         return
-    if always_true(node, atom.negated):  # an index comparison that keeps every position (``q_idx >= 0``)
+    # a comparison, a slice or document ids read as structure (a band, every key kept, documents) only where
+    # nothing on the way is written in place (``pos[0] = n`` after ``pos = arange(n)``, ``same[..., 0] = True``):
+    # what is written is the mask's value, which only the mask as written (a dense atom) carries
+    structural = not _written_in_place(node, constants.mutations.is_mutated)
+    if structural and always_true(node, atom.negated):  # an index comparison keeping every position (``q_idx >= 0``)
         return
-    band = band_of_comparison(node, atom.negated, len(score_shape))  # index masks of symbolic size
-    if band is None:
+    band = band_of_comparison(node, atom.negated, len(score_shape)) if structural else None  # symbolic index masks
+    if band is None and structural:
         band = _band_of_sliced_constant(node, atom.negated, constants)
-    if band is None:
+    if band is None and structural:
         band = _band_within_documents(atom, result, len(score_shape), constants)
     if band is not None:
         bands.append(band)
@@ -720,7 +728,7 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
     if _is_key_padding(shape, score_shape):
         result.key_padding.append(atom)
         return
-    docs = _documents(atom, score_shape)
+    docs = _documents(atom, score_shape) if structural else None
     if docs is not None and result.documents is None:
         result.documents, result.document_atom = docs, atom
         result.documents_same = _same_documents(atom, docs, score_shape, constants)

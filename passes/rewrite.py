@@ -22,7 +22,7 @@ from attnopt.kernels.term_cache import capturing
 from attnopt.ops import SiteCall
 
 from .detect import Match
-from .graph import is_in_place, shape_of, tensor_meta
+from .graph import Mutations, is_in_place, shape_of, tensor_meta
 from .layouts import Operand, apply_steps, fold_windows
 from .masks import fill_only_keep, half_added
 
@@ -240,9 +240,16 @@ def _additive(graph: Graph, term: Node, mult: float, added_at) -> Node:
     return node
 
 
-def _shared(graph: Graph, kind: str, key, before: Node, make) -> Node:
+def _shared(graph: Graph, kind: str, key, before: Node, make, sources: tuple = ()) -> Node:
     """A node made once by ``make()`` at the first site that needs it and reused by the later sites whose
-    insertion point it precedes (HF computes one padding mask for every layer)."""
+    insertion point it precedes (HF computes one padding mask for every layer). Not shared when one of the
+    ``sources`` it is computed from is written in place in the graph: a later site may read it after a write,
+    and must then see the write (each site's own reads are ordered by ``detect._check_read_order``)."""
+    mutations = graph.__dict__.get("_attnopt_mutations")
+    if mutations is None:  # the graph's writes, found once: the nodes the rewrite inserts write nothing
+        mutations = graph.__dict__["_attnopt_mutations"] = Mutations(graph)
+    if any(mutations.is_mutated(n) for n in sources):
+        return make()
     cache = graph.__dict__.setdefault(f"_attnopt_{kind}", {})
     node = cache.get(key)
     if node is None or node.graph is not graph or getattr(node, "_erased", False) or not node < before:
@@ -254,7 +261,8 @@ def _all_kept_node(graph: Graph, atoms, before: Node) -> Node:
     """The ``all_kept`` node for these key-padding atoms: one host sync per forward for every layer."""
     key = tuple((a.node, a.negated) for a in atoms)
     return _shared(graph, "all_kept", key, before,
-                   lambda: graph.call_function(all_kept, tuple(_atom(graph, a) for a in atoms)))
+                   lambda: graph.call_function(all_kept, tuple(_atom(graph, a) for a in atoms)),
+                   tuple(a.node for a in atoms))
 
 
 def _key_padding_node(graph: Graph, atoms, q: Node, before: Node) -> Node:
@@ -263,13 +271,14 @@ def _key_padding_node(graph: Graph, atoms, q: Node, before: Node) -> Node:
     tile lists) is done once per forward."""
     key = (tuple((a.node, a.negated) for a in atoms), str((shape_of(q) or (None,))[0]))
     return _shared(graph, "key_padding", key, before, lambda: _all(
-        graph, [graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in atoms]))
+        graph, [graph.call_function(key_padding_rows, (_atom(graph, a), q)) for a in atoms]),
+        tuple(a.node for a in atoms))
 
 
 def _id_rows_node(graph: Graph, ids: Node, before: Node) -> Node:
     """The op's ``[B, N]`` document ids from ``ids``, shared by the sites that read the same ids (a packed
     model's layers): one tensor per forward, so a kernel's per-document work (the tile lists) is done once."""
-    return _shared(graph, "id_rows", ids, before, lambda: graph.call_function(id_rows, (ids,)))
+    return _shared(graph, "id_rows", ids, before, lambda: graph.call_function(id_rows, (ids,)), (ids,))
 
 
 def _view(graph: Graph, op: Operand) -> Node:

@@ -7,6 +7,7 @@ look-alike left alone, or a variant whose meaning differs).
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -198,17 +199,18 @@ def optimize_and_compare(model, args, dtype=torch.float32, train=False, tol=None
     model = model.to(dtype).train(train)
     args = tuple(a.to(dtype) if a.is_floating_point() else a for a in args)
     tol = tol or (2e-5 if dtype == torch.float32 else 2e-2)
+    original = copy.deepcopy(model)  # optimize rewrites the model in place: the original runs from its copy
     optimized = attnopt.optimize(model)
     if train:
-        expected = model(*args)
-        grads = torch.autograd.grad(expected.float().square().sum(), list(model.parameters()))
+        expected = original(*args)
+        grads = torch.autograd.grad(expected.float().square().sum(), list(original.parameters()))
         got = optimized(*args)
-        got_grads = torch.autograd.grad(got.float().square().sum(), list(model.parameters()))
+        got_grads = torch.autograd.grad(got.float().square().sum(), list(optimized.parameters()))
         for g, e in zip(got_grads, grads):
             torch.testing.assert_close(g.float(), e.float(), atol=tol * 10, rtol=tol * 10)
     else:
         with torch.no_grad():
-            expected, got = model(*args), optimized(*args)
+            expected, got = original(*args), optimized(*args)
     assert torch.equal(got.isnan(), expected.isnan())
     torch.testing.assert_close(got.float(), expected.float(), atol=tol, rtol=tol, equal_nan=True)
     return optimized.attnopt_report

@@ -1,18 +1,18 @@
-"""Review, round five: programs on which ``attnopt.optimize`` (default options; the suite replaces every supported
-site) must give the original's output, or leave the site alone.
+"""Detection, round five: programs on which ``attnopt.optimize`` (default options; the suite replaces every
+supported site) must give the original's output, or leave the site alone.
 
 Each program is compared with a ``copy.deepcopy`` of the model taken before ``optimize``, on its own copy of the
-inputs (several programs write their inputs in place). The failing ones show:
+inputs (several programs write their inputs in place). They cover:
 
-* casts the matcher reads as no-ops: scores cast to an integer dtype (truncated), probabilities cast to bool;
-* in-place writes the proofs do not see: a tensor the mask algebra reads *structurally* (an ``arange``, a
-  comparison of aranges, ``~keep``, ``a & b``, ``1 - keep``, a slice of a constant compared, document ids
-  compared) is edited by a setitem before the mask is applied, and the proof reads the expression as written
-  (``passes/symbolic.py``: ``affine`` / ``band_of_comparison`` / ``always_true``; ``passes/masks.py``:
-  ``_conjunction``, ``_classify``, ``_band_of_sliced_constant``, ``_read_as_boolean``);
-* views ``passes/graph.py`` does not list as aliases (``.mT``, ``.T``, ``torch.moveaxis``, ``torch.broadcast_to``,
-  ...): a write through one is not a write to its base, nor a write to the base one of the view;
-* a key padding term shared by two sites (``passes/rewrite.py: _shared``) across an in-place write between them.
+* casts that are not no-ops: scores cast to an integer dtype (truncated), probabilities cast to bool (the site is
+  left alone: ``detect._float_cast``);
+* in-place writes to what the mask algebra reads as structure (an ``arange``, a comparison of aranges, ``~keep``,
+  ``a & b``, ``1 - keep``, a compared slice of a constant, compared document ids), edited by a setitem before the
+  mask is applied: such a mask is read as the dense mask it is (``masks._classify``, ``_conjunction``,
+  ``_read_as_boolean``);
+* views by any op, found from the storages dynamo recorded (``.mT``, ``.T``, ``torch.moveaxis``,
+  ``torch.broadcast_to``): a write through one is a write to its base (``graph.Mutations``);
+* a key padding term made from a tensor written in place is not shared between sites (``rewrite._shared``).
 """
 
 from __future__ import annotations
