@@ -27,6 +27,14 @@ import attnopt
 from .models import Heads
 
 
+class HeadsWith(Heads):
+    """``Heads`` with the spelling ``how`` a program takes its mask in."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+
+
 def compare(model, *args, train=False, **options):
     """``(got, want, report)``: the optimized model's output and the original's on the same (copied) inputs."""
     torch.manual_seed(0)
@@ -106,12 +114,8 @@ class EditedComparison(Heads):
         return self.merge(s.softmax(-1) @ v)
 
 
-class EditedPositions(Heads):
+class EditedPositions(HeadsWith):
     """Positions from an arange, edited in place, compared causally: not ``j <= i``."""
-
-    def __init__(self, how):
-        super().__init__()
-        self.how = how
 
     def forward(self, x):
         q, k, v = self.split(x)
@@ -251,13 +255,9 @@ VIEWS = {
 }
 
 
-class WrittenAfterRead(Heads):
+class WrittenAfterRead(HeadsWith):
     """The padding read through a view, then its base written before the value product: eager's masked_fill
     already ran, the rewritten op reads the view when it runs."""
-
-    def __init__(self, how):
-        super().__init__()
-        self.how = how
 
     def forward(self, x, pad):  # pad [B, N], True = padded
         q, k, v = self.split(x)
@@ -270,12 +270,8 @@ class WrittenAfterRead(Heads):
 EDITS = {"mT": lambda m: m.mT, "T": lambda m: m.T, "moveaxis": lambda m: torch.moveaxis(m, 0, 1)}
 
 
-class CausalEditedThroughView(Heads):
+class CausalEditedThroughView(HeadsWith):
     """``tril`` of ones, with a column opened through a transposed view (an attention sink): not causal."""
-
-    def __init__(self, how):
-        super().__init__()
-        self.how = how
 
     def forward(self, x):
         q, k, v = self.split(x)
