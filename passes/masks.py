@@ -728,7 +728,9 @@ def _classify(atom: Atom, result: MaskAnalysis, bands: list, score_shape, consta
     if _is_key_padding(shape, score_shape):
         result.key_padding.append(atom)
         return
-    docs = _documents(atom, score_shape) if structural else None
+    # document ids are read by the kernels at run time (where they are then): only the comparison itself must be
+    # unwritten (``same = a == b; same[..., 0] = True`` is not a comparison of ids any more)
+    docs = _documents(atom, score_shape) if not constants.mutations.is_mutated(node) else None
     if docs is not None and result.documents is None:
         result.documents, result.document_atom = docs, atom
         result.documents_same = _same_documents(atom, docs, score_shape, constants)
