@@ -143,7 +143,7 @@ def _attention_impl(
                              window_right, softcap, dropout_p, fill, kernel)
     terms = (key_padding, q_doc, kv_doc, bias, mask)
     key = (q.shape, k.shape, v.shape, q.dtype, k.dtype, v.dtype, q.device,
-           tuple(None if t is None else (t.shape, t.dtype, t.device) for t in terms),
+           tuple(_term_key(t) for t in terms),
            scale, causal, align, window_left, window_right, softcap, dropout_p, fill, kernel)
     plan = _OP_PLANS.get(key) if kernel != "auto" else None
     if plan is not None:
@@ -513,8 +513,8 @@ def _check_static(kernel: str, scale, causal, align: str, window_left, window_ri
 
 
 def _term_key(term: Optional[Tensor]) -> Optional[tuple]:
-    """What of a term a call plan is made for: its shape and dtype (None when absent)."""
-    return None if term is None else (term.shape, term.dtype)
+    """What of a term a call plan is made for: its shape, dtype and device (None when absent)."""
+    return None if term is None else (term.shape, term.dtype, term.device)
 
 
 class SiteCall:
