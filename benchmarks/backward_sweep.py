@@ -53,6 +53,8 @@ from attnopt.kernels.triton_flash import TritonFlashKernel  # noqa: E402
 
 #: gradients are correct when max |dx - ref| <= GRAD_TOL * max |ref| for each of dq, dk, dv
 GRAD_TOL = 3e-2
+#: ``--chunks``: the first tiles also in each of these orders of their programs (``heads_per_chunk``)
+CHUNKS: list[int] = []
 TINY_TILES = [(16, 16, 16, 16, 4, 1), (16, 32, 32, 16, 4, 1)]
 
 
@@ -60,7 +62,8 @@ def variants_of(case: Case, tiny: bool) -> list[bwd.Variant]:
     """The candidates; for a case with tile lists (a dense mask, documents) each also with the full-tile run off,
     and the first tiles with the listed tiles' indices loaded ahead (with the run and without, and without it in
     one launch)."""
-    variants = bwd.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None)
+    variants = bwd.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else None,
+                                      chunks=tuple(CHUNKS))
     if case.dense or case.documents:
         first = variants[0]
         variants += [dataclasses.replace(v, full_run=False) for v in variants]
@@ -317,6 +320,8 @@ OPTIONS = [
                        help="the forward of the Triton rows' forward + backward and of their saved (out, lse)")),
     ("--transposed", dict(action="store_true",
                           help="inputs as HF hands them over: [B, N, H, D] tensors seen as [B, H, N, D]")),
+    ("--chunks", dict(nargs="*", type=int, default=[],
+                      help="the first tiles also in each of these program orders (heads_per_chunk)")),
 ]
 
 
@@ -328,6 +333,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("backward_sweep: no CUDA device here; use --device cpu --tiny to check the script")
     start = time.time()
+    CHUNKS[:] = args.chunks
     cases = [c for c in (tiny_cases() if args.tiny else gpu_cases())
              if not args.cases or any(text in c.name for text in args.cases)]
     workers = (2 if args.tiny else min(8, os.cpu_count() or 1)) if args.workers is None else args.workers

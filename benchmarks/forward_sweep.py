@@ -4,6 +4,7 @@
     python benchmarks/forward_sweep.py --device cpu --tiny --out /tmp/forward_sweep.md   # the interpreter
     python benchmarks/forward_sweep.py --cases "dense bool" documents --out benchmarks/results/forward_sweep_listed.md
     python benchmarks/forward_sweep.py --cases "D128 N4k" --tiles 64x64w4s3 64x128w4s3 --lazy
+    python benchmarks/forward_sweep.py --cases causal --variants ptr --chunks 0 8 16 --tiles 64x64w4s3
 
 For each case (bf16; B*N = 16k tokens; D 64 and 128 at N = 4k, 16k and 1k, causal and not, GQA 32/8 causal
 at 4k, a causal sliding window of 1024 at 8k; then specs with tile lists, D 128: the window handed over as a
@@ -82,6 +83,8 @@ VARIANT_FILTER: list[str] = []
 EXTRA_TILES: list[tuple[int, int, int, int]] = []
 #: ``--lazy``: each variant also with the lazy rescale (measured slower on an H200: forward_sweep_lazy.md)
 LAZY: list[bool] = [False]
+#: ``--chunks``: each variant in each of these orders of its tiles (``heads_per_chunk``; 0 = the grid's own)
+CHUNKS: list[int] = [0]
 
 
 def tile(text: str) -> tuple[int, int, int, int]:
@@ -158,7 +161,7 @@ def tiny_cases() -> list[Case]:
 def variants_of(case: Case, tiny: bool) -> list[tma.Variant]:
     """The candidates; for a case with tile lists (a dense mask, documents) each also with the full-tile run off."""
     variants = tma.candidate_variants(case.d, case.q_heads // case.kv_heads, TINY_TILES if tiny else EXTRA_TILES
-                                      or None, lazy=LAZY[0])
+                                      or None, lazy=LAZY[0], chunks=tuple(CHUNKS))
     if case.dense or case.documents:
         variants += [dataclasses.replace(v, full_run=False) for v in variants]
     return [v for v in variants if not VARIANT_FILTER or any(text in v.name for text in VARIANT_FILTER)]
@@ -431,6 +434,8 @@ def main() -> None:
     parser.add_argument("--tiles", nargs="*", type=tile, default=[],
                         help="tiles to sweep instead of the head dim's defaults, e.g. 64x128w4s3 128x128w8s3")
     parser.add_argument("--lazy", action="store_true", help="each variant also with the lazy rescale")
+    parser.add_argument("--chunks", nargs="*", type=int, default=[0],
+                        help="each variant in each of these tile orders (heads_per_chunk; 0: the grid's own)")
     parser.add_argument("--transposed", action="store_true",
                         help="inputs as HF hands them over: [B, N, H, D] tensors seen as [B, H, N, D]")
     args = parser.parse_args()
@@ -440,6 +445,7 @@ def main() -> None:
     VARIANT_FILTER[:] = args.variants
     EXTRA_TILES[:] = args.tiles
     LAZY[0] = args.lazy
+    CHUNKS[:] = args.chunks
     cases = [c for c in (tiny_cases() if args.tiny else gpu_cases())
              if not args.cases or any(text in c.name for text in args.cases)]
     workers = args.workers if args.workers is not None else (2 if args.tiny else min(8, os.cpu_count() or 1))

@@ -52,6 +52,10 @@ What a ``Variant`` changes:
   the dQ programs, which start on the SMs the dK/dV programs leave at their tail. Off: two launches.
 * ``full_run`` (tile lists only): a row's first run of consecutive full tiles is walked as a range, the rest of
   its full tiles through the list (the forward's switch). Off: every full tile through the list.
+* ``heads_per_chunk`` (two launches only): each kernel's programs start heaviest tile first over a few heads at a
+  time, on a 1-D grid (the forward's switch, ``triton_flash_tma.tile_order``): a dK/dV program's heaviest key tile
+  is its first (a causal key tile sees the queries after it), a dQ program's its last. Off: the grid of (tile,
+  head), each head's tiles in turn.
 """
 
 from __future__ import annotations
@@ -70,8 +74,8 @@ from .launch import launch as _launch
 from .triton_flash import LISTED_TERM_ARGS, _block, _last_dim_contiguous, _with_empty_rows, listed_term_values
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
 from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
-from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, _load_rows, _map_part, list_args,
-                               listed, listed_kind, use_scratch_allocator)
+from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAX_GRID_X, _load_rows, _map_part, list_args,
+                               listed, listed_kind, tile_order, use_scratch_allocator)
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
@@ -95,6 +99,7 @@ class Variant:
     full_run: bool = True
     prefetch: bool = False
     fused: bool = False
+    heads_per_chunk: int = 0
 
     @property
     def name(self) -> str:
@@ -109,6 +114,8 @@ class Variant:
             parts.append("prefetch")
         if self.fused:
             parts.append("fused")
+        if self.heads_per_chunk:
+            parts.append(f"chunk{self.heads_per_chunk}")
         return (f"{'+'.join(parts)} kv{self.block_m1}x{self.block_n1} q{self.block_m2}x{self.block_n2} "
                 f"w{self.num_warps} s{self.num_stages}")
 
@@ -127,12 +134,14 @@ def _as_variant(variant: Variant | dict) -> Variant:
 
 
 def candidate_variants(head_dim: int, group_size: int = 1,
-                       tiles: list[tuple[int, int, int, int, int, int]] | None = None) -> list[Variant]:
+                       tiles: list[tuple[int, int, int, int, int, int]] | None = None,
+                       chunks: tuple[int, ...] = ()) -> list[Variant]:
     """The variants the sweep and the GPU tests run: ``tiles`` ``(block_m1, block_n1, block_m2, block_n2,
     num_warps, num_stages)``, by default Flex's H100 backward (64x128 key tiles walking 64-row query tiles,
     8 warps, 3 stages at D = 128), the Triton tutorial's (32x128 / 128x32 at 4 warps, 5 stages) and a few
     between; then each switch off once on the first tiles, the two kernels in one launch, descriptors on where
-    Triton has them, and per-head dK/dV for GQA."""
+    Triton has them, per-head dK/dV for GQA, and the first tiles in each order of ``chunks``
+    (``heads_per_chunk`` values)."""
     if tiles is None and head_dim <= 64:
         tiles = [(64, 128, 128, 64, 8, 3), (64, 128, 64, 128, 4, 3), (32, 128, 128, 32, 4, 5),
                  (64, 64, 64, 64, 4, 3), (128, 128, 128, 128, 8, 2)]
@@ -147,6 +156,7 @@ def candidate_variants(head_dim: int, group_size: int = 1,
         out += [dataclasses.replace(v, descriptors=True) for v in out[:2]]
     if group_size > 1:
         out.append(dataclasses.replace(first, gqa_in_program=False))
+    out += [dataclasses.replace(first, heads_per_chunk=chunk) for chunk in chunks if chunk]
     return out
 
 
@@ -164,6 +174,12 @@ def unsupported_reasons(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor
     if variant.num_warps not in (1, 2, 4, 8, 16) or variant.num_stages < 1:
         reasons.append(f"num_warps={variant.num_warps}, num_stages={variant.num_stages}: warps must be a power of "
                        "two up to 16 and stages at least 1")
+    if variant.heads_per_chunk < 0 or (variant.heads_per_chunk and variant.fused):
+        reasons.append(f"heads_per_chunk={variant.heads_per_chunk}: must be 0 (off) or a number of heads, and 0 "
+                       "with fused=True (one launch orders its programs itself)")
+    elif variant.heads_per_chunk and max(cdiv(spec.kv_len, variant.block_n1), cdiv(spec.q_len, variant.block_m2)
+                                         ) * spec.batch * spec.q_heads > MAX_GRID_X:
+        reasons.append("heads_per_chunk: more programs than a 1-D grid holds: use heads_per_chunk=0")
     if variant.descriptors and (grad_out.data_ptr() % DESCRIPTOR_ALIGN or any(
             s * grad_out.element_size() % DESCRIPTOR_ALIGN for s in grad_out.stride()[:-1])):
         reasons.append(f"grad_out with strides {tuple(grad_out.stride())} cannot be read through a descriptor "
@@ -226,9 +242,11 @@ def _band_bwd_dkdv(
     D: tl.constexpr, DV: tl.constexpr, HEADS: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
+    n_tile, slot = tile_order(tl.cdiv(Nk, BLOCK_N), CHUNK)  # key tile 0 first: a causal walk's heaviest
     _dkdv_program(
-        tl.program_id(0), tl.program_id(1),
+        n_tile, slot,
         Q, K, V, DO, DKEY, DVAL, LSE2, DELTA,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_dom, stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
@@ -362,9 +380,11 @@ def _band_bwd_dq(
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
     KP_MODE: tl.constexpr, HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr,
     SPLIT: tl.constexpr, DESC: tl.constexpr, PREFETCH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
+    pid, bh = tile_order(tl.cdiv(Nq, BLOCK_M), CHUNK)  # _dq_program walks from the last (heaviest) query tile
     _dq_program(
-        tl.program_id(0), tl.program_id(1),
+        pid, bh,
         Q, K, V, DO, DQ, LSE2, DELTA,
         stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn, stride_vb, stride_vh, stride_vn,
         stride_dob, stride_doh, stride_dom, stride_dqb, stride_dqh, stride_dqm,
@@ -605,17 +625,18 @@ def run_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: to
             BLOCK_N2=variant.block_n2,
         )
     else:
+        chunk = variant.heads_per_chunk
         _launch(
-            _band_bwd_dkdv, (kv_tiles, b * hq // heads),
+            _band_bwd_dkdv, (kv_tiles * (b * hq // heads),) if chunk else (kv_tiles, b * hq // heads),
             q, k, v, grad_out, dk, dv, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *grad_out.stride()[:3], *dk.stride()[:3], *dv.stride()[:3], **band, **list_args(kv_lists, lse),
-            HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1,
+            HEADS=heads, BLOCK_M=variant.block_m1, BLOCK_N=variant.block_n1, CHUNK=chunk,
         )
         _launch(
-            _band_bwd_dq, (q_tiles, b * hq),
+            _band_bwd_dq, (q_tiles * b * hq,) if chunk else (q_tiles, b * hq),
             q, k, v, grad_out, dq, lse2, delta, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3],
             *grad_out.stride()[:3], *dq.stride()[:3], **band, **list_args(q_lists, lse),
-            BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2,
+            BLOCK_M=variant.block_m2, BLOCK_N=variant.block_n2, CHUNK=chunk,
         )
     if heads != spec.group_size:
         dk, dv = sum_groups(dk, hkv).to(k.dtype), sum_groups(dv, hkv).to(v.dtype)

@@ -42,6 +42,11 @@ units, ``(out, lse)`` with ``out = 0, lse = -inf`` on rows that see no key, then
   always relative to the ``m`` they were built at, and ``lse = m + log2 l`` holds for any such ``m``. Measured
   5-17% slower on an H200 (``benchmarks/results/forward_sweep_lazy.md``): the branch's condition is a reduction
   across the program's warps on every tile, dearer than the multiply it skips. In no measured table.
+* ``heads_per_chunk``: the order in which the query tiles start. Off (0): a grid of (query tile, head), so the
+  tiles of head 0 start (heaviest first), then those of head 1, ..: on a causal row the heavy tiles of the last
+  heads start last and run alone at the tail. On (``C``): a 1-D grid walked ``C`` heads at a time, the heaviest
+  tile of each of them, then the next heaviest of each, .. (``tile_order``): the programs at the tail are the
+  light ones, and the heads running at once stay few enough that their K/V stay in L2.
 * ``block_m``, ``block_n``, ``num_warps``, ``num_stages``: the tile shape and launch configuration.
 
 Per kv tile (``s`` in log2 units, ``qk_scale = scale * log2(e)`` folded into one multiply)::
@@ -83,6 +88,8 @@ HEAD_DIMS = (16, 32, 64, 128, 256)
 DESCRIPTOR_ALIGN = 16
 #: log2 units by which a row's running maximum may lag its true maximum in a ``lazy_rescale`` variant (p <= 2^8)
 RESCALE_SLACK = tl.constexpr(8.0)
+#: programs a 1-D grid may hold (CUDA's limit on its first dim)
+MAX_GRID_X = 2**31 - 1
 
 
 def listed(spec: AttentionSpec) -> bool:
@@ -134,6 +141,7 @@ class Variant:
     num_stages: int = 3
     full_run: bool = True
     lazy_rescale: bool = False
+    heads_per_chunk: int = 0
 
     @property
     def name(self) -> str:
@@ -146,6 +154,8 @@ class Variant:
             parts.append("lists")
         if self.lazy_rescale:
             parts.append("lazy")
+        if self.heads_per_chunk:
+            parts.append(f"chunk{self.heads_per_chunk}")
         return "+".join(parts) + f" {self.block_m}x{self.block_n} w{self.num_warps} s{self.num_stages}"
 
 
@@ -163,9 +173,10 @@ def as_variant(variant: Variant | dict) -> Variant:
 
 
 def candidate_variants(head_dim: int, group_size: int = 1,
-                       tiles: list[tuple[int, int, int, int]] | None = None, lazy: bool = False) -> list[Variant]:
+                       tiles: list[tuple[int, int, int, int]] | None = None, lazy: bool = False,
+                       chunks: tuple[int, ...] = (0,)) -> list[Variant]:
     """The variants the sweep and the GPU tests run: each switch on and off (packing only for GQA; the lazy
-    rescale with ``lazy``) over ``tiles`` ``(block_m, block_n, num_warps, num_stages)``, by default the ones for
+    rescale with ``lazy``; each order of ``chunks``, ``heads_per_chunk`` values) over ``tiles`` ``(block_m, block_n, num_warps, num_stages)``, by default the ones for
     ``head_dim`` on a
     Hopper SM: 8 warps only on 128-row tiles, so each warp group still owns 64 rows (one wgmma's
     height). Among them are FlexAttention's H100 defaults (128x128, 4 warps at D = 64; 128x64, 8 warps
@@ -177,9 +188,11 @@ def candidate_variants(head_dim: int, group_size: int = 1,
     out = []
     for bm, bn, w, s in tiles:
         for rescale in (False, True) if lazy else (False,):
-            out.append(Variant(False, False, False, bm, bn, w, s, lazy_rescale=rescale))
-            if HAS_DESCRIPTORS:
-                out.append(Variant(True, False, False, bm, bn, w, s, lazy_rescale=rescale))
+            for chunk in chunks:
+                out.append(Variant(False, False, False, bm, bn, w, s, lazy_rescale=rescale, heads_per_chunk=chunk))
+                if HAS_DESCRIPTORS:
+                    out.append(Variant(True, False, False, bm, bn, w, s, lazy_rescale=rescale,
+                                       heads_per_chunk=chunk))
     if group_size > 1 and not group_size & (group_size - 1):
         # descriptors with packed heads on 128x128 tiles, 8 warps, 2 stages crash ptxas (-11, triton 3.6, sm_90)
         out += [dataclasses.replace(v, pack_gqa=True) for v in out if v.block_m % group_size == 0
@@ -227,7 +240,14 @@ def spec_reasons(spec: AttentionSpec, variant: Variant) -> list[str]:
         reasons.append("pack_gqa needs tile lists shared by the query heads of a group, and this mask differs per "
                        "head: use pack_gqa=False")
     pack = group if variant.pack_gqa else 1
-    if spec.batch * spec.q_heads // pack > MAX_GRID_Y:
+    if variant.heads_per_chunk < 0:
+        reasons.append(f"heads_per_chunk={variant.heads_per_chunk} must be 0 (off) or a number of heads")
+    elif variant.heads_per_chunk:
+        programs = cdiv(spec.q_len, variant.block_m // pack) * (spec.batch * spec.q_heads // pack)
+        if programs > MAX_GRID_X:
+            reasons.append(f"heads_per_chunk: {programs} programs exceed the 1-D grid limit {MAX_GRID_X}: use "
+                           "heads_per_chunk=0")
+    elif spec.batch * spec.q_heads // pack > MAX_GRID_Y:
         reasons.append(f"batch * q_heads / packed heads = {spec.batch * spec.q_heads // pack} exceeds the grid "
                        f"limit {MAX_GRID_Y}")
     if variant.warp_specialize:
@@ -278,6 +298,26 @@ def _load_rows(src, n0, rows, n_rows, stride, COLS: tl.constexpr, DESC: tl.const
         else:
             block = tl.load(ptrs)
     return block
+
+
+@triton.jit
+def tile_order(n_tiles, CHUNK: tl.constexpr):
+    """``(tile, head slot)`` of this program: the grid's own ``(program_id(0), program_id(1))`` with ``CHUNK``
+    0; else, on a 1-D grid of ``n_tiles`` times the head slots, tile 0 of ``CHUNK`` head slots in turn, then their
+    tile 1, .., then the next ``CHUNK`` (fewer in the last chunk). Tile 0 is the heaviest one of a causal walk
+    (the caller orders them)."""
+    if CHUNK == 0:
+        tile = tl.program_id(0)
+        slot = tl.program_id(1)
+    else:
+        pid = tl.program_id(0)
+        slots = tl.num_programs(0) // n_tiles
+        chunk = pid // (CHUNK * n_tiles)
+        within = pid - chunk * (CHUNK * n_tiles)
+        heads = tl.minimum(slots - chunk * CHUNK, CHUNK)
+        tile = within // heads
+        slot = chunk * CHUNK + within % heads
+    return tile, slot
 
 
 @triton.jit
@@ -365,14 +405,16 @@ def _band_fwd(
     D: tl.constexpr, DV: tl.constexpr, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr, KP_MODE: tl.constexpr,
     HAS_DOC: tl.constexpr, MASK: tl.constexpr, USE_MAP: tl.constexpr, RUN: tl.constexpr, PACK: tl.constexpr,
     DESC: tl.constexpr, WARP_SPEC: tl.constexpr, LAZY: tl.constexpr, BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    BLOCK_N: tl.constexpr, CHUNK: tl.constexpr,
 ):
     BLOCK_Q: tl.constexpr = BLOCK_M // PACK  # query positions per program
     # heavy (late, causal) query tiles first: fewer idle SMs at the tail
-    pid_m = tl.cdiv(Nq, BLOCK_Q) - 1 - tl.program_id(0)
+    n_tiles = tl.cdiv(Nq, BLOCK_Q)
+    tile, slot = tile_order(n_tiles, CHUNK)
+    pid_m = n_tiles - 1 - tile
     slots = H // PACK
-    b = (tl.program_id(1) // slots).to(tl.int64)
-    h0 = (tl.program_id(1) % slots) * PACK  # first query head of the program
+    b = (slot // slots).to(tl.int64)
+    h0 = (slot % slots) * PACK  # first query head of the program
     kvh = h0 // GROUP
     m0 = pid_m * BLOCK_Q
     rows = tl.arange(0, BLOCK_M)
@@ -518,12 +560,14 @@ class PreparedForward:
         lo, hi = spec.band()
         b, hq, nq = spec.batch, spec.q_heads, spec.q_len
         self.grid = (cdiv(nq, variant.block_m // pack), b * hq // pack)
+        if variant.heads_per_chunk:
+            self.grid = (self.grid[0] * self.grid[1],)
         self.shape = (b, hq, nq, spec.v_head_dim)
         self.band = (nq, spec.kv_len, hq, spec.group_size, spec.scale * LOG2E.value, spec.diagonal_offset,
                      0 if lo is None else lo, 0 if hi is None else hi)
         self.head = (spec.head_dim, spec.v_head_dim, lo is not None, hi is not None)
         self.tail = (variant.full_run, pack, variant.descriptors, variant.warp_specialize, variant.lazy_rescale,
-                     variant.block_m, variant.block_n)
+                     variant.block_m, variant.block_n, variant.heads_per_chunk)
         self.options = dict(num_warps=variant.num_warps, num_stages=variant.num_stages)
         # a program of packed heads holds block_m / pack query positions
         self.tiles = (variant.block_m // pack, variant.block_n)

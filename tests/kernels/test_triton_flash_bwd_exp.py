@@ -35,6 +35,9 @@ SWITCHES = {
                                      gqa_in_program=False),
     "fused": bwd.Variant(**{**TILES16, "block_n1": 32}, fused=True),
     "fused_perhead": bwd.Variant(**{**TILES16, "block_m2": 32}, fused=True, gqa_in_program=False),
+    # heavy tiles first, a few heads at a time (3 does not divide the head slots: a smaller last chunk)
+    "chunk3": bwd.Variant(**TILES16, heads_per_chunk=3),
+    "perhead_chunk2": bwd.Variant(**TILES16, gqa_in_program=False, heads_per_chunk=2),
 }
 
 
@@ -129,8 +132,9 @@ def test_tile_list_terms_match_autograd(case, fill):
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, torch.float16, terms(g), fill=fill)
     spec = terms_on_device(spec)
     variant = dataclasses.replace(SWITCHES["ptr"], block_n1=32) if hq // hkv == 4 else SWITCHES["perhead"]
-    # the listed indices loaded ahead or not, in one launch or two
-    variant = dataclasses.replace(variant, prefetch=fill == Fill.SAFE, fused=fill != Fill.SAFE)
+    # the listed indices loaded ahead or not, in one launch or two (two: in the chunked order of the tiles)
+    variant = dataclasses.replace(variant, prefetch=fill == Fill.SAFE, fused=fill != Fill.SAFE,
+                                  heads_per_chunk=3 if fill == Fill.SAFE else 0)
     assert not bwd.unsupported_reasons(q, q, k, v, spec, variant)
     check(q, k, v, spec, variant, TOL[torch.float16])
 
