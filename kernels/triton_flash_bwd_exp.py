@@ -75,7 +75,7 @@ from .triton_flash import LISTED_TERM_ARGS, _block, _last_dim_contiguous, _with_
 from .triton_flash_bwd import _attn_bwd_preprocess, _q_tile_range
 from .triton_flash_fwd import LOG2E, _dot, _kept, _kv_tile_range
 from .triton_flash_tma import (DESCRIPTOR_ALIGN, HAS_DESCRIPTORS, MAX_GRID_X, _load_rows, _map_part, list_args,
-                               listed, listed_kind, tile_order, use_scratch_allocator)
+                               listed, listed_kind, one_sided, tile_order, use_scratch_allocator)
 from .triton_flash_tma import Variant as ForwardVariant
 from .triton_flash_tma import unsupported_reasons as forward_reasons
 
@@ -551,6 +551,13 @@ MEASURED_VARIANTS = {
 LISTED = {128: dict(full_run=False, prefetch=True, fused=True)}
 
 
+#: ``heads_per_chunk`` of a causal row by head dim (the forward's ``one_sided``), H200, bf16, 16k tokens,
+#: forward + backward (benchmarks/results/backward_sweep.md): D 128 N 4k 2.700 -> 2.592 ms (0.99x -> 1.03x Flex;
+#: 8 and 16 heads 2.62 ms), GQA 32/8 5.369 -> 5.074 ms (1.02x -> 1.08x). A window of 1024 at 8k: no change (its
+#: tiles do equal work), so windows keep the grid's order; D 64 is not measured
+CAUSAL_HEADS_PER_CHUNK = {128: 4}
+
+
 def measured_variant(spec: AttentionSpec) -> Variant | None:
     """The measured variant for this spec, or None where none was measured: head dims 64 and 128,
     float16/bfloat16; other head dims and float32 are not measured yet. Windows (causal or two-sided), key
@@ -569,6 +576,8 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
     variant = MEASURED_VARIANTS.get((spec.head_dim, spec.causal))
     if variant is not None and spec.head_dim in LISTED and listed(spec) and listed_kind(spec) != "mask":
         return dataclasses.replace(variant, **LISTED[spec.head_dim])
+    if variant is not None and spec.head_dim in CAUSAL_HEADS_PER_CHUNK and one_sided(spec):
+        return dataclasses.replace(variant, heads_per_chunk=CAUSAL_HEADS_PER_CHUNK[spec.head_dim])
     return variant
 
 

@@ -664,6 +664,21 @@ LISTED_VARIANTS = {
 }
 
 
+#: ``heads_per_chunk`` of a causal row (a band open to the left: query tiles of unequal work), H200, bf16, 16k
+#: tokens (benchmarks/results/forward_sweep_chunks.md): 0.645 -> 0.580 ms at D 128 N 4k (64x64 tiles; 4 and 16
+#: heads: 0.608 / 0.605), 0.356 -> 0.337 ms at D 64 N 4k, 2.317 -> 2.166 ms at D 128 N 16k (128x64 tiles), GQA
+#: 32/8 1.177 -> 1.177 ms. Not for windows: their query tiles do equal work (D 64, a window of 1024 at 8k: 0.191
+#: -> 0.206 ms with it)
+CAUSAL_HEADS_PER_CHUNK = 8
+
+
+def one_sided(spec: AttentionSpec) -> bool:
+    """Whether the spec's band is open to the left and closed to the right (causal, no window, no terms walked as
+    tile lists): its query tiles' work grows along the row, so the heaviest should start first."""
+    lo, hi = spec.band()
+    return lo is None and hi is not None and not listed(spec)
+
+
 def listed_kind(spec: AttentionSpec) -> str:
     """What a spec's tile lists come from, as ``LISTED_VARIANTS`` keys them: a dense boolean mask, else documents,
     else key padding."""
@@ -700,6 +715,8 @@ def measured_variant(spec: AttentionSpec) -> Variant | None:
         variant = LISTED_VARIANTS.get((spec.head_dim, listed_kind(spec)))
     else:
         variant = MEASURED_VARIANTS.get((spec.head_dim, lo is not None or hi is not None, width >= LONG_ROWS))
+        if variant is not None and one_sided(spec):
+            variant = dataclasses.replace(variant, heads_per_chunk=CAUSAL_HEADS_PER_CHUNK)
     group = spec.group_size
     if (variant is not None and group > 1 and not group & (group - 1) and variant.block_m % group == 0
             and not per_head_lists(spec)):

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from attnopt.kernels import get
 from attnopt.kernels import triton_flash_bwd_exp as bwd
 from attnopt.kernels.naive import naive_attention
-from attnopt.kernels.spec import Align, Fill, Window
+from attnopt.kernels.spec import Align, AttentionSpec, Fill, Window
 from test_triton_flash_tma import (CASES, DEVICE, GPU_LISTED, MAP_CASES, listed_specs, make_inputs,
                                    terms_on_device)
 
@@ -195,6 +195,22 @@ def test_no_keys_at_all(fill):
     out, lse = get("triton_flash").forward(q, k, v, spec, 0)
     dq, dk, dv = bwd.backward(torch.ones_like(out), q, k, v, out, lse, spec, variant=SWITCHES["ptr"])
     assert dq.shape == q.shape and (dq == 0).all() and dk.numel() == 0 and dv.numel() == 0
+
+
+def test_measured_variants_start_a_causal_rows_heaviest_tiles_first():
+    """The measured table's order of the programs: chunked for a causal row at D 128 (the measured one), the grid's
+    own for no band, a window, D 64 (not measured) and tile lists (one launch, which orders its own programs)."""
+    def variant(d, terms):
+        q = torch.empty(1, 8, 4096, d, dtype=torch.bfloat16)
+        return bwd.measured_variant(AttentionSpec.from_tensors(q, q, q, **terms))
+
+    assert variant(128, {"causal": True}).heads_per_chunk == bwd.CAUSAL_HEADS_PER_CHUNK[128]
+    assert variant(128, {"causal": True, "align": Align.BOTTOM_RIGHT}).heads_per_chunk
+    assert variant(128, {}).heads_per_chunk == 0
+    assert variant(128, {"causal": True, "window": Window(1023, 0)}).heads_per_chunk == 0
+    assert variant(64, {"causal": True}).heads_per_chunk == 0
+    listed = variant(128, {"causal": True, "key_padding": torch.tensor([7])})
+    assert listed.fused and listed.heads_per_chunk == 0
 
 
 def test_candidate_variants_cover_every_switch():

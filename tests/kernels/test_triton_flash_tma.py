@@ -380,8 +380,12 @@ def test_measured_variants_by_head_dim_band_and_row_length(monkeypatch):
         k = torch.empty(1, hkv, nk, d, dtype=dtype)
         return tma.measured_variant(AttentionSpec.from_tensors(q, k, k, **terms, **extra))
 
-    assert variant(4096, 4096, 128, {"causal": True}) == tma.Variant(block_m=64, block_n=64)
-    assert variant(16384, 16384, 128, {"causal": True}) == tma.Variant(block_m=128, block_n=64, num_warps=8)
+    # a causal row's heaviest query tiles start first, a few heads at a time; no band and windows keep the grid
+    chunk = tma.CAUSAL_HEADS_PER_CHUNK
+    assert variant(4096, 4096, 128, {"causal": True}) == tma.Variant(block_m=64, block_n=64, heads_per_chunk=chunk)
+    assert variant(16384, 16384, 128, {"causal": True}) == tma.Variant(block_m=128, block_n=64, num_warps=8,
+                                                                       heads_per_chunk=chunk)
+    assert variant(300, 1000, 64, {"causal": True}, align=Align.BOTTOM_RIGHT).heads_per_chunk == chunk
     assert variant(16384, 16384, 128, {}) == tma.Variant(block_m=128, block_n=128, num_warps=8)
     assert variant(16384, 16384, 64, {}) == tma.Variant(block_m=128, block_n=128, num_warps=4)
     assert variant(1, 16384, 64, {}).block_m == 128  # a decode row over 16k keys is a long row
