@@ -253,7 +253,9 @@ def spec_reasons(spec: AttentionSpec, variant: Variant) -> list[str]:
     if variant.warp_specialize:
         if spec.device.type == "cuda":
             # measured on an H200 (triton 3.6): every warp-specialized variant of this kernel stops in
-            # Triton's pass manager ("PassManager::run failed"); the interpreter ignores the switch
+            # Triton's pass manager ("PassManager::run failed"): it compiles kernels of one loop only, and there
+            # gives wrong results with per-head descriptors (benchmarks/results/forward_schedule.md); the
+            # interpreter ignores the switch
             reasons.append("warp_specialize: this kernel does not compile with it (triton's pass manager fails on "
                            "sm_90 with triton 3.6): use warp_specialize=False")
         if not HAS_WARP_SPECIALIZE:
@@ -665,10 +667,9 @@ LISTED_VARIANTS = {
 
 
 #: ``heads_per_chunk`` of a causal row (a band open to the left: query tiles of unequal work), H200, bf16, 16k
-#: tokens (benchmarks/results/forward_sweep_chunks.md): 0.645 -> 0.580 ms at D 128 N 4k (64x64 tiles; 4 and 16
-#: heads: 0.608 / 0.605), 0.356 -> 0.337 ms at D 64 N 4k, 2.317 -> 2.166 ms at D 128 N 16k (128x64 tiles), GQA
-#: 32/8 1.177 -> 1.177 ms. Not for windows: their query tiles do equal work (D 64, a window of 1024 at 8k: 0.191
-#: -> 0.206 ms with it)
+#: tokens: 2.0-2.5% faster at N 4k, D 64 and 128, interleaved A/B (benchmarks/results/chunk_ab.md; packed GQA 32/8
+#: 1.5% slower, inside the spread); the sweep that chose 8 heads (forward_sweep_chunks.md, single timings) read
+#: 5-10%. Not for windows: their query tiles do equal work (D 64, a window of 1024 at 8k: 0.191 -> 0.206 ms with it)
 CAUSAL_HEADS_PER_CHUNK = 8
 
 
