@@ -14,6 +14,8 @@ import types
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -176,6 +178,33 @@ def test_variants_match_oracle(switches, case):
     q, k, v, spec = make_inputs(b, hq, hkv, nq, nk, 16, dtype, terms)
     assert not q.is_contiguous() and q.stride(-1) == 1
     check(q, k, v, spec, SWITCHES[switches], TOL[dtype])
+
+
+@triton.jit
+def _order_probe(out, n_tiles, CHUNK: tl.constexpr):
+    """Writes ``tma.tile_order``'s (tile, slot) at the program's place in launch order."""
+    tile, slot = tma.tile_order(n_tiles, CHUNK)
+    pid = tl.program_id(0) + tl.program_id(1) * tl.num_programs(0)
+    tl.store(out + 2 * pid, tile)
+    tl.store(out + 2 * pid + 1, slot)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_tiles=st.integers(1, 7), slots=st.integers(1, 9), chunk=st.integers(0, 11))
+def test_tile_order_starts_each_tile_of_every_head_once_heaviest_first(n_tiles, slots, chunk):
+    """Every (tile, head slot) exactly once; chunked, in launch order: chunk by chunk of ``chunk`` slots (the last
+    one smaller), and inside a chunk tile 0 of each slot before any slot's tile 1."""
+    grid = (n_tiles * slots,) if chunk else (n_tiles, slots)
+    out = torch.full((n_tiles * slots, 2), -1, dtype=torch.int32, device=DEVICE)
+    _order_probe[grid](out, n_tiles, CHUNK=chunk)
+    order = [tuple(pair) for pair in out.cpu().tolist()]
+    assert sorted(order) == [(t, s) for t in range(n_tiles) for s in range(slots)]
+    if chunk:
+        chunks = [s // chunk for _, s in order]
+        assert chunks == sorted(chunks)
+        for c in set(chunks):
+            tiles = [t for t, s in order if s // chunk == c]
+            assert tiles == sorted(tiles)
 
 
 @pytest.mark.parametrize("fill", [Fill.NEG_INF, Fill.SAFE, Fill.FINITE])
