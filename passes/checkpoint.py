@@ -175,7 +175,14 @@ def run_as_python(gm: GraphModule, node: Node, body: GraphModule) -> None:
     kwargs = {k: v for k, v in node.kwargs.items() if k in ("preserve_rng_state", "determinism_check", "debug")}
     kwargs["use_reentrant"] = False
     context_fn = body.meta.get("_checkpoint_context_fn")
-    if context_fn is not None:
-        kwargs["context_fn"] = context_fn
-    node.target = run_checkpointed
+    node.target = run_checkpointed if context_fn is None else _with_context(context_fn)
     node.kwargs = kwargs
+
+
+def _with_context(context_fn):
+    """``run_checkpointed`` with a selective-checkpoint policy bound: a named function, not a keyword argument of
+    the node, since the graph's generated code cannot spell the policy (a ``functools.partial``) as a literal."""
+    def run_checkpointed_selectively(body, *args, **kwargs):
+        return run_checkpointed(body, *args, context_fn=context_fn, **kwargs)
+
+    return run_checkpointed_selectively

@@ -328,11 +328,17 @@ def _match_softmax(softmax: Node, constants: Constants) -> Match:
                 call = bind(user, ("input", "p", "training", "inplace"), {"p": 0.5, "training": True, "inplace": False})
                 p, training = call["p"], call["training"]
             if isinstance(p, Node) and training is True and _is_float_scalar(p):
-                dropout_p, dropout_node = PLANNED_DROPOUT, p
+                this_p, this_node = PLANNED_DROPOUT, p
             elif not isinstance(p, (int, float)) or not isinstance(training, bool):
                 raise _Reject("dropout with a traced probability or training flag", user)
             else:
-                dropout_p = float(p) if training else 0.0
+                this_p, this_node = (float(p) if training else 0.0), None
+            if this_p != 0.0 and (dropout_p != 0.0 or dropout_node is not None):
+                # the kernels drop once; two drops multiply their masks (and scales), which one probability
+                # does not describe
+                raise _Reject("two dropouts on the probabilities", user)
+            if this_p != 0.0:
+                dropout_p, dropout_node = this_p, this_node
             down.append(user)
             probs = user
             continue
