@@ -29,10 +29,12 @@ handled here rather than silently changing outputs:
   its output (``is_causal`` would hide the keys ahead again, with ONNX
   Runtime's own marker, which zeroes the row). Otherwise dead rows are patched
   with a ``Where`` on that bit. An additive mask whose row is the dtype's
-  lowest value everywhere (``(1 - m) * finfo.min`` on a fully padded
-  sequence) averages the values in PyTorch but is a zero row in ONNX Runtime:
-  patched the same way. (A row mixing that lowest value with ``-inf`` is not
-  patched: it averages only its finite keys.)
+  lowest value on its best keys (``(1 - m) * finfo.min`` on a fully padded
+  sequence) averages those keys' values in PyTorch but is a zero row in ONNX
+  Runtime: in float32 that value becomes the next one up in the mask, which
+  ONNX Runtime averages the same way (in half precision such a row with no
+  other term is patched with the mean of all values). A row that ``-inf`` in
+  the additive terms hides entirely is NaN under a NaN fill: patched too.
 """
 
 from __future__ import annotations
@@ -153,6 +155,14 @@ def emit_attention(
     added = None
     for term in additive:
         added = term if added is None else e("Add", added, term)
+    averaged = added is not None and elem_type == onnx.TensorProto.FLOAT
+    if averaged:
+        # a score plus the lowest float32 rounds to that lowest value, so the original spreads a row whose best
+        # keys hold it evenly over those keys (a fully padded row of ``(1 - m) * finfo.min``, also under a band,
+        # a bool term or -inf on other keys); ONNX Runtime reads that value as its masked marker and zeroes
+        # such a row, and reads the next float up as a plain value, which rounds the same way
+        added = e("Where", e("Equal", added, e.constant(_lowest(elem_type), elem_type)),
+                  e.constant(AVERAGING_FILL, elem_type), added)
     # ONNX Runtime turns a bool mask into an additive one on every call: built once here, as floats
     mask = added
     if keep_all is not None:
@@ -164,6 +174,11 @@ def emit_attention(
     if mask is not None and not (mask_spans_scores or band_joined):  # a joined band is [Nq, Nk]
         mask = e("Expand", mask, e("Concat", e.constant([1, 1], i64), *lengths, axis=0))  # [.., Nq, Nk]
 
+    if not scale > 0.0:
+        # ONNX's Attention takes a positive scale only: any other is folded into q (a scale of 0 spreads every row
+        # evenly, as the original's zero scores do)
+        q = e("Mul", q, e.constant(float(scale), elem_type))
+        scale = 1.0
     attributes: dict[str, Any] = {"scale": float(scale)}
     if softcap is not None:
         attributes["softcap"] = float(softcap)
@@ -187,11 +202,20 @@ def emit_attention(
 
     if rows_can_die and not fold:
         y = e("Where", alive, y, _dead_row_value(e, v, fill, elem_type, q_heads, kv_heads, v_head_dim))
-    if added is not None and keep_all is None:
+    if added is not None and not averaged and keep_all is None:
+        # half precision: a row of the lowest value averages every value (the band and -inf keys not counted)
         row_max = e("ReduceMax", added, e.constant([-1], onnx.TensorProto.INT64), keepdims=1)
         lowest = e.constant(_lowest(elem_type), elem_type)
         saturated = e("Equal", row_max, lowest)
         y = e("Where", saturated, _dead_row_value(e, v, Fill.FINITE, elem_type, q_heads, kv_heads, v_head_dim), y)
+    if added is not None and fill in NAN_FILLS:
+        # a row that -inf in the additive terms hides entirely (alone or with the band and bool terms) is NaN in
+        # the original and 0 in ONNX Runtime
+        full = mask
+        if band_as_attributes:
+            full = e("Where", _band_mask(e, lengths, band), full, e.constant(-np.inf, elem_type))
+        row_max = e("ReduceMax", full, e.constant([-1], onnx.TensorProto.INT64), keepdims=1)
+        y = e("Where", e("Equal", row_max, e.constant(-np.inf, elem_type)), e.constant(np.nan, elem_type), y)
     return y
 
 

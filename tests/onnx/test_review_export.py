@@ -132,8 +132,6 @@ class MHABiasKV(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- tests
-@pytest.mark.xfail(strict=True, reason="open: emit_attention patches a row whose additive mask is finfo.min "
-                   "with the mean of all values, ignoring keys the band, a bool term or -inf hide")
 def test_causal_attribute_with_additive_lowest_padding_left_padded():
     """Causal becomes ``is_causal=1`` and the additive ``finfo.min`` padding is the mask: with left padding, query
     rows 0-1 see only padded keys (each finfo.min), which PyTorch averages (row 0 = v[0]) but ONNX Runtime zeroes;
@@ -146,8 +144,6 @@ def test_causal_attribute_with_additive_lowest_padding_left_padded():
     assert max_difference([got], [expected]) <= TOL, (got[1, 0, 0], expected[1, 0, 0])
 
 
-@pytest.mark.xfail(strict=True, reason="open: emit_attention patches a row whose additive mask is finfo.min "
-                   "with the mean of all values, ignoring keys the band, a bool term or -inf hide")
 def test_causal_attribute_with_additive_lowest_padding_fully_padded():
     """A fully padded sequence under causal + additive finfo.min padding: torch row i is the mean of v[0..i]; the
     export patches every such row with the mean of all values (the band is ignored by the patch)."""
@@ -185,9 +181,6 @@ class AdditiveNegInfPaddingFromInput(nn.Module):
         return (q @ k.transpose(-1, -2) * 0.35 + mask).softmax(-1) @ v
 
 
-@pytest.mark.xfail(strict=True, reason="open: a row that an additive mask alone hides (all -inf) is NaN in the "
-                   "original under an -inf fill and 0 in ONNX Runtime; emit_attention patches dead rows of bool "
-                   "terms and bands only")
 @pytest.mark.parametrize("program", ["float_mask_input", "padding_from_input"])
 def test_additive_neg_inf_rows_stay_nan(program):
     """An additive float mask (fill '-inf') that hides every key of a row: PyTorch's softmax gives NaN, but
@@ -225,8 +218,6 @@ def test_control_bool_recognized_padding_keeps_nan_rows():
         assert max_difference([got], [expected]) <= TOL
 
 
-@pytest.mark.xfail(strict=True, reason="open: emit_attention patches a row whose additive mask is finfo.min "
-                   "with the mean of all values, ignoring keys the band, a bool term or -inf hide")
 def test_bool_mask_over_additive_lowest_padding():
     """A bool mask (masked_fill -inf) over additive finfo.min padding: a row whose bool mask keeps only padded keys
     averages those keys in PyTorch; the export, which patches lowest-valued rows only without a bool term, gives
@@ -241,8 +232,6 @@ def test_bool_mask_over_additive_lowest_padding():
     assert max_difference([got], [expected]) <= TOL, (got[0, 0, 2], expected[0, 0, 2])
 
 
-@pytest.mark.xfail(strict=True, reason="open: emit_attention patches a row whose additive mask is finfo.min "
-                   "with the mean of all values, ignoring keys the band, a bool term or -inf hide")
 def test_sdpa_float_mask_row_of_lowest_and_neg_inf():
     """An SDPA float mask whose row holds finfo.min on some keys and -inf on others: PyTorch averages the finite
     keys; the export's saturated-row patch (row max == finfo.min) replaces it with the mean of all values, -inf keys
@@ -265,8 +254,6 @@ def test_control_sdpa_float_mask_row_of_lowest():
     assert_same(SDPAFloatMask(), (q, k, v, mask))
 
 
-@pytest.mark.xfail(strict=True, reason="open: ONNX's Attention takes only a positive scale; a site with another "
-                   "(replaced, or refused and left to torch.onnx) must be emitted with the scale folded into q")
 @pytest.mark.parametrize("scale", [0.0, -0.5])
 def test_sdpa_non_positive_scale(scale):
     """SDPA with an explicit scale <= 0 is replaced and emitted as ``Attention(scale=<=0)``, which ONNX Runtime
