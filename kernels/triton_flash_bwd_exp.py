@@ -553,8 +553,10 @@ LISTED = {128: dict(full_run=False, prefetch=True, fused=True)}
 
 #: ``heads_per_chunk`` of a causal row by head dim (the forward's ``one_sided``), H200, bf16, 16k tokens,
 #: forward + backward (benchmarks/results/backward_sweep.md): D 128 N 4k 2.700 -> 2.592 ms (0.99x -> 1.03x Flex;
-#: 8 and 16 heads 2.62 ms), GQA 32/8 5.369 -> 5.074 ms (1.02x -> 1.08x). A window of 1024 at 8k: no change (its
-#: tiles do equal work), so windows keep the grid's order; D 64 is not measured
+#: 8 and 16 heads 2.62 ms), GQA 32/8 5.369 -> 5.074 ms (1.02x -> 1.08x), single timings (the forward's interleaved
+#: A/B read 2% where its sweep read 5-10%: chunk_ab.md); kernels.py at 6ca1929: D 128 N 4k causal 1.00x Flex, from
+#: 0.97x. A window of 1024 at 8k: no change (its tiles do equal work), so windows keep the grid's order; D 64 is not
+#: measured
 CAUSAL_HEADS_PER_CHUNK = {128: 4}
 
 
