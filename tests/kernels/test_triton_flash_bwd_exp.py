@@ -167,6 +167,10 @@ def test_unsupported_specs_and_variants_are_refused():
 
     with pytest.raises(ValueError, match="tile lists; use triton_flash"):
         run({}, spec.with_(softcap=30.0))
+    with pytest.raises(ValueError, match="heads_per_chunk=-1"):
+        run({"heads_per_chunk": -1})
+    with pytest.raises(ValueError, match="0 with fused=True"):  # one launch orders its programs itself
+        run({"heads_per_chunk": 4, "fused": True})
     with pytest.raises(ValueError, match="tile lists; use triton_flash"):
         run({}, spec.with_(key_padding=torch.tensor([3]), softcap=30.0))
     with pytest.raises(ValueError, match="tile lists; use triton_flash"):  # an additive mask's values enter the scores

@@ -333,6 +333,8 @@ def test_unsupported_specs_and_variants_are_refused():
         tma.forward(q32, k32, v32, AttentionSpec.from_tensors(q32, k32, v32), variant={})
     with pytest.raises(TypeError, match="block_size"):
         tma.forward(q, k, v, spec, variant={"block_size": 64})
+    with pytest.raises(ValueError, match="heads_per_chunk=-1 must be 0"):
+        tma.forward(q, k, v, spec, variant={"heads_per_chunk": -1})
     # a view starting 2 bytes into its storage: fine for pointers, not for a descriptor
     wide = torch.randn(1, 6, 16, 24, device=DEVICE).half()
     shifted = wide[..., 1:17]
